@@ -1,0 +1,148 @@
+"""Reads a finished cache: streaming batches across shards with one shard open at a time, random
+access by row, or one tap loaded whole. Every shard's checksum is checked the first time it is opened.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from cache.manifest import load_manifest
+from pipeline.errors import CacheError
+from pipeline.files import file_digest
+
+
+class CacheReader:
+    """A complete cache. `verify=False` skips checksums (for callers that just verified)."""
+
+    def __init__(self, root: Path, verify: bool = True, allow_partial: bool = False):
+        self.root = Path(root)
+        self.manifest = load_manifest(self.root)
+        if not self.manifest["complete"] and not allow_partial:
+            done, total = len(self.manifest["shards"]), self.manifest["num_shards"]
+            raise CacheError(
+                f"cache {self.root} is incomplete ({done} of {total} shards); re-run the same tl extract command to finish it"
+            )
+        self.verify = verify
+        self._verified: set[int] = set()
+        self.shards = self.manifest["shards"]
+        self._offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self.shards_opened = 0  # how many times a shard file was opened; lets tests bound memory use
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    @property
+    def taps(self) -> dict[str, int]:
+        return {name: spec["width"] for name, spec in self.manifest["taps"].items()}
+
+    @property
+    def num_rows(self) -> int:
+        return int(self._offsets[-1])
+
+    def _check_tap(self, tap: str) -> None:
+        if tap not in self.manifest["taps"]:
+            raise CacheError(f"cache {self.root} has no layer '{tap}'; it has: {', '.join(self.manifest['taps'])}")
+
+    def check_shard(self, position: int) -> None:
+        """Raise CacheError unless the shard file exists and matches its recorded checksum."""
+        shard = self.shards[position]
+        path = self.root / shard["file"]
+        if not path.is_file():
+            raise CacheError(f"shard {shard['file']} of {self.root} is missing; re-run tl extract to rewrite it")
+        if file_digest(path) != shard["sha256"]:
+            raise CacheError(
+                f"shard {shard['file']} of {self.root} is corrupt (checksum mismatch); "
+                "delete it and re-run tl extract to rewrite it"
+            )
+
+    def open_shard(self, position: int) -> h5py.File:
+        if self.verify and position not in self._verified:
+            self.check_shard(position)
+            self._verified.add(position)
+        self.shards_opened += 1
+        try:
+            return h5py.File(self.root / self.shards[position]["file"], "r")
+        except OSError as exc:
+            raise CacheError(f"cannot open shard {self.shards[position]['file']} of {self.root}: {exc}") from None
+
+    def iter_batches(self, tap: str, batch_size: int = 1024, columns: tuple[str, ...] = ("target", "sample_id")
+                     ) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of at most `batch_size` rows, in cache order; memory holds one batch, not one shard."""
+        self._check_tap(tap)
+        for position, shard in enumerate(self.shards):
+            if shard["rows"] == 0:
+                continue
+            with self.open_shard(position) as handle:
+                for start in range(0, shard["rows"], batch_size):
+                    stop = min(start + batch_size, shard["rows"])
+                    batch = {tap: handle[tap][start:stop]}
+                    for column in columns:
+                        batch[column] = _column(handle, column, start, stop)
+                    yield batch
+
+    def load(self, tap: str) -> np.ndarray:
+        """One tap of every row, as one (rows, width) array."""
+        self._check_tap(tap)
+        width = self.taps[tap]
+        out = np.empty((self.num_rows, width), dtype=self.manifest["taps"][tap]["dtype"])
+        for position, shard in enumerate(self.shards):
+            if shard["rows"]:
+                with self.open_shard(position) as handle:
+                    handle[tap].read_direct(out, dest_sel=np.s_[self._offsets[position]:self._offsets[position + 1]])
+        return out
+
+    def load_column(self, column: str) -> np.ndarray:
+        """A non-code column (target, sample_id, ...) of every row."""
+        parts = []
+        for position, shard in enumerate(self.shards):
+            if shard["rows"]:
+                with self.open_shard(position) as handle:
+                    parts.append(_column(handle, column, 0, shard["rows"]))
+        return np.concatenate(parts) if parts else np.empty(0)
+
+    def read_rows(self, tap: str, rows: np.ndarray) -> np.ndarray:
+        """Codes of the given global row numbers, in the order given."""
+        self._check_tap(tap)
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise CacheError(f"row numbers out of range 0..{self.num_rows - 1}")
+        out = np.empty((len(rows), self.taps[tap]), dtype=self.manifest["taps"][tap]["dtype"])
+        positions = np.searchsorted(self._offsets, rows, side="right") - 1
+        for position in np.unique(positions):
+            wanted = np.flatnonzero(positions == position)
+            local = rows[wanted] - self._offsets[position]
+            order = np.argsort(local)
+            with self.open_shard(int(position)) as handle:
+                # h5py fancy indexing needs increasing indices
+                unique_local, inverse = np.unique(local[order], return_inverse=True)
+                block = handle[tap][unique_local]
+            out[wanted[order]] = block[inverse]
+        return out
+
+    def verify_all(self) -> list[str]:
+        """Every problem found (missing file, checksum, row count); empty when the cache is sound."""
+        problems = []
+        for position, shard in enumerate(self.shards):
+            try:
+                self.check_shard(position)
+                with h5py.File(self.root / shard["file"], "r") as handle:
+                    for name in list(self.manifest["taps"]) + ["target", "sample_id"]:
+                        if name not in handle or handle[name].shape[0] != shard["rows"]:
+                            problems.append(f"{shard['file']}: column {name} missing or of the wrong length")
+            except (CacheError, OSError) as exc:
+                problems.append(str(exc))
+        return problems
+
+
+def _column(handle: h5py.File, column: str, start: int, stop: int) -> np.ndarray:
+    if column not in handle:
+        raise CacheError(f"shard {Path(handle.filename).name} has no column '{column}'")
+    data = handle[column]
+    if h5py.check_string_dtype(data.dtype) is not None:
+        return data.asstr()[start:stop]
+    return data[start:stop]

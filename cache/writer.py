@@ -1,0 +1,209 @@
+"""Writes a cache: takes the lock, checks the key, writes each shard under a temporary name, renames
+it when complete and only then records it in the manifest, so a killed run loses at most one shard.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache.manifest import (
+    MANIFEST,
+    key_differences,
+    load_manifest,
+    new_manifest,
+    save_manifest,
+    shard_name,
+)
+from pipeline.files import file_digest
+from pipeline.errors import CacheError
+
+LOCK = ".lock"
+CHUNK_BYTES = 1 << 20
+COMPRESSIONS = ("none", "lzf", "gzip")
+DTYPES = ("float16", "float32")
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CacheError(f"cannot write to output {root}: {exc.strerror}; choose another --out") from None
+
+
+class CacheLock:
+    """An exclusive flock on `root/.lock`: the kernel drops it when the holder dies, so a stale lock
+    left by a killed process is simply taken over. The file holds the holder's pid for the message."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / LOCK
+        self.handle = None
+
+    def acquire(self) -> None:
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise CacheError(
+                f"another tl process (pid {holder}) is writing to {self.path.parent}; wait for it to finish or stop it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+class CacheWriter:
+    """Opens (or resumes) a cache for one key and publishes shards. Use as a context manager."""
+
+    def __init__(self, root: Path, key: dict, classes: list[str], taps: dict[str, int], dtype: str,
+                 shard_rows: int, num_samples: int, compression: str = "none", overwrite: bool = False,
+                 target_kind: str = "class"):
+        if dtype not in DTYPES:
+            raise CacheError(f"unknown --dtype {dtype}; valid: {', '.join(DTYPES)}")
+        if compression not in COMPRESSIONS:
+            raise CacheError(f"unknown --compression {compression}; valid: {', '.join(COMPRESSIONS)}")
+        if shard_rows < 1:
+            raise CacheError(f"--shard-rows must be at least 1, got {shard_rows}")
+        self.root = Path(root)
+        self.dtype = dtype
+        self.compression = compression
+        self.taps = taps
+        self.lock = CacheLock(self.root)
+        self._fresh = new_manifest(key, classes, taps, dtype, shard_rows, num_samples, target_kind)
+        self.overwrite = overwrite
+        self.manifest: dict = {}
+
+    # -- opening
+
+    def __enter__(self) -> "CacheWriter":
+        _check_writable(self.root)
+        self.lock.acquire()
+        try:
+            self._open_manifest()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def _open_manifest(self) -> None:
+        existing = None
+        if (self.root / MANIFEST).exists():
+            try:
+                existing = load_manifest(self.root)
+            except CacheError:
+                if not self.overwrite:
+                    raise
+        elif any(self.root.glob("shard-*.h5")) and not self.overwrite:
+            raise CacheError(f"{self.root} holds shard files but no manifest; pass --overwrite to replace them")
+        if existing is not None and existing["key_digest"] != self._fresh["key_digest"] and not self.overwrite:
+            differences = "; ".join(key_differences(existing["key"], self._fresh["key"])) or "format"
+            raise CacheError(
+                f"{self.root} holds a cache made with other settings ({differences}); "
+                "choose another --out, or pass --overwrite to replace it"
+            )
+        if existing is None or existing["key_digest"] != self._fresh["key_digest"]:
+            self._clear()
+            self.manifest = self._fresh
+            save_manifest(self.root, self.manifest)
+            return
+        self.manifest = existing
+        self._drop_missing_shards()
+        self._remove_temporaries()
+
+    def _clear(self) -> None:
+        for path in self.root.iterdir():
+            if path.name.startswith("shard-") or path.name.startswith(".shard-") or path.name == MANIFEST:
+                path.unlink() if not path.is_dir() else shutil.rmtree(path)
+
+    def _drop_missing_shards(self) -> None:
+        """A shard recorded in the manifest whose file is gone or resized is redone, not trusted."""
+        kept = []
+        for shard in self.manifest["shards"]:
+            path = self.root / shard["file"]
+            if path.is_file() and path.stat().st_size == shard["bytes"]:
+                kept.append(shard)
+        if len(kept) != len(self.manifest["shards"]):
+            self._set_shards(kept)
+            self.manifest["complete"] = False
+            save_manifest(self.root, self.manifest)
+
+    def _set_shards(self, shards: list[dict]) -> None:
+        indices = {s["index"] for s in shards}
+        self.manifest["shards"] = sorted(shards, key=lambda s: s["index"])
+        self.manifest["skipped"] = [s for s in self.manifest["skipped"] if s["shard"] in indices]
+
+    def _remove_temporaries(self) -> None:
+        for path in self.root.glob(".shard-*.tmp-*"):
+            path.unlink()
+
+    # -- writing
+
+    @property
+    def finished(self) -> set[int]:
+        return {shard["index"] for shard in self.manifest["shards"]}
+
+    def write_shard(self, index: int, codes: dict[str, np.ndarray], targets: np.ndarray,
+                    sample_ids: list[str], skipped: list[dict], extra: dict[str, np.ndarray] | None = None) -> dict:
+        """Write one complete shard atomically and record it (with its skipped samples) in the manifest."""
+        rows = len(sample_ids)
+        name = shard_name(index)
+        temporary = self.root / f".{name}.tmp-{os.getpid()}"
+        options = {} if self.compression == "none" else {"compression": self.compression}
+        with h5py.File(temporary, "w") as shard:
+            for tap, array in codes.items():
+                self._dataset(shard, tap, np.asarray(array, dtype=self.dtype), options)
+            self._dataset(shard, "target", np.asarray(targets), options)
+            shard.create_dataset("sample_id", data=np.array(sample_ids, dtype=object),
+                                 dtype=h5py.string_dtype("utf-8"))
+            for column, array in (extra or {}).items():
+                self._dataset(shard, column, np.asarray(array), options)
+            shard.attrs["index"] = index
+            shard.attrs["rows"] = rows
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        entry = {"index": index, "file": name, "rows": rows, "bytes": temporary.stat().st_size,
+                 "sha256": file_digest(temporary)}
+        os.replace(temporary, self.root / name)
+        shards = [s for s in self.manifest["shards"] if s["index"] != index] + [entry]
+        self.manifest["skipped"] = [s for s in self.manifest["skipped"] if s["shard"] != index]
+        self.manifest["skipped"] += [dict(item, shard=index) for item in skipped]
+        self._set_shards(shards)
+        save_manifest(self.root, self.manifest)
+        return entry
+
+    @staticmethod
+    def _dataset(shard: h5py.File, name: str, array: np.ndarray, options: dict) -> None:
+        if len(array) == 0:
+            shard.create_dataset(name, data=array)
+            return
+        row_bytes = max(1, array[0].nbytes)
+        chunk_rows = int(max(1, min(len(array), CHUNK_BYTES // row_bytes)))
+        shard.create_dataset(name, data=array, chunks=(chunk_rows,) + array.shape[1:], **options)
+
+    def finish(self) -> dict:
+        done = len(self.manifest["shards"]) == self.manifest["num_shards"]
+        self.manifest["complete"] = done
+        save_manifest(self.root, self.manifest)
+        return self.manifest

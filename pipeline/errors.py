@@ -1,0 +1,24 @@
+"""Errors a user can cause and fix.
+
+The CLI prints any TLError as one `error: ...` line and exits with code 2; anything else is a bug.
+"""
+
+
+class TLError(Exception):
+    """A mistake in the input, the configuration or the environment; the message says what to do."""
+
+
+class ConfigError(TLError):
+    """A config file or option that cannot be used."""
+
+
+class DataError(TLError):
+    """A data set that is missing, empty or unreadable."""
+
+
+class BackboneError(TLError):
+    """An unknown backbone or layer, or weights that do not fit."""
+
+
+class CacheError(TLError):
+    """A cache that is missing, locked, stale, incomplete or corrupt."""

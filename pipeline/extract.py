@@ -1,0 +1,248 @@
+"""Stage one: decode images in DataLoader workers, run the frozen backbone to its taps, write shards.
+
+Shard k always holds samples [k * shard_rows, (k + 1) * shard_rows), so a re-run skips finished shards.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cache.manifest import MANIFEST
+from cache.writer import CacheWriter
+from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, resolve_weights
+from pipeline.datasets import DECODE_ERRORS, Source, open_source
+from pipeline.errors import TLError
+
+ON_ERROR = ("skip", "fail")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ExtractConfig:
+    data: Path
+    out: Path
+    format: str = "imagefolder"
+    split: str = "train"
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    layers: tuple[str, ...] = ()  # empty: the backbone's default tap
+    dtype: str = "float16"
+    shard_rows: int = 4096
+    compression: str = "none"
+    batch_size: int = 64
+    workers: int | None = None  # None: one per core, at most 4
+    device: str = "auto"
+    precision: str = "auto"
+    samples_per_class: int | None = None
+    seed: int = 0
+    on_error: str = "skip"
+    overwrite: bool = False
+    download: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class ExtractResult:
+    out: Path
+    rows: int
+    taps: dict[str, int]
+    bytes_on_disk: int
+    seconds: float
+    shards_written: int
+    shards_reused: int
+    images_processed: int
+    skipped: list[dict] = field(default_factory=list)
+
+
+class DecodedImages(Dataset):
+    """(pixels or None, index, error) per sample: a bad file is reported, never raised, in a worker."""
+
+    def __init__(self, source: Source, transform):
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(self.source.read_image(index)), index, ""
+        except DECODE_ERRORS as exc:
+            return None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+
+
+def collate_decoded(items):
+    good = [pixels for pixels, _, error in items if not error]
+    pixels = torch.stack(good) if good else None
+    return pixels, [index for _, index, error in items if not error], [(i, e) for _, i, e in items if e]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise TLError(f"unknown --device {device}; valid: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TLError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise TLError(f"unknown --precision {precision}; valid: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        # float16 keeps 3 more mantissa bits than bfloat16, and fc activations sit well inside its range.
+        return "float16" if device.type == "cuda" else "float32"
+    return precision
+
+
+def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weights_digest: str,
+              precision: str, source: Source) -> dict:
+    """Everything that decides the rows of a cache; a cache answers only for the same key."""
+    return {
+        "backbone": backbone.name,
+        "weights": weights_digest,
+        "taps": sorted(taps),
+        "preprocessing": backbone.preprocessing(),
+        "precision": precision,
+        "dataset": {
+            "format": source.format,
+            "split": config.split,
+            "fingerprint": source.fingerprint(),
+            "samples_per_class": config.samples_per_class,
+            "subset_seed": config.seed if config.samples_per_class else None,
+        },
+        "layout": {"dtype": config.dtype, "shard_rows": config.shard_rows},
+        "patches": None,
+    }
+
+
+def _shard_batches(pending: list[int], shard_rows: int, num_samples: int, batch_size: int) -> list[list[int]]:
+    """Batches never straddle shards, so a resumed shard sees exactly the batches of an unbroken run."""
+    batches = []
+    for shard in pending:
+        start, stop = shard * shard_rows, min(num_samples, (shard + 1) * shard_rows)
+        batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
+    return batches
+
+
+def _check_codes(codes: dict[str, np.ndarray], dtype: str, ids: list[str]) -> None:
+    for tap, array in codes.items():
+        bad = ~np.isfinite(array).all(axis=1)
+        if bad.any():
+            raise TLError(
+                f"the backbone produced NaN or Inf in {tap} for {ids[int(np.argmax(bad))]} "
+                f"({int(bad.sum())} rows); check the weights file"
+            )
+        if dtype == "float16" and np.abs(array).max(initial=0) > np.finfo(np.float16).max:
+            raise TLError(f"codes of {tap} exceed the float16 range; pass --dtype float32")
+
+
+def run_extract(config: ExtractConfig) -> ExtractResult:
+    started = time.perf_counter()
+    if config.on_error not in ON_ERROR:
+        raise TLError(f"unknown --on-error {config.on_error}; valid: {', '.join(ON_ERROR)}")
+    if config.batch_size < 1:
+        raise TLError(f"--batch-size must be at least 1, got {config.batch_size}")
+    backbone = get_backbone(config.backbone)
+    taps = backbone.resolve_taps(list(config.layers) or [backbone.default_tap])
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    source = open_source(config.format, config.data, config.split, config.download, config.samples_per_class,
+                         config.seed)
+    weights = resolve_weights(backbone, config.weights, config.seed)
+    key = cache_key(config, backbone, taps, weights.digest, precision, source)
+    widths = {tap: backbone.taps[tap].width for tap in taps}
+
+    with CacheWriter(Path(config.out), key, source.classes, widths, config.dtype, config.shard_rows,
+                     len(source), config.compression, config.overwrite) as writer:
+        num_shards = writer.manifest["num_shards"]
+        pending = [k for k in range(num_shards) if k not in writer.finished]
+        reused = num_shards - len(pending)
+        processed = 0
+        if pending:
+            processed = _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
+        manifest = writer.finish()
+
+    out = Path(config.out)
+    size = sum(s["bytes"] for s in manifest["shards"]) + (out / MANIFEST).stat().st_size
+    return ExtractResult(out, sum(s["rows"] for s in manifest["shards"]), widths, size,
+                         time.perf_counter() - started, len(pending), reused, processed, manifest["skipped"])
+
+
+def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> int:
+    from tqdm import tqdm
+
+    model = TapModel(load_model(backbone, weights), backbone, taps).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
+    shard_rows, num_samples = config.shard_rows, len(source)
+    batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
+    loader = DataLoader(
+        DecodedImages(source, backbone.transform()),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=cuda,
+        prefetch_factor=4 if workers else None,
+    )
+    autocast = torch.autocast(device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
+    total = sum(min(num_samples, (k + 1) * shard_rows) - k * shard_rows for k in pending)
+    progress = tqdm(total=total, unit="img", disable=config.quiet, desc=f"extract {backbone.name}",
+                    dynamic_ncols=True)
+    current, rows = None, _empty_shard(taps)
+    processed = 0
+    with torch.inference_mode(), progress:
+        for pixels, indices, errors in loader:
+            shard = (indices[0] if indices else errors[0][0]) // shard_rows
+            if shard != current:
+                current, rows = shard, _empty_shard(taps)
+            for index, reason in errors:
+                sample_id = source.samples[index].sample_id
+                if config.on_error == "fail":
+                    raise TLError(f"cannot decode {sample_id}: {reason}; fix or remove it, or pass --on-error skip")
+                rows["skipped"].append({"sample_id": sample_id, "reason": reason})
+            if pixels is not None:
+                pixels = pixels.to(device, non_blocking=cuda)
+                if cuda:
+                    pixels = pixels.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    outputs = model(pixels)
+                ids = [source.samples[i].sample_id for i in indices]
+                codes = {tap: outputs[tap].float().cpu().numpy() for tap in taps}
+                _check_codes(codes, config.dtype, ids)
+                for tap in taps:
+                    rows["codes"][tap].append(codes[tap])
+                rows["targets"] += [source.samples[i].target for i in indices]
+                rows["ids"] += ids
+            batch_size = len(indices) + len(errors)
+            processed += batch_size
+            progress.update(batch_size)
+            last = max(indices + [i for i, _ in errors])
+            if last == min(num_samples, (shard + 1) * shard_rows) - 1:
+                _publish(writer, shard, taps, rows)
+                progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest['num_shards']}")
+    return processed
+
+
+def _empty_shard(taps: list[str]) -> dict:
+    return {"codes": {tap: [] for tap in taps}, "targets": [], "ids": [], "skipped": []}
+
+
+def _publish(writer: CacheWriter, shard: int, taps: list[str], rows: dict) -> None:
+    codes = {
+        tap: np.concatenate(parts) if parts else np.zeros((0, writer.taps[tap]), np.float32)
+        for tap, parts in rows["codes"].items()
+    }
+    writer.write_shard(shard, codes, np.asarray(rows["targets"], dtype=np.int64), rows["ids"], rows["skipped"])
