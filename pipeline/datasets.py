@@ -29,7 +29,7 @@ class Sample:
     sample_id: str
     target: int
     location: str  # a file path, or an index into an in-memory array
-    stamp: str  # what changes when the sample's content changes (file size), for the fingerprint
+    stamp: str  # what changes when the sample's content changes (size, mtime), for the fingerprint
 
 
 class Source:
@@ -107,6 +107,11 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
+def _file_stamp(path: Path) -> str:
+    status = path.stat()
+    return f"{status.st_size}:{status.st_mtime_ns}"
+
+
 def _require_dir(path: Path, what: str) -> None:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; pass --data with the folder of {what}")
@@ -129,7 +134,7 @@ class ImageFolderSource(Source):
         samples = []
         for label, class_dir in enumerate(class_dirs):
             for path in _image_files(class_dir):
-                samples.append(Sample(str(path.relative_to(root)), label, str(path), str(path.stat().st_size)))
+                samples.append(Sample(str(path.relative_to(root)), label, str(path), _file_stamp(path)))
         if not samples:
             raise DataError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         super().__init__([d.name for d in class_dirs], samples)
@@ -162,7 +167,7 @@ class CsvSource(Source):
             path = (csv_path.parent / relative).resolve()
             if not path.is_file():
                 raise DataError(f"{csv_path} line {number}: image {relative} does not exist (paths are relative to the CSV)")
-            samples.append(Sample(relative, index[label], str(path), str(path.stat().st_size)))
+            samples.append(Sample(relative, index[label], str(path), _file_stamp(path)))
         super().__init__(classes, samples)
 
 
@@ -237,7 +242,7 @@ class GtsrbSource(Source):
             path = Path(path)
             if not path.is_file():
                 raise DataError(f"GTSRB lists {path.name} but the file is missing; download the {split} set again")
-            samples.append(Sample(str(path.relative_to(base)), int(target), str(path), str(path.stat().st_size)))
+            samples.append(Sample(str(path.relative_to(base)), int(target), str(path), _file_stamp(path)))
         if not samples:
             raise DataError(f"GTSRB {split} under {base} has no images")
         super().__init__([f"{i:02d}" for i in range(self.num_classes)], samples)

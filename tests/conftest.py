@@ -1,0 +1,102 @@
+"""Fixtures that write tiny data sets in real formats, and a helper that runs the `tl` CLI in-process."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, seed: int, size=(48, 40), mode="RGB", fmt=None) -> Path:
+    """A small picture with structure (a gradient and a block), not plain noise, in any PIL mode."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    base = np.zeros((height, width, 3), np.uint8)
+    base[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+    base[..., 1] = np.linspace(255, 0, height, dtype=np.uint8)[:, None]
+    x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+    base[y0:y0 + height // 3, x0:x0 + width // 3] = rng.integers(0, 256, 3)
+    image = Image.fromarray(base)
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class=4, size=(48, 40)) -> Path:
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / name / f"img{i:02d}.png", seed=100 * c + i, size=size)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+def write_cifar10(root: Path, per_batch=6, seed=0) -> Path:
+    """The CIFAR-10 python layout: pickled dicts with uint8 `data` rows (3x32x32) and `labels`."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "batch_label": name,
+            "labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "filenames": [f"{name}_{i}.png" for i in range(per_batch)],
+        }
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, handle)
+    return root
+
+
+def write_gtsrb(root: Path) -> Path:
+    """torchvision's GTSRB layout: Training/<class>/*.ppm, Final_Test/Images/*.ppm + GT-final_test.csv."""
+    base = root / "gtsrb" / "GTSRB"
+    for class_id in (0, 2, 42):
+        for i in range(2):
+            write_image(base / "Training" / f"{class_id:05d}" / f"{class_id:05d}_{i:05d}.ppm", seed=class_id * 10 + i)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, class_id in enumerate((5, 42, 0)):
+        name = f"{i:05d}.ppm"
+        write_image(base / "Final_Test" / "Images" / name, seed=500 + i)
+        rows.append(f"{name};48;40;1;1;47;39;{class_id}")
+    (root / "gtsrb" / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    def __repr__(self):
+        return f"CliResult(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+@pytest.fixture
+def run_tl(capsys):
+    """Run `tl ARGS...` in this process; returns exit code, stdout and stderr."""
+    from cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

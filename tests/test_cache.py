@@ -1,0 +1,150 @@
+"""The shard store: atomic shards, manifest, lock, key checks, checksums, streaming reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from cache.manifest import load_manifest
+from cache.reader import CacheReader
+from cache.writer import CacheWriter
+from pipeline.errors import CacheError
+
+KEY = {"backbone": "test", "weights": "none"}
+
+
+def write_cache(root, num_samples=10, shard_rows=4, width=3, dtype="float32", compression="none", key=KEY,
+                overwrite=False, shards=None):
+    codes = np.arange(num_samples * width, dtype=np.float32).reshape(num_samples, width) / 7
+    with CacheWriter(root, key, ["a", "b"], {"fc7": width}, dtype, shard_rows, num_samples, compression,
+                     overwrite) as writer:
+        for k in range(writer.manifest["num_shards"]) if shards is None else shards:
+            rows = slice(k * shard_rows, min(num_samples, (k + 1) * shard_rows))
+            ids = [f"s{i}" for i in range(rows.start, rows.stop)]
+            writer.write_shard(k, {"fc7": codes[rows]}, np.arange(rows.start, rows.stop) % 2, ids, [])
+        writer.finish()
+    return codes
+
+
+def test_round_trip_across_shards(tmp_path):
+    codes = write_cache(tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        ".lock", "manifest.json", "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+    reader = CacheReader(tmp_path / "c")
+    assert reader.num_rows == 10 and reader.taps == {"fc7": 3} and reader.classes == ["a", "b"]
+    np.testing.assert_array_equal(reader.load("fc7"), codes)
+    batches = list(reader.iter_batches("fc7", batch_size=3))
+    assert [len(b["fc7"]) for b in batches] == [3, 1, 3, 1, 2]  # never more than one batch of rows
+    np.testing.assert_array_equal(np.concatenate([b["fc7"] for b in batches]), codes)
+    assert list(np.concatenate([b["sample_id"] for b in batches])) == [f"s{i}" for i in range(10)]
+    np.testing.assert_array_equal(reader.read_rows("fc7", [9, 0, 5, 5]), codes[[9, 0, 5, 5]])
+    np.testing.assert_array_equal(reader.load_column("target"), np.arange(10) % 2)
+
+
+@pytest.mark.parametrize("compression", ["lzf", "gzip"])
+def test_compression_and_float16(tmp_path, compression):
+    codes = write_cache(tmp_path / "c", dtype="float16", compression=compression)
+    with h5py.File(tmp_path / "c" / "shard-00000.h5") as shard:
+        assert shard["fc7"].compression == compression and shard["fc7"].dtype == np.float16
+    np.testing.assert_allclose(CacheReader(tmp_path / "c").load("fc7"), codes, rtol=1e-3)
+
+
+def test_chunks_are_rows_of_about_one_mebibyte(tmp_path):
+    width = 4096
+    with CacheWriter(tmp_path / "c", KEY, ["a"], {"fc7": width}, "float16", 1000, 1000) as writer:
+        writer.write_shard(0, {"fc7": np.zeros((1000, width))}, np.zeros(1000, int), [str(i) for i in range(1000)], [])
+    with h5py.File(tmp_path / "c" / "shard-00000.h5") as shard:
+        assert shard["fc7"].chunks == (128, width)  # 128 rows x 4096 x 2 bytes = 1 MiB
+
+
+def test_incomplete_cache_is_refused_by_the_reader(tmp_path):
+    write_cache(tmp_path / "c", shards=[0])
+    with pytest.raises(CacheError, match=r"incomplete \(1 of 3 shards\); re-run the same tl extract"):
+        CacheReader(tmp_path / "c")
+
+
+def test_corrupt_shard_is_detected_by_its_checksum(tmp_path):
+    write_cache(tmp_path / "c")
+    path = tmp_path / "c" / "shard-00001.h5"
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    reader = CacheReader(tmp_path / "c")
+    with pytest.raises(CacheError, match="shard-00001.h5 .* is corrupt \\(checksum mismatch\\)"):
+        reader.load("fc7")
+    assert len(reader.verify_all()) == 1
+
+
+def test_a_different_key_is_refused_and_the_cache_kept(tmp_path):
+    codes = write_cache(tmp_path / "c")
+    with pytest.raises(CacheError, match="made with other settings \\(backbone: test -> other\\).*--overwrite"):
+        write_cache(tmp_path / "c", key={"backbone": "other", "weights": "none"})
+    np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), codes)
+    write_cache(tmp_path / "c", key={"backbone": "other", "weights": "none"}, overwrite=True, num_samples=4)
+    assert CacheReader(tmp_path / "c").manifest["key"]["backbone"] == "other"
+
+
+def test_resume_keeps_finished_shards_and_redoes_missing_ones(tmp_path):
+    write_cache(tmp_path / "c", shards=[0, 2])
+    first = load_manifest(tmp_path / "c")["shards"]
+    (tmp_path / "c" / "shard-00002.h5").unlink()
+    (tmp_path / "c" / ".shard-00001.h5.tmp-999").write_bytes(b"half a shard")
+    with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
+        assert writer.finished == {0}
+        assert writer.manifest["shards"][0] == first[0]
+    assert not (tmp_path / "c" / ".shard-00001.h5.tmp-999").exists()
+
+
+def test_second_writer_is_refused(tmp_path):
+    with CacheWriter(tmp_path / "c", KEY, ["a"], {"fc7": 3}, "float32", 4, 4):
+        with pytest.raises(CacheError, match=f"another tl process \\(pid {os.getpid()}\\) is writing"):
+            with CacheWriter(tmp_path / "c", KEY, ["a"], {"fc7": 3}, "float32", 4, 4):
+                pass
+
+
+def test_stale_lock_of_a_dead_process_is_taken(tmp_path):
+    root = tmp_path / "c"
+    root.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, sys, time; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX);"
+         "h.write('4242'); h.flush(); print('locked', flush=True); time.sleep(60)", str(root / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(CacheError, match="pid 4242"):
+        CacheWriter(root, KEY, ["a"], {"fc7": 3}, "float32", 4, 4).__enter__()
+    holder.kill()
+    holder.wait()
+    time.sleep(0.05)
+    with CacheWriter(root, KEY, ["a"], {"fc7": 3}, "float32", 4, 4) as writer:
+        assert writer.lock.path.read_text() == str(os.getpid())
+
+
+def test_manifest_records_rows_checksums_and_skipped(tmp_path):
+    with CacheWriter(tmp_path / "c", KEY, ["a"], {"fc7": 2}, "float32", 3, 3) as writer:
+        writer.write_shard(0, {"fc7": np.ones((2, 2))}, np.zeros(2, int), ["x", "z"],
+                           [{"sample_id": "y", "reason": "OSError: truncated"}])
+        writer.finish()
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["shards"][0]["rows"] == 2
+    assert len(manifest["shards"][0]["sha256"]) == 64
+    assert manifest["skipped"] == [{"sample_id": "y", "reason": "OSError: truncated", "shard": 0}]
+    assert manifest["tl_version"] and manifest["key_digest"]
+
+
+def test_unknown_tap_names_the_ones_present(tmp_path):
+    write_cache(tmp_path / "c")
+    with pytest.raises(CacheError, match="has no layer 'fc6'; it has: fc7"):
+        CacheReader(tmp_path / "c").load("fc6")
+
+
+def test_not_a_cache(tmp_path):
+    with pytest.raises(CacheError, match="is not a tl cache"):
+        CacheReader(tmp_path)

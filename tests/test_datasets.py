@@ -1,0 +1,131 @@
+"""Data sources read the real layouts; every image mode becomes 8-bit RGB; subsets are seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.datasets import DECODE_ERRORS, open_rgb, open_source, to_rgb
+from pipeline.errors import DataError
+from tests.conftest import make_image_folder, write_cifar10, write_gtsrb, write_image
+
+
+def test_imagefolder_lists_classes_and_ids(image_folder):
+    source = open_source("imagefolder", image_folder)
+    assert source.classes == ["cat", "dog", "fox"]
+    assert [s.sample_id for s in source.samples[:2]] == ["cat/img00.png", "cat/img01.png"]
+    assert [s.target for s in source.samples] == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_imagefolder_uses_the_split_folder_when_present(tmp_path):
+    make_image_folder(tmp_path / "train", classes=("a", "b"), per_class=2)
+    make_image_folder(tmp_path / "test", classes=("a", "b"), per_class=1)
+    assert len(open_source("imagefolder", tmp_path, split="test")) == 2
+    assert len(open_source("imagefolder", tmp_path, split="train")) == 4
+
+
+def test_csv_source_reads_paths_relative_to_the_csv(tmp_path):
+    write_image(tmp_path / "pics" / "a.jpg", 1)
+    write_image(tmp_path / "pics" / "b.jpg", 2)
+    (tmp_path / "labels.csv").write_text("path,label\npics/a.jpg,zebra\npics/b.jpg,ant\n")
+    source = open_source("csv", tmp_path / "labels.csv")
+    assert source.classes == ["ant", "zebra"]
+    assert [(s.sample_id, s.target) for s in source.samples] == [("pics/a.jpg", 1), ("pics/b.jpg", 0)]
+    assert source.read_image(0).size == (48, 40)
+
+
+def test_csv_naming_a_missing_image(tmp_path):
+    (tmp_path / "labels.csv").write_text("gone.jpg,cat\n")
+    with pytest.raises(DataError, match="line 1: image gone.jpg does not exist"):
+        open_source("csv", tmp_path / "labels.csv")
+
+
+def test_cifar10_reader_on_real_format_batches(tmp_path):
+    root = write_cifar10(tmp_path)
+    train = open_source("cifar10", root, split="train")
+    test = open_source("cifar10", root / "cifar-10-batches-py", split="test")
+    assert len(train) == 30 and len(test) == 6
+    assert train.classes[3] == "cat"
+    # pixel (row 0, col 0) of the first training image is bytes 0, 1024, 2048 of its row (R, G, B planes)
+    import pickle
+
+    with open(root / "cifar-10-batches-py" / "data_batch_1", "rb") as handle:
+        batch = pickle.load(handle)
+    pixel = np.asarray(train.read_image(0))[0, 0]
+    assert pixel.tolist() == [batch["data"][0][0], batch["data"][0][1024], batch["data"][0][2048]]
+    assert train.samples[0].target == batch["labels"][0]
+
+
+def test_cifar10_missing_suggests_download(tmp_path):
+    with pytest.raises(DataError, match="CIFAR-10 python batches not found.*pass --download"):
+        open_source("cifar10", tmp_path, split="train")
+
+
+def test_gtsrb_reader_on_torchvision_layout(tmp_path):
+    root = write_gtsrb(tmp_path)
+    train = open_source("gtsrb", root, split="train")
+    assert len(train.classes) == 43
+    # targets are the folder numbers even though classes 1 and 3..41 have no folder here
+    assert sorted({s.target for s in train.samples}) == [0, 2, 42]
+    test = open_source("gtsrb", root, split="test")
+    assert [s.target for s in test.samples] == [5, 42, 0]
+    assert test.read_image(1).mode == "RGB"
+
+
+def test_samples_per_class_is_stratified_and_seeded(tmp_path):
+    folder = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=5, size=(8, 8))
+    first = open_source("imagefolder", folder, samples_per_class=2, seed=1)
+    again = open_source("imagefolder", folder, samples_per_class=2, seed=1)
+    other = open_source("imagefolder", folder, samples_per_class=2, seed=2)
+    assert np.bincount([s.target for s in first.samples]).tolist() == [2, 2, 2]
+    assert [s.sample_id for s in first.samples] == [s.sample_id for s in again.samples]
+    assert [s.sample_id for s in first.samples] != [s.sample_id for s in other.samples]
+    assert first.fingerprint() != other.fingerprint()
+
+
+def test_fingerprint_changes_when_a_file_changes(image_folder):
+    before = open_source("imagefolder", image_folder).fingerprint()
+    write_image(image_folder / "cat" / "img00.png", seed=999, size=(50, 41))
+    assert open_source("imagefolder", image_folder).fingerprint() != before
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "1"])
+def test_every_mode_becomes_rgb(tmp_path, mode):
+    fmt = "TIFF" if mode == "CMYK" else "PNG"
+    path = write_image(tmp_path / f"img.{fmt.lower()}", seed=0, mode=mode, fmt=fmt)
+    image = open_rgb(str(path))
+    assert image.mode == "RGB" and image.size == (48, 40)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
+    pixels = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    rgb = np.asarray(open_rgb(str(tmp_path / "deep.png")))
+    assert rgb[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_transparency_is_composited_over_white():
+    image = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
+    image.putpixel((1, 0), (10, 20, 30, 255))
+    assert np.asarray(to_rgb(image)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+
+
+def test_corrupt_and_truncated_files_raise_decode_errors(tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"this is not a jpeg")
+    path = write_image(tmp_path / "cut.jpg", 3, size=(64, 64), fmt="JPEG")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for name in ("junk.jpg", "cut.jpg"):
+        with pytest.raises(DECODE_ERRORS):
+            open_rgb(str(tmp_path / name))
+
+
+def test_missing_and_empty_data(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        open_source("imagefolder", tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no class folders"):
+        open_source("imagefolder", tmp_path / "empty")
+    (tmp_path / "empty" / "cat").mkdir()
+    with pytest.raises(DataError, match="no images under"):
+        open_source("imagefolder", tmp_path / "empty")
