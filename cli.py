@@ -15,8 +15,15 @@ from pipeline.errors import ConfigError, TLError
 # -------------------------------------------------------------- config files
 
 
-def _all_option_names(group: click.Group) -> set[str]:
-    return {param.name for command in group.commands.values() for param in command.params if param.name}
+def _option_keys(command: click.Command) -> dict[str, str]:
+    """Config key (the long flag without dashes, `-` as `_`) -> the parameter it sets."""
+    return {
+        flag[2:].replace("-", "_"): param.name
+        for param in command.params
+        if param.name and param.name != "config"
+        for flag in getattr(param, "opts", [])
+        if flag.startswith("--")
+    }
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
@@ -40,11 +47,11 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
         raise ConfigError(f"config file {value} is not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"config file {value} must be a mapping of option: value")
-    command = ctx.command
-    own = {p.name for p in command.params if p.name and p.name != "config"}
+    own = _option_keys(ctx.command)
     group = ctx.parent.command if ctx.parent else None
-    sections = set(group.commands) if isinstance(group, click.Group) else set()
-    known_anywhere = _all_option_names(group) if isinstance(group, click.Group) else own
+    commands = list(group.commands.values()) if isinstance(group, click.Group) else [ctx.command]
+    sections = {command.name for command in commands}
+    known_anywhere = {key for command in commands for key in _option_keys(command)}
     defaults: dict = {}
     section: dict = {}
     for raw_key, setting in document.items():
@@ -59,12 +66,12 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
             raise ConfigError(f"config file {value}: unknown key '{raw_key}'; keys are option names such as "
                               f"{', '.join(sorted(own)[:6])}")
         if key in own:
-            defaults[key] = setting
+            defaults[own[key]] = setting
     for raw_key, setting in section.items():
         key = str(raw_key).replace("-", "_")
         if key not in own:
             raise ConfigError(f"config file {value}: section {ctx.info_name} has unknown key '{raw_key}'")
-        defaults[key] = setting
+        defaults[own[key]] = setting
     for key, setting in defaults.items():
         if isinstance(setting, (list, tuple)):
             defaults[key] = ",".join(str(item) for item in setting)
@@ -145,7 +152,7 @@ def extract(format_, layers, **options):
 
     config = ExtractConfig(format=format_, layers=_csv_list(layers), **options)
     result = run_extract(config)
-    rate = result.images_processed / result.seconds if result.seconds else 0.0
+    rate = result.images_processed / result.loop_seconds if result.loop_seconds else 0.0
     click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new, "
                f"{result.shards_reused} reused, {len(result.skipped)} images skipped")
     for tap, width in result.taps.items():
@@ -174,7 +181,9 @@ def info(cache, verify):
     click.echo(f"cache      {cache} ({state})")
     click.echo(f"backbone   {key['backbone']}   weights {key['weights']}   precision {key['precision']}")
     pre = key["preprocessing"]
-    click.echo(f"input      resize {pre['resize']}, crop {pre['crop']}, mean {pre['mean']}, std {pre['std']}")
+    rounded = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
+    click.echo(f"input      resize {pre['resize']}, crop {pre['crop']}, mean {rounded(pre['mean'])}, "
+               f"std {rounded(pre['std'])}")
     data = key["dataset"]
     click.echo(f"data       {data['format']} split {data['split']}, fingerprint {data['fingerprint'][:12]}"
                + (f", {data['samples_per_class']} per class" if data["samples_per_class"] else ""))

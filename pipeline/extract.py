@@ -59,6 +59,8 @@ class ExtractResult:
     shards_written: int
     shards_reused: int
     images_processed: int
+    loop_seconds: float = 0.0  # decoding + forward + writing, without startup
+    write_seconds: float = 0.0  # of which writing shards (HDF5, checksum, manifest)
     skipped: list[dict] = field(default_factory=list)
 
 
@@ -167,18 +169,19 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         num_shards = writer.manifest["num_shards"]
         pending = [k for k in range(num_shards) if k not in writer.finished]
         reused = num_shards - len(pending)
-        processed = 0
+        timing = {"processed": 0, "loop": 0.0, "write": 0.0}
         if pending:
-            processed = _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
+            timing = _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
         manifest = writer.finish()
 
     out = Path(config.out)
     size = sum(s["bytes"] for s in manifest["shards"]) + (out / MANIFEST).stat().st_size
     return ExtractResult(out, sum(s["rows"] for s in manifest["shards"]), widths, size,
-                         time.perf_counter() - started, len(pending), reused, processed, manifest["skipped"])
+                         time.perf_counter() - started, len(pending), reused, timing["processed"],
+                         timing["loop"], timing["write"], manifest["skipped"])
 
 
-def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> int:
+def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
     from tqdm import tqdm
 
     model = TapModel(load_model(backbone, weights), backbone, taps).to(device)
@@ -202,7 +205,8 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     progress = tqdm(total=total, unit="img", disable=config.quiet, desc=f"extract {backbone.name}",
                     dynamic_ncols=True)
     current, rows = None, _empty_shard(taps)
-    processed = 0
+    processed, write_seconds = 0, 0.0
+    loop_started = time.perf_counter()
     with torch.inference_mode(), progress:
         for pixels, indices, errors in loader:
             shard = (indices[0] if indices else errors[0][0]) // shard_rows
@@ -231,9 +235,11 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
             progress.update(batch_size)
             last = max(indices + [i for i, _ in errors])
             if last == min(num_samples, (shard + 1) * shard_rows) - 1:
+                write_started = time.perf_counter()
                 _publish(writer, shard, taps, rows)
+                write_seconds += time.perf_counter() - write_started
                 progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest['num_shards']}")
-    return processed
+    return {"processed": processed, "loop": time.perf_counter() - loop_started, "write": write_seconds}
 
 
 def _empty_shard(taps: list[str]) -> dict:
