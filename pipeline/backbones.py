@@ -251,35 +251,20 @@ class TapModel(nn.Module):
 
 # ---------------------------------------------------------------- registry entries
 
-register(
-    Backbone(
-        name="alexnet",
-        build=_torchvision_builder("alexnet"),
-        imagenet_weights=_torchvision_weights("AlexNet_Weights", "IMAGENET1K_V1"),
-        taps={
-            "pool5": Tap("features.12", 256 * 6 * 6),
-            "fc6": Tap("classifier.2", 4096),
-            "fc7": Tap("classifier.5", 4096),
-        },
+def _classic_backbone(name: str, weights_enum: str, pool5: Tap, fc6_node: str, fc7_node: str) -> Backbone:
+    """AlexNet and VGG: conv blocks, then fc6 and fc7 (4096 wide, each tapped after its ReLU)."""
+    return Backbone(
+        name=name,
+        build=_torchvision_builder(name),
+        imagenet_weights=_torchvision_weights(weights_enum, "IMAGENET1K_V1"),
+        taps={"pool5": pool5, "fc6": Tap(fc6_node, 4096), "fc7": Tap(fc7_node, 4096)},
         default_tap="fc7",
-        aliases={"relu6": "fc6", "relu7": "fc7"},
+        aliases={"relu6": "fc6", "relu7": "fc7"},  # the names TensorFlow-era notebooks use
     )
-)
 
-register(
-    Backbone(
-        name="vgg16",
-        build=_torchvision_builder("vgg16"),
-        imagenet_weights=_torchvision_weights("VGG16_Weights", "IMAGENET1K_V1"),
-        taps={
-            "pool5": Tap("features.30", 512 * 7 * 7),
-            "fc6": Tap("classifier.1", 4096),
-            "fc7": Tap("classifier.4", 4096),
-        },
-        default_tap="fc7",
-        aliases={"relu6": "fc6", "relu7": "fc7"},
-    )
-)
+
+register(_classic_backbone("alexnet", "AlexNet_Weights", Tap("features.12", 256 * 6 * 6), "classifier.2", "classifier.5"))
+register(_classic_backbone("vgg16", "VGG16_Weights", Tap("features.30", 512 * 7 * 7), "classifier.1", "classifier.4"))
 
 register(
     Backbone(

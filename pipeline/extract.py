@@ -227,7 +227,7 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
                 codes = {tap: outputs[tap].float().cpu().numpy() for tap in taps}
                 _check_codes(codes, config.dtype, ids)
                 for tap in taps:
-                    rows["codes"][tap].append(codes[tap])
+                    rows["codes"][tap].append(codes[tap].astype(config.dtype, copy=False))
                 rows["targets"] += [source.samples[i].target for i in indices]
                 rows["ids"] += ids
             batch_size = len(indices) + len(errors)

@@ -265,3 +265,15 @@ def test_shipped_configs_are_valid_extract_recipes(run_tl, tmp_path, config):
     result = run_tl("extract", "--config", config, "--data", tmp_path / "absent", "--out", tmp_path / "c")
     assert_user_error(result, str(tmp_path / "absent"))
     assert "config file" not in result.err
+
+
+def test_bfloat16_autocast_codes_agree_with_float32(run_tl, image_folder, tmp_path):
+    """The autocast path (used on CUDA) on the CPU; bfloat16 keeps about 3 significant digits."""
+    args = ["--data", image_folder, "--dtype", "float32", *FAST]
+    assert run_tl("extract", "--out", tmp_path / "f32", *args).code == 0
+    assert run_tl("extract", "--out", tmp_path / "bf16", "--precision", "bfloat16", *args).code == 0
+    reference, low = CacheReader(tmp_path / "f32").load("fc7"), CacheReader(tmp_path / "bf16").load("fc7")
+    error = np.linalg.norm(low - reference, axis=1) / np.linalg.norm(reference, axis=1)
+    print("bfloat16 relative error", error.max())
+    assert 0 < error.max() <= 3e-2
+    assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["key"]["precision"] == "bfloat16"
