@@ -117,7 +117,9 @@ class CacheWriter:
                     raise
         elif any(self.root.glob("shard-*.h5")) and not self.overwrite:
             raise CacheError(f"{self.root} holds shard files but no manifest; pass --overwrite to replace them")
-        if existing is not None and existing["key_digest"] != self._fresh["key_digest"] and not self.overwrite:
+        # A cache without a finished shard holds nothing to lose: a corrected command may take it over.
+        if existing is not None and existing["key_digest"] != self._fresh["key_digest"] and existing["shards"] \
+                and not self.overwrite:
             differences = "; ".join(key_differences(existing["key"], self._fresh["key"])) or "format"
             raise CacheError(
                 f"{self.root} holds a cache made with other settings ({differences}); "

@@ -148,3 +148,10 @@ def test_unknown_tap_names_the_ones_present(tmp_path):
 def test_not_a_cache(tmp_path):
     with pytest.raises(CacheError, match="is not a tl cache"):
         CacheReader(tmp_path)
+
+
+def test_a_cache_without_finished_shards_may_change_its_key(tmp_path):
+    """A run that failed before its first shard (say, weights that did not fit) blocks no corrected run."""
+    write_cache(tmp_path / "c", shards=[])
+    write_cache(tmp_path / "c", key={"backbone": "other", "weights": "none"})
+    assert CacheReader(tmp_path / "c").manifest["key"]["backbone"] == "other"
