@@ -1,0 +1,95 @@
+"""Classification metrics: accuracy, top-k, confusion, per-class AP (VOC07 11-point or area) and mAP.
+
+scikit-learn computes what it has; AP follows the PASCAL VOC devkit, which scikit-learn does not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import TLError
+
+AP_METHODS = ("voc07", "area")
+
+
+def accuracy(targets: np.ndarray, scores: np.ndarray) -> float:
+    """Fraction of rows whose highest score is the target class."""
+    from sklearn.metrics import accuracy_score
+
+    return float(accuracy_score(targets, np.argmax(scores, axis=1)))
+
+
+def top_k_accuracy(targets: np.ndarray, scores: np.ndarray, k: int = 5) -> float:
+    from sklearn.metrics import top_k_accuracy_score
+
+    return float(top_k_accuracy_score(targets, scores, k=k, labels=np.arange(scores.shape[1])))
+
+
+def confusion(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Counts: row = true class, column = predicted class."""
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(targets, np.argmax(scores, axis=1), labels=np.arange(scores.shape[1]))
+
+
+def precision_recall(relevant: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall after each rank of the scores sorted high to low (ties kept in input order)."""
+    order = np.argsort(-scores, kind="stable")
+    hits = relevant[order].astype(np.float64)
+    true_positives = np.cumsum(hits)
+    precision = true_positives / np.arange(1, len(hits) + 1)
+    recall = true_positives / max(hits.sum(), 1.0)
+    return precision, recall
+
+
+def average_precision(relevant: np.ndarray, scores: np.ndarray, method: str = "voc07",
+                      ignore: np.ndarray | None = None) -> float:
+    """AP of one class as the VOC devkit defines it.
+
+    voc07: mean over recall thresholds 0, 0.1, ..., 1 of the best precision at that recall or beyond.
+    area: area under the precision envelope (precision made non-increasing in recall), VOC 2010 on.
+    `ignore` marks rows left out entirely (VOC's `difficult`-only images). NaN when no row is relevant.
+    """
+    if method not in AP_METHODS:
+        raise TLError(f"unknown AP method '{method}'; valid: {', '.join(AP_METHODS)}")
+    relevant = np.asarray(relevant).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if ignore is not None:
+        keep = ~np.asarray(ignore, dtype=bool)
+        relevant, scores = relevant[keep], scores[keep]
+    if not relevant.any():
+        return float("nan")
+    precision, recall = precision_recall(relevant, scores)
+    if method == "voc07":
+        # Thresholds k/10 with a tolerance: 0.1 * 6 rounds above 3/5 in floating point, which would
+        # drop an exact recall of 0.6 (np.arange-based ports of the devkit have that slip).
+        thresholds = np.arange(11) / 10 - 1e-12
+        return float(np.mean([precision[recall >= t].max(initial=0.0) for t in thresholds]))
+    envelope = np.maximum.accumulate(np.concatenate([precision, [0.0]])[::-1])[::-1]
+    steps = np.diff(np.concatenate([[0.0], recall]))
+    return float(np.sum(steps * envelope[:-1]))
+
+
+def per_class_ap(targets: np.ndarray, scores: np.ndarray, method: str = "voc07",
+                 ignore: np.ndarray | None = None) -> np.ndarray:
+    """AP of every class. `targets` is class indices (n,) or multi-hot rows (n, classes)."""
+    relevant = _multi_hot(targets, scores.shape[1])
+    return np.array([
+        average_precision(relevant[:, c], scores[:, c], method, None if ignore is None else ignore[:, c])
+        for c in range(scores.shape[1])
+    ])
+
+
+def mean_ap(ap: np.ndarray) -> float:
+    """Mean over the classes that have at least one relevant row."""
+    defined = ap[~np.isnan(ap)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def _multi_hot(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    targets = np.asarray(targets)
+    if targets.ndim == 2:
+        return targets.astype(bool)
+    relevant = np.zeros((len(targets), num_classes), dtype=bool)
+    relevant[np.arange(len(targets)), targets] = True
+    return relevant

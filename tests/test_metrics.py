@@ -1,0 +1,107 @@
+"""Metrics against scikit-learn and against independent, loop-by-loop VOC devkit implementations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, top_k_accuracy_score
+
+from pipeline.errors import TLError
+from pipeline.metrics import accuracy, average_precision, confusion, mean_ap, per_class_ap, top_k_accuracy
+
+TOLERANCE = 1e-12  # float64 throughout
+
+
+def voc07_by_loops(relevant, scores):
+    """The VOC2007 devkit's 11-point AP, written as plain loops over ranks."""
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+    total = sum(relevant)
+    points = []  # (recall, precision) after each rank
+    hits = 0
+    for rank, i in enumerate(ranked, start=1):
+        hits += relevant[i]
+        points.append((hits / total, hits / rank))
+    ap = 0.0
+    for step in range(11):
+        threshold = step / 10
+        ap += max([p for r, p in points if r >= threshold - 1e-15], default=0.0) / 11
+    return ap
+
+
+def voc_area_by_loops(relevant, scores):
+    """VOC 2010+ devkit: mrec=[0,rec,1], mpre=[0,prec,0], envelope from the right, sum over recall changes."""
+    ranked = sorted(range(len(scores)), key=lambda i: -scores[i])
+    total, hits = sum(relevant), 0
+    mrec, mpre = [0.0], [0.0]
+    for rank, i in enumerate(ranked, start=1):
+        hits += relevant[i]
+        mrec.append(hits / total)
+        mpre.append(hits / rank)
+    mrec.append(1.0)
+    mpre.append(0.0)
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    return sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in range(1, len(mrec)) if mrec[i] != mrec[i - 1])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ap_matches_devkit_loops_on_random_scores(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    relevant = rng.random(n) < rng.uniform(0.1, 0.6)
+    relevant[rng.integers(n)] = True
+    scores = rng.random(n)  # continuous: no ties
+    assert abs(average_precision(relevant, scores, "voc07") - voc07_by_loops(list(relevant), list(scores))) < TOLERANCE
+    assert abs(average_precision(relevant, scores, "area") - voc_area_by_loops(list(relevant), list(scores))) < TOLERANCE
+
+
+def test_area_equals_scikit_learn_when_precision_never_rises():
+    # ranks: H H M H M M H M M M H -> precision at hits 1, 1, .75, .57, .45 (never rising): no envelope effect
+    relevant = np.array([1, 1, 0, 1, 0, 0, 1, 0, 0, 0, 1], dtype=bool)
+    scores = np.linspace(1, 0, len(relevant))
+    assert abs(average_precision(relevant, scores, "area") - average_precision_score(relevant, scores)) < TOLERANCE
+
+
+def test_perfect_and_worst_rankings():
+    relevant = np.array([1, 1, 0, 0], dtype=bool)
+    assert average_precision(relevant, np.array([4.0, 3, 2, 1]), "voc07") == pytest.approx(1.0)
+    assert average_precision(relevant, np.array([4.0, 3, 2, 1]), "area") == pytest.approx(1.0)
+    # ranked M M H H: precision 1/3 then 2/4 at the hits; the envelope lifts the first to 1/2
+    assert average_precision(relevant, np.array([1.0, 2, 3, 4]), "area") == pytest.approx(0.5)
+
+
+def test_ignored_rows_are_left_out():
+    relevant = np.array([0, 1, 1], dtype=bool)
+    scores = np.array([0.9, 0.8, 0.1])
+    assert average_precision(relevant, scores, "area", ignore=np.array([True, False, False])) == pytest.approx(1.0)
+
+
+def test_no_relevant_row_gives_nan_and_mean_ap_skips_it():
+    assert math.isnan(average_precision(np.zeros(3, bool), np.ones(3)))
+    assert mean_ap(np.array([0.5, np.nan, 1.0])) == pytest.approx(0.75)
+
+
+def test_unknown_ap_method():
+    with pytest.raises(TLError, match="unknown AP method 'voc12'"):
+        average_precision(np.ones(2, bool), np.ones(2), "voc12")
+
+
+def test_accuracy_topk_confusion_match_scikit_learn():
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 7, 200)
+    scores = rng.random((200, 7))
+    assert accuracy(targets, scores) == accuracy_score(targets, scores.argmax(1))
+    assert top_k_accuracy(targets, scores, 5) == top_k_accuracy_score(targets, scores, k=5)
+    np.testing.assert_array_equal(confusion(targets, scores), confusion_matrix(targets, scores.argmax(1)))
+
+
+def test_per_class_ap_of_class_indices_and_multi_hot_agree():
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 4, 50)
+    scores = rng.random((50, 4))
+    multi_hot = np.eye(4, dtype=bool)[targets]
+    np.testing.assert_allclose(per_class_ap(targets, scores), per_class_ap(multi_hot, scores))
+    expected = [voc07_by_loops(list(multi_hot[:, c]), list(scores[:, c])) for c in range(4)]
+    np.testing.assert_allclose(per_class_ap(targets, scores), expected, atol=TOLERANCE)
