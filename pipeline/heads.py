@@ -1,0 +1,169 @@
+"""Stage two: light classifiers on cached codes, scikit-learn style (`fit`, `predict_proba`, `predict`).
+
+Every head turns into a torch module (`to_module`) and saves to one file that loads without running
+code: tensors plus JSON metadata, read back with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import __version__
+from pipeline.errors import TLError
+
+HEAD_FORMAT = "tl-head/1"
+
+
+class HeadError(TLError):
+    """A head file that is not one, or a head used on codes it was not trained for."""
+
+
+class Standardize(nn.Module):
+    """(x - mean) / scale, the scaler every linear head is fitted behind."""
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("scale", scale)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes - self.mean) / self.scale
+
+
+class LogRegHead:
+    """Multinomial logistic regression on standardized codes; with several C values, the one with the
+    best validation accuracy is kept (`validation_scores_` records each)."""
+
+    kind = "logreg"
+
+    def __init__(self, C: float | list[float] = 1.0, max_iter: int = 1000, seed: int = 0):
+        self.C = C
+        self.max_iter = max_iter
+        self.seed = seed
+
+    def fit(self, codes: np.ndarray, targets: np.ndarray, val_codes: np.ndarray | None = None,
+            val_targets: np.ndarray | None = None) -> "LogRegHead":
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        codes = _checked(codes, "training codes")
+        targets = np.asarray(targets)
+        if len(np.unique(targets)) < 2:
+            raise HeadError("the training codes hold a single class; a classifier needs at least two")
+        grid = self.C if isinstance(self.C, (list, tuple)) else [self.C]
+        if len(grid) > 1 and val_codes is None:
+            raise HeadError("several C values need a validation split to choose from; pass --val-cache or --val-fraction")
+        scaler = StandardScaler().fit(codes)
+        standardized = scaler.transform(codes)
+        self.validation_scores_ = {}
+        best = None
+        for C in grid:
+            model = LogisticRegression(C=float(C), max_iter=self.max_iter, random_state=self.seed)
+            model.fit(standardized, targets)
+            if val_codes is not None:
+                val_std = scaler.transform(_checked(val_codes, "validation codes"))
+                score = float(np.mean(model.predict(val_std) == np.asarray(val_targets)))
+                self.validation_scores_[float(C)] = score
+            else:
+                score = 0.0
+            if best is None or score > best[0]:
+                best = (score, float(C), model)
+        _, self.C_, model = best
+        self.classes_ = model.classes_
+        self.mean_ = scaler.mean_
+        self.scale_ = scaler.scale_
+        self.coef_ = model.coef_
+        self.intercept_ = model.intercept_
+        if self.coef_.shape[0] == 1:  # scikit-learn keeps one row for two classes: logit(p1) = w.x + b
+            self.coef_ = np.vstack([-self.coef_ / 2, self.coef_ / 2])
+            self.intercept_ = np.array([-self.intercept_[0] / 2, self.intercept_[0] / 2])
+        return self
+
+    def decision_function(self, codes: np.ndarray) -> np.ndarray:
+        standardized = (_checked(codes, "codes") - self.mean_) / self.scale_
+        return standardized @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, codes: np.ndarray) -> np.ndarray:
+        logits = self.decision_function(codes)
+        logits -= logits.max(axis=1, keepdims=True)
+        weights = np.exp(logits)
+        return weights / weights.sum(axis=1, keepdims=True)
+
+    def predict(self, codes: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.decision_function(codes), axis=1)]
+
+    def to_module(self) -> nn.Module:
+        """codes -> class probabilities, the same function as `predict_proba`."""
+        linear = nn.Linear(self.coef_.shape[1], self.coef_.shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(self.coef_))
+            linear.bias.copy_(torch.from_numpy(self.intercept_))
+        standardize = Standardize(torch.from_numpy(self.mean_).float(), torch.from_numpy(self.scale_).float())
+        return nn.Sequential(standardize, linear, nn.Softmax(dim=1)).eval()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(np.asarray(getattr(self, name)))
+                for name in ("mean_", "scale_", "coef_", "intercept_", "classes_")}
+
+    def hyperparameters(self) -> dict:
+        return {"C": self.C, "max_iter": self.max_iter, "seed": self.seed, "C_": self.C_,
+                "validation_scores": self.validation_scores_}
+
+    @classmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], hyperparameters: dict) -> "LogRegHead":
+        head = cls(hyperparameters["C"], hyperparameters["max_iter"], hyperparameters["seed"])
+        for name, tensor in tensors.items():
+            setattr(head, name, tensor.numpy())
+        head.C_ = hyperparameters["C_"]
+        head.validation_scores_ = {float(k): v for k, v in hyperparameters["validation_scores"].items()}
+        return head
+
+
+HEAD_KINDS = {LogRegHead.kind: LogRegHead}
+
+
+def save_head(head, path: Path, metadata: dict) -> None:
+    """One file: the head's tensors and a JSON string (classes, layer, cache key, hyperparameters...)."""
+    path = Path(path)
+    document = {"format": HEAD_FORMAT, "kind": head.kind, "tl_version": __version__,
+                "hyperparameters": head.hyperparameters(), **metadata}
+    payload = {"metadata": json.dumps(document), "tensors": head.tensors()}
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, temporary)
+        temporary.replace(path)
+    except OSError as exc:
+        raise HeadError(f"cannot write head file {path}: {exc.strerror}; choose another --out") from None
+
+
+def load_head(path: Path):
+    """(head, metadata) from a file written by `save_head`; nothing in the file is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadError(f"head file {path} does not exist; train one with tl fit-head")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        metadata = json.loads(payload["metadata"])
+        tensors = payload["tensors"]
+    except Exception:  # any unpickling or JSON failure means the same thing to the user
+        raise HeadError(f"{path} is not a tl head file; train one with tl fit-head") from None
+    if metadata.get("format") != HEAD_FORMAT or metadata.get("kind") not in HEAD_KINDS:
+        raise HeadError(f"{path} is not a {HEAD_FORMAT} head file; train one with tl fit-head")
+    head = HEAD_KINDS[metadata["kind"]].from_saved(tensors, metadata["hyperparameters"])
+    return head, metadata
+
+
+def _checked(codes: np.ndarray, what: str) -> np.ndarray:
+    codes = np.asarray(codes, dtype=np.float64)
+    if codes.ndim != 2 or len(codes) == 0:
+        raise HeadError(f"{what} are empty; extract a cache with at least one image per class")
+    if not np.isfinite(codes).all():
+        row = int(np.argmax(~np.isfinite(codes).all(axis=1)))
+        raise HeadError(f"{what} hold NaN or Inf (row {row}); re-extract the cache")
+    return codes
