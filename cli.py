@@ -219,6 +219,35 @@ def example_data(out, per_class, seed):
     click.echo(f"wrote {counts['train']} train and {counts['test']} test images to {out}")
 
 
+@tl.command("fit-head")
+@config_option
+@click.option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
+@click.option("--layer", default=None, help="Layer of the cache to train on [default: its only layer].")
+@click.option("--head", default="logreg", show_default=True, type=click.Choice(["logreg"]),
+              help="logreg: multinomial logistic regression on standardized codes.")
+@click.option("--C", "c_values", default="1.0", show_default=True,
+              help="Inverse regularization; a comma-separated list picks the best on the validation split.")
+@click.option("--val-cache", type=click.Path(path_type=Path), default=None, help="Validation cache of the same classes.")
+@click.option("--val-fraction", type=float, default=None, help="Hold out this stratified, seeded fraction instead.")
+@click.option("--max-iter", default=1000, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Head file to write (.pt).")
+def fit_head(c_values, **options):
+    """Train a head on the codes of one cached layer and save it as one file."""
+    from pipeline.heads import FitHeadConfig, fit_head as run_fit_head
+
+    try:
+        grid = tuple(float(v) for v in _csv_list(c_values))
+    except ValueError:
+        raise TLError(f"--C takes numbers separated by commas, got '{c_values}'") from None
+    result = run_fit_head(FitHeadConfig(C=grid or (1.0,), **options))
+    click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {result.train_rows} training rows, "
+               f"chosen {result.chosen}")
+    click.echo(f"  train accuracy {result.train_accuracy:.4f}"
+               + (f", validation accuracy {result.val_accuracy:.4f} ({result.val_rows} rows)"
+                  if result.val_accuracy is not None else ""))
+
+
 def _not_yet(name: str, issue: str):
     @tl.command(name, help=f"Not yet available: {issue}.", add_help_option=False,
                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -228,7 +257,6 @@ def _not_yet(name: str, issue: str):
     return command
 
 
-_not_yet("fit-head", "stage two: train heads on cached codes")
 _not_yet("finetune", "stage three: unfreeze the last conv layers")
 _not_yet("evaluate", "accuracy, confusion matrix, AP and mAP")
 

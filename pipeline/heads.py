@@ -7,6 +7,7 @@ code: tensors plus JSON metadata, read back with `torch.load(..., weights_only=T
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,83 @@ def _checked(codes: np.ndarray, what: str) -> np.ndarray:
         row = int(np.argmax(~np.isfinite(codes).all(axis=1)))
         raise HeadError(f"{what} hold NaN or Inf (row {row}); re-extract the cache")
     return codes
+
+
+# ---------------------------------------------------------------- fitting on a cache
+
+
+@dataclass
+class FitHeadConfig:
+    cache: Path
+    out: Path
+    layer: str | None = None  # None: the cache's only layer
+    head: str = "logreg"
+    C: tuple[float, ...] = (1.0,)
+    val_cache: Path | None = None
+    val_fraction: float | None = None
+    max_iter: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class FitHeadResult:
+    out: Path
+    layer: str
+    train_rows: int
+    val_rows: int
+    train_accuracy: float
+    val_accuracy: float | None
+    chosen: dict
+
+
+def fit_head(config: FitHeadConfig) -> FitHeadResult:
+    """Train one head on one layer of a cache and save it with the metadata later stages check."""
+    from cache.reader import CacheReader
+
+    if config.head not in HEAD_KINDS:
+        raise HeadError(f"unknown head '{config.head}'; available now: {', '.join(HEAD_KINDS)}")
+    reader = CacheReader(config.cache)
+    layer = config.layer or _only_layer(reader)
+    codes, targets = reader.load(layer), reader.load_column("target")
+    if reader.num_rows == 0:
+        raise HeadError(f"cache {config.cache} has no rows; extract images into it first")
+    val_codes = val_targets = None
+    if config.val_cache is not None:
+        val_reader = CacheReader(config.val_cache)
+        if val_reader.manifest["classes"] != reader.manifest["classes"]:
+            raise HeadError(f"{config.val_cache} has other classes than {config.cache}; use caches of one data set")
+        val_codes, val_targets = val_reader.load(layer), val_reader.load_column("target")
+    elif config.val_fraction is not None:
+        if not 0 < config.val_fraction < 1:
+            raise HeadError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
+        from sklearn.model_selection import train_test_split
+
+        try:
+            train_rows, val_rows = train_test_split(np.arange(len(targets)), test_size=config.val_fraction,
+                                                    random_state=config.seed, stratify=targets)
+        except ValueError as exc:
+            raise HeadError(f"cannot split off a stratified validation set: {exc}") from None
+        val_codes, val_targets = codes[val_rows], targets[val_rows]
+        codes, targets = codes[train_rows], targets[train_rows]
+    head = LogRegHead(list(config.C) if len(config.C) > 1 else config.C[0], config.max_iter, config.seed)
+    head.fit(codes, targets, val_codes, val_targets)
+    key = reader.manifest["key"]
+    save_head(head, config.out, {
+        "classes": reader.manifest["classes"],
+        "layer": layer,
+        "width": reader.taps[layer],
+        # what decides the meaning of a code; a cache must match it for evaluate and predict
+        "codes_key": {name: key[name] for name in ("backbone", "weights", "preprocessing", "patches")},
+        "cache": str(config.cache),
+        "train_rows": int(len(targets)),
+    })
+    val_accuracy = None if val_codes is None else float(np.mean(head.predict(val_codes) == val_targets))
+    return FitHeadResult(Path(config.out), layer, len(targets), 0 if val_codes is None else len(val_targets),
+                         float(np.mean(head.predict(codes) == targets)), val_accuracy, {"C": head.C_})
+
+
+def _only_layer(reader) -> str:
+    layers = list(reader.taps)
+    if len(layers) != 1:
+        raise HeadError(f"cache {reader.root} has several layers ({', '.join(layers)}); choose one with --layer")
+    return layers[0]

@@ -148,7 +148,7 @@ def test_later_stages_say_not_yet_available(run_tl):
     help_text = run_tl("--help").out
     for command in ("extract", "fit-head", "finetune", "evaluate", "info"):
         assert command in help_text
-    result = run_tl("fit-head", "--cache", "x")
+    result = run_tl("evaluate", "--cache", "x")
     assert result.code == 2 and "not yet available" in result.err
 
 

@@ -88,3 +88,24 @@ def test_bad_codes_are_refused():
         LogRegHead().fit(codes, targets)
     with pytest.raises(HeadError, match="empty"):
         LogRegHead().fit(np.zeros((0, 4)), np.zeros(0))
+
+
+def test_fit_head_cli_on_an_extracted_cache(run_tl, tmp_path):
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=6)
+    fast = ["--backbone", "alexnet", "--weights", "none", "--workers", "0", "--quiet"]
+    assert run_tl("extract", "--data", folder, "--out", tmp_path / "c", "--layers", "fc6,fc7", *fast).code == 0
+    several = run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt")
+    assert several.code == 2 and "several layers (fc6, fc7); choose one with --layer" in several.err
+    result = run_tl("fit-head", "--cache", tmp_path / "c", "--layer", "fc7", "--val-fraction", "0.34",
+                    "--C", "0.1,1", "--out", tmp_path / "h.pt")
+    assert result.code == 0, result
+    assert "train accuracy" in result.out and "validation accuracy" in result.out
+    head, metadata = load_head(tmp_path / "h.pt")
+    assert metadata["classes"] == ["a", "b"] and metadata["layer"] == "fc7" and metadata["width"] == 4096
+    assert metadata["codes_key"]["backbone"] == "alexnet"
+    missing = run_tl("fit-head", "--cache", tmp_path / "c", "--layer", "pool", "--out", tmp_path / "h2.pt")
+    assert missing.code == 2 and "has no layer 'pool'; it has: fc6, fc7" in missing.err
+    bad_c = run_tl("fit-head", "--cache", tmp_path / "c", "--layer", "fc7", "--C", "x", "--out", tmp_path / "h3.pt")
+    assert bad_c.code == 2 and "--C takes numbers" in bad_c.err
