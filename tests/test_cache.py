@@ -105,8 +105,7 @@ def test_resume_keeps_finished_shards_and_redoes_missing_ones(tmp_path):
 def test_second_writer_is_refused(tmp_path):
     with CacheWriter(tmp_path / "c", KEY, ["a"], {"fc7": 3}, "float32", 4, 4):
         with pytest.raises(CacheError, match=f"another tl process \\(pid {os.getpid()}\\) is writing"):
-            with CacheWriter(tmp_path / "c", KEY, ["a"], {"fc7": 3}, "float32", 4, 4):
-                pass
+            CacheWriter(tmp_path / "c", KEY, ["a"], {"fc7": 3}, "float32", 4, 4).__enter__()
 
 
 def test_stale_lock_of_a_dead_process_is_taken(tmp_path):

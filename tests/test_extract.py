@@ -63,12 +63,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(run_tl, tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if manifest_of(killed)["shards"]:
-                process.send_signal(signal.SIGKILL)
-                break
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+        # the manifest is replaced atomically, so it is either absent or whole
+        if (killed / "manifest.json").exists() and manifest_of(killed)["shards"]:
+            process.send_signal(signal.SIGKILL)
+            break
         time.sleep(0.002)
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read()
