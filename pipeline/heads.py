@@ -61,14 +61,15 @@ class LogRegHead:
             raise HeadError("several C values need a validation split to choose from; pass --val-cache or --val-fraction")
         scaler = StandardScaler().fit(codes)
         standardized = scaler.transform(codes)
+        if val_codes is not None:
+            val_standardized = scaler.transform(_checked(val_codes, "validation codes"))
         self.validation_scores_ = {}
         best = None
         for C in grid:
             model = LogisticRegression(C=float(C), max_iter=self.max_iter, random_state=self.seed)
             model.fit(standardized, targets)
             if val_codes is not None:
-                val_std = scaler.transform(_checked(val_codes, "validation codes"))
-                score = float(np.mean(model.predict(val_std) == np.asarray(val_targets)))
+                score = float(np.mean(model.predict(val_standardized) == np.asarray(val_targets)))
                 self.validation_scores_[float(C)] = score
             else:
                 score = 0.0
@@ -199,20 +200,25 @@ class FitHeadResult:
 
 def fit_head(config: FitHeadConfig) -> FitHeadResult:
     """Train one head on one layer of a cache and save it with the metadata later stages check."""
+    from cache.manifest import key_differences
     from cache.reader import CacheReader
 
     if config.head not in HEAD_KINDS:
         raise HeadError(f"unknown head '{config.head}'; available now: {', '.join(HEAD_KINDS)}")
     reader = CacheReader(config.cache)
-    layer = config.layer or _only_layer(reader)
-    codes, targets = reader.load(layer), reader.load_column("target")
     if reader.num_rows == 0:
         raise HeadError(f"cache {config.cache} has no rows; extract images into it first")
+    layer = config.layer or _only_layer(reader)
+    codes, targets = reader.load(layer), reader.load_column("target")
     val_codes = val_targets = None
     if config.val_cache is not None:
         val_reader = CacheReader(config.val_cache)
         if val_reader.manifest["classes"] != reader.manifest["classes"]:
             raise HeadError(f"{config.val_cache} has other classes than {config.cache}; use caches of one data set")
+        if codes_key(val_reader.manifest) != codes_key(reader.manifest):
+            differences = "; ".join(key_differences(codes_key(reader.manifest), codes_key(val_reader.manifest)))
+            raise HeadError(f"{config.val_cache} holds other codes than {config.cache} ({differences}); "
+                            "extract both with the same backbone, weights and preprocessing")
         val_codes, val_targets = val_reader.load(layer), val_reader.load_column("target")
     elif config.val_fraction is not None:
         if not 0 < config.val_fraction < 1:
@@ -228,19 +234,22 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
         codes, targets = codes[train_rows], targets[train_rows]
     head = LogRegHead(list(config.C) if len(config.C) > 1 else config.C[0], config.max_iter, config.seed)
     head.fit(codes, targets, val_codes, val_targets)
-    key = reader.manifest["key"]
     save_head(head, config.out, {
         "classes": reader.manifest["classes"],
         "layer": layer,
         "width": reader.taps[layer],
-        # what decides the meaning of a code; a cache must match it for evaluate and predict
-        "codes_key": {name: key[name] for name in ("backbone", "weights", "preprocessing", "patches")},
+        "codes_key": codes_key(reader.manifest),
         "cache": str(config.cache),
         "train_rows": int(len(targets)),
     })
     val_accuracy = None if val_codes is None else float(np.mean(head.predict(val_codes) == val_targets))
     return FitHeadResult(Path(config.out), layer, len(targets), 0 if val_codes is None else len(val_targets),
                          float(np.mean(head.predict(codes) == targets)), val_accuracy, {"C": head.C_})
+
+
+def codes_key(manifest: dict) -> dict:
+    """What decides the meaning of a code; caches that differ here cannot share a head."""
+    return {name: manifest["key"][name] for name in ("backbone", "weights", "preprocessing", "patches")}
 
 
 def _only_layer(reader) -> str:

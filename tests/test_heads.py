@@ -109,3 +109,15 @@ def test_fit_head_cli_on_an_extracted_cache(run_tl, tmp_path):
     assert missing.code == 2 and "has no layer 'pool'; it has: fc6, fc7" in missing.err
     bad_c = run_tl("fit-head", "--cache", tmp_path / "c", "--layer", "fc7", "--C", "x", "--out", tmp_path / "h3.pt")
     assert bad_c.code == 2 and "--C takes numbers" in bad_c.err
+
+
+def test_validation_cache_of_other_codes_is_refused(run_tl, tmp_path):
+    from tests.conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=3)
+    fast = ["--backbone", "alexnet", "--layers", "fc7", "--workers", "0", "--quiet", "--data", folder]
+    assert run_tl("extract", "--weights", "none", "--seed", "0", "--out", tmp_path / "c0", *fast).code == 0
+    assert run_tl("extract", "--weights", "none", "--seed", "1", "--out", tmp_path / "c1", *fast).code == 0
+    result = run_tl("fit-head", "--cache", tmp_path / "c0", "--val-cache", tmp_path / "c1", "--out", tmp_path / "h.pt")
+    assert result.code == 2 and "holds other codes" in result.err and "weights: random-init:seed=0" in result.err
+    assert not (tmp_path / "h.pt").exists()
