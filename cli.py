@@ -223,29 +223,60 @@ def example_data(out, per_class, seed):
 @config_option
 @click.option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
 @click.option("--layer", default=None, help="Layer of the cache to train on [default: its only layer].")
-@click.option("--head", default="logreg", show_default=True, type=click.Choice(["logreg"]),
-              help="logreg: multinomial logistic regression on standardized codes.")
+@click.option("--head", default="logreg", show_default=True, type=click.Choice(["logreg", "mlp", "svm"]),
+              help="logreg: logistic regression; mlp: softmax MLP (torch); svm: linear SVMs one-vs-rest.")
 @click.option("--C", "c_values", default="1.0", show_default=True,
-              help="Inverse regularization; a comma-separated list picks the best on the validation split.")
+              help="logreg/svm inverse regularization; a comma-separated list picks the best on validation "
+                   "(svm: per class, by AP).")
+@click.option("--solver", default="lbfgs", show_default=True, type=click.Choice(["lbfgs", "sgd"]),
+              help="logreg: lbfgs loads the layer in memory; sgd streams it in mini-batches.")
+@click.option("--hidden", default="4096", show_default=True,
+              help="mlp: comma-separated hidden widths (ReLU + dropout after each); empty for none.")
+@click.option("--dropout", default=0.5, show_default=True, type=float, help="mlp: dropout after each hidden layer.")
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]),
+              help="mlp and logreg --solver sgd.")
+@click.option("--lr", default=None, type=float, help="Learning rate, cosine-annealed [default: 0.05 sgd, 0.001 adam].")
+@click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum.")
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float,
+              help="mlp: L2 on weights (logreg --solver sgd takes it from --C).")
+@click.option("--batch-size", default=128, show_default=True, type=int)
+@click.option("--max-epochs", default=20, show_default=True, type=int)
+@click.option("--early-stop/--no-early-stop", default=False, show_default=True,
+              help="Stop when the validation loss has not improved for --patience epochs; keep the best epoch.")
+@click.option("--patience", default=3, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="Where mini-batch heads train.")
 @click.option("--val-cache", type=click.Path(path_type=Path), default=None, help="Validation cache of the same classes.")
-@click.option("--val-fraction", type=float, default=None, help="Hold out this stratified, seeded fraction instead.")
-@click.option("--max-iter", default=1000, show_default=True, type=int)
+@click.option("--val-fraction", type=float, default=None,
+              help="Hold out this seeded fraction instead (stratified by class).")
+@click.option("--max-iter", default=1000, show_default=True, type=int, help="logreg lbfgs and svm iterations.")
+@click.option("--block-rows", default=4096, show_default=True, type=int,
+              help="Rows read from the cache at a time: bounds memory when streaming.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Head file to write (.pt).")
-def fit_head(c_values, **options):
+def fit_head(c_values, hidden, optimizer, lr, momentum, weight_decay, batch_size, max_epochs, early_stop,
+             patience, device, quiet, **options):
     """Train a head on the codes of one cached layer and save it as one file."""
-    from pipeline.heads import FitHeadConfig, fit_head as run_fit_head
+    from pipeline.heads import FitHeadConfig, TrainingOptions, fit_head as run_fit_head
 
+    grid = _numbers(c_values, float, "--C")
+    widths = _numbers(hidden, int, "--hidden")
+    training = TrainingOptions(optimizer, lr, momentum, weight_decay, batch_size, max_epochs, early_stop, patience,
+                               device, quiet)
+    result = run_fit_head(FitHeadConfig(C=grid or (1.0,), hidden=widths, training=training, **options))
+    click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {result.train_rows} training rows"
+               + (f", chosen {result.chosen}" if result.chosen else ""))
+    click.echo(f"  train {result.metric} {result.train_score:.4f}"
+               + (f", validation {result.metric} {result.val_score:.4f} ({result.val_rows} rows)"
+                  if result.val_score is not None else ""))
+
+
+def _numbers(text: str | None, kind, flag: str) -> tuple:
     try:
-        grid = tuple(float(v) for v in _csv_list(c_values))
+        return tuple(kind(value) for value in _csv_list(text))
     except ValueError:
-        raise TLError(f"--C takes numbers separated by commas, got '{c_values}'") from None
-    result = run_fit_head(FitHeadConfig(C=grid or (1.0,), **options))
-    click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {result.train_rows} training rows, "
-               f"chosen {result.chosen}")
-    click.echo(f"  train accuracy {result.train_accuracy:.4f}"
-               + (f", validation accuracy {result.val_accuracy:.4f} ({result.val_rows} rows)"
-                  if result.val_accuracy is not None else ""))
+        raise TLError(f"{flag} takes {kind.__name__} numbers separated by commas, got '{text}'") from None
 
 
 def _not_yet(name: str, issue: str):

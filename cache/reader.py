@@ -31,6 +31,9 @@ class CacheReader:
         self.shards = self.manifest["shards"]
         self._offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self.shards_opened = 0  # how many times a shard file was opened; lets tests bound memory use
+        self.open_now = 0  # shard files open at this moment, and the most ever open at once
+        self.most_open = 0
+        self.largest_read = 0  # the most code rows one read brought into memory
 
     @property
     def classes(self) -> list[str]:
@@ -66,9 +69,16 @@ class CacheReader:
             self._verified.add(position)
         self.shards_opened += 1
         try:
-            return h5py.File(self.root / self.shards[position]["file"], "r")
+            handle = _CountedFile(self.root / self.shards[position]["file"], "r")
         except OSError as exc:
             raise CacheError(f"cannot open shard {self.shards[position]['file']} of {self.root}: {exc}") from None
+        handle.reader = self
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        return handle
+
+    def _note_read(self, rows: int) -> None:
+        self.largest_read = max(self.largest_read, rows)
 
     def iter_batches(self, tap: str, batch_size: int = 1024, columns: tuple[str, ...] = ("target", "sample_id")
                      ) -> Iterator[dict[str, np.ndarray]]:
@@ -85,6 +95,45 @@ class CacheReader:
                         batch[column] = _column(handle, column, start, stop)
                     yield batch
 
+    def iter_blocks(self, tap: str, block_rows: int, rows: np.ndarray | None = None,
+                    rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(global row numbers, codes) for blocks of at most `block_rows` contiguous rows of one shard.
+
+        `rows` (sorted global row numbers) keeps only those rows. With `rng`, shards, blocks and the rows
+        inside a block come in a shuffled order: enough mixing for SGD while memory holds one block and
+        one shard file is open. NaN or Inf is refused with the shard named.
+        """
+        self._check_tap(tap)
+        if block_rows < 1:
+            raise CacheError(f"block size must be at least 1 row, got {block_rows}")
+        positions = np.arange(len(self.shards))
+        if rng is not None:
+            positions = rng.permutation(positions)
+        for position in positions:
+            shard, offset = self.shards[position], int(self._offsets[position])
+            starts = np.arange(0, shard["rows"], block_rows)
+            if rng is not None:
+                starts = rng.permutation(starts)
+            if not len(starts):
+                continue
+            with self.open_shard(int(position)) as handle:
+                for start in starts:
+                    stop = min(int(start) + block_rows, shard["rows"])
+                    if rows is None:
+                        global_rows = np.arange(offset + start, offset + stop)
+                    else:
+                        global_rows = rows[np.searchsorted(rows, offset + start):np.searchsorted(rows, offset + stop)]
+                        if not len(global_rows):
+                            continue
+                    codes = handle[tap][start:stop]
+                    self._note_read(len(codes))
+                    codes = codes[global_rows - offset - start]
+                    _refuse_non_finite(codes, tap, shard["file"], self.root, global_rows - offset)
+                    if rng is not None:
+                        order = rng.permutation(len(global_rows))
+                        global_rows, codes = global_rows[order], codes[order]
+                    yield global_rows, codes
+
     def load(self, tap: str) -> np.ndarray:
         """One tap of every row, as one (rows, width) array."""
         self._check_tap(tap)
@@ -93,7 +142,10 @@ class CacheReader:
         for position, shard in enumerate(self.shards):
             if shard["rows"]:
                 with self.open_shard(position) as handle:
-                    handle[tap].read_direct(out, dest_sel=np.s_[self._offsets[position]:self._offsets[position + 1]])
+                    part = np.s_[self._offsets[position]:self._offsets[position + 1]]
+                    handle[tap].read_direct(out, dest_sel=part)
+                self._note_read(shard["rows"])
+                _refuse_non_finite(out[part], tap, shard["file"], self.root)
         return out
 
     def load_column(self, column: str) -> np.ndarray:
@@ -137,6 +189,26 @@ class CacheReader:
             except (CacheError, OSError) as exc:
                 problems.append(str(exc))
         return problems
+
+
+def _refuse_non_finite(codes: np.ndarray, tap: str, shard_file: str, root: Path,
+                       shard_rows: np.ndarray | None = None) -> None:
+    bad = ~np.isfinite(codes).all(axis=1)
+    if bad.any():
+        first = int(np.argmax(bad))
+        row = first if shard_rows is None else int(shard_rows[first])
+        raise CacheError(f"shard {shard_file} of {root} holds NaN or Inf in {tap} ({int(bad.sum())} rows, "
+                         f"first at row {row} of the shard); re-extract the cache with tl extract --overwrite")
+
+
+class _CountedFile(h5py.File):
+    """An h5py file that tells its reader when it closes, so tests can see how many are open at once."""
+
+    def close(self) -> None:
+        reader = getattr(self, "reader", None)
+        if reader is not None and self.id.valid:
+            reader.open_now -= 1
+        super().close()
 
 
 def _column(handle: h5py.File, column: str, start: int, stop: int) -> np.ndarray:

@@ -100,3 +100,40 @@ def run_tl(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+def blobs(seed=0, n=300, classes=4, width=32, spread=2.5, draw=0):
+    """Gaussian classes: `seed` fixes the class centres, `draw` the samples drawn around them."""
+    centres = np.random.default_rng(seed).normal(0, 1, (classes, width)) * 3
+    rng = np.random.default_rng([seed, draw])
+    targets = rng.integers(0, classes, n)
+    return centres[targets] + rng.normal(0, spread, (n, width)), targets
+
+
+def multi_label_blobs(seed=0, n=400, classes=3, width=24, draw=0):
+    """Multi-hot targets: class c is present when a fixed random direction c scores above a threshold."""
+    directions = np.random.default_rng(seed).normal(0, 1, (classes, width))
+    rng = np.random.default_rng([seed, draw])
+    codes = rng.normal(0, 1, (n, width))
+    margins = codes @ directions.T / np.sqrt(width) + rng.normal(0, 0.2, (n, classes))
+    return codes, (margins > 0.3).astype(np.int64)
+
+
+def write_code_cache(root: Path, codes: np.ndarray, targets: np.ndarray, classes, shard_rows=64, layer="feat",
+                     backbone="synthetic", dtype="float32") -> Path:
+    """A finished cache of given codes (no images behind it), written through the real CacheWriter."""
+    from cache.writer import CacheWriter
+
+    key = {"backbone": backbone, "weights": "synthetic", "taps": [layer], "precision": "float32",
+           "preprocessing": {"resize": 0, "crop": 0, "mean": [0, 0, 0], "std": [1, 1, 1]},
+           "dataset": {"format": "synthetic", "rows": len(codes)},
+           "layout": {"dtype": dtype, "shard_rows": shard_rows}, "patches": None}
+    kind = "multi-hot" if np.ndim(targets) == 2 else "class"
+    with CacheWriter(root, key, list(classes), {layer: codes.shape[1]}, dtype, shard_rows, len(codes),
+                     target_kind=kind) as writer:
+        for index, start in enumerate(range(0, len(codes), shard_rows)):
+            stop = min(start + shard_rows, len(codes))
+            writer.write_shard(index, {layer: codes[start:stop]}, np.asarray(targets[start:stop]),
+                               [f"row{i:05d}" for i in range(start, stop)], [])
+        writer.finish()
+    return root

@@ -1,5 +1,5 @@
-"""Heads on synthetic codes: as accurate as scikit-learn's own estimator, same function as a module,
-and a head file that round-trips without executing code."""
+"""Heads on synthetic codes: as accurate as scikit-learn's own estimators, the same function as a module,
+streamed from a cache one block at a time, and head files that round-trip without executing code."""
 
 from __future__ import annotations
 
@@ -10,15 +10,26 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline.heads import HeadError, LogRegHead, load_head, save_head
+from sklearn.multiclass import OneVsRestClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.svm import LinearSVC
 
-
-def blobs(seed=0, n=300, classes=4, width=32, spread=2.5, draw=0):
-    """Gaussian classes: `seed` fixes the class centres, `draw` the samples drawn around them."""
-    centres = np.random.default_rng(seed).normal(0, 1, (classes, width)) * 3
-    rng = np.random.default_rng([seed, draw])
-    targets = rng.integers(0, classes, n)
-    return centres[targets] + rng.normal(0, spread, (n, width)), targets
+from cache.reader import CacheReader
+from pipeline.errors import TLError
+from pipeline.heads import (
+    CodeRows,
+    FitHeadConfig,
+    HeadError,
+    LogRegHead,
+    MlpHead,
+    SvmHead,
+    TrainingOptions,
+    fit_head,
+    load_head,
+    save_head,
+    validation_score,
+)
+from tests.conftest import blobs, multi_label_blobs, write_code_cache
 
 
 def test_logreg_beats_chance_and_matches_scikit_learn():
@@ -64,7 +75,7 @@ def test_head_file_round_trip(tmp_path):
     payload = torch.load(tmp_path / "heads" / "h.pt", weights_only=True)  # loads without executing code
     assert set(payload) == {"metadata", "tensors"}
     loaded, metadata = load_head(tmp_path / "heads" / "h.pt")
-    assert metadata["layer"] == "fc7" and metadata["kind"] == "logreg" and metadata["hyperparameters"]["C_"] == 1.0
+    assert metadata["layer"] == "fc7" and metadata["kind"] == "logreg" and metadata["state"]["C_"] == 1.0
     np.testing.assert_array_equal(loaded.predict_proba(codes), head.predict_proba(codes))
 
 
@@ -108,7 +119,7 @@ def test_fit_head_cli_on_an_extracted_cache(run_tl, tmp_path):
     missing = run_tl("fit-head", "--cache", tmp_path / "c", "--layer", "pool", "--out", tmp_path / "h2.pt")
     assert missing.code == 2 and "has no layer 'pool'; it has: fc6, fc7" in missing.err
     bad_c = run_tl("fit-head", "--cache", tmp_path / "c", "--layer", "fc7", "--C", "x", "--out", tmp_path / "h3.pt")
-    assert bad_c.code == 2 and "--C takes numbers" in bad_c.err
+    assert bad_c.code == 2 and "--C takes float numbers" in bad_c.err
 
 
 def test_validation_cache_of_other_codes_is_refused(run_tl, tmp_path):
@@ -121,3 +132,138 @@ def test_validation_cache_of_other_codes_is_refused(run_tl, tmp_path):
     result = run_tl("fit-head", "--cache", tmp_path / "c0", "--val-cache", tmp_path / "c1", "--out", tmp_path / "h.pt")
     assert result.code == 2 and "holds other codes" in result.err and "weights: random-init:seed=0" in result.err
     assert not (tmp_path / "h.pt").exists()
+
+
+HARD = dict(n=600, classes=5, width=64, spread=10)  # overlapping classes: accuracies near 0.83, chance 0.2
+
+
+def hard_split():
+    return blobs(0, **HARD), blobs(0, **{**HARD, "n": 2000}, draw=1)
+
+
+def scikit_learn_accuracy(estimator, train, test):
+    return make_pipeline(StandardScaler(), estimator).fit(*train).score(*test)
+
+
+def test_sgd_logreg_streams_to_the_accuracy_of_scikit_learn():
+    train, test = hard_split()
+    head = LogRegHead(solver="sgd", training=TrainingOptions(max_epochs=20)).fit(*train)
+    ours = np.mean(head.predict(test[0]) == test[1])
+    assert ours >= scikit_learn_accuracy(LogisticRegression(max_iter=1000), train, test) - 0.01
+    assert len(head.curve_) == 20 and head.curve_[-1]["train_loss"] < head.curve_[0]["train_loss"]
+
+
+def test_mlp_reaches_scikit_learn_mlp():
+    train, test = hard_split()
+    head = MlpHead(hidden=(256,), training=TrainingOptions(max_epochs=20)).fit(*train)
+    ours = np.mean(head.predict(test[0]) == test[1])
+    theirs = scikit_learn_accuracy(MLPClassifier((256,), max_iter=500, random_state=0), train, test)
+    assert ours > 0.6 and ours >= theirs - 0.02
+
+
+def test_svm_matches_scikit_learn_linear_svc():
+    train, test = hard_split()
+    ours = np.mean(SvmHead().fit(*train).predict(test[0]) == test[1])
+    assert abs(ours - scikit_learn_accuracy(LinearSVC(), train, test)) <= 0.01
+
+
+def small_mlp(**training):
+    return MlpHead(hidden=(32, 16), dropout=0.5, training=TrainingOptions(max_epochs=3, **training))
+
+
+@pytest.mark.parametrize("make_head", [LogRegHead, SvmHead, lambda: LogRegHead(solver="sgd"), small_mlp],
+                         ids=["logreg", "svm", "logreg-sgd", "mlp"])
+@pytest.mark.parametrize("multilabel", [False, True], ids=["single", "multi"])
+def test_every_head_is_its_module_and_survives_its_file(make_head, multilabel, tmp_path):
+    codes, targets = multi_label_blobs(1) if multilabel else blobs(7)
+    head = make_head().fit(codes, targets)
+    probabilities = head.predict_proba(codes)
+    with torch.no_grad():
+        module_probabilities = head.to_module()(torch.from_numpy(codes).float()).double().numpy()
+    np.testing.assert_allclose(module_probabilities, probabilities, atol=1e-5)
+    if multilabel:
+        assert set(np.unique(head.predict(codes))) <= {0, 1} and head.predict(codes).shape == targets.shape
+    else:
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)  # float32 for the mlp
+    save_head(head, tmp_path / "h.pt", {"layer": "feat"})
+    loaded, metadata = load_head(tmp_path / "h.pt")
+    assert type(loaded) is type(head) and metadata["state"]["multilabel"] is multilabel
+    np.testing.assert_array_equal(loaded.predict_proba(codes), probabilities)
+
+
+@pytest.mark.parametrize("make_head", [LogRegHead, SvmHead, lambda: MlpHead(hidden=(64,))], ids=["logreg", "svm", "mlp"])
+def test_multi_label_heads_rank_well_above_chance(make_head):
+    codes, targets = multi_label_blobs(2)
+    test_codes, test_targets = multi_label_blobs(2, draw=1)
+    head = make_head().fit(codes, targets)
+    chance = validation_score(test_targets, np.random.default_rng(0).random(test_targets.shape))
+    assert validation_score(test_targets, head.predict_proba(test_codes)) > max(0.85, chance + 0.4)
+
+
+def test_multi_label_logreg_is_scikit_learn_one_vs_rest():
+    codes, targets = multi_label_blobs(3)
+    ours = LogRegHead().fit(codes, targets).predict_proba(codes)
+    reference = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=1000)))
+    np.testing.assert_allclose(ours, reference.fit(codes, targets).predict_proba(codes), atol=1e-4)
+
+
+def test_svm_chooses_a_cost_per_class_on_validation():
+    codes, targets = blobs(4, n=400, spread=6.0)
+    head = SvmHead(C=[1e-4, 1.0]).fit(codes[:250], targets[:250], codes[250:], targets[250:])
+    assert len(head.C_) == 4 and set(head.C_) <= {1e-4, 1.0} and len(head.validation_scores_) == 4
+
+
+def test_mlp_early_stopping_keeps_the_best_epoch():
+    codes, targets = blobs(8, n=120, spread=8.0, width=64)  # small and noisy: a wide MLP overfits fast
+    val_codes, val_targets = blobs(8, n=300, spread=8.0, width=64, draw=1)
+    options = TrainingOptions(optimizer="adam", lr=0.01, max_epochs=40, early_stop=True, patience=2, weight_decay=0)
+    head = MlpHead(hidden=(512,), dropout=0.0, training=options).fit(codes, targets, val_codes, val_targets)
+    losses = [point["val_loss"] for point in head.curve_]
+    assert len(losses) < 40
+    best = int(np.argmin(losses))
+    assert len(losses) == best + 1 + 2 and head.curve_[best]["kept"]
+    kept_loss = torch.nn.functional.nll_loss(torch.from_numpy(np.log(head.predict_proba(val_codes))),
+                                             torch.from_numpy(val_targets)).item()
+    assert kept_loss == pytest.approx(losses[best], rel=1e-4)
+    with pytest.raises(HeadError, match="--early-stop needs a validation split"):
+        MlpHead(training=options).fit(codes, targets)
+
+
+def test_same_seed_same_mlp():
+    codes, targets = blobs(9)
+    first, second = small_mlp().fit(codes, targets), small_mlp().fit(codes, targets)
+    for name, tensor in first.tensors().items():
+        assert torch.equal(tensor, second.tensors()[name])
+
+
+def test_streaming_mlp_holds_one_block_of_one_shard(tmp_path):
+    codes, targets = blobs(10, n=500)
+    write_code_cache(tmp_path / "c", codes, targets, ["a", "b", "c", "d"], shard_rows=100)
+    reader = CacheReader(tmp_path / "c")
+    rows = CodeRows.from_cache(reader, "feat", block_rows=40)
+    head = small_mlp(batch_size=20).fit(rows)
+    assert reader.most_open == 1 and reader.largest_read == 40  # never a shard, let alone the cache
+    assert reader.shards_opened == 5 * (1 + 1 + 3)  # targets, the standardization pass, 3 epochs
+    in_memory = small_mlp(batch_size=20).fit(codes.astype(np.float32), targets)
+    streamed_accuracy, in_memory_accuracy = (np.mean(h.predict(codes) == targets) for h in (head, in_memory))
+    assert streamed_accuracy > 0.7 and abs(streamed_accuracy - in_memory_accuracy) < 0.05
+
+
+def test_fit_head_on_a_cache_with_nan_names_the_shard(tmp_path):
+    codes, targets = blobs(11, n=200)
+    codes[150, 2] = np.inf
+    write_code_cache(tmp_path / "c", codes, targets, ["a", "b", "c", "d"], shard_rows=64)
+    for head in ("logreg", "mlp"):
+        with pytest.raises(TLError, match=r"shard-00002.h5 .* holds NaN or Inf in feat .*row 22 of the shard"):
+            fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt", head=head))
+    assert not (tmp_path / "h.pt").exists()
+
+
+def test_a_class_without_training_rows_is_refused(tmp_path):
+    codes, targets = blobs(12, n=100, classes=3)
+    write_code_cache(tmp_path / "c", codes, targets, ["a", "b", "c", "unused"])
+    with pytest.raises(HeadError, match="class unused has no training rows"):
+        fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    write_code_cache(tmp_path / "one", codes, np.zeros(100, np.int64), ["a"])
+    with pytest.raises(HeadError, match="single class"):
+        fit_head(FitHeadConfig(cache=tmp_path / "one", out=tmp_path / "h.pt"))
