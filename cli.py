@@ -279,6 +279,28 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
         raise TLError(f"{flag} takes {kind.__name__} numbers separated by commas, got '{text}'") from None
 
 
+@tl.command()
+@config_option
+@click.option("--head", type=click.Path(path_type=Path), required=True, help="Head file written by tl fit-head.")
+@click.option("--cache", type=click.Path(path_type=Path), required=True,
+              help="Cache of the data to evaluate on (same backbone, weights and layer as the head's).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.json, report.md, plots.")
+@click.option("--ap", default="voc07", show_default=True, type=click.Choice(["voc07", "area"]),
+              help="AP: VOC 2007 11-point interpolation, or area under the precision envelope.")
+@click.option("--top-k", default=5, show_default=True, type=int, help="Also report top-k accuracy (more classes than k).")
+@click.option("--save-predictions", type=click.Path(path_type=Path), default=None,
+              help="CSV of every row: sample id, true label(s), every class score.")
+@click.option("--block-rows", default=4096, show_default=True, type=int, help="Rows read from the cache at a time.")
+def evaluate(**options):
+    """Accuracy, top-k, per-class precision/recall/F1 and AP, mAP, confusion matrix; a report with plots."""
+    from pipeline.evaluate import EvaluateConfig, run_evaluate
+    from pipeline.report import summary_table
+
+    result = run_evaluate(EvaluateConfig(**options))
+    click.echo(summary_table(result.report))
+    click.echo(f"\nreport: {result.out / 'report.md'} (+ {', '.join(p.name for p in result.files[2:])})")
+
+
 def _not_yet(name: str, issue: str):
     @tl.command(name, help=f"Not yet available: {issue}.", add_help_option=False,
                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -289,7 +311,6 @@ def _not_yet(name: str, issue: str):
 
 
 _not_yet("finetune", "stage three: unfreeze the last conv layers")
-_not_yet("evaluate", "accuracy, confusion matrix, AP and mAP")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -93,3 +93,52 @@ def _multi_hot(targets: np.ndarray, num_classes: int) -> np.ndarray:
     relevant = np.zeros((len(targets), num_classes), dtype=bool)
     relevant[np.arange(len(targets)), targets] = True
     return relevant
+
+
+def summarize(targets: np.ndarray, scores: np.ndarray, class_names: list[str], ap_method: str = "voc07",
+              top_k: int = 5, ignore: np.ndarray | None = None) -> dict:
+    """Every number of a report, as plain JSON-ready values.
+
+    `targets`: class indices (n,) or multi-hot rows (n, classes); `scores`: (n, classes). A multi-label
+    row predicts every class scoring ≥ 0.5. Precision, recall, F1 and the confusion matrix come from
+    scikit-learn; AP follows the VOC devkit (`average_precision`). `ignore` marks (row, class) pairs left
+    out of that class's AP.
+    """
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    targets, scores = np.asarray(targets), np.asarray(scores, dtype=np.float64)
+    multilabel = targets.ndim == 2
+    num_classes = scores.shape[1]
+    if multilabel:
+        predicted = (scores >= 0.5).astype(np.int64)
+        support = targets.sum(axis=0)
+    else:
+        predicted = np.argmax(scores, axis=1)
+        support = np.bincount(targets, minlength=num_classes)
+    labels = None if multilabel else np.arange(num_classes)
+    per_class = precision_recall_fscore_support(targets, predicted, labels=labels, zero_division=0)
+    ap = per_class_ap(targets, scores, ap_method, ignore)
+    summary = {
+        "rows": int(len(targets)),
+        "multilabel": multilabel,
+        "ap_method": ap_method,
+        # subset accuracy for multi-label rows: every class right
+        "accuracy": float(accuracy_score(targets, predicted)),
+        "mAP": mean_ap(ap),
+        "classes": [
+            {"name": name, "precision": float(per_class[0][c]), "recall": float(per_class[1][c]),
+             "f1": float(per_class[2][c]), "support": int(support[c]),
+             "ap": None if np.isnan(ap[c]) else float(ap[c])}
+            for c, name in enumerate(class_names)
+        ],
+    }
+    for average in ("macro", "micro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, labels=labels,
+                                                                   average=average, zero_division=0)
+        summary[average] = {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
+    if not multilabel:
+        if num_classes > top_k:
+            summary[f"top{top_k}_accuracy"] = top_k_accuracy(targets, scores, top_k)
+        summary["confusion"] = confusion(targets, scores).tolist()
+    summary["classes_without_rows"] = [name for name, count in zip(class_names, support) if count == 0]
+    return summary

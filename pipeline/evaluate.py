@@ -1,0 +1,94 @@
+"""Stage four: score every row of a cache with a head, compute the metrics, write the report.
+
+A head answers only for codes like the ones it was trained on: same layer, backbone, weights and
+preprocessing, and labels it knows; anything else is refused with the difference named.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.heads import CodeRows, HeadError, check_codes_match, load_head, score_rows
+from pipeline.metrics import AP_METHODS, summarize
+from pipeline.report import write_predictions, write_report
+
+
+@dataclass
+class EvaluateConfig:
+    head: Path
+    cache: Path
+    out: Path
+    ap: str = "voc07"
+    top_k: int = 5
+    save_predictions: Path | None = None
+    block_rows: int = 4096
+
+
+@dataclass
+class EvaluateResult:
+    out: Path
+    report: dict
+    files: list[Path] = field(default_factory=list)
+
+
+def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
+    from cache.reader import CacheReader
+
+    if config.ap not in AP_METHODS:
+        raise HeadError(f"unknown --ap {config.ap}; valid: {', '.join(AP_METHODS)}")
+    if config.top_k < 1:
+        raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
+    head, metadata = load_head(config.head)
+    reader = CacheReader(config.cache)
+    if reader.num_rows == 0:
+        raise HeadError(f"cache {config.cache} has no rows; extract images into it first")
+    check_head_fits_cache(metadata, head.multilabel_, reader.manifest, config.head, config.cache)
+    rows = CodeRows.from_cache(reader, metadata["layer"], block_rows=config.block_rows)
+    targets = head_targets(rows.targets, reader.classes, metadata["classes"], config.cache, config.head)
+    scores = score_rows(head, rows)
+    report = summarize(targets, scores, metadata["classes"], config.ap, config.top_k)
+    report["source"] = {"head": str(config.head), "kind": metadata["kind"], "layer": metadata["layer"],
+                        "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"]}
+    files = write_report(config.out, report, targets, scores, head.curve_)
+    if config.save_predictions is not None:
+        files.append(write_predictions(config.save_predictions, reader.load_column("sample_id"), targets, scores,
+                                       metadata["classes"]))
+    return EvaluateResult(Path(config.out), report, files)
+
+
+def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: dict, head_path, cache_path) -> None:
+    """Refuse a cache that lacks the head's layer, holds other codes, or other kinds of targets."""
+    layer = metadata["layer"]
+    if layer not in manifest["taps"]:
+        raise HeadError(f"cache {cache_path} has no layer '{layer}', which head {head_path} was trained on; it has: "
+                        f"{', '.join(manifest['taps'])}; extract it with --layers {layer}")
+    if manifest["taps"][layer]["width"] != metadata["width"]:
+        raise HeadError(f"layer {layer} of cache {cache_path} is {manifest['taps'][layer]['width']} wide, but head "
+                        f"{head_path} expects {metadata['width']}")
+    check_codes_match(metadata["codes_key"], manifest, f"cache {cache_path}",
+                      f"the cache head {head_path} was trained on")
+    if multilabel != (manifest.get("target") == "multi-hot"):
+        kinds = ("multi-label", "single-label")
+        raise HeadError(f"head {head_path} is {kinds[not multilabel]} but cache {cache_path} is "
+                        f"{kinds[multilabel]}; evaluate on a cache of the same kind of labels")
+
+
+def head_targets(targets: np.ndarray, cache_classes: list[str], head_classes: list[str], cache_path,
+                 head_path) -> np.ndarray:
+    """The cache's targets renumbered into the head's classes (matched by name)."""
+    position = {name: index for index, name in enumerate(head_classes)}
+    used = np.flatnonzero(targets.sum(axis=0)) if targets.ndim == 2 else np.unique(targets)
+    unknown = [cache_classes[c] for c in used if cache_classes[c] not in position]
+    if unknown:
+        raise HeadError(f"cache {cache_path} has labels head {head_path} does not know: {', '.join(unknown[:8])}"
+                        f"{' ...' if len(unknown) > 8 else ''}; evaluate on data of the head's classes")
+    mapping = np.array([position.get(name, -1) for name in cache_classes])
+    if targets.ndim == 1:
+        return mapping[targets]
+    renumbered = np.zeros((len(targets), len(head_classes)), dtype=targets.dtype)
+    for cache_class in used:
+        renumbered[:, mapping[cache_class]] = targets[:, cache_class]
+    return renumbered

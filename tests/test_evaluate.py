@@ -1,0 +1,165 @@
+"""tl evaluate: metrics equal scikit-learn's on fixed predictions, reports and plots are written, and a
+head is refused on codes it was not trained for."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+
+from pipeline.evaluate import EvaluateConfig, run_evaluate
+from pipeline.heads import FitHeadConfig, HeadError, TrainingOptions, fit_head
+from pipeline.metrics import average_precision, summarize
+from tests.conftest import blobs, multi_label_blobs, write_code_cache
+
+CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
+
+
+def fixed_predictions(seed=0, n=300, classes=6):
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, classes, n)
+    scores = rng.random((n, classes)) + 0.8 * np.eye(classes)[targets]
+    return targets, scores / scores.sum(axis=1, keepdims=True)
+
+
+def test_summary_matches_scikit_learn_single_label():
+    targets, scores = fixed_predictions()
+    report = summarize(targets, scores, CLASSES, ap_method="area")
+    predicted = scores.argmax(axis=1)
+    assert report["accuracy"] == pytest.approx(accuracy_score(targets, predicted), abs=1e-12)
+    assert report["top5_accuracy"] == pytest.approx(top_k_accuracy_score(targets, scores, k=5), abs=1e-12)
+    assert report["confusion"] == confusion_matrix(targets, predicted).tolist()
+    for average in ("macro", "micro", "weighted"):
+        assert report[average]["f1"] == pytest.approx(f1_score(targets, predicted, average=average), abs=1e-12)
+    precision, recall, f1, support = precision_recall_fscore_support(targets, predicted)
+    for c, entry in enumerate(report["classes"]):
+        assert (entry["precision"], entry["recall"], entry["f1"], entry["support"]) == pytest.approx(
+            (precision[c], recall[c], f1[c], support[c]), abs=1e-12)
+        # VOC's area AP is scikit-learn's after precision is made non-increasing in recall: never lower
+        assert entry["ap"] == pytest.approx(average_precision(targets == c, scores[:, c], "area"), abs=1e-12)
+        assert average_precision_score(targets == c, scores[:, c]) - 1e-12 <= entry["ap"]
+    assert report["mAP"] == pytest.approx(np.mean([e["ap"] for e in report["classes"]]), abs=1e-12)
+    assert "top5_accuracy" not in summarize(targets % 5, scores[:, :5], CLASSES[:5])  # 5 classes: top-5 is 1
+
+
+def test_summary_matches_scikit_learn_multi_label():
+    rng = np.random.default_rng(1)
+    targets = (rng.random((200, 4)) < 0.3).astype(np.int64)
+    scores = np.clip(rng.random((200, 4)) * 0.8 + 0.3 * targets, 0, 1)
+    report = summarize(targets, scores, CLASSES[:4], ap_method="area")
+    predicted = (scores >= 0.5).astype(np.int64)
+    assert report["multilabel"] and "confusion" not in report
+    assert report["accuracy"] == pytest.approx(accuracy_score(targets, predicted), abs=1e-12)
+    assert report["micro"]["f1"] == pytest.approx(f1_score(targets, predicted, average="micro"), abs=1e-12)
+    ap = [average_precision(targets[:, c], scores[:, c], "area") for c in range(4)]
+    assert report["mAP"] == pytest.approx(np.mean(ap), abs=1e-12)
+    assert report["mAP"] >= average_precision_score(targets, scores, average="macro") - 1e-12
+
+
+@pytest.fixture
+def caches(tmp_path):
+    codes, targets = blobs(20, n=300, classes=6)
+    test_codes, test_targets = blobs(20, n=120, classes=6, draw=1)
+    write_code_cache(tmp_path / "train", codes, targets, CLASSES, shard_rows=100)
+    write_code_cache(tmp_path / "test", test_codes, test_targets, CLASSES, shard_rows=50)
+    return tmp_path
+
+
+def is_png(path):
+    return path.is_file() and path.stat().st_size > 2000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_writes_report_plots_and_predictions(caches, run_tl):
+    options = TrainingOptions(max_epochs=4)
+    fit_head(FitHeadConfig(cache=caches / "train", out=caches / "mlp.pt", head="mlp", hidden=(32,),
+                           val_fraction=0.2, training=options))
+    result = run_tl("evaluate", "--head", caches / "mlp.pt", "--cache", caches / "test", "--out", caches / "report",
+                    "--save-predictions", caches / "predictions.csv")
+    assert result.code == 0, result
+    assert "accuracy" in result.out and "top5 accuracy" in result.out and "mAP (voc07)" in result.out
+    assert "fox" in result.out and "report.md" in result.out
+    report = json.loads((caches / "report" / "report.json").read_text())
+    assert report["rows"] == 120 and report["accuracy"] > 0.6  # chance is 1/6
+    for name in ("confusion_matrix.png", "pr_curves.png", "training_curve.png"):
+        assert is_png(caches / "report" / name), name
+    assert "| fox |" in (caches / "report" / "report.md").read_text()
+    with open(caches / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 120 and rows[0]["sample_id"] == "row00000"
+    scores = np.array([[float(row[f"score:{name}"]) for name in CLASSES] for row in rows])
+    truth = np.array([CLASSES.index(row["target"]) for row in rows])
+    assert accuracy_score(truth, scores.argmax(axis=1)) == pytest.approx(report["accuracy"])
+
+
+def test_a_head_without_a_curve_has_no_training_plot(caches):
+    fit_head(FitHeadConfig(cache=caches / "train", out=caches / "svm.pt", head="svm"))
+    result = run_evaluate(EvaluateConfig(head=caches / "svm.pt", cache=caches / "test", out=caches / "r",
+                                         ap="area"))
+    assert not (caches / "r" / "training_curve.png").exists() and is_png(caches / "r" / "pr_curves.png")
+    assert result.report["ap_method"] == "area" and result.report["accuracy"] > 0.6
+
+
+def test_test_classes_are_matched_by_name(caches):
+    fit_head(FitHeadConfig(cache=caches / "train", out=caches / "h.pt"))
+    codes, targets = blobs(20, n=120, classes=6, draw=2)
+    keep = np.isin(targets, [1, 4])  # bee and eel only, listed in another order
+    write_code_cache(caches / "two", codes[keep], np.where(targets[keep] == 4, 0, 1), ["eel", "bee", "yak"])
+    report = run_evaluate(EvaluateConfig(head=caches / "h.pt", cache=caches / "two", out=caches / "r")).report
+    supports = {entry["name"]: entry["support"] for entry in report["classes"]}
+    assert supports["bee"] == int(np.sum(targets == 1)) and supports["eel"] == int(np.sum(targets == 4))
+    assert report["accuracy"] > 0.6 and set(report["classes_without_rows"]) == {"ant", "cat", "dog", "fox"}
+
+
+def test_multi_label_evaluation(tmp_path):
+    codes, targets = multi_label_blobs(5)
+    test_codes, test_targets = multi_label_blobs(5, draw=1)
+    write_code_cache(tmp_path / "train", codes, targets, ["x", "y", "z"])
+    write_code_cache(tmp_path / "test", test_codes, test_targets, ["x", "y", "z"])
+    fit_head(FitHeadConfig(cache=tmp_path / "train", out=tmp_path / "h.pt"))
+    result = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "test", out=tmp_path / "r",
+                                         save_predictions=tmp_path / "p.csv"))
+    assert result.report["multilabel"] and result.report["mAP"] > 0.85
+    assert not (tmp_path / "r" / "confusion_matrix.png").exists() and is_png(tmp_path / "r" / "pr_curves.png")
+    first = (tmp_path / "p.csv").read_text().splitlines()[1].split(",")
+    assert first[1] == ";".join(n for n, hot in zip("xyz", test_targets[0]) if hot)
+    write_code_cache(tmp_path / "single", test_codes, test_targets.argmax(axis=1), ["x", "y", "z"])
+    with pytest.raises(HeadError, match="is multi-label but cache .* is single-label"):
+        run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "single", out=tmp_path / "r"))
+
+
+def test_bad_inputs_to_evaluate(caches, run_tl):
+    fit_head(FitHeadConfig(cache=caches / "train", out=caches / "h.pt"))
+    codes, targets = blobs(20, n=60, classes=6, draw=3)
+
+    def refused(cache, *more):
+        result = run_tl("evaluate", "--head", caches / "h.pt", "--cache", cache, "--out", caches / "r", *more)
+        assert result.code == 2 and result.err.count("\n") == 1, result
+        return result.err
+
+    write_code_cache(caches / "other", codes, targets, CLASSES, backbone="vgg16")
+    assert "holds other codes" in refused(caches / "other") and "backbone: synthetic -> vgg16" in refused(caches / "other")
+    write_code_cache(caches / "layer", codes, targets, CLASSES, layer="fc7")
+    assert "has no layer 'feat', which head" in refused(caches / "layer")
+    write_code_cache(caches / "unknown", codes, targets, CLASSES[:5] + ["gnu"])
+    assert "labels head" in refused(caches / "unknown") and "does not know: gnu" in refused(caches / "unknown")
+    write_code_cache(caches / "empty", codes[:0], targets[:0], CLASSES)
+    assert "has no rows" in refused(caches / "empty")
+    assert "is not a tl cache" in refused(caches / "missing")
+    (caches / "junk.pt").write_bytes(b"\x00" * 100)
+    junk = run_tl("evaluate", "--head", caches / "junk.pt", "--cache", caches / "test", "--out", caches / "r")
+    assert junk.code == 2 and "is not a tl head file" in junk.err
+    nan_codes = codes.copy()
+    nan_codes[5, 0] = np.nan
+    write_code_cache(caches / "nan", nan_codes, targets, CLASSES)
+    assert "shard-00000.h5" in refused(caches / "nan") and "NaN or Inf" in refused(caches / "nan")
+    assert not (caches / "r" / "report.json").exists()
