@@ -301,6 +301,41 @@ def evaluate(**options):
     click.echo(f"\nreport: {result.out / 'report.md'} (+ {', '.join(p.name for p in result.files[2:])})")
 
 
+@tl.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--head", type=click.Path(path_type=Path), required=True, help="Head file written by tl fit-head.")
+@click.option("--top-k", default=5, show_default=True, type=int, help="Labels per image, best first.")
+@click.option("--weights", default=None, help="The backbone's state dict file, when the head's cache was made from one.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--workers", default=0, show_default=True, type=int, help="Decoding processes.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+def predict(paths, **options):
+    """Label image files and folders: CSV rows path,label,prob (top-k per image) on stdout.
+
+    The backbone and its preprocessing come from the head. Unreadable files are skipped with a warning.
+    """
+    import csv
+
+    from pipeline.predict import PredictConfig, run_predict
+
+    rows = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+    labelled, skipped = 0, 0
+    for prediction in run_predict(PredictConfig(paths=paths, **options)):
+        if prediction.error:
+            skipped += 1
+            click.echo(f"warning: skipped {prediction.path}: {prediction.error}", err=True)
+            continue
+        if not labelled:  # the header only once something will follow it
+            rows.writerow(["path", "label", "prob"])
+        labelled += 1
+        for label, probability in prediction.labels:
+            rows.writerow([prediction.path, label, f"{probability:.6f}"])
+    if not labelled:
+        raise TLError(f"none of the {skipped} files could be read as an image; pass image files or folders")
+
+
 def _not_yet(name: str, issue: str):
     @tl.command(name, help=f"Not yet available: {issue}.", add_help_option=False,
                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -195,6 +195,28 @@ def resolve_weights(backbone: Backbone, spec: str, seed: int = 0) -> WeightsChoi
     return WeightsChoice(spec, f"file:sha256={file_digest(path)}", path, seed)
 
 
+def weights_for_digest(backbone: Backbone, digest: str, path: str | None = None) -> WeightsChoice:
+    """The weights a recorded digest names (the inverse of `resolve_weights`). Weights from a file need
+    that file again (`path`), and it must be the same file."""
+    kind, _, detail = digest.partition(":")
+    if kind == "random-init":
+        return resolve_weights(backbone, "none", int(detail.removeprefix("seed=")))
+    if kind == "imagenet":
+        choice = resolve_weights(backbone, "imagenet")
+        if choice.digest != digest:
+            raise BackboneError(f"the head was made with {backbone.name} weights {detail} but this machine has "
+                                f"{choice.path.name}; install the same weights or re-extract and refit")
+        return choice
+    if path is None:
+        raise BackboneError(f"the head was made with {backbone.name} weights from a file ({digest[:19]}…); "
+                            "pass that file with --weights PATH")
+    choice = resolve_weights(backbone, path)
+    if choice.digest != digest:
+        raise BackboneError(f"weights file {path} is not the one the head was made with (sha256 differs); "
+                            "pass the same file with --weights")
+    return choice
+
+
 def _state_dict_from(path: Path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)

@@ -69,6 +69,26 @@ class Source:
         self.samples = [self.samples[i] for i in sorted(keep)]
 
 
+class FileListSource(Source):
+    """Loose image files to predict on: no classes, no targets (target -1)."""
+
+    format = "files"
+
+    def __init__(self, paths: list[Path]):
+        files: list[Path] = []
+        for path in paths:
+            path = Path(path)
+            if path.is_dir():
+                files += image_files(path)
+            elif path.exists():
+                files.append(path)
+            else:
+                raise DataError(f"{path} does not exist; pass image files or folders of images")
+        if not files:
+            raise DataError(f"no images under {', '.join(str(p) for p in paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        super().__init__([], [Sample(str(f), -1, str(f), "") for f in files])
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB: 16-bit and float scaled (not clipped), transparency over white."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
@@ -97,7 +117,8 @@ def open_rgb(path: str) -> Image.Image:
         return to_rgb(image)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, in a stable (sorted) order; hidden files left out."""
     files = []
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs.sort()
@@ -133,7 +154,7 @@ class ImageFolderSource(Source):
             raise DataError(f"{root} has no class folders; an imagefolder holds one folder of images per class")
         samples = []
         for label, class_dir in enumerate(class_dirs):
-            for path in _image_files(class_dir):
+            for path in image_files(class_dir):
                 samples.append(Sample(str(path.relative_to(root)), label, str(path), _file_stamp(path)))
         if not samples:
             raise DataError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cache.manifest import MANIFEST
@@ -181,33 +182,55 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                          timing["loop"], timing["write"], manifest["skipped"])
 
 
-def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
-    from tqdm import tqdm
-
+def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
+    """The frozen backbone cut at its taps, on `device` (channels_last and cudnn autotuning on CUDA)."""
     model = TapModel(load_model(backbone, weights), backbone, taps).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
-    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
-    shard_rows, num_samples = config.shard_rows, len(source)
-    batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
-    loader = DataLoader(
+    return model
+
+
+def image_loader(source: Source, backbone: Backbone, batches: list[list[int]], workers: int | None,
+                 device: torch.device) -> DataLoader:
+    """Batches of (pixels, indices, errors), decoded in worker processes, pinned for a CUDA device."""
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    return DataLoader(
         DecodedImages(source, backbone.transform()),
         batch_sampler=batches,
         num_workers=workers,
         collate_fn=collate_decoded,
-        pin_memory=cuda,
+        pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    autocast = torch.autocast(device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
+
+
+def forward_codes(model: nn.Module, pixels: torch.Tensor, device: torch.device, precision: str) -> dict:
+    """{tap: float32 numpy codes} of one batch, under autocast unless the precision is float32."""
+    cuda = device.type == "cuda"
+    pixels = pixels.to(device, non_blocking=cuda)
+    if cuda:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=getattr(torch, precision),
+                                                enabled=precision != "float32"):
+        outputs = model(pixels)
+    return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}
+
+
+def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
+    from tqdm import tqdm
+
+    model = prepare_model(backbone, weights, taps, device)
+    shard_rows, num_samples = config.shard_rows, len(source)
+    batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
+    loader = image_loader(source, backbone, batches, config.workers, device)
     total = sum(min(num_samples, (k + 1) * shard_rows) - k * shard_rows for k in pending)
     progress = tqdm(total=total, unit="img", disable=config.quiet, desc=f"extract {backbone.name}",
                     dynamic_ncols=True)
     current, rows = None, _empty_shard(taps)
     processed, write_seconds = 0, 0.0
     loop_started = time.perf_counter()
-    with torch.inference_mode(), progress:
+    with progress:
         for pixels, indices, errors in loader:
             shard = (indices[0] if indices else errors[0][0]) // shard_rows
             if shard != current:
@@ -218,13 +241,8 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
                     raise TLError(f"cannot decode {sample_id}: {reason}; fix or remove it, or pass --on-error skip")
                 rows["skipped"].append({"sample_id": sample_id, "reason": reason})
             if pixels is not None:
-                pixels = pixels.to(device, non_blocking=cuda)
-                if cuda:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    outputs = model(pixels)
                 ids = [source.samples[i].sample_id for i in indices]
-                codes = {tap: outputs[tap].float().cpu().numpy() for tap in taps}
+                codes = forward_codes(model, pixels, device, precision)
                 _check_codes(codes, config.dtype, ids)
                 for tap in taps:
                     rows["codes"][tap].append(codes[tap].astype(config.dtype, copy=False))

@@ -144,9 +144,9 @@ def test_info_describes_and_verifies(run_tl, image_folder, tmp_path):
 
 def test_later_stages_say_not_yet_available(run_tl):
     help_text = run_tl("--help").out
-    for command in ("extract", "fit-head", "finetune", "evaluate", "info"):
+    for command in ("extract", "fit-head", "finetune", "evaluate", "predict", "info"):
         assert command in help_text
-    result = run_tl("evaluate", "--cache", "x")
+    result = run_tl("finetune", "--data", "x")
     assert result.code == 2 and "not yet available" in result.err
 
 

@@ -1,0 +1,71 @@
+"""Predict labels of loose image files: stage one on the fly, then the head, top-k per image.
+
+The backbone, its weights and its preprocessing come from the head file's metadata, never from flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.backbones import get_backbone, weights_for_digest
+from pipeline.datasets import FileListSource
+from pipeline.extract import forward_codes, image_loader, prepare_model, resolve_device, resolve_precision
+from pipeline.heads import HeadError, load_head
+
+
+@dataclass
+class PredictConfig:
+    head: Path
+    paths: tuple[Path, ...]
+    top_k: int = 5
+    weights: str | None = None  # the state dict file, when the head's codes came from one
+    batch_size: int = 32
+    workers: int | None = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[tuple[str, float]]  # best first
+    error: str = ""  # why the file was skipped
+
+
+def run_predict(config: PredictConfig) -> Iterator[Prediction]:
+    """One Prediction per file, in listing order; unreadable files come back with `error` set."""
+    if config.top_k < 1:
+        raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
+    if config.batch_size < 1:
+        raise HeadError(f"--batch-size must be at least 1, got {config.batch_size}")
+    head, metadata = load_head(config.head)
+    key = metadata["codes_key"]
+    backbone = get_backbone(key["backbone"])
+    if backbone.preprocessing() != key["preprocessing"]:
+        raise HeadError(f"{backbone.name}'s preprocessing in this tl differs from the one head {config.head} was "
+                        "trained with; re-extract the cache and refit the head")
+    source = FileListSource(list(config.paths))
+    weights = weights_for_digest(backbone, key["weights"], config.weights)
+    device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
+    layer = metadata["layer"]
+    model = prepare_model(backbone, weights, [layer], device)
+    classes = metadata["classes"]
+    top_k = min(config.top_k, len(classes))
+    batches = [list(range(start, min(start + config.batch_size, len(source))))
+               for start in range(0, len(source), config.batch_size)]
+    for pixels, indices, errors in image_loader(source, backbone, batches, config.workers, device):
+        found = {}
+        if pixels is not None:
+            probabilities = head.predict_proba(forward_codes(model, pixels, device, precision)[layer])
+            for index, row in zip(indices, probabilities):
+                best = np.argsort(-row, kind="stable")[:top_k]
+                found[index] = Prediction(source.samples[index].sample_id, [(classes[c], float(row[c])) for c in best])
+        for index, reason in errors:
+            found[index] = Prediction(source.samples[index].sample_id, [], reason)
+        for index in sorted(found):
+            yield found[index]
