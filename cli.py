@@ -336,6 +336,27 @@ def predict(paths, **options):
         raise TLError(f"none of the {skipped} files could be read as an image; pass image files or folders")
 
 
+@tl.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("tl-quickstart"), show_default=True,
+              help="Folder for the data, caches, head and report.")
+@click.option("--per-class", default=50, show_default=True, type=int,
+              help="Digit images per class (before the 75/25 train/test split); 0 for all 1,797.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def quickstart(out, per_class, seed, quiet):
+    """Offline tour: digits -> extract (efficientnet_lite0, real ImageNet weights) -> logreg -> evaluate.
+
+    Re-running reuses the caches already extracted.
+    """
+    from pipeline.quickstart import QuickstartConfig, run_quickstart
+
+    if per_class < 0:
+        raise TLError(f"--per-class must be 0 (all) or positive, got {per_class}")
+    result = run_quickstart(QuickstartConfig(out, per_class or None, seed=seed, quiet=quiet), say=click.echo)
+    click.echo(f"\ndone in {result.seconds:.0f} s: test accuracy {result.accuracy:.3f}. Report: {result.report}")
+    click.echo(f"next: tl predict --head {result.head} IMAGE...")
+
+
 def _not_yet(name: str, issue: str):
     @tl.command(name, help=f"Not yet available: {issue}.", add_help_option=False,
                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
