@@ -23,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weights  # noqa: E402
 from pipeline.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+from results import record  # noqa: E402  (bench/ is this script's folder)
 SECTION = "## extract throughput"
 
 
@@ -102,14 +101,6 @@ def result_precision(cache: Path) -> str:
     import json
 
     return json.loads((cache / "manifest.json").read_text())["key"]["precision"]
-
-
-def record(section: str, text: str) -> None:
-    """Replace (or append) this section of RESULTS.md, leaving the other sections alone."""
-    content = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    blocks = content.split("\n## ")
-    kept = [blocks[0]] + [b for b in blocks[1:] if not ("## " + b).startswith(section)]
-    RESULTS.write_text("\n## ".join(kept).rstrip() + f"\n\n{section}\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -125,13 +125,13 @@ class CacheReader:
                         global_rows = rows[np.searchsorted(rows, offset + start):np.searchsorted(rows, offset + stop)]
                         if not len(global_rows):
                             continue
+                    if rng is not None:
+                        global_rows = global_rows[rng.permutation(len(global_rows))]
                     codes = handle[tap][start:stop]
                     self._note_read(len(codes))
-                    codes = codes[global_rows - offset - start]
+                    if rng is not None or rows is not None:  # one gather for the subset and the shuffle
+                        codes = codes[global_rows - offset - start]
                     _refuse_non_finite(codes, tap, shard["file"], self.root, global_rows - offset)
-                    if rng is not None:
-                        order = rng.permutation(len(global_rows))
-                        global_rows, codes = global_rows[order], codes[order]
                     yield global_rows, codes
 
     def load(self, tap: str) -> np.ndarray:

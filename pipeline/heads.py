@@ -130,7 +130,7 @@ class CacheRows(CodeRows):
     def blocks(self, rng=None):
         for global_rows, codes in self.reader.iter_blocks(self.layer, self.block_rows, self.rows, rng):
             positions = global_rows if self.rows is None else np.searchsorted(self.rows, global_rows)
-            yield positions, codes.astype(np.float32)
+            yield positions, codes.astype(np.float32, copy=False)
 
 
 def _as_rows(codes, targets) -> CodeRows:
