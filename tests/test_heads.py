@@ -267,3 +267,25 @@ def test_a_class_without_training_rows_is_refused(tmp_path):
     write_code_cache(tmp_path / "one", codes, np.zeros(100, np.int64), ["a"])
     with pytest.raises(HeadError, match="single class"):
         fit_head(FitHeadConfig(cache=tmp_path / "one", out=tmp_path / "h.pt"))
+
+
+def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
+    codes, targets = blobs(13, n=80)
+
+    def refused(cache, *more):
+        result = run_tl("fit-head", "--cache", cache, "--out", tmp_path / "h.pt", *more)
+        assert result.code == 2 and result.err.startswith("error: ") and result.err.count("\n") == 1, result
+        assert not (tmp_path / "h.pt").exists()
+        return result.err
+
+    write_code_cache(tmp_path / "empty", codes[:0], targets[:0], ["a", "b", "c", "d"])
+    assert "has no rows" in refused(tmp_path / "empty")
+    write_code_cache(tmp_path / "one", codes, np.zeros(80, np.int64), ["a"])
+    assert "single class" in refused(tmp_path / "one", "--head", "mlp")
+    write_code_cache(tmp_path / "good", codes, targets, ["a", "b", "c", "d"])
+    assert "has no layer 'fc7'; it has: feat" in refused(tmp_path / "good", "--layer", "fc7")
+    assert "--early-stop needs a validation split" in refused(tmp_path / "good", "--head", "mlp", "--early-stop")
+    assert "several C values need a validation split" in refused(tmp_path / "good", "--head", "svm", "--C", "0.1,1")
+    assert "--hidden takes int numbers" in refused(tmp_path / "good", "--head", "mlp", "--hidden", "wide")
+    assert "--val-fraction must be between 0 and 1" in refused(tmp_path / "good", "--val-fraction", "1.5")
+    assert "is not a tl cache" in refused(tmp_path / "absent")
