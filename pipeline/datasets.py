@@ -18,7 +18,9 @@ from PIL import Image
 from pipeline.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-FORMATS = ("imagefolder", "csv", "cifar10", "gtsrb")
+FORMATS = ("imagefolder", "csv", "cifar10", "gtsrb", "voc")
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 # Decoding errors PIL raises for corrupt, truncated or unsupported files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
@@ -27,7 +29,7 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
 @dataclass(frozen=True)
 class Sample:
     sample_id: str
-    target: int
+    target: int | tuple[int, ...]  # a class index, or a multi-hot tuple for multi-label sources
     location: str  # a file path, or an index into an in-memory array
     stamp: str  # what changes when the sample's content changes (size, mtime), for the fingerprint
 
@@ -36,10 +38,16 @@ class Source:
     """A listed data set. Subclasses fill `classes` and `samples` and read one image."""
 
     format: str = ""
+    target_kind = "class"  # or "multi-hot"
 
     def __init__(self, classes: list[str], samples: list[Sample]):
         self.classes = classes
         self.samples = samples
+        self.warnings: list[str] = []  # counted oddities worth one line at the end (clipped boxes, ...)
+
+    def columns(self, index: int) -> dict[str, np.ndarray]:
+        """Per-sample columns beyond target and id (VOC: `ignore`, the difficult-only classes)."""
+        return {}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -58,6 +66,8 @@ class Source:
         """Keep at most N samples of each class, chosen with a seeded generator, in their listed order."""
         if samples_per_class <= 0:
             raise DataError(f"--samples-per-class must be positive, got {samples_per_class}")
+        if self.target_kind != "class":
+            raise DataError("--samples-per-class needs one label per image; this data set is multi-label")
         rng = np.random.default_rng(seed)
         targets = np.array([s.target for s in self.samples])
         keep: list[int] = []
@@ -269,6 +279,122 @@ class GtsrbSource(Source):
         super().__init__([f"{i:02d}" for i in range(self.num_classes)], samples)
 
 
+@dataclass(frozen=True)
+class Annotation:
+    """One VOC image's objects, boxes as 0-based pixel indices (x0, y0, x1, y1), clipped to the image."""
+
+    width: int
+    height: int
+    boxes: np.ndarray  # (objects, 4) float64
+    labels: np.ndarray  # (objects,) class index
+    difficult: np.ndarray  # (objects,) bool
+
+
+class VocSource(Source):
+    """The PASCAL VOC devkit layout: Annotations/ID.xml, JPEGImages/ID.jpg, ImageSets/Main/SPLIT.txt.
+
+    One sample per image with a multi-hot target of the classes it shows (not counting objects marked
+    difficult); `ignore` marks classes it shows only as difficult objects, left out of their AP.
+    `classes`: "voc" (the 20 VOC classes), "auto" (the names found in the split's annotations), or a
+    comma-separated list.
+    """
+
+    format = "voc"
+    target_kind = "multi-hot"
+
+    def __init__(self, root: Path, split: str, classes: str = "voc"):
+        _require_dir(root, "a VOC devkit year (VOCdevkit/VOC2007)")
+        if (root / "VOC2007").is_dir() and not (root / "Annotations").is_dir():
+            root = root / "VOC2007"
+        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+        if not split_file.is_file():
+            found = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
+            raise DataError(f"no split file {split_file}; splits here: {', '.join(found) or 'none'}")
+        ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        if not ids:
+            raise DataError(f"split file {split_file} lists no images")
+        parsed = [self._parse(root, image_id) for image_id in ids]
+        names = self._class_names(classes, parsed, split_file)
+        index = {name: i for i, name in enumerate(names)}
+        self.annotations: list[Annotation] = []
+        self._ignore: list[np.ndarray] = []
+        samples, clipped = [], 0
+        for image_id, (path, width, height, objects) in zip(ids, parsed):
+            boxes, labels, difficult = [], [], []
+            for name, box, is_difficult in objects:
+                if name not in index:
+                    raise DataError(f"{root / 'Annotations' / (image_id + '.xml')} has class '{name}', not among "
+                                    f"the {len(names)} classes; pass --classes auto to take the annotations' names")
+                x0, y0, x1, y1 = box
+                clipped_box = (min(max(x0, 0), width - 1), min(max(y0, 0), height - 1),
+                               min(max(x1, 0), width - 1), min(max(y1, 0), height - 1))
+                clipped += clipped_box != box
+                boxes.append(clipped_box)
+                labels.append(index[name])
+                difficult.append(is_difficult)
+            annotation = Annotation(width, height, np.array(boxes, np.float64).reshape(-1, 4),
+                                    np.array(labels, np.int64), np.array(difficult, bool))
+            present = np.zeros(len(names), np.int64)
+            present[annotation.labels[~annotation.difficult]] = 1
+            shown = np.zeros(len(names), np.int64)
+            shown[annotation.labels] = 1
+            self.annotations.append(annotation)
+            self._ignore.append((shown & (1 - present)).astype(np.int8))
+            samples.append(Sample(image_id, tuple(int(v) for v in present), str(path), _file_stamp(path)))
+        super().__init__(names, samples)
+        if clipped:
+            self.warnings.append(f"{clipped} boxes reached outside their image and were clipped to it")
+
+    def columns(self, index: int) -> dict[str, np.ndarray]:
+        return {"ignore": self._ignore[index]}
+
+    @staticmethod
+    def _parse(root: Path, image_id: str):
+        """(jpeg path, width, height, [(name, (x0, y0, x1, y1), difficult)]) of one annotation file."""
+        import xml.etree.ElementTree as ElementTree
+
+        xml_path = root / "Annotations" / f"{image_id}.xml"
+        jpeg = root / "JPEGImages" / f"{image_id}.jpg"
+        if not jpeg.is_file():
+            raise DataError(f"the split file names {image_id} but {jpeg} is missing; restore it or remove the line")
+        if not xml_path.is_file():
+            raise DataError(f"the split file names {image_id} but {xml_path} is missing; restore it or remove the line")
+        try:
+            tree = ElementTree.parse(xml_path).getroot()
+            objects = []
+            for element in tree.iter("object"):
+                bndbox = element.find("bndbox")
+                # VOC boxes are 1-based inclusive pixel indices
+                box = tuple(float(bndbox.findtext(k)) - 1 for k in ("xmin", "ymin", "xmax", "ymax"))
+                objects.append((element.findtext("name").strip(), box, element.findtext("difficult", "0").strip() == "1"))
+            size = tree.find("size")
+            width = int(float(size.findtext("width"))) if size is not None and size.findtext("width") else 0
+            height = int(float(size.findtext("height"))) if size is not None and size.findtext("height") else 0
+        except (ElementTree.ParseError, AttributeError, TypeError, ValueError) as exc:
+            raise DataError(f"cannot read {xml_path}: {exc}; fix the annotation file") from None
+        if width <= 0 or height <= 0:  # no usable <size>: the image itself knows
+            try:
+                with Image.open(jpeg) as image:
+                    width, height = image.size
+            except DECODE_ERRORS as exc:
+                raise DataError(f"{xml_path} has no size and {jpeg} cannot be read: {exc}") from None
+        return jpeg, width, height, objects
+
+    @staticmethod
+    def _class_names(classes: str, parsed: list, split_file: Path) -> list[str]:
+        if classes == "voc":
+            return list(VOC_CLASSES)
+        if classes == "auto":
+            names = sorted({name for _, _, _, objects in parsed for name, _, _ in objects})
+            if not names:
+                raise DataError(f"the annotations of {split_file} name no objects; nothing to learn classes from")
+            return names
+        names = [name.strip() for name in classes.split(",") if name.strip()]
+        if len(set(names)) != len(names) or not names:
+            raise DataError(f"--classes must be voc, auto, or distinct comma-separated names, got '{classes}'")
+        return names
+
+
 def open_source(
     format: str,
     data: Path,
@@ -276,6 +402,7 @@ def open_source(
     download: bool = False,
     samples_per_class: int | None = None,
     seed: int = 0,
+    classes: str = "voc",
 ) -> Source:
     data = Path(data)
     if format == "imagefolder":
@@ -286,6 +413,8 @@ def open_source(
         source = Cifar10Source(data, split, download)
     elif format == "gtsrb":
         source = GtsrbSource(data, split, download)
+    elif format == "voc":
+        source = VocSource(data, split, classes)
     else:
         raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(FORMATS)}")
     if samples_per_class is not None:

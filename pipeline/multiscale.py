@@ -1,0 +1,172 @@
+"""Oquab et al. (CVPR 2014) patches: a square grid at many scales, labels from the boxes a patch
+covers, background down-sampled for training, and patch scores pooled back into image scores.
+
+Coordinates are 0-based pixel indices: a W-pixel-wide image spans x in [0, W - 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pipeline.datasets import DECODE_ERRORS, Annotation
+from pipeline.errors import DataError
+
+DEFAULT_SCALES = (1.0, 1.3, 1.6, 2.0, 2.3, 2.6, 3.0, 3.3, 3.6, 4.0, 4.3, 4.6, 5.0)
+DEFAULT_EXPONENT = 5.0  # the paper's k in S(i, c) = sum_j P(j, c) ** k
+BACKGROUND = "background"
+TRAINING_SPLITS = ("train", "trainval")
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """What decides the patches and their labels (the geometry part enters the codes key)."""
+
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    patch_overlap: float = 0.2  # the box must cover at least this much of the patch...
+    box_overlap: float = 0.6  # ...and the patch at least this much of the box
+    background_fraction: float | None = 0.1  # kept share of background patches in training; None keeps all
+
+    def check(self) -> None:
+        if not self.scales or any(not scale >= 1.0 for scale in self.scales):
+            raise DataError(f"--scales must be numbers of at least 1.0 (1.0: the largest square), got {list(self.scales)}")
+        for name in ("patch_overlap", "box_overlap"):
+            if not 0 < getattr(self, name) <= 1:
+                raise DataError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
+        if self.background_fraction is not None and not 0 <= self.background_fraction <= 1:
+            raise DataError(f"--background-fraction must be in [0, 1], got {self.background_fraction}")
+
+    def geometry(self) -> dict:
+        return {"scales": list(self.scales), "patch_overlap": self.patch_overlap, "box_overlap": self.box_overlap}
+
+
+def axis_starts(length: int, side: float) -> np.ndarray:
+    """Starts of ceil((length - 1) / side) patches spread evenly from 0 to the far border."""
+    span = length - 1
+    if side <= 0 or span <= side:
+        return np.zeros(1)
+    count = math.ceil(span / side - 1e-9)  # 3.0000000001 must not become four patches
+    return np.linspace(0.0, span - side, count)
+
+
+def patch_grid(width: int, height: int, scales=DEFAULT_SCALES) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes (P, 4) as x0, y0, x1, y1; scale of each patch (P,)). At scale s the side is
+    (min(H, W) - 1) / s; every patch lies inside the image and each scale's patches cover it."""
+    boxes, patch_scales = [], []
+    for scale in scales:
+        side = (min(width, height) - 1) / scale
+        for y in axis_starts(height, side):
+            for x in axis_starts(width, side):
+                boxes.append((x, y, x + side, y + side))
+                patch_scales.append(scale)
+    return np.array(boxes, dtype=np.float64).reshape(-1, 4), np.array(patch_scales, dtype=np.float32)
+
+
+def _areas(boxes: np.ndarray) -> np.ndarray:
+    return np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+
+
+def label_patches(patches: np.ndarray, boxes: np.ndarray, labels: np.ndarray, patch_overlap: float = 0.2,
+                  box_overlap: float = 0.6) -> np.ndarray:
+    """Patch targets over C + 1 classes: 1 + the class of the one box that covers ≥ patch_overlap of
+    the patch while the patch covers ≥ box_overlap of the box; 0 (background) if none or several do."""
+    if len(boxes) == 0:
+        return np.zeros(len(patches), dtype=np.int64)
+    left = np.maximum(patches[:, None, 0], boxes[None, :, 0])
+    top = np.maximum(patches[:, None, 1], boxes[None, :, 1])
+    right = np.minimum(patches[:, None, 2], boxes[None, :, 2])
+    bottom = np.minimum(patches[:, None, 3], boxes[None, :, 3])
+    overlap = np.clip(right - left, 0, None) * np.clip(bottom - top, 0, None)
+    box_areas = _areas(boxes)
+    qualifies = (overlap >= patch_overlap * _areas(patches)[:, None]) & (overlap >= box_overlap * box_areas[None, :]) \
+        & (box_areas[None, :] > 0)
+    single = qualifies.sum(axis=1) == 1
+    targets = np.zeros(len(patches), dtype=np.int64)
+    targets[single] = labels[np.argmax(qualifies[single], axis=1)] + 1
+    return targets
+
+
+def keep_background(targets: np.ndarray, fraction: float | None, rng: np.random.Generator) -> np.ndarray:
+    """Which patches to keep: every object patch, and each background patch with probability `fraction`."""
+    if fraction is None:
+        return np.ones(len(targets), dtype=bool)
+    return (targets != 0) | (rng.random(len(targets)) < fraction)
+
+
+def pool_image_scores(patch_scores: np.ndarray, image_ids: np.ndarray, exponent: float = DEFAULT_EXPONENT
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids in order of first appearance, S (images, C) with S(i, c) = sum_j P(j, c) ** k over
+    the patches j of image i). The background column 0 of the patch scores is dropped."""
+    if exponent <= 0:
+        raise DataError(f"--exponent must be positive, got {exponent}")
+    unique, first, inverse = np.unique(image_ids, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    pooled = np.zeros((len(unique), patch_scores.shape[1] - 1))
+    np.add.at(pooled, rank[inverse.ravel()], np.asarray(patch_scores, np.float64)[:, 1:] ** exponent)
+    return unique[order], pooled
+
+
+@dataclass
+class ImagePatches:
+    """Every kept patch of one image, as uint8 pixels at the backbone's input size, with their facts."""
+
+    index: int
+    pixels: torch.Tensor | None  # (P, 3, S, S) uint8
+    boxes: np.ndarray
+    scales: np.ndarray
+    targets: np.ndarray
+    error: str = ""
+
+
+class PatchImages(Dataset):
+    """Decodes each image once and cuts all its patches; labels need the source's annotations."""
+
+    def __init__(self, source, input_size: int, settings: PatchSettings, training: bool, seed: int):
+        self.source = source
+        self.input_size = input_size
+        self.settings = settings
+        self.training = training
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def patches_of(self, index: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(boxes, scales, targets) of the patches kept for image `index` (seeded per image)."""
+        boxes, scales = patch_grid(width, height, self.settings.scales)
+        annotation: Annotation | None = getattr(self.source, "annotations", [None] * len(self.source))[index]
+        if annotation is None:
+            targets = np.zeros(len(boxes), dtype=np.int64)
+        else:
+            targets = label_patches(boxes, annotation.boxes, annotation.labels, self.settings.patch_overlap,
+                                    self.settings.box_overlap)
+        if self.training:
+            keep = keep_background(targets, self.settings.background_fraction,
+                                   np.random.default_rng([self.seed, index]))
+            boxes, scales, targets = boxes[keep], scales[keep], targets[keep]
+        return boxes, scales, targets
+
+    def __getitem__(self, index: int) -> ImagePatches:
+        try:
+            image = self.source.read_image(index)
+        except DECODE_ERRORS as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+            return ImagePatches(index, None, np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64), reason)
+        boxes, scales, targets = self.patches_of(index, *image.size)
+        size = (self.input_size, self.input_size)
+        pixels = np.empty((len(boxes), self.input_size, self.input_size, 3), dtype=np.uint8)
+        for row, (x0, y0, x1, y1) in enumerate(boxes):
+            # the patch spans pixel indices x0..x1, i.e. the edges x0 .. x1 + 1
+            pixels[row] = np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=(x0, y0, x1 + 1, y1 + 1)))
+        return ImagePatches(index, torch.from_numpy(pixels).permute(0, 3, 1, 2), boxes, scales, targets)
+
+
+def collate_patches(items: list[ImagePatches]) -> list[ImagePatches]:
+    return items

@@ -1,0 +1,91 @@
+"""Oquab patch geometry, the labelling rule, background sampling and image-level pooling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.multiscale import (
+    DEFAULT_SCALES,
+    keep_background,
+    label_patches,
+    patch_grid,
+    pool_image_scores,
+)
+
+
+@pytest.mark.parametrize("width,height", [(500, 375), (375, 500)])
+def test_patch_grid_counts_positions_and_coverage(width, height):
+    boxes, scales = patch_grid(width, height)
+    assert sorted(set(scales.tolist())) == pytest.approx(list(DEFAULT_SCALES))
+    total = 0
+    for scale in DEFAULT_SCALES:
+        at_scale = boxes[np.isclose(scales, scale)]
+        side = (min(width, height) - 1) / scale
+        across, down = math.ceil((width - 1) / side - 1e-9), math.ceil((height - 1) / side - 1e-9)
+        assert len(at_scale) == across * down
+        total += across * down
+        np.testing.assert_allclose(at_scale[:, 2] - at_scale[:, 0], side)
+        np.testing.assert_allclose(at_scale[:, 3] - at_scale[:, 1], side)
+        assert at_scale[:, :2].min() >= 0 and at_scale[:, 2].max() <= width - 1 + 1e-9
+        assert at_scale[:, 3].max() <= height - 1 + 1e-9
+        # evenly spread from edge to edge: the first starts at 0, the last ends at the border
+        xs, ys = np.unique(at_scale[:, 0].round(9)), np.unique(at_scale[:, 1].round(9))
+        assert xs[0] == 0 and xs[-1] + side == pytest.approx(width - 1) if len(xs) > 1 else True
+        assert len(xs) < 3 or np.allclose(np.diff(xs), np.diff(xs)[0])
+        assert len(ys) < 3 or np.allclose(np.diff(ys), np.diff(ys)[0])
+        # the patches of one scale cover every pixel index of the image
+        covered = np.zeros((height, width), bool)
+        for x0, y0, x1, y1 in at_scale:
+            covered[math.floor(y0):math.floor(y1) + 1, math.floor(x0):math.floor(x1) + 1] = True
+        assert covered.all(), f"scale {scale} leaves pixels uncovered"
+    assert len(boxes) == total
+    one = boxes[np.isclose(scales, 1.0)]
+    assert len(one) == 2 and one[0, 2] - one[0, 0] == min(width, height) - 1  # the two largest squares
+
+
+def test_the_two_orientations_mirror_each_other():
+    wide, _ = patch_grid(500, 375)
+    tall, _ = patch_grid(375, 500)
+    assert len(wide) == len(tall)
+    np.testing.assert_allclose(np.sort(wide[:, [1, 0, 3, 2]], axis=0), np.sort(tall, axis=0))
+
+
+PATCH = np.array([[0.0, 0.0, 100.0, 100.0]])  # area 10,000
+
+
+@pytest.mark.parametrize("box,expected", [
+    ([10, 10, 60, 60], 1),     # one box inside: 25% of the patch, all of the box -> labelled
+    ([0, 0, 40, 40], 0),       # small box: fully inside, covers 16% of the patch -> background
+    ([0, 0, 100, 150], 1),     # big box: covers the patch fully, patch covers 67% of the box -> labelled
+    ([0, 0, 100, 200], 0),     # bigger box: the patch holds only 50% of it -> background
+])
+def test_one_box(box, expected):
+    assert label_patches(PATCH, np.array([box], float), np.array([0]))[0] == expected
+
+
+def test_two_boxes_that_both_qualify_make_background_and_one_that_does_wins():
+    both = np.array([[0, 0, 60, 60], [40, 40, 100, 100]], float)  # each 36% of the patch, fully inside
+    assert label_patches(PATCH, both, np.array([2, 5]))[0] == 0
+    one = np.array([[0, 0, 60, 60], [90, 90, 100, 100]], float)  # the second covers 1% of the patch
+    assert label_patches(PATCH, one, np.array([2, 5]))[0] == 3  # class 2 -> target 3 (0 is background)
+    thresholds = label_patches(PATCH, np.array([[0, 0, 40, 40]], float), np.array([0]), patch_overlap=0.15)
+    assert thresholds[0] == 1
+    assert label_patches(PATCH, np.zeros((0, 4)), np.zeros(0, int))[0] == 0  # no objects: background
+
+
+def test_background_sampling_keeps_objects_and_a_seeded_fraction():
+    targets = np.array([0] * 10000 + [3] * 50)
+    keep = keep_background(targets, 0.1, np.random.default_rng(0))
+    assert keep[-50:].all() and 0.09 < keep[:10000].mean() < 0.11
+    np.testing.assert_array_equal(keep, keep_background(targets, 0.1, np.random.default_rng(0)))
+    assert keep_background(targets, None, np.random.default_rng(0)).all()
+
+
+def test_pooling_sums_patch_scores_to_the_exponent():
+    scores = np.array([[0.5, 0.5, 0.0], [0.2, 0.4, 0.4], [0.1, 0.0, 0.9]])
+    ids, pooled = pool_image_scores(scores, np.array(["b", "b", "a"]), exponent=2)
+    assert ids.tolist() == ["b", "a"]
+    np.testing.assert_allclose(pooled, [[0.25 + 0.16, 0.16], [0.0, 0.81]])
