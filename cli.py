@@ -118,7 +118,7 @@ def tl():
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Image folder, CSV file (path,label rows) or data set root.")
 @click.option("--format", "format_", default="imagefolder", show_default=True,
-              type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb"]), help="How --data is laid out.")
+              type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb", "voc"]), help="How --data is laid out.")
 @click.option("--split", default="train", show_default=True,
               help="Split to read (imagefolder: DATA/SPLIT when that folder exists).")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True,
@@ -128,7 +128,8 @@ def tl():
 @click.option("--layers", default=None, help="Comma-separated taps, e.g. fc6,fc7 [default: the backbone's last].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Cache folder to write.")
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
-@click.option("--shard-rows", default=4096, show_default=True, type=int, help="Rows per shard file.")
+@click.option("--shard-rows", default=None, type=int,
+              help="Images per shard file [default: 4096; 32 with --multiscale].")
 @click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "lzf", "gzip"]))
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="Decoding processes [default: one per core, at most 4].")
@@ -142,15 +143,28 @@ def tl():
               help="Unreadable image: skip it (recorded in the manifest) or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
 @click.option("--download", is_flag=True, help="Download cifar10/gtsrb when missing.")
+@click.option("--classes", default="voc", show_default=True,
+              help="voc data: voc (the 20 classes), auto (names found in the annotations), or a comma list.")
+@click.option("--multiscale", is_flag=True, help="Oquab et al. patches at many scales instead of one centre crop.")
+@click.option("--scales", default=",".join(str(s) for s in (1.0, 1.3, 1.6, 2.0, 2.3, 2.6, 3.0, 3.3, 3.6, 4.0, 4.3, 4.6, 5.0)),
+              show_default=True, help="--multiscale: patch side is (min(H, W) - 1) / scale.")
+@click.option("--patch-overlap", default=0.2, show_default=True, type=float,
+              help="--multiscale: a box labels a patch when it covers this share of the patch...")
+@click.option("--box-overlap", default=0.6, show_default=True, type=float, help="...and the patch this share of the box.")
+@click.option("--background-fraction", default=0.1, show_default=True, type=float,
+              help="--multiscale, train/trainval splits: share of background patches kept (seeded).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(format_, layers, **options):
+def extract(format_, layers, scales, patch_overlap, box_overlap, background_fraction, **options):
     """Run a frozen backbone over every image and cache the codes of chosen layers.
 
     Re-running the same command resumes: finished shards are kept, the rest are written.
     """
     from pipeline.extract import ExtractConfig, run_extract
 
-    config = ExtractConfig(format=format_, layers=_csv_list(layers), **options)
+    from pipeline.multiscale import PatchSettings
+
+    patches = PatchSettings(_numbers(scales, float, "--scales"), patch_overlap, box_overlap, background_fraction)
+    config = ExtractConfig(format=format_, layers=_csv_list(layers), patches=patches, **options)
     result = run_extract(config)
     rate = result.images_processed / result.loop_seconds if result.loop_seconds else 0.0
     click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new, "
@@ -159,6 +173,10 @@ def extract(format_, layers, **options):
         click.echo(f"  {tap:<8} width {width:<6} {config.dtype}")
     click.echo(f"  size on disk {_human_bytes(result.bytes_on_disk)}, time {result.seconds:.1f} s"
                + (f" ({rate:.1f} img/s)" if result.images_processed else ""))
+    if result.patches:
+        click.echo(f"  {result.patches} patches from {result.images_processed} images")
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if result.skipped:
         first = result.skipped[0]
         click.echo(f"warning: skipped {len(result.skipped)} unreadable images (listed in the manifest's "
@@ -291,6 +309,8 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @click.option("--save-predictions", type=click.Path(path_type=Path), default=None,
               help="CSV of every row: sample id, true label(s), every class score.")
 @click.option("--block-rows", default=4096, show_default=True, type=int, help="Rows read from the cache at a time.")
+@click.option("--exponent", default=5.0, show_default=True, type=float,
+              help="Patch caches: an image's class score is the sum of its patch scores to this power.")
 def evaluate(**options):
     """Accuracy, top-k, per-class precision/recall/F1 and AP, mAP, confusion matrix; a report with plots."""
     from pipeline.evaluate import EvaluateConfig, run_evaluate

@@ -148,6 +148,14 @@ class CacheReader:
                 _refuse_non_finite(out[part], tap, shard["file"], self.root)
         return out
 
+    def has_column(self, column: str) -> bool:
+        """Whether the shards carry this column (ignore, image_id, ... exist only in some caches)."""
+        for position, shard in enumerate(self.shards):
+            if shard["rows"]:
+                with self.open_shard(position) as handle:
+                    return column in handle
+        return False
+
     def load_column(self, column: str) -> np.ndarray:
         """A non-code column (target, sample_id, ...) of every row."""
         parts = []

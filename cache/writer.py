@@ -197,6 +197,9 @@ class CacheWriter:
 
     @staticmethod
     def _dataset(shard: h5py.File, name: str, array: np.ndarray, options: dict) -> None:
+        if array.dtype.kind in "UO":  # text columns (image ids) as UTF-8 strings
+            shard.create_dataset(name, data=np.array(array, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            return
         if len(array) == 0:
             shard.create_dataset(name, data=array)
             return

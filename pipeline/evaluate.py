@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.heads import CodeRows, HeadError, check_codes_match, load_head, score_rows
-from pipeline.metrics import AP_METHODS, summarize
+from pipeline.metrics import AP_METHODS, accuracy, summarize
+from pipeline.multiscale import BACKGROUND, DEFAULT_EXPONENT, pool_image_scores
 from pipeline.report import write_predictions, write_report
 
 
@@ -25,6 +26,7 @@ class EvaluateConfig:
     top_k: int = 5
     save_predictions: Path | None = None
     block_rows: int = 4096
+    exponent: float = DEFAULT_EXPONENT  # patch caches: S(i, c) = sum_j P(j, c) ** exponent
 
 
 @dataclass
@@ -49,14 +51,45 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     rows = CodeRows.from_cache(reader, metadata["layer"], block_rows=config.block_rows)
     targets = head_targets(rows.targets, reader.classes, metadata["classes"], config.cache, config.head)
     scores = score_rows(head, rows)
-    report = summarize(targets, scores, metadata["classes"], config.ap, config.top_k)
+    if reader.manifest["key"]["patches"] is not None:
+        ids, targets, scores, names, extra = _pooled(reader, targets, scores, metadata["classes"], config)
+        report = summarize(targets, scores, names, config.ap, config.top_k, extra.pop("ignore"), extra.pop("predicted"))
+        report.update(extra)
+    else:
+        ids, names = reader.load_column("sample_id"), metadata["classes"]
+        ignore = reader.load_column("ignore") if targets.ndim == 2 and reader.has_column("ignore") else None
+        report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
     report["source"] = {"head": str(config.head), "kind": metadata["kind"], "layer": metadata["layer"],
                         "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"]}
     files = write_report(config.out, report, targets, scores, head.curve_)
     if config.save_predictions is not None:
-        files.append(write_predictions(config.save_predictions, reader.load_column("sample_id"), targets, scores,
-                                       metadata["classes"]))
+        files.append(write_predictions(config.save_predictions, ids, targets, scores, names))
     return EvaluateResult(Path(config.out), report, files)
+
+
+def _pooled(reader, patch_targets: np.ndarray, patch_scores: np.ndarray, head_classes: list[str],
+            config: EvaluateConfig):
+    """Image-level view of a patch cache: pooled scores, the images' multi-hot targets and ignore marks,
+    and a class counted as predicted when one of the image's patches gives it probability ≥ 0.5."""
+    if head_classes[0] != BACKGROUND:
+        raise HeadError(f"head {config.head} was not trained on patches (its first class is not background); "
+                        "fit it on a --multiscale cache")
+    image_ids = reader.load_column("image_id")
+    ids, pooled = pool_image_scores(patch_scores, image_ids, config.exponent)
+    _, first = np.unique(image_ids, return_index=True)
+    first = np.sort(first)  # one row per image, in the order pooling returns them
+    object_classes = head_classes[1:]
+    image_targets = head_targets(reader.load_column("image_target")[first].astype(np.int64), reader.classes[1:],
+                                 object_classes, config.cache, config.head)
+    ignore = head_targets(reader.load_column("image_ignore")[first].astype(np.int64), reader.classes[1:],
+                          object_classes, config.cache, config.head)
+    rank = {image_id: position for position, image_id in enumerate(ids)}
+    predicted = np.zeros_like(pooled, dtype=np.int64)
+    np.maximum.at(predicted, np.array([rank[i] for i in image_ids]), (patch_scores[:, 1:] >= 0.5).astype(np.int64))
+    extra = {"ignore": ignore, "predicted": predicted,
+             "pooling": {"exponent": config.exponent, "patches": int(len(patch_targets)), "images": int(len(ids))},
+             "patch_accuracy": accuracy(patch_targets, patch_scores)}
+    return ids, image_targets, pooled, object_classes, extra
 
 
 def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: dict, head_path, cache_path) -> None:

@@ -20,6 +20,7 @@ from cache.writer import CacheWriter
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, resolve_weights
 from pipeline.datasets import DECODE_ERRORS, Source, open_source
 from pipeline.errors import TLError
+from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 
 ON_ERROR = ("skip", "fail")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -36,7 +37,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     layers: tuple[str, ...] = ()  # empty: the backbone's default tap
     dtype: str = "float16"
-    shard_rows: int = 4096
+    shard_rows: int | None = None  # images per shard; None: 4096, or 32 with --multiscale
     compression: str = "none"
     batch_size: int = 64
     workers: int | None = None  # None: one per core, at most 4
@@ -48,6 +49,9 @@ class ExtractConfig:
     overwrite: bool = False
     download: bool = False
     quiet: bool = False
+    classes: str = "voc"  # voc sources: voc (the 20), auto (from the annotations) or comma-separated names
+    multiscale: bool = False  # Oquab patches of every image instead of one centre crop
+    patches: PatchSettings = field(default_factory=PatchSettings)
 
 
 @dataclass
@@ -63,6 +67,8 @@ class ExtractResult:
     loop_seconds: float = 0.0  # decoding + forward + writing, without startup
     write_seconds: float = 0.0  # of which writing shards (HDF5, checksum, manifest)
     skipped: list[dict] = field(default_factory=list)
+    patches: int = 0  # rows written from patches in this run (multiscale)
+    warnings: list[str] = field(default_factory=list)
 
 
 class DecodedImages(Dataset):
@@ -107,9 +113,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def shard_size(config: ExtractConfig) -> int:
+    """Images per shard: a multiscale image yields hundreds of rows, so its shards hold fewer images."""
+    return config.shard_rows if config.shard_rows is not None else (32 if config.multiscale else 4096)
+
+
 def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weights_digest: str,
               precision: str, source: Source) -> dict:
-    """Everything that decides the rows of a cache; a cache answers only for the same key."""
+    """Everything that decides the rows of a cache; a cache answers only for the same key.
+
+    `patches` holds the patch geometry (it changes what a code means, so heads check it); how
+    background patches were sampled only changes which rows exist, so it sits with the data set.
+    """
+    training = config.split in TRAINING_SPLITS
     return {
         "backbone": backbone.name,
         "weights": weights_digest,
@@ -122,9 +138,11 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
             "fingerprint": source.fingerprint(),
             "samples_per_class": config.samples_per_class,
             "subset_seed": config.seed if config.samples_per_class else None,
+            "background_fraction": config.patches.background_fraction if config.multiscale and training else None,
+            "background_seed": config.seed if config.multiscale and training else None,
         },
-        "layout": {"dtype": config.dtype, "shard_rows": config.shard_rows},
-        "patches": None,
+        "layout": {"dtype": config.dtype, "shard_rows": shard_size(config)},
+        "patches": config.patches.geometry() if config.multiscale else None,
     }
 
 
@@ -155,31 +173,38 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         raise TLError(f"unknown --on-error {config.on_error}; valid: {', '.join(ON_ERROR)}")
     if config.batch_size < 1:
         raise TLError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.multiscale:
+        config.patches.check()
     backbone = get_backbone(config.backbone)
     taps = backbone.resolve_taps(list(config.layers) or [backbone.default_tap])
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     source = open_source(config.format, config.data, config.split, config.download, config.samples_per_class,
-                         config.seed)
+                         config.seed, config.classes)
     weights = resolve_weights(backbone, config.weights, config.seed)
     key = cache_key(config, backbone, taps, weights.digest, precision, source)
     widths = {tap: backbone.taps[tap].width for tap in taps}
+    classes, target_kind = source.classes, source.target_kind
+    if config.multiscale:  # one label per patch: background or one object class
+        classes, target_kind = [BACKGROUND] + list(source.classes), "class"
 
-    with CacheWriter(Path(config.out), key, source.classes, widths, config.dtype, config.shard_rows,
-                     len(source), config.compression, config.overwrite) as writer:
+    with CacheWriter(Path(config.out), key, classes, widths, config.dtype, shard_size(config),
+                     len(source), config.compression, config.overwrite, target_kind) as writer:
         num_shards = writer.manifest["num_shards"]
         pending = [k for k in range(num_shards) if k not in writer.finished]
         reused = num_shards - len(pending)
-        timing = {"processed": 0, "loop": 0.0, "write": 0.0}
+        timing = {"processed": 0, "loop": 0.0, "write": 0.0, "patches": 0}
         if pending:
-            timing = _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
+            extract_shards = _extract_patch_shards if config.multiscale else _extract_shards
+            timing = extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
         manifest = writer.finish()
 
     out = Path(config.out)
     size = sum(s["bytes"] for s in manifest["shards"]) + (out / MANIFEST).stat().st_size
     return ExtractResult(out, sum(s["rows"] for s in manifest["shards"]), widths, size,
                          time.perf_counter() - started, len(pending), reused, timing["processed"],
-                         timing["loop"], timing["write"], manifest["skipped"])
+                         timing["loop"], timing["write"], manifest["skipped"], timing.get("patches", 0),
+                         list(source.warnings))
 
 
 def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
@@ -217,56 +242,153 @@ def forward_codes(model: nn.Module, pixels: torch.Tensor, device: torch.device, 
     return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}
 
 
-def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
+class ShardRows:
+    """The rows of the shard being built: codes per tap, targets, ids, other columns, skipped images."""
+
+    def __init__(self, taps: list[str], dtype: str):
+        self.dtype = dtype
+        self.codes: dict[str, list[np.ndarray]] = {tap: [] for tap in taps}
+        self.targets: list = []
+        self.ids: list[str] = []
+        self.columns: dict[str, list] = {}
+        self.skipped: list[dict] = []
+
+    def add(self, codes: dict[str, np.ndarray], targets: list, ids: list[str], columns: dict[str, list]) -> None:
+        _check_codes(codes, self.dtype, ids)
+        for tap, array in codes.items():
+            self.codes[tap].append(array.astype(self.dtype, copy=False))
+        self.targets += list(targets)
+        self.ids += ids
+        for name, values in columns.items():
+            self.columns.setdefault(name, []).extend(values)
+
+    def publish(self, writer: CacheWriter, shard: int) -> None:
+        codes = {tap: np.concatenate(parts) if parts else np.zeros((0, writer.taps[tap]), np.float32)
+                 for tap, parts in self.codes.items()}
+        columns = {name: np.asarray(values) for name, values in self.columns.items()}
+        writer.write_shard(shard, codes, np.asarray(self.targets, dtype=np.int64), self.ids, self.skipped, columns)
+
+
+def _note_error(config: ExtractConfig, rows: ShardRows, sample_id: str, reason: str) -> None:
+    if config.on_error == "fail":
+        raise TLError(f"cannot decode {sample_id}: {reason}; fix or remove it, or pass --on-error skip")
+    rows.skipped.append({"sample_id": sample_id, "reason": reason})
+
+
+def _shard_end(shard: int, shard_rows: int, num_samples: int) -> int:
+    return min(num_samples, (shard + 1) * shard_rows) - 1
+
+
+def _progress(config: ExtractConfig, backbone: Backbone, pending: list[int], shard_rows: int, num_samples: int):
     from tqdm import tqdm
 
+    total = sum(_shard_end(k, shard_rows, num_samples) + 1 - k * shard_rows for k in pending)
+    return tqdm(total=total, unit="img", disable=config.quiet, desc=f"extract {backbone.name}", dynamic_ncols=True)
+
+
+def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
     model = prepare_model(backbone, weights, taps, device)
-    shard_rows, num_samples = config.shard_rows, len(source)
+    shard_rows, num_samples = shard_size(config), len(source)
     batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
     loader = image_loader(source, backbone, batches, config.workers, device)
-    total = sum(min(num_samples, (k + 1) * shard_rows) - k * shard_rows for k in pending)
-    progress = tqdm(total=total, unit="img", disable=config.quiet, desc=f"extract {backbone.name}",
-                    dynamic_ncols=True)
-    current, rows = None, _empty_shard(taps)
+    current, rows = None, ShardRows(taps, config.dtype)
     processed, write_seconds = 0, 0.0
     loop_started = time.perf_counter()
-    with progress:
+    with _progress(config, backbone, pending, shard_rows, num_samples) as progress:
         for pixels, indices, errors in loader:
             shard = (indices[0] if indices else errors[0][0]) // shard_rows
             if shard != current:
-                current, rows = shard, _empty_shard(taps)
+                current, rows = shard, ShardRows(taps, config.dtype)
             for index, reason in errors:
-                sample_id = source.samples[index].sample_id
-                if config.on_error == "fail":
-                    raise TLError(f"cannot decode {sample_id}: {reason}; fix or remove it, or pass --on-error skip")
-                rows["skipped"].append({"sample_id": sample_id, "reason": reason})
+                _note_error(config, rows, source.samples[index].sample_id, reason)
             if pixels is not None:
-                ids = [source.samples[i].sample_id for i in indices]
-                codes = forward_codes(model, pixels, device, precision)
-                _check_codes(codes, config.dtype, ids)
-                for tap in taps:
-                    rows["codes"][tap].append(codes[tap].astype(config.dtype, copy=False))
-                rows["targets"] += [source.samples[i].target for i in indices]
-                rows["ids"] += ids
+                columns: dict[str, list] = {}
+                for index in indices:
+                    for name, value in source.columns(index).items():
+                        columns.setdefault(name, []).append(value)
+                rows.add(forward_codes(model, pixels, device, precision), [source.samples[i].target for i in indices],
+                         [source.samples[i].sample_id for i in indices], columns)
             batch_size = len(indices) + len(errors)
             processed += batch_size
             progress.update(batch_size)
-            last = max(indices + [i for i, _ in errors])
-            if last == min(num_samples, (shard + 1) * shard_rows) - 1:
+            if max(indices + [i for i, _ in errors]) == _shard_end(shard, shard_rows, num_samples):
                 write_started = time.perf_counter()
-                _publish(writer, shard, taps, rows)
+                rows.publish(writer, shard)
                 write_seconds += time.perf_counter() - write_started
                 progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest['num_shards']}")
     return {"processed": processed, "loop": time.perf_counter() - loop_started, "write": write_seconds}
 
 
-def _empty_shard(taps: list[str]) -> dict:
-    return {"codes": {tap: [] for tap in taps}, "targets": [], "ids": [], "skipped": []}
+def _extract_patch_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
+    """Every kept patch of every image: images are decoded once (in workers), their patches pooled into
+    forward batches of --batch-size that run across image boundaries within a shard."""
+    model = prepare_model(backbone, weights, taps, device)
+    shard_rows, num_samples = shard_size(config), len(source)
+    dataset = PatchImages(source, backbone.input_size, config.patches, config.split in TRAINING_SPLITS, config.seed)
+    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
+    loader = DataLoader(dataset, batch_sampler=_shard_batches(pending, shard_rows, num_samples, 1),
+                        num_workers=workers, collate_fn=collate_patches, prefetch_factor=2 if workers else None)
+    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
+    current, rows, waiting = None, ShardRows(taps, config.dtype), []
+    processed, patches, write_seconds = 0, 0, 0.0
+    loop_started = time.perf_counter()
+
+    def forward(segments: list) -> None:
+        """Run one batch of patches (from one or several images) through the backbone; file their rows."""
+        pixels = torch.cat([item.pixels[start:stop] for item, start, stop in segments])
+        pixels = pixels.to(device, non_blocking=device.type == "cuda")
+        pixels = (pixels.float().div_(255.0) - mean) / std
+        codes = forward_codes(model, pixels, device, precision)
+        targets, ids, columns = [], [], {"image_id": [], "box": [], "scale": [], "image_target": [], "image_ignore": []}
+        for item, start, stop in segments:
+            sample = source.samples[item.index]
+            ignore = source.columns(item.index).get("ignore", np.zeros(len(sample.target), np.int8))
+            for row in range(start, stop):
+                targets.append(int(item.targets[row]))
+                ids.append(f"{sample.sample_id}/{row}")
+                columns["image_id"].append(sample.sample_id)
+                columns["box"].append(item.boxes[row].astype(np.float32))
+                columns["scale"].append(item.scales[row])
+                columns["image_target"].append(np.asarray(sample.target, np.int8))
+                columns["image_ignore"].append(ignore)
+        rows.add(codes, targets, ids, columns)
+
+    with _progress(config, backbone, pending, shard_rows, num_samples) as progress:
+        for (item,) in loader:
+            shard = item.index // shard_rows
+            if shard != current:
+                current, rows, waiting = shard, ShardRows(taps, config.dtype), []
+            if item.error:
+                _note_error(config, rows, source.samples[item.index].sample_id, item.error)
+            elif len(item.targets):
+                waiting.append((item, 0, len(item.targets)))
+                patches += len(item.targets)
+                while sum(stop - start for _, start, stop in waiting) >= config.batch_size:
+                    forward(_take(waiting, config.batch_size))
+            processed += 1
+            progress.update(1)
+            progress.set_postfix(patches=patches)
+            if item.index == _shard_end(shard, shard_rows, num_samples):
+                if waiting:
+                    forward(_take(waiting, sum(stop - start for _, start, stop in waiting)))
+                write_started = time.perf_counter()
+                rows.publish(writer, shard)
+                write_seconds += time.perf_counter() - write_started
+    return {"processed": processed, "loop": time.perf_counter() - loop_started, "write": write_seconds,
+            "patches": patches}
 
 
-def _publish(writer: CacheWriter, shard: int, taps: list[str], rows: dict) -> None:
-    codes = {
-        tap: np.concatenate(parts) if parts else np.zeros((0, writer.taps[tap]), np.float32)
-        for tap, parts in rows["codes"].items()
-    }
-    writer.write_shard(shard, codes, np.asarray(rows["targets"], dtype=np.int64), rows["ids"], rows["skipped"])
+def _take(waiting: list, count: int) -> list:
+    """Remove the first `count` patches from the waiting (item, start, stop) segments and return them."""
+    taken = []
+    while count:
+        item, start, stop = waiting[0]
+        step = min(count, stop - start)
+        taken.append((item, start, start + step))
+        if start + step == stop:
+            waiting.pop(0)
+        else:
+            waiting[0] = (item, start + step, stop)
+        count -= step
+    return taken

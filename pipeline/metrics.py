@@ -96,13 +96,14 @@ def _multi_hot(targets: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def summarize(targets: np.ndarray, scores: np.ndarray, class_names: list[str], ap_method: str = "voc07",
-              top_k: int = 5, ignore: np.ndarray | None = None) -> dict:
+              top_k: int = 5, ignore: np.ndarray | None = None, predicted: np.ndarray | None = None) -> dict:
     """Every number of a report, as plain JSON-ready values.
 
     `targets`: class indices (n,) or multi-hot rows (n, classes); `scores`: (n, classes). A multi-label
     row predicts every class scoring ≥ 0.5. Precision, recall, F1 and the confusion matrix come from
     scikit-learn; AP follows the VOC devkit (`average_precision`). `ignore` marks (row, class) pairs left
-    out of that class's AP.
+    out of that class's AP. `predicted` (multi-hot) replaces the 0.5 threshold when scores are not
+    probabilities (pooled patch scores).
     """
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
@@ -110,7 +111,7 @@ def summarize(targets: np.ndarray, scores: np.ndarray, class_names: list[str], a
     multilabel = targets.ndim == 2
     num_classes = scores.shape[1]
     if multilabel:
-        predicted = (scores >= 0.5).astype(np.int64)
+        predicted = (scores >= 0.5).astype(np.int64) if predicted is None else np.asarray(predicted, np.int64)
         support = targets.sum(axis=0)
     else:
         predicted = np.argmax(scores, axis=1)

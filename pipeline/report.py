@@ -51,7 +51,13 @@ def _number(value) -> str:
 
 def headline(report: dict) -> list[tuple[str, str]]:
     """The few numbers a reader looks at first, as (name, value) rows."""
-    rows = [("rows", str(report["rows"])),
+    rows = []
+    if "pooling" in report:
+        pooling = report["pooling"]
+        rows += [("patches pooled into images", f"{pooling['patches']} -> {pooling['images']} (exponent "
+                                                f"{pooling['exponent']:g})"),
+                 ("patch accuracy", _number(report["patch_accuracy"]))]
+    rows += [("rows", str(report["rows"])),
             ("accuracy" if not report["multilabel"] else "exact-match accuracy", _number(report["accuracy"]))]
     rows += [(key.replace("_", " "), _number(report[key])) for key in report if key.startswith("top")]
     rows += [(f"mAP ({report['ap_method']})", _number(report["mAP"]))]

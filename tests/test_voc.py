@@ -1,0 +1,122 @@
+"""PASCAL VOC: the devkit layout as a source, multiscale patch caches, and image-level mAP from pooled
+patch scores, on generated VOC-format folders of drawn shapes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cache.reader import CacheReader
+from pipeline.datasets import VOC_CLASSES, VocSource
+from pipeline.errors import DataError
+from pipeline.metrics import per_class_ap, mean_ap
+from pipeline.multiscale import patch_grid
+from tests.conftest import write_voc, write_voc_annotation
+
+FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "pool5", "--workers", "0", "--quiet"]
+
+
+def test_voc_source_targets_difficult_and_classes(tmp_path):
+    base = write_voc(tmp_path, {"trainval": 4})
+    write_voc_annotation(base, "000001", [("disc", (5, 5, 40, 40)), ("bar", (50, 10, 90, 30))], (120, 90),
+                         difficult=(1,))
+    source = VocSource(base, "trainval", "auto")
+    assert source.classes == ["bar", "disc", "square"] and source.target_kind == "multi-hot"
+    assert source.samples[0].target == (0, 1, 0)  # the bar is difficult: not a positive...
+    assert source.columns(0)["ignore"].tolist() == [1, 0, 0]  # ...and left out of the bar's AP
+    np.testing.assert_array_equal(source.annotations[0].boxes, [[5, 5, 40, 40], [50, 10, 90, 30]])
+    assert VocSource(base, "trainval", "square,disc,bar").classes == ["square", "disc", "bar"]
+    with pytest.raises(DataError, match="has class 'disc', not among the 20 classes; pass --classes auto"):
+        VocSource(base, "trainval")
+    assert len(VOC_CLASSES) == 20
+
+
+def test_voc_bad_inputs(tmp_path):
+    base = write_voc(tmp_path, {"trainval": 3}, with_size=False)
+    source = VocSource(base, "trainval", "auto")
+    assert (source.annotations[0].width, source.annotations[0].height) == (120, 90)  # read from the JPEG
+    write_voc_annotation(base, "000002", [("disc", (-10, 5, 40, 200))], (120, 90))
+    write_voc_annotation(base, "000003", [], (120, 90))  # no objects at all
+    source = VocSource(base, "trainval", "auto")
+    np.testing.assert_array_equal(source.annotations[1].boxes, [[0, 5, 40, 89]])
+    assert source.warnings == ["1 boxes reached outside their image and were clipped to it"]
+    assert sum(source.samples[2].target) == 0
+    with pytest.raises(DataError, match="no split file .*test.txt; splits here: trainval"):
+        VocSource(base, "test", "auto")
+    (base / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n000099\n")
+    with pytest.raises(DataError, match="names 000099 but .*000099.jpg is missing"):
+        VocSource(base, "trainval", "auto")
+
+
+def test_multiscale_pipeline_end_to_end(run_tl, tmp_path):
+    base = write_voc(tmp_path, {"trainval": 30, "test": 20})
+    common = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,2.0", *FAST]
+    train = run_tl("extract", *common, "--split", "trainval", "--background-fraction", "0.3", "--out", tmp_path / "tr")
+    assert train.code == 0 and "patches from 30 images" in train.out, train
+    assert run_tl("extract", *common, "--split", "test", "--out", tmp_path / "te", "--shard-rows", "8").code == 0
+    test_cache = CacheReader(tmp_path / "te")
+    assert test_cache.classes == ["background", "bar", "disc", "square"]
+    assert test_cache.num_rows == 20 * len(patch_grid(120, 90, (1.0, 2.0))[0])  # at test time every patch stays
+    boxes, scales = test_cache.load_column("box"), test_cache.load_column("scale")
+    assert boxes.shape == (test_cache.num_rows, 4) and set(scales.tolist()) == {1.0, 2.0}
+    assert len(set(test_cache.load_column("image_id"))) == 20
+    train_cache = CacheReader(tmp_path / "tr")
+    train_targets = train_cache.load_column("target")
+    assert train_cache.num_rows < 30 * len(patch_grid(120, 90, (1.0, 2.0))[0])  # background thinned
+    assert (train_targets > 0).sum() > 0.4 * len(train_targets)
+
+    assert run_tl("fit-head", "--cache", tmp_path / "tr", "--out", tmp_path / "h.pt").code == 0
+    result = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "te", "--out", tmp_path / "r",
+                    "--save-predictions", tmp_path / "p.csv")
+    assert result.code == 0 and "patches pooled into images" in result.out, result
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["rows"] == 20 and report["pooling"]["images"] == 20
+    chance = np.mean([c["support"] / 20 for c in report["classes"]])
+    assert report["mAP"] > max(0.85, chance + 0.3)
+    assert [c["name"] for c in report["classes"]] == ["bar", "disc", "square"]
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 21  # one row per image
+    single = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "tr", "--out", tmp_path / "r2")
+    assert single.code == 0  # a training cache (thinned background) pools the same way
+
+
+def test_image_level_voc_cache_uses_the_ignore_marks(run_tl, tmp_path):
+    base = write_voc(tmp_path, {"trainval": 12, "test": 8})
+    write_voc_annotation(base, "000013", [("disc", (5, 5, 40, 40)), ("bar", (50, 10, 90, 30))], (120, 90),
+                         difficult=(0,))
+    common = ["--format", "voc", "--data", base, "--classes", "auto", *FAST]
+    assert run_tl("extract", *common, "--split", "trainval", "--out", tmp_path / "tr").code == 0
+    assert run_tl("extract", *common, "--split", "test", "--out", tmp_path / "te").code == 0
+    reader = CacheReader(tmp_path / "te")
+    assert reader.manifest["target"] == "multi-hot" and reader.load_column("ignore")[0].tolist() == [0, 1, 0]
+    assert run_tl("fit-head", "--cache", tmp_path / "tr", "--out", tmp_path / "h.pt").code == 0
+    assert run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "te", "--out", tmp_path / "r",
+                  "--save-predictions", tmp_path / "p.csv", "--ap", "area").code == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    lines = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
+    scores = np.array([[float(v) for v in line[2:]] for line in lines])
+    targets, ignore = reader.load_column("target"), reader.load_column("ignore")
+    expected = mean_ap(per_class_ap(targets, scores, "area", ignore))
+    assert report["mAP"] == pytest.approx(expected, abs=1e-5)
+    head_on_patches = run_tl("extract", *common, "--split", "test", "--multiscale", "--scales", "1.0",
+                             "--out", tmp_path / "tp")
+    assert head_on_patches.code == 0
+    refused = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "tp", "--out", tmp_path / "r3")
+    assert refused.code == 2 and "holds other codes" in refused.err and "patches" in refused.err
+
+
+def test_multiscale_resume_is_bit_identical(run_tl, tmp_path):
+    base = write_voc(tmp_path, {"test": 6})
+    args = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,1.6",
+            "--split", "test", "--shard-rows", "2", "--batch-size", "7", *FAST]
+    assert run_tl("extract", *args, "--out", tmp_path / "whole").code == 0
+    assert run_tl("extract", *args, "--out", tmp_path / "resumed").code == 0
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    (tmp_path / "resumed" / "shard-00001.h5").unlink()
+    rerun = run_tl("extract", *args, "--out", tmp_path / "resumed")
+    assert rerun.code == 0 and "1 shards new, 2 reused" in rerun.out
+    whole, resumed = CacheReader(tmp_path / "whole"), CacheReader(tmp_path / "resumed")
+    np.testing.assert_array_equal(whole.load("pool5"), resumed.load("pool5"))
+    np.testing.assert_array_equal(whole.load_column("box"), resumed.load_column("box"))
+    assert manifest["num_shards"] == 3
