@@ -253,7 +253,10 @@ def example_data(out, per_class, seed):
 @click.option("--dropout", default=0.5, show_default=True, type=float, help="mlp: dropout after each hidden layer.")
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]),
               help="mlp and logreg --solver sgd.")
-@click.option("--lr", default=None, type=float, help="Learning rate, cosine-annealed [default: 0.05 sgd, 0.001 adam].")
+@click.option("--lr", default=None, type=float, help="Learning rate [default: 0.05 sgd, 0.001 adam].")
+@click.option("--lr-steps", default="", help="Epochs after which the lr drops by --lr-factor (e.g. 10,20); "
+                                               "none: cosine decay to zero over --max-epochs.")
+@click.option("--lr-factor", default=0.1, show_default=True, type=float)
 @click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum.")
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float,
               help="mlp: L2 on weights (logreg --solver sgd takes it from --C).")
@@ -273,15 +276,15 @@ def example_data(out, per_class, seed):
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Head file to write (.pt).")
-def fit_head(c_values, hidden, optimizer, lr, momentum, weight_decay, batch_size, max_epochs, early_stop,
-             patience, device, quiet, **options):
+def fit_head(c_values, hidden, optimizer, lr, lr_steps, lr_factor, momentum, weight_decay, batch_size, max_epochs,
+             early_stop, patience, device, quiet, **options):
     """Train a head on the codes of one cached layer and save it as one file."""
     from pipeline.heads import FitHeadConfig, TrainingOptions, fit_head as run_fit_head
 
     grid = _numbers(c_values, float, "--C")
     widths = _numbers(hidden, int, "--hidden")
-    training = TrainingOptions(optimizer, lr, momentum, weight_decay, batch_size, max_epochs, early_stop, patience,
-                               device, quiet)
+    training = TrainingOptions(optimizer, lr, _numbers(lr_steps, int, "--lr-steps"), lr_factor, momentum, weight_decay,
+                               batch_size, max_epochs, early_stop, patience, device, quiet)
     result = run_fit_head(FitHeadConfig(C=grid or (1.0,), hidden=widths, training=training, **options))
     click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {result.train_rows} training rows"
                + (f", chosen {result.chosen}" if result.chosen else ""))

@@ -510,10 +510,12 @@ def _standardize_module(head) -> Standardize:
 
 @dataclass
 class TrainingOptions:
-    """How a torch head trains: optimizer, cosine-annealed learning rate, epochs, early stopping."""
+    """How a torch head trains: optimizer, learning-rate schedule, epochs, early stopping."""
 
     optimizer: str = "sgd"
     lr: float | None = None  # None: 0.05 for SGD, 0.001 for Adam
+    lr_steps: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_factor; empty: cosine to zero
+    lr_factor: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
@@ -528,6 +530,9 @@ class TrainingOptions:
             raise HeadError(f"unknown --optimizer {self.optimizer}; valid: {', '.join(OPTIMIZERS)}")
         if self.lr is not None and not self.lr > 0:
             raise HeadError(f"--lr must be positive, got {self.lr}")
+        if any(step < 1 for step in self.lr_steps) or not 0 < self.lr_factor <= 1:
+            raise HeadError(f"--lr-steps must be epochs ≥ 1 and --lr-factor in (0, 1], got {list(self.lr_steps)} "
+                            f"and {self.lr_factor}")
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise HeadError("--batch-size, --max-epochs and --patience must be at least 1")
 
@@ -555,7 +560,10 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
         optimizer = torch.optim.SGD(groups, lr=options.lr or 0.05, momentum=options.momentum)
     else:
         optimizer = torch.optim.Adam(groups, lr=options.lr or 0.001)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.max_epochs)
+    if options.lr_steps:  # the neon recipe's step drops
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(options.lr_steps), options.lr_factor)
+    else:
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.max_epochs)
     loss_function = nn.BCEWithLogitsLoss() if rows.multilabel else nn.CrossEntropyLoss()
     curve, best = [], (math.inf, None, 0)
     progress = tqdm(range(options.max_epochs), desc=describe, unit="epoch", disable=options.quiet, dynamic_ncols=True)
@@ -757,7 +765,8 @@ def _validation_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[
         train_rows, val_rows = train_test_split(np.arange(len(targets)), test_size=fraction, random_state=seed,
                                                 stratify=None if targets.ndim == 2 else targets)
     except ValueError as exc:
-        raise HeadError(f"cannot split off a stratified validation set: {exc}") from None
+        raise HeadError(f"cannot split off a stratified validation set: {exc}; "
+                        "raise --val-fraction or pass --val-cache") from None
     return np.sort(train_rows), np.sort(val_rows)
 
 

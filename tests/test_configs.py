@@ -52,3 +52,23 @@ def test_digits_recipe_end_to_end(run_tl, tmp_path, monkeypatch):
     evaluated = run_tl("evaluate", "--config", config)
     assert evaluated.code == 0, evaluated
     assert json.loads((tmp_path / "reports/digits-logreg/report.json").read_text())["accuracy"] >= 0.5
+
+
+def test_voc_recipe_runs_on_a_voc_format_folder(run_tl, tmp_path, monkeypatch):
+    """The neon recipe's stages on drawn shapes: only the data, the classes, the scales and the
+    backbone's weights are overridden (no VOC 2007 or ImageNet AlexNet here)."""
+    from pipeline.examples import write_shapes_voc
+
+    monkeypatch.chdir(tmp_path)
+    base = write_shapes_voc(tmp_path, {"trainval": 16, "test": 8})
+    config = REPO / "configs" / "voc2007_alexnet_multiscale.yaml"
+    here = ["--data", base, "--classes", "auto", "--scales", "1.0,2.0", "--weights", "none", "--layers", "pool5",
+            "--quiet"]
+    assert run_tl("extract", "--config", config, *here).code == 0
+    assert run_tl("extract", "--config", config, *here, "--split", "test", "--out", "caches/voc07-alexnet-test").code == 0
+    fitted = run_tl("fit-head", "--config", config, "--max-epochs", "3", "--hidden", "64", "--val-fraction", "0.3", "--quiet")
+    assert fitted.code == 0, fitted
+    evaluated = run_tl("evaluate", "--config", config)
+    assert evaluated.code == 0 and "patches pooled into images" in evaluated.out, evaluated
+    report = json.loads((tmp_path / "reports/voc07-alexnet-multiscale/report.json").read_text())
+    assert report["pooling"]["exponent"] == 5 and report["ap_method"] == "voc07"

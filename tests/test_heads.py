@@ -289,3 +289,14 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
     assert "--hidden takes int numbers" in refused(tmp_path / "good", "--head", "mlp", "--hidden", "wide")
     assert "--val-fraction must be between 0 and 1" in refused(tmp_path / "good", "--val-fraction", "1.5")
     assert "is not a tl cache" in refused(tmp_path / "absent")
+
+
+def test_step_schedule_drops_the_learning_rate():
+    codes, targets = blobs(14, n=100)
+    options = TrainingOptions(lr=0.1, lr_steps=(2, 4), lr_factor=0.5, max_epochs=5)
+    head = MlpHead(hidden=(8,), training=options).fit(codes, targets)
+    assert [point["lr"] for point in head.curve_] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    cosine = MlpHead(hidden=(8,), training=TrainingOptions(lr=0.1, max_epochs=4)).fit(codes, targets)
+    assert [point["lr"] for point in cosine.curve_] == pytest.approx([0.1, 0.085355, 0.05, 0.014645], abs=1e-6)
+    with pytest.raises(HeadError, match="--lr-steps must be epochs"):
+        MlpHead(training=TrainingOptions(lr_steps=(0,))).fit(codes, targets)

@@ -11,15 +11,15 @@ import pytest
 from cache.reader import CacheReader
 from pipeline.datasets import VOC_CLASSES, VocSource
 from pipeline.errors import DataError
+from pipeline.examples import write_shapes_voc, write_voc_annotation
 from pipeline.metrics import per_class_ap, mean_ap
 from pipeline.multiscale import patch_grid
-from tests.conftest import write_voc, write_voc_annotation
 
 FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "pool5", "--workers", "0", "--quiet"]
 
 
 def test_voc_source_targets_difficult_and_classes(tmp_path):
-    base = write_voc(tmp_path, {"trainval": 4})
+    base = write_shapes_voc(tmp_path, {"trainval": 4})
     write_voc_annotation(base, "000001", [("disc", (5, 5, 40, 40)), ("bar", (50, 10, 90, 30))], (120, 90),
                          difficult=(1,))
     source = VocSource(base, "trainval", "auto")
@@ -34,7 +34,7 @@ def test_voc_source_targets_difficult_and_classes(tmp_path):
 
 
 def test_voc_bad_inputs(tmp_path):
-    base = write_voc(tmp_path, {"trainval": 3}, with_size=False)
+    base = write_shapes_voc(tmp_path, {"trainval": 3}, with_size=False)
     source = VocSource(base, "trainval", "auto")
     assert (source.annotations[0].width, source.annotations[0].height) == (120, 90)  # read from the JPEG
     write_voc_annotation(base, "000002", [("disc", (-10, 5, 40, 200))], (120, 90))
@@ -51,7 +51,7 @@ def test_voc_bad_inputs(tmp_path):
 
 
 def test_multiscale_pipeline_end_to_end(run_tl, tmp_path):
-    base = write_voc(tmp_path, {"trainval": 30, "test": 20})
+    base = write_shapes_voc(tmp_path, {"trainval": 30, "test": 20})
     common = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,2.0", *FAST]
     train = run_tl("extract", *common, "--split", "trainval", "--background-fraction", "0.3", "--out", tmp_path / "tr")
     assert train.code == 0 and "patches from 30 images" in train.out, train
@@ -82,7 +82,7 @@ def test_multiscale_pipeline_end_to_end(run_tl, tmp_path):
 
 
 def test_image_level_voc_cache_uses_the_ignore_marks(run_tl, tmp_path):
-    base = write_voc(tmp_path, {"trainval": 12, "test": 8})
+    base = write_shapes_voc(tmp_path, {"trainval": 12, "test": 8})
     write_voc_annotation(base, "000013", [("disc", (5, 5, 40, 40)), ("bar", (50, 10, 90, 30))], (120, 90),
                          difficult=(0,))
     common = ["--format", "voc", "--data", base, "--classes", "auto", *FAST]
@@ -107,7 +107,7 @@ def test_image_level_voc_cache_uses_the_ignore_marks(run_tl, tmp_path):
 
 
 def test_multiscale_resume_is_bit_identical(run_tl, tmp_path):
-    base = write_voc(tmp_path, {"test": 6})
+    base = write_shapes_voc(tmp_path, {"test": 6})
     args = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,1.6",
             "--split", "test", "--shard-rows", "2", "--batch-size", "7", *FAST]
     assert run_tl("extract", *args, "--out", tmp_path / "whole").code == 0
