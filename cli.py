@@ -146,11 +146,13 @@ def tl():
 @click.option("--classes", default="voc", show_default=True,
               help="voc data: voc (the 20 classes), auto (names found in the annotations), or a comma list.")
 @click.option("--multiscale", is_flag=True, help="Oquab et al. patches at many scales instead of one centre crop.")
-@click.option("--scales", default=",".join(str(s) for s in (1.0, 1.3, 1.6, 2.0, 2.3, 2.6, 3.0, 3.3, 3.6, 4.0, 4.3, 4.6, 5.0)),
-              show_default=True, help="--multiscale: patch side is (min(H, W) - 1) / scale.")
+@click.option("--scales", default=None,
+              help="--multiscale: comma-separated; the patch side is (min(H, W) - 1) / scale "
+                   "[default: the paper's 13, 1.0 1.3 1.6 2.0 ... 4.6 5.0].")
 @click.option("--patch-overlap", default=0.2, show_default=True, type=float,
               help="--multiscale: a box labels a patch when it covers this share of the patch...")
-@click.option("--box-overlap", default=0.6, show_default=True, type=float, help="...and the patch this share of the box.")
+@click.option("--box-overlap", default=0.6, show_default=True, type=float,
+              help="...and the patch this share of the box.")
 @click.option("--background-fraction", default=0.1, show_default=True, type=float,
               help="--multiscale, train/trainval splits: share of background patches kept (seeded).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -163,7 +165,8 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
 
     from pipeline.multiscale import PatchSettings
 
-    patches = PatchSettings(_numbers(scales, float, "--scales"), patch_overlap, box_overlap, background_fraction)
+    patches = PatchSettings(_numbers(scales, float, "--scales") if scales else PatchSettings.scales, patch_overlap,
+                            box_overlap, background_fraction)
     config = ExtractConfig(format=format_, layers=_csv_list(layers), patches=patches, **options)
     result = run_extract(config)
     rate = result.images_processed / result.loop_seconds if result.loop_seconds else 0.0

@@ -95,7 +95,8 @@ class FileListSource(Source):
             else:
                 raise DataError(f"{path} does not exist; pass image files or folders of images")
         if not files:
-            raise DataError(f"no images under {', '.join(str(p) for p in paths)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+            raise DataError(f"no images under {', '.join(str(p) for p in paths)} "
+                            f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
         super().__init__([], [Sample(str(f), -1, str(f), "") for f in files])
 
 
@@ -366,7 +367,8 @@ class VocSource(Source):
                 bndbox = element.find("bndbox")
                 # VOC boxes are 1-based inclusive pixel indices
                 box = tuple(float(bndbox.findtext(k)) - 1 for k in ("xmin", "ymin", "xmax", "ymax"))
-                objects.append((element.findtext("name").strip(), box, element.findtext("difficult", "0").strip() == "1"))
+                difficult = element.findtext("difficult", "0").strip() == "1"
+                objects.append((element.findtext("name").strip(), box, difficult))
             size = tree.find("size")
             width = int(float(size.findtext("width"))) if size is not None and size.findtext("width") else 0
             height = int(float(size.findtext("height"))) if size is not None and size.findtext("height") else 0

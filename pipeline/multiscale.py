@@ -34,7 +34,8 @@ class PatchSettings:
 
     def check(self) -> None:
         if not self.scales or any(not scale >= 1.0 for scale in self.scales):
-            raise DataError(f"--scales must be numbers of at least 1.0 (1.0: the largest square), got {list(self.scales)}")
+            raise DataError(f"--scales must be numbers of at least 1.0 (1.0: the largest square), "
+                            f"got {list(self.scales)}")
         for name in ("patch_overlap", "box_overlap"):
             if not 0 < getattr(self, name) <= 1:
                 raise DataError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")
