@@ -208,6 +208,12 @@ def info(cache, verify):
     data = key["dataset"]
     click.echo(f"data       {data['format']} split {data['split']}, fingerprint {data['fingerprint'][:12]}"
                + (f", {data['samples_per_class']} per class" if data["samples_per_class"] else ""))
+    if key["patches"]:
+        patches = key["patches"]
+        kept = data.get("background_fraction")
+        click.echo(f"patches    scales {', '.join(f'{s:g}' for s in patches['scales'])}; a box labels a patch "
+                   f"covering {patches['patch_overlap']:g} of it and {patches['box_overlap']:g} of the box; "
+                   + (f"{kept:g} of background kept" if kept is not None else "every patch kept"))
     for tap, spec in manifest["taps"].items():
         click.echo(f"layer      {tap:<8} width {spec['width']:<6} {spec['dtype']}")
     shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
