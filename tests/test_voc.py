@@ -62,6 +62,9 @@ def test_multiscale_pipeline_end_to_end(run_tl, tmp_path):
     boxes, scales = test_cache.load_column("box"), test_cache.load_column("scale")
     assert boxes.shape == (test_cache.num_rows, 4) and set(scales.tolist()) == {1.0, 2.0}
     assert len(set(test_cache.load_column("image_id"))) == 20
+    info = run_tl("info", tmp_path / "te").out
+    assert "scales 1, 2" in info and "every patch kept" in info
+    assert "0.3 of background kept" in run_tl("info", tmp_path / "tr").out
     train_cache = CacheReader(tmp_path / "tr")
     train_targets = train_cache.load_column("target")
     assert train_cache.num_rows < 30 * len(patch_grid(120, 90, (1.0, 2.0))[0])  # background thinned
