@@ -311,9 +311,17 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 
 @tl.command()
 @config_option
-@click.option("--head", type=click.Path(path_type=Path), required=True, help="Head file written by tl fit-head.")
-@click.option("--cache", type=click.Path(path_type=Path), required=True,
+@click.option("--head", type=click.Path(path_type=Path), default=None, help="Head file written by tl fit-head.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="Cache of the data to evaluate on (same backbone, weights and layer as the head's).")
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="Model file written by tl finetune (instead of --head/--cache).")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="With --model: the images to evaluate on.")
+@click.option("--format", "format_", default="imagefolder", show_default=True,
+              type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb", "voc"]), help="With --model.")
+@click.option("--split", default="test", show_default=True, help="With --model.")
+@click.option("--classes", default="voc", show_default=True, help="With --model and voc data.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.json, report.md, plots.")
 @click.option("--ap", default="voc07", show_default=True, type=click.Choice(["voc07", "area"]),
               help="AP: VOC 2007 11-point interpolation, or area under the precision envelope.")
@@ -323,19 +331,23 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @click.option("--block-rows", default=4096, show_default=True, type=int, help="Rows read from the cache at a time.")
 @click.option("--exponent", default=5.0, show_default=True, type=float,
               help="Patch caches: an image's class score is the sum of its patch scores to this power.")
-def evaluate(**options):
-    """Accuracy, top-k, per-class precision/recall/F1 and AP, mAP, confusion matrix; a report with plots."""
+def evaluate(format_, **options):
+    """Accuracy, top-k, per-class precision/recall/F1 and AP, mAP, confusion matrix; a report with plots.
+
+    Either a head on a cache (--head, --cache) or a finetuned model on images (--model, --data).
+    """
     from pipeline.evaluate import EvaluateConfig, run_evaluate
     from pipeline.report import summary_table
 
-    result = run_evaluate(EvaluateConfig(**options))
+    result = run_evaluate(EvaluateConfig(format=format_, **options))
     click.echo(summary_table(result.report))
     click.echo(f"\nreport: {result.out / 'report.md'} (+ {', '.join(p.name for p in result.files[2:])})")
 
 
 @tl.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--head", type=click.Path(path_type=Path), required=True, help="Head file written by tl fit-head.")
+@click.option("--head", type=click.Path(path_type=Path), default=None, help="Head file written by tl fit-head.")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Or a model file from tl finetune.")
 @click.option("--top-k", default=5, show_default=True, type=int, help="Labels per image, best first.")
 @click.option("--weights", default=None, help="The backbone's state dict file, when the head's cache was made from one.")
 @click.option("--batch-size", default=32, show_default=True, type=int)
@@ -369,6 +381,18 @@ def predict(paths, **options):
 
 
 @tl.command()
+@click.option("--model", type=click.Path(path_type=Path), required=True, help="Model file written by tl finetune.")
+@click.option("--format", "format_", required=True, type=click.Choice(["torchscript", "onnx"]))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="File to write.")
+def export(model, format_, out):
+    """Write a finetuned model as TorchScript or ONNX (pixels -> probabilities), checked on a sample batch."""
+    from pipeline.finetune import export_model
+
+    difference = export_model(model, format_, out)
+    click.echo(f"wrote {out} ({format_}); largest difference from the model on a sample batch {difference:.1e}")
+
+
+@tl.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("tl-quickstart"), show_default=True,
               help="Folder for the data, caches, head and report.")
 @click.option("--per-class", default=50, show_default=True, type=int,
@@ -389,16 +413,60 @@ def quickstart(out, per_class, seed, quiet):
     click.echo(f"next: tl predict --head {result.head} IMAGE...")
 
 
-def _not_yet(name: str, issue: str):
-    @tl.command(name, help=f"Not yet available: {issue}.", add_help_option=False,
-                context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def command():
-        raise TLError(f"tl {name} is not yet available ({issue}); use tl extract and read caches with cache.reader")
+@tl.command()
+@config_option
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Training images (as for tl extract).")
+@click.option("--format", "format_", default="imagefolder", show_default=True,
+              type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb", "voc"]))
+@click.option("--split", default="train", show_default=True)
+@click.option("--classes", default="voc", show_default=True, help="voc data: voc, auto or a comma list.")
+@click.option("--samples-per-class", default=None, type=int, help="Seeded, stratified subset of N per class.")
+@click.option("--head", type=click.Path(path_type=Path), required=True,
+              help="Stage-two head: the model is its backbone up to its layer, then the head.")
+@click.option("--unfreeze", default=0, show_default=True, type=int,
+              help="Also train the last N conv layers and every layer after them (0: the head only).")
+@click.option("--epochs", default=10, show_default=True, type=int, help="0: only evaluate (and write the model).")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
+@click.option("--lr", default=0.001, show_default=True, type=float, help="Learning rate of the head.")
+@click.option("--momentum", default=0.9, show_default=True, type=float)
+@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
+@click.option("--lr-steps", default="", help="Epochs after which the lr drops (e.g. 10,20).")
+@click.option("--lr-factors", default="0.1", show_default=True,
+              help="Factor of each drop (one value: the same for every step).")
+@click.option("--backbone-lr-scale", default=0.1, show_default=True, type=float,
+              help="Backbone layers learn at lr times this.")
+@click.option("--val-data", type=click.Path(path_type=Path), default=None, help="Validation images, same format.")
+@click.option("--val-split", default=None, help="Split of --val-data [default: --split].")
+@click.option("--early-stop/--no-early-stop", default=False, show_default=True,
+              help="Stop after --patience epochs without a lower validation loss; keep the best epoch.")
+@click.option("--patience", default=3, show_default=True, type=int)
+@click.option("--backbone", default=None, help="Refuse a head made from another backbone.")
+@click.option("--weights", default=None, help="The backbone's weights file, when the head's codes came from one.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint (OUT.last.ckpt).")
+@click.option("--overwrite", is_flag=True, help="Start over even though a checkpoint exists.")
+@click.option("--workers", default=0, show_default=True, type=int, help="Decoding processes.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quiet", is_flag=True, help="Only the summary.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")
+def finetune(format_, lr_steps, lr_factors, quiet, **options):
+    """Train the head with the last conv layers end to end; a checkpoint every epoch, --resume after a stop."""
+    from pipeline.finetune import FinetuneConfig, checkpoint_paths, run_finetune
 
-    return command
+    config = FinetuneConfig(format=format_, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
+                            lr_factors=_numbers(lr_factors, float, "--lr-factors"), quiet=quiet, **options)
+    result = run_finetune(config, say=(lambda text: None) if quiet else click.echo)
+    last, best = checkpoint_paths(config.out)
+    click.echo(f"wrote {result.out}: {result.epochs_run} epochs run"
+               + (f" (resumed after epoch {result.resumed_from})" if result.resumed_from else "")
+               + (", stopped early" if result.stopped_early else "")
+               + (f", kept epoch {result.best_epoch}" if config.early_stop and result.best_epoch else "")
+               + f"; checkpoints {last.name}" + (f", {best.name}" if best.exists() else ""))
+    if result.val:
+        click.echo("  validation " + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in result.val.items()))
 
 
-_not_yet("finetune", "stage three: unfreeze the last conv layers")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,9 +19,17 @@ from pipeline.report import write_predictions, write_report
 
 @dataclass
 class EvaluateConfig:
-    head: Path
-    cache: Path
+    head: Path | None
+    cache: Path | None
     out: Path
+    model: Path | None = None  # a tl finetune model, scored over --data instead of a cache
+    data: Path | None = None
+    format: str = "imagefolder"
+    split: str = "test"
+    classes: str = "voc"
+    batch_size: int = 32
+    workers: int | None = 0
+    device: str = "auto"
     ap: str = "voc07"
     top_k: int = 5
     save_predictions: Path | None = None
@@ -43,13 +51,19 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         raise HeadError(f"unknown --ap {config.ap}; valid: {', '.join(AP_METHODS)}")
     if config.top_k < 1:
         raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
+    if (config.model is None) == (config.head is None) or (config.head is None) != (config.cache is None) \
+            or (config.model is None) != (config.data is None):
+        raise HeadError("evaluate either --head H --cache C, or --model M --data D")
+    if config.model is not None:
+        return _evaluate_model(config)
     head, metadata = load_head(config.head)
     reader = CacheReader(config.cache)
     if reader.num_rows == 0:
         raise HeadError(f"cache {config.cache} has no rows; extract images into it first")
     check_head_fits_cache(metadata, head.multilabel_, reader.manifest, config.head, config.cache)
     rows = CodeRows.from_cache(reader, metadata["layer"], block_rows=config.block_rows)
-    targets = head_targets(rows.targets, reader.classes, metadata["classes"], config.cache, config.head)
+    targets = head_targets(rows.targets, reader.classes, metadata["classes"], f"cache {config.cache}",
+                           f"head {config.head}")
     scores = score_rows(head, rows)
     if reader.manifest["key"]["patches"] is not None:
         ids, targets, scores, names, extra = _pooled(reader, targets, scores, metadata["classes"], config)
@@ -62,6 +76,40 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     report["source"] = {"head": str(config.head), "kind": metadata["kind"], "layer": metadata["layer"],
                         "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"]}
     files = write_report(config.out, report, targets, scores, head.curve_)
+    if config.save_predictions is not None:
+        files.append(write_predictions(config.save_predictions, ids, targets, scores, names))
+    return EvaluateResult(Path(config.out), report, files)
+
+
+def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
+    """A finetuned model over a data set: the same metrics and report as a head over a cache."""
+    from pipeline.backbones import get_backbone
+    from pipeline.datasets import open_source
+    from pipeline.extract import resolve_device
+    from pipeline.finetune import load_model_file, score_source
+
+    model, metadata = load_model_file(config.model)
+    device = resolve_device(config.device)
+    source = open_source(config.format, config.data, config.split, classes=config.classes)
+    names = metadata["classes"]
+    targets = head_targets(np.array([s.target for s in source.samples]), source.classes, names,
+                           f"data {config.data}", f"model {config.model}")
+    backbone = get_backbone(metadata["codes_key"]["backbone"])
+    scores = score_source(model.to(device), source, backbone.transform(), config.batch_size, config.workers, device,
+                          multilabel=targets.ndim == 2)
+    readable = ~np.isnan(scores).any(axis=1)
+    if not readable.any():
+        raise HeadError(f"no image of {config.data} could be read; check the data")
+    ids = np.array([s.sample_id for s in source.samples])[readable]
+    ignore = np.array([source.columns(i).get("ignore") for i in np.flatnonzero(readable)]) \
+        if targets.ndim == 2 and source.columns(0) else None
+    targets, scores = targets[readable], scores[readable]
+    report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
+    report["source"] = {"model": str(config.model), "kind": f"finetuned {metadata['head']['kind']}",
+                        "layer": metadata["layer"], "cache": f"{config.data} ({config.format}, {config.split})",
+                        "backbone": backbone.name, "unreadable": int((~readable).sum())}
+    history = metadata["history"] or None
+    files = write_report(config.out, report, targets, scores, history)
     if config.save_predictions is not None:
         files.append(write_predictions(config.save_predictions, ids, targets, scores, names))
     return EvaluateResult(Path(config.out), report, files)
@@ -80,9 +128,9 @@ def _pooled(reader, patch_targets: np.ndarray, patch_scores: np.ndarray, head_cl
     first = np.sort(first)  # one row per image, in the order pooling returns them
     object_classes = head_classes[1:]
     image_targets = head_targets(reader.load_column("image_target")[first].astype(np.int64), reader.classes[1:],
-                                 object_classes, config.cache, config.head)
+                                 object_classes, f"cache {config.cache}", f"head {config.head}")
     ignore = head_targets(reader.load_column("image_ignore")[first].astype(np.int64), reader.classes[1:],
-                          object_classes, config.cache, config.head)
+                          object_classes, f"cache {config.cache}", f"head {config.head}")
     rank = {image_id: position for position, image_id in enumerate(ids)}
     predicted = np.zeros_like(pooled, dtype=np.int64)
     np.maximum.at(predicted, np.array([rank[i] for i in image_ids]), (patch_scores[:, 1:] >= 0.5).astype(np.int64))
@@ -109,16 +157,17 @@ def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: dict, head
                         f"{kinds[multilabel]}; evaluate on a cache of the same kind of labels")
 
 
-def head_targets(targets: np.ndarray, cache_classes: list[str], head_classes: list[str], cache_path,
-                 head_path) -> np.ndarray:
-    """The cache's targets renumbered into the head's classes (matched by name)."""
+def head_targets(targets: np.ndarray, data_classes: list[str], head_classes: list[str], data: str,
+                 head: str) -> np.ndarray:
+    """Targets renumbered from the data's classes into the head's (matched by name). `data` and `head`
+    name the two in the error, e.g. "cache caches/test" and "head heads/h.pt"."""
     position = {name: index for index, name in enumerate(head_classes)}
     used = np.flatnonzero(targets.sum(axis=0)) if targets.ndim == 2 else np.unique(targets)
-    unknown = [cache_classes[c] for c in used if cache_classes[c] not in position]
+    unknown = [data_classes[c] for c in used if data_classes[c] not in position]
     if unknown:
-        raise HeadError(f"cache {cache_path} has labels head {head_path} does not know: {', '.join(unknown[:8])}"
-                        f"{' ...' if len(unknown) > 8 else ''}; evaluate on data of the head's classes")
-    mapping = np.array([position.get(name, -1) for name in cache_classes])
+        raise HeadError(f"{data} has labels {head} does not know: {', '.join(unknown[:8])}"
+                        f"{' ...' if len(unknown) > 8 else ''}; use data of the head's classes")
+    mapping = np.array([position.get(name, -1) for name in data_classes])
     if targets.ndim == 1:
         return mapping[targets]
     renumbered = np.zeros((len(targets), len(head_classes)), dtype=targets.dtype)

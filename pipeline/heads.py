@@ -208,6 +208,14 @@ class Head(ABC):
     def _activation(self) -> nn.Module:
         return nn.Sigmoid() if self.multilabel_ else nn.Softmax(dim=1)
 
+    @abstractmethod
+    def logits_module(self) -> nn.Module:
+        """codes -> logits (before softmax or sigmoid): what stage three trains on."""
+
+    def to_module(self) -> nn.Module:
+        """codes -> class probabilities, the same function as `predict_proba`."""
+        return nn.Sequential(*self.logits_module(), self._activation()).eval()
+
     def _learned(self) -> dict:
         return {"multilabel": self.multilabel_, "num_classes": self.num_classes_, "curve": self.curve_}
 
@@ -232,14 +240,12 @@ class LinearHead(Head):
         weights = np.exp(logits)
         return weights / weights.sum(axis=1, keepdims=True)
 
-    def to_module(self) -> nn.Module:
-        """codes -> class probabilities, the same function as `predict_proba`."""
+    def logits_module(self) -> nn.Module:
         linear = nn.Linear(self.coef_.shape[1], self.coef_.shape[0])
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(self.coef_))
             linear.bias.copy_(torch.from_numpy(self.intercept_))
-        standardize = Standardize(torch.from_numpy(self.mean_).float(), torch.from_numpy(self.scale_).float())
-        return nn.Sequential(standardize, linear, self._activation()).eval()
+        return nn.Sequential(_standardize_module(self), linear).eval()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(np.asarray(getattr(self, name)))
@@ -444,9 +450,8 @@ class MlpHead(Head):
         layers.append(nn.Linear(width, self.num_classes_))
         return nn.Sequential(*layers)
 
-    def to_module(self) -> nn.Module:
-        """codes -> class probabilities, the same function as `predict_proba`."""
-        return nn.Sequential(*copy.deepcopy(self.network_), self._activation()).eval()
+    def logits_module(self) -> nn.Module:
+        return copy.deepcopy(self.network_).eval()
 
     def predict_proba(self, codes: np.ndarray) -> np.ndarray:
         codes = torch.from_numpy(_checked(codes, "codes").astype(np.float32))
@@ -657,6 +662,11 @@ def load_head(path: Path):
         tensors = payload["tensors"]
     except Exception:  # any unpickling or JSON failure means the same thing to the user
         raise HeadError(f"{path} is not a tl head file; train one with tl fit-head") from None
+    return head_from_payload(metadata, tensors, path)
+
+
+def head_from_payload(metadata, tensors: dict, path) -> tuple[Head, dict]:
+    """(head, metadata) from a head file's two parts, wherever they were stored."""
     if not isinstance(metadata, dict) or metadata.get("format") != HEAD_FORMAT \
             or metadata.get("kind") not in HEAD_KINDS:
         raise HeadError(f"{path} is not a {HEAD_FORMAT} head file; train one with tl fit-head")

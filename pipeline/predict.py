@@ -19,8 +19,9 @@ from pipeline.heads import HeadError, load_head
 
 @dataclass
 class PredictConfig:
-    head: Path
+    head: Path | None
     paths: tuple[Path, ...]
+    model: Path | None = None  # a tl finetune model instead of a head
     top_k: int = 5
     weights: str | None = None  # the state dict file, when the head's codes came from one
     batch_size: int = 32
@@ -42,18 +43,12 @@ def run_predict(config: PredictConfig) -> Iterator[Prediction]:
         raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
     if config.batch_size < 1:
         raise HeadError(f"--batch-size must be at least 1, got {config.batch_size}")
-    head, metadata = load_head(config.head)
-    key = metadata["codes_key"]
-    backbone = get_backbone(key["backbone"])
-    if backbone.preprocessing() != key["preprocessing"]:
-        raise HeadError(f"{backbone.name}'s preprocessing in this tl differs from the one head {config.head} was "
-                        "trained with; re-extract the cache and refit the head")
-    source = FileListSource(list(config.paths))
-    weights = weights_for_digest(backbone, key["weights"], config.weights)
+    if (config.head is None) == (config.model is None):
+        raise HeadError("predict with either --head H or --model M")
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    layer = metadata["layer"]
-    model = prepare_model(backbone, weights, [layer], device)
+    probabilities_of, metadata = (_model_scorer if config.model else _head_scorer)(config, device)
+    backbone = get_backbone(metadata["codes_key"]["backbone"])
+    source = FileListSource(list(config.paths))
     classes = metadata["classes"]
     top_k = min(config.top_k, len(classes))
     batches = [list(range(start, min(start + config.batch_size, len(source))))
@@ -61,7 +56,7 @@ def run_predict(config: PredictConfig) -> Iterator[Prediction]:
     for pixels, indices, errors in image_loader(source, backbone, batches, config.workers, device):
         found = {}
         if pixels is not None:
-            probabilities = head.predict_proba(forward_codes(model, pixels, device, precision)[layer])
+            probabilities = probabilities_of(pixels)
             for index, row in zip(indices, probabilities):
                 best = np.argsort(-row, kind="stable")[:top_k]
                 found[index] = Prediction(source.samples[index].sample_id, [(classes[c], float(row[c])) for c in best])
@@ -69,3 +64,36 @@ def run_predict(config: PredictConfig) -> Iterator[Prediction]:
             found[index] = Prediction(source.samples[index].sample_id, [], reason)
         for index in sorted(found):
             yield found[index]
+
+
+def _head_scorer(config: PredictConfig, device):
+    """pixels -> probabilities through the head's backbone (rebuilt from its metadata) and the head."""
+    head, metadata = load_head(config.head)
+    key = metadata["codes_key"]
+    backbone = get_backbone(key["backbone"])
+    if backbone.preprocessing() != key["preprocessing"]:
+        raise HeadError(f"{backbone.name}'s preprocessing in this tl differs from the one head {config.head} was "
+                        "trained with; re-extract the cache and refit the head")
+    weights = weights_for_digest(backbone, key["weights"], config.weights)
+    precision = resolve_precision(config.precision, device)
+    layer = metadata["layer"]
+    model = prepare_model(backbone, weights, [layer], device)
+    return (lambda pixels: head.predict_proba(forward_codes(model, pixels, device, precision)[layer])), metadata
+
+
+def _model_scorer(config: PredictConfig, device):
+    """pixels -> probabilities through a finetuned model."""
+    import torch
+
+    from pipeline.finetune import load_model_file
+
+    model, metadata = load_model_file(config.model)
+    model.to(device)
+    multilabel = metadata["head"]["state"]["multilabel"]
+
+    def probabilities_of(pixels):
+        with torch.inference_mode():
+            logits = model(pixels.to(device))
+            return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).double().cpu().numpy()
+
+    return probabilities_of, metadata

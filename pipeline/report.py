@@ -71,8 +71,9 @@ def markdown(report: dict) -> str:
     source = report.get("source", {})
     lines = ["# tl evaluation report", ""]
     if source:
-        lines += [f"- head: `{source.get('head')}` ({source.get('kind')} on {source.get('layer')})",
-                  f"- cache: `{source.get('cache')}`", ""]
+        lines += [f"- {'model' if 'model' in source else 'head'}: `{source.get('model') or source.get('head')}` "
+                  f"({source.get('kind')} on {source.get('layer')})",
+                  f"- {'data' if 'model' in source else 'cache'}: `{source.get('cache')}`", ""]
     lines += ["| metric | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in headline(report)]
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | AP | support |", "|---|---|---|---|---|---|"]
     for entry in report["classes"]:

@@ -1,0 +1,519 @@
+"""Stage three: the backbone up to the head's tap plus the stage-two head, trained end to end with the
+last N conv layers unfrozen; an atomic checkpoint every epoch, resume, early stopping, a model file.
+
+Every epoch draws its order and augmentation from (seed, epoch) alone, so a resumed run repeats the
+epochs an uninterrupted one would have run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from pipeline import __version__
+from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
+from pipeline.datasets import open_source
+from pipeline.errors import TLError
+from pipeline.extract import DecodedImages, collate_decoded, resolve_device
+from pipeline.heads import HeadError, head_from_payload, load_head, validation_score
+
+MODEL_FORMAT = "tl-model/1"
+CHECKPOINT_FORMAT = "tl-checkpoint/1"
+
+
+class FinetuneError(TLError):
+    """A finetune run that cannot start or go on as asked."""
+
+
+class FinetuneModel(nn.Module):
+    """pixels -> logits: the frozen-or-not backbone cut at the head's tap, then the head's layers.
+
+    Layers before the first trainable one stay in eval mode even in `train()`, so frozen BatchNorm
+    statistics never move and frozen dropout stays off, as in stage one.
+    """
+
+    def __init__(self, features: TapModel, tap: str, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.tap = tap
+        self.head = head
+        self.frozen_modules: list[nn.Module] = []
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels)[self.tap])
+
+    def train(self, mode: bool = True) -> "FinetuneModel":
+        super().train(mode)
+        for module in self.frozen_modules:
+            module.eval()
+        return self
+
+
+@dataclass
+class FinetuneConfig:
+    data: Path
+    head: Path
+    out: Path
+    format: str = "imagefolder"
+    split: str = "train"
+    classes: str = "voc"
+    val_data: Path | None = None
+    val_split: str | None = None  # None: the same split name as --split
+    samples_per_class: int | None = None
+    unfreeze: int = 0
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_steps: tuple[int, ...] = ()
+    lr_factors: tuple[float, ...] = (0.1,)
+    backbone_lr_scale: float = 0.1
+    early_stop: bool = False
+    patience: int = 3
+    backbone: str | None = None  # when given, the head must come from this backbone
+    weights: str | None = None  # the backbone's weights file, when the head's codes came from one
+    resume: bool = False
+    overwrite: bool = False
+    workers: int | None = 0
+    device: str = "auto"
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    epochs_run: int
+    history: list[dict]
+    trainable: dict  # parameters, layers
+    best_epoch: int | None
+    resumed_from: int | None = None
+    stopped_early: bool = False
+    val: dict | None = None  # the final model's validation metrics
+    timings: dict = field(default_factory=dict)
+
+
+def checkpoint_paths(out: Path) -> tuple[Path, Path]:
+    """(last, best) checkpoints beside the model file."""
+    out = Path(out)
+    return out.with_name(out.stem + ".last.ckpt"), out.with_name(out.stem + ".best.ckpt")
+
+
+# ---------------------------------------------------------------- building the model
+
+
+def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[FinetuneModel, Backbone, list[str]]:
+    """The model of a head: its backbone (weights found again from the recorded digest) up to its tap,
+    and its layers. Returns the model, the backbone entry and the backbone's ordered conv layers."""
+    key = head_metadata["codes_key"]
+    if key.get("patches"):
+        raise FinetuneError("finetuning a multiscale patch head is not supported yet; fit a head on an "
+                            "image-level cache (tl extract without --multiscale) to finetune")
+    backbone = get_backbone(key["backbone"])
+    if backbone.preprocessing() != key["preprocessing"]:
+        raise FinetuneError(f"{backbone.name}'s preprocessing differs from the one the head was trained with; "
+                            "re-extract the cache and refit the head")
+    full = load_model(backbone, weights_for_digest(backbone, key["weights"], weights_path))
+    convs = backbone.conv_layers(full)
+    model = FinetuneModel(TapModel(full, backbone, [head_metadata["layer"]]), head_metadata["layer"],
+                          head.logits_module())
+    return model, backbone, convs
+
+
+def freeze(model: FinetuneModel, convs: list[str], unfreeze: int) -> dict:
+    """Train the head and, with N ≥ 1, the last N conv layers and everything after them up to the tap;
+    every earlier parameter gets requires_grad=False and its modules stay in eval mode."""
+    if unfreeze < 0:
+        raise FinetuneError(f"--unfreeze must be 0 or more, got {unfreeze}")
+    if unfreeze > len(convs):
+        raise FinetuneError(f"--unfreeze {unfreeze} is more than the {len(convs)} conv layers of this backbone "
+                            f"before the tap; pass at most {len(convs)}")
+    modules = list(model.features.named_modules())
+    first = len(modules)
+    if unfreeze:
+        target = "extractor." + convs[-unfreeze]
+        first = next(i for i, (name, _) in enumerate(modules) if name == target)
+    trainable_names = {name for name, _ in modules[first:]}
+    model.frozen_modules = [module for name, module in modules[:first] if name]
+    for name, parameter in model.features.named_parameters():
+        parameter.requires_grad = name.rsplit(".", 1)[0] in trainable_names
+    for parameter in model.head.parameters():
+        parameter.requires_grad = True
+    layers = sorted({name.rsplit(".", 1)[0].removeprefix("extractor.")
+                     for name, p in model.features.named_parameters() if p.requires_grad},
+                    key=lambda n: [m for m, _ in modules].index("extractor." + n))
+    return {"parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
+
+
+# ---------------------------------------------------------------- data
+
+
+def _targets_for_head(source, head_classes: list[str], what: str, head: str) -> np.ndarray:
+    """The source's targets renumbered into the head's classes, by name."""
+    from pipeline.evaluate import head_targets
+
+    targets = np.array([sample.target for sample in source.samples])
+    return head_targets(targets, source.classes, head_classes, what, head)
+
+
+def train_transform(backbone: Backbone):
+    """Random resized crop and horizontal flip at the backbone's input size, then its normalization."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.RandomResizedCrop(backbone.input_size, antialias=True),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(backbone.mean, backbone.std),
+    ])
+
+
+def _loader(source, transform, order: list[int], batch_size: int, workers: int | None, generator, device):
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    return DataLoader(DecodedImages(source, transform), batch_sampler=batches, num_workers=workers,
+                      collate_fn=collate_decoded, pin_memory=device.type == "cuda", generator=generator)
+
+
+# ---------------------------------------------------------------- training
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch]).integers(2**62))
+
+
+def _lr_multiplier(steps: tuple[int, ...], factors: tuple[float, ...]):
+    factors = tuple(factors) or (0.1,)
+
+    def multiplier(epoch: int) -> float:
+        value = 1.0
+        for number, step in enumerate(sorted(steps)):
+            if epoch >= step:
+                value *= factors[min(number, len(factors) - 1)]
+        return value
+
+    return multiplier
+
+
+def _parameter_groups(model: FinetuneModel, config: FinetuneConfig) -> list[dict]:
+    """The head at --lr; trainable backbone layers at --lr x --backbone-lr-scale."""
+    groups = [{"params": list(model.head.parameters()), "lr": config.lr}]
+    backbone_parameters = [p for p in model.features.parameters() if p.requires_grad]
+    if backbone_parameters:
+        groups.append({"params": backbone_parameters, "lr": config.lr * config.backbone_lr_scale})
+    return groups
+
+
+def _optimizer(model: FinetuneModel, config: FinetuneConfig):
+    groups = _parameter_groups(model, config)
+    if config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    elif config.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        raise FinetuneError(f"unknown --optimizer {config.optimizer}; valid: sgd, adam")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_multiplier(config.lr_steps, config.lr_factors))
+    return optimizer, schedule
+
+
+def _check_config(config: FinetuneConfig) -> None:
+    if config.epochs < 0 or config.batch_size < 1 or config.patience < 1:
+        raise FinetuneError("--epochs must be 0 or more, --batch-size and --patience at least 1")
+    if not config.lr > 0 or not config.backbone_lr_scale >= 0:
+        raise FinetuneError(f"--lr must be positive and --backbone-lr-scale 0 or more, got {config.lr} and "
+                            f"{config.backbone_lr_scale}")
+    if any(step < 1 for step in config.lr_steps) or any(not 0 < f <= 1 for f in config.lr_factors):
+        raise FinetuneError("--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1]")
+    if config.early_stop and config.val_data is None:
+        raise FinetuneError("--early-stop needs validation data; pass --val-data")
+
+
+def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
+    """Train (or with --epochs 0 only evaluate) and write the model file; see the module docstring."""
+    started = time.perf_counter()
+    _check_config(config)
+    head, head_metadata = load_head(config.head)
+    if config.backbone and config.backbone != head_metadata["codes_key"]["backbone"]:
+        raise FinetuneError(f"head {config.head} was trained on {head_metadata['codes_key']['backbone']} codes, "
+                            f"not {config.backbone}; pass a head of the same backbone")
+    device = resolve_device(config.device)
+    model, backbone, convs = build_model(head_metadata, head, config.weights)
+    trainable = freeze(model, convs, config.unfreeze)
+    say(f"training {trainable['parameters']:,} parameters (head"
+        + (f" + {', '.join(trainable['backbone_layers'])}" if trainable["backbone_layers"] else " only")
+        + f"); {trainable['frozen_parameters']:,} frozen")
+    classes = head_metadata["classes"]
+    source = open_source(config.format, config.data, config.split, samples_per_class=config.samples_per_class,
+                         seed=config.seed, classes=config.classes)
+    targets = _targets_for_head(source, classes, f"data {config.data}", f"head {config.head}")
+    val_source = val_targets = None
+    if config.val_data is not None:
+        val_source = open_source(config.format, config.val_data, config.val_split or config.split,
+                                 seed=config.seed, classes=config.classes)
+        val_targets = _targets_for_head(val_source, classes, f"validation data {config.val_data}", f"head {config.head}")
+    multilabel = targets.ndim == 2
+    loss_function = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+    model.to(device)
+    optimizer, schedule = _optimizer(model, config)
+    identity = _identity(config, head_metadata)
+    last_path, best_path = checkpoint_paths(config.out)
+    history: list[dict] = []
+    best: tuple[float, int | None] = (math.inf, None)
+    start_epoch, resumed_from = 0, None
+    if config.resume:
+        if not last_path.is_file():
+            raise FinetuneError(f"--resume found no checkpoint {last_path}; start without --resume")
+        state = _load_checkpoint(last_path, identity)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        # the learning rate given now wins over the checkpoint's, so "lower --lr and resume" works
+        schedule.base_lrs = [group["lr"] for group in _parameter_groups(model, config)]
+        for group, base in zip(optimizer.param_groups, schedule.base_lrs):
+            group["initial_lr"], group["lr"] = base, base * schedule.lr_lambdas[0](schedule.last_epoch)
+        torch.set_rng_state(state["torch_rng"])
+        history, best = state["history"], (state["best_loss"], state["best_epoch"])
+        start_epoch = resumed_from = state["epoch"]
+        say(f"resumed from {last_path} after epoch {start_epoch}")
+    elif last_path.exists() and not config.overwrite:
+        raise FinetuneError(f"{last_path} holds an earlier run; pass --resume to continue it or --overwrite "
+                            "to start over")
+    train_transforms, eval_transforms = train_transform(backbone), backbone.transform()
+    stopped_early = False
+    for epoch in range(start_epoch, config.epochs):
+        if config.early_stop and best[1] is not None and epoch - best[1] >= config.patience:
+            stopped_early = True
+            break
+        epoch_seed = _epoch_seed(config.seed, epoch)
+        torch.manual_seed(epoch_seed)
+        generator = torch.Generator().manual_seed(epoch_seed)
+        order = torch.randperm(len(source), generator=generator).tolist()
+        loader = _loader(source, train_transforms, order, config.batch_size, config.workers, generator, device)
+        model.train()
+        total, seen = 0.0, 0
+        for number, (pixels, indices, errors) in enumerate(loader, start=1):
+            if pixels is None:
+                continue
+            logits = model(pixels.to(device))
+            batch_targets = torch.from_numpy(targets[indices].astype(np.float32) if multilabel else targets[indices])
+            loss = loss_function(logits, batch_targets.to(device))
+            if not torch.isfinite(loss):
+                kept = f"the last good checkpoint ({last_path}, epoch {epoch}) is kept" if epoch else "no checkpoint"
+                raise FinetuneError(f"the loss became {loss.item()} in epoch {epoch + 1}, batch {number}; {kept}; "
+                                    "lower --lr and resume")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(indices)
+            seen += len(indices)
+        point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(seen, 1)}
+        schedule.step()
+        if val_source is not None:
+            point.update(_validate(model, val_source, val_targets, eval_transforms, config, device, loss_function))
+            if point["val_loss"] < best[0]:
+                best = (point["val_loss"], epoch)
+        history.append(point)
+        say("epoch {epoch}: ".format(**point) + ", ".join(f"{k} {v:.4g}" for k, v in point.items() if k != "epoch"))
+        _save_checkpoint(last_path, model, optimizer, schedule, epoch + 1, history, best, identity)
+        if best[1] == epoch:
+            _save_checkpoint(best_path, model, optimizer, schedule, epoch + 1, history, best, identity)
+    if config.early_stop and best[1] is not None and best_path.is_file():
+        model.load_state_dict(_load_checkpoint(best_path, identity)["model"])
+    val = None
+    if val_source is not None:
+        val = _validate(model, val_source, val_targets, eval_transforms, config, device, loss_function)
+    save_model(config.out, model, head_metadata, trainable, history, config)
+    return FinetuneResult(Path(config.out), len(history) - (resumed_from or 0), history, trainable,
+                          None if best[1] is None else best[1] + 1, resumed_from, stopped_early, val,
+                          {"seconds": time.perf_counter() - started})
+
+
+def _validate(model, source, targets, transform, config, device, loss_function) -> dict:
+    probabilities = score_source(model, source, transform, config.batch_size, config.workers, device,
+                                 multilabel=targets.ndim == 2)
+    logits_targets = torch.from_numpy(targets.astype(np.float32) if targets.ndim == 2 else targets)
+    if targets.ndim == 2:
+        clipped = torch.from_numpy(probabilities).clamp(1e-7, 1 - 1e-7)
+        loss = nn.functional.binary_cross_entropy(clipped, logits_targets.double()).item()
+    else:
+        loss = nn.functional.nll_loss(torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None))),
+                                      logits_targets).item()
+    metric = "val_map" if targets.ndim == 2 else "val_accuracy"
+    return {"val_loss": loss, metric: validation_score(targets, probabilities)}
+
+
+def score_source(model: FinetuneModel, source, transform, batch_size: int, workers: int | None, device,
+                 multilabel: bool) -> np.ndarray:
+    """Class probabilities of every sample (NaN rows for unreadable images), model in eval mode."""
+    model.eval()
+    loader = _loader(source, transform, list(range(len(source))), batch_size, workers, None, device)
+    probabilities = np.full((len(source), model.head[-1].out_features), np.nan)
+    with torch.inference_mode():
+        for pixels, indices, _ in loader:
+            if pixels is None:
+                continue
+            logits = model(pixels.to(device))
+            activation = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
+            probabilities[indices] = activation.double().cpu().numpy()
+    return probabilities
+
+
+# ---------------------------------------------------------------- checkpoints and model files
+
+
+def _identity(config: FinetuneConfig, head_metadata: dict) -> dict:
+    """What a checkpoint must share with the run that resumes it."""
+    return {"head_codes_key": head_metadata["codes_key"], "layer": head_metadata["layer"],
+            "classes": head_metadata["classes"], "kind": head_metadata["kind"], "unfreeze": config.unfreeze,
+            "optimizer": config.optimizer}
+
+
+def _save_checkpoint(path: Path, model, optimizer, schedule, epoch: int, history: list[dict], best, identity) -> None:
+    payload = {
+        "metadata": json.dumps({"format": CHECKPOINT_FORMAT, "epoch": epoch, "history": history,
+                                "best_loss": best[0] if math.isfinite(best[0]) else None, "best_epoch": best[1],
+                                "identity": identity, "tl_version": __version__}),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+    }
+    _atomic_save(payload, path)
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+    except OSError as exc:
+        raise FinetuneError(f"cannot write {path}: {exc.strerror}; choose another --out") from None
+
+
+def _load_checkpoint(path: Path, identity: dict) -> dict:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        metadata = json.loads(payload["metadata"])
+    except Exception:  # unpickling and JSON failures mean the same thing here
+        raise FinetuneError(f"{path} is not a tl checkpoint; delete it and start over") from None
+    if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("identity") != identity:
+        found = metadata.get("identity") or {}
+        differences = [name for name in identity if found.get(name) != identity[name]]
+        raise FinetuneError(f"checkpoint {path} does not match this model ({', '.join(differences) or 'format'} "
+                            "differ); resume with the same head and --unfreeze, or pass --overwrite")
+    best_loss = metadata["best_loss"]
+    return {**payload, "epoch": metadata["epoch"], "history": metadata["history"],
+            "best_loss": math.inf if best_loss is None else best_loss, "best_epoch": metadata["best_epoch"]}
+
+
+def save_model(path: Path, model: FinetuneModel, head_metadata: dict, trainable: dict, history: list[dict],
+               config: FinetuneConfig) -> None:
+    """The model file: every tensor, and JSON metadata enough to rebuild it without running code."""
+    head_part = {key: head_metadata[key] for key in ("format", "kind", "tl_version", "hyperparameters", "state",
+                                                    "classes", "layer", "width", "codes_key")}
+    document = {"format": MODEL_FORMAT, "tl_version": __version__, "head": head_part,
+                "classes": head_metadata["classes"], "layer": head_metadata["layer"],
+                "codes_key": head_metadata["codes_key"], "unfreeze": config.unfreeze, "trainable": trainable,
+                "history": history, "settings": {k: str(v) if isinstance(v, Path) else v
+                                                 for k, v in asdict(config).items()}}
+    head_tensors = {name: tensor.detach().cpu() for name, tensor in model.head.state_dict().items()}
+    _atomic_save({"metadata": json.dumps(document), "tensors": model.state_dict(), "head_tensors": head_tensors},
+                 Path(path))
+
+
+def load_model_file(path: Path, weights_path: str | None = None) -> tuple[FinetuneModel, dict]:
+    """(model in eval mode, metadata) from a file written by `save_model`; nothing in it is executed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"model file {path} does not exist; train one with tl finetune")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        metadata = json.loads(payload["metadata"])
+    except Exception:  # unpickling and JSON failures mean the same thing here
+        raise FinetuneError(f"{path} is not a tl model file; train one with tl finetune") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
+        raise FinetuneError(f"{path} is not a {MODEL_FORMAT} file; train one with tl finetune")
+    head, _ = head_from_payload(metadata["head"], _head_rebuild_tensors(metadata["head"], payload), path)
+    key = metadata["codes_key"]
+    backbone = get_backbone(key["backbone"])
+    # every weight comes from the file: build the architecture only (seeded, nothing downloaded)
+    full = load_model(backbone, weights_for_digest(backbone, "random-init:seed=0"))
+    model = FinetuneModel(TapModel(full, backbone, [metadata["layer"]]), metadata["layer"], head.logits_module())
+    try:
+        model.load_state_dict(payload["tensors"])
+    except RuntimeError as exc:
+        raise FinetuneError(f"{path} does not fit its own description ({str(exc).splitlines()[0]}); "
+                            "train it again") from None
+    return model.eval(), metadata
+
+
+def _head_rebuild_tensors(head_metadata: dict, payload: dict) -> dict:
+    """The tensors a head's `from_saved` expects, from the head part of a model file."""
+    tensors = payload["head_tensors"]
+    if head_metadata["kind"] == "mlp":
+        return {f"network.{name}": tensor for name, tensor in tensors.items()}
+    return {"mean_": tensors["0.mean"].double(), "scale_": tensors["0.scale"].double(),
+            "coef_": tensors["1.weight"].double(), "intercept_": tensors["1.bias"].double()}
+
+
+
+EXPORT_FORMATS = ("torchscript", "onnx")
+
+
+def export_model(model_path: Path, format: str, out: Path, tolerance: float = 1e-4) -> float:
+    """Write a deployable file (pixels -> class probabilities) and check it against the model on a seeded
+    sample batch; returns the largest difference. ONNX needs the onnx and onnxruntime packages."""
+    import warnings
+
+    if format not in EXPORT_FORMATS:
+        raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
+    model, metadata = load_model_file(model_path)
+    activation = nn.Sigmoid() if metadata["head"]["state"]["multilabel"] else nn.Softmax(dim=1)
+    module = nn.Sequential(model, activation).eval()
+    size = get_backbone(metadata["codes_key"]["backbone"]).input_size
+    sample = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = module(sample).numpy()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the check below is what counts
+        if format == "torchscript":
+            traced = torch.jit.trace(module, sample)
+            traced.save(str(out))
+            with torch.inference_mode():
+                found = torch.jit.load(str(out))(sample).numpy()
+        else:
+            try:
+                import onnxruntime
+            except ImportError:
+                raise FinetuneError("ONNX export needs the onnx and onnxruntime packages: "
+                                    "pip install onnx onnxruntime") from None
+            torch.onnx.export(module, (sample,), str(out), input_names=["pixels"], output_names=["probabilities"],
+                              dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            found = session.run(None, {"pixels": sample.numpy()})[0]
+    difference = float(np.abs(found - expected).max())
+    if difference > tolerance:
+        out.unlink()
+        raise FinetuneError(f"the {format} export differs from the model by {difference:.2e} (> {tolerance:g}); "
+                            "it was not kept")
+    return difference
