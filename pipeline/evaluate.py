@@ -51,8 +51,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         raise HeadError(f"unknown --ap {config.ap}; valid: {', '.join(AP_METHODS)}")
     if config.top_k < 1:
         raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
-    if (config.model is None) == (config.head is None) or (config.head is None) != (config.cache is None) \
-            or (config.model is None) != (config.data is None):
+    # --data alone is no conflict: a recipe's top-level data key reaches evaluate with --head too
+    if (config.model is None) == (config.head is None) or (config.head is not None and config.cache is None) \
+            or (config.model is not None and config.data is None):
         raise HeadError("evaluate either --head H --cache C, or --model M --data D")
     if config.model is not None:
         return _evaluate_model(config)
