@@ -145,7 +145,8 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int) -> dict:
         target = "extractor." + convs[-unfreeze]
         first = next(i for i, (name, _) in enumerate(modules) if name == target)
     trainable_names = {name for name, _ in modules[first:]}
-    model.frozen_modules = [module for name, module in modules[:first] if name]
+    # leaves only: a container listed before the first trainable layer may hold it (eval() recurses)
+    model.frozen_modules = [module for _, module in modules[:first] if not any(True for _ in module.children())]
     for name, parameter in model.features.named_parameters():
         parameter.requires_grad = name.rsplit(".", 1)[0] in trainable_names
     for parameter in model.head.parameters():

@@ -1,0 +1,160 @@
+"""tl finetune: frozen layers stay bit-identical, the epoch-0 model is the stage-two head, a killed
+run resumes to the same weights, exports match, and every bad input is a one-line error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cache.reader import CacheReader
+from pipeline.backbones import get_backbone
+from pipeline.finetune import build_model, checkpoint_paths, load_model_file, score_source
+from pipeline.datasets import open_source
+from pipeline.heads import load_head
+from tests.conftest import REPO, make_image_folder
+
+ALEXNET = ["--backbone", "alexnet", "--weights", "none", "--seed", "0", "--workers", "0", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def alexnet_head(tmp_path_factory):
+    """Images of two classes, a float32 fc7 cache of a seeded random AlexNet, and a logreg head on it."""
+    from cli import main
+
+    root = tmp_path_factory.mktemp("ft")
+    make_image_folder(root / "train", classes=("a", "b"), per_class=6)
+    make_image_folder(root / "val", classes=("a", "b"), per_class=2)
+    for args in (["extract", "--data", root / "train", "--out", root / "cache", "--layers", "fc7", "--dtype",
+                  "float32", *ALEXNET],
+                 ["fit-head", "--cache", root / "cache", "--out", root / "head.pt"]):
+        with pytest.raises(SystemExit) as done:
+            main([str(a) for a in args])
+        assert done.value.code == 0
+    return root
+
+
+def finetune_args(root, out, *more):
+    return ["finetune", "--data", root / "train", "--head", root / "head.pt", "--out", out, "--batch-size", "4",
+            "--quiet", *more]
+
+
+def test_epoch_zero_model_is_the_stage_two_head(run_tl, alexnet_head, tmp_path):
+    result = run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "0"))
+    assert result.code == 0, result
+    model, metadata = load_model_file(tmp_path / "m.pt")
+    backbone = get_backbone("alexnet")
+    source = open_source("imagefolder", alexnet_head / "train")
+    through_model = score_source(model, source, backbone.transform(), 5, 0, torch.device("cpu"), multilabel=False)
+    head, _ = load_head(alexnet_head / "head.pt")
+    reader = CacheReader(alexnet_head / "cache")
+    on_codes = head.predict_proba(reader.load("fc7"))
+    np.testing.assert_allclose(through_model, on_codes, atol=1e-4)
+    assert metadata["unfreeze"] == 0 and metadata["history"] == []
+
+
+def test_unfreezing_two_layers_moves_only_them(run_tl, tmp_path):
+    """efficientnet_lite0 (real weights, BatchNorm everywhere): frozen weights and BN statistics stay."""
+    make_image_folder(tmp_path / "train", classes=("a", "b"), per_class=4)
+    common = ["--backbone", "efficientnet_lite0", "--workers", "0", "--quiet"]
+    assert run_tl("extract", "--data", tmp_path / "train", "--out", tmp_path / "c", *common).code == 0
+    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt").code == 0
+    result = run_tl("finetune", "--data", tmp_path / "train", "--head", tmp_path / "h.pt", "--unfreeze", "2",
+                    "--epochs", "1", "--lr", "0.05", "--backbone-lr-scale", "1", "--batch-size", "4",
+                    "--out", tmp_path / "m.pt")
+    assert result.code == 0, result
+    assert "head + _blocks.15._project_conv, _blocks.15._bn2, _conv_head, _bn1" in result.out
+    head, metadata = load_head(tmp_path / "h.pt")
+    before, _, convs = build_model(metadata, head, None)
+    after, saved = load_model_file(tmp_path / "m.pt")
+    assert saved["trainable"]["conv_layers"] == convs[-2:] == ["_blocks.15._project_conv", "_conv_head"]
+    trainable = ("extractor._blocks.15._project_conv.", "extractor._blocks.15._bn2.", "extractor._conv_head.",
+                 "extractor._bn1.")
+    moved = frozen = 0
+    after_state = after.features.state_dict()
+    for name, tensor in before.features.state_dict().items():
+        if name.startswith(trainable):
+            moved += not torch.equal(tensor, after_state[name]) and "num_batches" not in name
+        else:
+            assert torch.equal(tensor, after_state[name]), f"{name} of a frozen layer changed"
+            frozen += 1
+    assert frozen > 200 and moved == 10  # 2 conv weights, 2 BN affine pairs and their running statistics
+    assert not torch.equal(before.features.state_dict()["extractor._bn1.running_mean"],
+                           after_state["extractor._bn1.running_mean"])
+
+
+def test_a_killed_run_resumes_to_the_same_weights(run_tl, alexnet_head, tmp_path):
+    args = [str(a) for a in finetune_args(alexnet_head, tmp_path / "whole.pt", "--unfreeze", "1", "--epochs", "3",
+                                          "--lr", "1e-4", "--val-data", alexnet_head / "val")]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "cli", *args], check=True, env=environment, cwd=REPO)
+    killed = [a if a != str(tmp_path / "whole.pt") else str(tmp_path / "resumed.pt") for a in args]
+    process = subprocess.Popen([sys.executable, "-m", "cli", *killed], env=environment, cwd=REPO)
+    last, _ = checkpoint_paths(tmp_path / "resumed.pt")
+    deadline = time.monotonic() + 120
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert last.exists() and not (tmp_path / "resumed.pt").exists()  # stopped inside a later epoch
+    result = run_tl(*killed, "--resume")
+    assert result.code == 0, result
+    whole, whole_meta = load_model_file(tmp_path / "whole.pt")
+    resumed, resumed_meta = load_model_file(tmp_path / "resumed.pt")
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, atol=1e-6, rtol=0)
+    for a, b in zip(whole_meta["history"], resumed_meta["history"]):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_exports_give_the_models_outputs(run_tl, alexnet_head, tmp_path):
+    assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
+    scripted = run_tl("export", "--model", tmp_path / "m.pt", "--format", "torchscript", "--out", tmp_path / "m.ts")
+    assert scripted.code == 0 and "largest difference" in scripted.out, scripted
+    with pytest.warns(Warning):
+        loaded = torch.jit.load(str(tmp_path / "m.ts"))
+    model, _ = load_model_file(tmp_path / "m.pt")
+    sample = torch.rand(3, 3, 224, 224)
+    with torch.inference_mode():
+        np.testing.assert_allclose(loaded(sample).numpy(), torch.softmax(model(sample), 1).numpy(), atol=1e-5)
+    pytest.importorskip("onnxruntime")
+    onnx = run_tl("export", "--model", tmp_path / "m.pt", "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert onnx.code == 0 and (tmp_path / "m.onnx").stat().st_size > 1000, onnx
+
+
+def test_evaluate_and_predict_with_a_model(run_tl, alexnet_head, tmp_path):
+    assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
+    evaluated = run_tl("evaluate", "--model", tmp_path / "m.pt", "--data", alexnet_head / "val", "--out",
+                       tmp_path / "r")
+    assert evaluated.code == 0 and "accuracy" in evaluated.out, evaluated
+    assert (tmp_path / "r" / "training_curve.png").is_file() and (tmp_path / "r" / "confusion_matrix.png").is_file()
+    predicted = run_tl("predict", "--model", tmp_path / "m.pt", "--top-k", "1", alexnet_head / "val")
+    assert predicted.code == 0 and len(predicted.out.splitlines()) == 1 + 4, predicted
+    both = run_tl("predict", "--model", tmp_path / "m.pt", "--head", alexnet_head / "head.pt", alexnet_head / "val")
+    assert both.code == 2 and "either --head H or --model M" in both.err
+
+
+def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
+    def refused(*more, out=tmp_path / "m.pt"):
+        result = run_tl(*finetune_args(alexnet_head, out, *more))
+        assert result.code == 2 and result.err.startswith("error: ") and result.err.count("\n") == 1, result
+        return result.err
+
+    assert "--unfreeze 9 is more than the 5 conv layers" in refused("--unfreeze", "9")
+    assert "trained on alexnet codes, not vgg16" in refused("--backbone", "vgg16")
+    assert "--resume found no checkpoint" in refused("--resume")
+    assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
+    assert "holds an earlier run; pass --resume" in refused("--epochs", "2")
+    assert "does not match this model (unfreeze differ)" in refused("--resume", "--unfreeze", "1", "--epochs", "2")
+    last, _ = checkpoint_paths(tmp_path / "m.pt")
+    good = last.read_bytes()
+    error = refused("--resume", "--epochs", "3", "--lr", "1e30")
+    assert "in epoch 2, batch" in error and "last good checkpoint" in error and "epoch 1) is kept" in error
+    assert last.read_bytes() == good
+    assert "--early-stop needs validation data" in refused("--early-stop", "--overwrite")
