@@ -25,13 +25,14 @@ ALEXNET = ["--backbone", "alexnet", "--weights", "none", "--seed", "0", "--worke
 
 @pytest.fixture(scope="module")
 def alexnet_head(tmp_path_factory):
-    """Images of two classes, a float32 fc7 cache of a seeded random AlexNet, and a logreg head on it."""
+    """Images of two classes, a float32 pool5 cache of a seeded random AlexNet (pool5 keeps the model and
+    its checkpoints small: conv layers only), and a logreg head on it."""
     from cli import main
 
     root = tmp_path_factory.mktemp("ft")
     make_image_folder(root / "train", classes=("a", "b"), per_class=6)
     make_image_folder(root / "val", classes=("a", "b"), per_class=2)
-    for args in (["extract", "--data", root / "train", "--out", root / "cache", "--layers", "fc7", "--dtype",
+    for args in (["extract", "--data", root / "train", "--out", root / "cache", "--layers", "pool5", "--dtype",
                   "float32", *ALEXNET],
                  ["fit-head", "--cache", root / "cache", "--out", root / "head.pt"]):
         with pytest.raises(SystemExit) as done:
@@ -54,7 +55,7 @@ def test_epoch_zero_model_is_the_stage_two_head(run_tl, alexnet_head, tmp_path):
     through_model = score_source(model, source, backbone.transform(), 5, 0, torch.device("cpu"), multilabel=False)
     head, _ = load_head(alexnet_head / "head.pt")
     reader = CacheReader(alexnet_head / "cache")
-    on_codes = head.predict_proba(reader.load("fc7"))
+    on_codes = head.predict_proba(reader.load("pool5"))
     np.testing.assert_allclose(through_model, on_codes, atol=1e-4)
     assert metadata["unfreeze"] == 0 and metadata["history"] == []
 
