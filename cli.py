@@ -436,6 +436,8 @@ def quickstart(out, per_class, seed, quiet):
               help="Factor of each drop (one value: the same for every step).")
 @click.option("--backbone-lr-scale", default=0.1, show_default=True, type=float,
               help="Backbone layers learn at lr times this.")
+@click.option("--background-fraction", default=0.1, show_default=True, type=float,
+              help="Multiscale heads: share of background patches trained on (seeded, as in tl extract).")
 @click.option("--val-data", type=click.Path(path_type=Path), default=None, help="Validation images, same format.")
 @click.option("--val-split", default=None, help="Split of --val-data [default: --split].")
 @click.option("--early-stop/--no-early-stop", default=False, show_default=True,

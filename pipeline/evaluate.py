@@ -67,9 +67,13 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                            f"head {config.head}")
     scores = score_rows(head, rows)
     if reader.manifest["key"]["patches"] is not None:
-        ids, targets, scores, names, extra = _pooled(reader, targets, scores, metadata["classes"], config)
-        report = summarize(targets, scores, names, config.ap, config.top_k, extra.pop("ignore"), extra.pop("predicted"))
-        report.update(extra)
+        _check_patch_head(metadata["classes"], config.head)
+        what, names = (f"cache {config.cache}", f"head {config.head}"), metadata["classes"][1:]
+        image_targets = head_targets(reader.load_column("image_target").astype(np.int64), reader.classes[1:], names,
+                                     *what)
+        ignore = head_targets(reader.load_column("image_ignore").astype(np.int64), reader.classes[1:], names, *what)
+        ids, targets, scores, report = _pooled_report(scores, targets, reader.load_column("image_id"), image_targets,
+                                                      ignore, names, config)
     else:
         ids, names = reader.load_column("sample_id"), metadata["classes"]
         ignore = reader.load_column("ignore") if targets.ndim == 2 and reader.has_column("ignore") else None
@@ -83,62 +87,68 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
 
 
 def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
-    """A finetuned model over a data set: the same metrics and report as a head over a cache."""
+    """A finetuned model over a data set: the same metrics and report as a head over a cache (pooled
+    over every patch of each image for a multiscale model)."""
     from pipeline.backbones import get_backbone
     from pipeline.datasets import open_source
     from pipeline.extract import resolve_device
-    from pipeline.finetune import load_model_file, score_source
+    from pipeline.finetune import load_model_file, score_dataset, training_set
 
     model, metadata = load_model_file(config.model)
     device = resolve_device(config.device)
     source = open_source(config.format, config.data, config.split, classes=config.classes)
     names = metadata["classes"]
-    targets = head_targets(np.array([s.target for s in source.samples]), source.classes, names,
-                           f"data {config.data}", f"model {config.model}")
+    what = (f"data {config.data}", f"model {config.model}")
     backbone = get_backbone(metadata["codes_key"]["backbone"])
-    scores = score_source(model.to(device), source, backbone.transform(), config.batch_size, config.workers, device,
-                          multilabel=targets.ndim == 2)
+    dataset, targets = training_set(source, backbone, metadata, False, 0, None, *what)
+    multilabel = metadata["head"]["state"]["multilabel"]
+    scores = score_dataset(model.to(device), dataset, config.batch_size, config.workers, device, multilabel)
     readable = ~np.isnan(scores).any(axis=1)
     if not readable.any():
         raise HeadError(f"no image of {config.data} could be read; check the data")
-    ids = np.array([s.sample_id for s in source.samples])[readable]
-    ignore = np.array([source.columns(i).get("ignore") for i in np.flatnonzero(readable)]) \
-        if targets.ndim == 2 and source.columns(0) else None
+    samples = getattr(dataset, "images", np.arange(len(source)))[readable]  # the image of every scored row
+    ids = np.array([source.samples[i].sample_id for i in samples])
     targets, scores = targets[readable], scores[readable]
-    report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
+    if metadata["codes_key"]["patches"]:
+        _check_patch_head(names, config.model)
+        names = names[1:]
+        image_targets = head_targets(np.array([source.samples[i].target for i in samples]), source.classes, names,
+                                     *what)
+        ignore = head_targets(np.array([source.columns(i)["ignore"] for i in samples]).astype(np.int64),
+                              source.classes, names, *what)
+        ids, targets, scores, report = _pooled_report(scores, targets, ids, image_targets, ignore, names, config)
+    else:
+        ignore = np.array([source.columns(i)["ignore"] for i in samples]) if "ignore" in source.columns(0) else None
+        report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
     report["source"] = {"model": str(config.model), "kind": f"finetuned {metadata['head']['kind']}",
                         "layer": metadata["layer"], "cache": f"{config.data} ({config.format}, {config.split})",
                         "backbone": backbone.name, "unreadable": int((~readable).sum())}
-    history = metadata["history"] or None
-    files = write_report(config.out, report, targets, scores, history)
+    files = write_report(config.out, report, targets, scores, metadata["history"] or None)
     if config.save_predictions is not None:
         files.append(write_predictions(config.save_predictions, ids, targets, scores, names))
     return EvaluateResult(Path(config.out), report, files)
 
 
-def _pooled(reader, patch_targets: np.ndarray, patch_scores: np.ndarray, head_classes: list[str],
-            config: EvaluateConfig):
-    """Image-level view of a patch cache: pooled scores, the images' multi-hot targets and ignore marks,
-    and a class counted as predicted when one of the image's patches gives it probability ≥ 0.5."""
-    if head_classes[0] != BACKGROUND:
-        raise HeadError(f"head {config.head} was not trained on patches (its first class is not background); "
-                        "fit it on a --multiscale cache")
-    image_ids = reader.load_column("image_id")
+def _check_patch_head(classes: list[str], path) -> None:
+    if classes[0] != BACKGROUND:
+        raise HeadError(f"{path} was not trained on patches (its first class is not background); "
+                        "fit a head on a --multiscale cache")
+
+
+def _pooled_report(patch_scores: np.ndarray, patch_targets: np.ndarray, image_ids: np.ndarray,
+                   image_targets: np.ndarray, ignore: np.ndarray, names: list[str], config: EvaluateConfig):
+    """Image-level view of patch scores: (ids, image targets, pooled scores, report). Pooled scores rank
+    images for AP; a class counts as predicted when one of the image's patches gives it ≥ 0.5."""
     ids, pooled = pool_image_scores(patch_scores, image_ids, config.exponent)
     _, first = np.unique(image_ids, return_index=True)
     first = np.sort(first)  # one row per image, in the order pooling returns them
-    object_classes = head_classes[1:]
-    image_targets = head_targets(reader.load_column("image_target")[first].astype(np.int64), reader.classes[1:],
-                                 object_classes, f"cache {config.cache}", f"head {config.head}")
-    ignore = head_targets(reader.load_column("image_ignore")[first].astype(np.int64), reader.classes[1:],
-                          object_classes, f"cache {config.cache}", f"head {config.head}")
     rank = {image_id: position for position, image_id in enumerate(ids)}
     predicted = np.zeros_like(pooled, dtype=np.int64)
     np.maximum.at(predicted, np.array([rank[i] for i in image_ids]), (patch_scores[:, 1:] >= 0.5).astype(np.int64))
-    extra = {"ignore": ignore, "predicted": predicted,
-             "pooling": {"exponent": config.exponent, "patches": int(len(patch_targets)), "images": int(len(ids))},
-             "patch_accuracy": accuracy(patch_targets, patch_scores)}
-    return ids, image_targets, pooled, object_classes, extra
+    report = summarize(image_targets[first], pooled, names, config.ap, config.top_k, ignore[first], predicted)
+    report["pooling"] = {"exponent": config.exponent, "patches": int(len(patch_targets)), "images": int(len(ids))}
+    report["patch_accuracy"] = accuracy(patch_targets, patch_scores)
+    return ids, image_targets[first], pooled, report
 
 
 def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: dict, head_path, cache_path) -> None:

@@ -24,7 +24,8 @@ from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, wei
 from pipeline.datasets import open_source
 from pipeline.errors import TLError
 from pipeline.extract import DecodedImages, collate_decoded, resolve_device
-from pipeline.heads import HeadError, head_from_payload, load_head, validation_score
+from pipeline.heads import head_from_payload, load_head, validation_score
+from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
 
 MODEL_FORMAT = "tl-model/1"
 CHECKPOINT_FORMAT = "tl-checkpoint/1"
@@ -79,6 +80,7 @@ class FinetuneConfig:
     lr_steps: tuple[int, ...] = ()
     lr_factors: tuple[float, ...] = (0.1,)
     backbone_lr_scale: float = 0.1
+    background_fraction: float | None = 0.1  # multiscale heads: share of background patches trained on
     early_stop: bool = False
     patience: int = 3
     backbone: str | None = None  # when given, the head must come from this backbone
@@ -117,9 +119,6 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     """The model of a head: its backbone (weights found again from the recorded digest) up to its tap,
     and its layers. Returns the model, the backbone entry and the backbone's ordered conv layers."""
     key = head_metadata["codes_key"]
-    if key.get("patches"):
-        raise FinetuneError("finetuning a multiscale patch head is not supported yet; fit a head on an "
-                            "image-level cache (tl extract without --multiscale) to finetune")
     backbone = get_backbone(key["backbone"])
     if backbone.preprocessing() != key["preprocessing"]:
         raise FinetuneError(f"{backbone.name}'s preprocessing differs from the one the head was trained with; "
@@ -162,31 +161,41 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int) -> dict:
 # ---------------------------------------------------------------- data
 
 
-def _targets_for_head(source, head_classes: list[str], what: str, head: str) -> np.ndarray:
-    """The source's targets renumbered into the head's classes, by name."""
-    from pipeline.evaluate import head_targets
-
-    targets = np.array([sample.target for sample in source.samples])
-    return head_targets(targets, source.classes, head_classes, what, head)
-
-
-def train_transform(backbone: Backbone):
-    """Random resized crop and horizontal flip at the backbone's input size, then its normalization."""
+def training_set(source, backbone: Backbone, head_metadata: dict, training: bool, seed: int,
+                 background_fraction: float | None, what: str, head: str) -> tuple:
+    """(dataset of (pixels, position, error) items, targets in the head's classes) for the head's kind
+    of codes: whole images, or single patches labelled as in stage one for a multiscale head (every
+    patch kept unless `training`). `what` and `head` name the data and the head in errors."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.RandomResizedCrop(backbone.input_size, antialias=True),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(backbone.mean, backbone.std),
-    ])
+    from pipeline.evaluate import head_targets
+
+    normalize = [transforms.ToTensor(), transforms.Normalize(backbone.mean, backbone.std)]
+    flip = [transforms.RandomHorizontalFlip()] if training else []
+    geometry = head_metadata["codes_key"]["patches"]
+    if geometry:
+        if not hasattr(source, "annotations"):
+            raise FinetuneError(f"{head} was trained on multiscale patches; use voc data with it")
+        settings = PatchSettings(tuple(geometry["scales"]), geometry["patch_overlap"], geometry["box_overlap"],
+                                 background_fraction)
+        dataset = PatchSamples(source, backbone.input_size, settings, training, seed,
+                               transforms.Compose(flip + normalize))
+        return dataset, head_targets(dataset.targets, [BACKGROUND] + list(source.classes), head_metadata["classes"],
+                                     what, head)
+    transform = backbone.transform()
+    if training:  # a random resized crop and a flip; evaluation keeps the backbone's resize and crop
+        transform = transforms.Compose([transforms.RandomResizedCrop(backbone.input_size, antialias=True)]
+                                       + flip + normalize)
+    targets = np.array([sample.target for sample in source.samples])
+    return DecodedImages(source, transform), head_targets(targets, source.classes, head_metadata["classes"], what,
+                                                         head)
 
 
-def _loader(source, transform, order: list[int], batch_size: int, workers: int | None, generator, device):
+def _loader(dataset, order: list[int], batch_size: int, workers: int | None, generator, device):
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    return DataLoader(DecodedImages(source, transform), batch_sampler=batches, num_workers=workers,
-                      collate_fn=collate_decoded, pin_memory=device.type == "cuda", generator=generator)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_decoded,
+                      pin_memory=device.type == "cuda", generator=generator)
 
 
 # ---------------------------------------------------------------- training
@@ -256,15 +265,16 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
     say(f"training {trainable['parameters']:,} parameters (head"
         + (f" + {', '.join(trainable['backbone_layers'])}" if trainable["backbone_layers"] else " only")
         + f"); {trainable['frozen_parameters']:,} frozen")
-    classes = head_metadata["classes"]
     source = open_source(config.format, config.data, config.split, samples_per_class=config.samples_per_class,
                          seed=config.seed, classes=config.classes)
-    targets = _targets_for_head(source, classes, f"data {config.data}", f"head {config.head}")
-    val_source = val_targets = None
+    dataset, targets = training_set(source, backbone, head_metadata, True, config.seed, config.background_fraction,
+                                    f"data {config.data}", f"head {config.head}")
+    val_dataset = val_targets = None
     if config.val_data is not None:
         val_source = open_source(config.format, config.val_data, config.val_split or config.split,
                                  seed=config.seed, classes=config.classes)
-        val_targets = _targets_for_head(val_source, classes, f"validation data {config.val_data}", f"head {config.head}")
+        val_dataset, val_targets = training_set(val_source, backbone, head_metadata, False, config.seed, None,
+                                                f"validation data {config.val_data}", f"head {config.head}")
     multilabel = targets.ndim == 2
     loss_function = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     model.to(device)
@@ -292,7 +302,6 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
     elif last_path.exists() and not config.overwrite:
         raise FinetuneError(f"{last_path} holds an earlier run; pass --resume to continue it or --overwrite "
                             "to start over")
-    train_transforms, eval_transforms = train_transform(backbone), backbone.transform()
     stopped_early = False
     for epoch in range(start_epoch, config.epochs):
         if config.early_stop and best[1] is not None and epoch - best[1] >= config.patience:
@@ -301,8 +310,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         epoch_seed = _epoch_seed(config.seed, epoch)
         torch.manual_seed(epoch_seed)
         generator = torch.Generator().manual_seed(epoch_seed)
-        order = torch.randperm(len(source), generator=generator).tolist()
-        loader = _loader(source, train_transforms, order, config.batch_size, config.workers, generator, device)
+        order = torch.randperm(len(dataset), generator=generator).tolist()
+        loader = _loader(dataset, order, config.batch_size, config.workers, generator, device)
         model.train()
         total, seen = 0.0, 0
         for number, (pixels, indices, errors) in enumerate(loader, start=1):
@@ -322,8 +331,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
             seen += len(indices)
         point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(seen, 1)}
         schedule.step()
-        if val_source is not None:
-            point.update(_validate(model, val_source, val_targets, eval_transforms, config, device, loss_function))
+        if val_dataset is not None:
+            point.update(_validate(model, val_dataset, val_targets, config, device, loss_function))
             if point["val_loss"] < best[0]:
                 best = (point["val_loss"], epoch)
         history.append(point)
@@ -334,17 +343,17 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
     if config.early_stop and best[1] is not None and best_path.is_file():
         model.load_state_dict(_load_checkpoint(best_path, identity)["model"])
     val = None
-    if val_source is not None:
-        val = _validate(model, val_source, val_targets, eval_transforms, config, device, loss_function)
+    if val_dataset is not None:
+        val = _validate(model, val_dataset, val_targets, config, device, loss_function)
     save_model(config.out, model, head_metadata, trainable, history, config)
     return FinetuneResult(Path(config.out), len(history) - (resumed_from or 0), history, trainable,
                           None if best[1] is None else best[1] + 1, resumed_from, stopped_early, val,
                           {"seconds": time.perf_counter() - started})
 
 
-def _validate(model, source, targets, transform, config, device, loss_function) -> dict:
-    probabilities = score_source(model, source, transform, config.batch_size, config.workers, device,
-                                 multilabel=targets.ndim == 2)
+def _validate(model, dataset, targets, config, device, loss_function) -> dict:
+    probabilities = score_dataset(model, dataset, config.batch_size, config.workers, device,
+                                  multilabel=targets.ndim == 2)
     logits_targets = torch.from_numpy(targets.astype(np.float32) if targets.ndim == 2 else targets)
     if targets.ndim == 2:
         clipped = torch.from_numpy(probabilities).clamp(1e-7, 1 - 1e-7)
@@ -356,12 +365,12 @@ def _validate(model, source, targets, transform, config, device, loss_function) 
     return {"val_loss": loss, metric: validation_score(targets, probabilities)}
 
 
-def score_source(model: FinetuneModel, source, transform, batch_size: int, workers: int | None, device,
-                 multilabel: bool) -> np.ndarray:
-    """Class probabilities of every sample (NaN rows for unreadable images), model in eval mode."""
+def score_dataset(model: FinetuneModel, dataset, batch_size: int, workers: int | None, device,
+                  multilabel: bool) -> np.ndarray:
+    """Class probabilities of every item (NaN rows for unreadable images), model in eval mode."""
     model.eval()
-    loader = _loader(source, transform, list(range(len(source))), batch_size, workers, None, device)
-    probabilities = np.full((len(source), model.head[-1].out_features), np.nan)
+    loader = _loader(dataset, list(range(len(dataset))), batch_size, workers, None, device)
+    probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
     with torch.inference_mode():
         for pixels, indices, _ in loader:
             if pixels is None:

@@ -161,12 +161,49 @@ class PatchImages(Dataset):
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
             return ImagePatches(index, None, np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64), reason)
         boxes, scales, targets = self.patches_of(index, *image.size)
-        size = (self.input_size, self.input_size)
         pixels = np.empty((len(boxes), self.input_size, self.input_size, 3), dtype=np.uint8)
-        for row, (x0, y0, x1, y1) in enumerate(boxes):
-            # the patch spans pixel indices x0..x1, i.e. the edges x0 .. x1 + 1
-            pixels[row] = np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=(x0, y0, x1 + 1, y1 + 1)))
+        for row, box in enumerate(boxes):
+            pixels[row] = np.asarray(crop_patch(image, box, self.input_size))
         return ImagePatches(index, torch.from_numpy(pixels).permute(0, 3, 1, 2), boxes, scales, targets)
+
+
+def crop_patch(image: Image.Image, box: np.ndarray, size: int) -> Image.Image:
+    """The patch spanning pixel indices x0..x1, y0..y1 (edges x0 .. x1 + 1), resized to size x size."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x1 + 1, y1 + 1))
+
+
+class PatchSamples(Dataset):
+    """Single patches of a source, one item each, for stage three: (pixels, position, error) like
+    extract's DecodedImages. Rows come from the same grid, labels and seeded background sampling as
+    stage one, computed from the annotation sizes without decoding; the last decoded image is kept."""
+
+    def __init__(self, source, input_size: int, settings: PatchSettings, training: bool, seed: int, transform):
+        grid = PatchImages(source, input_size, settings, training, seed)
+        images, boxes, targets = [], [], []
+        for index, annotation in enumerate(source.annotations):
+            image_boxes, _, image_targets = grid.patches_of(index, annotation.width, annotation.height)
+            images.append(np.full(len(image_boxes), index))
+            boxes.append(image_boxes)
+            targets.append(image_targets)
+        self.source, self.input_size, self.transform = source, input_size, transform
+        self.images = np.concatenate(images) if images else np.zeros(0, np.int64)
+        self.boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
+        self.targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+        self._decoded: tuple[int, Image.Image] | None = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, position: int):
+        index = int(self.images[position])
+        try:
+            if self._decoded is None or self._decoded[0] != index:
+                self._decoded = (index, self.source.read_image(index))
+            patch = crop_patch(self._decoded[1], self.boxes[position], self.input_size)
+            return self.transform(patch), position, ""
+        except DECODE_ERRORS as exc:
+            return None, position, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
 
 
 def collate_patches(items: list[ImagePatches]) -> list[ImagePatches]:

@@ -15,7 +15,7 @@ import torch
 
 from cache.reader import CacheReader
 from pipeline.backbones import get_backbone
-from pipeline.finetune import build_model, checkpoint_paths, load_model_file, score_source
+from pipeline.finetune import DecodedImages, build_model, checkpoint_paths, load_model_file, score_dataset
 from pipeline.datasets import open_source
 from pipeline.heads import load_head
 from tests.conftest import REPO, make_image_folder
@@ -52,7 +52,8 @@ def test_epoch_zero_model_is_the_stage_two_head(run_tl, alexnet_head, tmp_path):
     model, metadata = load_model_file(tmp_path / "m.pt")
     backbone = get_backbone("alexnet")
     source = open_source("imagefolder", alexnet_head / "train")
-    through_model = score_source(model, source, backbone.transform(), 5, 0, torch.device("cpu"), multilabel=False)
+    through_model = score_dataset(model, DecodedImages(source, backbone.transform()), 5, 0, torch.device("cpu"),
+                                  multilabel=False)
     head, _ = load_head(alexnet_head / "head.pt")
     reader = CacheReader(alexnet_head / "cache")
     on_codes = head.predict_proba(reader.load("pool5"))
@@ -159,3 +160,29 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     assert "in epoch 2, batch" in error and "last good checkpoint" in error and "epoch 1) is kept" in error
     assert last.read_bytes() == good
     assert "--early-stop needs validation data" in refused("--early-stop", "--overwrite")
+
+
+def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(run_tl, tmp_path):
+    from pipeline.examples import write_shapes_voc
+    from pipeline.finetune import training_set
+
+    base = write_shapes_voc(tmp_path, {"trainval": 8, "test": 4})
+    common = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,2.0",
+              "--background-fraction", "0.3", *ALEXNET, "--layers", "pool5"]
+    assert run_tl("extract", *common, "--split", "trainval", "--out", tmp_path / "c", "--shard-rows", "3").code == 0
+    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt").code == 0
+    head, metadata = load_head(tmp_path / "h.pt")
+    source = open_source("voc", base, "trainval", classes="auto")
+    dataset, targets = training_set(source, get_backbone("alexnet"), metadata, True, 0, 0.3, "data", "head")
+    cache = CacheReader(tmp_path / "c")
+    np.testing.assert_array_equal(targets, cache.load_column("target"))  # same patches, labels and thinning
+    np.testing.assert_allclose(dataset.boxes, cache.load_column("box"), atol=1e-4)
+    result = run_tl("finetune", "--format", "voc", "--data", base, "--split", "trainval", "--classes", "auto",
+                    "--head", tmp_path / "h.pt", "--unfreeze", "1", "--epochs", "1", "--lr", "1e-4",
+                    "--background-fraction", "0.3", "--batch-size", "8", "--out", tmp_path / "m.pt", "--quiet")
+    assert result.code == 0, result
+    evaluated = run_tl("evaluate", "--model", tmp_path / "m.pt", "--format", "voc", "--data", base, "--split", "test",
+                       "--classes", "auto", "--out", tmp_path / "r")
+    assert evaluated.code == 0 and "patches pooled into images" in evaluated.out, evaluated
+    report = __import__("json").loads((tmp_path / "r" / "report.json").read_text())
+    assert report["pooling"]["images"] == 4 and report["pooling"]["patches"] == 4 * 8
