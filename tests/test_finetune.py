@@ -186,3 +186,19 @@ def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(run_tl,
     assert evaluated.code == 0 and "patches pooled into images" in evaluated.out, evaluated
     report = __import__("json").loads((tmp_path / "r" / "report.json").read_text())
     assert report["pooling"]["images"] == 4 and report["pooling"]["patches"] == 4 * 8
+
+
+def test_epochs_zero_with_resume_only_evaluates_the_checkpoint(run_tl, alexnet_head, tmp_path):
+    assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "2", "--lr", "1e-4")).code == 0
+    last, _ = checkpoint_paths(tmp_path / "m.pt")
+    checkpoint = last.read_bytes()
+    trained, _ = load_model_file(tmp_path / "m.pt")
+    (tmp_path / "m.pt").unlink()
+    result = run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "0", "--resume",
+                                   "--val-data", alexnet_head / "val"))
+    assert result.code == 0 and "0 epochs run" in result.out and "validation loss" in result.out, result
+    assert last.read_bytes() == checkpoint
+    again, metadata = load_model_file(tmp_path / "m.pt")
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor)
+    assert len(metadata["history"]) == 2
