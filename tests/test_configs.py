@@ -72,3 +72,11 @@ def test_voc_recipe_runs_on_a_voc_format_folder(run_tl, tmp_path, monkeypatch):
     assert evaluated.code == 0 and "patches pooled into images" in evaluated.out, evaluated
     report = json.loads((tmp_path / "reports/voc07-alexnet-multiscale/report.json").read_text())
     assert report["pooling"]["exponent"] == 5 and report["ap_method"] == "voc07"
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "finetune" in yaml.safe_load(c.read_text())],
+                         ids=lambda p: p.name)
+def test_recipe_finetune_sections_name_known_options(run_tl, tmp_path, config):
+    """The only complaint about a finetune section is the head file this machine has not trained."""
+    result = run_tl("finetune", "--config", config, "--head", tmp_path / "absent.pt")
+    assert result.code == 2 and "absent.pt does not exist" in result.err and "config file" not in result.err, result
