@@ -167,8 +167,12 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
 
     patches = PatchSettings(_numbers(scales, float, "--scales") if scales else PatchSettings.scales, patch_overlap,
                             box_overlap, background_fraction)
+    from pipeline.distributed import world
+
     config = ExtractConfig(format=format_, layers=_csv_list(layers), patches=patches, **options)
     result = run_extract(config)
+    if not world().is_main:  # under torchrun, rank 0 reports for all
+        return
     rate = result.images_processed / result.loop_seconds if result.loop_seconds else 0.0
     click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new, "
                f"{result.shards_reused} reused, {len(result.skipped)} images skipped")

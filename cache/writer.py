@@ -5,6 +5,7 @@ it when complete and only then records it in the manifest, so a killed run loses
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from pathlib import Path
@@ -76,7 +77,7 @@ class CacheWriter:
 
     def __init__(self, root: Path, key: dict, classes: list[str], taps: dict[str, int], dtype: str,
                  shard_rows: int, num_samples: int, compression: str = "none", overwrite: bool = False,
-                 target_kind: str = "class"):
+                 target_kind: str = "class", follower: bool = False):
         if dtype not in DTYPES:
             raise CacheError(f"unknown --dtype {dtype}; valid: {', '.join(DTYPES)}")
         if compression not in COMPRESSIONS:
@@ -90,12 +91,20 @@ class CacheWriter:
         self.lock = CacheLock(self.root)
         self._fresh = new_manifest(key, classes, taps, dtype, shard_rows, num_samples, target_kind)
         self.overwrite = overwrite
+        # A follower (a torchrun rank other than 0) writes shard files only; rank 0 holds the lock, owns
+        # the manifest and adopts the followers' shards once every rank is done.
+        self.follower = follower
         self.manifest: dict = {}
 
     # -- opening
 
     def __enter__(self) -> "CacheWriter":
         _check_writable(self.root)
+        if self.follower:
+            self.manifest = load_manifest(self.root)
+            if self.manifest["key_digest"] != self._fresh["key_digest"]:
+                raise CacheError(f"{self.root} was opened by rank 0 with other settings; start every rank alike")
+            return self
         self.lock.acquire()
         try:
             self._open_manifest()
@@ -105,7 +114,8 @@ class CacheWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.lock.release()
+        if not self.follower:
+            self.lock.release()
 
     def _open_manifest(self) -> None:
         existing = None
@@ -131,25 +141,44 @@ class CacheWriter:
             save_manifest(self.root, self.manifest)
             return
         self.manifest = existing
-        self._drop_missing_shards()
+        dropped = self._drop_missing_shards()
         self._remove_temporaries()
+        self.adopt_shards(distrusted=dropped)
+
+    def adopt_shards(self, distrusted: set[int] = frozenset()) -> list[int]:
+        """Record complete shard files the manifest does not list yet: written by other ranks, or by a
+        run killed between renaming a shard and saving the manifest. A shard names its cache key.
+        `distrusted` shards (recorded once, then found changed) are rewritten, never adopted."""
+        adopted = []
+        for path in sorted(self.root.glob("shard-*.h5")):
+            entry = _shard_entry(path, self.manifest)
+            if entry is not None and entry["index"] not in self.finished and entry["index"] not in distrusted:
+                skipped = entry.pop("skipped")
+                self.manifest["skipped"] += [dict(item, shard=entry["index"]) for item in skipped]
+                self._set_shards(self.manifest["shards"] + [entry])
+                adopted.append(entry["index"])
+        if adopted:
+            save_manifest(self.root, self.manifest)
+        return adopted
 
     def _clear(self) -> None:
         for path in self.root.iterdir():
             if path.name.startswith("shard-") or path.name.startswith(".shard-") or path.name == MANIFEST:
                 path.unlink() if not path.is_dir() else shutil.rmtree(path)
 
-    def _drop_missing_shards(self) -> None:
+    def _drop_missing_shards(self) -> set[int]:
         """A shard recorded in the manifest whose file is gone or resized is redone, not trusted."""
         kept = []
         for shard in self.manifest["shards"]:
             path = self.root / shard["file"]
             if path.is_file() and path.stat().st_size == shard["bytes"]:
                 kept.append(shard)
-        if len(kept) != len(self.manifest["shards"]):
+        dropped = {shard["index"] for shard in self.manifest["shards"]} - {shard["index"] for shard in kept}
+        if dropped:
             self._set_shards(kept)
             self.manifest["complete"] = False
             save_manifest(self.root, self.manifest)
+        return dropped
 
     def _set_shards(self, shards: list[dict]) -> None:
         indices = {s["index"] for s in shards}
@@ -183,11 +212,15 @@ class CacheWriter:
                 self._dataset(shard, column, np.asarray(array), options)
             shard.attrs["index"] = index
             shard.attrs["rows"] = rows
+            shard.attrs["key_digest"] = self._fresh["key_digest"]
+            shard.attrs["skipped"] = json.dumps(skipped)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         entry = {"index": index, "file": name, "rows": rows, "bytes": temporary.stat().st_size,
                  "sha256": file_digest(temporary)}
         os.replace(temporary, self.root / name)
+        if self.follower:
+            return entry
         shards = [s for s in self.manifest["shards"] if s["index"] != index] + [entry]
         self.manifest["skipped"] = [s for s in self.manifest["skipped"] if s["shard"] != index]
         self.manifest["skipped"] += [dict(item, shard=index) for item in skipped]
@@ -212,3 +245,19 @@ class CacheWriter:
         self.manifest["complete"] = done
         save_manifest(self.root, self.manifest)
         return self.manifest
+
+
+def _shard_entry(path: Path, manifest: dict) -> dict | None:
+    """The manifest entry (plus its skipped list) of a complete shard file of this cache, else None."""
+    try:
+        with h5py.File(path, "r") as shard:
+            if shard.attrs.get("key_digest") != manifest["key_digest"]:
+                return None
+            index, rows = int(shard.attrs["index"]), int(shard.attrs["rows"])
+            skipped = json.loads(shard.attrs.get("skipped", "[]"))
+    except (OSError, KeyError, ValueError):
+        return None  # unreadable or foreign: it will be rewritten
+    if path.name != shard_name(index) or not 0 <= index < manifest["num_shards"]:
+        return None
+    return {"index": index, "file": path.name, "rows": rows, "bytes": path.stat().st_size,
+            "sha256": file_digest(path), "skipped": skipped}

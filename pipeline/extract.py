@@ -5,6 +5,7 @@ Shard k always holds samples [k * shard_rows, (k + 1) * shard_rows), so a re-run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from cache.manifest import MANIFEST
 from cache.writer import CacheWriter
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, resolve_weights
 from pipeline.datasets import DECODE_ERRORS, Source, open_source
+from pipeline.distributed import World, barrier, broadcast, start, world
 from pipeline.errors import TLError
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 
@@ -95,12 +97,17 @@ def collate_decoded(items):
 
 
 def resolve_device(device: str) -> torch.device:
+    """cpu or cuda; under torchrun, CUDA means this process's own GPU (LOCAL_RANK)."""
     if device not in DEVICES:
         raise TLError(f"unknown --device {device}; valid: {', '.join(DEVICES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise TLError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        local_rank = world().local_rank
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(device)
 
 
@@ -111,6 +118,29 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         # float16 keeps 3 more mantissa bits than bfloat16, and fc activations sit well inside its range.
         return "float16" if device.type == "cuda" else "float32"
     return precision
+
+
+@contextlib.contextmanager
+def _opened(writer: CacheWriter, current: World):
+    """Rank 0 opens (locks, checks, clears or resumes) the cache before any other rank reads it; its
+    verdict reaches every rank, so a refused cache stops them all with the same message."""
+    error = None
+    if current.is_main:
+        try:
+            writer.__enter__()
+        except TLError as exc:
+            error = exc
+    refusal = broadcast(current, None if error is None else str(error))
+    if error is not None:
+        raise error
+    if refusal is not None:
+        raise TLError(refusal)
+    if not current.is_main:
+        writer.__enter__()
+    try:
+        yield writer
+    finally:
+        writer.__exit__(None, None, None)
 
 
 def shard_size(config: ExtractConfig) -> int:
@@ -188,21 +218,31 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     if config.multiscale:  # one label per patch: background or one object class
         classes, target_kind = [BACKGROUND] + list(source.classes), "class"
 
-    with CacheWriter(Path(config.out), key, classes, widths, config.dtype, shard_size(config),
-                     len(source), config.compression, config.overwrite, target_kind) as writer:
+    current = world()
+    start(current, device)
+    writer = CacheWriter(Path(config.out), key, classes, widths, config.dtype, shard_size(config), len(source),
+                         config.compression, config.overwrite, target_kind, follower=not current.is_main)
+    with _opened(writer, current):
         num_shards = writer.manifest["num_shards"]
-        pending = [k for k in range(num_shards) if k not in writer.finished]
-        reused = num_shards - len(pending)
+        # static assignment: shard k belongs to rank k mod world size, whatever ran before
+        pending = [k for k in range(num_shards) if k not in writer.finished and k % current.size == current.rank]
+        reused = len(writer.finished)
         timing = {"processed": 0, "loop": 0.0, "write": 0.0, "patches": 0}
         if pending:
             extract_shards = _extract_patch_shards if config.multiscale else _extract_shards
             timing = extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
-        manifest = writer.finish()
+        barrier(current, "every shard written")
+        if current.is_main:
+            writer.adopt_shards()
+            manifest = writer.finish()
+        else:
+            manifest = writer.manifest
 
     out = Path(config.out)
     size = sum(s["bytes"] for s in manifest["shards"]) + (out / MANIFEST).stat().st_size
+    written = len(manifest["shards"]) - reused if current.is_main else len(pending)  # rank 0 counts every rank's
     return ExtractResult(out, sum(s["rows"] for s in manifest["shards"]), widths, size,
-                         time.perf_counter() - started, len(pending), reused, timing["processed"],
+                         time.perf_counter() - started, written, reused, timing["processed"],
                          timing["loop"], timing["write"], manifest["skipped"], timing.get("patches", 0),
                          list(source.warnings))
 
@@ -283,7 +323,8 @@ def _progress(config: ExtractConfig, backbone: Backbone, pending: list[int], sha
     from tqdm import tqdm
 
     total = sum(_shard_end(k, shard_rows, num_samples) + 1 - k * shard_rows for k in pending)
-    return tqdm(total=total, unit="img", disable=config.quiet, desc=f"extract {backbone.name}", dynamic_ncols=True)
+    return tqdm(total=total, unit="img", disable=config.quiet or not world().is_main, desc=f"extract {backbone.name}",
+                dynamic_ncols=True)
 
 
 def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:

@@ -154,3 +154,24 @@ def test_a_cache_without_finished_shards_may_change_its_key(tmp_path):
     write_cache(tmp_path / "c", shards=[])
     write_cache(tmp_path / "c", key={"backbone": "other", "weights": "none"})
     assert CacheReader(tmp_path / "c").manifest["key"]["backbone"] == "other"
+
+
+def test_shard_files_missing_from_the_manifest_are_adopted(tmp_path):
+    """A follower rank (or a run killed between renaming a shard and saving the manifest) leaves shard
+    files the manifest does not list: the next writer of the same key records them, checksums and all."""
+    codes = np.arange(30, dtype=np.float32).reshape(10, 3)
+    with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
+        writer.write_shard(0, {"fc7": codes[:4]}, np.zeros(4), [f"s{i}" for i in range(4)], [])
+    with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10, follower=True) as follower:
+        follower.write_shard(2, {"fc7": codes[8:]}, np.ones(2), ["s8", "s9"], [{"sample_id": "s7", "reason": "bad"}])
+    assert [s["index"] for s in load_manifest(tmp_path / "c")["shards"]] == [0]  # a follower never writes it
+    with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
+        assert writer.finished == {0, 2}
+        writer.write_shard(1, {"fc7": codes[4:8]}, np.zeros(4), [f"s{i}" for i in range(4, 8)], [])
+        manifest = writer.finish()
+    assert manifest["complete"] and manifest["skipped"] == [{"sample_id": "s7", "reason": "bad", "shard": 2}]
+    np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), codes)
+    other = dict(KEY, backbone="vgg16")
+    follower = CacheWriter(tmp_path / "c", other, ["a", "b"], {"fc7": 3}, "float32", 4, 10, follower=True)
+    with pytest.raises(CacheError, match="opened by rank 0 with other settings"):
+        follower.__enter__()

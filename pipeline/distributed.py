@@ -1,0 +1,103 @@
+"""Runs under torchrun: who this process is (rank, world size, local rank) from torchrun's environment,
+and a torch.distributed process group (gloo on CPU, nccl on CUDA) when there is more than one.
+
+Without torchrun every call here is a no-op for a world of one, so the stages read the same either way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_distributed
+
+from pipeline.errors import TLError
+
+TIMEOUT_SECONDS = int(os.environ.get("TL_DISTRIBUTED_TIMEOUT", "1800"))
+
+
+class DistributedError(TLError):
+    """Another rank failed or the process group could not form."""
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place, as torchrun (or srun with the same variables) describes it."""
+    try:
+        return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                     int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError:
+        raise DistributedError("RANK, WORLD_SIZE and LOCAL_RANK must be integers; start tl with torchrun") from None
+
+
+def start(current: World, device: torch.device) -> None:
+    """Join the process group (once); a SIGTERM from torchrun, sent when another rank died, becomes a
+    one-line error instead of a traceback."""
+    if not current.distributed or torch_distributed.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        torch_distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
+    except (RuntimeError, ValueError) as exc:
+        raise DistributedError(f"cannot join the process group ({str(exc).splitlines()[0]}); start tl with "
+                               "torchrun, which sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE") from None
+
+    def stopped(signum, frame):
+        raise DistributedError(f"rank {current.rank} was stopped because another rank failed; work already "
+                               "finished is kept: re-run the same command to complete it")
+
+    signal.signal(signal.SIGTERM, stopped)
+
+
+def barrier(current: World, what: str) -> None:
+    """Wait for every rank; a rank that never arrives (it died) is reported within the timeout."""
+    if not current.distributed:
+        return
+    try:
+        torch_distributed.barrier()
+    except RuntimeError as exc:
+        raise DistributedError(f"rank {current.rank}: another rank did not reach '{what}' "
+                               f"({str(exc).splitlines()[0][:160]}); work already finished is kept: re-run the "
+                               "same command to complete it") from None
+
+
+def broadcast(current: World, value):
+    """Rank 0's `value` on every rank."""
+    if not current.distributed:
+        return value
+    holder = [value]
+    torch_distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def all_sum(current: World, values: list[float]) -> list[float]:
+    """Element-wise sum over the ranks (float64)."""
+    if not current.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch_distributed.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    torch_distributed.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def stop(current: World) -> None:
+    if current.distributed and torch_distributed.is_initialized():
+        torch_distributed.destroy_process_group()

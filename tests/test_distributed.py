@@ -1,0 +1,91 @@
+"""tl under torchrun on the CPU (gloo, 2 processes): the cache equals a single process's, resumes with
+another world size, and survives a rank that dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cache.reader import CacheReader
+from tests.conftest import REPO, make_image_folder, write_image
+
+EXTRACT = ["extract", "--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--dtype", "float32",
+           "--shard-rows", "3", "--workers", "0", "--quiet"]
+
+
+def torchrun(*args, processes=2):
+    """`torchrun --nproc_per_node N -m cli ARGS` on free local ports; returns the finished process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "cli", *map(str, args)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("dist") / "images", classes=("a", "b", "c"), per_class=5)
+
+
+@pytest.fixture(scope="module")
+def single(images, tmp_path_factory):
+    from cli import main
+
+    out = tmp_path_factory.mktemp("single") / "cache"
+    with pytest.raises(SystemExit) as done:
+        main([*EXTRACT, "--data", str(images), "--out", str(out)])
+    assert done.value.code == 0
+    return CacheReader(out)
+
+
+def assert_same_cache(reader, reference):
+    assert list(reader.load_column("sample_id")) == list(reference.load_column("sample_id"))
+    np.testing.assert_array_equal(reader.load_column("target"), reference.load_column("target"))
+    np.testing.assert_allclose(reader.load("fc7"), reference.load("fc7"), atol=1e-5, rtol=0)
+    assert reader.manifest["complete"] and len(reader.shards) == reference.manifest["num_shards"]
+
+
+def test_two_processes_write_the_cache_of_one(images, single, tmp_path):
+    result = torchrun(*EXTRACT, "--data", images, "--out", tmp_path / "c")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("wrote ") == 1 and "5 shards new" in result.stdout  # rank 0 reports for both
+    assert_same_cache(CacheReader(tmp_path / "c"), single)
+
+
+def test_resume_with_another_world_size(run_tl, images, single, tmp_path):
+    assert torchrun(*EXTRACT, "--data", images, "--out", tmp_path / "c").returncode == 0
+    for shard in ("shard-00001.h5", "shard-00004.h5"):  # one of each rank's shards is lost
+        (tmp_path / "c" / shard).unlink()
+    resumed = run_tl(*EXTRACT, "--data", images, "--out", tmp_path / "c")
+    assert resumed.code == 0 and "2 shards new, 3 reused" in resumed.out, resumed
+    assert_same_cache(CacheReader(tmp_path / "c"), single)
+    (tmp_path / "c" / "shard-00000.h5").unlink()
+    again = torchrun(*EXTRACT, "--data", images, "--out", tmp_path / "c")
+    assert again.returncode == 0 and "1 shards new, 4 reused" in again.stdout, again.stderr[-2000:]
+    assert_same_cache(CacheReader(tmp_path / "c"), single)
+
+
+def test_a_dying_rank_stops_the_other_and_the_rerun_completes(images, single, tmp_path):
+    broken = tmp_path / "images"
+    subprocess.run(["cp", "-r", str(images), str(broken)], check=True)
+    image = broken / "b" / "img00.png"  # sample 5: shard 1, which rank 1 writes
+    image.write_bytes(image.read_bytes()[:40])
+    failed = torchrun(*EXTRACT, "--data", broken, "--out", tmp_path / "c", "--on-error", "fail")
+    assert failed.returncode != 0
+    assert "error: cannot decode b/img00.png" in failed.stderr
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert not manifest["complete"]
+    survivors = sorted(p.name for p in (tmp_path / "c").glob("shard-*.h5"))
+    assert "shard-00001.h5" not in survivors
+    rerun = torchrun(*EXTRACT, "--data", broken, "--out", tmp_path / "c", "--on-error", "skip")
+    assert rerun.returncode == 0, [line for line in rerun.stderr.splitlines() if "error:" in line]
+    assert f"{len(survivors)} reused" in rerun.stdout and "1 images skipped" in rerun.stdout
+    done, reference = CacheReader(tmp_path / "c"), single
+    kept = [i for i, sample in enumerate(reference.load_column("sample_id")) if sample != "b/img00.png"]
+    assert list(done.load_column("sample_id")) == [reference.load_column("sample_id")[i] for i in kept]
+    np.testing.assert_allclose(done.load("fc7"), reference.load("fc7")[kept], atol=1e-5, rtol=0)
+    assert done.manifest["complete"] and done.manifest["skipped"][0]["sample_id"] == "b/img00.png"
