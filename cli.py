@@ -462,7 +462,11 @@ def finetune(format_, lr_steps, lr_factors, quiet, **options):
 
     config = FinetuneConfig(format=format_, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
                             lr_factors=_numbers(lr_factors, float, "--lr-factors"), quiet=quiet, **options)
+    from pipeline.distributed import world
+
     result = run_finetune(config, say=(lambda text: None) if quiet else click.echo)
+    if not world().is_main:  # under torchrun, rank 0 reports for all
+        return
     last, best = checkpoint_paths(config.out)
     click.echo(f"wrote {result.out}: {result.epochs_run} epochs run"
                + (f" (resumed after epoch {result.resumed_from})" if result.resumed_from else "")

@@ -20,7 +20,7 @@ from cache.manifest import MANIFEST
 from cache.writer import CacheWriter
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, resolve_weights
 from pipeline.datasets import DECODE_ERRORS, Source, open_source
-from pipeline.distributed import World, barrier, broadcast, start, world
+from pipeline.distributed import World, barrier, broadcast, start, stop, world
 from pipeline.errors import TLError
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 
@@ -238,6 +238,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         else:
             manifest = writer.manifest
 
+    stop(current)
     out = Path(config.out)
     size = sum(s["bytes"] for s in manifest["shards"]) + (out / MANIFEST).stat().st_size
     written = len(manifest["shards"]) - reused if current.is_main else len(pending)  # rank 0 counts every rank's

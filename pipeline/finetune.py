@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from pipeline import __version__
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
 from pipeline.datasets import open_source
+from pipeline.distributed import all_sum, barrier, broadcast, start, stop, world
 from pipeline.errors import TLError
 from pipeline.extract import DecodedImages, collate_decoded, resolve_device
 from pipeline.heads import head_from_payload, load_head, validation_score
@@ -191,6 +192,22 @@ def training_set(source, backbone: Backbone, head_metadata: dict, training: bool
                                                          head)
 
 
+class SeededItems(torch.utils.data.Dataset):
+    """Each item's random augmentation drawn from (epoch seed, item) alone: the same crops and flips
+    whatever the batch size, worker count or number of ranks."""
+
+    def __init__(self, dataset, epoch_seed: int):
+        self.dataset, self.epoch_seed = dataset, epoch_seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.default_rng([self.epoch_seed, index]).integers(2**62)))
+            return self.dataset[index]
+
+
 def _loader(dataset, order: list[int], batch_size: int, workers: int | None, generator, device):
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
@@ -259,7 +276,11 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
     if config.backbone and config.backbone != head_metadata["codes_key"]["backbone"]:
         raise FinetuneError(f"head {config.head} was trained on {head_metadata['codes_key']['backbone']} codes, "
                             f"not {config.backbone}; pass a head of the same backbone")
+    current = world()
     device = resolve_device(config.device)
+    start(current, device)
+    if not current.is_main:  # rank 0 speaks for every rank
+        say = lambda text: None  # noqa: E731
     model, backbone, convs = build_model(head_metadata, head, config.weights)
     trainable = freeze(model, convs, config.unfreeze)
     say(f"training {trainable['parameters']:,} parameters (head"
@@ -278,6 +299,11 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
     multilabel = targets.ndim == 2
     loss_function = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     model.to(device)
+    trainer = model
+    if current.distributed:  # gradients averaged across ranks: gloo on CPU, nccl on CUDA
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainer = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, schedule = _optimizer(model, config)
     identity = _identity(config, head_metadata)
     last_path, best_path = checkpoint_paths(config.out)
@@ -311,16 +337,20 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         torch.manual_seed(epoch_seed)
         generator = torch.Generator().manual_seed(epoch_seed)
         order = torch.randperm(len(dataset), generator=generator).tolist()
-        loader = _loader(dataset, order, config.batch_size, config.workers, generator, device)
-        model.train()
+        batch_size = config.batch_size
+        if current.distributed:  # DistributedSampler's split: padded, strided; --batch-size stays global
+            order = (order + order[:(-len(order)) % current.size])[current.rank::current.size]
+            batch_size = max(1, config.batch_size // current.size)
+        loader = _loader(SeededItems(dataset, epoch_seed), order, batch_size, config.workers, generator, device)
+        trainer.train()
         total, seen = 0.0, 0
         for number, (pixels, indices, errors) in enumerate(loader, start=1):
-            if pixels is None:
-                continue
-            logits = model(pixels.to(device))
+            if pixels is None:  # every image of the batch unreadable: an empty step keeps the ranks in step
+                pixels = torch.zeros(0, 3, backbone.input_size, backbone.input_size)
+            logits = trainer(pixels.to(device))
             batch_targets = torch.from_numpy(targets[indices].astype(np.float32) if multilabel else targets[indices])
-            loss = loss_function(logits, batch_targets.to(device))
-            if not torch.isfinite(loss):
+            loss = loss_function(logits, batch_targets.to(device)) if indices else logits.sum() * 0.0
+            if all_sum(current, [0.0 if torch.isfinite(loss) else 1.0])[0]:
                 kept = f"the last good checkpoint ({last_path}, epoch {epoch}) is kept" if epoch else "no checkpoint"
                 raise FinetuneError(f"the loss became {loss.item()} in epoch {epoch + 1}, batch {number}; {kept}; "
                                     "lower --lr and resume")
@@ -329,23 +359,31 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
             optimizer.step()
             total += loss.item() * len(indices)
             seen += len(indices)
+        total, seen = all_sum(current, [total, seen])
         point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(seen, 1)}
         schedule.step()
         if val_dataset is not None:
-            point.update(_validate(model, val_dataset, val_targets, config, device, loss_function))
+            if current.is_main:
+                point.update(_validate(model, val_dataset, val_targets, config, device, loss_function))
+            point = broadcast(current, point)
             if point["val_loss"] < best[0]:
                 best = (point["val_loss"], epoch)
         history.append(point)
         say("epoch {epoch}: ".format(**point) + ", ".join(f"{k} {v:.4g}" for k, v in point.items() if k != "epoch"))
-        _save_checkpoint(last_path, model, optimizer, schedule, epoch + 1, history, best, identity)
-        if best[1] == epoch:
-            _save_checkpoint(best_path, model, optimizer, schedule, epoch + 1, history, best, identity)
-    if config.early_stop and best[1] is not None and best_path.is_file():
-        model.load_state_dict(_load_checkpoint(best_path, identity)["model"])
+        if current.is_main:
+            _save_checkpoint(last_path, model, optimizer, schedule, epoch + 1, history, best, identity)
+            if best[1] == epoch:
+                _save_checkpoint(best_path, model, optimizer, schedule, epoch + 1, history, best, identity)
+        barrier(current, f"checkpoint of epoch {epoch + 1}")
     val = None
-    if val_dataset is not None:
-        val = _validate(model, val_dataset, val_targets, config, device, loss_function)
-    save_model(config.out, model, head_metadata, trainable, history, config)
+    if current.is_main:
+        if config.early_stop and best[1] is not None and best_path.is_file():
+            model.load_state_dict(_load_checkpoint(best_path, identity)["model"])
+        if val_dataset is not None:
+            val = _validate(model, val_dataset, val_targets, config, device, loss_function)
+        save_model(config.out, model, head_metadata, trainable, history, config)
+    barrier(current, "model written")
+    stop(current)
     return FinetuneResult(Path(config.out), len(history) - (resumed_from or 0), history, trainable,
                           None if best[1] is None else best[1] + 1, resumed_from, stopped_early, val,
                           {"seconds": time.perf_counter() - started})

@@ -14,7 +14,7 @@ import pytest
 from cache.reader import CacheReader
 from tests.conftest import REPO, make_image_folder, write_image
 
-EXTRACT = ["extract", "--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--dtype", "float32",
+EXTRACT = ["extract", "--backbone", "alexnet", "--weights", "none", "--layers", "pool5", "--dtype", "float32",
            "--shard-rows", "3", "--workers", "0", "--quiet"]
 
 
@@ -45,7 +45,7 @@ def single(images, tmp_path_factory):
 def assert_same_cache(reader, reference):
     assert list(reader.load_column("sample_id")) == list(reference.load_column("sample_id"))
     np.testing.assert_array_equal(reader.load_column("target"), reference.load_column("target"))
-    np.testing.assert_allclose(reader.load("fc7"), reference.load("fc7"), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(reader.load("pool5"), reference.load("pool5"), atol=1e-5, rtol=0)
     assert reader.manifest["complete"] and len(reader.shards) == reference.manifest["num_shards"]
 
 
@@ -87,5 +87,32 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_completes(images, single, tm
     done, reference = CacheReader(tmp_path / "c"), single
     kept = [i for i, sample in enumerate(reference.load_column("sample_id")) if sample != "b/img00.png"]
     assert list(done.load_column("sample_id")) == [reference.load_column("sample_id")[i] for i in kept]
-    np.testing.assert_allclose(done.load("fc7"), reference.load("fc7")[kept], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(done.load("pool5"), reference.load("pool5")[kept], atol=1e-5, rtol=0)
     assert done.manifest["complete"] and done.manifest["skipped"][0]["sample_id"] == "b/img00.png"
+
+
+def test_two_process_finetune_matches_one_process_checkpoints_and_resumes(run_tl, tmp_path):
+    """18 images in global batches of 6: both runs see the same batches and, since augmentation is
+    drawn per (epoch, image), the same crops; DDP averages the two halves' gradients."""
+    from pipeline.finetune import checkpoint_paths, load_model_file
+
+    images = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=6)
+    assert run_tl(*EXTRACT, "--data", images, "--out", tmp_path / "c").code == 0
+    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "head.pt").code == 0
+    common = ["finetune", "--data", images, "--head", tmp_path / "head.pt", "--unfreeze", "1", "--lr", "1e-4",
+              "--batch-size", "6", "--val-data", images, "--quiet"]
+    alone = run_tl(*common, "--epochs", "2", "--out", tmp_path / "alone.pt")
+    assert alone.code == 0, alone
+    first = torchrun(*common, "--epochs", "1", "--out", tmp_path / "pair.pt")
+    assert first.returncode == 0, [line for line in first.stderr.splitlines() if "rror" in line]
+    assert first.stdout.count("wrote ") == 1  # rank 0 speaks for both
+    last, best = checkpoint_paths(tmp_path / "pair.pt")
+    assert last.is_file() and best.is_file() and len(list(tmp_path.glob("pair*"))) == 3  # one set, one model
+    resumed = torchrun(*common, "--epochs", "2", "--out", tmp_path / "pair.pt", "--resume")
+    assert resumed.returncode == 0 and "resumed after epoch 1" in resumed.stdout, resumed.stderr[-1500:]
+    _, pair = load_model_file(tmp_path / "pair.pt")
+    _, single_process = load_model_file(tmp_path / "alone.pt")
+    assert [point["epoch"] for point in pair["history"]] == [1, 2]
+    for ours, theirs in zip(pair["history"], single_process["history"]):
+        for name in ("train_loss", "val_loss"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-3, abs=1e-5), (name, ours, theirs)
