@@ -20,7 +20,7 @@ from cache.manifest import MANIFEST
 from cache.writer import CacheWriter
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, resolve_weights
 from pipeline.datasets import DECODE_ERRORS, Source, open_source
-from pipeline.distributed import World, barrier, broadcast, start, stop, world
+from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 
@@ -105,7 +105,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        local_rank = world().local_rank
+        local_rank = distributed.world().local_rank
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(device)
@@ -121,7 +121,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def _opened(writer: CacheWriter, current: World):
+def _opened(writer: CacheWriter, current: distributed.World):
     """Rank 0 opens (locks, checks, clears or resumes) the cache before any other rank reads it; its
     verdict reaches every rank, so a refused cache stops them all with the same message."""
     error = None
@@ -130,7 +130,7 @@ def _opened(writer: CacheWriter, current: World):
             writer.__enter__()
         except TLError as exc:
             error = exc
-    refusal = broadcast(current, None if error is None else str(error))
+    refusal = distributed.broadcast(current, None if error is None else str(error))
     if error is not None:
         raise error
     if refusal is not None:
@@ -218,8 +218,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     if config.multiscale:  # one label per patch: background or one object class
         classes, target_kind = [BACKGROUND] + list(source.classes), "class"
 
-    current = world()
-    start(current, device)
+    current = distributed.world()
+    distributed.start(current, device)
     writer = CacheWriter(Path(config.out), key, classes, widths, config.dtype, shard_size(config), len(source),
                          config.compression, config.overwrite, target_kind, follower=not current.is_main)
     with _opened(writer, current):
@@ -231,14 +231,14 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         if pending:
             extract_shards = _extract_patch_shards if config.multiscale else _extract_shards
             timing = extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
-        barrier(current, "every shard written")
+        distributed.barrier(current, "every shard written")
         if current.is_main:
             writer.adopt_shards()
             manifest = writer.finish()
         else:
             manifest = writer.manifest
 
-    stop(current)
+    distributed.stop(current)
     out = Path(config.out)
     size = sum(s["bytes"] for s in manifest["shards"]) + (out / MANIFEST).stat().st_size
     written = len(manifest["shards"]) - reused if current.is_main else len(pending)  # rank 0 counts every rank's
@@ -324,8 +324,8 @@ def _progress(config: ExtractConfig, backbone: Backbone, pending: list[int], sha
     from tqdm import tqdm
 
     total = sum(_shard_end(k, shard_rows, num_samples) + 1 - k * shard_rows for k in pending)
-    return tqdm(total=total, unit="img", disable=config.quiet or not world().is_main, desc=f"extract {backbone.name}",
-                dynamic_ncols=True)
+    return tqdm(total=total, unit="img", disable=config.quiet or not distributed.world().is_main,
+                desc=f"extract {backbone.name}", dynamic_ncols=True)
 
 
 def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from pipeline import __version__
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
 from pipeline.datasets import open_source
-from pipeline.distributed import all_sum, barrier, broadcast, start, stop, world
+from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.extract import DecodedImages, collate_decoded, resolve_device
 from pipeline.heads import head_from_payload, load_head, validation_score
@@ -276,9 +276,9 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
     if config.backbone and config.backbone != head_metadata["codes_key"]["backbone"]:
         raise FinetuneError(f"head {config.head} was trained on {head_metadata['codes_key']['backbone']} codes, "
                             f"not {config.backbone}; pass a head of the same backbone")
-    current = world()
+    current = distributed.world()
     device = resolve_device(config.device)
-    start(current, device)
+    distributed.start(current, device)
     if not current.is_main:  # rank 0 speaks for every rank
         say = lambda text: None  # noqa: E731
     model, backbone, convs = build_model(head_metadata, head, config.weights)
@@ -350,7 +350,7 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
             logits = trainer(pixels.to(device))
             batch_targets = torch.from_numpy(targets[indices].astype(np.float32) if multilabel else targets[indices])
             loss = loss_function(logits, batch_targets.to(device)) if indices else logits.sum() * 0.0
-            if all_sum(current, [0.0 if torch.isfinite(loss) else 1.0])[0]:
+            if distributed.all_sum(current, [0.0 if torch.isfinite(loss) else 1.0])[0]:
                 kept = f"the last good checkpoint ({last_path}, epoch {epoch}) is kept" if epoch else "no checkpoint"
                 raise FinetuneError(f"the loss became {loss.item()} in epoch {epoch + 1}, batch {number}; {kept}; "
                                     "lower --lr and resume")
@@ -359,13 +359,13 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
             optimizer.step()
             total += loss.item() * len(indices)
             seen += len(indices)
-        total, seen = all_sum(current, [total, seen])
+        total, seen = distributed.all_sum(current, [total, seen])
         point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(seen, 1)}
         schedule.step()
         if val_dataset is not None:
             if current.is_main:
                 point.update(_validate(model, val_dataset, val_targets, config, device, loss_function))
-            point = broadcast(current, point)
+            point = distributed.broadcast(current, point)
             if point["val_loss"] < best[0]:
                 best = (point["val_loss"], epoch)
         history.append(point)
@@ -374,7 +374,7 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
             _save_checkpoint(last_path, model, optimizer, schedule, epoch + 1, history, best, identity)
             if best[1] == epoch:
                 _save_checkpoint(best_path, model, optimizer, schedule, epoch + 1, history, best, identity)
-        barrier(current, f"checkpoint of epoch {epoch + 1}")
+        distributed.barrier(current, f"checkpoint of epoch {epoch + 1}")
     val = None
     if current.is_main:
         if config.early_stop and best[1] is not None and best_path.is_file():
@@ -382,8 +382,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         if val_dataset is not None:
             val = _validate(model, val_dataset, val_targets, config, device, loss_function)
         save_model(config.out, model, head_metadata, trainable, history, config)
-    barrier(current, "model written")
-    stop(current)
+    distributed.barrier(current, "model written")
+    distributed.stop(current)
     return FinetuneResult(Path(config.out), len(history) - (resumed_from or 0), history, trainable,
                           None if best[1] is None else best[1] + 1, resumed_from, stopped_early, val,
                           {"seconds": time.perf_counter() - started})

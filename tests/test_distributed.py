@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cache.reader import CacheReader
-from tests.conftest import REPO, make_image_folder, write_image
+from tests.conftest import REPO, make_image_folder
 
 EXTRACT = ["extract", "--backbone", "alexnet", "--weights", "none", "--layers", "pool5", "--dtype", "float32",
            "--shard-rows", "3", "--workers", "0", "--quiet"]
