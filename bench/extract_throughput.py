@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weights  # noqa: E402
 from pipeline.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
-from results import record  # noqa: E402  (bench/ is this script's folder)
+from results import publish  # noqa: E402  (bench/ is this script's folder)
 SECTION = "## extract throughput"
 
 
@@ -91,10 +91,7 @@ def main() -> None:
     table = ["| backbone | tl extract img/s | bare forward img/s | ratio | HDF5 writing share |",
              "|---|---:|---:|---:|---:|"]
     table += [f"| {n} | {e:.1f} | {b:.1f} | {r:.0%} | {w:.1%} |" for n, e, b, r, w in rows]
-    text = "\n".join([header, "", *table])
-    print(text)
-    if not args.no_write:
-        record(f"{SECTION} ({where})", text)
+    publish(f"{SECTION} ({where})", header, table, write=not args.no_write)
 
 
 def result_precision(cache: Path) -> str:

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cache.writer import CacheWriter  # noqa: E402
-from results import record  # noqa: E402
+from results import publish  # noqa: E402
 
 SECTION = "## fit-head memory"
 CHILD = """
@@ -95,10 +95,7 @@ def main() -> None:
               f"Command: `python bench/fit_head_memory.py`.")
     table = ["| head | peak RSS tiny cache (MiB) | peak RSS big cache (MiB) | difference (MiB) | budget |",
              "|---|---:|---:|---:|---|"] + lines
-    text = "\n".join([header, "", *table])
-    print(text)
-    if not args.no_write:
-        record(SECTION, text)
+    publish(SECTION, header, table, write=not args.no_write)
 
 
 if __name__ == "__main__":

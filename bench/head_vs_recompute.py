@@ -23,7 +23,7 @@ from pipeline.examples import write_digits  # noqa: E402
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from pipeline.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from pipeline.heads import FitHeadConfig, TrainingOptions, fit_head  # noqa: E402
-from results import record  # noqa: E402
+from results import publish  # noqa: E402
 
 SECTION = "## head epoch: cache vs recomputed backbone"
 
@@ -61,10 +61,7 @@ def main() -> None:
              f"| on cached codes (`tl fit-head --head mlp`) | {cached_seconds:.2f} |",
              f"| backbone recomputed (`tl finetune --unfreeze 0`, the Keras recipe) | {recomputed_seconds:.2f} |",
              f"| ratio | {ratio:.0f}x |"]
-    text = "\n".join([header, "", *table])
-    print(text)
-    if not args.no_write:
-        record(SECTION, text)
+    publish(SECTION, header, table, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pipeline.examples import write_shapes_voc  # noqa: E402
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from pipeline.heads import FitHeadConfig, TrainingOptions, fit_head  # noqa: E402
 from pipeline.multiscale import PatchSettings  # noqa: E402
-from results import record  # noqa: E402
+from results import publish  # noqa: E402
 
 SECTION = "## VOC single crop vs multiscale"
 
@@ -69,10 +69,7 @@ def main() -> None:
               f"exponent 5. {platform.machine()} CPU. Command: `python bench/voc_single_vs_multiscale.py`.")
     table = ["| codes | test mAP | test rows | seconds (extract + fit + evaluate) |", "|---|---:|---:|---:|"]
     table += [f"| {mode} | {mAP:.4f} | {rows} | {seconds:.0f} |" for mode, (mAP, rows, seconds) in results.items()]
-    text = "\n".join([header, "", *table])
-    print(text)
-    if not args.no_write:
-        record(SECTION, text)
+    publish(SECTION, header, table, write=not args.no_write)
 
 
 if __name__ == "__main__":
