@@ -72,8 +72,10 @@ class CodeRows(ABC):
         return ArrayRows(codes, targets)
 
     @staticmethod
-    def from_cache(reader, layer: str, rows: np.ndarray | None = None, block_rows: int = 4096) -> "CacheRows":
-        return CacheRows(reader, layer, rows, block_rows)
+    def from_cache(reader, layer: str, rows: np.ndarray | None = None, block_rows: int = 4096,
+                   all_targets: np.ndarray | None = None) -> "CacheRows":
+        """`all_targets`: the cache's whole target column when the caller already read it."""
+        return CacheRows(reader, layer, rows, block_rows, all_targets)
 
     @abstractmethod
     def blocks(self, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -118,9 +120,12 @@ class ArrayRows(CodeRows):
 
 
 class CacheRows(CodeRows):
-    def __init__(self, reader, layer: str, rows: np.ndarray | None, block_rows: int):
+    def __init__(self, reader, layer: str, rows: np.ndarray | None, block_rows: int,
+                 all_targets: np.ndarray | None = None):
         reader._check_tap(layer)
-        targets = reader.load_column("target") if reader.num_rows else np.zeros(0, np.int64)
+        targets = all_targets
+        if targets is None:
+            targets = reader.load_column("target") if reader.num_rows else np.zeros(0, np.int64)
         self.rows = None if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
         if self.rows is not None:
             targets = targets[self.rows]
@@ -455,9 +460,9 @@ class MlpHead(Head):
 
     def predict_proba(self, codes: np.ndarray) -> np.ndarray:
         codes = torch.from_numpy(_checked(codes, "codes").astype(np.float32))
-        module = self.to_module()
-        with torch.inference_mode():
-            return torch.cat([module(batch) for batch in codes.split(4096)]).double().numpy()
+        activation = self._activation()
+        with torch.inference_mode():  # the fitted network itself: no copy per call (score_rows calls per block)
+            return torch.cat([activation(self.network_(batch)) for batch in codes.split(4096)]).double().numpy()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"network.{name}": tensor for name, tensor in self.network_.state_dict().items()}
@@ -734,8 +739,9 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
         val = CodeRows.from_cache(val_reader, layer, block_rows=config.block_rows)
     elif config.val_fraction is not None:
         train_rows, val_rows = _validation_split(rows.targets, config.val_fraction, config.seed)
-        rows = CodeRows.from_cache(reader, layer, train_rows, config.block_rows)
-        val = CodeRows.from_cache(reader, layer, val_rows, config.block_rows)
+        all_targets = rows.targets
+        rows = CodeRows.from_cache(reader, layer, train_rows, config.block_rows, all_targets)
+        val = CodeRows.from_cache(reader, layer, val_rows, config.block_rows, all_targets)
     head = _new_head(config)
     head.fit(rows, val_codes=val)
     save_head(head, config.out, {

@@ -300,3 +300,26 @@ def test_step_schedule_drops_the_learning_rate():
     assert [point["lr"] for point in cosine.curve_] == pytest.approx([0.1, 0.085355, 0.05, 0.014645], abs=1e-6)
     with pytest.raises(HeadError, match="--lr-steps must be epochs"):
         MlpHead(training=TrainingOptions(lr_steps=(0,))).fit(codes, targets)
+
+
+def test_mlp_scores_with_its_own_network_without_copying_it(monkeypatch):
+    codes, targets = blobs(15)
+    head = small_mlp().fit(codes, targets)
+    expected = head.to_module()(torch.from_numpy(codes).float()).detach().double().numpy()
+
+    def no_copies():
+        raise AssertionError("predict_proba must not build a module per call")
+
+    monkeypatch.setattr(head, "to_module", no_copies)
+    monkeypatch.setattr("copy.deepcopy", lambda *args, **kwargs: no_copies())
+    np.testing.assert_allclose(head.predict_proba(codes), expected, atol=1e-6)
+
+
+def test_a_validation_fraction_reads_the_target_column_once(tmp_path, monkeypatch):
+    codes, targets = blobs(16, n=200)
+    write_code_cache(tmp_path / "c", codes, targets, ["a", "b", "c", "d"], shard_rows=50)
+    reads = []
+    original = CacheReader.load_column
+    monkeypatch.setattr(CacheReader, "load_column", lambda self, column: reads.append(column) or original(self, column))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt", val_fraction=0.25))
+    assert reads.count("target") == 1
