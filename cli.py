@@ -10,7 +10,25 @@ from pathlib import Path
 
 import click
 
+from pipeline import DEVICES, PRECISIONS
 from pipeline.errors import ConfigError, TLError
+
+# -------------------------------------------------------------- options several commands share
+
+
+
+def device_option(default: str = "auto", help: str = "auto: CUDA when present (under torchrun, each rank's own GPU)."):
+    return click.option("--device", default=default, show_default=True, type=click.Choice(DEVICES), help=help)
+
+
+def precision_option(help: str):
+    return click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help=help)
+
+
+def workers_option():
+    return click.option("--workers", default=None, type=int,
+                        help="Decoding processes [default: the cores shared among this machine's ranks, at most 16].")
+
 
 # -------------------------------------------------------------- config files
 
@@ -132,11 +150,9 @@ def tl():
               help="Images per shard file [default: 4096; 32 with --multiscale].")
 @click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "lzf", "gzip"]))
 @click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=None, type=int, help="Decoding processes [default: one per core, at most 4].")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
+@workers_option()
+@device_option()
+@precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
 @click.option("--samples-per-class", default=None, type=int, help="Seeded, stratified subset of N per class.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "fail"]),
@@ -278,8 +294,7 @@ def example_data(out, per_class, seed):
 @click.option("--early-stop/--no-early-stop", default=False, show_default=True,
               help="Stop when the validation loss has not improved for --patience epochs; keep the best epoch.")
 @click.option("--patience", default=3, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="Where mini-batch heads train.")
+@device_option("cpu", "Where mlp and sgd heads train; cuda reads the cache in pinned batches.")
 @click.option("--val-cache", type=click.Path(path_type=Path), default=None, help="Validation cache of the same classes.")
 @click.option("--val-fraction", type=float, default=None,
               help="Hold out this seeded fraction instead (stratified by class).")
@@ -325,7 +340,9 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
               type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb", "voc"]), help="With --model.")
 @click.option("--split", default="test", show_default=True, help="With --model.")
 @click.option("--classes", default="voc", show_default=True, help="With --model and voc data.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@device_option()
+@precision_option("With --model: autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
+@workers_option()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.json, report.md, plots.")
 @click.option("--ap", default="voc07", show_default=True, type=click.Choice(["voc07", "area"]),
               help="AP: VOC 2007 11-point interpolation, or area under the precision envelope.")
@@ -355,10 +372,9 @@ def evaluate(format_, **options):
 @click.option("--top-k", default=5, show_default=True, type=int, help="Labels per image, best first.")
 @click.option("--weights", default=None, help="The backbone's state dict file, when the head's cache was made from one.")
 @click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--workers", default=0, show_default=True, type=int, help="Decoding processes.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@workers_option()
+@device_option()
+@precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
 def predict(paths, **options):
     """Label image files and folders: CSV rows path,label,prob (top-k per image) on stdout.
 
@@ -451,8 +467,10 @@ def quickstart(out, per_class, seed, quiet):
 @click.option("--weights", default=None, help="The backbone's weights file, when the head's codes came from one.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint (OUT.last.ckpt).")
 @click.option("--overwrite", is_flag=True, help="Start over even though a checkpoint exists.")
-@click.option("--workers", default=0, show_default=True, type=int, help="Decoding processes.")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@workers_option()
+@device_option()
+@precision_option("Autocast dtype of training and validation; auto: bfloat16 on CUDA (float16 with loss "
+                  "scaling where the GPU lacks bfloat16), float32 on the CPU.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="Only the summary.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")

@@ -1,9 +1,14 @@
-"""Throughput of `tl extract` against the bare forward pass, on this machine, in one run.
+"""Throughput of `tl extract` against the bare forward pass, and of a finetune training step.
 
-The bare forward pass runs the same tap model on pre-made tensors (no decoding, no writing): the
-compute limit. Writes a table to bench/RESULTS.md (section "extract throughput") and prints it.
+The bare forward pass runs the same tap model on pre-made tensors already on the device (no decoding,
+no copying in, no writing): the compute limit. The training step is `tl finetune`'s own step
+(autocast, loss scaling for float16) with the whole backbone unfrozen. On CUDA the models run in
+channels_last with cudnn autotuning, batches come pinned and are copied without blocking.
+Writes a table to bench/RESULTS.md (section "extract throughput (DEVICE)") and prints it.
 
-    python bench/extract_throughput.py [--images 384] [--backbones alexnet,efficientnet_lite0]
+    python bench/extract_throughput.py                     # CPU: alexnet, efficientnet_lite0
+    python bench/extract_throughput.py --device cuda --precision float32,float16,bfloat16
+                                                           # GPU: alexnet, vgg16, resnet50
 """
 
 from __future__ import annotations
@@ -22,9 +27,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weights  # noqa: E402
-from pipeline.extract import ExtractConfig, resolve_device, run_extract  # noqa: E402
+from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
+from pipeline.finetune import FinetuneModel, training_step  # noqa: E402
+from pipeline.hardware import (autocast, grad_scaler, prepare_module, resolve_device,  # noqa: E402
+                               resolve_precision)
 from results import publish  # noqa: E402  (bench/ is this script's folder)
 SECTION = "## extract throughput"
+DEFAULT_BACKBONES = {"cuda": "alexnet,vgg16,resnet50", "cpu": "alexnet,efficientnet_lite0"}
 
 
 def write_images(folder: Path, count: int, size: int = 224) -> None:
@@ -37,67 +46,97 @@ def write_images(folder: Path, count: int, size: int = 224) -> None:
         Image.fromarray(smooth).resize((size, size), Image.Resampling.BILINEAR).save(path, quality=90)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def bare_forward_rate(name: str, weights: str, batch_size: int, batches: int, device: torch.device,
                       precision: str) -> float:
+    """Images/s of the frozen tap model on a batch already on the device, codes copied back as float32."""
     backbone = get_backbone(name)
-    model = TapModel(load_model(backbone, resolve_weights(backbone, weights)), backbone, [backbone.default_tap])
-    model = model.to(device)
+    model = prepare_module(TapModel(load_model(backbone, resolve_weights(backbone, weights)), backbone,
+                                    [backbone.default_tap]), device)
     images = torch.randn(batch_size, 3, backbone.input_size, backbone.input_size, device=device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast(device.type, dtype=getattr(torch, precision), enabled=precision != "float32")
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device, precision):
         model(images)  # warm-up: allocator, cudnn algorithm choice
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         started = time.perf_counter()
         for _ in range(batches):
-            outputs = model(images)
-            outputs[backbone.default_tap].float().cpu()
+            model(images)[backbone.default_tap].float().cpu()
         return batches * batch_size / (time.perf_counter() - started)
 
 
-def main() -> None:
+def train_step_rate(name: str, batch_size: int, steps: int, device: torch.device, precision: str) -> float:
+    """Images/s of `tl finetune`'s training step through the whole backbone (every layer trainable) and a
+    10-class linear head, SGD with momentum, on a batch already on the device."""
+    backbone = get_backbone(name)
+    features = TapModel(load_model(backbone, resolve_weights(backbone, "none")), backbone, [backbone.default_tap])
+    model = prepare_module(FinetuneModel(features, backbone.default_tap, torch.nn.LazyLinear(10)), device)
+    images = torch.randn(batch_size, 3, backbone.input_size, backbone.input_size, device=device)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = torch.randint(0, 10, (batch_size,), device=device)
+    model.train()
+    with torch.no_grad():
+        model(images)  # materializes the lazy head
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler, loss_function = grad_scaler(device, precision), torch.nn.CrossEntropyLoss()
+    training_step(model, images, targets, loss_function, optimizer, scaler, device, precision)  # warm-up
+    _synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        training_step(model, images, targets, loss_function, optimizer, scaler, device, precision)
+    return steps * batch_size / (time.perf_counter() - started)  # .item() in each step waits for the GPU
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=384)
-    parser.add_argument("--backbones", default="alexnet,efficientnet_lite0")
+    parser.add_argument("--backbones", default=None, help="comma list [default: per device, see above]")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--train-steps", type=int, default=None, help="[default: 20 on CUDA, 2 on the CPU]")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="auto", help="comma list: a row per backbone and precision")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    names = (args.backbones or DEFAULT_BACKBONES[device.type]).split(",")
+    steps = args.train_steps if args.train_steps is not None else (20 if device.type == "cuda" else 2)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch) / "images"
         write_images(folder, args.images)
-        for name in args.backbones.split(","):
+        for name in names:
             weights = "imagenet" if name == "efficientnet_lite0" else "none"
-            config = ExtractConfig(data=folder, out=Path(scratch) / f"cache-{name}", backbone=name, weights=weights,
-                                   batch_size=args.batch_size, workers=args.workers, device=args.device,
-                                   precision=args.precision, shard_rows=128, quiet=True)
-            result = run_extract(config)
-            precision = result_precision(config.out)
-            bare = bare_forward_rate(name, weights, args.batch_size, max(2, args.images // args.batch_size // 2),
-                                     device, precision)
-            extract_rate = result.images_processed / result.loop_seconds
-            rows.append((name, extract_rate, bare, extract_rate / bare, result.write_seconds / result.loop_seconds))
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+            for asked in args.precision.split(","):
+                precision = resolve_precision(asked, device)
+                config = ExtractConfig(data=folder, out=Path(scratch) / f"cache-{name}-{precision}", backbone=name,
+                                       weights=weights, batch_size=args.batch_size, workers=args.workers,
+                                       device=args.device, precision=precision, shard_rows=128, quiet=True)
+                result = run_extract(config)
+                bare = bare_forward_rate(name, weights, args.batch_size,
+                                         max(2, args.images // args.batch_size // 2), device, precision)
+                training = resolve_precision(asked, device, training=True)
+                train = train_step_rate(name, args.batch_size, steps, device, training) if steps else float("nan")
+                extract_rate = result.images_processed / result.loop_seconds
+                rows.append((name, precision, extract_rate, bare, extract_rate / bare,
+                             result.write_seconds / result.loop_seconds, training, train))
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{platform.processor() or platform.machine()} CPU")
     header = (f"{args.images} JPEG images 224x224, batch {args.batch_size}, device {where}, "
-              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}")
-    table = ["| backbone | tl extract img/s | bare forward img/s | ratio | HDF5 writing share |",
-             "|---|---:|---:|---:|---:|"]
-    table += [f"| {n} | {e:.1f} | {b:.1f} | {r:.0%} | {w:.1%} |" for n, e, b, r, w in rows]
+              f"{config.workers if config.workers is not None else 'default'} decoding workers, "
+              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+              f"Command: `python bench/extract_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    table = ["| backbone | precision | tl extract img/s | bare forward img/s | ratio | HDF5 writing share "
+             "| train step precision | train step img/s |",
+             "|---|---|---:|---:|---:|---:|---|---:|"]
+    table += [f"| {n} | {p} | {e:.1f} | {b:.1f} | {r:.0%} | {w:.1%} | {tp} | {t:.1f} |"
+              for n, p, e, b, r, w, tp, t in rows]
     publish(f"{SECTION} ({where})", header, table, write=not args.no_write)
-
-
-def result_precision(cache: Path) -> str:
-    import json
-
-    return json.loads((cache / "manifest.json").read_text())["key"]["precision"]
 
 
 if __name__ == "__main__":

@@ -4,3 +4,7 @@ images -> backbone -> cache -> heads -> reports; each stage is a plain function 
 """
 
 __version__ = "0.1.0"
+
+# --device and --precision values; here, free of torch, so the CLI can list them without importing it
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")

@@ -28,8 +28,9 @@ class EvaluateConfig:
     split: str = "test"
     classes: str = "voc"
     batch_size: int = 32
-    workers: int | None = 0
+    workers: int | None = None  # None: pipeline.hardware.default_workers
     device: str = "auto"
+    precision: str = "auto"  # with --model: the autocast dtype (auto: float16 on CUDA, float32 on the CPU)
     ap: str = "voc07"
     top_k: int = 5
     save_predictions: Path | None = None
@@ -91,18 +92,20 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     over every patch of each image for a multiscale model)."""
     from pipeline.backbones import get_backbone
     from pipeline.datasets import open_source
-    from pipeline.extract import resolve_device
     from pipeline.finetune import load_model_file, score_dataset, training_set
+    from pipeline.hardware import prepare_module, resolve_device, resolve_precision
 
     model, metadata = load_model_file(config.model)
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device)
     source = open_source(config.format, config.data, config.split, classes=config.classes)
     names = metadata["classes"]
     what = (f"data {config.data}", f"model {config.model}")
     backbone = get_backbone(metadata["codes_key"]["backbone"])
     dataset, targets = training_set(source, backbone, metadata, False, 0, None, *what)
     multilabel = metadata["head"]["state"]["multilabel"]
-    scores = score_dataset(model.to(device), dataset, config.batch_size, config.workers, device, multilabel)
+    scores = score_dataset(prepare_module(model, device), dataset, config.batch_size, config.workers, device,
+                           multilabel, precision)
     readable = ~np.isnan(scores).any(axis=1)
     if not readable.any():
         raise HeadError(f"no image of {config.data} could be read; check the data")

@@ -6,7 +6,6 @@ Shard k always holds samples [k * shard_rows, (k + 1) * shard_rows), so a re-run
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,11 @@ from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, res
 from pipeline.datasets import DECODE_ERRORS, Source, open_source
 from pipeline import distributed
 from pipeline.errors import TLError
+from pipeline.hardware import (autocast, loader_options, pinned, prepare_module, resolve_device, resolve_precision,
+                               to_device)
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 
 ON_ERROR = ("skip", "fail")
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -42,7 +41,7 @@ class ExtractConfig:
     shard_rows: int | None = None  # images per shard; None: 4096, or 32 with --multiscale
     compression: str = "none"
     batch_size: int = 64
-    workers: int | None = None  # None: one per core, at most 4
+    workers: int | None = None  # None: pipeline.hardware.default_workers
     device: str = "auto"
     precision: str = "auto"
     samples_per_class: int | None = None
@@ -94,30 +93,6 @@ def collate_decoded(items):
     good = [pixels for pixels, _, error in items if not error]
     pixels = torch.stack(good) if good else None
     return pixels, [index for _, index, error in items if not error], [(i, e) for _, i, e in items if e]
-
-
-def resolve_device(device: str) -> torch.device:
-    """cpu or cuda; under torchrun, CUDA means this process's own GPU (LOCAL_RANK)."""
-    if device not in DEVICES:
-        raise TLError(f"unknown --device {device}; valid: {', '.join(DEVICES)}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TLError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        local_rank = distributed.world().local_rank
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise TLError(f"unknown --precision {precision}; valid: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        # float16 keeps 3 more mantissa bits than bfloat16, and fc activations sit well inside its range.
-        return "float16" if device.type == "cuda" else "float32"
-    return precision
 
 
 @contextlib.contextmanager
@@ -250,36 +225,20 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
 
 def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
     """The frozen backbone cut at its taps, on `device` (channels_last and cudnn autotuning on CUDA)."""
-    model = TapModel(load_model(backbone, weights), backbone, taps).to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return prepare_module(TapModel(load_model(backbone, weights), backbone, taps), device)
 
 
 def image_loader(source: Source, backbone: Backbone, batches: list[list[int]], workers: int | None,
                  device: torch.device) -> DataLoader:
     """Batches of (pixels, indices, errors), decoded in worker processes, pinned for a CUDA device."""
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    return DataLoader(
-        DecodedImages(source, backbone.transform()),
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=collate_decoded,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
+    return DataLoader(DecodedImages(source, backbone.transform()), batch_sampler=batches,
+                      collate_fn=collate_decoded, **loader_options(device, workers))
 
 
 def forward_codes(model: nn.Module, pixels: torch.Tensor, device: torch.device, precision: str) -> dict:
     """{tap: float32 numpy codes} of one batch, under autocast unless the precision is float32."""
-    cuda = device.type == "cuda"
-    pixels = pixels.to(device, non_blocking=cuda)
-    if cuda:
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=getattr(torch, precision),
-                                                enabled=precision != "float32"):
-        outputs = model(pixels)
+    with torch.inference_mode(), autocast(device, precision):
+        outputs = model(to_device(pixels, device))
     return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}
 
 
@@ -367,9 +326,10 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
     model = prepare_model(backbone, weights, taps, device)
     shard_rows, num_samples = shard_size(config), len(source)
     dataset = PatchImages(source, backbone.input_size, config.patches, config.split in TRAINING_SPLITS, config.seed)
-    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
+    # items are whole images of uint8 patches: 2 in flight per worker, pinned per forward batch below
+    options = {**loader_options(device, config.workers, prefetch=2), "pin_memory": False}
     loader = DataLoader(dataset, batch_sampler=_shard_batches(pending, shard_rows, num_samples, 1),
-                        num_workers=workers, collate_fn=collate_patches, prefetch_factor=2 if workers else None)
+                        collate_fn=collate_patches, **options)
     mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
     current, rows, waiting = None, ShardRows(taps, config.dtype), []
@@ -378,9 +338,9 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
 
     def forward(segments: list) -> None:
         """Run one batch of patches (from one or several images) through the backbone; file their rows."""
-        pixels = torch.cat([item.pixels[start:stop] for item, start, stop in segments])
-        pixels = pixels.to(device, non_blocking=device.type == "cuda")
-        pixels = (pixels.float().div_(255.0) - mean) / std
+        pixels = to_device(pinned(torch.cat([item.pixels[start:stop] for item, start, stop in segments]), device),
+                           device)
+        pixels = (pixels.float().div_(255.0) - mean) / std  # uint8 crosses to the GPU: 4x fewer bytes
         codes = forward_codes(model, pixels, device, precision)
         targets, ids, columns = [], [], {"image_id": [], "box": [], "scale": [], "image_target": [], "image_ignore": []}
         for item, start, stop in segments:

@@ -11,20 +11,23 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from pipeline import __version__
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
 from pipeline.datasets import open_source
 from pipeline import distributed
 from pipeline.errors import TLError
-from pipeline.extract import DecodedImages, collate_decoded, resolve_device
+from pipeline.extract import DecodedImages, collate_decoded
+from pipeline.hardware import (autocast, grad_scaler, loader_options, prepare_module, resolve_device,
+                               resolve_precision, to_device)
 from pipeline.heads import head_from_payload, load_head, validation_score
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
 
@@ -88,8 +91,9 @@ class FinetuneConfig:
     weights: str | None = None  # the backbone's weights file, when the head's codes came from one
     resume: bool = False
     overwrite: bool = False
-    workers: int | None = 0
+    workers: int | None = None  # None: pipeline.hardware.default_workers
     device: str = "auto"
+    precision: str = "auto"  # autocast dtype; auto: float32 on the CPU, bfloat16 (else float16) on CUDA
     seed: int = 0
     quiet: bool = False
 
@@ -105,6 +109,7 @@ class FinetuneResult:
     stopped_early: bool = False
     val: dict | None = None  # the final model's validation metrics
     timings: dict = field(default_factory=dict)
+    precision: str = "float32"
 
 
 def checkpoint_paths(out: Path) -> tuple[Path, Path]:
@@ -208,11 +213,18 @@ class SeededItems(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
-def _loader(dataset, order: list[int], batch_size: int, workers: int | None, generator, device):
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_decoded,
-                      pin_memory=device.type == "cuda", generator=generator)
+def _loader(dataset, batches, workers: int | None, device) -> DataLoader:
+    """Batches of (pixels, indices, errors) decoded in workers, pinned for CUDA, a few in flight."""
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_decoded, **loader_options(device, workers))
+
+
+def epoch_batches(size: int, current: distributed.World, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
+    """This rank's batches of one epoch: torch's DistributedSampler (shuffled from seed + epoch, padded,
+    strided over the ranks) in batches of batch_size / world size, so --batch-size stays the global batch
+    and step i of every rank together covers the same items as step i of a single process."""
+    sampler = DistributedSampler(range(size), num_replicas=current.size, rank=current.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(BatchSampler(sampler, max(1, batch_size // current.size), drop_last=False))
 
 
 # ---------------------------------------------------------------- training
@@ -278,6 +290,7 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
                             f"not {config.backbone}; pass a head of the same backbone")
     current = distributed.world()
     device = resolve_device(config.device)
+    precision = resolve_precision(config.precision, device, training=True)
     distributed.start(current, device)
     if not current.is_main:  # rank 0 speaks for every rank
         say = lambda text: None  # noqa: E731
@@ -298,7 +311,10 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
                                                 f"validation data {config.val_data}", f"head {config.head}")
     multilabel = targets.ndim == 2
     loss_function = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
-    model.to(device)
+    model = prepare_module(model, device)
+    if precision != "float32":
+        say(f"mixed precision: {precision} autocast" + (" with loss scaling" if precision == "float16" else ""))
+    scaler = grad_scaler(device, precision)
     trainer = model
     if current.distributed:  # gradients averaged across ranks: gloo on CPU, nccl on CUDA
         from torch.nn.parallel import DistributedDataParallel
@@ -317,6 +333,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         # the learning rate given now wins over the checkpoint's, so "lower --lr and resume" works
         schedule.base_lrs = [group["lr"] for group in _parameter_groups(model, config)]
         for group, base in zip(optimizer.param_groups, schedule.base_lrs):
@@ -335,63 +353,79 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
             break
         epoch_seed = _epoch_seed(config.seed, epoch)
         torch.manual_seed(epoch_seed)
-        generator = torch.Generator().manual_seed(epoch_seed)
-        order = torch.randperm(len(dataset), generator=generator).tolist()
-        batch_size = config.batch_size
-        if current.distributed:  # DistributedSampler's split: padded, strided; --batch-size stays global
-            order = (order + order[:(-len(order)) % current.size])[current.rank::current.size]
-            batch_size = max(1, config.batch_size // current.size)
-        loader = _loader(SeededItems(dataset, epoch_seed), order, batch_size, config.workers, generator, device)
+        batches = epoch_batches(len(dataset), current, config.seed, epoch, config.batch_size)
+        loader = _loader(SeededItems(dataset, epoch_seed), batches, config.workers, device)
         trainer.train()
         total, seen = 0.0, 0
         for number, (pixels, indices, errors) in enumerate(loader, start=1):
             if pixels is None:  # every image of the batch unreadable: an empty step keeps the ranks in step
                 pixels = torch.zeros(0, 3, backbone.input_size, backbone.input_size)
-            logits = trainer(pixels.to(device))
             batch_targets = torch.from_numpy(targets[indices].astype(np.float32) if multilabel else targets[indices])
-            loss = loss_function(logits, batch_targets.to(device)) if indices else logits.sum() * 0.0
-            if distributed.all_sum(current, [0.0 if torch.isfinite(loss) else 1.0])[0]:
-                kept = f"the last good checkpoint ({last_path}, epoch {epoch}) is kept" if epoch else "no checkpoint"
-                raise FinetuneError(f"the loss became {loss.item()} in epoch {epoch + 1}, batch {number}; {kept}; "
-                                    "lower --lr and resume")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(indices)
+            loss = training_step(trainer, to_device(pixels, device), to_device(batch_targets, device), loss_function,
+                                 optimizer, scaler, device, precision,
+                                 check=lambda loss: _check_loss(loss, current, epoch, number, last_path))
+            total += loss * len(indices)
             seen += len(indices)
         total, seen = distributed.all_sum(current, [total, seen])
         point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(seen, 1)}
-        schedule.step()
+        with warnings.catch_warnings():  # the schedule counts epochs, whether or not fp16 loss scaling skipped steps
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            schedule.step()
         if val_dataset is not None:
             if current.is_main:
-                point.update(_validate(model, val_dataset, val_targets, config, device, loss_function))
+                point.update(_validate(model, val_dataset, val_targets, config, device, precision))
             point = distributed.broadcast(current, point)
             if point["val_loss"] < best[0]:
                 best = (point["val_loss"], epoch)
         history.append(point)
         say("epoch {epoch}: ".format(**point) + ", ".join(f"{k} {v:.4g}" for k, v in point.items() if k != "epoch"))
         if current.is_main:
-            _save_checkpoint(last_path, model, optimizer, schedule, epoch + 1, history, best, identity)
-            if best[1] == epoch:
-                _save_checkpoint(best_path, model, optimizer, schedule, epoch + 1, history, best, identity)
+            for path in [last_path] + ([best_path] if best[1] == epoch else []):
+                _save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)
         distributed.barrier(current, f"checkpoint of epoch {epoch + 1}")
     val = None
     if current.is_main:
         if config.early_stop and best[1] is not None and best_path.is_file():
             model.load_state_dict(_load_checkpoint(best_path, identity)["model"])
         if val_dataset is not None:
-            val = _validate(model, val_dataset, val_targets, config, device, loss_function)
+            val = _validate(model, val_dataset, val_targets, config, device, precision)
         save_model(config.out, model, head_metadata, trainable, history, config)
     distributed.barrier(current, "model written")
     distributed.stop(current)
     return FinetuneResult(Path(config.out), len(history) - (resumed_from or 0), history, trainable,
                           None if best[1] is None else best[1] + 1, resumed_from, stopped_early, val,
-                          {"seconds": time.perf_counter() - started})
+                          {"seconds": time.perf_counter() - started}, precision)
 
 
-def _validate(model, dataset, targets, config, device, loss_function) -> dict:
+def training_step(trainer: nn.Module, pixels: torch.Tensor, targets: torch.Tensor, loss_function, optimizer,
+                  scaler: torch.amp.GradScaler, device: torch.device, precision: str, check=None) -> float:
+    """One optimizer step on a batch already on `device`, under autocast, with loss scaling for float16
+    (a step whose gradients overflowed is skipped and the scale lowered). `check(loss)` runs before the
+    backward pass; returns the batch's mean loss. An empty batch still steps, keeping DDP ranks in step."""
+    with autocast(device, precision):
+        logits = trainer(pixels)
+    logits = logits.float()  # the loss in float32 whatever the forward's precision
+    loss = loss_function(logits, targets) if len(targets) else logits.sum() * 0.0
+    if check is not None:
+        check(loss)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
+def _check_loss(loss: torch.Tensor, current: distributed.World, epoch: int, number: int, last_path: Path) -> None:
+    """Stop every rank, naming the epoch and batch, when any rank's loss is not finite."""
+    if distributed.all_sum(current, [0.0 if torch.isfinite(loss) else 1.0])[0]:
+        kept = f"the last good checkpoint ({last_path}, epoch {epoch}) is kept" if epoch else "no checkpoint"
+        raise FinetuneError(f"the loss became {loss.item()} in epoch {epoch + 1}, batch {number}; {kept}; "
+                            "lower --lr and resume")
+
+
+def _validate(model, dataset, targets, config, device, precision) -> dict:
     probabilities = score_dataset(model, dataset, config.batch_size, config.workers, device,
-                                  multilabel=targets.ndim == 2)
+                                  multilabel=targets.ndim == 2, precision=precision)
     logits_targets = torch.from_numpy(targets.astype(np.float32) if targets.ndim == 2 else targets)
     if targets.ndim == 2:
         clipped = torch.from_numpy(probabilities).clamp(1e-7, 1 - 1e-7)
@@ -404,16 +438,17 @@ def _validate(model, dataset, targets, config, device, loss_function) -> dict:
 
 
 def score_dataset(model: FinetuneModel, dataset, batch_size: int, workers: int | None, device,
-                  multilabel: bool) -> np.ndarray:
+                  multilabel: bool, precision: str = "float32") -> np.ndarray:
     """Class probabilities of every item (NaN rows for unreadable images), model in eval mode."""
     model.eval()
-    loader = _loader(dataset, list(range(len(dataset))), batch_size, workers, None, device)
+    batches = [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)]
     probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
     with torch.inference_mode():
-        for pixels, indices, _ in loader:
+        for pixels, indices, _ in _loader(dataset, batches, workers, device):
             if pixels is None:
                 continue
-            logits = model(pixels.to(device))
+            with autocast(device, precision):
+                logits = model(to_device(pixels, device)).float()
             activation = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
             probabilities[indices] = activation.double().cpu().numpy()
     return probabilities
@@ -429,7 +464,8 @@ def _identity(config: FinetuneConfig, head_metadata: dict) -> dict:
             "optimizer": config.optimizer}
 
 
-def _save_checkpoint(path: Path, model, optimizer, schedule, epoch: int, history: list[dict], best, identity) -> None:
+def _save_checkpoint(path: Path, model, optimizer, schedule, scaler, epoch: int, history: list[dict], best,
+                     identity) -> None:
     payload = {
         "metadata": json.dumps({"format": CHECKPOINT_FORMAT, "epoch": epoch, "history": history,
                                 "best_loss": best[0] if math.isfinite(best[0]) else None, "best_epoch": best[1],
@@ -437,6 +473,7 @@ def _save_checkpoint(path: Path, model, optimizer, schedule, epoch: int, history
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),  # empty unless float16 loss scaling is on
         "torch_rng": torch.get_rng_state(),
         "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
     }
@@ -529,8 +566,6 @@ EXPORT_FORMATS = ("torchscript", "onnx")
 def export_model(model_path: Path, format: str, out: Path, tolerance: float = 1e-4) -> float:
     """Write a deployable file (pixels -> class probabilities) and check it against the model on a seeded
     sample batch; returns the largest difference. ONNX needs the onnx and onnxruntime packages."""
-    import warnings
-
     if format not in EXPORT_FORMATS:
         raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
     model, metadata = load_model_file(model_path)

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.errors import TLError
+from pipeline.hardware import pinned, resolve_device, to_device
 
 HEAD_FORMAT = "tl-head/1"
 SOLVERS = ("lbfgs", "sgd")
@@ -556,8 +557,6 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
     """
     from tqdm import tqdm
 
-    from pipeline.extract import resolve_device
-
     options.check()
     if options.early_stop and val is None:
         raise HeadError("--early-stop needs a validation split; pass --val-cache or --val-fraction")
@@ -610,16 +609,15 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
 
 
 def _mini_batches(rows: CodeRows, rng, batch_size: int, device: torch.device):
-    cuda = device.type == "cuda"
+    """(codes, targets) mini-batches on `device`, block by block in the seeded order; for CUDA each block
+    is read into pinned memory and its batches copied without blocking."""
     for positions, codes in rows.blocks(rng):
         targets = rows.targets[positions]
-        codes_tensor = torch.from_numpy(codes)
-        targets_tensor = torch.from_numpy(targets.astype(np.float32) if rows.multilabel else targets)
-        if cuda:
-            codes_tensor, targets_tensor = codes_tensor.pin_memory(), targets_tensor.pin_memory()
+        codes_tensor = pinned(torch.from_numpy(codes), device)
+        targets_tensor = pinned(torch.from_numpy(targets.astype(np.float32) if rows.multilabel else targets), device)
         for start in range(0, len(positions), batch_size):
-            yield (codes_tensor[start:start + batch_size].to(device, non_blocking=cuda),
-                   targets_tensor[start:start + batch_size].to(device, non_blocking=cuda))
+            yield (to_device(codes_tensor[start:start + batch_size], device),
+                   to_device(targets_tensor[start:start + batch_size], device))
 
 
 def _evaluate_network(network: nn.Module, val: CodeRows, loss_function, device) -> dict:

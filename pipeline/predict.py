@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline.backbones import get_backbone, weights_for_digest
 from pipeline.datasets import FileListSource
-from pipeline.extract import forward_codes, image_loader, prepare_model, resolve_device, resolve_precision
+from pipeline.extract import forward_codes, image_loader, prepare_model
+from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, to_device
 from pipeline.heads import HeadError, load_head
 
 
@@ -25,7 +26,7 @@ class PredictConfig:
     top_k: int = 5
     weights: str | None = None  # the state dict file, when the head's codes came from one
     batch_size: int = 32
-    workers: int | None = 0
+    workers: int | None = None  # None: pipeline.hardware.default_workers
     device: str = "auto"
     precision: str = "auto"
 
@@ -88,12 +89,13 @@ def _model_scorer(config: PredictConfig, device):
     from pipeline.finetune import load_model_file
 
     model, metadata = load_model_file(config.model)
-    model.to(device)
+    model = prepare_module(model, device)
+    precision = resolve_precision(config.precision, device)
     multilabel = metadata["head"]["state"]["multilabel"]
 
     def probabilities_of(pixels):
-        with torch.inference_mode():
-            logits = model(pixels.to(device))
+        with torch.inference_mode(), autocast(device, precision):
+            logits = model(to_device(pixels, device)).float()
             return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).double().cpu().numpy()
 
     return probabilities_of, metadata

@@ -1,0 +1,106 @@
+"""Where tensors run and how fast: the device, the autocast precision, and the CUDA fast path
+(channels_last, cudnn autotuning, pinned host memory with non-blocking copies, fed DataLoaders).
+
+Every stage (extract, fit-head, finetune, evaluate, predict) takes its device and precision from here,
+so `--device` and `--precision` mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+
+from pipeline import DEVICES, PRECISIONS, distributed
+from pipeline.errors import TLError
+
+
+def resolve_device(device: str) -> torch.device:
+    """cpu or cuda; under torchrun, CUDA means this process's own GPU (LOCAL_RANK)."""
+    if device not in DEVICES:
+        raise TLError(f"unknown --device {device}; valid: {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TLError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        local_rank = distributed.world().local_rank
+        if local_rank >= torch.cuda.device_count():
+            raise TLError(f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible); "
+                          "start at most one process per GPU (torchrun --nproc_per_node)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device, training: bool = False) -> str:
+    """The autocast dtype's name, or float32 for none. `auto`: float32 on the CPU; on CUDA float16 for
+    inference (3 more mantissa bits than bfloat16, and activations sit well inside its range) and
+    bfloat16 for training where the GPU has it (no loss scaling needed), else float16 with a GradScaler."""
+    if precision not in PRECISIONS:
+        raise TLError(f"unknown --precision {precision}; valid: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "float32"
+    if training and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float16"
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the forward pass; a no-op context for float32."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, precision))
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling, on only for float16 (whose small gradients would underflow); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "float16")
+
+
+def prepare_module(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` on `device`; on CUDA in channels_last layout with cudnn choosing the fastest kernels."""
+    module = module.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Page-locked host memory for a CUDA device, so the copy to it can run asynchronously."""
+    return tensor.pin_memory() if device.type == "cuda" and not tensor.is_pinned() else tensor
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on `device`: non-blocking from pinned memory, images in channels_last on CUDA."""
+    cuda = device.type == "cuda"
+    tensor = tensor.to(device, non_blocking=cuda)
+    if cuda and tensor.ndim == 4:
+        tensor = tensor.contiguous(memory_format=torch.channels_last)
+    return tensor
+
+
+def default_workers(workers: int | None) -> int:
+    """DataLoader workers: as given, else the cores this process may use shared among the processes
+    torchrun started on this machine, at most 16."""
+    if workers is not None:
+        return workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(16, cores // max(1, local)))
+
+
+def loader_options(device: torch.device, workers: int | None, prefetch: int = 4) -> dict:
+    """DataLoader keyword arguments that keep the device fed: worker processes, `prefetch` batches in
+    flight per worker, and pinned batches for CUDA."""
+    workers = default_workers(workers)
+    return {"num_workers": workers, "pin_memory": device.type == "cuda",
+            "prefetch_factor": prefetch if workers else None}

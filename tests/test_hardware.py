@@ -1,0 +1,67 @@
+"""pipeline.hardware: what --device and --precision resolve to, and how DataLoaders are fed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pipeline.errors import TLError
+from pipeline.hardware import (autocast, default_workers, grad_scaler, loader_options, pinned, resolve_device,
+                               resolve_precision, to_device)
+
+CPU = torch.device("cpu")
+
+
+def test_precision_auto_is_float32_on_the_cpu_and_explicit_choices_stand():
+    assert resolve_precision("auto", CPU) == resolve_precision("auto", CPU, training=True) == "float32"
+    for precision in ("float32", "bfloat16", "float16"):
+        assert resolve_precision(precision, CPU, training=True) == precision
+    with pytest.raises(TLError, match="unknown --precision float8; valid: auto, float32, bfloat16, float16"):
+        resolve_precision("float8", CPU)
+
+
+def test_precision_auto_on_cuda(monkeypatch):
+    """Inference keeps float16; training takes bfloat16 where the GPU has it, else float16 (loss scaled)."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert (resolve_precision("auto", cuda), resolve_precision("auto", cuda, training=True)) == ("float16", "bfloat16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda, training=True) == "float16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_asking_for_cuda_without_it_says_what_to_do():
+    with pytest.raises(TLError, match="no CUDA device is available; use --device cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == CPU
+    with pytest.raises(TLError, match="unknown --device tpu"):
+        resolve_device("tpu")
+
+
+def test_workers_share_the_cores_among_the_ranks_of_a_machine(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers(None) == 16  # at most 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers(None) == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert default_workers(None) == 1  # never none by default
+    assert default_workers(0) == 0 and default_workers(3) == 3  # as given
+
+
+def test_loader_options_pin_and_prefetch_only_where_they_apply():
+    assert loader_options(CPU, 0) == {"num_workers": 0, "pin_memory": False, "prefetch_factor": None}
+    assert loader_options(CPU, 2, prefetch=2) == {"num_workers": 2, "pin_memory": False, "prefetch_factor": 2}
+    assert loader_options(torch.device("cuda", 0), 3)["pin_memory"] is True
+
+
+def test_cpu_tensors_pass_through_and_autocast_is_off_for_float32():
+    images = torch.randn(2, 3, 4, 4)
+    assert pinned(images, CPU) is images and to_device(images, CPU) is images
+    with autocast(CPU, "float32"):
+        assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.float32
+    with autocast(CPU, "bfloat16"):
+        assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.bfloat16
+    assert not grad_scaler(CPU, "bfloat16").is_enabled() and grad_scaler(CPU, "float16").is_enabled()
