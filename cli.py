@@ -448,7 +448,8 @@ def quickstart(out, per_class, seed, quiet):
 @click.option("--epochs", default=10, show_default=True, type=int, help="0: only evaluate (and write the model).")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
-@click.option("--lr", default=0.001, show_default=True, type=float, help="Learning rate of the head.")
+@click.option("--lr", default=1e-4, show_default=True, type=float,
+              help="Learning rate of the head (small: it starts trained).")
 @click.option("--momentum", default=0.9, show_default=True, type=float)
 @click.option("--weight-decay", default=5e-4, show_default=True, type=float)
 @click.option("--lr-steps", default="", help="Epochs after which the lr drops (e.g. 10,20).")
@@ -456,6 +457,13 @@ def quickstart(out, per_class, seed, quiet):
               help="Factor of each drop (one value: the same for every step).")
 @click.option("--backbone-lr-scale", default=0.1, show_default=True, type=float,
               help="Backbone layers learn at lr times this.")
+@click.option("--bn-stats/--no-bn-stats", default=False, show_default=True,
+              help="Trainable BatchNorm layers update their running statistics (for big batches); by default "
+                   "they keep ImageNet's and only their scale and shift learn.")
+@click.option("--crop-scale", default=0.5, show_default=True, type=float,
+              help="Training crops cover at least this fraction of the image (1: the backbone's centre crop).")
+@click.option("--flip/--no-flip", default=True, show_default=True,
+              help="Random horizontal flips in training (off for digits, text, traffic signs).")
 @click.option("--background-fraction", default=0.1, show_default=True, type=float,
               help="Multiscale heads: share of background patches trained on (seeded, as in tl extract).")
 @click.option("--val-data", type=click.Path(path_type=Path), default=None, help="Validation images, same format.")
@@ -469,8 +477,8 @@ def quickstart(out, per_class, seed, quiet):
 @click.option("--overwrite", is_flag=True, help="Start over even though a checkpoint exists.")
 @workers_option()
 @device_option()
-@precision_option("Autocast dtype of training and validation; auto: bfloat16 on CUDA (float16 with loss "
-                  "scaling where the GPU lacks bfloat16), float32 on the CPU.")
+@precision_option("Autocast dtype of training and validation; auto: float16 with loss scaling on CUDA, "
+                  "float32 on the CPU.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--quiet", is_flag=True, help="Only the summary.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")

@@ -54,18 +54,19 @@ class Backbone:
             "std": list(self.std),
         }
 
-    def transform(self):
-        """PIL image -> normalised float tensor, as the weights were trained to expect."""
+    def transform(self, *middle):
+        """PIL image -> normalised float tensor, as the weights were trained to expect: resize, centre
+        crop, then any `middle` transforms (PIL in, PIL out), then scale and normalise."""
         from torchvision import transforms
 
-        return transforms.Compose(
-            [
-                transforms.Resize(self.resize_size, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
-                transforms.CenterCrop(self.input_size),
-                transforms.ToTensor(),
-                transforms.Normalize(self.mean, self.std),
-            ]
-        )
+        resize = transforms.Resize(self.resize_size, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+        return transforms.Compose([resize, transforms.CenterCrop(self.input_size), *middle, *self.normalization()])
+
+    def normalization(self) -> list:
+        """PIL image -> float tensor scaled to [0, 1] and normalised by the weights' mean and std."""
+        from torchvision import transforms
+
+        return [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
 
     def resolve_taps(self, names: list[str]) -> list[str]:
         """Canonical tap names for user-given names (aliases such as relu6 -> fc6), in the order given."""
@@ -259,12 +260,18 @@ class TapModel(nn.Module):
 
     def __init__(self, model: nn.Module, backbone: Backbone, taps: list[str]):
         super().__init__()
+        from torch.fx import GraphModule
         from torchvision.models.feature_extraction import create_feature_extractor
 
         self.taps = list(taps)
         nodes = {backbone.taps[tap].node: tap for tap in self.taps}
-        # Tracing in eval mode only: dropout is off, which is what fc6/fc7 codes mean.
-        self.extractor = create_feature_extractor(model.eval(), return_nodes=nodes, suppress_diff_warning=True)
+        traced = create_feature_extractor(model.eval(), return_nodes=nodes, suppress_diff_warning=True)
+        # The eval graph in both modes. torchvision also traces a train graph and swaps to it in train(),
+        # baking functional branches on `self.training` into it: efficientnet_lite's drop-connect would
+        # then run in every block, frozen ones included, and finetuning would see other codes than the
+        # cache. With one graph, train() only reaches modules (BatchNorm, Dropout), whose modes
+        # finetune sets layer by layer.
+        self.extractor = GraphModule(traced, traced.eval_graph, class_name=type(traced).__name__).eval()
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.extractor(images)

@@ -102,7 +102,7 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     names = metadata["classes"]
     what = (f"data {config.data}", f"model {config.model}")
     backbone = get_backbone(metadata["codes_key"]["backbone"])
-    dataset, targets = training_set(source, backbone, metadata, False, 0, None, *what)
+    dataset, targets = training_set(source, backbone, metadata, None, 0, None, *what)
     multilabel = metadata["head"]["state"]["multilabel"]
     scores = score_dataset(prepare_module(model, device), dataset, config.batch_size, config.workers, device,
                            multilabel, precision)

@@ -42,8 +42,9 @@ class FinetuneError(TLError):
 class FinetuneModel(nn.Module):
     """pixels -> logits: the frozen-or-not backbone cut at the head's tap, then the head's layers.
 
-    Layers before the first trainable one stay in eval mode even in `train()`, so frozen BatchNorm
-    statistics never move and frozen dropout stays off, as in stage one.
+    `eval_modules` stay in eval mode even in `train()`: every layer before the first trainable one, so
+    frozen BatchNorm statistics never move and frozen dropout stays off, as in stage one; and, unless
+    BatchNorm statistics are trained, every BatchNorm layer (its scale and shift still learn).
     """
 
     def __init__(self, features: TapModel, tap: str, head: nn.Module):
@@ -51,14 +52,14 @@ class FinetuneModel(nn.Module):
         self.features = features
         self.tap = tap
         self.head = head
-        self.frozen_modules: list[nn.Module] = []
+        self.eval_modules: list[nn.Module] = []
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixels)[self.tap])
 
     def train(self, mode: bool = True) -> "FinetuneModel":
         super().train(mode)
-        for module in self.frozen_modules:
+        for module in self.eval_modules:
             module.eval()
         return self
 
@@ -78,7 +79,7 @@ class FinetuneConfig:
     epochs: int = 10
     batch_size: int = 32
     optimizer: str = "sgd"
-    lr: float = 0.001
+    lr: float = 1e-4  # the neon recipe's; the head starts trained, so steps stay small
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_steps: tuple[int, ...] = ()
@@ -87,13 +88,16 @@ class FinetuneConfig:
     background_fraction: float | None = 0.1  # multiscale heads: share of background patches trained on
     early_stop: bool = False
     patience: int = 3
+    crop_scale: float = 0.5  # see Augmentation
+    flip: bool = True
+    bn_stats: bool = False  # let trainable BatchNorm layers update their running statistics
     backbone: str | None = None  # when given, the head must come from this backbone
     weights: str | None = None  # the backbone's weights file, when the head's codes came from one
     resume: bool = False
     overwrite: bool = False
     workers: int | None = None  # None: pipeline.hardware.default_workers
     device: str = "auto"
-    precision: str = "auto"  # autocast dtype; auto: float32 on the CPU, bfloat16 (else float16) on CUDA
+    precision: str = "auto"  # autocast dtype; auto: float32 on the CPU, float16 (loss scaled) on CUDA
     seed: int = 0
     quiet: bool = False
 
@@ -136,9 +140,11 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     return model, backbone, convs
 
 
-def freeze(model: FinetuneModel, convs: list[str], unfreeze: int) -> dict:
+def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool = False) -> dict:
     """Train the head and, with N ≥ 1, the last N conv layers and everything after them up to the tap;
-    every earlier parameter gets requires_grad=False and its modules stay in eval mode."""
+    every earlier parameter gets requires_grad=False and its modules stay in eval mode. BatchNorm layers
+    keep their ImageNet statistics unless `bn_stats` (as Keras's transfer-learning guide advises: batch
+    statistics of small fine-tuning batches would replace them and wreck the codes the head knows)."""
     if unfreeze < 0:
         raise FinetuneError(f"--unfreeze must be 0 or more, got {unfreeze}")
     if unfreeze > len(convs):
@@ -151,7 +157,9 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int) -> dict:
         first = next(i for i, (name, _) in enumerate(modules) if name == target)
     trainable_names = {name for name, _ in modules[first:]}
     # leaves only: a container listed before the first trainable layer may hold it (eval() recurses)
-    model.frozen_modules = [module for _, module in modules[:first] if not any(True for _ in module.children())]
+    model.eval_modules = [module for _, module in modules[:first] if not any(True for _ in module.children())]
+    if not bn_stats:
+        model.eval_modules += [module for _, module in modules[first:] if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     for name, parameter in model.features.named_parameters():
         parameter.requires_grad = name.rsplit(".", 1)[0] in trainable_names
     for parameter in model.head.parameters():
@@ -167,17 +175,33 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int) -> dict:
 # ---------------------------------------------------------------- data
 
 
-def training_set(source, backbone: Backbone, head_metadata: dict, training: bool, seed: int,
+@dataclass(frozen=True)
+class Augmentation:
+    """How training images vary. The head was fitted on centre-crop codes, so the default is mild: a
+    random crop of at least half the image's area (crop_scale 1: the backbone's resize and centre crop)
+    and a horizontal flip (turn it off where mirroring changes the class: digits, text, traffic signs)."""
+
+    crop_scale: float = 0.5
+    flip: bool = True
+
+    def check(self) -> None:
+        if not 0 < self.crop_scale <= 1:
+            raise FinetuneError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+
+
+def training_set(source, backbone: Backbone, head_metadata: dict, augmentation: Augmentation | None, seed: int,
                  background_fraction: float | None, what: str, head: str) -> tuple:
     """(dataset of (pixels, position, error) items, targets in the head's classes) for the head's kind
-    of codes: whole images, or single patches labelled as in stage one for a multiscale head (every
-    patch kept unless `training`). `what` and `head` name the data and the head in errors."""
+    of codes: whole images, or single patches labelled as in stage one for a multiscale head. With an
+    `augmentation` (training) images vary and background patches are thinned; without one, every item
+    is seen as in stage one. `what` and `head` name the data and the head in errors."""
     from torchvision import transforms
 
     from pipeline.evaluate import head_targets
 
-    normalize = [transforms.ToTensor(), transforms.Normalize(backbone.mean, backbone.std)]
-    flip = [transforms.RandomHorizontalFlip()] if training else []
+    training = augmentation is not None
+    normalize = backbone.normalization()
+    flip = [transforms.RandomHorizontalFlip()] if training and augmentation.flip else []
     geometry = head_metadata["codes_key"]["patches"]
     if geometry:
         if not hasattr(source, "annotations"):
@@ -188,10 +212,10 @@ def training_set(source, backbone: Backbone, head_metadata: dict, training: bool
                                transforms.Compose(flip + normalize))
         return dataset, head_targets(dataset.targets, [BACKGROUND] + list(source.classes), head_metadata["classes"],
                                      what, head)
-    transform = backbone.transform()
-    if training:  # a random resized crop and a flip; evaluation keeps the backbone's resize and crop
-        transform = transforms.Compose([transforms.RandomResizedCrop(backbone.input_size, antialias=True)]
-                                       + flip + normalize)
+    transform = backbone.transform(*flip)  # the backbone's resize and centre crop
+    if training and augmentation.crop_scale < 1:
+        crop = transforms.RandomResizedCrop(backbone.input_size, scale=(augmentation.crop_scale, 1.0), antialias=True)
+        transform = transforms.Compose([crop, *flip, *normalize])
     targets = np.array([sample.target for sample in source.samples])
     return DecodedImages(source, transform), head_targets(targets, source.classes, head_metadata["classes"], what,
                                                          head)
@@ -278,6 +302,7 @@ def _check_config(config: FinetuneConfig) -> None:
         raise FinetuneError("--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1]")
     if config.early_stop and config.val_data is None:
         raise FinetuneError("--early-stop needs validation data; pass --val-data")
+    Augmentation(config.crop_scale, config.flip).check()
 
 
 def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
@@ -290,24 +315,25 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
                             f"not {config.backbone}; pass a head of the same backbone")
     current = distributed.world()
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device, training=True)
+    precision = resolve_precision(config.precision, device)
     distributed.start(current, device)
     if not current.is_main:  # rank 0 speaks for every rank
         say = lambda text: None  # noqa: E731
     model, backbone, convs = build_model(head_metadata, head, config.weights)
-    trainable = freeze(model, convs, config.unfreeze)
+    trainable = freeze(model, convs, config.unfreeze, config.bn_stats)
     say(f"training {trainable['parameters']:,} parameters (head"
         + (f" + {', '.join(trainable['backbone_layers'])}" if trainable["backbone_layers"] else " only")
         + f"); {trainable['frozen_parameters']:,} frozen")
     source = open_source(config.format, config.data, config.split, samples_per_class=config.samples_per_class,
                          seed=config.seed, classes=config.classes)
-    dataset, targets = training_set(source, backbone, head_metadata, True, config.seed, config.background_fraction,
+    dataset, targets = training_set(source, backbone, head_metadata, Augmentation(config.crop_scale, config.flip),
+                                    config.seed, config.background_fraction,
                                     f"data {config.data}", f"head {config.head}")
     val_dataset = val_targets = None
     if config.val_data is not None:
         val_source = open_source(config.format, config.val_data, config.val_split or config.split,
                                  seed=config.seed, classes=config.classes)
-        val_dataset, val_targets = training_set(val_source, backbone, head_metadata, False, config.seed, None,
+        val_dataset, val_targets = training_set(val_source, backbone, head_metadata, None, config.seed, None,
                                                 f"validation data {config.val_data}", f"head {config.head}")
     multilabel = targets.ndim == 2
     loss_function = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
@@ -461,6 +487,7 @@ def _identity(config: FinetuneConfig, head_metadata: dict) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     return {"head_codes_key": head_metadata["codes_key"], "layer": head_metadata["layer"],
             "classes": head_metadata["classes"], "kind": head_metadata["kind"], "unfreeze": config.unfreeze,
+            "bn_stats": config.bn_stats,
             "optimizer": config.optimizer}
 
 

@@ -35,19 +35,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_precision(precision: str, device: torch.device, training: bool = False) -> str:
-    """The autocast dtype's name, or float32 for none. `auto`: float32 on the CPU; on CUDA float16 for
-    inference (3 more mantissa bits than bfloat16, and activations sit well inside its range) and
-    bfloat16 for training where the GPU has it (no loss scaling needed), else float16 with a GradScaler."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast dtype's name, or float32 for none. `auto`: float32 on the CPU, float16 on CUDA, in
+    training too (with a GradScaler). float16 keeps 3 more mantissa bits than bfloat16, and heads on
+    standardized codes magnify small errors: the quickstart head as a model scored the test digits
+    with accuracy 0.883 in float32 and under float16 autocast, 0.833 under bfloat16 (README)."""
     if precision not in PRECISIONS:
         raise TLError(f"unknown --precision {precision}; valid: {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    if device.type != "cuda":
-        return "float32"
-    if training and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float16"
+    return "float16" if device.type == "cuda" else "float32"
 
 
 def autocast(device: torch.device, precision: str):

@@ -158,3 +158,21 @@ def test_conv_layers_in_forward_order():
     backbone = get_backbone("alexnet")
     model = load_model(backbone, resolve_weights(backbone, "none"))
     assert backbone.conv_layers(model) == ["features.0", "features.3", "features.6", "features.8", "features.10"]
+
+
+def test_a_tap_model_in_train_mode_runs_the_eval_graph():
+    """efficientnet_lite0 branches on `self.training` (drop-connect): a traced train graph would apply it
+    in frozen blocks too. With every layer left in eval, train() must change nothing; a BatchNorm set
+    to train still does."""
+    backbone = get_backbone("efficientnet_lite0")
+    model = TapModel(load_model(backbone, resolve_weights(backbone, "imagenet")), backbone, [backbone.default_tap])
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(images)[backbone.default_tap]
+        model.train()
+        for module in model.modules():
+            module.training = False  # every layer frozen, as finetune --unfreeze 0 keeps them
+        model.training = True
+        assert torch.equal(model(images)[backbone.default_tap], expected)
+        model.extractor.get_submodule("_bn1").train()
+        assert not torch.allclose(model(images)[backbone.default_tap], expected)

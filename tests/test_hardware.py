@@ -14,21 +14,13 @@ from pipeline.hardware import (autocast, default_workers, grad_scaler, loader_op
 CPU = torch.device("cpu")
 
 
-def test_precision_auto_is_float32_on_the_cpu_and_explicit_choices_stand():
-    assert resolve_precision("auto", CPU) == resolve_precision("auto", CPU, training=True) == "float32"
+def test_precision_auto_is_float32_on_the_cpu_float16_on_cuda_and_explicit_choices_stand():
+    assert resolve_precision("auto", CPU) == "float32"
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "float16"
     for precision in ("float32", "bfloat16", "float16"):
-        assert resolve_precision(precision, CPU, training=True) == precision
+        assert resolve_precision(precision, CPU) == precision
     with pytest.raises(TLError, match="unknown --precision float8; valid: auto, float32, bfloat16, float16"):
         resolve_precision("float8", CPU)
-
-
-def test_precision_auto_on_cuda(monkeypatch):
-    """Inference keeps float16; training takes bfloat16 where the GPU has it, else float16 (loss scaled)."""
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert (resolve_precision("auto", cuda), resolve_precision("auto", cuda, training=True)) == ("float16", "bfloat16")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", cuda, training=True) == "float16"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
