@@ -59,7 +59,8 @@ class Backbone:
         crop, then any `middle` transforms (PIL in, PIL out), then scale and normalise."""
         from torchvision import transforms
 
-        resize = transforms.Resize(self.resize_size, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True)
+        resize = transforms.Resize(self.resize_size, interpolation=transforms.InterpolationMode.BILINEAR,
+                                   antialias=True)
         return transforms.Compose([resize, transforms.CenterCrop(self.input_size), *middle, *self.normalization()])
 
     def normalization(self) -> list:

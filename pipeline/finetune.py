@@ -159,7 +159,8 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
     # leaves only: a container listed before the first trainable layer may hold it (eval() recurses)
     model.eval_modules = [module for _, module in modules[:first] if not any(True for _ in module.children())]
     if not bn_stats:
-        model.eval_modules += [module for _, module in modules[first:] if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+        model.eval_modules += [module for _, module in modules[first:]
+                               if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     for name, parameter in model.features.named_parameters():
         parameter.requires_grad = name.rsplit(".", 1)[0] in trainable_names
     for parameter in model.head.parameters():
@@ -467,7 +468,8 @@ def score_dataset(model: FinetuneModel, dataset, batch_size: int, workers: int |
                   multilabel: bool, precision: str = "float32") -> np.ndarray:
     """Class probabilities of every item (NaN rows for unreadable images), model in eval mode."""
     model.eval()
-    batches = [list(range(start, min(start + batch_size, len(dataset)))) for start in range(0, len(dataset), batch_size)]
+    positions = list(range(len(dataset)))
+    batches = [positions[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
     probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
     with torch.inference_mode():
         for pixels, indices, _ in _loader(dataset, batches, workers, device):
