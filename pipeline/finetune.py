@@ -28,7 +28,7 @@ from pipeline.errors import TLError
 from pipeline.extract import DecodedImages, collate_decoded
 from pipeline.hardware import (autocast, grad_scaler, loader_options, prepare_module, resolve_device,
                                resolve_precision, to_device)
-from pipeline.heads import head_from_payload, load_head, validation_score
+from pipeline.heads import head_from_payload, load_head, read_payload, validation_score
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
 
 MODEL_FORMAT = "tl-model/1"
@@ -523,11 +523,7 @@ def _atomic_save(payload: dict, path: Path) -> None:
 
 
 def _load_checkpoint(path: Path, identity: dict) -> dict:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        metadata = json.loads(payload["metadata"])
-    except Exception:  # unpickling and JSON failures mean the same thing here
-        raise FinetuneError(f"{path} is not a tl checkpoint; delete it and start over") from None
+    payload, metadata = read_payload(path, "checkpoint", "delete it and start over", FinetuneError)
     if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("identity") != identity:
         found = metadata.get("identity") or {}
         differences = [name for name in identity if found.get(name) != identity[name]]
@@ -556,13 +552,7 @@ def save_model(path: Path, model: FinetuneModel, head_metadata: dict, trainable:
 def load_model_file(path: Path, weights_path: str | None = None) -> tuple[FinetuneModel, dict]:
     """(model in eval mode, metadata) from a file written by `save_model`; nothing in it is executed."""
     path = Path(path)
-    if not path.is_file():
-        raise FinetuneError(f"model file {path} does not exist; train one with tl finetune")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        metadata = json.loads(payload["metadata"])
-    except Exception:  # unpickling and JSON failures mean the same thing here
-        raise FinetuneError(f"{path} is not a tl model file; train one with tl finetune") from None
+    payload, metadata = read_payload(path, "model file", "train one with tl finetune", FinetuneError)
     if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
         raise FinetuneError(f"{path} is not a {MODEL_FORMAT} file; train one with tl finetune")
     head, _ = head_from_payload(metadata["head"], _head_rebuild_tensors(metadata["head"], payload), path)

@@ -654,18 +654,27 @@ def save_head(head: Head, path: Path, metadata: dict) -> None:
         raise HeadError(f"cannot write head file {path}: {exc.strerror}; choose another --out") from None
 
 
-def load_head(path: Path):
-    """(head, metadata) from a file written by `save_head`; nothing in the file is executed."""
+def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(payload, its JSON metadata) of a tl file (head, model, checkpoint): tensors and plain data only,
+    loaded with weights_only, so nothing in the file is executed. A missing or foreign file, or one
+    without `keys`, is a one-line `error` naming the `kind` of file and the `remedy`."""
     path = Path(path)
     if not path.is_file():
-        raise HeadError(f"head file {path} does not exist; train one with tl fit-head")
+        raise error(f"{kind} {path} does not exist; {remedy}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         metadata = json.loads(payload["metadata"])
-        tensors = payload["tensors"]
-    except Exception:  # any unpickling or JSON failure means the same thing to the user
-        raise HeadError(f"{path} is not a tl head file; train one with tl fit-head") from None
-    return head_from_payload(metadata, tensors, path)
+        for key in keys:
+            payload[key]
+    except Exception:  # any unpickling, JSON or missing-key failure means the same thing to the user
+        raise error(f"{path} is not a tl {kind}; {remedy}") from None
+    return payload, metadata
+
+
+def load_head(path: Path):
+    """(head, metadata) from a file written by `save_head`; nothing in the file is executed."""
+    payload, metadata = read_payload(path, "head file", "train one with tl fit-head", keys=("tensors",))
+    return head_from_payload(metadata, payload["tensors"], path)
 
 
 def head_from_payload(metadata, tensors: dict, path) -> tuple[Head, dict]:

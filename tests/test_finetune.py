@@ -164,6 +164,12 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     assert last.read_bytes() == good
     assert "--early-stop needs validation data" in refused("--early-stop", "--overwrite")
     assert "--crop-scale must be in (0, 1], got 0.0" in refused("--crop-scale", "0", "--overwrite")
+    last.write_bytes(b"not a checkpoint")
+    assert f"{last} is not a tl checkpoint; delete it and start over" in refused("--resume", "--epochs", "3")
+    for model, message in ((tmp_path / "absent.pt", "model file {} does not exist; train one with tl finetune"),
+                           (last, "{} is not a tl model file; train one with tl finetune")):
+        result = run_tl("evaluate", "--model", model, "--data", alexnet_head / "val", "--out", tmp_path / "r")
+        assert result.code == 2 and result.err == f"error: {message.format(model)}\n", result
 
 
 def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(run_tl, tmp_path):
