@@ -30,7 +30,7 @@ from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weigh
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from pipeline.finetune import FinetuneModel, training_step  # noqa: E402
 from pipeline.hardware import (autocast, grad_scaler, prepare_module, resolve_device,  # noqa: E402
-                               resolve_precision)
+                               resolve_precision, to_device)
 from results import publish  # noqa: E402  (bench/ is this script's folder)
 SECTION = "## extract throughput"
 DEFAULT_BACKBONES = {"cuda": "alexnet,vgg16,resnet50", "cpu": "alexnet,efficientnet_lite0"}
@@ -57,9 +57,7 @@ def bare_forward_rate(name: str, weights: str, batch_size: int, batches: int, de
     backbone = get_backbone(name)
     model = prepare_module(TapModel(load_model(backbone, resolve_weights(backbone, weights)), backbone,
                                     [backbone.default_tap]), device)
-    images = torch.randn(batch_size, 3, backbone.input_size, backbone.input_size, device=device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = to_device(torch.randn(batch_size, 3, backbone.input_size, backbone.input_size), device)
     with torch.inference_mode(), autocast(device, precision):
         model(images)  # warm-up: allocator, cudnn algorithm choice
         _synchronize(device)
@@ -75,9 +73,7 @@ def train_step_rate(name: str, batch_size: int, steps: int, device: torch.device
     backbone = get_backbone(name)
     features = TapModel(load_model(backbone, resolve_weights(backbone, "none")), backbone, [backbone.default_tap])
     model = prepare_module(FinetuneModel(features, backbone.default_tap, torch.nn.LazyLinear(10)), device)
-    images = torch.randn(batch_size, 3, backbone.input_size, backbone.input_size, device=device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = to_device(torch.randn(batch_size, 3, backbone.input_size, backbone.input_size), device)
     targets = torch.randint(0, 10, (batch_size,), device=device)
     model.train()
     with torch.no_grad():

@@ -57,3 +57,13 @@ def test_cpu_tensors_pass_through_and_autocast_is_off_for_float32():
     with autocast(CPU, "bfloat16"):
         assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.bfloat16
     assert not grad_scaler(CPU, "bfloat16").is_enabled() and grad_scaler(CPU, "float16").is_enabled()
+
+
+def test_a_rank_without_a_gpu_of_its_own_is_told_so(monkeypatch):
+    """torchrun started more processes on this machine than it has GPUs: one line, before any CUDA call."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(TLError, match=r"local rank 2 has no GPU of its own \(2 visible\); start at most one process "
+                                      r"per GPU"):
+        resolve_device("auto")
