@@ -58,7 +58,11 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
     if not path.is_file():
         raise ConfigError(f"config file {value} does not exist")
     try:
-        document = yaml.safe_load(path.read_text()) or {}
+        document = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {value} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {value}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -91,10 +95,22 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
             raise ConfigError(f"config file {value}: section {ctx.info_name} has unknown key '{raw_key}'")
         defaults[own[key]] = setting
     for key, setting in defaults.items():
-        if isinstance(setting, (list, tuple)):
-            defaults[key] = ",".join(str(item) for item in setting)
+        defaults[key] = _config_value(value, key, setting)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _config_value(config: str, key: str, setting):
+    """A config value as the flag would give it: a scalar, or a list joined with commas. Anything else
+    (an empty value, a mapping where a value belongs) is one line naming the key."""
+    scalar = (str, int, float, bool)
+    if isinstance(setting, (list, tuple)) and all(isinstance(item, scalar) for item in setting):
+        return ",".join(str(item) for item in setting)
+    if isinstance(setting, scalar):
+        return setting
+    kind = "no value" if setting is None else f"a {type(setting).__name__}"
+    raise ConfigError(f"config file {config}: '{key.rstrip('_')}' has {kind}; give it a value as on the command line "
+                      f"(--{key.rstrip('_').replace('_', '-')} VALUE)")
 
 
 config_option = click.option(
@@ -426,8 +442,6 @@ def quickstart(out, per_class, seed, quiet):
     """
     from pipeline.quickstart import QuickstartConfig, run_quickstart
 
-    if per_class < 0:
-        raise TLError(f"--per-class must be 0 (all) or positive, got {per_class}")
     result = run_quickstart(QuickstartConfig(out, per_class or None, seed=seed, quiet=quiet), say=click.echo)
     click.echo(f"\ndone in {result.seconds:.0f} s: test accuracy {result.accuracy:.3f}. Report: {result.report}")
     click.echo(f"next: tl predict --head {result.head} IMAGE...")
@@ -505,15 +519,34 @@ def finetune(format_, lr_steps, lr_factors, quiet, **options):
 
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every `finally` and atomic write cleans up as for Ctrl-C."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+RESUME_HINT = ("what was finished is kept: run the same command again to resume "
+               "(tl finetune: add --resume)")
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         code = tl.main(args=argv, prog_name="tl", standalone_mode=False)
     except TLError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
-        click.echo("error: interrupted", err=True)
+        click.echo(f"error: interrupted; {RESUME_HINT}", err=True)
         sys.exit(130)
+    except Terminated:
+        click.echo(f"error: stopped by SIGTERM; {RESUME_HINT}", err=True)
+        sys.exit(143)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.errors import CacheError
+from pipeline.files import write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "tl-cache/1"
@@ -60,28 +60,64 @@ def new_manifest(key: dict, classes: list[str], taps: dict[str, int], dtype: str
     }
 
 
+class ForeignManifest(CacheError):
+    """A manifest.json that no tl wrote: --overwrite must never delete it."""
+
+
 def load_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{root} is not a tl cache (no {MANIFEST}); create one with tl extract")
     try:
-        manifest = json.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CacheError(f"cannot read {path}: {exc.strerror}") from None
+    if FORMAT.encode() not in raw:
+        raise ForeignManifest(f"{path} is not a tl cache's manifest (someone else's file?); tl leaves it alone: "
+                              "choose another --out")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{path} is not valid JSON ({exc}); re-run tl extract with --overwrite") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not a {FORMAT} manifest; re-run tl extract with --overwrite")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CacheError(f"{path} is damaged ({problem}); re-run tl extract with --overwrite")
     return manifest
+
+
+# field -> type of a well-formed manifest; a hand-edited or truncated one is refused, not half-read
+_FIELDS = {"key": dict, "key_digest": str, "classes": list, "taps": dict, "target": str, "shard_rows": int,
+           "num_samples": int, "num_shards": int, "shards": list, "skipped": list, "complete": bool}
+_SHARD_FIELDS = {"index": int, "file": str, "rows": int, "bytes": int, "sha256": str}
+
+
+def _manifest_problem(manifest: dict) -> str:
+    """What is wrong with a manifest's shape, or '' when it is sound."""
+    for field, kind in _FIELDS.items():
+        if not isinstance(manifest.get(field), kind) or isinstance(manifest.get(field), bool) and kind is int:
+            return f"'{field}' is missing or not a {kind.__name__}"
+    if key_digest(manifest["key"]) != manifest["key_digest"]:
+        return "its key was edited: key_digest does not match"
+    if not all(isinstance(name, str) for name in manifest["classes"]):
+        return "'classes' must be names"
+    for name, spec in manifest["taps"].items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("width"), int) or spec.get("dtype") not in (
+                "float16", "float32"):
+            return f"layer '{name}' needs a width and a dtype"
+    for shard in manifest["shards"]:
+        if not isinstance(shard, dict) or any(not isinstance(shard.get(f), kind) for f, kind in _SHARD_FIELDS.items()):
+            return f"a shard entry lacks one of {', '.join(_SHARD_FIELDS)}"
+        if shard["file"] != shard_name(shard["index"]) or shard["rows"] < 0:
+            return f"shard entry {shard['file']} is inconsistent"
+    return ""
 
 
 def save_manifest(root: Path, manifest: dict) -> None:
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    path = Path(root) / MANIFEST
-    temporary = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    with open(temporary, "w") as handle:
-        json.dump(manifest, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    # allow_nan=False: Infinity and NaN are not JSON; settings that produce them are refused earlier
+    write_bytes(Path(root) / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False).encode(), "manifest")
 
 
 def finished_rows(manifest: dict) -> int:

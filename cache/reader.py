@@ -75,7 +75,28 @@ class CacheReader:
         handle.reader = self
         self.open_now += 1
         self.most_open = max(self.most_open, self.open_now)
+        self._check_rows(handle, position)
         return handle
+
+    def _check_rows(self, handle: h5py.File, position: int) -> None:
+        """The manifest's row count and classes must describe the shard: an edited manifest that says
+        fewer rows would silently train on part of the data, fewer classes would mislabel it."""
+        shard = self.shards[position]
+        found = handle["target"].shape[0] if "target" in handle else None
+        if found != shard["rows"]:
+            handle.close()
+            raise CacheError(f"manifest of {self.root} says {shard['file']} has {shard['rows']} rows but it holds "
+                             f"{found}; re-run tl extract with --overwrite")
+        if self.manifest["target"] == "class" and found:
+            top = int(handle["target"][()].max())
+            if top >= len(self.classes):
+                handle.close()
+                raise CacheError(f"{shard['file']} of {self.root} has class {top} but the manifest names "
+                                 f"{len(self.classes)} classes; re-run tl extract with --overwrite")
+        elif found and handle["target"].shape[1:] != (len(self.classes),):
+            handle.close()
+            raise CacheError(f"{shard['file']} of {self.root} has targets of {handle['target'].shape[1:]} classes "
+                             f"but the manifest names {len(self.classes)}; re-run tl extract with --overwrite")
 
     def _note_read(self, rows: int) -> None:
         self.largest_read = max(self.largest_read, rows)
@@ -224,5 +245,5 @@ def _column(handle: h5py.File, column: str, start: int, stop: int) -> np.ndarray
         raise CacheError(f"shard {Path(handle.filename).name} has no column '{column}'")
     data = handle[column]
     if h5py.check_string_dtype(data.dtype) is not None:
-        return data.asstr()[start:stop]
+        return data.asstr(errors="surrogateescape")[start:stop]  # names that are not UTF-8 on disk
     return data[start:stop]

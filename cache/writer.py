@@ -4,7 +4,8 @@ it when complete and only then records it in the manifest, so a killed run loses
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -15,13 +16,14 @@ import numpy as np
 
 from cache.manifest import (
     MANIFEST,
+    ForeignManifest,
     key_differences,
     load_manifest,
     new_manifest,
     save_manifest,
     shard_name,
 )
-from pipeline.files import file_digest
+from pipeline.files import DiskFullError, OutputLock, file_digest, write_bytes
 from pipeline.errors import CacheError
 
 LOCK = ".lock"
@@ -40,36 +42,9 @@ def _check_writable(root: Path) -> None:
         raise CacheError(f"cannot write to output {root}: {exc.strerror}; choose another --out") from None
 
 
-class CacheLock:
-    """An exclusive flock on `root/.lock`: the kernel drops it when the holder dies, so a stale lock
-    left by a killed process is simply taken over. The file holds the holder's pid for the message."""
-
-    def __init__(self, root: Path):
-        self.path = Path(root) / LOCK
-        self.handle = None
-
-    def acquire(self) -> None:
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise CacheError(
-                f"another tl process (pid {holder}) is writing to {self.path.parent}; wait for it to finish or stop it"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.handle = handle
-
-    def release(self) -> None:
-        if self.handle is not None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
-            self.handle = None
+def cache_lock(root: Path) -> OutputLock:
+    """The writer's lock of a cache folder (see OutputLock: never inherited by DataLoader workers)."""
+    return OutputLock(Path(root) / LOCK, f"writing to {root}", CacheError)
 
 
 class CacheWriter:
@@ -88,7 +63,7 @@ class CacheWriter:
         self.dtype = dtype
         self.compression = compression
         self.taps = taps
-        self.lock = CacheLock(self.root)
+        self.lock = cache_lock(self.root)
         self._fresh = new_manifest(key, classes, taps, dtype, shard_rows, num_samples, target_kind)
         self.overwrite = overwrite
         # A follower (a torchrun rank other than 0) writes shard files only; rank 0 holds the lock, owns
@@ -122,6 +97,8 @@ class CacheWriter:
         if (self.root / MANIFEST).exists():
             try:
                 existing = load_manifest(self.root)
+            except ForeignManifest:
+                raise
             except CacheError:
                 if not self.overwrite:
                     raise
@@ -167,11 +144,12 @@ class CacheWriter:
                 path.unlink() if not path.is_dir() else shutil.rmtree(path)
 
     def _drop_missing_shards(self) -> set[int]:
-        """A shard recorded in the manifest whose file is gone or resized is redone, not trusted."""
+        """A shard recorded in the manifest whose file is gone, resized or changed (its sha256 is read
+        again) is redone, not trusted."""
         kept = []
         for shard in self.manifest["shards"]:
             path = self.root / shard["file"]
-            if path.is_file() and path.stat().st_size == shard["bytes"]:
+            if path.is_file() and path.stat().st_size == shard["bytes"] and file_digest(path) == shard["sha256"]:
                 kept.append(shard)
         dropped = {shard["index"] for shard in self.manifest["shards"]} - {shard["index"] for shard in kept}
         if dropped:
@@ -186,7 +164,8 @@ class CacheWriter:
         self.manifest["skipped"] = [s for s in self.manifest["skipped"] if s["shard"] in indices]
 
     def _remove_temporaries(self) -> None:
-        for path in self.root.glob(".shard-*.tmp-*"):
+        """Half-written files of a killed run (we hold the lock: no live writer owns them)."""
+        for path in self.root.glob(".*.tmp-*"):
             path.unlink()
 
     # -- writing
@@ -197,41 +176,47 @@ class CacheWriter:
 
     def write_shard(self, index: int, codes: dict[str, np.ndarray], targets: np.ndarray,
                     sample_ids: list[str], skipped: list[dict], extra: dict[str, np.ndarray] | None = None) -> dict:
-        """Write one complete shard atomically and record it (with its skipped samples) in the manifest."""
+        """Write one complete shard atomically and record it (with its skipped samples) in the manifest.
+
+        The shard is built in memory and written with plain file I/O, so a full disk is one clean
+        OSError (HDF5 writing to a full disk crashed the process) and no half shard is left."""
         rows = len(sample_ids)
         name = shard_name(index)
-        temporary = self.root / f".{name}.tmp-{os.getpid()}"
         options = {} if self.compression == "none" else {"compression": self.compression}
-        with h5py.File(temporary, "w") as shard:
+        image = io.BytesIO()
+        with h5py.File(image, "w") as shard:
             for tap, array in codes.items():
                 self._dataset(shard, tap, np.asarray(array, dtype=self.dtype), options)
             self._dataset(shard, "target", np.asarray(targets), options)
-            shard.create_dataset("sample_id", data=np.array(sample_ids, dtype=object),
-                                 dtype=h5py.string_dtype("utf-8"))
+            shard.create_dataset("sample_id", data=_text(sample_ids), dtype=h5py.string_dtype("utf-8"))
             for column, array in (extra or {}).items():
                 self._dataset(shard, column, np.asarray(array), options)
             shard.attrs["index"] = index
             shard.attrs["rows"] = rows
             shard.attrs["key_digest"] = self._fresh["key_digest"]
             shard.attrs["skipped"] = json.dumps(skipped)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        entry = {"index": index, "file": name, "rows": rows, "bytes": temporary.stat().st_size,
-                 "sha256": file_digest(temporary)}
-        os.replace(temporary, self.root / name)
-        if self.follower:
-            return entry
-        shards = [s for s in self.manifest["shards"] if s["index"] != index] + [entry]
-        self.manifest["skipped"] = [s for s in self.manifest["skipped"] if s["shard"] != index]
-        self.manifest["skipped"] += [dict(item, shard=index) for item in skipped]
-        self._set_shards(shards)
-        save_manifest(self.root, self.manifest)
+        data = image.getbuffer()
+        entry = {"index": index, "file": name, "rows": rows, "bytes": data.nbytes,
+                 "sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            write_bytes(self.root / name, data, "shard")
+            if self.follower:
+                return entry
+            shards = [s for s in self.manifest["shards"] if s["index"] != index] + [entry]
+            self.manifest["skipped"] = [s for s in self.manifest["skipped"] if s["shard"] != index]
+            self.manifest["skipped"] += [dict(item, shard=index) for item in skipped]
+            self._set_shards(shards)
+            save_manifest(self.root, self.manifest)
+        except DiskFullError:
+            kept = len(self.manifest["shards"]) - (index in self.finished)
+            raise DiskFullError(f"no space left on the device of {self.root} ({kept} shards kept; free space "
+                                "and re-run the same command to resume)") from None
         return entry
 
     @staticmethod
     def _dataset(shard: h5py.File, name: str, array: np.ndarray, options: dict) -> None:
         if array.dtype.kind in "UO":  # text columns (image ids) as UTF-8 strings
-            shard.create_dataset(name, data=np.array(array, dtype=object), dtype=h5py.string_dtype("utf-8"))
+            shard.create_dataset(name, data=_text(array), dtype=h5py.string_dtype("utf-8"))
             return
         if len(array) == 0:
             shard.create_dataset(name, data=array)
@@ -245,6 +230,12 @@ class CacheWriter:
         self.manifest["complete"] = done
         save_manifest(self.root, self.manifest)
         return self.manifest
+
+
+def _text(values) -> np.ndarray:
+    """Text as UTF-8 bytes for HDF5; names that are not UTF-8 on disk (surrogate-escaped by Python)
+    keep their bytes, and `text_column` reads them back as the same str."""
+    return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
 
 
 def _shard_entry(path: Path, manifest: dict) -> dict | None:

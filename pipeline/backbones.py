@@ -192,6 +192,8 @@ def resolve_weights(backbone: Backbone, spec: str, seed: int = 0) -> WeightsChoi
         # Published weight files carry a hash prefix in their name: that names them exactly.
         return WeightsChoice(spec, f"imagenet:{path.name}", path, seed)
     path = Path(spec)
+    if path.is_dir():
+        raise BackboneError(f"weights file {spec} is a folder; pass the state dict file inside it")
     if not path.is_file():
         raise BackboneError(f"weights file {spec} does not exist; pass --weights imagenet, none, or a state dict path")
     return WeightsChoice(spec, f"file:sha256={file_digest(path)}", path, seed)
@@ -201,6 +203,10 @@ def weights_for_digest(backbone: Backbone, digest: str, path: str | None = None)
     """The weights a recorded digest names (the inverse of `resolve_weights`). Weights from a file need
     that file again (`path`), and it must be the same file."""
     kind, _, detail = digest.partition(":")
+    if path is not None and kind != "file":  # silently ignoring it would hide a mix-up of files
+        made = "random initial weights" if kind == "random-init" else f"the published {detail}"
+        raise BackboneError(f"--weights {path} was given, but the head's codes came from {made}, not from a "
+                            "weights file; drop --weights")
     if kind == "random-init":
         return resolve_weights(backbone, "none", int(detail.removeprefix("seed=")))
     if kind == "imagenet":
@@ -223,8 +229,11 @@ def _state_dict_from(path: Path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        # torch's own advice (load with weights_only=False) would run the file's code: never repeat it
+        reason = ("it holds Python objects besides tensors, and loading those could run code"
+                  if "weights only load failed" in str(exc).lower() else str(exc).splitlines()[0])
         raise BackboneError(
-            f"cannot load weights from {path}: {str(exc).splitlines()[0]}; pass a state dict saved with torch.save"
+            f"cannot load weights from {path}: {reason}; pass a state dict saved with torch.save(model.state_dict())"
         ) from None
     for key in ("state_dict", "model"):
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):

@@ -14,7 +14,8 @@ import numpy as np
 from pipeline.heads import CodeRows, HeadError, check_codes_match, load_head, score_rows
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.multiscale import BACKGROUND, DEFAULT_EXPONENT, pool_image_scores
-from pipeline.report import write_predictions, write_report
+from pipeline.files import refuse_overwriting_inputs
+from pipeline.report import REPORT_FILES, write_predictions, write_report
 
 
 @dataclass
@@ -56,6 +57,11 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     if (config.model is None) == (config.head is None) or (config.head is not None and config.cache is None) \
             or (config.model is not None and config.data is None):
         raise HeadError("evaluate either --head H --cache C, or --model M --data D")
+    out = Path(config.out)
+    refuse_overwriting_inputs(
+        {"--save-predictions": config.save_predictions, "--out": out,
+         **{f"--out's {name}": out / name for name in REPORT_FILES}},
+        {"--head": config.head, "--model": config.model, "--cache": config.cache, "--data": config.data})
     if config.model is not None:
         return _evaluate_model(config)
     head, metadata = load_head(config.head)
@@ -157,14 +163,15 @@ def _pooled_report(patch_scores: np.ndarray, patch_targets: np.ndarray, image_id
 def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: dict, head_path, cache_path) -> None:
     """Refuse a cache that lacks the head's layer, holds other codes, or other kinds of targets."""
     layer = metadata["layer"]
+    # the backbone first: a cache of another backbone lacks the layer too, and only this names the cause
+    check_codes_match(metadata["codes_key"], manifest, f"cache {cache_path}",
+                      f"the cache head {head_path} was trained on")
     if layer not in manifest["taps"]:
         raise HeadError(f"cache {cache_path} has no layer '{layer}', which head {head_path} was trained on; it has: "
                         f"{', '.join(manifest['taps'])}; extract it with --layers {layer}")
     if manifest["taps"][layer]["width"] != metadata["width"]:
         raise HeadError(f"layer {layer} of cache {cache_path} is {manifest['taps'][layer]['width']} wide, but head "
                         f"{head_path} expects {metadata['width']}")
-    check_codes_match(metadata["codes_key"], manifest, f"cache {cache_path}",
-                      f"the cache head {head_path} was trained on")
     if multilabel != (manifest.get("target") == "multi-hot"):
         kinds = ("multi-label", "single-label")
         raise HeadError(f"head {head_path} is {kinds[not multilabel]} but cache {cache_path} is "

@@ -21,6 +21,7 @@ from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, res
 from pipeline.datasets import DECODE_ERRORS, Source, open_source
 from pipeline import distributed
 from pipeline.errors import TLError
+from pipeline.files import refuse_overwriting_inputs
 from pipeline.hardware import (autocast, loader_options, pinned, prepare_module, resolve_device, resolve_precision,
                                to_device)
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
@@ -180,6 +181,9 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         raise TLError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.multiscale:
         config.patches.check()
+    refuse_overwriting_inputs({"--out": Path(config.out)}, {"--data": Path(config.data)})
+    if Path(config.out).is_file():
+        raise TLError(f"--out {config.out} is a file; a cache is a folder: choose another --out")
     backbone = get_backbone(config.backbone)
     taps = backbone.resolve_taps(list(config.layers) or [backbone.default_tap])
     device = resolve_device(config.device)
@@ -198,6 +202,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     writer = CacheWriter(Path(config.out), key, classes, widths, config.dtype, shard_size(config), len(source),
                          config.compression, config.overwrite, target_kind, follower=not current.is_main)
     with _opened(writer, current):
+        if current.is_main:  # what discovery noticed (loops, empty classes, bad boxes) stays on record
+            writer.manifest["warnings"] = list(source.warnings)
         num_shards = writer.manifest["num_shards"]
         # static assignment: shard k belongs to rank k mod world size, whatever ran before
         pending = [k for k in range(num_shards) if k not in writer.finished and k % current.size == current.rank]

@@ -1,12 +1,28 @@
-"""Small file facts shared by the stages and the cache: content digests.
+"""Files a user keeps: atomic writes, the writer's lock, stale temporaries, outputs that are inputs, digests.
 
 Kept free of torch so the cache store can use it without loading a model framework.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
+import os
+import re
 from pathlib import Path
+from typing import Iterator
+
+from pipeline.errors import TLError
+
+# errno values that mean "the disk (or a size limit) is full": the remedy is space, not another path
+FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+class DiskFullError(TLError):
+    """No space left (or a file-size limit reached) while writing a file."""
 
 
 def file_digest(path: Path) -> str:
@@ -16,3 +32,173 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def temporary_name(path: Path) -> Path:
+    """`.NAME.tmp-PID` beside `path`: unique to this process, hidden, recognisable as ours."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path]:
+    """Delete `.NAME.tmp-PID` files in `folder` (of one target `name`, or of any) whose process is dead:
+    what a killed run left behind. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if not match or (name is not None and match["name"] != name):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def disk_error(exc: BaseException, path: Path, kept: str = "") -> TLError | None:
+    """The one-line error for a write that failed for lack of space, or None for other failures.
+    torch.save reports a full disk as a RuntimeError naming errno 28 or 27, so both kinds are read."""
+    full = isinstance(exc, OSError) and exc.errno in FULL
+    if isinstance(exc, RuntimeError):
+        text = str(exc).lower()
+        full = any(marker in text for marker in ("no space left", "file too large", "errno 28", "errno 27",
+                                                 "disk quota", "file write failed"))
+    if not full:
+        return None
+    return DiskFullError(f"no space left on the device of {path}{f' ({kept})' if kept else ''}; "
+                         "free space and re-run the same command")
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, what: str = "file") -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced and renamed to `path` in one step, so
+    a reader sees the old file or the new one. On any failure (a full disk, Ctrl-C, an error) the
+    temporary is removed and `path` is untouched. Stale temporaries of dead runs are cleared first.
+    OSErrors become one-line TLErrors naming `what` was being written."""
+    path = Path(path)
+    if path.is_dir():
+        raise TLError(f"{path} is a folder; name a {what} inside it, e.g. {path / ('out' + (path.suffix or '.pt'))}")
+    temporary = temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent, path.name)
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        full = disk_error(exc, path)
+        if full is not None:
+            raise full from None
+        if isinstance(exc, RuntimeError):
+            raise
+        raise TLError(f"cannot write {what} {path}: {exc.strerror or exc}; choose another path") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+def write_bytes(path: Path, data: bytes, what: str = "file") -> None:
+    """`data` as the whole content of `path`, atomically (see atomic_write)."""
+    with atomic_write(path, what) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+
+
+class OutputLock:
+    """An exclusive lock on an output (a cache folder, a model file) for one writing process.
+
+    A POSIX record lock (`lockf`): it belongs to this process alone, so DataLoader workers forked
+    while it is held do not inherit it, and the kernel drops it the moment this process dies: a
+    re-run right after a kill never waits for orphaned workers. The file holds the holder's pid for
+    the message; a pid that is no longer alive is never named."""
+
+    _held: set[str] = set()  # record locks do not exclude the process that holds them: these do
+
+    def __init__(self, lock_path: Path, what: str, error: type[TLError] = TLError):
+        self.path = Path(lock_path)
+        self.what = what  # "writing to caches/x", for the message
+        self.error = error
+        self.handle = None
+
+    def _refuse(self, holder: str) -> None:
+        raise self.error(f"another tl process{holder} is {self.what}; wait for it to finish or stop it") from None
+
+    def acquire(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.path)
+        if key in OutputLock._held:
+            self._refuse(f" (pid {os.getpid()})")
+        handle = open(self.path, "a+")
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                handle.close()
+                raise self.error(f"cannot lock {self.path}: {exc.strerror}; choose another output") from None
+            handle.seek(0)
+            text = handle.read().strip()
+            handle.close()
+            self._refuse(f" (pid {text})" if text.isdigit() and pid_alive(int(text)) else "")
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        OutputLock._held.add(key)
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                self.handle.seek(0)
+                self.handle.truncate()
+                fcntl.lockf(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+            OutputLock._held.discard(os.path.realpath(self.path))
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file (or folder), links and `..` included; a missing path names
+    the file it would create."""
+    first, second = Path(first), Path(second)
+    try:
+        return first.exists() and second.exists() and os.path.samefile(first, second) \
+            or first.resolve() == second.resolve()
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+    """One line, before anything is written, when an output names one of the command's own inputs."""
+    for out_flag, out_path in outputs.items():
+        for in_flag, in_path in inputs.items():
+            if out_path is not None and in_path is not None and same_file(out_path, in_path):
+                raise TLError(f"{out_flag} {out_path} is the same file as {in_flag}; writing it would destroy "
+                              f"the input: choose another {out_flag}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -25,10 +24,11 @@ from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, wei
 from pipeline.datasets import open_source
 from pipeline import distributed
 from pipeline.errors import TLError
+from pipeline.files import OutputLock, atomic_write, refuse_overwriting_inputs, remove_stale_temporaries
 from pipeline.extract import DecodedImages, collate_decoded
 from pipeline.hardware import (autocast, grad_scaler, loader_options, prepare_module, resolve_device,
                                resolve_precision, to_device)
-from pipeline.heads import head_from_payload, load_head, read_payload, validation_score
+from pipeline.heads import head_from_payload, load_head, read_payload, validation_score, write_payload
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
 
 MODEL_FORMAT = "tl-model/1"
@@ -307,9 +307,29 @@ def _check_config(config: FinetuneConfig) -> None:
 
 
 def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
-    """Train (or with --epochs 0 only evaluate) and write the model file; see the module docstring."""
-    started = time.perf_counter()
+    """Train (or with --epochs 0 only evaluate) and write the model file; see the module docstring.
+
+    The run holds a lock on --out (a second run on it is refused), never writes over one of its
+    inputs, and first clears temporaries that killed runs left beside --out."""
     _check_config(config)
+    out = Path(config.out)
+    if out.is_dir():
+        raise FinetuneError(f"--out {out} is a folder; name a model file such as {out / 'model.pt'}")
+    last_path, best_path = checkpoint_paths(out)
+    weights = Path(config.weights) if config.weights and Path(config.weights).exists() else None
+    refuse_overwriting_inputs({"--out": out, "--out's checkpoint": last_path, "--out's best checkpoint": best_path},
+                              {"--head": config.head, "--data": config.data, "--val-data": config.val_data,
+                               "--weights": weights})
+    if not distributed.world().is_main:  # rank 0 holds the lock for every rank
+        return _run_finetune(config, say)
+    with OutputLock(out.with_name(f".{out.name}.lock"), f"training into {out}", FinetuneError):
+        for name in (out.name, last_path.name, best_path.name):
+            remove_stale_temporaries(out.parent, name)
+        return _run_finetune(config, say)
+
+
+def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
+    started = time.perf_counter()
     head, head_metadata = load_head(config.head)
     if config.backbone and config.backbone != head_metadata["codes_key"]["backbone"]:
         raise FinetuneError(f"head {config.head} was trained on {head_metadata['codes_key']['backbone']} codes, "
@@ -383,8 +403,9 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         batches = epoch_batches(len(dataset), current, config.seed, epoch, config.batch_size)
         loader = _loader(SeededItems(dataset, epoch_seed), batches, config.workers, device)
         trainer.train()
-        total, seen = 0.0, 0
+        total, seen, unreadable = 0.0, 0, set()
         for number, (pixels, indices, errors) in enumerate(loader, start=1):
+            unreadable.update(dataset_index for dataset_index, _ in errors)
             if pixels is None:  # every image of the batch unreadable: an empty step keeps the ranks in step
                 pixels = torch.zeros(0, 3, backbone.input_size, backbone.input_size)
             batch_targets = torch.from_numpy(targets[indices].astype(np.float32) if multilabel else targets[indices])
@@ -393,8 +414,12 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
                                  check=lambda loss: _check_loss(loss, current, epoch, number, last_path))
             total += loss * len(indices)
             seen += len(indices)
-        total, seen = distributed.all_sum(current, [total, seen])
-        point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(seen, 1)}
+        total, seen, skipped = distributed.all_sum(current, [total, seen, len(unreadable)])
+        if not seen:
+            raise FinetuneError(f"no training image of {config.data} could be read in epoch {epoch + 1}; check the data")
+        point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / seen}
+        if skipped:  # recorded in the history (and so in checkpoints and the model file)
+            point["skipped_images"] = int(skipped)
         with warnings.catch_warnings():  # the schedule counts epochs, whether or not fp16 loss scaling skipped steps
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
             schedule.step()
@@ -405,7 +430,12 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
             if point["val_loss"] < best[0]:
                 best = (point["val_loss"], epoch)
         history.append(point)
-        say("epoch {epoch}: ".format(**point) + ", ".join(f"{k} {v:.4g}" for k, v in point.items() if k != "epoch"))
+        say("epoch {epoch}: ".format(**point) + ", ".join(f"{k} {v:.4g}" for k, v in point.items()
+                                                          if k != "epoch" and "skipped" not in k))
+        unread = [f"{point[k]} {what}" for k, what in (("skipped_images", "training"), ("val_skipped_images",
+                                                                                        "validation")) if k in point]
+        if unread:
+            say(f"  warning: {' and '.join(unread)} images could not be read and were skipped")
         if current.is_main:
             for path in [last_path] + ([best_path] if best[1] == epoch else []):
                 _save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)
@@ -451,8 +481,15 @@ def _check_loss(loss: torch.Tensor, current: distributed.World, epoch: int, numb
 
 
 def _validate(model, dataset, targets, config, device, precision) -> dict:
+    """Validation loss and accuracy (or mAP) over the readable images; unreadable ones are counted
+    (`val_skipped_images`), never scored as a NaN row."""
     probabilities = score_dataset(model, dataset, config.batch_size, config.workers, device,
                                   multilabel=targets.ndim == 2, precision=precision)
+    readable = ~np.isnan(probabilities).any(axis=1)
+    if not readable.any():
+        raise FinetuneError(f"no image of the validation data {config.val_data} could be read; check it")
+    probabilities, targets = probabilities[readable], targets[readable]
+    skipped = {"val_skipped_images": int((~readable).sum())} if not readable.all() else {}
     logits_targets = torch.from_numpy(targets.astype(np.float32) if targets.ndim == 2 else targets)
     if targets.ndim == 2:
         clipped = torch.from_numpy(probabilities).clamp(1e-7, 1 - 1e-7)
@@ -461,7 +498,7 @@ def _validate(model, dataset, targets, config, device, precision) -> dict:
         loss = nn.functional.nll_loss(torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None))),
                                       logits_targets).item()
     metric = "val_map" if targets.ndim == 2 else "val_accuracy"
-    return {"val_loss": loss, metric: validation_score(targets, probabilities)}
+    return {"val_loss": loss, metric: validation_score(targets, probabilities), **skipped}
 
 
 def score_dataset(model: FinetuneModel, dataset, batch_size: int, workers: int | None, device,
@@ -510,20 +547,12 @@ def _save_checkpoint(path: Path, model, optimizer, schedule, scaler, epoch: int,
 
 
 def _atomic_save(payload: dict, path: Path) -> None:
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        temporary.replace(path)
-    except OSError as exc:
-        raise FinetuneError(f"cannot write {path}: {exc.strerror}; choose another --out") from None
+    write_payload(payload, path, "checkpoint or model file")
 
 
 def _load_checkpoint(path: Path, identity: dict) -> dict:
-    payload, metadata = read_payload(path, "checkpoint", "delete it and start over", FinetuneError)
+    payload, metadata = read_payload(path, "checkpoint", "delete it and start over", FinetuneError,
+                                     require_checksum=True)
     if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("identity") != identity:
         found = metadata.get("identity") or {}
         differences = [name for name in identity if found.get(name) != identity[name]]
@@ -587,6 +616,10 @@ def export_model(model_path: Path, format: str, out: Path, tolerance: float = 1e
     sample batch; returns the largest difference. ONNX needs the onnx and onnxruntime packages."""
     if format not in EXPORT_FORMATS:
         raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    refuse_overwriting_inputs({"--out": out}, {"--model": model_path})
+    if out.is_dir():
+        raise FinetuneError(f"--out {out} is a folder; name a file such as {out / ('model.' + format)}")
     model, metadata = load_model_file(model_path)
     activation = nn.Sigmoid() if metadata["head"]["state"]["multilabel"] else nn.Softmax(dim=1)
     module = nn.Sequential(model, activation).eval()
@@ -594,28 +627,28 @@ def export_model(model_path: Path, format: str, out: Path, tolerance: float = 1e
     sample = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = module(sample).numpy()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    if format == "onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            raise FinetuneError("ONNX export needs the onnx and onnxruntime packages: "
+                                "pip install onnx onnxruntime") from None
+    # written under a temporary name and kept only when it computes what the model computes
+    with atomic_write(out, f"{format} export") as temporary, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the check below is what counts
         if format == "torchscript":
             traced = torch.jit.trace(module, sample)
-            traced.save(str(out))
+            traced.save(str(temporary))
             with torch.inference_mode():
-                found = torch.jit.load(str(out))(sample).numpy()
+                found = torch.jit.load(str(temporary))(sample).numpy()
         else:
-            try:
-                import onnxruntime
-            except ImportError:
-                raise FinetuneError("ONNX export needs the onnx and onnxruntime packages: "
-                                    "pip install onnx onnxruntime") from None
-            torch.onnx.export(module, (sample,), str(out), input_names=["pixels"], output_names=["probabilities"],
+            torch.onnx.export(module, (sample,), str(temporary), input_names=["pixels"],
+                              output_names=["probabilities"],
                               dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
-            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(str(temporary), providers=["CPUExecutionProvider"])
             found = session.run(None, {"pixels": sample.numpy()})[0]
-    difference = float(np.abs(found - expected).max())
-    if difference > tolerance:
-        out.unlink()
-        raise FinetuneError(f"the {format} export differs from the model by {difference:.2e} (> {tolerance:g}); "
-                            "it was not kept")
+        difference = float(np.abs(found - expected).max())
+        if difference > tolerance:
+            raise FinetuneError(f"the {format} export differs from the model by {difference:.2e} "
+                                f"(> {tolerance:g}); it was not kept")
     return difference

@@ -86,6 +86,8 @@ def default_workers(workers: int | None) -> int:
     """DataLoader workers: as given, else the cores this process may use shared among the processes
     torchrun started on this machine, at most 16."""
     if workers is not None:
+        if workers < 0:
+            raise TLError(f"--workers must be 0 (decode in this process) or more, got {workers}")
         return workers
     try:
         cores = len(os.sched_getaffinity(0))

@@ -7,6 +7,7 @@ code: tensors plus JSON metadata, read back with `torch.load(..., weights_only=T
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from abc import ABC, abstractmethod
 import math
@@ -21,9 +22,11 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.errors import TLError
+from pipeline.files import atomic_write, disk_error
 from pipeline.hardware import pinned, resolve_device, to_device
 
 HEAD_FORMAT = "tl-head/1"
+CHECKSUM = "sha256"  # the payload key of a tl file's content checksum
 SOLVERS = ("lbfgs", "sgd")
 OPTIMIZERS = ("sgd", "adam")
 
@@ -641,24 +644,61 @@ def _evaluate_network(network: nn.Module, val: CodeRows, loss_function, device) 
 
 def save_head(head: Head, path: Path, metadata: dict) -> None:
     """One file: the head's tensors and a JSON string (classes, layer, cache key, hyperparameters...)."""
-    path = Path(path)
     document = {"format": HEAD_FORMAT, "kind": head.kind, "tl_version": __version__,
                 "hyperparameters": head.hyperparameters(), "state": head.state(), **metadata}
-    payload = {"metadata": json.dumps(document), "tensors": head.tensors()}
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, temporary)
-        temporary.replace(path)
-    except OSError as exc:
-        raise HeadError(f"cannot write head file {path}: {exc.strerror}; choose another --out") from None
+    write_payload({"metadata": json.dumps(document, allow_nan=False), "tensors": head.tensors()}, Path(path),
+                  "head file")
 
 
-def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tuple[str, ...] = ()) -> tuple[dict, dict]:
+def payload_digest(payload) -> str:
+    """SHA-256 over a payload's structure, tensors (dtype, shape, bytes) and plain values, in key order:
+    a bit flipped anywhere in the file's content changes it."""
+    digest = hashlib.sha256()
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=str):
+                digest.update(repr(key).encode())
+                visit(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                visit(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    visit(payload)
+    return digest.hexdigest()
+
+
+def write_payload(payload: dict, path: Path, what: str) -> None:
+    """A tl file (head, model, checkpoint) written atomically with its content checksum; a full disk
+    or a folder as `path` is one line, and no temporary file stays behind."""
+    checked = {**payload, CHECKSUM: payload_digest(payload)}
+    with atomic_write(path, what) as temporary:
+        try:
+            torch.save(checked, temporary)
+        except RuntimeError as exc:  # torch.save reports OS failures as RuntimeError
+            raise disk_error(exc, path) or TLError(f"cannot write {what} {path}: {str(exc).splitlines()[0]}; "
+                                                   "choose another path") from None
+
+
+def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tuple[str, ...] = (),
+                 require_checksum: bool = False) -> tuple[dict, dict]:
     """(payload, its JSON metadata) of a tl file (head, model, checkpoint): tensors and plain data only,
     loaded with weights_only, so nothing in the file is executed. A missing or foreign file, or one
-    without `keys`, is a one-line `error` naming the `kind` of file and the `remedy`."""
+    without `keys`, is a one-line `error` naming the `kind` of file and the `remedy`; so is a file whose
+    content checksum does not match (files from before checksums load unless `require_checksum`)."""
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{kind} {path} is a folder; pass the file inside it")
     if not path.is_file():
         raise error(f"{kind} {path} does not exist; {remedy}")
     try:
@@ -668,6 +708,9 @@ def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tupl
             payload[key]
     except Exception:  # any unpickling, JSON or missing-key failure means the same thing to the user
         raise error(f"{path} is not a tl {kind}; {remedy}") from None
+    recorded = payload.pop(CHECKSUM, None)
+    if (recorded is not None or require_checksum) and recorded != payload_digest(payload):
+        raise error(f"{kind} {path} is damaged (its checksum does not match its content); {remedy}")
     return payload, metadata
 
 
@@ -731,6 +774,8 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
         raise HeadError(f"unknown head '{config.head}'; valid: {', '.join(HEAD_KINDS)}")
     if config.block_rows < 1:
         raise HeadError(f"--block-rows must be at least 1, got {config.block_rows}")
+    if Path(config.out).is_dir():  # found before the training, not after it
+        raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
     reader = CacheReader(config.cache)
     if reader.num_rows == 0:
         raise HeadError(f"cache {config.cache} has no rows; extract images into it first")

@@ -20,6 +20,7 @@ from pipeline.errors import DataError
 DEFAULT_SCALES = (1.0, 1.3, 1.6, 2.0, 2.3, 2.6, 3.0, 3.3, 3.6, 4.0, 4.3, 4.6, 5.0)
 DEFAULT_EXPONENT = 5.0  # the paper's k in S(i, c) = sum_j P(j, c) ** k
 BACKGROUND = "background"
+MAX_SCALE = 64.0
 TRAINING_SPLITS = ("train", "trainval")
 
 
@@ -33,9 +34,10 @@ class PatchSettings:
     background_fraction: float | None = 0.1  # kept share of background patches in training; None keeps all
 
     def check(self) -> None:
-        if not self.scales or any(not scale >= 1.0 for scale in self.scales):
-            raise DataError(f"--scales must be numbers of at least 1.0 (1.0: the largest square), "
-                            f"got {list(self.scales)}")
+        # finite and bounded: inf gave one empty patch per image; 64 already means ~4,000 patches per image
+        if not self.scales or any(not (math.isfinite(scale) and 1.0 <= scale <= MAX_SCALE) for scale in self.scales):
+            raise DataError(f"--scales must be numbers from 1.0 (the largest square) to {MAX_SCALE:g}, "
+                            f"got {', '.join(f'{scale:g}' for scale in self.scales)}")
         for name in ("patch_overlap", "box_overlap"):
             if not 0 < getattr(self, name) <= 1:
                 raise DataError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")

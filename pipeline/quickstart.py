@@ -8,10 +8,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import DataError
 from pipeline.evaluate import EvaluateConfig, run_evaluate
 from pipeline.examples import write_digits
 from pipeline.extract import ExtractConfig, ExtractResult, run_extract
 from pipeline.heads import FitHeadConfig, FitHeadResult, fit_head
+
+
+MIN_PER_CLASS = 8  # leaves >= 2 validation rows per digit in the stratified fifth
 
 
 @dataclass
@@ -37,6 +41,10 @@ class QuickstartResult:
 def run_quickstart(config: QuickstartConfig, say=print) -> QuickstartResult:
     """Each step is the stage a user would run by hand; re-running resumes the caches it finds."""
     started = time.perf_counter()
+    if config.per_class is not None and config.per_class < MIN_PER_CLASS:
+        raise DataError(f"--per-class must be 0 (all) or at least {MIN_PER_CLASS}: a quarter of each digit is the "
+                        f"test set and a fifth of the rest chooses C, so fewer leave a class out; got "
+                        f"{config.per_class}")
     out = Path(config.out)
     counts = write_digits(out / "data", seed=config.seed, per_class=config.per_class)
     say(f"1/4 data: {counts['train']} train and {counts['test']} test digit images in {out / 'data'}")

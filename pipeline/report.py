@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import TLError
+from pipeline.files import DiskFullError, atomic_write, write_bytes
 from pipeline.metrics import precision_recall
 
 CONFUSION_LABELS_UP_TO = 30  # beyond this many classes, tick labels would overlap
 LEGEND_UP_TO = 20
+REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "pr_curves.png", "training_curve.png")
 
 
 def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarray,
@@ -33,15 +35,15 @@ def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarra
         written.append(plot_pr_curves(out / "pr_curves.png", targets, scores, report))
         if curve:
             written.append(plot_training_curve(out / "training_curve.png", curve))
+    except DiskFullError:
+        raise
     except OSError as exc:
         raise TLError(f"cannot write the report to {out}: {exc.strerror}; choose another --out") from None
     return written
 
 
 def _write_text(path: Path, text: str) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text + "\n")
-    temporary.replace(path)
+    write_bytes(path, (text + "\n").encode("utf-8", "surrogateescape"), "report")
     return path
 
 
@@ -188,10 +190,11 @@ def plot_training_curve(path: Path, curve: list[dict]) -> Path:
 def _save(figure, path: Path) -> Path:
     plt = _pyplot()
     figure.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
+    try:
+        with atomic_write(path, "plot") as temporary:
+            figure.savefig(temporary, dpi=110, format="png")
+    finally:
+        plt.close(figure)
     return path
 
 
@@ -199,17 +202,13 @@ def write_predictions(path: Path, sample_ids: np.ndarray, targets: np.ndarray, s
                       class_names: list[str]) -> Path:
     """One row per sample: its id, its true class name(s) (';'-joined for multi-label) and every score."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["sample_id", "target"] + [f"score:{name}" for name in class_names])
-            for sample_id, target, row in zip(sample_ids, targets, scores):
-                truth = (";".join(class_names[c] for c in np.flatnonzero(target)) if np.ndim(target)
-                         else class_names[int(target)])
-                writer.writerow([sample_id, truth] + [f"{value:.6g}" for value in row])
-        temporary.replace(path)
-    except OSError as exc:
-        raise TLError(f"cannot write predictions to {path}: {exc.strerror}; choose another path") from None
+    # names that are not UTF-8 on disk keep their bytes (surrogateescape), as in the cache
+    with atomic_write(path, "predictions file") as temporary, \
+            open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sample_id", "target"] + [f"score:{name}" for name in class_names])
+        for sample_id, target, row in zip(sample_ids, targets, scores):
+            truth = (";".join(class_names[c] for c in np.flatnonzero(target)) if np.ndim(target)
+                     else class_names[int(target)])
+            writer.writerow([sample_id, truth] + [f"{value:.6g}" for value in row])
     return path

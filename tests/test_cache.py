@@ -113,11 +113,11 @@ def test_stale_lock_of_a_dead_process_is_taken(tmp_path):
     root.mkdir()
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import fcntl, sys, time; h = open(sys.argv[1], 'a+'); fcntl.flock(h, fcntl.LOCK_EX);"
-         "h.write('4242'); h.flush(); print('locked', flush=True); time.sleep(60)", str(root / ".lock")],
+         "import fcntl, os, sys, time; h = open(sys.argv[1], 'a+'); fcntl.lockf(h, fcntl.LOCK_EX);"
+         "h.write(str(os.getpid())); h.flush(); print('locked', flush=True); time.sleep(60)", str(root / ".lock")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
-    with pytest.raises(CacheError, match="pid 4242"):
+    with pytest.raises(CacheError, match=f"pid {holder.pid}"):
         CacheWriter(root, KEY, ["a"], {"fc7": 3}, "float32", 4, 4).__enter__()
     holder.kill()
     holder.wait()

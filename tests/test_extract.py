@@ -243,10 +243,10 @@ def test_nan_codes_are_refused_naming_the_sample(run_tl, image_folder, tmp_path)
 
 
 def test_second_extract_on_a_locked_cache_is_refused(run_tl, image_folder, tmp_path):
-    from cache.writer import CacheLock
+    from cache.writer import cache_lock
 
     (tmp_path / "c").mkdir()
-    lock = CacheLock(tmp_path / "c")
+    lock = cache_lock(tmp_path / "c")
     lock.acquire()
     try:
         result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", *FAST)

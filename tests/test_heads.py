@@ -73,7 +73,7 @@ def test_head_file_round_trip(tmp_path):
     head = LogRegHead().fit(codes, targets)
     save_head(head, tmp_path / "heads" / "h.pt", {"classes": ["a", "b", "c", "d"], "layer": "fc7"})
     payload = torch.load(tmp_path / "heads" / "h.pt", weights_only=True)  # loads without executing code
-    assert set(payload) == {"metadata", "tensors"}
+    assert set(payload) == {"metadata", "tensors", "sha256"}
     loaded, metadata = load_head(tmp_path / "heads" / "h.pt")
     assert metadata["layer"] == "fc7" and metadata["kind"] == "logreg" and metadata["state"]["C_"] == 1.0
     np.testing.assert_array_equal(loaded.predict_proba(codes), head.predict_proba(codes))
