@@ -71,26 +71,13 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path
     return removed
 
 
-def disk_error(exc: BaseException, path: Path, kept: str = "") -> TLError | None:
-    """The one-line error for a write that failed for lack of space, or None for other failures.
-    torch.save reports a full disk as a RuntimeError naming errno 28 or 27, so both kinds are read."""
-    full = isinstance(exc, OSError) and exc.errno in FULL
-    if isinstance(exc, RuntimeError):
-        text = str(exc).lower()
-        full = any(marker in text for marker in ("no space left", "file too large", "errno 28", "errno 27",
-                                                 "disk quota", "file write failed"))
-    if not full:
-        return None
-    return DiskFullError(f"no space left on the device of {path}{f' ({kept})' if kept else ''}; "
-                         "free space and re-run the same command")
-
-
 @contextlib.contextmanager
 def atomic_write(path: Path, what: str = "file") -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to `path` in one step, so
     a reader sees the old file or the new one. On any failure (a full disk, Ctrl-C, an error) the
     temporary is removed and `path` is untouched. Stale temporaries of dead runs are cleared first.
-    OSErrors become one-line TLErrors naming `what` was being written."""
+    OSErrors become one-line TLErrors naming `what` was being written. Writers that could fail in a
+    library with an opaque error (HDF5, torch.save) serialise to memory first and write bytes here."""
     path = Path(path)
     if path.is_dir():
         raise TLError(f"{path} is a folder; name a {what} inside it, e.g. {path / ('out' + (path.suffix or '.pt'))}")
@@ -102,14 +89,12 @@ def atomic_write(path: Path, what: str = "file") -> Iterator[Path]:
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
-        full = disk_error(exc, path)
-        if full is not None:
-            raise full from None
-        if isinstance(exc, RuntimeError):
-            raise
+        if exc.errno in FULL:
+            raise DiskFullError(f"no space left on the device of {path}; free space and re-run the same "
+                                "command") from None
         raise TLError(f"cannot write {what} {path}: {exc.strerror or exc}; choose another path") from None
     except BaseException:
         with contextlib.suppress(OSError):

@@ -7,6 +7,7 @@ epochs an uninterrupted one would have run.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -24,7 +25,7 @@ from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, wei
 from pipeline.datasets import open_source
 from pipeline import distributed
 from pipeline.errors import TLError
-from pipeline.files import OutputLock, atomic_write, refuse_overwriting_inputs, remove_stale_temporaries
+from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries, write_bytes
 from pipeline.extract import DecodedImages, collate_decoded
 from pipeline.hardware import (autocast, grad_scaler, loader_options, prepare_module, resolve_device,
                                resolve_precision, to_device)
@@ -633,22 +634,23 @@ def export_model(model_path: Path, format: str, out: Path, tolerance: float = 1e
         except ImportError:
             raise FinetuneError("ONNX export needs the onnx and onnxruntime packages: "
                                 "pip install onnx onnxruntime") from None
-    # written under a temporary name and kept only when it computes what the model computes
-    with atomic_write(out, f"{format} export") as temporary, warnings.catch_warnings():
+    # exported in memory and written (atomically) only when it computes what the model computes
+    exported = io.BytesIO()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the check below is what counts
         if format == "torchscript":
-            traced = torch.jit.trace(module, sample)
-            traced.save(str(temporary))
+            torch.jit.save(torch.jit.trace(module, sample), exported)
+            exported.seek(0)
             with torch.inference_mode():
-                found = torch.jit.load(str(temporary))(sample).numpy()
+                found = torch.jit.load(exported)(sample).numpy()
         else:
-            torch.onnx.export(module, (sample,), str(temporary), input_names=["pixels"],
-                              output_names=["probabilities"],
+            torch.onnx.export(module, (sample,), exported, input_names=["pixels"], output_names=["probabilities"],
                               dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
-            session = onnxruntime.InferenceSession(str(temporary), providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(exported.getvalue(), providers=["CPUExecutionProvider"])
             found = session.run(None, {"pixels": sample.numpy()})[0]
-        difference = float(np.abs(found - expected).max())
-        if difference > tolerance:
-            raise FinetuneError(f"the {format} export differs from the model by {difference:.2e} "
-                                f"(> {tolerance:g}); it was not kept")
+    difference = float(np.abs(found - expected).max())
+    if difference > tolerance:
+        raise FinetuneError(f"the {format} export differs from the model by {difference:.2e} (> {tolerance:g}); "
+                            "it was not kept")
+    write_bytes(out, exported.getbuffer(), f"{format} export")
     return difference

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 from abc import ABC, abstractmethod
 import math
@@ -22,7 +23,7 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.errors import TLError
-from pipeline.files import atomic_write, disk_error
+from pipeline.files import write_bytes
 from pipeline.hardware import pinned, resolve_device, to_device
 
 HEAD_FORMAT = "tl-head/1"
@@ -681,13 +682,11 @@ def payload_digest(payload) -> str:
 def write_payload(payload: dict, path: Path, what: str) -> None:
     """A tl file (head, model, checkpoint) written atomically with its content checksum; a full disk
     or a folder as `path` is one line, and no temporary file stays behind."""
-    checked = {**payload, CHECKSUM: payload_digest(payload)}
-    with atomic_write(path, what) as temporary:
-        try:
-            torch.save(checked, temporary)
-        except RuntimeError as exc:  # torch.save reports OS failures as RuntimeError
-            raise disk_error(exc, path) or TLError(f"cannot write {what} {path}: {str(exc).splitlines()[0]}; "
-                                                   "choose another path") from None
+    buffer = io.BytesIO()
+    # serialised in memory, written with plain file I/O: torch.save reports a full disk as an opaque
+    # RuntimeError ("unexpected pos"), a plain write as ENOSPC/EFBIG
+    torch.save({**payload, CHECKSUM: payload_digest(payload)}, buffer)
+    write_bytes(path, buffer.getbuffer(), what)
 
 
 def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tuple[str, ...] = (),

@@ -1,0 +1,435 @@
+"""Faults a hostile or clumsy user causes (issue #11): kills, SIGTERM, a full disk, outputs that are
+inputs, edited manifests, flipped bits, leftovers, unreadable images in finetune, and bad settings.
+
+Each ends in one `error:` line and exit 2 (143 for SIGTERM), or in a recorded skip; nothing already
+written is lost, and a re-run finishes what was started. Data-set faults are in test_faults_data.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.reader import CacheReader
+from pipeline.files import file_digest
+from tests.conftest import REPO, make_image_folder, write_code_cache, write_image
+
+FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--quiet"]
+
+
+def assert_one_line_error(result, *fragments, code=2):
+    assert result.code == code, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.err
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+class Run:
+    """A finished `python -m cli` subprocess, shaped like the in-process CliResult."""
+
+    def __init__(self, completed):
+        self.code, self.out, self.err = completed.returncode, completed.stdout, completed.stderr
+
+    def __repr__(self):
+        return f"Run(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+def tl_process(*args, file_limit: int | None = None, timeout=300) -> Run:
+    """`tl ARGS` as its own process; `file_limit` caps the bytes any one file may reach (RLIMIT_FSIZE):
+    past it writes fail with EFBIG, as on a full disk, instead of killing the process with SIGXFSZ."""
+
+    def limit():
+        if file_limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    completed = subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, capture_output=True,
+                               text=True, preexec_fn=limit, timeout=timeout)
+    return Run(completed)
+
+
+def manifest_of(cache: Path) -> dict:
+    return json.loads((cache / "manifest.json").read_text())
+
+
+def shards_in(cache: Path) -> int:
+    try:
+        return len(manifest_of(cache)["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).rglob(".*.tmp*"))
+
+
+def same_cache(first: Path, second: Path, tap: str = "fc7") -> None:
+    a, b = CacheReader(first), CacheReader(second)
+    assert list(a.load_column("sample_id")) == list(b.load_column("sample_id"))
+    np.testing.assert_array_equal(a.load(tap), b.load(tap))
+    np.testing.assert_array_equal(a.load_column("target"), b.load_column("target"))
+
+
+# ------------------------------------------------------------------ kills, SIGTERM, the lock
+
+
+def _start(args: list, cache: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli", "extract", "--out", str(cache), *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_shards(process: subprocess.Popen, cache: Path, more_than: int, deadline: float) -> None:
+    while time.monotonic() < deadline and process.poll() is None and shards_in(cache) <= more_than:
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode, kills", [("images", 5), ("multiscale", 2)])
+def test_rerun_right_after_sigkill_is_never_refused(tmp_path, voc_shapes, mode, kills):
+    """SIGKILL the main process while its DataLoader workers run, then start again at once: the lock
+    died with the process (workers never held it), so every re-run proceeds, and the final cache
+    equals an unbroken run's."""
+    if mode == "images":
+        data = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=12)
+        args = ["--data", data, "--shard-rows", "2", "--batch-size", "1", "--dtype", "float32", "--workers", "2",
+                *FAST]
+    else:
+        args = ["--format", "voc", "--data", voc_shapes, "--classes", "auto", "--split", "test", "--multiscale", "--scales", "1,2",
+                "--shard-rows", "1", "--batch-size", "8", "--dtype", "float32", "--workers", "2", *FAST]
+    cache = tmp_path / "killed"
+    deadline = time.monotonic() + 240
+    for kill in range(kills):
+        before = shards_in(cache)
+        process = _start(args, cache)
+        _wait_for_shards(process, cache, before, deadline)
+        if process.poll() is not None:  # it finished or was refused before a kill could land
+            assert process.returncode == 0 and kill > 0, process.stderr.read()
+            break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        assert "another tl process" not in process.stderr.read()
+        assert shards_in(cache) > before  # each run, started right after a kill, got the lock and wrote
+    final = tl_process("extract", "--out", cache, *args)
+    assert final.code == 0, final
+    straight = tmp_path / "straight"
+    assert tl_process("extract", "--out", straight, *args).code == 0
+    same_cache(cache, straight)
+    assert leftovers(cache) == []
+
+
+def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path):
+    data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=10)
+    args = ["--data", data, "--shard-rows", "2", "--batch-size", "1", "--dtype", "float32", "--workers", "1",
+            *FAST]
+    cache = tmp_path / "c"
+    process = _start(args, cache)
+    _wait_for_shards(process, cache, 0, time.monotonic() + 120)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    err = process.stderr.read()
+    assert process.returncode == 143, err
+    assert err.strip().splitlines() == [err.strip()] and "SIGTERM" in err and "run the same command" in err
+    assert "Traceback" not in err
+    kept = shards_in(cache)
+    assert kept >= 1
+    resumed = tl_process("extract", "--out", cache, *args)
+    assert resumed.code == 0 and f"{kept} reused" in resumed.out, resumed
+    assert leftovers(cache) == []
+
+
+def test_a_second_finetune_on_one_out_is_refused(run_tl, tmp_path, small_head):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.files import OutputLock; "
+         "lock = OutputLock(sys.argv[1], 'x').acquire(); print('locked', flush=True); time.sleep(60)",
+         str(tmp_path / ".m.pt.lock")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
+                        "--out", tmp_path / "m.pt", "--epochs", "0", "--workers", "0", "--quiet")
+        assert_one_line_error(result, f"another tl process (pid {holder.pid}) is training into")
+        assert not (tmp_path / "m.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
+                  "--out", tmp_path / "m.pt", "--epochs", "0", "--workers", "0", "--quiet").code == 0
+
+
+# ------------------------------------------------------------------ a full disk
+
+
+def test_full_disk_during_extract_keeps_finished_shards(tmp_path):
+    data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=6)
+    (data / "a" / "img00b.png").write_bytes(b"unreadable")  # shard 0 holds one row, the others two
+    args = ["--data", data, "--shard-rows", "2", "--dtype", "float32", "--workers", "0", *FAST]
+    cache = tmp_path / "c"
+    # a file-size limit between a 1-row shard (16 KiB of codes) and a 2-row one: the first shard is
+    # written, the second finds the "disk" full
+    full = tl_process("extract", "--out", cache, *args, file_limit=35_000)
+    assert full.code == 2, full
+    lines = full.err.strip().splitlines()
+    assert len(lines) == 1 and "no space left" in lines[0] and "shards kept" in lines[0], full.err
+    assert "free space and re-run" in lines[0] and "Traceback" not in full.err
+    kept = shards_in(cache)
+    assert kept >= 1 and leftovers(cache) == []
+    resumed = tl_process("extract", "--out", cache, *args)
+    assert resumed.code == 0 and f"{kept} reused" in resumed.out, resumed
+    straight = tmp_path / "straight"
+    assert tl_process("extract", "--out", straight, *args).code == 0
+    same_cache(cache, straight)
+
+
+def test_full_disk_when_saving_a_head_or_a_model(tmp_path, small_head):
+    head = tl_process("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "h.pt", file_limit=4096)
+    assert head.code == 2 and head.err.startswith("error: no space left"), head
+    assert len(head.err.strip().splitlines()) == 1
+    assert not (tmp_path / "h.pt").exists() and leftovers(tmp_path) == []
+    model = tl_process("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
+                       "--out", tmp_path / "m.pt", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                       "--quiet", file_limit=1 << 20)
+    assert model.code == 2 and model.err.startswith("error: no space left"), model
+    assert len(model.err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.pt").exists() and leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------ outputs that are inputs
+
+
+def test_no_command_writes_over_its_own_input(run_tl, tmp_path, small_head):
+    head = tmp_path / "h.pt"
+    head.write_bytes((small_head / "head.pt").read_bytes())
+    model = tmp_path / "m.pt"
+    assert run_tl("finetune", "--data", small_head / "train", "--head", head, "--out", model, "--epochs", "0",
+                  "--workers", "0", "--quiet").code == 0
+    before = {path: file_digest(path) for path in (head, model)}
+    cases = [
+        (["export", "--model", model, "--format", "torchscript", "--out", model], "--out"),
+        (["finetune", "--data", small_head / "train", "--head", head, "--out", head, "--epochs", "0",
+          "--workers", "0"], "--out"),
+        (["evaluate", "--head", head, "--cache", small_head / "cache", "--out", tmp_path / "r",
+          "--save-predictions", head], "--save-predictions"),
+        (["evaluate", "--head", head, "--cache", small_head / "cache", "--out", small_head / "cache"], "--out"),
+        (["extract", "--data", small_head / "train", "--out", small_head / "train", *FAST], "--out"),
+    ]
+    for args, flag in cases:
+        assert_one_line_error(run_tl(*args), flag, "same file as", "choose another")
+    assert {path: file_digest(path) for path in (head, model)} == before
+
+
+# ------------------------------------------------------------------ edited manifests, flipped bits
+
+
+def test_edited_manifests_are_refused(run_tl, tmp_path):
+    codes = np.random.default_rng(0).normal(size=(40, 8))
+    targets = np.arange(40) % 4
+    edits = {
+        "no key": lambda m: m.pop("key"),
+        "rows lowered": lambda m: m["shards"][0].update(rows=m["shards"][0]["rows"] - 3),
+        "classes trimmed": lambda m: m.update(classes=m["classes"][:2]),
+        "rows not a number": lambda m: m["shards"][0].update(rows="10"),
+    }
+    for name, edit in edits.items():
+        cache = write_code_cache(tmp_path / name.replace(" ", "-"), codes, targets, list("abcd"), shard_rows=16)
+        manifest = manifest_of(cache)
+        edit(manifest)
+        (cache / "manifest.json").write_text(json.dumps(manifest))
+        result = run_tl("fit-head", "--cache", cache, "--out", tmp_path / "h.pt")
+        assert_one_line_error(result, str(cache), "--overwrite")
+        assert not (tmp_path / "h.pt").exists()
+
+
+def test_a_bit_flipped_shard_is_redone_not_reused(run_tl, tmp_path, image_folder):
+    args = ["--data", image_folder, "--shard-rows", "5", "--workers", "0", *FAST]
+    cache = tmp_path / "c"
+    assert run_tl("extract", "--out", cache, *args).code == 0
+    codes = CacheReader(cache).load("fc7")
+    shard = cache / "shard-00001.h5"
+    raw = bytearray(shard.read_bytes())
+    raw[-100] ^= 0x01  # same size, one bit changed
+    shard.write_bytes(bytes(raw))
+    again = run_tl("extract", "--out", cache, *args)
+    assert again.code == 0 and "1 shards new, 2 reused" in again.out, again
+    np.testing.assert_array_equal(CacheReader(cache).load("fc7"), codes)
+
+
+def test_a_bit_flipped_checkpoint_is_not_resumed(run_tl, tmp_path, small_head):
+    common = ["--data", small_head / "train", "--head", small_head / "head.pt", "--out", tmp_path / "m.pt",
+              "--batch-size", "4", "--workers", "0", "--quiet"]
+    assert run_tl("finetune", *common, "--epochs", "1").code == 0
+    checkpoint = tmp_path / "m.last.ckpt"
+    payload = torch.load(checkpoint, weights_only=True)
+    tensor = next(t for t in payload["model"].values() if t.is_floating_point() and t.numel())
+    tensor.view(-1).view(torch.int32)[0] ^= 1  # one bit of one weight
+    torch.save(payload, checkpoint)  # a valid file with its old checksum: the content no longer matches it
+    result = run_tl("finetune", *common, "--epochs", "2", "--resume")
+    assert_one_line_error(result, "checkpoint", "checksum does not match")
+
+
+def test_foreign_manifest_is_never_offered_to_overwrite(run_tl, tmp_path, image_folder):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"name": "my web app", "version": 3}')
+    for extra in ([], ["--overwrite"]):
+        result = run_tl("extract", "--data", image_folder, "--out", out, "--workers", "0", *FAST, *extra)
+        assert_one_line_error(result, "not a tl cache's manifest", "choose another --out")
+        assert "--overwrite" not in result.err
+    assert (out / "manifest.json").read_text() == '{"name": "my web app", "version": 3}'
+
+
+# ------------------------------------------------------------------ leftovers
+
+
+def test_stale_temporaries_of_dead_runs_are_removed(run_tl, tmp_path, small_head):
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    stale = [tmp_path / f".m.last.ckpt.tmp-{dead}", tmp_path / f".m.pt.tmp-{dead}", tmp_path / f".h.pt.tmp-{dead}"]
+    for path in stale:
+        path.write_bytes(b"x" * 1000)
+    assert run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
+                  "--out", tmp_path / "m.pt", "--epochs", "0", "--workers", "0", "--quiet").code == 0
+    assert run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "h.pt").code == 0
+    assert leftovers(tmp_path) == []
+
+
+def test_out_folder_for_a_file_is_refused_before_any_work(run_tl, tmp_path, small_head):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert_one_line_error(run_tl("fit-head", "--cache", small_head / "cache", "--out", folder), "is a folder")
+    assert_one_line_error(run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
+                                 "--out", folder, "--epochs", "0"), "is a folder")
+    assert_one_line_error(run_tl("export", "--model", small_head / "model.pt", "--format", "torchscript",
+                                 "--out", folder), "is a folder")
+    assert_one_line_error(run_tl("evaluate", "--head", folder, "--cache", small_head / "cache",
+                                 "--out", tmp_path / "r"), "is a folder")
+    assert list(folder.iterdir()) == []
+
+
+# ------------------------------------------------------------------ unreadable images in finetune
+
+
+def test_unreadable_images_in_finetune_are_skipped_counted_and_recorded(run_tl, tmp_path, small_head):
+    train, val = tmp_path / "train", tmp_path / "val"
+    make_image_folder(train, classes=("a", "b"), per_class=6)
+    make_image_folder(val, classes=("a", "b"), per_class=3)
+    (train / "a" / "broken.png").write_bytes(b"not an image")
+    (val / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run_tl("finetune", "--data", train, "--head", small_head / "head.pt", "--out", tmp_path / "m.pt",
+                    "--val-data", val, "--epochs", "2", "--early-stop", "--batch-size", "4", "--workers", "0")
+    assert result.code == 0, result
+    assert "1 training and 1 validation images could not be read" in result.out
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    history = json.loads(payload["metadata"])["history"]
+    assert [point["skipped_images"] for point in history] == [1, 1]
+    assert [point["val_skipped_images"] for point in history] == [1, 1]
+    assert all(np.isfinite(point["val_loss"]) and np.isfinite(point["train_loss"]) for point in history)
+    assert "kept epoch" in result.out  # a finite validation loss lets early stopping keep a best epoch
+    # the readable six validation images only: a NaN row no longer counts as a class-0 prediction
+    evaluation = run_tl("evaluate", "--model", tmp_path / "m.pt", "--data", val, "--split", "", "--out",
+                        tmp_path / "r", "--workers", "0")
+    assert evaluation.code == 0, evaluation
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["rows"] == 6 and report["source"]["unreadable"] == 1
+
+
+# ------------------------------------------------------------------ bad settings and misleading messages
+
+
+def test_bad_settings_are_one_line_each(run_tl, tmp_path, image_folder, voc_shapes, small_head):
+    config = tmp_path / "bad.yaml"
+    cases = []
+    config.write_text("data:\nout: x\n")
+    cases.append((["extract", "--config", config], "'data' has no value"))
+    other = tmp_path / "map.yaml"
+    other.write_text("data: {a: 1}\nout: x\n")
+    cases.append((["extract", "--config", other], "'data' has a dict"))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("data: caf\xe9\n".encode("latin-1"))
+    cases.append((["extract", "--config", latin], "not UTF-8"))
+    cases.append((["extract", "--data", image_folder, "--out", tmp_path / "c", "--workers", "-1", *FAST],
+                  "--workers must be 0"))
+    for scales in ("inf", "nan", "0", "-2", "1,1e9"):
+        cases.append((["extract", "--format", "voc", "--data", voc_shapes, "--classes", "auto", "--multiscale", "--scales", scales,
+                       "--out", tmp_path / "v", *FAST], "--scales must be numbers from 1.0"))
+    cases.append((["quickstart", "--out", tmp_path / "q", "--per-class", "1"], "at least 8"))
+    cases.append((["quickstart", "--out", tmp_path / "q", "--per-class", "5"], "at least 8"))
+    cases.append((["predict", image_folder, "--head", small_head / "head.pt", "--weights", small_head / "head.pt"],
+                  "drop --weights"))
+    for args, fragment in cases:
+        assert_one_line_error(run_tl(*args), fragment)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "v").exists()
+
+
+def test_weights_that_are_not_a_state_dict_never_suggest_unsafe_loading(run_tl, tmp_path, image_folder):
+    import argparse
+
+    torch.save({"model": argparse.Namespace(a=1)}, tmp_path / "w.pt")  # loads only with weights_only=False
+    result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", "--backbone", "alexnet",
+                    "--weights", tmp_path / "w.pt", "--quiet", "--workers", "0")
+    assert_one_line_error(result, "could run code", "state_dict")
+    assert "weights_only" not in result.err
+    folder_result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", "--backbone", "alexnet",
+                           "--weights", tmp_path, "--quiet", "--workers", "0")
+    assert_one_line_error(folder_result, "is a folder")
+
+
+def test_an_efficientnet_cache_names_the_backbone_not_a_layer(run_tl, tmp_path, image_folder, small_head):
+    cache = tmp_path / "eff"
+    assert run_tl("extract", "--data", image_folder, "--out", cache, "--backbone", "efficientnet_lite0",
+                  "--weights", "none", "--quiet", "--workers", "0").code == 0
+    result = run_tl("evaluate", "--head", small_head / "head.pt", "--cache", cache, "--out", tmp_path / "r")
+    assert_one_line_error(result, "backbone: alexnet -> efficientnet_lite0")
+    assert "--layers" not in result.err
+
+
+def test_non_utf8_names_are_kept_through_cache_and_predictions(run_tl, tmp_path):
+    root = tmp_path / "images"
+    make_image_folder(root, classes=("a", "b"), per_class=2)
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8, surrogate-escaped by Python
+    write_image(root / "a" / odd, seed=9)
+    cache = tmp_path / "c"
+    assert run_tl("extract", "--data", root, "--out", cache, "--workers", "0", *FAST).code == 0
+    ids = list(CacheReader(cache).load_column("sample_id"))
+    assert os.fsdecode(b"a/caf\xe9.png") in ids
+    assert run_tl("fit-head", "--cache", cache, "--out", tmp_path / "h.pt").code == 0
+    result = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", cache, "--out", tmp_path / "r",
+                    "--save-predictions", tmp_path / "p.csv")
+    assert result.code == 0, result
+    assert b"a/caf\xe9.png" in (tmp_path / "p.csv").read_bytes()
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def small_head(tmp_path_factory):
+    """A seeded random AlexNet's pool5 cache of two classes, a logreg head and a finetuned model file."""
+    from cli import main
+
+    root = tmp_path_factory.mktemp("faults")
+    make_image_folder(root / "train", classes=("a", "b"), per_class=6)
+    common = ["--backbone", "alexnet", "--weights", "none", "--workers", "0", "--quiet"]
+    for args in (["extract", "--data", root / "train", "--out", root / "cache", "--layers", "pool5", *common],
+                 ["fit-head", "--cache", root / "cache", "--out", root / "head.pt"],
+                 ["finetune", "--data", root / "train", "--head", root / "head.pt", "--out", root / "model.pt",
+                  "--epochs", "0", "--workers", "0", "--quiet"]):
+        with pytest.raises(SystemExit) as done:
+            main([str(a) for a in args])
+        assert done.value.code == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def voc_shapes(tmp_path_factory):
+    from pipeline.examples import write_shapes_voc
+
+    return write_shapes_voc(tmp_path_factory.mktemp("voc"), {"trainval": 4, "test": 3})
