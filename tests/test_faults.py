@@ -128,6 +128,29 @@ def test_rerun_right_after_sigkill_is_never_refused(tmp_path, voc_shapes, mode, 
     assert leftovers(cache) == []
 
 
+def test_forked_children_do_not_hold_the_lock(tmp_path):
+    """The mechanism behind the test above, without its timing: a child forked while the lock is held
+    (as DataLoader workers are) outlives its SIGKILLed parent, and the lock is free all the same."""
+    from pipeline.files import OutputLock, pid_alive
+
+    script = ("import os, sys, time\nfrom pipeline.files import OutputLock\n"
+              "lock = OutputLock(sys.argv[1], 'writing').acquire()\n"
+              "child = os.fork()\nif child == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+              "print(child, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / ".lock")], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        with pytest.raises(Exception, match=f"pid {parent.pid}"):
+            OutputLock(tmp_path / ".lock", "writing").acquire()
+        parent.kill()
+        parent.wait()
+        assert pid_alive(child)
+        OutputLock(tmp_path / ".lock", "writing").acquire().release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path):
     data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=10)
     args = ["--data", data, "--shard-rows", "2", "--batch-size", "1", "--dtype", "float32", "--workers", "1",
