@@ -4,12 +4,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from pipeline.errors import DataError
+from pipeline.files import write_bytes
 
 
 def write_digits(out: Path, test_fraction: float = 0.25, seed: int = 0, size: int = 64,
@@ -39,8 +41,10 @@ def write_digits(out: Path, test_fraction: float = 0.25, seed: int = 0, size: in
                 pixels = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
                 image = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC)
                 path = folder / f"digit-{index:04d}.png"
-                if not path.exists():
-                    image.save(path)
+                if not path.exists():  # atomic: a run stopped by a full disk leaves no half image to keep
+                    encoded = io.BytesIO()
+                    image.save(encoded, format="PNG")
+                    write_bytes(path, encoded.getbuffer(), "example image")
                 counts[split] += 1
     except OSError as exc:
         raise DataError(f"cannot write example images to {out}: {exc.strerror}; choose another folder") from None
