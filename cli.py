@@ -402,7 +402,8 @@ def predict(paths, **options):
 
     rows = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
     labelled, skipped = 0, 0
-    for prediction in run_predict(PredictConfig(paths=paths, **options)):
+    warn = lambda text: click.echo(f"warning: {text}", err=True)  # noqa: E731
+    for prediction in run_predict(PredictConfig(paths=paths, **options), warn):
         if prediction.error:
             skipped += 1
             click.echo(f"warning: skipped {prediction.path}: {prediction.error}", err=True)
@@ -536,6 +537,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _terminated)
+    for stream in (sys.stdout, sys.stderr):
+        # file names that are not UTF-8 are printed as their own bytes, not a UnicodeEncodeError
+        if callable(getattr(stream, "reconfigure", None)):
+            stream.reconfigure(errors="surrogateescape")
     try:
         code = tl.main(args=argv, prog_name="tl", standalone_mode=False)
     except TLError as exc:

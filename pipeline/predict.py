@@ -38,8 +38,9 @@ class Prediction:
     error: str = ""  # why the file was skipped
 
 
-def run_predict(config: PredictConfig) -> Iterator[Prediction]:
-    """One Prediction per file, in listing order; unreadable files come back with `error` set."""
+def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Prediction]:
+    """One Prediction per file, in listing order; unreadable files come back with `error` set. What the
+    listing noticed (symlink loops, files reached twice) goes to `warn` first."""
     if config.top_k < 1:
         raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
     if config.batch_size < 1:
@@ -50,6 +51,8 @@ def run_predict(config: PredictConfig) -> Iterator[Prediction]:
     probabilities_of, metadata = (_model_scorer if config.model else _head_scorer)(config, device)
     backbone = get_backbone(metadata["codes_key"]["backbone"])
     source = FileListSource(list(config.paths))
+    for warning in source.warnings:
+        warn(warning)
     classes = metadata["classes"]
     top_k = min(config.top_k, len(classes))
     batches = [list(range(start, min(start + config.batch_size, len(source))))
