@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import DEVICES, PRECISIONS
+from pipeline import DECODE_MODES, DEFAULT_DECODE, DEVICES, PRECISIONS
 from pipeline.errors import ConfigError, TLError
 
 # -------------------------------------------------------------- options several commands share
@@ -171,6 +171,10 @@ def tl():
 @precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
 @click.option("--samples-per-class", default=None, type=int, help="Seeded, stratified subset of N per class.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--decode", default=DEFAULT_DECODE, show_default=True, type=click.Choice(DECODE_MODES),
+              help="fast: JPEGs decoded at reduced scale (DCT domain) to the smallest size still at least the "
+                   "resize target, only the crop resampled; exact: torchvision's Resize + CenterCrop on the full "
+                   "image. Part of the cache key: heads refuse codes of the other mode.")
 @click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "fail"]),
               help="Unreadable image: skip it (recorded in the manifest) or stop.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")

@@ -1,20 +1,24 @@
-"""Throughput of `tl extract` against the bare forward pass, and of a finetune training step.
+"""Stage one on real-looking photos: `tl extract` against the bare forward pass (the limit) and against
+the plain torchvision loop a user would write instead, each a whole process of its own, in one run.
 
-The bare forward pass runs the same tap model on pre-made tensors already on the device (no decoding,
-no copying in, no writing): the compute limit. The training step is `tl finetune`'s own step
-(autocast, loss scaling for float16) with the whole backbone unfrozen. On CUDA the models run in
-channels_last with cudnn autotuning, batches come pinned and are copied without blocking.
-Writes a table to bench/RESULTS.md (section "extract throughput (DEVICE)") and prints it.
+The photo set has the size mix of real collections (bench/photos.py; or your own with --photos DIR).
+The bare forward pass runs the same tap model on pre-made channels_last tensors already on the device
+(no decoding, no copying in, no writing). The plain loop is ImageFolder + DataLoader (2 workers) +
+torchvision's Resize/CenterCrop/ToTensor/Normalize + create_feature_extractor, codes kept in memory.
+`tl extract` reports the share of its loop spent waiting for decoded batches, in the forward pass
+and writing shards. Multiscale extraction (alexnet) is measured in patches/s against the bare rate.
+On CUDA the script also measures a finetune training step. Writes its table to bench/RESULTS.md.
 
-    python bench/extract_throughput.py                     # CPU: alexnet, efficientnet_lite0
+    python bench/extract_throughput.py                    # CPU: alexnet, efficientnet_lite0
     python bench/extract_throughput.py --device cuda --precision float32,float16,bfloat16
-                                                           # GPU: alexnet, vgg16, resnet50
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,28 +26,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weights  # noqa: E402
-from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
-from pipeline.finetune import FinetuneModel, training_step  # noqa: E402
 from pipeline.hardware import (autocast, grad_scaler, prepare_module, resolve_device,  # noqa: E402
                                resolve_precision, to_device)
-from results import publish  # noqa: E402  (bench/ is this script's folder)
+from photos import describe, write_photo_set  # noqa: E402
+from results import publish  # noqa: E402
+
 SECTION = "## extract throughput"
 DEFAULT_BACKBONES = {"cuda": "alexnet,vgg16,resnet50", "cpu": "alexnet,efficientnet_lite0"}
+MULTISCALE_SCALES = "1,1.3,1.6,2,2.3"  # the paper's first five scales: 30 patches of a 4:3 photo
 
 
-def write_images(folder: Path, count: int, size: int = 224) -> None:
-    """JPEG photos-like images at the backbone's input size, spread over 4 classes."""
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        path = folder / f"class{i % 4}" / f"img{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        smooth = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-        Image.fromarray(smooth).resize((size, size), Image.Resampling.BILINEAR).save(path, quality=90)
+def _weights(name: str) -> str:
+    return "imagenet" if name == "efficientnet_lite0" else "none"  # the offline weights; others random
 
 
 def _synchronize(device: torch.device) -> None:
@@ -51,25 +51,69 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_forward_rate(name: str, weights: str, batch_size: int, batches: int, device: torch.device,
-                      precision: str) -> float:
-    """Images/s of the frozen tap model on a batch already on the device, codes copied back as float32."""
+# ------------------------------------------------------------------ the measures, each run in its own process
+
+
+def measure_bare(name: str, images: int, batch_size: int, device: torch.device, precision: str) -> dict:
+    """Images/s of the frozen tap model on a batch already on the device, codes copied back."""
     backbone = get_backbone(name)
-    model = prepare_module(TapModel(load_model(backbone, resolve_weights(backbone, weights)), backbone,
+    model = prepare_module(TapModel(load_model(backbone, resolve_weights(backbone, _weights(name))), backbone,
                                     [backbone.default_tap]), device)
-    images = to_device(torch.randn(batch_size, 3, backbone.input_size, backbone.input_size), device)
+    batch = to_device(torch.randn(batch_size, 3, backbone.input_size, backbone.input_size), device)
+    batches = max(2, -(-images // batch_size))
     with torch.inference_mode(), autocast(device, precision):
-        model(images)  # warm-up: allocator, cudnn algorithm choice
+        model(batch)  # warm-up: allocator, cudnn algorithm choice
         _synchronize(device)
         started = time.perf_counter()
         for _ in range(batches):
-            model(images)[backbone.default_tap].float().cpu()
-        return batches * batch_size / (time.perf_counter() - started)
+            model(batch)[backbone.default_tap].float().cpu()
+        seconds = time.perf_counter() - started
+    return {"rate": batches * batch_size / seconds}
+
+
+def measure_plain_loop(name: str, photos: Path, batch_size: int, device: torch.device, workers: int) -> dict:
+    """What a user writes in ten minutes: ImageFolder, DataLoader, torchvision transforms, a feature
+    extractor on the backbone's tap, codes gathered in a list."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    backbone = get_backbone(name)
+    model = TapModel(load_model(backbone, resolve_weights(backbone, _weights(name))), backbone,
+                     [backbone.default_tap]).to(device).eval()
+    transform = transforms.Compose([transforms.Resize(backbone.resize_size), transforms.CenterCrop(backbone.input_size),
+                                    transforms.ToTensor(), transforms.Normalize(backbone.mean, backbone.std)])
+    loader = DataLoader(datasets.ImageFolder(str(photos), transform), batch_size=batch_size, num_workers=workers)
+    codes, count = [], 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for pixels, _ in loader:
+            codes.append(model(pixels.to(device))[backbone.default_tap].cpu().numpy())
+            count += len(pixels)
+    return {"rate": count / (time.perf_counter() - started)}
+
+
+def measure_tl(name: str, photos: Path, out: Path, batch_size: int, device: str, precision: str,
+               workers: int | None, decode: str, multiscale: bool) -> dict:
+    from pipeline.extract import ExtractConfig, run_extract
+    from pipeline.multiscale import PatchSettings
+
+    options = {}
+    if multiscale:
+        options = {"format": "voc", "split": "test", "classes": "auto", "multiscale": True,
+                   "patches": PatchSettings(tuple(float(s) for s in MULTISCALE_SCALES.split(",")))}
+    result = run_extract(ExtractConfig(data=photos, out=out, backbone=name, weights=_weights(name),
+                                       batch_size=batch_size, workers=workers, device=device, precision=precision,
+                                       decode=decode, shard_rows=8 if multiscale else 128, quiet=True, **options))
+    loop = result.loop_seconds
+    count = result.patches if multiscale else result.images_processed
+    return {"rate": count / loop, "wait": result.wait_seconds / loop, "forward": result.forward_seconds / loop,
+            "write": result.write_seconds / loop, "rows": result.rows}
 
 
 def train_step_rate(name: str, batch_size: int, steps: int, device: torch.device, precision: str) -> float:
-    """Images/s of `tl finetune`'s training step through the whole backbone (every layer trainable) and a
-    10-class linear head, SGD with momentum, on a batch already on the device."""
+    """Images/s of `tl finetune`'s training step through the whole backbone and a 10-class linear head."""
+    from pipeline.finetune import FinetuneModel, training_step
+
     backbone = get_backbone(name)
     features = TapModel(load_model(backbone, resolve_weights(backbone, "none")), backbone, [backbone.default_tap])
     model = prepare_module(FinetuneModel(features, backbone.default_tap, torch.nn.LazyLinear(10)), device)
@@ -85,51 +129,138 @@ def train_step_rate(name: str, batch_size: int, steps: int, device: torch.device
     started = time.perf_counter()
     for _ in range(steps):
         training_step(model, images, targets, loss_function, optimizer, scaler, device, precision)
-    return steps * batch_size / (time.perf_counter() - started)  # .item() in each step waits for the GPU
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def _measure_main(args) -> None:
+    """One measure in this process; prints its JSON result as the last line."""
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    if args.measure == "bare":
+        result = measure_bare(args.backbones, args.images, args.batch_size, device, precision)
+    elif args.measure == "loop":
+        result = measure_plain_loop(args.backbones, Path(args.photos), args.batch_size, device, args.loop_workers)
+    elif args.measure == "train":
+        result = {"rate": train_step_rate(args.backbones, args.batch_size, args.train_steps, device, precision)}
+    else:
+        result = measure_tl(args.backbones, Path(args.photos), Path(args.out), args.batch_size, args.device,
+                            precision, args.workers, args.decode, args.measure == "tl-multiscale")
+    print(json.dumps(result))
+
+
+def _in_process(measure: str, name: str, args, **extra) -> dict:
+    """Run one measure as a whole process of its own; its wall time is recorded beside its rate."""
+    command = [sys.executable, __file__, "--measure", measure, "--backbones", name, "--device", args.device,
+               "--batch-size", str(args.batch_size), "--images", str(args.images), "--train-steps",
+               str(args.train_steps or 1), "--loop-workers", str(args.loop_workers)]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
+    for key, value in extra.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{measure} {name} failed:\n{done.stderr[-2000:]}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall": time.perf_counter() - started}
+
+
+# ------------------------------------------------------------------ the run
+
+
+def _voc_of(photos: Path, root: Path) -> Path:
+    """The photo set as a VOC devkit split `test` (one box per image), for the multiscale measure."""
+    from PIL import Image
+
+    base = root / "VOC2007"
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (base / folder).mkdir(parents=True, exist_ok=True)
+    ids = []
+    for number, path in enumerate(sorted(photos.rglob("*.jpg"))):
+        image_id = f"{number:06d}"
+        (base / "JPEGImages" / f"{image_id}.jpg").symlink_to(path.resolve())
+        with Image.open(path) as image:
+            width, height = image.size
+        (base / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><size><width>{width}</width><height>{height}</height></size><object><name>thing</name>"
+            f"<bndbox><xmin>{width // 4}</xmin><ymin>{height // 4}</ymin><xmax>{3 * width // 4}</xmax>"
+            f"<ymax>{3 * height // 4}</ymax></bndbox></object></annotation>")
+        ids.append(image_id)
+    (base / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
+    return base
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--images", type=int, default=320, help="photos to make (ignored with --photos)")
+    parser.add_argument("--photos", default=None, help="an ImageFolder of your own photos instead")
     parser.add_argument("--backbones", default=None, help="comma list [default: per device, see above]")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--train-steps", type=int, default=None, help="[default: 20 on CUDA, 2 on the CPU]")
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="tl extract's decoding workers [default: tl's]")
+    parser.add_argument("--loop-workers", type=int, default=2, help="the plain loop's DataLoader workers")
+    parser.add_argument("--decode", default="fast,exact", help="tl extract decoding modes to measure")
+    parser.add_argument("--multiscale-images", type=int, default=24, help="photos for the multiscale row (0: none)")
+    parser.add_argument("--train-steps", type=int, default=None, help="[default: 20 on CUDA, none on the CPU]")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", help="comma list: a row per backbone and precision")
+    parser.add_argument("--precision", default="auto", help="comma list: rows per precision")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure:
+        return _measure_main(args)
     device = resolve_device(args.device)
     names = (args.backbones or DEFAULT_BACKBONES[device.type]).split(",")
-    steps = args.train_steps if args.train_steps is not None else (20 if device.type == "cuda" else 2)
-    rows = []
+    steps = args.train_steps if args.train_steps is not None else (20 if device.type == "cuda" else 0)
+    rows, multiscale_rows = [], []
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch) / "images"
-        write_images(folder, args.images)
+        scratch = Path(scratch)
+        photos = Path(args.photos) if args.photos else scratch / "photos"
+        summary = describe(photos) if args.photos else write_photo_set(photos, args.images)
         for name in names:
-            weights = "imagenet" if name == "efficientnet_lite0" else "none"
             for asked in args.precision.split(","):
                 precision = resolve_precision(asked, device)
-                config = ExtractConfig(data=folder, out=Path(scratch) / f"cache-{name}-{precision}", backbone=name,
-                                       weights=weights, batch_size=args.batch_size, workers=args.workers,
-                                       device=args.device, precision=precision, shard_rows=128, quiet=True)
-                result = run_extract(config)
-                bare = bare_forward_rate(name, weights, args.batch_size,
-                                         max(2, args.images // args.batch_size // 2), device, precision)
-                train = train_step_rate(name, args.batch_size, steps, device, precision) if steps else float("nan")
-                extract_rate = result.images_processed / result.loop_seconds
-                rows.append((name, precision, extract_rate, bare, extract_rate / bare,
-                             result.write_seconds / result.loop_seconds, train))
+                common = {"precision": precision, "images": summary["count"]}
+                bare = _in_process("bare", name, args, **common)
+                loop = _in_process("loop", name, args, photos=photos, **common)
+                for decode in args.decode.split(","):
+                    tl = _in_process("tl", name, args, photos=photos, out=scratch / f"c-{name}-{precision}-{decode}",
+                                     decode=decode, **common)
+                    rows.append((name, precision, decode, tl, bare, loop))
+                train = _in_process("train", name, args, train_steps=steps, **common)["rate"] if steps else None
+                rows[-1] = rows[-1] + (train,)
+            if args.multiscale_images and name == "alexnet":
+                voc = _voc_of(photos, scratch / f"voc-{name}")
+                kept = sorted((voc / "ImageSets" / "Main" / "test.txt").read_text().split())[:args.multiscale_images]
+                (voc / "ImageSets" / "Main" / "test.txt").write_text("\n".join(kept) + "\n")
+                tl = _in_process("tl-multiscale", name, args, photos=voc, out=scratch / f"m-{name}",
+                                 decode="exact", precision=resolve_precision("auto", device), images=0)
+                bare = _in_process("bare", name, args, precision=resolve_precision("auto", device), images=512)
+                multiscale_rows.append((name, len(kept), tl, bare))
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.processor() or platform.machine()} CPU")
-    header = (f"{args.images} JPEG images 224x224, batch {args.batch_size}, device {where}, "
-              f"{config.workers if config.workers is not None else 'default'} decoding workers, "
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    header = (f"{summary['count']} JPEG photos ({'--photos' if args.photos else 'bench/photos.py'}: median "
+              f"{summary['median_pixels'] / 1e3:.0f} kpx, {summary['megapixels']:.0f} Mpx in all, "
+              f"{summary['bytes'] / 2**20:.0f} MiB), batch {args.batch_size}, device {where}, "
               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
-              f"Command: `python bench/extract_throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
-    table = ["| backbone | precision | tl extract img/s | bare forward img/s | ratio | HDF5 writing share "
+              "Each figure is its own whole process in one run; rates count the loop, walls the whole process. "
+              f"Command: `python bench/extract_throughput.py {command}`")
+    table = ["| backbone | precision | decode | tl extract img/s | bare forward img/s | plain loop img/s | "
+             "tl / bare | tl / loop | waiting for decoding | forward | writing | walls tl / bare / loop (s) "
              "| finetune step img/s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    table += [f"| {n} | {p} | {e:.1f} | {b:.1f} | {r:.0%} | {w:.1%} | {t:.1f} |" for n, p, e, b, r, w, t in rows]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, precision, decode, tl, bare, loop, *train in rows:
+        step = f"{train[0]:.1f}" if train and train[0] else "–"
+        table.append(f"| {name} | {precision} | {decode} | {tl['rate']:.1f} | {bare['rate']:.1f} | {loop['rate']:.1f} "
+                     f"| {tl['rate'] / bare['rate']:.2f} | {tl['rate'] / loop['rate']:.2f} | {tl['wait']:.0%} "
+                     f"| {tl['forward']:.0%} | {tl['write']:.1%} | {tl['wall']:.0f} / {bare['wall']:.0f} / "
+                     f"{loop['wall']:.0f} | {step} |")
+    if multiscale_rows:
+        table += ["", f"Multiscale (scales {MULTISCALE_SCALES}, every patch kept):", "",
+                  "| backbone | photos | tl extract patches/s | bare forward img/s | tl / bare | waiting for decoding |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        table += [f"| {n} | {count} | {tl['rate']:.1f} | {bare['rate']:.1f} | {tl['rate'] / bare['rate']:.2f} "
+                  f"| {tl['wait']:.0%} |" for n, count, tl, bare in multiscale_rows]
     publish(f"{SECTION} ({where})", header, table, write=not args.no_write)
 
 

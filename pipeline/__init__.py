@@ -8,3 +8,6 @@ __version__ = "0.1.0"
 # --device and --precision values; here, free of torch, so the CLI can list them without importing it
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# --decode values (see pipeline.decoding); fast is the default: measured to cost no accuracy (bench/RESULTS.md)
+DECODE_MODES = ("fast", "exact")
+DEFAULT_DECODE = "fast"

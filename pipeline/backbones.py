@@ -44,15 +44,30 @@ class Backbone:
     std: tuple[float, float, float] = IMAGENET_STD
     aliases: dict[str, str] = field(default_factory=dict)
 
-    def preprocessing(self) -> dict:
-        """The facts that decide the pixels a model sees; part of every cache key."""
-        return {
+    def preprocessing(self, decode: str = "exact") -> dict:
+        """The facts that decide the pixels a model sees; part of every cache key. The decoding mode
+        is named only when it is not `exact`, so caches and heads made before modes existed still
+        match their exact-mode equals."""
+        facts = {
             "resize": self.resize_size,
             "crop": self.input_size,
             "interpolation": "bilinear",
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        return facts if decode == "exact" else {**facts, "decode": decode}
+
+    def crop_decoder(self, decode: str):
+        """PIL image -> (3, input, input) uint8 centre crop in decoding mode `decode` (see decoding)."""
+        from pipeline.decoding import crop_decoder
+
+        return crop_decoder(decode, self.resize_size, self.input_size)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch of crops -> the float input the weights expect, on the batch's device."""
+        from pipeline.decoding import normalize
+
+        return normalize(pixels, self.mean, self.std)
 
     def transform(self, *middle):
         """PIL image -> normalised float tensor, as the weights were trained to expect: resize, centre

@@ -55,8 +55,9 @@ class Source:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read_image(self, index: int) -> Image.Image:
-        return open_rgb(self.samples[index].location)
+    def read_image(self, index: int, draft=None) -> Image.Image:
+        """The sample as RGB; `draft(width, height) -> (width, height)`: see open_rgb."""
+        return open_rgb(self.samples[index].location, draft)
 
     def fingerprint(self) -> str:
         """A digest of the class names and every (id, target, stamp): changes when the data does."""
@@ -128,11 +129,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Decode a file fully (so truncation shows here, not later) and return it as RGB."""
+def open_rgb(path: str, draft=None) -> Image.Image:
+    """Decode a file fully (so truncation shows here, not later) and return it as RGB.
+
+    `draft(width, height)` gives the smallest size the caller needs: a JPEG is then decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) still at least that large, several times faster for a photo
+    larger than needed; `info["original_size"]` keeps the size before that reduction."""
     with Image.open(path) as image:
+        original = image.size
+        if draft is not None and image.format == "JPEG":
+            image.draft(image.mode, draft(*original))
         image.load()
-        return to_rgb(image)
+        rgb = to_rgb(image)
+        rgb.info["original_size"] = original
+        return rgb
 
 
 class ImageFiles:
@@ -434,8 +444,8 @@ class Cifar10Source(Source):
         ]
         super().__init__(classes, samples)
 
-    def read_image(self, index: int) -> Image.Image:
-        return Image.fromarray(self._pixels[int(self.samples[index].location)])
+    def read_image(self, index: int, draft=None) -> Image.Image:
+        return Image.fromarray(self._pixels[int(self.samples[index].location)])  # 32x32: nothing to reduce
 
 
 class GtsrbSource(Source):

@@ -19,6 +19,7 @@ from cache.manifest import MANIFEST
 from cache.writer import CacheWriter
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, resolve_weights
 from pipeline.datasets import DECODE_ERRORS, Source, open_source
+from pipeline.decoding import DEFAULT_DECODE, crop_decoder
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
@@ -48,6 +49,7 @@ class ExtractConfig:
     samples_per_class: int | None = None
     seed: int = 0
     on_error: str = "skip"
+    decode: str = DEFAULT_DECODE  # how images become centre crops: fast (reduced-scale JPEG decoding) or exact
     overwrite: bool = False
     download: bool = False
     quiet: bool = False
@@ -68,24 +70,28 @@ class ExtractResult:
     images_processed: int
     loop_seconds: float = 0.0  # decoding + forward + writing, without startup
     write_seconds: float = 0.0  # of which writing shards (HDF5, checksum, manifest)
+    wait_seconds: float = 0.0  # of which waiting for decoded batches (decoding was the bottleneck)
+    forward_seconds: float = 0.0  # of which the backbone's forward pass
     skipped: list[dict] = field(default_factory=list)
     patches: int = 0  # rows written from patches in this run (multiscale)
     warnings: list[str] = field(default_factory=list)
 
 
 class DecodedImages(Dataset):
-    """(pixels or None, index, error) per sample: a bad file is reported, never raised, in a worker."""
+    """(pixels or None, index, error) per sample: a bad file is reported, never raised, in a worker.
+    `transform` takes the decoded PIL image; its `draft` attribute, if any, lets a JPEG decode smaller."""
 
     def __init__(self, source: Source, transform):
         self.source = source
         self.transform = transform
+        self.draft = getattr(transform, "draft", None)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int):
         try:
-            return self.transform(self.source.read_image(index)), index, ""
+            return self.transform(self.source.read_image(index, self.draft)), index, ""
         except DECODE_ERRORS as exc:
             return None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
 
@@ -136,7 +142,8 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
         "backbone": backbone.name,
         "weights": weights_digest,
         "taps": sorted(taps),
-        "preprocessing": backbone.preprocessing(),
+        # patches are cut from the full decode whatever --decode says (small patches need every pixel)
+        "preprocessing": backbone.preprocessing("exact" if config.multiscale else config.decode),
         "precision": precision,
         "dataset": {
             "format": source.format,
@@ -179,6 +186,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         raise TLError(f"unknown --on-error {config.on_error}; valid: {', '.join(ON_ERROR)}")
     if config.batch_size < 1:
         raise TLError(f"--batch-size must be at least 1, got {config.batch_size}")
+    crop_decoder(config.decode, 1, 1)  # an unknown mode is refused before any work
     if config.multiscale:
         config.patches.check()
     refuse_overwriting_inputs({"--out": Path(config.out)}, {"--data": Path(config.data)})
@@ -208,7 +216,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         # static assignment: shard k belongs to rank k mod world size, whatever ran before
         pending = [k for k in range(num_shards) if k not in writer.finished and k % current.size == current.rank]
         reused = len(writer.finished)
-        timing = {"processed": 0, "loop": 0.0, "write": 0.0, "patches": 0}
+        timing = {"processed": 0, "loop": 0.0, "write": 0.0, "patches": 0, "wait": 0.0, "forward": 0.0}
         if pending:
             extract_shards = _extract_patch_shards if config.multiscale else _extract_shards
             timing = extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
@@ -225,8 +233,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     written = len(manifest["shards"]) - reused if current.is_main else len(pending)  # rank 0 counts every rank's
     return ExtractResult(out, sum(s["rows"] for s in manifest["shards"]), widths, size,
                          time.perf_counter() - started, written, reused, timing["processed"],
-                         timing["loop"], timing["write"], manifest["skipped"], timing.get("patches", 0),
-                         list(source.warnings))
+                         timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest["skipped"],
+                         timing.get("patches", 0), list(source.warnings))
 
 
 def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
@@ -235,17 +243,47 @@ def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.de
 
 
 def image_loader(source: Source, backbone: Backbone, batches: list[list[int]], workers: int | None,
-                 device: torch.device) -> DataLoader:
-    """Batches of (pixels, indices, errors), decoded in worker processes, pinned for a CUDA device."""
-    return DataLoader(DecodedImages(source, backbone.transform()), batch_sampler=batches,
+                 device: torch.device, decode: str = "exact") -> DataLoader:
+    """Batches of (uint8 centre crops, indices, errors), decoded in worker processes in decoding mode
+    `decode`, pinned for a CUDA device. uint8 crosses the worker boundary: 4x fewer bytes than float."""
+    return DataLoader(DecodedImages(source, backbone.crop_decoder(decode)), batch_sampler=batches,
                       collate_fn=collate_decoded, **loader_options(device, workers))
 
 
-def forward_codes(model: nn.Module, pixels: torch.Tensor, device: torch.device, precision: str) -> dict:
-    """{tap: float32 numpy codes} of one batch, under autocast unless the precision is float32."""
-    with torch.inference_mode(), autocast(device, precision):
-        outputs = model(to_device(pixels, device))
-    return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}
+def forward_codes(model: nn.Module, backbone: Backbone, pixels: torch.Tensor, device: torch.device,
+                  precision: str) -> dict:
+    """{tap: float32 numpy codes} of one uint8 batch: normalised once on the device, then the forward
+    pass under autocast unless the precision is float32."""
+    with torch.inference_mode():
+        inputs = backbone.normalize(to_device(pixels, device))
+        with autocast(device, precision):
+            outputs = model(inputs)
+        return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}
+
+
+class Stopwatch:
+    """Seconds spent in named parts of a loop (waiting for batches, the forward pass, writing)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def waited(self, iterable, name: str = "wait"):
+        """`iterable`'s items, timing how long each took to arrive."""
+        iterator = iter(iterable)
+        while True:
+            with self.part(name):
+                item = next(iterator, StopIteration)
+            if item is StopIteration:
+                return
+            yield item
 
 
 class ShardRows:
@@ -297,12 +335,12 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     model = prepare_model(backbone, weights, taps, device)
     shard_rows, num_samples = shard_size(config), len(source)
     batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
-    loader = image_loader(source, backbone, batches, config.workers, device)
+    loader = image_loader(source, backbone, batches, config.workers, device, config.decode)
     current, rows = None, ShardRows(taps, config.dtype)
-    processed, write_seconds = 0, 0.0
+    processed, clock = 0, Stopwatch()
     loop_started = time.perf_counter()
     with _progress(config, backbone, pending, shard_rows, num_samples) as progress:
-        for pixels, indices, errors in loader:
+        for pixels, indices, errors in clock.waited(loader):
             shard = (indices[0] if indices else errors[0][0]) // shard_rows
             if shard != current:
                 current, rows = shard, ShardRows(taps, config.dtype)
@@ -313,17 +351,22 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
                 for index in indices:
                     for name, value in source.columns(index).items():
                         columns.setdefault(name, []).append(value)
-                rows.add(forward_codes(model, pixels, device, precision), [source.samples[i].target for i in indices],
+                with clock.part("forward"):
+                    codes = forward_codes(model, backbone, pixels, device, precision)
+                rows.add(codes, [source.samples[i].target for i in indices],
                          [source.samples[i].sample_id for i in indices], columns)
             batch_size = len(indices) + len(errors)
             processed += batch_size
             progress.update(batch_size)
             if max(indices + [i for i, _ in errors]) == _shard_end(shard, shard_rows, num_samples):
-                write_started = time.perf_counter()
-                rows.publish(writer, shard)
-                write_seconds += time.perf_counter() - write_started
+                with clock.part("write"):
+                    rows.publish(writer, shard)
                 progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest['num_shards']}")
-    return {"processed": processed, "loop": time.perf_counter() - loop_started, "write": write_seconds}
+    return {"processed": processed, "loop": time.perf_counter() - loop_started, **_parts(clock)}
+
+
+def _parts(clock: Stopwatch) -> dict:
+    return {name: clock.seconds.get(name, 0.0) for name in ("wait", "forward", "write")}
 
 
 def _extract_patch_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
@@ -336,18 +379,15 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
     options = {**loader_options(device, config.workers, prefetch=2), "pin_memory": False}
     loader = DataLoader(dataset, batch_sampler=_shard_batches(pending, shard_rows, num_samples, 1),
                         collate_fn=collate_patches, **options)
-    mean = torch.tensor(backbone.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbone.std, device=device).view(1, 3, 1, 1)
     current, rows, waiting = None, ShardRows(taps, config.dtype), []
-    processed, patches, write_seconds = 0, 0, 0.0
+    processed, patches, clock = 0, 0, Stopwatch()
     loop_started = time.perf_counter()
 
     def forward(segments: list) -> None:
         """Run one batch of patches (from one or several images) through the backbone; file their rows."""
-        pixels = to_device(pinned(torch.cat([item.pixels[start:stop] for item, start, stop in segments]), device),
-                           device)
-        pixels = (pixels.float().div_(255.0) - mean) / std  # uint8 crosses to the GPU: 4x fewer bytes
-        codes = forward_codes(model, pixels, device, precision)
+        pixels = pinned(torch.cat([item.pixels[start:stop] for item, start, stop in segments]), device)
+        with clock.part("forward"):
+            codes = forward_codes(model, backbone, pixels, device, precision)
         targets, ids, columns = [], [], {"image_id": [], "box": [], "scale": [], "image_target": [], "image_ignore": []}
         for item, start, stop in segments:
             sample = source.samples[item.index]
@@ -363,7 +403,7 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
         rows.add(codes, targets, ids, columns)
 
     with _progress(config, backbone, pending, shard_rows, num_samples) as progress:
-        for (item,) in loader:
+        for (item,) in clock.waited(loader):
             shard = item.index // shard_rows
             if shard != current:
                 current, rows, waiting = shard, ShardRows(taps, config.dtype), []
@@ -380,11 +420,9 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
             if item.index == _shard_end(shard, shard_rows, num_samples):
                 if waiting:
                     forward(_take(waiting, sum(stop - start for _, start, stop in waiting)))
-                write_started = time.perf_counter()
-                rows.publish(writer, shard)
-                write_seconds += time.perf_counter() - write_started
-    return {"processed": processed, "loop": time.perf_counter() - loop_started, "write": write_seconds,
-            "patches": patches}
+                with clock.part("write"):
+                    rows.publish(writer, shard)
+    return {"processed": processed, "loop": time.perf_counter() - loop_started, "patches": patches, **_parts(clock)}
 
 
 def _take(waiting: list, count: int) -> list:

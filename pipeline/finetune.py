@@ -23,6 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from pipeline import __version__
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
 from pipeline.datasets import open_source
+from pipeline.decoding import decode_of
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries, write_bytes
@@ -131,7 +132,7 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     and its layers. Returns the model, the backbone entry and the backbone's ordered conv layers."""
     key = head_metadata["codes_key"]
     backbone = get_backbone(key["backbone"])
-    if backbone.preprocessing() != key["preprocessing"]:
+    if backbone.preprocessing(decode_of(key["preprocessing"])) != key["preprocessing"]:
         raise FinetuneError(f"{backbone.name}'s preprocessing differs from the one the head was trained with; "
                             "re-extract the cache and refit the head")
     full = load_model(backbone, weights_for_digest(backbone, key["weights"], weights_path))

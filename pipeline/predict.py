@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.backbones import get_backbone, weights_for_digest
 from pipeline.datasets import FileListSource
+from pipeline.decoding import decode_of
 from pipeline.extract import forward_codes, image_loader, prepare_model
 from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, to_device
 from pipeline.heads import HeadError, load_head
@@ -57,7 +58,8 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
     top_k = min(config.top_k, len(classes))
     batches = [list(range(start, min(start + config.batch_size, len(source))))
                for start in range(0, len(source), config.batch_size)]
-    for pixels, indices, errors in image_loader(source, backbone, batches, config.workers, device):
+    decode = decode_of(metadata["codes_key"]["preprocessing"])  # decoded as the head's codes were
+    for pixels, indices, errors in image_loader(source, backbone, batches, config.workers, device, decode):
         found = {}
         if pixels is not None:
             probabilities = probabilities_of(pixels)
@@ -75,14 +77,15 @@ def _head_scorer(config: PredictConfig, device):
     head, metadata = load_head(config.head)
     key = metadata["codes_key"]
     backbone = get_backbone(key["backbone"])
-    if backbone.preprocessing() != key["preprocessing"]:
+    if backbone.preprocessing(decode_of(key["preprocessing"])) != key["preprocessing"]:
         raise HeadError(f"{backbone.name}'s preprocessing in this tl differs from the one head {config.head} was "
                         "trained with; re-extract the cache and refit the head")
     weights = weights_for_digest(backbone, key["weights"], config.weights)
     precision = resolve_precision(config.precision, device)
     layer = metadata["layer"]
     model = prepare_model(backbone, weights, [layer], device)
-    return (lambda pixels: head.predict_proba(forward_codes(model, pixels, device, precision)[layer])), metadata
+    return (lambda pixels: head.predict_proba(forward_codes(model, backbone, pixels, device, precision)[layer])), \
+        metadata
 
 
 def _model_scorer(config: PredictConfig, device):
@@ -95,10 +98,13 @@ def _model_scorer(config: PredictConfig, device):
     model = prepare_module(model, device)
     precision = resolve_precision(config.precision, device)
     multilabel = metadata["head"]["state"]["multilabel"]
+    backbone = get_backbone(metadata["codes_key"]["backbone"])
 
     def probabilities_of(pixels):
-        with torch.inference_mode(), autocast(device, precision):
-            logits = model(to_device(pixels, device)).float()
+        with torch.inference_mode():
+            inputs = backbone.normalize(to_device(pixels, device))
+            with autocast(device, precision):
+                logits = model(inputs).float()
             return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).double().cpu().numpy()
 
     return probabilities_of, metadata

@@ -23,7 +23,7 @@ def relative_error(codes: np.ndarray, reference: np.ndarray) -> float:
 
 def extract_float32(folder, out, backbone, layers):
     run_extract(ExtractConfig(data=folder, out=out, backbone=backbone, weights="none", layers=tuple(layers),
-                              dtype="float32", workers=0, batch_size=4, quiet=True))
+                              dtype="float32", workers=0, batch_size=4, quiet=True, decode="exact"))
     return CacheReader(out)
 
 

@@ -1,5 +1,5 @@
 """The throughput benchmark runs end to end (tiny, on the CPU) and prints its table, so it cannot rot
-between the sessions that have a GPU to run it on."""
+between the sessions that measure with it; its photo set has the promised size mix."""
 
 from __future__ import annotations
 
@@ -8,16 +8,28 @@ import importlib
 from tests.conftest import REPO
 
 
-def test_extract_throughput_prints_a_row_per_backbone_and_precision(monkeypatch, capsys):
+def test_extract_throughput_prints_a_row_per_backbone_and_decoding_mode(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     bench = importlib.import_module("extract_throughput")
     before = (REPO / "bench" / "RESULTS.md").read_text()
-    bench.main(["--images", "4", "--batch-size", "2", "--backbones", "alexnet", "--precision", "float32",
-                "--workers", "0", "--train-steps", "1", "--device", "cpu", "--no-write"])
+    bench.main(["--images", "6", "--batch-size", "2", "--backbones", "alexnet", "--precision", "float32",
+                "--workers", "0", "--loop-workers", "0", "--multiscale-images", "1", "--device", "cpu", "--no-write"])
     lines = capsys.readouterr().out.splitlines()
-    rows = [line for line in lines if line.startswith("| alexnet |")]
-    assert len(rows) == 1
-    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-    assert cells[1] == "float32"
-    assert all(float(cells[i]) > 0 for i in (2, 3, 6))  # extract, bare forward and finetune step img/s
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| alexnet |")]
+    assert [row[2] for row in rows[:2]] == ["fast", "exact"] and len(rows) == 3  # + the multiscale row
+    assert all(float(row[i]) > 0 for row in rows[:2] for i in (3, 4, 5))  # tl, bare forward, plain loop img/s
+    assert float(rows[2][2]) > 0  # multiscale patches/s
     assert (REPO / "bench" / "RESULTS.md").read_text() == before  # --no-write leaves the results alone
+
+
+def test_photo_set_has_the_size_mix_of_real_collections():
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from photos import photo_sizes
+
+    sizes = photo_sizes(200)
+    pixels = sorted(w * h for w, h in sizes)
+    assert sum(1 for w, h in sizes if max(w, h) <= 500) == 140  # 70% near 500x375 or 375x500
+    assert sum(1 for w, h in sizes if h > w) > 40  # portraits among them
+    assert sum(1 for w, h in sizes if 900 < max(w, h) <= 1024) == 50 and pixels[-10:] == [4032 * 3024] * 10

@@ -1,0 +1,103 @@
+"""Decoding modes (#12): exact is torchvision's pixels; fast decodes JPEGs at reduced scale with the
+same geometry and stays within a stated pixel tolerance; the mode is part of the cache key, and bad
+JPEGs are skipped or decoded alike under both."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cache.reader import CacheReader
+from pipeline.backbones import get_backbone
+from pipeline.datasets import open_rgb
+from pipeline.decoding import resize_geometry
+from tests.conftest import make_image_folder, write_image
+
+FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet"]
+
+
+def photo(path, size, seed=0, quality=90):
+    """A JPEG with photo-like structure (smooth gradients, edges, grain), 4:2:0 like a camera's."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width] / max(size)
+    base = np.stack([128 + 100 * np.sin(7 * x + 3 * y), 128 + 90 * np.cos(5 * y), 255 * x * y], axis=-1)
+    base[(x - 0.4) ** 2 + (y - 0.3) ** 2 < 0.02] = (240, 40, 30)
+    pixels = np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=quality, subsampling=2)
+    return path
+
+
+def crops(path, mode):
+    backbone = get_backbone("alexnet")
+    crop = backbone.crop_decoder(mode)
+    return crop(open_rgb(str(path), crop.draft))
+
+
+def test_exact_mode_is_torchvisions_transform_to_the_bit(tmp_path):
+    backbone = get_backbone("alexnet")
+    for size in ((640, 480), (375, 500), (48, 40)):
+        path = photo(tmp_path / f"{size}.jpg", size)
+        pixels = crops(path, "exact")
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
+        reference = backbone.transform()(open_rgb(str(path)))  # Resize, CenterCrop, ToTensor, Normalize
+        assert torch.equal(backbone.normalize(pixels[None])[0], reference)
+
+
+def test_fast_mode_decodes_large_jpegs_smaller_with_the_same_geometry(tmp_path):
+    small = photo(tmp_path / "small.jpg", (500, 375))
+    large = photo(tmp_path / "large.jpg", (2400, 1800))
+    crop = get_backbone("alexnet").crop_decoder("fast")
+    assert open_rgb(str(large), crop.draft).size == (600, 450)  # 1/4 scale: still >= the 341x256 resize
+    assert open_rgb(str(small), crop.draft).size == (500, 375)  # 1/2 would be below 256: full size
+    for path, tolerance in ((small, 0.5), (large, 2.5)):  # mean absolute difference, in 0..255 levels
+        difference = (crops(path, "fast").float() - crops(path, "exact").float()).abs().mean().item()
+        assert difference <= tolerance, (path.name, difference)
+
+
+def test_resize_geometry_is_torchvisions():
+    assert resize_geometry(500, 375, 256, 224) == (341, 256, 58, 16)
+    assert resize_geometry(375, 500, 256, 224) == (256, 341, 16, 58)
+    assert resize_geometry(48, 40, 256, 224) == (307, 256, 42, 16)
+
+
+def test_the_mode_is_in_the_cache_key_and_heads_refuse_the_other(run_tl, tmp_path):
+    folder = tmp_path / "images"
+    for label in ("a", "b"):
+        for i in range(3):
+            photo(folder / label / f"{i}.jpg", (900, 700), seed=10 * ord(label) + i)
+    run = lambda mode: run_tl("extract", "--data", folder, "--out", tmp_path / mode, "--decode", mode,  # noqa: E731
+                              "--dtype", "float32", *FAST)
+    assert run("fast").code == 0 and run("exact").code == 0
+    keys = {mode: json.loads((tmp_path / mode / "manifest.json").read_text())["key"] for mode in ("fast", "exact")}
+    assert keys["fast"]["preprocessing"]["decode"] == "fast" and "decode" not in keys["exact"]["preprocessing"]
+    fast, exact = CacheReader(tmp_path / "fast").load("fc7"), CacheReader(tmp_path / "exact").load("fc7")
+    relative = np.linalg.norm(fast - exact, axis=1) / np.linalg.norm(exact, axis=1)
+    assert 0 < np.median(relative) < 0.05  # measured ~0.01 for 900x700 photos decoded at 1/2 scale
+    assert run_tl("fit-head", "--cache", tmp_path / "fast", "--out", tmp_path / "h.pt").code == 0
+    result = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "exact", "--out", tmp_path / "r")
+    assert result.code == 2 and "preprocessing.decode: fast -> None" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    again = run_tl("extract", "--data", folder, "--out", tmp_path / "fast", "--decode", "exact", "--dtype", "float32",
+                   *FAST)
+    assert again.code == 2 and "preprocessing.decode" in again.err and "--overwrite" in again.err
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_bad_jpegs_are_skipped_or_decoded_alike_in_both_modes(run_tl, tmp_path, mode):
+    folder = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=2)
+    Image.open(photo(tmp_path / "rgb.jpg", (1200, 900))).convert("CMYK").save(folder / "a" / "cmyk.jpg", "JPEG")
+    cut = photo(folder / "b" / "cut.jpg", (1200, 900))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (folder / "b" / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    result = run_tl("extract", "--data", folder, "--out", tmp_path / "c", "--decode", mode, *FAST)
+    assert result.code == 0, result
+    skipped = json.loads((tmp_path / "c" / "manifest.json").read_text())["skipped"]
+    assert sorted(item["sample_id"] for item in skipped) == ["b/cut.jpg", "b/junk.jpg"]
+    assert "a/cmyk.jpg" in list(CacheReader(tmp_path / "c").load_column("sample_id"))
+    assert crops(folder / "a" / "cmyk.jpg", mode).shape == (3, 224, 224)
