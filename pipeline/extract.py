@@ -23,7 +23,7 @@ from pipeline.decoding import DEFAULT_DECODE, crop_decoder
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
-from pipeline.hardware import (autocast, loader_options, pinned, prepare_module, resolve_device, resolve_precision,
+from pipeline.hardware import (WorkerLoader, autocast, pinned, prepare_module, resolve_device, resolve_precision,
                                to_device)
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 
@@ -246,8 +246,8 @@ def image_loader(source: Source, backbone: Backbone, batches: list[list[int]], w
                  device: torch.device, decode: str = "exact") -> DataLoader:
     """Batches of (uint8 centre crops, indices, errors), decoded in worker processes in decoding mode
     `decode`, pinned for a CUDA device. uint8 crosses the worker boundary: 4x fewer bytes than float."""
-    return DataLoader(DecodedImages(source, backbone.crop_decoder(decode)), batch_sampler=batches,
-                      collate_fn=collate_decoded, **loader_options(device, workers))
+    return WorkerLoader(DecodedImages(source, backbone.crop_decoder(decode)), device, workers, batch_sampler=batches,
+                        collate_fn=collate_decoded)
 
 
 def forward_codes(model: nn.Module, backbone: Backbone, pixels: torch.Tensor, device: torch.device,
@@ -376,9 +376,8 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
     shard_rows, num_samples = shard_size(config), len(source)
     dataset = PatchImages(source, backbone.input_size, config.patches, config.split in TRAINING_SPLITS, config.seed)
     # items are whole images of uint8 patches: 2 in flight per worker, pinned per forward batch below
-    options = {**loader_options(device, config.workers, prefetch=2), "pin_memory": False}
-    loader = DataLoader(dataset, batch_sampler=_shard_batches(pending, shard_rows, num_samples, 1),
-                        collate_fn=collate_patches, **options)
+    loader = WorkerLoader(dataset, device, config.workers, prefetch=2, pin_memory=False,
+                          batch_sampler=_shard_batches(pending, shard_rows, num_samples, 1), collate_fn=collate_patches)
     current, rows, waiting = None, ShardRows(taps, config.dtype), []
     processed, patches, clock = 0, 0, Stopwatch()
     loop_started = time.perf_counter()

@@ -28,7 +28,7 @@ from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries, write_bytes
 from pipeline.extract import DecodedImages, collate_decoded
-from pipeline.hardware import (autocast, grad_scaler, loader_options, prepare_module, resolve_device,
+from pipeline.hardware import (WorkerLoader, autocast, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
 from pipeline.heads import head_from_payload, load_head, read_payload, validation_score, write_payload
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
@@ -242,7 +242,7 @@ class SeededItems(torch.utils.data.Dataset):
 
 def _loader(dataset, batches, workers: int | None, device) -> DataLoader:
     """Batches of (pixels, indices, errors) decoded in workers, pinned for CUDA, a few in flight."""
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_decoded, **loader_options(device, workers))
+    return WorkerLoader(dataset, device, workers, batch_sampler=batches, collate_fn=collate_decoded)
 
 
 def epoch_batches(size: int, current: distributed.World, seed: int, epoch: int, batch_size: int) -> list[list[int]]:

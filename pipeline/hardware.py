@@ -11,6 +11,7 @@ import contextlib
 import os
 
 import torch
+from torch.utils.data import DataLoader
 from torch import nn
 
 from pipeline import DEVICES, PRECISIONS, distributed
@@ -103,3 +104,48 @@ def loader_options(device: torch.device, workers: int | None, prefetch: int = 4)
     workers = default_workers(workers)
     return {"num_workers": workers, "pin_memory": device.type == "cuda",
             "prefetch_factor": prefetch if workers else None}
+
+
+def worker_timeout() -> float:
+    """Seconds a decoding worker may take to deliver one batch (TL_WORKER_TIMEOUT, default 600)."""
+    return float(os.environ.get("TL_WORKER_TIMEOUT", "600"))
+
+
+def _batch_not_sent(exc, obj) -> None:
+    """In a worker: a batch that cannot be handed over (shared memory full, a file-size limit) would be
+    dropped by multiprocessing's feeder thread with a traceback, and the main process would wait for
+    it forever. The worker exits instead, which the main process notices at once."""
+    os._exit(75)
+
+
+def _worker_start(worker_id: int) -> None:
+    import multiprocessing.queues
+
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_batch_not_sent)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose lost batch is a one-line error instead of a hang or a traceback: a worker that
+    cannot hand its batch over exits (see _batch_not_sent), and a worker that delivers nothing for
+    worker_timeout() seconds is given up on."""
+
+    def __init__(self, dataset, device: torch.device, workers: int | None, prefetch: int = 4, **options):
+        settings = {**loader_options(device, workers, prefetch), **options}
+        if settings["num_workers"]:
+            settings.update(timeout=worker_timeout(), worker_init_fn=_worker_start)
+        super().__init__(dataset, **settings)
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                if "timed out" not in str(exc) and "exited unexpectedly" not in str(exc):
+                    raise
+                raise TLError("a decoding worker died or could not hand over its batch (shared memory in /dev/shm "
+                              "full, a file-size limit, or out of memory); free space or memory, or pass --workers 0 "
+                              "to decode in this process, and re-run the same command") from None
+            yield batch

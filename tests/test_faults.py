@@ -213,6 +213,18 @@ def test_full_disk_during_extract_keeps_finished_shards(tmp_path):
     same_cache(cache, straight)
 
 
+def test_a_worker_that_cannot_hand_over_its_batch_is_one_line_not_a_hang(tmp_path):
+    """Shared memory counts against the file-size limit: a decoding worker's batch cannot be handed over.
+    multiprocessing used to drop it with a traceback and leave the main process waiting forever."""
+    data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=4)
+    started = time.monotonic()
+    run = tl_process("extract", "--data", data, "--out", tmp_path / "c", "--workers", "1", "--batch-size", "8",
+                     *FAST, file_limit=300_000, timeout=120)
+    assert run.code == 2 and run.err.startswith("error: a decoding worker died"), run
+    assert len(run.err.strip().splitlines()) == 1 and "--workers 0" in run.err
+    assert time.monotonic() - started < 60
+
+
 def test_full_disk_when_saving_a_head_or_a_model(tmp_path, small_head):
     head = tl_process("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "h.pt", file_limit=4096)
     assert head.code == 2 and head.err.startswith("error: no space left"), head
