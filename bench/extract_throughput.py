@@ -148,6 +148,17 @@ def _measure_main(args) -> None:
     print(json.dumps(result))
 
 
+def code_difference(fast: Path, exact: Path) -> tuple[float, float, float]:
+    """(median, 95th percentile, max) of the row-wise relative difference of two caches' codes."""
+    from cache.reader import CacheReader
+
+    first, second = CacheReader(fast), CacheReader(exact)
+    tap = next(iter(first.taps))
+    a, b = first.load(tap).astype(np.float64), second.load(tap).astype(np.float64)
+    relative = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+    return float(np.median(relative)), float(np.percentile(relative, 95)), float(relative.max())
+
+
 def _in_process(measure: str, name: str, args, **extra) -> dict:
     """Run one measure as a whole process of its own; its wall time is recorded beside its rate."""
     command = [sys.executable, __file__, "--measure", measure, "--backbones", name, "--device", args.device,
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     names = (args.backbones or DEFAULT_BACKBONES[device.type]).split(",")
     steps = args.train_steps if args.train_steps is not None else (20 if device.type == "cuda" else 0)
-    rows, multiscale_rows = [], []
+    rows, multiscale_rows, differences = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         photos = Path(args.photos) if args.photos else scratch / "photos"
@@ -228,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append((name, precision, decode, tl, bare, loop))
                 train = _in_process("train", name, args, train_steps=steps, **common)["rate"] if steps else None
                 rows[-1] = rows[-1] + (train,)
+                modes = args.decode.split(",")
+                if {"fast", "exact"} <= set(modes):
+                    differences.append((name, precision, code_difference(scratch / f"c-{name}-{precision}-fast",
+                                                                         scratch / f"c-{name}-{precision}-exact")))
             if args.multiscale_images and name == "alexnet":
                 voc = _voc_of(photos, scratch / f"voc-{name}")
                 kept = sorted((voc / "ImageSets" / "Main" / "test.txt").read_text().split())[:args.multiscale_images]
@@ -255,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
                      f"| {tl['rate'] / bare['rate']:.2f} | {tl['rate'] / loop['rate']:.2f} | {tl['wait']:.0%} "
                      f"| {tl['forward']:.0%} | {tl['write']:.1%} | {tl['wall']:.0f} / {bare['wall']:.0f} / "
                      f"{loop['wall']:.0f} | {step} |")
+    if differences:
+        table += ["", "Codes of `--decode fast` against `--decode exact` on the same photos (row-wise relative "
+                  "difference ||fast - exact|| / ||exact||):", "",
+                  "| backbone | precision | median | 95th percentile | max |", "|---|---|---:|---:|---:|"]
+        table += [f"| {n} | {p} | {d[0]:.4f} | {d[1]:.4f} | {d[2]:.4f} |" for n, p, d in differences]
     if multiscale_rows:
         table += ["", f"Multiscale (scales {MULTISCALE_SCALES}, every patch kept):", "",
                   "| backbone | photos | tl extract patches/s | bare forward img/s | tl / bare | waiting for decoding |",
