@@ -94,7 +94,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
         if key not in own:
             raise ConfigError(f"config file {value}: section {ctx.info_name} has unknown key '{raw_key}'")
         defaults[own[key]] = setting
+    flags = {param.name for param in ctx.command.params if getattr(param, "is_flag", False)}
     for key, setting in defaults.items():
+        if isinstance(setting, bool) and key not in flags:  # click would read true as 1
+            raise ConfigError(f"config file {value}: '{key.rstrip('_')}' takes a value, not {str(setting).lower()}")
         defaults[key] = _config_value(value, key, setting)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
@@ -106,6 +109,8 @@ def _config_value(config: str, key: str, setting):
     scalar = (str, int, float, bool)
     if isinstance(setting, (list, tuple)) and all(isinstance(item, scalar) for item in setting):
         return ",".join(str(item) for item in setting)
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        return str(setting)  # click parses it as from the command line: 1.5 is no integer
     if isinstance(setting, scalar):
         return setting
     kind = "no value" if setting is None else f"a {type(setting).__name__}"
@@ -246,8 +251,9 @@ def info(cache, verify):
     click.echo(f"input      resize {pre['resize']}, crop {pre['crop']}, mean {rounded(pre['mean'])}, "
                f"std {rounded(pre['std'])}")
     data = key["dataset"]
-    click.echo(f"data       {data['format']} split {data['split']}, fingerprint {data['fingerprint'][:12]}"
-               + (f", {data['samples_per_class']} per class" if data["samples_per_class"] else ""))
+    click.echo(f"data       {data.get('format')} split {data.get('split')}, fingerprint "
+               f"{str(data.get('fingerprint'))[:12]}"
+               + (f", {data['samples_per_class']} per class" if data.get("samples_per_class") else ""))
     if key["patches"]:
         patches = key["patches"]
         kept = data.get("background_fraction")
@@ -404,7 +410,7 @@ def predict(paths, **options):
 
     from pipeline.predict import PredictConfig, run_predict
 
-    rows = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+    rows = csv.writer(sys.stdout, lineterminator="\n")  # main() made it keep non-UTF-8 names as bytes
     labelled, skipped = 0, 0
     warn = lambda text: click.echo(f"warning: {text}", err=True)  # noqa: E731
     for prediction in run_predict(PredictConfig(paths=paths, **options), warn):
@@ -519,7 +525,8 @@ def finetune(format_, lr_steps, lr_factors, quiet, **options):
                + (f", kept epoch {result.best_epoch}" if config.early_stop and result.best_epoch else "")
                + f"; checkpoints {last.name}" + (f", {best.name}" if best.exists() else ""))
     if result.val:
-        click.echo("  validation " + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in result.val.items()))
+        click.echo("  validation " + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" if isinstance(v, float)
+                                               else f"{k.removeprefix('val_')} {v}" for k, v in result.val.items()))
 
 
 
@@ -532,8 +539,8 @@ def _terminated(signum, frame):
     raise Terminated()
 
 
-RESUME_HINT = ("what was finished is kept: run the same command again to resume "
-               "(tl finetune: add --resume)")
+RESUME_HINT = ("nothing finished was lost: run the same command again (tl extract resumes its shards; "
+               "tl finetune: add --resume)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -556,6 +563,10 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         click.echo(f"error: stopped by SIGTERM; {RESUME_HINT}", err=True)
         sys.exit(143)
+    except click.UsageError as exc:  # one line like every other error, with where to look
+        command = f"tl {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "tl --help"
+        click.echo(f"error: {exc.format_message()} (see {command})", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -73,8 +73,8 @@ def load_manifest(root: Path) -> dict:
     except OSError as exc:
         raise CacheError(f"cannot read {path}: {exc.strerror}") from None
     if FORMAT.encode() not in raw:
-        raise ForeignManifest(f"{path} is not a tl cache's manifest (someone else's file?); tl leaves it alone: "
-                              "choose another --out")
+        raise ForeignManifest(f"{path} is not a tl cache's manifest (someone else's file?); tl neither reads "
+                              "nor replaces it")
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -106,11 +106,33 @@ def _manifest_problem(manifest: dict) -> str:
         if not isinstance(spec, dict) or not isinstance(spec.get("width"), int) or spec.get("dtype") not in (
                 "float16", "float32"):
             return f"layer '{name}' needs a width and a dtype"
+    if len(set(manifest["classes"])) != len(manifest["classes"]):
+        return "a class name appears twice in 'classes'"
+    if manifest["shard_rows"] < 1 or manifest["num_shards"] != -(-manifest["num_samples"] // manifest["shard_rows"]):
+        return "num_shards does not follow from num_samples and shard_rows"
+    indices = []
     for shard in manifest["shards"]:
         if not isinstance(shard, dict) or any(not isinstance(shard.get(f), kind) for f, kind in _SHARD_FIELDS.items()):
             return f"a shard entry lacks one of {', '.join(_SHARD_FIELDS)}"
-        if shard["file"] != shard_name(shard["index"]) or shard["rows"] < 0:
+        if shard["file"] != shard_name(shard["index"]) or shard["rows"] < 0 \
+                or not 0 <= shard["index"] < manifest["num_shards"]:
             return f"shard entry {shard['file']} is inconsistent"
+        indices.append(shard["index"])
+    if len(set(indices)) != len(indices):
+        return "a shard is listed twice"
+    if manifest["complete"] and len(indices) != manifest["num_shards"]:
+        return f"it says complete with {len(indices)} of {manifest['num_shards']} shards"
+    if manifest["key"].get("patches") is None:  # one row per sample: shard k holds its samples or skips them
+        skipped = {}
+        for item in manifest["skipped"]:
+            if isinstance(item, dict):
+                skipped[item.get("shard")] = skipped.get(item.get("shard"), 0) + 1
+        for shard in manifest["shards"]:
+            start = shard["index"] * manifest["shard_rows"]
+            expected = min(manifest["shard_rows"], manifest["num_samples"] - start)
+            if shard["rows"] + skipped.get(shard["index"], 0) != expected:
+                return (f"{shard['file']} should account for {expected} samples but has {shard['rows']} rows and "
+                        f"{skipped.get(shard['index'], 0)} skipped")
     return ""
 
 

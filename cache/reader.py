@@ -215,6 +215,8 @@ class CacheReader:
                     for name in list(self.manifest["taps"]) + ["target", "sample_id"]:
                         if name not in handle or handle[name].shape[0] != shard["rows"]:
                             problems.append(f"{shard['file']}: column {name} missing or of the wrong length")
+                with self.open_shard(position):  # rows and classes against the manifest
+                    pass
             except (CacheError, OSError) as exc:
                 problems.append(str(exc))
         return problems

@@ -97,8 +97,8 @@ class CacheWriter:
         if (self.root / MANIFEST).exists():
             try:
                 existing = load_manifest(self.root)
-            except ForeignManifest:
-                raise
+            except ForeignManifest as exc:
+                raise ForeignManifest(f"{exc}: choose another --out") from None
             except CacheError:
                 if not self.overwrite:
                     raise

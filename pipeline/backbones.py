@@ -240,13 +240,24 @@ def weights_for_digest(backbone: Backbone, digest: str, path: str | None = None)
     return choice
 
 
+def _pickled(path: Path) -> bool:
+    """Whether a file looks like torch.save's output (a zip archive, or a legacy pickle stream)."""
+    import zipfile
+
+    with open(path, "rb") as handle:
+        start = handle.read(2)
+    return zipfile.is_zipfile(path) or start[:1] == b"\x80"
+
+
 def _state_dict_from(path: Path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         # torch's own advice (load with weights_only=False) would run the file's code: never repeat it
-        reason = ("it holds Python objects besides tensors, and loading those could run code"
-                  if "weights only load failed" in str(exc).lower() else str(exc).splitlines()[0])
+        reason = str(exc).splitlines()[0]
+        if "weights only load failed" in str(exc).lower():
+            reason = ("it holds Python objects besides tensors, and loading those could run code"
+                      if _pickled(path) else "it is not a file written by torch.save")
         raise BackboneError(
             f"cannot load weights from {path}: {reason}; pass a state dict saved with torch.save(model.state_dict())"
         ) from None

@@ -156,8 +156,10 @@ class ImageFiles:
 
     def __init__(self, folders: list[Path]):
         self._owners: dict[str, Path] = {}  # real path of each given folder -> the first folder naming it
-        for folder in folders:
-            self._owners.setdefault(os.path.realpath(folder), Path(folder))
+        for folder in folders:  # a real folder owns its images, not a link to it that sorts first
+            real = os.path.realpath(folder)
+            if real not in self._owners or (os.path.islink(self._owners[real]) and not os.path.islink(folder)):
+                self._owners[real] = Path(folder)
         self._folders: set[str] = set(self._owners)  # real paths of folders entered or reserved
         self._files: set[str] = set()  # real paths of files listed
         self._loops: list[str] = []  # links to a folder that holds them

@@ -62,6 +62,12 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         {"--save-predictions": config.save_predictions, "--out": out,
          **{f"--out's {name}": out / name for name in REPORT_FILES}},
         {"--head": config.head, "--model": config.model, "--cache": config.cache, "--data": config.data})
+    if config.save_predictions is not None:
+        if Path(config.save_predictions).is_dir():
+            raise HeadError(f"--save-predictions {config.save_predictions} is a folder; name a CSV file such as "
+                            f"{Path(config.save_predictions) / 'predictions.csv'}")
+        refuse_overwriting_inputs({"--save-predictions": config.save_predictions},
+                                  {f"--out's {name}": out / name for name in REPORT_FILES})
     if config.model is not None:
         return _evaluate_model(config)
     head, metadata = load_head(config.head)

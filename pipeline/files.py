@@ -80,7 +80,9 @@ def atomic_write(path: Path, what: str = "file") -> Iterator[Path]:
     library with an opaque error (HDF5, torch.save) serialise to memory first and write bytes here."""
     path = Path(path)
     if path.is_dir():
-        raise TLError(f"{path} is a folder; name a {what} inside it, e.g. {path / ('out' + (path.suffix or '.pt'))}")
+        raise TLError(f"{path} is a folder; name a {what} inside it")
+    if path.is_symlink():  # write the file the link names, and keep the link
+        path = Path(os.path.realpath(path))
     temporary = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,7 @@ class OutputLock:
     _held: set[str] = set()  # record locks do not exclude the process that holds them: these do
 
     def __init__(self, lock_path: Path, what: str, error: type[TLError] = TLError):
-        self.path = Path(lock_path)
+        self.path = Path(lock_path)  # callers name it from the output's real path: a link must not dodge it
         self.what = what  # "writing to caches/x", for the message
         self.error = error
         self.handle = None
@@ -180,10 +182,25 @@ def same_file(first: Path, second: Path) -> bool:
         return False
 
 
+def inside(path: Path, folder: Path) -> bool:
+    """Whether `path` (existing or not) lies in `folder` (an existing folder), links resolved."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    real_folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), real_folder]) == real_folder
+
+
 def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
-    """One line, before anything is written, when an output names one of the command's own inputs."""
+    """One line, before anything is written, when an output names one of the command's own inputs or
+    lies inside an input folder (a cache's manifest, a data set's class folder)."""
     for out_flag, out_path in outputs.items():
         for in_flag, in_path in inputs.items():
-            if out_path is not None and in_path is not None and same_file(out_path, in_path):
+            if out_path is None or in_path is None:
+                continue
+            if same_file(out_path, in_path):
                 raise TLError(f"{out_flag} {out_path} is the same file as {in_flag}; writing it would destroy "
+                              f"the input: choose another {out_flag}")
+            if inside(out_path, in_path):
+                raise TLError(f"{out_flag} {out_path} lies inside {in_flag} {in_path}; writing there would change "
                               f"the input: choose another {out_flag}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import math
 import time
 import warnings
@@ -28,7 +29,7 @@ from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries, write_bytes
 from pipeline.extract import DecodedImages, collate_decoded
-from pipeline.hardware import (WorkerLoader, autocast, grad_scaler, prepare_module, resolve_device,
+from pipeline.hardware import (WorkerLoader, autocast, default_workers, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
 from pipeline.heads import head_from_payload, load_head, read_payload, validation_score, write_payload
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
@@ -303,6 +304,7 @@ def _check_config(config: FinetuneConfig) -> None:
                             f"{config.backbone_lr_scale}")
     if any(step < 1 for step in config.lr_steps) or any(not 0 < f <= 1 for f in config.lr_factors):
         raise FinetuneError("--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1]")
+    default_workers(config.workers)  # refuses a negative --workers before any work
     if config.early_stop and config.val_data is None:
         raise FinetuneError("--early-stop needs validation data; pass --val-data")
     Augmentation(config.crop_scale, config.flip).check()
@@ -324,7 +326,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
                                "--weights": weights})
     if not distributed.world().is_main:  # rank 0 holds the lock for every rank
         return _run_finetune(config, say)
-    with OutputLock(out.with_name(f".{out.name}.lock"), f"training into {out}", FinetuneError):
+    real = Path(os.path.realpath(out))  # a symlink to another run's --out takes that run's lock
+    with OutputLock(real.with_name(f".{real.name}.lock"), f"training into {out}", FinetuneError):
         for name in (out.name, last_path.name, best_path.name):
             remove_stale_temporaries(out.parent, name)
         return _run_finetune(config, say)

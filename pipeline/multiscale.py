@@ -38,6 +38,9 @@ class PatchSettings:
         if not self.scales or any(not (math.isfinite(scale) and 1.0 <= scale <= MAX_SCALE) for scale in self.scales):
             raise DataError(f"--scales must be numbers from 1.0 (the largest square) to {MAX_SCALE:g}, "
                             f"got {', '.join(f'{scale:g}' for scale in self.scales)}")
+        if len(set(self.scales)) != len(self.scales):
+            raise DataError(f"--scales lists a scale twice ({', '.join(f'{s:g}' for s in self.scales)}); "
+                            "each scale's patches would be written again")
         for name in ("patch_overlap", "box_overlap"):
             if not 0 < getattr(self, name) <= 1:
                 raise DataError(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}")

@@ -163,14 +163,14 @@ def test_shard_files_missing_from_the_manifest_are_adopted(tmp_path):
     with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
         writer.write_shard(0, {"fc7": codes[:4]}, np.zeros(4), [f"s{i}" for i in range(4)], [])
     with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10, follower=True) as follower:
-        follower.write_shard(2, {"fc7": codes[8:]}, np.ones(2), ["s8", "s9"], [{"sample_id": "s7", "reason": "bad"}])
+        follower.write_shard(2, {"fc7": codes[9:]}, np.ones(1), ["s9"], [{"sample_id": "s8", "reason": "bad"}])
     assert [s["index"] for s in load_manifest(tmp_path / "c")["shards"]] == [0]  # a follower never writes it
     with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
         assert writer.finished == {0, 2}
         writer.write_shard(1, {"fc7": codes[4:8]}, np.zeros(4), [f"s{i}" for i in range(4, 8)], [])
         manifest = writer.finish()
-    assert manifest["complete"] and manifest["skipped"] == [{"sample_id": "s7", "reason": "bad", "shard": 2}]
-    np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), codes)
+    assert manifest["complete"] and manifest["skipped"] == [{"sample_id": "s8", "reason": "bad", "shard": 2}]
+    np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), np.delete(codes, 8, axis=0))
     other = dict(KEY, backbone="vgg16")
     follower = CacheWriter(tmp_path / "c", other, ["a", "b"], {"fc7": 3}, "float32", 4, 10, follower=True)
     with pytest.raises(CacheError, match="opened by rank 0 with other settings"):

@@ -273,6 +273,9 @@ def test_edited_manifests_are_refused(run_tl, tmp_path):
         "rows lowered": lambda m: m["shards"][0].update(rows=m["shards"][0]["rows"] - 3),
         "classes trimmed": lambda m: m.update(classes=m["classes"][:2]),
         "rows not a number": lambda m: m["shards"][0].update(rows="10"),
+        "a shard listed twice": lambda m: m["shards"].__setitem__(1, dict(m["shards"][0])),
+        "a class named twice": lambda m: m.update(classes=["a", "a", "c", "d"]),
+        "fewer samples": lambda m: m.update(num_samples=38),
     }
     for name, edit in edits.items():
         cache = write_code_cache(tmp_path / name.replace(" ", "-"), codes, targets, list("abcd"), shard_rows=16)
@@ -440,6 +443,86 @@ def test_non_utf8_names_are_kept_through_cache_and_predictions(run_tl, tmp_path)
                     "--save-predictions", tmp_path / "p.csv")
     assert result.code == 0, result
     assert b"a/caf\xe9.png" in (tmp_path / "p.csv").read_bytes()
+
+
+def test_second_campaign_outputs_never_land_on_inputs(run_tl, tmp_path, small_head):
+    """Found by the second fault campaign: outputs inside an input folder, over the report, or a folder."""
+    cache, head = small_head / "cache", small_head / "head.pt"
+    manifest_before = (cache / "manifest.json").read_bytes()
+    report = tmp_path / "r"
+    cases = [
+        (["evaluate", "--head", head, "--cache", cache, "--out", report, "--save-predictions",
+          cache / "manifest.json"], "lies inside --cache"),
+        (["evaluate", "--head", head, "--cache", cache, "--out", report, "--save-predictions",
+          report / "report.json"], "same file as --out's report.json"),
+        (["evaluate", "--head", head, "--cache", cache, "--out", report, "--save-predictions", tmp_path],
+         "is a folder"),
+        (["extract", "--data", small_head / "train", "--out", small_head / "train" / "a" / "c", *FAST],
+         "lies inside --data"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(run_tl(*args), fragment)
+    assert (cache / "manifest.json").read_bytes() == manifest_before
+    assert not report.exists() and not (small_head / "train" / "a" / "c").exists()
+
+
+def test_a_symlink_to_a_running_finetunes_out_takes_its_lock(run_tl, tmp_path, small_head):
+    (tmp_path / "m.pt").write_bytes(b"")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "m.pt")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.files import OutputLock; "
+         "lock = OutputLock(sys.argv[1], 'x').acquire(); print('locked', flush=True); time.sleep(60)",
+         str(tmp_path / ".m.pt.lock")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
+                        "--out", tmp_path / "link.pt", "--epochs", "0", "--workers", "0", "--quiet")
+        assert_one_line_error(result, "is training into")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / "link.pt").is_symlink()  # later runs write through the link, never replace it
+
+
+def test_second_campaign_settings_and_messages(run_tl, tmp_path, small_head, image_folder, voc_shapes):
+    floats = tmp_path / "float.yaml"
+    floats.write_text("shard_rows: 1.5\n")
+    flag = tmp_path / "bool.yaml"
+    flag.write_text("workers: true\n")
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(1000))
+    cases = [
+        (["extract", "--config", floats, "--data", image_folder, "--out", tmp_path / "c", *FAST], "1.5"),
+        (["extract", "--config", flag, "--data", image_folder, "--out", tmp_path / "c", *FAST], "not true"),
+        (["extract", "--data", image_folder, "--out", tmp_path / "c", "--batch-size", "x", *FAST], "'x'"),
+        (["finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--out", tmp_path / "m.pt",
+          "--epochs", "0", "--workers", "-1"], "--workers must be 0"),
+        (["extract", "--data", image_folder, "--out", tmp_path / "c", "--backbone", "alexnet", "--weights",
+          tmp_path / "noise.pt", "--workers", "0", "--quiet"], "not a file written by torch.save"),
+        (["extract", "--format", "voc", "--data", voc_shapes, "--classes", "auto", "--multiscale", "--scales",
+          "1,1,1", "--out", tmp_path / "v", *FAST], "lists a scale twice"),
+    ]
+    for args, fragment in cases:
+        assert_one_line_error(run_tl(*args), fragment)
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "v").exists()
+
+
+def test_info_verify_checks_targets_against_the_classes(run_tl, tmp_path):
+    cache = write_code_cache(tmp_path / "c", np.ones((8, 2)), np.arange(8) % 4, list("abcd"), shard_rows=8)
+    manifest = manifest_of(cache)
+    manifest["classes"] = ["a", "b"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    result = run_tl("info", cache, "--verify")
+    assert result.code == 2 and "has class 3 but the manifest names 2 classes" in result.err
+
+
+def test_predict_prints_non_utf8_names_as_their_bytes(tmp_path, small_head):
+    folder = tmp_path / "pics"
+    write_image(folder / os.fsdecode(b"caf\xe9.png"), seed=3)
+    completed = subprocess.run([sys.executable, "-m", "cli", "predict", "--head", str(small_head / "head.pt"),
+                                "--workers", "0", str(folder)], cwd=REPO, capture_output=True,
+                               env={**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"})
+    assert completed.returncode == 0, completed.stderr
+    assert b"caf\xe9.png" in completed.stdout and b"Traceback" not in completed.stderr
 
 
 # ------------------------------------------------------------------ fixtures

@@ -351,3 +351,16 @@ def test_empty_class_folder_keeps_its_index_and_warns(tmp_path):
     assert test.classes == open_source("imagefolder", tmp_path, split="train").classes == ["a", "b", "c"]
     assert [s.target for s in test.samples] == [0, 2]
     assert test.warnings == ["class folder b holds no images"]
+
+
+def test_a_class_folder_linked_under_another_name_never_takes_the_real_ones_images(tmp_path):
+    """Found by the second fault campaign: `0b -> b` sorts first and used to claim b's images."""
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2)
+    (root / "0b").symlink_to(root / "b")
+    source = open_source("imagefolder", root)
+    by_class = {name: [s.sample_id for s in source.samples if source.classes[s.target] == name]
+                for name in source.classes}
+    assert by_class["b"] == ["b/img00.png", "b/img01.png"] and by_class["0b"] == []
+    assert any("0b" in warning for warning in source.warnings)
