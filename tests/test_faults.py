@@ -7,6 +7,7 @@ written is lost, and a re-run finishes what was started. Data-set faults are in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -171,20 +172,27 @@ def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path):
     assert leftovers(cache) == []
 
 
-def test_a_second_finetune_on_one_out_is_refused(run_tl, tmp_path, small_head):
+@contextlib.contextmanager
+def lock_held_elsewhere(lock_path: Path):
+    """Another process holding the output lock at `lock_path` (as a running tl would); yields its pid."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pipeline.files import OutputLock; "
          "lock = OutputLock(sys.argv[1], 'x').acquire(); print('locked', flush=True); time.sleep(60)",
-         str(tmp_path / ".m.pt.lock")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+         str(lock_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        result = run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
-                        "--out", tmp_path / "m.pt", "--epochs", "0", "--workers", "0", "--quiet")
-        assert_one_line_error(result, f"another tl process (pid {holder.pid}) is training into")
-        assert not (tmp_path / "m.pt").exists()
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_finetune_on_one_out_is_refused(run_tl, tmp_path, small_head):
+    with lock_held_elsewhere(tmp_path / ".m.pt.lock") as pid:
+        result = run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
+                        "--out", tmp_path / "m.pt", "--epochs", "0", "--workers", "0", "--quiet")
+        assert_one_line_error(result, f"another tl process (pid {pid}) is training into")
+        assert not (tmp_path / "m.pt").exists()
     assert run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
                   "--out", tmp_path / "m.pt", "--epochs", "0", "--workers", "0", "--quiet").code == 0
 
@@ -469,18 +477,10 @@ def test_second_campaign_outputs_never_land_on_inputs(run_tl, tmp_path, small_he
 def test_a_symlink_to_a_running_finetunes_out_takes_its_lock(run_tl, tmp_path, small_head):
     (tmp_path / "m.pt").write_bytes(b"")
     (tmp_path / "link.pt").symlink_to(tmp_path / "m.pt")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.files import OutputLock; "
-         "lock = OutputLock(sys.argv[1], 'x').acquire(); print('locked', flush=True); time.sleep(60)",
-         str(tmp_path / ".m.pt.lock")], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(tmp_path / ".m.pt.lock"):
         result = run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
                         "--out", tmp_path / "link.pt", "--epochs", "0", "--workers", "0", "--quiet")
         assert_one_line_error(result, "is training into")
-    finally:
-        holder.kill()
-        holder.wait()
     assert (tmp_path / "link.pt").is_symlink()  # later runs write through the link, never replace it
 
 
