@@ -89,3 +89,101 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     mean = torch.as_tensor(mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
     return pixels.float().div_(255.0).sub_(mean).div_(std)
+
+
+# ---------------------------------------------------------------- decoding on the device (CUDA: nvjpeg)
+
+JPEG_START = b"\xff\xd8\xff"
+
+
+def decodes_on_device(device: torch.device) -> bool:
+    """Whether extraction decodes JPEGs on `device` (batched nvjpeg on CUDA) instead of in workers."""
+    return device.type == "cuda"
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """Per sample, for decoding on the device: (JPEG file bytes, None, index, "") for a JPEG file, and
+    for anything else (other formats, in-memory images) the worker's own uint8 crop (None, crop, index,
+    "") or the reason it is unreadable (None, None, index, reason). Workers only read bytes for JPEGs."""
+
+    def __init__(self, source, crop):
+        self.source, self.crop = source, crop
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        from pipeline.datasets import DECODE_ERRORS
+
+        data = _jpeg_bytes(self.source.samples[index].location)
+        if data is not None:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, index, ""
+        try:
+            return None, self.crop(self.source.read_image(index, self.crop.draft)), index, ""
+        except DECODE_ERRORS as exc:
+            return None, None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+
+
+def _jpeg_bytes(location: str) -> bytes | None:
+    """The bytes of a JPEG file; None for anything else (another format, an in-memory sample, a file
+    that cannot be read), which the CPU path decodes or reports."""
+    try:
+        with open(location, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    return data if data.startswith(JPEG_START) else None
+
+
+def collate_encoded(items):
+    return list(items)
+
+
+def device_crops(items: list, device: torch.device, resize: int, crop: int, fallback) -> tuple:
+    """(uint8 crops on `device` in item order, their indices, [(index, reason)] of unreadable ones) for a
+    batch of EncodedImages items. JPEG bytes are decoded together on the device, resized (bilinear,
+    antialiased) and cropped with torchvision's geometry; a JPEG the device cannot decode (CMYK, a
+    corrupt file) goes to `fallback(index) -> crop`, the CPU path, which may raise a decoding error."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pipeline.datasets import DECODE_ERRORS
+
+    jpegs = [(position, item[0]) for position, item in enumerate(items) if item[0] is not None]
+    decoded: dict[int, torch.Tensor] = {}
+    refused: list[int] = []  # JPEGs the device could not decode: they take the CPU path below
+    if jpegs:
+        try:
+            images = decode_jpeg([data for _, data in jpegs], mode=ImageReadMode.RGB, device=device)
+            decoded = dict(zip([position for position, _ in jpegs], images))
+        except RuntimeError:  # one bad file fails the batch: decode one by one
+            for position, data in jpegs:
+                try:
+                    decoded[position] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    refused.append(position)
+    crops, indices, errors = [], [], []
+    for position, (data, cpu_crop, index, reason) in enumerate(items):
+        if position in decoded:
+            crops.append(_resize_and_crop(decoded[position], resize, crop))
+        elif position in refused:
+            try:
+                crops.append(fallback(index).to(device))
+            except DECODE_ERRORS as exc:
+                errors.append((index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"))
+                continue
+        elif cpu_crop is not None:
+            crops.append(cpu_crop.to(device))
+        else:
+            errors.append((index, reason))
+            continue
+        indices.append(index)
+    return (torch.stack(crops) if crops else None), indices, errors
+
+
+def _resize_and_crop(image: torch.Tensor, resize: int, crop: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, crop, crop) uint8: torchvision's Resize + CenterCrop geometry on tensors."""
+    height, width = image.shape[1:]
+    resized_width, resized_height, left, top = resize_geometry(width, height, resize, crop)
+    resized = torch.nn.functional.interpolate(image[None].float(), size=(resized_height, resized_width),
+                                              mode="bilinear", antialias=True, align_corners=False)[0]
+    return resized[:, top:top + crop, left:left + crop].round_().clamp_(0, 255).to(torch.uint8)

@@ -19,7 +19,8 @@ from cache.manifest import MANIFEST
 from cache.writer import CacheWriter
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, resolve_weights
 from pipeline.datasets import DECODE_ERRORS, Source, open_source
-from pipeline.decoding import DEFAULT_DECODE, crop_decoder
+from pipeline.decoding import (DEFAULT_DECODE, EncodedImages, collate_encoded, crop_decoder, decodes_on_device,
+                               device_crops)
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
@@ -50,6 +51,7 @@ class ExtractConfig:
     seed: int = 0
     on_error: str = "skip"
     decode: str = DEFAULT_DECODE  # how images become centre crops: fast (reduced-scale JPEG decoding) or exact
+    device_decode: str = "auto"  # JPEGs decoded on the device: auto (on CUDA), on, off
     overwrite: bool = False
     download: bool = False
     quiet: bool = False
@@ -335,7 +337,11 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     model = prepare_model(backbone, weights, taps, device)
     shard_rows, num_samples = shard_size(config), len(source)
     batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
-    loader = image_loader(source, backbone, batches, config.workers, device, config.decode)
+    on_device = decodes_on_device(device) if config.device_decode == "auto" else config.device_decode == "on"
+    if on_device:
+        loader = _device_decoded(source, backbone, batches, config, device)
+    else:
+        loader = image_loader(source, backbone, batches, config.workers, device, config.decode)
     current, rows = None, ShardRows(taps, config.dtype)
     processed, clock = 0, Stopwatch()
     loop_started = time.perf_counter()
@@ -363,6 +369,19 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
                     rows.publish(writer, shard)
                 progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest['num_shards']}")
     return {"processed": processed, "loop": time.perf_counter() - loop_started, **_parts(clock)}
+
+
+def _device_decoded(source: Source, backbone: Backbone, batches: list[list[int]], config: ExtractConfig,
+                    device: torch.device):
+    """Batches of (uint8 crops on the device, indices, errors) like image_loader's, with JPEGs decoded on
+    the device (workers only read their bytes) and everything else, or what the device refuses,
+    decoded by the CPU path."""
+    crop = backbone.crop_decoder(config.decode)
+    loader = WorkerLoader(EncodedImages(source, crop), device, config.workers, pin_memory=False,
+                          batch_sampler=batches, collate_fn=collate_encoded)
+    fallback = lambda index: crop(source.read_image(index, crop.draft))  # noqa: E731
+    for items in loader:
+        yield device_crops(items, device, backbone.resize_size, backbone.input_size, fallback)
 
 
 def _parts(clock: Stopwatch) -> dict:

@@ -101,3 +101,37 @@ def test_bad_jpegs_are_skipped_or_decoded_alike_in_both_modes(run_tl, tmp_path, 
     assert sorted(item["sample_id"] for item in skipped) == ["b/cut.jpg", "b/junk.jpg"]
     assert "a/cmyk.jpg" in list(CacheReader(tmp_path / "c").load_column("sample_id"))
     assert crops(folder / "a" / "cmyk.jpg", mode).shape == (3, 224, 224)
+
+
+def test_jpegs_are_decoded_on_cuda_and_in_workers_on_the_cpu():
+    from pipeline.decoding import decodes_on_device
+
+    assert decodes_on_device(torch.device("cuda")) and not decodes_on_device(torch.device("cpu"))
+
+
+def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):
+    """The CUDA path (batched decode_jpeg, tensor resize and crop) run on the CPU: JPEGs through the
+    device decoder, a PNG and a CMYK JPEG through the CPU path, a truncated JPEG skipped and recorded.
+    Codes agree with the worker path within float16 tolerance (different resampling code)."""
+    from pipeline.extract import ExtractConfig, run_extract
+
+    folder = tmp_path / "images"
+    for label in ("a", "b"):
+        for i in range(3):
+            photo(folder / label / f"{i}.jpg", (640, 480) if i else (480, 640), seed=10 * ord(label) + i)
+    write_image(folder / "a" / "flat.png", seed=1, size=(300, 200))
+    Image.open(photo(tmp_path / "rgb.jpg", (500, 400))).convert("CMYK").save(folder / "b" / "cmyk.jpg", "JPEG")
+    cut = photo(folder / "b" / "cut.jpg", (600, 450))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    results = {}
+    for mode in ("on", "off"):
+        result = run_extract(ExtractConfig(data=folder, out=tmp_path / mode, backbone="alexnet", weights="none",
+                                           layers=("fc7",), dtype="float32", workers=0, quiet=True, decode="exact",
+                                           device="cpu", device_decode=mode))
+        results[mode] = CacheReader(tmp_path / mode)
+        assert [item["sample_id"] for item in result.skipped] == ["b/cut.jpg"]
+    assert list(results["on"].load_column("sample_id")) == list(results["off"].load_column("sample_id"))
+    on, off = results["on"].load("fc7"), results["off"].load("fc7")
+    relative = np.linalg.norm(on - off, axis=1) / np.linalg.norm(off, axis=1)
+    print("device vs worker decoding, max relative code difference", relative.max())
+    assert relative.max() < 3e-2, relative  # float16 rounding is ~1e-3 relative; resampling adds a little
