@@ -93,7 +93,7 @@ def measure_plain_loop(name: str, photos: Path, batch_size: int, device: torch.d
 
 
 def measure_tl(name: str, photos: Path, out: Path, batch_size: int, device: str, precision: str,
-               workers: int | None, decode: str, multiscale: bool) -> dict:
+               workers: int | None, decode: str, multiscale: bool, device_decode: str = "auto") -> dict:
     from pipeline.extract import ExtractConfig, run_extract
     from pipeline.multiscale import PatchSettings
 
@@ -103,7 +103,8 @@ def measure_tl(name: str, photos: Path, out: Path, batch_size: int, device: str,
                    "patches": PatchSettings(tuple(float(s) for s in MULTISCALE_SCALES.split(",")))}
     result = run_extract(ExtractConfig(data=photos, out=out, backbone=name, weights=_weights(name),
                                        batch_size=batch_size, workers=workers, device=device, precision=precision,
-                                       decode=decode, shard_rows=8 if multiscale else 128, quiet=True, **options))
+                                       decode=decode, shard_rows=8 if multiscale else 128, quiet=True,
+                                       device_decode=device_decode, **options))
     loop = result.loop_seconds
     count = result.patches if multiscale else result.images_processed
     return {"rate": count / loop, "wait": result.wait_seconds / loop, "forward": result.forward_seconds / loop,
@@ -144,7 +145,7 @@ def _measure_main(args) -> None:
         result = {"rate": train_step_rate(args.backbones, args.batch_size, args.train_steps, device, precision)}
     else:
         result = measure_tl(args.backbones, Path(args.photos), Path(args.out), args.batch_size, args.device,
-                            precision, args.workers, args.decode, args.measure == "tl-multiscale")
+                            precision, args.workers, args.decode, args.measure == "tl-multiscale", args.device_decode)
     print(json.dumps(result))
 
 
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", help="comma list: rows per precision")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--device-decode", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -237,6 +239,10 @@ def main(argv: list[str] | None = None) -> None:
                     tl = _in_process("tl", name, args, photos=photos, out=scratch / f"c-{name}-{precision}-{decode}",
                                      decode=decode, **common)
                     rows.append((name, precision, decode, tl, bare, loop))
+                    if device.type == "cuda":  # the same, with JPEGs decoded in workers instead of on the GPU
+                        tl = _in_process("tl", name, args, photos=photos, device_decode="off", decode=decode,
+                                         out=scratch / f"w-{name}-{precision}-{decode}", **common)
+                        rows.append((name, precision, f"{decode}, workers", tl, bare, loop))
                 train = _in_process("train", name, args, train_steps=steps, **common)["rate"] if steps else None
                 rows[-1] = rows[-1] + (train,)
                 modes = args.decode.split(",")
@@ -260,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
               "Each figure is its own whole process in one run; rates count the loop, walls the whole process. "
               f"Command: `python bench/extract_throughput.py {command}`")
-    table = ["| backbone | precision | decode | tl extract img/s | bare forward img/s | plain loop img/s | "
+    table = ["| backbone | precision | decode (on CUDA: JPEGs on the GPU unless 'workers') | tl extract img/s | bare forward img/s | plain loop img/s | "
              "tl / bare | tl / loop | waiting for decoding | forward | writing | walls tl / bare / loop (s) "
              "| finetune step img/s |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]

@@ -134,4 +134,4 @@ def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):
     on, off = results["on"].load("fc7"), results["off"].load("fc7")
     relative = np.linalg.norm(on - off, axis=1) / np.linalg.norm(off, axis=1)
     print("device vs worker decoding, max relative code difference", relative.max())
-    assert relative.max() < 3e-2, relative  # float16 rounding is ~1e-3 relative; resampling adds a little
+    assert relative.max() < 1e-2, relative  # measured 1.8e-3: the two resampling implementations differ slightly
