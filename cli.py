@@ -563,6 +563,9 @@ def main(argv: list[str] | None = None) -> None:
     except Terminated:
         click.echo(f"error: stopped by SIGTERM; {RESUME_HINT}", err=True)
         sys.exit(143)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `tl`: the help, as click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.UsageError as exc:  # one line like every other error, with where to look
         command = f"tl {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "tl --help"
         click.echo(f"error: {exc.format_message()} (see {command})", err=True)

@@ -107,7 +107,11 @@ class EncodedImages(torch.utils.data.Dataset):
     "") or the reason it is unreadable (None, None, index, reason). Workers only read bytes for JPEGs."""
 
     def __init__(self, source, crop):
+        from pipeline.datasets import Source
+
         self.source, self.crop = source, crop
+        # only sources that read files by path (not CIFAR's in-memory rows) hand their bytes over
+        self.files = type(source).read_image is Source.read_image
 
     def __len__(self) -> int:
         return len(self.source)
@@ -115,7 +119,7 @@ class EncodedImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         from pipeline.datasets import DECODE_ERRORS
 
-        data = _jpeg_bytes(self.source.samples[index].location)
+        data = _jpeg_bytes(self.source.samples[index].location) if self.files else None
         if data is not None:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, index, ""
         try:

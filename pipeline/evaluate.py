@@ -61,7 +61,8 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     refuse_overwriting_inputs(
         {"--save-predictions": config.save_predictions, "--out": out,
          **{f"--out's {name}": out / name for name in REPORT_FILES}},
-        {"--head": config.head, "--model": config.model, "--cache": config.cache, "--data": config.data})
+        {"--head": config.head, "--model": config.model, "--cache": config.cache, "--data": config.data},
+        protected=("--cache",))
     if config.save_predictions is not None:
         if Path(config.save_predictions).is_dir():
             raise HeadError(f"--save-predictions {config.save_predictions} is a folder; name a CSV file such as "

@@ -191,7 +191,9 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     crop_decoder(config.decode, 1, 1)  # an unknown mode is refused before any work
     if config.multiscale:
         config.patches.check()
-    refuse_overwriting_inputs({"--out": Path(config.out)}, {"--data": Path(config.data)})
+    # a folder inside an imagefolder would become a class of it; other layouts only read their own files
+    refuse_overwriting_inputs({"--out": Path(config.out)}, {"--data": Path(config.data)},
+                              protected=("--data",) if config.format == "imagefolder" else ())
     if Path(config.out).is_file():
         raise TLError(f"--out {config.out} is a file; a cache is a folder: choose another --out")
     backbone = get_backbone(config.backbone)

@@ -131,11 +131,14 @@ class OutputLock:
         raise self.error(f"another tl process{holder} is {self.what}; wait for it to finish or stop it") from None
 
     def acquire(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         key = os.path.realpath(self.path)
         if key in OutputLock._held:
             self._refuse(f" (pid {os.getpid()})")
-        handle = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as exc:
+            raise self.error(f"cannot create {self.path}: {exc.strerror}; choose another output") from None
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -191,9 +194,10 @@ def inside(path: Path, folder: Path) -> bool:
     return os.path.commonpath([os.path.realpath(path), real_folder]) == real_folder
 
 
-def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None],
+                              protected: tuple[str, ...] = ()) -> None:
     """One line, before anything is written, when an output names one of the command's own inputs or
-    lies inside an input folder (a cache's manifest, a data set's class folder)."""
+    lies inside an input folder named in `protected` (a cache, an imagefolder, whose every file counts)."""
     for out_flag, out_path in outputs.items():
         for in_flag, in_path in inputs.items():
             if out_path is None or in_path is None:
@@ -201,6 +205,6 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
             if same_file(out_path, in_path):
                 raise TLError(f"{out_flag} {out_path} is the same file as {in_flag}; writing it would destroy "
                               f"the input: choose another {out_flag}")
-            if inside(out_path, in_path):
+            if in_flag in protected and inside(out_path, in_path):
                 raise TLError(f"{out_flag} {out_path} lies inside {in_flag} {in_path}; writing there would change "
                               f"the input: choose another {out_flag}")

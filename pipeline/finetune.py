@@ -324,13 +324,27 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
     refuse_overwriting_inputs({"--out": out, "--out's checkpoint": last_path, "--out's best checkpoint": best_path},
                               {"--head": config.head, "--data": config.data, "--val-data": config.val_data,
                                "--weights": weights})
-    if not distributed.world().is_main:  # rank 0 holds the lock for every rank
-        return _run_finetune(config, say)
+    current = distributed.world()
+    distributed.start(current, resolve_device(config.device))
     real = Path(os.path.realpath(out))  # a symlink to another run's --out takes that run's lock
-    with OutputLock(real.with_name(f".{real.name}.lock"), f"training into {out}", FinetuneError):
-        for name in (out.name, last_path.name, best_path.name):
-            remove_stale_temporaries(out.parent, name)
+    lock = OutputLock(real.with_name(f".{real.name}.lock"), f"training into {out}", FinetuneError)
+    # rank 0 holds the lock for every rank; its verdict reaches them all, so a refusal stops every rank
+    refusal = None
+    if current.is_main:
+        try:
+            lock.acquire()
+        except FinetuneError as exc:
+            refusal = str(exc)
+    refusal = distributed.broadcast(current, refusal)
+    if refusal is not None:
+        raise FinetuneError(refusal)
+    try:
+        if current.is_main:
+            for name in (out.name, last_path.name, best_path.name):
+                remove_stale_temporaries(out.parent, name)
         return _run_finetune(config, say)
+    finally:
+        lock.release()
 
 
 def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
@@ -430,8 +444,13 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
             schedule.step()
         if val_dataset is not None:
             if current.is_main:
-                point.update(_validate(model, val_dataset, val_targets, config, device, precision))
+                try:
+                    point.update(_validate(model, val_dataset, val_targets, config, device, precision))
+                except FinetuneError as exc:  # every rank stops with rank 0's reason, none waits for it
+                    point["error"] = str(exc)
             point = distributed.broadcast(current, point)
+            if "error" in point:
+                raise FinetuneError(point["error"])
             if point["val_loss"] < best[0]:
                 best = (point["val_loss"], epoch)
         history.append(point)

@@ -108,7 +108,14 @@ def loader_options(device: torch.device, workers: int | None, prefetch: int = 4)
 
 def worker_timeout() -> float:
     """Seconds a decoding worker may take to deliver one batch (TL_WORKER_TIMEOUT, default 600)."""
-    return float(os.environ.get("TL_WORKER_TIMEOUT", "600"))
+    text = os.environ.get("TL_WORKER_TIMEOUT", "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise TLError(f"TL_WORKER_TIMEOUT must be a number of seconds above 0, got '{text}'")
+    return seconds
 
 
 def _batch_not_sent(exc, obj) -> None:

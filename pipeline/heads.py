@@ -708,7 +708,9 @@ def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tupl
     except Exception:  # any unpickling, JSON or missing-key failure means the same thing to the user
         raise error(f"{path} is not a tl {kind}; {remedy}") from None
     recorded = payload.pop(CHECKSUM, None)
-    if (recorded is not None or require_checksum) and recorded != payload_digest(payload):
+    if recorded is None and require_checksum:
+        raise error(f"{kind} {path} was written by a tl without content checksums; {remedy}")
+    if recorded is not None and recorded != payload_digest(payload):
         raise error(f"{kind} {path} is damaged (its checksum does not match its content); {remedy}")
     return payload, metadata
 

@@ -506,6 +506,30 @@ def test_second_campaign_settings_and_messages(run_tl, tmp_path, small_head, ima
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "v").exists()
 
 
+def test_review_findings_are_one_line_each(run_tl, tmp_path, small_head, image_folder, monkeypatch):
+    """Found in review: an --out whose folder cannot be made, a bad TL_WORKER_TIMEOUT, a checkpoint from
+    before checksums."""
+    (tmp_path / "file").write_text("x")
+    args = ["finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--workers", "0",
+            "--quiet", "--batch-size", "4"]
+    assert_one_line_error(run_tl(*args, "--out", tmp_path / "file" / "m.pt", "--epochs", "0"), "cannot create")
+    monkeypatch.setenv("TL_WORKER_TIMEOUT", "abc")
+    assert_one_line_error(run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", "--workers", "1", *FAST),
+                          "TL_WORKER_TIMEOUT must be a number")
+    monkeypatch.delenv("TL_WORKER_TIMEOUT")
+    assert run_tl(*args, "--out", tmp_path / "m.pt", "--epochs", "1").code == 0
+    payload = torch.load(tmp_path / "m.last.ckpt", weights_only=True)
+    payload.pop("sha256")
+    torch.save(payload, tmp_path / "m.last.ckpt")  # as tl wrote checkpoints before checksums
+    assert_one_line_error(run_tl(*args, "--out", tmp_path / "m.pt", "--epochs", "2", "--resume"),
+                          "without content checksums", "delete it and start over")
+
+
+def test_bare_tl_shows_the_help(run_tl):
+    result = run_tl()
+    assert "Usage: tl" in (result.out + result.err) and "Traceback" not in result.err
+
+
 def test_info_verify_checks_targets_against_the_classes(run_tl, tmp_path):
     cache = write_code_cache(tmp_path / "c", np.ones((8, 2)), np.arange(8) % 4, list("abcd"), shard_rows=8)
     manifest = manifest_of(cache)
