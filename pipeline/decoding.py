@@ -78,6 +78,18 @@ def crop_decoder(mode: str, resize: int, crop: int):
     return (FastCrop if mode == "fast" else ExactCrop)(resize, crop)
 
 
+class NormalizedCrop:
+    """A decoding mode's crop, normalised per image: for loaders that hand over float items (stage three
+    scores images as stage one decoded them)."""
+
+    def __init__(self, crop, mean, std):
+        self.crop, self.mean, self.std = crop, mean, std
+        self.draft = crop.draft
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return normalize(self.crop(image)[None], self.mean, self.std)[0]
+
+
 def decode_of(preprocessing: dict) -> str:
     """The decoding mode recorded in a cache key's preprocessing (absent: exact)."""
     return preprocessing.get("decode", "exact")

@@ -24,7 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from pipeline import __version__
 from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
 from pipeline.datasets import open_source
-from pipeline.decoding import decode_of
+from pipeline.decoding import NormalizedCrop, decode_of
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries, write_bytes
@@ -217,7 +217,10 @@ def training_set(source, backbone: Backbone, head_metadata: dict, augmentation: 
         return dataset, head_targets(dataset.targets, [BACKGROUND] + list(source.classes), head_metadata["classes"],
                                      what, head)
     transform = backbone.transform(*flip)  # the backbone's resize and centre crop
-    if training and augmentation.crop_scale < 1:
+    if not training:  # every image seen as stage one saw it: the head's decoding mode included
+        crop = backbone.crop_decoder(decode_of(head_metadata["codes_key"]["preprocessing"]))
+        transform = NormalizedCrop(crop, backbone.mean, backbone.std)
+    elif augmentation.crop_scale < 1:
         crop = transforms.RandomResizedCrop(backbone.input_size, scale=(augmentation.crop_scale, 1.0), antialias=True)
         transform = transforms.Compose([crop, *flip, *normalize])
     targets = np.array([sample.target for sample in source.samples])

@@ -135,3 +135,30 @@ def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):
     relative = np.linalg.norm(on - off, axis=1) / np.linalg.norm(off, axis=1)
     print("device vs worker decoding, max relative code difference", relative.max())
     assert relative.max() < 1e-2, relative  # measured 1.8e-3: the two resampling implementations differ slightly
+
+
+def test_a_finetuned_model_sees_images_decoded_as_its_heads_codes_were(run_tl, tmp_path):
+    """Stage three scores (validation, evaluate --model, the epoch-0 model) in the head's decoding mode:
+    with fast codes of photos large enough to be reduced, the epoch-0 model equals the head."""
+    from pipeline.datasets import open_source
+    from pipeline.finetune import DecodedImages, load_model_file, score_dataset, training_set
+    from pipeline.heads import load_head
+
+    folder = tmp_path / "images"
+    for label in ("a", "b"):
+        for i in range(3):
+            photo(folder / label / f"{i}.jpg", (1100, 800), seed=10 * ord(label) + i)
+    common = ["--backbone", "alexnet", "--weights", "none", "--workers", "0", "--quiet"]
+    assert run_tl("extract", "--data", folder, "--out", tmp_path / "c", "--layers", "pool5", "--dtype", "float32",
+                  "--decode", "fast", *common).code == 0
+    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt").code == 0
+    assert run_tl("finetune", "--data", folder, "--head", tmp_path / "h.pt", "--out", tmp_path / "m.pt",
+                  "--epochs", "0", "--workers", "0", "--quiet").code == 0
+    model, metadata = load_model_file(tmp_path / "m.pt")
+    head, _ = load_head(tmp_path / "h.pt")
+    source = open_source("imagefolder", folder)
+    dataset, _ = training_set(source, get_backbone("alexnet"), metadata, None, 0, None, "data", "head")
+    assert isinstance(dataset, DecodedImages) and dataset.draft is not None  # the fast crop, with its draft
+    through_model = score_dataset(model, dataset, 3, 0, torch.device("cpu"), multilabel=False)
+    on_codes = head.predict_proba(CacheReader(tmp_path / "c").load("pool5"))
+    np.testing.assert_allclose(through_model, on_codes, atol=1e-4)
