@@ -45,20 +45,21 @@ def main() -> None:
         scratch = Path(scratch)
         data = args.data or write_shapes_voc(scratch, {"trainval": args.train_images, "test": args.test_images})
         results = {}
-        for mode in ("single crop", "multiscale"):
+        for mode in ("single crop", "single crop, --decode exact", "multiscale"):
             started = time.perf_counter()
             multiscale = mode == "multiscale"
             caches = {}
             for split in ("trainval", "test"):
-                caches[split] = scratch / f"{mode.replace(' ', '-')}-{split}"
+                name = mode.replace(' ', '-').replace(',', '').replace('--', '')
+                caches[split] = scratch / f"{name}-{split}"
                 run_extract(ExtractConfig(
                     data=data, out=caches[split], format="voc", split=split, classes=args.classes,
                     backbone=args.backbone, weights=args.weights, multiscale=multiscale,
-                    patches=PatchSettings(scales=scales), quiet=True))
-            head = scratch / f"{mode.replace(' ', '-')}.pt"
+                    patches=PatchSettings(scales=scales), decode="exact" if "exact" in mode else "fast", quiet=True))
+            head = scratch / f"{name}.pt"
             fit_head(FitHeadConfig(cache=caches["trainval"], out=head, head=args.head,
                                    training=TrainingOptions(max_epochs=10)))
-            report = run_evaluate(EvaluateConfig(head=head, cache=caches["test"], out=scratch / f"{mode}-report",
+            report = run_evaluate(EvaluateConfig(head=head, cache=caches["test"], out=scratch / f"{name}-report",
                                                  ap="voc07")).report
             rows = report.get("pooling", {}).get("patches", report["rows"])
             results[mode] = (report["mAP"], rows, time.perf_counter() - started)
