@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import DECODE_MODES, DEFAULT_DECODE, DEVICES, PRECISIONS
+from pipeline import DATA_FORMATS, DECODE_MODES, DEFAULT_DECODE, DEVICES, PRECISIONS
 from pipeline.errors import ConfigError, TLError
 
 # -------------------------------------------------------------- options several commands share
@@ -157,7 +157,7 @@ def tl():
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Image folder, CSV file (path,label rows) or data set root.")
 @click.option("--format", "format_", default="imagefolder", show_default=True,
-              type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb", "voc"]), help="How --data is laid out.")
+              type=click.Choice(DATA_FORMATS), help="How --data is laid out.")
 @click.option("--split", default="train", show_default=True,
               help="Split to read (imagefolder: DATA/SPLIT when that folder exists).")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True,
@@ -363,7 +363,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
               help="Model file written by tl finetune (instead of --head/--cache).")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="With --model: the images to evaluate on.")
 @click.option("--format", "format_", default="imagefolder", show_default=True,
-              type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb", "voc"]), help="With --model.")
+              type=click.Choice(DATA_FORMATS), help="With --model.")
 @click.option("--split", default="test", show_default=True, help="With --model.")
 @click.option("--classes", default="voc", show_default=True, help="With --model and voc data.")
 @device_option()
@@ -462,7 +462,7 @@ def quickstart(out, per_class, seed, quiet):
 @config_option
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Training images (as for tl extract).")
 @click.option("--format", "format_", default="imagefolder", show_default=True,
-              type=click.Choice(["imagefolder", "csv", "cifar10", "gtsrb", "voc"]))
+              type=click.Choice(DATA_FORMATS))
 @click.option("--split", default="train", show_default=True)
 @click.option("--classes", default="voc", show_default=True, help="voc data: voc, auto or a comma list.")
 @click.option("--samples-per-class", default=None, type=int, help="Seeded, stratified subset of N per class.")

@@ -114,6 +114,9 @@ _REGISTRY: dict[str, Backbone] = {}
 
 
 def register(backbone: Backbone) -> Backbone:
+    """Add a backbone; a second one of the same name is a mistake, never a silent replacement."""
+    if backbone.name in _REGISTRY:
+        raise BackboneError(f"a backbone named '{backbone.name}' is already registered; choose another name")
     _REGISTRY[backbone.name] = backbone
     return backbone
 

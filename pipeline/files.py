@@ -91,6 +91,7 @@ def atomic_write(path: Path, what: str = "file") -> Iterator[Path]:
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        _fsync_folder(path.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             temporary.unlink()
@@ -102,6 +103,15 @@ def atomic_write(path: Path, what: str = "file") -> Iterator[Path]:
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable: the new name is in the folder's own data, not the file's."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write_bytes(path: Path, data: bytes, what: str = "file") -> None:

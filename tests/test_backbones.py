@@ -176,3 +176,11 @@ def test_a_tap_model_in_train_mode_runs_the_eval_graph():
         assert torch.equal(model(images)[backbone.default_tap], expected)
         model.extractor.get_submodule("_bn1").train()
         assert not torch.allclose(model(images)[backbone.default_tap], expected)
+
+
+def test_registering_a_second_backbone_of_a_name_is_refused():
+    from pipeline.backbones import register
+
+    with pytest.raises(BackboneError, match="'alexnet' is already registered"):
+        register(get_backbone("alexnet"))
+    assert list_backbones() == ["alexnet", "efficientnet_lite0", "resnet50", "vgg16"]
