@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from pipeline import DATA_FORMATS, DECODE_MODES, DEFAULT_DECODE, DEVICES, PRECISIONS
-from pipeline.errors import ConfigError, TLError
+from pipeline.errors import TLError
 
 # -------------------------------------------------------------- options several commands share
 
@@ -45,77 +45,20 @@ def _option_keys(command: click.Command) -> dict[str, str]:
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
-    """Eager: turn a YAML file into this command's defaults, so flags on the command line still win.
-
-    Top-level keys apply to every command that has such an option; a section named after a command
-    (`extract:`) applies to that command only and wins over top-level keys.
-    """
+    """Eager: a YAML file becomes this command's defaults (pipeline.config), so flags still win."""
     if value is None:
         return value
-    import yaml
+    from pipeline.config import command_defaults
 
-    path = Path(value)
-    if not path.is_file():
-        raise ConfigError(f"config file {value} does not exist")
-    try:
-        document = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {value} is not UTF-8 text; save it as UTF-8") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {value}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        raise ConfigError(f"config file {value} is not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"config file {value} must be a mapping of option: value")
-    own = _option_keys(ctx.command)
     group = ctx.parent.command if ctx.parent else None
     commands = list(group.commands.values()) if isinstance(group, click.Group) else [ctx.command]
-    sections = {command.name for command in commands}
-    known_anywhere = {key for command in commands for key in _option_keys(command)}
-    defaults: dict = {}
-    section: dict = {}
-    for raw_key, setting in document.items():
-        key = str(raw_key).replace("-", "_")
-        if str(raw_key) in sections:
-            if not isinstance(setting, dict):
-                raise ConfigError(f"config file {value}: section {raw_key} must be a mapping")
-            if raw_key == ctx.info_name:
-                section = setting
-            continue
-        if key not in known_anywhere:
-            raise ConfigError(f"config file {value}: unknown key '{raw_key}'; keys are option names such as "
-                              f"{', '.join(sorted(own)[:6])}")
-        if key in own:
-            defaults[own[key]] = setting
-    for raw_key, setting in section.items():
-        key = str(raw_key).replace("-", "_")
-        if key not in own:
-            raise ConfigError(f"config file {value}: section {ctx.info_name} has unknown key '{raw_key}'")
-        defaults[own[key]] = setting
-    flags = {param.name for param in ctx.command.params if getattr(param, "is_flag", False)}
-    for key, setting in defaults.items():
-        if isinstance(setting, bool) and key not in flags:  # click would read true as 1
-            raise ConfigError(f"config file {value}: '{key.rstrip('_')}' takes a value, not {str(setting).lower()}")
-        defaults[key] = _config_value(value, key, setting)
+    defaults = command_defaults(
+        Path(value), ctx.info_name, _option_keys(ctx.command),
+        known={key for command in commands for key in _option_keys(command)},
+        sections={command.name for command in commands},
+        flags={param.name for param in ctx.command.params if getattr(param, "is_flag", False)})
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
-
-
-def _config_value(config: str, key: str, setting):
-    """A config value as the flag would give it: a scalar, or a list joined with commas. Anything else
-    (an empty value, a mapping where a value belongs) is one line naming the key."""
-    scalar = (str, int, float, bool)
-    if isinstance(setting, (list, tuple)) and all(isinstance(item, scalar) for item in setting):
-        return ",".join(str(item) for item in setting)
-    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
-        return str(setting)  # click parses it as from the command line: 1.5 is no integer
-    if isinstance(setting, scalar):
-        return setting
-    kind = "no value" if setting is None else f"a {type(setting).__name__}"
-    raise ConfigError(f"config file {config}: '{key.rstrip('_')}' has {kind}; give it a value as on the command line "
-                      f"(--{key.rstrip('_').replace('_', '-')} VALUE)")
 
 
 config_option = click.option(
