@@ -94,8 +94,9 @@ class CacheReader:
                 raise CacheError(f"{shard['file']} of {self.root} has class {top} but the manifest names "
                                  f"{len(self.classes)} classes; re-run tl extract with --overwrite")
         elif found and handle["target"].shape[1:] != (len(self.classes),):
+            width = handle["target"].shape[1:]
             handle.close()
-            raise CacheError(f"{shard['file']} of {self.root} has targets of {handle['target'].shape[1:]} classes "
+            raise CacheError(f"{shard['file']} of {self.root} has targets of {width} classes "
                              f"but the manifest names {len(self.classes)}; re-run tl extract with --overwrite")
 
     def _note_read(self, rows: int) -> None:
@@ -211,12 +212,10 @@ class CacheReader:
         for position, shard in enumerate(self.shards):
             try:
                 self.check_shard(position)
-                with h5py.File(self.root / shard["file"], "r") as handle:
+                with self.open_shard(position) as handle:  # opening checks rows and classes against the manifest
                     for name in list(self.manifest["taps"]) + ["target", "sample_id"]:
                         if name not in handle or handle[name].shape[0] != shard["rows"]:
                             problems.append(f"{shard['file']}: column {name} missing or of the wrong length")
-                with self.open_shard(position):  # rows and classes against the manifest
-                    pass
             except (CacheError, OSError) as exc:
                 problems.append(str(exc))
         return problems

@@ -539,6 +539,17 @@ def test_info_verify_checks_targets_against_the_classes(run_tl, tmp_path):
     assert result.code == 2 and "has class 3 but the manifest names 2 classes" in result.err
 
 
+def test_a_multi_label_manifest_with_trimmed_classes_is_refused(run_tl, tmp_path):
+    targets = (np.arange(24)[:, None] % np.array([2, 3, 4]) == 0).astype(np.int64)
+    cache = write_code_cache(tmp_path / "c", np.ones((24, 2)), targets, list("abc"), shard_rows=24)
+    manifest = manifest_of(cache)
+    manifest["classes"] = ["a", "b"]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run_tl("fit-head", "--cache", cache, "--out", tmp_path / "h.pt"),
+                          "targets of (3,) classes but the manifest names 2")
+    assert "targets of (3,) classes" in run_tl("info", cache, "--verify").err
+
+
 def test_predict_prints_non_utf8_names_as_their_bytes(tmp_path, small_head):
     folder = tmp_path / "pics"
     write_image(folder / os.fsdecode(b"caf\xe9.png"), seed=3)
