@@ -276,7 +276,8 @@ def example_data(out, per_class, seed):
 def fit_head(c_values, hidden, optimizer, lr, lr_steps, lr_factor, momentum, weight_decay, batch_size, max_epochs,
              early_stop, patience, device, quiet, **options):
     """Train a head on the codes of one cached layer and save it as one file."""
-    from pipeline.heads import FitHeadConfig, TrainingOptions, fit_head as run_fit_head
+    from pipeline.fit_head import FitHeadConfig, fit_head as run_fit_head
+    from pipeline.training import TrainingOptions
 
     grid = _numbers(c_values, float, "--C")
     widths = _numbers(hidden, int, "--hidden")
@@ -376,7 +377,7 @@ def predict(paths, **options):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="File to write.")
 def export(model, format_, out):
     """Write a finetuned model as TorchScript or ONNX (pixels -> probabilities), checked on a sample batch."""
-    from pipeline.finetune import export_model
+    from pipeline.export import export_model
 
     difference = export_model(model, format_, out)
     click.echo(f"wrote {out} ({format_}); largest difference from the model on a sample batch {difference:.1e}")
@@ -452,7 +453,8 @@ def quickstart(out, per_class, seed, quiet):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")
 def finetune(format_, lr_steps, lr_factors, quiet, **options):
     """Train the head with the last conv layers end to end; a checkpoint every epoch, --resume after a stop."""
-    from pipeline.finetune import FinetuneConfig, checkpoint_paths, run_finetune
+    from pipeline.finetune import FinetuneConfig, run_finetune
+    from pipeline.model_files import checkpoint_paths
 
     config = FinetuneConfig(format=format_, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
                             lr_factors=_numbers(lr_factors, float, "--lr-factors"), quiet=quiet, **options)

@@ -113,7 +113,8 @@ def measure_tl(name: str, photos: Path, out: Path, batch_size: int, device: str,
 
 def train_step_rate(name: str, batch_size: int, steps: int, device: torch.device, precision: str) -> float:
     """Images/s of `tl finetune`'s training step through the whole backbone and a 10-class linear head."""
-    from pipeline.finetune import FinetuneModel, training_step
+    from pipeline.model_files import FinetuneModel
+    from pipeline.finetune import training_step
 
     backbone = get_backbone(name)
     features = TapModel(load_model(backbone, resolve_weights(backbone, "none")), backbone, [backbone.default_tap])

@@ -28,7 +28,8 @@ SECTION = "## fit-head memory"
 CHILD = """
 import json, resource, sys
 sys.path.insert(0, {repo!r})
-from pipeline.heads import FitHeadConfig, TrainingOptions, fit_head
+from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.training import TrainingOptions
 settings = json.loads({settings!r})
 training = TrainingOptions(**settings.pop("training"))
 fit_head(FitHeadConfig(training=training, **settings))

@@ -22,7 +22,8 @@ sys.path.insert(0, str(REPO))
 from pipeline.examples import write_digits  # noqa: E402
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
 from pipeline.finetune import FinetuneConfig, run_finetune  # noqa: E402
-from pipeline.heads import FitHeadConfig, TrainingOptions, fit_head  # noqa: E402
+from pipeline.fit_head import FitHeadConfig, fit_head  # noqa: E402
+from pipeline.training import TrainingOptions  # noqa: E402
 from results import publish  # noqa: E402
 
 SECTION = "## head epoch: cache vs recomputed backbone"

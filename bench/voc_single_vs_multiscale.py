@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO))
 from pipeline.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
 from pipeline.examples import write_shapes_voc  # noqa: E402
 from pipeline.extract import ExtractConfig, run_extract  # noqa: E402
-from pipeline.heads import FitHeadConfig, TrainingOptions, fit_head  # noqa: E402
+from pipeline.fit_head import FitHeadConfig, fit_head  # noqa: E402
+from pipeline.training import TrainingOptions  # noqa: E402
 from pipeline.multiscale import PatchSettings  # noqa: E402
 from results import publish  # noqa: E402
 

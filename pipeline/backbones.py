@@ -14,8 +14,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pipeline.decoding import crop_decoder, normalize
 from pipeline.errors import BackboneError
 from pipeline.files import file_digest
+from pipeline.hardware import autocast, prepare_module, to_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,14 +61,10 @@ class Backbone:
 
     def crop_decoder(self, decode: str):
         """PIL image -> (3, input, input) uint8 centre crop in decoding mode `decode` (see decoding)."""
-        from pipeline.decoding import crop_decoder
-
         return crop_decoder(decode, self.resize_size, self.input_size)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """A uint8 batch of crops -> the float input the weights expect, on the batch's device."""
-        from pipeline.decoding import normalize
-
         return normalize(pixels, self.mean, self.std)
 
     def transform(self, *middle):
@@ -356,3 +354,19 @@ register(
         std=(128.0 / 255, 128.0 / 255, 128.0 / 255),
     )
 )
+
+
+def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
+    """The frozen backbone cut at its taps, on `device` (channels_last and cudnn autotuning on CUDA)."""
+    return prepare_module(TapModel(load_model(backbone, weights), backbone, taps), device)
+
+
+def forward_codes(model: nn.Module, backbone: Backbone, pixels: torch.Tensor, device: torch.device,
+                  precision: str) -> dict:
+    """{tap: float32 numpy codes} of one uint8 batch: normalised once on the device, then the forward
+    pass under autocast unless the precision is float32."""
+    with torch.inference_mode():
+        inputs = backbone.normalize(to_device(pixels, device))
+        with autocast(device, precision):
+            outputs = model(inputs)
+        return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from pipeline import DECODE_MODES, DEFAULT_DECODE  # noqa: F401  (the CLI lists them without torch)
+from pipeline.datasets import DECODE_ERRORS, Source
+from pipeline.errors import TLError
 
 
 def resize_geometry(width: int, height: int, resize: int, crop: int) -> tuple[int, int, int, int]:
@@ -71,8 +73,6 @@ class FastCrop:
 def crop_decoder(mode: str, resize: int, crop: int):
     """The PIL image -> (3, crop, crop) uint8 transform of a decoding mode; its `draft` goes to
     Source.read_image."""
-    from pipeline.errors import TLError
-
     if mode not in DECODE_MODES:
         raise TLError(f"unknown --decode {mode}; valid: {', '.join(DECODE_MODES)}")
     return (FastCrop if mode == "fast" else ExactCrop)(resize, crop)
@@ -119,8 +119,6 @@ class EncodedImages(torch.utils.data.Dataset):
     "") or the reason it is unreadable (None, None, index, reason). Workers only read bytes for JPEGs."""
 
     def __init__(self, source, crop):
-        from pipeline.datasets import Source
-
         self.source, self.crop = source, crop
         # only sources that read files by path (not CIFAR's in-memory rows) hand their bytes over
         self.files = type(source).read_image is Source.read_image
@@ -129,8 +127,6 @@ class EncodedImages(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int):
-        from pipeline.datasets import DECODE_ERRORS
-
         data = _jpeg_bytes(self.source.samples[index].location) if self.files else None
         if data is not None:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, index, ""
@@ -161,8 +157,6 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
     antialiased) and cropped with torchvision's geometry; a JPEG the device cannot decode (CMYK, a
     corrupt file) goes to `fallback(index) -> crop`, the CPU path, which may raise a decoding error."""
     from torchvision.io import ImageReadMode, decode_jpeg
-
-    from pipeline.datasets import DECODE_ERRORS
 
     jpegs = [(position, item[0]) for position, item in enumerate(items) if item[0] is not None]
     decoded: dict[int, torch.Tensor] = {}

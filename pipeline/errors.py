@@ -22,3 +22,11 @@ class BackboneError(TLError):
 
 class CacheError(TLError):
     """A cache that is missing, locked, stale, incomplete or corrupt."""
+
+
+class HeadError(TLError):
+    """A head file that is not one, or a head used on codes it was not trained for."""
+
+
+class FinetuneError(TLError):
+    """A finetune run, model file or export that cannot start or go on as asked."""

@@ -11,10 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.heads import CodeRows, HeadError, check_codes_match, load_head, score_rows
-from pipeline.metrics import AP_METHODS, accuracy, summarize
-from pipeline.multiscale import BACKGROUND, DEFAULT_EXPONENT, pool_image_scores
+from cache.reader import CacheReader
+from pipeline.backbones import get_backbone
+from pipeline.code_rows import CodeRows, score_rows
+from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_targets
+from pipeline.datasets import open_source
+from pipeline.errors import HeadError
 from pipeline.files import refuse_overwriting_inputs
+from pipeline.hardware import prepare_module, resolve_device, resolve_precision
+from pipeline.image_sets import image_set, score_images
+from pipeline.metrics import AP_METHODS, accuracy, summarize
+from pipeline.model_files import load_head, load_model_file
+from pipeline.multiscale import DEFAULT_EXPONENT, pool_image_scores
 from pipeline.report import REPORT_FILES, write_predictions, write_report
 
 
@@ -47,8 +55,6 @@ class EvaluateResult:
 
 
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
-    from cache.reader import CacheReader
-
     if config.ap not in AP_METHODS:
         raise HeadError(f"unknown --ap {config.ap}; valid: {', '.join(AP_METHODS)}")
     if config.top_k < 1:
@@ -73,15 +79,13 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         return _evaluate_model(config)
     head, metadata = load_head(config.head)
     reader = CacheReader(config.cache)
-    if reader.num_rows == 0:
-        raise HeadError(f"cache {config.cache} has no rows; extract images into it first")
     check_head_fits_cache(metadata, head.multilabel_, reader.manifest, config.head, config.cache)
     rows = CodeRows.from_cache(reader, metadata["layer"], block_rows=config.block_rows)
     targets = head_targets(rows.targets, reader.classes, metadata["classes"], f"cache {config.cache}",
                            f"head {config.head}")
     scores = score_rows(head, rows)
     if reader.manifest["key"]["patches"] is not None:
-        _check_patch_head(metadata["classes"], config.head)
+        check_patch_head(metadata["classes"], config.head)
         what, names = (f"cache {config.cache}", f"head {config.head}"), metadata["classes"][1:]
         image_targets = head_targets(reader.load_column("image_target").astype(np.int64), reader.classes[1:], names,
                                      *what)
@@ -103,11 +107,6 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
 def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     """A finetuned model over a data set: the same metrics and report as a head over a cache (pooled
     over every patch of each image for a multiscale model)."""
-    from pipeline.backbones import get_backbone
-    from pipeline.datasets import open_source
-    from pipeline.finetune import load_model_file, score_dataset, training_set
-    from pipeline.hardware import prepare_module, resolve_device, resolve_precision
-
     model, metadata = load_model_file(config.model)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -115,9 +114,9 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     names = metadata["classes"]
     what = (f"data {config.data}", f"model {config.model}")
     backbone = get_backbone(metadata["codes_key"]["backbone"])
-    dataset, targets = training_set(source, backbone, metadata, None, 0, None, *what)
+    dataset, targets = image_set(source, backbone, metadata, None, 0, None, *what)
     multilabel = metadata["head"]["state"]["multilabel"]
-    scores = score_dataset(prepare_module(model, device), dataset, config.batch_size, config.workers, device,
+    scores = score_images(prepare_module(model, device), dataset, config.batch_size, config.workers, device,
                            multilabel, precision)
     readable = ~np.isnan(scores).any(axis=1)
     if not readable.any():
@@ -126,7 +125,7 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     ids = np.array([source.samples[i].sample_id for i in samples])
     targets, scores = targets[readable], scores[readable]
     if metadata["codes_key"]["patches"]:
-        _check_patch_head(names, config.model)
+        check_patch_head(names, config.model)
         names = names[1:]
         image_targets = head_targets(np.array([source.samples[i].target for i in samples]), source.classes, names,
                                      *what)
@@ -145,12 +144,6 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     return EvaluateResult(Path(config.out), report, files)
 
 
-def _check_patch_head(classes: list[str], path) -> None:
-    if classes[0] != BACKGROUND:
-        raise HeadError(f"{path} was not trained on patches (its first class is not background); "
-                        "fit a head on a --multiscale cache")
-
-
 def _pooled_report(patch_scores: np.ndarray, patch_targets: np.ndarray, image_ids: np.ndarray,
                    image_targets: np.ndarray, ignore: np.ndarray, names: list[str], config: EvaluateConfig):
     """Image-level view of patch scores: (ids, image targets, pooled scores, report). Pooled scores rank
@@ -165,40 +158,3 @@ def _pooled_report(patch_scores: np.ndarray, patch_targets: np.ndarray, image_id
     report["pooling"] = {"exponent": config.exponent, "patches": int(len(patch_targets)), "images": int(len(ids))}
     report["patch_accuracy"] = accuracy(patch_targets, patch_scores)
     return ids, image_targets[first], pooled, report
-
-
-def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: dict, head_path, cache_path) -> None:
-    """Refuse a cache that lacks the head's layer, holds other codes, or other kinds of targets."""
-    layer = metadata["layer"]
-    # the backbone first: a cache of another backbone lacks the layer too, and only this names the cause
-    check_codes_match(metadata["codes_key"], manifest, f"cache {cache_path}",
-                      f"the cache head {head_path} was trained on")
-    if layer not in manifest["taps"]:
-        raise HeadError(f"cache {cache_path} has no layer '{layer}', which head {head_path} was trained on; it has: "
-                        f"{', '.join(manifest['taps'])}; extract it with --layers {layer}")
-    if manifest["taps"][layer]["width"] != metadata["width"]:
-        raise HeadError(f"layer {layer} of cache {cache_path} is {manifest['taps'][layer]['width']} wide, but head "
-                        f"{head_path} expects {metadata['width']}")
-    if multilabel != (manifest.get("target") == "multi-hot"):
-        kinds = ("multi-label", "single-label")
-        raise HeadError(f"head {head_path} is {kinds[not multilabel]} but cache {cache_path} is "
-                        f"{kinds[multilabel]}; evaluate on a cache of the same kind of labels")
-
-
-def head_targets(targets: np.ndarray, data_classes: list[str], head_classes: list[str], data: str,
-                 head: str) -> np.ndarray:
-    """Targets renumbered from the data's classes into the head's (matched by name). `data` and `head`
-    name the two in the error, e.g. "cache caches/test" and "head heads/h.pt"."""
-    position = {name: index for index, name in enumerate(head_classes)}
-    used = np.flatnonzero(targets.sum(axis=0)) if targets.ndim == 2 else np.unique(targets)
-    unknown = [data_classes[c] for c in used if data_classes[c] not in position]
-    if unknown:
-        raise HeadError(f"{data} has labels {head} does not know: {', '.join(unknown[:8])}"
-                        f"{' ...' if len(unknown) > 8 else ''}; use data of the head's classes")
-    mapping = np.array([position.get(name, -1) for name in data_classes])
-    if targets.ndim == 1:
-        return mapping[targets]
-    renumbered = np.zeros((len(targets), len(head_classes)), dtype=targets.dtype)
-    for cache_class in used:
-        renumbered[:, mapping[cache_class]] = targets[:, cache_class]
-    return renumbered

@@ -12,20 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from cache.manifest import MANIFEST
 from cache.writer import CacheWriter
-from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, resolve_weights
-from pipeline.datasets import DECODE_ERRORS, Source, open_source
+from pipeline.backbones import Backbone, forward_codes, get_backbone, prepare_model, resolve_weights
+from pipeline.datasets import Source, open_source
 from pipeline.decoding import (DEFAULT_DECODE, EncodedImages, collate_encoded, crop_decoder, decodes_on_device,
                                device_crops)
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
-from pipeline.hardware import (WorkerLoader, autocast, pinned, prepare_module, resolve_device, resolve_precision,
-                               to_device)
+from pipeline.hardware import WorkerLoader, pinned, resolve_device, resolve_precision
+from pipeline.image_sets import image_loader
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 
 ON_ERROR = ("skip", "fail")
@@ -77,31 +75,6 @@ class ExtractResult:
     skipped: list[dict] = field(default_factory=list)
     patches: int = 0  # rows written from patches in this run (multiscale)
     warnings: list[str] = field(default_factory=list)
-
-
-class DecodedImages(Dataset):
-    """(pixels or None, index, error) per sample: a bad file is reported, never raised, in a worker.
-    `transform` takes the decoded PIL image; its `draft` attribute, if any, lets a JPEG decode smaller."""
-
-    def __init__(self, source: Source, transform):
-        self.source = source
-        self.transform = transform
-        self.draft = getattr(transform, "draft", None)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int):
-        try:
-            return self.transform(self.source.read_image(index, self.draft)), index, ""
-        except DECODE_ERRORS as exc:
-            return None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
-
-
-def collate_decoded(items):
-    good = [pixels for pixels, _, error in items if not error]
-    pixels = torch.stack(good) if good else None
-    return pixels, [index for _, index, error in items if not error], [(i, e) for _, i, e in items if e]
 
 
 @contextlib.contextmanager
@@ -239,30 +212,6 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                          time.perf_counter() - started, written, reused, timing["processed"],
                          timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest["skipped"],
                          timing.get("patches", 0), list(source.warnings))
-
-
-def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
-    """The frozen backbone cut at its taps, on `device` (channels_last and cudnn autotuning on CUDA)."""
-    return prepare_module(TapModel(load_model(backbone, weights), backbone, taps), device)
-
-
-def image_loader(source: Source, backbone: Backbone, batches: list[list[int]], workers: int | None,
-                 device: torch.device, decode: str = "exact") -> DataLoader:
-    """Batches of (uint8 centre crops, indices, errors), decoded in worker processes in decoding mode
-    `decode`, pinned for a CUDA device. uint8 crosses the worker boundary: 4x fewer bytes than float."""
-    return WorkerLoader(DecodedImages(source, backbone.crop_decoder(decode)), device, workers, batch_sampler=batches,
-                        collate_fn=collate_decoded)
-
-
-def forward_codes(model: nn.Module, backbone: Backbone, pixels: torch.Tensor, device: torch.device,
-                  precision: str) -> dict:
-    """{tap: float32 numpy codes} of one uint8 batch: normalised once on the device, then the forward
-    pass under autocast unless the precision is float32."""
-    with torch.inference_mode():
-        inputs = backbone.normalize(to_device(pixels, device))
-        with autocast(device, precision):
-            outputs = model(inputs)
-        return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}
 
 
 class Stopwatch:

@@ -7,10 +7,8 @@ epochs an uninterrupted one would have run.
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -19,52 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from pipeline import __version__
-from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
-from pipeline.datasets import open_source
-from pipeline.decoding import NormalizedCrop, decode_of
 from pipeline import distributed
-from pipeline.errors import TLError
-from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries, write_bytes
-from pipeline.extract import DecodedImages, collate_decoded
-from pipeline.hardware import (WorkerLoader, autocast, default_workers, grad_scaler, prepare_module, resolve_device,
+from pipeline.code_rows import validation_score
+from pipeline.datasets import open_source
+from pipeline.errors import FinetuneError
+from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries
+from pipeline.hardware import (autocast, default_workers, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
-from pipeline.heads import head_from_payload, load_head, read_payload, validation_score, write_payload
-from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
-
-MODEL_FORMAT = "tl-model/1"
-CHECKPOINT_FORMAT = "tl-checkpoint/1"
-
-
-class FinetuneError(TLError):
-    """A finetune run that cannot start or go on as asked."""
-
-
-class FinetuneModel(nn.Module):
-    """pixels -> logits: the frozen-or-not backbone cut at the head's tap, then the head's layers.
-
-    `eval_modules` stay in eval mode even in `train()`: every layer before the first trainable one, so
-    frozen BatchNorm statistics never move and frozen dropout stays off, as in stage one; and, unless
-    BatchNorm statistics are trained, every BatchNorm layer (its scale and shift still learn).
-    """
-
-    def __init__(self, features: TapModel, tap: str, head: nn.Module):
-        super().__init__()
-        self.features = features
-        self.tap = tap
-        self.head = head
-        self.eval_modules: list[nn.Module] = []
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixels)[self.tap])
-
-    def train(self, mode: bool = True) -> "FinetuneModel":
-        super().train(mode)
-        for module in self.eval_modules:
-            module.eval()
-        return self
+from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images
+from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
+                                  save_checkpoint, save_model)
+from pipeline.training import decay_groups, loss_for, make_optimizer, step_multiplier
 
 
 @dataclass
@@ -119,28 +83,7 @@ class FinetuneResult:
     precision: str = "float32"
 
 
-def checkpoint_paths(out: Path) -> tuple[Path, Path]:
-    """(last, best) checkpoints beside the model file."""
-    out = Path(out)
-    return out.with_name(out.stem + ".last.ckpt"), out.with_name(out.stem + ".best.ckpt")
-
-
-# ---------------------------------------------------------------- building the model
-
-
-def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[FinetuneModel, Backbone, list[str]]:
-    """The model of a head: its backbone (weights found again from the recorded digest) up to its tap,
-    and its layers. Returns the model, the backbone entry and the backbone's ordered conv layers."""
-    key = head_metadata["codes_key"]
-    backbone = get_backbone(key["backbone"])
-    if backbone.preprocessing(decode_of(key["preprocessing"])) != key["preprocessing"]:
-        raise FinetuneError(f"{backbone.name}'s preprocessing differs from the one the head was trained with; "
-                            "re-extract the cache and refit the head")
-    full = load_model(backbone, weights_for_digest(backbone, key["weights"], weights_path))
-    convs = backbone.conv_layers(full)
-    model = FinetuneModel(TapModel(full, backbone, [head_metadata["layer"]]), head_metadata["layer"],
-                          head.logits_module())
-    return model, backbone, convs
+# ---------------------------------------------------------------- the trainable part
 
 
 def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool = False) -> dict:
@@ -176,106 +119,11 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
             "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
 
 
-# ---------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """How training images vary. The head was fitted on centre-crop codes, so the default is mild: a
-    random crop of at least half the image's area (crop_scale 1: the backbone's resize and centre crop)
-    and a horizontal flip (turn it off where mirroring changes the class: digits, text, traffic signs)."""
-
-    crop_scale: float = 0.5
-    flip: bool = True
-
-    def check(self) -> None:
-        if not 0 < self.crop_scale <= 1:
-            raise FinetuneError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
-
-
-def training_set(source, backbone: Backbone, head_metadata: dict, augmentation: Augmentation | None, seed: int,
-                 background_fraction: float | None, what: str, head: str) -> tuple:
-    """(dataset of (pixels, position, error) items, targets in the head's classes) for the head's kind
-    of codes: whole images, or single patches labelled as in stage one for a multiscale head. With an
-    `augmentation` (training) images vary and background patches are thinned; without one, every item
-    is seen as in stage one. `what` and `head` name the data and the head in errors."""
-    from torchvision import transforms
-
-    from pipeline.evaluate import head_targets
-
-    training = augmentation is not None
-    normalize = backbone.normalization()
-    flip = [transforms.RandomHorizontalFlip()] if training and augmentation.flip else []
-    geometry = head_metadata["codes_key"]["patches"]
-    if geometry:
-        if not hasattr(source, "annotations"):
-            raise FinetuneError(f"{head} was trained on multiscale patches; use voc data with it")
-        settings = PatchSettings(tuple(geometry["scales"]), geometry["patch_overlap"], geometry["box_overlap"],
-                                 background_fraction)
-        dataset = PatchSamples(source, backbone.input_size, settings, training, seed,
-                               transforms.Compose(flip + normalize))
-        return dataset, head_targets(dataset.targets, [BACKGROUND] + list(source.classes), head_metadata["classes"],
-                                     what, head)
-    transform = backbone.transform(*flip)  # the backbone's resize and centre crop
-    if not training:  # every image seen as stage one saw it: the head's decoding mode included
-        crop = backbone.crop_decoder(decode_of(head_metadata["codes_key"]["preprocessing"]))
-        transform = NormalizedCrop(crop, backbone.mean, backbone.std)
-    elif augmentation.crop_scale < 1:
-        crop = transforms.RandomResizedCrop(backbone.input_size, scale=(augmentation.crop_scale, 1.0), antialias=True)
-        transform = transforms.Compose([crop, *flip, *normalize])
-    targets = np.array([sample.target for sample in source.samples])
-    return DecodedImages(source, transform), head_targets(targets, source.classes, head_metadata["classes"], what,
-                                                         head)
-
-
-class SeededItems(torch.utils.data.Dataset):
-    """Each item's random augmentation drawn from (epoch seed, item) alone: the same crops and flips
-    whatever the batch size, worker count or number of ranks."""
-
-    def __init__(self, dataset, epoch_seed: int):
-        self.dataset, self.epoch_seed = dataset, epoch_seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.default_rng([self.epoch_seed, index]).integers(2**62)))
-            return self.dataset[index]
-
-
-def _loader(dataset, batches, workers: int | None, device) -> DataLoader:
-    """Batches of (pixels, indices, errors) decoded in workers, pinned for CUDA, a few in flight."""
-    return WorkerLoader(dataset, device, workers, batch_sampler=batches, collate_fn=collate_decoded)
-
-
-def epoch_batches(size: int, current: distributed.World, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
-    """This rank's batches of one epoch: torch's DistributedSampler (shuffled from seed + epoch, padded,
-    strided over the ranks) in batches of batch_size / world size, so --batch-size stays the global batch
-    and step i of every rank together covers the same items as step i of a single process."""
-    sampler = DistributedSampler(range(size), num_replicas=current.size, rank=current.rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    return list(BatchSampler(sampler, max(1, batch_size // current.size), drop_last=False))
-
-
 # ---------------------------------------------------------------- training
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch]).integers(2**62))
-
-
-def _lr_multiplier(steps: tuple[int, ...], factors: tuple[float, ...]):
-    factors = tuple(factors) or (0.1,)
-
-    def multiplier(epoch: int) -> float:
-        value = 1.0
-        for number, step in enumerate(sorted(steps)):
-            if epoch >= step:
-                value *= factors[min(number, len(factors) - 1)]
-        return value
-
-    return multiplier
 
 
 def _parameter_groups(model: FinetuneModel, config: FinetuneConfig) -> list[dict]:
@@ -288,14 +136,9 @@ def _parameter_groups(model: FinetuneModel, config: FinetuneConfig) -> list[dict
 
 
 def _optimizer(model: FinetuneModel, config: FinetuneConfig):
-    groups = _parameter_groups(model, config)
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    elif config.optimizer == "adam":
-        optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        raise FinetuneError(f"unknown --optimizer {config.optimizer}; valid: sgd, adam")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_multiplier(config.lr_steps, config.lr_factors))
+    optimizer = make_optimizer(_parameter_groups(model, config), config.optimizer, config.lr, config.momentum,
+                               config.weight_decay, FinetuneError)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(config.lr_steps, config.lr_factors))
     return optimizer, schedule
 
 
@@ -369,17 +212,17 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         + f"); {trainable['frozen_parameters']:,} frozen")
     source = open_source(config.format, config.data, config.split, samples_per_class=config.samples_per_class,
                          seed=config.seed, classes=config.classes)
-    dataset, targets = training_set(source, backbone, head_metadata, Augmentation(config.crop_scale, config.flip),
+    dataset, targets = image_set(source, backbone, head_metadata, Augmentation(config.crop_scale, config.flip),
                                     config.seed, config.background_fraction,
                                     f"data {config.data}", f"head {config.head}")
     val_dataset = val_targets = None
     if config.val_data is not None:
         val_source = open_source(config.format, config.val_data, config.val_split or config.split,
                                  seed=config.seed, classes=config.classes)
-        val_dataset, val_targets = training_set(val_source, backbone, head_metadata, None, config.seed, None,
-                                                f"validation data {config.val_data}", f"head {config.head}")
+        val_dataset, val_targets = image_set(val_source, backbone, head_metadata, None, config.seed, None,
+                                             f"validation data {config.val_data}", f"head {config.head}")
     multilabel = targets.ndim == 2
-    loss_function = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+    loss_function = loss_for(multilabel)
     model = prepare_module(model, device)
     if precision != "float32":
         say(f"mixed precision: {precision} autocast" + (" with loss scaling" if precision == "float16" else ""))
@@ -398,14 +241,14 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
     if config.resume:
         if not last_path.is_file():
             raise FinetuneError(f"--resume found no checkpoint {last_path}; start without --resume")
-        state = _load_checkpoint(last_path, identity)
+        state = load_checkpoint(last_path, identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         # the learning rate given now wins over the checkpoint's, so "lower --lr and resume" works
-        schedule.base_lrs = [group["lr"] for group in _parameter_groups(model, config)]
+        schedule.base_lrs = [group["lr"] for group in decay_groups(_parameter_groups(model, config), 0.0)]
         for group, base in zip(optimizer.param_groups, schedule.base_lrs):
             group["initial_lr"], group["lr"] = base, base * schedule.lr_lambdas[0](schedule.last_epoch)
         torch.set_rng_state(state["torch_rng"])
@@ -423,7 +266,7 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         epoch_seed = _epoch_seed(config.seed, epoch)
         torch.manual_seed(epoch_seed)
         batches = epoch_batches(len(dataset), current, config.seed, epoch, config.batch_size)
-        loader = _loader(SeededItems(dataset, epoch_seed), batches, config.workers, device)
+        loader = batch_loader(SeededItems(dataset, epoch_seed), batches, config.workers, device)
         trainer.train()
         total, seen, unreadable = 0.0, 0, set()
         for number, (pixels, indices, errors) in enumerate(loader, start=1):
@@ -465,15 +308,15 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
             say(f"  warning: {' and '.join(unread)} images could not be read and were skipped")
         if current.is_main:
             for path in [last_path] + ([best_path] if best[1] == epoch else []):
-                _save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)
+                save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)
         distributed.barrier(current, f"checkpoint of epoch {epoch + 1}")
     val = None
     if current.is_main:
         if config.early_stop and best[1] is not None and best_path.is_file():
-            model.load_state_dict(_load_checkpoint(best_path, identity)["model"])
+            model.load_state_dict(load_checkpoint(best_path, identity)["model"])
         if val_dataset is not None:
             val = _validate(model, val_dataset, val_targets, config, device, precision)
-        save_model(config.out, model, head_metadata, trainable, history, config)
+        save_model(config.out, model, head_metadata, trainable, history, asdict(config))
     distributed.barrier(current, "model written")
     distributed.stop(current)
     return FinetuneResult(Path(config.out), len(history) - (resumed_from or 0), history, trainable,
@@ -510,7 +353,7 @@ def _check_loss(loss: torch.Tensor, current: distributed.World, epoch: int, numb
 def _validate(model, dataset, targets, config, device, precision) -> dict:
     """Validation loss and accuracy (or mAP) over the readable images; unreadable ones are counted
     (`val_skipped_images`), never scored as a NaN row."""
-    probabilities = score_dataset(model, dataset, config.batch_size, config.workers, device,
+    probabilities = score_images(model, dataset, config.batch_size, config.workers, device,
                                   multilabel=targets.ndim == 2, precision=precision)
     readable = ~np.isnan(probabilities).any(axis=1)
     if not readable.any():
@@ -528,155 +371,9 @@ def _validate(model, dataset, targets, config, device, precision) -> dict:
     return {"val_loss": loss, metric: validation_score(targets, probabilities), **skipped}
 
 
-def score_dataset(model: FinetuneModel, dataset, batch_size: int, workers: int | None, device,
-                  multilabel: bool, precision: str = "float32") -> np.ndarray:
-    """Class probabilities of every item (NaN rows for unreadable images), model in eval mode."""
-    model.eval()
-    positions = list(range(len(dataset)))
-    batches = [positions[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
-    probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
-    with torch.inference_mode():
-        for pixels, indices, _ in _loader(dataset, batches, workers, device):
-            if pixels is None:
-                continue
-            with autocast(device, precision):
-                logits = model(to_device(pixels, device)).float()
-            activation = torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)
-            probabilities[indices] = activation.double().cpu().numpy()
-    return probabilities
-
-
-# ---------------------------------------------------------------- checkpoints and model files
-
-
 def _identity(config: FinetuneConfig, head_metadata: dict) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     return {"head_codes_key": head_metadata["codes_key"], "layer": head_metadata["layer"],
             "classes": head_metadata["classes"], "kind": head_metadata["kind"], "unfreeze": config.unfreeze,
             "bn_stats": config.bn_stats,
             "optimizer": config.optimizer}
-
-
-def _save_checkpoint(path: Path, model, optimizer, schedule, scaler, epoch: int, history: list[dict], best,
-                     identity) -> None:
-    payload = {
-        "metadata": json.dumps({"format": CHECKPOINT_FORMAT, "epoch": epoch, "history": history,
-                                "best_loss": best[0] if math.isfinite(best[0]) else None, "best_epoch": best[1],
-                                "identity": identity, "tl_version": __version__}),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "scaler": scaler.state_dict(),  # empty unless float16 loss scaling is on
-        "torch_rng": torch.get_rng_state(),
-        "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-    }
-    _atomic_save(payload, path)
-
-
-def _atomic_save(payload: dict, path: Path) -> None:
-    write_payload(payload, path, "checkpoint or model file")
-
-
-def _load_checkpoint(path: Path, identity: dict) -> dict:
-    payload, metadata = read_payload(path, "checkpoint", "delete it and start over", FinetuneError,
-                                     require_checksum=True)
-    if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("identity") != identity:
-        found = metadata.get("identity") or {}
-        differences = [name for name in identity if found.get(name) != identity[name]]
-        raise FinetuneError(f"checkpoint {path} does not match this model ({', '.join(differences) or 'format'} "
-                            "differ); resume with the same head and --unfreeze, or pass --overwrite")
-    best_loss = metadata["best_loss"]
-    return {**payload, "epoch": metadata["epoch"], "history": metadata["history"],
-            "best_loss": math.inf if best_loss is None else best_loss, "best_epoch": metadata["best_epoch"]}
-
-
-def save_model(path: Path, model: FinetuneModel, head_metadata: dict, trainable: dict, history: list[dict],
-               config: FinetuneConfig) -> None:
-    """The model file: every tensor, and JSON metadata enough to rebuild it without running code."""
-    head_part = {key: head_metadata[key] for key in ("format", "kind", "tl_version", "hyperparameters", "state",
-                                                    "classes", "layer", "width", "codes_key")}
-    document = {"format": MODEL_FORMAT, "tl_version": __version__, "head": head_part,
-                "classes": head_metadata["classes"], "layer": head_metadata["layer"],
-                "codes_key": head_metadata["codes_key"], "unfreeze": config.unfreeze, "trainable": trainable,
-                "history": history, "settings": {k: str(v) if isinstance(v, Path) else v
-                                                 for k, v in asdict(config).items()}}
-    head_tensors = {name: tensor.detach().cpu() for name, tensor in model.head.state_dict().items()}
-    _atomic_save({"metadata": json.dumps(document), "tensors": model.state_dict(), "head_tensors": head_tensors},
-                 Path(path))
-
-
-def load_model_file(path: Path, weights_path: str | None = None) -> tuple[FinetuneModel, dict]:
-    """(model in eval mode, metadata) from a file written by `save_model`; nothing in it is executed."""
-    path = Path(path)
-    payload, metadata = read_payload(path, "model file", "train one with tl finetune", FinetuneError)
-    if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
-        raise FinetuneError(f"{path} is not a {MODEL_FORMAT} file; train one with tl finetune")
-    head, _ = head_from_payload(metadata["head"], _head_rebuild_tensors(metadata["head"], payload), path)
-    key = metadata["codes_key"]
-    backbone = get_backbone(key["backbone"])
-    # every weight comes from the file: build the architecture only (seeded, nothing downloaded)
-    full = load_model(backbone, weights_for_digest(backbone, "random-init:seed=0"))
-    model = FinetuneModel(TapModel(full, backbone, [metadata["layer"]]), metadata["layer"], head.logits_module())
-    try:
-        model.load_state_dict(payload["tensors"])
-    except RuntimeError as exc:
-        raise FinetuneError(f"{path} does not fit its own description ({str(exc).splitlines()[0]}); "
-                            "train it again") from None
-    return model.eval(), metadata
-
-
-def _head_rebuild_tensors(head_metadata: dict, payload: dict) -> dict:
-    """The tensors a head's `from_saved` expects, from the head part of a model file."""
-    tensors = payload["head_tensors"]
-    if head_metadata["kind"] == "mlp":
-        return {f"network.{name}": tensor for name, tensor in tensors.items()}
-    return {"mean_": tensors["0.mean"].double(), "scale_": tensors["0.scale"].double(),
-            "coef_": tensors["1.weight"].double(), "intercept_": tensors["1.bias"].double()}
-
-
-
-EXPORT_FORMATS = ("torchscript", "onnx")
-
-
-def export_model(model_path: Path, format: str, out: Path, tolerance: float = 1e-4) -> float:
-    """Write a deployable file (pixels -> class probabilities) and check it against the model on a seeded
-    sample batch; returns the largest difference. ONNX needs the onnx and onnxruntime packages."""
-    if format not in EXPORT_FORMATS:
-        raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
-    out = Path(out)
-    refuse_overwriting_inputs({"--out": out}, {"--model": model_path})
-    if out.is_dir():
-        raise FinetuneError(f"--out {out} is a folder; name a file such as {out / ('model.' + format)}")
-    model, metadata = load_model_file(model_path)
-    activation = nn.Sigmoid() if metadata["head"]["state"]["multilabel"] else nn.Softmax(dim=1)
-    module = nn.Sequential(model, activation).eval()
-    size = get_backbone(metadata["codes_key"]["backbone"]).input_size
-    sample = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = module(sample).numpy()
-    if format == "onnx":
-        try:
-            import onnxruntime
-        except ImportError:
-            raise FinetuneError("ONNX export needs the onnx and onnxruntime packages: "
-                                "pip install onnx onnxruntime") from None
-    # exported in memory and written (atomically) only when it computes what the model computes
-    exported = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the check below is what counts
-        if format == "torchscript":
-            torch.jit.save(torch.jit.trace(module, sample), exported)
-            exported.seek(0)
-            with torch.inference_mode():
-                found = torch.jit.load(exported)(sample).numpy()
-        else:
-            torch.onnx.export(module, (sample,), exported, input_names=["pixels"], output_names=["probabilities"],
-                              dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
-            session = onnxruntime.InferenceSession(exported.getvalue(), providers=["CPUExecutionProvider"])
-            found = session.run(None, {"pixels": sample.numpy()})[0]
-    difference = float(np.abs(found - expected).max())
-    if difference > tolerance:
-        raise FinetuneError(f"the {format} export differs from the model by {difference:.2e} (> {tolerance:g}); "
-                            "it was not kept")
-    write_bytes(out, exported.getbuffer(), f"{format} export")
-    return difference

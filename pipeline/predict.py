@@ -11,12 +11,16 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.backbones import get_backbone, weights_for_digest
+import torch
+
+from pipeline.backbones import forward_codes, get_backbone, prepare_model
 from pipeline.datasets import FileListSource
 from pipeline.decoding import decode_of
-from pipeline.extract import forward_codes, image_loader, prepare_model
+from pipeline.errors import HeadError
 from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, to_device
-from pipeline.heads import HeadError, load_head
+from pipeline.image_sets import image_loader
+from pipeline.model_files import head_backbone, load_head, load_model_file
+from pipeline.training import output_activation
 
 
 @dataclass
@@ -75,12 +79,7 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
 def _head_scorer(config: PredictConfig, device):
     """pixels -> probabilities through the head's backbone (rebuilt from its metadata) and the head."""
     head, metadata = load_head(config.head)
-    key = metadata["codes_key"]
-    backbone = get_backbone(key["backbone"])
-    if backbone.preprocessing(decode_of(key["preprocessing"])) != key["preprocessing"]:
-        raise HeadError(f"{backbone.name}'s preprocessing in this tl differs from the one head {config.head} was "
-                        "trained with; re-extract the cache and refit the head")
-    weights = weights_for_digest(backbone, key["weights"], config.weights)
+    backbone, weights = head_backbone(metadata["codes_key"], config.weights, f"head {config.head}")
     precision = resolve_precision(config.precision, device)
     layer = metadata["layer"]
     model = prepare_model(backbone, weights, [layer], device)
@@ -90,14 +89,10 @@ def _head_scorer(config: PredictConfig, device):
 
 def _model_scorer(config: PredictConfig, device):
     """pixels -> probabilities through a finetuned model."""
-    import torch
-
-    from pipeline.finetune import load_model_file
-
     model, metadata = load_model_file(config.model)
     model = prepare_module(model, device)
     precision = resolve_precision(config.precision, device)
-    multilabel = metadata["head"]["state"]["multilabel"]
+    activation = output_activation(metadata["head"]["state"]["multilabel"])
     backbone = get_backbone(metadata["codes_key"]["backbone"])
 
     def probabilities_of(pixels):
@@ -105,6 +100,6 @@ def _model_scorer(config: PredictConfig, device):
             inputs = backbone.normalize(to_device(pixels, device))
             with autocast(device, precision):
                 logits = model(inputs).float()
-            return (torch.sigmoid(logits) if multilabel else torch.softmax(logits, dim=1)).double().cpu().numpy()
+            return activation(logits).double().cpu().numpy()
 
     return probabilities_of, metadata

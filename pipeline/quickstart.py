@@ -12,7 +12,7 @@ from pipeline.errors import DataError
 from pipeline.evaluate import EvaluateConfig, run_evaluate
 from pipeline.examples import write_digits
 from pipeline.extract import ExtractConfig, ExtractResult, run_extract
-from pipeline.heads import FitHeadConfig, FitHeadResult, fit_head
+from pipeline.fit_head import FitHeadConfig, FitHeadResult, fit_head
 
 
 MIN_PER_CLASS = 8  # leaves >= 2 validation rows per digit in the stratified fifth

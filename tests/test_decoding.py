@@ -141,8 +141,9 @@ def test_a_finetuned_model_sees_images_decoded_as_its_heads_codes_were(run_tl, t
     """Stage three scores (validation, evaluate --model, the epoch-0 model) in the head's decoding mode:
     with fast codes of photos large enough to be reduced, the epoch-0 model equals the head."""
     from pipeline.datasets import open_source
-    from pipeline.finetune import DecodedImages, load_model_file, score_dataset, training_set
-    from pipeline.heads import load_head
+    from pipeline.image_sets import DecodedImages, score_images, image_set
+    from pipeline.model_files import load_model_file
+    from pipeline.model_files import load_head
 
     folder = tmp_path / "images"
     for label in ("a", "b"):
@@ -157,8 +158,8 @@ def test_a_finetuned_model_sees_images_decoded_as_its_heads_codes_were(run_tl, t
     model, metadata = load_model_file(tmp_path / "m.pt")
     head, _ = load_head(tmp_path / "h.pt")
     source = open_source("imagefolder", folder)
-    dataset, _ = training_set(source, get_backbone("alexnet"), metadata, None, 0, None, "data", "head")
+    dataset, _ = image_set(source, get_backbone("alexnet"), metadata, None, 0, None, "data", "head")
     assert isinstance(dataset, DecodedImages) and dataset.draft is not None  # the fast crop, with its draft
-    through_model = score_dataset(model, dataset, 3, 0, torch.device("cpu"), multilabel=False)
+    through_model = score_images(model, dataset, 3, 0, torch.device("cpu"), multilabel=False)
     on_codes = head.predict_proba(CacheReader(tmp_path / "c").load("pool5"))
     np.testing.assert_allclose(through_model, on_codes, atol=1e-4)

@@ -94,7 +94,7 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_completes(images, single, tm
 def test_two_process_finetune_matches_one_process_checkpoints_and_resumes(run_tl, tmp_path):
     """18 images in global batches of 6: both runs see the same batches and, since augmentation is
     drawn per (epoch, image), the same crops; DDP averages the two halves' gradients."""
-    from pipeline.finetune import checkpoint_paths, load_model_file
+    from pipeline.model_files import checkpoint_paths, load_model_file
 
     images = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=6)
     assert run_tl(*EXTRACT, "--data", images, "--out", tmp_path / "c").code == 0

@@ -18,7 +18,9 @@ from sklearn.metrics import (
 )
 
 from pipeline.evaluate import EvaluateConfig, run_evaluate
-from pipeline.heads import FitHeadConfig, HeadError, TrainingOptions, fit_head
+from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.errors import HeadError
+from pipeline.training import TrainingOptions
 from pipeline.metrics import average_precision, summarize
 from tests.conftest import blobs, multi_label_blobs, write_code_cache
 

@@ -206,7 +206,7 @@ def test_an_image_reached_twice_is_listed_once(tmp_path):
 
 
 def test_dangling_and_self_links_are_listed_and_skipped_when_decoded(tmp_path):
-    from pipeline.extract import DecodedImages
+    from pipeline.image_sets import DecodedImages
 
     root = make_image_folder(tmp_path / "data", classes=("a",), per_class=2, size=(8, 8))
     (root / "a" / "gone.jpg").symlink_to("nowhere.jpg")

@@ -15,9 +15,10 @@ import torch
 
 from cache.reader import CacheReader
 from pipeline.backbones import get_backbone
-from pipeline.finetune import DecodedImages, build_model, checkpoint_paths, load_model_file, score_dataset
+from pipeline.image_sets import DecodedImages, score_images
+from pipeline.model_files import build_model, checkpoint_paths, load_model_file
 from pipeline.datasets import open_source
-from pipeline.heads import load_head
+from pipeline.model_files import load_head
 from tests.conftest import REPO, make_image_folder
 
 ALEXNET = ["--backbone", "alexnet", "--weights", "none", "--seed", "0", "--workers", "0", "--quiet"]
@@ -52,7 +53,7 @@ def test_epoch_zero_model_is_the_stage_two_head(run_tl, alexnet_head, tmp_path):
     model, metadata = load_model_file(tmp_path / "m.pt")
     backbone = get_backbone("alexnet")
     source = open_source("imagefolder", alexnet_head / "train")
-    through_model = score_dataset(model, DecodedImages(source, backbone.transform()), 5, 0, torch.device("cpu"),
+    through_model = score_images(model, DecodedImages(source, backbone.transform()), 5, 0, torch.device("cpu"),
                                   multilabel=False)
     head, _ = load_head(alexnet_head / "head.pt")
     reader = CacheReader(alexnet_head / "cache")
@@ -174,7 +175,7 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
 
 def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(run_tl, tmp_path):
     from pipeline.examples import write_shapes_voc
-    from pipeline.finetune import Augmentation, training_set
+    from pipeline.image_sets import Augmentation, image_set
 
     base = write_shapes_voc(tmp_path, {"trainval": 8, "test": 4})
     common = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,2.0",
@@ -183,7 +184,7 @@ def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(run_tl,
     assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt").code == 0
     head, metadata = load_head(tmp_path / "h.pt")
     source = open_source("voc", base, "trainval", classes="auto")
-    dataset, targets = training_set(source, get_backbone("alexnet"), metadata, Augmentation(), 0, 0.3, "data", "head")
+    dataset, targets = image_set(source, get_backbone("alexnet"), metadata, Augmentation(), 0, 0.3, "data", "head")
     cache = CacheReader(tmp_path / "c")
     np.testing.assert_array_equal(targets, cache.load_column("target"))  # same patches, labels and thinning
     np.testing.assert_allclose(dataset.boxes, cache.load_column("box"), atol=1e-4)
@@ -267,7 +268,7 @@ def test_a_float16_step_whose_gradients_overflow_is_skipped():
 @pytest.mark.parametrize("size", [10, 11])
 def test_epoch_batches_split_each_global_batch_over_the_ranks(size):
     from pipeline.distributed import World
-    from pipeline.finetune import epoch_batches
+    from pipeline.image_sets import epoch_batches
 
     def world(rank, ranks):
         return World(rank=rank, size=ranks, local_rank=rank)
@@ -286,13 +287,13 @@ def test_epoch_batches_split_each_global_batch_over_the_ranks(size):
 
 def test_augmentation_is_mild_by_default_and_can_be_turned_off(alexnet_head):
     """crop_scale 1 without flips trains on exactly the evaluation images; the default crops and flips."""
-    from pipeline.finetune import Augmentation, SeededItems, training_set
+    from pipeline.image_sets import Augmentation, SeededItems, image_set
 
     _, metadata = load_head(alexnet_head / "head.pt")
     source, backbone = open_source("imagefolder", alexnet_head / "train"), get_backbone("alexnet")
-    evaluation, _ = training_set(source, backbone, metadata, None, 0, None, "data", "head")
-    plain, _ = training_set(source, backbone, metadata, Augmentation(crop_scale=1.0, flip=False), 0, None, "d", "h")
-    varied, _ = training_set(source, backbone, metadata, Augmentation(), 0, None, "data", "head")
+    evaluation, _ = image_set(source, backbone, metadata, None, 0, None, "data", "head")
+    plain, _ = image_set(source, backbone, metadata, Augmentation(crop_scale=1.0, flip=False), 0, None, "d", "h")
+    varied, _ = image_set(source, backbone, metadata, Augmentation(), 0, None, "data", "head")
     for index in range(len(source)):
         assert torch.equal(SeededItems(plain, 1)[index][0], evaluation[index][0])
     assert all(not torch.equal(SeededItems(varied, 1)[i][0], evaluation[i][0]) for i in range(len(source)))

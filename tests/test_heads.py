@@ -15,20 +15,12 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.svm import LinearSVC
 
 from cache.reader import CacheReader
-from pipeline.errors import TLError
-from pipeline.heads import (
-    CodeRows,
-    FitHeadConfig,
-    HeadError,
-    LogRegHead,
-    MlpHead,
-    SvmHead,
-    TrainingOptions,
-    fit_head,
-    load_head,
-    save_head,
-    validation_score,
-)
+from pipeline.code_rows import CodeRows, validation_score
+from pipeline.errors import HeadError, TLError
+from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.heads import LogRegHead, MlpHead, SvmHead
+from pipeline.model_files import load_head, save_head
+from pipeline.training import TrainingOptions
 from tests.conftest import blobs, multi_label_blobs, write_code_cache
 
 

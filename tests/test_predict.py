@@ -12,7 +12,7 @@ import pytest
 from cache.reader import CacheReader
 from pipeline.backbones import get_backbone, weights_for_digest
 from pipeline.errors import BackboneError
-from pipeline.heads import load_head
+from pipeline.model_files import load_head
 from tests.conftest import make_image_folder
 
 

@@ -1,0 +1,159 @@
+"""The rows a head sees: codes and targets in memory, or one layer of a cache streamed block by block,
+and what is computed over them in one pass (standardization, scores, the validation metric).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.errors import HeadError
+
+class CodeRows(ABC):
+    """Rows to fit or score: arrays in memory, or one layer of a cache read block by block.
+
+    Targets are class indices (n,) or multi-hot rows (n, classes); they are small and stay in memory.
+    Codes from a cache never do: `blocks` holds one block of rows at a time.
+    """
+
+    def __init__(self, targets: np.ndarray, num_classes: int, width: int, class_names: list[str] | None = None):
+        self.targets = np.asarray(targets)
+        self.num_classes = num_classes
+        self.width = width
+        self.class_names = class_names or [str(c) for c in range(num_classes)]
+        self.block_rows = 4096
+
+    @property
+    def multilabel(self) -> bool:
+        return self.targets.ndim == 2
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @staticmethod
+    def from_arrays(codes: np.ndarray, targets: np.ndarray) -> "ArrayRows":
+        return ArrayRows(codes, targets)
+
+    @staticmethod
+    def from_cache(reader, layer: str, rows: np.ndarray | None = None, block_rows: int = 4096,
+                   all_targets: np.ndarray | None = None) -> "CacheRows":
+        """`all_targets`: the cache's whole target column when the caller already read it."""
+        return CacheRows(reader, layer, rows, block_rows, all_targets)
+
+    @abstractmethod
+    def blocks(self, rng: np.random.Generator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions, float32 codes) per block; positions index this object's rows. Shuffled with `rng`."""
+
+    def load(self) -> np.ndarray:
+        codes = np.empty((len(self), self.width), dtype=np.float32)
+        for positions, block in self.blocks():
+            codes[positions] = block
+        return codes
+
+    def check_trainable(self) -> None:
+        """Refuse what no classifier can learn from: no rows, one class, a class without rows."""
+        if len(self) == 0:
+            raise HeadError("the training codes are empty; extract a cache with at least one image per class")
+        counts = self.targets.sum(axis=0) if self.multilabel else np.bincount(self.targets, minlength=self.num_classes)
+        if not self.multilabel and np.count_nonzero(counts) < 2:
+            raise HeadError("the training codes hold a single class; a classifier needs at least two")
+        missing = [self.class_names[c] for c in np.flatnonzero(counts == 0)]
+        if missing:
+            raise HeadError(f"class {', '.join(missing[:5])} has no training rows; add images of it or remove it")
+
+
+class ArrayRows(CodeRows):
+    def __init__(self, codes: np.ndarray, targets: np.ndarray):
+        codes = checked_codes(codes, "codes")
+        targets = np.asarray(targets)
+        if len(targets) != len(codes):
+            raise HeadError(f"{len(codes)} rows of codes but {len(targets)} targets")
+        classes = targets.shape[1] if targets.ndim == 2 else (int(targets.max()) + 1 if len(targets) else 0)
+        super().__init__(targets.astype(np.int64), classes, codes.shape[1])
+        self.codes = codes
+
+    def blocks(self, rng=None):
+        order = np.arange(len(self)) if rng is None else rng.permutation(len(self))
+        for start in range(0, len(order), self.block_rows):
+            positions = order[start:start + self.block_rows]
+            yield positions, self.codes[positions].astype(np.float32)
+
+    def load(self) -> np.ndarray:
+        return self.codes
+
+
+class CacheRows(CodeRows):
+    def __init__(self, reader, layer: str, rows: np.ndarray | None, block_rows: int,
+                 all_targets: np.ndarray | None = None):
+        reader._check_tap(layer)
+        if reader.num_rows == 0:
+            raise HeadError(f"cache {reader.root} has no rows; extract images into it first")
+        targets = all_targets
+        if targets is None:
+            targets = reader.load_column("target")
+        self.rows = None if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+        if self.rows is not None:
+            targets = targets[self.rows]
+        super().__init__(targets.astype(np.int64), len(reader.classes), reader.taps[layer], reader.classes)
+        self.reader, self.layer, self.block_rows = reader, layer, block_rows
+
+    def blocks(self, rng=None):
+        for global_rows, codes in self.reader.iter_blocks(self.layer, self.block_rows, self.rows, rng):
+            positions = global_rows if self.rows is None else np.searchsorted(self.rows, global_rows)
+            yield positions, codes.astype(np.float32, copy=False)
+
+
+def as_rows(codes, targets) -> CodeRows:
+    return codes if isinstance(codes, CodeRows) else CodeRows.from_arrays(codes, targets)
+
+
+def checked_codes(codes: np.ndarray, what: str) -> np.ndarray:
+    codes = np.asarray(codes)
+    if codes.dtype.kind != "f":
+        codes = codes.astype(np.float64)
+    if codes.ndim != 2 or len(codes) == 0:
+        raise HeadError(f"{what} are empty; extract a cache with at least one image per class")
+    if not np.isfinite(codes).all():
+        row = int(np.argmax(~np.isfinite(codes).all(axis=1)))
+        raise HeadError(f"{what} hold NaN or Inf (row {row}); re-extract the cache")
+    return codes
+
+
+def standardization(rows: CodeRows) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of every column in one streamed pass (Chan et al.'s pairwise update,
+    float64), zero deviations set to 1 as scikit-learn's StandardScaler does."""
+    count, mean, m2 = 0, np.zeros(rows.width), np.zeros(rows.width)
+    for _, block in rows.blocks():
+        block = block.astype(np.float64)
+        n = len(block)
+        block_mean = block.mean(axis=0)
+        delta = block_mean - mean
+        total = count + n
+        mean = mean + delta * n / total
+        m2 = m2 + ((block - block_mean) ** 2).sum(axis=0) + delta ** 2 * count * n / total
+        count = total
+    scale = np.sqrt(m2 / max(count, 1))
+    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
+    return mean, scale
+
+
+def validation_score(targets: np.ndarray, probabilities: np.ndarray) -> float:
+    """Accuracy for one label per row; mean AP over classes (area, scikit-learn) for multi-hot rows."""
+    if targets.ndim == 2:
+        from sklearn.metrics import average_precision_score
+
+        present = targets.sum(axis=0) > 0
+        return float(average_precision_score(targets[:, present], probabilities[:, present], average="macro"))
+    return float(np.mean(np.argmax(probabilities, axis=1) == targets))
+
+
+def score_rows(head, rows: CodeRows) -> np.ndarray:
+    """predict_proba over every row, streamed block by block, in the rows' order."""
+    scores = np.empty((len(rows), head.num_classes_), dtype=np.float64)
+    for positions, codes in rows.blocks():
+        scores[positions] = head.predict_proba(codes)
+    return scores
+
+

@@ -1,0 +1,69 @@
+"""What a head or model accepts: codes of the same meaning (backbone, weights, preprocessing, patch
+geometry), the layer and width it was fitted on, the same kind of labels, and classes it knows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cache.manifest import key_differences
+from pipeline.errors import HeadError
+from pipeline.multiscale import BACKGROUND
+
+
+def codes_key(manifest: dict) -> dict:
+    """What decides the meaning of a code; caches that differ here cannot share a head."""
+    return {name: manifest["key"][name] for name in ("backbone", "weights", "preprocessing", "patches")}
+
+
+def check_codes_match(expected: dict, manifest: dict, what: str, reference: str) -> None:
+    """Refuse a cache whose codes mean something else than `expected`, naming every difference."""
+    found = codes_key(manifest)
+    if found != expected:
+        differences = "; ".join(key_differences(expected, found))
+        raise HeadError(f"{what} holds other codes than {reference} ({differences}); "
+                        "extract both with the same backbone, weights and preprocessing")
+
+
+def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: dict, head_path, cache_path) -> None:
+    """Refuse a cache that lacks the head's layer, holds other codes, or other kinds of targets."""
+    layer = metadata["layer"]
+    # the backbone first: a cache of another backbone lacks the layer too, and only this names the cause
+    check_codes_match(metadata["codes_key"], manifest, f"cache {cache_path}",
+                      f"the cache head {head_path} was trained on")
+    if layer not in manifest["taps"]:
+        raise HeadError(f"cache {cache_path} has no layer '{layer}', which head {head_path} was trained on; it has: "
+                        f"{', '.join(manifest['taps'])}; extract it with --layers {layer}")
+    if manifest["taps"][layer]["width"] != metadata["width"]:
+        raise HeadError(f"layer {layer} of cache {cache_path} is {manifest['taps'][layer]['width']} wide, but head "
+                        f"{head_path} expects {metadata['width']}")
+    if multilabel != (manifest.get("target") == "multi-hot"):
+        kinds = ("multi-label", "single-label")
+        raise HeadError(f"head {head_path} is {kinds[not multilabel]} but cache {cache_path} is "
+                        f"{kinds[multilabel]}; evaluate on a cache of the same kind of labels")
+
+
+def head_targets(targets: np.ndarray, data_classes: list[str], head_classes: list[str], data: str,
+                 head: str) -> np.ndarray:
+    """Targets renumbered from the data's classes into the head's (matched by name). `data` and `head`
+    name the two in the error, e.g. "cache caches/test" and "head heads/h.pt"."""
+    position = {name: index for index, name in enumerate(head_classes)}
+    used = np.flatnonzero(targets.sum(axis=0)) if targets.ndim == 2 else np.unique(targets)
+    unknown = [data_classes[c] for c in used if data_classes[c] not in position]
+    if unknown:
+        raise HeadError(f"{data} has labels {head} does not know: {', '.join(unknown[:8])}"
+                        f"{' ...' if len(unknown) > 8 else ''}; use data of the head's classes")
+    mapping = np.array([position.get(name, -1) for name in data_classes])
+    if targets.ndim == 1:
+        return mapping[targets]
+    renumbered = np.zeros((len(targets), len(head_classes)), dtype=targets.dtype)
+    for cache_class in used:
+        renumbered[:, mapping[cache_class]] = targets[:, cache_class]
+    return renumbered
+
+
+def check_patch_head(classes: list[str], path) -> None:
+    """Refuse a head or model not fitted on multiscale patches where patch scores are pooled."""
+    if classes[0] != BACKGROUND:
+        raise HeadError(f"{path} was not trained on patches (its first class is not background); "
+                        "fit a head on a --multiscale cache")

@@ -1,0 +1,123 @@
+"""Stage two's entry: fit one head on one layer of a cache, with an optional validation split, and save
+it with the metadata later stages check (classes, layer, width, the cache's codes key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache.reader import CacheReader
+from pipeline.code_rows import CodeRows, score_rows, validation_score
+from pipeline.compatibility import check_codes_match, codes_key
+from pipeline.errors import HeadError
+from pipeline.heads import HEAD_KINDS
+from pipeline.model_files import save_head
+from pipeline.training import TrainingOptions
+
+
+@dataclass
+class FitHeadConfig:
+    """What `fit_head` trains: a head of kind `head` on one layer of `cache`, saved to `out`.
+
+    C (logreg, svm): one cost, or several to choose from on the validation split. solver (logreg):
+    lbfgs (exact, codes in memory) or sgd (streamed, uses `training`). hidden, dropout (mlp): hidden
+    layer widths and dropout rate. The validation split is `val_cache`, or a seeded stratified
+    `val_fraction` of the cache. `training` holds how torch heads train (optimizer, schedule, epochs).
+    """
+
+    cache: Path
+    out: Path
+    layer: str | None = None  # None: the cache's only layer
+    head: str = "logreg"
+    C: tuple[float, ...] = (1.0,)
+    solver: str = "lbfgs"
+    hidden: tuple[int, ...] = (4096,)
+    dropout: float = 0.5
+    val_cache: Path | None = None
+    val_fraction: float | None = None
+    max_iter: int = 1000
+    block_rows: int = 4096
+    seed: int = 0
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+
+
+@dataclass
+class FitHeadResult:
+    out: Path
+    layer: str
+    train_rows: int
+    val_rows: int
+    metric: str  # accuracy, or mAP for multi-label caches
+    train_score: float
+    val_score: float | None
+    chosen: dict
+    epochs: int | None
+
+
+def fit_head(config: FitHeadConfig) -> FitHeadResult:
+    """Train one head on one layer of a cache and save it with the metadata later stages check."""
+    if config.head not in HEAD_KINDS:
+        raise HeadError(f"unknown head '{config.head}'; valid: {', '.join(HEAD_KINDS)}")
+    if config.block_rows < 1:
+        raise HeadError(f"--block-rows must be at least 1, got {config.block_rows}")
+    if Path(config.out).is_dir():  # found before the training, not after it
+        raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
+    reader = CacheReader(config.cache)
+    layer = config.layer or _only_layer(reader)
+    rows = CodeRows.from_cache(reader, layer, block_rows=config.block_rows)
+    val = None
+    if config.val_cache is not None:
+        val_reader = CacheReader(config.val_cache)
+        if val_reader.classes != reader.classes:
+            raise HeadError(f"{config.val_cache} has other classes than {config.cache}; use caches of one data set")
+        check_codes_match(codes_key(reader.manifest), val_reader.manifest, f"{config.val_cache}",
+                          f"{config.cache}")
+        val = CodeRows.from_cache(val_reader, layer, block_rows=config.block_rows)
+    elif config.val_fraction is not None:
+        train_rows, val_rows = _validation_split(rows.targets, config.val_fraction, config.seed)
+        all_targets = rows.targets
+        rows = CodeRows.from_cache(reader, layer, train_rows, config.block_rows, all_targets)
+        val = CodeRows.from_cache(reader, layer, val_rows, config.block_rows, all_targets)
+    head = HEAD_KINDS[config.head].from_config(config)
+    head.fit(rows, val_codes=val)
+    save_head(head, config.out, {
+        "classes": reader.classes,
+        "layer": layer,
+        "width": reader.taps[layer],
+        "codes_key": codes_key(reader.manifest),
+        "cache": str(config.cache),
+        "train_rows": len(rows),
+    })
+    chosen = {"C": head.C_} if hasattr(head, "C_") else {}
+    if head.curve_:
+        chosen["epochs"] = len(head.curve_)
+    return FitHeadResult(Path(config.out), layer, len(rows), 0 if val is None else len(val),
+                         "mAP" if rows.multilabel else "accuracy",
+                         validation_score(rows.targets, score_rows(head, rows)),
+                         None if val is None else validation_score(val.targets, score_rows(head, val)),
+                         chosen, len(head.curve_) if head.curve_ else None)
+
+
+def _validation_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers of a seeded split: stratified by class for single-label targets."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise HeadError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    try:
+        train_rows, val_rows = train_test_split(np.arange(len(targets)), test_size=fraction, random_state=seed,
+                                                stratify=None if targets.ndim == 2 else targets)
+    except ValueError as exc:
+        raise HeadError(f"cannot split off a stratified validation set: {exc}; "
+                        "raise --val-fraction or pass --val-cache") from None
+    return np.sort(train_rows), np.sort(val_rows)
+
+
+def _only_layer(reader) -> str:
+    layers = list(reader.taps)
+    if len(layers) != 1:
+        raise HeadError(f"cache {reader.root} has several layers ({', '.join(layers)}); choose one with --layer")
+    return layers[0]

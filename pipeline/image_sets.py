@@ -1,0 +1,147 @@
+"""Images as the models of stages three and four see them: decoded in workers (a bad file reported,
+never raised), whole or as labelled multiscale patches, augmented from a seed, batched per rank, scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+
+from pipeline import distributed
+from pipeline.backbones import Backbone
+from pipeline.compatibility import head_targets
+from pipeline.datasets import DECODE_ERRORS, Source
+from pipeline.decoding import NormalizedCrop, decode_of
+from pipeline.errors import FinetuneError
+from pipeline.hardware import WorkerLoader, autocast, to_device
+from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
+from pipeline.training import output_activation
+
+
+class DecodedImages(Dataset):
+    """(pixels or None, index, error) per sample: a bad file is reported, never raised, in a worker.
+    `transform` takes the decoded PIL image; its `draft` attribute, if any, lets a JPEG decode smaller."""
+
+    def __init__(self, source: Source, transform):
+        self.source = source
+        self.transform = transform
+        self.draft = getattr(transform, "draft", None)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.transform(self.source.read_image(index, self.draft)), index, ""
+        except DECODE_ERRORS as exc:
+            return None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+
+
+def collate_decoded(items):
+    good = [pixels for pixels, _, error in items if not error]
+    pixels = torch.stack(good) if good else None
+    return pixels, [index for _, index, error in items if not error], [(i, e) for _, i, e in items if e]
+
+
+def image_loader(source: Source, backbone: Backbone, batches: list[list[int]], workers: int | None,
+                 device: torch.device, decode: str = "exact") -> DataLoader:
+    """Batches of (uint8 centre crops, indices, errors), decoded in worker processes in decoding mode
+    `decode`, pinned for a CUDA device. uint8 crosses the worker boundary: 4x fewer bytes than float."""
+    return batch_loader(DecodedImages(source, backbone.crop_decoder(decode)), batches, workers, device)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How training images vary. The head was fitted on centre-crop codes, so the default is mild: a
+    random crop of at least half the image's area (crop_scale 1: the backbone's resize and centre crop)
+    and a horizontal flip (turn it off where mirroring changes the class: digits, text, traffic signs)."""
+
+    crop_scale: float = 0.5
+    flip: bool = True
+
+    def check(self) -> None:
+        if not 0 < self.crop_scale <= 1:
+            raise FinetuneError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+
+
+def image_set(source, backbone: Backbone, head_metadata: dict, augmentation: Augmentation | None, seed: int,
+              background_fraction: float | None, what: str, head: str) -> tuple:
+    """(dataset of (pixels, position, error) items, targets in the head's classes) for the head's kind
+    of codes: whole images, or single patches labelled as in stage one for a multiscale head. With an
+    `augmentation` (training) images vary and background patches are thinned; without one, every item
+    is seen as in stage one. `what` and `head` name the data and the head in errors."""
+    training = augmentation is not None
+    normalize = backbone.normalization()
+    flip = [transforms.RandomHorizontalFlip()] if training and augmentation.flip else []
+    geometry = head_metadata["codes_key"]["patches"]
+    if geometry:
+        if not hasattr(source, "annotations"):
+            raise FinetuneError(f"{head} was trained on multiscale patches; use voc data with it")
+        settings = PatchSettings(tuple(geometry["scales"]), geometry["patch_overlap"], geometry["box_overlap"],
+                                 background_fraction)
+        dataset = PatchSamples(source, backbone.input_size, settings, training, seed,
+                               transforms.Compose(flip + normalize))
+        return dataset, head_targets(dataset.targets, [BACKGROUND] + list(source.classes), head_metadata["classes"],
+                                     what, head)
+    transform = backbone.transform(*flip)  # the backbone's resize and centre crop
+    if not training:  # every image seen as stage one saw it: the head's decoding mode included
+        crop = backbone.crop_decoder(decode_of(head_metadata["codes_key"]["preprocessing"]))
+        transform = NormalizedCrop(crop, backbone.mean, backbone.std)
+    elif augmentation.crop_scale < 1:
+        crop = transforms.RandomResizedCrop(backbone.input_size, scale=(augmentation.crop_scale, 1.0), antialias=True)
+        transform = transforms.Compose([crop, *flip, *normalize])
+    targets = np.array([sample.target for sample in source.samples])
+    return DecodedImages(source, transform), head_targets(targets, source.classes, head_metadata["classes"], what, head)
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Each item's random augmentation drawn from (epoch seed, item) alone: the same crops and flips
+    whatever the batch size, worker count or number of ranks."""
+
+    def __init__(self, dataset, epoch_seed: int):
+        self.dataset, self.epoch_seed = dataset, epoch_seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.default_rng([self.epoch_seed, index]).integers(2**62)))
+            return self.dataset[index]
+
+
+def batch_loader(dataset, batches: list[list[int]], workers: int | None, device) -> DataLoader:
+    """Batches of (pixels, indices, errors) of `dataset` decoded in workers, pinned for CUDA, a few in flight."""
+    return WorkerLoader(dataset, device, workers, batch_sampler=batches, collate_fn=collate_decoded)
+
+
+def epoch_batches(size: int, current: distributed.World, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
+    """This rank's batches of one epoch: torch's DistributedSampler (shuffled from seed + epoch, padded,
+    strided over the ranks) in batches of batch_size / world size, so --batch-size stays the global batch
+    and step i of every rank together covers the same items as step i of a single process."""
+    sampler = DistributedSampler(range(size), num_replicas=current.size, rank=current.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(BatchSampler(sampler, max(1, batch_size // current.size), drop_last=False))
+
+
+def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None, device,
+                  multilabel: bool, precision: str = "float32") -> np.ndarray:
+    """Class probabilities of every item (NaN rows for unreadable images), model in eval mode."""
+    model.eval()
+    positions = list(range(len(dataset)))
+    batches = [positions[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
+    probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
+    activation = output_activation(multilabel)
+    with torch.inference_mode():
+        for pixels, indices, _ in batch_loader(dataset, batches, workers, device):
+            if pixels is None:
+                continue
+            with autocast(device, precision):
+                logits = model(to_device(pixels, device)).float()
+            probabilities[indices] = activation(logits).double().cpu().numpy()
+    return probabilities

@@ -1,0 +1,253 @@
+"""The files tl keeps besides caches: one container (tensors + JSON metadata + a content checksum,
+loaded with weights_only so nothing in it runs) for head files, finetuned model files and checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import __version__
+from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
+from pipeline.decoding import decode_of
+from pipeline.errors import FinetuneError, HeadError
+from pipeline.files import write_bytes
+from pipeline.heads import HEAD_KINDS, Head
+
+HEAD_FORMAT = "tl-head/1"
+MODEL_FORMAT = "tl-model/1"
+CHECKPOINT_FORMAT = "tl-checkpoint/1"
+CHECKSUM = "sha256"  # the payload key of a tl file's content checksum
+
+# ---------------------------------------------------------------- the container
+
+
+def payload_digest(payload) -> str:
+    """SHA-256 over a payload's structure, tensors (dtype, shape, bytes) and plain values, in key order:
+    a bit flipped anywhere in the file's content changes it."""
+    digest = hashlib.sha256()
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=str):
+                digest.update(repr(key).encode())
+                visit(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                visit(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    visit(payload)
+    return digest.hexdigest()
+
+
+def write_payload(payload: dict, path: Path, what: str) -> None:
+    """A tl file (head, model, checkpoint) written atomically with its content checksum; a full disk
+    or a folder as `path` is one line, and no temporary file stays behind."""
+    buffer = io.BytesIO()
+    # serialised in memory, written with plain file I/O: torch.save reports a full disk as an opaque
+    # RuntimeError ("unexpected pos"), a plain write as ENOSPC/EFBIG
+    torch.save({**payload, CHECKSUM: payload_digest(payload)}, buffer)
+    write_bytes(path, buffer.getbuffer(), what)
+
+
+def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tuple[str, ...] = (),
+                 require_checksum: bool = False) -> tuple[dict, dict]:
+    """(payload, its JSON metadata) of a tl file (head, model, checkpoint): tensors and plain data only,
+    loaded with weights_only, so nothing in the file is executed. A missing or foreign file, or one
+    without `keys`, is a one-line `error` naming the `kind` of file and the `remedy`; so is a file whose
+    content checksum does not match (files from before checksums load unless `require_checksum`)."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{kind} {path} is a folder; pass the file inside it")
+    if not path.is_file():
+        raise error(f"{kind} {path} does not exist; {remedy}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        metadata = json.loads(payload["metadata"])
+        for key in keys:
+            payload[key]
+    except Exception:  # any unpickling, JSON or missing-key failure means the same thing to the user
+        raise error(f"{path} is not a tl {kind}; {remedy}") from None
+    recorded = payload.pop(CHECKSUM, None)
+    if recorded is None and require_checksum:
+        raise error(f"{kind} {path} was written by a tl without content checksums; {remedy}")
+    if recorded is not None and recorded != payload_digest(payload):
+        raise error(f"{kind} {path} is damaged (its checksum does not match its content); {remedy}")
+    return payload, metadata
+
+
+
+# ---------------------------------------------------------------- head files
+
+
+def save_head(head: Head, path: Path, metadata: dict) -> None:
+    """One file: the head's tensors and a JSON string (classes, layer, cache key, hyperparameters...)."""
+    document = {"format": HEAD_FORMAT, "kind": head.kind, "tl_version": __version__,
+                "hyperparameters": head.hyperparameters(), "state": head.state(), **metadata}
+    write_payload({"metadata": json.dumps(document, allow_nan=False), "tensors": head.tensors()}, Path(path),
+                  "head file")
+
+
+def load_head(path: Path):
+    """(head, metadata) from a file written by `save_head`; nothing in the file is executed."""
+    payload, metadata = read_payload(path, "head file", "train one with tl fit-head", keys=("tensors",))
+    return head_from_payload(metadata, payload["tensors"], path)
+
+
+def head_from_payload(metadata, tensors: dict, path, module_state: bool = False) -> tuple[Head, dict]:
+    """(head, metadata) from a head file's two parts, wherever they were stored: its own `tensors`, or
+    with `module_state` the state dict of its module (as a model file keeps it)."""
+    if not isinstance(metadata, dict) or metadata.get("format") != HEAD_FORMAT \
+            or metadata.get("kind") not in HEAD_KINDS:
+        raise HeadError(f"{path} is not a {HEAD_FORMAT} head file; train one with tl fit-head")
+    try:
+        kind = HEAD_KINDS[metadata["kind"]]
+        rebuild = kind.from_module if module_state else kind.from_saved
+        head = rebuild(tensors, metadata["hyperparameters"], metadata["state"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise HeadError(f"{path} is a damaged head file ({type(exc).__name__}: {exc}); train it again") from None
+    return head, metadata
+
+
+
+
+def head_backbone(codes_key: dict, weights_path: str | None, head: str):
+    """(backbone entry, weights) that made the codes of `codes_key`: the weights found again from their
+    recorded digest; refused when this tl preprocesses images otherwise than when `head` was trained."""
+    backbone = get_backbone(codes_key["backbone"])
+    if backbone.preprocessing(decode_of(codes_key["preprocessing"])) != codes_key["preprocessing"]:
+        raise HeadError(f"{backbone.name}'s preprocessing in this tl differs from the one {head} was trained "
+                        "with; re-extract the cache and refit the head")
+    return backbone, weights_for_digest(backbone, codes_key["weights"], weights_path)
+
+
+# ---------------------------------------------------------------- finetuned models
+
+
+class FinetuneModel(nn.Module):
+    """pixels -> logits: the frozen-or-not backbone cut at the head's tap, then the head's layers.
+
+    `eval_modules` stay in eval mode even in `train()`: every layer before the first trainable one, so
+    frozen BatchNorm statistics never move and frozen dropout stays off, as in stage one; and, unless
+    BatchNorm statistics are trained, every BatchNorm layer (its scale and shift still learn).
+    """
+
+    def __init__(self, features: TapModel, tap: str, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.tap = tap
+        self.head = head
+        self.eval_modules: list[nn.Module] = []
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels)[self.tap])
+
+    def train(self, mode: bool = True) -> "FinetuneModel":
+        super().train(mode)
+        for module in self.eval_modules:
+            module.eval()
+        return self
+
+
+def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[FinetuneModel, Backbone, list[str]]:
+    """The model of a head: its backbone (weights found again from the recorded digest) up to its tap,
+    and its layers. Returns the model, the backbone entry and the backbone's ordered conv layers."""
+    backbone, weights = head_backbone(head_metadata["codes_key"], weights_path, "the head")
+    full = load_model(backbone, weights)
+    convs = backbone.conv_layers(full)
+    model = FinetuneModel(TapModel(full, backbone, [head_metadata["layer"]]), head_metadata["layer"],
+                          head.logits_module())
+    return model, backbone, convs
+
+
+
+def checkpoint_paths(out: Path) -> tuple[Path, Path]:
+    """(last, best) checkpoints beside the model file."""
+    out = Path(out)
+    return out.with_name(out.stem + ".last.ckpt"), out.with_name(out.stem + ".best.ckpt")
+
+
+def save_model(path: Path, model: FinetuneModel, head_metadata: dict, trainable: dict, history: list[dict],
+               settings: dict) -> None:
+    """The model file: every tensor, and JSON metadata enough to rebuild it without running code."""
+    head_part = {key: head_metadata[key] for key in ("format", "kind", "tl_version", "hyperparameters", "state",
+                                                    "classes", "layer", "width", "codes_key")}
+    document = {"format": MODEL_FORMAT, "tl_version": __version__, "head": head_part,
+                "classes": head_metadata["classes"], "layer": head_metadata["layer"],
+                "codes_key": head_metadata["codes_key"], "unfreeze": settings["unfreeze"], "trainable": trainable,
+                "history": history, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+    head_tensors = {name: tensor.detach().cpu() for name, tensor in model.head.state_dict().items()}
+    write_payload({"metadata": json.dumps(document), "tensors": model.state_dict(), "head_tensors": head_tensors},
+                  Path(path), "model file")
+
+
+def load_model_file(path: Path, weights_path: str | None = None) -> tuple[FinetuneModel, dict]:
+    """(model in eval mode, metadata) from a file written by `save_model`; nothing in it is executed."""
+    path = Path(path)
+    payload, metadata = read_payload(path, "model file", "train one with tl finetune", FinetuneError)
+    if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
+        raise FinetuneError(f"{path} is not a {MODEL_FORMAT} file; train one with tl finetune")
+    try:
+        head_part, module_state = metadata["head"], payload["head_tensors"]
+    except KeyError:
+        raise FinetuneError(f"{path} is not a {MODEL_FORMAT} file; train one with tl finetune") from None
+    head, _ = head_from_payload(head_part, module_state, path, module_state=True)
+    key = metadata["codes_key"]
+    backbone = get_backbone(key["backbone"])
+    # every weight comes from the file: build the architecture only (seeded, nothing downloaded)
+    full = load_model(backbone, weights_for_digest(backbone, "random-init:seed=0"))
+    model = FinetuneModel(TapModel(full, backbone, [metadata["layer"]]), metadata["layer"], head.logits_module())
+    try:
+        model.load_state_dict(payload["tensors"])
+    except RuntimeError as exc:
+        raise FinetuneError(f"{path} does not fit its own description ({str(exc).splitlines()[0]}); "
+                            "train it again") from None
+    return model.eval(), metadata
+
+
+def save_checkpoint(path: Path, model, optimizer, schedule, scaler, epoch: int, history: list[dict], best,
+                    identity: dict) -> None:
+    """Everything a resumed run needs, and the `identity` of the run it may resume (see load_checkpoint)."""
+    payload = {
+        "metadata": json.dumps({"format": CHECKPOINT_FORMAT, "epoch": epoch, "history": history,
+                                "best_loss": best[0] if math.isfinite(best[0]) else None, "best_epoch": best[1],
+                                "identity": identity, "tl_version": __version__}),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict(),  # empty unless float16 loss scaling is on
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+    }
+    write_payload(payload, path, "checkpoint")
+
+
+def load_checkpoint(path: Path, identity: dict) -> dict:
+    """A checkpoint's tensors and progress, refused unless it was written by a run of this `identity`."""
+    payload, metadata = read_payload(path, "checkpoint", "delete it and start over", FinetuneError,
+                                     require_checksum=True)
+    if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("identity") != identity:
+        found = metadata.get("identity") or {}
+        differences = [name for name in identity if found.get(name) != identity[name]]
+        raise FinetuneError(f"checkpoint {path} does not match this model ({', '.join(differences) or 'format'} "
+                            "differ); resume with the same head and --unfreeze, or pass --overwrite")
+    best_loss = metadata["best_loss"]
+    return {**payload, "epoch": metadata["epoch"], "history": metadata["history"],
+            "best_loss": math.inf if best_loss is None else best_loss, "best_epoch": metadata["best_epoch"]}

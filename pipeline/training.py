@@ -1,0 +1,185 @@
+"""Mini-batch training in torch, shared by the heads and stage three: the optimizer (weight decay on
+weights, never on biases or scales), the step schedule, the loss and output activation for single- and
+multi-label targets, and the epoch loop of a torch head over streamed code rows.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.code_rows import CodeRows, validation_score
+from pipeline.errors import HeadError
+from pipeline.hardware import pinned, resolve_device, to_device
+
+OPTIMIZERS = ("sgd", "adam")
+DEFAULT_LR = {"sgd": 0.05, "adam": 0.001}  # a torch head's learning rate when --lr is not given
+
+
+def output_activation(multilabel: bool) -> nn.Module:
+    """logits -> probabilities: independent sigmoids for multi-hot targets, else softmax over classes."""
+    return nn.Sigmoid() if multilabel else nn.Softmax(dim=1)
+
+
+def loss_for(multilabel: bool) -> nn.Module:
+    """The training loss on logits that goes with `output_activation`."""
+    return nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+
+
+def check_optimizer(name: str, error) -> None:
+    if name not in OPTIMIZERS:
+        raise error(f"unknown --optimizer {name}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def decay_groups(groups: list[dict], weight_decay: float) -> list[dict]:
+    """Each parameter group split in two: weight matrices and kernels with `weight_decay`, biases and
+    per-channel scales (one dimension) without; empty halves dropped."""
+    split = []
+    for group in groups:
+        for decayed in (True, False):
+            params = [p for p in group["params"] if (p.ndim > 1) == decayed]
+            if params:
+                split.append({**group, "params": params, "weight_decay": weight_decay if decayed else 0.0})
+    return split
+
+
+def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float, weight_decay: float,
+                   error=HeadError) -> torch.optim.Optimizer:
+    """SGD (with momentum) or Adam over `groups` (each with its own "lr"), decay as in `decay_groups`."""
+    check_optimizer(name, error)
+    groups = decay_groups(groups, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def step_multiplier(steps: tuple[int, ...], factors: tuple[float, ...]):
+    """epoch -> learning-rate multiplier: after each epoch in `steps` the rate is multiplied by the
+    matching factor (the last factor repeats), as in the neon recipe's step drops."""
+    factors = tuple(factors) or (0.1,)
+
+    def multiplier(epoch: int) -> float:
+        value = 1.0
+        for number, step in enumerate(sorted(steps)):
+            if epoch >= step:
+                value *= factors[min(number, len(factors) - 1)]
+        return value
+
+    return multiplier
+
+@dataclass
+class TrainingOptions:
+    """How a torch head trains: optimizer, learning-rate schedule, epochs, early stopping."""
+
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: DEFAULT_LR of the optimizer (0.05 for SGD, 0.001 for Adam)
+    lr_steps: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_factor; empty: cosine to zero
+    lr_factor: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    max_epochs: int = 20
+    early_stop: bool = False
+    patience: int = 3
+    device: str = "cpu"
+    quiet: bool = True
+
+    def check(self) -> None:
+        check_optimizer(self.optimizer, HeadError)
+        if self.lr is not None and not self.lr > 0:
+            raise HeadError(f"--lr must be positive, got {self.lr}")
+        if any(step < 1 for step in self.lr_steps) or not 0 < self.lr_factor <= 1:
+            raise HeadError(f"--lr-steps must be epochs ≥ 1 and --lr-factor in (0, 1], got {list(self.lr_steps)} "
+                            f"and {self.lr_factor}")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
+            raise HeadError("--batch-size, --max-epochs and --patience must be at least 1")
+
+
+def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, options: TrainingOptions,
+                  seed: int, describe: str) -> list[dict]:
+    """Train `network` (codes -> logits) in place; returns the per-epoch curve.
+
+    Each epoch streams the rows in a seeded shuffled block order. With `early_stop`, training stops
+    after `patience` epochs without a lower validation loss, and the best epoch's weights are kept.
+    """
+    from tqdm import tqdm
+
+    options.check()
+    if options.early_stop and val is None:
+        raise HeadError("--early-stop needs a validation split; pass --val-cache or --val-fraction")
+    device = resolve_device(options.device)
+    network.to(device)
+    lr = options.lr or DEFAULT_LR[options.optimizer]
+    optimizer = make_optimizer([{"params": list(network.parameters()), "lr": lr}], options.optimizer, lr,
+                               options.momentum, options.weight_decay, HeadError)
+    if options.lr_steps:  # the neon recipe's step drops
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(options.lr_steps, (options.lr_factor,)))
+    else:
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.max_epochs)
+    loss_function = loss_for(rows.multilabel)
+    curve, best = [], (math.inf, None, 0)
+    progress = tqdm(range(options.max_epochs), desc=describe, unit="epoch", disable=options.quiet, dynamic_ncols=True)
+    for epoch in progress:
+        network.train()
+        rng = np.random.default_rng([seed, epoch])
+        total_loss, seen = 0.0, 0
+        for codes, targets in _mini_batches(rows, rng, options.batch_size, device):
+            loss = loss_function(network(codes), targets)
+            if not torch.isfinite(loss):
+                raise HeadError(f"the training loss became {loss.item()} in epoch {epoch + 1}; "
+                                "lower --lr or check the cache with tl info --verify")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(codes)
+            seen += len(codes)
+        point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total_loss / seen}
+        schedule.step()
+        if val is not None:
+            point.update(_evaluate_network(network, val, loss_function, device))
+            if point["val_loss"] < best[0]:
+                best = (point["val_loss"], copy.deepcopy(network.state_dict()), epoch)
+        curve.append(point)
+        progress.set_postfix({k: f"{v:.4f}" for k, v in point.items() if k not in ("epoch", "lr")})
+        if options.early_stop and epoch - best[2] >= options.patience:
+            break
+    if options.early_stop and best[1] is not None:
+        network.load_state_dict(best[1])
+        for point in curve:
+            point["kept"] = point["epoch"] == best[2] + 1
+    network.cpu().eval()
+    return curve
+
+
+def _mini_batches(rows: CodeRows, rng, batch_size: int, device: torch.device):
+    """(codes, targets) mini-batches on `device`, block by block in the seeded order; for CUDA each block
+    is read into pinned memory and its batches copied without blocking."""
+    for positions, codes in rows.blocks(rng):
+        targets = rows.targets[positions]
+        codes_tensor = pinned(torch.from_numpy(codes), device)
+        targets_tensor = pinned(torch.from_numpy(targets.astype(np.float32) if rows.multilabel else targets), device)
+        for start in range(0, len(positions), batch_size):
+            yield (to_device(codes_tensor[start:start + batch_size], device),
+                   to_device(targets_tensor[start:start + batch_size], device))
+
+
+def _evaluate_network(network: nn.Module, val: CodeRows, loss_function, device) -> dict:
+    network.eval()
+    probabilities = np.empty((len(val), network[-1].out_features))
+    total_loss = 0.0
+    with torch.inference_mode():
+        for positions, codes in val.blocks():
+            logits = network(torch.from_numpy(codes).to(device))
+            targets = torch.from_numpy(val.targets[positions].astype(np.float32) if val.multilabel
+                                       else val.targets[positions]).to(device)
+            total_loss += loss_function(logits, targets).item() * len(positions)
+            probabilities[positions] = output_activation(val.multilabel)(logits).double().cpu().numpy()
+    metric = "val_map" if val.multilabel else "val_accuracy"
+    return {"val_loss": total_loss / len(val), metric: validation_score(val.targets, probabilities)}
+
+
