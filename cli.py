@@ -5,29 +5,145 @@ User errors (TLError) print one `error: ...` line and exit 2; run as `tl ...` or
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import sys
 from pathlib import Path
 
 import click
 
-from pipeline import DATA_FORMATS, DECODE_MODES, DEFAULT_DECODE, DEVICES, PRECISIONS
+from pipeline import DEVICES, PRECISIONS
 from pipeline.errors import TLError
+
+# -------------------------------------------------------------- registries and stage defaults, read on first use
+# `tl`, `tl --help` and `tl info` start without importing torch: a command's choices, help texts and
+# defaults come from the pipeline's registries and stage configs only when that command parses its
+# options or shows its help.
+
+
+def _attribute(path: str):
+    """`module:attribute` imported on demand."""
+    module, attribute = path.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+class RegistryChoice(click.Choice):
+    """A click.Choice whose values are the names in a pipeline registry (`module:attribute`, a mapping,
+    a sequence, or a function returning one), read when first needed."""
+
+    def __init__(self, registry: str):
+        self.registry = registry
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        names = _attribute(self.registry)
+        return tuple(names() if callable(names) else names)
+
+
+class StageDefault:
+    """An option's default: the default of the field of the same name in a stage's config dataclass
+    (`module:Class`), turned into the option's text form (tuples comma-separated); one place for it."""
+
+    def __init__(self, configs: tuple[str, ...], field: str, fallback=None):
+        self.configs, self.field, self.fallback = configs, field, fallback
+
+    def value(self):
+        for config in self.configs:
+            for field in dataclasses.fields(_attribute(config)):
+                if field.name == self.field:
+                    if field.default is not dataclasses.MISSING:
+                        value = field.default
+                    elif field.default_factory is not dataclasses.MISSING:
+                        value = field.default_factory()
+                    else:  # a field the stage requires: the option has no default
+                        return self.fallback
+                    if isinstance(value, tuple):
+                        return ",".join(f"{item:g}" if isinstance(item, float) else str(item) for item in value)
+                    return value
+        return self.fallback  # an option of the CLI's own
+
+    def __call__(self):
+        return self.value()
+
+
+class TlOption(click.Option):
+    """A click option whose help may end with a registry's descriptions (`describe`, `module:function`
+    returning text) and whose default may be a StageDefault, both shown in --help once resolved."""
+
+    def __init__(self, *args, describe: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.describe = describe
+
+    def get_help_record(self, ctx: click.Context):
+        saved = self.help, self.default, self.show_default
+        try:
+            if self.describe:
+                self.help = " ".join(part for part in (self.help, _attribute(self.describe)() + ".") if part)
+            if isinstance(self.default, StageDefault):
+                self.default = self.default.value()
+                shown = not (self.default is None or self.default is False or self.default == "") \
+                    or bool(self.secondary_opts)
+                self.show_default = shown if self.show_default is None else self.show_default and shown
+            return super().get_help_record(ctx)
+        finally:
+            self.help, self.default, self.show_default = saved
+
+
+def option(*args, **kwargs):
+    return click.option(*args, cls=TlOption, **kwargs)
+
+
+def stage_defaults(*configs: str, own: tuple[str, ...] = ()):
+    """Command decorator (above @tl.command): every option declared without a default takes the default of
+    the config field of its name, read when needed; `own` names options that are the CLI's alone."""
+
+    def bind(command: click.Command) -> click.Command:
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name not in own and param.name != "config" \
+                    and (param.default is None or param.default is False or repr(param.default) == "Sentinel.UNSET"):
+                param.default = StageDefault(configs, param.name.rstrip("_"), False if param.is_flag else None)
+        return command
+
+    return bind
+
 
 # -------------------------------------------------------------- options several commands share
 
 
-
-def device_option(default: str = "auto", help: str = "auto: CUDA when present (under torchrun, each rank's own GPU)."):
-    return click.option("--device", default=default, show_default=True, type=click.Choice(DEVICES), help=help)
+def device_option(help: str = "auto: CUDA when present (under torchrun, each rank's own GPU)."):
+    return option("--device", type=click.Choice(DEVICES), help=help)
 
 
 def precision_option(help: str):
-    return click.option("--precision", default="auto", show_default=True, type=click.Choice(PRECISIONS), help=help)
+    return option("--precision", type=click.Choice(PRECISIONS), help=help)
 
 
 def workers_option():
-    return click.option("--workers", default=None, type=int,
-                        help="Decoding processes [default: the cores shared among this machine's ranks, at most 16].")
+    return option("--workers", type=int,
+                  help="Decoding processes [default: the cores shared among this machine's ranks, at most 16].")
+
+
+def format_option(help: str = "How --data is laid out:"):
+    return option("--format", "format_", type=RegistryChoice("pipeline.formats:format_names"),
+                  describe="pipeline.formats:formats_help", help=help)
+
+
+def backbones_help() -> str:
+    return ", ".join(_attribute("pipeline.backbones:list_backbones")())
+
+
+def head_kinds_help() -> str:
+    return "; ".join(f"{name}: {kind.help}" for name, kind in _attribute("pipeline.heads:HEAD_KINDS").items())
+
+
+def decode_help() -> str:
+    return "; ".join(f"{name}: {mode.help}" for name, mode in _attribute("pipeline.decoding:DECODE_MODES").items())
+
+
+def head_lr_help() -> str:
+    defaults = _attribute("pipeline.training:DEFAULT_LR")
+    return "[default: " + ", ".join(f"{value:g} {name}" for name, value in defaults.items()) + "]."
 
 
 # -------------------------------------------------------------- config files
@@ -95,63 +211,51 @@ def tl():
     """
 
 
+@stage_defaults("pipeline.extract:ExtractConfig", "pipeline.multiscale:PatchSettings")
 @tl.command()
 @config_option
-@click.option("--data", type=click.Path(path_type=Path), required=True,
-              help="Image folder, CSV file (path,label rows) or data set root.")
-@click.option("--format", "format_", default="imagefolder", show_default=True,
-              type=click.Choice(DATA_FORMATS), help="How --data is laid out.")
-@click.option("--split", default="train", show_default=True,
-              help="Split to read (imagefolder: DATA/SPLIT when that folder exists).")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True,
-              help="alexnet, vgg16, resnet50 or efficientnet_lite0.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="imagenet (published weights), none (seeded random init) or a state dict PATH.")
-@click.option("--layers", default=None, help="Comma-separated taps, e.g. fc6,fc7 [default: the backbone's last].")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Cache folder to write.")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
-@click.option("--shard-rows", default=None, type=int,
-              help="Images per shard file [default: 4096; 32 with --multiscale].")
-@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "lzf", "gzip"]))
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@option("--data", type=click.Path(path_type=Path), required=True,
+        help="Image folder, CSV file (path,label rows) or data set root.")
+@format_option()
+@option("--split", help="Split to read (imagefolder: DATA/SPLIT when that folder exists).")
+@option("--backbone", describe="cli:backbones_help", help="The frozen ImageNet network:")
+@option("--weights", help="imagenet (published weights), none (seeded random init) or a state dict PATH.")
+@option("--layers", help="Comma-separated taps, e.g. fc6,fc7 [default: the backbone's last].")
+@option("--out", type=click.Path(path_type=Path), required=True, help="Cache folder to write.")
+@option("--dtype", type=click.Choice(["float16", "float32"]))
+@option("--shard-rows", type=int, help="Images per shard file [default: 4096; 32 with --multiscale].")
+@option("--compression", type=RegistryChoice("cache.writer:COMPRESSIONS"))
+@option("--batch-size", type=int)
 @workers_option()
 @device_option()
 @precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
-@click.option("--samples-per-class", default=None, type=int, help="Seeded, stratified subset of N per class.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--decode", default=DEFAULT_DECODE, show_default=True, type=click.Choice(DECODE_MODES),
-              help="fast: JPEGs decoded at reduced scale (DCT domain) to the smallest size still at least the "
-                   "resize target, only the crop resampled; exact: torchvision's Resize + CenterCrop on the full "
-                   "image. Part of the cache key: heads refuse codes of the other mode.")
-@click.option("--on-error", default="skip", show_default=True, type=click.Choice(["skip", "fail"]),
-              help="Unreadable image: skip it (recorded in the manifest) or stop.")
-@click.option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
-@click.option("--download", is_flag=True, help="Download cifar10/gtsrb when missing.")
-@click.option("--classes", default="voc", show_default=True,
-              help="voc data: voc (the 20 classes), auto (names found in the annotations), or a comma list.")
-@click.option("--multiscale", is_flag=True, help="Oquab et al. patches at many scales instead of one centre crop.")
-@click.option("--scales", default=None,
-              help="--multiscale: comma-separated; the patch side is (min(H, W) - 1) / scale "
-                   "[default: the paper's 13, 1.0 1.3 1.6 2.0 ... 4.6 5.0].")
-@click.option("--patch-overlap", default=0.2, show_default=True, type=float,
-              help="--multiscale: a box labels a patch when it covers this share of the patch...")
-@click.option("--box-overlap", default=0.6, show_default=True, type=float,
-              help="...and the patch this share of the box.")
-@click.option("--background-fraction", default=0.1, show_default=True, type=float,
-              help="--multiscale, train/trainval splits: share of background patches kept (seeded).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class.")
+@option("--seed", type=int)
+@option("--decode", type=RegistryChoice("pipeline.decoding:DECODE_MODES"), describe="cli:decode_help",
+        help="How an image becomes the centre crop; part of the cache key (heads refuse codes of the other mode).")
+@option("--on-error", type=RegistryChoice("pipeline.extract:ON_ERROR"),
+        help="Unreadable image: skip it (recorded in the manifest) or stop.")
+@option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
+@option("--download", is_flag=True, help="Download cifar10/gtsrb when missing.")
+@option("--classes", help="voc data: voc (the 20 classes), auto (names found in the annotations), or a comma list.")
+@option("--multiscale", is_flag=True, help="Oquab et al. patches at many scales instead of one centre crop.")
+@option("--scales", help="--multiscale: comma-separated; the patch side is (min(H, W) - 1) / scale (the paper's 13).")
+@option("--patch-overlap", type=float, help="--multiscale: a box labels a patch when it covers this share of the patch...")
+@option("--box-overlap", type=float, help="...and the patch this share of the box.")
+@option("--background-fraction", type=float,
+        help="--multiscale, train/trainval splits: share of background patches kept (seeded).")
+@option("--quiet", is_flag=True, help="No progress bar.")
 def extract(format_, layers, scales, patch_overlap, box_overlap, background_fraction, **options):
     """Run a frozen backbone over every image and cache the codes of chosen layers.
 
     Re-running the same command resumes: finished shards are kept, the rest are written.
     """
+    from pipeline.distributed import world
     from pipeline.extract import ExtractConfig, run_extract
-
     from pipeline.multiscale import PatchSettings
 
-    patches = PatchSettings(_numbers(scales, float, "--scales") if scales else PatchSettings.scales, patch_overlap,
-                            box_overlap, background_fraction)
-    from pipeline.distributed import world
+    patches = PatchSettings(scales=_numbers(scales, float, "--scales"), patch_overlap=patch_overlap,
+                            box_overlap=box_overlap, background_fraction=background_fraction)
 
     config = ExtractConfig(format=format_, layers=_csv_list(layers), patches=patches, **options)
     result = run_extract(config)
@@ -235,55 +339,51 @@ def example_data(out, per_class, seed):
     click.echo(f"wrote {counts['train']} train and {counts['test']} test images to {out}")
 
 
+@stage_defaults("pipeline.fit_head:FitHeadConfig", "pipeline.training:TrainingOptions", own=("quiet",))
 @tl.command("fit-head")
 @config_option
-@click.option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
-@click.option("--layer", default=None, help="Layer of the cache to train on [default: its only layer].")
-@click.option("--head", default="logreg", show_default=True, type=click.Choice(["logreg", "mlp", "svm"]),
-              help="logreg: logistic regression; mlp: softmax MLP (torch); svm: linear SVMs one-vs-rest.")
-@click.option("--C", "c_values", default="1.0", show_default=True,
-              help="logreg/svm inverse regularization; a comma-separated list picks the best on validation "
-                   "(svm: per class, by AP).")
-@click.option("--solver", default="lbfgs", show_default=True, type=click.Choice(["lbfgs", "sgd"]),
-              help="logreg: lbfgs loads the layer in memory; sgd streams it in mini-batches.")
-@click.option("--hidden", default="4096", show_default=True,
-              help="mlp: comma-separated hidden widths (ReLU + dropout after each); empty for none.")
-@click.option("--dropout", default=0.5, show_default=True, type=float, help="mlp: dropout after each hidden layer.")
-@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]),
-              help="mlp and logreg --solver sgd.")
-@click.option("--lr", default=None, type=float, help="Learning rate [default: 0.05 sgd, 0.001 adam].")
-@click.option("--lr-steps", default="", help="Epochs after which the lr drops by --lr-factor (e.g. 10,20); "
-                                               "none: cosine decay to zero over --max-epochs.")
-@click.option("--lr-factor", default=0.1, show_default=True, type=float)
-@click.option("--momentum", default=0.9, show_default=True, type=float, help="SGD momentum.")
-@click.option("--weight-decay", default=5e-4, show_default=True, type=float,
-              help="mlp: L2 on weights (logreg --solver sgd takes it from --C).")
-@click.option("--batch-size", default=128, show_default=True, type=int)
-@click.option("--max-epochs", default=20, show_default=True, type=int)
-@click.option("--early-stop/--no-early-stop", default=False, show_default=True,
-              help="Stop when the validation loss has not improved for --patience epochs; keep the best epoch.")
-@click.option("--patience", default=3, show_default=True, type=int)
-@device_option("cpu", "Where mlp and sgd heads train; cuda reads the cache in pinned batches.")
-@click.option("--val-cache", type=click.Path(path_type=Path), default=None, help="Validation cache of the same classes.")
-@click.option("--val-fraction", type=float, default=None,
-              help="Hold out this seeded fraction instead (stratified by class).")
-@click.option("--max-iter", default=1000, show_default=True, type=int, help="logreg lbfgs and svm iterations.")
-@click.option("--block-rows", default=4096, show_default=True, type=int,
-              help="Rows read from the cache at a time: bounds memory when streaming.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Head file to write (.pt).")
-def fit_head(c_values, hidden, optimizer, lr, lr_steps, lr_factor, momentum, weight_decay, batch_size, max_epochs,
+@option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
+@option("--layer", help="Layer of the cache to train on [default: its only layer].")
+@option("--head", type=RegistryChoice("pipeline.heads:HEAD_KINDS"), describe="cli:head_kinds_help",
+        help="The kind of head:")
+@option("--C", "C", help="logreg/svm inverse regularization; a comma-separated list picks the best on validation "
+                         "(svm: per class, by AP).")
+@option("--solver", type=RegistryChoice("pipeline.heads:SOLVERS"),
+        help="logreg: lbfgs loads the layer in memory; sgd streams it in mini-batches.")
+@option("--hidden", help="mlp: comma-separated hidden widths (ReLU + dropout after each); empty for none.")
+@option("--dropout", type=float, help="mlp: dropout after each hidden layer.")
+@option("--optimizer", type=RegistryChoice("pipeline.training:OPTIMIZERS"), help="mlp and logreg --solver sgd.")
+@option("--lr", type=float, describe="cli:head_lr_help", help="Learning rate")
+@option("--lr-steps", help="Epochs after which the lr drops by --lr-factor (e.g. 10,20); "
+                           "none: cosine decay to zero over --max-epochs.")
+@option("--lr-factor", type=float)
+@option("--momentum", type=float, help="SGD momentum.")
+@option("--weight-decay", type=float, help="mlp: L2 on weights (logreg --solver sgd takes it from --C).")
+@option("--batch-size", type=int)
+@option("--max-epochs", type=int)
+@option("--early-stop/--no-early-stop",
+        help="Stop when the validation loss has not improved for --patience epochs; keep the best epoch.")
+@option("--patience", type=int)
+@device_option("Where mlp and sgd heads train; cuda reads the cache in pinned batches.")
+@option("--val-cache", type=click.Path(path_type=Path), help="Validation cache of the same classes.")
+@option("--val-fraction", type=float, help="Hold out this seeded fraction instead (stratified by class).")
+@option("--max-iter", type=int, help="logreg lbfgs and svm iterations.")
+@option("--block-rows", type=int, help="Rows read from the cache at a time: bounds memory when streaming.")
+@option("--seed", type=int)
+@option("--quiet", is_flag=True, help="No progress bar.")
+@option("--out", type=click.Path(path_type=Path), required=True, help="Head file to write (.pt).")
+def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factor, momentum, weight_decay, batch_size, max_epochs,
              early_stop, patience, device, quiet, **options):
     """Train a head on the codes of one cached layer and save it as one file."""
     from pipeline.fit_head import FitHeadConfig, fit_head as run_fit_head
     from pipeline.training import TrainingOptions
 
-    grid = _numbers(c_values, float, "--C")
-    widths = _numbers(hidden, int, "--hidden")
-    training = TrainingOptions(optimizer, lr, _numbers(lr_steps, int, "--lr-steps"), lr_factor, momentum, weight_decay,
-                               batch_size, max_epochs, early_stop, patience, device, quiet)
-    result = run_fit_head(FitHeadConfig(C=grid or (1.0,), hidden=widths, training=training, **options))
+    training = TrainingOptions(optimizer=optimizer, lr=lr, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
+                               lr_factor=lr_factor, momentum=momentum, weight_decay=weight_decay,
+                               batch_size=batch_size, max_epochs=max_epochs, early_stop=early_stop, patience=patience,
+                               device=device, quiet=quiet)
+    result = run_fit_head(FitHeadConfig(C=_numbers(C, float, "--C"), hidden=_numbers(hidden, int, "--hidden"),
+                                        training=training, **options))
     click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {result.train_rows} training rows"
                + (f", chosen {result.chosen}" if result.chosen else ""))
     click.echo(f"  train {result.metric} {result.train_score:.4f}"
@@ -298,30 +398,29 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
         raise TLError(f"{flag} takes {kind.__name__} numbers separated by commas, got '{text}'") from None
 
 
+@stage_defaults("pipeline.evaluate:EvaluateConfig")
 @tl.command()
 @config_option
-@click.option("--head", type=click.Path(path_type=Path), default=None, help="Head file written by tl fit-head.")
-@click.option("--cache", type=click.Path(path_type=Path), default=None,
-              help="Cache of the data to evaluate on (same backbone, weights and layer as the head's).")
-@click.option("--model", type=click.Path(path_type=Path), default=None,
-              help="Model file written by tl finetune (instead of --head/--cache).")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="With --model: the images to evaluate on.")
-@click.option("--format", "format_", default="imagefolder", show_default=True,
-              type=click.Choice(DATA_FORMATS), help="With --model.")
-@click.option("--split", default="test", show_default=True, help="With --model.")
-@click.option("--classes", default="voc", show_default=True, help="With --model and voc data.")
+@option("--head", type=click.Path(path_type=Path), help="Head file written by tl fit-head.")
+@option("--cache", type=click.Path(path_type=Path),
+        help="Cache of the data to evaluate on (same backbone, weights and layer as the head's).")
+@option("--model", type=click.Path(path_type=Path), help="Model file written by tl finetune (instead of --head/--cache).")
+@option("--data", type=click.Path(path_type=Path), help="With --model: the images to evaluate on.")
+@format_option("With --model:")
+@option("--split", help="With --model.")
+@option("--classes", help="With --model and voc data.")
 @device_option()
 @precision_option("With --model: autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
 @workers_option()
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.json, report.md, plots.")
-@click.option("--ap", default="voc07", show_default=True, type=click.Choice(["voc07", "area"]),
-              help="AP: VOC 2007 11-point interpolation, or area under the precision envelope.")
-@click.option("--top-k", default=5, show_default=True, type=int, help="Also report top-k accuracy (more classes than k).")
-@click.option("--save-predictions", type=click.Path(path_type=Path), default=None,
-              help="CSV of every row: sample id, true label(s), every class score.")
-@click.option("--block-rows", default=4096, show_default=True, type=int, help="Rows read from the cache at a time.")
-@click.option("--exponent", default=5.0, show_default=True, type=float,
-              help="Patch caches: an image's class score is the sum of its patch scores to this power.")
+@option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.json, report.md, plots.")
+@option("--ap", type=RegistryChoice("pipeline.metrics:AP_METHODS"),
+        help="AP: VOC 2007 11-point interpolation, or area under the precision envelope.")
+@option("--top-k", type=int, help="Also report top-k accuracy (more classes than k).")
+@option("--save-predictions", type=click.Path(path_type=Path),
+        help="CSV of every row: sample id, true label(s), every class score.")
+@option("--block-rows", type=int, help="Rows read from the cache at a time.")
+@option("--exponent", type=float,
+        help="Patch caches: an image's class score is the sum of its patch scores to this power.")
 def evaluate(format_, **options):
     """Accuracy, top-k, per-class precision/recall/F1 and AP, mAP, confusion matrix; a report with plots.
 
@@ -335,13 +434,14 @@ def evaluate(format_, **options):
     click.echo(f"\nreport: {result.out / 'report.md'} (+ {', '.join(p.name for p in result.files[2:])})")
 
 
+@stage_defaults("pipeline.predict:PredictConfig")
 @tl.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--head", type=click.Path(path_type=Path), default=None, help="Head file written by tl fit-head.")
-@click.option("--model", type=click.Path(path_type=Path), default=None, help="Or a model file from tl finetune.")
-@click.option("--top-k", default=5, show_default=True, type=int, help="Labels per image, best first.")
-@click.option("--weights", default=None, help="The backbone's state dict file, when the head's cache was made from one.")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@option("--head", type=click.Path(path_type=Path), help="Head file written by tl fit-head.")
+@option("--model", type=click.Path(path_type=Path), help="Or a model file from tl finetune.")
+@option("--top-k", type=int, help="Labels per image, best first.")
+@option("--weights", help="The backbone's state dict file, when the head's cache was made from one.")
+@option("--batch-size", type=int)
 @workers_option()
 @device_option()
 @precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
@@ -372,9 +472,9 @@ def predict(paths, **options):
 
 
 @tl.command()
-@click.option("--model", type=click.Path(path_type=Path), required=True, help="Model file written by tl finetune.")
-@click.option("--format", "format_", required=True, type=click.Choice(["torchscript", "onnx"]))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="File to write.")
+@option("--model", type=click.Path(path_type=Path), required=True, help="Model file written by tl finetune.")
+@option("--format", "format_", required=True, type=RegistryChoice("pipeline.export:EXPORT_FORMATS"))
+@option("--out", type=click.Path(path_type=Path), required=True, help="File to write.")
 def export(model, format_, out):
     """Write a finetuned model as TorchScript or ONNX (pixels -> probabilities), checked on a sample batch."""
     from pipeline.export import export_model
@@ -383,13 +483,12 @@ def export(model, format_, out):
     click.echo(f"wrote {out} ({format_}); largest difference from the model on a sample batch {difference:.1e}")
 
 
+@stage_defaults("pipeline.quickstart:QuickstartConfig")
 @tl.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("tl-quickstart"), show_default=True,
-              help="Folder for the data, caches, head and report.")
-@click.option("--per-class", default=50, show_default=True, type=int,
-              help="Digit images per class (before the 75/25 train/test split); 0 for all 1,797.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@option("--out", type=click.Path(path_type=Path), help="Folder for the data, caches, head and report.")
+@option("--per-class", type=int, help="Digit images per class (before the 75/25 train/test split); 0 for all 1,797.")
+@option("--seed", type=int)
+@option("--quiet", is_flag=True, help="No progress bars.")
 def quickstart(out, per_class, seed, quiet):
     """Offline tour: digits -> extract (efficientnet_lite0, real ImageNet weights) -> logreg -> evaluate.
 
@@ -397,68 +496,64 @@ def quickstart(out, per_class, seed, quiet):
     """
     from pipeline.quickstart import QuickstartConfig, run_quickstart
 
-    result = run_quickstart(QuickstartConfig(out, per_class or None, seed=seed, quiet=quiet), say=click.echo)
+    result = run_quickstart(QuickstartConfig(out=out, per_class=per_class or None, seed=seed, quiet=quiet),
+                            say=click.echo)
     click.echo(f"\ndone in {result.seconds:.0f} s: test accuracy {result.accuracy:.3f}. Report: {result.report}")
     click.echo(f"next: tl predict --head {result.head} IMAGE...")
 
 
+@stage_defaults("pipeline.finetune:FinetuneConfig")
 @tl.command()
 @config_option
-@click.option("--data", type=click.Path(path_type=Path), required=True, help="Training images (as for tl extract).")
-@click.option("--format", "format_", default="imagefolder", show_default=True,
-              type=click.Choice(DATA_FORMATS))
-@click.option("--split", default="train", show_default=True)
-@click.option("--classes", default="voc", show_default=True, help="voc data: voc, auto or a comma list.")
-@click.option("--samples-per-class", default=None, type=int, help="Seeded, stratified subset of N per class.")
-@click.option("--head", type=click.Path(path_type=Path), required=True,
-              help="Stage-two head: the model is its backbone up to its layer, then the head.")
-@click.option("--unfreeze", default=0, show_default=True, type=int,
-              help="Also train the last N conv layers and every layer after them (0: the head only).")
-@click.option("--epochs", default=10, show_default=True, type=int, help="0: only evaluate (and write the model).")
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(["sgd", "adam"]))
-@click.option("--lr", default=1e-4, show_default=True, type=float,
-              help="Learning rate of the head (small: it starts trained).")
-@click.option("--momentum", default=0.9, show_default=True, type=float)
-@click.option("--weight-decay", default=5e-4, show_default=True, type=float)
-@click.option("--lr-steps", default="", help="Epochs after which the lr drops (e.g. 10,20).")
-@click.option("--lr-factors", default="0.1", show_default=True,
-              help="Factor of each drop (one value: the same for every step).")
-@click.option("--backbone-lr-scale", default=0.1, show_default=True, type=float,
-              help="Backbone layers learn at lr times this.")
-@click.option("--bn-stats/--no-bn-stats", default=False, show_default=True,
-              help="Trainable BatchNorm layers update their running statistics (for big batches); by default "
-                   "they keep ImageNet's and only their scale and shift learn.")
-@click.option("--crop-scale", default=0.5, show_default=True, type=float,
-              help="Training crops cover at least this fraction of the image (1: the backbone's centre crop).")
-@click.option("--flip/--no-flip", default=True, show_default=True,
-              help="Random horizontal flips in training (off for digits, text, traffic signs).")
-@click.option("--background-fraction", default=0.1, show_default=True, type=float,
-              help="Multiscale heads: share of background patches trained on (seeded, as in tl extract).")
-@click.option("--val-data", type=click.Path(path_type=Path), default=None, help="Validation images, same format.")
-@click.option("--val-split", default=None, help="Split of --val-data [default: --split].")
-@click.option("--early-stop/--no-early-stop", default=False, show_default=True,
-              help="Stop after --patience epochs without a lower validation loss; keep the best epoch.")
-@click.option("--patience", default=3, show_default=True, type=int)
-@click.option("--backbone", default=None, help="Refuse a head made from another backbone.")
-@click.option("--weights", default=None, help="The backbone's weights file, when the head's codes came from one.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint (OUT.last.ckpt).")
-@click.option("--overwrite", is_flag=True, help="Start over even though a checkpoint exists.")
+@option("--data", type=click.Path(path_type=Path), required=True, help="Training images (as for tl extract).")
+@format_option()
+@option("--split")
+@option("--classes", help="voc data: voc, auto or a comma list.")
+@option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class.")
+@option("--head", type=click.Path(path_type=Path), required=True,
+        help="Stage-two head: the model is its backbone up to its layer, then the head.")
+@option("--unfreeze", type=int, help="Also train the last N conv layers and every layer after them (0: the head only).")
+@option("--epochs", type=int, help="0: only evaluate (and write the model).")
+@option("--batch-size", type=int)
+@option("--optimizer", type=RegistryChoice("pipeline.training:OPTIMIZERS"))
+@option("--lr", type=float, help="Learning rate of the head (small: it starts trained).")
+@option("--momentum", type=float)
+@option("--weight-decay", type=float, help="L2 on weights (not on biases or BatchNorm scales).")
+@option("--lr-steps", help="Epochs after which the lr drops (e.g. 10,20).")
+@option("--lr-factors", help="Factor of each drop (one value: the same for every step).")
+@option("--backbone-lr-scale", type=float, help="Backbone layers learn at lr times this.")
+@option("--bn-stats/--no-bn-stats",
+        help="Trainable BatchNorm layers update their running statistics (for big batches); by default "
+             "they keep ImageNet's and only their scale and shift learn.")
+@option("--crop-scale", type=float,
+        help="Training crops cover at least this fraction of the image (1: the backbone's centre crop).")
+@option("--flip/--no-flip", help="Random horizontal flips in training (off for digits, text, traffic signs).")
+@option("--background-fraction", type=float,
+        help="Multiscale heads: share of background patches trained on (seeded, as in tl extract).")
+@option("--val-data", type=click.Path(path_type=Path), help="Validation images, same format.")
+@option("--val-split", help="Split of --val-data [default: --split].")
+@option("--early-stop/--no-early-stop",
+        help="Stop after --patience epochs without a lower validation loss; keep the best epoch.")
+@option("--patience", type=int)
+@option("--backbone", help="Refuse a head made from another backbone.")
+@option("--weights", help="The backbone's weights file, when the head's codes came from one.")
+@option("--resume", is_flag=True, help="Continue from the last checkpoint (OUT.last.ckpt).")
+@option("--overwrite", is_flag=True, help="Start over even though a checkpoint exists.")
 @workers_option()
 @device_option()
 @precision_option("Autocast dtype of training and validation; auto: float16 with loss scaling on CUDA, "
                   "float32 on the CPU.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--quiet", is_flag=True, help="Only the summary.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")
+@option("--seed", type=int)
+@option("--quiet", is_flag=True, help="Only the summary.")
+@option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")
 def finetune(format_, lr_steps, lr_factors, quiet, **options):
     """Train the head with the last conv layers end to end; a checkpoint every epoch, --resume after a stop."""
+    from pipeline.distributed import world
     from pipeline.finetune import FinetuneConfig, run_finetune
     from pipeline.model_files import checkpoint_paths
 
     config = FinetuneConfig(format=format_, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
                             lr_factors=_numbers(lr_factors, float, "--lr-factors"), quiet=quiet, **options)
-    from pipeline.distributed import world
 
     result = run_finetune(config, say=(lambda text: None) if quiet else click.echo)
     if not world().is_main:  # under torchrun, rank 0 reports for all

@@ -1,32 +1,34 @@
-"""Data sources: each lists its samples (id, target, where to read it) and decodes one image to RGB.
-
-imagefolder, csv, cifar10 and gtsrb; a seeded stratified subset; a fingerprint for cache keys.
+"""Data sources: what every data format shares. A Source lists samples (id, target, where to read it)
+and decodes one image to RGB; a seeded stratified subset; a fingerprint for cache keys; the registry
+of formats (the formats themselves live in pipeline.formats, one module each).
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
 import json
-import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipeline import DATA_FORMATS as FORMATS  # one list, read by the CLI too
 from pipeline.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 # Decoding errors PIL raises for corrupt, truncated or unsupported files.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
+FORMATS: dict[str, type["Source"]] = {}  # --format values, filled by register_format (see pipeline.formats)
+
+
+def register_format(source: type["Source"]) -> type["Source"]:
+    """Class decorator: make a data format available under its `format` name; a second of one name is refused."""
+    if not source.format or source.format in FORMATS:
+        raise DataError(f"a data format named '{source.format}' is already registered; choose another name")
+    FORMATS[source.format] = source
+    return source
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,14 @@ class Sample:
 
 
 class Source:
-    """A listed data set. Subclasses fill `classes` and `samples` and read one image."""
+    """A listed data set. Subclasses fill `classes` and `samples` and read one image.
+
+    A data format is a subclass registered with `register_format`: `format` names it (`--format`),
+    `help` describes it, and the classmethod `open(data, split, download, classes)` lists its samples.
+    """
 
     format: str = ""
+    help: str = ""
     target_kind = "class"  # or "multi-hot"
 
     def __init__(self, classes: list[str], samples: list[Sample]):
@@ -202,18 +209,18 @@ class ImageFiles:
     def warnings(self) -> list[str]:
         found = []
         if len(self._loops) == 1:
-            found.append(f"symlink loop at {_shown(self._loops[0])} skipped")
+            found.append(f"symlink loop at {shown(self._loops[0])} skipped")
         elif self._loops:
-            found.append(f"{len(self._loops)} symlink loops skipped, the first at {_shown(self._loops[0])}")
+            found.append(f"{len(self._loops)} symlink loops skipped, the first at {shown(self._loops[0])}")
         if self._repeated_folders:
             found.append(f"{len(self._repeated_folders)} symlinked folders lead to a folder already listed and were "
-                         f"skipped, the first at {_shown(self._repeated_folders[0])}")
+                         f"skipped, the first at {shown(self._repeated_folders[0])}")
         if self._repeated_files:
             found.append(f"{self._repeated_files} image files reached a second time through symlinks were listed once")
         return found
 
 
-def _file_stamp(path: Path) -> str:
+def file_stamp(path: Path) -> str:
     try:
         status = path.stat()
     except OSError:  # a dangling link: listed, then skipped as unreadable when decoded
@@ -221,271 +228,16 @@ def _file_stamp(path: Path) -> str:
     return f"{status.st_size}:{status.st_mtime_ns}"
 
 
-def _shown(path) -> str:
+def shown(path) -> str:
     """A path as printable text: bytes of a name that is not UTF-8 are shown as \\xNN."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _require_dir(path: Path, what: str) -> None:
+def require_dir(path: Path, what: str) -> None:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; pass --data with the folder of {what}")
     if not path.is_dir():
         raise DataError(f"data path {path} is not a folder; pass --data with the folder of {what}")
-
-
-class ImageFolderSource(Source):
-    """One sub-folder per class; `root/split` is used when it exists, else `root` itself."""
-
-    format = "imagefolder"
-
-    def __init__(self, root: Path, split: str):
-        _require_dir(root, "class folders")
-        if split and (root / split).is_dir():
-            root = root / split
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not class_dirs:
-            raise DataError(f"{root} has no class folders; an imagefolder holds one folder of images per class")
-        found = ImageFiles(class_dirs)  # one for all classes: an image reached from two of them is listed once
-        samples, empty = [], []
-        for label, class_dir in enumerate(class_dirs):
-            files = found.under(class_dir)
-            if not files:
-                empty.append(_shown(class_dir.name))
-            for path in files:
-                samples.append(Sample(str(path.relative_to(root)), label, str(path), _file_stamp(path)))
-        if not samples:
-            raise DataError(f"no images under {_shown(root)} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        super().__init__([d.name for d in class_dirs], samples)
-        self.warnings += found.warnings()
-        # an empty class keeps its index, so class indices still match the other splits
-        if len(empty) == 1:
-            self.warnings.append(f"class folder {empty[0]} holds no images")
-        elif empty:
-            self.warnings.append(f"{len(empty)} class folders hold no images: {', '.join(empty[:5])}"
-                                 + (", ..." if len(empty) > 5 else ""))
-
-
-class CsvSource(Source):
-    """Rows of `path,label`; paths relative to the CSV file; an optional `path,label` header."""
-
-    format = "csv"
-
-    def __init__(self, csv_path: Path):
-        if not csv_path.is_file():
-            raise DataError(f"CSV file {csv_path} does not exist; pass --data with a file of path,label rows")
-        rows, unlabelled = [], 0
-        try:
-            # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first path
-            with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-                for number, row in enumerate(csv.reader(handle), start=1):
-                    if not row or not "".join(row).strip():
-                        continue
-                    if number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
-                        continue
-                    if len(row) < 2:
-                        raise DataError(f"{csv_path} line {number}: expected path,label, got {','.join(row)!r}")
-                    if not row[1].strip():
-                        unlabelled += 1
-                        continue
-                    rows.append((row[0].strip(), row[1].strip(), number))
-        except UnicodeDecodeError:
-            raise DataError(f"{csv_path} is not UTF-8 text; save it as UTF-8") from None
-        except csv.Error as exc:
-            raise DataError(f"cannot read {csv_path}: {exc}; write one path,label row per image") from None
-        if not rows:
-            raise DataError(f"{csv_path} lists no images; write one path,label row per image")
-        classes = sorted({label for _, label, _ in rows})
-        index = {name: i for i, name in enumerate(classes)}
-        samples = []
-        for relative, label, number in rows:
-            path = (csv_path.parent / relative).resolve()
-            if not path.is_file():
-                raise DataError(f"{csv_path} line {number}: image {relative} does not exist (paths are relative to the CSV)")
-            samples.append(Sample(relative, index[label], str(path), _file_stamp(path)))
-        super().__init__(classes, samples)
-        if unlabelled:
-            self.warnings.append(f"{unlabelled} rows of {csv_path} have an empty label and were skipped")
-
-
-# What the official python-version files are, besides torchvision's md5s: their sizes in bytes. A file of
-# the official size must match the official md5; any other size is a re-packed or subset batch.
-CIFAR10_OFFICIAL_SIZES = {"data_batch_1": 31035704, "data_batch_2": 31035320, "data_batch_3": 31035999,
-                          "data_batch_4": 31035696, "data_batch_5": 31035623, "test_batch": 31035526,
-                          "batches.meta": 158}
-
-
-def _latin1_encode(text: str, encoding: str) -> bytes:
-    """`_codecs.encode` as pickle protocol 2 uses it for bytes, and for nothing else."""
-    if codecs.lookup(encoding).name != "iso8859-1":
-        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}, which a CIFAR batch never uses")
-    return codecs.encode(text, "latin1")
-
-
-def _cifar_globals() -> dict[tuple[str, str], object]:
-    try:
-        from numpy._core.multiarray import _reconstruct
-        from numpy._core.numeric import _frombuffer
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-        from numpy.core.numeric import _frombuffer
-    # numpy's own array reconstruction, under its numpy 1 and numpy 2 module names; _frombuffer is what
-    # protocol 5 (a re-packed batch) writes arrays with
-    return {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-            ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_encode}
-
-
-class CifarUnpickler(pickle.Unpickler):
-    """Unpickles what the CIFAR python batches hold (dicts, lists, numbers, text, numpy arrays) and refuses
-    every other global, so a batch can never run code."""
-
-    allowed = None
-
-    def find_class(self, module: str, name: str):
-        if CifarUnpickler.allowed is None:
-            CifarUnpickler.allowed = _cifar_globals()
-        try:
-            return CifarUnpickler.allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never does") from None
-
-
-def read_cifar_file(path: Path, required: tuple[str, ...]) -> dict:
-    """One CIFAR python file as a dict with str keys, read with CifarUnpickler; a file of the official size
-    must also have the official md5. Anything else is a one-line DataError naming the file."""
-    from torchvision.datasets import CIFAR10
-
-    official_md5 = dict(CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]])
-    try:
-        if path.stat().st_size == CIFAR10_OFFICIAL_SIZES.get(path.name):
-            with open(path, "rb") as handle:
-                md5 = hashlib.md5(usedforsecurity=False)
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    md5.update(chunk)
-            if md5.hexdigest() != official_md5[path.name]:
-                raise DataError(f"{path} is not the official CIFAR-10 file (md5 mismatch); download it again")
-        with open(path, "rb") as handle:
-            content = CifarUnpickler(handle, encoding="latin1").load()
-    except DataError:
-        raise
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any failure to decode untrusted bytes is a bad file, not a bug
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path} is not a readable CIFAR-10 python file ({reason}); "
-                        "download the python version again") from None
-    if not isinstance(content, dict):
-        raise DataError(f"{path} holds a {type(content).__name__}, not a CIFAR-10 dict; "
-                        "download the python version again")
-    # batches pickled by python 2 and read back as bytes (then re-pickled) have bytes keys
-    content = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in content.items()}
-    missing = [key for key in required if key not in content]
-    if missing:
-        raise DataError(f"{path} has no '{missing[0]}' entry, so it is not a CIFAR-10 python file; "
-                        "download the python version again")
-    return content
-
-
-class Cifar10Source(Source):
-    """The CIFAR-10 python batches, read with a restricted unpickler; `--data` holds cifar-10-batches-py."""
-
-    format = "cifar10"
-
-    def __init__(self, root: Path, split: str, download: bool):
-        from torchvision.datasets import CIFAR10
-
-        if split not in ("train", "test"):
-            raise DataError(f"cifar10 has splits train and test, not '{split}'")
-        if root.name == CIFAR10.base_folder:
-            root = root.parent
-        folder = root / CIFAR10.base_folder
-        batch_names = [name for name, _ in (CIFAR10.train_list if split == "train" else CIFAR10.test_list)]
-        needed = [folder / name for name in batch_names + [CIFAR10.meta["filename"]]]
-        if not all(path.is_file() for path in needed):
-            if not download:
-                raise DataError(f"CIFAR-10 python batches not found in {folder}; pass --download to fetch it")
-            from torchvision.datasets.utils import download_and_extract_archive
-
-            try:
-                download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
-            except (OSError, RuntimeError) as exc:
-                raise DataError(f"cannot download CIFAR-10 into {root}: {exc}; check the network") from None
-            if not all(path.is_file() for path in needed):
-                raise DataError(f"CIFAR-10 python batches not found in {folder} after downloading; check the network")
-
-        meta_path = folder / CIFAR10.meta["filename"]
-        names = read_cifar_file(meta_path, (CIFAR10.meta["key"],))[CIFAR10.meta["key"]]
-        if not isinstance(names, list) or not names or not all(isinstance(n, (str, bytes)) for n in names):
-            raise DataError(f"{meta_path} has no list of class names; download the python version again")
-        classes = [n.decode("utf-8", "surrogateescape") if isinstance(n, bytes) else n for n in names]
-        pixels, targets = [], []
-        for path in needed[:-1]:
-            batch = read_cifar_file(path, ("data", "labels"))
-            data = batch["data"]
-            try:
-                labels = np.asarray(batch["labels"])
-            except (ValueError, TypeError):  # ragged or mixed lists
-                labels = np.zeros(0, object)
-            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-                shape = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-                raise DataError(f"{path}: 'data' is {shape}, not rows of 3072 uint8 (3x32x32); "
-                                "download the python version again")
-            if labels.shape != (len(data),) or (len(data) and labels.dtype.kind not in "iu"):
-                raise DataError(f"{path}: 'labels' is not one integer per row of 'data'; "
-                                "download the python version again")
-            if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
-                raise DataError(f"{path}: labels outside 0..{len(classes) - 1} (the classes of {meta_path.name}); "
-                                "download the python version again")
-            pixels.append(data)
-            targets += [int(t) for t in labels]
-        self._pixels = np.concatenate(pixels).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows to HWC
-        samples = [
-            Sample(f"{split}/{i:05d}", t, str(i), hashlib.sha1(self._pixels[i].tobytes()).hexdigest()[:16])
-            for i, t in enumerate(targets)
-        ]
-        super().__init__(classes, samples)
-
-    def read_image(self, index: int, draft=None) -> Image.Image:
-        return Image.fromarray(self._pixels[int(self.samples[index].location)])  # 32x32: nothing to reduce
-
-
-class GtsrbSource(Source):
-    """German Traffic Sign benchmark in torchvision's layout under `--data` (gtsrb/GTSRB/...)."""
-
-    format = "gtsrb"
-    num_classes = 43
-
-    def __init__(self, root: Path, split: str, download: bool):
-        from torchvision.datasets import GTSRB
-
-        if split not in ("train", "test"):
-            raise DataError(f"gtsrb has splits train and test, not '{split}'")
-        try:
-            dataset = GTSRB(str(root), split=split, download=download)
-        except RuntimeError:
-            hint = "pass --download to fetch it" if not download else "check the network"
-            raise DataError(f"GTSRB {split} images not found under {root / 'gtsrb'}; {hint}") from None
-        except (OSError, KeyError, ValueError, TypeError, IndexError, csv.Error) as exc:
-            # a test list with missing columns or non-numeric class ids, or a file that is not text
-            raise DataError(f"cannot read GTSRB {split} from {root}: {exc}; download the {split} set again") from None
-        samples = []
-        base = root / "gtsrb"
-        for path, target in dataset._samples:
-            path = Path(path)
-            if split == "train":
-                # The class is the folder's number, even when some class folders are absent.
-                target = int(path.parent.name) if path.parent.name.isdecimal() else -1
-            if not 0 <= target < self.num_classes:
-                where = f"folder {_shown(path.parent.name)}" if split == "train" else f"class of {path.name}"
-                raise DataError(f"GTSRB {split} {where} is not a class number 0..{self.num_classes - 1}; "
-                                f"download the {split} set again")
-            if not path.is_file():
-                raise DataError(f"GTSRB lists {path.name} but the file is missing; download the {split} set again")
-            samples.append(Sample(str(path.relative_to(base)), int(target), str(path), _file_stamp(path)))
-        if not samples:
-            raise DataError(f"GTSRB {split} under {base} has no images")
-        super().__init__([f"{i:02d}" for i in range(self.num_classes)], samples)
 
 
 @dataclass(frozen=True)
@@ -497,155 +249,3 @@ class Annotation:
     boxes: np.ndarray  # (objects, 4) float64
     labels: np.ndarray  # (objects,) class index
     difficult: np.ndarray  # (objects,) bool
-
-
-class VocSource(Source):
-    """The PASCAL VOC devkit layout: Annotations/ID.xml, JPEGImages/ID.jpg, ImageSets/Main/SPLIT.txt.
-
-    One sample per image with a multi-hot target of the classes it shows (not counting objects marked
-    difficult); `ignore` marks classes it shows only as difficult objects, left out of their AP.
-    `classes`: "voc" (the 20 VOC classes), "auto" (the names found in the split's annotations), or a
-    comma-separated list.
-    """
-
-    format = "voc"
-    target_kind = "multi-hot"
-
-    def __init__(self, root: Path, split: str, classes: str = "voc"):
-        _require_dir(root, "a VOC devkit year (VOCdevkit/VOC2007)")
-        if (root / "VOC2007").is_dir() and not (root / "Annotations").is_dir():
-            root = root / "VOC2007"
-        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
-        if not split_file.is_file():
-            found = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
-            raise DataError(f"no split file {split_file}; splits here: {', '.join(found) or 'none'}")
-        try:
-            ids = [line.split()[0] for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError:
-            raise DataError(f"split file {split_file} is not UTF-8 text; save it as UTF-8") from None
-        if not ids:
-            raise DataError(f"split file {split_file} lists no images")
-        parsed = [self._parse(root, image_id) for image_id in ids]
-        unusable = sum(skipped for *_, skipped in parsed)
-        parsed = [fields[:4] for fields in parsed]
-        names = self._class_names(classes, parsed, split_file)
-        index = {name: i for i, name in enumerate(names)}
-        self.annotations: list[Annotation] = []
-        self._ignore: list[np.ndarray] = []
-        samples, clipped = [], 0
-        for image_id, (path, width, height, objects) in zip(ids, parsed):
-            boxes, labels, difficult = [], [], []
-            for name, box, is_difficult in objects:
-                if name not in index:
-                    raise DataError(f"{root / 'Annotations' / (image_id + '.xml')} has class '{name}', not among "
-                                    f"the {len(names)} classes; pass --classes auto to take the annotations' names")
-                x0, y0, x1, y1 = box
-                clipped_box = (min(max(x0, 0), width - 1), min(max(y0, 0), height - 1),
-                               min(max(x1, 0), width - 1), min(max(y1, 0), height - 1))
-                clipped += clipped_box != box
-                boxes.append(clipped_box)
-                labels.append(index[name])
-                difficult.append(is_difficult)
-            annotation = Annotation(width, height, np.array(boxes, np.float64).reshape(-1, 4),
-                                    np.array(labels, np.int64), np.array(difficult, bool))
-            present = np.zeros(len(names), np.int64)
-            present[annotation.labels[~annotation.difficult]] = 1
-            shown = np.zeros(len(names), np.int64)
-            shown[annotation.labels] = 1
-            self.annotations.append(annotation)
-            self._ignore.append((shown & (1 - present)).astype(np.int8))
-            samples.append(Sample(image_id, tuple(int(v) for v in present), str(path), _file_stamp(path)))
-        super().__init__(names, samples)
-        if clipped:
-            self.warnings.append(f"{clipped} boxes reached outside their image and were clipped to it")
-        if unusable:
-            self.warnings.append(f"{unusable} boxes were reversed, not finite or outside their image and were skipped")
-
-    def columns(self, index: int) -> dict[str, np.ndarray]:
-        return {"ignore": self._ignore[index]}
-
-    @staticmethod
-    def _parse(root: Path, image_id: str):
-        """(jpeg path, width, height, [(name, (x0, y0, x1, y1), difficult)], boxes skipped) of one annotation
-        file; boxes that are reversed, not finite or wholly outside the image are skipped with their object."""
-        import xml.etree.ElementTree as ElementTree
-
-        xml_path = root / "Annotations" / f"{image_id}.xml"
-        jpeg = root / "JPEGImages" / f"{image_id}.jpg"
-        if not jpeg.is_file():
-            raise DataError(f"the split file names {image_id} but {jpeg} is missing; restore it or remove the line")
-        if not xml_path.is_file():
-            raise DataError(f"the split file names {image_id} but {xml_path} is missing; restore it or remove the line")
-        try:
-            tree = ElementTree.parse(xml_path).getroot()
-            objects = []
-            for number, element in enumerate(tree.iter("object"), start=1):
-                name = (element.findtext("name") or "").strip()
-                bndbox = element.find("bndbox")
-                missing = ("<name>" if not name else "<bndbox>" if bndbox is None else
-                           next((f"<{k}>" for k in ("xmin", "ymin", "xmax", "ymax")
-                                 if not (bndbox.findtext(k) or "").strip()), None))
-                if missing:
-                    raise DataError(f"{xml_path}: <object> {number} has no {missing}; fix the annotation file")
-                # VOC boxes are 1-based inclusive pixel indices
-                box = tuple(float(bndbox.findtext(k)) - 1 for k in ("xmin", "ymin", "xmax", "ymax"))
-                difficult = (element.findtext("difficult") or "0").strip() == "1"
-                objects.append((name, box, difficult))
-            size = tree.find("size")
-            width = int(float(size.findtext("width"))) if size is not None and size.findtext("width") else 0
-            height = int(float(size.findtext("height"))) if size is not None and size.findtext("height") else 0
-        except (ElementTree.ParseError, TypeError, ValueError, OverflowError) as exc:
-            raise DataError(f"cannot read {xml_path}: {exc}; fix the annotation file") from None
-        if width <= 0 or height <= 0:  # no usable <size>: the image itself knows
-            try:
-                with Image.open(jpeg) as image:
-                    width, height = image.size
-            except DECODE_ERRORS as exc:
-                raise DataError(f"{xml_path} has no size and {jpeg} cannot be read: {exc}") from None
-        usable = [(name, (x0, y0, x1, y1), difficult) for name, (x0, y0, x1, y1), difficult in objects
-                  if all(math.isfinite(v) for v in (x0, y0, x1, y1)) and x0 <= x1 and y0 <= y1
-                  and x1 >= 0 and y1 >= 0 and x0 <= width - 1 and y0 <= height - 1]
-        return jpeg, width, height, usable, len(objects) - len(usable)
-
-    @staticmethod
-    def _class_names(classes: str, parsed: list, split_file: Path) -> list[str]:
-        if classes == "voc":
-            return list(VOC_CLASSES)
-        if classes == "auto":
-            names = sorted({name for _, _, _, objects in parsed for name, _, _ in objects})
-            if not names:
-                raise DataError(f"the annotations of {split_file} name no objects; nothing to learn classes from")
-            return names
-        names = [name.strip() for name in classes.split(",") if name.strip()]
-        if len(set(names)) != len(names) or not names:
-            raise DataError(f"--classes must be voc, auto, or distinct comma-separated names, got '{classes}'")
-        return names
-
-
-def open_source(
-    format: str,
-    data: Path,
-    split: str = "train",
-    download: bool = False,
-    samples_per_class: int | None = None,
-    seed: int = 0,
-    classes: str = "voc",
-) -> Source:
-    data = Path(data)
-    if format == "imagefolder":
-        source: Source = ImageFolderSource(data, split)
-    elif format == "csv":
-        source = CsvSource(data)
-    elif format == "cifar10":
-        source = Cifar10Source(data, split, download)
-    elif format == "gtsrb":
-        source = GtsrbSource(data, split, download)
-    elif format == "voc":
-        source = VocSource(data, split, classes)
-    else:
-        raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(FORMATS)}")
-    if samples_per_class is not None:
-        source.subset(samples_per_class, seed)
-    if not source.samples:
-        raise DataError(f"the {format} data at {data} has no samples")
-    return source

@@ -13,9 +13,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import DECODE_MODES, DEFAULT_DECODE  # noqa: F401  (the CLI lists them without torch)
 from pipeline.datasets import DECODE_ERRORS, Source
 from pipeline.errors import TLError
+
+DECODE_MODES: dict[str, type] = {}  # --decode values, filled by register_decode
+DEFAULT_DECODE = "fast"  # measured to cost no accuracy (bench/RESULTS.md)
+
+
+def register_decode(mode: type) -> type:
+    """Class decorator: make a decoding mode (a PIL image -> uint8 crop transform built from (resize,
+    crop), with `mode`, `help` and `draft`) available under its `mode` name; a second of one name is refused."""
+    if not mode.mode or mode.mode in DECODE_MODES:
+        raise TLError(f"a decoding mode named '{mode.mode}' is already registered; choose another name")
+    DECODE_MODES[mode.mode] = mode
+    return mode
 
 
 def resize_geometry(width: int, height: int, resize: int, crop: int) -> tuple[int, int, int, int]:
@@ -34,9 +45,12 @@ def _as_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
+@register_decode
 class ExactCrop:
     """torchvision's Resize + CenterCrop on the fully decoded image: the reference pixels."""
 
+    mode = "exact"
+    help = "torchvision's Resize + CenterCrop on the full image"
     draft = None  # decode at full size
 
     def __init__(self, resize: int, crop: int):
@@ -50,8 +64,13 @@ class ExactCrop:
         return _as_tensor(self.transform(image))
 
 
+@register_decode
 class FastCrop:
     """The same crop from a JPEG decoded at reduced scale, resampling only the cropped region."""
+
+    mode = "fast"
+    help = ("JPEGs decoded at reduced scale (DCT domain) to the smallest size still at least the resize target, "
+            "only the crop resampled")
 
     def __init__(self, resize: int, crop: int):
         self.resize, self.crop = resize, crop
@@ -75,7 +94,7 @@ def crop_decoder(mode: str, resize: int, crop: int):
     Source.read_image."""
     if mode not in DECODE_MODES:
         raise TLError(f"unknown --decode {mode}; valid: {', '.join(DECODE_MODES)}")
-    return (FastCrop if mode == "fast" else ExactCrop)(resize, crop)
+    return DECODE_MODES[mode](resize, crop)
 
 
 class NormalizedCrop:

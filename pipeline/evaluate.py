@@ -15,9 +15,9 @@ from cache.reader import CacheReader
 from pipeline.backbones import get_backbone
 from pipeline.code_rows import CodeRows, score_rows
 from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_targets
-from pipeline.datasets import open_source
 from pipeline.errors import HeadError
 from pipeline.files import refuse_overwriting_inputs
+from pipeline.formats import open_source
 from pipeline.hardware import prepare_module, resolve_device, resolve_precision
 from pipeline.image_sets import image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize

@@ -16,12 +16,13 @@ import torch
 from cache.manifest import MANIFEST
 from cache.writer import CacheWriter
 from pipeline.backbones import Backbone, forward_codes, get_backbone, prepare_model, resolve_weights
-from pipeline.datasets import Source, open_source
+from pipeline.datasets import Source
 from pipeline.decoding import (DEFAULT_DECODE, EncodedImages, collate_encoded, crop_decoder, decodes_on_device,
                                device_crops)
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
+from pipeline.formats import open_source
 from pipeline.hardware import WorkerLoader, pinned, resolve_device, resolve_precision
 from pipeline.image_sets import image_loader
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches

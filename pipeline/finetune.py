@@ -20,9 +20,9 @@ from torch import nn
 
 from pipeline import distributed
 from pipeline.code_rows import validation_score
-from pipeline.datasets import open_source
 from pipeline.errors import FinetuneError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries
+from pipeline.formats import open_source
 from pipeline.hardware import (autocast, default_workers, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
 from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images

@@ -61,6 +61,8 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
     """Train one head on one layer of a cache and save it with the metadata later stages check."""
     if config.head not in HEAD_KINDS:
         raise HeadError(f"unknown head '{config.head}'; valid: {', '.join(HEAD_KINDS)}")
+    if not config.C:
+        raise HeadError("--C needs at least one positive value, e.g. --C 1 or --C 0.1,1,10")
     if config.block_rows < 1:
         raise HeadError(f"--block-rows must be at least 1, got {config.block_rows}")
     if Path(config.out).is_dir():  # found before the training, not after it

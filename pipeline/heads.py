@@ -29,11 +29,6 @@ def register_head(kind: type["Head"]) -> type["Head"]:
     return kind
 
 
-def head_kinds_help() -> dict[str, str]:
-    """{kind: one-line description}, in registration order, for the CLI."""
-    return {name: kind.help for name, kind in HEAD_KINDS.items()}
-
-
 class Standardize(nn.Module):
     """(x - mean) / scale, the scaler every head is fitted behind."""
 

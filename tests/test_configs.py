@@ -80,21 +80,3 @@ def test_recipe_finetune_sections_name_known_options(run_tl, tmp_path, config):
     """The only complaint about a finetune section is the head file this machine has not trained."""
     result = run_tl("finetune", "--config", config, "--head", tmp_path / "absent.pt")
     assert result.code == 2 and "absent.pt does not exist" in result.err and "config file" not in result.err, result
-
-
-def test_the_cli_reads_its_choices_from_one_place_without_importing_torch():
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    script = ("import sys, cli; from pipeline import DATA_FORMATS, DECODE_MODES\n"
-              "formats = {p.name: p for p in cli.tl.commands['extract'].params}\n"
-              "assert tuple(formats['format_'].type.choices) == DATA_FORMATS\n"
-              "assert tuple(cli.tl.commands['evaluate'].params[[p.name for p in cli.tl.commands['evaluate'].params]"
-              ".index('format_')].type.choices) == DATA_FORMATS\n"
-              "assert tuple(formats['decode'].type.choices) == DECODE_MODES\n"
-              "print('torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import DECODE_ERRORS, open_rgb, open_source, to_rgb
+from pipeline.datasets import DECODE_ERRORS, open_rgb, to_rgb
+from pipeline.formats import open_source
 from pipeline.errors import DataError
 from tests.conftest import make_image_folder, write_cifar10, write_gtsrb, write_image
 

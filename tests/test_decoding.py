@@ -140,7 +140,7 @@ def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):
 def test_a_finetuned_model_sees_images_decoded_as_its_heads_codes_were(run_tl, tmp_path):
     """Stage three scores (validation, evaluate --model, the epoch-0 model) in the head's decoding mode:
     with fast codes of photos large enough to be reduced, the epoch-0 model equals the head."""
-    from pipeline.datasets import open_source
+    from pipeline.formats import open_source
     from pipeline.image_sets import DecodedImages, score_images, image_set
     from pipeline.model_files import load_model_file
     from pipeline.model_files import load_head

@@ -12,7 +12,9 @@ from types import FunctionType
 import numpy as np
 import pytest
 
-from pipeline.datasets import DECODE_ERRORS, FileListSource, VocSource, open_source
+from pipeline.datasets import DECODE_ERRORS, FileListSource
+from pipeline.formats import open_source
+from pipeline.formats.voc import VocSource
 from pipeline.errors import DataError
 from pipeline.examples import write_shapes_voc, write_voc_annotation
 from tests.conftest import make_image_folder, write_cifar10, write_gtsrb, write_image

@@ -17,7 +17,7 @@ from cache.reader import CacheReader
 from pipeline.backbones import get_backbone
 from pipeline.image_sets import DecodedImages, score_images
 from pipeline.model_files import build_model, checkpoint_paths, load_model_file
-from pipeline.datasets import open_source
+from pipeline.formats import open_source
 from pipeline.model_files import load_head
 from tests.conftest import REPO, make_image_folder
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cache.reader import CacheReader
-from pipeline.datasets import VOC_CLASSES, VocSource
+from pipeline.formats.voc import VOC_CLASSES, VocSource
 from pipeline.errors import DataError
 from pipeline.examples import write_shapes_voc, write_voc_annotation
 from pipeline.metrics import per_class_ap, mean_ap

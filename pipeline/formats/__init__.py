@@ -1,0 +1,57 @@
+"""The data formats `--format` names: one module per format in this package, each registering its
+Source class (pipeline.datasets.register_format); `open_source` opens data of any of them by name.
+
+Adding a format is adding a module here: it is found without being listed anywhere else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+from pipeline.datasets import FORMATS, Source
+from pipeline.errors import DataError
+
+DEFAULT_FORMAT = "imagefolder"
+
+
+def registered_formats() -> dict[str, type[Source]]:
+    """{name: Source class} of every format module in this package (imported on first use)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return FORMATS
+
+
+def format_names() -> list[str]:
+    """--format values, the default first."""
+    names = list(registered_formats())
+    return sorted(names, key=lambda name: (name != DEFAULT_FORMAT, names.index(name)))
+
+
+def formats_help() -> str:
+    """One line per format for --help: `name: what DATA holds`."""
+    known = registered_formats()
+    return "; ".join(f"{name}: {known[name].help}" for name in format_names())
+
+
+def open_source(
+    format: str,
+    data: Path,
+    split: str = "train",
+    download: bool = False,
+    samples_per_class: int | None = None,
+    seed: int = 0,
+    classes: str = "voc",
+) -> Source:
+    """The samples of `data` read as `format`, optionally a seeded subset of N per class."""
+    known = registered_formats()
+    if format not in known:
+        raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(format_names())}")
+    data = Path(data)
+    source = known[format].open(data, split, download, classes)
+    if samples_per_class is not None:
+        source.subset(samples_per_class, seed)
+    if not source.samples:
+        raise DataError(f"the {format} data at {data} has no samples")
+    return source

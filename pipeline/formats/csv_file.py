@@ -1,0 +1,59 @@
+"""The csv format: rows of path,label (an optional header, a byte-order mark and empty labels
+tolerated), image paths relative to the CSV file.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pipeline.datasets import Sample, Source, file_stamp, register_format
+from pipeline.errors import DataError
+
+
+@register_format
+class CsvSource(Source):
+    """Rows of `path,label`; paths relative to the CSV file; an optional `path,label` header."""
+
+    format = "csv"
+    help = 'a CSV file of path,label rows, paths relative to it'
+
+    @classmethod
+    def open(cls, data: Path, split: str, download: bool, classes: str) -> "CsvSource":
+        return cls(data)
+
+    def __init__(self, csv_path: Path):
+        if not csv_path.is_file():
+            raise DataError(f"CSV file {csv_path} does not exist; pass --data with a file of path,label rows")
+        rows, unlabelled = [], 0
+        try:
+            # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first path
+            with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+                for number, row in enumerate(csv.reader(handle), start=1):
+                    if not row or not "".join(row).strip():
+                        continue
+                    if number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+                        continue
+                    if len(row) < 2:
+                        raise DataError(f"{csv_path} line {number}: expected path,label, got {','.join(row)!r}")
+                    if not row[1].strip():
+                        unlabelled += 1
+                        continue
+                    rows.append((row[0].strip(), row[1].strip(), number))
+        except UnicodeDecodeError:
+            raise DataError(f"{csv_path} is not UTF-8 text; save it as UTF-8") from None
+        except csv.Error as exc:
+            raise DataError(f"cannot read {csv_path}: {exc}; write one path,label row per image") from None
+        if not rows:
+            raise DataError(f"{csv_path} lists no images; write one path,label row per image")
+        classes = sorted({label for _, label, _ in rows})
+        index = {name: i for i, name in enumerate(classes)}
+        samples = []
+        for relative, label, number in rows:
+            path = (csv_path.parent / relative).resolve()
+            if not path.is_file():
+                raise DataError(f"{csv_path} line {number}: image {relative} does not exist (paths are relative to the CSV)")
+            samples.append(Sample(relative, index[label], str(path), file_stamp(path)))
+        super().__init__(classes, samples)
+        if unlabelled:
+            self.warnings.append(f"{unlabelled} rows of {csv_path} have an empty label and were skipped")
