@@ -354,9 +354,9 @@ def example_data(out, per_class, seed):
 @option("--dropout", type=float, help="mlp: dropout after each hidden layer.")
 @option("--optimizer", type=RegistryChoice("pipeline.training:OPTIMIZERS"), help="mlp and logreg --solver sgd.")
 @option("--lr", type=float, describe="cli:head_lr_help", help="Learning rate")
-@option("--lr-steps", help="Epochs after which the lr drops by --lr-factor (e.g. 10,20); "
+@option("--lr-steps", help="Epochs after which the lr drops by --lr-factors (e.g. 10,20); "
                            "none: cosine decay to zero over --max-epochs.")
-@option("--lr-factor", type=float)
+@option("--lr-factors", "--lr-factor", "lr_factors", help="Factor of each drop (one value: the same for every step).")
 @option("--momentum", type=float, help="SGD momentum.")
 @option("--weight-decay", type=float, help="mlp: L2 on weights (logreg --solver sgd takes it from --C).")
 @option("--batch-size", type=int)
@@ -372,14 +372,14 @@ def example_data(out, per_class, seed):
 @option("--seed", type=int)
 @option("--quiet", is_flag=True, help="No progress bar.")
 @option("--out", type=click.Path(path_type=Path), required=True, help="Head file to write (.pt).")
-def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factor, momentum, weight_decay, batch_size, max_epochs,
+def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_decay, batch_size, max_epochs,
              early_stop, patience, device, quiet, **options):
     """Train a head on the codes of one cached layer and save it as one file."""
     from pipeline.fit_head import FitHeadConfig, fit_head as run_fit_head
     from pipeline.training import TrainingOptions
 
     training = TrainingOptions(optimizer=optimizer, lr=lr, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
-                               lr_factor=lr_factor, momentum=momentum, weight_decay=weight_decay,
+                               lr_factors=_numbers(lr_factors, float, "--lr-factors"), momentum=momentum, weight_decay=weight_decay,
                                batch_size=batch_size, max_epochs=max_epochs, early_stop=early_stop, patience=patience,
                                device=device, quiet=quiet)
     result = run_fit_head(FitHeadConfig(C=_numbers(C, float, "--C"), hidden=_numbers(hidden, int, "--hidden"),

@@ -224,7 +224,7 @@ class LogRegHead(LinearHead):
     def from_saved(cls, tensors: dict, hyperparameters: dict, state: dict) -> "LogRegHead":
         training = hyperparameters.get("training")
         head = cls(hyperparameters["C"], hyperparameters["max_iter"], hyperparameters["seed"],
-                   hyperparameters["solver"], None if training is None else TrainingOptions(**training))
+                   hyperparameters["solver"], None if training is None else TrainingOptions.from_saved(training))
         head._set_tensors(tensors)
         head._restore(state)
         head.C_ = state["C_"]
@@ -371,7 +371,7 @@ class MlpHead(Head):
     @classmethod
     def from_saved(cls, tensors: dict, hyperparameters: dict, state: dict) -> "MlpHead":
         head = cls(hyperparameters["hidden"], hyperparameters["dropout"], hyperparameters["seed"],
-                   TrainingOptions(**hyperparameters["training"]))
+                   TrainingOptions.from_saved(hyperparameters["training"]))
         head._restore(state)
         head.width_ = state["width"]
         network_state = {name.removeprefix("network."): t for name, t in tensors.items()}

@@ -78,8 +78,8 @@ class TrainingOptions:
 
     optimizer: str = "sgd"
     lr: float | None = None  # None: DEFAULT_LR of the optimizer (0.05 for SGD, 0.001 for Adam)
-    lr_steps: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_factor; empty: cosine to zero
-    lr_factor: float = 0.1
+    lr_steps: tuple[int, ...] = ()  # epochs after which lr is multiplied by lr_factors; empty: cosine to zero
+    lr_factors: tuple[float, ...] = (0.1,)  # the factor of each step (the last repeats), as in stage three
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
@@ -89,13 +89,23 @@ class TrainingOptions:
     device: str = "cpu"
     quiet: bool = True
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> "TrainingOptions":
+        """The options recorded in a head file (files from before --lr-factors hold one lr_factor)."""
+        saved = dict(saved)
+        if "lr_factor" in saved:
+            saved["lr_factors"] = (saved.pop("lr_factor"),)
+        return cls(**{**saved, "lr_steps": tuple(saved.get("lr_steps", ())),
+                      "lr_factors": tuple(saved.get("lr_factors", (0.1,)))})
+
     def check(self) -> None:
         check_optimizer(self.optimizer, HeadError)
         if self.lr is not None and not self.lr > 0:
             raise HeadError(f"--lr must be positive, got {self.lr}")
-        if any(step < 1 for step in self.lr_steps) or not 0 < self.lr_factor <= 1:
-            raise HeadError(f"--lr-steps must be epochs ≥ 1 and --lr-factor in (0, 1], got {list(self.lr_steps)} "
-                            f"and {self.lr_factor}")
+        if any(step < 1 for step in self.lr_steps) or not self.lr_factors \
+                or any(not 0 < factor <= 1 for factor in self.lr_factors):
+            raise HeadError(f"--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1], got {list(self.lr_steps)} "
+                            f"and {list(self.lr_factors)}")
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise HeadError("--batch-size, --max-epochs and --patience must be at least 1")
 
@@ -118,7 +128,7 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
     optimizer = make_optimizer([{"params": list(network.parameters()), "lr": lr}], options.optimizer, lr,
                                options.momentum, options.weight_decay, HeadError)
     if options.lr_steps:  # the neon recipe's step drops
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(options.lr_steps, (options.lr_factor,)))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(options.lr_steps, options.lr_factors))
     else:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.max_epochs)
     loss_function = loss_for(rows.multilabel)

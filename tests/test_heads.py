@@ -285,7 +285,7 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
 
 def test_step_schedule_drops_the_learning_rate():
     codes, targets = blobs(14, n=100)
-    options = TrainingOptions(lr=0.1, lr_steps=(2, 4), lr_factor=0.5, max_epochs=5)
+    options = TrainingOptions(lr=0.1, lr_steps=(2, 4), lr_factors=(0.5,), max_epochs=5)
     head = MlpHead(hidden=(8,), training=options).fit(codes, targets)
     assert [point["lr"] for point in head.curve_] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
     cosine = MlpHead(hidden=(8,), training=TrainingOptions(lr=0.1, max_epochs=4)).fit(codes, targets)
@@ -315,3 +315,19 @@ def test_a_validation_fraction_reads_the_target_column_once(tmp_path, monkeypatc
     monkeypatch.setattr(CacheReader, "load_column", lambda self, column: reads.append(column) or original(self, column))
     fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt", val_fraction=0.25))
     assert reads.count("target") == 1
+
+
+def test_head_files_from_before_lr_factors_load_and_both_flag_spellings_parse(tmp_path, run_tl):
+    import dataclasses
+
+    old = {k: v for k, v in dataclasses.asdict(TrainingOptions(lr_steps=(3,))).items() if k != "lr_factors"}
+    restored = TrainingOptions.from_saved({**old, "lr_factor": 0.5, "lr_steps": [3]})
+    assert restored.lr_factors == (0.5,) and restored.lr_steps == (3,)
+    codes, targets = blobs(0, n=60, classes=3, width=6)
+    cache = write_code_cache(tmp_path / "cache", codes, targets, ["a", "b", "c"])
+    for flag in ("--lr-factor", "--lr-factors"):
+        result = run_tl("fit-head", "--cache", cache, "--head", "mlp", "--hidden", "8", "--max-epochs", "3",
+                        "--lr-steps", "1,2", flag, "0.5,0.2", "--out", tmp_path / f"{flag}.pt")
+        assert result.code == 0, result
+        _, metadata = load_head(tmp_path / f"{flag}.pt")
+        assert metadata["hyperparameters"]["training"]["lr_factors"] == [0.5, 0.2]
