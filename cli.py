@@ -187,14 +187,6 @@ def _csv_list(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
 # -------------------------------------------------------------- commands
 
 
@@ -250,6 +242,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
 
     Re-running the same command resumes: finished shards are kept, the rest are written.
     """
+    from cache.manifest import human_bytes
     from pipeline.distributed import world
     from pipeline.extract import ExtractConfig, run_extract
     from pipeline.multiscale import PatchSettings
@@ -266,7 +259,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
                f"{result.shards_reused} reused, {len(result.skipped)} images skipped")
     for tap, width in result.taps.items():
         click.echo(f"  {tap:<8} width {width:<6} {config.dtype}")
-    click.echo(f"  size on disk {_human_bytes(result.bytes_on_disk)}, time {result.seconds:.1f} s"
+    click.echo(f"  size on disk {human_bytes(result.bytes_on_disk)}, time {result.seconds:.1f} s"
                + (f" ({rate:.1f} img/s)" if result.images_processed else ""))
     if result.patches:
         click.echo(f"  {result.patches} patches from {result.images_processed} images")
@@ -287,44 +280,15 @@ def info(cache, verify):
     from cache.reader import CacheReader
 
     manifest = load_manifest(cache)
-    key = manifest["key"]
-    shards = manifest["shards"]
-    classes = manifest["classes"]
-    state = "complete" if manifest["complete"] else "INCOMPLETE (re-run tl extract to finish)"
-    click.echo(f"cache      {cache} ({state})")
-    click.echo(f"backbone   {key['backbone']}   weights {key['weights']}   precision {key['precision']}")
-    pre = key["preprocessing"]
-    rounded = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
-    click.echo(f"input      resize {pre['resize']}, crop {pre['crop']}, mean {rounded(pre['mean'])}, "
-               f"std {rounded(pre['std'])}")
-    data = key["dataset"]
-    click.echo(f"data       {data.get('format')} split {data.get('split')}, fingerprint "
-               f"{str(data.get('fingerprint'))[:12]}"
-               + (f", {data['samples_per_class']} per class" if data.get("samples_per_class") else ""))
-    if key["patches"]:
-        patches = key["patches"]
-        kept = data.get("background_fraction")
-        click.echo(f"patches    scales {', '.join(f'{s:g}' for s in patches['scales'])}; a box labels a patch "
-                   f"covering {patches['patch_overlap']:g} of it and {patches['box_overlap']:g} of the box; "
-                   + (f"{kept:g} of background kept" if kept is not None else "every patch kept"))
-    for tap, spec in manifest["taps"].items():
-        click.echo(f"layer      {tap:<8} width {spec['width']:<6} {spec['dtype']}")
-    shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
-    click.echo(f"classes    {len(classes)}: {shown}")
-    size = sum(s["bytes"] for s in shards)
-    click.echo(f"rows       {sum(s['rows'] for s in shards)} of {manifest['num_samples']} samples in "
-               f"{len(shards)}/{manifest['num_shards']} shards, {_human_bytes(size)}")
-    if manifest["skipped"]:
-        click.echo(f"skipped    {len(manifest['skipped'])} unreadable images, e.g. "
-                   f"{manifest['skipped'][0]['sample_id']}: {manifest['skipped'][0]['reason']}")
-    click.echo(f"written    by tl {manifest['tl_version']}, {manifest['created']} .. {manifest.get('updated', '')}")
+    for line in manifest.describe(cache):
+        click.echo(line)
     if verify:
         problems = CacheReader(cache, verify=False, allow_partial=True).verify_all()
         if problems:
             for problem in problems[:-1]:
                 click.echo(f"problem    {problem}", err=True)
             raise TLError(f"{len(problems)} problems in {cache}: {problems[-1]}")
-        click.echo(f"verified   {len(shards)} shards, checksums match")
+        click.echo(f"verified   {len(manifest.shards)} shards, checksums match")
 
 
 @tl.command("example-data")

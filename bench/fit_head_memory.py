@@ -52,7 +52,7 @@ def write_cache(root: Path, rows: int, width: int, shard_rows: int, classes: int
             codes = centres[targets] + rng.normal(0, 3, (count, width)).astype(np.float32)
             writer.write_shard(index, {"feat": codes}, targets, [f"r{i}" for i in range(start, start + count)], [])
         manifest = writer.finish()
-    return sum(shard["bytes"] for shard in manifest["shards"])
+    return sum(shard.bytes for shard in manifest.shards)
 
 
 def peak_rss_mib(settings: dict) -> float:

@@ -21,15 +21,15 @@ class CacheReader:
     def __init__(self, root: Path, verify: bool = True, allow_partial: bool = False):
         self.root = Path(root)
         self.manifest = load_manifest(self.root)
-        if not self.manifest["complete"] and not allow_partial:
-            done, total = len(self.manifest["shards"]), self.manifest["num_shards"]
+        if not self.manifest.complete and not allow_partial:
+            done, total = len(self.manifest.shards), self.manifest.num_shards
             raise CacheError(
                 f"cache {self.root} is incomplete ({done} of {total} shards); re-run the same tl extract command to finish it"
             )
         self.verify = verify
         self._verified: set[int] = set()
-        self.shards = self.manifest["shards"]
-        self._offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self.shards = self.manifest.shards
+        self._offsets = np.cumsum([0] + [s.rows for s in self.shards])
         self.shards_opened = 0  # how many times a shard file was opened; lets tests bound memory use
         self.open_now = 0  # shard files open at this moment, and the most ever open at once
         self.most_open = 0
@@ -37,29 +37,29 @@ class CacheReader:
 
     @property
     def classes(self) -> list[str]:
-        return self.manifest["classes"]
+        return self.manifest.classes
 
     @property
     def taps(self) -> dict[str, int]:
-        return {name: spec["width"] for name, spec in self.manifest["taps"].items()}
+        return self.manifest.widths
 
     @property
     def num_rows(self) -> int:
         return int(self._offsets[-1])
 
     def _check_tap(self, tap: str) -> None:
-        if tap not in self.manifest["taps"]:
-            raise CacheError(f"cache {self.root} has no layer '{tap}'; it has: {', '.join(self.manifest['taps'])}")
+        if tap not in self.manifest.taps:
+            raise CacheError(f"cache {self.root} has no layer '{tap}'; it has: {', '.join(self.manifest.taps)}")
 
     def check_shard(self, position: int) -> None:
         """Raise CacheError unless the shard file exists and matches its recorded checksum."""
         shard = self.shards[position]
-        path = self.root / shard["file"]
+        path = self.root / shard.file
         if not path.is_file():
-            raise CacheError(f"shard {shard['file']} of {self.root} is missing; re-run tl extract to rewrite it")
-        if file_digest(path) != shard["sha256"]:
+            raise CacheError(f"shard {shard.file} of {self.root} is missing; re-run tl extract to rewrite it")
+        if file_digest(path) != shard.sha256:
             raise CacheError(
-                f"shard {shard['file']} of {self.root} is corrupt (checksum mismatch); "
+                f"shard {shard.file} of {self.root} is corrupt (checksum mismatch); "
                 "delete it and re-run tl extract to rewrite it"
             )
 
@@ -69,9 +69,9 @@ class CacheReader:
             self._verified.add(position)
         self.shards_opened += 1
         try:
-            handle = _CountedFile(self.root / self.shards[position]["file"], "r")
+            handle = _CountedFile(self.root / self.shards[position].file, "r")
         except OSError as exc:
-            raise CacheError(f"cannot open shard {self.shards[position]['file']} of {self.root}: {exc}") from None
+            raise CacheError(f"cannot open shard {self.shards[position].file} of {self.root}: {exc}") from None
         handle.reader = self
         self.open_now += 1
         self.most_open = max(self.most_open, self.open_now)
@@ -83,20 +83,20 @@ class CacheReader:
         fewer rows would silently train on part of the data, fewer classes would mislabel it."""
         shard = self.shards[position]
         found = handle["target"].shape[0] if "target" in handle else None
-        if found != shard["rows"]:
+        if found != shard.rows:
             handle.close()
-            raise CacheError(f"manifest of {self.root} says {shard['file']} has {shard['rows']} rows but it holds "
+            raise CacheError(f"manifest of {self.root} says {shard.file} has {shard.rows} rows but it holds "
                              f"{found}; re-run tl extract with --overwrite")
-        if self.manifest["target"] == "class" and found:
+        if self.manifest.target == "class" and found:
             top = int(handle["target"][()].max())
             if top >= len(self.classes):
                 handle.close()
-                raise CacheError(f"{shard['file']} of {self.root} has class {top} but the manifest names "
+                raise CacheError(f"{shard.file} of {self.root} has class {top} but the manifest names "
                                  f"{len(self.classes)} classes; re-run tl extract with --overwrite")
         elif found and handle["target"].shape[1:] != (len(self.classes),):
             width = handle["target"].shape[1:]
             handle.close()
-            raise CacheError(f"{shard['file']} of {self.root} has targets of {width} classes "
+            raise CacheError(f"{shard.file} of {self.root} has targets of {width} classes "
                              f"but the manifest names {len(self.classes)}; re-run tl extract with --overwrite")
 
     def _note_read(self, rows: int) -> None:
@@ -107,11 +107,11 @@ class CacheReader:
         """Batches of at most `batch_size` rows, in cache order; memory holds one batch, not one shard."""
         self._check_tap(tap)
         for position, shard in enumerate(self.shards):
-            if shard["rows"] == 0:
+            if shard.rows == 0:
                 continue
             with self.open_shard(position) as handle:
-                for start in range(0, shard["rows"], batch_size):
-                    stop = min(start + batch_size, shard["rows"])
+                for start in range(0, shard.rows, batch_size):
+                    stop = min(start + batch_size, shard.rows)
                     batch = {tap: handle[tap][start:stop]}
                     for column in columns:
                         batch[column] = _column(handle, column, start, stop)
@@ -133,14 +133,14 @@ class CacheReader:
             positions = rng.permutation(positions)
         for position in positions:
             shard, offset = self.shards[position], int(self._offsets[position])
-            starts = np.arange(0, shard["rows"], block_rows)
+            starts = np.arange(0, shard.rows, block_rows)
             if rng is not None:
                 starts = rng.permutation(starts)
             if not len(starts):
                 continue
             with self.open_shard(int(position)) as handle:
                 for start in starts:
-                    stop = min(int(start) + block_rows, shard["rows"])
+                    stop = min(int(start) + block_rows, shard.rows)
                     if rows is None:
                         global_rows = np.arange(offset + start, offset + stop)
                     else:
@@ -153,27 +153,27 @@ class CacheReader:
                     self._note_read(len(codes))
                     if rng is not None or rows is not None:  # one gather for the subset and the shuffle
                         codes = codes[global_rows - offset - start]
-                    _refuse_non_finite(codes, tap, shard["file"], self.root, global_rows - offset)
+                    _refuse_non_finite(codes, tap, shard.file, self.root, global_rows - offset)
                     yield global_rows, codes
 
     def load(self, tap: str) -> np.ndarray:
         """One tap of every row, as one (rows, width) array."""
         self._check_tap(tap)
         width = self.taps[tap]
-        out = np.empty((self.num_rows, width), dtype=self.manifest["taps"][tap]["dtype"])
+        out = np.empty((self.num_rows, width), dtype=self.manifest.taps[tap].dtype)
         for position, shard in enumerate(self.shards):
-            if shard["rows"]:
+            if shard.rows:
                 with self.open_shard(position) as handle:
                     part = np.s_[self._offsets[position]:self._offsets[position + 1]]
                     handle[tap].read_direct(out, dest_sel=part)
-                self._note_read(shard["rows"])
-                _refuse_non_finite(out[part], tap, shard["file"], self.root)
+                self._note_read(shard.rows)
+                _refuse_non_finite(out[part], tap, shard.file, self.root)
         return out
 
     def has_column(self, column: str) -> bool:
         """Whether the shards carry this column (ignore, image_id, ... exist only in some caches)."""
         for position, shard in enumerate(self.shards):
-            if shard["rows"]:
+            if shard.rows:
                 with self.open_shard(position) as handle:
                     return column in handle
         return False
@@ -182,9 +182,9 @@ class CacheReader:
         """A non-code column (target, sample_id, ...) of every row."""
         parts = []
         for position, shard in enumerate(self.shards):
-            if shard["rows"]:
+            if shard.rows:
                 with self.open_shard(position) as handle:
-                    parts.append(_column(handle, column, 0, shard["rows"]))
+                    parts.append(_column(handle, column, 0, shard.rows))
         return np.concatenate(parts) if parts else np.empty(0)
 
     def read_rows(self, tap: str, rows: np.ndarray) -> np.ndarray:
@@ -193,7 +193,7 @@ class CacheReader:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise CacheError(f"row numbers out of range 0..{self.num_rows - 1}")
-        out = np.empty((len(rows), self.taps[tap]), dtype=self.manifest["taps"][tap]["dtype"])
+        out = np.empty((len(rows), self.taps[tap]), dtype=self.manifest.taps[tap].dtype)
         positions = np.searchsorted(self._offsets, rows, side="right") - 1
         for position in np.unique(positions):
             wanted = np.flatnonzero(positions == position)
@@ -213,9 +213,9 @@ class CacheReader:
             try:
                 self.check_shard(position)
                 with self.open_shard(position) as handle:  # opening checks rows and classes against the manifest
-                    for name in list(self.manifest["taps"]) + ["target", "sample_id"]:
-                        if name not in handle or handle[name].shape[0] != shard["rows"]:
-                            problems.append(f"{shard['file']}: column {name} missing or of the wrong length")
+                    for name in list(self.manifest.taps) + ["target", "sample_id"]:
+                        if name not in handle or handle[name].shape[0] != shard.rows:
+                            problems.append(f"{shard.file}: column {name} missing or of the wrong length")
             except (CacheError, OSError) as exc:
                 problems.append(str(exc))
         return problems

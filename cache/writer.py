@@ -14,15 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.manifest import (
-    MANIFEST,
-    ForeignManifest,
-    key_differences,
-    load_manifest,
-    new_manifest,
-    save_manifest,
-    shard_name,
-)
+from cache.manifest import (MANIFEST, ForeignManifest, Manifest, ShardEntry, key_differences, load_manifest,
+                            save_manifest, shard_name)
 from pipeline.files import DiskFullError, OutputLock, file_digest, write_bytes
 from pipeline.errors import CacheError
 
@@ -64,12 +57,12 @@ class CacheWriter:
         self.compression = compression
         self.taps = taps
         self.lock = cache_lock(self.root)
-        self._fresh = new_manifest(key, classes, taps, dtype, shard_rows, num_samples, target_kind)
+        self._fresh = Manifest.new(key, classes, taps, dtype, shard_rows, num_samples, target_kind)
         self.overwrite = overwrite
         # A follower (a torchrun rank other than 0) writes shard files only; rank 0 holds the lock, owns
         # the manifest and adopts the followers' shards once every rank is done.
         self.follower = follower
-        self.manifest: dict = {}
+        self.manifest: Manifest | None = None
 
     # -- opening
 
@@ -77,7 +70,7 @@ class CacheWriter:
         _check_writable(self.root)
         if self.follower:
             self.manifest = load_manifest(self.root)
-            if self.manifest["key_digest"] != self._fresh["key_digest"]:
+            if self.manifest.key_digest != self._fresh.key_digest:
                 raise CacheError(f"{self.root} was opened by rank 0 with other settings; start every rank alike")
             return self
         self.lock.acquire()
@@ -105,14 +98,14 @@ class CacheWriter:
         elif any(self.root.glob("shard-*.h5")) and not self.overwrite:
             raise CacheError(f"{self.root} holds shard files but no manifest; pass --overwrite to replace them")
         # A cache without a finished shard holds nothing to lose: a corrected command may take it over.
-        if existing is not None and existing["key_digest"] != self._fresh["key_digest"] and existing["shards"] \
+        if existing is not None and existing.key_digest != self._fresh.key_digest and existing.shards \
                 and not self.overwrite:
-            differences = "; ".join(key_differences(existing["key"], self._fresh["key"])) or "format"
+            differences = "; ".join(key_differences(existing.key, self._fresh.key)) or "format"
             raise CacheError(
                 f"{self.root} holds a cache made with other settings ({differences}); "
                 "choose another --out, or pass --overwrite to replace it"
             )
-        if existing is None or existing["key_digest"] != self._fresh["key_digest"]:
+        if existing is None or existing.key_digest != self._fresh.key_digest:
             self._clear()
             self.manifest = self._fresh
             save_manifest(self.root, self.manifest)
@@ -128,12 +121,12 @@ class CacheWriter:
         `distrusted` shards (recorded once, then found changed) are rewritten, never adopted."""
         adopted = []
         for path in sorted(self.root.glob("shard-*.h5")):
-            entry = _shard_entry(path, self.manifest)
-            if entry is not None and entry["index"] not in self.finished and entry["index"] not in distrusted:
-                skipped = entry.pop("skipped")
-                self.manifest["skipped"] += [dict(item, shard=entry["index"]) for item in skipped]
-                self._set_shards(self.manifest["shards"] + [entry])
-                adopted.append(entry["index"])
+            found = _shard_entry(path, self.manifest)
+            if found is not None and found[0].index not in self.finished and found[0].index not in distrusted:
+                entry, skipped = found
+                self.manifest.skipped += [dict(item, shard=entry.index) for item in skipped]
+                self._set_shards(self.manifest.shards + [entry])
+                adopted.append(entry.index)
         if adopted:
             save_manifest(self.root, self.manifest)
         return adopted
@@ -147,21 +140,21 @@ class CacheWriter:
         """A shard recorded in the manifest whose file is gone, resized or changed (its sha256 is read
         again) is redone, not trusted."""
         kept = []
-        for shard in self.manifest["shards"]:
-            path = self.root / shard["file"]
-            if path.is_file() and path.stat().st_size == shard["bytes"] and file_digest(path) == shard["sha256"]:
+        for shard in self.manifest.shards:
+            path = self.root / shard.file
+            if path.is_file() and path.stat().st_size == shard.bytes and file_digest(path) == shard.sha256:
                 kept.append(shard)
-        dropped = {shard["index"] for shard in self.manifest["shards"]} - {shard["index"] for shard in kept}
+        dropped = {shard.index for shard in self.manifest.shards} - {shard.index for shard in kept}
         if dropped:
             self._set_shards(kept)
-            self.manifest["complete"] = False
+            self.manifest.complete = False
             save_manifest(self.root, self.manifest)
         return dropped
 
-    def _set_shards(self, shards: list[dict]) -> None:
-        indices = {s["index"] for s in shards}
-        self.manifest["shards"] = sorted(shards, key=lambda s: s["index"])
-        self.manifest["skipped"] = [s for s in self.manifest["skipped"] if s["shard"] in indices]
+    def _set_shards(self, shards: list[ShardEntry]) -> None:
+        indices = {s.index for s in shards}
+        self.manifest.shards = sorted(shards, key=lambda s: s.index)
+        self.manifest.skipped = [s for s in self.manifest.skipped if s["shard"] in indices]
 
     def _remove_temporaries(self) -> None:
         """Half-written files of a killed run (we hold the lock: no live writer owns them)."""
@@ -172,10 +165,11 @@ class CacheWriter:
 
     @property
     def finished(self) -> set[int]:
-        return {shard["index"] for shard in self.manifest["shards"]}
+        return {shard.index for shard in self.manifest.shards}
 
     def write_shard(self, index: int, codes: dict[str, np.ndarray], targets: np.ndarray,
-                    sample_ids: list[str], skipped: list[dict], extra: dict[str, np.ndarray] | None = None) -> dict:
+                    sample_ids: list[str], skipped: list[dict],
+                    extra: dict[str, np.ndarray] | None = None) -> ShardEntry:
         """Write one complete shard atomically and record it (with its skipped samples) in the manifest.
 
         The shard is built in memory and written with plain file I/O, so a full disk is one clean
@@ -193,22 +187,21 @@ class CacheWriter:
                 self._dataset(shard, column, np.asarray(array), options)
             shard.attrs["index"] = index
             shard.attrs["rows"] = rows
-            shard.attrs["key_digest"] = self._fresh["key_digest"]
+            shard.attrs["key_digest"] = self._fresh.key_digest
             shard.attrs["skipped"] = json.dumps(skipped)
         data = image.getbuffer()
-        entry = {"index": index, "file": name, "rows": rows, "bytes": data.nbytes,
-                 "sha256": hashlib.sha256(data).hexdigest()}
+        entry = ShardEntry(index, name, rows, data.nbytes, hashlib.sha256(data).hexdigest())
         try:
             write_bytes(self.root / name, data, "shard")
             if self.follower:
                 return entry
-            shards = [s for s in self.manifest["shards"] if s["index"] != index] + [entry]
-            self.manifest["skipped"] = [s for s in self.manifest["skipped"] if s["shard"] != index]
-            self.manifest["skipped"] += [dict(item, shard=index) for item in skipped]
+            shards = [s for s in self.manifest.shards if s.index != index] + [entry]
+            self.manifest.skipped = [s for s in self.manifest.skipped if s["shard"] != index]
+            self.manifest.skipped += [dict(item, shard=index) for item in skipped]
             self._set_shards(shards)
             save_manifest(self.root, self.manifest)
         except DiskFullError:
-            kept = len(self.manifest["shards"]) - (index in self.finished)
+            kept = len(self.manifest.shards) - (index in self.finished)
             raise DiskFullError(f"no space left on the device of {self.root} ({kept} shards kept; free space "
                                 "and re-run the same command to resume)") from None
         return entry
@@ -225,9 +218,9 @@ class CacheWriter:
         chunk_rows = int(max(1, min(len(array), CHUNK_BYTES // row_bytes)))
         shard.create_dataset(name, data=array, chunks=(chunk_rows,) + array.shape[1:], **options)
 
-    def finish(self) -> dict:
-        done = len(self.manifest["shards"]) == self.manifest["num_shards"]
-        self.manifest["complete"] = done
+    def finish(self) -> Manifest:
+        done = len(self.manifest.shards) == self.manifest.num_shards
+        self.manifest.complete = done
         save_manifest(self.root, self.manifest)
         return self.manifest
 
@@ -238,17 +231,16 @@ def _text(values) -> np.ndarray:
     return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
 
 
-def _shard_entry(path: Path, manifest: dict) -> dict | None:
-    """The manifest entry (plus its skipped list) of a complete shard file of this cache, else None."""
+def _shard_entry(path: Path, manifest: Manifest) -> tuple[ShardEntry, list[dict]] | None:
+    """(manifest entry, skipped samples) of a complete shard file of this cache, else None."""
     try:
         with h5py.File(path, "r") as shard:
-            if shard.attrs.get("key_digest") != manifest["key_digest"]:
+            if shard.attrs.get("key_digest") != manifest.key_digest:
                 return None
             index, rows = int(shard.attrs["index"]), int(shard.attrs["rows"])
             skipped = json.loads(shard.attrs.get("skipped", "[]"))
     except (OSError, KeyError, ValueError):
         return None  # unreadable or foreign: it will be rewritten
-    if path.name != shard_name(index) or not 0 <= index < manifest["num_shards"]:
+    if path.name != shard_name(index) or not 0 <= index < manifest.num_shards:
         return None
-    return {"index": index, "file": path.name, "rows": rows, "bytes": path.stat().st_size,
-            "sha256": file_digest(path), "skipped": skipped}
+    return ShardEntry(index, path.name, rows, path.stat().st_size, file_digest(path)), skipped

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.manifest import key_differences
+from cache.manifest import Manifest, key_differences
 from pipeline.errors import HeadError
 from pipeline.multiscale import BACKGROUND
 
 
-def codes_key(manifest: dict) -> dict:
+def codes_key(manifest: Manifest) -> dict:
     """What decides the meaning of a code; caches that differ here cannot share a head."""
-    return {name: manifest["key"][name] for name in ("backbone", "weights", "preprocessing", "patches")}
+    return {name: manifest.key[name] for name in ("backbone", "weights", "preprocessing", "patches")}
 
 
-def check_codes_match(expected: dict, manifest: dict, what: str, reference: str) -> None:
+def check_codes_match(expected: dict, manifest: Manifest, what: str, reference: str) -> None:
     """Refuse a cache whose codes mean something else than `expected`, naming every difference."""
     found = codes_key(manifest)
     if found != expected:
@@ -25,19 +25,19 @@ def check_codes_match(expected: dict, manifest: dict, what: str, reference: str)
                         "extract both with the same backbone, weights and preprocessing")
 
 
-def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: dict, head_path, cache_path) -> None:
+def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: Manifest, head_path, cache_path) -> None:
     """Refuse a cache that lacks the head's layer, holds other codes, or other kinds of targets."""
     layer = metadata["layer"]
     # the backbone first: a cache of another backbone lacks the layer too, and only this names the cause
     check_codes_match(metadata["codes_key"], manifest, f"cache {cache_path}",
                       f"the cache head {head_path} was trained on")
-    if layer not in manifest["taps"]:
+    if layer not in manifest.taps:
         raise HeadError(f"cache {cache_path} has no layer '{layer}', which head {head_path} was trained on; it has: "
-                        f"{', '.join(manifest['taps'])}; extract it with --layers {layer}")
-    if manifest["taps"][layer]["width"] != metadata["width"]:
-        raise HeadError(f"layer {layer} of cache {cache_path} is {manifest['taps'][layer]['width']} wide, but head "
+                        f"{', '.join(manifest.taps)}; extract it with --layers {layer}")
+    if manifest.taps[layer].width != metadata["width"]:
+        raise HeadError(f"layer {layer} of cache {cache_path} is {manifest.taps[layer].width} wide, but head "
                         f"{head_path} expects {metadata['width']}")
-    if multilabel != (manifest.get("target") == "multi-hot"):
+    if multilabel != manifest.multilabel:
         kinds = ("multi-label", "single-label")
         raise HeadError(f"head {head_path} is {kinds[not multilabel]} but cache {cache_path} is "
                         f"{kinds[multilabel]}; evaluate on a cache of the same kind of labels")

@@ -28,6 +28,11 @@ from pipeline.report import REPORT_FILES, write_predictions, write_report
 
 @dataclass
 class EvaluateConfig:
+    """What `run_evaluate` scores: a head over a cache (`head`, `cache`), or a finetuned model over images
+    (`model`, `data` read as `format`, split `split`); the report goes to the folder `out`. Each field is
+    the `tl evaluate` option of the same name.
+    """
+
     head: Path | None
     cache: Path | None
     out: Path
@@ -84,7 +89,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     targets = head_targets(rows.targets, reader.classes, metadata["classes"], f"cache {config.cache}",
                            f"head {config.head}")
     scores = score_rows(head, rows)
-    if reader.manifest["key"]["patches"] is not None:
+    if reader.manifest.key["patches"] is not None:
         check_patch_head(metadata["classes"], config.head)
         what, names = (f"cache {config.cache}", f"head {config.head}"), metadata["classes"][1:]
         image_targets = head_targets(reader.load_column("image_target").astype(np.int64), reader.classes[1:], names,

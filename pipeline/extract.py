@@ -32,6 +32,12 @@ ON_ERROR = ("skip", "fail")
 
 @dataclass
 class ExtractConfig:
+    """What `run_extract` reads and writes: the images of `data` (read as `format`, split `split`) through
+    `backbone` with `weights`, codes of `layers` (empty: the backbone's default tap) stored as `dtype` in
+    shards of `shard_rows` images under `out`. Each field is the `tl extract` option of the same name;
+    `patches` gathers the --multiscale settings.
+    """
+
     data: Path
     out: Path
     format: str = "imagefolder"
@@ -189,8 +195,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                          config.compression, config.overwrite, target_kind, follower=not current.is_main)
     with _opened(writer, current):
         if current.is_main:  # what discovery noticed (loops, empty classes, bad boxes) stays on record
-            writer.manifest["warnings"] = list(source.warnings)
-        num_shards = writer.manifest["num_shards"]
+            writer.manifest.warnings = list(source.warnings)
+        num_shards = writer.manifest.num_shards
         # static assignment: shard k belongs to rank k mod world size, whatever ran before
         pending = [k for k in range(num_shards) if k not in writer.finished and k % current.size == current.rank]
         reused = len(writer.finished)
@@ -207,11 +213,11 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
 
     distributed.stop(current)
     out = Path(config.out)
-    size = sum(s["bytes"] for s in manifest["shards"]) + (out / MANIFEST).stat().st_size
-    written = len(manifest["shards"]) - reused if current.is_main else len(pending)  # rank 0 counts every rank's
-    return ExtractResult(out, sum(s["rows"] for s in manifest["shards"]), widths, size,
+    size = sum(s.bytes for s in manifest.shards) + (out / MANIFEST).stat().st_size
+    written = len(manifest.shards) - reused if current.is_main else len(pending)  # rank 0 counts every rank's
+    return ExtractResult(out, manifest.rows, widths, size,
                          time.perf_counter() - started, written, reused, timing["processed"],
-                         timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest["skipped"],
+                         timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest.skipped,
                          timing.get("patches", 0), list(source.warnings))
 
 
@@ -319,7 +325,7 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
             if max(indices + [i for i, _ in errors]) == _shard_end(shard, shard_rows, num_samples):
                 with clock.part("write"):
                     rows.publish(writer, shard)
-                progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest['num_shards']}")
+                progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest.num_shards}")
     return {"processed": processed, "loop": time.perf_counter() - loop_started, **_parts(clock)}
 
 

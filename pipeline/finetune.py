@@ -33,6 +33,11 @@ from pipeline.training import decay_groups, loss_for, make_optimizer, step_multi
 
 @dataclass
 class FinetuneConfig:
+    """What `run_finetune` trains: the backbone of `head` up to its layer plus the head, on the images of
+    `data` (read as `format`, split `split`), the last `unfreeze` conv layers trainable, written to `out`
+    with checkpoints beside it. Each field is the `tl finetune` option of the same name.
+    """
+
     data: Path
     head: Path
     out: Path

@@ -25,6 +25,10 @@ from pipeline.training import output_activation
 
 @dataclass
 class PredictConfig:
+    """What `run_predict` labels: the image files and folders of `paths`, through a head (`head`, with its
+    backbone rebuilt from the head's metadata) or a finetuned model (`model`); `top_k` labels per image.
+    """
+
     head: Path | None
     paths: tuple[Path, ...]
     model: Path | None = None  # a tl finetune model instead of a head

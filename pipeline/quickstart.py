@@ -20,6 +20,8 @@ MIN_PER_CLASS = 8  # leaves >= 2 validation rows per digit in the stratified fif
 
 @dataclass
 class QuickstartConfig:
+    """The offline tour: digits written under `out`, `per_class` images of each, through `backbone`."""
+
     out: Path = Path("tl-quickstart")
     per_class: int | None = 50  # images per digit before the train/test split; None: all 1,797
     backbone: str = "efficientnet_lite0"

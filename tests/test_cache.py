@@ -25,7 +25,7 @@ def write_cache(root, num_samples=10, shard_rows=4, width=3, dtype="float32", co
     codes = np.arange(num_samples * width, dtype=np.float32).reshape(num_samples, width) / 7
     with CacheWriter(root, key, ["a", "b"], {"fc7": width}, dtype, shard_rows, num_samples, compression,
                      overwrite) as writer:
-        for k in range(writer.manifest["num_shards"]) if shards is None else shards:
+        for k in range(writer.manifest.num_shards) if shards is None else shards:
             rows = slice(k * shard_rows, min(num_samples, (k + 1) * shard_rows))
             ids = [f"s{i}" for i in range(rows.start, rows.stop)]
             writer.write_shard(k, {"fc7": codes[rows]}, np.arange(rows.start, rows.stop) % 2, ids, [])
@@ -88,17 +88,17 @@ def test_a_different_key_is_refused_and_the_cache_kept(tmp_path):
         write_cache(tmp_path / "c", key={"backbone": "other", "weights": "none"})
     np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), codes)
     write_cache(tmp_path / "c", key={"backbone": "other", "weights": "none"}, overwrite=True, num_samples=4)
-    assert CacheReader(tmp_path / "c").manifest["key"]["backbone"] == "other"
+    assert CacheReader(tmp_path / "c").manifest.key["backbone"] == "other"
 
 
 def test_resume_keeps_finished_shards_and_redoes_missing_ones(tmp_path):
     write_cache(tmp_path / "c", shards=[0, 2])
-    first = load_manifest(tmp_path / "c")["shards"]
+    first = load_manifest(tmp_path / "c").shards
     (tmp_path / "c" / "shard-00002.h5").unlink()
     (tmp_path / "c" / ".shard-00001.h5.tmp-999").write_bytes(b"half a shard")
     with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
         assert writer.finished == {0}
-        assert writer.manifest["shards"][0] == first[0]
+        assert writer.manifest.shards[0] == first[0]
     assert not (tmp_path / "c" / ".shard-00001.h5.tmp-999").exists()
 
 
@@ -153,7 +153,7 @@ def test_a_cache_without_finished_shards_may_change_its_key(tmp_path):
     """A run that failed before its first shard (say, weights that did not fit) blocks no corrected run."""
     write_cache(tmp_path / "c", shards=[])
     write_cache(tmp_path / "c", key={"backbone": "other", "weights": "none"})
-    assert CacheReader(tmp_path / "c").manifest["key"]["backbone"] == "other"
+    assert CacheReader(tmp_path / "c").manifest.key["backbone"] == "other"
 
 
 def test_shard_files_missing_from_the_manifest_are_adopted(tmp_path):
@@ -164,14 +164,34 @@ def test_shard_files_missing_from_the_manifest_are_adopted(tmp_path):
         writer.write_shard(0, {"fc7": codes[:4]}, np.zeros(4), [f"s{i}" for i in range(4)], [])
     with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10, follower=True) as follower:
         follower.write_shard(2, {"fc7": codes[9:]}, np.ones(1), ["s9"], [{"sample_id": "s8", "reason": "bad"}])
-    assert [s["index"] for s in load_manifest(tmp_path / "c")["shards"]] == [0]  # a follower never writes it
+    assert [s.index for s in load_manifest(tmp_path / "c").shards] == [0]  # a follower never writes it
     with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
         assert writer.finished == {0, 2}
         writer.write_shard(1, {"fc7": codes[4:8]}, np.zeros(4), [f"s{i}" for i in range(4, 8)], [])
         manifest = writer.finish()
-    assert manifest["complete"] and manifest["skipped"] == [{"sample_id": "s8", "reason": "bad", "shard": 2}]
+    assert manifest.complete and manifest.skipped == [{"sample_id": "s8", "reason": "bad", "shard": 2}]
     np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), np.delete(codes, 8, axis=0))
     other = dict(KEY, backbone="vgg16")
     follower = CacheWriter(tmp_path / "c", other, ["a", "b"], {"fc7": 3}, "float32", 4, 10, follower=True)
     with pytest.raises(CacheError, match="opened by rank 0 with other settings"):
         follower.__enter__()
+
+
+def test_the_typed_manifest_round_trips_its_file_and_describes_the_cache(tmp_path):
+    from cache.manifest import Manifest, ShardEntry, TapSpec
+
+    from tests.conftest import blobs, write_code_cache
+
+    codes, targets = blobs(0, n=150, classes=3, width=5)
+    write_code_cache(tmp_path / "c", codes, targets, ["x", "y", "z"], shard_rows=64)
+    raw = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    manifest = load_manifest(tmp_path / "c")
+    assert manifest.to_json() == raw  # nothing lost or renamed between the file and the object
+    assert isinstance(manifest.taps["feat"], TapSpec) and all(isinstance(s, ShardEntry) for s in manifest.shards)
+    assert manifest.rows == sum(s["rows"] for s in raw["shards"]) and not manifest.multilabel
+    assert Manifest.from_json(raw) == manifest
+    lines = manifest.describe(tmp_path / "c")
+    assert lines[0] == f"cache      {tmp_path / 'c'} (complete)"
+    assert any(line.startswith("layer      feat") for line in lines)
+    assert any(line.startswith(f"rows       {manifest.rows} of {manifest.num_samples} samples in 3/3 shards")
+               for line in lines)

@@ -46,7 +46,7 @@ def assert_same_cache(reader, reference):
     assert list(reader.load_column("sample_id")) == list(reference.load_column("sample_id"))
     np.testing.assert_array_equal(reader.load_column("target"), reference.load_column("target"))
     np.testing.assert_allclose(reader.load("pool5"), reference.load("pool5"), atol=1e-5, rtol=0)
-    assert reader.manifest["complete"] and len(reader.shards) == reference.manifest["num_shards"]
+    assert reader.manifest.complete and len(reader.shards) == reference.manifest.num_shards
 
 
 def test_two_processes_write_the_cache_of_one(images, single, tmp_path):
@@ -88,7 +88,7 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_completes(images, single, tm
     kept = [i for i, sample in enumerate(reference.load_column("sample_id")) if sample != "b/img00.png"]
     assert list(done.load_column("sample_id")) == [reference.load_column("sample_id")[i] for i in kept]
     np.testing.assert_allclose(done.load("pool5"), reference.load("pool5")[kept], atol=1e-5, rtol=0)
-    assert done.manifest["complete"] and done.manifest["skipped"][0]["sample_id"] == "b/img00.png"
+    assert done.manifest.complete and done.manifest.skipped[0]["sample_id"] == "b/img00.png"
 
 
 def test_two_process_finetune_matches_one_process_checkpoints_and_resumes(run_tl, tmp_path):

@@ -106,3 +106,21 @@ def test_every_module_opens_with_a_docstring_and_stays_small():
         if name != "cli":
             lines = len(text.splitlines())
             assert lines <= MAX_LINES, f"{name} has {lines} lines; split it by job (at most {MAX_LINES})"
+
+
+def test_only_files_py_renames_files_into_place():
+    """Every file a user keeps goes through pipeline.files.atomic_write (unique temporary, fsync, rename):
+    no other module renames, replaces or torch.saves to a path of its own."""
+    found = []
+    for name, path in _modules().items():
+        if name == "pipeline.files":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+                if (owner, node.func.attr) in {("os", "replace"), ("os", "rename"), ("shutil", "move")} \
+                        or node.func.attr == "rename" \
+                        or (owner == "torch" and node.func.attr == "save" and not (
+                            node.args[1:] and isinstance(node.args[1], ast.Name) and node.args[1].id == "buffer")):
+                    found.append(f"{name}:{node.lineno} {owner}.{node.func.attr}")
+    assert not found, f"write through pipeline.files.atomic_write instead: {found}"

@@ -92,7 +92,7 @@ def test_image_level_voc_cache_uses_the_ignore_marks(run_tl, tmp_path):
     assert run_tl("extract", *common, "--split", "trainval", "--out", tmp_path / "tr").code == 0
     assert run_tl("extract", *common, "--split", "test", "--out", tmp_path / "te").code == 0
     reader = CacheReader(tmp_path / "te")
-    assert reader.manifest["target"] == "multi-hot" and reader.load_column("ignore")[0].tolist() == [0, 1, 0]
+    assert reader.manifest.multilabel and reader.load_column("ignore")[0].tolist() == [0, 1, 0]
     assert run_tl("fit-head", "--cache", tmp_path / "tr", "--out", tmp_path / "h.pt").code == 0
     assert run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "te", "--out", tmp_path / "r",
                   "--save-predictions", tmp_path / "p.csv", "--ap", "area").code == 0
