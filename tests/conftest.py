@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,20 @@ def run_tl(capsys):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+STAGE_IN_A_CHILD = ("import importlib, pickle, sys; module, name = sys.argv[1].split(':'); "
+                    "getattr(importlib.import_module(module), name)(pickle.load(sys.stdin.buffer))")
+
+
+def start_stage(stage: str, config, **popen) -> subprocess.Popen:
+    """Run a stage function (`module:function`) on a config object in a child Python process, so that a test
+    can kill it mid-run; the config travels pickled on stdin."""
+    process = subprocess.Popen([sys.executable, "-c", STAGE_IN_A_CHILD, stage], cwd=REPO, stdin=subprocess.PIPE,
+                               **popen)
+    process.stdin.write(pickle.dumps(config))
+    process.stdin.close()
+    return process
 
 
 def blobs(seed=0, n=300, classes=4, width=32, spread=2.5, draw=0):

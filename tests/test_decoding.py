@@ -15,9 +15,18 @@ from cache.reader import CacheReader
 from pipeline.backbones import get_backbone
 from pipeline.datasets import open_rgb
 from pipeline.decoding import resize_geometry
+from pipeline.errors import HeadError
+from pipeline.evaluate import EvaluateConfig, run_evaluate
+from pipeline.extract import ExtractConfig, ExtractResult, run_extract
+from pipeline.fit_head import FitHeadConfig, fit_head
 from tests.conftest import make_image_folder, write_image
 
 FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet"]
+FAST_OPTIONS = dict(backbone="alexnet", weights="none", layers=("fc7",), workers=0, quiet=True)
+
+
+def extract(data, out, **options) -> ExtractResult:
+    return run_extract(ExtractConfig(data=data, out=out, **{**FAST_OPTIONS, **options}))
 
 
 def photo(path, size, seed=0, quality=90):
@@ -66,41 +75,53 @@ def test_resize_geometry_is_torchvisions():
     assert resize_geometry(48, 40, 256, 224) == (307, 256, 42, 16)
 
 
-def test_the_mode_is_in_the_cache_key_and_heads_refuse_the_other(run_tl, tmp_path):
+def test_the_mode_is_in_the_cache_key_and_heads_refuse_the_other(tmp_path):
     folder = tmp_path / "images"
     for label in ("a", "b"):
         for i in range(3):
             photo(folder / label / f"{i}.jpg", (900, 700), seed=10 * ord(label) + i)
-    run = lambda mode: run_tl("extract", "--data", folder, "--out", tmp_path / mode, "--decode", mode,  # noqa: E731
-                              "--dtype", "float32", *FAST)
-    assert run("fast").code == 0 and run("exact").code == 0
+    for mode in ("fast", "exact"):
+        extract(folder, tmp_path / mode, decode=mode, dtype="float32")
     keys = {mode: json.loads((tmp_path / mode / "manifest.json").read_text())["key"] for mode in ("fast", "exact")}
     assert keys["fast"]["preprocessing"]["decode"] == "fast" and "decode" not in keys["exact"]["preprocessing"]
     fast, exact = CacheReader(tmp_path / "fast").load("fc7"), CacheReader(tmp_path / "exact").load("fc7")
     relative = np.linalg.norm(fast - exact, axis=1) / np.linalg.norm(exact, axis=1)
     assert 0 < np.median(relative) < 0.05  # measured ~0.01 for 900x700 photos decoded at 1/2 scale
-    assert run_tl("fit-head", "--cache", tmp_path / "fast", "--out", tmp_path / "h.pt").code == 0
-    result = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "exact", "--out", tmp_path / "r")
-    assert result.code == 2 and "preprocessing.decode: fast -> None" in result.err
-    assert len(result.err.strip().splitlines()) == 1
-    again = run_tl("extract", "--data", folder, "--out", tmp_path / "fast", "--decode", "exact", "--dtype", "float32",
-                   *FAST)
-    assert again.code == 2 and "preprocessing.decode" in again.err and "--overwrite" in again.err
+    fit_head(FitHeadConfig(cache=tmp_path / "fast", out=tmp_path / "h.pt"))
+    with pytest.raises(HeadError, match=r"preprocessing\.decode: fast -> None") as refused:
+        run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "exact", out=tmp_path / "r"))
+    assert "\n" not in str(refused.value)  # one `error:` line in the CLI
 
 
 @pytest.mark.parametrize("mode", ["fast", "exact"])
-def test_bad_jpegs_are_skipped_or_decoded_alike_in_both_modes(run_tl, tmp_path, mode):
+def test_bad_jpegs_are_skipped_or_decoded_alike_in_both_modes(tmp_path, mode):
     folder = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=2)
     Image.open(photo(tmp_path / "rgb.jpg", (1200, 900))).convert("CMYK").save(folder / "a" / "cmyk.jpg", "JPEG")
     cut = photo(folder / "b" / "cut.jpg", (1200, 900))
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     (folder / "b" / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    result = run_tl("extract", "--data", folder, "--out", tmp_path / "c", "--decode", mode, *FAST)
-    assert result.code == 0, result
+    result = extract(folder, tmp_path / "c", decode=mode)
+    assert sorted(item["sample_id"] for item in result.skipped) == ["b/cut.jpg", "b/junk.jpg"]
     skipped = json.loads((tmp_path / "c" / "manifest.json").read_text())["skipped"]
     assert sorted(item["sample_id"] for item in skipped) == ["b/cut.jpg", "b/junk.jpg"]
     assert "a/cmyk.jpg" in list(CacheReader(tmp_path / "c").load_column("sample_id"))
     assert crops(folder / "a" / "cmyk.jpg", mode).shape == (3, 224, 224)
+
+
+def test_cli_decode_flag_reaches_the_cache_key(run_tl, tmp_path):
+    """--decode is part of the cache key: the same mode reuses a cache, the other is refused in one line."""
+    folder = tmp_path / "images"
+    for label in ("a", "b"):
+        photo(folder / label / "0.jpg", (900, 700), seed=ord(label))
+    run = lambda mode: run_tl("extract", "--data", folder, "--out", tmp_path / "c", "--decode", mode,  # noqa: E731
+                              *FAST)
+    assert run("fast").code == 0
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["key"]["preprocessing"]["decode"] == "fast"
+    again = run("fast")
+    assert again.code == 0 and "0 shards new, 1 reused" in again.out, again
+    other = run("exact")
+    assert other.code == 2 and "preprocessing.decode" in other.err and "--overwrite" in other.err, other
+    assert len(other.err.strip().splitlines()) == 1
 
 
 def test_jpegs_are_decoded_on_cuda_and_in_workers_on_the_cpu():
@@ -137,9 +158,10 @@ def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):
     assert relative.max() < 1e-2, relative  # measured 1.8e-3: the two resampling implementations differ slightly
 
 
-def test_a_finetuned_model_sees_images_decoded_as_its_heads_codes_were(run_tl, tmp_path):
+def test_a_finetuned_model_sees_images_decoded_as_its_heads_codes_were(tmp_path):
     """Stage three scores (validation, evaluate --model, the epoch-0 model) in the head's decoding mode:
     with fast codes of photos large enough to be reduced, the epoch-0 model equals the head."""
+    from pipeline.finetune import FinetuneConfig, run_finetune
     from pipeline.formats import open_source
     from pipeline.image_sets import DecodedImages, score_images, image_set
     from pipeline.model_files import load_model_file
@@ -149,12 +171,10 @@ def test_a_finetuned_model_sees_images_decoded_as_its_heads_codes_were(run_tl, t
     for label in ("a", "b"):
         for i in range(3):
             photo(folder / label / f"{i}.jpg", (1100, 800), seed=10 * ord(label) + i)
-    common = ["--backbone", "alexnet", "--weights", "none", "--workers", "0", "--quiet"]
-    assert run_tl("extract", "--data", folder, "--out", tmp_path / "c", "--layers", "pool5", "--dtype", "float32",
-                  "--decode", "fast", *common).code == 0
-    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt").code == 0
-    assert run_tl("finetune", "--data", folder, "--head", tmp_path / "h.pt", "--out", tmp_path / "m.pt",
-                  "--epochs", "0", "--workers", "0", "--quiet").code == 0
+    extract(folder, tmp_path / "c", layers=("pool5",), dtype="float32", decode="fast")
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    run_finetune(FinetuneConfig(data=folder, head=tmp_path / "h.pt", out=tmp_path / "m.pt", epochs=0, workers=0,
+                                quiet=True), say=lambda text: None)
     model, metadata = load_model_file(tmp_path / "m.pt")
     head, _ = load_head(tmp_path / "h.pt")
     source = open_source("imagefolder", folder)

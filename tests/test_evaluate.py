@@ -1,4 +1,4 @@
-"""tl evaluate: metrics equal scikit-learn's on fixed predictions, reports and plots are written, and a
+"""Stage four: metrics equal scikit-learn's on fixed predictions, reports and plots are written, and a
 head is refused on codes it was not trained for."""
 
 from __future__ import annotations
@@ -81,16 +81,17 @@ def is_png(path):
     return path.is_file() and path.stat().st_size > 2000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_evaluate_writes_report_plots_and_predictions(caches, run_tl):
+def test_evaluate_writes_report_plots_and_predictions(caches):
     options = TrainingOptions(max_epochs=4)
     fit_head(FitHeadConfig(cache=caches / "train", out=caches / "mlp.pt", head="mlp", hidden=(32,),
                            val_fraction=0.2, training=options))
-    result = run_tl("evaluate", "--head", caches / "mlp.pt", "--cache", caches / "test", "--out", caches / "report",
-                    "--save-predictions", caches / "predictions.csv")
-    assert result.code == 0, result
-    assert "accuracy" in result.out and "top5 accuracy" in result.out and "mAP (voc07)" in result.out
-    assert "fox" in result.out and "report.md" in result.out
-    report = json.loads((caches / "report" / "report.json").read_text())
+    result = run_evaluate(EvaluateConfig(head=caches / "mlp.pt", cache=caches / "test", out=caches / "report",
+                                         save_predictions=caches / "predictions.csv"))
+    report = result.report
+    assert report["ap_method"] == "voc07" and "top5_accuracy" in report
+    assert [entry["name"] for entry in report["classes"]] == CLASSES
+    assert result.files[:2] == [caches / "report" / "report.json", caches / "report" / "report.md"]
+    assert report == json.loads((caches / "report" / "report.json").read_text())
     assert report["rows"] == 120 and report["accuracy"] > 0.6  # chance is 1/6
     for name in ("confusion_matrix.png", "pr_curves.png", "training_curve.png"):
         assert is_png(caches / "report" / name), name
@@ -137,6 +138,20 @@ def test_multi_label_evaluation(tmp_path):
     write_code_cache(tmp_path / "single", test_codes, test_targets.argmax(axis=1), ["x", "y", "z"])
     with pytest.raises(HeadError, match="is multi-label but cache .* is single-label"):
         run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "single", out=tmp_path / "r"))
+
+
+# ------------------------------------------------------------------ the CLI: the summary table, errors
+
+
+def test_cli_prints_the_summary_table_and_where_the_report_is(caches, run_tl):
+    fit_head(FitHeadConfig(cache=caches / "train", out=caches / "h.pt"))
+    result = run_tl("evaluate", "--head", caches / "h.pt", "--cache", caches / "test", "--out", caches / "report",
+                    "--top-k", "3", "--ap", "area")
+    assert result.code == 0 and result.err == "", result
+    for text in ("rows                             120", "accuracy", "top3 accuracy", "mAP (area)", "fox"):
+        assert text in result.out, text
+    assert result.out.rstrip().splitlines()[-1] == (
+        f"report: {caches / 'report' / 'report.md'} (+ confusion_matrix.png, pr_curves.png)")
 
 
 def test_bad_inputs_to_evaluate(caches, run_tl):

@@ -1,4 +1,5 @@
-"""`tl extract` end to end: output, resume after SIGKILL, config files, and every bad input."""
+"""Stage one end to end: shards, manifest, resume after SIGKILL, skipped images, autocast codes (through
+run_extract); and through `tl extract`: the summary, flag and config-file parsing, every bad input."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,22 +16,33 @@ import torch
 import torchvision
 
 from cache.reader import CacheReader
-from tests.conftest import REPO, make_image_folder, write_cifar10, write_gtsrb, write_image
+from pipeline.errors import CacheError, TLError
+from pipeline.extract import ExtractConfig, ExtractResult, run_extract
+from tests.conftest import REPO, make_image_folder, start_stage, write_cifar10, write_gtsrb, write_image
 
 FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet"]
+FAST_OPTIONS = dict(backbone="alexnet", weights="none", layers=("fc7",), workers=0, quiet=True)
+
+
+def extract_config(data, out, **options) -> ExtractConfig:
+    return ExtractConfig(data=data, out=out, **{**FAST_OPTIONS, **options})
+
+
+def extract(data, out, **options) -> ExtractResult:
+    return run_extract(extract_config(data, out, **options))
 
 
 def manifest_of(cache):
     return json.loads((cache / "manifest.json").read_text())
 
 
-def test_extract_writes_shards_manifest_and_summary(run_tl, image_folder, tmp_path):
+def test_extract_writes_shards_and_manifest(image_folder, tmp_path, capsys):
     out = tmp_path / "cache"
-    result = run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *FAST)
-    assert result.code == 0, result
-    assert "wrote" in result.out and "12 rows" in result.out and "fc7" in result.out and "4096" in result.out
-    assert "size on disk" in result.out and "img/s" in result.out
-    assert result.err == ""  # --quiet: no progress bar
+    result = extract(image_folder, out, shard_rows=5)
+    assert (result.out, result.rows, result.taps) == (out, 12, {"fc7": 4096})
+    assert (result.shards_written, result.shards_reused, result.images_processed, result.skipped) == (3, 0, 12, [])
+    assert result.bytes_on_disk > 3 * 5 * 4096 * 2 and result.loop_seconds > 0
+    assert capsys.readouterr().err == ""  # quiet: no progress bar
     manifest = manifest_of(out)
     assert manifest["complete"] and [s["rows"] for s in manifest["shards"]] == [5, 5, 2]
     assert manifest["classes"] == ["cat", "dog", "fox"]
@@ -40,78 +52,139 @@ def test_extract_writes_shards_manifest_and_summary(run_tl, image_folder, tmp_pa
     assert list(reader.load_column("target")) == [0] * 4 + [1] * 4 + [2] * 4
 
 
-def test_progress_bar_shows_rate_and_eta(run_tl, image_folder, tmp_path):
-    args = [a for a in FAST if a != "--quiet"]
-    result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "cache", *args)
-    assert result.code == 0 and "img/s" in result.err and "12/12" in result.err
+def test_progress_bar_shows_rate_and_eta(image_folder, tmp_path, capsys):
+    extract(image_folder, tmp_path / "cache", quiet=False)
+    progress = capsys.readouterr().err
+    assert "img/s" in progress and "12/12" in progress
 
 
-def test_second_run_reuses_every_shard(run_tl, image_folder, tmp_path):
+def test_second_run_reuses_every_shard(image_folder, tmp_path):
     out = tmp_path / "cache"
-    run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *FAST)
+    extract(image_folder, out, shard_rows=5)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")}
-    again = run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *FAST)
-    assert again.code == 0 and "0 shards new, 3 reused" in again.out
+    again = extract(image_folder, out, shard_rows=5)
+    assert (again.shards_written, again.shards_reused, again.rows) == (0, 3, 12)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")} == before
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(run_tl, tmp_path):
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     folder = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=10)
-    args = ["--data", str(folder), "--shard-rows", "2", "--batch-size", "1", "--dtype", "float32", *FAST]
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "cli", "extract", "--out", str(killed), *args], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed = extract_config(folder, tmp_path / "killed", shard_rows=2, batch_size=1, dtype="float32")
+    process = start_stage("pipeline.extract:run_extract", killed, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         # the manifest is replaced atomically, so it is either absent or whole
-        if (killed / "manifest.json").exists() and manifest_of(killed)["shards"]:
+        if (killed.out / "manifest.json").exists() and manifest_of(killed.out)["shards"]:
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)
     process.wait()
     assert process.returncode == -signal.SIGKILL, process.stderr.read()
-    at_kill = manifest_of(killed)
+    at_kill = manifest_of(killed.out)
     assert not at_kill["complete"] and 1 <= len(at_kill["shards"]) < 15
 
-    resumed = run_tl("extract", "--out", killed, *args)
-    assert resumed.code == 0, resumed
-    assert f"{len(at_kill['shards'])} reused" in resumed.out
-    straight = tmp_path / "straight"
-    assert run_tl("extract", "--out", straight, *args).code == 0
-    a, b = CacheReader(killed), CacheReader(straight)
+    resumed = run_extract(killed)
+    assert resumed.shards_reused == len(at_kill["shards"]) and resumed.rows == 30
+    straight = run_extract(replace(killed, out=tmp_path / "straight"))
+    a, b = CacheReader(resumed.out), CacheReader(straight.out)
     assert list(a.load_column("sample_id")) == list(b.load_column("sample_id"))
     np.testing.assert_array_equal(a.load("fc7"), b.load("fc7"))
-    assert not list(killed.glob(".shard-*"))
+    assert not list(killed.out.glob(".shard-*"))
 
 
-def test_deleted_shard_is_rewritten(run_tl, image_folder, tmp_path):
+def test_deleted_shard_is_rewritten(image_folder, tmp_path):
     out = tmp_path / "cache"
-    run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *FAST)
+    extract(image_folder, out, shard_rows=5)
     codes = CacheReader(out).load("fc7")
     (out / "shard-00001.h5").unlink()
-    again = run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *FAST)
-    assert again.code == 0 and "1 shards new, 2 reused" in again.out
+    again = extract(image_folder, out, shard_rows=5)
+    assert (again.shards_written, again.shards_reused) == (1, 2)
     np.testing.assert_array_equal(CacheReader(out).load("fc7"), codes)
 
 
-def test_samples_per_class_and_float32(run_tl, tmp_path):
+def test_samples_per_class_and_float32(tmp_path):
     folder = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=5, size=(16, 16))
     out = tmp_path / "cache"
-    result = run_tl("extract", "--data", folder, "--out", out, "--samples-per-class", "2", "--dtype", "float32", *FAST)
-    assert result.code == 0, result
+    assert extract(folder, out, samples_per_class=2, dtype="float32").rows == 4
     reader = CacheReader(out)
     assert reader.num_rows == 4 and reader.load("fc7").dtype == np.float32
 
 
-def test_cifar10_and_gtsrb_extract(run_tl, tmp_path):
+def test_cifar10_and_gtsrb_extract(tmp_path):
     cifar = write_cifar10(tmp_path / "cifar")
-    result = run_tl("extract", "--format", "cifar10", "--data", cifar, "--split", "test", "--out", tmp_path / "c1", *FAST)
-    assert result.code == 0, result
+    extract(cifar, tmp_path / "c1", format="cifar10", split="test")
     assert CacheReader(tmp_path / "c1").num_rows == 6
     gtsrb = write_gtsrb(tmp_path / "gtsrb")
-    result = run_tl("extract", "--format", "gtsrb", "--data", gtsrb, "--out", tmp_path / "c2", *FAST)
-    assert result.code == 0, result
+    extract(gtsrb, tmp_path / "c2", format="gtsrb")
     assert sorted(set(CacheReader(tmp_path / "c2").load_column("target"))) == [0, 2, 42]
+
+
+def test_corrupt_and_truncated_images_are_skipped_and_recorded(image_folder, tmp_path):
+    (image_folder / "dog" / "img01.png").write_bytes(b"not an image at all")
+    cut = write_image(image_folder / "fox" / "img09.jpg", seed=5, size=(64, 64), fmt="JPEG")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    out = tmp_path / "cache"
+    result = extract(image_folder, out, shard_rows=5)
+    assert [s["sample_id"] for s in result.skipped] == ["dog/img01.png", "fox/img09.jpg"]
+    skipped = manifest_of(out)["skipped"]
+    assert [s["sample_id"] for s in skipped] == ["dog/img01.png", "fox/img09.jpg"]
+    assert all(s["reason"] for s in skipped)
+    reader = CacheReader(out)
+    assert reader.num_rows == 11 and "dog/img01.png" not in list(reader.load_column("sample_id"))
+
+
+def test_on_error_fail_stops_and_keeps_earlier_shards(image_folder, tmp_path):
+    (image_folder / "fox" / "img02.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "cache"
+    with pytest.raises(TLError, match="cannot decode fox/img02.png.*--on-error skip") as refused:
+        extract(image_folder, out, shard_rows=5, on_error="fail")
+    assert "\n" not in str(refused.value)  # one `error:` line in the CLI
+    manifest = manifest_of(out)
+    assert [s["index"] for s in manifest["shards"]] == [0, 1] and not manifest["complete"]
+    assert CacheReader(out, allow_partial=True).load("fc7").shape == (10, 4096)
+
+
+def test_stale_cache_is_refused_and_kept(image_folder, tmp_path):
+    out = tmp_path / "cache"
+    extract(image_folder, out)
+    codes = CacheReader(out).load("fc7")
+    write_image(image_folder / "cat" / "img00.png", seed=77)  # the data changed since
+    with pytest.raises(CacheError, match=r"made with other settings \(.*dataset\.fingerprint.*--overwrite") as refused:
+        extract(image_folder, out)
+    assert "\n" not in str(refused.value)
+    np.testing.assert_array_equal(CacheReader(out).load("fc7"), codes)
+    extract(image_folder, out, overwrite=True)
+    assert not np.array_equal(CacheReader(out).load("fc7"), codes)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("bfloat16", 3e-2), ("float16", 3e-3)])
+def test_autocast_codes_agree_with_float32(image_folder, tmp_path, precision, tolerance):
+    """The autocast path (float16 is CUDA's default) on the CPU: bfloat16 keeps about 3 significant
+    digits, float16 about 4; the row-wise relative error stays within the stated tolerance."""
+    extract(image_folder, tmp_path / "f32", dtype="float32")
+    extract(image_folder, tmp_path / "low", dtype="float32", precision=precision)
+    reference, low = CacheReader(tmp_path / "f32").load("fc7"), CacheReader(tmp_path / "low").load("fc7")
+    error = np.linalg.norm(low - reference, axis=1) / np.linalg.norm(reference, axis=1)
+    print(precision, "relative error", error.max())
+    assert 0 < error.max() <= tolerance
+    assert json.loads((tmp_path / "low" / "manifest.json").read_text())["key"]["precision"] == precision
+
+
+# ------------------------------------------------------------------ the CLI: summary, flags, config files
+
+
+def test_cli_prints_the_summary_and_only_warnings_on_stderr(run_tl, image_folder, tmp_path):
+    (image_folder / "dog" / "img01.png").write_bytes(b"not an image at all")
+    out = tmp_path / "cache"
+    flags = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc6,fc7", "--workers", "0", "--quiet"]
+    result = run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *flags)
+    assert result.code == 0, result
+    assert f"wrote {out}: 11 rows, 3 shards new, 0 reused, 1 images skipped" in result.out
+    assert "fc6      width 4096   float16" in result.out and "fc7      width 4096   float16" in result.out
+    assert "size on disk" in result.out and "img/s" in result.out
+    warnings = result.err.splitlines()  # --quiet: no progress bar, only the warning
+    assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 1 unreadable images"), result.err
+    assert "e.g. dog/img01.png: " in warnings[0]
 
 
 def test_config_file_supplies_options_and_flags_win(run_tl, image_folder, tmp_path):
@@ -130,7 +203,7 @@ def test_config_file_supplies_options_and_flags_win(run_tl, image_folder, tmp_pa
 
 def test_info_describes_and_verifies(run_tl, image_folder, tmp_path):
     out = tmp_path / "cache"
-    run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *FAST)
+    extract(image_folder, out, shard_rows=5)
     result = run_tl("info", out, "--verify")
     assert result.code == 0, result
     for text in ("alexnet", "fc7", "4096", "classes    3: cat, dog, fox", "12 of 12 samples in 3/3 shards",
@@ -178,31 +251,6 @@ def test_unknown_backbone_and_layer(run_tl, image_folder, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_corrupt_and_truncated_images_are_skipped_and_recorded(run_tl, image_folder, tmp_path):
-    (image_folder / "dog" / "img01.png").write_bytes(b"not an image at all")
-    cut = write_image(image_folder / "fox" / "img09.jpg", seed=5, size=(64, 64), fmt="JPEG")
-    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
-    out = tmp_path / "cache"
-    result = run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *FAST)
-    assert result.code == 0, result
-    assert "warning: skipped 2 unreadable images" in result.err
-    skipped = manifest_of(out)["skipped"]
-    assert [s["sample_id"] for s in skipped] == ["dog/img01.png", "fox/img09.jpg"]
-    assert all(s["reason"] for s in skipped)
-    reader = CacheReader(out)
-    assert reader.num_rows == 11 and "dog/img01.png" not in list(reader.load_column("sample_id"))
-
-
-def test_on_error_fail_stops_and_keeps_earlier_shards(run_tl, image_folder, tmp_path):
-    (image_folder / "fox" / "img02.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    out = tmp_path / "cache"
-    result = run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", "--on-error", "fail", *FAST)
-    assert_user_error(result, "cannot decode fox/img02.png", "--on-error skip")
-    manifest = manifest_of(out)
-    assert [s["index"] for s in manifest["shards"]] == [0, 1] and not manifest["complete"]
-    assert CacheReader(out, allow_partial=True).load("fc7").shape == (10, 4096)
-
-
 def test_unwritable_output(run_tl, image_folder, tmp_path):
     (tmp_path / "file").write_text("a file, not a folder")
     result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "file" / "cache", *FAST)
@@ -218,19 +266,6 @@ def test_config_file_errors(run_tl, image_folder, tmp_path):
     assert_user_error(run_tl("extract", "--config", tmp_path / "typo.yaml", *out), "unknown key 'backbon'")
     (tmp_path / "list.yaml").write_text("- alexnet\n")
     assert_user_error(run_tl("extract", "--config", tmp_path / "list.yaml", *out), "must be a mapping")
-
-
-def test_stale_cache_is_refused_and_kept(run_tl, image_folder, tmp_path):
-    out = tmp_path / "cache"
-    run_tl("extract", "--data", image_folder, "--out", out, *FAST)
-    codes = CacheReader(out).load("fc7")
-    write_image(image_folder / "cat" / "img00.png", seed=77)  # the data changed since
-    result = run_tl("extract", "--data", image_folder, "--out", out, *FAST)
-    assert_user_error(result, "made with other settings", "dataset.fingerprint", "--overwrite")
-    np.testing.assert_array_equal(CacheReader(out).load("fc7"), codes)
-    result = run_tl("extract", "--data", image_folder, "--out", out, "--overwrite", *FAST)
-    assert result.code == 0
-    assert not np.array_equal(CacheReader(out).load("fc7"), codes)
 
 
 def test_nan_codes_are_refused_naming_the_sample(run_tl, image_folder, tmp_path):
@@ -261,17 +296,3 @@ def test_shipped_configs_are_valid_extract_recipes(run_tl, tmp_path, config):
     result = run_tl("extract", "--config", config, "--data", tmp_path / "absent", "--out", tmp_path / "c")
     assert_user_error(result, str(tmp_path / "absent"))
     assert "config file" not in result.err
-
-
-@pytest.mark.parametrize("precision, tolerance", [("bfloat16", 3e-2), ("float16", 3e-3)])
-def test_autocast_codes_agree_with_float32(run_tl, image_folder, tmp_path, precision, tolerance):
-    """The autocast path (float16 is CUDA's default) on the CPU: bfloat16 keeps about 3 significant
-    digits, float16 about 4; the row-wise relative error stays within the stated tolerance."""
-    args = ["--data", image_folder, "--dtype", "float32", *FAST]
-    assert run_tl("extract", "--out", tmp_path / "f32", *args).code == 0
-    assert run_tl("extract", "--out", tmp_path / "low", "--precision", precision, *args).code == 0
-    reference, low = CacheReader(tmp_path / "f32").load("fc7"), CacheReader(tmp_path / "low").load("fc7")
-    error = np.linalg.norm(low - reference, axis=1) / np.linalg.norm(reference, axis=1)
-    print(precision, "relative error", error.max())
-    assert 0 < error.max() <= tolerance
-    assert json.loads((tmp_path / "low" / "manifest.json").read_text())["key"]["precision"] == precision

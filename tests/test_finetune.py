@@ -1,13 +1,13 @@
-"""tl finetune: frozen layers stay bit-identical, the epoch-0 model is the stage-two head, a killed
-run resumes to the same weights, exports match, and every bad input is a one-line error."""
+"""Stage three through run_finetune: frozen layers stay bit-identical, the epoch-0 model is the stage-two
+head, a killed run resumes to the same weights, exports match; through `tl finetune`: the summary,
+list flags, and every bad input as a one-line error."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,31 +15,42 @@ import torch
 
 from cache.reader import CacheReader
 from pipeline.backbones import get_backbone
+from pipeline.errors import HeadError
+from pipeline.evaluate import EvaluateConfig, run_evaluate
+from pipeline.export import export_model
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.finetune import FinetuneConfig, FinetuneResult, run_finetune
+from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.image_sets import DecodedImages, score_images
 from pipeline.model_files import build_model, checkpoint_paths, load_model_file
 from pipeline.formats import open_source
 from pipeline.model_files import load_head
-from tests.conftest import REPO, make_image_folder
+from pipeline.multiscale import PatchSettings
+from pipeline.predict import PredictConfig, run_predict
+from pipeline.report import headline
+from tests.conftest import make_image_folder, start_stage
 
-ALEXNET = ["--backbone", "alexnet", "--weights", "none", "--seed", "0", "--workers", "0", "--quiet"]
+ALEXNET = dict(backbone="alexnet", weights="none", seed=0, workers=0, quiet=True)
 
 
 @pytest.fixture(scope="module")
 def alexnet_head(tmp_path_factory):
     """Images of two classes, a float32 pool5 cache of a seeded random AlexNet (pool5 keeps the model and
     its checkpoints small: conv layers only), and a logreg head on it."""
-    from cli import main
-
     root = tmp_path_factory.mktemp("ft")
     make_image_folder(root / "train", classes=("a", "b"), per_class=6)
     make_image_folder(root / "val", classes=("a", "b"), per_class=2)
-    for args in (["extract", "--data", root / "train", "--out", root / "cache", "--layers", "pool5", "--dtype",
-                  "float32", *ALEXNET],
-                 ["fit-head", "--cache", root / "cache", "--out", root / "head.pt"]):
-        with pytest.raises(SystemExit) as done:
-            main([str(a) for a in args])
-        assert done.value.code == 0
+    run_extract(ExtractConfig(data=root / "train", out=root / "cache", layers=("pool5",), dtype="float32", **ALEXNET))
+    fit_head(FitHeadConfig(cache=root / "cache", out=root / "head.pt"))
     return root
+
+
+def finetune_config(root, out, **options) -> FinetuneConfig:
+    return FinetuneConfig(data=root / "train", head=root / "head.pt", out=out, batch_size=4, quiet=True, **options)
+
+
+def finetune(root, out, **options) -> FinetuneResult:
+    return run_finetune(finetune_config(root, out, **options), say=lambda text: None)
 
 
 def finetune_args(root, out, *more):
@@ -47,9 +58,9 @@ def finetune_args(root, out, *more):
             "--quiet", *more]
 
 
-def test_epoch_zero_model_is_the_stage_two_head(run_tl, alexnet_head, tmp_path):
-    result = run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "0"))
-    assert result.code == 0, result
+def test_epoch_zero_model_is_the_stage_two_head(alexnet_head, tmp_path):
+    result = finetune(alexnet_head, tmp_path / "m.pt", epochs=0)
+    assert result.out == tmp_path / "m.pt" and result.epochs_run == 0
     model, metadata = load_model_file(tmp_path / "m.pt")
     backbone = get_backbone("alexnet")
     source = open_source("imagefolder", alexnet_head / "train")
@@ -62,24 +73,25 @@ def test_epoch_zero_model_is_the_stage_two_head(run_tl, alexnet_head, tmp_path):
     assert metadata["unfreeze"] == 0 and metadata["history"] == []
 
 
-def test_unfreezing_two_layers_moves_only_them(run_tl, tmp_path):
+def test_unfreezing_two_layers_moves_only_them(tmp_path):
     """efficientnet_lite0 (real weights, BatchNorm everywhere): frozen weights and BN statistics stay."""
     make_image_folder(tmp_path / "train", classes=("a", "b"), per_class=4)
-    common = ["--backbone", "efficientnet_lite0", "--workers", "0", "--quiet"]
-    assert run_tl("extract", "--data", tmp_path / "train", "--out", tmp_path / "c", *common).code == 0
-    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt").code == 0
+    run_extract(ExtractConfig(data=tmp_path / "train", out=tmp_path / "c", backbone="efficientnet_lite0", workers=0,
+                              quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
     head, metadata = load_head(tmp_path / "h.pt")
     before, _, convs = build_model(metadata, head, None)
     before_state = before.features.state_dict()
     trainable = ("extractor._blocks.15._project_conv.", "extractor._blocks.15._bn2.", "extractor._conv_head.",
                  "extractor._bn1.")
-    for bn_stats, moving in (("--no-bn-stats", 6), ("--bn-stats", 10)):
-        result = run_tl("finetune", "--data", tmp_path / "train", "--head", tmp_path / "h.pt", "--unfreeze", "2",
-                        "--epochs", "1", "--lr", "0.05", "--backbone-lr-scale", "1", "--batch-size", "4",
-                        bn_stats, "--out", tmp_path / f"m{bn_stats}.pt")
-        assert result.code == 0, result
-        assert "head + _blocks.15._project_conv, _blocks.15._bn2, _conv_head, _bn1" in result.out
-        after, saved = load_model_file(tmp_path / f"m{bn_stats}.pt")
+    for bn_stats, moving in ((False, 6), (True, 10)):
+        out = tmp_path / f"m{bn_stats}.pt"
+        result = run_finetune(FinetuneConfig(data=tmp_path / "train", head=tmp_path / "h.pt", out=out, unfreeze=2,
+                                             epochs=1, lr=0.05, backbone_lr_scale=1, batch_size=4, bn_stats=bn_stats),
+                              say=lambda text: None)
+        assert result.trainable["backbone_layers"] == ["_blocks.15._project_conv", "_blocks.15._bn2", "_conv_head",
+                                                       "_bn1"]
+        after, saved = load_model_file(out)
         assert saved["trainable"]["conv_layers"] == convs[-2:] == ["_blocks.15._project_conv", "_conv_head"]
         moved, frozen = set(), 0
         after_state = after.features.state_dict()
@@ -90,27 +102,26 @@ def test_unfreezing_two_layers_moves_only_them(run_tl, tmp_path):
             else:
                 assert torch.equal(tensor, after_state[name]), f"{name} of a frozen layer changed"
                 frozen += 1
-        # 2 conv weights and 2 BN scale/shift pairs; with --bn-stats also the 2 BN running mean/var pairs
+        # 2 conv weights and 2 BN scale/shift pairs; with bn_stats also the 2 BN running mean/var pairs
         assert frozen > 200 and len(moved) == moving, sorted(moved)
-        assert ("extractor._bn1.running_mean" in moved) == (bn_stats == "--bn-stats")
+        assert ("extractor._bn1.running_mean" in moved) == bn_stats
 
 
-def test_a_killed_run_resumes_to_the_same_weights(run_tl, alexnet_head, tmp_path):
-    args = [str(a) for a in finetune_args(alexnet_head, tmp_path / "whole.pt", "--unfreeze", "1", "--epochs", "3",
-                                          "--lr", "1e-4", "--val-data", alexnet_head / "val")]
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "cli", *args], check=True, env=environment, cwd=REPO)
-    killed = [a if a != str(tmp_path / "whole.pt") else str(tmp_path / "resumed.pt") for a in args]
-    process = subprocess.Popen([sys.executable, "-m", "cli", *killed], env=environment, cwd=REPO)
-    last, _ = checkpoint_paths(tmp_path / "resumed.pt")
+def test_a_killed_run_resumes_to_the_same_weights(alexnet_head, tmp_path):
+    whole = finetune_config(alexnet_head, tmp_path / "whole.pt", unfreeze=1, epochs=3, lr=1e-4,
+                            val_data=alexnet_head / "val")
+    run_finetune(whole, say=lambda text: None)
+    killed = replace(whole, out=tmp_path / "resumed.pt")
+    process = start_stage("pipeline.finetune:run_finetune", killed, stdout=subprocess.DEVNULL)
+    last, _ = checkpoint_paths(killed.out)
     deadline = time.monotonic() + 120
     while not last.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert last.exists() and not (tmp_path / "resumed.pt").exists()  # stopped inside a later epoch
-    result = run_tl(*killed, "--resume")
-    assert result.code == 0, result
+    assert last.exists() and not killed.out.exists()  # stopped inside a later epoch
+    result = run_finetune(replace(killed, resume=True), say=lambda text: None)
+    assert result.resumed_from is not None and result.resumed_from >= 1
     whole, whole_meta = load_model_file(tmp_path / "whole.pt")
     resumed, resumed_meta = load_model_file(tmp_path / "resumed.pt")
     for name, tensor in whole.state_dict().items():
@@ -119,10 +130,9 @@ def test_a_killed_run_resumes_to_the_same_weights(run_tl, alexnet_head, tmp_path
         assert a == pytest.approx(b, abs=1e-6)
 
 
-def test_exports_give_the_models_outputs(run_tl, alexnet_head, tmp_path):
-    assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
-    scripted = run_tl("export", "--model", tmp_path / "m.pt", "--format", "torchscript", "--out", tmp_path / "m.ts")
-    assert scripted.code == 0 and "largest difference" in scripted.out, scripted
+def test_exports_give_the_models_outputs(alexnet_head, tmp_path):
+    finetune(alexnet_head, tmp_path / "m.pt", epochs=1)
+    assert export_model(tmp_path / "m.pt", "torchscript", tmp_path / "m.ts") <= 1e-4
     with pytest.warns(Warning):
         loaded = torch.jit.load(str(tmp_path / "m.ts"))
     model, _ = load_model_file(tmp_path / "m.pt")
@@ -130,20 +140,37 @@ def test_exports_give_the_models_outputs(run_tl, alexnet_head, tmp_path):
     with torch.inference_mode():
         np.testing.assert_allclose(loaded(sample).numpy(), torch.softmax(model(sample), 1).numpy(), atol=1e-5)
     pytest.importorskip("onnxruntime")
-    onnx = run_tl("export", "--model", tmp_path / "m.pt", "--format", "onnx", "--out", tmp_path / "m.onnx")
-    assert onnx.code == 0 and (tmp_path / "m.onnx").stat().st_size > 1000, onnx
+    assert export_model(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx") <= 1e-4
+    assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
-def test_evaluate_and_predict_with_a_model(run_tl, alexnet_head, tmp_path):
-    assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
-    evaluated = run_tl("evaluate", "--model", tmp_path / "m.pt", "--data", alexnet_head / "val", "--out",
-                       tmp_path / "r")
-    assert evaluated.code == 0 and "accuracy" in evaluated.out, evaluated
+def test_evaluate_and_predict_with_a_model(alexnet_head, tmp_path):
+    finetune(alexnet_head, tmp_path / "m.pt", epochs=1)
+    evaluated = run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", data=alexnet_head / "val",
+                                            out=tmp_path / "r"))
+    assert evaluated.report["rows"] == 4 and 0 <= evaluated.report["accuracy"] <= 1
     assert (tmp_path / "r" / "training_curve.png").is_file() and (tmp_path / "r" / "confusion_matrix.png").is_file()
-    predicted = run_tl("predict", "--model", tmp_path / "m.pt", "--top-k", "1", alexnet_head / "val")
-    assert predicted.code == 0 and len(predicted.out.splitlines()) == 1 + 4, predicted
-    both = run_tl("predict", "--model", tmp_path / "m.pt", "--head", alexnet_head / "head.pt", alexnet_head / "val")
-    assert both.code == 2 and "either --head H or --model M" in both.err
+    predicted = list(run_predict(PredictConfig(head=None, model=tmp_path / "m.pt", top_k=1,
+                                               paths=(alexnet_head / "val",))))
+    assert len(predicted) == 4 and all(len(p.labels) == 1 and not p.error for p in predicted), predicted
+    both = PredictConfig(head=alexnet_head / "head.pt", model=tmp_path / "m.pt", paths=(alexnet_head / "val",))
+    with pytest.raises(HeadError, match="either --head H or --model M"):
+        list(run_predict(both))
+
+
+def test_cli_finetune_and_export_print_their_summaries(run_tl, alexnet_head, tmp_path):
+    out = tmp_path / "m.pt"
+    result = run_tl(*finetune_args(alexnet_head, out, "--epochs", "1", "--val-data", alexnet_head / "val",
+                                   "--lr-steps", "2,4", "--lr-factors", "0.5"))
+    assert result.code == 0, result
+    summary = result.out.splitlines()
+    assert summary[0] == f"wrote {out}: 1 epochs run; checkpoints m.last.ckpt, m.best.ckpt", result.out
+    assert summary[1].startswith("  validation loss ") and ", accuracy " in summary[1], result.out
+    settings = load_model_file(out)[1]["settings"]
+    assert (tuple(settings["lr_steps"]), tuple(settings["lr_factors"])) == ((2, 4), (0.5,))
+    exported = run_tl("export", "--model", out, "--format", "torchscript", "--out", tmp_path / "m.ts")
+    assert exported.code == 0, exported
+    assert exported.out.startswith(f"wrote {tmp_path / 'm.ts'} (torchscript); largest difference from the model")
 
 
 def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
@@ -173,41 +200,38 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
         assert result.code == 2 and result.err == f"error: {message.format(model)}\n", result
 
 
-def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(run_tl, tmp_path):
+def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(tmp_path):
     from pipeline.examples import write_shapes_voc
     from pipeline.image_sets import Augmentation, image_set
 
     base = write_shapes_voc(tmp_path, {"trainval": 8, "test": 4})
-    common = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,2.0",
-              "--background-fraction", "0.3", *ALEXNET, "--layers", "pool5"]
-    assert run_tl("extract", *common, "--split", "trainval", "--out", tmp_path / "c", "--shard-rows", "3").code == 0
-    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt").code == 0
+    run_extract(ExtractConfig(data=base, out=tmp_path / "c", format="voc", split="trainval", classes="auto",
+                              multiscale=True, patches=PatchSettings(scales=(1.0, 2.0), background_fraction=0.3),
+                              shard_rows=3, layers=("pool5",), **ALEXNET))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
     head, metadata = load_head(tmp_path / "h.pt")
     source = open_source("voc", base, "trainval", classes="auto")
     dataset, targets = image_set(source, get_backbone("alexnet"), metadata, Augmentation(), 0, 0.3, "data", "head")
     cache = CacheReader(tmp_path / "c")
     np.testing.assert_array_equal(targets, cache.load_column("target"))  # same patches, labels and thinning
     np.testing.assert_allclose(dataset.boxes, cache.load_column("box"), atol=1e-4)
-    result = run_tl("finetune", "--format", "voc", "--data", base, "--split", "trainval", "--classes", "auto",
-                    "--head", tmp_path / "h.pt", "--unfreeze", "1", "--epochs", "1", "--lr", "1e-4",
-                    "--background-fraction", "0.3", "--batch-size", "8", "--out", tmp_path / "m.pt", "--quiet")
-    assert result.code == 0, result
-    evaluated = run_tl("evaluate", "--model", tmp_path / "m.pt", "--format", "voc", "--data", base, "--split", "test",
-                       "--classes", "auto", "--out", tmp_path / "r")
-    assert evaluated.code == 0 and "patches pooled into images" in evaluated.out, evaluated
-    report = __import__("json").loads((tmp_path / "r" / "report.json").read_text())
+    run_finetune(FinetuneConfig(data=base, head=tmp_path / "h.pt", out=tmp_path / "m.pt", format="voc",
+                                split="trainval", classes="auto", unfreeze=1, epochs=1, lr=1e-4,
+                                background_fraction=0.3, batch_size=8, quiet=True), say=lambda text: None)
+    report = run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", format="voc", data=base,
+                                         split="test", classes="auto", out=tmp_path / "r")).report
+    assert "patches pooled into images" in dict(headline(report))
     assert report["pooling"]["images"] == 4 and report["pooling"]["patches"] == 4 * 8
 
 
-def test_epochs_zero_with_resume_only_evaluates_the_checkpoint(run_tl, alexnet_head, tmp_path):
-    assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "2", "--lr", "1e-4")).code == 0
+def test_epochs_zero_with_resume_only_evaluates_the_checkpoint(alexnet_head, tmp_path):
+    finetune(alexnet_head, tmp_path / "m.pt", epochs=2, lr=1e-4)
     last, _ = checkpoint_paths(tmp_path / "m.pt")
     checkpoint = last.read_bytes()
     trained, _ = load_model_file(tmp_path / "m.pt")
     (tmp_path / "m.pt").unlink()
-    result = run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "0", "--resume",
-                                   "--val-data", alexnet_head / "val"))
-    assert result.code == 0 and "0 epochs run" in result.out and "validation loss" in result.out, result
+    result = finetune(alexnet_head, tmp_path / "m.pt", epochs=0, resume=True, val_data=alexnet_head / "val")
+    assert result.epochs_run == 0 and result.resumed_from == 2 and "val_loss" in result.val
     assert last.read_bytes() == checkpoint
     again, metadata = load_model_file(tmp_path / "m.pt")
     for name, tensor in trained.state_dict().items():
@@ -215,15 +239,15 @@ def test_epochs_zero_with_resume_only_evaluates_the_checkpoint(run_tl, alexnet_h
     assert len(metadata["history"]) == 2
 
 
-def test_mixed_precision_training_follows_float32_and_resumes_its_loss_scale(run_tl, alexnet_head, tmp_path):
+def test_mixed_precision_training_follows_float32_and_resumes_its_loss_scale(alexnet_head, tmp_path):
     """On the CPU, bf16 and fp16 autocast loss curves stay within 10% of float32's. fp16 trains with a
     GradScaler: this random AlexNet's gradients overflow the default scale, so the first steps are
     skipped and the scale lowered; the scale is checkpointed and a resumed run restores it."""
     curves = {}
     for precision in ("float32", "bfloat16", "float16"):
-        result = run_tl(*finetune_args(alexnet_head, tmp_path / f"{precision}.pt", "--unfreeze", "1", "--epochs", "2",
-                                       "--lr", "1e-6", "--precision", precision))
-        assert result.code == 0, result
+        result = finetune(alexnet_head, tmp_path / f"{precision}.pt", unfreeze=1, epochs=2, lr=1e-6,
+                          precision=precision)
+        assert result.precision == precision
         _, metadata = load_model_file(tmp_path / f"{precision}.pt")
         curves[precision] = [point["train_loss"] for point in metadata["history"]]
         assert metadata["settings"]["precision"] == precision
@@ -234,12 +258,11 @@ def test_mixed_precision_training_follows_float32_and_resumes_its_loss_scale(run
     assert scaler_of(tmp_path / "float32.pt") == {} and scaler_of(tmp_path / "bfloat16.pt") == {}
     unbroken = scaler_of(tmp_path / "float16.pt")
     assert unbroken["scale"] < 2.0 ** 16  # lowered from torch's default by the overflowing steps
-    args = finetune_args(alexnet_head, tmp_path / "resumed.pt", "--unfreeze", "1", "--lr", "1e-6",
-                         "--precision", "float16")
-    assert run_tl(*args, "--epochs", "1").code == 0
-    assert run_tl(*args, "--epochs", "2", "--resume").code == 0
-    assert scaler_of(tmp_path / "resumed.pt") == unbroken
-    _, metadata = load_model_file(tmp_path / "resumed.pt")
+    resumed = tmp_path / "resumed.pt"
+    finetune(alexnet_head, resumed, unfreeze=1, lr=1e-6, precision="float16", epochs=1)
+    finetune(alexnet_head, resumed, unfreeze=1, lr=1e-6, precision="float16", epochs=2, resume=True)
+    assert scaler_of(resumed) == unbroken
+    _, metadata = load_model_file(resumed)
     np.testing.assert_allclose([p["train_loss"] for p in metadata["history"]], curves["float16"], rtol=1e-6)
 
 

@@ -1,5 +1,5 @@
-"""tl predict: the same labels and probabilities as the head on the cached codes of the same images,
-backbone and preprocessing taken from the head file, unreadable files skipped with a warning."""
+"""Predict: the same labels and probabilities as the head on the cached codes of the same images,
+backbone and preprocessing taken from the head file, unreadable files skipped (the CLI warns)."""
 
 from __future__ import annotations
 
@@ -12,33 +12,57 @@ import pytest
 from cache.reader import CacheReader
 from pipeline.backbones import get_backbone, weights_for_digest
 from pipeline.errors import BackboneError
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.model_files import load_head
+from pipeline.predict import PredictConfig, run_predict
 from tests.conftest import make_image_folder
 
 
-def test_predict_agrees_with_the_head_on_cached_codes(run_tl, tmp_path):
-    folder = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=4)
-    fast = ["--backbone", "alexnet", "--weights", "none", "--seed", "3", "--workers", "0", "--quiet"]
-    assert run_tl("extract", "--data", folder, "--out", tmp_path / "c", "--layers", "fc7", "--dtype", "float32",
-                  *fast).code == 0
-    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt").code == 0
+@pytest.fixture(scope="module")
+def head_on_images(tmp_path_factory):
+    """Images of three classes, a float32 fc7 cache of a seeded random AlexNet, a logreg head on it; then
+    a broken PNG among the images (after the cache was made)."""
+    root = tmp_path_factory.mktemp("predict")
+    folder = make_image_folder(root / "images", classes=("a", "b", "c"), per_class=4)
+    run_extract(ExtractConfig(data=folder, out=root / "c", backbone="alexnet", weights="none", layers=("fc7",),
+                              dtype="float32", seed=3, workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=root / "c", out=root / "h.pt"))
     (folder / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    result = run_tl("predict", "--head", tmp_path / "h.pt", "--top-k", "2", folder / "a", folder / "b",
+    return root
+
+
+def test_predict_agrees_with_the_head_on_cached_codes(head_on_images):
+    root, folder = head_on_images, head_on_images / "images"
+    config = PredictConfig(head=root / "h.pt", top_k=2,
+                           paths=(folder / "a", folder / "b", folder / "c" / "img01.png"))
+    predictions = list(run_predict(config))
+    skipped = [p for p in predictions if p.error]
+    assert [p.path for p in skipped] == [str(folder / "b" / "broken.png")] and not skipped[0].labels
+    labelled = [p for p in predictions if not p.error]
+    assert len(labelled) == 9 and all(len(p.labels) == 2 for p in labelled)
+    head, _ = load_head(root / "h.pt")
+    reader = CacheReader(root / "c")
+    cached = dict(zip(reader.load_column("sample_id"), head.predict_proba(reader.load("fc7"))))
+    for prediction in labelled:
+        probabilities = cached[str(root.joinpath(prediction.path).relative_to(folder))]
+        label, probability = prediction.labels[0]  # the best label of each image
+        assert label == "abc"[int(np.argmax(probabilities))]
+        assert probability == pytest.approx(probabilities.max(), abs=1e-4)
+
+
+def test_cli_writes_csv_rows_warns_and_refuses(run_tl, head_on_images):
+    root, folder = head_on_images, head_on_images / "images"
+    result = run_tl("predict", "--head", root / "h.pt", "--top-k", "2", folder / "a", folder / "b",
                     folder / "c" / "img01.png")
     assert result.code == 0, result
-    assert "warning: skipped" in result.err and "broken.png" in result.err
+    assert result.err.startswith(f"warning: skipped {folder / 'b' / 'broken.png'}: ") and result.err.count("\n") == 1
     rows = list(csv.DictReader(io.StringIO(result.out)))
     assert len(rows) == 2 * 9 and list(rows[0]) == ["path", "label", "prob"]
-    head, _ = load_head(tmp_path / "h.pt")
-    reader = CacheReader(tmp_path / "c")
-    cached = dict(zip(reader.load_column("sample_id"), head.predict_proba(reader.load("fc7"))))
-    for row in rows[::2]:  # the best label of each image
-        probabilities = cached[str(tmp_path.joinpath(row["path"]).relative_to(folder))]
-        assert row["label"] == "abc"[int(np.argmax(probabilities))]
-        assert float(row["prob"]) == pytest.approx(probabilities.max(), abs=1e-4)
-    gone = run_tl("predict", "--head", tmp_path / "h.pt", folder / "a", tmp_path / "gone.png")
+    assert {row["label"] for row in rows} <= {"a", "b", "c"} and all(0 <= float(row["prob"]) <= 1 for row in rows)
+    gone = run_tl("predict", "--head", root / "h.pt", folder / "a", root / "gone.png")
     assert gone.code == 2 and "gone.png does not exist" in gone.err and gone.out == ""
-    unreadable = run_tl("predict", "--head", tmp_path / "h.pt", folder / "b" / "broken.png")
+    unreadable = run_tl("predict", "--head", root / "h.pt", folder / "b" / "broken.png")
     assert unreadable.code == 2 and "none of the 1 files could be read" in unreadable.err
 
 

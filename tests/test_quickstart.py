@@ -1,19 +1,52 @@
-"""tl quickstart end to end on a reduced set of digits: real offline weights, accuracy well above
-chance, and a second run reuses the caches."""
+"""The quickstart end to end on a reduced set of digits: real offline weights, accuracy well above
+chance, and a second run reuses the caches; `tl quickstart` turns its flags into the config and prints."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 
-def test_quickstart_end_to_end_and_resume(run_tl, tmp_path):
-    out = tmp_path / "qs"
-    first = run_tl("quickstart", "--out", out, "--per-class", "10", "--quiet")
-    assert first.code == 0, first
-    assert "test accuracy" in first.out and "report/report.md" in first.out
+from pipeline.quickstart import QuickstartConfig, run_quickstart
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """One quickstart on 10 digits per class (75/25 split: 80 train, 20 test images): (config, result)."""
+    config = QuickstartConfig(out=tmp_path_factory.mktemp("quickstart") / "qs", per_class=10, quiet=True)
+    return config, run_quickstart(config, say=lambda text: None)
+
+
+def test_quickstart_end_to_end_and_resume(first_run):
+    config, first = first_run
+    out = config.out
+    assert first.report == out / "report" / "report.md" and first.report.is_file()
+    assert first.head == out / "heads" / "digits-logreg.pt" and first.head.is_file()
+    assert [extract.shards_written for extract in first.extracts.values()] == [1, 1]
     report = json.loads((out / "report" / "report.json").read_text())
     assert report["rows"] == 20 and report["accuracy"] >= 0.5  # ten classes: chance is 0.1
-    assert (out / "report" / "confusion_matrix.png").is_file() and (out / "heads" / "digits-logreg.pt").is_file()
-    second = run_tl("quickstart", "--out", out, "--per-class", "10", "--quiet")
-    assert second.code == 0 and second.out.count("(reused)") == 2
+    assert (first.accuracy, first.mAP) == (report["accuracy"], report["mAP"])
+    assert (out / "report" / "confusion_matrix.png").is_file()
+    said = []
+    second = run_quickstart(config, say=said.append)
+    assert [(extract.shards_written, extract.shards_reused) for extract in second.extracts.values()] == [(0, 1)] * 2
+    assert sum("(reused)" in line for line in said) == 2, said
+    assert second.accuracy == report["accuracy"]
     assert json.loads((out / "report" / "report.json").read_text())["accuracy"] == report["accuracy"]
+
+
+def test_cli_quickstart_turns_flags_into_the_config_and_prints_the_result(run_tl, first_run, monkeypatch):
+    """The CLI alone: the stage is replaced by one that records its config and answers with the real
+    result of the first run (a second real run would only repeat the test above)."""
+    config, first = first_run
+    refused = run_tl("quickstart", "--out", config.out, "--per-class", "5")  # the real stage refuses it
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused
+    assert refused.err.startswith("error: --per-class must be 0 (all) or at least 8") and "got 5" in refused.err
+    given = []
+    monkeypatch.setattr("pipeline.quickstart.run_quickstart", lambda config, say: given.append(config) or first)
+    result = run_tl("quickstart", "--out", config.out, "--per-class", "10", "--quiet")
+    assert result.code == 0 and given == [config], (result, given)
+    assert f"test accuracy {first.accuracy:.3f}. Report: {config.out / 'report' / 'report.md'}" in result.out
+    assert result.out.rstrip().endswith(f"next: tl predict --head {config.out / 'heads' / 'digits-logreg.pt'} IMAGE...")
+    assert run_tl("quickstart", "--per-class", "0").code == 0
+    assert given[-1] == QuickstartConfig(per_class=None)  # 0: every digit; the other options' defaults

@@ -9,13 +9,24 @@ import numpy as np
 import pytest
 
 from cache.reader import CacheReader
+from pipeline.evaluate import EvaluateConfig, run_evaluate
+from pipeline.extract import ExtractConfig, ExtractResult, run_extract
+from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.formats.voc import VOC_CLASSES, VocSource
-from pipeline.errors import DataError
+from pipeline.errors import DataError, HeadError
 from pipeline.examples import write_shapes_voc, write_voc_annotation
 from pipeline.metrics import per_class_ap, mean_ap
-from pipeline.multiscale import patch_grid
+from pipeline.multiscale import PatchSettings, patch_grid
+from pipeline.report import headline
 
 FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "pool5", "--workers", "0", "--quiet"]
+FAST_OPTIONS = dict(backbone="alexnet", weights="none", layers=("pool5",), workers=0, quiet=True)
+
+
+def extract(base, out, split, **options) -> ExtractResult:
+    """Stage one on a VOC folder of shapes, with the classes found in its annotations."""
+    return run_extract(ExtractConfig(data=base, out=out, format="voc", split=split, classes="auto",
+                                     **{**FAST_OPTIONS, **options}))
 
 
 def test_voc_source_targets_difficult_and_classes(tmp_path):
@@ -50,76 +61,85 @@ def test_voc_bad_inputs(tmp_path):
         VocSource(base, "trainval", "auto")
 
 
-def test_multiscale_pipeline_end_to_end(run_tl, tmp_path):
+def test_multiscale_pipeline_end_to_end(tmp_path):
     base = write_shapes_voc(tmp_path, {"trainval": 30, "test": 20})
-    common = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,2.0", *FAST]
-    train = run_tl("extract", *common, "--split", "trainval", "--background-fraction", "0.3", "--out", tmp_path / "tr")
-    assert train.code == 0 and "patches from 30 images" in train.out, train
-    assert run_tl("extract", *common, "--split", "test", "--out", tmp_path / "te", "--shard-rows", "8").code == 0
+    patches = PatchSettings(scales=(1.0, 2.0), background_fraction=0.3)
+    train = extract(base, tmp_path / "tr", "trainval", multiscale=True, patches=patches)
+    assert train.images_processed == 30 and train.patches == train.rows > 0
+    test = extract(base, tmp_path / "te", "test", multiscale=True, patches=patches, shard_rows=8)
     test_cache = CacheReader(tmp_path / "te")
     assert test_cache.classes == ["background", "bar", "disc", "square"]
-    assert test_cache.num_rows == 20 * len(patch_grid(120, 90, (1.0, 2.0))[0])  # at test time every patch stays
+    # at test time every patch stays
+    assert test.rows == test_cache.num_rows == 20 * len(patch_grid(120, 90, (1.0, 2.0))[0])
     boxes, scales = test_cache.load_column("box"), test_cache.load_column("scale")
     assert boxes.shape == (test_cache.num_rows, 4) and set(scales.tolist()) == {1.0, 2.0}
     assert len(set(test_cache.load_column("image_id"))) == 20
-    info = run_tl("info", tmp_path / "te").out
-    assert "scales 1, 2" in info and "every patch kept" in info
-    assert "0.3 of background kept" in run_tl("info", tmp_path / "tr").out
     train_cache = CacheReader(tmp_path / "tr")
     train_targets = train_cache.load_column("target")
     assert train_cache.num_rows < 30 * len(patch_grid(120, 90, (1.0, 2.0))[0])  # background thinned
     assert (train_targets > 0).sum() > 0.4 * len(train_targets)
 
-    assert run_tl("fit-head", "--cache", tmp_path / "tr", "--out", tmp_path / "h.pt").code == 0
-    result = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "te", "--out", tmp_path / "r",
-                    "--save-predictions", tmp_path / "p.csv")
-    assert result.code == 0 and "patches pooled into images" in result.out, result
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    fit_head(FitHeadConfig(cache=tmp_path / "tr", out=tmp_path / "h.pt"))
+    report = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "te", out=tmp_path / "r",
+                                         save_predictions=tmp_path / "p.csv")).report
+    assert "patches pooled into images" in dict(headline(report))
+    assert report == json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["rows"] == 20 and report["pooling"]["images"] == 20
     chance = np.mean([c["support"] / 20 for c in report["classes"]])
     assert report["mAP"] > max(0.85, chance + 0.3)
     assert [c["name"] for c in report["classes"]] == ["bar", "disc", "square"]
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 21  # one row per image
-    single = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "tr", "--out", tmp_path / "r2")
-    assert single.code == 0  # a training cache (thinned background) pools the same way
+    # a training cache (thinned background) pools the same way
+    single = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "tr", out=tmp_path / "r2")).report
+    assert single["pooling"]["images"] == 30
 
 
-def test_image_level_voc_cache_uses_the_ignore_marks(run_tl, tmp_path):
+def test_image_level_voc_cache_uses_the_ignore_marks(tmp_path):
     base = write_shapes_voc(tmp_path, {"trainval": 12, "test": 8})
     write_voc_annotation(base, "000013", [("disc", (5, 5, 40, 40)), ("bar", (50, 10, 90, 30))], (120, 90),
                          difficult=(0,))
-    common = ["--format", "voc", "--data", base, "--classes", "auto", *FAST]
-    assert run_tl("extract", *common, "--split", "trainval", "--out", tmp_path / "tr").code == 0
-    assert run_tl("extract", *common, "--split", "test", "--out", tmp_path / "te").code == 0
+    extract(base, tmp_path / "tr", "trainval")
+    extract(base, tmp_path / "te", "test")
     reader = CacheReader(tmp_path / "te")
     assert reader.manifest.multilabel and reader.load_column("ignore")[0].tolist() == [0, 1, 0]
-    assert run_tl("fit-head", "--cache", tmp_path / "tr", "--out", tmp_path / "h.pt").code == 0
-    assert run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "te", "--out", tmp_path / "r",
-                  "--save-predictions", tmp_path / "p.csv", "--ap", "area").code == 0
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    fit_head(FitHeadConfig(cache=tmp_path / "tr", out=tmp_path / "h.pt"))
+    report = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "te", out=tmp_path / "r",
+                                         save_predictions=tmp_path / "p.csv", ap="area")).report
+    assert report == json.loads((tmp_path / "r" / "report.json").read_text())
     lines = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
     scores = np.array([[float(v) for v in line[2:]] for line in lines])
     targets, ignore = reader.load_column("target"), reader.load_column("ignore")
     expected = mean_ap(per_class_ap(targets, scores, "area", ignore))
     assert report["mAP"] == pytest.approx(expected, abs=1e-5)
-    head_on_patches = run_tl("extract", *common, "--split", "test", "--multiscale", "--scales", "1.0",
-                             "--out", tmp_path / "tp")
-    assert head_on_patches.code == 0
-    refused = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path / "tp", "--out", tmp_path / "r3")
-    assert refused.code == 2 and "holds other codes" in refused.err and "patches" in refused.err
+    extract(base, tmp_path / "tp", "test", multiscale=True, patches=PatchSettings(scales=(1.0,)))
+    with pytest.raises(HeadError, match="holds other codes.*patches"):
+        run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "tp", out=tmp_path / "r3"))
 
 
-def test_multiscale_resume_is_bit_identical(run_tl, tmp_path):
+def test_multiscale_resume_is_bit_identical(tmp_path):
     base = write_shapes_voc(tmp_path, {"test": 6})
-    args = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,1.6",
-            "--split", "test", "--shard-rows", "2", "--batch-size", "7", *FAST]
-    assert run_tl("extract", *args, "--out", tmp_path / "whole").code == 0
-    assert run_tl("extract", *args, "--out", tmp_path / "resumed").code == 0
+    options = dict(multiscale=True, patches=PatchSettings(scales=(1.0, 1.6)), shard_rows=2, batch_size=7)
+    extract(base, tmp_path / "whole", "test", **options)
+    extract(base, tmp_path / "resumed", "test", **options)
     manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     (tmp_path / "resumed" / "shard-00001.h5").unlink()
-    rerun = run_tl("extract", *args, "--out", tmp_path / "resumed")
-    assert rerun.code == 0 and "1 shards new, 2 reused" in rerun.out
+    rerun = extract(base, tmp_path / "resumed", "test", **options)
+    assert (rerun.shards_written, rerun.shards_reused) == (1, 2)
     whole, resumed = CacheReader(tmp_path / "whole"), CacheReader(tmp_path / "resumed")
     np.testing.assert_array_equal(whole.load("pool5"), resumed.load("pool5"))
     np.testing.assert_array_equal(whole.load_column("box"), resumed.load_column("box"))
     assert manifest["num_shards"] == 3
+
+
+def test_cli_multiscale_flags_reach_the_cache_and_info_shows_them(run_tl, tmp_path):
+    base = write_shapes_voc(tmp_path, {"trainval": 3, "test": 2})
+    common = ["--format", "voc", "--data", base, "--classes", "auto", "--multiscale", "--scales", "1.0,2.0",
+              *FAST]
+    train = run_tl("extract", *common, "--split", "trainval", "--background-fraction", "0.3", "--out", tmp_path / "tr")
+    assert train.code == 0 and "patches from 3 images" in train.out, train
+    assert run_tl("extract", *common, "--split", "test", "--out", tmp_path / "te").code == 0
+    key = json.loads((tmp_path / "tr" / "manifest.json").read_text())["key"]
+    assert key["patches"]["scales"] == [1.0, 2.0] and key["dataset"]["background_fraction"] == 0.3
+    info = run_tl("info", tmp_path / "te").out
+    assert "scales 1, 2" in info and "every patch kept" in info
+    assert "0.3 of background kept" in run_tl("info", tmp_path / "tr").out
