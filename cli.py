@@ -348,11 +348,32 @@ def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_de
                                device=device, quiet=quiet)
     result = run_fit_head(FitHeadConfig(C=_numbers(C, float, "--C"), hidden=_numbers(hidden, int, "--hidden"),
                                         training=training, **options))
-    click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {result.train_rows} training rows"
-               + (f", chosen {result.chosen}" if result.chosen else ""))
+    click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {_count(result.train_rows, 'training row')}"
+               + "".join(f", {part}" for part in _chosen_parts(result.chosen, result.epochs)))
     click.echo(f"  train {result.metric} {result.train_score:.4f}"
                + (f", validation {result.metric} {result.val_score:.4f} ({result.val_rows} rows)"
                   if result.val_score is not None else ""))
+
+
+def _count(number: int, thing: str, things: str | None = None) -> str:
+    """'1 epoch', '5 epochs', '3 classes'."""
+    return f"{number:,} {thing if number == 1 else things or thing + 's'}"
+
+
+def _chosen_parts(chosen: dict, epochs: int | None) -> list[str]:
+    """What validation chose, as words: 'C 0.1', 'C per class 0.1 (7 classes), 1 (3 classes)',
+    'trained 5 epochs, kept epoch 2'."""
+    parts = []
+    if isinstance(chosen.get("C"), list):
+        costs = chosen["C"]
+        parts.append("C per class " + ", ".join(f"{c:g} ({_count(costs.count(c), 'class', 'classes')})"
+                                                 for c in sorted(set(costs))))
+    elif "C" in chosen:
+        parts.append(f"C {chosen['C']:g}")
+    if epochs:
+        kept = chosen.get("epoch", epochs)
+        parts.append(f"trained {_count(epochs, 'epoch')}" + (f", kept epoch {kept}" if kept != epochs else ""))
+    return parts
 
 
 def _numbers(text: str | None, kind, flag: str) -> tuple:
@@ -385,6 +406,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--block-rows", type=int, help="Rows read from the cache at a time.")
 @option("--exponent", type=float,
         help="Patch caches: an image's class score is the sum of its patch scores to this power.")
+@option("--quiet", is_flag=True, help="No progress bar (with --model).")
 def evaluate(format_, **options):
     """Accuracy, top-k, per-class precision/recall/F1 and AP, mAP, confusion matrix; a report with plots.
 
@@ -395,7 +417,10 @@ def evaluate(format_, **options):
 
     result = run_evaluate(EvaluateConfig(format=format_, **options))
     click.echo(summary_table(result.report))
-    click.echo(f"\nreport: {result.out / 'report.md'} (+ {', '.join(p.name for p in result.files[2:])})")
+    beside = [path.name for path in result.files[2:] if path.parent == Path(result.out)]
+    click.echo(f"\nreport: {result.out / 'report.md'}" + (f" (+ {', '.join(beside)})" if beside else ""))
+    if options.get("save_predictions"):
+        click.echo(f"predictions: {options['save_predictions']}")
 
 
 @stage_defaults("pipeline.predict:PredictConfig")
@@ -409,6 +434,7 @@ def evaluate(format_, **options):
 @workers_option()
 @device_option()
 @precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
+@option("--quiet", is_flag=True, help="No progress bar (on stderr; the rows go to stdout).")
 def predict(paths, **options):
     """Label image files and folders: CSV rows path,label,prob (top-k per image) on stdout.
 
@@ -437,14 +463,29 @@ def predict(paths, **options):
 
 @tl.command()
 @option("--model", type=click.Path(path_type=Path), required=True, help="Model file written by tl finetune.")
-@option("--format", "format_", required=True, type=RegistryChoice("pipeline.export:EXPORT_FORMATS"))
-@option("--out", type=click.Path(path_type=Path), required=True, help="File to write.")
-def export(model, format_, out):
-    """Write a finetuned model as TorchScript or ONNX (pixels -> probabilities), checked on a sample batch."""
+@option("--format", "format_", required=True, type=RegistryChoice("pipeline.export:EXPORT_FORMATS"),
+        help="onnx needs the onnx extra: pip install 'tl[onnx]'.")
+@option("--out", type=click.Path(path_type=Path), required=True,
+        help="File to write; its input contract goes beside it as OUT.json.")
+@option("--raw-pixels/--normalized-input", default=True, show_default=True,
+        help="Input uint8 RGB 0..255, scaled and normalised inside the model; or float input already "
+             "normalised with the backbone's mean and std.")
+def export(model, format_, out, raw_pixels):
+    """Write a finetuned model as TorchScript or ONNX (pixels -> probabilities) with its input contract,
+    checked against the model on real images (top-1 labels and probabilities)."""
     from pipeline.export import export_model
 
-    difference = export_model(model, format_, out)
-    click.echo(f"wrote {out} ({format_}); largest difference from the model on a sample batch {difference:.1e}")
+    result = export_model(model, format_, out, raw_pixels=raw_pixels)
+    given, taken = result.contract["input"], result.contract["output"]
+    click.echo(f"wrote {result.out} ({format_}) and its contract {result.contract_path}")
+    click.echo(f"  input   {given['dtype']} {given['channel_order']} {given['layout']} "
+               f"(batch, 3, {given['crop']}, {given['crop']}), "
+               + ("values 0..255, normalised inside the model" if raw_pixels else
+                  f"normalised: (x / 255 - mean) / std, mean {given['mean']}, std {given['std']}"))
+    click.echo(f"  prepare {given['preparation']}")
+    click.echo(f"  output  {taken['activation']} probabilities of {_count(len(taken['classes']), 'class', 'classes')}")
+    click.echo(f"  checked on {result.checked_on}: top-1 agrees on {result.agreeing}/{result.checked}, "
+               f"probabilities differ by at most {result.difference:.1e}")
 
 
 @stage_defaults("pipeline.quickstart:QuickstartConfig")
@@ -523,7 +564,7 @@ def finetune(format_, lr_steps, lr_factors, quiet, **options):
     if not world().is_main:  # under torchrun, rank 0 reports for all
         return
     last, best = checkpoint_paths(config.out)
-    click.echo(f"wrote {result.out}: {result.epochs_run} epochs run"
+    click.echo(f"wrote {result.out}: {_count(result.epochs_run, 'epoch')} run"
                + (f" (resumed after epoch {result.resumed_from})" if result.resumed_from else "")
                + (", stopped early" if result.stopped_early else "")
                + (f", kept epoch {result.best_epoch}" if config.early_stop and result.best_epoch else "")

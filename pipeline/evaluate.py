@@ -50,6 +50,7 @@ class EvaluateConfig:
     save_predictions: Path | None = None
     block_rows: int = 4096
     exponent: float = DEFAULT_EXPONENT  # patch caches: S(i, c) = sum_j P(j, c) ** exponent
+    quiet: bool = False  # no progress bar while a model scores images
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     dataset, targets = image_set(source, backbone, metadata, None, 0, None, *what)
     multilabel = metadata["head"]["state"]["multilabel"]
     scores = score_images(prepare_module(model, device), dataset, config.batch_size, config.workers, device,
-                           multilabel, precision)
+                          multilabel, precision, quiet=config.quiet, desc="evaluate")
     readable = ~np.isnan(scores).any(axis=1)
     if not readable.any():
         raise HeadError(f"no image of {config.data} could be read; check the data")

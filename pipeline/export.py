@@ -1,64 +1,170 @@
 """`tl export`: a finetuned model as one deployable file (TorchScript, or ONNX with the onnx extra),
-pixels -> class probabilities, kept only when it computes what the model computes.
+pixels -> class probabilities, with its input contract beside it (and in the ONNX metadata), kept only
+when it gives the model's probabilities and top-1 labels on real images.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from pipeline.backbones import get_backbone
-from pipeline.errors import FinetuneError
+from pipeline import __version__
+from pipeline.backbones import Backbone, get_backbone
+from pipeline.datasets import DECODE_ERRORS
+from pipeline.decoding import decode_of, normalize
+from pipeline.errors import FinetuneError, TLError
 from pipeline.files import refuse_overwriting_inputs, write_bytes
+from pipeline.formats import open_source
 from pipeline.model_files import load_model_file
 from pipeline.training import output_activation
 
 EXPORT_FORMATS = ("torchscript", "onnx")
+CONTRACT_FORMAT = "tl-export/1"
+CHECK_IMAGES = 16  # images the export is checked on
 
 
-def export_model(model_path: Path, format: str, out: Path, tolerance: float = 1e-4) -> float:
-    """Write a deployable file (pixels -> class probabilities) and check it against the model on a seeded
-    sample batch; returns the largest difference. ONNX needs the onnx and onnxruntime packages."""
+@dataclass
+class ExportResult:
+    out: Path
+    contract_path: Path  # the JSON contract beside the exported file
+    contract: dict
+    difference: float  # largest probability difference from the model on the check images
+    agreeing: int  # check images whose top-1 label the export and the model agree on
+    checked: int
+    checked_on: str  # what the check images were
+
+
+class Deployed(nn.Module):
+    """The model with its input handling and output activation: uint8 RGB 0..255 (`raw_pixels`, scaled
+    and normalised inside) or already-normalised float input -> probabilities."""
+
+    def __init__(self, model: nn.Module, backbone: Backbone, multilabel: bool, raw_pixels: bool):
+        super().__init__()
+        self.model, self.activation, self.raw_pixels = model, output_activation(multilabel), raw_pixels
+        self.register_buffer("mean", torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.raw_pixels:
+            pixels = (pixels.float() / 255.0 - self.mean) / self.std
+        return self.activation(self.model(pixels))
+
+
+def contract_of(metadata: dict, backbone: Backbone, raw_pixels: bool) -> dict:
+    """What the exported file takes and gives, in words and numbers a deployment can follow."""
+    size = backbone.input_size
+    decode = decode_of(metadata["codes_key"]["preprocessing"])
+    multilabel = metadata["head"]["state"]["multilabel"]
+    return {
+        "format": CONTRACT_FORMAT,
+        "tl_version": __version__,
+        "input": {
+            "name": "pixels", "shape": ["batch", 3, size, size], "layout": "NCHW", "channel_order": "RGB",
+            "dtype": "uint8" if raw_pixels else "float32",
+            "value_range": [0, 255] if raw_pixels else "normalised",
+            "normalization": ("inside the model: x / 255, then (x - mean) / std per channel" if raw_pixels else
+                              "before the model: x / 255 for 0..255 values, then (x - mean) / std per channel"),
+            "mean": list(backbone.mean), "std": list(backbone.std),
+            "resize": backbone.resize_size, "crop": size,
+            "preparation": f"resize the shorter side to {backbone.resize_size} (bilinear, antialiased), "
+                           f"centre-crop {size}x{size}",
+            "decode": decode,
+        },
+        "output": {"name": "probabilities", "shape": ["batch", len(metadata["classes"])],
+                   "activation": "sigmoid per class" if multilabel else "softmax", "classes": metadata["classes"]},
+        "backbone": metadata["codes_key"]["backbone"], "layer": metadata["layer"],
+    }
+
+
+def check_batch(metadata: dict, backbone: Backbone) -> tuple[torch.Tensor, str]:
+    """(uint8 crops, what they are) to check an export on: the training images recorded in the model
+    file when they are still there, else a deterministic photo-like batch (smooth colour fields with edges)."""
+    settings = metadata.get("settings", {})
+    crop = backbone.crop_decoder(decode_of(metadata["codes_key"]["preprocessing"]))
+    try:
+        source = open_source(settings["format"], Path(settings["data"]), settings["split"],
+                             classes=settings.get("classes", "voc"))
+        crops = []
+        for index in np.linspace(0, len(source) - 1, min(CHECK_IMAGES, len(source))).astype(int):
+            try:
+                crops.append(crop(source.read_image(int(index), crop.draft)))
+            except DECODE_ERRORS:
+                continue
+        if crops:
+            return torch.stack(crops), f"{len(crops)} images of {settings['data']}"
+    except (KeyError, TypeError, TLError):
+        pass  # the data moved or was never recorded: fall back to the drawn batch
+    rng = np.random.default_rng(0)
+    crops = []
+    for _ in range(CHECK_IMAGES):
+        coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        field = Image.fromarray(coarse).resize((backbone.resize_size,) * 2, Image.Resampling.BICUBIC)
+        pixels = np.array(field)
+        top, left = rng.integers(0, backbone.resize_size // 2, 2)
+        pixels[top:top + 40, left:left + 60] = rng.integers(0, 256, 3)  # an object's hard edges
+        crops.append(crop(Image.fromarray(pixels)))
+    return torch.stack(crops), f"{CHECK_IMAGES} drawn photo-like images (the training images were not found)"
+
+
+def export_model(model_path: Path, format: str, out: Path, raw_pixels: bool = True,
+                 tolerance: float = 1e-4) -> ExportResult:
+    """Write a deployable file and its contract (OUT.json) and check the export against the model on real
+    images: it is kept only when every top-1 label agrees and no probability differs by more than
+    `tolerance`. ONNX needs the onnx extra (pip install 'tl[onnx]')."""
     if format not in EXPORT_FORMATS:
         raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
-    refuse_overwriting_inputs({"--out": out}, {"--model": model_path})
+    contract_path = out.with_name(out.name + ".json")
+    refuse_overwriting_inputs({"--out": out, "--out's contract": contract_path}, {"--model": model_path})
     if out.is_dir():
         raise FinetuneError(f"--out {out} is a folder; name a file such as {out / ('model.' + format)}")
-    model, metadata = load_model_file(model_path)
-    module = nn.Sequential(model, output_activation(metadata["head"]["state"]["multilabel"])).eval()
-    size = get_backbone(metadata["codes_key"]["backbone"]).input_size
-    sample = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = module(sample).numpy()
     if format == "onnx":
         try:
+            import onnx
             import onnxruntime
         except ImportError:
-            raise FinetuneError("ONNX export needs the onnx and onnxruntime packages: "
-                                "pip install onnx onnxruntime") from None
+            raise FinetuneError("ONNX export needs the onnx extra: pip install 'tl[onnx]' "
+                                "(the onnx and onnxruntime packages)") from None
+    model, metadata = load_model_file(model_path)
+    backbone = get_backbone(metadata["codes_key"]["backbone"])
+    deployed = Deployed(model, backbone, metadata["head"]["state"]["multilabel"], raw_pixels).eval()
+    crops, checked_on = check_batch(metadata, backbone)
+    inputs = crops if raw_pixels else normalize(crops, backbone.mean, backbone.std)
+    with torch.inference_mode():
+        expected = deployed(inputs).numpy()
+    contract = contract_of(metadata, backbone, raw_pixels)
     # exported in memory and written (atomically) only when it computes what the model computes
     exported = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the check below is what counts
+        warnings.simplefilter("ignore")  # the exporters' deprecation notices; the check below is what counts
         if format == "torchscript":
-            torch.jit.save(torch.jit.trace(module, sample), exported)
+            torch.jit.save(torch.jit.trace(deployed, inputs[:2]), exported)
             exported.seek(0)
             with torch.inference_mode():
-                found = torch.jit.load(exported)(sample).numpy()
+                found = torch.jit.load(exported)(inputs).numpy()
         else:
-            torch.onnx.export(module, (sample,), exported, input_names=["pixels"], output_names=["probabilities"],
+            torch.onnx.export(deployed, (inputs[:2],), exported, input_names=["pixels"],
+                              output_names=["probabilities"],
                               dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
+            graph = onnx.load_from_string(exported.getvalue())
+            onnx.helper.set_model_props(graph, {"tl_contract": json.dumps(contract)})
+            exported = io.BytesIO(graph.SerializeToString())
             session = onnxruntime.InferenceSession(exported.getvalue(), providers=["CPUExecutionProvider"])
-            found = session.run(None, {"pixels": sample.numpy()})[0]
+            found = session.run(None, {"pixels": inputs.numpy()})[0]
     difference = float(np.abs(found - expected).max())
-    if difference > tolerance:
-        raise FinetuneError(f"the {format} export differs from the model by {difference:.2e} (> {tolerance:g}); "
-                            "it was not kept")
+    agreeing = int((found.argmax(axis=1) == expected.argmax(axis=1)).sum())
+    if difference > tolerance or agreeing < len(expected):
+        raise FinetuneError(f"the {format} export differs from the model on {checked_on} (top-1 agrees on "
+                            f"{agreeing}/{len(expected)}, probabilities differ by up to {difference:.2e}, "
+                            f"allowed {tolerance:g}); it was not kept")
     write_bytes(out, exported.getbuffer(), f"{format} export")
-    return difference
+    write_bytes(contract_path, (json.dumps(contract, indent=1) + "\n").encode(), "export contract")
+    return ExportResult(out, contract_path, contract, difference, agreeing, len(expected), checked_on)

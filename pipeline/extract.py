@@ -26,6 +26,7 @@ from pipeline.formats import open_source
 from pipeline.hardware import WorkerLoader, pinned, resolve_device, resolve_precision
 from pipeline.image_sets import image_loader
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
+from pipeline.progress import progress
 
 ON_ERROR = ("skip", "fail")
 
@@ -284,11 +285,9 @@ def _shard_end(shard: int, shard_rows: int, num_samples: int) -> int:
 
 
 def _progress(config: ExtractConfig, backbone: Backbone, pending: list[int], shard_rows: int, num_samples: int):
-    from tqdm import tqdm
-
     total = sum(_shard_end(k, shard_rows, num_samples) + 1 - k * shard_rows for k in pending)
-    return tqdm(total=total, unit="img", disable=config.quiet or not distributed.world().is_main,
-                desc=f"extract {backbone.name}", dynamic_ncols=True)
+    return progress(total=total, unit="img", quiet=config.quiet or not distributed.world().is_main,
+                    desc=f"extract {backbone.name}")
 
 
 def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:

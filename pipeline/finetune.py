@@ -28,6 +28,7 @@ from pipeline.hardware import (autocast, default_workers, grad_scaler, prepare_m
 from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
+from pipeline.progress import progress
 from pipeline.training import decay_groups, loss_for, make_optimizer, step_multiplier
 
 
@@ -193,6 +194,12 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         if current.is_main:
             for name in (out.name, last_path.name, best_path.name):
                 remove_stale_temporaries(out.parent, name)
+        # refused before any work or output: a run that would stop at its checkpoint says so first
+        if config.resume and not last_path.is_file():
+            raise FinetuneError(f"--resume found no checkpoint {last_path}; start without --resume")
+        if not config.resume and last_path.exists() and not config.overwrite:
+            raise FinetuneError(f"{last_path} holds an earlier run; pass --resume to continue it or --overwrite "
+                                "to start over")
         return _run_finetune(config, say)
     finally:
         lock.release()
@@ -244,8 +251,6 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
     best: tuple[float, int | None] = (math.inf, None)
     start_epoch, resumed_from = 0, None
     if config.resume:
-        if not last_path.is_file():
-            raise FinetuneError(f"--resume found no checkpoint {last_path}; start without --resume")
         state = load_checkpoint(last_path, identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -260,9 +265,6 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         history, best = state["history"], (state["best_loss"], state["best_epoch"])
         start_epoch = resumed_from = state["epoch"]
         say(f"resumed from {last_path} after epoch {start_epoch}")
-    elif last_path.exists() and not config.overwrite:
-        raise FinetuneError(f"{last_path} holds an earlier run; pass --resume to continue it or --overwrite "
-                            "to start over")
     stopped_early = False
     for epoch in range(start_epoch, config.epochs):
         if config.early_stop and best[1] is not None and epoch - best[1] >= config.patience:
@@ -273,8 +275,10 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         batches = epoch_batches(len(dataset), current, config.seed, epoch, config.batch_size)
         loader = batch_loader(SeededItems(dataset, epoch_seed), batches, config.workers, device)
         trainer.train()
-        total, seen, unreadable = 0.0, 0, set()
-        for number, (pixels, indices, errors) in enumerate(loader, start=1):
+        total, seen, unreadable, epoch_started = 0.0, 0, set(), time.perf_counter()
+        bar = progress(loader, total=len(batches), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                       quiet=config.quiet or not current.is_main, leave=False)
+        for number, (pixels, indices, errors) in enumerate(bar, start=1):
             unreadable.update(dataset_index for dataset_index, _ in errors)
             if pixels is None:  # every image of the batch unreadable: an empty step keeps the ranks in step
                 pixels = torch.zeros(0, 3, backbone.input_size, backbone.input_size)
@@ -284,6 +288,9 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
                                  check=lambda loss: _check_loss(loss, current, epoch, number, last_path))
             total += loss * len(indices)
             seen += len(indices)
+            bar.set_postfix(loss=f"{total / max(seen, 1):.4f}",
+                            images_per_s=f"{seen / max(time.perf_counter() - epoch_started, 1e-9):.1f}")
+        bar.close()
         total, seen, skipped = distributed.all_sum(current, [total, seen, len(unreadable)])
         if not seen:
             raise FinetuneError(f"no training image of {config.data} could be read in epoch {epoch + 1}; check the data")
@@ -359,7 +366,8 @@ def _validate(model, dataset, targets, config, device, precision) -> dict:
     """Validation loss and accuracy (or mAP) over the readable images; unreadable ones are counted
     (`val_skipped_images`), never scored as a NaN row."""
     probabilities = score_images(model, dataset, config.batch_size, config.workers, device,
-                                  multilabel=targets.ndim == 2, precision=precision)
+                                  multilabel=targets.ndim == 2, precision=precision, quiet=config.quiet,
+                                  desc="validate")
     readable = ~np.isnan(probabilities).any(axis=1)
     if not readable.any():
         raise FinetuneError(f"no image of the validation data {config.val_data} could be read; check it")

@@ -53,8 +53,8 @@ class FitHeadResult:
     metric: str  # accuracy, or mAP for multi-label caches
     train_score: float
     val_score: float | None
-    chosen: dict
-    epochs: int | None
+    chosen: dict  # what validation chose: C (one, or one per class for svm), the kept epoch of a torch head
+    epochs: int | None  # epochs run (torch heads)
 
 
 def fit_head(config: FitHeadConfig) -> FitHeadResult:
@@ -94,8 +94,9 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
         "train_rows": len(rows),
     })
     chosen = {"C": head.C_} if hasattr(head, "C_") else {}
-    if head.curve_:
-        chosen["epochs"] = len(head.curve_)
+    if head.curve_:  # the epoch whose weights the head keeps: the best one under early stopping, else the last
+        kept = [point["epoch"] for point in head.curve_ if point.get("kept")]
+        chosen["epoch"] = kept[0] if kept else head.curve_[-1]["epoch"]
     return FitHeadResult(Path(config.out), layer, len(rows), 0 if val is None else len(val),
                          "mAP" if rows.multilabel else "accuracy",
                          validation_score(rows.targets, score_rows(head, rows)),

@@ -15,7 +15,8 @@ from torch import nn
 
 from pipeline.code_rows import CodeRows, as_rows, checked_codes, score_rows, standardization, validation_score
 from pipeline.errors import HeadError
-from pipeline.training import TrainingOptions, output_activation, train_network
+from pipeline.progress import progress
+from pipeline.training import Standardize, TrainingOptions, output_activation, train_network
 
 SOLVERS = ("lbfgs", "sgd")
 HEAD_KINDS: dict[str, type["Head"]] = {}  # --head values, filled by register_head
@@ -27,18 +28,6 @@ def register_head(kind: type["Head"]) -> type["Head"]:
         raise HeadError(f"a head kind named '{kind.kind}' is already registered; choose another name")
     HEAD_KINDS[kind.kind] = kind
     return kind
-
-
-class Standardize(nn.Module):
-    """(x - mean) / scale, the scaler every head is fitted behind."""
-
-    def __init__(self, mean: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mean", mean)
-        self.register_buffer("scale", scale)
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return (codes - self.mean) / self.scale
 
 
 class Head(ABC):
@@ -186,7 +175,8 @@ class LogRegHead(LinearHead):
         from sklearn.linear_model import LogisticRegression
 
         standardized = (rows.load().astype(np.float64) - self.mean_) / self.scale_
-        for C in grid:
+        quiet = self.training is None or self.training.quiet
+        for C in progress(grid, desc="logreg lbfgs", unit="C", quiet=quiet):
             model = lambda: LogisticRegression(C=C, max_iter=self.max_iter, random_state=self.seed)  # noqa: E731
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=_convergence_warning())
@@ -243,12 +233,13 @@ class SvmHead(LinearHead):
 
     @classmethod
     def from_config(cls, config) -> "SvmHead":
-        return cls(_costs(config.C), config.max_iter, config.seed)
+        return cls(_costs(config.C), config.max_iter, config.seed, config.training.quiet)
 
-    def __init__(self, C: float | list[float] = 1.0, max_iter: int = 1000, seed: int = 0):
+    def __init__(self, C: float | list[float] = 1.0, max_iter: int = 1000, seed: int = 0, quiet: bool = True):
         self.C = C
         self.max_iter = max_iter
         self.seed = seed
+        self.quiet = quiet  # how it runs, not what it learns: not saved
 
     def fit(self, codes, targets=None, val_codes=None, val_targets=None) -> "SvmHead":
         from sklearn.metrics import average_precision_score
@@ -263,6 +254,7 @@ class SvmHead(LinearHead):
         standardized = (rows.load().astype(np.float64) - self.mean_) / self.scale_
         val_standardized = None if val is None else (val.load().astype(np.float64) - self.mean_) / self.scale_
         coef, intercept, costs, scores = [], [], [], []
+        fits = progress(total=rows.num_classes * len(grid), desc="svm", unit="fit", quiet=self.quiet)
         for c in range(rows.num_classes):
             positive = rows.targets[:, c] if rows.multilabel else (rows.targets == c).astype(np.int64)
             best = None
@@ -277,10 +269,12 @@ class SvmHead(LinearHead):
                     score = float(average_precision_score(val_positive, margins)) if val_positive.any() else 0.0
                 if best is None or score > best[0]:
                     best = (score, C, model)
+                fits.update()
             coef.append(best[2].coef_[0])
             intercept.append(best[2].intercept_[0])
             costs.append(best[1])
             scores.append(best[0])
+        fits.close()
         self.coef_, self.intercept_ = np.vstack(coef), np.array(intercept)
         self.C_ = costs
         self.validation_scores_ = scores if val is not None else []

@@ -20,6 +20,7 @@ from pipeline.decoding import NormalizedCrop, decode_of
 from pipeline.errors import FinetuneError
 from pipeline.hardware import WorkerLoader, autocast, to_device
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
+from pipeline.progress import progress
 from pipeline.training import output_activation
 
 
@@ -130,15 +131,17 @@ def epoch_batches(size: int, current: distributed.World, seed: int, epoch: int, 
 
 
 def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None, device,
-                  multilabel: bool, precision: str = "float32") -> np.ndarray:
-    """Class probabilities of every item (NaN rows for unreadable images), model in eval mode."""
+                 multilabel: bool, precision: str = "float32", quiet: bool = True, desc: str = "score") -> np.ndarray:
+    """Class probabilities of every item (NaN rows for unreadable images), model in eval mode; a
+    progress bar per batch unless `quiet`."""
     model.eval()
     positions = list(range(len(dataset)))
     batches = [positions[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
     probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
     activation = output_activation(multilabel)
     with torch.inference_mode():
-        for pixels, indices, _ in batch_loader(dataset, batches, workers, device):
+        for pixels, indices, _ in progress(batch_loader(dataset, batches, workers, device), total=len(batches),
+                                           desc=desc, unit="batch", quiet=quiet, leave=False):
             if pixels is None:
                 continue
             with autocast(device, precision):

@@ -20,6 +20,7 @@ from pipeline.errors import HeadError
 from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, to_device
 from pipeline.image_sets import image_loader
 from pipeline.model_files import head_backbone, load_head, load_model_file
+from pipeline.progress import progress
 from pipeline.training import output_activation
 
 
@@ -38,6 +39,7 @@ class PredictConfig:
     workers: int | None = None  # None: pipeline.hardware.default_workers
     device: str = "auto"
     precision: str = "auto"
+    quiet: bool = False  # no progress bar (it goes to stderr; the CSV rows go to stdout)
 
 
 @dataclass
@@ -67,7 +69,9 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
     batches = [list(range(start, min(start + config.batch_size, len(source))))
                for start in range(0, len(source), config.batch_size)]
     decode = decode_of(metadata["codes_key"]["preprocessing"])  # decoded as the head's codes were
-    for pixels, indices, errors in image_loader(source, backbone, batches, config.workers, device, decode):
+    loader = image_loader(source, backbone, batches, config.workers, device, decode)
+    for pixels, indices, errors in progress(loader, total=len(batches), desc="predict", unit="batch",
+                                            quiet=config.quiet, leave=False):
         found = {}
         if pixels is not None:
             probabilities = probabilities_of(pixels)

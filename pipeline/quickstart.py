@@ -61,7 +61,7 @@ def run_quickstart(config: QuickstartConfig, say=print) -> QuickstartResult:
     head_path = out / "heads" / "digits-logreg.pt"
     fit = fit_head(FitHeadConfig(cache=out / "caches" / "digits-train", out=head_path, head="logreg",
                                  C=(0.01, 0.1, 1.0), val_fraction=0.2, seed=config.seed))
-    say(f"3/4 fit-head logreg: C={fit.chosen['C']} chosen on {fit.val_rows} validation rows "
+    say(f"3/4 fit-head logreg: C {fit.chosen['C']:g} chosen on {fit.val_rows} validation rows "
         f"(validation accuracy {fit.val_score:.3f}), head in {head_path}")
     evaluation = run_evaluate(EvaluateConfig(head=head_path, cache=out / "caches" / "digits-test",
                                              out=out / "report"))

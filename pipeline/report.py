@@ -1,13 +1,18 @@
-"""Writes what `tl evaluate` found: report.json, report.md, PNG plots, a predictions CSV, a stdout table.
+"""Writes what `tl evaluate` found: report.json, report.md (plots embedded), a self-contained report.html,
+PNG plots (one PR panel per class), a predictions CSV, a stdout table.
 
-Plots use matplotlib's Agg backend (files only, no display needed).
+Plots use matplotlib's Agg backend (files only); each is built by a `*_figure` function, then saved.
+report.md and report.html render one list of blocks (`report_blocks`), so the two always say the same.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import math
+from html import escape
 from pathlib import Path
 
 import numpy as np
@@ -17,29 +22,46 @@ from pipeline.files import DiskFullError, atomic_write, write_bytes
 from pipeline.metrics import precision_recall
 
 CONFUSION_LABELS_UP_TO = 30  # beyond this many classes, tick labels would overlap
-LEGEND_UP_TO = 20
-REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png", "pr_curves.png", "training_curve.png")
+PR_COLUMNS = 5
+PR_PANELS_UP_TO = 50  # beyond this many classes with rows, the panels show those of lowest AP
+REPORT_FILES = ("report.json", "report.md", "report.html", "confusion_matrix.png", "pr_curves.png",
+                "training_curve.png")
+# (heading, what the image shows) of each plot, in the order report.md shows them
+PLOTS = {"pr_curves.png": ("Precision-recall curves", "precision against recall, one panel per class titled with "
+                           "its AP"),
+         "confusion_matrix.png": ("Confusion matrix", "confusion matrix, each true class (row) as fractions of "
+                                  "its rows predicted as each class (column)"),
+         "training_curve.png": ("Training curve", "loss per epoch, with the validation loss and score where a "
+                                "validation split was held out")}
+_STYLE = ("body{font-family:sans-serif;max-width:75em;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.2em .6em}"
+          "td{text-align:right}td:first-child{text-align:left}img{max-width:100%}")
 
 
 def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarray,
-                 curve: list[dict] | None) -> list[Path]:
-    """report.json, report.md and the plots in `out`; returns the files written."""
+                 curve: list[dict] | None, html: bool = True) -> list[Path]:
+    """report.json, report.md, report.html (unless `html` is false) and the plots in `out`; returns the
+    files written, report.json and report.md first."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        written = [_write_text(out / "report.json", json.dumps(report, indent=1)),
-                   _write_text(out / "report.md", markdown(report))]
+        report_json = _write_text(out / "report.json", json.dumps(report, indent=1))
+        figures = {}
         if "confusion" in report:
-            written.append(plot_confusion(out / "confusion_matrix.png", np.array(report["confusion"]),
-                                          [c["name"] for c in report["classes"]]))
-        written.append(plot_pr_curves(out / "pr_curves.png", targets, scores, report))
+            figures["confusion_matrix.png"] = lambda: confusion_figure(np.array(report["confusion"]),
+                                                                       [c["name"] for c in report["classes"]])
+        figures["pr_curves.png"] = lambda: pr_figure(targets, scores, report)
         if curve:
-            written.append(plot_training_curve(out / "training_curve.png", curve))
+            figures["training_curve.png"] = lambda: training_figure(curve)
+        images = {name: _save(build(), out / name) for name, build in figures.items()}
+        written = [report_json, _write_text(out / "report.md", markdown(report, tuple(images)))]
+        if html:
+            written.append(_write_text(out / "report.html", html_page(report, images)))
     except DiskFullError:
         raise
     except OSError as exc:
         raise TLError(f"cannot write the report to {out}: {exc.strerror}; choose another --out") from None
-    return written
+    return written + [out / name for name in images]
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -69,28 +91,96 @@ def headline(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def markdown(report: dict) -> str:
+def class_rows(report: dict) -> list[list[str]]:
+    """The per-class table: name, precision, recall, F1, AP, support."""
+    return [[entry["name"], _number(entry["precision"]), _number(entry["recall"]), _number(entry["f1"]),
+             _number(entry["ap"]), str(entry["support"])] for entry in report["classes"]]
+
+
+def report_blocks(report: dict, plots: tuple[str, ...] = ()) -> list[tuple]:
+    """The report's content once, for report.md and report.html alike: ("heading", level, text),
+    ("source", [(label, path, note)]), ("table", header, rows), ("text", text), ("image", file, what it
+    shows). `plots` names the PNGs written beside the report; each gets a heading and its image."""
     source = report.get("source", {})
-    lines = ["# tl evaluation report", ""]
+    blocks: list[tuple] = [("heading", 1, "tl evaluation report")]
     if source:
-        lines += [f"- {'model' if 'model' in source else 'head'}: `{source.get('model') or source.get('head')}` "
-                  f"({source.get('kind')} on {source.get('layer')})",
-                  f"- {'data' if 'model' in source else 'cache'}: `{source.get('cache')}`", ""]
-    lines += ["| metric | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in headline(report)]
-    lines += ["", "## Per class", "", "| class | precision | recall | F1 | AP | support |", "|---|---|---|---|---|---|"]
-    for entry in report["classes"]:
-        lines.append(f"| {entry['name']} | {_number(entry['precision'])} | {_number(entry['recall'])} | "
-                     f"{_number(entry['f1'])} | {_number(entry['ap'])} | {entry['support']} |")
+        model = "model" in source
+        blocks.append(("source", [("model" if model else "head", str(source.get("model") or source.get("head")),
+                                   f"{source.get('kind')} on {source.get('layer')}"),
+                                  ("data" if model else "cache", str(source.get("cache")), "")]))
+    blocks += [("table", ["metric", "value"], [list(row) for row in headline(report)]),
+               ("heading", 2, "Per class"),
+               ("table", ["class", "precision", "recall", "F1", "AP", "support"], class_rows(report))]
     if report["classes_without_rows"]:
-        lines += ["", f"Classes without rows here (left out of mAP): {', '.join(report['classes_without_rows'])}."]
-    if "confusion" in report:
-        lines += ["", "## Confusion matrix", "", "Rows are true classes, columns predicted classes; "
-                  "see confusion_matrix.png.", ""]
-        names = [entry["name"] for entry in report["classes"]]
-        lines += ["| true \\ predicted | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        lines += [f"| {name} | " + " | ".join(str(v) for v in row) + " |"
-                  for name, row in zip(names, report["confusion"])]
-    return "\n".join(lines)
+        blocks.append(("text", "Classes without rows here (left out of mAP): "
+                               f"{', '.join(report['classes_without_rows'])}."))
+    for name, (heading, what) in PLOTS.items():
+        confusion = name == "confusion_matrix.png" and "confusion" in report  # its table stands without the plot
+        if name not in plots and not confusion:
+            continue
+        blocks.append(("heading", 2, heading))
+        if name in plots:
+            blocks.append(("image", name, what))
+        if confusion:
+            names = [entry["name"] for entry in report["classes"]]
+            blocks += [("text", "Rows are true classes, columns predicted classes; the counts:"),
+                       ("table", ["true \\ predicted"] + names,
+                        [[n] + [str(v) for v in row] for n, row in zip(names, report["confusion"])])]
+    return blocks
+
+
+def _markdown_text(text: str) -> str:
+    """Text that Markdown shows as written: no table cell break (|), HTML tag, entity, emphasis or link."""
+    for character in "\\|<&*`[]":
+        text = text.replace(character, "\\" + character)
+    return text.replace("\n", " ")
+
+
+def markdown(report: dict, plots: tuple[str, ...] = ()) -> str:
+    """report.md: the blocks as Markdown; plots as images with relative links, shown inline by viewers."""
+    lines = []
+    for kind, *parts in report_blocks(report, plots):
+        if kind == "heading":
+            lines += ["#" * parts[0] + " " + _markdown_text(parts[1]), ""]
+        elif kind == "source":
+            lines += [f"- {label}: `{path}`" + (f" ({_markdown_text(note)})" if note else "")
+                      for label, path, note in parts[0]] + [""]
+        elif kind == "table":
+            header, rows = parts
+            lines += ["| " + " | ".join(_markdown_text(cell) for cell in row) + " |" for row in [header]]
+            lines += ["|---" * len(header) + "|"]
+            lines += ["| " + " | ".join(_markdown_text(cell) for cell in row) + " |" for row in rows] + [""]
+        elif kind == "text":
+            lines += [_markdown_text(parts[0]), ""]
+        else:  # the image links to itself: a click opens it at full size where a viewer shrinks it
+            lines += [f"[![{_markdown_text(parts[1])}]({parts[0]})]({parts[0]})", ""]
+    return "\n".join(lines).rstrip("\n")
+
+
+def html_page(report: dict, images: dict[str, bytes]) -> str:
+    """report.html: the blocks as one self-contained page (every image a data URI, no external file)."""
+    body = []
+    for kind, *parts in report_blocks(report, tuple(images)):
+        if kind == "heading":
+            body.append(f"<h{parts[0]}>{escape(parts[1])}</h{parts[0]}>")
+        elif kind == "source":
+            body.append("<ul>" + "".join(f"<li>{escape(label)}: <code>{escape(path)}</code>"
+                                         + (f" ({escape(note)})" if note else "") + "</li>"
+                                         for label, path, note in parts[0]) + "</ul>")
+        elif kind == "table":
+            header, rows = parts
+            body.append("<table><thead><tr>" + "".join(f"<th>{escape(cell)}</th>" for cell in header)
+                        + "</tr></thead><tbody>"
+                        + "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+                        + "</tbody></table>")
+        elif kind == "text":
+            body.append(f"<p>{escape(parts[0])}</p>")
+        else:
+            data = base64.b64encode(images[parts[0]]).decode("ascii")
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{escape(parts[1])}">'
+                        f"<figcaption>{escape(parts[1])} ({escape(parts[0])})</figcaption></figure>")
+    return ('<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>tl evaluation report</title>'
+            f"<style>{_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>")
 
 
 def summary_table(report: dict, max_classes: int = 50) -> str:
@@ -116,7 +206,7 @@ def _pyplot():
     return plt
 
 
-def plot_confusion(path: Path, counts: np.ndarray, names: list[str]) -> Path:
+def confusion_figure(counts: np.ndarray, names: list[str]):
     """Row-normalized confusion matrix (each true class sums to 1), counts written in small sets."""
     plt = _pyplot()
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -125,8 +215,9 @@ def plot_confusion(path: Path, counts: np.ndarray, names: list[str]) -> Path:
     image = axes.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     figure.colorbar(image, ax=axes, fraction=0.046, label="fraction of the true class")
     if len(names) <= CONFUSION_LABELS_UP_TO:
-        axes.set_xticks(range(len(names)), names, rotation=90)
-        axes.set_yticks(range(len(names)), names)
+        # class names are shown as written: a `$` in one must not start matplotlib's math mode
+        axes.set_xticks(range(len(names)), names, rotation=90, parse_math=False)
+        axes.set_yticks(range(len(names)), names, parse_math=False)
         if len(names) <= 12:
             for (row, column), count in np.ndenumerate(counts):
                 axes.text(column, row, str(count), ha="center", va="center",
@@ -134,46 +225,71 @@ def plot_confusion(path: Path, counts: np.ndarray, names: list[str]) -> Path:
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     axes.set_title("confusion matrix")
-    return _save(figure, path)
+    return figure
 
 
-def plot_pr_curves(path: Path, targets: np.ndarray, scores: np.ndarray, report: dict) -> Path:
-    """One precision-recall curve per class, labelled with its AP."""
+def pr_figure(targets: np.ndarray, scores: np.ndarray, report: dict):
+    """One small precision-recall panel per class with rows, titled with its name and AP, in a grid of up
+    to PR_COLUMNS columns; past PR_PANELS_UP_TO classes, the panels of lowest AP, lowest first."""
     plt = _pyplot()
     num_classes = scores.shape[1]
     relevant = targets.astype(bool) if targets.ndim == 2 else np.eye(num_classes, dtype=bool)[targets]
-    figure, axes = plt.subplots(figsize=(7, 6))
-    for c, entry in enumerate(report["classes"]):
-        if not relevant[:, c].any():
-            continue
+    shown = [c for c in range(num_classes) if relevant[:, c].any()]
+    title = f"precision-recall per class, mAP {_number(report['mAP'])} ({report['ap_method']})"
+    if len(shown) > PR_PANELS_UP_TO:
+        ap = {c: report["classes"][c]["ap"] for c in shown}
+        shown = sorted(shown, key=lambda c: (-1.0 if ap[c] is None or math.isnan(ap[c]) else ap[c], c))
+        title += f"; the {PR_PANELS_UP_TO} classes of lowest AP of {len(shown)}"
+        shown = shown[:PR_PANELS_UP_TO]
+    columns = max(1, min(PR_COLUMNS, len(shown)))
+    rows = max(1, math.ceil(len(shown) / columns))
+    figure, grid = plt.subplots(rows, columns, figsize=(2.5 * columns + 0.6, 2.3 * rows + 0.9), squeeze=False)
+    for panel, c in zip(grid.flat, shown):
         precision, recall = precision_recall(relevant[:, c], scores[:, c])
         last = int(np.argmax(recall)) + 1  # past full recall only precision falls; scikit-learn stops there too
-        precision, recall = precision[:last], recall[:last]
-        axes.plot(np.concatenate([[0.0], recall]), np.concatenate([[1.0], precision]), linewidth=1,
-                  label=f"{entry['name']} (AP {_number(entry['ap'])})")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(0, 1.02)
-    axes.set_xlabel("recall")
-    axes.set_ylabel("precision")
-    axes.set_title(f"precision-recall per class, mAP {_number(report['mAP'])} ({report['ap_method']})")
-    if num_classes <= LEGEND_UP_TO:
-        axes.legend(fontsize=7, loc="lower left")
-    return _save(figure, path)
+        recall, precision = np.concatenate([[0.0], recall[:last]]), np.concatenate([[1.0], precision[:last]])
+        panel.plot(recall, precision, linewidth=1.2, color="C0")
+        panel.fill_between(recall, precision, color="C0", alpha=0.15)
+        # the margin keeps a perfect curve (precision 1 up to recall 1) off the frame, where it would hide
+        panel.set_xlim(-0.02, 1.02)
+        panel.set_ylim(-0.02, 1.02)
+        panel.set_xticks([0, 0.5, 1])
+        panel.set_yticks([0, 0.5, 1])
+        panel.tick_params(labelsize=7)
+        panel.grid(alpha=0.3)
+        name = report["classes"][c]["name"]
+        name = name if len(name) <= 24 else name[:23] + "…"
+        panel.set_title(f"{name}\nAP {_number(report['classes'][c]['ap'])}", fontsize=8, parse_math=False)
+    for panel in grid.flat[len(shown):]:
+        figure.delaxes(panel)
+    if not shown:
+        figure.text(0.5, 0.5, "no class has rows here", ha="center", va="center")
+    else:
+        figure.supxlabel("recall", fontsize=9)
+        figure.supylabel("precision", fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    return figure
 
 
-def plot_training_curve(path: Path, curve: list[dict]) -> Path:
-    """Training and validation loss per epoch, and the validation score on a second axis."""
+def training_figure(curve: list[dict]):
+    """Training and validation loss per epoch, and the validation score on a second axis. A one-epoch
+    curve is drawn as points on axes around it (loss from 0), not on matplotlib's ±4% of one value."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     epochs = [point["epoch"] for point in curve]
+    losses = [point["train_loss"] for point in curve]
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    axes.plot(epochs, [point["train_loss"] for point in curve], marker="o", label="train loss")
+    axes.plot(epochs, losses, marker="o", label="train loss")
     if "val_loss" in curve[0]:
+        losses += [point["val_loss"] for point in curve]
         axes.plot(epochs, [point["val_loss"] for point in curve], marker="o", label="validation loss")
         kept = [point["epoch"] for point in curve if point.get("kept")]
         if kept:
             axes.axvline(kept[0], color="grey", linestyle="--", linewidth=1, label=f"kept epoch {kept[0]}")
     axes.set_xlabel("epoch")
     axes.set_ylabel("loss")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles = axes.get_legend_handles_labels()[0]
     metric = next((key for key in ("val_accuracy", "val_map") if key in curve[0]), None)
     if metric:
@@ -181,21 +297,30 @@ def plot_training_curve(path: Path, curve: list[dict]) -> Path:
         handles += score_axes.plot(epochs, [point[metric] for point in curve], color="green", marker="s",
                                    label=metric.replace("_", " "))
         score_axes.set_ylabel(metric.replace("_", " "))
+        if len(curve) == 1:
+            score_axes.set_ylim(0, 1.05)  # accuracy and mAP lie in [0, 1]
+    if len(curve) == 1:
+        axes.set_xlim(epochs[0] - 1, epochs[0] + 1)
+        axes.set_xticks([epochs[0]])
+        top = max(losses)
+        axes.set_ylim(0, 1.25 * top if top > 0 else 1)
     # one legend for both axes, under the plot where no curve runs
     axes.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=len(handles), fontsize=8)
     axes.set_title("training curve")
-    return _save(figure, path)
+    return figure
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure, path: Path) -> bytes:
+    """The figure as PNG bytes, written to `path` (atomically) and returned for report.html."""
     plt = _pyplot()
-    figure.tight_layout()
     try:
-        with atomic_write(path, "plot") as temporary:
-            figure.savefig(temporary, dpi=110, format="png")
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, dpi=110, format="png")
     finally:
         plt.close(figure)
-    return path
+    write_bytes(path, buffer.getvalue(), "plot")
+    return buffer.getvalue()
 
 
 def write_predictions(path: Path, sample_ids: np.ndarray, targets: np.ndarray, scores: np.ndarray,

@@ -16,9 +16,22 @@ from torch import nn
 from pipeline.code_rows import CodeRows, validation_score
 from pipeline.errors import HeadError
 from pipeline.hardware import pinned, resolve_device, to_device
+from pipeline.progress import progress
 
 OPTIMIZERS = ("sgd", "adam")
 DEFAULT_LR = {"sgd": 0.05, "adam": 0.001}  # a torch head's learning rate when --lr is not given
+
+
+class Standardize(nn.Module):
+    """(x - mean) / scale, the scaler every head is fitted behind."""
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("scale", scale)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes - self.mean) / self.scale
 
 
 def output_activation(multilabel: bool) -> nn.Module:
@@ -117,8 +130,6 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
     Each epoch streams the rows in a seeded shuffled block order. With `early_stop`, training stops
     after `patience` epochs without a lower validation loss, and the best epoch's weights are kept.
     """
-    from tqdm import tqdm
-
     options.check()
     if options.early_stop and val is None:
         raise HeadError("--early-stop needs a validation split; pass --val-cache or --val-fraction")
@@ -133,8 +144,8 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.max_epochs)
     loss_function = loss_for(rows.multilabel)
     curve, best = [], (math.inf, None, 0)
-    progress = tqdm(range(options.max_epochs), desc=describe, unit="epoch", disable=options.quiet, dynamic_ncols=True)
-    for epoch in progress:
+    epochs = progress(range(options.max_epochs), desc=describe, unit="epoch", quiet=options.quiet)
+    for epoch in epochs:
         network.train()
         rng = np.random.default_rng([seed, epoch])
         total_loss, seen = 0.0, 0
@@ -155,7 +166,7 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
             if point["val_loss"] < best[0]:
                 best = (point["val_loss"], copy.deepcopy(network.state_dict()), epoch)
         curve.append(point)
-        progress.set_postfix({k: f"{v:.4f}" for k, v in point.items() if k not in ("epoch", "lr")})
+        epochs.set_postfix({k: f"{v:.4f}" for k, v in point.items() if k not in ("epoch", "lr")})
         if options.early_stop and epoch - best[2] >= options.patience:
             break
     if options.early_stop and best[1] is not None:

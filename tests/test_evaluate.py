@@ -151,7 +151,7 @@ def test_cli_prints_the_summary_table_and_where_the_report_is(caches, run_tl):
     for text in ("rows                             120", "accuracy", "top3 accuracy", "mAP (area)", "fox"):
         assert text in result.out, text
     assert result.out.rstrip().splitlines()[-1] == (
-        f"report: {caches / 'report' / 'report.md'} (+ confusion_matrix.png, pr_curves.png)")
+        f"report: {caches / 'report' / 'report.md'} (+ report.html, confusion_matrix.png, pr_curves.png)")
 
 
 def test_bad_inputs_to_evaluate(caches, run_tl):

@@ -52,7 +52,12 @@ def test_extract_writes_shards_and_manifest(image_folder, tmp_path, capsys):
     assert list(reader.load_column("target")) == [0] * 4 + [1] * 4 + [2] * 4
 
 
-def test_progress_bar_shows_rate_and_eta(image_folder, tmp_path, capsys):
+def test_progress_bar_shows_rate_and_eta_on_a_terminal(image_folder, tmp_path, capsys, monkeypatch):
+    from pipeline import progress as progress_module
+
+    extract(image_folder, tmp_path / "log", quiet=False)
+    assert "img/s" not in capsys.readouterr().err  # stderr is a log here, not a terminal: no bar
+    monkeypatch.setattr(progress_module, "on_terminal", lambda: True)
     extract(image_folder, tmp_path / "cache", quiet=False)
     progress = capsys.readouterr().err
     assert "img/s" in progress and "12/12" in progress

@@ -130,9 +130,10 @@ def test_a_killed_run_resumes_to_the_same_weights(alexnet_head, tmp_path):
         assert a == pytest.approx(b, abs=1e-6)
 
 
-def test_exports_give_the_models_outputs(alexnet_head, tmp_path):
+def test_exports_of_a_trained_model_give_its_outputs(alexnet_head, tmp_path):
     finetune(alexnet_head, tmp_path / "m.pt", epochs=1)
-    assert export_model(tmp_path / "m.pt", "torchscript", tmp_path / "m.ts") <= 1e-4
+    exported = export_model(tmp_path / "m.pt", "torchscript", tmp_path / "m.ts", raw_pixels=False)
+    assert exported.difference <= 1e-4 and exported.agreeing == exported.checked == 12
     with pytest.warns(Warning):
         loaded = torch.jit.load(str(tmp_path / "m.ts"))
     model, _ = load_model_file(tmp_path / "m.pt")
@@ -140,7 +141,8 @@ def test_exports_give_the_models_outputs(alexnet_head, tmp_path):
     with torch.inference_mode():
         np.testing.assert_allclose(loaded(sample).numpy(), torch.softmax(model(sample), 1).numpy(), atol=1e-5)
     pytest.importorskip("onnxruntime")
-    assert export_model(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx") <= 1e-4
+    exported = export_model(tmp_path / "m.pt", "onnx", tmp_path / "m.onnx", raw_pixels=False)
+    assert exported.difference <= 1e-4 and exported.agreeing == exported.checked
     assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
@@ -164,13 +166,14 @@ def test_cli_finetune_and_export_print_their_summaries(run_tl, alexnet_head, tmp
                                    "--lr-steps", "2,4", "--lr-factors", "0.5"))
     assert result.code == 0, result
     summary = result.out.splitlines()
-    assert summary[0] == f"wrote {out}: 1 epochs run; checkpoints m.last.ckpt, m.best.ckpt", result.out
+    assert summary[0] == f"wrote {out}: 1 epoch run; checkpoints m.last.ckpt, m.best.ckpt", result.out
     assert summary[1].startswith("  validation loss ") and ", accuracy " in summary[1], result.out
     settings = load_model_file(out)[1]["settings"]
     assert (tuple(settings["lr_steps"]), tuple(settings["lr_factors"])) == ((2, 4), (0.5,))
     exported = run_tl("export", "--model", out, "--format", "torchscript", "--out", tmp_path / "m.ts")
     assert exported.code == 0, exported
-    assert exported.out.startswith(f"wrote {tmp_path / 'm.ts'} (torchscript); largest difference from the model")
+    assert exported.out.startswith(f"wrote {tmp_path / 'm.ts'} (torchscript) and its contract {tmp_path / 'm.ts.json'}")
+    assert "top-1 agrees on 12/12" in exported.out
 
 
 def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):

@@ -1,0 +1,112 @@
+"""tl export: the file says what it takes (a JSON contract beside it, the same in the ONNX metadata),
+raw uint8 pixels work as the contract says, and the export is kept only when it labels real images as
+the model does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbones import get_backbone
+from pipeline.decoding import normalize
+from pipeline.errors import FinetuneError
+from pipeline.export import export_model
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.finetune import FinetuneConfig, run_finetune
+from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.formats import open_source
+from pipeline.model_files import load_model_file
+from tests.conftest import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    make_image_folder(root / "train", classes=("ant", "bee", "cow"), per_class=3)
+    run_extract(ExtractConfig(data=root / "train", out=root / "cache", backbone="alexnet", weights="none",
+                              layers=("pool5",), dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=root / "cache", out=root / "head.pt"))
+    run_finetune(FinetuneConfig(data=root / "train", head=root / "head.pt", out=root / "model.pt", epochs=0,
+                                workers=0, quiet=True), say=lambda text: None)
+    return root
+
+
+def _raw_crops(root, count=4):
+    backbone = get_backbone("alexnet")
+    source = open_source("imagefolder", root / "train")
+    crop = backbone.crop_decoder("fast")
+    return torch.stack([crop(source.read_image(i, crop.draft)) for i in range(count)]), backbone
+
+
+def _model_probabilities(root, crops, backbone):
+    model, _ = load_model_file(root / "model.pt")
+    with torch.inference_mode():
+        return torch.softmax(model(normalize(crops, backbone.mean, backbone.std)), dim=1).numpy()
+
+
+def test_torchscript_takes_uint8_pixels_and_says_so_beside_it(model_file, tmp_path):
+    result = export_model(model_file / "model.pt", "torchscript", tmp_path / "model.ts")
+    contract = json.loads((tmp_path / "model.ts.json").read_text())
+    assert result.contract_path == tmp_path / "model.ts.json" and contract == result.contract
+    assert contract["input"]["dtype"] == "uint8" and contract["input"]["value_range"] == [0, 255]
+    assert contract["input"]["shape"] == ["batch", 3, 224, 224] and contract["input"]["channel_order"] == "RGB"
+    assert contract["output"]["classes"] == ["ant", "bee", "cow"] and contract["output"]["activation"] == "softmax"
+    assert result.checked == 9 and result.agreeing == 9 and "images of" in result.checked_on
+    crops, backbone = _raw_crops(model_file)
+    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    with torch.inference_mode():
+        found = exported(crops).numpy()
+    np.testing.assert_allclose(found, _model_probabilities(model_file, crops, backbone), atol=1e-5)
+
+
+def test_normalized_input_export_takes_normalised_floats(model_file, tmp_path):
+    result = export_model(model_file / "model.pt", "torchscript", tmp_path / "n.ts", raw_pixels=False)
+    assert result.contract["input"]["dtype"] == "float32" and result.contract["input"]["value_range"] == "normalised"
+    crops, backbone = _raw_crops(model_file)
+    with torch.inference_mode():
+        found = torch.jit.load(str(tmp_path / "n.ts"))(normalize(crops, backbone.mean, backbone.std)).numpy()
+    np.testing.assert_allclose(found, _model_probabilities(model_file, crops, backbone), atol=1e-5)
+
+
+def test_onnx_carries_its_contract_in_the_metadata(model_file, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    result = export_model(model_file / "model.pt", "onnx", tmp_path / "model.onnx")
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    properties = {prop.key: prop.value for prop in graph.metadata_props}
+    assert json.loads(properties["tl_contract"]) == result.contract
+    crops, backbone = _raw_crops(model_file)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    found = session.run(None, {"pixels": crops.numpy()})[0]
+    np.testing.assert_allclose(found, _model_probabilities(model_file, crops, backbone), atol=1e-4)
+
+
+def test_without_the_training_images_the_check_uses_drawn_photos(model_file, tmp_path):
+    moved = tmp_path / "copy"
+    shutil.copytree(model_file, moved)
+    shutil.rmtree(moved / "train")  # the model file still names the original folder: point it nowhere
+    (model_file / "train").rename(model_file / "train-away")
+    try:
+        result = export_model(moved / "model.pt", "torchscript", tmp_path / "m.ts")
+    finally:
+        (model_file / "train-away").rename(model_file / "train")
+    assert "drawn photo-like images" in result.checked_on and result.agreeing == result.checked == 16
+
+
+def test_an_export_that_disagrees_is_not_kept(model_file, tmp_path):
+    with pytest.raises(FinetuneError, match=r"top-1 agrees on \d+/9.*it was not kept"):
+        export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts", tolerance=-1.0)
+    assert not (tmp_path / "m.ts").exists() and not (tmp_path / "m.ts.json").exists()
+
+
+def test_tl_export_prints_the_contract(model_file, tmp_path, run_tl):
+    result = run_tl("export", "--model", model_file / "model.pt", "--format", "torchscript", "--out",
+                    tmp_path / "m.ts")
+    assert result.code == 0, result
+    assert "uint8 RGB NCHW (batch, 3, 224, 224), values 0..255" in result.out
+    assert "resize the shorter side to 256" in result.out and "softmax probabilities of 3 classes" in result.out
+    assert "top-1 agrees on 9/9" in result.out

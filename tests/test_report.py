@@ -1,0 +1,222 @@
+"""The report of tl evaluate: report.md embeds its plots by relative links, report.html is one escaped,
+self-contained page with the same tables, PR curves are one panel per class, one-epoch curves are points."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+
+import matplotlib
+import numpy as np
+import pytest
+
+from pipeline import report as report_module
+from pipeline.metrics import summarize
+from pipeline.report import (
+    PR_PANELS_UP_TO,
+    REPORT_FILES,
+    markdown,
+    pr_figure,
+    training_figure,
+    write_report,
+)
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]*)\)")
+CELL_BORDER = re.compile(r"(?<!\\)\|")  # a table cell border: a | that no backslash escapes
+
+
+def predictions(classes: int, n: int = 240, seed: int = 0):
+    """Single-label targets over every class and scores that favour the true class."""
+    rng = np.random.default_rng(seed)
+    targets = np.arange(n) % classes
+    scores = rng.random((n, classes)) + 0.7 * np.eye(classes)[targets]
+    return targets, scores / scores.sum(axis=1, keepdims=True)
+
+
+def one_epoch(kept=True):
+    return [{"epoch": 1, "lr": 0.1, "train_loss": 0.8, "val_loss": 0.9, "val_accuracy": 0.7, "kept": kept}]
+
+
+def per_class_rows(text: str) -> list[list[str]]:
+    """The cells of report.md's per-class table, Markdown escapes undone."""
+    lines = text.splitlines()
+    start = lines.index("## Per class") + 2  # the heading, a blank line, then the table
+    rows = []
+    for line in lines[start + 2:]:  # past the header and the |---| line
+        if not line.startswith("|"):
+            break
+        rows.append([re.sub(r"\\(.)", r"\1", cell.strip()) for cell in CELL_BORDER.split(line)[1:-1]])
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_report_md_embeds_every_plot_by_a_relative_link_under_a_heading(tmp_path):
+    names = ["ant", "bee", "cat"]
+    targets, scores = predictions(3)
+    report = summarize(targets, scores, names)
+    files = write_report(tmp_path / "r", report, targets, scores, one_epoch())
+    assert [path.name for path in files] == ["report.json", "report.md", "report.html", "confusion_matrix.png",
+                                             "pr_curves.png", "training_curve.png"]
+    assert {path.name for path in files} <= set(REPORT_FILES)  # evaluate refuses an input named like any of them
+    text = (tmp_path / "r" / "report.md").read_text()
+    lines = text.splitlines()
+    linked = [(number, target) for number, line in enumerate(lines) for _, target in IMAGE.findall(line)]
+    assert sorted(target for _, target in linked) == ["confusion_matrix.png", "pr_curves.png", "training_curve.png"]
+    for number, target in linked:
+        assert (tmp_path / "r" / target).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert lines[number] == f"[![{IMAGE.search(lines[number]).group(1)}]({target})]({target})"  # click: full size
+        assert lines[number - 1] == "" and lines[number - 2].startswith("## ")
+    assert str(tmp_path) not in text and "](/" not in text
+    assert "| ant | " in text and "| true \\\\ predicted | ant | bee | cat |" in text
+
+
+def test_without_a_confusion_or_a_curve_only_the_pr_curves_are_embedded(tmp_path):
+    rng = np.random.default_rng(3)
+    targets = (rng.random((150, 3)) < 0.4).astype(np.int64)
+    scores = np.clip(rng.random((150, 3)) * 0.7 + 0.3 * targets, 0, 1)
+    report = summarize(targets, scores, ["x", "y", "z"])
+    files = write_report(tmp_path, report, targets, scores, None)
+    assert [path.name for path in files] == ["report.json", "report.md", "report.html", "pr_curves.png"]
+    text = (tmp_path / "report.md").read_text()
+    assert [target for _, target in IMAGE.findall(text)] == ["pr_curves.png"]
+    assert "## Confusion matrix" not in text and "## Training curve" not in text
+    assert "## Confusion matrix" in markdown(summarize(*predictions(3), ["a", "b", "c"]))  # its table, no plot
+
+
+def test_report_html_is_optional(tmp_path):
+    targets, scores = predictions(2)
+    files = write_report(tmp_path, summarize(targets, scores, ["a", "b"]), targets, scores, None, html=False)
+    assert [path.name for path in files] == ["report.json", "report.md", "confusion_matrix.png", "pr_curves.png"]
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_report_html_is_self_contained_escaped_and_holds_every_per_class_row(tmp_path):
+    names = ["a<b&c", "dog", "eel"]
+    targets, scores = predictions(3, seed=1)
+    files = write_report(tmp_path, summarize(targets, scores, names), targets, scores, one_epoch())
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    sources = re.findall(r'src="([^"]*)"', page)
+    prefix = "data:image/png;base64,"
+    assert sources and all(source.startswith(prefix) for source in sources)
+    assert len(re.findall(r"src=", page)) == len(sources)  # no unquoted or single-quoted src either
+    plots = sorted(path.read_bytes() for path in files if path.suffix == ".png")
+    assert sorted(base64.b64decode(source[len(prefix):]) for source in sources) == plots
+    for external in ("href=", "<script", "<link", "url(", "@import"):
+        assert external not in page
+    assert "a&lt;b&amp;c" in page and "a<b&c" not in page
+    rows = per_class_rows((tmp_path / "report.md").read_text())
+    assert [row[0] for row in rows] == names
+    for row in rows:
+        assert "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" in page
+    for heading in ("Per class", "Precision-recall curves", "Confusion matrix", "Training curve"):
+        assert f"<h2>{heading}</h2>" in page
+
+
+def test_report_md_shows_class_names_as_written():
+    names = ["x|y", "<b>bold</b>", "a*b*", "c&amp;d"]
+    targets, scores = predictions(4, seed=2)
+    text = markdown(summarize(targets, scores, names))
+    rows = per_class_rows(text)
+    assert [row[0] for row in rows] == names and all(len(row) == 6 for row in rows)
+    assert not re.search(r"(?<!\\)<", text)  # no tag a Markdown viewer would render as HTML
+    assert "\\<b>bold\\</b>" in text and "\\&amp;" in text
+
+
+def test_class_names_with_dollar_signs_are_plotted_as_written(tmp_path):
+    names = ["$\\bad$", "b", "c"]  # matplotlib's math mode would fail to parse this one
+    targets, scores = predictions(3, seed=4)
+    report = summarize(targets, scores, names)
+    files = write_report(tmp_path, report, targets, scores, None)
+    assert (tmp_path / "confusion_matrix.png").is_file() and (tmp_path / "pr_curves.png") in files
+    assert pr_figure(targets, scores, report).axes[0].get_title().startswith("$\\bad$\n")
+
+
+@pytest.mark.parametrize("classes", [2, 20])
+def test_pr_curves_are_one_panel_per_class_with_name_and_ap(classes):
+    names = [f"class {c}" for c in range(classes)]
+    targets, scores = predictions(classes, n=20 * classes)
+    scores[:, 1] = (targets == 1) + 0.5 * scores[:, 1]  # class 1 is ranked perfectly: AP 1, curve on the top edge
+    report = summarize(targets, scores, names)
+    figure = pr_figure(targets, scores, report)
+    assert len(figure.axes) == classes
+    for panel, entry in zip(figure.axes, report["classes"]):
+        assert panel.get_title() == f"{entry['name']}\nAP {entry['ap']:.4f}"
+        assert panel.get_xlim() == pytest.approx((-0.02, 1.02)) and panel.get_ylim() == pytest.approx((-0.02, 1.02))
+    assert report["classes"][1]["ap"] == 1.0
+    perfect = figure.axes[1].lines[0]
+    assert set(perfect.get_ydata()) == {1.0} and perfect.get_xdata()[-1] == 1.0
+    columns = {round(panel.get_position().x0, 3) for panel in figure.axes}
+    assert len(columns) == min(classes, report_module.PR_COLUMNS)
+    width, height = figure.get_size_inches()
+    assert width >= 2.4 * len(columns) and height >= 2.2 * -(-classes // len(columns))  # room per panel
+
+
+def test_pr_figure_grows_with_the_class_count():
+    small = pr_figure(*predictions(2), summarize(*predictions(2), ["a", "b"]))
+    names = [f"c{c}" for c in range(20)]
+    large = pr_figure(*predictions(20, n=400), summarize(*predictions(20, n=400), names))
+    assert (large.get_size_inches() > small.get_size_inches()).all()
+
+
+def test_pr_curves_leave_out_classes_without_rows():
+    targets, scores = predictions(4)
+    keep = np.isin(targets, [0, 2])
+    report = summarize(targets[keep], scores[keep], ["ant", "bee", "cat", "dog"])
+    figure = pr_figure(targets[keep], scores[keep], report)
+    assert [panel.get_title().split("\n")[0] for panel in figure.axes] == ["ant", "cat"]
+    empty = pr_figure(np.zeros((5, 2), np.int64), np.full((5, 2), 0.5),
+                      {"mAP": float("nan"), "ap_method": "voc07", "classes": []})
+    assert not empty.axes and "no class has rows here" in [text.get_text() for text in empty.texts]
+
+
+def test_past_the_panel_limit_the_classes_of_lowest_ap_are_shown(monkeypatch):
+    monkeypatch.setattr(report_module, "PR_PANELS_UP_TO", 4)
+    names = [f"c{c}" for c in range(7)]
+    targets, scores = predictions(7, n=350, seed=5)
+    report = summarize(targets, scores, names)
+    figure = pr_figure(targets, scores, report)
+    lowest = sorted(report["classes"], key=lambda entry: entry["ap"])[:4]
+    assert [panel.get_title().split("\n")[0] for panel in figure.axes] == [entry["name"] for entry in lowest]
+    assert "the 4 classes of lowest AP of 7" in figure._suptitle.get_text()
+    assert PR_PANELS_UP_TO >= 20  # VOC's 20 classes all get a panel
+
+
+def test_a_one_epoch_curve_is_points_on_a_sensible_axis():
+    figure = training_figure(one_epoch())
+    loss_axes, score_axes = figure.axes
+    lines = {line.get_label(): line for line in loss_axes.lines}
+    for label in ("train loss", "validation loss"):
+        assert lines[label].get_marker() == "o" and lines[label].get_markersize() > 0
+        assert list(lines[label].get_xdata()) == [1]
+    assert list(lines["kept epoch 1"].get_xdata()) == [1, 1]
+    # matplotlib alone would span 0.96..1.04 around the one epoch and ±4% around the loss
+    assert loss_axes.get_xlim() == (0, 2) and list(loss_axes.get_xticks()) == [1]
+    assert loss_axes.get_ylim() == pytest.approx((0, 1.25 * 0.9))
+    assert score_axes.get_ylim() == pytest.approx((0, 1.05))
+    assert score_axes.lines[0].get_marker() == "s"
+    no_loss = training_figure([{"epoch": 3, "train_loss": 0.0}])
+    assert no_loss.axes[0].get_ylim() == (0, 1) and no_loss.axes[0].get_xlim() == (2, 4)
+
+
+def test_several_epochs_keep_lines_and_the_kept_epoch():
+    curve = [{"epoch": e, "train_loss": 2.0 - 0.2 * e, "val_loss": 2.1 - 0.2 * e + 0.1 * (e == 4),
+              "val_map": 0.5 + 0.05 * e, "kept": e == 3} for e in range(1, 5)]
+    figure = training_figure(curve)
+    loss_axes = figure.axes[0]
+    lines = {line.get_label(): line for line in loss_axes.lines}
+    assert lines["train loss"].get_linestyle() == "-" and len(lines["train loss"].get_xdata()) == 4
+    assert list(lines["kept epoch 3"].get_xdata()) == [3, 3]
+    assert loss_axes.get_ylim()[0] > 1.0  # several points: the axis follows the data
+    low, high = loss_axes.get_xlim()
+    assert all(tick == int(tick) for tick in loss_axes.get_xticks() if low <= tick <= high)  # epochs are whole
+    assert figure.axes[1].get_ylabel() == "val map"
