@@ -143,7 +143,7 @@ def decode_help() -> str:
 
 def head_lr_help() -> str:
     defaults = _attribute("pipeline.training:DEFAULT_LR")
-    return "[default: " + ", ".join(f"{value:g} {name}" for name, value in defaults.items()) + "]."
+    return "[default: " + ", ".join(f"{value:g} {name}" for name, value in defaults.items()) + "]"
 
 
 # -------------------------------------------------------------- config files
@@ -397,6 +397,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @device_option()
 @precision_option("With --model: autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
 @workers_option()
+@option("--batch-size", type=int, help="With --model: images per batch.")
 @option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.json, report.md, plots.")
 @option("--ap", type=RegistryChoice("pipeline.metrics:AP_METHODS"),
         help="AP: VOC 2007 11-point interpolation, or area under the precision envelope.")

@@ -9,6 +9,8 @@ near 500x375), a mean difference of about 1/255 for larger ones, and several tim
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from PIL import Image
@@ -175,7 +177,15 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
     batch of EncodedImages items. JPEG bytes are decoded together on the device, resized (bilinear,
     antialiased) and cropped with torchvision's geometry; a JPEG the device cannot decode (CMYK, a
     corrupt file) goes to `fallback(index) -> crop`, the CPU path, which may raise a decoding error."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as torchvision_decode_jpeg
+
+    def decode_jpeg(data, **options):
+        # torchvision 0.29 marks its decoders deprecated in favour of torchcodec, which has no batched
+        # nvjpeg decoding of in-memory JPEGs yet: keep the call, without a warning per batch
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io")
+            return torchvision_decode_jpeg(data, **options)
 
     jpegs = [(position, item[0]) for position, item in enumerate(items) if item[0] is not None]
     decoded: dict[int, torch.Tensor] = {}
