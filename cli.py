@@ -504,7 +504,8 @@ def quickstart(out, per_class, seed, quiet):
 
     result = run_quickstart(QuickstartConfig(out=out, per_class=per_class or None, seed=seed, quiet=quiet),
                             say=click.echo)
-    click.echo(f"\ndone in {result.seconds:.0f} s: test accuracy {result.accuracy:.3f}. Report: {result.report}")
+    click.echo(f"\ndone in {result.seconds:.0f} s: test accuracy {result.accuracy:.3f} (raw pixels: {result.baseline:.3f}). "
+               f"Report: {result.report}")
     click.echo(f"next: tl predict --head {result.head} IMAGE...")
 
 

@@ -14,6 +14,24 @@ from pipeline.errors import DataError
 from pipeline.files import write_bytes
 
 
+def digits_split(test_fraction: float = 0.25, seed: int = 0, per_class: int | None = None) -> dict[str, list[int]]:
+    """{"train": [...], "test": [...]}: indices into scikit-learn's digits, split per class with a seed;
+    `per_class` keeps only that many of each digit (before the split)."""
+    from sklearn.datasets import load_digits
+
+    if not 0 < test_fraction < 1:
+        raise DataError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    targets = load_digits().target
+    rng = np.random.default_rng(seed)
+    split: dict[str, list[int]] = {"train": [], "test": []}
+    for label in range(10):
+        members = rng.permutation(np.flatnonzero(targets == label))[: per_class or None]
+        test_count = max(1, int(round(len(members) * test_fraction)))
+        split["test"] += [int(index) for index in members[:test_count]]
+        split["train"] += [int(index) for index in members[test_count:]]
+    return split
+
+
 def write_digits(out: Path, test_fraction: float = 0.25, seed: int = 0, size: int = 64,
                  per_class: int | None = None) -> dict[str, int]:
     """Write `out/train/<digit>/*.png` and `out/test/<digit>/*.png`, split per class with a seed.
@@ -23,20 +41,13 @@ def write_digits(out: Path, test_fraction: float = 0.25, seed: int = 0, size: in
     """
     from sklearn.datasets import load_digits
 
-    if not 0 < test_fraction < 1:
-        raise DataError(f"test fraction must be between 0 and 1, got {test_fraction}")
     digits = load_digits()
-    rng = np.random.default_rng(seed)
     counts = {"train": 0, "test": 0}
     out = Path(out)
     try:
-        for label in range(10):
-            members = np.flatnonzero(digits.target == label)
-            members = rng.permutation(members)[: per_class or len(members)]
-            test_count = max(1, int(round(len(members) * test_fraction)))
-            for rank, index in enumerate(members):
-                split = "test" if rank < test_count else "train"
-                folder = out / split / str(label)
+        for split, indices in digits_split(test_fraction, seed, per_class).items():
+            for index in indices:
+                folder = out / split / str(digits.target[index])
                 folder.mkdir(parents=True, exist_ok=True)
                 pixels = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
                 image = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC)

@@ -184,3 +184,17 @@ def test_registering_a_second_backbone_of_a_name_is_refused():
     with pytest.raises(BackboneError, match="'alexnet' is already registered"):
         register(get_backbone("alexnet"))
     assert list_backbones() == ["alexnet", "efficientnet_lite0", "resnet50", "vgg16"]
+
+
+def test_efficientnet_block12_tap_is_the_flattened_7x7_map_of_block_12():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    backbone = get_backbone("efficientnet_lite0")
+    assert backbone.taps["block12"].width == 192 * 7 * 7
+    model = load_model(backbone, resolve_weights(backbone, "none"))
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        codes = TapModel(model, backbone, ["block12"])(pixels)["block12"]
+        reference = create_feature_extractor(model.eval(), {"_blocks.12.add": "map"})(pixels)["map"]
+    assert reference.shape == (2, 192, 7, 7) and codes.shape == (2, 9408)
+    torch.testing.assert_close(codes, reference.flatten(1))

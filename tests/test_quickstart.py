@@ -46,7 +46,20 @@ def test_cli_quickstart_turns_flags_into_the_config_and_prints_the_result(run_tl
     monkeypatch.setattr("pipeline.quickstart.run_quickstart", lambda config, say: given.append(config) or first)
     result = run_tl("quickstart", "--out", config.out, "--per-class", "10", "--quiet")
     assert result.code == 0 and given == [config], (result, given)
-    assert f"test accuracy {first.accuracy:.3f}. Report: {config.out / 'report' / 'report.md'}" in result.out
+    assert (f"test accuracy {first.accuracy:.3f} (raw pixels: {first.baseline:.3f}). "
+            f"Report: {config.out / 'report' / 'report.md'}") in result.out
     assert result.out.rstrip().endswith(f"next: tl predict --head {config.out / 'heads' / 'digits-logreg.pt'} IMAGE...")
     assert run_tl("quickstart", "--per-class", "0").code == 0
     assert given[-1] == QuickstartConfig(per_class=None)  # 0: every digit; the other options' defaults
+
+
+def test_the_baseline_is_the_same_head_on_the_raw_pixels_of_the_same_split(first_run):
+    from pipeline.examples import digits_split
+    from pipeline.quickstart import raw_pixel_baseline
+
+    config, first = first_run
+    assert first.baseline == raw_pixel_baseline(config.seed, config.per_class)
+    assert 0.1 < first.baseline <= 1.0
+    split = digits_split(seed=config.seed, per_class=config.per_class)
+    written = {path.stem for path in (config.out / "data" / "test").rglob("*.png")}
+    assert written == {f"digit-{index:04d}" for index in split["test"]} and len(split["train"]) == 80
