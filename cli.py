@@ -407,7 +407,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--block-rows", type=int, help="Rows read from the cache at a time.")
 @option("--exponent", type=float,
         help="Patch caches: an image's class score is the sum of its patch scores to this power.")
-@option("--quiet", is_flag=True, help="No progress bar (with --model).")
+@option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(format_, **options):
     """Accuracy, top-k, per-class precision/recall/F1 and AP, mAP, confusion matrix; a report with plots.
 

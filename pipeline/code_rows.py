@@ -10,6 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import HeadError
+from pipeline.progress import progress
 
 class CodeRows(ABC):
     """Rows to fit or score: arrays in memory, or one layer of a cache read block by block.
@@ -149,11 +150,14 @@ def validation_score(targets: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(np.argmax(probabilities, axis=1) == targets))
 
 
-def score_rows(head, rows: CodeRows) -> np.ndarray:
-    """predict_proba over every row, streamed block by block, in the rows' order."""
+def score_rows(head, rows: CodeRows, quiet: bool = True) -> np.ndarray:
+    """predict_proba over every row, streamed block by block, in the rows' order (a bar unless `quiet`)."""
     scores = np.empty((len(rows), head.num_classes_), dtype=np.float64)
+    blocks = progress(total=len(rows), desc="score", unit="row", quiet=quiet, leave=False)
     for positions, codes in rows.blocks():
         scores[positions] = head.predict_proba(codes)
+        blocks.update(len(positions))
+    blocks.close()
     return scores
 
 

@@ -50,7 +50,7 @@ class EvaluateConfig:
     save_predictions: Path | None = None
     block_rows: int = 4096
     exponent: float = DEFAULT_EXPONENT  # patch caches: S(i, c) = sum_j P(j, c) ** exponent
-    quiet: bool = False  # no progress bar while a model scores images
+    quiet: bool = False  # no progress bar while scoring
 
 
 @dataclass
@@ -89,7 +89,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     rows = CodeRows.from_cache(reader, metadata["layer"], block_rows=config.block_rows)
     targets = head_targets(rows.targets, reader.classes, metadata["classes"], f"cache {config.cache}",
                            f"head {config.head}")
-    scores = score_rows(head, rows)
+    scores = score_rows(head, rows, quiet=config.quiet)
     if reader.manifest.key["patches"] is not None:
         check_patch_head(metadata["classes"], config.head)
         what, names = (f"cache {config.cache}", f"head {config.head}"), metadata["classes"][1:]

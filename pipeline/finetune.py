@@ -253,7 +253,11 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
     if config.resume:
         state = load_checkpoint(last_path, identity)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError as exc:  # another optimizer layout than this tl builds
+            raise FinetuneError(f"checkpoint {last_path} holds another optimizer layout ({exc}); "
+                                "pass --overwrite to start over") from None
         schedule.load_state_dict(state["schedule"])
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])

@@ -23,7 +23,7 @@ from pipeline.heads import HEAD_KINDS, Head
 
 HEAD_FORMAT = "tl-head/1"
 MODEL_FORMAT = "tl-model/1"
-CHECKPOINT_FORMAT = "tl-checkpoint/1"
+CHECKPOINT_FORMAT = "tl-checkpoint/2"  # /2: the optimizer's groups split into decayed and not decayed
 CHECKSUM = "sha256"  # the payload key of a tl file's content checksum
 
 # ---------------------------------------------------------------- the container

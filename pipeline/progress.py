@@ -1,5 +1,5 @@
-"""Progress bars for work that takes more than a moment: tqdm with rate and ETA on stderr when it is a
-terminal; nothing with --quiet, on ranks other than 0, or when stderr is redirected (logs, CI).
+"""Progress bars for work that takes more than a moment: tqdm with rate and ETA on stderr at a terminal;
+nothing with --quiet, on ranks other than 0, or when stdout or stderr is redirected (logs, CI, CSV).
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import sys
 
 
 def on_terminal() -> bool:
-    """Whether a bar drawn on stderr would be seen (not a log file or a pipe)."""
-    isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty and isatty())
+    """Whether the command talks to a person at a terminal: stdout and stderr both are one (a redirected
+    stdout means the output is kept in a file or piped on, and a bar would only be noise around it)."""
+    return all(bool(getattr(stream, "isatty", None) and stream.isatty()) for stream in (sys.stdout, sys.stderr))
 
 
 def progress(iterable=None, *, desc: str, unit: str, quiet: bool = False, total: int | None = None, **options):

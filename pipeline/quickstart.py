@@ -56,23 +56,28 @@ def run_quickstart(config: QuickstartConfig, say=print) -> QuickstartResult:
                         f"test set and a fifth of the rest chooses C, so fewer leave a class out; got "
                         f"{config.per_class}")
     out = Path(config.out)
-    counts = write_digits(out / "data", seed=config.seed, per_class=config.per_class)
-    say(f"1/4 data: {counts['train']} train and {counts['test']} test digit images in {out / 'data'}")
-    extracts = {}
+    # one folder per choice of digits (and caches per tap): a run with other settings never meets the
+    # files or caches of an earlier one, and a repeated run reuses its own
+    chosen = f"digits-{config.per_class or 'all'}-seed{config.seed}"
+    data = out / "data" / chosen
+    counts = write_digits(data, seed=config.seed, per_class=config.per_class)
+    say(f"1/4 data: {counts['train']} train and {counts['test']} test digit images in {data}")
+    extracts, caches = {}, {}
     for split in ("train", "test"):
+        caches[split] = out / "caches" / f"{chosen}-{split}-{config.backbone}-{LAYER}"
         extracts[split] = run_extract(ExtractConfig(
-            data=out / "data", split=split, out=out / "caches" / f"digits-{split}", backbone=config.backbone,
+            data=data, split=split, out=caches[split], backbone=config.backbone,
             weights="imagenet", layers=(LAYER,), seed=config.seed, quiet=config.quiet))
         result = extracts[split]
         state = "reused" if not result.shards_written else f"{result.images_processed} images"
         say(f"2/4 extract {split}: {result.rows} rows of {', '.join(result.taps)} codes ({state}) in {result.out}")
     head_path = out / "heads" / "digits-logreg.pt"
-    fit = fit_head(FitHeadConfig(cache=out / "caches" / "digits-train", out=head_path, head="logreg", C=COSTS,
+    fit = fit_head(FitHeadConfig(cache=caches["train"], out=head_path, head="logreg", C=COSTS,
                                  val_fraction=VAL_FRACTION, seed=config.seed))
     say(f"3/4 fit-head logreg: C {fit.chosen['C']:g} chosen on {fit.val_rows} validation rows "
         f"(validation accuracy {fit.val_score:.3f}), head in {head_path}")
-    evaluation = run_evaluate(EvaluateConfig(head=head_path, cache=out / "caches" / "digits-test",
-                                             out=out / "report"))
+    evaluation = run_evaluate(EvaluateConfig(head=head_path, cache=caches["test"], out=out / "report",
+                                             quiet=config.quiet))
     report = evaluation.report
     baseline = raw_pixel_baseline(config.seed, config.per_class)
     say(f"4/4 evaluate: test accuracy {report['accuracy']:.3f} on {report['rows']} images, against "

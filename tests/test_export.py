@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from pipeline.backbones import get_backbone
 from pipeline.decoding import normalize
-from pipeline.errors import FinetuneError
+from pipeline.errors import FinetuneError, TLError
 from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.finetune import FinetuneConfig, run_finetune
@@ -42,6 +43,12 @@ def _raw_crops(root, count=4):
     return torch.stack([crop(source.read_image(i, crop.draft)) for i in range(count)]), backbone
 
 
+def _load_torchscript(path):
+    with warnings.catch_warnings():  # torch 2.14 marks torch.jit.load deprecated; TorchScript files still load
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path))
+
+
 def _model_probabilities(root, crops, backbone):
     model, _ = load_model_file(root / "model.pt")
     with torch.inference_mode():
@@ -57,7 +64,7 @@ def test_torchscript_takes_uint8_pixels_and_says_so_beside_it(model_file, tmp_pa
     assert contract["output"]["classes"] == ["ant", "bee", "cow"] and contract["output"]["activation"] == "softmax"
     assert result.checked == 9 and result.agreeing == 9 and "images of" in result.checked_on
     crops, backbone = _raw_crops(model_file)
-    exported = torch.jit.load(str(tmp_path / "model.ts"))
+    exported = _load_torchscript(tmp_path / "model.ts")
     with torch.inference_mode():
         found = exported(crops).numpy()
     np.testing.assert_allclose(found, _model_probabilities(model_file, crops, backbone), atol=1e-5)
@@ -68,7 +75,7 @@ def test_normalized_input_export_takes_normalised_floats(model_file, tmp_path):
     assert result.contract["input"]["dtype"] == "float32" and result.contract["input"]["value_range"] == "normalised"
     crops, backbone = _raw_crops(model_file)
     with torch.inference_mode():
-        found = torch.jit.load(str(tmp_path / "n.ts"))(normalize(crops, backbone.mean, backbone.std)).numpy()
+        found = _load_torchscript(tmp_path / "n.ts")(normalize(crops, backbone.mean, backbone.std)).numpy()
     np.testing.assert_allclose(found, _model_probabilities(model_file, crops, backbone), atol=1e-5)
 
 
@@ -110,3 +117,10 @@ def test_tl_export_prints_the_contract(model_file, tmp_path, run_tl):
     assert "uint8 RGB NCHW (batch, 3, 224, 224), values 0..255" in result.out
     assert "resize the shorter side to 256" in result.out and "softmax probabilities of 3 classes" in result.out
     assert "top-1 agrees on 9/9" in result.out
+
+
+def test_an_export_whose_contract_cannot_be_written_is_not_left_behind(model_file, tmp_path):
+    (tmp_path / "m.ts.json").mkdir()  # the contract's name is taken by a folder
+    with pytest.raises(TLError, match="is a folder"):
+        export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts")
+    assert not (tmp_path / "m.ts").exists()

@@ -111,3 +111,47 @@ def test_summaries_are_sentences(tmp_path, run_tl):
     assert report.code == 0, report
     listed = next(line for line in report.out.splitlines() if line.startswith("report: "))
     assert "elsewhere.csv" not in listed and f"predictions: {tmp_path / 'elsewhere.csv'}" in report.out
+
+
+def test_a_terminal_means_stdout_and_stderr_both(monkeypatch):
+    class Stream:
+        def __init__(self, tty):
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+
+    for stdout, stderr, expected in ((True, True, True), (False, True, False), (True, False, False)):
+        monkeypatch.setattr("sys.stdout", Stream(stdout))
+        monkeypatch.setattr("sys.stderr", Stream(stderr))
+        assert progress_module.on_terminal() is expected
+
+
+def test_evaluating_a_cache_shows_a_bar_unless_quiet(tmp_path, capsys, terminal):
+    codes, targets = blobs(0, n=200, classes=3, width=8)
+    cache = write_code_cache(tmp_path / "cache", codes, targets, ["a", "b", "c"])
+    fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h.pt"))
+    capsys.readouterr()
+    run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=cache, out=tmp_path / "r"))
+    assert "score" in capsys.readouterr().err
+    run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=cache, out=tmp_path / "q", quiet=True))
+    assert "score" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_the_earlier_optimizer_layout_is_refused_in_one_line(small_head, tmp_path):
+    import json as json_module
+
+    import torch
+
+    from pipeline.model_files import read_payload, write_payload
+
+    config = FinetuneConfig(data=small_head / "train", head=small_head / "head.pt", out=tmp_path / "m.pt", epochs=1,
+                            batch_size=4, workers=0, quiet=True)
+    run_finetune(config, say=lambda text: None)
+    last = checkpoint_paths(config.out)[0]
+    payload, metadata = read_payload(last, "checkpoint", "", require_checksum=True)
+    metadata["format"] = "tl-checkpoint/1"  # written by a tl whose optimizer had one group per learning rate
+    write_payload({**payload, "metadata": json_module.dumps(metadata)}, last, "checkpoint")
+    with pytest.raises(FinetuneError, match="does not match this model .*pass --overwrite"):
+        run_finetune(FinetuneConfig(**{**config.__dict__, "resume": True, "epochs": 2}), say=lambda text: None)
+    assert torch.load(last, weights_only=True)  # refused, not damaged

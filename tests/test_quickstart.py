@@ -61,5 +61,19 @@ def test_the_baseline_is_the_same_head_on_the_raw_pixels_of_the_same_split(first
     assert first.baseline == raw_pixel_baseline(config.seed, config.per_class)
     assert 0.1 < first.baseline <= 1.0
     split = digits_split(seed=config.seed, per_class=config.per_class)
-    written = {path.stem for path in (config.out / "data" / "test").rglob("*.png")}
+    written = {path.stem for path in (config.out / "data" / "digits-10-seed0" / "test").rglob("*.png")}
     assert written == {f"digit-{index:04d}" for index in split["test"]} and len(split["train"]) == 80
+
+
+def test_other_settings_never_meet_an_earlier_runs_files(first_run, tmp_path):
+    """A run with another --per-class (or an older tl's layout) must not find the first run's images or
+    caches: each choice of digits has its own data and cache folders."""
+    import shutil
+
+    config, first = first_run
+    other = tmp_path / "qs"
+    shutil.copytree(config.out, other)
+    second = run_quickstart(QuickstartConfig(out=other, per_class=12, quiet=True), say=lambda text: None)
+    assert [extract.shards_written for extract in second.extracts.values()] == [1, 1]
+    assert json.loads((other / "report" / "report.json").read_text())["rows"] == 30
+    assert sorted(p.name for p in (other / "data").iterdir()) == ["digits-10-seed0", "digits-12-seed0"]
