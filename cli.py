@@ -15,6 +15,8 @@ import click
 from pipeline import DEVICES, PRECISIONS
 from pipeline.errors import TLError
 
+UNSET = getattr(click.core, "UNSET", None)  # click >= 8.2 marks "no default given" with its own sentinel
+
 # -------------------------------------------------------------- registries and stage defaults, read on first use
 # `tl`, `tl --help` and `tl info` start without importing torch: a command's choices, help texts and
 # defaults come from the pipeline's registries and stage configs only when that command parses its
@@ -101,7 +103,7 @@ def stage_defaults(*configs: str, own: tuple[str, ...] = ()):
     def bind(command: click.Command) -> click.Command:
         for param in command.params:
             if isinstance(param, click.Option) and param.name not in own and param.name != "config" \
-                    and (param.default is None or param.default is False or repr(param.default) == "Sentinel.UNSET"):
+                    and (param.default is None or param.default is False or param.default is UNSET):
                 param.default = StageDefault(configs, param.name.rstrip("_"), False if param.is_flag else None)
         return command
 

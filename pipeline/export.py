@@ -86,7 +86,8 @@ def contract_of(metadata: dict, backbone: Backbone, raw_pixels: bool) -> dict:
 
 def check_batch(metadata: dict, backbone: Backbone) -> tuple[torch.Tensor, str]:
     """(uint8 crops, what they are) to check an export on: the training images recorded in the model
-    file when they are still there, else a deterministic photo-like batch (smooth colour fields with edges)."""
+    file when they are still there, else a deterministic photo-like batch (smooth colour fields with
+    edges), its description saying why the training images were not used."""
     settings = metadata.get("settings", {})
     crop = backbone.crop_decoder(decode_of(metadata["codes_key"]["preprocessing"]))
     try:
@@ -97,11 +98,19 @@ def check_batch(metadata: dict, backbone: Backbone) -> tuple[torch.Tensor, str]:
             try:
                 crops.append(crop(source.read_image(int(index), crop.draft)))
             except DECODE_ERRORS:
-                continue
+                continue  # an unreadable image is left out; the readable ones still check the export
         if crops:
             return torch.stack(crops), f"{len(crops)} images of {settings['data']}"
-    except (KeyError, TypeError, OSError, TLError):
-        pass  # the data moved, cannot be listed or was never recorded: fall back to the drawn batch
+        why = f"none of the images of {settings['data']} could be read"
+    except KeyError:
+        why = "the model file records no training data"
+    except (TypeError, OSError, TLError) as exc:  # moved, unlistable or no longer of its format
+        why = f"the training images were not found: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return _drawn_batch(backbone, crop), f"{CHECK_IMAGES} drawn photo-like images ({why})"
+
+
+def _drawn_batch(backbone: Backbone, crop) -> torch.Tensor:
+    """A deterministic photo-like batch: smooth random colour fields, each with one hard-edged block."""
     rng = np.random.default_rng(0)
     crops = []
     for _ in range(CHECK_IMAGES):
@@ -111,7 +120,7 @@ def check_batch(metadata: dict, backbone: Backbone) -> tuple[torch.Tensor, str]:
         top, left = rng.integers(0, backbone.resize_size // 2, 2)
         pixels[top:top + 40, left:left + 60] = rng.integers(0, 256, 3)  # an object's hard edges
         crops.append(crop(Image.fromarray(pixels)))
-    return torch.stack(crops), f"{CHECK_IMAGES} drawn photo-like images (the training images were not found)"
+    return torch.stack(crops)
 
 
 def export_model(model_path: Path, format: str, out: Path, raw_pixels: bool = True,
