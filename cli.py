@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -584,8 +585,20 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so every `finally` and atomic write cleans up as for Ctrl-C."""
 
 
+STOPPING = threading.Event()  # set once SIGTERM or Ctrl-C has begun taking the process down
+
+
 def _terminated(signum, frame):
+    STOPPING.set()
     raise Terminated()
+
+
+def _thread_excepthook(args) -> None:
+    """While the process is being stopped, helper threads that lose their peers on the way down
+    (multiprocessing's fd sharer, mid-handshake with a DataLoader worker being killed) stay silent: the
+    one line the user gets is the stop's own. Any other time, Python's own report."""
+    if not STOPPING.is_set():
+        threading.__excepthook__(args)
 
 
 RESUME_HINT = ("nothing finished was lost: run the same command again (tl extract resumes its shards; "
@@ -597,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _terminated)
+    threading.excepthook = _thread_excepthook
     for stream in (sys.stdout, sys.stderr):
         # file names that are not UTF-8 are printed as their own bytes, not a UnicodeEncodeError
         if callable(getattr(stream, "reconfigure", None)):
@@ -607,6 +621,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
+        STOPPING.set()
         click.echo(f"error: interrupted; {RESUME_HINT}", err=True)
         sys.exit(130)
     except Terminated:

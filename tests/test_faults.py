@@ -586,3 +586,29 @@ def voc_shapes(tmp_path_factory):
     from pipeline.examples import write_shapes_voc
 
     return write_shapes_voc(tmp_path_factory.mktemp("voc"), {"trainval": 4, "test": 3})
+
+
+def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
+    """multiprocessing's fd-sharing thread can fail mid-handshake while SIGTERM takes the DataLoader
+    workers down; its traceback must not follow the stop's one line, but any other thread's failure
+    is still reported."""
+    import threading
+
+    import cli
+
+    monkeypatch.setattr(cli, "STOPPING", threading.Event())
+    monkeypatch.setattr(threading, "excepthook", cli._thread_excepthook)
+
+    def fail():
+        raise ConnectionResetError("peer gone")
+
+    def run_thread():
+        thread = threading.Thread(target=fail)
+        thread.start()
+        thread.join()
+        return capsys.readouterr().err
+
+    assert "ConnectionResetError: peer gone" in run_thread()
+    with pytest.raises(cli.Terminated):
+        cli._terminated(15, None)
+    assert run_thread() == ""
