@@ -601,6 +601,14 @@ def _thread_excepthook(args) -> None:
         threading.__excepthook__(args)
 
 
+def _process_excepthook(kind, value, traceback) -> None:
+    """The same silence for threads that report through `sys.excepthook` themselves rather than
+    `threading.excepthook`: multiprocessing's resource sharer (`_serve`) does, and its
+    ConnectionResetError after a stop is what reached the user."""
+    if not STOPPING.is_set():
+        sys.__excepthook__(kind, value, traceback)
+
+
 RESUME_HINT = ("nothing finished was lost: run the same command again (tl extract resumes its shards; "
                "tl finetune: add --resume)")
 
@@ -611,6 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _terminated)
     threading.excepthook = _thread_excepthook
+    sys.excepthook = _process_excepthook
     for stream in (sys.stdout, sys.stderr):
         # file names that are not UTF-8 are printed as their own bytes, not a UnicodeEncodeError
         if callable(getattr(stream, "reconfigure", None)):

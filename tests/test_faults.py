@@ -598,17 +598,26 @@ def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
 
     monkeypatch.setattr(cli, "STOPPING", threading.Event())
     monkeypatch.setattr(threading, "excepthook", cli._thread_excepthook)
+    monkeypatch.setattr(sys, "excepthook", cli._process_excepthook)
 
     def fail():
         raise ConnectionResetError("peer gone")
 
-    def run_thread():
-        thread = threading.Thread(target=fail)
+    def serve():  # how multiprocessing.resource_sharer reports: through sys.excepthook itself
+        try:
+            fail()
+        except ConnectionResetError:
+            sys.excepthook(*sys.exc_info())
+
+    def run_thread(target):
+        thread = threading.Thread(target=target)
         thread.start()
         thread.join()
         return capsys.readouterr().err
 
-    assert "ConnectionResetError: peer gone" in run_thread()
+    assert "ConnectionResetError: peer gone" in run_thread(fail)
+    assert "ConnectionResetError: peer gone" in run_thread(serve)
     with pytest.raises(cli.Terminated):
         cli._terminated(15, None)
-    assert run_thread() == ""
+    assert run_thread(fail) == ""
+    assert run_thread(serve) == ""
