@@ -542,6 +542,8 @@ def quickstart(out, per_class, seed, quiet):
         help="Multiscale heads: share of background patches trained on (seeded, as in tl extract).")
 @option("--val-data", type=click.Path(path_type=Path), help="Validation images, same format.")
 @option("--val-split", help="Split of --val-data [default: --split].")
+@option("--val-fraction", type=float,
+        help="Or hold out this seeded fraction of the training images (stratified by class) for validation.")
 @option("--early-stop/--no-early-stop",
         help="Stop after --patience epochs without a lower validation loss; keep the best epoch.")
 @option("--patience", type=int)

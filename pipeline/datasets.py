@@ -5,6 +5,8 @@ of formats (the formats themselves live in pipeline.formats, one module each).
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import json
 import os
@@ -89,7 +91,39 @@ class Source:
             if len(members) > samples_per_class:
                 members = rng.choice(members, size=samples_per_class, replace=False)
             keep.extend(int(i) for i in members)
-        self.samples = [self.samples[i] for i in sorted(keep)]
+        self.keep(sorted(keep))
+
+    def keep(self, indices) -> None:
+        """Keep only the samples at `indices` (in that order); formats with per-sample lists of their own
+        (VOC's annotations) keep theirs in step."""
+        self.samples = [self.samples[i] for i in indices]
+
+    def split_off(self, fraction: float, seed: int, remedy: str) -> tuple["Source", "Source"]:
+        """(training part, validation part): a seeded split of `fraction` of the images, stratified by class
+        for single-label data; `remedy` ends the error when the data is too small to split so."""
+        targets = np.array([sample.target for sample in self.samples])
+        train_rows, val_rows = validation_rows(targets, fraction, seed, remedy)
+        parts = []
+        for rows in (train_rows, val_rows):
+            part = copy.copy(self)
+            part.keep([int(i) for i in rows])
+            parts.append(part)
+        return parts[0], parts[1]
+
+
+def validation_rows(targets: np.ndarray, fraction: float, seed: int, remedy: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row numbers (training, validation) of a seeded split: stratified by class for single-label targets
+    (one row per item; multi-hot rows are split unstratified). The one split of fit-head and finetune."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    try:
+        train_rows, val_rows = train_test_split(np.arange(len(targets)), test_size=fraction, random_state=seed,
+                                                stratify=None if targets.ndim == 2 else targets)
+    except ValueError as exc:
+        raise DataError(f"cannot split off a stratified validation set: {exc}; {remedy}") from None
+    return np.sort(train_rows), np.sort(val_rows)
 
 
 class FileListSource(Source):

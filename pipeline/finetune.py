@@ -47,6 +47,7 @@ class FinetuneConfig:
     classes: str = "voc"
     val_data: Path | None = None
     val_split: str | None = None  # None: the same split name as --split
+    val_fraction: float | None = None  # or hold out this seeded, stratified fraction of the training images
     samples_per_class: int | None = None
     unfreeze: int = 0
     epochs: int = 10
@@ -157,8 +158,11 @@ def _check_config(config: FinetuneConfig) -> None:
     if any(step < 1 for step in config.lr_steps) or any(not 0 < f <= 1 for f in config.lr_factors):
         raise FinetuneError("--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1]")
     default_workers(config.workers)  # refuses a negative --workers before any work
-    if config.early_stop and config.val_data is None:
-        raise FinetuneError("--early-stop needs validation data; pass --val-data")
+    if config.val_data is not None and config.val_fraction is not None:
+        raise FinetuneError("--val-data and --val-fraction both name validation images; pass one of them")
+    if config.early_stop and config.val_data is None and config.val_fraction is None:
+        raise FinetuneError("--early-stop needs validation images; pass --val-fraction (held out of the "
+                            "training images) or --val-data")
     Augmentation(config.crop_scale, config.flip).check()
 
 
@@ -224,15 +228,20 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         + f"); {trainable['frozen_parameters']:,} frozen")
     source = open_source(config.format, config.data, config.split, samples_per_class=config.samples_per_class,
                          seed=config.seed, classes=config.classes)
+    val_source = None
+    if config.val_fraction is not None:  # whole images held out, so no patch of one is on both sides
+        source, val_source = source.split_off(config.val_fraction, config.seed,
+                                              "raise --val-fraction or pass --val-data")
+    elif config.val_data is not None:
+        val_source = open_source(config.format, config.val_data, config.val_split or config.split,
+                                 seed=config.seed, classes=config.classes)
     dataset, targets = image_set(source, backbone, head_metadata, Augmentation(config.crop_scale, config.flip),
                                     config.seed, config.background_fraction,
                                     f"data {config.data}", f"head {config.head}")
     val_dataset = val_targets = None
-    if config.val_data is not None:
-        val_source = open_source(config.format, config.val_data, config.val_split or config.split,
-                                 seed=config.seed, classes=config.classes)
+    if val_source is not None:
         val_dataset, val_targets = image_set(val_source, backbone, head_metadata, None, config.seed, None,
-                                             f"validation data {config.val_data}", f"head {config.head}")
+                                             f"validation data {config.val_data or config.data}", f"head {config.head}")
     multilabel = targets.ndim == 2
     loss_function = loss_for(multilabel)
     model = prepare_module(model, device)

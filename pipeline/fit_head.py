@@ -12,6 +12,7 @@ import numpy as np
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, validation_score
 from pipeline.compatibility import check_codes_match, codes_key
+from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError
 from pipeline.heads import HEAD_KINDS
 from pipeline.model_files import save_head
@@ -79,7 +80,8 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
                           f"{config.cache}")
         val = CodeRows.from_cache(val_reader, layer, block_rows=config.block_rows)
     elif config.val_fraction is not None:
-        train_rows, val_rows = _validation_split(rows.targets, config.val_fraction, config.seed)
+        train_rows, val_rows = validation_rows(rows.targets, config.val_fraction, config.seed,
+                                               "raise --val-fraction or pass --val-cache")
         all_targets = rows.targets
         rows = CodeRows.from_cache(reader, layer, train_rows, config.block_rows, all_targets)
         val = CodeRows.from_cache(reader, layer, val_rows, config.block_rows, all_targets)
@@ -102,21 +104,6 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
                          validation_score(rows.targets, score_rows(head, rows)),
                          None if val is None else validation_score(val.targets, score_rows(head, val)),
                          chosen, len(head.curve_) if head.curve_ else None)
-
-
-def _validation_split(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row numbers of a seeded split: stratified by class for single-label targets."""
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < fraction < 1:
-        raise HeadError(f"--val-fraction must be between 0 and 1, got {fraction}")
-    try:
-        train_rows, val_rows = train_test_split(np.arange(len(targets)), test_size=fraction, random_state=seed,
-                                                stratify=None if targets.ndim == 2 else targets)
-    except ValueError as exc:
-        raise HeadError(f"cannot split off a stratified validation set: {exc}; "
-                        "raise --val-fraction or pass --val-cache") from None
-    return np.sort(train_rows), np.sort(val_rows)
 
 
 def _only_layer(reader) -> str:

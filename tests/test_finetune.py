@@ -193,7 +193,7 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     error = refused("--resume", "--epochs", "3", "--lr", "1e30")
     assert "in epoch 2, batch" in error and "last good checkpoint" in error and "epoch 1) is kept" in error
     assert last.read_bytes() == good
-    assert "--early-stop needs validation data" in refused("--early-stop", "--overwrite")
+    assert "--early-stop needs validation images" in refused("--early-stop", "--overwrite")
     assert "--crop-scale must be in (0, 1], got 0.0" in refused("--crop-scale", "0", "--overwrite")
     last.write_bytes(b"not a checkpoint")
     assert f"{last} is not a tl checkpoint; delete it and start over" in refused("--resume", "--epochs", "3")
@@ -325,3 +325,34 @@ def test_augmentation_is_mild_by_default_and_can_be_turned_off(alexnet_head):
     assert all(not torch.equal(SeededItems(varied, 1)[i][0], evaluation[i][0]) for i in range(len(source)))
     crop = varied.transform.transforms[0]
     assert crop.scale == (0.5, 1.0)  # at least half the image: the head was fitted on centre crops
+
+
+def test_validation_held_out_of_the_training_images(alexnet_head, tmp_path, monkeypatch):
+    """--val-fraction: early stopping watches a seeded, stratified share of the training images, never
+    trained on; with --val-data as well it is refused (two validation sets)."""
+    import pipeline.finetune as stage
+
+    seen = {}
+    validate, image_set = stage._validate, stage.image_set
+
+    def spy_set(source, *args, **kwargs):
+        seen.setdefault("sets", []).append(sorted(sample.sample_id for sample in source.samples))
+        return image_set(source, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "image_set", spy_set)
+    monkeypatch.setattr(stage, "_validate", lambda model, dataset, *a: {**validate(model, dataset, *a),
+                                                                        "images": len(dataset)})
+    result = finetune(alexnet_head, tmp_path / "m.pt", epochs=2, early_stop=True, val_fraction=0.33)
+    trained, held_out = seen["sets"]
+    assert len(trained) == 8 and len(held_out) == 4 and not set(trained) & set(held_out)
+    assert sum(sample.startswith("a/") for sample in held_out) == 2  # stratified: two of each class
+    assert [point["images"] for point in result.history] == [4, 4] and "val_loss" in result.history[0]
+    again = []
+    monkeypatch.setattr(stage, "image_set", lambda source, *a, **k: again.append(
+        sorted(s.sample_id for s in source.samples)) or image_set(source, *a, **k))
+    finetune(alexnet_head, tmp_path / "m2.pt", epochs=1, val_fraction=0.33)
+    assert again == [trained, held_out]  # seeded
+    with pytest.raises(Exception, match="--val-data and --val-fraction"):
+        finetune(alexnet_head, tmp_path / "m3.pt", val_fraction=0.3, val_data=alexnet_head / "val")
+    with pytest.raises(Exception, match="--early-stop needs validation images"):
+        finetune(alexnet_head, tmp_path / "m4.pt", early_stop=True)

@@ -88,6 +88,11 @@ class VocSource(Source):
     def columns(self, index: int) -> dict[str, np.ndarray]:
         return {"ignore": self._ignore[index]}
 
+    def keep(self, indices) -> None:
+        super().keep(indices)
+        self.annotations = [self.annotations[i] for i in indices]
+        self._ignore = [self._ignore[i] for i in indices]
+
     @staticmethod
     def _parse(root: Path, image_id: str):
         """(jpeg path, width, height, [(name, (x0, y0, x1, y1), difficult)], boxes skipped) of one annotation
