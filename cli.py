@@ -224,7 +224,7 @@ def tl():
 @workers_option()
 @device_option()
 @precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
-@option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class.")
+@option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class (0: every image).")
 @option("--seed", type=int)
 @option("--decode", type=RegistryChoice("pipeline.decoding:DECODE_MODES"), describe="cli:decode_help",
         help="How an image becomes the centre crop; part of the cache key (heads refuse codes of the other mode).")
@@ -272,6 +272,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
         first = result.skipped[0]
         click.echo(f"warning: skipped {len(result.skipped)} unreadable images (listed in the manifest's "
                    f"'skipped'), e.g. {first['sample_id']}: {first['reason']}", err=True)
+    return result
 
 
 @tl.command()
@@ -356,6 +357,7 @@ def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_de
     click.echo(f"  train {result.metric} {result.train_score:.4f}"
                + (f", validation {result.metric} {result.val_score:.4f} ({result.val_rows} rows)"
                   if result.val_score is not None else ""))
+    return result
 
 
 def _count(number: int, thing: str, things: str | None = None) -> str:
@@ -425,6 +427,7 @@ def evaluate(format_, **options):
     click.echo(f"\nreport: {result.out / 'report.md'}" + (f" (+ {', '.join(beside)})" if beside else ""))
     if options.get("save_predictions"):
         click.echo(f"predictions: {options['save_predictions']}")
+    return result
 
 
 @stage_defaults("pipeline.predict:PredictConfig")
@@ -519,7 +522,7 @@ def quickstart(out, per_class, seed, quiet):
 @format_option()
 @option("--split")
 @option("--classes", help="voc data: voc, auto or a comma list.")
-@option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class.")
+@option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class (0: every image).")
 @option("--head", type=click.Path(path_type=Path), required=True,
         help="Stage-two head: the model is its backbone up to its layer, then the head.")
 @option("--unfreeze", type=int, help="Also train the last N conv layers and every layer after them (0: the head only).")
@@ -579,8 +582,78 @@ def finetune(format_, lr_steps, lr_factors, quiet, **options):
     if result.val:
         click.echo("  validation " + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" if isinstance(v, float)
                                                else f"{k.removeprefix('val_')} {v}" for k, v in result.val.items()))
+    return result
 
 
+
+class ClickStages:
+    """What `tl run` (pipeline.run) needs of the click layer: each stage command's recipe keys, a step
+    parsed and type-checked as its command would (nothing runs), and a step run as its command."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def options(self) -> dict:
+        from pipeline.recipe import STAGES, StageOptions
+
+        return {stage: StageOptions(_option_keys(tl.commands[stage]),
+                                    {p.name for p in tl.commands[stage].params if getattr(p, "is_flag", False)})
+                for stage in STAGES}
+
+    def _context(self, step, defaults: dict) -> click.Context:
+        return tl.commands[step.stage].make_context(step.stage, [], default_map=defaults)
+
+    def parse(self, recipe, step) -> dict:
+        from pipeline.errors import ConfigError
+
+        keys = {name: key for key, name in _option_keys(tl.commands[step.stage]).items()}
+        try:
+            return dict(self._context(step, step.defaults).params)
+        except click.BadParameter as exc:  # MissingParameter included
+            key = keys.get(exc.param.name, exc.param.name) if exc.param is not None else "?"
+            if isinstance(exc, click.MissingParameter):
+                raise ConfigError(f"recipe {recipe.path}: {step.label} needs '{key}' (its --{key.replace('_', '-')}"
+                                  " option)") from None
+            raise ConfigError(f"recipe {recipe.path}: {step.label} key '{key}': {exc.message}") from None
+        except click.UsageError as exc:
+            raise ConfigError(f"recipe {recipe.path}: {step.label}: {exc.format_message()}") from None
+
+    def execute(self, step, extra: dict):
+        defaults = {**step.defaults, **extra, **({"quiet": True} if self.quiet else {})}
+        context = self._context(step, defaults)
+        with context:
+            return context.command.invoke(context)
+
+
+@tl.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-s", "--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value: key (every stage), section.key, or section.N.key (N-th step of a "
+                   "list section); values read as YAML. Repeatable.")
+@click.option("--only", type=click.Choice(("extract", "fit-head", "finetune", "evaluate")),
+              help="Run only this stage's steps.")
+@click.option("--from", "start", type=click.Choice(("extract", "fit-head", "finetune", "evaluate")),
+              help="Run this stage's steps and those after them.")
+@click.option("--rerun", is_flag=True, help="Run the chosen steps even when their outputs are up to date.")
+@click.option("--track", type=click.Choice(("mlflow",)),
+              help="Log every step as a nested MLflow run (needs the mlflow extra: pip install 'tl[mlflow]').")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run(recipe, sets, only, start, rerun, track, quiet):
+    """Run every stage a recipe names, in order, skipping steps whose outputs are up to date.
+
+    The whole recipe is checked first (keys, types, paths, no validation on test data); a re-run
+    after a crash or a changed setting redoes only what changed.
+    """
+    from pipeline.run import RunConfig, run_recipe
+
+    result = run_recipe(RunConfig(recipe, tuple(sets), only, start, rerun, track), ClickStages(quiet), say=click.echo)
+    click.echo(f"\ndone in {result.seconds:.0f} s: {_count(len(result.ran), 'step')} ran, "
+               f"{len(result.skipped)} up to date"
+               + "".join(f", {name} {value:.4f}" for name, value in result.metrics.items()
+                         if name in ("accuracy", "mAP")))
+    if result.where:
+        click.echo(f"tracked: {result.where}")
+    return result
 
 
 class Terminated(BaseException):

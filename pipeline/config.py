@@ -1,7 +1,8 @@
 """Config files: a YAML recipe of `option: value` pairs read, checked and turned into a command's defaults.
 
 Top-level keys apply to every command that has such an option; a section named after a command
-(`extract:`) applies to that command only and wins over top-level keys. Flags given on the command
+(`extract:`) applies to that command only and wins over top-level keys. A section may list several
+steps (a recipe for `tl run`, pipeline.recipe); a command reading such a section by itself says so. Flags given on the command
 line win over both (the CLI passes these values to click as defaults). Free of torch.
 """
 
@@ -49,6 +50,11 @@ def command_defaults(path: Path, command: str, options: dict[str, str], known: s
     for raw_key, setting in document.items():
         key = str(raw_key).replace("-", "_")
         if str(raw_key) in sections:
+            if isinstance(setting, list) and raw_key == command:
+                raise ConfigError(f"config file {path}: section {raw_key} lists {len(setting)} steps; run them "
+                                  f"with tl run {path} --only {raw_key}")
+            if isinstance(setting, list):
+                continue
             if not isinstance(setting, dict):
                 raise ConfigError(f"config file {path}: section {raw_key} must be a mapping")
             if raw_key == command:
@@ -68,13 +74,13 @@ def command_defaults(path: Path, command: str, options: dict[str, str], known: s
         if isinstance(setting, bool) and parameter not in flags:  # click would read true as 1
             raise ConfigError(f"config file {path}: '{parameter.rstrip('_')}' takes a value, not "
                               f"{str(setting).lower()}")
-        defaults[parameter] = _as_flag_value(path, parameter, setting)
+        defaults[parameter] = as_flag_value(f"config file {path}", parameter, setting)
     return defaults
 
 
-def _as_flag_value(path: Path, parameter: str, setting):
+def as_flag_value(where: str, parameter: str, setting):
     """A config value as the flag would give it: a scalar, or a list joined with commas. Anything else
-    (an empty value, a mapping where a value belongs) is one line naming the key."""
+    (an empty value, a mapping where a value belongs) is one line naming the key and `where` it is."""
     if isinstance(setting, (list, tuple)) and all(isinstance(item, SCALARS) for item in setting):
         return ",".join(str(item) for item in setting)
     if isinstance(setting, (int, float)) and not isinstance(setting, bool):
@@ -83,5 +89,5 @@ def _as_flag_value(path: Path, parameter: str, setting):
         return setting
     kind = "no value" if setting is None else f"a {type(setting).__name__}"
     name = parameter.rstrip("_")
-    raise ConfigError(f"config file {path}: '{name}' has {kind}; give it a value as on the command line "
+    raise ConfigError(f"{where}: '{name}' has {kind}; give it a value as on the command line "
                       f"(--{name.replace('_', '-')} VALUE)")

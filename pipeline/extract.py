@@ -132,7 +132,7 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
             "format": source.format,
             "split": config.split,
             "fingerprint": source.fingerprint(),
-            "samples_per_class": config.samples_per_class,
+            "samples_per_class": config.samples_per_class or None,  # 0 and None: every image
             "subset_seed": config.seed if config.samples_per_class else None,
             "background_fraction": config.patches.background_fraction if config.multiscale and training else None,
             "background_seed": config.seed if config.multiscale and training else None,

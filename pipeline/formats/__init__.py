@@ -44,13 +44,13 @@ def open_source(
     seed: int = 0,
     classes: str = "voc",
 ) -> Source:
-    """The samples of `data` read as `format`, optionally a seeded subset of N per class."""
+    """The samples of `data` read as `format`, optionally a seeded subset of N per class (0 or None: all)."""
     known = registered_formats()
     if format not in known:
         raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(format_names())}")
     data = Path(data)
     source = known[format].open(data, split, download, classes)
-    if samples_per_class is not None:
+    if samples_per_class:
         source.subset(samples_per_class, seed)
     if not source.samples:
         raise DataError(f"the {format} data at {data} has no samples")

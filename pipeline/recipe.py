@@ -1,0 +1,256 @@
+"""Recipes: one YAML file naming the stages of one experiment, read with its `--set` overrides, checked
+whole and planned into steps before any stage starts (`tl run`). Free of torch.
+
+A recipe is the `--config` file every command reads (top-level keys for every stage that has such an
+option, a section per stage), where a section may also be a list of mappings: one step each (two
+extractions, train and test). Steps run in stage order: extract, fit-head, finetune, evaluate. The
+keys of `tl run` itself (`track`, `experiment`) sit at the top level.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import as_flag_value, read_config
+from pipeline.errors import ConfigError
+
+STAGES = ("extract", "fit-head", "finetune", "evaluate")
+OTHER_COMMANDS = ("predict", "export", "quickstart", "info", "example-data", "run")
+RUN_KEYS = {"track": "where to log the run: mlflow", "experiment": "the MLflow experiment's name"}
+TRACKERS = ("mlflow",)
+
+# the options of each stage that name what it reads: a path made by an earlier step, or data on disk
+INPUTS = {"extract": ("data", "weights"), "fit-head": ("cache", "val_cache"),
+          "finetune": ("data", "head", "val_data", "weights"), "evaluate": ("head", "cache", "model", "data")}
+OUTPUT = "out"
+
+
+@dataclass
+class StageOptions:
+    """A stage's recipe keys (long flags, `-` as `_`) -> the parameters they set, and its on/off switches."""
+
+    keys: dict[str, str]
+    flags: set[str]
+
+
+@dataclass
+class Step:
+    """One stage run of a recipe: its parameter defaults (as the flags would give them), the recipe keys
+    that set them, and once parsed, every parameter's value."""
+
+    stage: str
+    number: int  # 1-based within its section
+    count: int  # steps of its section
+    defaults: dict
+    keys: dict  # recipe key -> value given
+    params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        split = self.params.get("split") if self.stage == "extract" else None
+        return self.stage + (f" {self.number}/{self.count}" if self.count > 1 else "") + (f" ({split})" if split else "")
+
+    def path(self, key: str) -> Path | None:
+        value = self.params.get(key)
+        return None if value in (None, "") else Path(value)
+
+
+@dataclass
+class Recipe:
+    path: Path
+    document: dict
+    sets: tuple[str, ...] = ()
+
+    @property
+    def track(self) -> str | None:
+        return self.document.get("track")
+
+    @property
+    def experiment(self) -> str:
+        return str(self.document.get("experiment") or self.path.stem)
+
+
+def read_recipe(path: Path, sets: tuple[str, ...] = ()) -> Recipe:
+    """The recipe at `path` with each `key=value` of `sets` applied (`key`, `section.key` or
+    `section.N.key` for the N-th step of a list section, from 1); values read as YAML (`true`, `[256, 128]`)."""
+    import yaml
+
+    path = Path(path)
+    document = read_config(path)
+    for assignment in sets:
+        key, equals, text = assignment.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError(f"--set takes key=value (e.g. --set samples_per_class=100 --set finetune.unfreeze=2), "
+                              f"got '{assignment}'")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _assign(document, key.strip().split("."), value, path, assignment)
+    track = document.get("track")
+    if track is not None and track not in TRACKERS:
+        raise ConfigError(f"recipe {path}: track '{track}' is not one of: {', '.join(TRACKERS)}")
+    return Recipe(path, document, tuple(sets))
+
+
+def _assign(document: dict, parts: list[str], value, path: Path, assignment: str) -> None:
+    if len(parts) == 1:
+        document[parts[0]] = value
+        return
+    section, rest = parts[0], parts[1:]
+    if section not in STAGES:
+        raise ConfigError(f"--set {assignment}: '{section}' is not a stage; name one of {', '.join(STAGES)} "
+                          "(or a top-level key alone)")
+    current = document.get(section)
+    if rest[0].isdigit():
+        number = int(rest[0])
+        if not isinstance(current, list) or not 1 <= number <= len(current) or len(rest) != 2:
+            steps = len(current) if isinstance(current, list) else 1 if current else 0
+            raise ConfigError(f"--set {assignment}: section {section} of {path} has {steps} step(s); "
+                              f"use {section}.N.key with N from 1")
+        current[number - 1][rest[1]] = value
+        return
+    if len(rest) != 1:
+        raise ConfigError(f"--set {assignment}: use key, {section}.key or {section}.N.key")
+    if current is None:
+        document[section] = current = {}
+    for item in current if isinstance(current, list) else [current]:
+        if isinstance(item, dict):
+            item[rest[0]] = value
+
+
+def plan(recipe: Recipe, stages: dict[str, StageOptions]) -> list[Step]:
+    """The steps of `recipe`, in stage order; unknown keys, misplaced keys, sections of commands that are
+    not stages and values of the wrong shape are one ConfigError naming the key and the file."""
+    path, document = recipe.path, recipe.document
+    known = {key for options in stages.values() for key in options.keys}
+    top: dict = {}
+    for raw_key, value in document.items():
+        key = str(raw_key)
+        if key in STAGES:
+            continue
+        if key in OTHER_COMMANDS:
+            raise ConfigError(f"recipe {path}: section {key} is not a stage tl run runs "
+                              f"({', '.join(STAGES)}); remove it or run tl {key} by itself")
+        if key in RUN_KEYS:
+            continue
+        if key.replace("-", "_") not in known:
+            raise ConfigError(f"recipe {path}: unknown key '{key}'; top-level keys are stage options (such as "
+                              f"data, backbone, seed) or {', '.join(RUN_KEYS)}")
+        top[key.replace("-", "_")] = value
+    steps: list[Step] = []
+    for stage in STAGES:
+        section = document.get(stage)
+        if section is None:
+            continue
+        items = section if isinstance(section, list) else [section]
+        if not items or not all(isinstance(item, dict) for item in items):
+            raise ConfigError(f"recipe {path}: section {stage} must be a mapping of option: value, or a list of them")
+        options = stages[stage]
+        for number, item in enumerate(items, 1):
+            keys = {k: v for k, v in top.items() if k in options.keys}
+            for raw_key, value in item.items():
+                key = str(raw_key).replace("-", "_")
+                if key not in options.keys:
+                    owners = [name for name in STAGES if key in stages[name].keys]
+                    where = f" (an option of {', '.join(owners)})" if owners else ""
+                    raise ConfigError(f"recipe {path}: {stage} has no option '{raw_key}'{where}")
+                keys[key] = value
+            defaults = {}
+            for key, value in keys.items():
+                parameter = options.keys[key]
+                if isinstance(value, bool) and parameter not in options.flags:
+                    raise ConfigError(f"recipe {path}: {stage} key '{key}' takes a value, not {str(value).lower()}")
+                if parameter in options.flags:
+                    if value in (0, 1) and not isinstance(value, bool):
+                        value = bool(value)  # `mlflow run -P use_early_stop=1`
+                    elif not isinstance(value, bool):
+                        raise ConfigError(f"recipe {path}: {stage} key '{key}' is a switch: true or false, "
+                                          f"not '{value}'")
+                defaults[parameter] = as_flag_value(f"recipe {path}: {stage}", parameter, value)
+            steps.append(Step(stage, number, len(items), defaults, keys))
+    if not steps:
+        raise ConfigError(f"recipe {path} names no stage; add sections such as extract, fit-head, evaluate")
+    return steps
+
+
+def select(steps: list[Step], only: str | None, start: str | None) -> list[Step]:
+    """The steps `--only STAGE` or `--from STAGE` keep (each must name a stage the recipe has)."""
+    for option, stage in (("--only", only), ("--from", start)):
+        if stage is not None and not any(step.stage == stage for step in steps):
+            raise ConfigError(f"{option} {stage}: the recipe has no {stage} section; it has "
+                              f"{', '.join(dict.fromkeys(step.stage for step in steps))}")
+    if only:
+        return [step for step in steps if step.stage == only]
+    if start:
+        return [step for step in steps if STAGES.index(step.stage) >= STAGES.index(start)]
+    return steps
+
+
+def _same(a: Path | None, b: Path | None) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
+    """Cross-step checks on parsed steps, before any runs: every input exists or is made by an earlier
+    step, and no validation data is test data. Returns notes worth a line (training data scored as test)."""
+    path = recipe.path
+    made: list[tuple[Path, Step]] = []
+    for step in steps:
+        for key in INPUTS[step.stage]:
+            given = step.path(key)
+            if given is None or (key == "weights" and str(given) in ("imagenet", "none")):
+                continue
+            maker = next((earlier for out, earlier in made if _same(out, given)), None)
+            if maker is None and not given.exists() and not (key == "data" and step.params.get("download")):
+                raise ConfigError(f"recipe {path}: {step.label} {key} {given} does not exist"
+                                  + (" (--download fetches cifar10 and gtsrb)" if key == "data" else ""))
+            if maker is not None and maker not in chosen and step in chosen and not given.exists():
+                raise ConfigError(f"recipe {path}: {step.label} needs {key} {given}, which {maker.label} makes; "
+                                  "run that stage too (drop --only/--from)")
+        if step.path(OUTPUT) is not None:
+            made.append((step.path(OUTPUT), step))
+    _refuse_peeking(path, steps)
+    notes = []
+    for evaluate in (step for step in steps if step.stage == "evaluate" and step.path("cache")):
+        for fit in (step for step in steps if step.stage == "fit-head"):
+            if _same(fit.path("cache"), evaluate.path("cache")):
+                notes.append(f"{evaluate.label} scores {evaluate.path('cache')}, the cache {fit.label} trained on: "
+                             "its numbers are training numbers, not a test")
+    return notes
+
+
+def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple[str, str] | None:
+    """(data folder, split) that `key` of `step` names: images directly, or a cache an extract step makes."""
+    given = step.path(key)
+    if given is None:
+        return None
+    if key in ("cache", "val_cache"):
+        maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), given)), None)
+        return None if maker is None else _images_of(maker, "data", "split", steps)
+    split = step.params.get(split_key) or step.params.get("split")
+    return os.path.realpath(given), str(split)
+
+
+def _refuse_peeking(path: Path, steps: list[Step]) -> None:
+    tests = {}
+    for step in steps:
+        if step.stage == "evaluate":
+            for key in ("cache", "data"):
+                images = _images_of(step, key, "split", steps)
+                if images and (key == "cache" or step.path("model")):
+                    tests[images] = step
+    for step in steps:
+        validation = {"fit-head": ("val_cache", "val_cache"), "finetune": ("val_data", "val_split")}.get(step.stage)
+        if validation is None:
+            continue
+        images = _images_of(step, validation[0], validation[1], steps)
+        test = tests.get(images) if images else None
+        if test is not None or (step.stage == "fit-head" and any(
+                _same(step.path("val_cache"), s.path("cache")) for s in steps if s.stage == "evaluate")):
+            raise ConfigError(f"recipe {path}: {step.label} validates on the test data of "
+                              f"{(test or step).label} ({validation[0]} {step.path(validation[0])}); early stopping "
+                              "and C selection must not see the test set: use val_fraction (held out of the "
+                              "training data) or a separate validation set")

@@ -1,0 +1,255 @@
+"""`tl run`: every step of a recipe in stage order, each skipped when its output is up to date.
+
+A step's record (`OUT.tl-run.json`, beside its output) holds a digest of its settings and of what it
+read (a data set's listing fingerprint, or the record of the step that made an input), the output's
+size and time as written, and what the step measured. A step whose record matches is skipped and
+says so; one that changed runs again, and everything downstream of it follows through the digests.
+A record is written as "started" before a step runs, so a re-run after a crash resumes a finetune
+from its checkpoint, and a record of other settings lets extract and finetune start over.
+
+The click layer parses and runs the stages (`StageRunner`); this module plans, decides and records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.errors import TLError
+from pipeline.files import write_bytes
+from pipeline.recipe import OUTPUT, INPUTS, StageOptions, Step, check, plan, read_recipe, select
+
+RECORD_FORMAT = "tl-run-record/1"
+RECORD_SUFFIX = ".tl-run.json"
+# settings that change how a stage runs, never what it writes
+NOT_SETTINGS = {"quiet", "workers", "overwrite", "resume", "download", "device", "block_rows"}
+MAIN_FILES = ("manifest.json", "report.json")  # the file that stands for a cache or a report folder
+
+
+class StageRunner(Protocol):
+    def options(self) -> dict[str, StageOptions]: ...
+
+    def parse(self, recipe, step: Step) -> dict: ...
+
+    def execute(self, step: Step, extra: dict): ...
+
+
+@dataclass
+class RunConfig:
+    recipe: Path
+    sets: tuple[str, ...] = ()
+    only: str | None = None
+    start: str | None = None
+    rerun: bool = False
+    track: str | None = None
+
+
+@dataclass
+class RunResult:
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)  # the last evaluate step's
+    model: Path | None = None
+    where: str | None = None  # how to look at the tracked run
+
+
+def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
+    """Read, plan, parse and check the whole recipe (nothing starts on a bad one), then run its steps."""
+    from pipeline.tracking import open_tracker
+
+    started = time.perf_counter()
+    recipe = read_recipe(config.recipe, config.sets)
+    steps = plan(recipe, runner.options())
+    for step in steps:
+        step.params = runner.parse(recipe, step)
+    chosen = select(steps, config.only, config.start)
+    notes = check(recipe, steps, chosen)
+    tracker = open_tracker(config.track or recipe.track, recipe)
+    result = RunResult()
+    for note in notes:
+        say(f"note: {note}")
+    with tracker:
+        for step in chosen:
+            out = step.path(OUTPUT)
+            digest = step_digest(step)
+            record = read_record(out)
+            if not config.rerun and up_to_date(record, digest, out):
+                say(f"== {step.label}: {out} is up to date, skipped")
+                result.skipped.append(step.label)
+            else:
+                extra = _restart(step, record, digest, out, say)
+                say(f"== {step.label}" + (f" -> {out}" if out else ""))
+                write_record(out, step, digest, "started")
+                summary = summarize(step, runner.execute(step, extra))
+                record = write_record(out, step, digest, "done", summary)
+                result.ran.append(step.label)
+            tracker.stage(step, record, skipped=step.label in result.skipped)
+            if step.stage == "evaluate":
+                result.metrics = record.get("metrics", {})
+            if step.stage in ("fit-head", "finetune"):
+                result.model = out
+        result.where = tracker.finish(result.model, result.metrics)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _restart(step: Step, record: dict | None, digest: str, out: Path, say) -> dict:
+    """Flags a step needs to pick up after an earlier run: finetune resumes its own crashed run and
+    starts over after a run of other settings; extract replaces a cache of other settings."""
+    if record is None or not out.exists() and step.stage != "finetune":
+        return {}
+    same = record.get("digest") == digest
+    if step.stage == "finetune":
+        from pipeline.model_files import checkpoint_paths
+
+        if checkpoint_paths(out)[0].exists():
+            if same and record.get("status") == "started":
+                say(f"== {step.label}: resuming the run that stopped (checkpoint {checkpoint_paths(out)[0].name})")
+                return {"resume": True}
+            say(f"== {step.label}: settings or inputs changed since {out} was made: starting over")
+            return {"overwrite": True}
+    if step.stage == "extract" and not same:
+        say(f"== {step.label}: settings or inputs changed since {out} was made: extracting again")
+        return {"overwrite": True}
+    return {}
+
+
+# ---------------------------------------------------------------- records
+
+
+def record_path(out: Path) -> Path:
+    return out.with_name(out.name + RECORD_SUFFIX)
+
+
+def read_record(out: Path | None) -> dict | None:
+    if out is None or not record_path(out).is_file():
+        return None
+    try:
+        record = json.loads(record_path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a damaged record only costs a re-run
+    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+
+
+def _stamp(out: Path) -> list | None:
+    """(size, mtime) of the output's main file: a head or model file, a cache's manifest, a report's json."""
+    main = out
+    if out.is_dir():
+        main = next((out / name for name in MAIN_FILES if (out / name).is_file()), None)
+    if main is None or not main.is_file():
+        return None
+    stat = main.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def up_to_date(record: dict | None, digest: str, out: Path | None) -> bool:
+    return (record is not None and record.get("status") == "done" and record.get("digest") == digest
+            and out is not None and record.get("output") == _stamp(out))
+
+
+def write_record(out: Path | None, step: Step, digest: str, status: str, summary: dict | None = None) -> dict:
+    record = {"format": RECORD_FORMAT, "stage": step.stage, "status": status, "digest": digest,
+              "settings": settings(step), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "output": _stamp(out) if out is not None and status == "done" else None, **(summary or {})}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(record_path(out), json.dumps(record, indent=1, default=str).encode(), "run record")
+    return record
+
+
+def settings(step: Step) -> dict:
+    """The step's parameters that decide its output, as JSON values."""
+    return {key.rstrip("_"): (str(value) if isinstance(value, Path) else value)
+            for key, value in sorted(step.params.items()) if key not in NOT_SETTINGS}
+
+
+def step_digest(step: Step) -> str:
+    """Digest of the step's settings and of what it reads: an input made by a recorded step stands as
+    that record's digest and output stamp; a data set as the fingerprint of its listing."""
+    inputs = {}
+    for key in INPUTS[step.stage]:
+        given = step.path(key)
+        if given is None:
+            continue
+        record = read_record(given)
+        if record is not None:
+            inputs[key] = [record.get("digest"), record.get("output")]
+        elif key in ("data", "val_data"):
+            inputs[key] = _data_fingerprint(step, key)
+        elif given.exists():
+            inputs[key] = _stamp(given) if given.is_file() or given.is_dir() else None
+        else:
+            inputs[key] = str(given)  # "imagenet", "none"
+    text = json.dumps({"stage": step.stage, "settings": settings(step), "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _data_fingerprint(step: Step, key: str) -> str | None:
+    from pipeline.formats import open_source
+
+    split = step.params.get("val_split") if key == "val_data" else None
+    try:
+        source = open_source(step.params.get("format_") or "imagefolder", step.path(key),
+                             split or step.params.get("split") or "train", classes=step.params.get("classes") or "voc")
+    except TLError:
+        return None  # not there yet (--download) or unreadable: the stage itself says so
+    return source.fingerprint()
+
+
+# ---------------------------------------------------------------- what a step measured
+
+
+def summarize(step: Step, result) -> dict:
+    """{"metrics": {name: number}, "history": {name: [[epoch, value], ...]}, "facts": {...},
+    "artifacts": [paths]} of a finished step, from its result and its output files."""
+    out = step.path(OUTPUT)
+    metrics, history, facts, artifacts = {}, {}, {}, []
+    if step.stage == "extract":
+        from cache.manifest import load_manifest
+
+        metrics = {"rows": result.rows, "shards_written": result.shards_written, "shards_reused": result.shards_reused,
+                   "images_skipped": len(result.skipped), "seconds": result.seconds}
+        facts = {"cache_key": load_manifest(out).key}
+        artifacts = [out / "manifest.json"]
+    elif step.stage == "fit-head":
+        from pipeline.model_files import load_head
+
+        head, metadata = load_head(out)
+        metrics = {f"train_{result.metric}": result.train_score, "train_rows": result.train_rows}
+        if result.val_score is not None:
+            metrics.update({f"val_{result.metric}": result.val_score, "val_rows": result.val_rows})
+        history = _curves(head.curve_ or [])
+        facts = {"codes_key": metadata["codes_key"], "chosen": result.chosen}
+        artifacts = [out]
+    elif step.stage == "finetune":
+        metrics = {"epochs_run": result.epochs_run, **(result.val or {})}
+        if result.best_epoch:
+            metrics["best_epoch"] = result.best_epoch
+        history = _curves(result.history)
+        artifacts = [out]
+    elif step.stage == "evaluate":
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+        metrics = {key: value for key, value in report.items() if _number(value)}
+        artifacts = [path for path in result.files if Path(path).parent == out]
+    return {"metrics": {k: v for k, v in metrics.items() if _number(v)}, "history": history, "facts": facts,
+            "artifacts": [str(path) for path in artifacts]}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _curves(points: list[dict]) -> dict:
+    """{metric: [[epoch, value], ...]} of a training curve's numbers (loss, lr, validation metrics)."""
+    curves: dict[str, list] = {}
+    for point in points:
+        for name, value in point.items():
+            if name != "epoch" and _number(value):
+                curves.setdefault(name, []).append([point["epoch"], value])
+    return curves

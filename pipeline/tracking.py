@@ -1,0 +1,105 @@
+"""Run tracking for `tl run --track mlflow`: one parent MLflow run per `tl run`, one nested run per step.
+
+Each step's run holds its settings as parameters (a cache key's contents flattened to `cache_key.*`),
+its training curves as metric histories (`curve/train_loss`, `curve/val_loss`, ...: one value per
+epoch), its final numbers as metrics, and its files as artifacts (report.md, report.json, the plots, the head or model file). The parent holds the
+recipe file, the `--set` overrides, the last evaluation's numbers and the final model under `model/`.
+MLflow is imported here only, and only when tracking is asked for; its tracking URI is its own
+(MLFLOW_TRACKING_URI, else its local default), and a run started by `mlflow run` (MLFLOW_RUN_ID) is
+the parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+MAX_PARAM = 500  # characters of a parameter's value shown in MLflow; longer values are cut with a mark
+
+
+class NoTracking(contextlib.nullcontext):
+    def stage(self, step, record: dict, skipped: bool) -> None:
+        """Nothing is logged without --track."""
+
+    def finish(self, model, metrics: dict) -> None:
+        return None
+
+
+def open_tracker(track: str | None, recipe):
+    if track is None:
+        return NoTracking()
+    if track != "mlflow":
+        raise ConfigError(f"unknown tracker '{track}'; the one tl knows is mlflow")
+    try:
+        import mlflow
+    except ImportError:
+        raise ConfigError("--track mlflow needs the mlflow package: pip install 'tl[mlflow]' "
+                          "(or pip install -e '.[mlflow]' in a checkout)") from None
+    return MlflowTracking(mlflow, recipe)
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """{"a.b": "1"} of nested mappings, every leaf as text (lists as JSON-like text), cut to MAX_PARAM."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+            continue
+        text = "" if value is None else str(value)
+        flat[name] = text if len(text) <= MAX_PARAM else text[:MAX_PARAM - 3] + "..."
+    return flat
+
+
+class MlflowTracking:
+    def __init__(self, mlflow, recipe):
+        self.mlflow, self.recipe, self.parent = mlflow, recipe, None
+
+    def __enter__(self) -> "MlflowTracking":
+        mlflow = self.mlflow
+        if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            mlflow.set_experiment(self.recipe.experiment)
+        self.parent = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else self.recipe.path.stem)
+        mlflow.set_tags({"tl.recipe": str(self.recipe.path), "tl.command": "tl run"})
+        self._params({"recipe": str(self.recipe.path), "set": " ".join(self.recipe.sets)})
+        mlflow.log_artifact(str(self.recipe.path), artifact_path="recipe")
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.mlflow.end_run(status="FINISHED" if kind is None else "KILLED" if not issubclass(kind, Exception)
+                            else "FAILED")
+
+    def _params(self, values: dict) -> None:
+        items = list(flatten(values).items())
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 parameters per call
+            self.mlflow.log_params(dict(items[start:start + 100]))
+
+    def stage(self, step, record: dict, skipped: bool) -> None:
+        mlflow = self.mlflow
+        with mlflow.start_run(run_name=step.label, nested=True):
+            mlflow.set_tags({"tl.stage": step.stage, "tl.skipped": str(skipped).lower(),
+                             "tl.status": "up to date, skipped" if skipped else "ran"})
+            self._params({**record.get("settings", {}), **record.get("facts", {})})
+            metrics = record.get("metrics") or {}
+            if metrics:
+                mlflow.log_metrics(metrics)
+            for name, points in (record.get("history") or {}).items():
+                for epoch, value in points:
+                    mlflow.log_metric(f"curve/{name}", value, step=int(epoch))
+            for path in record.get("artifacts", []):
+                if Path(path).is_file():
+                    mlflow.log_artifact(path)
+
+    def finish(self, model, metrics: dict) -> str:
+        mlflow = self.mlflow
+        if metrics:
+            mlflow.log_metrics(metrics)
+        if model is not None and Path(model).is_file():
+            mlflow.log_artifact(str(model), artifact_path="model")
+        run = self.parent.info
+        uri = mlflow.get_tracking_uri()
+        return (f"MLflow run {run.run_id} (experiment {run.experiment_id}) in {uri}; "
+                f"look with: mlflow ui --backend-store-uri {uri}")
