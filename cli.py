@@ -104,7 +104,7 @@ def stage_defaults(*configs: str, own: tuple[str, ...] = ()):
     def bind(command: click.Command) -> click.Command:
         for param in command.params:
             if isinstance(param, click.Option) and param.name not in own and param.name != "config" \
-                    and (param.default is None or param.default is False or param.default is UNSET):
+                    and not param.required and (param.default is None or param.default is False or param.default is UNSET):
                 param.default = StageDefault(configs, param.name.rstrip("_"), False if param.is_flag else None)
         return command
 

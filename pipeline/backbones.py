@@ -219,8 +219,13 @@ def weights_for_digest(backbone: Backbone, digest: str, path: str | None = None)
     """The weights a recorded digest names (the inverse of `resolve_weights`). Weights from a file need
     that file again (`path`), and it must be the same file."""
     kind, _, detail = digest.partition(":")
+    made = {"random-init": "random initial weights", "file": "a weights file"}.get(kind, f"the published {detail}")
+    if path in ("imagenet", "none"):  # a recipe's top-level `weights:` reaches every stage: it must agree
+        if kind != {"imagenet": "imagenet", "none": "random-init"}[path]:
+            raise BackboneError(f"--weights {path} was given, but the head's codes came from {made}; "
+                                "drop --weights or name the same weights")
+        path = None
     if path is not None and kind != "file":  # silently ignoring it would hide a mix-up of files
-        made = "random initial weights" if kind == "random-init" else f"the published {detail}"
         raise BackboneError(f"--weights {path} was given, but the head's codes came from {made}, not from a "
                             "weights file; drop --weights")
     if kind == "random-init":

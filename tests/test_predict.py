@@ -77,6 +77,12 @@ def test_predict_refuses_what_it_cannot_use(run_tl, tmp_path):
 def test_weights_are_found_again_from_their_digest(tmp_path):
     alexnet = get_backbone("alexnet")
     assert weights_for_digest(alexnet, "random-init:seed=7").seed == 7
+    # a recipe's top-level `weights: none` (or imagenet) reaches finetune and predict: it must agree
+    assert weights_for_digest(alexnet, "random-init:seed=7", "none").seed == 7
+    with pytest.raises(BackboneError, match="--weights imagenet was given, but the head's codes came from random"):
+        weights_for_digest(alexnet, "random-init:seed=7", "imagenet")
+    with pytest.raises(BackboneError, match="--weights none was given, but the head's codes came from a weights file"):
+        weights_for_digest(alexnet, "file:sha256=" + "0" * 64, "none")
     with pytest.raises(BackboneError, match="pass that file with --weights PATH"):
         weights_for_digest(alexnet, "file:sha256=" + "0" * 64)
     (tmp_path / "other.pt").write_bytes(b"other weights")

@@ -1,0 +1,210 @@
+"""`tl run`: a recipe in one command. The digits recipe end to end, then skipped when up to date and
+partly redone when a setting changes; --only/--from/--rerun; a crashed finetune resumed; every bad
+recipe refused in one line before any stage starts; no validation on the test data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, blobs, make_image_folder, write_code_cache
+
+DIGITS = REPO / "configs" / "digits_efficientnet_lite0.yaml"
+
+
+def _steps(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("== ")]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The digits recipe's data, run once by `tl run` in a scratch working directory."""
+    root = tmp_path_factory.mktemp("run")
+    subprocess.run([sys.executable, "-m", "cli", "example-data", root / "data/digits", "--per-class", "8"], cwd=REPO,
+                   check=True, capture_output=True)
+    return root
+
+
+def test_digits_recipe_runs_end_to_end_then_only_what_changed(run_tl, digits_run, monkeypatch):
+    monkeypatch.chdir(digits_run)
+    first = run_tl("run", DIGITS, "--quiet")
+    assert first.code == 0, first
+    assert _steps(first.out) == ["== extract 1/2 (train) -> caches/digits-train",
+                                 "== extract 2/2 (test) -> caches/digits-test",
+                                 "== fit-head -> heads/digits-logreg.pt", "== evaluate -> reports/digits-logreg"]
+    assert "4 steps ran, 0 up to date" in first.out
+    report = json.loads((digits_run / "reports/digits-logreg/report.json").read_text())
+    assert report["accuracy"] >= 0.5
+    record = json.loads((digits_run / "heads/digits-logreg.pt.tl-run.json").read_text())
+    assert record["status"] == "done" and record["settings"]["val_fraction"] == 0.2
+    assert record["metrics"]["val_accuracy"] >= 0 and record["facts"]["codes_key"]["backbone"] == "efficientnet_lite0"
+
+    again = run_tl("run", DIGITS, "--quiet")
+    assert again.code == 0 and "0 steps ran, 4 up to date" in again.out, again
+    assert all(line.endswith("is up to date, skipped") for line in _steps(again.out))
+
+    head_changed = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]")
+    assert _steps(head_changed.out)[2:] == ["== fit-head -> heads/digits-logreg.pt",
+                                            "== evaluate -> reports/digits-logreg"], head_changed
+    assert all("skipped" in line for line in _steps(head_changed.out)[:2])
+
+    (digits_run / "reports/digits-logreg/report.json").write_text("{}")  # an output changed by hand is redone
+    redone = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--only", "evaluate")
+    assert _steps(redone.out) == ["== evaluate -> reports/digits-logreg"], redone
+    forced = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--from", "fit-head", "--rerun")
+    assert _steps(forced.out) == ["== fit-head -> heads/digits-logreg.pt", "== evaluate -> reports/digits-logreg"]
+    data_changed = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--set", "extract.2.samples_per_class=1")
+    assert _steps(data_changed.out)[1:] == ["== extract 2/2 (test): settings or inputs changed since "
+                                            "caches/digits-test was made: extracting again",
+                                            "== extract 2/2 (test) -> caches/digits-test",
+                                            "== fit-head: heads/digits-logreg.pt is up to date, skipped",
+                                            "== evaluate -> reports/digits-logreg"], data_changed
+    assert json.loads((digits_run / "reports/digits-logreg/report.json").read_text())["rows"] == 10
+
+
+def test_mlflow_is_never_imported_without_track(tmp_path):
+    code = ("import sys, cli\n"
+            "try:\n    cli.main(['run', sys.argv[1]])\nexcept SystemExit:\n    pass\n"
+            "print('mlflow' in sys.modules)")
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: nowhere, out: h.pt}\n")
+    done = subprocess.run([sys.executable, "-c", code, tmp_path / "r.yaml"], cwd=REPO, capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-1] == "False", done
+    assert "fit-head cache nowhere does not exist" in done.stderr
+
+
+@pytest.fixture
+def code_caches(tmp_path):
+    classes = [f"class{c}" for c in range(3)]
+    write_code_cache(tmp_path / "caches/train", *blobs(3, n=90, classes=3, width=16), classes)
+    write_code_cache(tmp_path / "caches/test", *blobs(3, n=30, classes=3, width=16, draw=1), classes)
+    make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=2)
+    return tmp_path
+
+
+def _recipe(root, text: str):
+    path = root / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BAD_RECIPES = [
+    ("unknown_key", "colour: red\nfit-head: {cache: caches/train, out: h.pt}\n", "unknown key 'colour'"),
+    ("misplaced", "fit-head: {cache: caches/train, out: h.pt, unfreeze: 2}\n",
+     "fit-head has no option 'unfreeze' (an option of finetune)"),
+    ("other_command", "export: {model: m.pt}\nfit-head: {cache: caches/train, out: h.pt}\n",
+     "section export is not a stage tl run runs"),
+    ("missing_data", "extract: {data: no/such/folder, out: caches/x}\n", "extract (train) data no/such/folder does not exist"),
+    ("type", "fit-head: {cache: caches/train, out: h.pt, max_epochs: many}\n",
+     "fit-head key 'max_epochs': 'many' is not a valid integer"),
+    ("required", "evaluate: {head: h.pt, cache: caches/test}\n", "evaluate needs 'out'"),
+    ("switch", "fit-head: {cache: caches/train, out: h.pt, early_stop: sometimes}\n",
+     "fit-head key 'early_stop' is a switch: true or false"),
+    ("section_shape", "fit-head: [1, 2]\n", "section fit-head must be a mapping"),
+    ("no_stage", "seed: 1\n", "names no stage"),
+    ("input_of_no_step", "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "evaluate head h.pt does not exist"),
+    ("val_is_test_cache", "fit-head: {cache: caches/train, val_cache: caches/test, out: h.pt}\n"
+                          "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "fit-head validates on the test data"),
+    ("val_is_test_images", "format: imagefolder\n"
+                           "extract: [{data: images, split: train, out: caches/a}, {data: images, split: test, out: caches/b}]\n"
+                           "fit-head: {cache: caches/a, out: h.pt}\n"
+                           "finetune: {data: images, head: h.pt, val_data: images, val_split: test, out: m.pt}\n"
+                           "evaluate: {head: h.pt, cache: caches/b, out: r}\n", "finetune validates on the test data"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", BAD_RECIPES, ids=[case[0] for case in BAD_RECIPES])
+def test_a_bad_recipe_is_one_line_before_any_stage(run_tl, code_caches, monkeypatch, name, text, message):
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, text)
+    before = sorted(p.relative_to(code_caches) for p in code_caches.rglob("*"))
+    result = run_tl("run", recipe)
+    assert result.code == 2 and result.err.count("\n") == 1 and message in result.err, result
+    assert "recipe.yaml" in result.err or name == "no_stage" or "recipe" in result.err
+    assert "==" not in result.out
+    assert sorted(p.relative_to(code_caches) for p in code_caches.rglob("*")) == before
+
+
+def test_a_required_option_left_out_is_one_line(run_tl):
+    """A required option (here evaluate's --out) never takes a stage default of None."""
+    result = run_tl("evaluate", "--head", "h.pt", "--cache", "c")
+    assert result.code == 2 and result.err.startswith("error: Missing option '--out'"), result
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("nokey", "--set takes key=value"), ("predict.top_k=3", "'predict' is not a stage"),
+    ("extract.3.seed=1", "has 0 step(s)"), ("track=wandb", "track 'wandb' is not one of: mlflow")])
+def test_a_bad_set_is_one_line(run_tl, code_caches, monkeypatch, assignment, message):
+    monkeypatch.chdir(code_caches)
+    result = run_tl("run", _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt}\n"), "--set", assignment)
+    assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
+
+
+def test_only_and_from_need_the_stage_and_its_inputs(run_tl, code_caches, monkeypatch):
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, "fit-head: {cache: caches/train, out: heads/h.pt}\n"
+                                  "evaluate: {head: heads/h.pt, cache: caches/test, out: reports/r}\n")
+    missing = run_tl("run", recipe, "--only", "evaluate")
+    assert missing.code == 2 and "which fit-head makes; run that stage too" in missing.err, missing
+    assert run_tl("run", recipe, "--only", "finetune").err.startswith("error: --only finetune: the recipe has no")
+    assert run_tl("run", recipe, "--only", "fit-head", "--quiet").code == 0
+    evaluated = run_tl("run", recipe, "--from", "evaluate")
+    assert evaluated.code == 0 and _steps(evaluated.out) == ["== evaluate -> reports/r"], evaluated
+    assert json.loads((code_caches / "reports/r/report.json").read_text())["accuracy"] > 0.6
+
+
+def test_a_training_cache_scored_as_test_is_said(run_tl, code_caches, monkeypatch):
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt, val_fraction: 0.2}\n"
+                                  "evaluate: {head: h.pt, cache: caches/train, out: r}\n")
+    result = run_tl("run", recipe, "--quiet")
+    assert result.code == 0 and "note: evaluate scores caches/train, the cache fit-head trained on" in result.out
+
+
+def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_path, monkeypatch):
+    """A finetune stopped after its first checkpoint (its record says "started", the model file is not
+    written) resumes on the next `tl run`; after a finished run, a changed setting starts over."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "images" / "train", classes=("a", "b"), per_class=4)
+    recipe = _recipe(tmp_path, """\
+        data: images
+        backbone: alexnet
+        weights: none
+        quiet: true
+        extract: {layers: [pool5], dtype: float32, out: caches/train}
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 2, batch_size: 4, val_fraction: 0.25, out: models/m.pt}
+        """)
+    assert run_tl("run", recipe).code == 0
+    record_path = tmp_path / "models/m.pt.tl-run.json"
+    record = json.loads(record_path.read_text())
+    assert [point[0] for point in record["history"]["train_loss"]] == [1, 2] and "val_loss" in record["history"]
+    record["status"] = "started"
+    record_path.write_text(json.dumps(record))
+    (tmp_path / "models/m.pt").unlink()
+    resumed = run_tl("run", recipe)
+    assert resumed.code == 0 and "== finetune: resuming the run that stopped (checkpoint m.last.ckpt)" in resumed.out
+    assert "resumed after epoch 2" in resumed.out, resumed
+    changed = run_tl("run", recipe, "--set", "finetune.lr=0.001")
+    assert changed.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in changed.out
+    assert "wrote models/m.pt: 2 epochs run" in changed.out, changed
+
+
+def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):
+    result = run_tl("extract", "--config", REPO / "configs" / "cifar10_vgg16.yaml")
+    assert result.code == 2 and "section extract lists 2 steps; run them with tl run" in result.err, result
+
+
+def test_every_shipped_recipe_plans_and_names_known_options(run_tl, tmp_path, monkeypatch):
+    """Each recipe in configs/ passes tl run's checks up to the data it needs (absent here)."""
+    monkeypatch.chdir(tmp_path)
+    for config in sorted((REPO / "configs").glob("*.yaml")):
+        recipe = yaml.safe_load(config.read_text())
+        assert {"extract", "fit-head", "evaluate"} <= set(recipe), config.name
+        assert "tl extract" not in config.read_text(), f"{config.name} still lists commands by hand"
+        result = run_tl("run", config)
+        assert result.code == 2 and f"data {recipe['data']} does not exist" in result.err, (config.name, result)
