@@ -60,7 +60,8 @@ class MlflowTracking:
 
     def __enter__(self) -> "MlflowTracking":
         mlflow = self.mlflow
-        if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        self.chose_experiment = not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID")
+        if self.chose_experiment:
             mlflow.set_experiment(self.recipe.experiment)
         self.parent = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else self.recipe.path.stem)
         mlflow.set_tags({"tl.recipe": str(self.recipe.path), "tl.command": "tl run"})
@@ -71,6 +72,8 @@ class MlflowTracking:
     def __exit__(self, kind, value, traceback) -> None:
         self.mlflow.end_run(status="FINISHED" if kind is None else "KILLED" if not issubclass(kind, Exception)
                             else "FAILED")
+        if self.chose_experiment:  # set_experiment exports it; a later run in this process chooses its own
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
     def _params(self, values: dict) -> None:
         items = list(flatten(values).items())

@@ -1,0 +1,115 @@
+"""`tl run --track mlflow` and `mlflow run .`: every step a nested MLflow run in a real local store,
+read back with MlflowClient (parameters, metric histories, artifacts); without the package, one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, blobs, write_cifar10, write_code_cache
+
+mlflow = pytest.importorskip("mlflow", reason="the test extra installs mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+
+def _runs(uri: str):
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    return client, parents, runs
+
+
+def _artifacts(client, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_each_step_is_a_nested_run_with_params_histories_and_artifacts(run_tl, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    classes = [f"class{c}" for c in range(3)]
+    write_code_cache(tmp_path / "caches/train", *blobs(4, n=90, classes=3, width=16), classes)
+    write_code_cache(tmp_path / "caches/test", *blobs(4, n=30, classes=3, width=16, draw=1), classes)
+    (tmp_path / "recipe.yaml").write_text(
+        "experiment: blobs\nseed: 0\n"
+        "fit-head: {cache: caches/train, head: mlp, hidden: [8], max_epochs: 3, batch_size: 8, val_fraction: 0.2, out: heads/h.pt}\n"
+        "evaluate: {head: heads/h.pt, cache: caches/test, out: reports/r}\n")
+    result = run_tl("run", "recipe.yaml", "--track", "mlflow", "--quiet", "--set", "fit-head.lr=0.05")
+    assert result.code == 0, result
+    assert f"look with: mlflow ui --backend-store-uri {uri}" in result.out
+
+    client, parents, runs = _runs(uri)
+    assert len(parents) == 1 and len(runs) == 3
+    parent = parents[0]
+    assert client.get_experiment(parent.info.experiment_id).name == "blobs"
+    assert parent.data.params["set"] == "fit-head.lr=0.05" and parent.data.metrics["accuracy"] > 0.6
+    assert _artifacts(client, parent.info.run_id) == {"recipe/recipe.yaml", "model/h.pt"}
+    children = {run.data.tags["tl.stage"]: run for run in runs if run is not parent}
+    assert {run.data.tags["mlflow.parentRunId"] for run in children.values()} == {parent.info.run_id}
+
+    fit = children["fit-head"]
+    assert fit.data.params["head"] == "mlp" and fit.data.params["lr"] == "0.05" and fit.data.params["hidden"] == "8"
+    assert any(name.startswith("codes_key.") for name in fit.data.params) and fit.data.tags["tl.skipped"] == "false"
+    assert fit.data.metrics["val_accuracy"] > 0.6
+    losses = client.get_metric_history(fit.info.run_id, "curve/train_loss")
+    assert sorted(point.step for point in losses) == [1, 2, 3]
+    assert len(client.get_metric_history(fit.info.run_id, "curve/val_loss")) == 3
+    assert _artifacts(client, fit.info.run_id) == {"h.pt"}
+
+    evaluated = children["evaluate"]
+    assert evaluated.data.metrics["accuracy"] == parent.data.metrics["accuracy"]
+    assert {"report.md", "report.json", "report.html", "confusion_matrix.png", "pr_curves.png",
+            "training_curve.png"} <= _artifacts(client, evaluated.info.run_id)
+
+    again = run_tl("run", "recipe.yaml", "--track", "mlflow", "--quiet", "--set", "fit-head.lr=0.05")
+    assert again.code == 0 and "0 steps ran, 2 up to date" in again.out
+    _, parents, runs = _runs(uri)
+    latest = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id]
+    assert len(parents) == 2 and {run.data.tags["tl.skipped"] for run in latest} == {"true"}
+    skipped_fit = next(run for run in latest if run.data.tags["tl.stage"] == "fit-head")
+    assert skipped_fit.data.metrics["val_accuracy"] == fit.data.metrics["val_accuracy"]  # from the record
+
+
+def test_track_without_the_package_is_one_line(run_tl, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow raises ImportError
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+    result = run_tl("run", "r.yaml", "--track", "mlflow")
+    assert result.code == 2 and result.err == ("error: --track mlflow needs the mlflow package: pip install "
+                                               "'tl[mlflow]' (or pip install -e '.[mlflow]' in a checkout)\n")
+    assert not (tmp_path / "h.pt").exists()
+
+
+def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
+    """`mlflow run . --env-manager local -P ...` with the repository's MLproject, on tiny CIFAR-format
+    batches (a random alexnet stands in for ImageNet VGG16, which this machine cannot download)."""
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    shutil.copy(REPO / "MLproject", project)
+    shutil.copy(REPO / "configs" / "cifar10_vgg16.yaml", project / "configs")
+    write_cifar10(project / "data" / "cifar10", per_batch=20)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
+                           "-P", "samples_per_class=300", "-P", "retrained_conv_layers=0", "-P", "use_early_stop=1",
+                           "-P", "max_epochs=2", "-P", "backbone=alexnet", "-P", "weights=none"],
+                          cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    client, parents, runs = _runs(uri)
+    assert len(parents) == 1 and len(runs) == 7  # the project's run, then 2 extracts, fit-head, finetune, 2 evaluates
+    parent = parents[0]
+    assert parent.data.params["retrained_conv_layers"] == "0" and parent.data.params["max_epochs"] == "2"
+    assert "model/cifar10-vgg16.pt" in _artifacts(client, parent.info.run_id)
+    finetune = next(run for run in runs if run.data.tags.get("tl.stage") == "finetune")
+    assert finetune.data.params["unfreeze"] == "0" and finetune.data.params["early_stop"] == "True"
+    assert finetune.data.params["val_fraction"] == "0.2"
+    assert len(client.get_metric_history(finetune.info.run_id, "curve/val_loss")) >= 1
+    assert (project / "models" / "cifar10-vgg16.pt").is_file()
