@@ -63,10 +63,10 @@ def write_cifar10(root: Path, per_batch=6, seed=0) -> Path:
     return root
 
 
-def write_gtsrb(root: Path) -> Path:
+def write_gtsrb(root: Path, classes=(0, 2, 42)) -> Path:
     """torchvision's GTSRB layout: Training/<class>/*.ppm, Final_Test/Images/*.ppm + GT-final_test.csv."""
     base = root / "gtsrb" / "GTSRB"
-    for class_id in (0, 2, 42):
+    for class_id in classes:
         for i in range(2):
             write_image(base / "Training" / f"{class_id:05d}" / f"{class_id:05d}_{i:05d}.ppm", seed=class_id * 10 + i)
     rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
