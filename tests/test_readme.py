@@ -16,7 +16,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 COMMAND_HEADING = re.compile(r"^### `tl ([a-z][a-z-]*)")
 ANY_HEADING = re.compile(r"^#{1,3} ")
 FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9-]*")
-ONCE_FOR_ALL = {"--config"}  # described once, in the README's "Config files" section
+ONCE_FOR_ALL = {"--config"}  # described once, in the README's "Recipes" section
 
 
 def option_spellings(command: click.Command) -> list[tuple[str, set[str]]]:
