@@ -684,6 +684,25 @@ def _process_excepthook(kind, value, traceback) -> None:
         sys.__excepthook__(kind, value, traceback)
 
 
+def _unraisable(unraisable) -> None:
+    """A stop that lands while Python runs a weakref callback or a `__del__` is "ignored" there (printed,
+    then the run went on to exit 0, seen once in CI): it is delivered again, so the stop still happens,
+    with its one line. Anything else, Python's own report."""
+    import os
+    import signal
+
+    kind = unraisable.exc_type
+    if kind is not None and issubclass(kind, (Terminated, KeyboardInterrupt)):
+        # sent from another thread a moment later: raised inside this hook, it would be ignored once more
+        # (and if it lands in a finalizer again, this hook sends it again)
+        number = signal.SIGTERM if issubclass(kind, Terminated) else signal.SIGINT
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), number))
+        timer.daemon = True
+        timer.start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 RESUME_HINT = ("nothing finished was lost: run the same command again (tl extract resumes its shards; "
                "tl finetune: add --resume)")
 
@@ -695,6 +714,7 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _terminated)
     threading.excepthook = _thread_excepthook
     sys.excepthook = _process_excepthook
+    sys.unraisablehook = _unraisable
     for stream in (sys.stdout, sys.stderr):
         # file names that are not UTF-8 are printed as their own bytes, not a UnicodeEncodeError
         if callable(getattr(stream, "reconfigure", None)):

@@ -621,3 +621,25 @@ def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
         cli._terminated(15, None)
     assert run_thread(fail) == ""
     assert run_thread(serve) == ""
+
+
+def test_a_stop_that_lands_in_a_finalizer_is_delivered_again(monkeypatch):
+    """SIGTERM raised while Python runs a `__del__` (or a weakref callback) would be printed as "Exception
+    ignored" and lost; the CLI's hook raises the signal again, so Terminated reaches the main flow."""
+    import cli
+
+    monkeypatch.setattr(cli, "STOPPING", __import__("threading").Event())
+    monkeypatch.setattr(sys, "unraisablehook", cli._unraisable)
+    previous = signal.signal(signal.SIGTERM, cli._terminated)
+    try:
+        class Finalized:
+            def __del__(self):
+                raise cli.Terminated()
+
+        with pytest.raises(cli.Terminated):
+            Finalized()  # dropped at once: __del__ runs, its exception is unraisable
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the signal comes again from a helper thread
+                time.sleep(0.001)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

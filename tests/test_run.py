@@ -208,3 +208,10 @@ def test_every_shipped_recipe_plans_and_names_known_options(run_tl, tmp_path, mo
         assert "tl extract" not in config.read_text(), f"{config.name} still lists commands by hand"
         result = run_tl("run", config)
         assert result.code == 2 and f"data {recipe['data']} does not exist" in result.err, (config.name, result)
+
+
+def test_run_under_torchrun_is_refused_in_one_line(run_tl, code_caches, monkeypatch):
+    monkeypatch.chdir(code_caches)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = run_tl("run", _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt}\n"))
+    assert result.code == 2 and "under torchrun start the stage itself" in result.err and not (code_caches / "h.pt").exists()
