@@ -26,8 +26,10 @@ from pipeline.recipe import OUTPUT, INPUTS, StageOptions, Step, check, plan, rea
 
 RECORD_FORMAT = "tl-run-record/1"
 RECORD_SUFFIX = ".tl-run.json"
-# settings that change how a stage runs, never what it writes
-NOT_SETTINGS = {"quiet", "workers", "overwrite", "resume", "download", "device", "block_rows"}
+# settings that change how a stage runs, never what it writes: left out of a step's digest (a re-run
+# with more workers or on another device is up to date), kept in its record and its tracked parameters
+HOW_NOT_WHAT = {"quiet", "workers", "overwrite", "resume", "download", "device", "block_rows"}
+HOW_NOT_WHAT_OF = {"extract": {"batch_size"}, "evaluate": {"batch_size"}}  # inference batches: the same codes
 MAIN_FILES = ("manifest.json", "report.json")  # the file that stands for a cache or a report folder
 
 
@@ -168,9 +170,9 @@ def write_record(out: Path | None, step: Step, digest: str, status: str, summary
 
 
 def settings(step: Step) -> dict:
-    """The step's parameters that decide its output, as JSON values."""
+    """Every parameter of the step, as JSON values under its recipe key."""
     return {key.rstrip("_"): (str(value) if isinstance(value, Path) else value)
-            for key, value in sorted(step.params.items()) if key not in NOT_SETTINGS}
+            for key, value in sorted(step.params.items())}
 
 
 def step_digest(step: Step) -> str:
@@ -190,7 +192,9 @@ def step_digest(step: Step) -> str:
             inputs[key] = _stamp(given) if given.is_file() or given.is_dir() else None
         else:
             inputs[key] = str(given)  # "imagenet", "none"
-    text = json.dumps({"stage": step.stage, "settings": settings(step), "inputs": inputs}, sort_keys=True, default=str)
+    ignored = HOW_NOT_WHAT | HOW_NOT_WHAT_OF.get(step.stage, set())
+    deciding = {key: value for key, value in settings(step).items() if key not in ignored}
+    text = json.dumps({"stage": step.stage, "settings": deciding, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
