@@ -704,7 +704,7 @@ def _unraisable(unraisable) -> None:
 
 
 RESUME_HINT = ("nothing finished was lost: run the same command again (tl extract resumes its shards; "
-               "tl finetune: add --resume)")
+               "tl finetune: add --resume; tl run resumes both)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,19 +84,41 @@ def read_recipe(path: Path, sets: tuple[str, ...] = ()) -> Recipe:
         if not equals or not key.strip():
             raise ConfigError(f"--set takes key=value (e.g. --set samples_per_class=100 --set finetune.unfreeze=2), "
                               f"got '{assignment}'")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
-        _assign(document, key.strip().split("."), value, path, assignment)
+        _assign(document, key.strip().split("."), _set_value(text), path, assignment)
     track = document.get("track")
     if track is not None and track not in TRACKERS:
         raise ConfigError(f"recipe {path}: track '{track}' is not one of: {', '.join(TRACKERS)}")
     return Recipe(path, document, tuple(sets))
 
 
+def _set_value(text: str):
+    """A `--set` value read as YAML where that means what it says (`true`, `3`, `0.5`, `[256, 128]`); as
+    the text itself where YAML 1.1 would surprise (`no` as false, `010` as 8); empty text as empty."""
+    import yaml
+
+    if not text.strip():
+        return ""  # `--set fit-head.hidden=`: empty, as on the command line
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text
+    if isinstance(value, int) and not isinstance(value, bool) and text.strip().lstrip("+-").startswith("0") \
+            and text.strip().lstrip("+-") != "0":
+        return text
+    return value
+
+
 def _assign(document: dict, parts: list[str], value, path: Path, assignment: str) -> None:
     if len(parts) == 1:
+        shadowing = [f"{section}" + (f".{number}" if isinstance(document[section], list) else "")
+                     for section in STAGES if section in document
+                     for number, item in enumerate(_items(document[section]), 1)
+                     if isinstance(item, dict) and parts[0] in item]
+        if shadowing:  # silently losing to a section's own value would do nothing
+            raise ConfigError(f"--set {assignment}: {', '.join(shadowing)} of {path} set{'s' if len(shadowing) == 1 else ''} "
+                              f"{parts[0]} itself; set it there: --set {shadowing[0]}.{parts[0]}=...")
         document[parts[0]] = value
         return
     section, rest = parts[0], parts[1:]
@@ -104,21 +126,25 @@ def _assign(document: dict, parts: list[str], value, path: Path, assignment: str
         raise ConfigError(f"--set {assignment}: '{section}' is not a stage; name one of {', '.join(STAGES)} "
                           "(or a top-level key alone)")
     current = document.get(section)
-    if rest[0].isdigit():
+    if current is None:
+        raise ConfigError(f"--set {assignment}: {path} has no {section} section")
+    items = _items(current)
+    if rest[0].isdecimal():
         number = int(rest[0])
-        if not isinstance(current, list) or not 1 <= number <= len(current) or len(rest) != 2:
-            steps = len(current) if isinstance(current, list) else 1 if current else 0
-            raise ConfigError(f"--set {assignment}: section {section} of {path} has {steps} step(s); "
-                              f"use {section}.N.key with N from 1")
-        current[number - 1][rest[1]] = value
+        if not 1 <= number <= len(items) or len(rest) != 2 or not isinstance(items[number - 1], dict):
+            raise ConfigError(f"--set {assignment}: section {section} of {path} has {len(items)} step(s); "
+                              f"use {section}.N.key with N from 1 to {len(items)}")
+        items[number - 1][rest[1]] = value
         return
     if len(rest) != 1:
         raise ConfigError(f"--set {assignment}: use key, {section}.key or {section}.N.key")
-    if current is None:
-        document[section] = current = {}
-    for item in current if isinstance(current, list) else [current]:
+    for item in items:  # every step of the section
         if isinstance(item, dict):
             item[rest[0]] = value
+
+
+def _items(section) -> list:
+    return section if isinstance(section, list) else [section]
 
 
 def plan(recipe: Recipe, stages: dict[str, StageOptions]) -> list[Step]:
@@ -178,6 +204,8 @@ def plan(recipe: Recipe, stages: dict[str, StageOptions]) -> list[Step]:
 
 def select(steps: list[Step], only: str | None, start: str | None) -> list[Step]:
     """The steps `--only STAGE` or `--from STAGE` keep (each must name a stage the recipe has)."""
+    if only and start:
+        raise ConfigError("--only and --from choose steps two ways; pass one of them")
     for option, stage in (("--only", only), ("--from", start)):
         if stage is not None and not any(step.stage == stage for step in steps):
             raise ConfigError(f"{option} {stage}: the recipe has no {stage} section; it has "
@@ -194,24 +222,36 @@ def _same(a: Path | None, b: Path | None) -> bool:
 
 
 def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
-    """Cross-step checks on parsed steps, before any runs: every input exists or is made by an earlier
-    step, and no validation data is test data. Returns notes worth a line (training data scored as test)."""
+    """Cross-step checks on parsed steps, before any runs: every output has a name of its own, every
+    input of a chosen step exists or is made by an earlier step, and no validation data is test data.
+    Returns notes worth a line (training data scored as test)."""
     path = recipe.path
     made: list[tuple[Path, Step]] = []
     for step in steps:
+        if step.stage == "extract" and step.params.get("download") and step.path("data") is not None:
+            made.append((step.path("data"), step))  # the data this step downloads
         for key in INPUTS[step.stage]:
             given = step.path(key)
             if given is None or (key == "weights" and str(given) in ("imagenet", "none")):
                 continue
             maker = next((earlier for out, earlier in made if _same(out, given)), None)
-            if maker is None and not given.exists() and not (key == "data" and step.params.get("download")):
+            if step not in chosen:
+                pass  # a step that will not run reads nothing
+            elif maker is None and not given.exists():
                 raise ConfigError(f"recipe {path}: {step.label} {key} {given} does not exist"
-                                  + (" (--download fetches cifar10 and gtsrb)" if key == "data" else ""))
-            if maker is not None and maker not in chosen and step in chosen and not given.exists():
+                                  + (" (download: true on extract fetches cifar10 and gtsrb)" if key == "data" else ""))
+            elif maker is not None and maker not in chosen and not given.exists():
                 raise ConfigError(f"recipe {path}: {step.label} needs {key} {given}, which {maker.label} makes; "
                                   "run that stage too (drop --only/--from)")
-        if step.path(OUTPUT) is not None:
-            made.append((step.path(OUTPUT), step))
+        out = step.path(OUTPUT)
+        if out is not None:
+            if not out.name or out.name in (".", ".."):
+                raise ConfigError(f"recipe {path}: {step.label} out '{out}' names no file or folder of its own")
+            twin = next((earlier for earlier_out, earlier in made if _same(earlier_out, out)), None)
+            if twin is not None:
+                raise ConfigError(f"recipe {path}: {twin.label} and {step.label} both write {out}; give each "
+                                  "its own out")
+            made.append((out, step))
     _refuse_peeking(path, steps)
     notes = []
     for evaluate in (step for step in steps if step.stage == "evaluate" and step.path("cache")):
@@ -222,16 +262,20 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
     return notes
 
 
-def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple[str, str] | None:
-    """(data folder, split) that `key` of `step` names: images directly, or a cache an extract step makes."""
+def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple[str, str | None] | None:
+    """(folder, split) of the images that `key` of `step` names, directly or through the extract step
+    that makes that cache. An image folder read through a split subfolder (`images`, split `test`) is
+    the same as that subfolder named directly (`images/test`)."""
     given = step.path(key)
     if given is None:
         return None
     if key in ("cache", "val_cache"):
         maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), given)), None)
         return None if maker is None else _images_of(maker, "data", "split", steps)
-    split = step.params.get(split_key) or step.params.get("split")
-    return os.path.realpath(given), str(split)
+    split = str(step.params.get(split_key) or step.params.get("split"))
+    if (step.params.get("format_") or "imagefolder") == "imagefolder":
+        return (os.path.realpath(given / split), None) if (given / split).is_dir() else (os.path.realpath(given), None)
+    return os.path.realpath(given), split
 
 
 def _refuse_peeking(path: Path, steps: list[Step]) -> None:

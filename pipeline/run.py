@@ -28,8 +28,9 @@ RECORD_FORMAT = "tl-run-record/1"
 RECORD_SUFFIX = ".tl-run.json"
 # settings that change how a stage runs, never what it writes: left out of a step's digest (a re-run
 # with more workers or on another device is up to date), kept in its record and its tracked parameters
-HOW_NOT_WHAT = {"quiet", "workers", "overwrite", "resume", "download", "device", "block_rows"}
-HOW_NOT_WHAT_OF = {"extract": {"batch_size"}, "evaluate": {"batch_size"}}  # inference batches: the same codes
+HOW_NOT_WHAT = {"quiet", "workers", "overwrite", "resume", "download", "device"}
+# inference batches give the same numbers; fit-head's block_rows orders its streamed mini-batches: kept
+HOW_NOT_WHAT_OF = {"extract": {"batch_size"}, "evaluate": {"batch_size", "block_rows"}}
 MAIN_FILES = ("manifest.json", "report.json")  # the file that stands for a cache or a report folder
 
 
@@ -93,7 +94,8 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 say(f"== {step.label}" + (f" -> {out}" if out else ""))
                 write_record(out, step, digest, "started")
                 summary = summarize(step, runner.execute(step, extra))
-                record = write_record(out, step, digest, "done", summary)
+                # read again: data a step downloaded (or wrote) is its input from now on
+                record = write_record(out, step, step_digest(step), "done", summary)
                 result.ran.append(step.label)
             tracker.stage(step, record, skipped=step.label in result.skipped)
             if step.stage == "evaluate":
@@ -156,7 +158,7 @@ def _stamp(out: Path) -> list | None:
 
 def up_to_date(record: dict | None, digest: str, out: Path | None) -> bool:
     return (record is not None and record.get("status") == "done" and record.get("digest") == digest
-            and out is not None and record.get("output") == _stamp(out))
+            and out is not None and record.get("output") is not None and record.get("output") == _stamp(out))
 
 
 def write_record(out: Path | None, step: Step, digest: str, status: str, summary: dict | None = None) -> dict:
@@ -164,7 +166,11 @@ def write_record(out: Path | None, step: Step, digest: str, status: str, summary
               "settings": settings(step), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "output": _stamp(out) if out is not None and status == "done" else None, **(summary or {})}
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the folder of {step.label}'s out {out}: {exc.strerror}; "
+                              "choose another out") from None
         write_bytes(record_path(out), json.dumps(record, indent=1, default=str).encode(), "run record")
     return record
 
@@ -184,8 +190,8 @@ def step_digest(step: Step) -> str:
         if given is None:
             continue
         record = read_record(given)
-        if record is not None:
-            inputs[key] = [record.get("digest"), record.get("output")]
+        if record is not None:  # the output as it is now: one rewritten by hand is a changed input
+            inputs[key] = [record.get("digest"), _stamp(given)]
         elif key in ("data", "val_data"):
             inputs[key] = _data_fingerprint(step, key)
         elif given.exists():

@@ -12,10 +12,11 @@ the parent.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TLError
 
 MAX_PARAM = 500  # characters of a parameter's value shown in MLflow; longer values are cut with a mark
 
@@ -54,10 +55,30 @@ def flatten(values: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _one_line(method):
+    """An MLflow failure (a bad tracking URI, a deleted experiment, a store that stops answering) is one
+    line that says where to look, not MLflow's traceback."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except TLError:
+            raise
+        except Exception as exc:  # MlflowException and whatever its stores raise
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TLError(f"MLflow failed ({type(exc).__name__}: {text}); check MLFLOW_TRACKING_URI "
+                          f"({os.environ.get('MLFLOW_TRACKING_URI') or 'unset: its local default'}) or run "
+                          "without --track") from None
+
+    return guarded
+
+
 class MlflowTracking:
     def __init__(self, mlflow, recipe):
         self.mlflow, self.recipe, self.parent = mlflow, recipe, None
 
+    @_one_line
     def __enter__(self) -> "MlflowTracking":
         mlflow = self.mlflow
         self.chose_experiment = not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID")
@@ -65,13 +86,18 @@ class MlflowTracking:
             mlflow.set_experiment(self.recipe.experiment)
         self.parent = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else self.recipe.path.stem)
         mlflow.set_tags({"tl.recipe": str(self.recipe.path), "tl.command": "tl run"})
-        self._params({"recipe": str(self.recipe.path), "set": " ".join(self.recipe.sets)})
+        # under its own names: `mlflow run` has logged the project's parameters (`recipe` among them)
+        self._params({"tl.recipe": str(self.recipe.path), "tl.set": " ".join(self.recipe.sets)})
         mlflow.log_artifact(str(self.recipe.path), artifact_path="recipe")
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
-        self.mlflow.end_run(status="FINISHED" if kind is None else "KILLED" if not issubclass(kind, Exception)
-                            else "FAILED")
+        try:
+            self.mlflow.end_run(status="FINISHED" if kind is None else "KILLED" if not issubclass(kind, Exception)
+                                else "FAILED")
+        except Exception as exc:
+            failed = f"; {value}" if isinstance(value, TLError) else ""
+            raise TLError(f"MLflow could not close the run ({type(exc).__name__}: {exc}){failed}") from None
         if self.chose_experiment:  # set_experiment exports it; a later run in this process chooses its own
             os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
@@ -80,6 +106,7 @@ class MlflowTracking:
         for start in range(0, len(items), 100):  # MLflow takes at most 100 parameters per call
             self.mlflow.log_params(dict(items[start:start + 100]))
 
+    @_one_line
     def stage(self, step, record: dict, skipped: bool) -> None:
         mlflow = self.mlflow
         with mlflow.start_run(run_name=step.label, nested=True):
@@ -96,6 +123,7 @@ class MlflowTracking:
                 if Path(path).is_file():
                     mlflow.log_artifact(path)
 
+    @_one_line
     def finish(self, model, metrics: dict) -> str:
         mlflow = self.mlflow
         if metrics:

@@ -109,6 +109,13 @@ BAD_RECIPES = [
     ("input_of_no_step", "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "evaluate head h.pt does not exist"),
     ("val_is_test_cache", "fit-head: {cache: caches/train, val_cache: caches/test, out: h.pt}\n"
                           "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "fit-head validates on the test data"),
+    ("same_out", "fit-head: [{cache: caches/train, out: h.pt}, {cache: caches/train, C: 2, out: ./h.pt}]\n",
+     "fit-head 1/2 and fit-head 2/2 both write h.pt"),
+    ("out_without_name", "fit-head: {cache: caches/train, out: .}\n", "out '.' names no file or folder"),
+    ("val_is_test_spelled_otherwise", "format: imagefolder\n"
+                                      "extract: [{data: images, split: a, out: caches/a}, {data: images/a, out: caches/b}]\n"
+                                      "fit-head: {cache: caches/train, val_cache: caches/b, out: h.pt}\n"
+                                      "evaluate: {head: h.pt, cache: caches/a, out: r}\n", "fit-head validates on the test data"),
     ("val_is_test_images", "format: imagefolder\n"
                            "extract: [{data: images, split: train, out: caches/a}, {data: images, split: test, out: caches/b}]\n"
                            "fit-head: {cache: caches/a, out: h.pt}\n"
@@ -137,11 +144,29 @@ def test_a_required_option_left_out_is_one_line(run_tl):
 
 @pytest.mark.parametrize("assignment,message", [
     ("nokey", "--set takes key=value"), ("predict.top_k=3", "'predict' is not a stage"),
-    ("extract.3.seed=1", "has 0 step(s)"), ("track=wandb", "track 'wandb' is not one of: mlflow")])
+    ("extract.3.seed=1", "has no extract section"), ("fit-head.3.seed=1", "has 1 step(s); use fit-head.N.key"),
+    ("track=wandb", "track 'wandb' is not one of: mlflow"), ("finetune.unfreeze=2", "has no finetune section"),
+    ("max_epochs=3", "fit-head of {recipe} sets max_epochs itself; set it there: --set fit-head.max_epochs=..."),
+    ("fit-head.\u00b2=1", "fit-head has no option '\u00b2'"), ("fit-head.early_stop=no", "'early_stop' is a switch")])
 def test_a_bad_set_is_one_line(run_tl, code_caches, monkeypatch, assignment, message):
     monkeypatch.chdir(code_caches)
-    result = run_tl("run", _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt}\n"), "--set", assignment)
-    assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
+    recipe = _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt, max_epochs: 2}\n")
+    result = run_tl("run", recipe, "--set", assignment)
+    assert result.code == 2 and message.format(recipe=recipe) in result.err and result.err.count("\n") == 1, result
+
+
+def test_set_values_read_as_they_mean(run_tl, code_caches, monkeypatch):
+    """`1.0` is a number, `[8]` a list, `010` stays text (not YAML 1.1's octal 8), an empty value is empty."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt, head: mlp, max_epochs: 2}\n")
+    result = run_tl("run", recipe, "--quiet", "--set", "fit-head.hidden=", "--set", "fit-head.C=[0.5]",
+                    "--set", "seed=010", "--set", "fit-head.dropout=0.25")
+    assert result.code == 0, result
+    record = json.loads((code_caches / "h.pt.tl-run.json").read_text())
+    assert record["settings"]["hidden"] == "" and record["settings"]["C"] == "0.5"
+    assert record["settings"]["seed"] == 10 and record["settings"]["dropout"] == 0.25
+    both = run_tl("run", recipe, "--only", "fit-head", "--from", "fit-head")
+    assert both.code == 2 and "--only and --from" in both.err
 
 
 def test_only_and_from_need_the_stage_and_its_inputs(run_tl, code_caches, monkeypatch):
@@ -215,3 +240,45 @@ def test_run_under_torchrun_is_refused_in_one_line(run_tl, code_caches, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = run_tl("run", _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt}\n"))
     assert result.code == 2 and "under torchrun start the stage itself" in result.err and not (code_caches / "h.pt").exists()
+
+
+def test_downloaded_data_and_inputs_rewritten_by_hand(run_tl, tmp_path, monkeypatch):
+    """Data an extract step downloads is not missing before it runs, and once there it is the step's input
+    (the next run is up to date); an output rewritten outside `tl run` makes its readers run again."""
+    import cli
+    import pipeline.run as run_module
+
+    monkeypatch.chdir(tmp_path)
+    ran = []
+
+    class Stages(cli.ClickStages):  # the stages' work stands in; planning, checks and records are real
+        def execute(self, step, extra):
+            ran.append(step.label)
+            out = step.path("out")
+            if step.stage == "extract":
+                if not step.path("data").exists():
+                    make_image_folder(step.path("data"), classes=("a", "b"), per_class=2)  # "downloaded"
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "manifest.json").write_text("{}")
+            elif step.stage == "evaluate":
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "report.json").write_text("{}")
+            else:
+                out.write_text("head")
+
+    monkeypatch.setattr(run_module, "summarize", lambda step, result: {})
+    recipe = _recipe(tmp_path, "extract: {data: fetched, download: true, out: caches/c}\n"
+                               "fit-head: {cache: caches/c, out: h.pt}\n"
+                               "evaluate: {head: h.pt, cache: caches/c, out: r}\n")
+
+    def run(*options):
+        ran.clear()
+        return run_module.run_recipe(run_module.RunConfig(recipe, *options), Stages(True), say=lambda text: None)
+
+    run()
+    assert ran == ["extract (train)", "fit-head", "evaluate"]
+    run()
+    assert ran == []
+    (tmp_path / "h.pt").write_text("a head made by hand")
+    run((), "evaluate")
+    assert ran == ["evaluate"]

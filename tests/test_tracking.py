@@ -49,7 +49,7 @@ def test_each_step_is_a_nested_run_with_params_histories_and_artifacts(run_tl, t
     assert len(parents) == 1 and len(runs) == 3
     parent = parents[0]
     assert client.get_experiment(parent.info.experiment_id).name == "blobs"
-    assert parent.data.params["set"] == "fit-head.lr=0.05" and parent.data.metrics["accuracy"] > 0.6
+    assert parent.data.params["tl.set"] == "fit-head.lr=0.05" and parent.data.metrics["accuracy"] > 0.6
     assert _artifacts(client, parent.info.run_id) == {"recipe/recipe.yaml", "model/h.pt"}
     children = {run.data.tags["tl.stage"]: run for run in runs if run is not parent}
     assert {run.data.tags["mlflow.parentRunId"] for run in children.values()} == {parent.info.run_id}
