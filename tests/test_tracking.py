@@ -113,3 +113,13 @@ def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
     assert finetune.data.params["val_fraction"] == "0.2"
     assert len(client.get_metric_history(finetune.info.run_id, "curve/val_loss")) >= 1
     assert (project / "models" / "cifar10-vgg16.pt").is_file()
+
+
+def test_an_mlflow_failure_is_one_line(run_tl, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+    result = run_tl("run", "r.yaml", "--track", "mlflow")
+    assert result.code == 2 and result.err.startswith("error: MLflow failed (") and result.err.count("\n") == 1, result
+    assert "check MLFLOW_TRACKING_URI (bogus://nowhere)" in result.err and not (tmp_path / "h.pt").exists()
