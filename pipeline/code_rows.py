@@ -124,7 +124,29 @@ def checked_codes(codes: np.ndarray, what: str) -> np.ndarray:
 
 def standardization(rows: CodeRows) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of every column in one streamed pass (Chan et al.'s pairwise update,
-    float64), zero deviations set to 1 as scikit-learn's StandardScaler does."""
+    float64), zero deviations set to 1 as scikit-learn's StandardScaler does. Kept on `rows`: the heads
+    of a sweep that share rows pay for one pass."""
+    if getattr(rows, "_standardization", None) is None:
+        rows._standardization = _standardization(rows)
+    mean, scale = rows._standardization
+    return mean.copy(), scale.copy()
+
+
+def standardized_codes(rows: CodeRows, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """(codes - mean) / scale of every row, float64, in memory. Rows marked `share_standardized` (a
+    sweep's, whose lbfgs and svm heads of one layer share one copy) keep it for the next head that asks
+    with the same mean and scale; others leave it to the caller, so one head holds it only while it fits."""
+    kept = getattr(rows, "_standardized", None)
+    if kept is not None and np.array_equal(kept[0], mean) and np.array_equal(kept[1], scale):
+        return kept[2]
+    rows._standardized = None  # the previous copy goes before the next is made
+    standardized = (rows.load().astype(np.float64) - mean) / scale
+    if getattr(rows, "share_standardized", False):
+        rows._standardized = (mean.copy(), scale.copy(), standardized)
+    return standardized
+
+
+def _standardization(rows: CodeRows) -> tuple[np.ndarray, np.ndarray]:
     count, mean, m2 = 0, np.zeros(rows.width), np.zeros(rows.width)
     for _, block in rows.blocks():
         block = block.astype(np.float64)

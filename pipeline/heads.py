@@ -5,18 +5,17 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from abc import ABC, abstractmethod
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.code_rows import CodeRows, as_rows, checked_codes, score_rows, standardization, validation_score
+from pipeline.code_rows import (CodeRows, as_rows, checked_codes, score_rows, standardization, standardized_codes,
+                                validation_score)
 from pipeline.errors import HeadError
-from pipeline.progress import progress
-from pipeline.training import Standardize, TrainingOptions, output_activation, train_network
+from pipeline.linear_fits import logreg_fits, svm_fits
+from pipeline.training import Standardize, Trainee, TrainingOptions, output_activation, train_networks
 
 SOLVERS = ("lbfgs", "sgd")
 HEAD_KINDS: dict[str, type["Head"]] = {}  # --head values, filled by register_head
@@ -41,6 +40,12 @@ class Head(ABC):
     kind = ""
     help = ""
     curve_: list[dict] | None = None
+
+    @property
+    def streamed(self) -> bool:
+        """Trained by mini-batches: `trainees(rows, val)`, then `train_networks`, then `adopt(curves)`, so
+        that many heads of one layer (a sweep) train in one pass over the codes."""
+        return False
 
     @classmethod
     @abstractmethod
@@ -150,16 +155,52 @@ class LogRegHead(LinearHead):
         self.solver = solver
         self.training = training
 
+    @property
+    def streamed(self) -> bool:
+        return self.solver == "sgd"
+
     def fit(self, codes, targets=None, val_codes=None, val_targets=None) -> "LogRegHead":
+        rows, val = as_rows(codes, targets), None if val_codes is None else as_rows(val_codes, val_targets)
+        if self.streamed:  # every C in one pass over the codes
+            self.adopt(train_networks(self.trainees(rows, val), rows, val, self.seed))
+            return self
+        grid = self._begin(rows, val)
+        quiet = self.training is None or self.training.quiet
+        self._choose(rows, val, logreg_fits(standardized_codes(rows, self.mean_, self.scale_), rows, grid,
+                                            self.max_iter, self.seed, quiet))
+        return self
+
+    def _begin(self, rows: CodeRows, val: CodeRows | None) -> list[float]:
         if self.solver not in SOLVERS:
             raise HeadError(f"unknown solver '{self.solver}'; valid: {', '.join(SOLVERS)}")
-        rows = as_rows(codes, targets)
         rows.check_trainable()
-        val = None if val_codes is None else as_rows(val_codes, val_targets)
         grid = _grid(self.C, val)
         self.multilabel_, self.num_classes_ = rows.multilabel, rows.num_classes
         self.mean_, self.scale_ = standardization(rows)
-        fits = self._fit_lbfgs(rows, grid) if self.solver == "lbfgs" else self._fit_sgd(rows, val, grid)
+        return grid
+
+    def trainees(self, rows: CodeRows, val: CodeRows | None) -> list[Trainee]:
+        """A linear network per C (weight decay 1/(C·n)), to train on the same mini-batches."""
+        options, pending = self.training or TrainingOptions(), []
+        for C in self._begin(rows, val):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                network = nn.Sequential(_standardize_module(self), nn.Linear(rows.width, rows.num_classes))
+            decay = TrainingOptions(**{**options.__dict__, "weight_decay": 1.0 / (C * len(rows))})
+            pending.append(Trainee(network, decay, f"logreg C={C:g}"))
+        self._pending = (rows, val, pending)
+        return pending
+
+    def adopt(self, curves: list[list[dict]]) -> None:
+        rows, val, pending = self._pending
+        del self._pending
+        self._choose(rows, val, ((t.network[1].weight.detach().double().cpu().numpy(),
+                                  t.network[1].bias.detach().double().cpu().numpy(), curve)
+                                 for t, curve in zip(pending, curves)))
+
+    def _choose(self, rows: CodeRows, val: CodeRows | None, fits) -> None:
+        """Keep the fit of the best validation score (the only one without validation)."""
+        grid = _grid(self.C, val)
         self.validation_scores_, best = {}, None
         for C, (coef, intercept, curve) in zip(grid, fits):
             self.coef_, self.intercept_ = coef, intercept
@@ -169,39 +210,6 @@ class LogRegHead(LinearHead):
             if best is None or score > best[0]:
                 best = (score, C, coef, intercept, curve)
         _, self.C_, self.coef_, self.intercept_, self.curve_ = best
-        return self
-
-    def _fit_lbfgs(self, rows: CodeRows, grid: list[float]) -> Iterator[tuple]:
-        from sklearn.linear_model import LogisticRegression
-
-        standardized = (rows.load().astype(np.float64) - self.mean_) / self.scale_
-        quiet = self.training is None or self.training.quiet
-        for C in progress(grid, desc="logreg lbfgs", unit="C", quiet=quiet):
-            model = lambda: LogisticRegression(C=C, max_iter=self.max_iter, random_state=self.seed)  # noqa: E731
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", category=_convergence_warning())
-                if rows.multilabel:
-                    fitted = [model().fit(standardized, rows.targets[:, c]) for c in range(rows.num_classes)]
-                    coef = np.vstack([m.coef_ for m in fitted])
-                    intercept = np.concatenate([m.intercept_ for m in fitted])
-                else:
-                    fitted = model().fit(standardized, rows.targets)
-                    coef, intercept = fitted.coef_, fitted.intercept_
-                    if coef.shape[0] == 1:  # scikit-learn keeps one row for two classes: logit(p1) = w.x + b
-                        coef = np.vstack([-coef / 2, coef / 2])
-                        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-            yield coef, intercept, None
-
-    def _fit_sgd(self, rows: CodeRows, val: CodeRows | None, grid: list[float]) -> Iterator[tuple]:
-        options = self.training or TrainingOptions()
-        for C in grid:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                network = nn.Sequential(_standardize_module(self), nn.Linear(rows.width, rows.num_classes))
-                options_for_c = TrainingOptions(**{**options.__dict__, "weight_decay": 1.0 / (C * len(rows))})
-                curve = train_network(network, rows, val, options_for_c, self.seed, f"logreg C={C:g}")
-            linear = network[1]
-            yield (linear.weight.detach().double().cpu().numpy(), linear.bias.detach().double().cpu().numpy(), curve)
 
     def hyperparameters(self) -> dict:
         return {"C": self.C, "max_iter": self.max_iter, "seed": self.seed, "solver": self.solver,
@@ -242,39 +250,15 @@ class SvmHead(LinearHead):
         self.quiet = quiet  # how it runs, not what it learns: not saved
 
     def fit(self, codes, targets=None, val_codes=None, val_targets=None) -> "SvmHead":
-        from sklearn.metrics import average_precision_score
-        from sklearn.svm import LinearSVC
-
         rows = as_rows(codes, targets)
         rows.check_trainable()
         val = None if val_codes is None else as_rows(val_codes, val_targets)
         grid = _grid(self.C, val)
         self.multilabel_, self.num_classes_, self.curve_ = rows.multilabel, rows.num_classes, None
         self.mean_, self.scale_ = standardization(rows)
-        standardized = (rows.load().astype(np.float64) - self.mean_) / self.scale_
-        val_standardized = None if val is None else (val.load().astype(np.float64) - self.mean_) / self.scale_
-        coef, intercept, costs, scores = [], [], [], []
-        fits = progress(total=rows.num_classes * len(grid), desc="svm", unit="fit", quiet=self.quiet)
-        for c in range(rows.num_classes):
-            positive = rows.targets[:, c] if rows.multilabel else (rows.targets == c).astype(np.int64)
-            best = None
-            for C in grid:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", category=_convergence_warning())
-                    model = LinearSVC(C=C, max_iter=self.max_iter, random_state=self.seed).fit(standardized, positive)
-                score = 0.0
-                if val is not None:
-                    val_positive = val.targets[:, c] if val.multilabel else (val.targets == c).astype(np.int64)
-                    margins = model.decision_function(val_standardized)
-                    score = float(average_precision_score(val_positive, margins)) if val_positive.any() else 0.0
-                if best is None or score > best[0]:
-                    best = (score, C, model)
-                fits.update()
-            coef.append(best[2].coef_[0])
-            intercept.append(best[2].intercept_[0])
-            costs.append(best[1])
-            scores.append(best[0])
-        fits.close()
+        coef, intercept, costs, scores = svm_fits(standardized_codes(rows, self.mean_, self.scale_), rows, val,
+                                                  None if val is None else standardized_codes(val, self.mean_, self.scale_),
+                                                  grid, self.max_iter, self.seed, self.quiet)
         self.coef_, self.intercept_ = np.vstack(coef), np.array(intercept)
         self.C_ = costs
         self.validation_scores_ = scores if val is not None else []
@@ -314,23 +298,32 @@ class MlpHead(Head):
         self.seed = seed
         self.training = training or TrainingOptions()
 
+    @property
+    def streamed(self) -> bool:
+        return True
+
     def fit(self, codes, targets=None, val_codes=None, val_targets=None) -> "MlpHead":
+        rows, val = as_rows(codes, targets), None if val_codes is None else as_rows(val_codes, val_targets)
+        self.adopt(train_networks(self.trainees(rows, val), rows, val, self.seed))
+        return self
+
+    def trainees(self, rows: CodeRows, val: CodeRows | None) -> list[Trainee]:
         if any(width < 1 for width in self.hidden):
             raise HeadError(f"--hidden widths must be positive, got {list(self.hidden)}")
         if not 0 <= self.dropout < 1:
             raise HeadError(f"--dropout must be in [0, 1), got {self.dropout}")
-        rows = as_rows(codes, targets)
         rows.check_trainable()
-        val = None if val_codes is None else as_rows(val_codes, val_targets)
         self.multilabel_, self.num_classes_ = rows.multilabel, rows.num_classes
         self.mean_, self.scale_ = standardization(rows)
         self.width_ = rows.width
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            network = self._network()
-            self.curve_ = train_network(network, rows, val, self.training, self.seed, "mlp")
-        self.network_ = network.cpu().eval()
-        return self
+            self._pending = [Trainee(self._network(), self.training, "mlp")]
+        return self._pending
+
+    def adopt(self, curves: list[list[dict]]) -> None:
+        self.curve_, self.network_ = curves[0], self._pending[0].network.cpu().eval()
+        del self._pending
 
     def _network(self) -> nn.Sequential:
         layers: list[nn.Module] = [_standardize_module(self)]
@@ -397,12 +390,6 @@ def _costs(C: tuple[float, ...]) -> float | list[float]:
 
 def _keyed(scores: dict) -> dict:
     return {str(key): value for key, value in scores.items()}
-
-
-def _convergence_warning():
-    from sklearn.exceptions import ConvergenceWarning
-
-    return ConvergenceWarning
 
 
 def _standardize_module(head) -> Standardize:

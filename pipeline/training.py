@@ -123,6 +123,16 @@ class TrainingOptions:
             raise HeadError("--batch-size, --max-epochs and --patience must be at least 1")
 
 
+@dataclass
+class Trainee:
+    """One network of a shared pass: codes -> logits, with its own options (optimizer, lr, decay,
+    schedule, early stopping) and the name its errors and progress use."""
+
+    network: nn.Module
+    options: TrainingOptions
+    describe: str
+
+
 def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, options: TrainingOptions,
                   seed: int, describe: str) -> list[dict]:
     """Train `network` (codes -> logits) in place; returns the per-epoch curve.
@@ -130,51 +140,98 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
     Each epoch streams the rows in a seeded shuffled block order. With `early_stop`, training stops
     after `patience` epochs without a lower validation loss, and the best epoch's weights are kept.
     """
-    options.check()
-    if options.early_stop and val is None:
-        raise HeadError("--early-stop needs a validation split; pass --val-cache or --val-fraction")
-    device = resolve_device(options.device)
-    network.to(device)
-    lr = options.lr or DEFAULT_LR[options.optimizer]
-    optimizer = make_optimizer([{"params": list(network.parameters()), "lr": lr}], options.optimizer, lr,
-                               options.momentum, options.weight_decay, HeadError)
-    if options.lr_steps:  # the neon recipe's step drops
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(options.lr_steps, options.lr_factors))
-    else:
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.max_epochs)
+    return train_networks([Trainee(network, options, describe)], rows, val, seed)[0]
+
+
+def train_networks(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: int) -> list[list[dict]]:
+    """Train every network in place on the same streamed mini-batches: one read of each block (and of the
+    validation rows) feeds them all, as a sweep's heads of one layer. They share the stream (batch size,
+    epochs, device); each keeps its own optimizer, schedule and early stopping (a network that stops
+    sits out the epochs left). Networks opening with the same Standardize share its output."""
+    first = trainees[0].options
+    for trainee in trainees:
+        trainee.options.check()
+        if trainee.options.early_stop and val is None:
+            raise HeadError("--early-stop needs a validation split; pass --val-cache or --val-fraction")
+        stream = (trainee.options.batch_size, trainee.options.max_epochs, trainee.options.device)
+        if stream != (first.batch_size, first.max_epochs, first.device):
+            raise HeadError("networks trained together need one batch size, epoch count and device")
+    device = resolve_device(first.device)
+    with torch.random.fork_rng(devices=[]):  # dropout draws its masks from the seed alone
+        torch.manual_seed(seed)
+        return _train(trainees, rows, val, seed, device, first)
+
+
+def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: int, device, first) -> list[list[dict]]:
+    states = []
+    for trainee in trainees:
+        options = trainee.options
+        trainee.network.to(device)
+        lr = options.lr or DEFAULT_LR[options.optimizer]
+        optimizer = make_optimizer([{"params": list(trainee.network.parameters()), "lr": lr}], options.optimizer, lr,
+                                   options.momentum, options.weight_decay, HeadError)
+        if options.lr_steps:  # the neon recipe's step drops
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(options.lr_steps, options.lr_factors))
+        else:
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.max_epochs)
+        states.append({"optimizer": optimizer, "schedule": schedule, "curve": [], "best": (math.inf, None, 0),
+                       "active": True})
+    shared = _shared_standardize([trainee.network for trainee in trainees])
+    bodies = [trainee.network[1:] if shared is not None else trainee.network for trainee in trainees]
     loss_function = loss_for(rows.multilabel)
-    curve, best = [], (math.inf, None, 0)
-    epochs = progress(range(options.max_epochs), desc=describe, unit="epoch", quiet=options.quiet)
+    describe = trainees[0].describe if len(trainees) == 1 else f"{len(trainees)} heads"
+    epochs = progress(range(first.max_epochs), desc=describe, unit="epoch", quiet=first.quiet)
     for epoch in epochs:
-        network.train()
-        rng = np.random.default_rng([seed, epoch])
-        total_loss, seen = 0.0, 0
-        for codes, targets in _mini_batches(rows, rng, options.batch_size, device):
-            loss = loss_function(network(codes), targets)
-            if not torch.isfinite(loss):
-                raise HeadError(f"the training loss became {loss.item()} in epoch {epoch + 1}; "
-                                "lower --lr or check the cache with tl info --verify")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(codes)
-            seen += len(codes)
-        point = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total_loss / seen}
-        schedule.step()
-        if val is not None:
-            point.update(_evaluate_network(network, val, loss_function, device))
-            if point["val_loss"] < best[0]:
-                best = (point["val_loss"], copy.deepcopy(network.state_dict()), epoch)
-        curve.append(point)
-        epochs.set_postfix({k: f"{v:.4f}" for k, v in point.items() if k not in ("epoch", "lr")})
-        if options.early_stop and epoch - best[2] >= options.patience:
+        active = [i for i, state in enumerate(states) if state["active"]]
+        if not active:
             break
-    if options.early_stop and best[1] is not None:
-        network.load_state_dict(best[1])
-        for point in curve:
-            point["kept"] = point["epoch"] == best[2] + 1
-    network.cpu().eval()
-    return curve
+        for i in active:
+            trainees[i].network.train()
+        rng = np.random.default_rng([seed, epoch])
+        totals, seen = dict.fromkeys(active, 0.0), 0
+        for codes, targets in _mini_batches(rows, rng, first.batch_size, device):
+            inputs = shared(codes) if shared is not None else codes
+            for i in active:
+                loss = loss_function(bodies[i](inputs), targets)
+                if not torch.isfinite(loss):
+                    raise HeadError(f"the training loss of {trainees[i].describe} became {loss.item()} in epoch "
+                                    f"{epoch + 1}; lower --lr or check the cache with tl info --verify")
+                states[i]["optimizer"].zero_grad(set_to_none=True)
+                loss.backward()
+                states[i]["optimizer"].step()
+                totals[i] += loss.item() * len(codes)
+            seen += len(codes)
+        scored = _evaluate_networks([trainees[i].network for i in active], val, loss_function, device) \
+            if val is not None else [{} for _ in active]
+        for i, validation in zip(active, scored):
+            state, options = states[i], trainees[i].options
+            point = {"epoch": epoch + 1, "lr": state["optimizer"].param_groups[0]["lr"], "train_loss": totals[i] / seen}
+            state["schedule"].step()
+            point.update(validation)
+            if validation and point["val_loss"] < state["best"][0]:
+                state["best"] = (point["val_loss"], copy.deepcopy(trainees[i].network.state_dict()), epoch)
+            state["curve"].append(point)
+            if options.early_stop and epoch - state["best"][2] >= options.patience:
+                state["active"] = False
+        if len(trainees) == 1:
+            epochs.set_postfix({k: f"{v:.4f}" for k, v in states[0]["curve"][-1].items() if k not in ("epoch", "lr")})
+    for trainee, state in zip(trainees, states):
+        if trainee.options.early_stop and state["best"][1] is not None:
+            trainee.network.load_state_dict(state["best"][1])
+            for point in state["curve"]:
+                point["kept"] = point["epoch"] == state["best"][2] + 1
+        trainee.network.cpu().eval()
+    return [state["curve"] for state in states]
+
+
+def _shared_standardize(networks: list[nn.Module]) -> Standardize | None:
+    """The Standardize every network opens with, when they all open with the same one."""
+    firsts = [network[0] if isinstance(network, nn.Sequential) and len(network) > 1 else None for network in networks]
+    if not all(isinstance(module, Standardize) for module in firsts):
+        return None
+    if all(torch.equal(m.mean, firsts[0].mean) and torch.equal(m.scale, firsts[0].scale) for m in firsts):
+        return firsts[0]
+    return None
 
 
 def _mini_batches(rows: CodeRows, rng, batch_size: int, device: torch.device):
@@ -189,18 +246,21 @@ def _mini_batches(rows: CodeRows, rng, batch_size: int, device: torch.device):
                    to_device(targets_tensor[start:start + batch_size], device))
 
 
-def _evaluate_network(network: nn.Module, val: CodeRows, loss_function, device) -> dict:
-    network.eval()
-    probabilities = np.empty((len(val), network[-1].out_features))
-    total_loss = 0.0
+def _evaluate_networks(networks: list[nn.Module], val: CodeRows, loss_function, device) -> list[dict]:
+    """Validation loss and metric of each network, from one read of the validation rows."""
+    for network in networks:
+        network.eval()
+    probabilities = [np.empty((len(val), network[-1].out_features)) for network in networks]
+    losses = [0.0] * len(networks)
     with torch.inference_mode():
         for positions, codes in val.blocks():
-            logits = network(torch.from_numpy(codes).to(device))
+            inputs = torch.from_numpy(codes).to(device)
             targets = torch.from_numpy(val.targets[positions].astype(np.float32) if val.multilabel
                                        else val.targets[positions]).to(device)
-            total_loss += loss_function(logits, targets).item() * len(positions)
-            probabilities[positions] = output_activation(val.multilabel)(logits).double().cpu().numpy()
+            for i, network in enumerate(networks):
+                logits = network(inputs)
+                losses[i] += loss_function(logits, targets).item() * len(positions)
+                probabilities[i][positions] = output_activation(val.multilabel)(logits).double().cpu().numpy()
     metric = "val_map" if val.multilabel else "val_accuracy"
-    return {"val_loss": total_loss / len(val), metric: validation_score(val.targets, probabilities)}
-
-
+    return [{"val_loss": loss / len(val), metric: validation_score(val.targets, scores)}
+            for loss, scores in zip(losses, probabilities)]
