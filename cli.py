@@ -61,8 +61,10 @@ class StageDefault:
                         value = field.default_factory()
                     else:  # a field the stage requires: the option has no default
                         return self.fallback
-                    if isinstance(value, tuple):
-                        return ",".join(f"{item:g}" if isinstance(item, float) else str(item) for item in value)
+                    if isinstance(value, tuple):  # a tuple of layouts (sweep --hidden) as 512x256
+                        return ",".join(f"{item:g}" if isinstance(item, float) else
+                                        "x".join(map(str, item)) if isinstance(item, tuple) else str(item)
+                                        for item in value)
                     return value
         return self.fallback  # an option of the CLI's own
 
@@ -386,6 +388,70 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
         return tuple(kind(value) for value in _csv_list(text))
     except ValueError:
         raise TLError(f"{flag} takes {kind.__name__} numbers separated by commas, got '{text}'") from None
+
+
+@stage_defaults("pipeline.sweep:SweepConfig", "pipeline.training:TrainingOptions", own=("quiet",))
+@tl.command()
+@option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
+@option("--layers", help="Comma-separated cached layers to try [default: every layer of the cache].")
+@option("--heads", help="Comma-separated head kinds to try: logreg, mlp, svm.")
+@option("--C", "C", help="logreg/svm: comma-separated costs, one head each.")
+@option("--lr", help="mlp and logreg --solver sgd: comma-separated learning rates, one head each [default: the "
+                     "optimizer's].")
+@option("--hidden", help="mlp: comma-separated hidden layouts, one head each; 512x256 is two layers.")
+@option("--solver", type=RegistryChoice("pipeline.heads:SOLVERS"),
+        help="logreg: lbfgs (codes in memory, shared by the layer's lbfgs and svm heads) or sgd (streamed with "
+             "the mlp heads).")
+@option("--dropout", type=float, help="mlp: dropout after each hidden layer.")
+@option("--optimizer", type=RegistryChoice("pipeline.training:OPTIMIZERS"))
+@option("--momentum", type=float)
+@option("--weight-decay", type=float, help="mlp: L2 on weights (logreg --solver sgd takes it from --C).")
+@option("--batch-size", type=int)
+@option("--max-epochs", type=int)
+@option("--early-stop/--no-early-stop", help="Each mini-batch head stops on its own validation loss.")
+@option("--patience", type=int)
+@option("--val-cache", type=click.Path(path_type=Path), help="Validation cache of the same classes.")
+@option("--val-fraction", type=float, help="Else hold out this seeded fraction of the cache (stratified by class).")
+@option("--keep", type=click.Choice(("best", "all")), help="Head files kept under OUT/heads: the best only, or all.")
+@option("--max-iter", type=int, help="logreg lbfgs and svm iterations.")
+@option("--block-rows", type=int, help="Rows read from the cache at a time.")
+@device_option("Where mini-batch heads train.")
+@option("--seed", type=int)
+@option("--quiet", is_flag=True, help="No progress bars.")
+@option("--out", type=click.Path(path_type=Path), required=True,
+        help="Folder for sweep.md, sweep.json, sweep.png, best.pt and heads/.")
+def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch_size, max_epochs, early_stop,
+          patience, device, quiet, **options):
+    """Train a grid of heads on one cache (layers x kinds x C x lr x hidden) and rank them on validation.
+
+    Mini-batch heads of a layer train together in one pass over the codes; a sweep run again skips
+    the heads it finished. The best is saved as OUT/best.pt, a head file for evaluate, predict, finetune.
+    """
+    from pipeline.sweep import SweepConfig, run_sweep
+    from pipeline.training import TrainingOptions
+
+    training = TrainingOptions(optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+                               max_epochs=max_epochs, early_stop=early_stop, patience=patience, device=device,
+                               quiet=quiet)
+    result = run_sweep(SweepConfig(layers=_csv_list(layers), heads=_csv_list(heads), C=_numbers(C, float, "--C"),
+                                   lr=_numbers(lr, float, "--lr"), hidden=_layouts(hidden), training=training,
+                                   **options), say=(lambda text: None) if quiet else click.echo)
+    click.echo(f"wrote {result.out}: {_count(len(result.rows), 'head')} ranked by {result.rows[0]['on']} "
+               f"{result.metric} ({result.trained} trained, {result.reused} finished before), {result.seconds:.1f} s")
+    for rank, row in enumerate(result.rows[:10], 1):
+        click.echo(f"  {rank:>3}. {row['name']:<40} {row['val_score']:.4f}  {row['train_seconds']:.2f} s")
+    if len(result.rows) > 10:
+        click.echo(f"  ... {len(result.rows) - 10} more in {result.out / 'sweep.md'}")
+    click.echo(f"best: {result.best} ({result.rows[0]['name']}); leaderboard {result.out / 'sweep.md'}")
+    return result
+
+
+def _layouts(text: str | None) -> tuple[tuple[int, ...], ...]:
+    """--hidden 256,512x256 -> ((256,), (512, 256))."""
+    try:
+        return tuple(tuple(int(width) for width in part.split("x")) for part in _csv_list(text))
+    except ValueError:
+        raise TLError(f"--hidden takes widths such as 256,1024 or 512x256, got '{text}'") from None
 
 
 @stage_defaults("pipeline.evaluate:EvaluateConfig")

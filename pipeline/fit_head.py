@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, validation_score
 from pipeline.compatibility import check_codes_match, codes_key
@@ -70,31 +68,10 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
         raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
     reader = CacheReader(config.cache)
     layer = config.layer or _only_layer(reader)
-    rows = CodeRows.from_cache(reader, layer, block_rows=config.block_rows)
-    val = None
-    if config.val_cache is not None:
-        val_reader = CacheReader(config.val_cache)
-        if val_reader.classes != reader.classes:
-            raise HeadError(f"{config.val_cache} has other classes than {config.cache}; use caches of one data set")
-        check_codes_match(codes_key(reader.manifest), val_reader.manifest, f"{config.val_cache}",
-                          f"{config.cache}")
-        val = CodeRows.from_cache(val_reader, layer, block_rows=config.block_rows)
-    elif config.val_fraction is not None:
-        train_rows, val_rows = validation_rows(rows.targets, config.val_fraction, config.seed,
-                                               "raise --val-fraction or pass --val-cache")
-        all_targets = rows.targets
-        rows = CodeRows.from_cache(reader, layer, train_rows, config.block_rows, all_targets)
-        val = CodeRows.from_cache(reader, layer, val_rows, config.block_rows, all_targets)
+    rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed, config.block_rows)
     head = HEAD_KINDS[config.head].from_config(config)
     head.fit(rows, val_codes=val)
-    save_head(head, config.out, {
-        "classes": reader.classes,
-        "layer": layer,
-        "width": reader.taps[layer],
-        "codes_key": codes_key(reader.manifest),
-        "cache": str(config.cache),
-        "train_rows": len(rows),
-    })
+    save_fitted(head, config.out, reader, layer, len(rows))
     chosen = {"C": head.C_} if hasattr(head, "C_") else {}
     if head.curve_:  # the epoch whose weights the head keeps: the best one under early stopping, else the last
         kept = [point["epoch"] for point in head.curve_ if point.get("kept")]
@@ -104,6 +81,31 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
                          validation_score(rows.targets, score_rows(head, rows)),
                          None if val is None else validation_score(val.targets, score_rows(head, val)),
                          chosen, len(head.curve_) if head.curve_ else None)
+
+
+def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_fraction: float | None, seed: int,
+                  block_rows: int) -> tuple[CodeRows, CodeRows | None]:
+    """(training rows, validation rows or None) of one layer: the validation cache's, or a seeded
+    stratified fraction held out of the cache."""
+    rows = CodeRows.from_cache(reader, layer, block_rows=block_rows)
+    if val_cache is not None:
+        val_reader = CacheReader(val_cache)
+        if val_reader.classes != reader.classes:
+            raise HeadError(f"{val_cache} has other classes than {reader.root}; use caches of one data set")
+        check_codes_match(codes_key(reader.manifest), val_reader.manifest, f"{val_cache}", f"{reader.root}")
+        return rows, CodeRows.from_cache(val_reader, layer, block_rows=block_rows)
+    if val_fraction is None:
+        return rows, None
+    train_rows, val_rows = validation_rows(rows.targets, val_fraction, seed, "raise --val-fraction or pass --val-cache")
+    all_targets = rows.targets
+    return (CodeRows.from_cache(reader, layer, train_rows, block_rows, all_targets),
+            CodeRows.from_cache(reader, layer, val_rows, block_rows, all_targets))
+
+
+def save_fitted(head, out: Path, reader: CacheReader, layer: str, train_rows: int) -> None:
+    """The head file with what later stages check: classes, layer, width, the cache's codes key."""
+    save_head(head, out, {"classes": reader.classes, "layer": layer, "width": reader.taps[layer],
+                          "codes_key": codes_key(reader.manifest), "cache": str(reader.root), "train_rows": train_rows})
 
 
 def _only_layer(reader) -> str:

@@ -337,3 +337,45 @@ def write_predictions(path: Path, sample_ids: np.ndarray, targets: np.ndarray, s
                      else class_names[int(target)])
             writer.writerow([sample_id, truth] + [f"{value:.6g}" for value in row])
     return path
+
+
+def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path]:
+    """sweep.json (the leaderboard, best first), sweep.md (its table) and sweep.png (the validation
+    metric of each setting, one line per layer and head kind)."""
+    on = board[0]["on"]
+    document = {"metric": metric, "on": on, "cache": str(config.cache), "best": board[0]["name"], "heads": board}
+    _write_text(out / "sweep.json", json.dumps(document, indent=1))
+    lines = [f"# Sweep of {len(board)} heads on {config.cache}", "",
+             f"Ranked by {on} {metric}; the best, `{board[0]['name']}`, is `best.pt`.", "", "![sweep](sweep.png)", "",
+             f"| rank | head | layer | kind | C | hidden | lr | {on} {metric} | epochs | train s |",
+             "|---:|---|---|---|---:|---|---:|---:|---:|---:|"]
+    for rank, row in enumerate(board, 1):
+        setting = row["setting"]
+        cells = [str(rank), f"`{row['name']}`", setting["layer"], setting["kind"],
+                 "–" if setting["C"] is None else f"{setting['C']:g}",
+                 "–" if setting["hidden"] is None else "x".join(str(w) for w in setting["hidden"]),
+                 "–" if setting["lr"] is None else f"{setting['lr']:g}", _number(row["val_score"]),
+                 "–" if row["epochs"] is None else str(row["epochs"]), f"{row['train_seconds']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    _write_text(out / "sweep.md", "\n".join(lines))
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4))
+    lines_of: dict[tuple, list] = {}
+    for row in board:
+        lines_of.setdefault((row["setting"]["layer"], row["setting"]["kind"]), []).append(row)
+    for (layer, kind), rows in sorted(lines_of.items()):
+        rows = sorted(rows, key=lambda r: r["name"])
+        labels = [r["name"].removeprefix(f"{layer}-{kind}").lstrip("-") or kind for r in rows]
+        axes.plot(range(len(rows)), [r["val_score"] for r in rows], marker="o", label=f"{layer} {kind}")
+        for x, (label, r) in enumerate(zip(labels, rows)):
+            axes.annotate(label, (x, r["val_score"]), fontsize=7, textcoords="offset points", xytext=(0, 4),
+                          ha="center")
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("setting (C, hidden widths, lr), labelled at each point")
+    axes.set_ylabel(f"{on} {metric}")
+    axes.set_title(f"Sweep: {on} {metric} per setting")
+    axes.legend(fontsize=8)
+    _save(figure, out / "sweep.png")
+    return [out / "sweep.json", out / "sweep.md", out / "sweep.png"]

@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.conftest import REPO
 
 PACKAGES = ("pipeline", "cache")
-STAGE_ENTRIES = {"pipeline.extract", "pipeline.fit_head", "pipeline.finetune", "pipeline.evaluate", "pipeline.run",
+STAGE_ENTRIES = {"pipeline.extract", "pipeline.fit_head", "pipeline.finetune", "pipeline.evaluate", "pipeline.run", "pipeline.sweep",
                  "pipeline.predict", "pipeline.export", "pipeline.quickstart"}
 MAX_LINES = 420  # "about 400": room for a docstring to grow, not for a second job
 

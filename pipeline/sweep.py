@@ -1,0 +1,252 @@
+"""`tl sweep`: a grid of heads (layers x kinds x C x lr x hidden widths) from one cache, ranked on
+validation in a leaderboard, the best saved as a normal head file.
+
+Per layer, the validation rows are read once, into memory. Mini-batch heads (mlp, logreg --solver sgd)
+of one layer train together: every block of codes is read once per epoch and feeds each of them
+(pipeline.training.train_networks); lbfgs logreg and svm heads of one layer share one loaded,
+standardised copy of the codes. Each finished head is written atomically under OUT/heads/ with a
+record of its settings and scores, so a sweep killed midway and run again skips what it finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cache.reader import CacheReader
+from pipeline.code_rows import CodeRows, score_rows, validation_score
+from pipeline.compatibility import codes_key
+from pipeline.errors import HeadError
+from pipeline.files import write_bytes
+from pipeline.fit_head import FitHeadConfig, save_fitted, training_rows
+from pipeline.heads import HEAD_KINDS
+from pipeline.training import TrainingOptions, train_networks
+
+KEEP = ("best", "all")
+RECORD_FORMAT = "tl-sweep-head/1"
+
+
+@dataclass
+class SweepConfig:
+    """What `run_sweep` trains: every combination of `layers` (empty: every cached layer), `heads`, and
+    the values each kind takes (logreg: C, and lr with --solver sgd; svm: C; mlp: hidden x lr), on
+    `cache`, validated on `val_cache` or a seeded stratified `val_fraction`; results under `out`."""
+
+    cache: Path
+    out: Path
+    layers: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ("logreg",)
+    C: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
+    lr: tuple[float, ...] = ()  # empty: the optimizer's default
+    hidden: tuple[tuple[int, ...], ...] = ((1024,),)
+    solver: str = "lbfgs"
+    dropout: float = 0.5
+    val_cache: Path | None = None
+    val_fraction: float = 0.2
+    keep: str = "best"
+    max_iter: int = 1000
+    block_rows: int = 4096
+    seed: int = 0
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+
+
+@dataclass
+class Setting:
+    """One head of the grid."""
+
+    layer: str
+    kind: str
+    C: float | None = None
+    lr: float | None = None
+    hidden: tuple[int, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        parts = [self.layer, self.kind]
+        if self.C is not None:
+            parts.append(f"C{self.C:g}")
+        if self.hidden is not None:
+            parts.append("h" + "x".join(str(width) for width in self.hidden))
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        return "-".join(parts)
+
+    def values(self) -> dict:
+        return {"layer": self.layer, "kind": self.kind, "C": self.C, "lr": self.lr,
+                "hidden": None if self.hidden is None else list(self.hidden)}
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    rows: list[dict]  # the leaderboard, best first
+    best: Path
+    trained: int
+    reused: int
+    metric: str
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+
+def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
+    """Every setting of the sweep, in a stable order; an empty or ill-typed grid is one HeadError."""
+    for kind in config.heads:
+        if kind not in HEAD_KINDS:
+            raise HeadError(f"unknown head '{kind}' in --heads; valid: {', '.join(HEAD_KINDS)}")
+    if not config.heads:
+        raise HeadError("--heads is empty; name at least one of " + ", ".join(HEAD_KINDS))
+    if any(not c > 0 for c in config.C) or any(not lr > 0 for lr in config.lr):
+        raise HeadError(f"--C and --lr values must be positive, got {list(config.C)} and {list(config.lr)}")
+    if any(not hidden or any(width < 1 for width in hidden) for hidden in config.hidden):
+        raise HeadError("--hidden takes positive widths, one setting per comma (e.g. 256,1024 or 512x256)")
+    if config.keep not in KEEP:
+        raise HeadError(f"--keep is best or all, got {config.keep}")
+    costs, rates = list(config.C), list(config.lr) or [None]
+    settings = []
+    for layer, kind in itertools.product(layers, config.heads):
+        if kind == "mlp":
+            settings += [Setting(layer, kind, None, lr, tuple(h)) for h, lr in itertools.product(config.hidden, rates)]
+        elif kind == "logreg" and config.solver == "sgd":
+            settings += [Setting(layer, kind, C, lr) for C, lr in itertools.product(costs, rates)]
+        else:
+            if not costs:
+                raise HeadError(f"--C is empty; {kind} needs at least one cost")
+            settings += [Setting(layer, kind, C) for C in costs]
+    if not settings:
+        raise HeadError("the grid is empty: give --C, --hidden or --lr values for the chosen --heads")
+    return settings
+
+
+def _head_config(config: SweepConfig, setting: Setting) -> FitHeadConfig:
+    training = replace(config.training, lr=setting.lr) if setting.lr is not None else config.training
+    return FitHeadConfig(cache=config.cache, out=config.out, layer=setting.layer, head=setting.kind,
+                         C=(setting.C,) if setting.C is not None else (1.0,), solver=config.solver,
+                         hidden=setting.hidden or (1,), dropout=config.dropout, max_iter=config.max_iter,
+                         seed=config.seed, training=training)
+
+
+def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
+    started = time.perf_counter()
+    reader = CacheReader(config.cache)
+    layers = list(config.layers) or list(reader.taps)
+    missing = [layer for layer in layers if layer not in reader.taps]
+    if missing:
+        raise HeadError(f"cache {config.cache} has no layer {', '.join(missing)}; its layers: {', '.join(reader.taps)}")
+    settings = grid(config, layers)
+    out = Path(config.out)
+    if out.is_file():
+        raise HeadError(f"--out {out} is a file; a sweep writes a folder")
+    (out / "heads").mkdir(parents=True, exist_ok=True)
+    key = codes_key(reader.manifest)
+    records, trained = {}, 0
+    for layer in layers:
+        pending = []
+        for setting in (s for s in settings if s.layer == layer):
+            record = _finished(out, setting, config, key)
+            if record is not None:
+                records[setting.name] = record
+            else:
+                pending.append(setting)
+        if not pending:
+            continue
+        say(f"{layer}: training {len(pending)} heads ({len(records)} finished before)")
+        rows, val = _layer_rows(reader, layer, config)
+        for setting, head, seconds in _train_layer(config, pending, rows, val):
+            records[setting.name] = _save(out, setting, head, seconds, config, key, reader, rows, val)
+            trained += 1
+    board = sorted((records[s.name] for s in settings), key=lambda r: (-r["val_score"], r["name"]))
+    first = next(s for s in settings if s.name == board[0]["name"])
+    if not (out / "heads" / f"{first.name}.pt").is_file():  # dropped by an earlier --keep best, now the best
+        rows, val = _layer_rows(reader, first.layer, config)
+        for setting, head, seconds in _train_layer(config, [first], rows, val):
+            board[0] = _save(out, setting, head, seconds, config, key, reader, rows, val)
+    best = out / "best.pt"
+    write_bytes(best, (out / "heads" / f"{first.name}.pt").read_bytes(), "head file")
+    if config.keep == "best":  # every record stays (a re-run reuses it); the head files of the rest go
+        for record in board[1:]:
+            head_file = out / "heads" / f"{record['name']}.pt"
+            if head_file.exists():
+                write_bytes(out / "heads" / f"{record['name']}.json",
+                            json.dumps({**record, "dropped": True}, indent=1).encode(), "sweep record")
+                head_file.unlink()
+    from pipeline.report import sweep_report
+
+    metric = board[0]["metric"]
+    files = sweep_report(out, board, metric, config)
+    return SweepResult(out, board, best, trained, len(settings) - trained, metric, time.perf_counter() - started, files)
+
+
+def _layer_rows(reader, layer: str, config: SweepConfig):
+    """The layer's training rows (streamed; their lbfgs and svm heads share one standardised copy) and
+    its validation rows, read once into memory: every head is scored on them without another read."""
+    rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed, config.block_rows)
+    rows.share_standardized = True
+    if val is None:
+        return rows, None
+    memory = CodeRows.from_arrays(val.load(), val.targets)
+    memory.num_classes, memory.class_names = val.num_classes, val.class_names  # a class may have no validation row
+    return rows, memory
+
+
+def _train_layer(config: SweepConfig, pending: list[Setting], rows, val):
+    """(setting, fitted head, train seconds) of each pending setting of one layer: mini-batch heads in
+    shared passes (one per batch size and epoch count, so one here), the others one by one."""
+    streamed, exact = [], []
+    for setting in pending:
+        head = HEAD_KINDS[setting.kind].from_config(_head_config(config, setting))
+        (streamed if head.streamed else exact).append((setting, head))
+    if streamed:
+        clock = time.perf_counter()
+        trainees = [head.trainees(rows, val) for _, head in streamed]
+        curves = train_networks([t for group in trainees for t in group], rows, val, config.seed)
+        share = (time.perf_counter() - clock) / len(streamed)  # one pass trained them all: each its share
+        position = 0
+        for (setting, head), group in zip(streamed, trainees):
+            head.adopt(curves[position:position + len(group)])
+            position += len(group)
+            yield setting, head, share
+    for setting, head in exact:
+        clock = time.perf_counter()
+        head.fit(rows, val_codes=val)
+        yield setting, head, time.perf_counter() - clock
+
+
+def _record_path(out: Path, setting: Setting) -> Path:
+    return out / "heads" / f"{setting.name}.json"
+
+
+def _finished(out: Path, setting: Setting, config: SweepConfig, key: dict) -> dict | None:
+    """The record of a head this sweep finished before with the same settings and codes, else None."""
+    try:
+        record = json.loads(_record_path(out, setting).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = (record.get("format") == RECORD_FORMAT and record.get("setting") == setting.values()
+            and record.get("shared") == _shared(config) and record.get("codes_key") == key)
+    kept = (out / "heads" / f"{setting.name}.pt").is_file() or record.get("dropped")
+    return record if same and kept else None
+
+
+def _shared(config: SweepConfig) -> dict:
+    """What every head of the sweep shares and its record must match to be reused."""
+    training = {k: v for k, v in config.training.__dict__.items() if k not in ("quiet", "device")}
+    return json.loads(json.dumps({"solver": config.solver, "dropout": config.dropout, "val_cache": str(config.val_cache),
+                                  "val_fraction": config.val_fraction, "max_iter": config.max_iter, "seed": config.seed,
+                                  "block_rows": config.block_rows, "training": training}, default=list))
+
+
+def _save(out: Path, setting: Setting, head, seconds: float, config, key, reader, rows, val) -> dict:
+    """The head file, then its record (the record last: a record always has its head)."""
+    save_fitted(head, out / "heads" / f"{setting.name}.pt", reader, setting.layer, len(rows))
+    metric = "mAP" if rows.multilabel else "accuracy"
+    scored = val if val is not None else rows
+    record = {"format": RECORD_FORMAT, "name": setting.name, "setting": setting.values(), "shared": _shared(config),
+              "codes_key": key, "metric": metric, "on": "validation" if val is not None else "training",
+              "val_score": validation_score(scored.targets, score_rows(head, scored)),
+              "train_seconds": seconds, "epochs": len(head.curve_) if head.curve_ else None,
+              "chosen": getattr(head, "C_", None) if setting.kind != "svm" else None}
+    write_bytes(_record_path(out, setting), json.dumps(record, indent=1).encode(), "sweep record")
+    return record

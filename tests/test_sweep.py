@@ -1,0 +1,135 @@
+"""`tl sweep`: a grid of heads from one cache, ranked on validation; mini-batch heads of a layer trained
+in one pass over the codes (and equal to the same head trained alone); the best a normal head file;
+a sweep killed midway and run again skips what it finished and ends with the same leaderboard."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.code_rows import CacheRows
+from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.model_files import load_head
+from pipeline.sweep import SweepConfig, run_sweep
+from pipeline.training import TrainingOptions
+from tests.conftest import blobs, start_stage, write_code_cache
+
+
+def _two_layer_cache(root: Path, seed: int, n: int, draw: int = 0) -> Path:
+    """A cache with a weak layer (`noisy`) and a clear one (`clear`) over the same rows."""
+    from cache.writer import CacheWriter
+
+    clear, targets = blobs(seed, n=n, classes=3, width=16, draw=draw)
+    noisy = clear + np.random.default_rng(seed + 7 + draw).normal(0, 6, clear.shape)
+    key = {"backbone": "synthetic", "weights": "synthetic", "taps": ["clear", "noisy"], "precision": "float32",
+           "preprocessing": {"resize": 0, "crop": 0, "mean": [0, 0, 0], "std": [1, 1, 1]},
+           "dataset": {"format": "synthetic", "rows": n}, "layout": {"dtype": "float32", "shard_rows": 64},
+           "patches": None}
+    with CacheWriter(root, key, ["a", "b", "c"], {"clear": 16, "noisy": 16}, "float32", 64, n) as writer:
+        for index, start in enumerate(range(0, n, 64)):
+            stop = min(start + 64, n)
+            writer.write_shard(index, {"clear": clear[start:stop].astype(np.float32),
+                                       "noisy": noisy[start:stop].astype(np.float32)},
+                               targets[start:stop], [f"row{i:05d}" for i in range(start, stop)], [])
+        writer.finish()
+    return root
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    return _two_layer_cache(root / "train", 1, 300), _two_layer_cache(root / "test", 1, 120, draw=1)
+
+
+def test_a_grid_ranked_on_validation_with_a_usable_best_head(run_tl, caches, tmp_path):
+    train, test = caches
+    result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", "--heads", "logreg,svm,mlp",
+                    "--C", "0.01,1", "--hidden", "8,16x8", "--lr", "0.05", "--max-epochs", "3", "--quiet")
+    assert result.code == 0, result
+    board = json.loads((tmp_path / "s/sweep.json").read_text())
+    names = [row["name"] for row in board["heads"]]
+    assert len(names) == 2 * (2 + 2 + 2) and len(set(names)) == len(names)  # layers x (logreg C, svm C, mlp hidden)
+    scores = [row["val_score"] for row in board["heads"]]
+    assert scores == sorted(scores, reverse=True) and board["metric"] == "accuracy" and board["on"] == "validation"
+    assert board["best"] == names[0] and names[0].startswith("clear-")  # the clear layer wins
+    assert "noisy-mlp-h16x8-lr0.05" in names and "clear-svm-C0.01" in names
+    markdown = (tmp_path / "s/sweep.md").read_text()
+    assert "| 1 | `" + names[0] + "`" in markdown and (tmp_path / "s/sweep.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "s/heads").glob("*.pt")) == [names[0] + ".pt"]  # --keep best
+    assert f"best: {tmp_path / 's/best.pt'} ({names[0]})" in result.out
+
+    head, metadata = load_head(tmp_path / "s/best.pt")
+    assert metadata["layer"] == "clear"
+    evaluated = run_tl("evaluate", "--head", tmp_path / "s/best.pt", "--cache", test, "--out", tmp_path / "r")
+    assert evaluated.code == 0 and json.loads((tmp_path / "r/report.json").read_text())["accuracy"] > 0.8
+
+    kept = run_tl("sweep", "--cache", train, "--out", tmp_path / "all", "--layers", "clear", "--C", "0.1,1",
+                  "--keep", "all", "--quiet")
+    assert kept.code == 0 and len(list((tmp_path / "all/heads").glob("*.pt"))) == 2, kept
+
+
+def test_mini_batch_heads_share_each_read_and_train_as_alone(caches, tmp_path, monkeypatch):
+    """Five sgd logreg heads read the codes as often as one does; each equals the head fit-head trains
+    alone with its C and lr (a linear head has no randomness in training)."""
+    train, _ = caches
+    reads = []
+    blocks = CacheRows.blocks
+    monkeypatch.setattr(CacheRows, "blocks", lambda self, rng=None: (reads.append(len(self)), blocks(self, rng))[1])
+    options = TrainingOptions(max_epochs=3, batch_size=32)
+
+    def sweep(out, costs):
+        reads.clear()
+        run_sweep(SweepConfig(cache=train, out=out, layers=("noisy",), C=costs, lr=(0.05,), solver="sgd",
+                              keep="all", training=options))
+        return list(reads)
+
+    one, five = sweep(tmp_path / "one", (1.0,)), sweep(tmp_path / "five", (0.01, 0.1, 1.0, 10.0, 100.0))
+    assert len(five) == len(one) and sum(five) == sum(one), (str(one), str(five))
+
+    fit_head(FitHeadConfig(cache=train, out=tmp_path / "alone.pt", layer="noisy", C=(0.1,), solver="sgd",
+                           val_fraction=0.2, training=TrainingOptions(max_epochs=3, batch_size=32, lr=0.05)))
+    alone, _ = load_head(tmp_path / "alone.pt")
+    together, _ = load_head(tmp_path / "five/heads/noisy-logreg-C0.1-lr0.05.pt")
+    np.testing.assert_allclose(together.coef_, alone.coef_, atol=1e-6)
+    assert [p["train_loss"] for p in together.curve_] == pytest.approx([p["train_loss"] for p in alone.curve_])
+
+
+def test_a_killed_sweep_resumes_to_the_same_leaderboard(caches, tmp_path):
+    train, _ = caches
+    config = dict(cache=train, heads=("svm", "logreg"), C=tuple(10.0 ** k for k in range(-4, 4)), max_iter=20000)
+    whole = run_sweep(SweepConfig(out=tmp_path / "whole", **config))
+    killed = SweepConfig(out=tmp_path / "killed", **config)
+    process = start_stage("pipeline.sweep:run_sweep", killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "killed/heads").glob("*.json")) and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    finished = len(list((tmp_path / "killed/heads").glob("*.json")))
+    resumed = run_sweep(killed)
+    assert resumed.reused == finished and resumed.trained == len(whole.rows) - finished
+    assert [(r["name"], r["val_score"]) for r in resumed.rows] == [(r["name"], r["val_score"]) for r in whole.rows]
+    again = run_sweep(killed)  # everything finished: nothing trains, the same board
+    assert again.trained == 0 and [r["name"] for r in again.rows] == [r["name"] for r in whole.rows]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--heads", "forest"], "unknown head 'forest' in --heads"),
+    (["--layers", "fc9"], "has no layer fc9; its layers: clear, noisy"),
+    (["--C", "0,1"], "--C and --lr values must be positive"),
+    (["--C", "one"], "--C takes float numbers"),
+    (["--heads", "mlp", "--hidden", "wide"], "--hidden takes widths such as 256,1024 or 512x256"),
+    (["--heads", ","], "--heads is empty"),
+])
+def test_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
+    train, _ = caches
+    result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", *args)
+    assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
+    assert not (tmp_path / "s" / "sweep.json").exists()
