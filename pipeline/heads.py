@@ -15,7 +15,8 @@ from pipeline.code_rows import (CodeRows, as_rows, checked_codes, score_rows, st
                                 validation_score)
 from pipeline.errors import HeadError
 from pipeline.linear_fits import logreg_fits, svm_fits
-from pipeline.training import Standardize, Trainee, TrainingOptions, output_activation, train_networks
+from pipeline.training import (Standardize, Trainee, TrainingOptions, kept_validation, output_activation,
+                               train_networks)
 
 SOLVERS = ("lbfgs", "sgd")
 HEAD_KINDS: dict[str, type["Head"]] = {}  # --head values, filled by register_head
@@ -204,7 +205,9 @@ class LogRegHead(LinearHead):
         self.validation_scores_, best = {}, None
         for C, (coef, intercept, curve) in zip(grid, fits):
             self.coef_, self.intercept_ = coef, intercept
-            score = validation_score(val.targets, score_rows(self, val)) if val is not None else 0.0
+            score = kept_validation(curve)  # what training measured on these weights, else a scoring pass
+            if score is None:
+                score = validation_score(val.targets, score_rows(self, val)) if val is not None else 0.0
             if val is not None:
                 self.validation_scores_[C] = score
             if best is None or score > best[0]:

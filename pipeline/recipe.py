@@ -75,8 +75,6 @@ class Recipe:
 def read_recipe(path: Path, sets: tuple[str, ...] = ()) -> Recipe:
     """The recipe at `path` with each `key=value` of `sets` applied (`key`, `section.key` or
     `section.N.key` for the N-th step of a list section, from 1); values read as YAML (`true`, `[256, 128]`)."""
-    import yaml
-
     path = Path(path)
     document = read_config(path)
     for assignment in sets:

@@ -23,7 +23,7 @@ from pipeline.errors import HeadError
 from pipeline.files import write_bytes
 from pipeline.fit_head import FitHeadConfig, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
-from pipeline.training import TrainingOptions, train_networks
+from pipeline.training import TrainingOptions, kept_validation, train_networks
 
 KEEP = ("best", "all")
 RECORD_FORMAT = "tl-sweep-head/1"
@@ -243,9 +243,11 @@ def _save(out: Path, setting: Setting, head, seconds: float, config, key, reader
     save_fitted(head, out / "heads" / f"{setting.name}.pt", reader, setting.layer, len(rows))
     metric = "mAP" if rows.multilabel else "accuracy"
     scored = val if val is not None else rows
+    measured = kept_validation(head.curve_)  # what training measured on the kept weights, else a scoring pass
     record = {"format": RECORD_FORMAT, "name": setting.name, "setting": setting.values(), "shared": _shared(config),
               "codes_key": key, "metric": metric, "on": "validation" if val is not None else "training",
-              "val_score": validation_score(scored.targets, score_rows(head, scored)),
+              "val_score": measured if measured is not None else validation_score(scored.targets,
+                                                                                    score_rows(head, scored)),
               "train_seconds": seconds, "epochs": len(head.curve_) if head.curve_ else None,
               "chosen": getattr(head, "C_", None) if setting.kind != "svm" else None}
     write_bytes(_record_path(out, setting), json.dumps(record, indent=1).encode(), "sweep record")

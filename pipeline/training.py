@@ -189,17 +189,28 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
             trainees[i].network.train()
         rng = np.random.default_rng([seed, epoch])
         totals, seen = dict.fromkeys(active, 0.0), 0
+        linear = [i for i in active if _is_linear(bodies[i])] if shared is not None and len(active) > 1 else []
+        alone = [i for i in active if i not in linear]
         for codes, targets in _mini_batches(rows, rng, first.batch_size, device):
             inputs = shared(codes) if shared is not None else codes
-            for i in active:
-                loss = loss_function(bodies[i](inputs), targets)
-                if not torch.isfinite(loss):
-                    raise HeadError(f"the training loss of {trainees[i].describe} became {loss.item()} in epoch "
+            losses = {}
+            if linear:  # the linear heads as one matrix product: one pass over the batch, not one each
+                logits = nn.functional.linear(inputs, torch.cat([bodies[i][0].weight for i in linear]),
+                                              torch.cat([bodies[i][0].bias for i in linear]))
+                parts = logits.split([bodies[i][0].out_features for i in linear], dim=1)
+                losses.update({i: loss_function(part, targets) for i, part in zip(linear, parts)})
+            for i in alone:
+                losses[i] = loss_function(bodies[i](inputs), targets)
+            values = torch.stack(list(losses.values())).tolist()
+            for i, value in zip(losses, values):
+                if not math.isfinite(value):
+                    raise HeadError(f"the training loss of {trainees[i].describe} became {value} in epoch "
                                     f"{epoch + 1}; lower --lr or check the cache with tl info --verify")
                 states[i]["optimizer"].zero_grad(set_to_none=True)
-                loss.backward()
+                totals[i] += value * len(codes)
+            torch.stack(list(losses.values())).sum().backward()  # each loss reaches only its own network
+            for i in losses:
                 states[i]["optimizer"].step()
-                totals[i] += loss.item() * len(codes)
             seen += len(codes)
         scored = _evaluate_networks([trainees[i].network for i in active], val, loss_function, device) \
             if val is not None else [{} for _ in active]
@@ -222,6 +233,19 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
                 point["kept"] = point["epoch"] == state["best"][2] + 1
         trainee.network.cpu().eval()
     return [state["curve"] for state in states]
+
+
+def kept_validation(curve: list[dict] | None) -> float | None:
+    """The validation metric a training curve measured on the weights it kept (the best epoch under early
+    stopping, else the last), or None without validation."""
+    if not curve or not any(key in curve[-1] for key in ("val_accuracy", "val_map")):
+        return None
+    kept = next((point for point in curve if point.get("kept")), curve[-1])
+    return kept.get("val_accuracy", kept.get("val_map"))
+
+
+def _is_linear(body: nn.Module) -> bool:
+    return isinstance(body, nn.Sequential) and len(body) == 1 and isinstance(body[0], nn.Linear)
 
 
 def _shared_standardize(networks: list[nn.Module]) -> Standardize | None:
@@ -247,18 +271,28 @@ def _mini_batches(rows: CodeRows, rng, batch_size: int, device: torch.device):
 
 
 def _evaluate_networks(networks: list[nn.Module], val: CodeRows, loss_function, device) -> list[dict]:
-    """Validation loss and metric of each network, from one read of the validation rows."""
+    """Validation loss and metric of each network, from one read of the validation rows (standardised
+    once when the networks share their Standardize, the linear ones as one matrix product)."""
     for network in networks:
         network.eval()
     probabilities = [np.empty((len(val), network[-1].out_features)) for network in networks]
     losses = [0.0] * len(networks)
+    shared = _shared_standardize(networks)
+    bodies = [network[1:] if shared is not None else network for network in networks]
+    linear = [i for i, body in enumerate(bodies) if _is_linear(body)] if shared is not None and len(networks) > 1 else []
     with torch.inference_mode():
         for positions, codes in val.blocks():
             inputs = torch.from_numpy(codes).to(device)
+            inputs = shared(inputs) if shared is not None else inputs
             targets = torch.from_numpy(val.targets[positions].astype(np.float32) if val.multilabel
                                        else val.targets[positions]).to(device)
-            for i, network in enumerate(networks):
-                logits = network(inputs)
+            outputs = {}
+            if linear:
+                logits = nn.functional.linear(inputs, torch.cat([bodies[i][0].weight for i in linear]),
+                                              torch.cat([bodies[i][0].bias for i in linear]))
+                outputs.update(zip(linear, logits.split([bodies[i][0].out_features for i in linear], dim=1)))
+            for i, body in enumerate(bodies):
+                logits = outputs[i] if i in outputs else body(inputs)
                 losses[i] += loss_function(logits, targets).item() * len(positions)
                 probabilities[i][positions] = output_activation(val.multilabel)(logits).double().cpu().numpy()
     metric = "val_map" if val.multilabel else "val_accuracy"

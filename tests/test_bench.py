@@ -34,3 +34,13 @@ def test_photo_set_has_the_size_mix_of_real_collections():
     assert sum(1 for w, h in sizes if max(w, h) <= 500) == 140  # 70% near 500x375 or 375x500
     assert sum(1 for w, h in sizes if h > w) > 40  # portraits among them
     assert sum(1 for w, h in sizes if 900 < max(w, h) <= 1024) == 50 and pixels[-10:] == [4032 * 3024] * 10
+
+
+def test_sweep_cost_prints_its_ratios(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("sweep_cost")
+    before = (REPO / "bench" / "RESULTS.md").read_text()
+    bench.main(["--rows", "300", "--width", "32", "--classes", "3", "--epochs", "1", "--lbfgs-rows", "200", "--no-write"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `tl")]
+    assert len(rows) == 4 and all(float(row.split("|")[-2]) > 0 for row in rows)
+    assert (REPO / "bench" / "RESULTS.md").read_text() == before
