@@ -92,6 +92,9 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
         val_reader = CacheReader(val_cache)
         if val_reader.classes != reader.classes:
             raise HeadError(f"{val_cache} has other classes than {reader.root}; use caches of one data set")
+        if val_reader.manifest.target != reader.manifest.target:
+            raise HeadError(f"{val_cache} has {val_reader.manifest.target} targets and {reader.root} "
+                            f"{reader.manifest.target} targets; use caches of one data set")
         check_codes_match(codes_key(reader.manifest), val_reader.manifest, f"{val_cache}", f"{reader.root}")
         return rows, CodeRows.from_cache(val_reader, layer, block_rows=block_rows)
     if val_fraction is None:

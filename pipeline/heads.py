@@ -15,8 +15,7 @@ from pipeline.code_rows import (CodeRows, as_rows, checked_codes, score_rows, st
                                 validation_score)
 from pipeline.errors import HeadError
 from pipeline.linear_fits import logreg_fits, svm_fits
-from pipeline.training import (Standardize, Trainee, TrainingOptions, kept_validation, output_activation,
-                               train_networks)
+from pipeline.training import Standardize, Trainee, TrainingOptions, output_activation, train_networks
 
 SOLVERS = ("lbfgs", "sgd")
 HEAD_KINDS: dict[str, type["Head"]] = {}  # --head values, filled by register_head
@@ -107,8 +106,11 @@ class LinearHead(Head):
         return standardized @ self.coef_.T + self.intercept_
 
     def predict_proba(self, codes: np.ndarray) -> np.ndarray:
+        return self.proba_of_logits(self.decision_function(codes))
+
+    def proba_of_logits(self, logits: np.ndarray) -> np.ndarray:
         with torch.inference_mode():  # float64 throughout
-            return self._activation()(torch.from_numpy(self.decision_function(codes))).numpy()
+            return self._activation()(torch.from_numpy(logits)).numpy()
 
     def logits_module(self) -> nn.Module:
         linear = nn.Linear(self.coef_.shape[1], self.coef_.shape[0])
@@ -205,9 +207,7 @@ class LogRegHead(LinearHead):
         self.validation_scores_, best = {}, None
         for C, (coef, intercept, curve) in zip(grid, fits):
             self.coef_, self.intercept_ = coef, intercept
-            score = kept_validation(curve)  # what training measured on these weights, else a scoring pass
-            if score is None:
-                score = validation_score(val.targets, score_rows(self, val)) if val is not None else 0.0
+            score = validation_score(val.targets, score_rows(self, val)) if val is not None else 0.0
             if val is not None:
                 self.validation_scores_[C] = score
             if best is None or score > best[0]:

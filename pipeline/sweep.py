@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from cache.reader import CacheReader
-from pipeline.code_rows import CodeRows, score_rows, validation_score
-from pipeline.compatibility import codes_key
+from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError
 from pipeline.files import write_bytes
 from pipeline.fit_head import FitHeadConfig, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
-from pipeline.training import TrainingOptions, kept_validation, train_networks
+from pipeline.training import TrainingOptions, train_networks
 
 KEEP = ("best", "all")
 RECORD_FORMAT = "tl-sweep-head/1"
@@ -98,17 +100,18 @@ def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
             raise HeadError(f"unknown head '{kind}' in --heads; valid: {', '.join(HEAD_KINDS)}")
     if not config.heads:
         raise HeadError("--heads is empty; name at least one of " + ", ".join(HEAD_KINDS))
-    if any(not c > 0 for c in config.C) or any(not lr > 0 for lr in config.lr):
-        raise HeadError(f"--C and --lr values must be positive, got {list(config.C)} and {list(config.lr)}")
+    if any(not 0 < c < math.inf for c in config.C) or any(not 0 < lr < math.inf for lr in config.lr):
+        raise HeadError(f"--C and --lr values must be positive and finite, got {list(config.C)} and {list(config.lr)}")
     if any(not hidden or any(width < 1 for width in hidden) for hidden in config.hidden):
         raise HeadError("--hidden takes positive widths, one setting per comma (e.g. 256,1024 or 512x256)")
     if config.keep not in KEEP:
         raise HeadError(f"--keep is best or all, got {config.keep}")
-    costs, rates = list(config.C), list(config.lr) or [None]
+    costs, rates = list(dict.fromkeys(config.C)), list(dict.fromkeys(config.lr)) or [None]
+    hiddens = list(dict.fromkeys(tuple(h) for h in config.hidden))
     settings = []
-    for layer, kind in itertools.product(layers, config.heads):
+    for layer, kind in itertools.product(dict.fromkeys(layers), dict.fromkeys(config.heads)):
         if kind == "mlp":
-            settings += [Setting(layer, kind, None, lr, tuple(h)) for h, lr in itertools.product(config.hidden, rates)]
+            settings += [Setting(layer, kind, None, lr, h) for h, lr in itertools.product(hiddens, rates)]
         elif kind == "logreg" and config.solver == "sgd":
             settings += [Setting(layer, kind, C, lr) for C, lr in itertools.product(costs, rates)]
         else:
@@ -117,6 +120,12 @@ def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
             settings += [Setting(layer, kind, C) for C in costs]
     if not settings:
         raise HeadError("the grid is empty: give --C, --hidden or --lr values for the chosen --heads")
+    names: dict[str, Setting] = {}
+    for setting in settings:  # a head's files are named after its setting: two may not share one
+        if setting.name in names:
+            raise HeadError(f"two settings of the grid are both named {setting.name} ({names[setting.name].values()} "
+                            f"and {setting.values()}); give values that differ in their first 6 digits")
+        names[setting.name] = setting
     return settings
 
 
@@ -139,8 +148,11 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
     out = Path(config.out)
     if out.is_file():
         raise HeadError(f"--out {out} is a file; a sweep writes a folder")
-    (out / "heads").mkdir(parents=True, exist_ok=True)
-    key = codes_key(reader.manifest)
+    try:
+        (out / "heads").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HeadError(f"cannot make the sweep folder {out}: {exc.strerror}; choose another --out") from None
+    key = _identity(reader, config)
     records, trained = {}, 0
     for layer in layers:
         pending = []
@@ -157,12 +169,15 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
         for setting, head, seconds in _train_layer(config, pending, rows, val):
             records[setting.name] = _save(out, setting, head, seconds, config, key, reader, rows, val)
             trained += 1
-    board = sorted((records[s.name] for s in settings), key=lambda r: (-r["val_score"], r["name"]))
+    order = {s.name: number for number, s in enumerate(settings)}
+    board = sorted((records[s.name] for s in settings), key=lambda r: (bool(r.get("diverged")), -r["val_score"],
+                                                                         order[r["name"]]))
     first = next(s for s in settings if s.name == board[0]["name"])
-    if not (out / "heads" / f"{first.name}.pt").is_file():  # dropped by an earlier --keep best, now the best
-        rows, val = _layer_rows(reader, first.layer, config)
+    if not (out / "heads" / f"{first.name}.pt").is_file():  # dropped by an earlier --keep best, now the best:
+        rows, val = _layer_rows(reader, first.layer, config)  # trained again, as it was (seeded, alone or not)
         for setting, head, seconds in _train_layer(config, [first], rows, val):
             board[0] = _save(out, setting, head, seconds, config, key, reader, rows, val)
+            trained += 1
     best = out / "best.pt"
     write_bytes(best, (out / "heads" / f"{first.name}.pt").read_bytes(), "head file")
     if config.keep == "best":  # every record stays (a re-run reuses it); the head files of the rest go
@@ -188,6 +203,7 @@ def _layer_rows(reader, layer: str, config: SweepConfig):
         return rows, None
     memory = CodeRows.from_arrays(val.load(), val.targets)
     memory.num_classes, memory.class_names = val.num_classes, val.class_names  # a class may have no validation row
+    memory.share_standardized = True
     return rows, memory
 
 
@@ -201,6 +217,9 @@ def _train_layer(config: SweepConfig, pending: list[Setting], rows, val):
     if streamed:
         clock = time.perf_counter()
         trainees = [head.trainees(rows, val) for _, head in streamed]
+        for (setting, _), group in zip(streamed, trainees):
+            for trainee in group:
+                trainee.describe = setting.name  # errors and progress name the grid point
         curves = train_networks([t for group in trainees for t in group], rows, val, config.seed)
         share = (time.perf_counter() - clock) / len(streamed)  # one pass trained them all: each its share
         position = 0
@@ -218,6 +237,16 @@ def _record_path(out: Path, setting: Setting) -> Path:
     return out / "heads" / f"{setting.name}.json"
 
 
+def _identity(reader, config: SweepConfig) -> dict:
+    """What the codes are: the cache's whole key (the data's fingerprint included) and rows, and the
+    validation cache's, so that a record of other data is never reused."""
+    val = None
+    if config.val_cache is not None:
+        val_manifest = CacheReader(config.val_cache).manifest
+        val = {"key": val_manifest.key, "rows": val_manifest.rows}
+    return json.loads(json.dumps({"key": reader.manifest.key, "rows": reader.manifest.rows, "val": val}, default=str))
+
+
 def _finished(out: Path, setting: Setting, config: SweepConfig, key: dict) -> dict | None:
     """The record of a head this sweep finished before with the same settings and codes, else None."""
     try:
@@ -226,14 +255,14 @@ def _finished(out: Path, setting: Setting, config: SweepConfig, key: dict) -> di
         return None
     same = (record.get("format") == RECORD_FORMAT and record.get("setting") == setting.values()
             and record.get("shared") == _shared(config) and record.get("codes_key") == key)
-    kept = (out / "heads" / f"{setting.name}.pt").is_file() or record.get("dropped")
+    kept = (out / "heads" / f"{setting.name}.pt").is_file() or record.get("dropped") and config.keep == "best"
     return record if same and kept else None
 
 
 def _shared(config: SweepConfig) -> dict:
     """What every head of the sweep shares and its record must match to be reused."""
     training = {k: v for k, v in config.training.__dict__.items() if k not in ("quiet", "device")}
-    return json.loads(json.dumps({"solver": config.solver, "dropout": config.dropout, "val_cache": str(config.val_cache),
+    return json.loads(json.dumps({"solver": config.solver, "dropout": config.dropout,
                                   "val_fraction": config.val_fraction, "max_iter": config.max_iter, "seed": config.seed,
                                   "block_rows": config.block_rows, "training": training}, default=list))
 
@@ -241,14 +270,32 @@ def _shared(config: SweepConfig) -> dict:
 def _save(out: Path, setting: Setting, head, seconds: float, config, key, reader, rows, val) -> dict:
     """The head file, then its record (the record last: a record always has its head)."""
     save_fitted(head, out / "heads" / f"{setting.name}.pt", reader, setting.layer, len(rows))
-    metric = "mAP" if rows.multilabel else "accuracy"
     scored = val if val is not None else rows
-    measured = kept_validation(head.curve_)  # what training measured on the kept weights, else a scoring pass
+    metric, score = _score(head, scored, reader)
+    diverged = next((point["epoch"] for point in head.curve_ or [] if point.get("diverged")), None)
     record = {"format": RECORD_FORMAT, "name": setting.name, "setting": setting.values(), "shared": _shared(config),
               "codes_key": key, "metric": metric, "on": "validation" if val is not None else "training",
-              "val_score": measured if measured is not None else validation_score(scored.targets,
-                                                                                    score_rows(head, scored)),
-              "train_seconds": seconds, "epochs": len(head.curve_) if head.curve_ else None,
+              "val_score": score, "train_seconds": seconds, "diverged": diverged,
+              "epochs": len([p for p in head.curve_ if not p.get("diverged")]) if head.curve_ else None,
               "chosen": getattr(head, "C_", None) if setting.kind != "svm" else None}
     write_bytes(_record_path(out, setting), json.dumps(record, indent=1).encode(), "sweep record")
     return record
+
+
+def _score(head, scored, reader) -> tuple[str, float]:
+    """(metric, value) of the head on the rows it is ranked by, in float64: accuracy, or mAP for multi-label
+    caches and for patch caches (over the object classes: most patches are background)."""
+    if hasattr(head, "coef_"):  # a linear head: on the layer's one standardised copy of these rows
+        standardized = standardized_codes(scored, head.mean_, head.scale_)
+        probabilities = head.proba_of_logits(standardized @ head.coef_.T + head.intercept_)
+    else:
+        probabilities = score_rows(head, scored)
+    if scored.multilabel:
+        return "mAP", validation_score(scored.targets, probabilities)
+    if reader.manifest.key.get("patches") is None:
+        return "accuracy", validation_score(scored.targets, probabilities)
+    from sklearn.metrics import average_precision_score
+
+    objects = [c for c in range(1, scored.num_classes) if (scored.targets == c).any()]  # class 0 is background
+    aps = [average_precision_score(scored.targets == c, probabilities[:, c]) for c in objects]
+    return "mAP", float(np.mean(aps)) if aps else 0.0

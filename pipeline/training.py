@@ -115,6 +115,8 @@ class TrainingOptions:
         check_optimizer(self.optimizer, HeadError)
         if self.lr is not None and not self.lr > 0:
             raise HeadError(f"--lr must be positive, got {self.lr}")
+        if not self.momentum >= 0 or not self.weight_decay >= 0:
+            raise HeadError(f"--momentum and --weight-decay must be 0 or more, got {self.momentum} and {self.weight_decay}")
         if any(step < 1 for step in self.lr_steps) or not self.lr_factors \
                 or any(not 0 < factor <= 1 for factor in self.lr_factors):
             raise HeadError(f"--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1], got {list(self.lr_steps)} "
@@ -147,7 +149,10 @@ def train_networks(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None
     """Train every network in place on the same streamed mini-batches: one read of each block (and of the
     validation rows) feeds them all, as a sweep's heads of one layer. They share the stream (batch size,
     epochs, device); each keeps its own optimizer, schedule and early stopping (a network that stops
-    sits out the epochs left). Networks opening with the same Standardize share its output."""
+    sits out the epochs left). Networks opening with the same Standardize share its output. Each draws
+    its dropout masks from its own generator seeded with `seed`, so a network trains as it would alone.
+    In a pass of several, one whose loss stops being finite leaves the pass with its last finite weights
+    (its curve's last point says `diverged`) and the others go on; a pass of one stops with a HeadError."""
     first = trainees[0].options
     for trainee in trainees:
         trainee.options.check()
@@ -157,9 +162,20 @@ def train_networks(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None
         if stream != (first.batch_size, first.max_epochs, first.device):
             raise HeadError("networks trained together need one batch size, epoch count and device")
     device = resolve_device(first.device)
-    with torch.random.fork_rng(devices=[]):  # dropout draws its masks from the seed alone
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return _train(trainees, rows, val, seed, device, first)
+
+
+def _rng_state(device) -> tuple:
+    return (torch.random.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device) -> None:
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: int, device, first) -> list[list[dict]]:
@@ -175,7 +191,7 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
         else:
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.max_epochs)
         states.append({"optimizer": optimizer, "schedule": schedule, "curve": [], "best": (math.inf, None, 0),
-                       "active": True})
+                       "active": True, "rng": _rng_state(device)})  # every network's generator starts at the seed
     shared = _shared_standardize([trainee.network for trainee in trainees])
     bodies = [trainee.network[1:] if shared is not None else trainee.network for trainee in trainees]
     loss_function = loss_for(rows.multilabel)
@@ -199,21 +215,34 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
                                               torch.cat([bodies[i][0].bias for i in linear]))
                 parts = logits.split([bodies[i][0].out_features for i in linear], dim=1)
                 losses.update({i: loss_function(part, targets) for i, part in zip(linear, parts)})
-            for i in alone:
+            for i in alone:  # its own dropout generator
+                _set_rng_state(states[i]["rng"], device)
                 losses[i] = loss_function(bodies[i](inputs), targets)
+                states[i]["rng"] = _rng_state(device)
             values = torch.stack(list(losses.values())).tolist()
-            for i, value in zip(losses, values):
+            for i, value in zip(list(losses), values):
                 if not math.isfinite(value):
-                    raise HeadError(f"the training loss of {trainees[i].describe} became {value} in epoch "
-                                    f"{epoch + 1}; lower --lr or check the cache with tl info --verify")
+                    if len(trainees) == 1:
+                        raise HeadError(f"the training loss of {trainees[i].describe} became {value} in epoch "
+                                        f"{epoch + 1}; lower --lr or check the cache with tl info --verify")
+                    states[i]["active"], states[i]["diverged"] = False, epoch + 1
+                    losses[i] = losses[i].detach()  # no step: it keeps its last finite weights
+                    continue
                 states[i]["optimizer"].zero_grad(set_to_none=True)
                 totals[i] += value * len(codes)
-            torch.stack(list(losses.values())).sum().backward()  # each loss reaches only its own network
-            for i in losses:
+            trained = [i for i in losses if states[i]["active"]]
+            if trained:
+                torch.stack([losses[i] for i in trained]).sum().backward()  # each loss reaches its own network
+            for i in trained:
                 states[i]["optimizer"].step()
+            linear = [i for i in linear if states[i]["active"]]
+            alone = [i for i in alone if states[i]["active"]]
             seen += len(codes)
+        for i in [i for i in active if "diverged" in states[i]]:
+            states[i]["curve"].append({"epoch": epoch + 1, "diverged": True})
+        active = [i for i in active if "diverged" not in states[i]]
         scored = _evaluate_networks([trainees[i].network for i in active], val, loss_function, device) \
-            if val is not None else [{} for _ in active]
+            if val is not None and active else [{} for _ in active]
         for i, validation in zip(active, scored):
             state, options = states[i], trainees[i].options
             point = {"epoch": epoch + 1, "lr": state["optimizer"].param_groups[0]["lr"], "train_loss": totals[i] / seen}
@@ -233,15 +262,6 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
                 point["kept"] = point["epoch"] == state["best"][2] + 1
         trainee.network.cpu().eval()
     return [state["curve"] for state in states]
-
-
-def kept_validation(curve: list[dict] | None) -> float | None:
-    """The validation metric a training curve measured on the weights it kept (the best epoch under early
-    stopping, else the last), or None without validation."""
-    if not curve or not any(key in curve[-1] for key in ("val_accuracy", "val_map")):
-        return None
-    kept = next((point for point in curve if point.get("kept")), curve[-1])
-    return kept.get("val_accuracy", kept.get("val_map"))
 
 
 def _is_linear(body: nn.Module) -> bool:

@@ -133,3 +133,54 @@ def test_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
     result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", *args)
     assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
     assert not (tmp_path / "s" / "sweep.json").exists()
+
+
+def test_an_mlp_trains_in_a_sweep_as_it_does_alone(caches, tmp_path):
+    """Each network of a shared pass draws its dropout masks from its own seeded generator."""
+    train, _ = caches
+    options = TrainingOptions(max_epochs=2, batch_size=32, lr=0.05)
+    run_sweep(SweepConfig(cache=train, out=tmp_path / "s", layers=("clear",), heads=("mlp",), hidden=((8,), (4,)),
+                          lr=(0.05,), keep="all", training=options))
+    fit_head(FitHeadConfig(cache=train, out=tmp_path / "alone.pt", layer="clear", head="mlp", hidden=(8,), dropout=0.5,
+                           val_fraction=0.2, training=options))
+    alone, _ = load_head(tmp_path / "alone.pt")
+    together, _ = load_head(tmp_path / "s/heads/clear-mlp-h8-lr0.05.pt")
+    for (name, a), (_, b) in zip(alone.network_.state_dict().items(), together.network_.state_dict().items()):
+        assert np.allclose(a.numpy(), b.numpy(), atol=1e-6), name
+
+
+def test_a_diverging_head_leaves_the_pass_and_ranks_last(run_tl, caches, tmp_path):
+    train, _ = caches
+    result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", "--layers", "clear", "--heads", "mlp",
+                    "--hidden", "8", "--lr", "0.05,1e12", "--max-epochs", "3", "--quiet")
+    assert result.code == 0, result
+    board = json.loads((tmp_path / "s/sweep.json").read_text())["heads"]
+    assert [row["name"] for row in board] == ["clear-mlp-h8-lr0.05", "clear-mlp-h8-lr1e+12"]
+    assert board[0]["diverged"] is None and board[1]["diverged"] == 1 and board[0]["epochs"] == 3
+
+
+def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_path):
+    train, test = caches
+    common = ["--out", tmp_path / "s", "--layers", "clear", "--C", "0.1,1", "--quiet"]
+    assert "2 trained, 0 finished before" in run_tl("sweep", "--cache", train, *common).out
+    assert "0 trained, 2 finished before" in run_tl("sweep", "--cache", train, *common).out
+    assert "2 trained, 0 finished before" in run_tl("sweep", "--cache", test, *common).out  # other data
+    kept = run_tl("sweep", "--cache", test, *common, "--keep", "all")  # the dropped head's file is made again
+    assert "1 trained, 1 finished before" in kept.out and len(list((tmp_path / "s/heads").glob("*.pt"))) == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--C", "1,1.0000001"], "two settings of the grid are both named clear-logreg-C1"),
+    (["--C", "inf"], "--C and --lr values must be positive and finite"),
+    (["--heads", "mlp", "--momentum", "-1"], "--momentum and --weight-decay must be 0 or more"),
+])
+def test_more_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
+    train, _ = caches
+    result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", "--layers", "clear", *args)
+    assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
+
+
+def test_an_out_that_cannot_be_made_is_one_line(run_tl, caches, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_tl("sweep", "--cache", caches[0], "--out", tmp_path / "file" / "sub")
+    assert result.code == 2 and "cannot make the sweep folder" in result.err, result
