@@ -364,7 +364,7 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
     for row in board:
         lines_of.setdefault((row["setting"]["layer"], row["setting"]["kind"]), []).append(row)
     for (layer, kind), rows in sorted(lines_of.items()):
-        rows = sorted(rows, key=lambda r: r["name"])
+        rows = sorted(rows, key=lambda r: (r["setting"]["C"] or 0, r["setting"]["hidden"] or [], r["setting"]["lr"] or 0))
         labels = [r["name"].removeprefix(f"{layer}-{kind}").lstrip("-") or kind for r in rows]
         axes.plot(range(len(rows)), [r["val_score"] for r in rows], marker="o", label=f"{layer} {kind}")
         for x, (label, r) in enumerate(zip(labels, rows)):
