@@ -135,7 +135,7 @@ def format_option(help: str = "How --data is laid out:"):
 
 
 def backbones_help() -> str:
-    return ", ".join(_attribute("pipeline.backbones:list_backbones")())
+    return ", ".join(_attribute("pipeline.backbones:list_backbones")()) + ", or timm:MODEL (any model of timm; the timm extra)"
 
 
 def head_kinds_help() -> str:
@@ -295,6 +295,23 @@ def info(cache, verify):
                 click.echo(f"problem    {problem}", err=True)
             raise TLError(f"{len(problems)} problems in {cache}: {problems[-1]}")
         click.echo(f"verified   {len(manifest.shards)} shards, checksums match")
+
+
+@tl.command("backbones")
+@click.option("--timm", "pattern", help="Also the timm models with pretrained weights matching this pattern "
+                                        "(e.g. 'convnext_*'; one model's full name lists its taps).")
+def backbones_command(pattern):
+    """List the backbones: input size, taps and widths, and whether the ImageNet weights are here (offline)."""
+    from pipeline.backbones import describe_backbones
+
+    rows = describe_backbones(pattern)
+    width = max(len(row["name"]) for row in rows)
+    for row in rows:
+        taps = ", ".join(f"{tap} ({size})" for tap, size in row["taps"].items()) if row["taps"] else "pool, stageN"
+        click.echo(f"{row['name']:<{width}}  {row['input']:>3} px {row['interpolation'] or '':<8}  weights "
+                   f"{'here   ' if row['weights_here'] else 'missing'}  {taps}")
+    if not pattern:
+        click.echo("timm:MODEL  any model of timm (the timm extra); tl backbones --timm PATTERN lists them")
 
 
 @tl.command("example-data")

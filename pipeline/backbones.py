@@ -7,106 +7,18 @@ from __future__ import annotations
 
 import os
 import urllib.error
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from pipeline.decoding import crop_decoder, normalize
+from pipeline.backbone_spec import Backbone, Tap
+from pipeline.timm_backbones import TIMM_PREFIX, timm_backbone, timm_models
 from pipeline.errors import BackboneError
 from pipeline.files import file_digest
 from pipeline.hardware import autocast, prepare_module, to_device
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class Tap:
-    """A named activation: the FX graph node that produces it and its width once flattened."""
-
-    node: str
-    width: int
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """One registry entry. `build()` makes the architecture with freshly initialised weights."""
-
-    name: str
-    build: Callable[[], nn.Module]
-    imagenet_weights: Callable[[], Path]
-    taps: dict[str, Tap]
-    default_tap: str
-    input_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    aliases: dict[str, str] = field(default_factory=dict)
-
-    def preprocessing(self, decode: str = "exact") -> dict:
-        """The facts that decide the pixels a model sees; part of every cache key. The decoding mode
-        is named only when it is not `exact`, so caches and heads made before modes existed still
-        match their exact-mode equals."""
-        facts = {
-            "resize": self.resize_size,
-            "crop": self.input_size,
-            "interpolation": "bilinear",
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-        return facts if decode == "exact" else {**facts, "decode": decode}
-
-    def crop_decoder(self, decode: str):
-        """PIL image -> (3, input, input) uint8 centre crop in decoding mode `decode` (see decoding)."""
-        return crop_decoder(decode, self.resize_size, self.input_size)
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """A uint8 batch of crops -> the float input the weights expect, on the batch's device."""
-        return normalize(pixels, self.mean, self.std)
-
-    def transform(self, *middle):
-        """PIL image -> normalised float tensor, as the weights were trained to expect: resize, centre
-        crop, then any `middle` transforms (PIL in, PIL out), then scale and normalise."""
-        from torchvision import transforms
-
-        resize = transforms.Resize(self.resize_size, interpolation=transforms.InterpolationMode.BILINEAR,
-                                   antialias=True)
-        return transforms.Compose([resize, transforms.CenterCrop(self.input_size), *middle, *self.normalization()])
-
-    def normalization(self) -> list:
-        """PIL image -> float tensor scaled to [0, 1] and normalised by the weights' mean and std."""
-        from torchvision import transforms
-
-        return [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
-
-    def resolve_taps(self, names: list[str]) -> list[str]:
-        """Canonical tap names for user-given names (aliases such as relu6 -> fc6), in the order given."""
-        if not names:
-            raise BackboneError(f"no layer given; {self.name} has layers: {self.layer_list()}")
-        resolved = []
-        for name in names:
-            canonical = self.aliases.get(name, name)
-            if canonical not in self.taps:
-                raise BackboneError(
-                    f"unknown layer '{name}' for backbone {self.name}; valid layers: {self.layer_list()}"
-                )
-            if canonical not in resolved:
-                resolved.append(canonical)
-        return resolved
-
-    def layer_list(self) -> str:
-        names = [f"{tap} ({spec.width})" for tap, spec in self.taps.items()]
-        names += [f"{alias} (= {target})" for alias, target in self.aliases.items()]
-        return ", ".join(names)
-
-    @staticmethod
-    def conv_layers(model: nn.Module) -> list[str]:
-        """Names of the convolution modules in the order they were registered (input to output)."""
-        return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
-
 
 _REGISTRY: dict[str, Backbone] = {}
 
@@ -123,11 +35,36 @@ def list_backbones() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def weights_here(backbone: Backbone) -> bool:
+    """Whether the backbone's ImageNet weights are on this machine now (nothing is downloaded)."""
+    cached = getattr(backbone.imagenet_weights, "cached", None)
+    if cached is not None:
+        return cached().is_file()
+    try:
+        return backbone.imagenet_weights().is_file()
+    except BackboneError:
+        return False
+
+
+def describe_backbones(pattern: str | None = None) -> list[dict]:
+    """Every registered backbone (and with `pattern`, the timm models it matches): name, input size,
+    taps with their widths (timm models matched by a pattern of many: their pretrained config only),
+    whether the ImageNet weights are on this machine."""
+    rows = [{"name": name, "input": backbone.input_size, "interpolation": backbone.interpolation,
+             "taps": {tap: spec.width for tap, spec in backbone.taps.items()}, "weights_here": weights_here(backbone)}
+            for name, backbone in sorted(_REGISTRY.items()) if not name.startswith(TIMM_PREFIX)]
+    return rows + (timm_models(pattern) if pattern else [])
+
+
 def get_backbone(name: str) -> Backbone:
+    """A registered backbone, or `timm:MODEL` built from timm's catalogue on first use (the timm extra)."""
+    if name.startswith(TIMM_PREFIX) and name not in _REGISTRY:
+        return register(timm_backbone(name))
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise BackboneError(f"unknown backbone '{name}'; valid backbones: {', '.join(list_backbones())}") from None
+        raise BackboneError(f"unknown backbone '{name}'; valid backbones: {', '.join(list_backbones())}, "
+                            "or timm:MODEL for any model of timm (pip install 'tl[timm]')") from None
 
 
 # ---------------------------------------------------------------- weights
@@ -136,12 +73,18 @@ def get_backbone(name: str) -> Backbone:
 def _torchvision_weights(enum_name: str, member: str) -> Callable[[], Path]:
     """Resolver for torchvision's published ImageNet weights: the hub cache, else a download."""
 
+    def cached() -> Path:
+        import torchvision.models as models
+
+        url = getattr(getattr(models, enum_name), member).url
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
     def resolve() -> Path:
         import torchvision.models as models
 
         url = getattr(getattr(models, enum_name), member).url
-        checkpoint_dir = Path(torch.hub.get_dir()) / "checkpoints"
-        path = checkpoint_dir / os.path.basename(url)
+        path = cached()
+        checkpoint_dir = path.parent
         if path.is_file():
             return path
         try:
@@ -155,6 +98,7 @@ def _torchvision_weights(enum_name: str, member: str) -> Callable[[], Path]:
             ) from None
         return path
 
+    resolve.cached = cached  # where the file is, without fetching it (tl backbones)
     return resolve
 
 
@@ -256,6 +200,17 @@ def _pickled(path: Path) -> bool:
 
 
 def _state_dict_from(path: Path) -> dict:
+    if path.suffix == ".safetensors":  # tensors only by design: nothing in it can run
+        try:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+        except ImportError:
+            raise BackboneError(f"{path} is a safetensors file; pip install safetensors to read it") from None
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise BackboneError(f"cannot load weights from {path}: {exc}; pass a safetensors or torch.save file") from None
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
@@ -280,6 +235,8 @@ def load_model(backbone: Backbone, weights: WeightsChoice) -> nn.Module:
     if weights.path is None:
         torch.manual_seed(weights.seed)
         return backbone.build().eval()
+    if weights.spec == "imagenet" and backbone.load_imagenet is not None:
+        return backbone.load_imagenet(weights.path).eval()
     model = backbone.build()
     state = _state_dict_from(weights.path)
     expected = model.state_dict()
@@ -366,7 +323,12 @@ register(
 
 def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
     """The frozen backbone cut at its taps, on `device` (channels_last and cudnn autotuning on CUDA)."""
-    return prepare_module(TapModel(load_model(backbone, weights), backbone, taps), device)
+    return prepare_module(tap_model(load_model(backbone, weights), backbone, taps), device)
+
+
+def tap_model(model: nn.Module, backbone: Backbone, taps: list[str]) -> nn.Module:
+    """The full model cut to {tap: (batch, width)} codes: by FX nodes, or by the backbone family's own."""
+    return (backbone.make_taps or TapModel)(model, backbone, taps)
 
 
 def forward_codes(model: nn.Module, backbone: Backbone, pixels: torch.Tensor, device: torch.device,

@@ -55,11 +55,11 @@ class ExactCrop:
     help = "torchvision's Resize + CenterCrop on the full image"
     draft = None  # decode at full size
 
-    def __init__(self, resize: int, crop: int):
+    def __init__(self, resize: int, crop: int, interpolation: str = "bilinear"):
         from torchvision import transforms
 
         self.transform = transforms.Compose([
-            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR, antialias=True),
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode[interpolation.upper()], antialias=True),
             transforms.CenterCrop(crop)])
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -74,8 +74,9 @@ class FastCrop:
     help = ("JPEGs decoded at reduced scale (DCT domain) to the smallest size still at least the resize target, "
             "only the crop resampled")
 
-    def __init__(self, resize: int, crop: int):
+    def __init__(self, resize: int, crop: int, interpolation: str = "bilinear"):
         self.resize, self.crop = resize, crop
+        self.resample = Image.Resampling[interpolation.upper()]
 
     def draft(self, width: int, height: int) -> tuple[int, int]:
         """The size to decode at least: the image resized as ExactCrop would resize it."""
@@ -87,16 +88,20 @@ class FastCrop:
         # the crop's box in the pixels of the image as decoded (which may be 1/2, 1/4 or 1/8 scale)
         scale_x, scale_y = image.size[0] / resized_width, image.size[1] / resized_height
         box = (left * scale_x, top * scale_y, (left + self.crop) * scale_x, (top + self.crop) * scale_y)
-        return _as_tensor(image.resize((self.crop, self.crop), Image.Resampling.BILINEAR, box=box,
-                                       reducing_gap=3.0))
+        return _as_tensor(image.resize((self.crop, self.crop), self.resample, box=box, reducing_gap=3.0))
 
 
-def crop_decoder(mode: str, resize: int, crop: int):
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def crop_decoder(mode: str, resize: int, crop: int, interpolation: str = "bilinear"):
     """The PIL image -> (3, crop, crop) uint8 transform of a decoding mode; its `draft` goes to
     Source.read_image."""
     if mode not in DECODE_MODES:
         raise TLError(f"unknown --decode {mode}; valid: {', '.join(DECODE_MODES)}")
-    return DECODE_MODES[mode](resize, crop)
+    if interpolation not in INTERPOLATIONS:
+        raise TLError(f"resizing by {interpolation} is not supported; tl resizes by {', '.join(INTERPOLATIONS)}")
+    return DECODE_MODES[mode](resize, crop, interpolation)
 
 
 class NormalizedCrop:

@@ -74,7 +74,7 @@ def contract_of(metadata: dict, backbone: Backbone, raw_pixels: bool) -> dict:
                               "before the model: x / 255 for 0..255 values, then (x - mean) / std per channel"),
             "mean": list(backbone.mean), "std": list(backbone.std),
             "resize": backbone.resize_size, "crop": size,
-            "preparation": f"resize the shorter side to {backbone.resize_size} (bilinear, antialiased), "
+            "preparation": f"resize the shorter side to {backbone.resize_size} ({backbone.interpolation}, antialiased), "
                            f"centre-crop {size}x{size}",
             "decode": decode,
         },

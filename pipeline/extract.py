@@ -294,7 +294,12 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     model = prepare_model(backbone, weights, taps, device)
     shard_rows, num_samples = shard_size(config), len(source)
     batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
-    on_device = decodes_on_device(device) if config.device_decode == "auto" else config.device_decode == "on"
+    # nvjpeg's crops are resized bilinearly: a backbone that wants another resize decodes in the workers
+    on_device = decodes_on_device(device) and backbone.interpolation == "bilinear" \
+        if config.device_decode == "auto" else config.device_decode == "on"
+    if on_device and backbone.interpolation != "bilinear":
+        raise TLError(f"{backbone.name} resizes by {backbone.interpolation}; decoding on the device resizes "
+                      "bilinearly: leave --device-decode at auto or off")
     if on_device:
         loader = _device_decoded(source, backbone, batches, config, device)
     else:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline import __version__
-from pipeline.backbones import Backbone, TapModel, get_backbone, load_model, weights_for_digest
+from pipeline.backbones import Backbone, get_backbone, load_model, tap_model, weights_for_digest
 from pipeline.decoding import decode_of
 from pipeline.errors import FinetuneError, HeadError
 from pipeline.files import write_bytes
@@ -149,7 +149,7 @@ class FinetuneModel(nn.Module):
     BatchNorm statistics are trained, every BatchNorm layer (its scale and shift still learn).
     """
 
-    def __init__(self, features: TapModel, tap: str, head: nn.Module):
+    def __init__(self, features: nn.Module, tap: str, head: nn.Module):
         super().__init__()
         self.features = features
         self.tap = tap
@@ -172,8 +172,10 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     backbone, weights = head_backbone(head_metadata["codes_key"], weights_path, "the head")
     full = load_model(backbone, weights)
     convs = backbone.conv_layers(full)
-    model = FinetuneModel(TapModel(full, backbone, [head_metadata["layer"]]), head_metadata["layer"],
-                          head.logits_module())
+    features = tap_model(full, backbone, [head_metadata["layer"]])
+    if backbone.make_taps is not None:  # a family's own cut (timm): its conv layers up to the tap
+        convs = backbone.conv_layers(features.extractor)
+    model = FinetuneModel(features, head_metadata["layer"], head.logits_module())
     return model, backbone, convs
 
 
@@ -213,7 +215,7 @@ def load_model_file(path: Path, weights_path: str | None = None) -> tuple[Finetu
     backbone = get_backbone(key["backbone"])
     # every weight comes from the file: build the architecture only (seeded, nothing downloaded)
     full = load_model(backbone, weights_for_digest(backbone, "random-init:seed=0"))
-    model = FinetuneModel(TapModel(full, backbone, [metadata["layer"]]), metadata["layer"], head.logits_module())
+    model = FinetuneModel(tap_model(full, backbone, [metadata["layer"]]), metadata["layer"], head.logits_module())
     try:
         model.load_state_dict(payload["tensors"])
     except RuntimeError as exc:

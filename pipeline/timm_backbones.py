@@ -1,0 +1,140 @@
+"""timm's catalogue as backbones: `--backbone timm:MODEL` (`timm:resnet50.a1_in1k`, `timm:convnext_tiny`)
+for any model `timm.create_model` builds, made on first use (the `timm` extra; never imported otherwise).
+
+Taps: `pool`, the pooled pre-logits features (`forward_head(..., pre_logits=True)`), and `stageN`, the
+N-th feature map timm exposes (`feature_info`), averaged over its positions. The pixels (input size,
+resize from crop_pct, interpolation, mean, std) come from the model's pretrained config; the timm
+version and the pretrained tag enter the cache key. `--weights imagenet` loads timm's pretrained file
+from the Hugging Face cache (nothing is downloaded), through timm's own loader.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+
+from torch import nn
+
+from pipeline.backbone_spec import Backbone, Tap
+from pipeline.errors import BackboneError
+
+TIMM_PREFIX = "timm:"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise BackboneError("timm backbones need the timm package: pip install 'tl[timm]' "
+                            "(or pip install -e '.[timm]' in a checkout)") from None
+    return timm
+
+
+def _create(model: str, **options) -> nn.Module:
+    timm = _timm()
+    try:
+        return timm.create_model(model, **options)
+    except RuntimeError as exc:
+        if "unknown model" not in str(exc).lower():
+            raise
+        close = difflib.get_close_matches(model, timm.list_models() + timm.list_models(pretrained=True), n=4)
+        raise BackboneError(f"timm has no model '{model}'" + (f"; close names: {', '.join(close)}" if close else "")
+                            + " (timm.list_models() lists them)") from None
+
+
+def timm_backbone(name: str) -> Backbone:
+    """The registry entry of `timm:MODEL`, read from the model's pretrained config."""
+    timm = _timm()
+    model_name = name[len(TIMM_PREFIX):]
+    probe = _create(model_name, pretrained=False)
+    config = probe.pretrained_cfg
+    _, height, width = config["input_size"]
+    if height != width:
+        raise BackboneError(f"{name} takes {width}x{height} inputs; tl crops squares: choose a model with square input")
+    interpolation = config.get("interpolation", "bilinear")
+    if interpolation not in ("bilinear", "bicubic"):
+        interpolation = "bicubic" if interpolation == "random" else "bilinear"
+    taps = {"pool": Tap("pool", int(getattr(probe, "head_hidden_size", None) or probe.num_features))}
+    taps.update({f"stage{index}": Tap(f"stage{index}", int(info["num_chs"]))
+                 for index, info in enumerate(getattr(probe, "feature_info", []) or [])})
+    return Backbone(
+        name=name,
+        build=lambda: _create(model_name, pretrained=False),
+        imagenet_weights=lambda: _cached_weights(model_name, config),
+        taps=taps,
+        default_tap="pool",
+        input_size=int(height),
+        resize_size=int(math.floor(height / config.get("crop_pct", 0.875))),
+        mean=tuple(float(v) for v in config["mean"]),
+        std=tuple(float(v) for v in config["std"]),
+        interpolation=interpolation,
+        facts={"timm": timm.__version__, "pretrained_tag": config.get("tag")},
+        make_taps=TimmTaps,
+        load_imagenet=lambda path: _create(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}),
+    )
+
+
+def _cached_weights(model_name: str, config: dict) -> Path:
+    """timm's pretrained file in the Hugging Face cache; never a download."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo = config.get("hf_hub_id")
+    if repo:
+        for filename in WEIGHT_FILES:
+            found = try_to_load_from_cache(repo, filename)
+            if isinstance(found, str):
+                return Path(found)
+    raise BackboneError(f"timm's pretrained weights of {model_name} ({repo or 'no Hugging Face id'}) are not in the "
+                        f"Hugging Face cache {constants.HF_HUB_CACHE}; fetch them where there is a network "
+                        f"(timm.create_model('{model_name}', pretrained=True)) and copy that cache here, or pass "
+                        "--weights PATH or none")
+
+
+class TimmTaps(nn.Module):
+    """A timm model cut to its taps: {tap: (batch, width)} codes. Stage taps only: the layers after the
+    deepest stage are pruned (timm's prune_intermediate_layers), so finetune counts conv layers up to it."""
+
+    def __init__(self, model: nn.Module, backbone: Backbone, taps: list[str]):
+        super().__init__()
+        self.taps = list(taps)
+        self.stages = sorted(int(tap.removeprefix("stage")) for tap in self.taps if tap.startswith("stage"))
+        if self.stages and "pool" not in self.taps and hasattr(model, "prune_intermediate_layers"):
+            model.prune_intermediate_layers(self.stages, prune_norm=False, prune_head=True)
+        elif hasattr(model, "reset_classifier"):
+            model.reset_classifier(0)  # the ImageNet classifier is never used: pre-logits are the tap
+        self.extractor = model.eval()
+
+    def forward(self, images):
+        outputs = {}
+        if self.stages:
+            maps = self.extractor.forward_intermediates(images, indices=self.stages, intermediates_only=True)
+            outputs.update({f"stage{index}": feature.mean(dim=(2, 3)) for index, feature in zip(self.stages, maps)})
+        if "pool" in self.taps:
+            outputs["pool"] = self.extractor.forward_head(self.extractor.forward_features(images), pre_logits=True)
+        return {tap: outputs[tap].flatten(1) for tap in self.taps}
+
+
+def timm_models(pattern: str) -> list[dict]:
+    """The timm models (with pretrained weights) matching `pattern`, as `tl backbones` shows them: input size
+    and interpolation from their pretrained config, whether their weights are in the Hugging Face cache;
+    the taps too (which means building the model) when the pattern names one model."""
+    timm = _timm()
+    from huggingface_hub import try_to_load_from_cache
+
+    names = timm.list_models(pattern, pretrained=True)
+    if not names:
+        raise BackboneError(f"no timm model with pretrained weights matches '{pattern}'; try a wider pattern "
+                            "such as 'convnext*'")
+    rows = []
+    for name in names:
+        config = timm.models.get_pretrained_cfg(name).to_dict()
+        repo = config.get("hf_hub_id")
+        here = bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str) for f in WEIGHT_FILES)
+        taps = None
+        if len(names) == 1:
+            taps = {tap: spec.width for tap, spec in timm_backbone(TIMM_PREFIX + name).taps.items()}
+        rows.append({"name": TIMM_PREFIX + name, "input": config["input_size"][-1],
+                     "interpolation": config.get("interpolation"), "taps": taps, "weights_here": here})
+    return rows

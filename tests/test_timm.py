@@ -1,0 +1,109 @@
+"""`--backbone timm:MODEL`: codes equal timm's own forward (pooled pre-logits, pooled feature stages)
+with seeded weights and with a saved state dict; the pixels come from the model's pretrained config
+and enter the cache key with the timm version and tag; a head on timm codes finetunes; bad names are
+one line. timm is imported only when a timm backbone is asked for."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cache.reader import CacheReader
+from pipeline.backbones import get_backbone
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.finetune import FinetuneConfig, run_finetune
+from pipeline.fit_head import FitHeadConfig, fit_head
+from pipeline.formats import open_source
+from tests.conftest import REPO, make_image_folder
+
+timm = pytest.importorskip("timm", reason="the test extra installs timm")
+
+MODEL = "resnet18"  # bicubic, crop_pct 0.95 in its pretrained config
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("timm") / "images", classes=("a", "b"), per_class=3)
+
+
+def _reference_codes(model, images) -> dict:
+    """timm's own forward on the backbone's own preprocessing of every image."""
+    backbone = get_backbone(f"timm:{MODEL}")
+    source = open_source("imagefolder", images)
+    batch = torch.stack([backbone.transform()(source.read_image(i)) for i in range(len(source))])
+    with torch.no_grad():
+        pool = model.forward_head(model.forward_features(batch), pre_logits=True)
+        stage = model.forward_intermediates(batch, indices=[3], intermediates_only=True)[0].mean(dim=(2, 3))
+    return {"pool": pool.numpy(), "stage3": stage.numpy()}
+
+
+def _extract(images, out, weights, seed=0):
+    run_extract(ExtractConfig(data=images, out=out, backbone=f"timm:{MODEL}", weights=weights, seed=seed,
+                              layers=("pool", "stage3"), dtype="float32", decode="exact", workers=0, quiet=True))
+    reader = CacheReader(out)
+    return reader, {tap: reader.load(tap) for tap in ("pool", "stage3")}
+
+
+def test_codes_equal_timms_forward_with_seeded_and_saved_weights(images, tmp_path):
+    reader, codes = _extract(images, tmp_path / "seeded", "none", seed=3)
+    torch.manual_seed(3)
+    reference = _reference_codes(timm.create_model(MODEL, pretrained=False).eval(), images)
+    for tap in codes:
+        np.testing.assert_allclose(codes[tap], reference[tap], atol=1e-4, rtol=1e-4)
+    preprocessing = reader.manifest.key["preprocessing"]
+    assert preprocessing["interpolation"] == "bicubic" and preprocessing["resize"] == 235
+    assert preprocessing["timm"] == timm.__version__ and preprocessing["pretrained_tag"] == "a1_in1k"
+    assert reader.taps == {"pool": 512, "stage3": 256}
+
+    torch.manual_seed(11)
+    saved = timm.create_model(MODEL, pretrained=False).eval()
+    torch.save(saved.state_dict(), tmp_path / "weights.pt")
+    _, from_file = _extract(images, tmp_path / "saved", str(tmp_path / "weights.pt"))
+    reference = _reference_codes(saved, images)
+    for tap in from_file:
+        np.testing.assert_allclose(from_file[tap], reference[tap], atol=1e-4, rtol=1e-4)
+
+
+def test_a_head_on_timm_codes_finetunes_its_last_conv_layers(images, tmp_path):
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone=f"timm:{MODEL}", weights="none",
+                              layers=("stage3",), dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    result = run_finetune(FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "m.pt", unfreeze=1,
+                                         epochs=1, batch_size=3, workers=0, quiet=True), say=lambda text: None)
+    assert result.epochs_run == 1 and result.trainable["conv_layers"] == ["layer3.1.conv2"]  # stage3 = layer3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--backbone", "timm:resnet5O"], "timm has no model 'resnet5O'; close names: resnet50"),
+    (["--backbone", f"timm:{MODEL}", "--layers", "fc7"], "unknown layer 'fc7' for backbone timm:resnet18; valid layers: pool (512), stage0 (64)"),
+    (["--backbone", f"timm:{MODEL}", "--weights", "imagenet"], "are not in the Hugging Face cache"),
+])
+def test_bad_timm_choices_are_one_line(run_tl, images, tmp_path, args, message):
+    result = run_tl("extract", "--data", images, "--out", tmp_path / "c", *args)
+    assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
+    assert not (tmp_path / "c").exists()
+
+
+def test_timm_is_imported_only_for_a_timm_backbone():
+    code = "import sys, pipeline.backbones, pipeline.extract, cli; print('timm' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done
+
+
+def test_backbones_lists_taps_input_and_weights_here(run_tl, monkeypatch, tmp_path):
+    result = run_tl("backbones")
+    assert result.code == 0, result
+    lines = {line.split()[0]: line for line in result.out.splitlines()}
+    assert "weights here" in lines["efficientnet_lite0"] and "block12 (9408)" in lines["efficientnet_lite0"]
+    assert "fc7 (4096)" in lines["alexnet"] and "timm:MODEL" in lines
+    one = run_tl("backbones", "--timm", "resnet18.a1_in1k")
+    row = next(line for line in one.out.splitlines() if line.startswith("timm:resnet18.a1_in1k"))
+    assert "bicubic" in row and "weights missing" in row and "stage4 (512)" in row
+    many = run_tl("backbones", "--timm", "convnext_at*")
+    assert sum(line.startswith("timm:convnext_atto") for line in many.out.splitlines()) >= 2
+    none = run_tl("backbones", "--timm", "zzz*")
+    assert none.code == 2 and "no timm model with pretrained weights matches 'zzz*'" in none.err
