@@ -149,8 +149,10 @@ def resolve_weights(backbone: Backbone, spec: str, seed: int = 0) -> WeightsChoi
         return WeightsChoice(spec, f"random-init:seed={seed}", None, seed)
     if spec == "imagenet":
         path = backbone.imagenet_weights()
-        # Published weight files carry a hash prefix in their name: that names them exactly.
-        return WeightsChoice(spec, f"imagenet:{path.name}", path, seed)
+        # Published weight files carry a hash prefix in their name: that names them exactly. A Hugging
+        # Face snapshot (timm) is named by its revision: every timm file is called model.safetensors.
+        name = f"{path.parent.name[:12]}/{path.name}" if path.parent.parent.name == "snapshots" else path.name
+        return WeightsChoice(spec, f"imagenet:{name}", path, seed)
     path = Path(spec)
     if path.is_dir():
         raise BackboneError(f"weights file {spec} is a folder; pass the state dict file inside it")

@@ -107,3 +107,27 @@ def test_backbones_lists_taps_input_and_weights_here(run_tl, monkeypatch, tmp_pa
     assert sum(line.startswith("timm:convnext_atto") for line in many.out.splitlines()) >= 2
     none = run_tl("backbones", "--timm", "zzz*")
     assert none.code == 2 and "no timm model with pretrained weights matches 'zzz*'" in none.err
+
+
+def test_imagenet_weights_come_from_the_hugging_face_cache(images, tmp_path):
+    """A pretrained file laid out as huggingface_hub caches it is found offline and loaded through
+    timm's own loader: the codes are those of a model holding that file's weights."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    published = timm.create_model(MODEL, pretrained=False).eval()
+    repo = tmp_path / "hub" / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in published.state_dict().items()}, str(snapshot / "model.safetensors"))
+    environment = {**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "cli", "extract", "--data", images, "--out", tmp_path / "c",
+                           "--backbone", f"timm:{MODEL}", "--weights", "imagenet", "--layers", "pool",
+                           "--dtype", "float32", "--decode", "exact", "--workers", "0", "--quiet"],
+                          cwd=REPO, env=environment, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reader = CacheReader(tmp_path / "c")
+    assert reader.manifest.key["weights"] == "imagenet:000000000000/model.safetensors"  # the snapshot names it
+    np.testing.assert_allclose(reader.load("pool"), _reference_codes(published, images)["pool"], atol=1e-4, rtol=1e-4)
