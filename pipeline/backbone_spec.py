@@ -47,6 +47,7 @@ class Backbone:
     make_taps: Callable | None = None
     # weights file -> full model, for published weights that need their family's own loader (timm)
     load_imagenet: Callable[[Path], nn.Module] | None = None
+    unused_keys: tuple[str, ...] = ()  # state-dict prefixes a tap never uses (a timm classifier): not compared
 
     def preprocessing(self, decode: str = "exact") -> dict:
         """The facts that decide the pixels a model sees; part of every cache key. The decoding mode

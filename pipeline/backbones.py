@@ -242,6 +242,10 @@ def load_model(backbone: Backbone, weights: WeightsChoice) -> nn.Module:
     model = backbone.build()
     state = _state_dict_from(weights.path)
     expected = model.state_dict()
+    if backbone.unused_keys:  # a classifier of another size (or none) does not matter to the taps
+        unused = lambda key: key.startswith(backbone.unused_keys)  # noqa: E731
+        state = {k: v for k, v in state.items() if not unused(k)}
+        state.update({k: v for k, v in expected.items() if unused(k)})
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [

@@ -1,7 +1,8 @@
 """Decoding modes: how an image becomes the uint8 centre crop a backbone sees (in DataLoader workers),
 and the normalisation that turns a batch of such crops into the backbone's input (once per batch).
 
-`exact` is torchvision's Resize (bilinear, antialiased) + CenterCrop on the fully decoded image. `fast`
+`exact` is torchvision's Resize (the backbone's interpolation, bilinear or bicubic; antialiased) +
+CenterCrop on the fully decoded image. `fast`
 keeps exactly that geometry but decodes a JPEG at the smallest DCT scale still at least the resized
 size and resamples only the cropped region: pixel-identical for photos that cannot be reduced (most
 near 500x375), a mean difference of about 1/255 for larger ones, and several times faster on those.

@@ -178,6 +178,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     if Path(config.out).is_file():
         raise TLError(f"--out {config.out} is a file; a cache is a folder: choose another --out")
     backbone = get_backbone(config.backbone)
+    if config.multiscale and backbone.interpolation != "bilinear":  # patches are resized bilinearly
+        raise TLError(f"{backbone.name} resizes by {backbone.interpolation}: --multiscale takes bilinear backbones")
     taps = backbone.resolve_taps(list(config.layers) or [backbone.default_tap])
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
@@ -295,11 +297,8 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     shard_rows, num_samples = shard_size(config), len(source)
     batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
     # nvjpeg's crops are resized bilinearly: a backbone that wants another resize decodes in the workers
-    on_device = decodes_on_device(device) and backbone.interpolation == "bilinear" \
-        if config.device_decode == "auto" else config.device_decode == "on"
-    if on_device and backbone.interpolation != "bilinear":
-        raise TLError(f"{backbone.name} resizes by {backbone.interpolation}; decoding on the device resizes "
-                      "bilinearly: leave --device-decode at auto or off")
+    on_device = decodes_on_device(device) if config.device_decode == "auto" else config.device_decode == "on"
+    on_device = on_device and backbone.interpolation == "bilinear"
     if on_device:
         loader = _device_decoded(source, backbone, batches, config, device)
     else:

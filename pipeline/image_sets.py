@@ -94,7 +94,8 @@ def image_set(source, backbone: Backbone, head_metadata: dict, augmentation: Aug
         crop = backbone.crop_decoder(decode_of(head_metadata["codes_key"]["preprocessing"]))
         transform = NormalizedCrop(crop, backbone.mean, backbone.std)
     elif augmentation.crop_scale < 1:
-        crop = transforms.RandomResizedCrop(backbone.input_size, scale=(augmentation.crop_scale, 1.0), antialias=True)
+        crop = transforms.RandomResizedCrop(backbone.input_size, scale=(augmentation.crop_scale, 1.0), antialias=True,
+                                            interpolation=transforms.InterpolationMode[backbone.interpolation.upper()])
         transform = transforms.Compose([crop, *flip, *normalize])
     targets = np.array([sample.target for sample in source.samples])
     return DecodedImages(source, transform), head_targets(targets, source.classes, head_metadata["classes"], what, head)

@@ -14,6 +14,7 @@ import difflib
 import math
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from pipeline.backbone_spec import Backbone, Tap
@@ -33,23 +34,45 @@ def _timm():
 
 
 def _create(model: str, **options) -> nn.Module:
+    """timm.create_model for a name of timm's catalogue (MODEL or MODEL.TAG); never a hub or a local
+    path (nothing is fetched). Anything timm cannot build is one BackboneError."""
     timm = _timm()
+    architecture = model.split(".")[0]
+    if not model or ":" in model or "/" in model or model.endswith(".") or not timm.is_model(architecture):
+        names = timm.list_models() + timm.list_models(pretrained=True)
+        close = difflib.get_close_matches(model.lower(), names, n=4)
+        raise BackboneError(f"timm has no model '{model}'" + (f"; close names: {', '.join(close)}" if close else "")
+                            + " (timm.list_models() lists them)")
+    if "." in model and model not in timm.list_models(pretrained=True):
+        tags = timm.list_pretrained(f"{architecture}.*")
+        raise BackboneError(f"timm has no pretrained tag '{model}'; tags of {architecture}: {', '.join(tags) or 'none'}")
     try:
         return timm.create_model(model, **options)
-    except RuntimeError as exc:
-        if "unknown model" not in str(exc).lower():
-            raise
-        close = difflib.get_close_matches(model, timm.list_models() + timm.list_models(pretrained=True), n=4)
-        raise BackboneError(f"timm has no model '{model}'" + (f"; close names: {', '.join(close)}" if close else "")
-                            + " (timm.list_models() lists them)") from None
+    except Exception as exc:  # timm raises many kinds for a model it cannot build here
+        raise BackboneError(f"timm cannot build {model} here ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def _load_imagenet(model: str, path: Path) -> nn.Module:
+    try:
+        return _create(model, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    except BackboneError as exc:
+        raise BackboneError(f"timm cannot load its pretrained file {path} into {model}: {exc}; fetch it again "
+                            "or pass --weights PATH") from None
 
 
 def timm_backbone(name: str) -> Backbone:
     """The registry entry of `timm:MODEL`, read from the model's pretrained config."""
     timm = _timm()
     model_name = name[len(TIMM_PREFIX):]
-    probe = _create(model_name, pretrained=False)
+    try:  # the config and shapes without the weights' memory or init time
+        with torch.device("meta"):
+            probe = _create(model_name, pretrained=False)
+    except BackboneError:
+        probe = _create(model_name, pretrained=False)
     config = probe.pretrained_cfg
+    if config.get("crop_mode", "center") != "center":
+        raise BackboneError(f"{name} was trained on images prepared by crop_mode '{config['crop_mode']}'; tl "
+                            "resizes the shorter side and crops the centre: choose a model whose crop_mode is center")
     _, height, width = config["input_size"]
     if height != width:
         raise BackboneError(f"{name} takes {width}x{height} inputs; tl crops squares: choose a model with square input")
@@ -70,10 +93,17 @@ def timm_backbone(name: str) -> Backbone:
         mean=tuple(float(v) for v in config["mean"]),
         std=tuple(float(v) for v in config["std"]),
         interpolation=interpolation,
-        facts={"timm": timm.__version__, "pretrained_tag": config.get("tag")},
+        facts={"timm": timm.__version__, "pretrained_tag": config.get("tag"), "crop_mode": "center"},
         make_taps=TimmTaps,
-        load_imagenet=lambda path: _create(model_name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}),
+        load_imagenet=lambda path: _load_imagenet(model_name, path),
+        unused_keys=tuple(f"{name}." for name in _classifiers(config)),
     )
+
+
+def _classifiers(config: dict) -> tuple[str, ...]:
+    """The modules of the ImageNet classifier (pretrained_cfg's `classifier`): never part of a tap."""
+    classifier = config.get("classifier") or ()
+    return (classifier,) if isinstance(classifier, str) else tuple(classifier)
 
 
 def _cached_weights(model_name: str, config: dict) -> Path:

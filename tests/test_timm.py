@@ -131,3 +131,23 @@ def test_imagenet_weights_come_from_the_hugging_face_cache(images, tmp_path):
     reader = CacheReader(tmp_path / "c")
     assert reader.manifest.key["weights"] == "imagenet:000000000000/model.safetensors"  # the snapshot names it
     np.testing.assert_allclose(reader.load("pool"), _reference_codes(published, images)["pool"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone,message", [
+    ("timm:resnet18.foo", "timm has no pretrained tag 'resnet18.foo'; tags of resnet18: resnet18.a1_in1k"),
+    ("timm:hf-hub:timm/resnet18.a1_in1k", "timm has no model 'hf-hub:timm/resnet18.a1_in1k'"),
+    ("timm:RESNET18", "close names: resnet18"),
+    ("timm:resnet18.", "timm has no model 'resnet18.'"),
+    ("timm:convnextv2_nano.fcmae_ft_in22k_in1k_384", "crop_mode 'squash'"),
+])
+def test_names_outside_the_catalogue_are_one_line(run_tl, images, tmp_path, backbone, message):
+    result = run_tl("extract", "--data", images, "--out", tmp_path / "c", "--backbone", backbone, "--weights", "none")
+    assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
+
+
+def test_a_state_dict_with_another_classifier_loads(images, tmp_path):
+    torch.manual_seed(2)
+    ten_classes = timm.create_model(MODEL, pretrained=False, num_classes=10).eval()
+    torch.save(ten_classes.state_dict(), tmp_path / "r18_10.pt")
+    _, codes = _extract(images, tmp_path / "c", str(tmp_path / "r18_10.pt"))
+    np.testing.assert_allclose(codes["pool"], _reference_codes(ten_classes, images)["pool"], atol=1e-4, rtol=1e-4)
