@@ -230,12 +230,10 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
             made.append((step.path("data"), step))  # the data this step downloads
         for key in INPUTS[step.stage]:
             given = step.path(key)
-            if given is None or (key == "weights" and str(given) in ("imagenet", "none")):
-                continue
+            if step not in chosen or given is None or (key == "weights" and str(given) in ("imagenet", "none")):
+                continue  # a step that will not run reads nothing
             maker = next((earlier for out, earlier in made if _same(out, given)), None)
-            if step not in chosen:
-                pass  # a step that will not run reads nothing
-            elif maker is None and not given.exists():
+            if maker is None and not given.exists():
                 raise ConfigError(f"recipe {path}: {step.label} {key} {given} does not exist"
                                   + (" (download: true on extract fetches cifar10 and gtsrb)" if key == "data" else ""))
             elif maker is not None and maker not in chosen and not given.exists():
