@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
-import threading
 from pathlib import Path
 
 import click
 
-from pipeline import DEVICES, PRECISIONS
-from pipeline.errors import TLError
+from pipeline import DEVICES, PRECISIONS, stops
+from pipeline.errors import TLError, listed
 
 UNSET = getattr(click.core, "UNSET", None)  # click >= 8.2 marks "no default given" with its own sentinel
 
@@ -125,13 +124,25 @@ def precision_option(help: str):
 
 
 def workers_option():
-    return option("--workers", type=int,
-                  help="Decoding processes [default: the cores shared among this machine's ranks, at most 16].")
+    return option("--workers", type=int, describe="cli:workers_help", help="Decoding processes")
 
 
 def format_option(help: str = "How --data is laid out:"):
     return option("--format", "format_", type=RegistryChoice("pipeline.formats:format_names"),
                   describe="pipeline.formats:formats_help", help=help)
+
+
+def workers_help() -> str:
+    return f"[default: the cores shared among this machine's ranks, at most {_attribute('pipeline.hardware:MAX_WORKERS')}]"
+
+
+def shard_rows_help() -> str:
+    rows, patches = _attribute("pipeline.extract:SHARD_ROWS"), _attribute("pipeline.extract:PATCH_SHARD_ROWS")
+    return f"[default: {rows}; {patches} with --multiscale]"
+
+
+def head_names_help() -> str:
+    return ", ".join(_attribute("pipeline.heads:HEAD_KINDS"))
 
 
 def backbones_help() -> str:
@@ -220,7 +231,7 @@ def tl():
 @option("--layers", help="Comma-separated taps, e.g. fc6,fc7 [default: the backbone's last].")
 @option("--out", type=click.Path(path_type=Path), required=True, help="Cache folder to write.")
 @option("--dtype", type=click.Choice(["float16", "float32"]))
-@option("--shard-rows", type=int, help="Images per shard file [default: 4096; 32 with --multiscale].")
+@option("--shard-rows", type=int, describe="cli:shard_rows_help", help="Images per shard file")
 @option("--compression", type=RegistryChoice("cache.writer:COMPRESSIONS"))
 @option("--batch-size", type=int)
 @workers_option()
@@ -234,7 +245,9 @@ def tl():
         help="Unreadable image: skip it (recorded in the manifest) or stop.")
 @option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
 @option("--download", is_flag=True, help="Download cifar10/gtsrb when missing.")
-@option("--classes", help="voc data: voc (the 20 classes), auto (names found in the annotations), or a comma list.")
+@option("--classes", help="voc data: voc (the 20 classes), auto (names found in the annotations), or a comma list; "
+        "webdataset data: a comma list of names the labels index or name [default: found in the labels].")
+@option("--label-key", help="webdataset data: the label file of a sample: cls, txt, json or json:FIELD [default: cls].")
 @option("--multiscale", is_flag=True, help="Oquab et al. patches at many scales instead of one centre crop.")
 @option("--scales", help="--multiscale: comma-separated; the patch side is (min(H, W) - 1) / scale (the paper's 13).")
 @option("--patch-overlap", type=float, help="--multiscale: a box labels a patch when it covers this share of the patch...")
@@ -260,7 +273,8 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
     if not world().is_main:  # under torchrun, rank 0 reports for all
         return
     rate = result.images_processed / result.loop_seconds if result.loop_seconds else 0.0
-    click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new, "
+    redone = f" ({result.shards_redone} of them redone: their inputs changed)" if result.shards_redone else ""
+    click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new{redone}, "
                f"{result.shards_reused} reused, {len(result.skipped)} images skipped")
     for tap, width in result.taps.items():
         click.echo(f"  {tap:<8} width {width:<6} {config.dtype}")
@@ -411,7 +425,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @tl.command()
 @option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
 @option("--layers", help="Comma-separated cached layers to try [default: every layer of the cache].")
-@option("--heads", help="Comma-separated head kinds to try: logreg, mlp, svm.")
+@option("--heads", describe="cli:head_names_help", help="Comma-separated head kinds to try:")
 @option("--C", "C", help="logreg/svm: comma-separated costs, one head each.")
 @option("--lr", help="mlp and logreg --solver sgd: comma-separated learning rates, one head each [default: the "
                      "optimizer's].")
@@ -429,7 +443,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--patience", type=int)
 @option("--val-cache", type=click.Path(path_type=Path), help="Validation cache of the same classes.")
 @option("--val-fraction", type=float, help="Else hold out this seeded fraction of the cache (stratified by class).")
-@option("--keep", type=click.Choice(("best", "all")), help="Head files kept under OUT/heads: the best only, or all.")
+@option("--keep", type=RegistryChoice("pipeline.sweep:KEEP"), help="Head files kept under OUT/heads: the best only, or all.")
 @option("--max-iter", type=int, help="logreg lbfgs and svm iterations.")
 @option("--block-rows", type=int, help="Rows read from the cache at a time.")
 @device_option("Where mini-batch heads train.")
@@ -551,27 +565,28 @@ def predict(paths, **options):
         raise TLError(f"none of the {skipped} files could be read as an image; pass image files or folders")
 
 
+@stage_defaults("pipeline.export:ExportConfig")
 @tl.command()
 @option("--model", type=click.Path(path_type=Path), required=True, help="Model file written by tl finetune.")
 @option("--format", "format_", required=True, type=RegistryChoice("pipeline.export:EXPORT_FORMATS"),
         help="onnx needs the onnx extra: pip install 'tl[onnx]'.")
 @option("--out", type=click.Path(path_type=Path), required=True,
         help="File to write; its input contract goes beside it as OUT.json.")
-@option("--raw-pixels/--normalized-input", default=True, show_default=True,
+@option("--raw-pixels/--normalized-input",
         help="Input uint8 RGB 0..255, scaled and normalised inside the model; or float input already "
              "normalised with the backbone's mean and std.")
 def export(model, format_, out, raw_pixels):
     """Write a finetuned model as TorchScript or ONNX (pixels -> probabilities) with its input contract,
     checked against the model on real images (top-1 labels and probabilities)."""
-    from pipeline.export import export_model
+    from pipeline.export import ExportConfig, run_export
 
-    result = export_model(model, format_, out, raw_pixels=raw_pixels)
+    result = run_export(ExportConfig(model, format_, out, raw_pixels=raw_pixels))
     given, taken = result.contract["input"], result.contract["output"]
     click.echo(f"wrote {result.out} ({format_}) and its contract {result.contract_path}")
     click.echo(f"  input   {given['dtype']} {given['channel_order']} {given['layout']} "
                f"(batch, 3, {given['crop']}, {given['crop']}), "
                + ("values 0..255, normalised inside the model" if raw_pixels else
-                  f"normalised: (x / 255 - mean) / std, mean {given['mean']}, std {given['std']}"))
+                  f"normalised: (x / 255 - mean) / std, mean {listed(given['mean'])}, std {listed(given['std'])}"))
     click.echo(f"  prepare {given['preparation']}")
     click.echo(f"  output  {taken['activation']} probabilities of {_count(len(taken['classes']), 'class', 'classes')}")
     click.echo(f"  checked on {result.checked_on}: top-1 agrees on {result.agreeing}/{result.checked}, "
@@ -713,9 +728,9 @@ class ClickStages:
 @click.option("-s", "--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value: key (every stage), section.key, or section.N.key (N-th step of a "
                    "list section); values read as YAML. Repeatable.")
-@click.option("--only", type=click.Choice(("extract", "fit-head", "finetune", "evaluate")),
+@click.option("--only", type=RegistryChoice("pipeline.recipe:STAGES"),
               help="Run only this stage's steps.")
-@click.option("--from", "start", type=click.Choice(("extract", "fit-head", "finetune", "evaluate")),
+@click.option("--from", "start", type=RegistryChoice("pipeline.recipe:STAGES"),
               help="Run this stage's steps and those after them.")
 @click.option("--rerun", is_flag=True, help="Run the chosen steps even when their outputs are up to date.")
 @click.option("--track", type=click.Choice(("mlflow",)),
@@ -739,65 +754,8 @@ def run(recipe, sets, only, start, rerun, track, quiet):
     return result
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so every `finally` and atomic write cleans up as for Ctrl-C."""
-
-
-STOPPING = threading.Event()  # set once SIGTERM or Ctrl-C has begun taking the process down
-
-
-def _terminated(signum, frame):
-    STOPPING.set()
-    raise Terminated()
-
-
-def _thread_excepthook(args) -> None:
-    """While the process is being stopped, helper threads that lose their peers on the way down
-    (multiprocessing's fd sharer, mid-handshake with a DataLoader worker being killed) stay silent: the
-    one line the user gets is the stop's own. Any other time, Python's own report."""
-    if not STOPPING.is_set():
-        threading.__excepthook__(args)
-
-
-def _process_excepthook(kind, value, traceback) -> None:
-    """The same silence for threads that report through `sys.excepthook` themselves rather than
-    `threading.excepthook`: multiprocessing's resource sharer (`_serve`) does, and its
-    ConnectionResetError after a stop is what reached the user."""
-    if not STOPPING.is_set():
-        sys.__excepthook__(kind, value, traceback)
-
-
-def _unraisable(unraisable) -> None:
-    """A stop that lands while Python runs a weakref callback or a `__del__` is "ignored" there (printed,
-    then the run went on to exit 0, seen once in CI): it is delivered again, so the stop still happens,
-    with its one line. Anything else, Python's own report."""
-    import os
-    import signal
-
-    kind = unraisable.exc_type
-    if kind is not None and issubclass(kind, (Terminated, KeyboardInterrupt)):
-        # sent from another thread a moment later: raised inside this hook, it would be ignored once more
-        # (and if it lands in a finalizer again, this hook sends it again)
-        number = signal.SIGTERM if issubclass(kind, Terminated) else signal.SIGINT
-        timer = threading.Timer(0.05, os.kill, (os.getpid(), number))
-        timer.daemon = True
-        timer.start()
-        return
-    sys.__unraisablehook__(unraisable)
-
-
-RESUME_HINT = ("nothing finished was lost: run the same command again (tl extract resumes its shards; "
-               "tl finetune: add --resume; tl run resumes both)")
-
-
 def main(argv: list[str] | None = None) -> None:
-    import signal
-
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _terminated)
-    threading.excepthook = _thread_excepthook
-    sys.excepthook = _process_excepthook
-    sys.unraisablehook = _unraisable
+    stops.install()
     for stream in (sys.stdout, sys.stderr):
         # file names that are not UTF-8 are printed as their own bytes, not a UnicodeEncodeError
         if callable(getattr(stream, "reconfigure", None)):
@@ -808,11 +766,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
-        STOPPING.set()
-        click.echo(f"error: interrupted; {RESUME_HINT}", err=True)
+        stops.STOPPING.set()
+        click.echo(f"error: interrupted; {stops.RESUME_HINT}", err=True)
         sys.exit(130)
-    except Terminated:
-        click.echo(f"error: stopped by SIGTERM; {RESUME_HINT}", err=True)
+    except stops.Terminated:
+        click.echo(f"error: stopped by SIGTERM; {stops.RESUME_HINT}", err=True)
         sys.exit(143)
     except click.exceptions.NoArgsIsHelpError as exc:  # bare `tl`: the help, as click shows it
         exc.show()

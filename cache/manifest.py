@@ -1,27 +1,48 @@
-"""What a cache is (a typed Manifest): its key, taps, classes and finished shards, kept in `manifest.json`,
-checked field by field when read, described for `tl info`.
+"""What a cache is (a typed Manifest): its key, taps, classes and finished shards, checked field by field
+when read, described for `tl info`.
 
-The manifest is replaced atomically, so a reader sees the old one or the new one, never half.
+Two files: `manifest.json` holds what the whole cache is (key, classes, taps, the shard plan's size, whether
+it is complete) and is replaced atomically at the start and the end of a run; `shards.jsonl` holds one
+record per finished shard (its file, rows, checksum, the samples it covers and a digest of their inputs)
+and only grows while a run goes: recording a shard appends one line, whatever the shard count. Readers
+stream the records line by line; a later record of a shard supersedes an earlier one, and a last line
+torn by a kill is ignored (the shard file it described is adopted again from its own attributes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Iterator
 
 from pipeline import __version__
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, listed
 from pipeline.files import write_bytes
 
 MANIFEST = "manifest.json"
-FORMAT = "tl-cache/1"
+RECORDS = "shards.jsonl"
+RANK_RECORDS = "shards-rank{}.jsonl"  # a torchrun rank other than 0 records its shards here; merged on opening
+FORMAT = "tl-cache/2"  # /2: shard records in shards.jsonl, each with the samples it covers and their digest
+LEGACY_FORMAT = "tl-cache/1"  # shards inside manifest.json; still read (fit-head, evaluate, info), never written
+NAME_DIGITS = 5
+_SHARD_FILE = re.compile(r"shard-(\d+)\.h5")
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.h5"
+def shard_name(index: int, num_shards: int = 0) -> str:
+    """`shard-00007.h5`: zero-padded to the widest index of the plan (at least five digits), so names sort
+    in shard order at any count. Readers never rely on that: a shard's index is in its record."""
+    digits = max(NAME_DIGITS, len(str(max(num_shards - 1, 0))))
+    return f"shard-{index:0{digits}d}.h5"
+
+
+def shard_index(name: str) -> int | None:
+    """The index a shard file's name gives, whatever its width; None for other names."""
+    match = _SHARD_FILE.fullmatch(name)
+    return int(match[1]) if match else None
 
 
 def key_digest(key: dict) -> str:
@@ -37,9 +58,17 @@ def key_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(before, dict) and isinstance(after, dict):
             lines += key_differences(before, after, prefix=f"{name}.")
         elif before != after:
-            short = lambda v: (v[:12] + "…") if isinstance(v, str) and len(v) > 40 else v  # noqa: E731
-            lines.append(f"{name}: {short(before)} -> {short(after)}")
+            lines.append(f"{name}: {_shown(before)} -> {_shown(after)}")
     return lines
+
+
+def _shown(value) -> str:
+    """A key value as words: long digests cut, lists joined (`fc6, fc7`), nothing as `none`."""
+    if isinstance(value, str):
+        return value[:12] + "…" if len(value) > 40 else value
+    if isinstance(value, (list, tuple)):
+        return listed(value)
+    return "none" if value is None else str(value)
 
 
 @dataclass
@@ -52,22 +81,48 @@ class TapSpec:
 
 @dataclass
 class ShardEntry:
-    """A finished shard file: shard k holds samples [k * shard_rows, (k + 1) * shard_rows), minus skipped ones."""
+    """A finished shard file: samples [first, first + samples) of the listing (minus skipped ones give
+    `rows` rows; a patch cache has many rows per sample), and `inputs`, the digest of those samples' ids,
+    targets and file stamps when it was written (empty for a cache of an earlier tl)."""
 
     index: int
     file: str
     rows: int
     bytes: int
     sha256: str
+    first: int = 0
+    samples: int = 0
+    inputs: str = ""
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    """What shard k of a run will hold: samples [first, first + samples), the digest of their inputs,
+    and the input unit it belongs to (a tar file; for folders the shard itself): torchrun ranks take
+    whole units, so one tar is read by one rank."""
+
+    first: int
+    samples: int
+    inputs: str = ""
+    unit: int = 0
+
+
+def uniform_plan(num_samples: int, shard_rows: int) -> list[PlannedShard]:
+    """Shard k holds samples [k * shard_rows, (k + 1) * shard_rows) (no input digests)."""
+    return [PlannedShard(first, min(shard_rows, num_samples - first), "", k)
+            for k, first in enumerate(range(0, num_samples, shard_rows))]
 
 
 @dataclass(kw_only=True)
 class Manifest:
-    """What a cache is (`manifest.json`, read by `load_manifest`, written by `save_manifest`).
+    """What a cache is (`manifest.json` plus the records of `shards.jsonl`, read by `load_manifest`).
 
     `key` is the cache key (backbone, weights, taps, precision, preprocessing, dataset, layout, patches),
-    digested and compared as a whole: two caches of one key hold the same codes. `skipped` lists the
-    unreadable samples ({sample_id, reason, shard}); `warnings` what the data listing noticed.
+    digested and compared as a whole: a cache answers only for the same key. Which samples each shard
+    holds, and a digest of their inputs, is in its record, so changed inputs redo only their shards.
+    `skipped` lists the unreadable samples ({sample_id, reason, shard}); `warnings` what the data listing
+    noticed; `content` digests every shard's checksum once the cache is complete (it changes whenever a
+    shard was redone, so records of results made from the codes can tell).
     """
 
     format: str = FORMAT
@@ -86,26 +141,21 @@ class Manifest:
     created: str = ""
     updated: str | None = None
     warnings: list[str] = field(default_factory=list)
+    content: str = ""
 
     @classmethod
     def new(cls, key: dict, classes: list[str], taps: dict[str, int], dtype: str, shard_rows: int,
-            num_samples: int, target_kind: str = "class") -> "Manifest":
+            num_samples: int, target_kind: str = "class", num_shards: int | None = None) -> "Manifest":
         return cls(key=key, classes=list(classes), taps={name: TapSpec(width, dtype) for name, width in taps.items()},
                    target=target_kind, shard_rows=shard_rows, num_samples=num_samples,
-                   num_shards=-(-num_samples // shard_rows), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   key_digest=key_digest(key))
+                   num_shards=-(-num_samples // shard_rows) if num_shards is None else num_shards,
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), key_digest=key_digest(key))
 
-    @classmethod
-    def from_json(cls, data: dict) -> "Manifest":
-        """A manifest from its JSON form, already checked by `_manifest_problem`."""
-        known = {f.name for f in fields(cls)}
-        values = {name: value for name, value in data.items() if name in known}
-        values["taps"] = {name: TapSpec(**spec) for name, spec in data["taps"].items()}
-        values["shards"] = [ShardEntry(**{f: shard[f] for f in _SHARD_FIELDS}) for shard in data["shards"]]
-        return cls(**values)
-
-    def to_json(self) -> dict:
-        data = asdict(self)
+    def header(self) -> dict:
+        """manifest.json: everything but the shard records."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("shards", "skipped")}
+        data["taps"] = {name: asdict(spec) for name, spec in self.taps.items()}
+        data["format"], data["records"] = FORMAT, RECORDS
         if data["updated"] is None:
             del data["updated"]
         return data
@@ -132,8 +182,8 @@ class Manifest:
                  f"backbone   {key['backbone']}   weights {key['weights']}   precision {key['precision']}",
                  f"input      resize {pre['resize']}, crop {pre['crop']}, mean {rounded(pre['mean'])}, "
                  f"std {rounded(pre['std'])}",
-                 f"data       {data.get('format')} split {data.get('split')}, fingerprint "
-                 f"{str(data.get('fingerprint'))[:12]}"
+                 f"data       {data.get('format')} split {data.get('split')}"
+                 + (f", labels from .{data['label_key']}" if data.get("label_key") else "")
                  + (f", {data['samples_per_class']} per class" if data.get("samples_per_class") else "")]
         if key["patches"]:
             patches, kept = key["patches"], data.get("background_fraction")
@@ -166,6 +216,8 @@ class ForeignManifest(CacheError):
 
 
 def load_manifest(root: Path) -> Manifest:
+    """The manifest of the cache at `root` with its shard records (streamed from shards.jsonl), sorted
+    by index; CacheError when it is missing or damaged."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{root} is not a tl cache (no {MANIFEST}); create one with tl extract")
@@ -173,31 +225,110 @@ def load_manifest(root: Path) -> Manifest:
         raw = path.read_bytes()
     except OSError as exc:
         raise CacheError(f"cannot read {path}: {exc.strerror}") from None
-    if FORMAT.encode() not in raw:
+    if FORMAT.encode() not in raw and LEGACY_FORMAT.encode() not in raw:
         raise ForeignManifest(f"{path} is not a tl cache's manifest (someone else's file?); tl neither reads "
                               "nor replaces it")
     try:
-        manifest = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{path} is not valid JSON ({exc}); re-run tl extract with --overwrite") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise CacheError(f"{path} is not a {FORMAT} manifest; re-run tl extract with --overwrite")
-    problem = _manifest_problem(manifest)
+    legacy = header["format"] == LEGACY_FORMAT
+    problem = _header_problem(header, legacy)
     if problem:
         raise CacheError(f"{path} is damaged ({problem}); re-run tl extract with --overwrite")
-    return Manifest.from_json(manifest)
+    known = {f.name for f in fields(Manifest)} - {"shards", "skipped"}
+    manifest = Manifest(**{name: value for name, value in header.items() if name in known})
+    manifest.taps = {name: TapSpec(**spec) for name, spec in header["taps"].items()}
+    records = _legacy_records(header) if legacy else iter_records(Path(root), manifest)
+    entries: dict[int, tuple[ShardEntry, list]] = {}
+    for entry, skipped in records:
+        entries[entry.index] = (entry, skipped)  # a later record of a shard supersedes an earlier one
+    manifest.shards = [entries[index][0] for index in sorted(entries)]
+    manifest.skipped = [dict(item, shard=index) for index in sorted(entries) for item in entries[index][1]]
+    if manifest.complete and len(entries) != manifest.num_shards:
+        raise CacheError(f"{path} is damaged (it says complete with {len(entries)} of {manifest.num_shards} "
+                         "shards); re-run tl extract with --overwrite")
+    return manifest
+
+
+def record_files(root: Path) -> list[Path]:
+    """shards.jsonl, then the other ranks' record files (by rank)."""
+    ranks = [(int(match[1]), path) for path in Path(root).glob(RANK_RECORDS.format("*"))
+             if (match := re.fullmatch(RANK_RECORDS.format(r"(\d+)").replace(".", r"\."), path.name))]
+    return [Path(root) / RECORDS] + [path for _, path in sorted(ranks)]
+
+
+def iter_records(root: Path, manifest: Manifest, only: Path | None = None) -> Iterator[tuple[ShardEntry, list[dict]]]:
+    """(entry, skipped samples) of each line of the record files (`only`: of that one), in the order
+    written; each checked against the manifest. A last line cut short by a kill is left out; any other
+    bad line is damage."""
+    for path in [only] if only is not None else record_files(root):
+        yield from _records_of(path, manifest)
+
+
+def _records_of(path: Path, manifest: Manifest) -> Iterator[tuple[ShardEntry, list[dict]]]:
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CacheError(f"cannot read {path}: {exc.strerror}") from None
+    with handle:
+        pending = None  # a line is judged once the next one shows it was not the last
+        for number, line in enumerate(handle, start=1):
+            if pending is not None:
+                yield _record(*pending, manifest, path, last=False)
+            pending = (number, line)
+        if pending is not None:
+            found = _record(*pending, manifest, path, last=True)
+            if found is not None:
+                yield found
+
+
+def _record(number: int, line: bytes, manifest: Manifest, path: Path, last: bool):
+    try:
+        record = json.loads(line.decode("utf-8"))
+        if not line.endswith(b"\n"):
+            raise ValueError("no line end")
+    except (ValueError, UnicodeDecodeError):
+        if last:
+            return None  # torn by a kill while it was appended: the shard file is adopted again
+        raise CacheError(f"{path} line {number} is not a shard record; re-run tl extract with --overwrite") from None
+    problem = _record_problem(record, manifest)
+    if problem:
+        raise CacheError(f"{path} line {number} is damaged ({problem}); re-run tl extract with --overwrite")
+    return ShardEntry(**{name: record[name] for name in _SHARD_FIELDS}, inputs=record["inputs"]), record["skipped"]
+
+
+def _legacy_records(header: dict) -> Iterator[tuple[ShardEntry, list[dict]]]:
+    """The shards of a tl-cache/1 manifest (listed inside it), as records."""
+    skipped: dict[int, list] = {}
+    for item in header["skipped"]:
+        skipped.setdefault(item.get("shard"), []).append({k: v for k, v in item.items() if k != "shard"})
+    for shard in header["shards"]:
+        first = shard["index"] * header["shard_rows"]
+        yield (ShardEntry(**{name: shard[name] for name in ("index", "file", "rows", "bytes", "sha256")}, first=first,
+                          samples=min(header["shard_rows"], header["num_samples"] - first)),
+               skipped.get(shard["index"], []))
 
 
 # field -> type of a well-formed manifest; a hand-edited or truncated one is refused, not half-read
 _FIELDS = {"key": dict, "key_digest": str, "classes": list, "taps": dict, "target": str, "shard_rows": int,
-           "num_samples": int, "num_shards": int, "shards": list, "skipped": list, "complete": bool}
-_SHARD_FIELDS = {"index": int, "file": str, "rows": int, "bytes": int, "sha256": str}
+           "num_samples": int, "num_shards": int, "complete": bool}
+_LEGACY_FIELDS = {"shards": list, "skipped": list}
+_SHARD_FIELDS = {"index": int, "file": str, "rows": int, "bytes": int, "sha256": str, "first": int, "samples": int}
 
 
-def _manifest_problem(manifest: dict) -> str:
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _header_problem(manifest: dict, legacy: bool) -> str:
     """What is wrong with a manifest's shape, or '' when it is sound."""
-    for name, kind in _FIELDS.items():
-        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool) and kind is int:
+    for name, kind in {**_FIELDS, **(_LEGACY_FIELDS if legacy else {})}.items():
+        if not _is(manifest.get(name), kind):
             return f"'{name}' is missing or not a {kind.__name__}"
     if key_digest(manifest["key"]) != manifest["key_digest"]:
         return "its key was edited: key_digest does not match"
@@ -212,20 +343,27 @@ def _manifest_problem(manifest: dict) -> str:
             return f"layer '{name}' needs a width and a dtype"
     if len(set(manifest["classes"])) != len(manifest["classes"]):
         return "a class name appears twice in 'classes'"
-    if manifest["shard_rows"] < 1 or manifest["num_shards"] != -(-manifest["num_samples"] // manifest["shard_rows"]):
+    if manifest["shard_rows"] < 1 or manifest["num_shards"] < 0 or manifest["num_samples"] < 0:
+        return "shard_rows, num_samples and num_shards must be positive"
+    if legacy:
+        return _legacy_problem(manifest)
+    return ""
+
+
+def _legacy_problem(manifest: dict) -> str:
+    if manifest["num_shards"] != -(-manifest["num_samples"] // manifest["shard_rows"]):
         return "num_shards does not follow from num_samples and shard_rows"
     indices = []
     for shard in manifest["shards"]:
-        if not isinstance(shard, dict) or any(not isinstance(shard.get(f), kind) for f, kind in _SHARD_FIELDS.items()):
-            return f"a shard entry lacks one of {', '.join(_SHARD_FIELDS)}"
+        if not isinstance(shard, dict) or any(not _is(shard.get(f), kind) for f, kind in _SHARD_FIELDS.items()
+                                              if f not in ("first", "samples")):
+            return "a shard entry lacks one of index, file, rows, bytes, sha256"
         if shard["file"] != shard_name(shard["index"]) or shard["rows"] < 0 \
                 or not 0 <= shard["index"] < manifest["num_shards"]:
             return f"shard entry {shard['file']} is inconsistent"
         indices.append(shard["index"])
     if len(set(indices)) != len(indices):
         return "a shard is listed twice"
-    if manifest["complete"] and len(indices) != manifest["num_shards"]:
-        return f"it says complete with {len(indices)} of {manifest['num_shards']} shards"
     if manifest["key"].get("patches") is None:  # one row per sample: shard k holds its samples or skips them
         skipped = {}
         for item in manifest["skipped"]:
@@ -240,8 +378,25 @@ def _manifest_problem(manifest: dict) -> str:
     return ""
 
 
+def _record_problem(record, manifest: Manifest) -> str:
+    if not isinstance(record, dict) or any(not _is(record.get(f), kind) for f, kind in _SHARD_FIELDS.items()) \
+            or not isinstance(record.get("inputs"), str) or not isinstance(record.get("skipped"), list):
+        return f"a record needs {', '.join(_SHARD_FIELDS)}, inputs and skipped"
+    if shard_index(record["file"]) != record["index"] or not 0 <= record["index"] < manifest.num_shards:
+        return f"shard record {record['file']} is inconsistent"
+    if record["rows"] < 0 or record["first"] < 0 or record["samples"] < 1 \
+            or record["first"] + record["samples"] > manifest.num_samples:
+        return f"shard record {record['file']} covers samples the cache does not have"
+    if not all(isinstance(item, dict) and isinstance(item.get("sample_id"), str) for item in record["skipped"]):
+        return f"the skipped samples of {record['file']} need a sample_id"
+    if manifest.key.get("patches") is None and record["rows"] + len(record["skipped"]) != record["samples"]:
+        return (f"{record['file']} should account for {record['samples']} samples but has {record['rows']} rows "
+                f"and {len(record['skipped'])} skipped")
+    return ""
+
+
 def save_manifest(root: Path, manifest: Manifest) -> None:
+    """Replace manifest.json (the header; the shard records are appended by `append_record`)."""
     manifest.updated = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     # allow_nan=False: Infinity and NaN are not JSON; settings that produce them are refused earlier
-    write_bytes(Path(root) / MANIFEST, json.dumps(manifest.to_json(), indent=1, allow_nan=False).encode(),
-                "manifest")
+    write_bytes(Path(root) / MANIFEST, json.dumps(manifest.header(), indent=1, allow_nan=False).encode(), "manifest")

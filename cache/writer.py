@@ -1,9 +1,12 @@
-"""Writes a cache: takes the lock, checks the key, writes each shard under a temporary name, renames
-it when complete and only then records it in the manifest, so a killed run loses at most one shard.
+"""Writes a cache: takes the lock, checks the key, keeps the shards whose inputs are unchanged, writes
+each new shard under a temporary name, renames it when complete and only then appends its record, so a
+killed run loses at most the shards in flight, and recording a shard costs the same at any count.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -14,8 +17,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.manifest import (MANIFEST, ForeignManifest, Manifest, ShardEntry, key_differences, load_manifest,
-                            save_manifest, shard_name)
+from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECORDS, ForeignManifest, Manifest,
+                            PlannedShard, ShardEntry, iter_records, key_differences, load_manifest, record_files,
+                            save_manifest, shard_index, shard_name, uniform_plan)
+from cache.records import append_record, content_digest, write_records
 from pipeline.files import DiskFullError, OutputLock, file_digest, write_bytes
 from pipeline.errors import CacheError
 
@@ -41,11 +46,18 @@ def cache_lock(root: Path) -> OutputLock:
 
 
 class CacheWriter:
-    """Opens (or resumes) a cache for one key and publishes shards. Use as a context manager."""
+    """Opens (or resumes) a cache for one key and publishes shards. Use as a context manager.
+
+    `plan` says which samples each shard holds and digests their inputs (default: `shard_rows` samples
+    per shard, no digests). On opening a cache of the same key, a finished shard is kept only when its
+    record covers the same samples with the same input digest and its file still has its checksum;
+    `kept`, `changed` and `damaged` count what happened to the shards found.
+    """
 
     def __init__(self, root: Path, key: dict, classes: list[str], taps: dict[str, int], dtype: str,
                  shard_rows: int, num_samples: int, compression: str = "none", overwrite: bool = False,
-                 target_kind: str = "class", follower: bool = False):
+                 target_kind: str = "class", follower: bool = False, plan: list[PlannedShard] | None = None,
+                 rank: int = 0, position_matters: bool = False):
         if dtype not in DTYPES:
             raise CacheError(f"unknown --dtype {dtype}; valid: {', '.join(DTYPES)}")
         if compression not in COMPRESSIONS:
@@ -57,12 +69,20 @@ class CacheWriter:
         self.compression = compression
         self.taps = taps
         self.lock = cache_lock(self.root)
-        self._fresh = Manifest.new(key, classes, taps, dtype, shard_rows, num_samples, target_kind)
+        self.plan = uniform_plan(num_samples, shard_rows) if plan is None else list(plan)
+        self._fresh = Manifest.new(key, classes, taps, dtype, shard_rows, num_samples, target_kind, len(self.plan))
         self.overwrite = overwrite
         # A follower (a torchrun rank other than 0) writes shard files only; rank 0 holds the lock, owns
         # the manifest and adopts the followers' shards once every rank is done.
         self.follower = follower
+        # where this process records its shards: rank 0 in shards.jsonl, rank N (a follower) in its own
+        # file, so no two processes append to one file and rank 0 never re-reads another rank's shards
+        self.records = RANK_RECORDS.format(rank) if follower else RECORDS
         self.manifest: Manifest | None = None
+        self._entries: dict[int, ShardEntry] = {}  # finished shards by index: recording one is O(1)
+        self._skipped: dict[int, list[dict]] = {}
+        self.kept = self.changed = self.damaged = self.beyond = 0
+        self.position_matters = position_matters
 
     # -- opening
 
@@ -72,6 +92,7 @@ class CacheWriter:
             self.manifest = load_manifest(self.root)
             if self.manifest.key_digest != self._fresh.key_digest:
                 raise CacheError(f"{self.root} was opened by rank 0 with other settings; start every rank alike")
+            self._take(self.manifest)
             return self
         self.lock.acquire()
         try:
@@ -85,6 +106,12 @@ class CacheWriter:
         if not self.follower:
             self.lock.release()
 
+    def _take(self, manifest: Manifest) -> None:
+        self._entries = {shard.index: shard for shard in manifest.shards}
+        self._skipped = {}
+        for item in manifest.skipped:
+            self._skipped.setdefault(item["shard"], []).append({k: v for k, v in item.items() if k != "shard"})
+
     def _open_manifest(self) -> None:
         existing = None
         if (self.root / MANIFEST).exists():
@@ -97,6 +124,9 @@ class CacheWriter:
                     raise
         elif any(self.root.glob("shard-*.h5")) and not self.overwrite:
             raise CacheError(f"{self.root} holds shard files but no manifest; pass --overwrite to replace them")
+        if existing is not None and existing.format == LEGACY_FORMAT and existing.shards and not self.overwrite:
+            raise CacheError(f"{self.root} was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no input "
+                             "digests; it can still be read as it is, or pass --overwrite to extract it again")
         # A cache without a finished shard holds nothing to lose: a corrected command may take it over.
         if existing is not None and existing.key_digest != self._fresh.key_digest and existing.shards \
                 and not self.overwrite:
@@ -105,77 +135,131 @@ class CacheWriter:
                 f"{self.root} holds a cache made with other settings ({differences}); "
                 "choose another --out, or pass --overwrite to replace it"
             )
-        if existing is None or existing.key_digest != self._fresh.key_digest:
+        if existing is None or existing.key_digest != self._fresh.key_digest or existing.format != FORMAT:
             self._clear()
             self.manifest = self._fresh
             save_manifest(self.root, self.manifest)
             return
-        self.manifest = existing
-        dropped = self._drop_missing_shards()
+        self.manifest = self._fresh
+        self.manifest.created = existing.created
+        self._take(existing)
         self._remove_temporaries()
-        self.adopt_shards(distrusted=dropped)
+        distrusted = self._reconcile(existing)
+        self.adopt_shards(distrusted=distrusted)
+
+    def _reconcile(self, existing: Manifest) -> set[int]:
+        """Keep the recorded shards that still answer for the plan; drop (and delete) the others. Shards
+        whose inputs changed, and shards whose file is gone or changed, are redone. A shard whose samples
+        moved in the listing (a tar before it gained an image) is kept with its new position, unless its
+        rows depend on the position (`position_matters`: seeded per image index, as multiscale training)."""
+        dropped = set()
+        for index, shard in list(self._entries.items()):
+            planned = self.plan[index] if index < len(self.plan) else None
+            if planned is None:
+                self.beyond += 1
+                dropped.add(index)
+                continue
+            if (shard.samples, shard.inputs) != (planned.samples, planned.inputs) \
+                    or (self.position_matters and shard.first != planned.first):
+                self.changed += 1
+                dropped.add(index)
+                continue
+            path = self.root / shard.file
+            if path.is_file() and path.stat().st_size == shard.bytes and file_digest(path) == shard.sha256:
+                self.kept += 1
+                self._entries[index] = dataclasses.replace(shard, first=planned.first)
+            else:
+                self.damaged += 1
+                dropped.add(index)
+        # in an order a kill cannot turn into a lie: first a header marked incomplete that admits the old
+        # records and the new (the larger of both listings), then the records of the kept shards, then
+        # the files of the dropped ones, then the new header
+        save_manifest(self.root, dataclasses.replace(
+            self.manifest, complete=False, content="", num_samples=max(existing.num_samples, self.manifest.num_samples),
+            num_shards=max(existing.num_shards, self.manifest.num_shards)))
+        for index in dropped:
+            del self._entries[index]
+            self._skipped.pop(index, None)
+        self._sync()
+        write_records(self.root, self.manifest.shards, self._skipped)
+        for path in record_files(self.root)[1:]:  # the other ranks' records are in shards.jsonl now
+            path.unlink()
+        for path in self.root.glob("shard-*.h5"):  # dropped, or beyond the plan (an earlier, longer listing)
+            index = shard_index(path.name)
+            if index is None or index >= len(self.plan) or (index in dropped and index not in self._entries) \
+                    or (index in self._entries and self._entries[index].file != path.name):
+                path.unlink()
+        save_manifest(self.root, self.manifest)
+        return dropped
+
+    def _sync(self) -> None:
+        """The manifest's shard list and skipped samples from the finished shards (O(shards): on open and
+        at the end, never per shard)."""
+        self.manifest.shards = [self._entries[index] for index in sorted(self._entries)]
+        self.manifest.skipped = [dict(item, shard=index) for index in sorted(self._skipped)
+                                 for item in self._skipped[index]]
 
     def adopt_shards(self, distrusted: set[int] = frozenset()) -> list[int]:
         """Record complete shard files the manifest does not list yet: written by other ranks, or by a
-        run killed between renaming a shard and saving the manifest. A shard names its cache key.
-        `distrusted` shards (recorded once, then found changed) are rewritten, never adopted."""
+        run killed between renaming a shard and recording it. A shard names its cache key and the input
+        digest it was written for; `distrusted` shards (recorded once, then found changed) are rewritten."""
+        for path in record_files(self.root)[1:]:  # what the other ranks recorded (cheap: no shard is read)
+            for entry, skipped in iter_records(self.root, self.manifest, only=path):
+                planned = self.plan[entry.index]  # a rank that listed other data wrote for another plan
+                if entry.index not in self._entries and entry.index not in distrusted \
+                        and (entry.first, entry.samples, entry.inputs) == (planned.first, planned.samples, planned.inputs):
+                    self._entries[entry.index] = entry
+                    self._skipped[entry.index] = skipped
         adopted = []
-        for path in sorted(self.root.glob("shard-*.h5")):
-            found = _shard_entry(path, self.manifest)
-            if found is not None and found[0].index not in self.finished and found[0].index not in distrusted:
+        for path in self.root.glob("shard-*.h5"):
+            index = shard_index(path.name)
+            if index is None or index in self._entries or index in distrusted or index >= len(self.plan):
+                continue
+            found = _shard_entry(path, self.manifest, self.plan[index])
+            if found is not None:
                 entry, skipped = found
-                self.manifest.skipped += [dict(item, shard=entry.index) for item in skipped]
-                self._set_shards(self.manifest.shards + [entry])
+                self._record(entry, skipped)
                 adopted.append(entry.index)
-        if adopted:
-            save_manifest(self.root, self.manifest)
+        self._sync()
         return adopted
 
     def _clear(self) -> None:
         for path in self.root.iterdir():
-            if path.name.startswith("shard-") or path.name.startswith(".shard-") or path.name == MANIFEST:
+            if path.name.startswith(("shard-", ".shard-", "shards")) or path.name == MANIFEST:
                 path.unlink() if not path.is_dir() else shutil.rmtree(path)
-
-    def _drop_missing_shards(self) -> set[int]:
-        """A shard recorded in the manifest whose file is gone, resized or changed (its sha256 is read
-        again) is redone, not trusted."""
-        kept = []
-        for shard in self.manifest.shards:
-            path = self.root / shard.file
-            if path.is_file() and path.stat().st_size == shard.bytes and file_digest(path) == shard.sha256:
-                kept.append(shard)
-        dropped = {shard.index for shard in self.manifest.shards} - {shard.index for shard in kept}
-        if dropped:
-            self._set_shards(kept)
-            self.manifest.complete = False
-            save_manifest(self.root, self.manifest)
-        return dropped
-
-    def _set_shards(self, shards: list[ShardEntry]) -> None:
-        indices = {s.index for s in shards}
-        self.manifest.shards = sorted(shards, key=lambda s: s.index)
-        self.manifest.skipped = [s for s in self.manifest.skipped if s["shard"] in indices]
 
     def _remove_temporaries(self) -> None:
         """Half-written files of a killed run (we hold the lock: no live writer owns them)."""
         for path in self.root.glob(".*.tmp-*"):
             path.unlink()
 
+    def _record(self, entry: ShardEntry, skipped: list[dict]) -> None:
+        append_record(self.root, entry, skipped, self.records)
+        old = self._entries.get(entry.index)
+        if old is not None and old.file != entry.file:  # the same shard under a name of another width
+            with contextlib.suppress(OSError):
+                (self.root / old.file).unlink()
+        self._entries[entry.index] = entry
+        self._skipped[entry.index] = [{k: v for k, v in item.items() if k != "shard"} for item in skipped]
+
     # -- writing
 
     @property
-    def finished(self) -> set[int]:
-        return {shard.index for shard in self.manifest.shards}
+    def finished(self):
+        """Indices of the finished shards (a live view: `in` and `len` cost O(1))."""
+        return self._entries.keys()
 
     def write_shard(self, index: int, codes: dict[str, np.ndarray], targets: np.ndarray,
                     sample_ids: list[str], skipped: list[dict],
                     extra: dict[str, np.ndarray] | None = None) -> ShardEntry:
-        """Write one complete shard atomically and record it (with its skipped samples) in the manifest.
+        """Write one complete shard atomically and record it (with its skipped samples): one line
+        appended to the shard records, whatever the shard count.
 
         The shard is built in memory and written with plain file I/O, so a full disk is one clean
         OSError (HDF5 writing to a full disk crashed the process) and no half shard is left."""
         rows = len(sample_ids)
-        name = shard_name(index)
+        planned = self.plan[index]
+        name = shard_name(index, len(self.plan))
         options = {} if self.compression == "none" else {"compression": self.compression}
         image = io.BytesIO()
         with h5py.File(image, "w") as shard:
@@ -189,19 +273,17 @@ class CacheWriter:
             shard.attrs["rows"] = rows
             shard.attrs["key_digest"] = self._fresh.key_digest
             shard.attrs["skipped"] = json.dumps(skipped)
+            shard.attrs["first"], shard.attrs["samples"] = planned.first, planned.samples
+            shard.attrs["inputs"] = planned.inputs
         data = image.getbuffer()
-        entry = ShardEntry(index, name, rows, data.nbytes, hashlib.sha256(data).hexdigest())
+        entry = ShardEntry(index, name, rows, data.nbytes, hashlib.sha256(data).hexdigest(), planned.first,
+                           planned.samples, planned.inputs)
         try:
-            write_bytes(self.root / name, data, "shard")
-            if self.follower:
-                return entry
-            shards = [s for s in self.manifest.shards if s.index != index] + [entry]
-            self.manifest.skipped = [s for s in self.manifest.skipped if s["shard"] != index]
-            self.manifest.skipped += [dict(item, shard=index) for item in skipped]
-            self._set_shards(shards)
-            save_manifest(self.root, self.manifest)
+            # no sweep of the folder for stale temporaries per shard: opening the cache removed them
+            write_bytes(self.root / name, data, "shard", sweep=False)
+            self._record(entry, skipped)
         except DiskFullError:
-            kept = len(self.manifest.shards) - (index in self.finished)
+            kept = len(self._entries) - (index in self._entries)
             raise DiskFullError(f"no space left on the device of {self.root} ({kept} shards kept; free space "
                                 "and re-run the same command to resume)") from None
         return entry
@@ -219,8 +301,11 @@ class CacheWriter:
         shard.create_dataset(name, data=array, chunks=(chunk_rows,) + array.shape[1:], **options)
 
     def finish(self) -> Manifest:
-        done = len(self.manifest.shards) == self.manifest.num_shards
+        """Mark the cache complete when every planned shard is recorded; the manifest names its content."""
+        self._sync()
+        done = len(self._entries) == self.manifest.num_shards
         self.manifest.complete = done
+        self.manifest.content = content_digest(self.manifest.shards) if done else ""
         save_manifest(self.root, self.manifest)
         return self.manifest
 
@@ -231,16 +316,18 @@ def _text(values) -> np.ndarray:
     return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
 
 
-def _shard_entry(path: Path, manifest: Manifest) -> tuple[ShardEntry, list[dict]] | None:
-    """(manifest entry, skipped samples) of a complete shard file of this cache, else None."""
+def _shard_entry(path: Path, manifest: Manifest, planned: PlannedShard) -> tuple[ShardEntry, list[dict]] | None:
+    """(record, skipped samples) of a complete shard file of this cache written for the planned samples
+    and inputs, else None."""
     try:
         with h5py.File(path, "r") as shard:
             if shard.attrs.get("key_digest") != manifest.key_digest:
                 return None
             index, rows = int(shard.attrs["index"]), int(shard.attrs["rows"])
             skipped = json.loads(shard.attrs.get("skipped", "[]"))
+            written = (int(shard.attrs["first"]), int(shard.attrs["samples"]), str(shard.attrs["inputs"]))
     except (OSError, KeyError, ValueError):
         return None  # unreadable or foreign: it will be rewritten
-    if path.name != shard_name(index) or not 0 <= index < manifest.num_shards:
+    if shard_index(path.name) != index or written != (planned.first, planned.samples, planned.inputs):
         return None
-    return ShardEntry(index, path.name, rows, path.stat().st_size, file_digest(path)), skipped
+    return ShardEntry(index, path.name, rows, path.stat().st_size, file_digest(path), *written), skipped

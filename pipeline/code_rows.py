@@ -11,6 +11,8 @@ import numpy as np
 
 from pipeline.errors import HeadError
 from pipeline.progress import progress
+BLOCK_ROWS = 4096  # code rows read from a cache at a time (memory holds one block)
+
 
 class CodeRows(ABC):
     """Rows to fit or score: arrays in memory, or one layer of a cache read block by block.
@@ -24,7 +26,7 @@ class CodeRows(ABC):
         self.num_classes = num_classes
         self.width = width
         self.class_names = class_names or [str(c) for c in range(num_classes)]
-        self.block_rows = 4096
+        self.block_rows = BLOCK_ROWS
 
     @property
     def multilabel(self) -> bool:
@@ -38,7 +40,7 @@ class CodeRows(ABC):
         return ArrayRows(codes, targets)
 
     @staticmethod
-    def from_cache(reader, layer: str, rows: np.ndarray | None = None, block_rows: int = 4096,
+    def from_cache(reader, layer: str, rows: np.ndarray | None = None, block_rows: int = BLOCK_ROWS,
                    all_targets: np.ndarray | None = None) -> "CacheRows":
         """`all_targets`: the cache's whole target column when the caller already read it."""
         return CacheRows(reader, layer, rows, block_rows, all_targets)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cache.manifest import PlannedShard
 from pipeline.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -51,6 +52,7 @@ class Source:
     format: str = ""
     help: str = ""
     target_kind = "class"  # or "multi-hot"
+    options: tuple[str, ...] = ()  # keyword options of `open` beyond the common ones (webdataset: label_key)
 
     def __init__(self, classes: list[str], samples: list[Sample]):
         self.classes = classes
@@ -68,14 +70,51 @@ class Source:
         """The sample as RGB; `draft(width, height) -> (width, height)`: see open_rgb."""
         return open_rgb(self.samples[index].location, draft)
 
+    def encoded(self, index: int) -> bytes | None:
+        """The sample's encoded bytes as stored (a file's content), for decoders that take bytes (JPEGs
+        decoded on the GPU); None for sources that keep decoded pixels (CIFAR's rows). OSError when
+        the bytes cannot be read."""
+        if type(self).read_image is not Source.read_image:
+            return None
+        with open(self.samples[index].location, "rb") as handle:
+            return handle.read()
+
     def fingerprint(self) -> str:
-        """A digest of the class names and every (id, target, stamp): changes when the data does."""
+        """A digest of the class names and every sample's inputs: changes when the data does."""
         digest = hashlib.sha256(json.dumps(self.classes).encode())
-        for sample in self.samples:
-            # file names that are not UTF-8 arrive surrogate-escaped; they digest as their raw bytes
-            line = f"{sample.sample_id}\0{sample.target}\0{sample.stamp}\n"
-            digest.update(line.encode("utf-8", "surrogateescape"))
+        for index in range(len(self.samples)):
+            digest.update(self.sample_inputs(index))
         return digest.hexdigest()
+
+    def sample_inputs(self, index: int) -> bytes:
+        """What decides a sample's rows: its id, target and file stamp (formats with more, such as VOC's
+        boxes, add theirs). File names that are not UTF-8 arrive surrogate-escaped: digested as raw bytes."""
+        sample = self.samples[index]
+        return f"{sample.sample_id}\0{sample.target}\0{sample.stamp}\n".encode("utf-8", "surrogateescape")
+
+    def input_unit(self, index: int) -> str | None:
+        """The input a sample is read from when shards follow inputs (a tar file); None: they do not."""
+        return None
+
+    def shard_plan(self, shard_rows: int) -> list[PlannedShard]:
+        """Which samples each shard holds, with the digest of their inputs: `shard_rows` samples per shard
+        in listing order; a source of input units (tars) starts a new shard at each unit, so a unit maps
+        to a fixed range of shards and is read by one torchrun rank."""
+        runs, start = [], 0
+        for stop in range(1, len(self.samples) + 1):
+            if stop == len(self.samples) or self.input_unit(stop) != self.input_unit(start):
+                runs.append((start, stop))
+                start = stop
+        grouped = self.input_unit(0) is not None if self.samples else False
+        plan = []
+        for unit, (start, stop) in enumerate(runs):
+            for first in range(start, stop, shard_rows):
+                last = min(stop, first + shard_rows)
+                digest = hashlib.sha256()
+                for index in range(first, last):
+                    digest.update(self.sample_inputs(index))
+                plan.append(PlannedShard(first, last - first, digest.hexdigest(), unit if grouped else len(plan)))
+        return plan
 
     def subset(self, samples_per_class: int, seed: int) -> None:
         """Keep at most N samples of each class, chosen with a seeded generator, in their listed order."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.datasets import DECODE_ERRORS, Source
+from pipeline.datasets import DECODE_ERRORS
 from pipeline.errors import TLError
 
 DECODE_MODES: dict[str, type] = {}  # --decode values, filled by register_decode
@@ -141,37 +141,28 @@ def decodes_on_device(device: torch.device) -> bool:
 
 
 class EncodedImages(torch.utils.data.Dataset):
-    """Per sample, for decoding on the device: (JPEG file bytes, None, index, "") for a JPEG file, and
-    for anything else (other formats, in-memory images) the worker's own uint8 crop (None, crop, index,
-    "") or the reason it is unreadable (None, None, index, reason). Workers only read bytes for JPEGs."""
+    """Per sample, for decoding on the device: (JPEG bytes, None, index, "") for a JPEG (a file, or a
+    tar member), and for anything else (other formats, in-memory images) the worker's own uint8 crop
+    (None, crop, index, "") or the reason it is unreadable (None, None, index, reason). Workers only
+    read bytes for JPEGs."""
 
     def __init__(self, source, crop):
         self.source, self.crop = source, crop
-        # only sources that read files by path (not CIFAR's in-memory rows) hand their bytes over
-        self.files = type(source).read_image is Source.read_image
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int):
-        data = _jpeg_bytes(self.source.samples[index].location) if self.files else None
-        if data is not None:
+        try:
+            data = self.source.encoded(index)
+        except OSError:  # unreadable: the CPU path below says why
+            data = None
+        if data is not None and data.startswith(JPEG_START):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, index, ""
         try:
             return None, self.crop(self.source.read_image(index, self.crop.draft)), index, ""
         except DECODE_ERRORS as exc:
             return None, None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
-
-
-def _jpeg_bytes(location: str) -> bytes | None:
-    """The bytes of a JPEG file; None for anything else (another format, an in-memory sample, a file
-    that cannot be read), which the CPU path decodes or reports."""
-    try:
-        with open(location, "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    return data if data.startswith(JPEG_START) else None
 
 
 def collate_encoded(items):

@@ -1,7 +1,13 @@
-"""Errors a user can cause and fix.
+"""Errors a user can cause and fix, and how values read in their messages.
 
 The CLI prints any TLError as one `error: ...` line and exits with code 2; anything else is a bug.
 """
+
+
+def listed(values) -> str:
+    """Values as words for a message: `0.1, 1, 10` (`none` when empty), never a Python list."""
+    values = list(values)
+    return ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values) or "none"
 
 
 class TLError(Exception):

@@ -13,11 +13,11 @@ import numpy as np
 
 from cache.reader import CacheReader
 from pipeline.backbones import get_backbone
-from pipeline.code_rows import CodeRows, score_rows
+from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows
 from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_targets
 from pipeline.errors import HeadError
 from pipeline.files import refuse_overwriting_inputs
-from pipeline.formats import open_source
+from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import prepare_module, resolve_device, resolve_precision
 from pipeline.image_sets import image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
@@ -38,9 +38,9 @@ class EvaluateConfig:
     out: Path
     model: Path | None = None  # a tl finetune model, scored over --data instead of a cache
     data: Path | None = None
-    format: str = "imagefolder"
+    format: str = DEFAULT_FORMAT
     split: str = "test"
-    classes: str = "voc"
+    classes: str = DEFAULT_CLASSES
     batch_size: int = 32
     workers: int | None = None  # None: pipeline.hardware.default_workers
     device: str = "auto"
@@ -48,7 +48,7 @@ class EvaluateConfig:
     ap: str = "voc07"
     top_k: int = 5
     save_predictions: Path | None = None
-    block_rows: int = 4096
+    block_rows: int = BLOCK_ROWS
     exponent: float = DEFAULT_EXPONENT  # patch caches: S(i, c) = sum_j P(j, c) ** exponent
     quiet: bool = False  # no progress bar while scoring
 

@@ -22,7 +22,7 @@ from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import decode_of, normalize
 from pipeline.errors import FinetuneError, TLError
 from pipeline.files import refuse_overwriting_inputs, write_bytes
-from pipeline.formats import open_source
+from pipeline.formats import DEFAULT_CLASSES, open_source
 from pipeline.model_files import load_model_file
 from pipeline.training import output_activation
 
@@ -92,7 +92,7 @@ def check_batch(metadata: dict, backbone: Backbone) -> tuple[torch.Tensor, str]:
     crop = backbone.crop_decoder(decode_of(metadata["codes_key"]["preprocessing"]))
     try:
         source = open_source(settings["format"], Path(settings["data"]), settings["split"],
-                             classes=settings.get("classes", "voc"))
+                             classes=settings.get("classes", DEFAULT_CLASSES))
         crops = []
         for index in np.linspace(0, len(source) - 1, min(CHECK_IMAGES, len(source))).astype(int):
             try:
@@ -123,11 +123,32 @@ def _drawn_batch(backbone: Backbone, crop) -> torch.Tensor:
     return torch.stack(crops)
 
 
-def export_model(model_path: Path, format: str, out: Path, raw_pixels: bool = True,
-                 tolerance: float = 1e-4) -> ExportResult:
+@dataclass
+class ExportConfig:
+    """What `run_export` reads and writes: the finetuned `model` file as a `format` file (torchscript or
+    onnx) at `out`, its input contract beside it as OUT.json. `raw_pixels`: the export takes uint8 RGB
+    0..255 and normalises inside (else float input already normalised with the backbone's mean and std).
+    `tolerance`: the largest probability difference from the model the check on real images allows.
+    Each field is the `tl export` option of the same name."""
+
+    model: Path
+    format: str
+    out: Path
+    raw_pixels: bool = True
+    tolerance: float = 1e-4
+
+
+def export_model(model_path: Path, format: str, out: Path, **options) -> ExportResult:
+    """`run_export` of an ExportConfig built from these arguments."""
+    return run_export(ExportConfig(Path(model_path), format, Path(out), **options))
+
+
+def run_export(config: ExportConfig) -> ExportResult:
     """Write a deployable file and its contract (OUT.json) and check the export against the model on real
     images: it is kept only when every top-1 label agrees and no probability differs by more than
     `tolerance`. ONNX needs the onnx extra (pip install 'tl[onnx]')."""
+    model_path, format, out = config.model, config.format, config.out
+    raw_pixels, tolerance = config.raw_pixels, config.tolerance
     if format not in EXPORT_FORMATS:
         raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
     out = Path(out)

@@ -1,11 +1,15 @@
 """Stage one: decode images in DataLoader workers, run the frozen backbone to its taps, write shards.
 
-Shard k always holds samples [k * shard_rows, (k + 1) * shard_rows), so a re-run skips finished shards.
+The source's shard plan says which samples shard k holds (`shard_rows` in listing order, a fresh shard at
+each input tar) with a digest of their inputs, so a re-run keeps every finished shard whose inputs are
+unchanged and redoes only the others.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.manifest import MANIFEST
+from cache.manifest import MANIFEST, PlannedShard, record_files
 from cache.writer import CacheWriter
 from pipeline.backbones import Backbone, forward_codes, get_backbone, prepare_model, resolve_weights
 from pipeline.datasets import Source
@@ -22,13 +26,15 @@ from pipeline.decoding import (DEFAULT_DECODE, EncodedImages, collate_encoded, c
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
-from pipeline.formats import open_source
+from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import WorkerLoader, pinned, resolve_device, resolve_precision
 from pipeline.image_sets import image_loader
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 from pipeline.progress import progress
+from pipeline.shard_building import ShardOf, ShardRows, Stopwatch, shard_batches, take_patches
 
 ON_ERROR = ("skip", "fail")
+SHARD_ROWS, PATCH_SHARD_ROWS = 4096, 32  # images per shard by default; a multiscale image gives hundreds of rows
 
 
 @dataclass
@@ -41,13 +47,13 @@ class ExtractConfig:
 
     data: Path
     out: Path
-    format: str = "imagefolder"
+    format: str = DEFAULT_FORMAT
     split: str = "train"
     backbone: str = "efficientnet_lite0"
     weights: str = "imagenet"
     layers: tuple[str, ...] = ()  # empty: the backbone's default tap
     dtype: str = "float16"
-    shard_rows: int | None = None  # images per shard; None: 4096, or 32 with --multiscale
+    shard_rows: int | None = None  # images per shard; None: SHARD_ROWS, or PATCH_SHARD_ROWS with --multiscale
     compression: str = "none"
     batch_size: int = 64
     workers: int | None = None  # None: pipeline.hardware.default_workers
@@ -61,7 +67,8 @@ class ExtractConfig:
     overwrite: bool = False
     download: bool = False
     quiet: bool = False
-    classes: str = "voc"  # voc sources: voc (the 20), auto (from the annotations) or comma-separated names
+    classes: str = DEFAULT_CLASSES  # voc sources: voc (the 20), auto (from the annotations) or comma-separated names
+    label_key: str | None = None  # webdataset: the label file of a sample, cls, txt, json or json:FIELD (None: cls)
     multiscale: bool = False  # Oquab patches of every image instead of one centre crop
     patches: PatchSettings = field(default_factory=PatchSettings)
 
@@ -83,6 +90,7 @@ class ExtractResult:
     skipped: list[dict] = field(default_factory=list)
     patches: int = 0  # rows written from patches in this run (multiscale)
     warnings: list[str] = field(default_factory=list)
+    shards_redone: int = 0  # finished shards whose inputs changed since: written again
 
 
 @contextlib.contextmanager
@@ -110,7 +118,7 @@ def _opened(writer: CacheWriter, current: distributed.World):
 
 def shard_size(config: ExtractConfig) -> int:
     """Images per shard: a multiscale image yields hundreds of rows, so its shards hold fewer images."""
-    return config.shard_rows if config.shard_rows is not None else (32 if config.multiscale else 4096)
+    return config.shard_rows if config.shard_rows is not None else (PATCH_SHARD_ROWS if config.multiscale else SHARD_ROWS)
 
 
 def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weights_digest: str,
@@ -131,7 +139,10 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
         "dataset": {
             "format": source.format,
             "split": config.split,
-            "fingerprint": source.fingerprint(),
+            # the class list, not every file: a shard records the digest of its own inputs, so changed
+            # files redo their shards only (cache.writer); a changed class list refuses the cache
+            "classes": hashlib.sha256(json.dumps(list(source.classes)).encode()).hexdigest()[:16],
+            "label_key": getattr(source, "label_key", None),
             "samples_per_class": config.samples_per_class or None,  # 0 and None: every image
             "subset_seed": config.seed if config.samples_per_class else None,
             "background_fraction": config.patches.background_fraction if config.multiscale and training else None,
@@ -140,27 +151,6 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
         "layout": {"dtype": config.dtype, "shard_rows": shard_size(config)},
         "patches": config.patches.geometry() if config.multiscale else None,
     }
-
-
-def _shard_batches(pending: list[int], shard_rows: int, num_samples: int, batch_size: int) -> list[list[int]]:
-    """Batches never straddle shards, so a resumed shard sees exactly the batches of an unbroken run."""
-    batches = []
-    for shard in pending:
-        start, stop = shard * shard_rows, min(num_samples, (shard + 1) * shard_rows)
-        batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
-    return batches
-
-
-def _check_codes(codes: dict[str, np.ndarray], dtype: str, ids: list[str]) -> None:
-    for tap, array in codes.items():
-        bad = ~np.isfinite(array).all(axis=1)
-        if bad.any():
-            raise TLError(
-                f"the backbone produced NaN or Inf in {tap} for {ids[int(np.argmax(bad))]} "
-                f"({int(bad.sum())} rows); check the weights file"
-            )
-        if dtype == "float16" and np.abs(array).max(initial=0) > np.finfo(np.float16).max:
-            raise TLError(f"codes of {tap} exceed the float16 range; pass --dtype float32")
 
 
 def run_extract(config: ExtractConfig) -> ExtractResult:
@@ -174,7 +164,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         config.patches.check()
     # a folder inside an imagefolder would become a class of it; other layouts only read their own files
     refuse_overwriting_inputs({"--out": Path(config.out)}, {"--data": Path(config.data)},
-                              protected=("--data",) if config.format == "imagefolder" else ())
+                              protected=("--data",) if config.format == DEFAULT_FORMAT else ())
     if Path(config.out).is_file():
         raise TLError(f"--out {config.out} is a file; a cache is a folder: choose another --out")
     backbone = get_backbone(config.backbone)
@@ -184,7 +174,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     source = open_source(config.format, config.data, config.split, config.download, config.samples_per_class,
-                         config.seed, config.classes)
+                         config.seed, config.classes, config.label_key)
     weights = resolve_weights(backbone, config.weights, config.seed)
     key = cache_key(config, backbone, taps, weights.digest, precision, source)
     widths = {tap: backbone.taps[tap].width for tap in taps}
@@ -192,21 +182,24 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     if config.multiscale:  # one label per patch: background or one object class
         classes, target_kind = [BACKGROUND] + list(source.classes), "class"
 
+    plan = source.shard_plan(shard_size(config))
     current = distributed.world()
     distributed.start(current, device)
     writer = CacheWriter(Path(config.out), key, classes, widths, config.dtype, shard_size(config), len(source),
-                         config.compression, config.overwrite, target_kind, follower=not current.is_main)
+                         config.compression, config.overwrite, target_kind, follower=not current.is_main, plan=plan,
+                         rank=current.rank, position_matters=bool(key["dataset"]["background_seed"] is not None))
     with _opened(writer, current):
         if current.is_main:  # what discovery noticed (loops, empty classes, bad boxes) stays on record
             writer.manifest.warnings = list(source.warnings)
-        num_shards = writer.manifest.num_shards
-        # static assignment: shard k belongs to rank k mod world size, whatever ran before
-        pending = [k for k in range(num_shards) if k not in writer.finished and k % current.size == current.rank]
+        # static assignment: a shard belongs to rank (its input unit) mod world size, whatever ran before;
+        # the unit is the shard itself for folders, its tar for tar inputs
+        pending = [k for k, shard in enumerate(plan)
+                   if k not in writer.finished and shard.unit % current.size == current.rank]
         reused = len(writer.finished)
         timing = {"processed": 0, "loop": 0.0, "write": 0.0, "patches": 0, "wait": 0.0, "forward": 0.0}
         if pending:
             extract_shards = _extract_patch_shards if config.multiscale else _extract_shards
-            timing = extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending)
+            timing = extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending, plan)
         distributed.barrier(current, "every shard written")
         if current.is_main:
             writer.adopt_shards()
@@ -216,64 +209,13 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
 
     distributed.stop(current)
     out = Path(config.out)
-    size = sum(s.bytes for s in manifest.shards) + (out / MANIFEST).stat().st_size
+    size = sum(s.bytes for s in manifest.shards) + sum(
+        path.stat().st_size for path in [out / MANIFEST, *record_files(out)] if path.exists())
     written = len(manifest.shards) - reused if current.is_main else len(pending)  # rank 0 counts every rank's
     return ExtractResult(out, manifest.rows, widths, size,
                          time.perf_counter() - started, written, reused, timing["processed"],
                          timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest.skipped,
-                         timing.get("patches", 0), list(source.warnings))
-
-
-class Stopwatch:
-    """Seconds spent in named parts of a loop (waiting for batches, the forward pass, writing)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def part(self, name: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
-
-    def waited(self, iterable, name: str = "wait"):
-        """`iterable`'s items, timing how long each took to arrive."""
-        iterator = iter(iterable)
-        while True:
-            with self.part(name):
-                item = next(iterator, StopIteration)
-            if item is StopIteration:
-                return
-            yield item
-
-
-class ShardRows:
-    """The rows of the shard being built: codes per tap, targets, ids, other columns, skipped images."""
-
-    def __init__(self, taps: list[str], dtype: str):
-        self.dtype = dtype
-        self.codes: dict[str, list[np.ndarray]] = {tap: [] for tap in taps}
-        self.targets: list = []
-        self.ids: list[str] = []
-        self.columns: dict[str, list] = {}
-        self.skipped: list[dict] = []
-
-    def add(self, codes: dict[str, np.ndarray], targets: list, ids: list[str], columns: dict[str, list]) -> None:
-        _check_codes(codes, self.dtype, ids)
-        for tap, array in codes.items():
-            self.codes[tap].append(array.astype(self.dtype, copy=False))
-        self.targets += list(targets)
-        self.ids += ids
-        for name, values in columns.items():
-            self.columns.setdefault(name, []).extend(values)
-
-    def publish(self, writer: CacheWriter, shard: int) -> None:
-        codes = {tap: np.concatenate(parts) if parts else np.zeros((0, writer.taps[tap]), np.float32)
-                 for tap, parts in self.codes.items()}
-        columns = {name: np.asarray(values) for name, values in self.columns.items()}
-        writer.write_shard(shard, codes, np.asarray(self.targets, dtype=np.int64), self.ids, self.skipped, columns)
+                         timing.get("patches", 0), list(source.warnings), writer.changed)
 
 
 def _note_error(config: ExtractConfig, rows: ShardRows, sample_id: str, reason: str) -> None:
@@ -282,20 +224,16 @@ def _note_error(config: ExtractConfig, rows: ShardRows, sample_id: str, reason: 
     rows.skipped.append({"sample_id": sample_id, "reason": reason})
 
 
-def _shard_end(shard: int, shard_rows: int, num_samples: int) -> int:
-    return min(num_samples, (shard + 1) * shard_rows) - 1
-
-
-def _progress(config: ExtractConfig, backbone: Backbone, pending: list[int], shard_rows: int, num_samples: int):
-    total = sum(_shard_end(k, shard_rows, num_samples) + 1 - k * shard_rows for k in pending)
+def _progress(config: ExtractConfig, backbone: Backbone, pending: list[int], plan: list[PlannedShard]):
+    total = sum(plan[k].samples for k in pending)
     return progress(total=total, unit="img", quiet=config.quiet or not distributed.world().is_main,
                     desc=f"extract {backbone.name}")
 
 
-def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
+def _extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending, plan) -> dict:
     model = prepare_model(backbone, weights, taps, device)
-    shard_rows, num_samples = shard_size(config), len(source)
-    batches = _shard_batches(pending, shard_rows, num_samples, config.batch_size)
+    shard_of = ShardOf(plan)
+    batches = shard_batches(pending, plan, config.batch_size)
     # nvjpeg's crops are resized bilinearly: a backbone that wants another resize decodes in the workers
     on_device = decodes_on_device(device) if config.device_decode == "auto" else config.device_decode == "on"
     on_device = on_device and backbone.interpolation == "bilinear"
@@ -306,9 +244,9 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     current, rows = None, ShardRows(taps, config.dtype)
     processed, clock = 0, Stopwatch()
     loop_started = time.perf_counter()
-    with _progress(config, backbone, pending, shard_rows, num_samples) as progress:
+    with _progress(config, backbone, pending, plan) as progress:
         for pixels, indices, errors in clock.waited(loader):
-            shard = (indices[0] if indices else errors[0][0]) // shard_rows
+            shard = shard_of(indices[0] if indices else errors[0][0])
             if shard != current:
                 current, rows = shard, ShardRows(taps, config.dtype)
             for index, reason in errors:
@@ -325,7 +263,7 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
             batch_size = len(indices) + len(errors)
             processed += batch_size
             progress.update(batch_size)
-            if max(indices + [i for i, _ in errors]) == _shard_end(shard, shard_rows, num_samples):
+            if max(indices + [i for i, _ in errors]) == shard_of.last(shard):
                 with clock.part("write"):
                     rows.publish(writer, shard)
                 progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest.num_shards}")
@@ -349,15 +287,15 @@ def _parts(clock: Stopwatch) -> dict:
     return {name: clock.seconds.get(name, 0.0) for name in ("wait", "forward", "write")}
 
 
-def _extract_patch_shards(config, backbone, taps, weights, device, precision, source, writer, pending) -> dict:
+def _extract_patch_shards(config, backbone, taps, weights, device, precision, source, writer, pending, plan) -> dict:
     """Every kept patch of every image: images are decoded once (in workers), their patches pooled into
     forward batches of --batch-size that run across image boundaries within a shard."""
     model = prepare_model(backbone, weights, taps, device)
-    shard_rows, num_samples = shard_size(config), len(source)
+    shard_of = ShardOf(plan)
     dataset = PatchImages(source, backbone.input_size, config.patches, config.split in TRAINING_SPLITS, config.seed)
     # items are whole images of uint8 patches: 2 in flight per worker, pinned per forward batch below
     loader = WorkerLoader(dataset, device, config.workers, prefetch=2, pin_memory=False,
-                          batch_sampler=_shard_batches(pending, shard_rows, num_samples, 1), collate_fn=collate_patches)
+                          batch_sampler=shard_batches(pending, plan, 1), collate_fn=collate_patches)
     current, rows, waiting = None, ShardRows(taps, config.dtype), []
     processed, patches, clock = 0, 0, Stopwatch()
     loop_started = time.perf_counter()
@@ -381,9 +319,9 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
                 columns["image_ignore"].append(ignore)
         rows.add(codes, targets, ids, columns)
 
-    with _progress(config, backbone, pending, shard_rows, num_samples) as progress:
+    with _progress(config, backbone, pending, plan) as progress:
         for (item,) in clock.waited(loader):
-            shard = item.index // shard_rows
+            shard = shard_of(item.index)
             if shard != current:
                 current, rows, waiting = shard, ShardRows(taps, config.dtype), []
             if item.error:
@@ -392,28 +330,13 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
                 waiting.append((item, 0, len(item.targets)))
                 patches += len(item.targets)
                 while sum(stop - start for _, start, stop in waiting) >= config.batch_size:
-                    forward(_take(waiting, config.batch_size))
+                    forward(take_patches(waiting, config.batch_size))
             processed += 1
             progress.update(1)
             progress.set_postfix(patches=patches)
-            if item.index == _shard_end(shard, shard_rows, num_samples):
+            if item.index == shard_of.last(shard):
                 if waiting:
-                    forward(_take(waiting, sum(stop - start for _, start, stop in waiting)))
+                    forward(take_patches(waiting, sum(stop - start for _, start, stop in waiting)))
                 with clock.part("write"):
                     rows.publish(writer, shard)
     return {"processed": processed, "loop": time.perf_counter() - loop_started, "patches": patches, **_parts(clock)}
-
-
-def _take(waiting: list, count: int) -> list:
-    """Remove the first `count` patches from the waiting (item, start, stop) segments and return them."""
-    taken = []
-    while count:
-        item, start, stop = waiting[0]
-        step = min(count, stop - start)
-        taken.append((item, start, start + step))
-        if start + step == stop:
-            waiting.pop(0)
-        else:
-            waiting[0] = (item, start + step, stop)
-        count -= step
-    return taken

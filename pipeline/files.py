@@ -72,12 +72,14 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, what: str = "file") -> Iterator[Path]:
+def atomic_write(path: Path, what: str = "file", sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to `path` in one step, so
     a reader sees the old file or the new one. On any failure (a full disk, Ctrl-C, an error) the
     temporary is removed and `path` is untouched. Stale temporaries of dead runs are cleared first.
     OSErrors become one-line TLErrors naming `what` was being written. Writers that could fail in a
-    library with an opaque error (HDF5, torch.save) serialise to memory first and write bytes here."""
+    library with an opaque error (HDF5, torch.save) serialise to memory first and write bytes here.
+    `sweep=False` skips the look for stale temporaries (a listing of the folder), for writers of many
+    files in one folder that cleared it once already (cache shards)."""
     path = Path(path)
     if path.is_dir():
         raise TLError(f"{path} is a folder; name a {what} inside it")
@@ -86,7 +88,8 @@ def atomic_write(path: Path, what: str = "file") -> Iterator[Path]:
     temporary = temporary_name(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path.parent, path.name)
+        if sweep:
+            remove_stale_temporaries(path.parent, path.name)
         yield temporary
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -114,9 +117,9 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
-def write_bytes(path: Path, data: bytes, what: str = "file") -> None:
+def write_bytes(path: Path, data: bytes, what: str = "file", sweep: bool = True) -> None:
     """`data` as the whole content of `path`, atomically (see atomic_write)."""
-    with atomic_write(path, what) as temporary:
+    with atomic_write(path, what, sweep) as temporary:
         with open(temporary, "wb") as handle:
             handle.write(data)
 

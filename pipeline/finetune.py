@@ -22,14 +22,14 @@ from pipeline import distributed
 from pipeline.code_rows import validation_score
 from pipeline.errors import FinetuneError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries
-from pipeline.formats import open_source
+from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
 from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
 from pipeline.progress import progress
-from pipeline.training import decay_groups, loss_for, make_optimizer, step_multiplier
+from pipeline.training import TrainingOptions, decay_groups, loss_for, make_optimizer, step_multiplier
 
 
 @dataclass
@@ -42,9 +42,9 @@ class FinetuneConfig:
     data: Path
     head: Path
     out: Path
-    format: str = "imagefolder"
+    format: str = DEFAULT_FORMAT
     split: str = "train"
-    classes: str = "voc"
+    classes: str = DEFAULT_CLASSES
     val_data: Path | None = None
     val_split: str | None = None  # None: the same split name as --split
     val_fraction: float | None = None  # or hold out this seeded, stratified fraction of the training images
@@ -52,16 +52,16 @@ class FinetuneConfig:
     unfreeze: int = 0
     epochs: int = 10
     batch_size: int = 32
-    optimizer: str = "sgd"
+    optimizer: str = TrainingOptions.optimizer
     lr: float = 1e-4  # the neon recipe's; the head starts trained, so steps stay small
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = TrainingOptions.momentum
+    weight_decay: float = TrainingOptions.weight_decay
     lr_steps: tuple[int, ...] = ()
-    lr_factors: tuple[float, ...] = (0.1,)
+    lr_factors: tuple[float, ...] = TrainingOptions.lr_factors
     backbone_lr_scale: float = 0.1
     background_fraction: float | None = 0.1  # multiscale heads: share of background patches trained on
     early_stop: bool = False
-    patience: int = 3
+    patience: int = TrainingOptions.patience
     crop_scale: float = 0.5  # see Augmentation
     flip: bool = True
     bn_stats: bool = False  # let trainable BatchNorm layers update their running statistics

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cache.reader import CacheReader
-from pipeline.code_rows import CodeRows, score_rows, validation_score
+from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_score
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError
-from pipeline.heads import HEAD_KINDS
+from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER
 from pipeline.model_files import save_head
 from pipeline.training import TrainingOptions
 
@@ -32,13 +32,13 @@ class FitHeadConfig:
     layer: str | None = None  # None: the cache's only layer
     head: str = "logreg"
     C: tuple[float, ...] = (1.0,)
-    solver: str = "lbfgs"
-    hidden: tuple[int, ...] = (4096,)
-    dropout: float = 0.5
+    solver: str = SOLVER
+    hidden: tuple[int, ...] = HIDDEN
+    dropout: float = DROPOUT
     val_cache: Path | None = None
     val_fraction: float | None = None
-    max_iter: int = 1000
-    block_rows: int = 4096
+    max_iter: int = MAX_ITER
+    block_rows: int = BLOCK_ROWS
     seed: int = 0
     training: TrainingOptions = field(default_factory=TrainingOptions)
 

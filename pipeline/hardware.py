@@ -83,6 +83,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
+MAX_WORKERS = 16  # decoding processes a run starts by default, at most
+
 def default_workers(workers: int | None) -> int:
     """DataLoader workers: as given, else the cores this process may use shared among the processes
     torchrun started on this machine, at most 16."""
@@ -95,7 +97,7 @@ def default_workers(workers: int | None) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(1, min(16, cores // max(1, local)))
+    return max(1, min(MAX_WORKERS, cores // max(1, local)))
 
 
 def loader_options(device: torch.device, workers: int | None, prefetch: int = 4) -> dict:

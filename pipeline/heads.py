@@ -1,6 +1,5 @@
 """The head kinds of stage two: light classifiers on codes, scikit-learn style (`fit`, `predict_proba`,
-`predict`), registered once in HEAD_KINDS; each turns into a torch module (`to_module`) for stage three.
-"""
+`predict`), registered once in HEAD_KINDS; each turns into a torch module (`to_module`) for stage three."""
 
 from __future__ import annotations
 
@@ -13,12 +12,13 @@ from torch import nn
 
 from pipeline.code_rows import (CodeRows, as_rows, checked_codes, score_rows, standardization, standardized_codes,
                                 validation_score)
-from pipeline.errors import HeadError
+from pipeline.errors import HeadError, listed
 from pipeline.linear_fits import logreg_fits, svm_fits
 from pipeline.training import Standardize, Trainee, TrainingOptions, output_activation, train_networks
 
 SOLVERS = ("lbfgs", "sgd")
 HEAD_KINDS: dict[str, type["Head"]] = {}  # --head values, filled by register_head
+SOLVER, MAX_ITER, HIDDEN, DROPOUT = "lbfgs", 1000, (4096,), 0.5  # defaults of the heads and of fit-head
 
 
 def register_head(kind: type["Head"]) -> type["Head"]:
@@ -40,6 +40,14 @@ class Head(ABC):
     kind = ""
     help = ""
     curve_: list[dict] | None = None
+
+    @classmethod
+    def sweep_axes(cls, solver: str) -> tuple[str, ...]:
+        """The `tl sweep` grid axes ("C", "lr", "hidden") whose values make different heads of this kind."""
+        return ("C",)
+
+    def chosen(self) -> float | None:  # the one setting validation chose while fitting (a sweep records it)
+        return None
 
     @property
     def streamed(self) -> bool:
@@ -150,13 +158,20 @@ class LogRegHead(LinearHead):
     def from_config(cls, config) -> "LogRegHead":
         return cls(_costs(config.C), config.max_iter, config.seed, config.solver, config.training)
 
-    def __init__(self, C: float | list[float] = 1.0, max_iter: int = 1000, seed: int = 0, solver: str = "lbfgs",
+    def __init__(self, C: float | list[float] = 1.0, max_iter: int = MAX_ITER, seed: int = 0, solver: str = SOLVER,
                  training: "TrainingOptions | None" = None):
         self.C = C
         self.max_iter = max_iter
         self.seed = seed
         self.solver = solver
         self.training = training
+
+    @classmethod
+    def sweep_axes(cls, solver: str) -> tuple[str, ...]:
+        return ("C", "lr") if solver == "sgd" else ("C",)  # sgd: a learning rate per cost
+
+    def chosen(self) -> float | None:
+        return self.C_
 
     @property
     def streamed(self) -> bool:
@@ -246,7 +261,7 @@ class SvmHead(LinearHead):
     def from_config(cls, config) -> "SvmHead":
         return cls(_costs(config.C), config.max_iter, config.seed, config.training.quiet)
 
-    def __init__(self, C: float | list[float] = 1.0, max_iter: int = 1000, seed: int = 0, quiet: bool = True):
+    def __init__(self, C: float | list[float] = 1.0, max_iter: int = MAX_ITER, seed: int = 0, quiet: bool = True):
         self.C = C
         self.max_iter = max_iter
         self.seed = seed
@@ -291,10 +306,14 @@ class MlpHead(Head):
     help = "softmax MLP in torch (--hidden, --dropout), mini-batches streamed from the cache"
 
     @classmethod
+    def sweep_axes(cls, solver: str) -> tuple[str, ...]:
+        return ("hidden", "lr")
+
+    @classmethod
     def from_config(cls, config) -> "MlpHead":
         return cls(config.hidden, config.dropout, config.seed, config.training)
 
-    def __init__(self, hidden: tuple[int, ...] = (4096,), dropout: float = 0.5, seed: int = 0,
+    def __init__(self, hidden: tuple[int, ...] = HIDDEN, dropout: float = DROPOUT, seed: int = 0,
                  training: "TrainingOptions | None" = None):
         self.hidden = tuple(int(width) for width in hidden)
         self.dropout = dropout
@@ -312,7 +331,7 @@ class MlpHead(Head):
 
     def trainees(self, rows: CodeRows, val: CodeRows | None) -> list[Trainee]:
         if any(width < 1 for width in self.hidden):
-            raise HeadError(f"--hidden widths must be positive, got {list(self.hidden)}")
+            raise HeadError(f"--hidden widths must be positive, got {listed(self.hidden)}")
         if not 0 <= self.dropout < 1:
             raise HeadError(f"--dropout must be in [0, 1), got {self.dropout}")
         rows.check_trainable()

@@ -262,6 +262,8 @@ def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple
     """(folder, split) of the images that `key` of `step` names, directly or through the extract step
     that makes that cache. An image folder read through a split subfolder (`images`, split `test`) is
     the same as that subfolder named directly (`images/test`)."""
+    from pipeline.formats import DEFAULT_FORMAT  # the formats registry, only when a recipe is checked
+
     given = step.path(key)
     if given is None:
         return None
@@ -269,7 +271,7 @@ def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple
         maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), given)), None)
         return None if maker is None else _images_of(maker, "data", "split", steps)
     split = str(step.params.get(split_key) or step.params.get("split"))
-    if (step.params.get("format_") or "imagefolder") == "imagefolder":
+    if (step.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT:
         return (os.path.realpath(given / split), None) if (given / split).is_dir() else (os.path.realpath(given), None)
     return os.path.realpath(given), split
 

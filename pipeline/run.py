@@ -205,12 +205,14 @@ def step_digest(step: Step) -> str:
 
 
 def _data_fingerprint(step: Step, key: str) -> str | None:
-    from pipeline.formats import open_source
+    from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 
     split = step.params.get("val_split") if key == "val_data" else None
     try:
-        source = open_source(step.params.get("format_") or "imagefolder", step.path(key),
-                             split or step.params.get("split") or "train", classes=step.params.get("classes") or "voc")
+        source = open_source(step.params.get("format_") or DEFAULT_FORMAT, step.path(key),
+                             split or step.params.get("split") or "train",
+                             classes=step.params.get("classes") or DEFAULT_CLASSES,
+                             label_key=step.params.get("label_key"))
     except TLError:
         return None  # not there yet (--download) or unreadable: the stage itself says so
     return source.fingerprint()

@@ -21,7 +21,7 @@ import numpy as np
 
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
-from pipeline.errors import HeadError
+from pipeline.errors import HeadError, listed
 from pipeline.files import write_bytes
 from pipeline.fit_head import FitHeadConfig, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
@@ -44,13 +44,13 @@ class SweepConfig:
     C: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     lr: tuple[float, ...] = ()  # empty: the optimizer's default
     hidden: tuple[tuple[int, ...], ...] = ((1024,),)
-    solver: str = "lbfgs"
-    dropout: float = 0.5
+    solver: str = FitHeadConfig.solver
+    dropout: float = FitHeadConfig.dropout
     val_cache: Path | None = None
     val_fraction: float = 0.2
     keep: str = "best"
-    max_iter: int = 1000
-    block_rows: int = 4096
+    max_iter: int = FitHeadConfig.max_iter
+    block_rows: int = FitHeadConfig.block_rows
     seed: int = 0
     training: TrainingOptions = field(default_factory=TrainingOptions)
 
@@ -101,7 +101,7 @@ def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
     if not config.heads:
         raise HeadError("--heads is empty; name at least one of " + ", ".join(HEAD_KINDS))
     if any(not 0 < c < math.inf for c in config.C) or any(not 0 < lr < math.inf for lr in config.lr):
-        raise HeadError(f"--C and --lr values must be positive and finite, got {list(config.C)} and {list(config.lr)}")
+        raise HeadError(f"--C and --lr values must be positive and finite, got {listed(config.C)} and {listed(config.lr)}")
     if any(not hidden or any(width < 1 for width in hidden) for hidden in config.hidden):
         raise HeadError("--hidden takes positive widths, one setting per comma (e.g. 256,1024 or 512x256)")
     if config.keep not in KEEP:
@@ -110,14 +110,12 @@ def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
     hiddens = list(dict.fromkeys(tuple(h) for h in config.hidden))
     settings = []
     for layer, kind in itertools.product(dict.fromkeys(layers), dict.fromkeys(config.heads)):
-        if kind == "mlp":
-            settings += [Setting(layer, kind, None, lr, h) for h, lr in itertools.product(hiddens, rates)]
-        elif kind == "logreg" and config.solver == "sgd":
-            settings += [Setting(layer, kind, C, lr) for C, lr in itertools.product(costs, rates)]
-        else:
-            if not costs:
-                raise HeadError(f"--C is empty; {kind} needs at least one cost")
-            settings += [Setting(layer, kind, C) for C in costs]
+        axes = HEAD_KINDS[kind].sweep_axes(config.solver)  # the kind says which settings tell its heads apart
+        if "C" in axes and not costs:
+            raise HeadError(f"--C is empty; {kind} needs at least one cost")
+        values = [(costs if "C" in axes else [None]), (hiddens if "hidden" in axes else [None]),
+                  (rates if "lr" in axes else [None])]
+        settings += [Setting(layer, kind, C, lr, hidden) for C, hidden, lr in itertools.product(*values)]
     if not settings:
         raise HeadError("the grid is empty: give --C, --hidden or --lr values for the chosen --heads")
     names: dict[str, Setting] = {}
@@ -238,13 +236,15 @@ def _record_path(out: Path, setting: Setting) -> Path:
 
 
 def _identity(reader, config: SweepConfig) -> dict:
-    """What the codes are: the cache's whole key (the data's fingerprint included) and rows, and the
-    validation cache's, so that a record of other data is never reused."""
+    """What the codes are: the cache's whole key, rows and content digest, and the validation cache's, so
+    that a record of other data (or of shards redone since) is never reused."""
     val = None
     if config.val_cache is not None:
         val_manifest = CacheReader(config.val_cache).manifest
-        val = {"key": val_manifest.key, "rows": val_manifest.rows}
-    return json.loads(json.dumps({"key": reader.manifest.key, "rows": reader.manifest.rows, "val": val}, default=str))
+        val = {"key": val_manifest.key, "rows": val_manifest.rows, "content": val_manifest.content}
+    # content: the digest of every shard's checksum, which changes when changed inputs redid a shard
+    return json.loads(json.dumps({"key": reader.manifest.key, "rows": reader.manifest.rows,
+                                  "content": reader.manifest.content, "val": val}, default=str))
 
 
 def _finished(out: Path, setting: Setting, config: SweepConfig, key: dict) -> dict | None:
@@ -277,7 +277,7 @@ def _save(out: Path, setting: Setting, head, seconds: float, config, key, reader
               "codes_key": key, "metric": metric, "on": "validation" if val is not None else "training",
               "val_score": score, "train_seconds": seconds, "diverged": diverged,
               "epochs": len([p for p in head.curve_ if not p.get("diverged")]) if head.curve_ else None,
-              "chosen": getattr(head, "C_", None) if setting.kind != "svm" else None}
+              "chosen": head.chosen()}
     write_bytes(_record_path(out, setting), json.dumps(record, indent=1).encode(), "sweep record")
     return record
 

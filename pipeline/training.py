@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.code_rows import CodeRows, validation_score
-from pipeline.errors import HeadError
+from pipeline.errors import HeadError, listed
 from pipeline.hardware import pinned, resolve_device, to_device
 from pipeline.progress import progress
 
@@ -119,8 +119,8 @@ class TrainingOptions:
             raise HeadError(f"--momentum and --weight-decay must be 0 or more, got {self.momentum} and {self.weight_decay}")
         if any(step < 1 for step in self.lr_steps) or not self.lr_factors \
                 or any(not 0 < factor <= 1 for factor in self.lr_factors):
-            raise HeadError(f"--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1], got {list(self.lr_steps)} "
-                            f"and {list(self.lr_factors)}")
+            raise HeadError(f"--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1], got {listed(self.lr_steps)} "
+                            f"and {listed(self.lr_factors)}")
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise HeadError("--batch-size, --max-epochs and --patience must be at least 1")
 

@@ -154,3 +154,59 @@ def write_code_cache(root: Path, codes: np.ndarray, targets: np.ndarray, classes
         writer.finish()
     return root
 
+
+
+def cache_document(cache: Path) -> dict:
+    """A cache's manifest.json with its shard records folded in (`shards` without their skipped samples,
+    `skipped` with their shard; a later record of a shard supersedes an earlier one), the shape tests read and edit; `write_cache_document` writes one back."""
+    import json
+
+    document = json.loads((Path(cache) / "manifest.json").read_text())
+    records_file = Path(cache) / "shards.jsonl"
+    records = [json.loads(line) for line in records_file.read_text().splitlines()] if records_file.exists() else []
+    records = sorted({record["index"]: record for record in records}.values(), key=lambda record: record["index"])
+    document["shards"] = [{k: v for k, v in record.items() if k != "skipped"} for record in records]
+    document["skipped"] = [dict(item, shard=record["index"]) for record in records for item in record["skipped"]]
+    return document
+
+
+def write_cache_document(cache: Path, document: dict) -> None:
+    """Write a (possibly edited) `cache_document` back as manifest.json and shards.jsonl."""
+    import json
+
+    document = dict(document)
+    shards, skipped = document.pop("shards", []), document.pop("skipped", [])
+    lines = []
+    for shard in shards:
+        items = [{k: v for k, v in item.items() if k != "shard"} for item in skipped
+                 if isinstance(shard, dict) and item.get("shard") == shard.get("index")]
+        lines.append(json.dumps({**shard, "skipped": items}) + "\n")
+    (Path(cache) / "manifest.json").write_text(json.dumps(document))
+    (Path(cache) / "shards.jsonl").write_text("".join(lines))
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A tar of (name, bytes) members in the given order, as webdataset and img2dataset write them."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_webdataset(folder: Path, tars=3, per_tar=5, classes=3, size=(48, 40)) -> Path:
+    """`tars` tars of `per_tar` PNG images each with a `.cls` label (sample k of all has class k % classes)
+    and the same pictures as an imagefolder beside them (`folder/images/CLASS/TAR_KEY.png`)."""
+    for t in range(tars):
+        members = []
+        for i in range(per_tar):
+            k = t * per_tar + i
+            image = write_image(folder / "images" / f"c{k % classes}" / f"{t:05d}_{k:06d}.png", seed=k, size=size)
+            members += [(f"{k:06d}.png", image.read_bytes()), (f"{k:06d}.cls", str(k % classes).encode())]
+        write_tar(folder / "tars" / f"{t:05d}.tar", members)
+    return folder / "tars"

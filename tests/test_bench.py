@@ -44,3 +44,14 @@ def test_sweep_cost_prints_its_ratios(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| `tl", "| the training"))]
     assert len(rows) == 6 and all(float(row.split("|")[-2]) > 0 for row in rows)
     assert (REPO / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_shard_records_prints_the_ratio_of_late_to_early(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("shard_records")
+    before = (REPO / "bench" / "RESULTS.md").read_text()
+    bench.main(["--shards", "300", "--early", "100", "--window", "40", "--no-write"])
+    out = capsys.readouterr().out
+    ratio = [line for line in out.splitlines() if line.startswith("| ratio")]
+    assert len(ratio) == 1 and float(ratio[0].split("|")[-2]) > 0
+    assert (REPO / "bench" / "RESULTS.md").read_text() == before

@@ -36,7 +36,7 @@ def write_cache(root, num_samples=10, shard_rows=4, width=3, dtype="float32", co
 def test_round_trip_across_shards(tmp_path):
     codes = write_cache(tmp_path / "c")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
-        ".lock", "manifest.json", "shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+        ".lock", "manifest.json", "shard-00000.h5", "shard-00001.h5", "shard-00002.h5", "shards.jsonl"]
     reader = CacheReader(tmp_path / "c")
     assert reader.num_rows == 10 and reader.taps == {"fc7": 3} and reader.classes == ["a", "b"]
     np.testing.assert_array_equal(reader.load("fc7"), codes)
@@ -132,10 +132,12 @@ def test_manifest_records_rows_checksums_and_skipped(tmp_path):
                            [{"sample_id": "y", "reason": "OSError: truncated"}])
         writer.finish()
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["shards"][0]["rows"] == 2
-    assert len(manifest["shards"][0]["sha256"]) == 64
-    assert manifest["skipped"] == [{"sample_id": "y", "reason": "OSError: truncated", "shard": 0}]
+    records = [json.loads(line) for line in (tmp_path / "c" / "shards.jsonl").read_text().splitlines()]
+    assert manifest["complete"] and records[0]["rows"] == 2 and records[0]["samples"] == 3
+    assert len(records[0]["sha256"]) == 64 and len(manifest["content"]) == 64
+    assert records[0]["skipped"] == [{"sample_id": "y", "reason": "OSError: truncated"}]
     assert manifest["tl_version"] and manifest["key_digest"]
+    assert load_manifest(tmp_path / "c").skipped == [{"sample_id": "y", "reason": "OSError: truncated", "shard": 0}]
 
 
 def test_unknown_tap_names_the_ones_present(tmp_path):
@@ -162,9 +164,14 @@ def test_shard_files_missing_from_the_manifest_are_adopted(tmp_path):
     codes = np.arange(30, dtype=np.float32).reshape(10, 3)
     with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
         writer.write_shard(0, {"fc7": codes[:4]}, np.zeros(4), [f"s{i}" for i in range(4)], [])
-    with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10, follower=True) as follower:
+    with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10, follower=True,
+                     rank=1) as follower:
         follower.write_shard(2, {"fc7": codes[9:]}, np.ones(1), ["s9"], [{"sample_id": "s8", "reason": "bad"}])
-    assert [s.index for s in load_manifest(tmp_path / "c").shards] == [0]  # a follower never writes it
+    # a follower records its shards in a file of its own, which readers merge
+    assert len((tmp_path / "c" / "shards.jsonl").read_text().splitlines()) == 1
+    assert [s.index for s in load_manifest(tmp_path / "c").shards] == [0, 2]
+    (tmp_path / "c" / "shards-rank1.jsonl").unlink()  # as if killed before it recorded: the file is adopted
+    assert [s.index for s in load_manifest(tmp_path / "c").shards] == [0]
     with CacheWriter(tmp_path / "c", KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
         assert writer.finished == {0, 2}
         writer.write_shard(1, {"fc7": codes[4:8]}, np.zeros(4), [f"s{i}" for i in range(4, 8)], [])
@@ -186,12 +193,92 @@ def test_the_typed_manifest_round_trips_its_file_and_describes_the_cache(tmp_pat
     write_code_cache(tmp_path / "c", codes, targets, ["x", "y", "z"], shard_rows=64)
     raw = json.loads((tmp_path / "c" / "manifest.json").read_text())
     manifest = load_manifest(tmp_path / "c")
-    assert manifest.to_json() == raw  # nothing lost or renamed between the file and the object
+    records = [json.loads(line) for line in (tmp_path / "c" / "shards.jsonl").read_text().splitlines()]
+    assert manifest.header() == raw  # nothing lost or renamed between the file and the object
     assert isinstance(manifest.taps["feat"], TapSpec) and all(isinstance(s, ShardEntry) for s in manifest.shards)
-    assert manifest.rows == sum(s["rows"] for s in raw["shards"]) and not manifest.multilabel
-    assert Manifest.from_json(raw) == manifest
+    assert manifest.rows == sum(r["rows"] for r in records) == 150 and not manifest.multilabel
+    assert [vars(s) for s in manifest.shards] == [{k: v for k, v in r.items() if k != "skipped"} for r in records]
+    assert isinstance(Manifest, type)
     lines = manifest.describe(tmp_path / "c")
     assert lines[0] == f"cache      {tmp_path / 'c'} (complete)"
     assert any(line.startswith("layer      feat") for line in lines)
     assert any(line.startswith(f"rows       {manifest.rows} of {manifest.num_samples} samples in 3/3 shards")
                for line in lines)
+
+
+def test_a_record_cut_short_by_a_kill_is_ignored_and_its_shard_adopted_again(tmp_path):
+    codes = np.arange(30, dtype=np.float32).reshape(10, 3)
+    root = tmp_path / "c"
+    with CacheWriter(root, KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
+        writer.write_shard(0, {"fc7": codes[:4]}, np.zeros(4), [f"s{i}" for i in range(4)], [])
+        writer.write_shard(1, {"fc7": codes[4:8]}, np.zeros(4), [f"s{i}" for i in range(4, 8)], [])
+    records = root / "shards.jsonl"
+    whole = records.read_bytes()
+    records.write_bytes(whole[: len(whole) - 40])  # the second line torn while it was appended
+    assert [s.index for s in load_manifest(root).shards] == [0]
+    with CacheWriter(root, KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
+        assert sorted(writer.finished) == [0, 1]  # shard 1's file is whole: adopted from its attributes
+    lines = records.read_bytes().splitlines(keepends=True)
+    records.write_bytes(b"{not a record\n" + b"".join(lines))
+    with pytest.raises(CacheError, match=r"shards.jsonl line 1 is not a shard record; re-run tl extract"):
+        load_manifest(root)
+
+
+def test_shard_names_are_padded_to_the_widest_index_and_read_by_index(tmp_path):
+    from cache.manifest import shard_index, shard_name, uniform_plan
+
+    assert shard_name(7, 10) == "shard-00007.h5" and shard_name(7, 100_001) == "shard-000007.h5"
+    assert shard_name(100_000, 100_001) == "shard-100000.h5" and shard_index("shard-000007.h5") == 7
+    names = [shard_name(k, 1_000_001) for k in (999_999, 10, 100_000, 2)]
+    assert sorted(names) == [shard_name(k, 1_000_001) for k in (2, 10, 100_000, 999_999)]
+    root = tmp_path / "c"
+    plan = uniform_plan(100_001, 1)
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 1, 100_001, plan=plan) as writer:
+        writer.write_shard(100_000, {"fc7": np.ones((1, 2))}, np.zeros(1), ["last"], [])
+        writer.write_shard(3, {"fc7": np.zeros((1, 2))}, np.zeros(1), ["s3"], [])
+    assert sorted(p.name for p in root.glob("shard-*")) == ["shard-000003.h5", "shard-100000.h5"]
+    assert [(s.index, s.file) for s in load_manifest(root).shards] == [(3, "shard-000003.h5"),
+                                                                       (100_000, "shard-100000.h5")]
+
+
+def test_a_cache_of_the_earlier_format_is_read_and_not_written_into(tmp_path):
+    """tl-cache/1 kept its shards inside manifest.json: every reader still takes it; extract asks for
+    --overwrite rather than mixing shards without input digests into it."""
+    from tests.conftest import cache_document
+
+    codes = write_cache(tmp_path / "c")
+    document = cache_document(tmp_path / "c")
+    document["format"] = "tl-cache/1"
+    for name in ("records", "content"):
+        document.pop(name)
+    document["shards"] = [{k: shard[k] for k in ("index", "file", "rows", "bytes", "sha256")} for shard in document["shards"]]
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(document))
+    (tmp_path / "c" / "shards.jsonl").unlink()
+    np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), codes)
+    with pytest.raises(CacheError, match=r"earlier tl \(tl-cache/1\).*pass --overwrite"):
+        write_cache(tmp_path / "c")
+
+
+def test_a_kill_while_shards_are_dropped_leaves_a_cache_that_opens(tmp_path, monkeypatch):
+    """Opening drops shards whose inputs changed: a kill between its steps must leave no record of a
+    deleted file, no complete=True with a shard missing, and a cache the next run opens."""
+    import cache.writer as writer_module
+    from cache.manifest import uniform_plan
+
+    root = tmp_path / "c"
+    write_cache(root)
+    plan = uniform_plan(9, 4)  # one sample fewer: the last shard's inputs differ
+    plan = [writer_module.PlannedShard(p.first, p.samples, "", p.unit) for p in plan[:2]] + [
+        writer_module.PlannedShard(8, 1, "changed", 2)]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_module, "write_records", killed)
+    with pytest.raises(KeyboardInterrupt):
+        CacheWriter(root, KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 9, plan=plan).__enter__()
+    monkeypatch.undo()
+    assert not load_manifest(root).complete
+    with CacheWriter(root, KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 9, plan=plan) as writer:
+        assert sorted(writer.finished) == [0, 1] and writer.changed == 1
+    assert sorted(p.name for p in root.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]

@@ -19,7 +19,7 @@ from pipeline.errors import HeadError
 from pipeline.evaluate import EvaluateConfig, run_evaluate
 from pipeline.extract import ExtractConfig, ExtractResult, run_extract
 from pipeline.fit_head import FitHeadConfig, fit_head
-from tests.conftest import make_image_folder, write_image
+from tests.conftest import cache_document, make_image_folder, write_image
 
 FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet"]
 FAST_OPTIONS = dict(backbone="alexnet", weights="none", layers=("fc7",), workers=0, quiet=True)
@@ -88,7 +88,7 @@ def test_the_mode_is_in_the_cache_key_and_heads_refuse_the_other(tmp_path):
     relative = np.linalg.norm(fast - exact, axis=1) / np.linalg.norm(exact, axis=1)
     assert 0 < np.median(relative) < 0.05  # measured ~0.01 for 900x700 photos decoded at 1/2 scale
     fit_head(FitHeadConfig(cache=tmp_path / "fast", out=tmp_path / "h.pt"))
-    with pytest.raises(HeadError, match=r"preprocessing\.decode: fast -> None") as refused:
+    with pytest.raises(HeadError, match=r"preprocessing\.decode: fast -> none") as refused:
         run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "exact", out=tmp_path / "r"))
     assert "\n" not in str(refused.value)  # one `error:` line in the CLI
 
@@ -102,7 +102,7 @@ def test_bad_jpegs_are_skipped_or_decoded_alike_in_both_modes(tmp_path, mode):
     (folder / "b" / "junk.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     result = extract(folder, tmp_path / "c", decode=mode)
     assert sorted(item["sample_id"] for item in result.skipped) == ["b/cut.jpg", "b/junk.jpg"]
-    skipped = json.loads((tmp_path / "c" / "manifest.json").read_text())["skipped"]
+    skipped = cache_document(tmp_path / "c")["skipped"]
     assert sorted(item["sample_id"] for item in skipped) == ["b/cut.jpg", "b/junk.jpg"]
     assert "a/cmyk.jpg" in list(CacheReader(tmp_path / "c").load_column("sample_id"))
     assert crops(folder / "a" / "cmyk.jpg", mode).shape == (3, 224, 224)

@@ -18,7 +18,7 @@ import torchvision
 from cache.reader import CacheReader
 from pipeline.errors import CacheError, TLError
 from pipeline.extract import ExtractConfig, ExtractResult, run_extract
-from tests.conftest import make_image_folder, start_stage, write_cifar10, write_gtsrb, write_image
+from tests.conftest import cache_document, make_image_folder, start_stage, write_cifar10, write_gtsrb, write_image
 
 FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet"]
 FAST_OPTIONS = dict(backbone="alexnet", weights="none", layers=("fc7",), workers=0, quiet=True)
@@ -33,7 +33,7 @@ def extract(data, out, **options) -> ExtractResult:
 
 
 def manifest_of(cache):
-    return json.loads((cache / "manifest.json").read_text())
+    return cache_document(cache)
 
 
 def test_extract_writes_shards_and_manifest(image_folder, tmp_path, capsys):
@@ -149,17 +149,29 @@ def test_on_error_fail_stops_and_keeps_earlier_shards(image_folder, tmp_path):
     assert CacheReader(out, allow_partial=True).load("fc7").shape == (10, 4096)
 
 
-def test_stale_cache_is_refused_and_kept(image_folder, tmp_path):
+def test_changed_files_redo_only_their_shards_and_a_new_class_refuses_the_cache(image_folder, tmp_path):
+    """Per-shard input digests: a repaired or edited image redoes the shard holding it, the other shards
+    are kept (and said so); the result equals a fresh extraction. A changed class list refuses the cache."""
     out = tmp_path / "cache"
-    extract(image_folder, out)
+    extract(image_folder, out, shard_rows=5)
+    before = cache_document(out)["shards"]
+    write_image(image_folder / "dog" / "img01.png", seed=77)  # sample 5: the second shard
+    rerun = extract(image_folder, out, shard_rows=5)
+    assert (rerun.shards_written, rerun.shards_redone, rerun.shards_reused) == (1, 1, 2)
+    after = cache_document(out)["shards"]
+    assert [s["sha256"] for s in after][::2] == [s["sha256"] for s in before][::2]
+    assert after[1]["sha256"] != before[1]["sha256"] and after[1]["inputs"] != before[1]["inputs"]
+    extract(image_folder, tmp_path / "fresh", shard_rows=5)
     codes = CacheReader(out).load("fc7")
-    write_image(image_folder / "cat" / "img00.png", seed=77)  # the data changed since
-    with pytest.raises(CacheError, match=r"made with other settings \(.*dataset\.fingerprint.*--overwrite") as refused:
-        extract(image_folder, out)
+    np.testing.assert_array_equal(codes, CacheReader(tmp_path / "fresh").load("fc7"))
+    assert CacheReader(out).manifest.content == CacheReader(tmp_path / "fresh").manifest.content
+    write_image(image_folder / "emu" / "img00.png", seed=78)  # a new class: every target index may change
+    with pytest.raises(CacheError, match=r"made with other settings \(.*dataset\.classes.*--overwrite") as refused:
+        extract(image_folder, out, shard_rows=5)
     assert "\n" not in str(refused.value)
     np.testing.assert_array_equal(CacheReader(out).load("fc7"), codes)
-    extract(image_folder, out, overwrite=True)
-    assert not np.array_equal(CacheReader(out).load("fc7"), codes)
+    extract(image_folder, out, shard_rows=5, overwrite=True)
+    assert CacheReader(out).num_rows == 13
 
 
 @pytest.mark.parametrize("precision, tolerance", [("bfloat16", 3e-2), ("float16", 3e-3)])

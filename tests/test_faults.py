@@ -23,7 +23,7 @@ import torch
 
 from cache.reader import CacheReader
 from pipeline.files import file_digest
-from tests.conftest import REPO, make_image_folder, write_code_cache, write_image
+from tests.conftest import REPO, cache_document, make_image_folder, write_cache_document, write_code_cache, write_image
 
 FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--quiet"]
 
@@ -62,7 +62,7 @@ def tl_process(*args, file_limit: int | None = None, timeout=300) -> Run:
 
 
 def manifest_of(cache: Path) -> dict:
-    return json.loads((cache / "manifest.json").read_text())
+    return cache_document(cache)
 
 
 def shards_in(cache: Path) -> int:
@@ -289,7 +289,7 @@ def test_edited_manifests_are_refused(run_tl, tmp_path):
         cache = write_code_cache(tmp_path / name.replace(" ", "-"), codes, targets, list("abcd"), shard_rows=16)
         manifest = manifest_of(cache)
         edit(manifest)
-        (cache / "manifest.json").write_text(json.dumps(manifest))
+        write_cache_document(cache, manifest)
         result = run_tl("fit-head", "--cache", cache, "--out", tmp_path / "h.pt")
         assert_one_line_error(result, str(cache), "--overwrite")
         assert not (tmp_path / "h.pt").exists()
@@ -534,7 +534,7 @@ def test_info_verify_checks_targets_against_the_classes(run_tl, tmp_path):
     cache = write_code_cache(tmp_path / "c", np.ones((8, 2)), np.arange(8) % 4, list("abcd"), shard_rows=8)
     manifest = manifest_of(cache)
     manifest["classes"] = ["a", "b"]
-    (cache / "manifest.json").write_text(json.dumps(manifest))
+    write_cache_document(cache, manifest)
     result = run_tl("info", cache, "--verify")
     assert result.code == 2 and "has class 3 but the manifest names 2 classes" in result.err
 
@@ -544,7 +544,7 @@ def test_a_multi_label_manifest_with_trimmed_classes_is_refused(run_tl, tmp_path
     cache = write_code_cache(tmp_path / "c", np.ones((24, 2)), targets, list("abc"), shard_rows=24)
     manifest = manifest_of(cache)
     manifest["classes"] = ["a", "b"]
-    (cache / "manifest.json").write_text(json.dumps(manifest))
+    write_cache_document(cache, manifest)
     assert_one_line_error(run_tl("fit-head", "--cache", cache, "--out", tmp_path / "h.pt"),
                           "targets of (3,) classes but the manifest names 2")
     assert "targets of (3,) classes" in run_tl("info", cache, "--verify").err
@@ -594,11 +594,11 @@ def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
     is still reported."""
     import threading
 
-    import cli
+    from pipeline import stops
 
-    monkeypatch.setattr(cli, "STOPPING", threading.Event())
-    monkeypatch.setattr(threading, "excepthook", cli._thread_excepthook)
-    monkeypatch.setattr(sys, "excepthook", cli._process_excepthook)
+    monkeypatch.setattr(stops, "STOPPING", threading.Event())
+    monkeypatch.setattr(threading, "excepthook", stops.thread_excepthook)
+    monkeypatch.setattr(sys, "excepthook", stops.process_excepthook)
 
     def fail():
         raise ConnectionResetError("peer gone")
@@ -617,8 +617,8 @@ def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
 
     assert "ConnectionResetError: peer gone" in run_thread(fail)
     assert "ConnectionResetError: peer gone" in run_thread(serve)
-    with pytest.raises(cli.Terminated):
-        cli._terminated(15, None)
+    with pytest.raises(stops.Terminated):
+        stops.terminated(15, None)
     assert run_thread(fail) == ""
     assert run_thread(serve) == ""
 
@@ -626,17 +626,17 @@ def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
 def test_a_stop_that_lands_in_a_finalizer_is_delivered_again(monkeypatch):
     """SIGTERM raised while Python runs a `__del__` (or a weakref callback) would be printed as "Exception
     ignored" and lost; the CLI's hook raises the signal again, so Terminated reaches the main flow."""
-    import cli
+    from pipeline import stops
 
-    monkeypatch.setattr(cli, "STOPPING", __import__("threading").Event())
-    monkeypatch.setattr(sys, "unraisablehook", cli._unraisable)
-    previous = signal.signal(signal.SIGTERM, cli._terminated)
+    monkeypatch.setattr(stops, "STOPPING", __import__("threading").Event())
+    monkeypatch.setattr(sys, "unraisablehook", stops.unraisable)
+    previous = signal.signal(signal.SIGTERM, stops.terminated)
     try:
         class Finalized:
             def __del__(self):
-                raise cli.Terminated()
+                raise stops.Terminated()
 
-        with pytest.raises(cli.Terminated):
+        with pytest.raises(stops.Terminated):
             Finalized()  # dropped at once: __del__ runs, its exception is unraisable
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:  # the signal comes again from a helper thread

@@ -46,7 +46,7 @@ def test_choices_are_the_registries_names():
     assert _params("finetune")["format_"].type.choices == tuple(formats.format_names())
     assert _params("extract")["decode"].type.choices == tuple(decoding.DECODE_MODES)
     assert _params("fit-head")["head"].type.choices == tuple(heads.HEAD_KINDS)
-    assert set(formats.format_names()) == {"imagefolder", "csv", "cifar10", "gtsrb", "voc"}
+    assert set(formats.format_names()) == {"imagefolder", "csv", "cifar10", "gtsrb", "voc", "webdataset"}
     assert formats.format_names()[0] == formats.DEFAULT_FORMAT
 
 

@@ -14,6 +14,7 @@ from pipeline.datasets import FORMATS, Source
 from pipeline.errors import DataError
 
 DEFAULT_FORMAT = "imagefolder"
+DEFAULT_CLASSES = "voc"  # --classes: VOC's 20 (other formats find theirs, or take a comma list)
 
 
 def registered_formats() -> dict[str, type[Source]]:
@@ -42,14 +43,22 @@ def open_source(
     download: bool = False,
     samples_per_class: int | None = None,
     seed: int = 0,
-    classes: str = "voc",
+    classes: str = DEFAULT_CLASSES,
+    label_key: str | None = None,
 ) -> Source:
-    """The samples of `data` read as `format`, optionally a seeded subset of N per class (0 or None: all)."""
+    """The samples of `data` read as `format`, optionally a seeded subset of N per class (0 or None: all).
+    `label_key` goes to formats that list it in their `options` (webdataset) and is refused by others."""
     known = registered_formats()
     if format not in known:
         raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(format_names())}")
     data = Path(data)
-    source = known[format].open(data, split, download, classes)
+    options = {}
+    if label_key is not None:
+        if "label_key" not in known[format].options:
+            takers = ", ".join(name for name in format_names() if "label_key" in known[name].options)
+            raise DataError(f"--label-key is for {takers} data, not {format}; leave it out")
+        options["label_key"] = label_key
+    source = known[format].open(data, split, download, classes, **options)
     if samples_per_class:
         source.subset(samples_per_class, seed)
     if not source.samples:

@@ -88,6 +88,12 @@ class VocSource(Source):
     def columns(self, index: int) -> dict[str, np.ndarray]:
         return {"ignore": self._ignore[index]}
 
+    def sample_inputs(self, index: int) -> bytes:
+        """The image's id, classes and file stamp, and its boxes (they label the multiscale patches)."""
+        annotation = self.annotations[index]
+        boxes = f"{annotation.boxes.tolist()}{annotation.labels.tolist()}{annotation.difficult.tolist()}\n"
+        return super().sample_inputs(index) + boxes.encode()
+
     def keep(self, indices) -> None:
         super().keep(indices)
         self.annotations = [self.annotations[i] for i in indices]

@@ -1,0 +1,248 @@
+"""The webdataset format: tar shards as img2dataset and webdataset write them (`00000.tar` holding
+`KEY.jpg` or `KEY.png` with the label in `KEY.cls`, `KEY.txt` or `KEY.json`), given as one tar, a folder
+of tars (DATA/SPLIT when that folder exists) or a brace pattern (`data/{00000..01023}.tar`).
+
+Each tar is listed once from its headers (plus its small label files); an image is read straight from
+its offset in the tar, so workers never unpack anything. A sample's stamp is its tar's size and mtime:
+the inputs of a tar change together. Shards follow tars (Source.shard_plan): a tar maps to its own range
+of output shards and is read by one torchrun rank, so a repaired tar redoes only its shards. Entries
+without a label, with an unreadable label, or repeated under one key are listed and then skipped and
+recorded like unreadable images; a tar cut short keeps the entries before the cut (with a warning).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.datasets import Sample, Source, file_stamp, open_rgb, register_format, shown
+from pipeline.errors import DataError
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
+LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
+MAX_CLASS_NUMBER = 100_000  # a .cls above this is a damaged label, not a class (ImageNet-21k has 21,841)
+MAX_TARS = 10_000_000
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a/{000..002}.tar` -> a/000.tar, a/001.tar, a/002.tar (zero-padded like the bounds); `{x,y}` lists;
+    several groups multiply. Text without braces is itself."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match[1], pattern[:match.start()], pattern[match.end():]
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        low, high = int(numbers[1]), int(numbers[2])
+        if low > high or high - low >= MAX_TARS:
+            raise DataError(f"brace range {{{body}}} in {pattern} must count up (at most {MAX_TARS:,} names)")
+        width = len(numbers[1]) if numbers[1].startswith("0") else 0
+        options = [f"{value:0{width}d}" for value in range(low, high + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise DataError(f"cannot read the braces {{{body}}} in {pattern}; write {{00000..00009}} or {{a,b}}")
+    return [name for option in options for name in expand_braces(head + option + tail)]
+
+
+def tar_paths(data: Path, split: str) -> list[Path]:
+    """The input tars: a brace pattern's names (each must exist), the *.tar files of a folder (or of
+    DATA/SPLIT), or one tar file."""
+    text = str(data)
+    if "{" in text:
+        paths = [Path(name) for name in dict.fromkeys(expand_braces(text))]  # {a,a}: one tar, read once
+        missing = [path for path in paths if not path.is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} of the {len(paths)} tars of {text} do not exist, the first "
+                            f"{shown(missing[0])}; fix the pattern or fetch the tars")
+        return paths
+    if not data.exists():
+        raise DataError(f"data path {data} does not exist; pass --data with a tar, a folder of tars or a "
+                        "brace pattern such as data/{00000..00099}.tar")
+    if data.is_dir():
+        folder = data / split if split and (data / split).is_dir() else data
+        paths = sorted(path for path in folder.glob("*.tar") if not path.name.startswith("."))
+        if not paths:
+            raise DataError(f"no .tar files in {shown(folder)}; a webdataset folder holds NNNNN.tar shards")
+        return paths
+    return [data]
+
+
+def _label_field(label_key: str) -> tuple[str, str | None]:
+    """`cls` -> ("cls", None); `json` -> ("json", "label"); `json:FIELD` -> ("json", FIELD)."""
+    suffix, _, name = label_key.partition(":")
+    suffix = suffix.strip().lower().lstrip(".")
+    if not suffix or suffix in IMAGE_SUFFIXES:
+        raise DataError(f"--label-key {label_key} names no label file; use cls, txt, json or json:FIELD")
+    if suffix.endswith("json"):
+        return suffix, name or "label"
+    if name:
+        raise DataError(f"--label-key {label_key}: only json labels take a :FIELD")
+    return suffix, None
+
+
+def _parse_label(data: bytes, field: str | None, numeric: bool) -> int | str:
+    """A label file's value: an int (a class number) or a class name (not for .cls files, which hold
+    class numbers); ValueError when it has none."""
+    text = data.decode("utf-8").strip()
+    if field is not None:
+        try:
+            document = json.loads(text)
+        except RecursionError:
+            raise ValueError("its json is nested too deeply") from None
+        if not isinstance(document, dict) or field not in document:
+            raise ValueError(f"no '{field}' in its json")
+        value = document[field]
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+            raise ValueError(f"'{field}' is not a class number or name")
+        return value
+    if not text:
+        raise ValueError("it is empty")
+    if numeric and not re.fullmatch(r"\d+", text):
+        raise ValueError(f"{text[:20]!r} is not a class number")
+    if re.fullmatch(r"\d+", text) and int(text) > MAX_CLASS_NUMBER:
+        raise ValueError(f"class number {text[:20]} is beyond {MAX_CLASS_NUMBER:,}")
+    return int(text) if re.fullmatch(r"\d+", text) else text
+
+
+@register_format
+class WebDatasetSource(Source):
+    """Tar shards of KEY.jpg/png + KEY.cls/txt/json (see the module docstring)."""
+
+    format = "webdataset"
+    help = 'tar shards of KEY.jpg/png + KEY.cls/txt/json (a tar, a folder of tars or {00000..00099}.tar; --label-key)'
+    options = ("label_key",)
+
+    @classmethod
+    def open(cls, data: Path, split: str, download: bool, classes: str, label_key: str = "cls") -> "WebDatasetSource":
+        return cls(data, split, classes, label_key)
+
+    def __init__(self, data: Path, split: str = "", classes: str = "auto", label_key: str = "cls"):
+        suffix, field = _label_field(label_key)
+        self.label_key = suffix + (f":{field}" if field and field != "label" else "")  # one spelling per key
+        listed, warnings = [], []
+        for path in tar_paths(Path(data), split):
+            listed.append((path, file_stamp(path), self._list_tar(path, suffix, field, warnings)))
+        labels = [entry[3] for _, _, entries in listed for entry in entries if isinstance(entry[3], (int, str))]
+        images = sum(len(entries) for _, _, entries in listed)
+        if images and not labels:
+            raise DataError(f"none of the {images} images in the tars of {shown(data)} has a readable .{suffix} "
+                            f"label; name the label files with --label-key (cls, txt, json or json:FIELD)")
+        names = self._class_names(classes, labels)
+        position = {name: i for i, name in enumerate(names)}
+        samples = []
+        for path, stamp, entries in listed:
+            for key, offset, size, label, problem in entries:
+                if label is None:
+                    target = -1
+                elif isinstance(label, int) and names_given(classes):
+                    target = label if label < len(names) else -1
+                else:
+                    target = position.get(str(label), -1)
+                if problem is None and target == -1:
+                    problem = f"label {label} is not one of the classes given by --classes"  # only with a list
+                # path, offset and size of the image in its tar, and why it cannot be used (or nothing)
+                location = f"{path}\0{offset}\0{size}\0{problem or ''}"
+                samples.append(Sample(f"{path.name}/{key}", target if problem is None else -1, location, stamp))
+        if not samples:
+            raise DataError(f"the tars of {shown(data)} hold no images (looked for .{', .'.join(IMAGE_SUFFIXES)})"
+                            + "".join(f"; {line}" for line in warnings[:3]))
+        super().__init__(names, samples)
+        self.warnings += warnings
+
+    @staticmethod
+    def _list_tar(path: Path, suffix: str, field: str | None, warnings: list[str]) -> list[tuple]:
+        """(key, data offset, size, label, problem) per image of one tar, in the tar's order."""
+        images: dict[str, list] = {}
+        labels: dict[str, object] = {}
+        repeated: set[str] = set()
+        members = 0
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    members += 1
+                    if not member.isfile():
+                        continue
+                    folder, _, base = member.name.rpartition("/")
+                    stem, dot, ending = base.partition(".")
+                    if not dot or base.startswith("."):
+                        continue
+                    key, ending = (f"{folder}/{stem}" if folder else stem), ending.lower()
+                    if ending in IMAGE_SUFFIXES:
+                        if key in images:
+                            repeated.add(key)
+                        else:
+                            images[key] = [member.offset_data, member.size]
+                    elif ending == suffix:
+                        if key in labels:
+                            repeated.add(key)
+                        elif member.size > LABEL_BYTES:
+                            labels[key] = ValueError(f"its .{suffix} file is {member.size} bytes")
+                        else:
+                            try:
+                                labels[key] = _parse_label(tar.extractfile(member).read(), field, suffix == "cls")
+                            except (ValueError, UnicodeDecodeError) as exc:
+                                labels[key] = exc
+                end = tar.offset  # a whole tar ends with two zero blocks; tarfile stops quietly where it is cut
+            with open(path, "rb") as handle:
+                handle.seek(end)
+                tail = handle.read(1024)
+            if len(tail) < 1024 or tail.strip(b"\0"):
+                raise tarfile.ReadError("it ends without the end-of-archive blocks")
+        except (tarfile.TarError, EOFError) as exc:
+            what = "is not an uncompressed tar" if not members else f"is damaged after {members} entries"
+            warnings.append(f"{shown(path)} {what} ({str(exc) or type(exc).__name__}); "
+                            + ("it was skipped" if not members else "the entries before were listed"))
+        except OSError as exc:  # the file itself cannot be read (permissions, I/O): not a damaged tar to skip
+            raise DataError(f"cannot read {shown(path)}: {exc.strerror or exc}; check the file and re-run") from None
+        entries = []
+        for key, (offset, size) in images.items():
+            label = labels.get(key)
+            if key in repeated:
+                problem = f"the key {key} appears more than once in {path.name}"
+            elif key not in labels:
+                problem = f"no label: {key}.{suffix} is missing"
+            elif isinstance(label, Exception):
+                problem = f"unreadable label in {key}.{suffix}: {label}"
+            else:
+                problem = None
+            entries.append((key, offset, size, None if problem else label, problem))
+        return entries
+
+    @staticmethod
+    def _class_names(classes: str, labels: list) -> list[str]:
+        if names_given(classes):
+            names = [name.strip() for name in classes.split(",") if name.strip()]
+            if len(set(names)) != len(names):
+                raise DataError(f"--classes names a class twice ({classes}); name each once")
+            return names
+        if labels and all(isinstance(label, int) for label in labels):
+            return [str(number) for number in range(max(labels) + 1)]  # class numbers index the classes
+        return sorted({str(label) for label in labels})
+
+    def input_unit(self, index: int) -> str:
+        return self.samples[index].location.partition("\0")[0]  # the tar: shards follow tars
+
+    def encoded(self, index: int) -> bytes:
+        path, offset, size, problem = self.samples[index].location.split("\0", 3)
+        if problem:
+            raise OSError(problem)  # the listing's reason: no label, a repeated key, ...
+        with open(path, "rb") as handle:
+            handle.seek(int(offset))
+            data = handle.read(int(size))
+        if len(data) != int(size):
+            raise OSError(f"the tar entry is cut short ({len(data)} of {size} bytes)")
+        return data
+
+    def read_image(self, index: int, draft=None) -> Image.Image:
+        return open_rgb(io.BytesIO(self.encoded(index)), draft)
+
+
+def names_given(classes: str | None) -> bool:
+    """Whether --classes names the classes (a comma list) rather than asking for them to be found."""
+    return bool(classes) and classes not in ("auto", "voc")

@@ -1,0 +1,152 @@
+"""--format webdataset: tar shards of KEY.jpg/png + KEY.cls/txt/json read from their offsets, brace
+patterns, label keys, bad entries skipped and recorded, shards that follow tars (a repaired tar redoes its
+own shards only)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cache.reader import CacheReader
+from pipeline.errors import DataError
+from pipeline.formats import open_source
+from pipeline.formats.webdataset import expand_braces
+from tests.conftest import cache_document, write_image, write_tar, write_webdataset
+from tests.test_extract import extract
+
+
+def test_brace_patterns_expand_like_webdataset():
+    assert expand_braces("d/{000..002}.tar") == ["d/000.tar", "d/001.tar", "d/002.tar"]
+    assert expand_braces("{a,b}-{8..10}") == ["a-8", "a-9", "a-10", "b-8", "b-9", "b-10"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+    with pytest.raises(DataError, match="must count up"):
+        expand_braces("{5..1}.tar")
+
+
+def test_tars_give_the_codes_of_the_same_images_as_files(tmp_path):
+    tars = write_webdataset(tmp_path, tars=3, per_tar=5)
+    result = extract(tars, tmp_path / "c", format="webdataset", shard_rows=4)
+    reader = CacheReader(tmp_path / "c")
+    assert result.rows == 15 and reader.classes == ["0", "1", "2"]
+    # shards follow tars: 5 images of a tar in shards of 4 -> 2 shards per tar
+    assert [(s.first, s.samples) for s in reader.shards] == [(0, 4), (4, 1), (5, 4), (9, 1), (10, 4), (14, 1)]
+    ids = list(reader.load_column("sample_id"))
+    assert ids[:2] == ["00000.tar/000000", "00000.tar/000001"] and ids[-1] == "00002.tar/000014"
+    np.testing.assert_array_equal(reader.load_column("target"), np.arange(15) % 3)
+    extract(tmp_path / "images", tmp_path / "files")
+    files = CacheReader(tmp_path / "files")
+    by_name = {name.split("_")[1][:6]: row for row, name in enumerate(files.load_column("sample_id"))}
+    order = [by_name[name.split("/")[1]] for name in ids]
+    # the same pixels; other batches may round a float16 code differently
+    np.testing.assert_allclose(reader.load("fc7"), files.load("fc7")[order], atol=1e-5, rtol=0)
+    pattern = extract(str(tars / "{00000..00002}.tar"), tmp_path / "pattern", format="webdataset", shard_rows=4)
+    assert pattern.rows == 15
+    np.testing.assert_array_equal(CacheReader(tmp_path / "pattern").load("fc7"), reader.load("fc7"))
+
+
+def test_label_keys_and_class_lists(tmp_path):
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    members = []
+    for k, name in enumerate(["dog", "cat", "dog"]):
+        members += [(f"s{k}.png", picture), (f"s{k}.txt", name.encode()),
+                    (f"s{k}.json", json.dumps({"species": name, "label": k % 2}).encode())]
+    tar = write_tar(tmp_path / "d" / "00000.tar", members)
+    source = open_source("webdataset", tar, label_key="txt")
+    assert source.classes == ["cat", "dog"] and [s.target for s in source.samples] == [1, 0, 1]
+    source = open_source("webdataset", tar, label_key="json:species")
+    assert [s.target for s in source.samples] == [1, 0, 1]
+    source = open_source("webdataset", tmp_path / "d", label_key="json")
+    assert source.classes == ["0", "1"] and [s.target for s in source.samples] == [0, 1, 0]
+    source = open_source("webdataset", tar, classes="cat,dog,emu", label_key="txt")
+    assert source.classes == ["cat", "dog", "emu"] and [s.target for s in source.samples] == [1, 0, 1]
+    with pytest.raises(DataError, match="--label-key is for webdataset data, not imagefolder"):
+        open_source("imagefolder", tmp_path, label_key="txt")
+    with pytest.raises(DataError, match="1 of the 2 tars of .* do not exist"):
+        open_source("webdataset", str(tmp_path / "d" / "{00000..00001}.tar"))
+    with pytest.raises(DataError, match="no .tar files"):
+        open_source("webdataset", tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
+
+
+def test_bad_entries_are_skipped_and_recorded(tmp_path):
+    good = [write_image(tmp_path / f"g{k}.png", seed=k).read_bytes() for k in range(4)]
+    members = [("a.png", good[0]), ("a.cls", b"0"),
+               ("b.png", good[1]),  # no label
+               ("c.png", b"\x89PNG not really"), ("c.cls", b"1"),  # corrupt image
+               ("d.png", good[2]), ("d.cls", b"1"), ("d.jpg", good[3]),  # one key twice
+               ("e.png", good[3]), ("e.cls", b"one"), ("f.png", good[0]), ("f.cls", b"1")]
+    write_tar(tmp_path / "t" / "00000.tar", members)
+    whole = write_tar(tmp_path / "t" / "00001.tar", [("g.png", good[1]), ("g.cls", b"0"), ("h.png", good[2]),
+                                                        ("h.cls", b"1")])
+    data = whole.read_bytes()
+    whole.write_bytes(data[:2048])  # cut short inside h.png's header block: g is kept
+    (tmp_path / "t" / "00002.tar").write_bytes(b"not a tar at all" * 100)
+    result = extract(tmp_path / "t", tmp_path / "c", format="webdataset")
+    reasons = {item["sample_id"]: item["reason"] for item in result.skipped}
+    assert set(reasons) == {"00000.tar/b", "00000.tar/c", "00000.tar/d", "00000.tar/e"}
+    assert "no label" in reasons["00000.tar/b"] and "more than once" in reasons["00000.tar/d"]
+    assert "unreadable label in e.cls: 'one' is not a class number" in reasons["00000.tar/e"]
+    assert reasons["00000.tar/c"].startswith(("OSError", "UnidentifiedImageError", "SyntaxError"))
+    reader = CacheReader(tmp_path / "c")
+    assert sorted(reader.load_column("sample_id")) == ["00000.tar/a", "00000.tar/f", "00001.tar/g"]
+    warnings = reader.manifest.warnings
+    assert any("00001.tar is damaged" in line for line in warnings)
+    assert any("00002.tar is not an uncompressed tar" in line for line in warnings)
+
+
+def test_a_repaired_tar_redoes_only_its_shards(tmp_path):
+    tars = write_webdataset(tmp_path, tars=3, per_tar=5)
+    extract(tars, tmp_path / "c", format="webdataset", shard_rows=4)
+    before = {s["index"]: s["sha256"] for s in cache_document(tmp_path / "c")["shards"]}
+    middle = tars / "00001.tar"
+    members = [(f"{k:06d}.png", write_image(tmp_path / "new.png", seed=99 + k).read_bytes()) for k in range(5, 10)]
+    members = [m for k, m in zip(range(5, 10), members) for m in (m, (f"{k:06d}.cls", str(k % 3).encode()))]
+    write_tar(middle, members)
+    os.utime(middle, ns=(1, 2))
+    rerun = extract(tars, tmp_path / "c", format="webdataset", shard_rows=4)
+    assert (rerun.shards_written, rerun.shards_redone, rerun.shards_reused) == (2, 2, 4)
+    after = {s["index"]: s["sha256"] for s in cache_document(tmp_path / "c")["shards"]}
+    assert [index for index in before if before[index] != after[index]] == [2, 3]
+    extract(tars, tmp_path / "fresh", format="webdataset", shard_rows=4)
+    np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), CacheReader(tmp_path / "fresh").load("fc7"))
+
+
+def test_a_tar_that_gains_an_image_moves_the_later_shards_without_redoing_them(tmp_path):
+    tars = write_webdataset(tmp_path, tars=3, per_tar=5)
+    extract(tars, tmp_path / "c", format="webdataset", shard_rows=4)
+    before = {s["index"]: s["sha256"] for s in cache_document(tmp_path / "c")["shards"]}
+    first = tars / "00000.tar"
+    extra = write_image(tmp_path / "extra.png", seed=500).read_bytes()
+    import tarfile
+    with tarfile.open(first) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    write_tar(first, members + [("zz.png", extra), ("zz.cls", b"2")])  # 6 images: still 2 shards
+    rerun = extract(tars, tmp_path / "c", format="webdataset", shard_rows=4)
+    assert (rerun.shards_written, rerun.shards_redone, rerun.shards_reused, rerun.rows) == (2, 2, 4, 16)
+    after = cache_document(tmp_path / "c")["shards"]
+    assert [s["index"] for s in after if s["sha256"] != before[s["index"]]] == [0, 1]
+    assert [s["first"] for s in after] == [0, 4, 6, 10, 11, 15]
+    extract(tars, tmp_path / "fresh", format="webdataset", shard_rows=4)
+    np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), CacheReader(tmp_path / "fresh").load("fc7"))
+
+
+def test_labels_that_cannot_make_classes_are_one_line(tmp_path):
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    tar = write_tar(tmp_path / "d" / "00000.tar", [("a.png", picture), ("a.cls", b"0"), ("b.png", picture),
+                                                   ("b.cls", b"4000000000")])
+    source = open_source("webdataset", tar)
+    assert source.classes == ["0"] and [s.target for s in source.samples] == [0, -1]
+    with pytest.raises(OSError, match="class number 4000000000 is beyond 100,000"):
+        source.read_image(1)
+    with pytest.raises(DataError, match=r"none of the 2 images .* has a readable .txt label; name the label files"):
+        open_source("webdataset", tar, label_key="txt")
+    with pytest.raises(DataError, match="--classes names a class twice"):
+        open_source("webdataset", tar, classes="cat,cat")
+    gz = tmp_path / "g" / "00000.tar"
+    gz.parent.mkdir()
+    import gzip
+    gz.write_bytes(gzip.compress(tar.read_bytes()))
+    with pytest.raises(DataError, match="hold no images .*00000.tar is not an uncompressed tar"):
+        open_source("webdataset", gz)
