@@ -11,8 +11,13 @@ import sys
 import threading
 
 
+MAIN_PID: int | None = None  # the tl process; DataLoader workers forked from it inherit the hooks
+
+
 def install() -> None:
     """SIGTERM handling (unless someone set their own) and the hooks, for a tl process."""
+    global MAIN_PID
+    MAIN_PID = os.getpid()
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, terminated)
     threading.excepthook = thread_excepthook
@@ -36,16 +41,29 @@ def thread_excepthook(args) -> None:
     """While the process is being stopped, helper threads that lose their peers on the way down
     (multiprocessing's fd sharer, mid-handshake with a DataLoader worker being killed) stay silent: the
     one line the user gets is the stop's own. Any other time, Python's own report."""
-    if not STOPPING.is_set():
+    if not STOPPING.is_set() and not _sharer_lost_its_peer(args.exc_type, args.exc_traceback):
         threading.__excepthook__(args)
 
 
 def process_excepthook(kind, value, traceback) -> None:
     """The same silence for threads that report through `sys.excepthook` themselves rather than
     `threading.excepthook`: multiprocessing's resource sharer (`_serve`) does, and its
-    ConnectionResetError after a stop is what reached the user."""
-    if not STOPPING.is_set():
+    ConnectionResetError after a stop is what reached the user. A DataLoader worker runs that server
+    too, and learns of the stop only when the tl process is gone: its sharer's lost connection is
+    silent as well (the tl process reports any real failure of its workers itself)."""
+    if not STOPPING.is_set() and not _sharer_lost_its_peer(kind, traceback):
         sys.__excepthook__(kind, value, traceback)
+
+
+def _sharer_lost_its_peer(kind, traceback) -> bool:
+    """An OSError in multiprocessing's fd-sharing server, in a process forked from the tl process."""
+    if MAIN_PID is None or os.getpid() == MAIN_PID or kind is None or not issubclass(kind, OSError):
+        return False
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")):
+            return True
+        traceback = traceback.tb_next
+    return False
 
 
 def unraisable(report) -> None:

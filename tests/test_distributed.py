@@ -3,7 +3,6 @@ another world size, and survives a rank that dies."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -623,6 +623,42 @@ def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
     assert run_thread(serve) == ""
 
 
+def test_a_workers_fd_sharer_that_loses_the_tl_process_stays_silent(capsys, monkeypatch):
+    """A DataLoader worker (forked: it inherits the hooks, not the stop) runs multiprocessing's fd-sharing
+    server; when SIGTERM takes the tl process down, that server's accept fails and it reports through
+    sys.excepthook after the stop's one line (seen in CI). In a forked process that report is silent;
+    in the tl process, and from any other code, errors are still shown."""
+    import os
+    import threading
+
+    from pipeline import stops
+
+    monkeypatch.setattr(stops, "STOPPING", threading.Event())
+    monkeypatch.setattr(sys, "excepthook", stops.process_excepthook)
+    sharer = os.path.join(os.sep, "lib", "multiprocessing", "resource_sharer.py")
+    namespace: dict = {"sys": sys}
+    exec(compile("def _serve():\n    try:\n        raise ConnectionResetError('peer gone')\n"
+                 "    except OSError:\n        sys.excepthook(*sys.exc_info())\n", sharer, "exec"), namespace)
+
+    def elsewhere():
+        try:
+            raise ConnectionResetError("peer gone")
+        except OSError:
+            sys.excepthook(*sys.exc_info())
+
+    def report(target):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+        return capsys.readouterr().err
+
+    monkeypatch.setattr(stops, "MAIN_PID", os.getpid())  # the tl process itself: shown
+    assert "ConnectionResetError: peer gone" in report(namespace["_serve"])
+    monkeypatch.setattr(stops, "MAIN_PID", os.getpid() + 1)  # a process forked from it: silent
+    assert report(namespace["_serve"]) == ""
+    assert "ConnectionResetError: peer gone" in report(elsewhere)
+
+
 def test_a_stop_that_lands_in_a_finalizer_is_delivered_again(monkeypatch):
     """SIGTERM raised while Python runs a `__del__` (or a weakref callback) would be printed as "Exception
     ignored" and lost; the CLI's hook raises the signal again, so Terminated reaches the main flow."""

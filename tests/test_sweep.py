@@ -18,7 +18,7 @@ from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.model_files import load_head
 from pipeline.sweep import SweepConfig, run_sweep
 from pipeline.training import TrainingOptions
-from tests.conftest import blobs, start_stage, write_code_cache
+from tests.conftest import blobs, start_stage
 
 
 def _two_layer_cache(root: Path, seed: int, n: int, draw: int = 0) -> Path:
