@@ -496,6 +496,7 @@ def _layouts(text: str | None) -> tuple[tuple[int, ...], ...]:
 @format_option("With --model:")
 @option("--split", help="With --model.")
 @option("--classes", help="With --model and voc data.")
+@option("--label-key", help="With --model and webdataset data: cls, txt, json or json:FIELD [default: cls].")
 @device_option()
 @precision_option("With --model: autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
 @workers_option()
@@ -620,6 +621,7 @@ def quickstart(out, per_class, seed, quiet):
 @format_option()
 @option("--split")
 @option("--classes", help="voc data: voc, auto or a comma list.")
+@option("--label-key", help="webdataset data: cls, txt, json or json:FIELD [default: cls].")
 @option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class (0: every image).")
 @option("--head", type=click.Path(path_type=Path), required=True,
         help="Stage-two head: the model is its backbone up to its layer, then the head.")

@@ -41,6 +41,7 @@ class EvaluateConfig:
     format: str = DEFAULT_FORMAT
     split: str = "test"
     classes: str = DEFAULT_CLASSES
+    label_key: str | None = None  # with --model and webdataset data: cls, txt, json or json:FIELD (None: cls)
     batch_size: int = 32
     workers: int | None = None  # None: pipeline.hardware.default_workers
     device: str = "auto"
@@ -116,7 +117,8 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     model, metadata = load_model_file(config.model)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
-    source = open_source(config.format, config.data, config.split, classes=config.classes)
+    source = open_source(config.format, config.data, config.split, classes=config.classes,
+                         label_key=config.label_key)
     names = metadata["classes"]
     what = (f"data {config.data}", f"model {config.model}")
     backbone = get_backbone(metadata["codes_key"]["backbone"])

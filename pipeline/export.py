@@ -92,7 +92,8 @@ def check_batch(metadata: dict, backbone: Backbone) -> tuple[torch.Tensor, str]:
     crop = backbone.crop_decoder(decode_of(metadata["codes_key"]["preprocessing"]))
     try:
         source = open_source(settings["format"], Path(settings["data"]), settings["split"],
-                             classes=settings.get("classes", DEFAULT_CLASSES))
+                             classes=settings.get("classes", DEFAULT_CLASSES),
+                             label_key=settings.get("label_key"))
         crops = []
         for index in np.linspace(0, len(source) - 1, min(CHECK_IMAGES, len(source))).astype(int):
             try:

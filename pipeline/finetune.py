@@ -45,6 +45,7 @@ class FinetuneConfig:
     format: str = DEFAULT_FORMAT
     split: str = "train"
     classes: str = DEFAULT_CLASSES
+    label_key: str | None = None  # webdataset data: cls, txt, json or json:FIELD (None: cls)
     val_data: Path | None = None
     val_split: str | None = None  # None: the same split name as --split
     val_fraction: float | None = None  # or hold out this seeded, stratified fraction of the training images
@@ -227,14 +228,14 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         + (f" + {', '.join(trainable['backbone_layers'])}" if trainable["backbone_layers"] else " only")
         + f"); {trainable['frozen_parameters']:,} frozen")
     source = open_source(config.format, config.data, config.split, samples_per_class=config.samples_per_class,
-                         seed=config.seed, classes=config.classes)
+                         seed=config.seed, classes=config.classes, label_key=config.label_key)
     val_source = None
     if config.val_fraction is not None:  # whole images held out, so no patch of one is on both sides
         source, val_source = source.split_off(config.val_fraction, config.seed,
                                               "raise --val-fraction or pass --val-data")
     elif config.val_data is not None:
         val_source = open_source(config.format, config.val_data, config.val_split or config.split,
-                                 seed=config.seed, classes=config.classes)
+                                 seed=config.seed, classes=config.classes, label_key=config.label_key)
     dataset, targets = image_set(source, backbone, head_metadata, Augmentation(config.crop_scale, config.flip),
                                     config.seed, config.background_fraction,
                                     f"data {config.data}", f"head {config.head}")

@@ -150,3 +150,30 @@ def test_labels_that_cannot_make_classes_are_one_line(tmp_path):
     gz.write_bytes(gzip.compress(tar.read_bytes()))
     with pytest.raises(DataError, match="hold no images .*00000.tar is not an uncompressed tar"):
         open_source("webdataset", gz)
+
+
+def test_finetune_evaluate_and_export_read_tars_with_their_label_key(tmp_path):
+    """Stage three and four take tar data too: the head of an imagefolder cache finetunes on the same
+    images as tars with .txt labels, and evaluate --model and export's check read them back."""
+    from pipeline.evaluate import EvaluateConfig, run_evaluate
+    from pipeline.export import export_model
+    from pipeline.finetune import FinetuneConfig, run_finetune
+    from pipeline.fit_head import FitHeadConfig, fit_head
+
+    members = []
+    for k in range(8):
+        name = "ab"[k % 2]
+        image = write_image(tmp_path / "images" / name / f"{k}.png", seed=k)
+        members += [(f"{k:04d}.png", image.read_bytes()), (f"{k:04d}.txt", name.encode())]
+    tar = write_tar(tmp_path / "tars" / "00000.tar", members)
+    extract(tmp_path / "images", tmp_path / "cache", layers=("pool5",), dtype="float32")
+    fit_head(FitHeadConfig(cache=tmp_path / "cache", out=tmp_path / "head.pt"))
+    result = run_finetune(FinetuneConfig(data=tar, format="webdataset", label_key="txt", head=tmp_path / "head.pt",
+                                         out=tmp_path / "m.pt", epochs=1, batch_size=4, workers=0, quiet=True),
+                          say=lambda text: None)
+    assert result.epochs_run == 1
+    report = run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", data=tar, format="webdataset",
+                                         label_key="txt", split="", out=tmp_path / "r", workers=0)).report
+    assert report["rows"] == 8
+    exported = export_model(tmp_path / "m.pt", "torchscript", tmp_path / "m.ts")
+    assert exported.checked == 8 and exported.checked_on.endswith("00000.tar")  # the tar's images, by label key
