@@ -215,9 +215,18 @@ class ForeignManifest(CacheError):
     """A manifest.json that no tl wrote: --overwrite must never delete it."""
 
 
-def load_manifest(root: Path) -> Manifest:
+REBUILD = "re-run the same tl extract command: it rebuilds the records from the shard files (--overwrite starts over)"
+
+
+class RecordDamage(CacheError):
+    """Shard records that cannot be trusted under a sound manifest.json: tl extract rebuilds them from
+    the shard files' own attributes, so no finished shard is lost."""
+
+
+def load_manifest(root: Path, records: bool = True) -> Manifest:
     """The manifest of the cache at `root` with its shard records (streamed from shards.jsonl), sorted
-    by index; CacheError when it is missing or damaged."""
+    by index (`records=False`: the header alone); CacheError when it is missing or damaged, RecordDamage
+    when only the records are."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{root} is not a tl cache (no {MANIFEST}); create one with tl extract")
@@ -241,15 +250,15 @@ def load_manifest(root: Path) -> Manifest:
     known = {f.name for f in fields(Manifest)} - {"shards", "skipped"}
     manifest = Manifest(**{name: value for name, value in header.items() if name in known})
     manifest.taps = {name: TapSpec(**spec) for name, spec in header["taps"].items()}
-    records = _legacy_records(header) if legacy else iter_records(Path(root), manifest)
+    found = _legacy_records(header) if legacy else iter_records(Path(root), manifest) if records else []
     entries: dict[int, tuple[ShardEntry, list]] = {}
-    for entry, skipped in records:
+    for entry, skipped in found:
         entries[entry.index] = (entry, skipped)  # a later record of a shard supersedes an earlier one
     manifest.shards = [entries[index][0] for index in sorted(entries)]
     manifest.skipped = [dict(item, shard=index) for index in sorted(entries) for item in entries[index][1]]
-    if manifest.complete and len(entries) != manifest.num_shards:
-        raise CacheError(f"{path} is damaged (it says complete with {len(entries)} of {manifest.num_shards} "
-                         "shards); re-run tl extract with --overwrite")
+    if manifest.complete and records and len(entries) != manifest.num_shards:
+        raise RecordDamage(f"{path} says complete but its records name {len(entries)} of {manifest.num_shards} "
+                           f"shards; {REBUILD}")
     return manifest
 
 
@@ -295,10 +304,10 @@ def _record(number: int, line: bytes, manifest: Manifest, path: Path, last: bool
     except (ValueError, UnicodeDecodeError):
         if last:
             return None  # torn by a kill while it was appended: the shard file is adopted again
-        raise CacheError(f"{path} line {number} is not a shard record; re-run tl extract with --overwrite") from None
+        raise RecordDamage(f"{path} line {number} is not a shard record; {REBUILD}") from None
     problem = _record_problem(record, manifest)
     if problem:
-        raise CacheError(f"{path} line {number} is damaged ({problem}); re-run tl extract with --overwrite")
+        raise RecordDamage(f"{path} line {number} is damaged ({problem}); {REBUILD}")
     return ShardEntry(**{name: record[name] for name in _SHARD_FIELDS}, inputs=record["inputs"]), record["skipped"]
 
 

@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 
 from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECORDS, ForeignManifest, Manifest,
-                            PlannedShard, ShardEntry, iter_records, key_differences, load_manifest, record_files,
-                            save_manifest, shard_index, shard_name, uniform_plan)
+                            PlannedShard, RecordDamage, ShardEntry, iter_records, key_differences, load_manifest,
+                            record_files, save_manifest, shard_index, shard_name, uniform_plan)
 from cache.records import append_record, content_digest, write_records
 from pipeline.files import DiskFullError, OutputLock, file_digest, write_bytes
 from pipeline.errors import CacheError
@@ -119,6 +119,8 @@ class CacheWriter:
                 existing = load_manifest(self.root)
             except ForeignManifest as exc:
                 raise ForeignManifest(f"{exc}: choose another --out") from None
+            except RecordDamage:  # the header is sound: the shards are adopted again from their own files
+                existing = load_manifest(self.root, records=False)
             except CacheError:
                 if not self.overwrite:
                     raise

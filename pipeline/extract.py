@@ -175,6 +175,9 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     precision = resolve_precision(config.precision, device)
     source = open_source(config.format, config.data, config.split, config.download, config.samples_per_class,
                          config.seed, config.classes, config.label_key)
+    if config.multiscale and getattr(source, "annotations", None) is None:
+        raise TLError(f"--multiscale labels patches by their boxes: {config.format} data has none; use voc data "
+                      "(Annotations/*.xml), or leave --multiscale out for one crop per image")
     weights = resolve_weights(backbone, config.weights, config.seed)
     key = cache_key(config, backbone, taps, weights.digest, precision, source)
     widths = {tap: backbone.taps[tap].width for tap in taps}

@@ -162,10 +162,18 @@ class OutputLock:
             text = handle.read().strip()
             handle.close()
             self._refuse(f" (pid {text})" if text.isdigit() and pid_alive(int(text)) else "")
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        except OSError as exc:  # a full disk shows here first when a run starts again on it
+            with contextlib.suppress(OSError):  # closing flushes the pid again
+                handle.close()
+            if exc.errno in FULL:
+                raise DiskFullError(f"no space left on the device of {self.path}; free space and re-run the same "
+                                    "command") from None
+            raise self.error(f"cannot write the lock {self.path}: {exc.strerror}; choose another output") from None
         self.handle = handle
         OutputLock._held.add(key)
         return self

@@ -220,7 +220,7 @@ def test_a_record_cut_short_by_a_kill_is_ignored_and_its_shard_adopted_again(tmp
         assert sorted(writer.finished) == [0, 1]  # shard 1's file is whole: adopted from its attributes
     lines = records.read_bytes().splitlines(keepends=True)
     records.write_bytes(b"{not a record\n" + b"".join(lines))
-    with pytest.raises(CacheError, match=r"shards.jsonl line 1 is not a shard record; re-run tl extract"):
+    with pytest.raises(CacheError, match=r"shards.jsonl line 1 is not a shard record; re-run the same tl extract command"):
         load_manifest(root)
 
 

@@ -679,3 +679,31 @@ def test_a_stop_that_lands_in_a_finalizer_is_delivered_again(monkeypatch):
                 time.sleep(0.001)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_full_disk_when_taking_the_lock_is_one_line(tmp_path):
+    """On a disk already full, the first write of a re-run is the lock's pid: one line, not a traceback."""
+    data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=2)
+    run = tl_process("extract", "--data", data, "--out", tmp_path / "c", *FAST, file_limit=3)
+    assert run.code == 2 and run.err.startswith("error: no space left on the device of"), run
+    assert ".lock" in run.err and len(run.err.strip().splitlines()) == 1
+
+
+def test_damaged_shard_records_are_rebuilt_by_the_same_extract(run_tl, tmp_path, image_folder):
+    """A bad line in shards.jsonl (or junk in a rank's record file) stops readers with one line that says
+    how to repair it; the same tl extract command rebuilds the records from the shard files' own
+    attributes, keeps every intact shard and gives the cache of an unbroken run."""
+    args = ["--data", image_folder, "--shard-rows", "5", "--workers", "0", *FAST]
+    cache = tmp_path / "c"
+    assert run_tl("extract", "--out", cache, *args).code == 0
+    codes = CacheReader(cache).load("fc7")
+    records = cache / "shards.jsonl"
+    lines = records.read_text().splitlines(keepends=True)
+    records.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    (cache / "shards-rank3.jsonl").write_text("junk\njunk\n")
+    refused = run_tl("info", cache, "--verify")
+    assert_one_line_error(refused, "shards.jsonl line 2 is not a shard record", "re-run the same tl extract command")
+    again = run_tl("extract", "--out", cache, *args)
+    assert again.code == 0 and "0 shards new, 3 reused" in again.out, again
+    np.testing.assert_array_equal(CacheReader(cache).load("fc7"), codes)
+    assert not (cache / "shards-rank3.jsonl").exists() and len(records.read_text().splitlines()) == 3

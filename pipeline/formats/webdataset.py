@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.datasets import Sample, Source, file_stamp, open_rgb, register_format, shown
+from pipeline.datasets import DECODE_ERRORS, Sample, Source, file_stamp, open_rgb, register_format, shown
 from pipeline.errors import DataError
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -31,7 +31,17 @@ MAX_TARS = 10_000_000
 
 def expand_braces(pattern: str) -> list[str]:
     """`a/{000..002}.tar` -> a/000.tar, a/001.tar, a/002.tar (zero-padded like the bounds); `{x,y}` lists;
-    several groups multiply. Text without braces is itself."""
+    several groups multiply (at most MAX_TARS names in all). Text without braces is itself."""
+    total = 1
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        total *= int(numbers[2]) - int(numbers[1]) + 1 if numbers else body.count(",") + 1
+        if total > MAX_TARS:
+            raise DataError(f"{pattern} names more than {MAX_TARS:,} tars; give fewer, or a folder of tars")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     match = re.search(r"\{([^{}]*)\}", pattern)
     if match is None:
         return [pattern]
@@ -47,7 +57,7 @@ def expand_braces(pattern: str) -> list[str]:
         options = body.split(",")
     else:
         raise DataError(f"cannot read the braces {{{body}}} in {pattern}; write {{00000..00009}} or {{a,b}}")
-    return [name for option in options for name in expand_braces(head + option + tail)]
+    return [name for option in options for name in _expand(head + option + tail)]
 
 
 def tar_paths(data: Path, split: str) -> list[Path]:
@@ -80,7 +90,9 @@ def _label_field(label_key: str) -> tuple[str, str | None]:
     if not suffix or suffix in IMAGE_SUFFIXES:
         raise DataError(f"--label-key {label_key} names no label file; use cls, txt, json or json:FIELD")
     if suffix.endswith("json"):
-        return suffix, name or "label"
+        if _ and not name.strip():
+            raise DataError(f"--label-key {label_key} names no field; write json:FIELD or json (its label field)")
+        return suffix, name.strip() or "label"
     if name:
         raise DataError(f"--label-key {label_key}: only json labels take a :FIELD")
     return suffix, None
@@ -100,14 +112,22 @@ def _parse_label(data: bytes, field: str | None, numeric: bool) -> int | str:
         value = document[field]
         if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
             raise ValueError(f"'{field}' is not a class number or name")
+        if isinstance(value, int):
+            _check_class_number(value)
         return value
     if not text:
         raise ValueError("it is empty")
     if numeric and not re.fullmatch(r"\d+", text):
         raise ValueError(f"{text[:20]!r} is not a class number")
-    if re.fullmatch(r"\d+", text) and int(text) > MAX_CLASS_NUMBER:
-        raise ValueError(f"class number {text[:20]} is beyond {MAX_CLASS_NUMBER:,}")
-    return int(text) if re.fullmatch(r"\d+", text) else text
+    if re.fullmatch(r"\d+", text):
+        _check_class_number(int(text))
+        return int(text)
+    return text
+
+
+def _check_class_number(value: int) -> None:
+    if not 0 <= value <= MAX_CLASS_NUMBER:
+        raise ValueError(f"class number {str(value)[:20]} is not in 0..{MAX_CLASS_NUMBER:,}")
 
 
 @register_format
@@ -132,7 +152,8 @@ class WebDatasetSource(Source):
         images = sum(len(entries) for _, _, entries in listed)
         if images and not labels:
             raise DataError(f"none of the {images} images in the tars of {shown(data)} has a readable .{suffix} "
-                            f"label; name the label files with --label-key (cls, txt, json or json:FIELD)")
+                            f"label; name the label files with --label-key (cls, txt, json or json:FIELD)"
+                            + "".join(f"; {line}" for line in warnings[:3]))
         names = self._class_names(classes, labels)
         position = {name: i for i, name in enumerate(names)}
         samples = []
@@ -144,11 +165,14 @@ class WebDatasetSource(Source):
                     target = label if label < len(names) else -1
                 else:
                     target = position.get(str(label), -1)
-                if problem is None and target == -1:
-                    problem = f"label {label} is not one of the classes given by --classes"  # only with a list
+                if problem is None and target == -1:  # only with --classes: found classes hold every label
+                    problem = f"label {label} is not one of the classes given by --classes"
                 # path, offset and size of the image in its tar, and why it cannot be used (or nothing)
                 location = f"{path}\0{offset}\0{size}\0{problem or ''}"
                 samples.append(Sample(f"{path.name}/{key}", target if problem is None else -1, location, stamp))
+        if samples and all(sample.target == -1 for sample in samples):
+            raise DataError(f"no image in the tars of {shown(data)} has a label among --classes ({classes}); "
+                            "name the classes the labels use, or leave --classes out")
         if not samples:
             raise DataError(f"the tars of {shown(data)} hold no images (looked for .{', .'.join(IMAGE_SUFFIXES)})"
                             + "".join(f"; {line}" for line in warnings[:3]))
@@ -218,6 +242,8 @@ class WebDatasetSource(Source):
     def _class_names(classes: str, labels: list) -> list[str]:
         if names_given(classes):
             names = [name.strip() for name in classes.split(",") if name.strip()]
+            if not names:
+                raise DataError(f"--classes {classes} names no class; give comma-separated names")
             if len(set(names)) != len(names):
                 raise DataError(f"--classes names a class twice ({classes}); name each once")
             return names
@@ -240,7 +266,11 @@ class WebDatasetSource(Source):
         return data
 
     def read_image(self, index: int, draft=None) -> Image.Image:
-        return open_rgb(io.BytesIO(self.encoded(index)), draft)
+        buffer = io.BytesIO(self.encoded(index))
+        try:
+            return open_rgb(buffer, draft)
+        except DECODE_ERRORS as exc:  # PIL names the buffer by its address: name the tar member instead
+            raise type(exc)(str(exc).replace(repr(buffer), self.samples[index].sample_id)) from None
 
 
 def names_given(classes: str | None) -> bool:
