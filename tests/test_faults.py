@@ -588,6 +588,16 @@ def voc_shapes(tmp_path_factory):
     return write_shapes_voc(tmp_path_factory.mktemp("voc"), {"trainval": 4, "test": 3})
 
 
+def thread_stderr(target, capsys) -> str:
+    """What `target`, run in a thread of its own, printed to stderr (its error reports)."""
+    import threading
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    return capsys.readouterr().err
+
+
 def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
     """multiprocessing's fd-sharing thread can fail mid-handshake while SIGTERM takes the DataLoader
     workers down; its traceback must not follow the stop's one line, but any other thread's failure
@@ -610,10 +620,7 @@ def test_helper_threads_stay_silent_once_a_stop_has_begun(capsys, monkeypatch):
             sys.excepthook(*sys.exc_info())
 
     def run_thread(target):
-        thread = threading.Thread(target=target)
-        thread.start()
-        thread.join()
-        return capsys.readouterr().err
+        return thread_stderr(target, capsys)
 
     assert "ConnectionResetError: peer gone" in run_thread(fail)
     assert "ConnectionResetError: peer gone" in run_thread(serve)
@@ -647,10 +654,7 @@ def test_a_workers_fd_sharer_that_loses_the_tl_process_stays_silent(capsys, monk
             sys.excepthook(*sys.exc_info())
 
     def report(target):
-        thread = threading.Thread(target=target)
-        thread.start()
-        thread.join()
-        return capsys.readouterr().err
+        return thread_stderr(target, capsys)
 
     monkeypatch.setattr(stops, "MAIN_PID", os.getpid())  # the tl process itself: shown
     assert "ConnectionResetError: peer gone" in report(namespace["_serve"])
