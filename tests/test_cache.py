@@ -185,7 +185,7 @@ def test_shard_files_missing_from_the_manifest_are_adopted(tmp_path):
 
 
 def test_the_typed_manifest_round_trips_its_file_and_describes_the_cache(tmp_path):
-    from cache.manifest import Manifest, ShardEntry, TapSpec
+    from cache.manifest import ShardEntry, TapSpec
 
     from tests.conftest import blobs, write_code_cache
 
@@ -198,7 +198,6 @@ def test_the_typed_manifest_round_trips_its_file_and_describes_the_cache(tmp_pat
     assert isinstance(manifest.taps["feat"], TapSpec) and all(isinstance(s, ShardEntry) for s in manifest.shards)
     assert manifest.rows == sum(r["rows"] for r in records) == 150 and not manifest.multilabel
     assert [vars(s) for s in manifest.shards] == [{k: v for k, v in r.items() if k != "skipped"} for r in records]
-    assert isinstance(Manifest, type)
     lines = manifest.describe(tmp_path / "c")
     assert lines[0] == f"cache      {tmp_path / 'c'} (complete)"
     assert any(line.startswith("layer      feat") for line in lines)
@@ -282,3 +281,38 @@ def test_a_kill_while_shards_are_dropped_leaves_a_cache_that_opens(tmp_path, mon
     with CacheWriter(root, KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 9, plan=plan) as writer:
         assert sorted(writer.finished) == [0, 1] and writer.changed == 1
     assert sorted(p.name for p in root.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]
+
+
+def test_moved_samples_keep_a_shard_unless_its_rows_depend_on_their_position(tmp_path):
+    """A shard whose samples only moved in the listing (same inputs, another first sample) is kept with its
+    new position; a writer told that rows depend on the position (multiscale training) redoes it."""
+    from cache.manifest import PlannedShard
+
+    root = tmp_path / "c"
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 4,
+                     plan=[PlannedShard(0, 2, "x", 0), PlannedShard(2, 2, "y", 1)]) as writer:
+        for index in (0, 1):
+            writer.write_shard(index, {"fc7": np.ones((2, 2))}, np.zeros(2), ["s0", "s1"], [])
+    moved = [PlannedShard(0, 2, "x", 0), PlannedShard(3, 2, "y", 1)]  # a sample was added before shard 1
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 5, plan=moved, position_matters=True) as writer:
+        assert sorted(writer.finished) == [0] and writer.changed == 1
+        writer.write_shard(1, {"fc7": np.ones((2, 2))}, np.zeros(2), ["s0", "s1"], [])
+    moved = [PlannedShard(0, 2, "x", 0), PlannedShard(4, 2, "y", 1)]
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 6, plan=moved) as writer:
+        assert sorted(writer.finished) == [0, 1] and writer.changed == 0 and writer.kept == 2
+    assert [s.first for s in load_manifest(root).shards] == [0, 4]
+
+
+def test_another_ranks_records_are_adopted_only_for_this_plan(tmp_path):
+    """A rank that listed other data records shards for another plan: rank 0 does not adopt them."""
+    from cache.manifest import PlannedShard
+
+    root = tmp_path / "c"
+    plan = [PlannedShard(0, 2, "x", 0), PlannedShard(2, 2, "y", 1)]
+    other = [PlannedShard(0, 2, "x", 0), PlannedShard(2, 2, "changed", 1)]
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 4, plan=plan) as main:
+        main.write_shard(0, {"fc7": np.ones((2, 2))}, np.zeros(2), ["s0", "s1"], [])
+        with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 4, plan=other, follower=True, rank=1) as rank:
+            rank.write_shard(1, {"fc7": np.ones((2, 2))}, np.zeros(2), ["s2", "s3"], [])
+        main.adopt_shards()
+        assert not main.finish().complete and sorted(main.finished) == [0]

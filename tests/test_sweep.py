@@ -184,3 +184,12 @@ def test_an_out_that_cannot_be_made_is_one_line(run_tl, caches, tmp_path):
     (tmp_path / "file").write_text("")
     result = run_tl("sweep", "--cache", caches[0], "--out", tmp_path / "file" / "sub")
     assert result.code == 2 and "cannot make the sweep folder" in result.err, result
+
+
+def test_records_of_the_same_key_but_other_codes_are_not_reused(run_tl, caches, tmp_path):
+    """A cache whose changed inputs redid a shard keeps its key: the records compare the cache's content
+    digest too, so heads of the old codes are trained again."""
+    redone = _two_layer_cache(tmp_path / "redone", 1, 300, draw=2)  # same key and rows, other codes
+    common = ["--out", tmp_path / "s", "--layers", "clear", "--C", "0.1,1", "--quiet"]
+    assert "2 trained, 0 finished before" in run_tl("sweep", "--cache", caches[0], *common).out
+    assert "2 trained, 0 finished before" in run_tl("sweep", "--cache", redone, *common).out

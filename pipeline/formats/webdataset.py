@@ -85,12 +85,12 @@ def tar_paths(data: Path, split: str) -> list[Path]:
 
 def _label_field(label_key: str) -> tuple[str, str | None]:
     """`cls` -> ("cls", None); `json` -> ("json", "label"); `json:FIELD` -> ("json", FIELD)."""
-    suffix, _, name = label_key.partition(":")
+    suffix, colon, name = label_key.partition(":")
     suffix = suffix.strip().lower().lstrip(".")
     if not suffix or suffix in IMAGE_SUFFIXES:
         raise DataError(f"--label-key {label_key} names no label file; use cls, txt, json or json:FIELD")
     if suffix.endswith("json"):
-        if _ and not name.strip():
+        if colon and not name.strip():
             raise DataError(f"--label-key {label_key} names no field; write json:FIELD or json (its label field)")
         return suffix, name.strip() or "label"
     if name:
