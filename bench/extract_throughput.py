@@ -7,7 +7,10 @@ The bare forward pass runs the same tap model on pre-made channels_last tensors 
 torchvision's Resize/CenterCrop/ToTensor/Normalize + create_feature_extractor, codes kept in memory.
 `tl extract` reports the share of its loop spent waiting for decoded batches, in the forward pass
 and writing shards. Multiscale extraction (alexnet) is measured in patches/s against the bare rate.
+On the CPU, decoding takes cores the forward pass would use, so the script also measures tl's decoding
+alone and reports the shared-core bound: the rate if both ran at full speed on all cores in turn.
 On CUDA the script also measures a finetune training step. Writes its table to bench/RESULTS.md.
+Every measure runs --rounds times, back to back within a round; the table holds the medians.
 
     python bench/extract_throughput.py                    # CPU: alexnet, efficientnet_lite0
     python bench/extract_throughput.py --device cuda --precision float32,float16,bfloat16
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +96,23 @@ def measure_plain_loop(name: str, photos: Path, batch_size: int, device: torch.d
     return {"rate": count / (time.perf_counter() - started)}
 
 
+def measure_decoding(name: str, photos: Path, batch_size: int, device: torch.device, workers: int | None,
+                     decode: str) -> dict:
+    """Images/s of tl extract's decoding alone: its loader (workers, decoding mode, uint8 crops in
+    channels_last), every batch taken and dropped, no forward pass."""
+    from pipeline.formats import DEFAULT_FORMAT, open_source
+    from pipeline.image_sets import image_loader
+
+    backbone = get_backbone(name)
+    source = open_source(DEFAULT_FORMAT, photos)
+    batches = [list(range(start, min(start + batch_size, len(source)))) for start in range(0, len(source), batch_size)]
+    count = 0
+    started = time.perf_counter()
+    for pixels, indices, errors in image_loader(source, backbone, batches, workers, device, decode):
+        count += len(indices) + len(errors)
+    return {"rate": count / (time.perf_counter() - started)}
+
+
 def measure_tl(name: str, photos: Path, out: Path, batch_size: int, device: str, precision: str,
                workers: int | None, decode: str, multiscale: bool, device_decode: str = "auto") -> dict:
     from pipeline.extract import ExtractConfig, run_extract
@@ -142,6 +163,9 @@ def _measure_main(args) -> None:
         result = measure_bare(args.backbones, args.images, args.batch_size, device, precision)
     elif args.measure == "loop":
         result = measure_plain_loop(args.backbones, Path(args.photos), args.batch_size, device, args.loop_workers)
+    elif args.measure == "decoding":
+        result = measure_decoding(args.backbones, Path(args.photos), args.batch_size, device, args.workers,
+                                  args.decode)
     elif args.measure == "train":
         result = {"rate": train_step_rate(args.backbones, args.batch_size, args.train_steps, device, precision)}
     else:
@@ -171,10 +195,30 @@ def _in_process(measure: str, name: str, args, **extra) -> dict:
     for key, value in extra.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     started = time.perf_counter()
+    if "out" in extra:  # every run extracts afresh (the last run's cache stays, for code_difference)
+        shutil.rmtree(extra["out"], ignore_errors=True)
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{measure} {name} failed:\n{done.stderr[-2000:]}")
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall": time.perf_counter() - started}
+
+
+def shared_core_bound(forward_rate: float, decoding_rate: float) -> float:
+    """Images/s of a pipeline whose decoding and forward pass share the same cores, each at its full
+    rate on all of them and nothing lost to switching: per image, 1/forward + 1/decoding seconds of the
+    whole machine. On the CPU this, not the bare forward pass, is the limit of any extraction that decodes."""
+    return 1.0 / (1.0 / forward_rate + 1.0 / decoding_rate)
+
+
+def in_rounds(measures: dict, rounds: int) -> dict:
+    """{label: the median of each figure over `rounds` runs}: the measures run back to back, round after
+    round, so that a slow minute of this shared machine touches every measure of one round alike."""
+    runs: dict[str, list[dict]] = {label: [] for label in measures}
+    for _ in range(rounds):
+        for label, measure in measures.items():
+            runs[label].append(measure())
+    return {label: {key: float(np.median([run[key] for run in results])) for key in results[0]
+                    if isinstance(results[0][key], (int, float))} for label, results in runs.items()}
 
 
 # ------------------------------------------------------------------ the run
@@ -204,7 +248,8 @@ def _voc_of(photos: Path, root: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=320, help="photos to make (ignored with --photos)")
+    parser.add_argument("--images", type=int, default=960, help="photos to make (ignored with --photos)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every measure; the table holds medians")
     parser.add_argument("--photos", default=None, help="an ImageFolder of your own photos instead")
     parser.add_argument("--backbones", default=None, help="comma list [default: per device, see above]")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -234,16 +279,26 @@ def main(argv: list[str] | None = None) -> None:
             for asked in args.precision.split(","):
                 precision = resolve_precision(asked, device)
                 common = {"precision": precision, "images": summary["count"]}
-                bare = _in_process("bare", name, args, **common)
-                loop = _in_process("loop", name, args, photos=photos, **common)
+                measures = {"bare": lambda: _in_process("bare", name, args, **common),
+                            "loop": lambda: _in_process("loop", name, args, photos=photos, **common)}
+                labels = []
                 for decode in args.decode.split(","):
-                    tl = _in_process("tl", name, args, photos=photos, out=scratch / f"c-{name}-{precision}-{decode}",
-                                     decode=decode, **common)
-                    rows.append((name, precision, decode, tl, bare, loop))
+                    variants = [(decode, "auto")]
                     if device.type == "cuda":  # the same, with JPEGs decoded in workers instead of on the GPU
-                        tl = _in_process("tl", name, args, photos=photos, device_decode="off", decode=decode,
-                                         out=scratch / f"w-{name}-{precision}-{decode}", **common)
-                        rows.append((name, precision, f"{decode}, workers", tl, bare, loop))
+                        variants.append((f"{decode}, workers", "off"))
+                    if device.type == "cpu":  # decoding alone, on the cores the forward pass also needs
+                        measures[f"decoding {decode}"] = (lambda decode=decode: _in_process(
+                            "decoding", name, args, photos=photos, decode=decode, **common))
+                    for label, device_decode in variants:
+                        out = scratch / f"c-{name}-{precision}-{label.replace(', ', '-')}"
+                        measures[label] = (lambda decode=decode, device_decode=device_decode, out=out: _in_process(
+                            "tl", name, args, photos=photos, out=out, decode=decode, device_decode=device_decode,
+                            **common))
+                        labels.append(label)
+                medians = in_rounds(measures, args.rounds)
+                for label in labels:
+                    rows.append((name, precision, label, medians[label], medians["bare"], medians["loop"],
+                                 medians.get(f"decoding {label}")))
                 train = _in_process("train", name, args, train_steps=steps, **common)["rate"] if steps else None
                 rows[-1] = rows[-1] + (train,)
                 modes = args.decode.split(",")
@@ -254,10 +309,12 @@ def main(argv: list[str] | None = None) -> None:
                 voc = _voc_of(photos, scratch / f"voc-{name}")
                 kept = sorted((voc / "ImageSets" / "Main" / "test.txt").read_text().split())[:args.multiscale_images]
                 (voc / "ImageSets" / "Main" / "test.txt").write_text("\n".join(kept) + "\n")
-                tl = _in_process("tl-multiscale", name, args, photos=voc, out=scratch / f"m-{name}",
-                                 decode="exact", precision=resolve_precision("auto", device), images=0)
-                bare = _in_process("bare", name, args, precision=resolve_precision("auto", device), images=512)
-                multiscale_rows.append((name, len(kept), tl, bare))
+                precision = resolve_precision("auto", device)
+                medians = in_rounds({
+                    "tl": lambda: _in_process("tl-multiscale", name, args, photos=voc, out=scratch / f"m-{name}",
+                                              decode="exact", precision=precision, images=0),
+                    "bare": lambda: _in_process("bare", name, args, precision=precision, images=512)}, args.rounds)
+                multiscale_rows.append((name, len(kept), medians["tl"], medians["bare"]))
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.processor() or platform.machine()} CPU")
     command = " ".join(argv if argv is not None else sys.argv[1:])
@@ -265,18 +322,24 @@ def main(argv: list[str] | None = None) -> None:
               f"{summary['median_pixels'] / 1e3:.0f} kpx, {summary['megapixels']:.0f} Mpx in all, "
               f"{summary['bytes'] / 2**20:.0f} MiB), batch {args.batch_size}, device {where}, "
               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
-              "Each figure is its own whole process in one run; rates count the loop, walls the whole process. "
+              f"Each figure is the median of {args.rounds} whole processes, the measures run back to back in each "
+              "round; rates count the loop, walls the whole process. "
               f"Command: `python bench/extract_throughput.py {command}`")
-    table = ["| backbone | precision | decode (on CUDA: JPEGs on the GPU unless 'workers') | tl extract img/s | bare forward img/s | plain loop img/s | "
-             "tl / bare | tl / loop | waiting for decoding | forward | writing | walls tl / bare / loop (s) "
+    table = ["| backbone | precision | decode (on CUDA: JPEGs on the GPU unless 'workers') | tl extract img/s "
+             "| bare forward img/s | plain loop img/s | decoding alone img/s | shared-core bound img/s | tl / bare "
+             "| tl / bound | tl / loop | waiting for decoding | forward | writing | walls tl / bare / loop (s) "
              "| finetune step img/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for name, precision, decode, tl, bare, loop, *train in rows:
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, precision, decode, tl, bare, loop, decoding, *train in rows:
         step = f"{train[0]:.1f}" if train and train[0] else "–"
+        alone, bound, share = "–", "–", "–"
+        if decoding:
+            limit = shared_core_bound(bare["rate"], decoding["rate"])
+            alone, bound, share = f"{decoding['rate']:.1f}", f"{limit:.1f}", f"{tl['rate'] / limit:.2f}"
         table.append(f"| {name} | {precision} | {decode} | {tl['rate']:.1f} | {bare['rate']:.1f} | {loop['rate']:.1f} "
-                     f"| {tl['rate'] / bare['rate']:.2f} | {tl['rate'] / loop['rate']:.2f} | {tl['wait']:.0%} "
-                     f"| {tl['forward']:.0%} | {tl['write']:.1%} | {tl['wall']:.0f} / {bare['wall']:.0f} / "
-                     f"{loop['wall']:.0f} | {step} |")
+                     f"| {alone} | {bound} | {tl['rate'] / bare['rate']:.2f} | {share} | {tl['rate'] / loop['rate']:.2f} "
+                     f"| {tl['wait']:.0%} | {tl['forward']:.0%} | {tl['write']:.1%} | {tl['wall']:.0f} / "
+                     f"{bare['wall']:.0f} / {loop['wall']:.0f} | {step} |")
     if differences:
         table += ["", "Codes of `--decode fast` against `--decode exact` on the same photos (row-wise relative "
                   "difference ||fast - exact|| / ||exact||):", "",

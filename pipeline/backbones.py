@@ -328,7 +328,7 @@ register(
 
 
 def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
-    """The frozen backbone cut at its taps, on `device` (channels_last and cudnn autotuning on CUDA)."""
+    """The frozen backbone cut at its taps, on `device` in channels_last layout (and cudnn autotuning on CUDA)."""
     return prepare_module(tap_model(load_model(backbone, weights), backbone, taps), device)
 
 

@@ -177,6 +177,8 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_jpeg as torchvision_decode_jpeg
 
+    from pipeline.hardware import stack_channels_last
+
     def decode_jpeg(data, **options):
         # torchvision 0.29 marks its decoders deprecated in favour of torchcodec, which has no batched
         # nvjpeg decoding of in-memory JPEGs yet: keep the call, without a warning per batch
@@ -213,7 +215,7 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
             errors.append((index, reason))
             continue
         indices.append(index)
-    return (torch.stack(crops) if crops else None), indices, errors
+    return (stack_channels_last(crops) if crops else None), indices, errors
 
 
 def _resize_and_crop(image: torch.Tensor, resize: int, crop: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pipeline.compatibility import head_targets
 from pipeline.datasets import DECODE_ERRORS, Source
 from pipeline.decoding import NormalizedCrop, decode_of
 from pipeline.errors import FinetuneError
-from pipeline.hardware import WorkerLoader, autocast, to_device
+from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_device
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
 from pipeline.progress import progress
 from pipeline.training import output_activation
@@ -45,7 +45,7 @@ class DecodedImages(Dataset):
 
 def collate_decoded(items):
     good = [pixels for pixels, _, error in items if not error]
-    pixels = torch.stack(good) if good else None
+    pixels = stack_channels_last(good) if good else None
     return pixels, [index for _, index, error in items if not error], [(i, e) for _, i, e in items if e]
 
 

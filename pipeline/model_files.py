@@ -57,10 +57,26 @@ def payload_digest(payload) -> str:
     return digest.hexdigest()
 
 
+def standard_layout(value):
+    """The payload with every tensor contiguous: models run in channels_last (hardware.prepare_module),
+    but the files hold the layout any torch code expects of a state dict."""
+    if isinstance(value, torch.Tensor):
+        return value.contiguous()
+    if isinstance(value, dict):  # a state dict's OrderedDict keeps its type and its version _metadata
+        converted = type(value)((key, standard_layout(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            converted._metadata = value._metadata
+        return converted
+    if type(value) in (list, tuple):
+        return type(value)(standard_layout(item) for item in value)
+    return value
+
+
 def write_payload(payload: dict, path: Path, what: str) -> None:
     """A tl file (head, model, checkpoint) written atomically with its content checksum; a full disk
     or a folder as `path` is one line, and no temporary file stays behind."""
     buffer = io.BytesIO()
+    payload = standard_layout(payload)
     # serialised in memory, written with plain file I/O: torch.save reports a full disk as an opaque
     # RuntimeError ("unexpected pos"), a plain write as ENOSPC/EFBIG
     torch.save({**payload, CHECKSUM: payload_digest(payload)}, buffer)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -13,14 +15,37 @@ def test_extract_throughput_prints_a_row_per_backbone_and_decoding_mode(monkeypa
     bench = importlib.import_module("extract_throughput")
     before = (REPO / "bench" / "RESULTS.md").read_text()
     bench.main(["--images", "6", "--batch-size", "2", "--backbones", "alexnet", "--precision", "float32",
-                "--workers", "0", "--loop-workers", "0", "--multiscale-images", "1", "--device", "cpu", "--no-write"])
+                "--workers", "0", "--loop-workers", "0", "--multiscale-images", "1", "--device", "cpu", "--no-write",
+                "--rounds", "1"])
     lines = capsys.readouterr().out.splitlines()
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| alexnet |")]
     assert [row[2] for row in rows[:2]] == ["fast", "exact"] and len(rows) == 4  # + code differences, multiscale
-    assert all(float(row[i]) > 0 for row in rows[:2] for i in (3, 4, 5))  # tl, bare forward, plain loop img/s
+    # tl, bare forward, plain loop, decoding alone and the shared-core bound, img/s
+    assert all(float(row[i]) > 0 for row in rows[:2] for i in (3, 4, 5, 6, 7))
+    for row in rows[:2]:  # the bound is below both of its parts, and tl / bound is tl over it
+        assert float(row[7]) < min(float(row[4]), float(row[6]))
+        assert float(row[9]) == pytest.approx(float(row[3]) / float(row[7]), abs=0.02)
     assert 0 <= float(rows[2][2]) < 0.05  # median relative difference of fast and exact codes
     assert float(rows[3][2]) > 0  # multiscale patches/s
     assert (REPO / "bench" / "RESULTS.md").read_text() == before  # --no-write leaves the results alone
+
+
+def test_rounds_give_each_figure_its_median_and_the_bound_adds_per_image_times(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("extract_throughput")
+    runs = {"a": iter([{"rate": 3.0, "wall": 9.0}, {"rate": 1.0, "wall": 1.0}, {"rate": 2.0, "wall": 5.0}]),
+            "b": iter([{"rate": 10.0}, {"rate": 30.0}, {"rate": 20.0}])}
+    order = []
+
+    def measure(label):
+        order.append(label)
+        return next(runs[label])
+
+    medians = bench.in_rounds({"a": lambda: measure("a"), "b": lambda: measure("b")}, 3)
+    assert medians == {"a": {"rate": 2.0, "wall": 5.0}, "b": {"rate": 20.0}}
+    assert order == ["a", "b"] * 3  # back to back within each round
+    # 100 img/s forward and 400 img/s decoding on the same cores: 10 + 2.5 ms per image
+    assert bench.shared_core_bound(100.0, 400.0) == pytest.approx(80.0)
 
 
 def test_photo_set_has_the_size_mix_of_real_collections():

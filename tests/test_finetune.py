@@ -356,3 +356,22 @@ def test_validation_held_out_of_the_training_images(alexnet_head, tmp_path, monk
         finetune(alexnet_head, tmp_path / "m3.pt", val_fraction=0.3, val_data=alexnet_head / "val")
     with pytest.raises(Exception, match="--early-stop needs validation images"):
         finetune(alexnet_head, tmp_path / "m4.pt", early_stop=True)
+
+
+def test_files_hold_tensors_in_the_standard_layout(tmp_path):
+    """Models train in channels_last (hardware.prepare_module); their files hold what any torch code
+    expects of a state dict, checksummed, with the state dict's type and version metadata."""
+    from collections import OrderedDict
+
+    from pipeline.model_files import read_payload, write_payload
+
+    state = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last).state_dict()
+    assert not state["weight"].is_contiguous()
+    momentum = {"state": {0: {"momentum_buffer": state["weight"] * 2}}, "param_groups": [{"params": [0]}]}
+    write_payload({"metadata": "{}", "tensors": state, "optimizer": momentum}, tmp_path / "f.ckpt", "checkpoint")
+    payload, _ = read_payload(tmp_path / "f.ckpt", "checkpoint", "start over", require_checksum=True)
+    saved = payload["tensors"]
+    assert isinstance(saved, OrderedDict) and saved._metadata == state._metadata
+    assert saved["weight"].is_contiguous() and torch.equal(saved["weight"], state["weight"])
+    buffer = payload["optimizer"]["state"][0]["momentum_buffer"]
+    assert buffer.is_contiguous() and torch.equal(buffer, state["weight"] * 2)

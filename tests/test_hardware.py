@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.errors import TLError
-from pipeline.hardware import (autocast, default_workers, grad_scaler, loader_options, pinned, resolve_device,
-                               resolve_precision, to_device)
+from pipeline.hardware import (autocast, default_workers, grad_scaler, loader_options, pinned, prepare_module,
+                               resolve_device, resolve_precision, stack_channels_last, to_device)
 
 CPU = torch.device("cpu")
 
@@ -50,8 +50,10 @@ def test_loader_options_pin_and_prefetch_only_where_they_apply():
 
 
 def test_cpu_tensors_pass_through_and_autocast_is_off_for_float32():
-    images = torch.randn(2, 3, 4, 4)
+    images = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
     assert pinned(images, CPU) is images and to_device(images, CPU) is images
+    codes = torch.randn(2, 3)
+    assert to_device(codes, CPU) is codes
     with autocast(CPU, "float32"):
         assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.float32
     with autocast(CPU, "bfloat16"):
@@ -67,3 +69,23 @@ def test_a_rank_without_a_gpu_of_its_own_is_told_so(monkeypatch):
     with pytest.raises(TLError, match=r"local rank 2 has no GPU of its own \(2 visible\); start at most one process "
                                       r"per GPU"):
         resolve_device("auto")
+
+
+def test_models_and_image_batches_run_in_channels_last_on_the_cpu_too():
+    """oneDNN runs channels_last convolutions 1.3x to 1.6x faster than NCHW (bench/RESULTS.md)."""
+    model = prepare_module(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(2, 2)), CPU)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 5, 5)
+    moved = to_device(images, CPU)
+    assert moved.is_contiguous(memory_format=torch.channels_last) and torch.equal(moved, images)
+    with torch.inference_mode():
+        torch.testing.assert_close(model[0](moved), model[0](images.contiguous()))
+
+
+def test_crops_are_stacked_straight_into_channels_last():
+    crops = [torch.randint(0, 256, (5, 4, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(3)]  # as from PIL
+    batch = stack_channels_last(crops)
+    assert batch.shape == (3, 3, 5, 4) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(crops))
+    floats = [torch.randn(3, 5, 4) for _ in range(2)]  # normalised items (stage three) are (C, H, W) in memory
+    assert torch.equal(stack_channels_last(floats), torch.stack(floats))
