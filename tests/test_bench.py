@@ -80,3 +80,13 @@ def test_shard_records_prints_the_ratio_of_late_to_early(monkeypatch, capsys):
     ratio = [line for line in out.splitlines() if line.startswith("| ratio")]
     assert len(ratio) == 1 and float(ratio[0].split("|")[-2]) > 0
     assert (REPO / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_channels_last_prints_both_layouts_and_their_ratio(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("channels_last")
+    bench.main(["--backbones", "alexnet", "--batch-size", "2", "--batches", "1", "--rounds", "1", "--no-write"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| alexnet |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert all(float(cells[i]) > 0 for i in (1, 2, 4, 5))
+    assert float(cells[3].rstrip("x")) == pytest.approx(float(cells[2]) / float(cells[1]), abs=0.01)

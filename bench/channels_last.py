@@ -1,0 +1,97 @@
+"""channels_last on the CPU: the frozen tap model's forward pass and a finetune training step, in the
+NCHW layout torchvision gives and in the channels_last layout tl runs in (hardware.prepare_module),
+for each backbone; the two layouts alternate round after round in one process, and the table holds
+the medians. The ratio is the figure. Writes the section "channels_last on the CPU" of bench/RESULTS.md.
+
+    python bench/channels_last.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weights  # noqa: E402
+from pipeline.finetune import training_step  # noqa: E402
+from pipeline.hardware import grad_scaler  # noqa: E402
+from pipeline.model_files import FinetuneModel  # noqa: E402
+from results import publish  # noqa: E402
+
+SECTION = "## channels_last on the CPU"
+LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def _model(name: str, layout) -> FinetuneModel:
+    backbone = get_backbone(name)
+    torch.manual_seed(0)
+    features = TapModel(load_model(backbone, resolve_weights(backbone, "none")), backbone, [backbone.default_tap])
+    head = torch.nn.Linear(backbone.taps[backbone.default_tap].width, 10)
+    return FinetuneModel(features, backbone.default_tap, head).to(memory_format=layout)
+
+
+def forward_rate(model: FinetuneModel, images: torch.Tensor, batches: int) -> float:
+    model.eval()
+    with torch.inference_mode():
+        model.features(images)  # warm-up: oneDNN primitives for this shape
+        started = time.perf_counter()
+        for _ in range(batches):
+            model.features(images)
+    return batches * len(images) / (time.perf_counter() - started)
+
+
+def training_rate(model: FinetuneModel, images: torch.Tensor, steps: int) -> float:
+    model.train()
+    targets = torch.randint(0, 10, (len(images),))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    cpu = torch.device("cpu")
+    scaler, loss_function = grad_scaler(cpu, "float32"), torch.nn.CrossEntropyLoss()
+    training_step(model, images, targets, loss_function, optimizer, scaler, cpu, "float32")  # warm-up
+    started = time.perf_counter()
+    for _ in range(steps):
+        training_step(model, images, targets, loss_function, optimizer, scaler, cpu, "float32")
+    return steps * len(images) / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default="alexnet,vgg16,resnet50,efficientnet_lite0")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=2, help="forward batches (and training steps) per measure")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+    table = ["| backbone | forward NCHW img/s | forward channels_last img/s | ratio | training step NCHW img/s "
+             "| training step channels_last img/s | ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in args.backbones.split(","):
+        size = get_backbone(name).input_size
+        images = torch.randn(args.batch_size, 3, size, size)
+        rates = {(layout, what): [] for layout in LAYOUTS for what in ("forward", "training")}
+        for _ in range(args.rounds):
+            for layout, memory_format in LAYOUTS.items():
+                batch = images.contiguous(memory_format=memory_format)
+                rates[layout, "forward"].append(forward_rate(_model(name, memory_format), batch, args.batches))
+                rates[layout, "training"].append(training_rate(_model(name, memory_format), batch, args.batches))
+        median = {key: float(np.median(values)) for key, values in rates.items()}
+        cells = []
+        for what in ("forward", "training"):
+            nchw, last = median["NCHW", what], median["channels_last", what]
+            cells += [f"{nchw:.1f}", f"{last:.1f}", f"{last / nchw:.2f}x"]
+        table.append(f"| {name} | " + " | ".join(cells) + " |")
+    header = (f"Random weights, batch {args.batch_size}, float32, {args.batches} batches per measure, median of "
+              f"{args.rounds} rounds alternating the layouts in one process; {platform.machine()} CPU, "
+              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+              "Command: `python bench/channels_last.py`")
+    publish(SECTION, header, table, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
