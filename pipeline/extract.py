@@ -133,8 +133,7 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
         "backbone": backbone.name,
         "weights": weights_digest,
         "taps": sorted(taps),
-        # patches are cut from the full decode whatever --decode says (small patches need every pixel)
-        "preprocessing": backbone.preprocessing("exact" if config.multiscale else config.decode),
+        "preprocessing": backbone.preprocessing(config.decode),
         "precision": precision,
         "dataset": {
             "format": source.format,
@@ -295,7 +294,8 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
     forward batches of --batch-size that run across image boundaries within a shard."""
     model = prepare_model(backbone, weights, taps, device)
     shard_of = ShardOf(plan)
-    dataset = PatchImages(source, backbone.input_size, config.patches, config.split in TRAINING_SPLITS, config.seed)
+    dataset = PatchImages(source, backbone.input_size, config.patches, config.split in TRAINING_SPLITS, config.seed,
+                          config.decode)
     # items are whole images of uint8 patches: 2 in flight per worker, pinned per forward batch below
     loader = WorkerLoader(dataset, device, config.workers, prefetch=2, pin_memory=False,
                           batch_sampler=shard_batches(pending, plan, 1), collate_fn=collate_patches)

@@ -86,7 +86,8 @@ def image_set(source, backbone: Backbone, head_metadata: dict, augmentation: Aug
         settings = PatchSettings(tuple(geometry["scales"]), geometry["patch_overlap"], geometry["box_overlap"],
                                  background_fraction)
         dataset = PatchSamples(source, backbone.input_size, settings, training, seed,
-                               transforms.Compose(flip + normalize))
+                               transforms.Compose(flip + normalize),
+                               decode_of(head_metadata["codes_key"]["preprocessing"]))
         return dataset, head_targets(dataset.targets, [BACKGROUND] + list(source.classes), head_metadata["classes"],
                                      what, head)
     transform = backbone.transform(*flip)  # the backbone's resize and centre crop

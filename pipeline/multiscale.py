@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline.datasets import DECODE_ERRORS, Annotation
+from pipeline.decoding import DECODE_MODES
 from pipeline.errors import DataError
 
 DEFAULT_SCALES = (1.0, 1.3, 1.6, 2.0, 2.3, 2.6, 3.0, 3.3, 3.6, 4.0, 4.3, 4.6, 5.0)
@@ -131,13 +132,32 @@ class ImagePatches:
     error: str = ""
 
 
-class PatchImages(Dataset):
-    """Decodes each image once and cuts all its patches; labels need the source's annotations."""
+def patch_draft(scales, size: int, decode: str):
+    """How small a JPEG may be decoded for its patches, as `draft(width, height) -> (width, height)` for
+    Source.read_image: under a reducing decoding mode (fast), the smallest size at which the smallest
+    patch of the grid (the largest scale) still spans `size` pixels, so every patch is resampled down
+    from at least its input size, as from the full decode; None (full size) for the exact mode."""
+    if DECODE_MODES[decode].draft is None:
+        return None
+    largest = max(scales)
 
-    def __init__(self, source, input_size: int, settings: PatchSettings, training: bool, seed: int):
+    def draft(width: int, height: int) -> tuple[int, int]:
+        factor = size / max((min(width, height) - 1) / largest, 1.0)
+        return math.ceil(width * factor), math.ceil(height * factor)
+
+    return draft
+
+
+class PatchImages(Dataset):
+    """Decodes each image once (at reduced scale where `decode` allows, see patch_draft) and cuts all
+    its patches; labels need the source's annotations."""
+
+    def __init__(self, source, input_size: int, settings: PatchSettings, training: bool, seed: int,
+                 decode: str = "exact"):
         self.source = source
         self.input_size = input_size
         self.settings = settings
+        self.draft = patch_draft(settings.scales, input_size, decode)
         self.training = training
         self.seed = seed
 
@@ -161,11 +181,11 @@ class PatchImages(Dataset):
 
     def __getitem__(self, index: int) -> ImagePatches:
         try:
-            image = self.source.read_image(index)
+            image = self.source.read_image(index, self.draft)
         except DECODE_ERRORS as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
             return ImagePatches(index, None, np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64), reason)
-        boxes, scales, targets = self.patches_of(index, *image.size)
+        boxes, scales, targets = self.patches_of(index, *image.info.get("original_size", image.size))
         pixels = np.empty((len(boxes), self.input_size, self.input_size, 3), dtype=np.uint8)
         for row, box in enumerate(boxes):
             pixels[row] = np.asarray(crop_patch(image, box, self.input_size))
@@ -173,9 +193,13 @@ class PatchImages(Dataset):
 
 
 def crop_patch(image: Image.Image, box: np.ndarray, size: int) -> Image.Image:
-    """The patch spanning pixel indices x0..x1, y0..y1 (edges x0 .. x1 + 1), resized to size x size."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x1 + 1, y1 + 1))
+    """The patch spanning pixel indices x0..x1, y0..y1 (edges x0 .. x1 + 1) of the image as it was
+    before any reduced-scale decoding (info["original_size"]; a JPEG decoded at 1/f has pixels f
+    originals wide), resized to size x size."""
+    factor = max(1, round(image.info.get("original_size", image.size)[0] / image.size[0]))
+    x0, y0, x1, y1 = (float(v) / factor for v in box)
+    edge = 1.0 / factor
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x1 + edge, y1 + edge))
 
 
 class PatchSamples(Dataset):
@@ -183,15 +207,16 @@ class PatchSamples(Dataset):
     extract's DecodedImages. Rows come from the same grid, labels and seeded background sampling as
     stage one, computed from the annotation sizes without decoding; the last decoded image is kept."""
 
-    def __init__(self, source, input_size: int, settings: PatchSettings, training: bool, seed: int, transform):
-        grid = PatchImages(source, input_size, settings, training, seed)
+    def __init__(self, source, input_size: int, settings: PatchSettings, training: bool, seed: int, transform,
+                 decode: str = "exact"):
+        grid = PatchImages(source, input_size, settings, training, seed, decode)
         images, boxes, targets = [], [], []
         for index, annotation in enumerate(source.annotations):
             image_boxes, _, image_targets = grid.patches_of(index, annotation.width, annotation.height)
             images.append(np.full(len(image_boxes), index))
             boxes.append(image_boxes)
             targets.append(image_targets)
-        self.source, self.input_size, self.transform = source, input_size, transform
+        self.source, self.input_size, self.transform, self.draft = source, input_size, transform, grid.draft
         self.images = np.concatenate(images) if images else np.zeros(0, np.int64)
         self.boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
         self.targets = np.concatenate(targets) if targets else np.zeros(0, np.int64)
@@ -204,7 +229,7 @@ class PatchSamples(Dataset):
         index = int(self.images[position])
         try:
             if self._decoded is None or self._decoded[0] != index:
-                self._decoded = (index, self.source.read_image(index))
+                self._decoded = (index, self.source.read_image(index, self.draft))
             patch = crop_patch(self._decoded[1], self.boxes[position], self.input_size)
             return self.transform(patch), position, ""
         except DECODE_ERRORS as exc:

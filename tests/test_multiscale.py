@@ -89,3 +89,56 @@ def test_pooling_sums_patch_scores_to_the_exponent():
     ids, pooled = pool_image_scores(scores, np.array(["b", "b", "a"]), exponent=2)
     assert ids.tolist() == ["b", "a"]
     np.testing.assert_allclose(pooled, [[0.25 + 0.16, 0.16], [0.0, 0.81]])
+
+
+class _Photos:
+    """A source of JPEG files, as the formats read them (open_rgb with a draft)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def read_image(self, index, draft=None):
+        from pipeline.datasets import open_rgb
+
+        return open_rgb(str(self.paths[index]), draft)
+
+
+def _photo(path, width, height):
+    from PIL import Image
+
+    rng = np.random.default_rng(width)
+    gradient = np.linspace(0, 255, width)[None, :, None] * np.linspace(0.2, 1, height)[:, None, None]
+    pixels = np.clip(gradient + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+def test_fast_patches_decode_large_jpegs_smaller_and_keep_every_patch_from_at_least_its_size(tmp_path):
+    from pipeline.multiscale import PatchImages, PatchSettings, patch_draft
+
+    scales = (1.0, 1.6, 2.3)
+    assert patch_draft(scales, 224, "exact") is None  # the full decode
+    draft = patch_draft(scales, 224, "fast")
+    for width, height in [(4032, 3024), (1024, 768), (500, 375), (375, 500)]:
+        needed = draft(width, height)
+        scale = 1
+        for factor in (8, 4, 2):  # what Pillow's draft then decodes at
+            if min(width // needed[0], height // needed[1]) >= factor:
+                scale = factor
+                break
+        smallest_patch = (min(width, height) - 1) / max(scales)
+        # never below the input size; a patch already smaller than that is decoded at full size
+        assert smallest_patch / scale >= min(224, smallest_patch) and (scale > 1) == (smallest_patch >= 448)
+
+    paths = [_photo(tmp_path / "big.jpg", 2048, 1536), _photo(tmp_path / "voc.jpg", 500, 375)]
+    settings = PatchSettings(scales)
+    exact = PatchImages(_Photos(paths), 224, settings, False, 0, "exact")
+    fast = PatchImages(_Photos(paths), 224, settings, False, 0, "fast")
+    big_exact, big_fast = exact[0], fast[0]
+    np.testing.assert_array_equal(big_fast.boxes, big_exact.boxes)  # the grid of the original size
+    difference = np.abs(big_fast.pixels.numpy().astype(int) - big_exact.pixels.numpy().astype(int))
+    assert 0 < difference.mean() < 1.5  # resampled from a 1/4-scale decode: a little different, never shifted
+    np.testing.assert_array_equal(fast[1].pixels.numpy(), exact[1].pixels.numpy())  # nothing to reduce: identical
