@@ -1,4 +1,4 @@
-"""channels_last on the CPU: the frozen tap model's forward pass and a finetune training step, in the
+"""channels_last on the CPU: the frozen tap model's forward pass and a training step of every layer, in the
 NCHW layout torchvision gives and in the channels_last layout tl runs in (hardware.prepare_module),
 for each backbone; the two layouts alternate round after round in one process, and the table holds
 the medians. The ratio is the figure. Writes the section "channels_last on the CPU" of bench/RESULTS.md.
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    table = ["| backbone | forward NCHW img/s | forward channels_last img/s | ratio | training step NCHW img/s "
-             "| training step channels_last img/s | ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
+    table = ["| backbone | forward NCHW img/s | forward channels_last img/s | ratio | training step (every layer) NCHW img/s "
+             "| training step (every layer) channels_last img/s | ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in args.backbones.split(","):
         size = get_backbone(name).input_size
         images = torch.randn(args.batch_size, 3, size, size)

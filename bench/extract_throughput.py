@@ -194,9 +194,9 @@ def _in_process(measure: str, name: str, args, **extra) -> dict:
         command += ["--workers", str(args.workers)]
     for key, value in extra.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
-    started = time.perf_counter()
     if "out" in extra:  # every run extracts afresh (the last run's cache stays, for code_difference)
         shutil.rmtree(extra["out"], ignore_errors=True)
+    started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{measure} {name} failed:\n{done.stderr[-2000:]}")
@@ -211,8 +211,11 @@ def shared_core_bound(forward_rate: float, decoding_rate: float) -> float:
 
 
 def in_rounds(measures: dict, rounds: int) -> dict:
-    """{label: the median of each figure over `rounds` runs}: the measures run back to back, round after
-    round, so that a slow minute of this shared machine touches every measure of one round alike."""
+    """{label: the median of each figure over `rounds` runs, figure by figure (a row's rate, shares and
+    wall may come from different runs)}: the measures run back to back, round after round, so that a
+    slow minute of this shared machine touches every measure of one round alike."""
+    if rounds < 1:
+        raise SystemExit(f"--rounds must be 1 or more, got {rounds}")
     runs: dict[str, list[dict]] = {label: [] for label in measures}
     for _ in range(rounds):
         for label, measure in measures.items():
@@ -325,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{summary['median_pixels'] / 1e3:.0f} kpx, {summary['megapixels']:.0f} Mpx in all, "
               f"{summary['bytes'] / 2**20:.0f} MiB), batch {args.batch_size}, device {where}, "
               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
-              f"Each figure is the median of {args.rounds} whole processes, the measures run back to back in each "
-              "round; rates count the loop, walls the whole process. "
+              f"Each figure is the median of {args.rounds} whole processes (figure by figure), the measures run back "
+              "to back in each round; rates count the loop, walls the whole process. "
               f"Command: `python bench/extract_throughput.py {command}`")
     table = ["| backbone | precision | decode (on CUDA: JPEGs on the GPU unless 'workers') | tl extract img/s "
              "| bare forward img/s | plain loop img/s | decoding alone img/s | shared-core bound img/s | tl / bare "

@@ -21,6 +21,7 @@ from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECOR
                             PlannedShard, RecordDamage, ShardEntry, iter_records, key_differences, load_manifest,
                             record_files, save_manifest, shard_index, shard_name, uniform_plan)
 from cache.records import append_record, content_digest, write_records
+from pipeline.decoding import decode_of
 from pipeline.files import DiskFullError, OutputLock, file_digest, write_bytes
 from pipeline.errors import CacheError
 
@@ -132,10 +133,14 @@ class CacheWriter:
         # A cache without a finished shard holds nothing to lose: a corrected command may take it over.
         if existing is not None and existing.key_digest != self._fresh.key_digest and existing.shards \
                 and not self.overwrite:
-            differences = "; ".join(key_differences(existing.key, self._fresh.key)) or "format"
+            lines = key_differences(existing.key, self._fresh.key)
+            differences = "; ".join(lines) or "format"
+            hint = ""
+            if lines and all(line.startswith("preprocessing.decode:") for line in lines):
+                hint = f", or pass --decode {decode_of(existing.key['preprocessing'])} to add to it"
             raise CacheError(
                 f"{self.root} holds a cache made with other settings ({differences}); "
-                "choose another --out, or pass --overwrite to replace it"
+                f"choose another --out, or pass --overwrite to replace it{hint}"
             )
         if existing is None or existing.key_digest != self._fresh.key_digest or existing.format != FORMAT:
             self._clear()

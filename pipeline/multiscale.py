@@ -132,20 +132,27 @@ class ImagePatches:
     error: str = ""
 
 
-def patch_draft(scales, size: int, decode: str):
-    """How small a JPEG may be decoded for its patches, as `draft(width, height) -> (width, height)` for
-    Source.read_image: under a reducing decoding mode (fast), the smallest size at which the smallest
-    patch of the grid (the largest scale) still spans `size` pixels, so every patch is resampled down
-    from at least its input size, as from the full decode; None (full size) for the exact mode."""
-    if DECODE_MODES[decode].draft is None:
-        return None
-    largest = max(scales)
+class PatchDraft:
+    """`draft(width, height) -> (width, height)` for Source.read_image: the smallest size at which the
+    smallest patch of the grid (side (min(W, H) - 1) / largest scale) still spans `size` pixels. A
+    class, not a closure, so that datasets holding it pickle into spawned DataLoader workers."""
 
-    def draft(width: int, height: int) -> tuple[int, int]:
-        factor = size / max((min(width, height) - 1) / largest, 1.0)
+    def __init__(self, largest_scale: float, size: int):
+        self.largest_scale, self.size = largest_scale, size
+
+    def __call__(self, width: int, height: int) -> tuple[int, int]:
+        factor = self.size / max((min(width, height) - 1) / self.largest_scale, 1.0)
         return math.ceil(width * factor), math.ceil(height * factor)
 
-    return draft
+
+def patch_draft(scales, size: int, decode: str) -> PatchDraft | None:
+    """How small a JPEG may be decoded for its patches: under a reducing decoding mode (fast), so that
+    every patch is still resampled down from at least its input size, as from the full decode; None
+    (full size) for the exact mode."""
+    if decode not in DECODE_MODES:
+        raise DataError(f"unknown decoding mode '{decode}'; valid: {', '.join(DECODE_MODES)} (a head or cache "
+                        "from a newer tl? upgrade tl)")
+    return None if DECODE_MODES[decode].draft is None else PatchDraft(max(scales), size)
 
 
 class PatchImages(Dataset):

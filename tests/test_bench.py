@@ -24,7 +24,7 @@ def test_extract_throughput_prints_a_row_per_backbone_and_decoding_mode(monkeypa
     assert all(float(row[i]) > 0 for row in rows[:2] for i in (3, 4, 5, 6, 7))
     for row in rows[:2]:  # the bound is below both of its parts, and tl / bound is tl over it
         assert float(row[7]) < min(float(row[4]), float(row[6]))
-        assert float(row[9]) == pytest.approx(float(row[3]) / float(row[7]), abs=0.02)
+        assert float(row[9]) == pytest.approx(float(row[3]) / float(row[7]), rel=0.05)
     assert 0 <= float(rows[2][2]) < 0.05  # median relative difference of fast and exact codes
     assert [row[2] for row in rows[3:]] == ["fast", "exact"] and all(float(row[3]) > 0 for row in rows[3:])
     assert (REPO / "bench" / "RESULTS.md").read_text() == before  # --no-write leaves the results alone
@@ -89,4 +89,7 @@ def test_channels_last_prints_both_layouts_and_their_ratio(monkeypatch, capsys):
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| alexnet |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert all(float(cells[i]) > 0 for i in (1, 2, 4, 5))
-    assert float(cells[3].rstrip("x")) == pytest.approx(float(cells[2]) / float(cells[1]), abs=0.01)
+    # the ratio of the unrounded rates: within the rounding of the printed ones (0.1 img/s, 0.01)
+    low = (float(cells[2]) - 0.05) / (float(cells[1]) + 0.05) - 0.005
+    high = (float(cells[2]) + 0.05) / (float(cells[1]) - 0.05) + 0.005
+    assert low <= float(cells[3].rstrip("x")) <= high

@@ -121,6 +121,7 @@ def test_cli_decode_flag_reaches_the_cache_key(run_tl, tmp_path):
     assert again.code == 0 and "0 shards new, 1 reused" in again.out, again
     other = run("exact")
     assert other.code == 2 and "preprocessing.decode" in other.err and "--overwrite" in other.err, other
+    assert "or pass --decode fast to add to it" in other.err  # only the mode differs: the cheap way out
     assert len(other.err.strip().splitlines()) == 1
 
 

@@ -89,3 +89,8 @@ def test_crops_are_stacked_straight_into_channels_last():
     assert torch.equal(batch, torch.stack(crops))
     floats = [torch.randn(3, 5, 4) for _ in range(2)]  # normalised items (stage three) are (C, H, W) in memory
     assert torch.equal(stack_channels_last(floats), torch.stack(floats))
+    from pipeline.image_sets import collate_decoded
+
+    pixels, indices, errors = collate_decoded([(crops[0], 4, ""), (None, 5, "OSError: broken"), (crops[1], 6, "")])
+    assert pixels.is_contiguous(memory_format=torch.channels_last) and torch.equal(pixels, torch.stack(crops[:2]))
+    assert indices == [4, 6] and errors == [(5, "OSError: broken")]

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from pipeline.datasets import Annotation
 from pipeline.multiscale import (
     DEFAULT_SCALES,
     keep_background,
@@ -94,8 +95,10 @@ def test_pooling_sums_patch_scores_to_the_exponent():
 class _Photos:
     """A source of JPEG files, as the formats read them (open_rgb with a draft)."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, annotations=None):
         self.paths = paths
+        if annotations is not None:
+            self.annotations = annotations
 
     def __len__(self):
         return len(self.paths)
@@ -133,12 +136,33 @@ def test_fast_patches_decode_large_jpegs_smaller_and_keep_every_patch_from_at_le
         # never below the input size; a patch already smaller than that is decoded at full size
         assert smallest_patch / scale >= min(224, smallest_patch) and (scale > 1) == (smallest_patch >= 448)
 
-    paths = [_photo(tmp_path / "big.jpg", 2048, 1536), _photo(tmp_path / "voc.jpg", 500, 375)]
+    # a landscape photo and an odd-sized portrait one (1/4 and 1/2 scale), and a VOC-sized one (full size)
+    paths = [_photo(tmp_path / "big.jpg", 2048, 1536), _photo(tmp_path / "odd.jpg", 1537, 2049),
+             _photo(tmp_path / "voc.jpg", 500, 375)]
     settings = PatchSettings(scales)
     exact = PatchImages(_Photos(paths), 224, settings, False, 0, "exact")
     fast = PatchImages(_Photos(paths), 224, settings, False, 0, "fast")
-    big_exact, big_fast = exact[0], fast[0]
-    np.testing.assert_array_equal(big_fast.boxes, big_exact.boxes)  # the grid of the original size
-    difference = np.abs(big_fast.pixels.numpy().astype(int) - big_exact.pixels.numpy().astype(int))
-    assert 0 < difference.mean() < 1.5  # resampled from a 1/4-scale decode: a little different, never shifted
-    np.testing.assert_array_equal(fast[1].pixels.numpy(), exact[1].pixels.numpy())  # nothing to reduce: identical
+    for index in (0, 1):
+        np.testing.assert_array_equal(fast[index].boxes, exact[index].boxes)  # the grid of the original size
+        difference = np.abs(fast[index].pixels.numpy().astype(int) - exact[index].pixels.numpy().astype(int))
+        assert 0 < difference.mean() < 1.5  # resampled from a reduced decode: a little different, never shifted
+    np.testing.assert_array_equal(fast[2].pixels.numpy(), exact[2].pixels.numpy())  # nothing to reduce: identical
+
+
+def test_stage_three_cuts_its_patches_in_the_heads_mode_and_fast_datasets_reach_spawned_workers(tmp_path):
+    import pickle
+
+    from pipeline.errors import DataError
+    from pipeline.multiscale import PatchImages, PatchSamples, PatchSettings, patch_draft
+
+    source = _Photos([_photo(tmp_path / "big.jpg", 2048, 1536)],
+                     [Annotation(2048, 1536, np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, bool))])
+    settings = PatchSettings((1.0, 2.3))
+    for mode in ("fast", "exact"):
+        samples = PatchSamples(source, 224, settings, False, 0, lambda patch: np.asarray(patch), mode)
+        images = PatchImages(source, 224, settings, False, 0, mode)[0]
+        cut = np.stack([samples[position][0] for position in range(len(samples))])
+        np.testing.assert_array_equal(cut, images.pixels.permute(0, 2, 3, 1).numpy())  # stage one's pixels
+        pickle.loads(pickle.dumps(PatchImages(source, 224, settings, False, 0, mode)))  # spawn/forkserver workers
+    with pytest.raises(DataError, match="unknown decoding mode 'sharp'; valid: exact, fast"):
+        patch_draft((1.0,), 224, "sharp")

@@ -140,6 +140,7 @@ def test_cli_multiscale_flags_reach_the_cache_and_info_shows_them(run_tl, tmp_pa
     assert run_tl("extract", *common, "--split", "test", "--out", tmp_path / "te").code == 0
     key = json.loads((tmp_path / "tr" / "manifest.json").read_text())["key"]
     assert key["patches"]["scales"] == [1.0, 2.0] and key["dataset"]["background_fraction"] == 0.3
+    assert key["preprocessing"]["decode"] == "fast"  # the default mode, for patches too
     info = run_tl("info", tmp_path / "te").out
     assert "scales 1, 2" in info and "every patch kept" in info
     assert "0.3 of background kept" in run_tl("info", tmp_path / "tr").out
