@@ -95,14 +95,21 @@ class FastCrop:
 INTERPOLATIONS = ("bilinear", "bicubic")
 
 
+def decoding_mode(mode: str) -> type:
+    """The registered decoding mode of that name; one line naming the valid ones if there is none (a
+    typo, or a head or cache from a newer tl)."""
+    if mode not in DECODE_MODES:
+        raise TLError(f"unknown --decode {mode}; valid: {', '.join(DECODE_MODES)}")
+    return DECODE_MODES[mode]
+
+
 def crop_decoder(mode: str, resize: int, crop: int, interpolation: str = "bilinear"):
     """The PIL image -> (3, crop, crop) uint8 transform of a decoding mode; its `draft` goes to
     Source.read_image."""
-    if mode not in DECODE_MODES:
-        raise TLError(f"unknown --decode {mode}; valid: {', '.join(DECODE_MODES)}")
+    decoder = decoding_mode(mode)
     if interpolation not in INTERPOLATIONS:
         raise TLError(f"resizing by {interpolation} is not supported; tl resizes by {', '.join(INTERPOLATIONS)}")
-    return DECODE_MODES[mode](resize, crop, interpolation)
+    return decoder(resize, crop, interpolation)
 
 
 class NormalizedCrop:

@@ -1,5 +1,6 @@
-"""Where tensors run and how fast: the device, the autocast precision, and the CUDA fast path
-(channels_last, cudnn autotuning, pinned host memory with non-blocking copies, fed DataLoaders).
+"""Where tensors run and how fast: the device, the autocast precision, channels_last models and
+batches on every device, and the CUDA fast path (cudnn autotuning, pinned host memory with
+non-blocking copies, fed DataLoaders).
 
 Every stage (extract, fit-head, finetune, evaluate, predict) takes its device and precision from here,
 so `--device` and `--precision` mean the same thing everywhere.

@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pipeline.datasets import DECODE_ERRORS, Annotation
-from pipeline.decoding import DECODE_MODES
+from pipeline.decoding import decoding_mode
 from pipeline.errors import DataError
 
 DEFAULT_SCALES = (1.0, 1.3, 1.6, 2.0, 2.3, 2.6, 3.0, 3.3, 3.6, 4.0, 4.3, 4.6, 5.0)
@@ -149,10 +149,7 @@ def patch_draft(scales, size: int, decode: str) -> PatchDraft | None:
     """How small a JPEG may be decoded for its patches: under a reducing decoding mode (fast), so that
     every patch is still resampled down from at least its input size, as from the full decode; None
     (full size) for the exact mode."""
-    if decode not in DECODE_MODES:
-        raise DataError(f"unknown decoding mode '{decode}'; valid: {', '.join(DECODE_MODES)} (a head or cache "
-                        "from a newer tl? upgrade tl)")
-    return None if DECODE_MODES[decode].draft is None else PatchDraft(max(scales), size)
+    return None if decoding_mode(decode).draft is None else PatchDraft(max(scales), size)
 
 
 class PatchImages(Dataset):

@@ -152,7 +152,7 @@ def test_fast_patches_decode_large_jpegs_smaller_and_keep_every_patch_from_at_le
 def test_stage_three_cuts_its_patches_in_the_heads_mode_and_fast_datasets_reach_spawned_workers(tmp_path):
     import pickle
 
-    from pipeline.errors import DataError
+    from pipeline.errors import TLError
     from pipeline.multiscale import PatchImages, PatchSamples, PatchSettings, patch_draft
 
     source = _Photos([_photo(tmp_path / "big.jpg", 2048, 1536)],
@@ -164,5 +164,5 @@ def test_stage_three_cuts_its_patches_in_the_heads_mode_and_fast_datasets_reach_
         cut = np.stack([samples[position][0] for position in range(len(samples))])
         np.testing.assert_array_equal(cut, images.pixels.permute(0, 2, 3, 1).numpy())  # stage one's pixels
         pickle.loads(pickle.dumps(PatchImages(source, 224, settings, False, 0, mode)))  # spawn/forkserver workers
-    with pytest.raises(DataError, match="unknown decoding mode 'sharp'; valid: exact, fast"):
+    with pytest.raises(TLError, match="unknown --decode sharp; valid: exact, fast"):
         patch_draft((1.0,), 224, "sharp")
