@@ -37,13 +37,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weights  # noqa: E402
 from pipeline.hardware import (autocast, grad_scaler, prepare_module, resolve_device,  # noqa: E402
-                               resolve_precision, to_device)
+                               resolve_precision, reused_memory, to_device)
+from pipeline.multiscale import DEFAULT_SCALES  # noqa: E402
 from photos import describe, write_photo_set  # noqa: E402
 from results import publish  # noqa: E402
 
 SECTION = "## extract throughput"
 DEFAULT_BACKBONES = {"cuda": "alexnet,vgg16,resnet50", "cpu": "alexnet,efficientnet_lite0"}
-MULTISCALE_SCALES = "1,1.3,1.6,2,2.3"  # the paper's first five scales: 30 patches of a 4:3 photo
 
 
 def _weights(name: str) -> str:
@@ -59,13 +59,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def measure_bare(name: str, images: int, batch_size: int, device: torch.device, precision: str) -> dict:
-    """Images/s of the frozen tap model on a batch already on the device, codes copied back."""
+    """Images/s of the frozen tap model on a batch already on the device, codes copied back, with host
+    memory reused between batches as tl's stages run (hardware.reused_memory)."""
     backbone = get_backbone(name)
     model = prepare_module(TapModel(load_model(backbone, resolve_weights(backbone, _weights(name))), backbone,
                                     [backbone.default_tap]), device)
     batch = to_device(torch.randn(batch_size, 3, backbone.input_size, backbone.input_size), device)
     batches = max(2, -(-images // batch_size))
-    with torch.inference_mode(), autocast(device, precision):
+    with torch.inference_mode(), autocast(device, precision), reused_memory():
         model(batch)  # warm-up: allocator, cudnn algorithm choice
         _synchronize(device)
         started = time.perf_counter()
@@ -114,14 +115,15 @@ def measure_decoding(name: str, photos: Path, batch_size: int, device: torch.dev
 
 
 def measure_tl(name: str, photos: Path, out: Path, batch_size: int, device: str, precision: str,
-               workers: int | None, decode: str, multiscale: bool, device_decode: str = "auto") -> dict:
+               workers: int | None, decode: str, multiscale: bool, device_decode: str = "auto",
+               scales: str = "") -> dict:
     from pipeline.extract import ExtractConfig, run_extract
     from pipeline.multiscale import PatchSettings
 
     options = {}
     if multiscale:
         options = {"format": "voc", "split": "test", "classes": "auto", "multiscale": True,
-                   "patches": PatchSettings(tuple(float(s) for s in MULTISCALE_SCALES.split(",")))}
+                   "patches": PatchSettings(_scales(scales))}
     result = run_extract(ExtractConfig(data=photos, out=out, backbone=name, weights=_weights(name),
                                        batch_size=batch_size, workers=workers, device=device, precision=precision,
                                        decode=decode, shard_rows=8 if multiscale else 128, quiet=True,
@@ -130,6 +132,10 @@ def measure_tl(name: str, photos: Path, out: Path, batch_size: int, device: str,
     count = result.patches if multiscale else result.images_processed
     return {"rate": count / loop, "wait": result.wait_seconds / loop, "forward": result.forward_seconds / loop,
             "write": result.write_seconds / loop, "rows": result.rows}
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    return tuple(float(scale) for scale in text.split(","))
 
 
 def train_step_rate(name: str, batch_size: int, steps: int, device: torch.device, precision: str) -> float:
@@ -170,7 +176,8 @@ def _measure_main(args) -> None:
         result = {"rate": train_step_rate(args.backbones, args.batch_size, args.train_steps, device, precision)}
     else:
         result = measure_tl(args.backbones, Path(args.photos), Path(args.out), args.batch_size, args.device,
-                            precision, args.workers, args.decode, args.measure == "tl-multiscale", args.device_decode)
+                            precision, args.workers, args.decode, args.measure == "tl-multiscale", args.device_decode,
+                            args.multiscale_scales)
     print(json.dumps(result))
 
 
@@ -259,7 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="tl extract's decoding workers [default: tl's]")
     parser.add_argument("--loop-workers", type=int, default=2, help="the plain loop's DataLoader workers")
     parser.add_argument("--decode", default="fast,exact", help="tl extract decoding modes to measure")
-    parser.add_argument("--multiscale-images", type=int, default=24, help="photos for the multiscale row (0: none)")
+    parser.add_argument("--multiscale-images", type=int, default=12, help="photos for the multiscale row (0: none)")
+    parser.add_argument("--multiscale-scales", default=",".join(f"{scale:g}" for scale in DEFAULT_SCALES),
+                        help="patch scales of the multiscale row [default: tl's, the paper's 13]")
     parser.add_argument("--train-steps", type=int, default=None, help="[default: 20 on CUDA, none on the CPU]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", help="comma list: rows per precision")
@@ -317,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
                 for decode in args.decode.split(","):
                     measures[decode] = (lambda decode=decode: _in_process(
                         "tl-multiscale", name, args, photos=voc, out=scratch / f"m-{name}-{decode}", decode=decode,
-                        precision=precision, images=0))
+                        precision=precision, images=0, multiscale_scales=args.multiscale_scales))
                 medians = in_rounds(measures, args.rounds)
                 multiscale_rows += [(name, len(kept), decode, medians[decode], medians["bare"])
                                     for decode in args.decode.split(",")]
@@ -352,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                   "| backbone | precision | median | 95th percentile | max |", "|---|---|---:|---:|---:|"]
         table += [f"| {n} | {p} | {d[0]:.4f} | {d[1]:.4f} | {d[2]:.4f} |" for n, p, d in differences]
     if multiscale_rows:
-        table += ["", f"Multiscale (scales {MULTISCALE_SCALES}, every patch kept):", "",
+        table += ["", f"Multiscale (scales {args.multiscale_scales}, every patch kept):", "",
                   "| backbone | photos | decode | tl extract patches/s | bare forward img/s | tl / bare "
                   "| waiting for decoding |", "|---|---:|---|---:|---:|---:|---:|"]
         table += [f"| {n} | {count} | {decode} | {tl['rate']:.1f} | {bare['rate']:.1f} "

@@ -24,7 +24,7 @@ from pipeline.errors import FinetuneError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, grad_scaler, prepare_module, resolve_device,
-                               resolve_precision, to_device)
+                               resolve_precision, reused_memory, to_device)
 from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
@@ -205,7 +205,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         if not config.resume and last_path.exists() and not config.overwrite:
             raise FinetuneError(f"{last_path} holds an earlier run; pass --resume to continue it or --overwrite "
                                 "to start over")
-        return _run_finetune(config, say)
+        with reused_memory():
+            return _run_finetune(config, say)
     finally:
         lock.release()
 

@@ -17,7 +17,7 @@ from pipeline.backbones import forward_codes, get_backbone, prepare_model
 from pipeline.datasets import FileListSource
 from pipeline.decoding import decode_of
 from pipeline.errors import HeadError
-from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, to_device
+from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, reused_memory, to_device
 from pipeline.image_sets import image_loader
 from pipeline.model_files import head_backbone, load_head, load_model_file
 from pipeline.progress import progress
@@ -70,18 +70,20 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
                for start in range(0, len(source), config.batch_size)]
     decode = decode_of(metadata["codes_key"]["preprocessing"])  # decoded as the head's codes were
     loader = image_loader(source, backbone, batches, config.workers, device, decode)
-    for pixels, indices, errors in progress(loader, total=len(batches), desc="predict", unit="batch",
-                                            quiet=config.quiet, leave=False):
-        found = {}
-        if pixels is not None:
-            probabilities = probabilities_of(pixels)
-            for index, row in zip(indices, probabilities):
-                best = np.argsort(-row, kind="stable")[:top_k]
-                found[index] = Prediction(source.samples[index].sample_id, [(classes[c], float(row[c])) for c in best])
-        for index, reason in errors:
-            found[index] = Prediction(source.samples[index].sample_id, [], reason)
-        for index in sorted(found):
-            yield found[index]
+    with reused_memory():  # until the last prediction is taken, or the caller closes the generator
+        for pixels, indices, errors in progress(loader, total=len(batches), desc="predict", unit="batch",
+                                                quiet=config.quiet, leave=False):
+            found = {}
+            if pixels is not None:
+                probabilities = probabilities_of(pixels)
+                for index, row in zip(indices, probabilities):
+                    best = np.argsort(-row, kind="stable")[:top_k]
+                    found[index] = Prediction(source.samples[index].sample_id,
+                                              [(classes[c], float(row[c])) for c in best])
+            for index, reason in errors:
+                found[index] = Prediction(source.samples[index].sample_id, [], reason)
+            for index in sorted(found):
+                yield found[index]
 
 
 def _head_scorer(config: PredictConfig, device):

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 
+from pipeline.hardware import _glibc
 from tests.conftest import REPO
 
 
@@ -93,3 +94,17 @@ def test_channels_last_prints_both_layouts_and_their_ratio(monkeypatch, capsys):
     low = (float(cells[2]) - 0.05) / (float(cells[1]) + 0.05) - 0.005
     high = (float(cells[2]) + 0.05) / (float(cells[1]) - 0.05) + 0.005
     assert low <= float(cells[3].rstrip("x")) <= high
+
+
+@pytest.mark.skipif(_glibc() is None,
+                    reason="compares glibc's allocator settings")
+def test_host_memory_prints_both_settings_and_their_ratio(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("host_memory")
+    before = (REPO / "bench" / "RESULTS.md").read_text()
+    bench.main(["--backbones", "alexnet", "--forward-batch", "2", "--training-batch", "2", "--batches", "1",
+                "--rounds", "1", "--no-write"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| alexnet |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert all(float(cells[i]) > 0 for i in (1, 2, 4, 5)) and all(cells[i].endswith("x") for i in (3, 6))
+    assert (REPO / "bench" / "RESULTS.md").read_text() == before

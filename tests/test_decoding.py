@@ -184,3 +184,15 @@ def test_a_finetuned_model_sees_images_decoded_as_its_heads_codes_were(tmp_path)
     through_model = score_images(model, dataset, 3, 0, torch.device("cpu"), multilabel=False)
     on_codes = head.predict_proba(CacheReader(tmp_path / "c").load("pool5"))
     np.testing.assert_allclose(through_model, on_codes, atol=1e-4)
+
+
+def test_a_channels_last_batch_normalizes_to_the_same_values_in_its_own_layout():
+    backbone = get_backbone("alexnet")
+    pixels = torch.randint(0, 256, (3, 3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = backbone.normalize(pixels)  # NCHW: a (1, C, 1, 1) mean and std broadcast
+    assert reference.is_contiguous()
+    normalized = backbone.normalize(pixels.contiguous(memory_format=torch.channels_last))
+    assert normalized.is_contiguous(memory_format=torch.channels_last) and torch.equal(normalized, reference)
+    expected = (pixels.double() / 255 - torch.tensor(backbone.mean, dtype=torch.float64).view(1, 3, 1, 1)) \
+        / torch.tensor(backbone.std, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalized.double(), expected, rtol=0, atol=1e-6)  # float32 rounding of the float64 values

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.extract
+import pipeline.finetune
+import pipeline.image_sets
+import pipeline.predict
 from cache.reader import CacheReader
+from pipeline import hardware
 from pipeline.backbones import get_backbone
 from pipeline.errors import HeadError
 from pipeline.evaluate import EvaluateConfig, run_evaluate
@@ -158,6 +163,33 @@ def test_evaluate_and_predict_with_a_model(alexnet_head, tmp_path):
     both = PredictConfig(head=alexnet_head / "head.pt", model=tmp_path / "m.pt", paths=(alexnet_head / "val",))
     with pytest.raises(HeadError, match="either --head H or --model M"):
         list(run_predict(both))
+
+
+@pytest.mark.skipif(hardware._glibc() is None, reason="host memory is kept on glibc only")
+def test_every_stage_that_runs_the_backbone_keeps_host_memory_while_it_does(alexnet_head, tmp_path, monkeypatch):
+    seen = []
+
+    def recorded(module, name):
+        original = getattr(module, name)
+
+        def recording(*args, **kwargs):
+            seen.append((f"{module.__name__}.{name}", hardware.memory_kept()))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, recording)
+
+    recorded(pipeline.extract, "forward_codes")  # stage one
+    recorded(pipeline.finetune, "training_step")  # stage three
+    recorded(pipeline.image_sets, "autocast")  # scoring images: finetune's validation, evaluate --model
+    recorded(pipeline.predict, "forward_codes")  # predict --head
+    run_extract(ExtractConfig(data=alexnet_head / "val", out=tmp_path / "c", layers=("pool5",), **ALEXNET))
+    finetune(alexnet_head, tmp_path / "m.pt", epochs=1, val_data=alexnet_head / "val")
+    run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", data=alexnet_head / "val",
+                                out=tmp_path / "r"))
+    assert len(list(run_predict(PredictConfig(head=alexnet_head / "head.pt", paths=(alexnet_head / "val",))))) == 4
+    assert {name for name, _ in seen} == {"pipeline.extract.forward_codes", "pipeline.finetune.training_step",
+                                          "pipeline.image_sets.autocast", "pipeline.predict.forward_codes"}
+    assert all(kept for _, kept in seen), seen
+    assert not hardware.memory_kept()  # and glibc's own settings are back once each stage ends
 
 
 def test_cli_finetune_and_export_print_their_summaries(run_tl, alexnet_head, tmp_path):
