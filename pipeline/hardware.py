@@ -97,9 +97,11 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-# glibc's mallopt parameters and their defaults (malloc.h, mallopt(3))
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# glibc's mallopt parameters (malloc.h, mallopt(3)). Setting any of them ends glibc's own adjustment of
+# its thresholds for the life of the process, so on leaving, they are set where that adjustment takes
+# them once a block of 32 MiB or more was freed, as every stage frees: mmap above 32 MiB, trim above 64.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+LEFT_MMAP_THRESHOLD, LEFT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 32 * 2**20, 64 * 2**20, 65536
 KEPT_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the top of the heap stays unless 2 GiB are free
 _kept = {"depth": 0, "lock": threading.Lock(), "libc": None}
 
@@ -125,9 +127,10 @@ def reused_memory():
     block above its mmap threshold (at most 32 MiB; a batch of 64 float crops is 38 MiB, a conv
     layer's output more) fresh pages from the kernel and returns them when freed, so every batch pays
     a page fault per 4 KiB of every large tensor: on 2 cores that made efficientnet_lite0's forward
-    pass 2.6x and alexnet's 1.07x slower, and normalizing a batch 2x slower (bench/RESULTS.md). On exit
-    glibc's defaults come back and the kept memory goes back to the system (malloc_trim). Nested uses
-    keep it until the outermost ends; a no-op off glibc or where the user tuned the allocator."""
+    pass 3x slower, alexnet's 1.05x, training steps 1.05x to 1.3x, and normalizing a batch 2x
+    (bench/RESULTS.md, "reused host memory on the CPU"). On leaving, glibc's thresholds are set as its
+    own adjustment leaves them (above) and the kept memory goes back to the system (malloc_trim).
+    Nested uses keep it until the outermost ends; a no-op off glibc or where the user tuned the allocator."""
     with _kept["lock"]:
         if _kept["depth"] == 0:
             _kept["libc"] = _glibc()
@@ -142,7 +145,8 @@ def reused_memory():
             _kept["depth"] -= 1
             if _kept["depth"] == 0 and _kept["libc"] is not None:
                 _kept["libc"].mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                _kept["libc"].mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+                _kept["libc"].mallopt(M_MMAP_THRESHOLD, LEFT_MMAP_THRESHOLD)
+                _kept["libc"].mallopt(M_TRIM_THRESHOLD, LEFT_TRIM_THRESHOLD)
                 _kept["libc"].malloc_trim(0)
                 _kept["libc"] = None
 

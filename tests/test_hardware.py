@@ -137,6 +137,11 @@ def test_large_tensors_reuse_freed_heap_memory_inside_reused_memory_and_get_thei
     block = torch.empty(size, dtype=torch.uint8)
     assert _mapped_bytes() - before >= size  # glibc's way again
     del block
+    before = _mapped_bytes()
+    block = torch.empty(8 * 2**20, dtype=torch.uint8)
+    # below the threshold glibc's own adjustment would have reached: from the heap, not a page-faulted block
+    assert _mapped_bytes() - before < 8 * 2**20
+    del block
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator")
