@@ -127,8 +127,8 @@ def reused_memory():
     block above its mmap threshold (at most 32 MiB; a batch of 64 float crops is 38 MiB, a conv
     layer's output more) fresh pages from the kernel and returns them when freed, so every batch pays
     a page fault per 4 KiB of every large tensor: on 2 cores that made efficientnet_lite0's forward
-    pass 3x slower, alexnet's 1.05x, training steps 1.05x to 1.3x, and normalizing a batch 2x
-    (bench/RESULTS.md, "reused host memory on the CPU"). On leaving, glibc's thresholds are set as its
+    pass 3x slower, resnet50's 1.7x, alexnet's 1.04x, training steps 1.09x to 1.6x, and normalizing a
+    batch 2x (bench/RESULTS.md, "reused host memory on the CPU"). On leaving, glibc's thresholds are set as its
     own adjustment leaves them (above) and the kept memory goes back to the system (malloc_trim).
     Nested uses keep it until the outermost ends; a no-op off glibc or where the user tuned the allocator."""
     with _kept["lock"]:
