@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weights  # noqa: E402
 from pipeline.hardware import (autocast, grad_scaler, prepare_module, resolve_device,  # noqa: E402
-                               resolve_precision, reused_memory, to_device)
+                               resolve_precision, to_device)
+from pipeline.allocator import reused_memory  # noqa: E402
 from pipeline.multiscale import DEFAULT_SCALES  # noqa: E402
 from photos import describe, write_photo_set  # noqa: E402
 from results import publish  # noqa: E402
@@ -60,13 +61,13 @@ def _synchronize(device: torch.device) -> None:
 
 def measure_bare(name: str, images: int, batch_size: int, device: torch.device, precision: str) -> dict:
     """Images/s of the frozen tap model on a batch already on the device, codes copied back, with host
-    memory reused between batches as tl's stages run (hardware.reused_memory)."""
+    memory reused between batches as tl's stages run (allocator.reused_memory)."""
     backbone = get_backbone(name)
     model = prepare_module(TapModel(load_model(backbone, resolve_weights(backbone, _weights(name))), backbone,
                                     [backbone.default_tap]), device)
     batch = to_device(torch.randn(batch_size, 3, backbone.input_size, backbone.input_size), device)
     batches = max(2, -(-images // batch_size))
-    with torch.inference_mode(), autocast(device, precision), reused_memory():
+    with torch.inference_mode(), autocast(device, precision), reused_memory(device):
         model(batch)  # warm-up: allocator, cudnn algorithm choice
         _synchronize(device)
         started = time.perf_counter()

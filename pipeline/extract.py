@@ -19,6 +19,7 @@ import torch
 
 from cache.manifest import MANIFEST, PlannedShard, record_files
 from cache.writer import CacheWriter
+from pipeline.allocator import reused_memory
 from pipeline.backbones import Backbone, forward_codes, get_backbone, prepare_model, resolve_weights
 from pipeline.datasets import Source
 from pipeline.decoding import (DEFAULT_DECODE, EncodedImages, collate_encoded, crop_decoder, decodes_on_device,
@@ -27,7 +28,7 @@ from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
-from pipeline.hardware import WorkerLoader, pinned, resolve_device, resolve_precision, reused_memory
+from pipeline.hardware import WorkerLoader, pinned, resolve_device, resolve_precision
 from pipeline.image_sets import image_loader
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 from pipeline.progress import progress
@@ -201,7 +202,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         timing = {"processed": 0, "loop": 0.0, "write": 0.0, "patches": 0, "wait": 0.0, "forward": 0.0}
         if pending:
             extract_shards = _extract_patch_shards if config.multiscale else _extract_shards
-            with reused_memory():
+            with reused_memory(device):
                 timing = extract_shards(config, backbone, taps, weights, device, precision, source, writer, pending, plan)
         distributed.barrier(current, "every shard written")
         if current.is_main:

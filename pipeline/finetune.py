@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from pipeline import distributed
+from pipeline.allocator import reused_memory
 from pipeline.code_rows import validation_score
 from pipeline.errors import FinetuneError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, grad_scaler, prepare_module, resolve_device,
-                               resolve_precision, reused_memory, to_device)
+                               resolve_precision, to_device)
 from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
@@ -182,7 +183,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
                               {"--head": config.head, "--data": config.data, "--val-data": config.val_data,
                                "--weights": weights})
     current = distributed.world()
-    distributed.start(current, resolve_device(config.device))
+    device = resolve_device(config.device)
+    distributed.start(current, device)
     real = Path(os.path.realpath(out))  # a symlink to another run's --out takes that run's lock
     lock = OutputLock(real.with_name(f".{real.name}.lock"), f"training into {out}", FinetuneError)
     # rank 0 holds the lock for every rank; its verdict reaches them all, so a refusal stops every rank
@@ -205,7 +207,7 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         if not config.resume and last_path.exists() and not config.overwrite:
             raise FinetuneError(f"{last_path} holds an earlier run; pass --resume to continue it or --overwrite "
                                 "to start over")
-        with reused_memory():
+        with reused_memory(device):
             return _run_finetune(config, say)
     finally:
         lock.release()

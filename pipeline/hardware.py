@@ -9,10 +9,7 @@ so `--device` and `--precision` mean the same thing everywhere.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import platform
-import threading
 
 import torch
 from torch.utils.data import DataLoader
@@ -95,65 +92,6 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if tensor.ndim == 4:
         tensor = tensor.contiguous(memory_format=torch.channels_last)
     return tensor
-
-
-# glibc's mallopt parameters (malloc.h, mallopt(3)). Setting any of them ends glibc's own adjustment of
-# its thresholds for the life of the process, so on leaving, they are set where that adjustment takes
-# them once a block of 32 MiB or more was freed, as every stage frees: mmap above 32 MiB, trim above 64.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-LEFT_MMAP_THRESHOLD, LEFT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 32 * 2**20, 64 * 2**20, 65536
-KEPT_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the top of the heap stays unless 2 GiB are free
-_kept = {"depth": 0, "lock": threading.Lock(), "libc": None}
-
-
-def _glibc():
-    """glibc's handle, or None: another C library, or an allocator the user tuned (GLIBC_TUNABLES or
-    MALLOC_*_ variables), which tl leaves as it is."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    if "malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
-            name.startswith("MALLOC_") and name.endswith("_") for name in os.environ):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def reused_memory():
-    """Within it, host memory freed by one batch's tensors is reused by the next. glibc gives every
-    block above its mmap threshold (at most 32 MiB; a batch of 64 float crops is 38 MiB, a conv
-    layer's output more) fresh pages from the kernel and returns them when freed, so every batch pays
-    a page fault per 4 KiB of every large tensor: on 2 cores that made efficientnet_lite0's forward
-    pass 3x slower, resnet50's 1.7x, alexnet's 1.04x, training steps 1.09x to 1.6x, and normalizing a
-    batch 2x (bench/RESULTS.md, "reused host memory on the CPU"). On leaving, glibc's thresholds are set as its
-    own adjustment leaves them (above) and the kept memory goes back to the system (malloc_trim).
-    Nested uses keep it until the outermost ends; a no-op off glibc or where the user tuned the allocator."""
-    with _kept["lock"]:
-        if _kept["depth"] == 0:
-            _kept["libc"] = _glibc()
-            if _kept["libc"] is not None:
-                _kept["libc"].mallopt(M_MMAP_MAX, 0)
-                _kept["libc"].mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
-        _kept["depth"] += 1
-    try:
-        yield
-    finally:
-        with _kept["lock"]:
-            _kept["depth"] -= 1
-            if _kept["depth"] == 0 and _kept["libc"] is not None:
-                _kept["libc"].mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                _kept["libc"].mallopt(M_MMAP_THRESHOLD, LEFT_MMAP_THRESHOLD)
-                _kept["libc"].mallopt(M_TRIM_THRESHOLD, LEFT_TRIM_THRESHOLD)
-                _kept["libc"].malloc_trim(0)
-                _kept["libc"] = None
-
-
-def memory_kept() -> bool:
-    """Whether freed host memory is being kept for reuse now (inside reused_memory, on glibc)."""
-    return _kept["libc"] is not None
 
 
 MAX_WORKERS = 16  # decoding processes a run starts by default, at most

@@ -13,12 +13,13 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from torchvision import transforms
 
 from pipeline import distributed
+from pipeline.allocator import reused_memory
 from pipeline.backbones import Backbone
 from pipeline.compatibility import head_targets
 from pipeline.datasets import DECODE_ERRORS, Source
 from pipeline.decoding import NormalizedCrop, decode_of
 from pipeline.errors import FinetuneError
-from pipeline.hardware import WorkerLoader, autocast, reused_memory, stack_channels_last, to_device
+from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_device
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
 from pipeline.progress import progress
 from pipeline.training import output_activation
@@ -141,7 +142,7 @@ def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None
     batches = [positions[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
     probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
     activation = output_activation(multilabel)
-    with torch.inference_mode(), reused_memory():
+    with torch.inference_mode(), reused_memory(device):
         for pixels, indices, _ in progress(batch_loader(dataset, batches, workers, device), total=len(batches),
                                            desc=desc, unit="batch", quiet=quiet, leave=False):
             if pixels is None:

@@ -13,11 +13,12 @@ import numpy as np
 
 import torch
 
+from pipeline.allocator import reused_memory
 from pipeline.backbones import forward_codes, get_backbone, prepare_model
 from pipeline.datasets import FileListSource
 from pipeline.decoding import decode_of
 from pipeline.errors import HeadError
-from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, reused_memory, to_device
+from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, to_device
 from pipeline.image_sets import image_loader
 from pipeline.model_files import head_backbone, load_head, load_model_file
 from pipeline.progress import progress
@@ -51,7 +52,9 @@ class Prediction:
 
 def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Prediction]:
     """One Prediction per file, in listing order; unreadable files come back with `error` set. What the
-    listing noticed (symlink loops, files reached twice) goes to `warn` first."""
+    listing noticed (symlink loops, files reached twice) goes to `warn` first. Host memory is reused
+    (allocator.reused_memory) from the first prediction until the last is taken or the caller closes
+    the generator, so the caller's code between predictions runs with it too."""
     if config.top_k < 1:
         raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
     if config.batch_size < 1:
@@ -70,7 +73,7 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
                for start in range(0, len(source), config.batch_size)]
     decode = decode_of(metadata["codes_key"]["preprocessing"])  # decoded as the head's codes were
     loader = image_loader(source, backbone, batches, config.workers, device, decode)
-    with reused_memory():  # until the last prediction is taken, or the caller closes the generator
+    with reused_memory(device):  # until the last prediction is taken, or the caller closes the generator
         for pixels, indices, errors in progress(loader, total=len(batches), desc="predict", unit="batch",
                                                 quiet=config.quiet, leave=False):
             found = {}

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-from pipeline.hardware import _glibc
+from pipeline.allocator import glibc_allocator
 from tests.conftest import REPO
 
 
@@ -96,15 +96,16 @@ def test_channels_last_prints_both_layouts_and_their_ratio(monkeypatch, capsys):
     assert low <= float(cells[3].rstrip("x")) <= high
 
 
-@pytest.mark.skipif(_glibc() is None,
+@pytest.mark.skipif(glibc_allocator() is None,
                     reason="compares glibc's allocator settings")
 def test_host_memory_prints_both_settings_and_their_ratio(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     bench = importlib.import_module("host_memory")
     before = (REPO / "bench" / "RESULTS.md").read_text()
     bench.main(["--backbones", "alexnet", "--forward-batch", "2", "--training-batch", "2", "--batches", "1",
-                "--rounds", "1", "--no-write"])
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| alexnet |"))
-    cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert all(float(cells[i]) > 0 for i in (1, 2, 4, 5)) and all(cells[i].endswith("x") for i in (3, 6))
+                "--rounds", "1", "--extract-photos", "4", "--no-write"])
+    rates, extract = [[cell.strip() for cell in line.strip("|").split("|")]
+                      for line in capsys.readouterr().out.splitlines() if line.startswith("| alexnet |")]
+    assert all(float(rates[i]) > 0 for i in (1, 2, 4, 5)) and all(rates[i].endswith("x") for i in (3, 6))
+    assert all(float(cell) > 0 for cell in extract[1:])  # walls and peaks of whole tl extracts
     assert (REPO / "bench" / "RESULTS.md").read_text() == before

@@ -18,7 +18,7 @@ import pipeline.finetune
 import pipeline.image_sets
 import pipeline.predict
 from cache.reader import CacheReader
-from pipeline import hardware
+from pipeline import allocator
 from pipeline.backbones import get_backbone
 from pipeline.errors import HeadError
 from pipeline.evaluate import EvaluateConfig, run_evaluate
@@ -165,7 +165,7 @@ def test_evaluate_and_predict_with_a_model(alexnet_head, tmp_path):
         list(run_predict(both))
 
 
-@pytest.mark.skipif(hardware._glibc() is None, reason="host memory is kept on glibc only")
+@pytest.mark.skipif(allocator.glibc_allocator() is None, reason="host memory is kept on glibc only")
 def test_every_stage_that_runs_the_backbone_keeps_host_memory_while_it_does(alexnet_head, tmp_path, monkeypatch):
     seen = []
 
@@ -173,7 +173,7 @@ def test_every_stage_that_runs_the_backbone_keeps_host_memory_while_it_does(alex
         original = getattr(module, name)
 
         def recording(*args, **kwargs):
-            seen.append((f"{module.__name__}.{name}", hardware.memory_kept()))
+            seen.append((f"{module.__name__}.{name}", allocator.memory_kept()))
             return original(*args, **kwargs)
         monkeypatch.setattr(module, name, recording)
 
@@ -189,7 +189,7 @@ def test_every_stage_that_runs_the_backbone_keeps_host_memory_while_it_does(alex
     assert {name for name, _ in seen} == {"pipeline.extract.forward_codes", "pipeline.finetune.training_step",
                                           "pipeline.image_sets.autocast", "pipeline.predict.forward_codes"}
     assert all(kept for _, kept in seen), seen
-    assert not hardware.memory_kept()  # and glibc's own settings are back once each stage ends
+    assert not allocator.memory_kept()  # and glibc's own settings are back once each stage ends
 
 
 def test_cli_finetune_and_export_print_their_summaries(run_tl, alexnet_head, tmp_path):

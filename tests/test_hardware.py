@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import pytest
 import torch
 
 from pipeline.errors import TLError
-from pipeline.hardware import (_glibc, autocast, default_workers, grad_scaler, loader_options, memory_kept, pinned,
-                               prepare_module, resolve_device, resolve_precision, reused_memory, stack_channels_last,
-                               to_device)
+from pipeline.hardware import (autocast, default_workers, grad_scaler, loader_options, pinned, prepare_module,
+                               resolve_device, resolve_precision, stack_channels_last, to_device)
 
 CPU = torch.device("cpu")
 
@@ -97,67 +95,3 @@ def test_crops_are_stacked_straight_into_channels_last():
     assert pixels.is_contiguous(memory_format=torch.channels_last) and torch.equal(pixels, torch.stack(crops[:2]))
     assert indices == [4, 6] and errors == [(5, "OSError: broken")]
 
-
-class _MallocInfo(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _mapped_bytes() -> int:
-    """Bytes glibc holds in blocks of their own (mmap), which a free gives straight back to the kernel."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallocInfo
-    return libc.mallinfo2().hblkhd
-
-
-# glibc 2.33+ (mallinfo2) left at its defaults when this process started
-GLIBC = _glibc() is not None and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
-
-
-@pytest.mark.skipif(not GLIBC, reason="glibc's allocator (mallinfo2, glibc 2.33 and later)")
-def test_large_tensors_reuse_freed_heap_memory_inside_reused_memory_and_get_their_own_pages_outside(monkeypatch):
-    for name in [name for name in os.environ if name.startswith("MALLOC_")] + ["GLIBC_TUNABLES"]:
-        monkeypatch.delenv(name, raising=False)
-    size = 48 * 2**20  # above glibc's largest mmap threshold (32 MiB): a block of its own by default
-    before = _mapped_bytes()
-    block = torch.empty(size, dtype=torch.uint8)
-    assert _mapped_bytes() - before >= size and not memory_kept()
-    del block
-    with reused_memory():
-        assert memory_kept()
-        with reused_memory():  # nested: kept until the outermost ends
-            pass
-        assert memory_kept()
-        before = _mapped_bytes()
-        block = torch.empty(size, dtype=torch.uint8)
-        assert _mapped_bytes() - before < size  # from the heap, where a free keeps it for the next batch
-        del block
-    assert not memory_kept()
-    before = _mapped_bytes()
-    block = torch.empty(size, dtype=torch.uint8)
-    assert _mapped_bytes() - before >= size  # glibc's way again
-    del block
-    before = _mapped_bytes()
-    block = torch.empty(8 * 2**20, dtype=torch.uint8)
-    # below the threshold glibc's own adjustment would have reached: from the heap, not a page-faulted block
-    assert _mapped_bytes() - before < 8 * 2**20
-    del block
-
-
-@pytest.mark.skipif(not GLIBC, reason="glibc's allocator")
-def test_an_allocator_the_user_tuned_is_left_alone(monkeypatch):
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")
-    with reused_memory():
-        assert not memory_kept()
-    monkeypatch.delenv("GLIBC_TUNABLES")
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
-    with reused_memory():
-        assert not memory_kept()
-
-
-def test_a_failing_stage_gives_the_allocator_back(monkeypatch):
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    with pytest.raises(RuntimeError, match="boom"):
-        with reused_memory():
-            raise RuntimeError("boom")
-    assert not memory_kept()
