@@ -3,9 +3,10 @@ large blocks that one batch's tensors free for the next, instead of handing them
 
 glibc serves every block above its mmap threshold (at most 32 MiB; a batch of 64 float crops is 38 MiB,
 a conv layer's output more) with fresh pages and unmaps them when freed, so every batch pays a page
-fault per 4 KiB of every large tensor. On 2 cores that made efficientnet_lite0's forward pass 3x
-slower, resnet50's 1.7x, alexnet's 1.04x, training steps 1.09x to 1.6x, and normalizing a batch 2x
-(bench/RESULTS.md, "reused host memory on the CPU"). The price is a higher peak of the main process.
+fault per 4 KiB of every large tensor. On 2 cores that made efficientnet_lite0's forward pass 2.9x
+slower, resnet50's 1.7x, alexnet's 1.03x, training steps 1.07x to 1.5x, and normalizing a batch 2x
+(bench/RESULTS.md, "reused host memory on the CPU"). The price is a higher peak of the main process:
+5% (alexnet) to 12% (efficientnet_lite0) for a whole `tl extract`.
 """
 
 from __future__ import annotations
