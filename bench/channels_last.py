@@ -61,6 +61,16 @@ def training_rate(model: FinetuneModel, images: torch.Tensor, steps: int) -> flo
     return steps * len(images) / (time.perf_counter() - started)
 
 
+def comparison_row(name: str, median: dict, before: str, after: str) -> str:
+    """A table row of one backbone: forward and training rates under `before` and `after`, each with
+    their ratio, from {(setting, "forward" | "training"): img/s}."""
+    cells = []
+    for what in ("forward", "training"):
+        old, new = median[before, what], median[after, what]
+        cells += [f"{old:.1f}", f"{new:.1f}", f"{new / old:.2f}x"]
+    return f"| {name} | " + " | ".join(cells) + " |"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", default="alexnet,vgg16,resnet50,efficientnet_lite0")
@@ -81,11 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 rates[layout, "forward"].append(forward_rate(_model(name, memory_format), batch, args.batches))
                 rates[layout, "training"].append(training_rate(_model(name, memory_format), batch, args.batches))
         median = {key: float(np.median(values)) for key, values in rates.items()}
-        cells = []
-        for what in ("forward", "training"):
-            nchw, last = median["NCHW", what], median["channels_last", what]
-            cells += [f"{nchw:.1f}", f"{last:.1f}", f"{last / nchw:.2f}x"]
-        table.append(f"| {name} | " + " | ".join(cells) + " |")
+        table.append(comparison_row(name, median, "NCHW", "channels_last"))
     header = (f"Random weights, batch {args.batch_size}, float32, {args.batches} batches per measure, median of "
               f"{args.rounds} rounds alternating the layouts in one process; {platform.machine()} CPU, "
               f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from channels_last import _model, forward_rate, training_rate  # noqa: E402
+from channels_last import _model, comparison_row, forward_rate, training_rate  # noqa: E402
 from pipeline.backbones import get_backbone  # noqa: E402
 from pipeline.allocator import REUSE_VARIABLE, memory_kept, reused_memory  # noqa: E402
 from photos import write_photo_set  # noqa: E402
@@ -145,11 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                 for setting in SETTINGS:
                     rates[setting, what].append(_in_process(args, name, what, setting))
         median = {key: float(np.median(values)) for key, values in rates.items()}
-        cells = []
-        for what in ("forward", "training"):
-            default, reused = median["glibc defaults", what], median["reused (tl)", what]
-            cells += [f"{default:.1f}", f"{reused:.1f}", f"{reused / default:.2f}x"]
-        table.append(f"| {name} | " + " | ".join(cells) + " |")
+        table.append(comparison_row(name, median, "glibc defaults", "reused (tl)"))
     if args.extract_photos:
         table += ["", f"Its price: a whole `tl extract` of {args.extract_photos} photos (bench/photos.py), default "
                   "settings, each a whole process (median of the rounds); peaks sampled every 0.1 s from /proc. "
