@@ -238,9 +238,7 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     model = prepare_model(backbone, weights, taps, device)
     shard_of = ShardOf(plan)
     batches = shard_batches(pending, plan, config.batch_size)
-    # nvjpeg's crops are resized bilinearly: a backbone that wants another resize decodes in the workers
     on_device = decodes_on_device(device) if config.device_decode == "auto" else config.device_decode == "on"
-    on_device = on_device and backbone.interpolation == "bilinear"
     if on_device:
         loader = _device_decoded(source, backbone, batches, config, device)
     else:
@@ -284,7 +282,7 @@ def _device_decoded(source: Source, backbone: Backbone, batches: list[list[int]]
                           batch_sampler=batches, collate_fn=collate_encoded)
     fallback = lambda index: crop(source.read_image(index, crop.draft))  # noqa: E731
     for items in loader:
-        yield device_crops(items, device, backbone.resize_size, backbone.input_size, fallback)
+        yield device_crops(items, device, backbone.resize_size, backbone.input_size, fallback, backbone.interpolation)
 
 
 def _parts(clock: Stopwatch) -> dict:

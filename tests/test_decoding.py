@@ -67,6 +67,26 @@ def test_fast_mode_decodes_large_jpegs_smaller_with_the_same_geometry(tmp_path):
     for path, tolerance in ((small, 0.5), (large, 2.5)):  # mean absolute difference, in 0..255 levels
         difference = (crops(path, "fast").float() - crops(path, "exact").float()).abs().mean().item()
         assert difference <= tolerance, (path.name, difference)
+    # not reduced: torch's uint8 resize against Pillow's rounds a few pixels the other way, by one level
+    fast, exact = crops(small, "fast").int(), crops(small, "exact").int()
+    assert (fast - exact).abs().max() <= 1 and (fast != exact).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_the_device_path_resizes_as_the_fast_mode_does(tmp_path, interpolation):
+    """A JPEG decoded by the device path (decode_jpeg, run here on the CPU) and one decoded in a worker
+    in fast mode give the same crop, bicubic (timm's backbones) as well as bilinear."""
+    from pipeline.decoding import crop_decoder, device_crops
+
+    path = photo(tmp_path / "photo.jpg", (500, 375))
+    item = (torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), None, 7, "")
+    pixels, indices, errors = device_crops([item], torch.device("cpu"), 256, 224, fallback=None,
+                                           interpolation=interpolation)
+    fast = crop_decoder("fast", 256, 224, interpolation)
+    assert indices == [7] and errors == []
+    assert torch.equal(pixels[0], fast(open_rgb(str(path), fast.draft)))
+    other = crop_decoder("fast", 256, 224, "bicubic" if interpolation == "bilinear" else "bilinear")
+    assert not torch.equal(pixels[0], other(open_rgb(str(path), other.draft)))
 
 
 def test_resize_geometry_is_torchvisions():
