@@ -109,3 +109,19 @@ def test_host_memory_prints_both_settings_and_their_ratio(monkeypatch, capsys):
     assert all(float(rates[i]) > 0 for i in (1, 2, 4, 5)) and all(rates[i].endswith("x") for i in (3, 6))
     assert all(float(cell) > 0 for cell in extract[1:])  # walls and peaks of whole tl extracts
     assert (REPO / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_crop_resize_times_both_resizes_and_compares_their_pixels_with_exact(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("crop_resize")
+    before = (REPO / "bench" / "RESULTS.md").read_text()
+    bench.main(["--images", "4", "--rounds", "1", "--no-write"])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("| bilinear |", "| bicubic |"))]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("bilinear", "Pillow, the crop's box"), ("bilinear", "torch uint8 (tl)"),
+        ("bicubic", "Pillow, the crop's box"), ("bicubic", "torch uint8 (tl)")]
+    assert all(float(row[2]) > 0 for row in rows)
+    # photos not reduced: a few pixel values off by a level or two, whichever resize
+    assert all(float(row[3]) < 0.01 and int(row[4]) <= 2 for row in rows)
+    assert (REPO / "bench" / "RESULTS.md").read_text() == before
