@@ -3,7 +3,7 @@ against Pillow's resize of the crop's box (what tl used before), on the photo mi
 
 Each photo is decoded as `--decode fast` decodes it (at reduced DCT scale where that loses nothing),
 then cropped by each resize; the per-image time covers decoding and cropping, rounds alternate
-between the two, and the table holds the fastest round of each. Pixels are compared with
+which of the two goes first, and the table holds the fastest round of each. Pixels are compared with
 `--decode exact` (Pillow's full decode and Resize + CenterCrop). Writes its table to RESULTS.md.
 
     python bench/crop_resize.py                  # builds 960 photos (bench/photos.py)
@@ -57,8 +57,8 @@ def measure(files: list[Path], interpolation: str, rounds: int) -> list[dict]:
     seconds = {name: [] for name in crops}
     for crop in crops.values():  # imports and first calls out of the timing
         crop(open_rgb(str(files[0]), fast.draft))
-    for _ in range(rounds):
-        for name, crop in crops.items():
+    for round_ in range(rounds):
+        for name, crop in (list(crops.items()) if round_ % 2 == 0 else reversed(crops.items())):
             started = time.perf_counter()
             for path in files:
                 crop(open_rgb(str(path), fast.draft))

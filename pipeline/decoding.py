@@ -5,7 +5,7 @@ and the normalisation that turns a batch of such crops into the backbone's input
 CenterCrop on the fully decoded PIL image. `fast` keeps exactly that geometry but decodes a JPEG at the
 smallest DCT scale still at least the resized size, and resizes with torch's uint8 kernel (as
 torchvision's Resize does on uint8 tensors): for photos that cannot be reduced (most near 500x375) a
-pixel value differs by at most one level (bicubic: two) and about one in 600 differs at all; for
+pixel value differs by at most one level (bicubic: two) and about one in 600 (bicubic: 350) differs; for
 larger ones the mean difference is about one level. Decoding is several times faster on those, and
 decoding and cropping the photo mix 1.13x (bilinear) to 1.33x (bicubic) faster than with Pillow's
 resize (`bench/crop_resize.py`).
@@ -52,18 +52,26 @@ def _as_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def resize_and_crop(pixels: torch.Tensor, original: tuple[int, int], resize: int, crop: int,
-                    interpolation: str = "bilinear") -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, crop, crop) uint8 with torchvision's Resize (antialiased) + CenterCrop
-    geometry for an image `original` (width, height) pixels large, of which `pixels` may be a reduced
-    decoding. Resized by torchvision's Resize on tensors: torch's uint8 kernel on the CPU, float32
-    rounded back on other devices."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2.functional import resize as resize_tensor
-
+                    interpolation: str = "bilinear", native_uint8: bool | None = None) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, crop, crop) uint8 (channels-last memory of its own) with torchvision's Resize
+    (antialiased) + CenterCrop geometry for an image `original` (width, height) pixels large, of which
+    `pixels` may be a reduced decoding. `native_uint8` (default: on the CPU) resizes with torch's uint8
+    kernel, the same pixels with or without SIMD; otherwise (CUDA has no uint8 kernel) in float32, clamped
+    and rounded, as torchvision's Resize does there."""
     resized_width, resized_height, left, top = resize_geometry(*original, resize, crop)
-    resized = resize_tensor(pixels, [resized_height, resized_width], InterpolationMode[interpolation.upper()],
-                            antialias=True)
-    return resized[:, top:top + crop, left:left + crop]
+    batch = pixels[None]
+    if batch.is_contiguous(memory_format=torch.channels_last):
+        # a single image's (1, C, H, W) strides are ambiguous: made plainly channels_last, interpolate
+        # keeps the layout instead of repacking its output (torchvision does the same)
+        batch = batch.as_strided(batch.shape, (batch.numel(), *batch.stride()[1:]))
+    native = pixels.device.type == "cpu" if native_uint8 is None else native_uint8
+    options = dict(size=(resized_height, resized_width), mode=interpolation, antialias=True, align_corners=False)
+    if native:
+        resized = torch.nn.functional.interpolate(batch, **options)[0]
+    else:
+        resized = torch.nn.functional.interpolate(batch.float(), **options)[0].clamp_(0, 255).round_().to(torch.uint8)
+    # the crop in memory of its own: not a view keeping the whole resized image alive
+    return resized[:, top:top + crop, left:left + crop].permute(1, 2, 0).contiguous().permute(2, 0, 1)
 
 
 @register_decode
@@ -128,15 +136,18 @@ def crop_decoder(mode: str, resize: int, crop: int, interpolation: str = "biline
 
 
 class NormalizedCrop:
-    """A decoding mode's crop, normalised per image: for loaders that hand over float items (stage three
-    scores images as stage one decoded them)."""
+    """A decoding mode's crop, normalised per image, then `after` (tensor transforms: a random flip): for
+    loaders that hand over float items (stage three sees images as stage one decoded them)."""
 
-    def __init__(self, crop, mean, std):
-        self.crop, self.mean, self.std = crop, mean, std
+    def __init__(self, crop, mean, std, after=()):
+        self.crop, self.mean, self.std, self.after = crop, mean, std, list(after)
         self.draft = crop.draft
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return normalize(self.crop(image)[None], self.mean, self.std)[0]
+        pixels = normalize(self.crop(image)[None], self.mean, self.std)[0]
+        for step in self.after:
+            pixels = step(pixels)
+        return pixels
 
 
 def decode_of(preprocessing: dict) -> str:
@@ -162,9 +173,12 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 JPEG_START = b"\xff\xd8\xff"
 
 
-def decodes_on_device(device: torch.device) -> bool:
-    """Whether extraction decodes JPEGs on `device` (batched nvjpeg on CUDA) instead of in workers."""
-    return device.type == "cuda"
+def decodes_on_device(device: torch.device, decode: str = DEFAULT_DECODE, asked: str = "auto") -> bool:
+    """Whether extraction decodes JPEGs on `device` (batched nvjpeg on CUDA) instead of in workers: by
+    default (`asked` auto) on CUDA in `fast` mode; `exact` keeps Pillow's pixels, decoded in workers."""
+    if asked != "auto":
+        return asked == "on"
+    return device.type == "cuda" and decode != "exact"
 
 
 class EncodedImages(torch.utils.data.Dataset):
@@ -231,8 +245,13 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
     for position, (data, cpu_crop, index, reason) in enumerate(items):
         if position in decoded:
             image = decoded[position]  # (3, height, width), at full size
-            crops.append(resize_and_crop(image, (image.shape[2], image.shape[1]), resize, crop, interpolation))
-        elif position in refused:
+            try:
+                crops.append(resize_and_crop(image, (image.shape[2], image.shape[1]), resize, crop, interpolation))
+                indices.append(index)
+                continue
+            except RuntimeError:  # CUDA's antialiased kernel refuses shrinking ~50x and more: the CPU path
+                refused.append(position)
+        if position in refused:
             try:
                 crops.append(fallback(index).to(device))
             except DECODE_ERRORS as exc:

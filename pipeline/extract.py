@@ -238,7 +238,7 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     model = prepare_model(backbone, weights, taps, device)
     shard_of = ShardOf(plan)
     batches = shard_batches(pending, plan, config.batch_size)
-    on_device = decodes_on_device(device) if config.device_decode == "auto" else config.device_decode == "on"
+    on_device = decodes_on_device(device, config.decode, config.device_decode)
     if on_device:
         loader = _device_decoded(source, backbone, batches, config, device)
     else:

@@ -91,11 +91,11 @@ def image_set(source, backbone: Backbone, head_metadata: dict, augmentation: Aug
                                decode_of(head_metadata["codes_key"]["preprocessing"]))
         return dataset, head_targets(dataset.targets, [BACKGROUND] + list(source.classes), head_metadata["classes"],
                                      what, head)
-    transform = backbone.transform(*flip)  # the backbone's resize and centre crop
-    if not training:  # every image seen as stage one saw it: the head's decoding mode included
+    if not training or augmentation.crop_scale == 1:
+        # every image resized and centre-cropped as stage one saw it, the head's decoding mode included
         crop = backbone.crop_decoder(decode_of(head_metadata["codes_key"]["preprocessing"]))
-        transform = NormalizedCrop(crop, backbone.mean, backbone.std)
-    elif augmentation.crop_scale < 1:
+        transform = NormalizedCrop(crop, backbone.mean, backbone.std, after=flip)
+    else:
         crop = transforms.RandomResizedCrop(backbone.input_size, scale=(augmentation.crop_scale, 1.0), antialias=True,
                                             interpolation=transforms.InterpolationMode[backbone.interpolation.upper()])
         transform = transforms.Compose([crop, *flip, *normalize])

@@ -29,14 +29,19 @@ def extract(data, out, **options) -> ExtractResult:
     return run_extract(ExtractConfig(data=data, out=out, **{**FAST_OPTIONS, **options}))
 
 
-def photo(path, size, seed=0, quality=90):
-    """A JPEG with photo-like structure (smooth gradients, edges, grain), 4:2:0 like a camera's."""
+def photo_pixels(size, seed=0) -> np.ndarray:
+    """(height, width, 3) uint8 with photo-like structure: smooth gradients, edges, grain."""
     rng = np.random.default_rng(seed)
     width, height = size
     y, x = np.mgrid[0:height, 0:width] / max(size)
     base = np.stack([128 + 100 * np.sin(7 * x + 3 * y), 128 + 90 * np.cos(5 * y), 255 * x * y], axis=-1)
     base[(x - 0.4) ** 2 + (y - 0.3) ** 2 < 0.02] = (240, 40, 30)
-    pixels = np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+    return np.clip(base + rng.normal(0, 3, base.shape), 0, 255).astype(np.uint8)
+
+
+def photo(path, size, seed=0, quality=90):
+    """A JPEG of photo_pixels, 4:2:0 like a camera's."""
+    pixels = photo_pixels(size, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format="JPEG", quality=quality, subsampling=2)
     return path
@@ -61,10 +66,13 @@ def test_exact_mode_is_torchvisions_transform_to_the_bit(tmp_path):
 def test_fast_mode_decodes_large_jpegs_smaller_with_the_same_geometry(tmp_path):
     small = photo(tmp_path / "small.jpg", (500, 375))
     large = photo(tmp_path / "large.jpg", (2400, 1800))
+    odd = photo(tmp_path / "odd.jpg", (1001, 750))  # decoded at 501x375: not the original's aspect ratio
     crop = get_backbone("alexnet").crop_decoder("fast")
     assert open_rgb(str(large), crop.draft).size == (600, 450)  # 1/4 scale: still >= the 341x256 resize
     assert open_rgb(str(small), crop.draft).size == (500, 375)  # 1/2 would be below 256: full size
-    for path, tolerance in ((small, 0.5), (large, 2.5)):  # mean absolute difference, in 0..255 levels
+    assert open_rgb(str(odd), crop.draft).size == (501, 375)
+    # mean absolute difference, in 0..255 levels (odd: 0.38; 0.89 with the decoded size's geometry)
+    for path, tolerance in ((small, 0.5), (large, 2.5), (odd, 0.6)):
         difference = (crops(path, "fast").float() - crops(path, "exact").float()).abs().mean().item()
         assert difference <= tolerance, (path.name, difference)
     # not reduced: torch's uint8 resize against Pillow's rounds a few pixels the other way, by one level
@@ -87,6 +95,33 @@ def test_the_device_path_resizes_as_the_fast_mode_does(tmp_path, interpolation):
     assert torch.equal(pixels[0], fast(open_rgb(str(path), fast.draft)))
     other = crop_decoder("fast", 256, 224, "bicubic" if interpolation == "bilinear" else "bilinear")
     assert not torch.equal(pixels[0], other(open_rgb(str(path), other.draft)))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resize_and_crop_is_torchvisions_resize_and_centre_crop(interpolation):
+    """In float32 (the CUDA path) the pixels of torchvision's Resize + CenterCrop on a float tensor, for
+    any shape; torch's uint8 kernel (the CPU path) within a level of it on a photo (bilinear); the crop
+    holds memory of its own, in channels-last order."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    from pipeline.decoding import resize_and_crop
+
+    generator = torch.Generator().manual_seed(0)
+    mode = InterpolationMode[interpolation.upper()]
+    for width, height in ((500, 375), (375, 500), (257, 255), (48, 40), (40, 300), (999, 257), (224, 224), (3, 2)):
+        image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator).permute(2, 0, 1)
+        reference = F.center_crop(F.resize(image.float(), [256], mode, antialias=True), [224])
+        reference = reference.clamp(0, 255).round().to(torch.uint8)
+        assert torch.equal(resize_and_crop(image, (width, height), 256, 224, interpolation, native_uint8=False),
+                           reference), (width, height)
+        native = resize_and_crop(image, (width, height), 256, 224, interpolation)
+        assert native.shape == (3, 224, 224) and native.permute(1, 2, 0).is_contiguous()
+        assert native.untyped_storage().nbytes() == 3 * 224 * 224
+    if interpolation == "bilinear":  # bicubic's uint8 kernel clamps between its passes: a few levels at edges
+        pixels = torch.from_numpy(photo_pixels((500, 375))).permute(2, 0, 1)
+        native, in_float = (resize_and_crop(pixels, (500, 375), 256, 224, native_uint8=flag) for flag in (True, False))
+        assert (native.int() - in_float.int()).abs().max() <= 1
 
 
 def test_resize_geometry_is_torchvisions():
@@ -149,6 +184,37 @@ def test_jpegs_are_decoded_on_cuda_and_in_workers_on_the_cpu():
     from pipeline.decoding import decodes_on_device
 
     assert decodes_on_device(torch.device("cuda")) and not decodes_on_device(torch.device("cpu"))
+    assert decodes_on_device(torch.device("cuda"), "fast") and not decodes_on_device(torch.device("cuda"), "exact")
+    assert decodes_on_device(torch.device("cpu"), "exact", "on")  # the tests' and benches' way onto the path
+    assert not decodes_on_device(torch.device("cuda"), "fast", "off")
+
+
+def test_an_image_the_device_cannot_resize_takes_the_cpu_path(tmp_path, monkeypatch):
+    """CUDA's antialiased kernel refuses large shrinks: that image is cropped by the CPU path instead of
+    failing the batch; the others keep the device's crops."""
+    import pipeline.decoding as decoding
+
+    paths = [photo(tmp_path / f"{i}.jpg", (500, 375), seed=i) for i in range(3)]
+    items = [(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), None, i, "")
+             for i, path in enumerate(paths)]
+    fast = decoding.crop_decoder("fast", 256, 224)
+    resize_and_crop, calls, fallen_back = decoding.resize_and_crop, [], []
+
+    def refusing_the_second(pixels, *args, **options):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("Too much shared memory required")
+        return resize_and_crop(pixels, *args, **options)
+
+    def fallback(index):
+        fallen_back.append(index)
+        return fast(open_rgb(str(paths[index]), fast.draft))
+
+    monkeypatch.setattr(decoding, "resize_and_crop", refusing_the_second)
+    pixels, indices, errors = decoding.device_crops(items, torch.device("cpu"), 256, 224, fallback)
+    assert indices == [0, 1, 2] and errors == [] and fallen_back == [1]
+    for i, path in enumerate(paths):
+        assert torch.equal(pixels[i], fast(open_rgb(str(path), fast.draft)))
 
 
 def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):
