@@ -7,7 +7,7 @@ smallest DCT scale still at least the resized size, and resizes with torch's uin
 torchvision's Resize does on uint8 tensors): for photos that cannot be reduced (most near 500x375) a
 pixel value differs by at most one level (bicubic: two) and about one in 600 (bicubic: 350) differs; for
 larger ones the mean difference is about one level. Decoding is several times faster on those, and
-decoding and cropping the photo mix 1.13x (bilinear) to 1.33x (bicubic) faster than with Pillow's
+decoding and cropping the photo mix 1.08x (bilinear) to 1.33x (bicubic) faster than with Pillow's
 resize (`bench/crop_resize.py`).
 """
 
