@@ -1,8 +1,7 @@
 """Reused host memory on the CPU: the frozen tap model's forward pass (batch 64, extract's default) and a
 training step of every layer (batch 32, finetune's default), with glibc's default allocator settings
 and inside allocator.reused_memory, as tl's stages run them. Both run in channels_last. Then its price:
-the peak memory of a whole `tl extract` of photos (bench/photos.py) with TL_REUSE_MEMORY=0 and 1. And
-stage two: whole `tl fit-head` runs (mlp, logreg --solver sgd: the heads that stream blocks) both ways.
+the peak memory of a whole `tl extract` of photos (bench/photos.py) with TL_REUSE_MEMORY=0 and 1.
 Each measure is a whole process (glibc adapts its thresholds to what a process freed before, so one
 process cannot show both settings as a fresh `tl` meets them); the settings alternate round after
 round, and the tables hold the medians. Writes the section "reused host memory on the CPU" of
@@ -33,7 +32,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from channels_last import _model, comparison_row, forward_rate, training_rate  # noqa: E402
-from fit_head_memory import write_cache  # noqa: E402
 from pipeline.backbones import get_backbone  # noqa: E402
 from pipeline.allocator import REUSE_VARIABLE, memory_kept, reused_memory  # noqa: E402
 from photos import write_photo_set  # noqa: E402
@@ -43,9 +41,6 @@ SECTION = "## reused host memory on the CPU"
 CPU = torch.device("cpu")
 SETTINGS = {"glibc defaults": contextlib.nullcontext, "reused (tl)": lambda: reused_memory(CPU)}
 EXTRACT_BACKBONES = {"alexnet": "none", "efficientnet_lite0": "imagenet"}  # name: weights (offline)
-FIT_HEAD_WIDTH = 4096  # fc7's
-FIT_HEADS = {"mlp (hidden 512)": ["--head", "mlp", "--hidden", "512"],
-             "logreg --solver sgd": ["--head", "logreg", "--solver", "sgd"]}
 
 
 def _measure_main(args) -> None:
@@ -101,16 +96,11 @@ def _memory_of(pid: int) -> tuple[int, int]:
 
 
 def measure_extract(name: str, photos: Path, out: Path, reuse: str) -> dict:
-    """A whole `tl extract` of the photos with TL_REUSE_MEMORY=reuse: see measure_tl."""
-    shutil.rmtree(out, ignore_errors=True)
-    return measure_tl(["extract", "--data", str(photos), "--out", str(out), "--backbone", name,
-                       "--weights", EXTRACT_BACKBONES[name], "--quiet"], reuse)
-
-
-def measure_tl(arguments: list[str], reuse: str) -> dict:
-    """A whole `tl ARGUMENTS` process with TL_REUSE_MEMORY=reuse: its wall time and the peaks of
+    """A whole `tl extract` of the photos with TL_REUSE_MEMORY=reuse: its wall time and the peaks of
     _memory_of, sampled every 0.1 s."""
-    command = [sys.executable, "-m", "cli", *arguments]
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "cli", "extract", "--data", str(photos), "--out", str(out), "--backbone", name,
+               "--weights", EXTRACT_BACKBONES[name], "--quiet"]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, REUSE_VARIABLE: reuse},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -121,7 +111,7 @@ def measure_tl(arguments: list[str], reuse: str) -> dict:
         time.sleep(0.1)
     wall = time.perf_counter() - started
     if process.returncode != 0:
-        raise SystemExit(f"tl {' '.join(arguments)} failed:\n{process.stderr.read()[-2000:]}")
+        raise SystemExit(f"tl extract {name} failed:\n{process.stderr.read()[-2000:]}")
     return {"wall": wall, "main": peak_main / 2**30, "tree": peak_tree / 2**30}
 
 
@@ -133,7 +123,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=2, help="forward batches (and training steps) per measure")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--extract-photos", type=int, default=320, help="photos for the whole-extract table (0: none)")
-    parser.add_argument("--fit-head-rows", type=int, default=16384, help="cache rows for the fit-head table (0: none)")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     parser.add_argument("--measure", choices=("forward", "training"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--setting", choices=tuple(SETTINGS), default=None, help=argparse.SUPPRESS)
@@ -177,27 +166,6 @@ def main(argv: list[str] | None = None) -> None:
                 table.append(f"| {name} | {median['0', 'wall']:.1f} | {median['1', 'wall']:.1f} "
                              f"| {median['0', 'main']:.2f} | {median['1', 'main']:.2f} "
                              f"| {median['0', 'tree']:.2f} | {median['1', 'tree']:.2f} |")
-    if args.fit_head_rows:
-        table += ["", f"And in stage two: a whole `tl fit-head` on a cache of {args.fit_head_rows} rows x "
-                  f"{FIT_HEAD_WIDTH} float32 codes (bench/fit_head_memory.py's Gaussian classes), 2 epochs, tl's "
-                  "default --block-rows, median of the rounds.", "",
-                  "| head | wall s, glibc defaults | wall s, reused (tl) | ratio | peak RSS GiB, glibc defaults "
-                  "| reused (tl) |", "|---|---:|---:|---:|---:|---:|"]
-        with tempfile.TemporaryDirectory() as scratch:
-            cache = Path(scratch) / "cache"
-            write_cache(cache, args.fit_head_rows, FIT_HEAD_WIDTH, shard_rows=8192)
-            for label, head in FIT_HEADS.items():
-                runs = {reuse: [] for reuse in ("0", "1")}
-                for _ in range(args.rounds):
-                    for reuse in runs:
-                        runs[reuse].append(measure_tl(["fit-head", "--cache", str(cache), "--out",
-                                                       str(Path(scratch) / "head.pt"), *head, "--max-epochs", "2",
-                                                       "--quiet"], reuse))
-                median = {(reuse, key): float(np.median([run[key] for run in results]))
-                          for reuse, results in runs.items() for key in ("wall", "main")}
-                table.append(f"| {label} | {median['0', 'wall']:.2f} | {median['1', 'wall']:.2f} "
-                             f"| {median['0', 'wall'] / median['1', 'wall']:.2f}x "
-                             f"| {median['0', 'main']:.2f} | {median['1', 'main']:.2f} |")
     header = (f"Random weights, channels_last, float32, forward batch {args.forward_batch}, training batch "
               f"{args.training_batch}, {args.batches} batches per measure, each measure a whole process, median of "
               f"{args.rounds} rounds alternating the settings; {platform.machine()} CPU, {torch.get_num_threads()} "

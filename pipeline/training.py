@@ -15,7 +15,6 @@ from torch import nn
 
 from pipeline.code_rows import CodeRows, validation_score
 from pipeline.errors import HeadError, listed
-from pipeline.allocator import reused_memory
 from pipeline.hardware import pinned, resolve_device, to_device
 from pipeline.progress import progress
 
@@ -164,9 +163,7 @@ def train_networks(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None
             raise HeadError("networks trained together need one batch size, epoch count and device")
     device = resolve_device(first.device)
     devices = [device.index or 0] if device.type == "cuda" else []
-    # reused host memory: a streamed block (--block-rows x width floats) is often above glibc's mmap
-    # threshold, and page-faulting it in anew for every block costs a logreg --solver sgd fit 10%
-    with torch.random.fork_rng(devices=devices), reused_memory(device):
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         return _train(trainees, rows, val, seed, device, first)
 

@@ -103,16 +103,11 @@ def test_host_memory_prints_both_settings_and_their_ratio(monkeypatch, capsys):
     bench = importlib.import_module("host_memory")
     before = (REPO / "bench" / "RESULTS.md").read_text()
     bench.main(["--backbones", "alexnet", "--forward-batch", "2", "--training-batch", "2", "--batches", "1",
-                "--rounds", "1", "--extract-photos", "4", "--fit-head-rows", "300", "--no-write"])
-    lines = capsys.readouterr().out.splitlines()
+                "--rounds", "1", "--extract-photos", "4", "--no-write"])
     rates, extract = [[cell.strip() for cell in line.strip("|").split("|")]
-                      for line in lines if line.startswith("| alexnet |")]
+                      for line in capsys.readouterr().out.splitlines() if line.startswith("| alexnet |")]
     assert all(float(rates[i]) > 0 for i in (1, 2, 4, 5)) and all(rates[i].endswith("x") for i in (3, 6))
     assert all(float(cell) > 0 for cell in extract[1:])  # walls and peaks of whole tl extracts
-    heads = [[cell.strip() for cell in line.strip("|").split("|")]
-             for line in lines if line.startswith(("| mlp", "| logreg"))]
-    assert len(heads) == 2 and all(float(row[i]) > 0 for row in heads for i in (1, 2, 4, 5))
-    assert all(row[3].endswith("x") for row in heads)  # whole tl fit-head processes, both ways
     assert (REPO / "bench" / "RESULTS.md").read_text() == before
 
 

@@ -241,27 +241,6 @@ def test_streaming_mlp_holds_one_block_of_one_shard(tmp_path):
     assert streamed_accuracy > 0.7 and abs(streamed_accuracy - in_memory_accuracy) < 0.05
 
 
-def test_torch_heads_train_in_reused_host_memory(tmp_path, monkeypatch):
-    """mlp and logreg --solver sgd (and a sweep's networks, trained by the same function) stream their
-    blocks inside allocator.reused_memory; glibc's own settings are back after the fit."""
-    import pipeline.training
-    from pipeline import allocator
-
-    codes, targets = blobs(13, n=200)
-    write_code_cache(tmp_path / "c", codes, targets, ["a", "b", "c", "d"], shard_rows=64)
-    kept, batches = [], pipeline.training._mini_batches
-
-    def recording(*args, **options):
-        kept.append(allocator.memory_kept())
-        return batches(*args, **options)
-    monkeypatch.setattr(pipeline.training, "_mini_batches", recording)
-    for head, solver in (("mlp", "lbfgs"), ("logreg", "sgd")):
-        fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / f"{head}.pt", head=head, solver=solver,
-                               training=TrainingOptions(max_epochs=2)))
-    assert len(kept) == 4 and (all(kept) or allocator.glibc_allocator() is None)
-    assert not allocator.memory_kept()
-
-
 def test_fit_head_on_a_cache_with_nan_names_the_shard(tmp_path):
     codes, targets = blobs(11, n=200)
     codes[150, 2] = np.inf
