@@ -3,10 +3,11 @@ large blocks that one batch's tensors free for the next, instead of handing them
 
 glibc serves every block above its mmap threshold (at most 32 MiB; a batch of 64 float crops is 38 MiB,
 a conv layer's output more) with fresh pages and unmaps them when freed, so every batch pays a page
-fault per 4 KiB of every large tensor. On 2 cores that made efficientnet_lite0's forward pass 2.9x
-slower, resnet50's 1.7x, alexnet's 1.03x, training steps 1.07x to 1.5x, and normalizing a batch 2x
-(bench/RESULTS.md, "reused host memory on the CPU"). The price is a higher peak of the main process:
-5% (alexnet) to 12% (efficientnet_lite0) for a whole `tl extract`.
+fault per 4 KiB of every large tensor. On 2 cores that made efficientnet_lite0's forward pass 2.6x
+to 2.9x slower, resnet50's 1.7x to 1.8x, alexnet's 1.04x, training steps 1.1x to 1.6x, and normalizing
+a batch 2x (bench/RESULTS.md, "reused host memory on the CPU"). The price is a higher peak of the main
+process, which varies from run to run with how the heap fragments: 6% (alexnet) and 12% to 50%
+(efficientnet_lite0) for a whole `tl extract` of 320 photos.
 """
 
 from __future__ import annotations
