@@ -241,17 +241,17 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
                     decoded[position] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
                 except RuntimeError:
                     refused.append(position)
+    resized: dict[int, torch.Tensor] = {}
+    for position, image in decoded.items():  # (3, height, width), at full size
+        try:
+            resized[position] = resize_and_crop(image, (image.shape[2], image.shape[1]), resize, crop, interpolation)
+        except RuntimeError:  # CUDA's antialiased kernel refuses shrinking ~50x and more: the CPU path
+            refused.append(position)
     crops, indices, errors = [], [], []
     for position, (data, cpu_crop, index, reason) in enumerate(items):
-        if position in decoded:
-            image = decoded[position]  # (3, height, width), at full size
-            try:
-                crops.append(resize_and_crop(image, (image.shape[2], image.shape[1]), resize, crop, interpolation))
-                indices.append(index)
-                continue
-            except RuntimeError:  # CUDA's antialiased kernel refuses shrinking ~50x and more: the CPU path
-                refused.append(position)
-        if position in refused:
+        if position in resized:
+            crops.append(resized[position])
+        elif position in refused:
             try:
                 crops.append(fallback(index).to(device))
             except DECODE_ERRORS as exc:

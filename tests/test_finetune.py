@@ -354,6 +354,15 @@ def test_augmentation_is_mild_by_default_and_can_be_turned_off(alexnet_head):
     varied, _ = image_set(source, backbone, metadata, Augmentation(), 0, None, "data", "head")
     for index in range(len(source)):
         assert torch.equal(SeededItems(plain, 1)[index][0], evaluation[index][0])
+    # crop_scale 1 with flips: the evaluation images, some mirrored
+    mirrored, _ = image_set(source, backbone, metadata, Augmentation(crop_scale=1.0, flip=True), 0, None, "d", "h")
+    flipped = []
+    for epoch in range(4):
+        for index in range(len(source)):
+            pixels, reference = SeededItems(mirrored, epoch)[index][0], evaluation[index][0]
+            flipped.append(torch.equal(pixels, reference.flip(-1)))
+            assert flipped[-1] or torch.equal(pixels, reference)
+    assert any(flipped) and not all(flipped)
     assert all(not torch.equal(SeededItems(varied, 1)[i][0], evaluation[i][0]) for i in range(len(source)))
     crop = varied.transform.transforms[0]
     assert crop.scale == (0.5, 1.0)  # at least half the image: the head was fitted on centre crops
