@@ -3,7 +3,9 @@ the plain torchvision loop a user would write instead, each a whole process of i
 
 The photo set has the size mix of real collections (bench/photos.py; or your own with --photos DIR).
 The bare forward pass runs the same tap model on pre-made channels_last tensors already on the device
-(no decoding, no copying in, no writing). The plain loop is ImageFolder + DataLoader (2 workers) +
+(no decoding, no copying in, no writing): tl's graph (BatchNorm folded, pipeline/folding.py) and, in a
+column of its own, the eager graph torchvision's create_feature_extractor gives, which a user's own
+forward pass runs. The plain loop is ImageFolder + DataLoader (2 workers) +
 torchvision's Resize/CenterCrop/ToTensor/Normalize + create_feature_extractor, codes kept in memory.
 `tl extract` reports the share of its loop spent waiting for decoded batches, in the forward pass
 and writing shards. Multiscale extraction (alexnet) is measured in patches/s against the bare rate.
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weights  # noqa: E402
+from pipeline.backbones import TapModel, get_backbone, load_model, prepare_model, resolve_weights  # noqa: E402
 from pipeline.hardware import (autocast, grad_scaler, prepare_module, resolve_device,  # noqa: E402
                                resolve_precision, to_device)
 from pipeline.allocator import reused_memory  # noqa: E402
@@ -59,12 +61,18 @@ def _synchronize(device: torch.device) -> None:
 # ------------------------------------------------------------------ the measures, each run in its own process
 
 
-def measure_bare(name: str, images: int, batch_size: int, device: torch.device, precision: str) -> dict:
+def measure_bare(name: str, images: int, batch_size: int, device: torch.device, precision: str,
+                 graph: str = "tl") -> dict:
     """Images/s of the frozen tap model on a batch already on the device, codes copied back, with host
-    memory reused between batches as tl's stages run (allocator.reused_memory)."""
+    memory reused between batches as tl's stages run (allocator.reused_memory). `graph`: "tl", the model
+    tl extract runs (prepare_model: BatchNorm folded, folding.py), or "eager", the tap model as
+    torchvision's create_feature_extractor gives it (what a user's own forward pass runs)."""
     backbone = get_backbone(name)
-    model = prepare_module(TapModel(load_model(backbone, resolve_weights(backbone, _weights(name))), backbone,
-                                    [backbone.default_tap]), device)
+    weights = resolve_weights(backbone, _weights(name))
+    if graph == "tl":
+        model = prepare_model(backbone, weights, [backbone.default_tap], device)
+    else:
+        model = prepare_module(TapModel(load_model(backbone, weights), backbone, [backbone.default_tap]), device)
     batch = to_device(torch.randn(batch_size, 3, backbone.input_size, backbone.input_size), device)
     batches = max(2, -(-images // batch_size))
     with torch.inference_mode(), autocast(device, precision), reused_memory(device):
@@ -166,8 +174,9 @@ def _measure_main(args) -> None:
     """One measure in this process; prints its JSON result as the last line."""
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    if args.measure == "bare":
-        result = measure_bare(args.backbones, args.images, args.batch_size, device, precision)
+    if args.measure in ("bare", "bare-eager"):
+        result = measure_bare(args.backbones, args.images, args.batch_size, device, precision,
+                              "eager" if args.measure == "bare-eager" else "tl")
     elif args.measure == "loop":
         result = measure_plain_loop(args.backbones, Path(args.photos), args.batch_size, device, args.loop_workers)
     elif args.measure == "decoding":
@@ -293,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                 precision = resolve_precision(asked, device)
                 common = {"precision": precision, "images": summary["count"]}
                 measures = {"bare": lambda: _in_process("bare", name, args, **common),
+                            "bare eager": lambda: _in_process("bare-eager", name, args, **common),
                             "loop": lambda: _in_process("loop", name, args, photos=photos, **common)}
                 labels = []
                 for decode in args.decode.split(","):
@@ -310,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
                         labels.append(label)
                 medians = in_rounds(measures, args.rounds)
                 for label in labels:
-                    rows.append((name, precision, label, medians[label], medians["bare"], medians["loop"],
-                                 medians.get(f"decoding {label}")))
+                    rows.append((name, precision, label, medians[label], medians["bare"], medians["bare eager"],
+                                 medians["loop"], medians.get(f"decoding {label}")))
                 train = _in_process("train", name, args, train_steps=steps, **common)["rate"] if steps else None
                 rows[-1] = rows[-1] + (train,)
                 modes = args.decode.split(",")
@@ -342,18 +352,19 @@ def main(argv: list[str] | None = None) -> None:
               "to back in each round; rates count the loop, walls the whole process. "
               f"Command: `python bench/extract_throughput.py {command}`")
     table = ["| backbone | precision | decode (on CUDA: JPEGs on the GPU unless 'workers') | tl extract img/s "
-             "| bare forward img/s | plain loop img/s | decoding alone img/s | shared-core bound img/s | tl / bare "
-             "| tl / bound | tl / loop | waiting for decoding | forward | writing | walls tl / bare / loop (s) "
-             "| finetune step img/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for name, precision, decode, tl, bare, loop, decoding, *train in rows:
+             "| bare forward img/s | bare forward, eager graph img/s | plain loop img/s | decoding alone img/s "
+             "| shared-core bound img/s | tl / bare | tl / bare eager | tl / bound | tl / loop | waiting for decoding "
+             "| forward | writing | walls tl / bare / loop (s) | finetune step img/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, precision, decode, tl, bare, eager, loop, decoding, *train in rows:
         step = f"{train[0]:.1f}" if train and train[0] else "–"
         alone, bound, share = "–", "–", "–"
         if decoding:
             limit = shared_core_bound(bare["rate"], decoding["rate"])
             alone, bound, share = f"{decoding['rate']:.1f}", f"{limit:.1f}", f"{tl['rate'] / limit:.2f}"
-        table.append(f"| {name} | {precision} | {decode} | {tl['rate']:.1f} | {bare['rate']:.1f} | {loop['rate']:.1f} "
-                     f"| {alone} | {bound} | {tl['rate'] / bare['rate']:.2f} | {share} | {tl['rate'] / loop['rate']:.2f} "
+        table.append(f"| {name} | {precision} | {decode} | {tl['rate']:.1f} | {bare['rate']:.1f} | {eager['rate']:.1f} "
+                     f"| {loop['rate']:.1f} | {alone} | {bound} | {tl['rate'] / bare['rate']:.2f} "
+                     f"| {tl['rate'] / eager['rate']:.2f} | {share} | {tl['rate'] / loop['rate']:.2f} "
                      f"| {tl['wait']:.0%} | {tl['forward']:.0%} | {tl['write']:.1%} | {tl['wall']:.0f} / "
                      f"{bare['wall']:.0f} / {loop['wall']:.0f} | {step} |")
     if differences:

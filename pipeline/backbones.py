@@ -18,6 +18,7 @@ from pipeline.backbone_spec import Backbone, Tap
 from pipeline.timm_backbones import TIMM_PREFIX, timm_backbone, timm_models
 from pipeline.errors import BackboneError
 from pipeline.files import file_digest
+from pipeline.folding import fold_for_inference
 from pipeline.hardware import autocast, prepare_module, to_device
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -328,8 +329,13 @@ register(
 
 
 def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.device) -> nn.Module:
-    """The frozen backbone cut at its taps, on `device` in channels_last layout (and cudnn autotuning on CUDA)."""
-    return prepare_module(tap_model(load_model(backbone, weights), backbone, taps), device)
+    """The frozen backbone cut at its taps, its graph folded for inference (BatchNorm into the convolutions;
+    folding.py), on `device` in channels_last layout (and cudnn autotuning on CUDA). For stages that only
+    run it: training needs the BatchNorm layers (tap_model)."""
+    model = tap_model(load_model(backbone, weights), backbone, taps)
+    if isinstance(model, TapModel):
+        fold_for_inference(model.extractor)
+    return prepare_module(model, device)
 
 
 def tap_model(model: nn.Module, backbone: Backbone, taps: list[str]) -> nn.Module:

@@ -1,0 +1,132 @@
+"""The inference graph: folded BatchNorm and padding, ReLUs in place; the same codes as the eager graph
+(float64 references, relative error 1e-10), and nothing rewritten where a tap or another reader needs it."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from cache.reader import CacheReader
+from pipeline.backbones import TapModel, get_backbone, load_model, prepare_model, resolve_weights, tap_model
+from pipeline.extract import ExtractConfig, run_extract
+from pipeline.folding import fold_for_inference
+from tests.test_backbones import RELATIVE_TOLERANCE, reference_inputs, relative_error
+
+# float64 graphs differ only by the rounding of the folded weights
+FOLDED_TOLERANCE = 1e-10
+
+
+def modules_called(graph: fx.GraphModule) -> list[type]:
+    return [type(graph.get_submodule(node.target)) for node in graph.graph.nodes if node.op == "call_module"]
+
+
+def randomized_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm layers with statistics and affine parameters far from the identity, so a wrong fold shows."""
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            width = layer.num_features
+            layer.running_mean.copy_(torch.randn(width, generator=generator))
+            layer.running_var.copy_(torch.rand(width, generator=generator) * 2 + 0.1)
+            layer.weight.data.copy_(torch.randn(width, generator=generator))
+            layer.bias.data.copy_(torch.randn(width, generator=generator))
+    return model
+
+
+def folded_and_eager(model: TapModel, pixels: torch.Tensor) -> tuple[dict, dict, dict]:
+    eager = copy.deepcopy(model).double()
+    folded = model.double()
+    counts = fold_for_inference(folded.extractor)
+    with torch.no_grad():
+        return counts, folded(pixels.double()), eager(pixels.double())
+
+
+def test_efficientnet_lite0_folds_every_batch_norm_and_symmetric_pad_with_the_same_codes():
+    backbone = get_backbone("efficientnet_lite0")
+    model = TapModel(load_model(backbone, resolve_weights(backbone, "imagenet")), backbone, ["pool", "block12"])
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    counts, folded, eager = folded_and_eager(model, pixels)
+    # 49 BatchNorms, 12 of its 17 "same" paddings are symmetric (the others pad right and bottom only)
+    assert counts == {"batch_norm": 49, "zero_pad": 12, "relu_in_place": 33}
+    called = modules_called(model.extractor)
+    assert nn.BatchNorm2d not in called and nn.ReLU6 not in called and called.count(nn.ZeroPad2d) == 5
+    for tap in ("pool", "block12"):
+        assert relative_error(folded[tap].numpy(), eager[tap].numpy()) <= FOLDED_TOLERANCE, tap
+
+
+def test_resnet50_folds_conv_modules_with_the_same_codes():
+    backbone = get_backbone("resnet50")
+    model = TapModel(randomized_statistics(load_model(backbone, resolve_weights(backbone, "none"))), backbone, ["pool"])
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    counts, folded, eager = folded_and_eager(model, pixels)
+    assert counts["batch_norm"] == 53 and nn.BatchNorm2d not in modules_called(model.extractor)
+    assert relative_error(folded["pool"].numpy(), eager["pool"].numpy()) <= FOLDED_TOLERANCE
+
+
+class Branchy(nn.Module):
+    """Each layer a rewrite must leave alone: a conv output that is also returned, a shared conv module,
+    a pad before a shared conv module, a BatchNorm after a conv of computed weights, a ReLU of a view and of a tensor read again later, an asymmetric
+    pad, a BatchNorm in training."""
+
+    def __init__(self):
+        super().__init__()
+        self.tapped_conv, self.tapped_norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.shared_conv, self.shared_norm = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.asymmetric_pad, self.pad_conv = nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(4, 4, 2)
+        self.one_pad = nn.ZeroPad2d(1)
+        self.symmetric_pad, self.padded_conv, self.norm = nn.ZeroPad2d((1, 1, 2, 2)), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        self.functional_pad, self.functional_norm = nn.ZeroPad2d((2, 2, 1, 1)), nn.BatchNorm2d(4)
+        self.computed_norm = nn.BatchNorm2d(4)
+        self.functional_weight = nn.Parameter(torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(3)))
+        self.relu, self.train_conv, self.training_norm = nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, images):
+        tapped = self.tapped_conv(images)
+        shared = self.shared_norm(self.shared_conv(self.tapped_norm(tapped)))
+        again = self.shared_conv(self.one_pad(shared))
+        padded = self.pad_conv(self.asymmetric_pad(again))
+        folded = self.relu(self.norm(self.padded_conv(self.symmetric_pad(padded))))
+        functional = self.functional_norm(nn.functional.conv2d(self.functional_pad(folded), self.functional_weight))
+        computed = self.computed_norm(nn.functional.conv2d(functional, self.functional_weight * 0.5, None, 1, 1))
+        read_twice = self.relu(computed) + computed
+        flat = self.relu(read_twice.flatten(1))
+        return {"tapped": tapped, "flat": flat, "trained": self.training_norm(self.train_conv(flat.view_as(read_twice)))}
+
+
+def test_rewrites_leave_taps_shared_modules_views_and_other_readers_alone():
+    model = randomized_statistics(Branchy()).double().eval()
+    model.training_norm.train()
+    graph = fx.symbolic_trace(model)
+    graph.training_norm.train()
+    pixels = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(pixels)
+        counts = fold_for_inference(graph)
+        got = graph(pixels)
+    # folded: norm and symmetric_pad into padded_conv, the ReLU after norm (a fresh conv output), and
+    # functional_pad and functional_norm into the functional convolution between them
+    assert counts == {"batch_norm": 2, "zero_pad": 2, "relu_in_place": 1}
+    called = modules_called(graph)
+    assert got["flat"].shape == expected["flat"].shape == (2, 4 * 13 * 13)
+    assert called.count(nn.BatchNorm2d) == 4 and called.count(nn.ZeroPad2d) == 2 and called.count(nn.ReLU) == 2
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=FOLDED_TOLERANCE, atol=FOLDED_TOLERANCE)
+
+
+def test_extract_runs_the_folded_graph_and_finetune_keeps_batch_norm(image_folder, tmp_path):
+    backbone = get_backbone("efficientnet_lite0")
+    weights = resolve_weights(backbone, "imagenet")
+    assert nn.BatchNorm2d not in modules_called(prepare_model(backbone, weights, ["pool"], torch.device("cpu")).extractor)
+    assert nn.BatchNorm2d in modules_called(tap_model(load_model(backbone, weights), backbone, ["pool"]).extractor)
+
+    run_extract(ExtractConfig(data=image_folder, out=tmp_path / "cache", backbone="efficientnet_lite0",
+                              weights="imagenet", layers=("pool", "block12"), dtype="float32", workers=0,
+                              batch_size=4, quiet=True, decode="exact"))
+    reader = CacheReader(tmp_path / "cache")
+    eager = TapModel(load_model(backbone, weights), backbone, ["pool", "block12"]).double()
+    with torch.no_grad():
+        reference = eager(reference_inputs(reader, image_folder, "efficientnet_lite0"))
+    for tap in ("pool", "block12"):
+        assert relative_error(reader.load(tap), reference[tap].numpy()) <= RELATIVE_TOLERANCE, tap
