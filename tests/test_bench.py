@@ -126,3 +126,17 @@ def test_crop_resize_times_both_resizes_and_compares_their_pixels_with_exact(mon
     # photos not reduced: a few pixel values off by a level or two, whichever resize
     assert all(float(row[3]) < 0.01 and int(row[4]) <= 2 for row in rows)
     assert (REPO / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_folded_graph_times_both_graphs_and_their_codes_agree(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("folded_graph")
+    before = (REPO / "bench" / "RESULTS.md").read_text()
+    bench.main(["--backbones", "efficientnet_lite0,alexnet", "--batch-size", "2", "--batches", "1", "--rounds", "1",
+                "--no-write"])
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("| efficientnet_lite0 |", "| alexnet |"))}
+    assert rows["efficientnet_lite0"][1] == "49 / 12 / 33" and rows["alexnet"][1] == "0 / 0 / 7"
+    assert all(float(row[i]) > 0 for row in rows.values() for i in (2, 3))
+    assert all(float(row[5]) < 1e-5 for row in rows.values())  # float32 rounding only
+    assert (REPO / "bench" / "RESULTS.md").read_text() == before
