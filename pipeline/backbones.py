@@ -332,9 +332,15 @@ def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.de
     """The frozen backbone cut at its taps, its graph folded for inference (BatchNorm into the convolutions;
     folding.py), on `device` in channels_last layout (and cudnn autotuning on CUDA). For stages that only
     run it: training needs the BatchNorm layers (tap_model)."""
-    model = tap_model(load_model(backbone, weights), backbone, taps)
-    if isinstance(model, TapModel):
-        fold_for_inference(model.extractor)
+    return for_inference(tap_model(load_model(backbone, weights), backbone, taps), device)
+
+
+def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` (a tap model, or a finetuned model around one) to run frozen: the graph of every TapModel
+    in it folded (folding.py), then prepare_module. Never for a model that trains afterwards."""
+    for module in model.modules():
+        if isinstance(module, TapModel):
+            fold_for_inference(module.extractor)
     return prepare_module(model, device)
 
 

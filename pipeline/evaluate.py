@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from cache.reader import CacheReader
-from pipeline.backbones import get_backbone
+from pipeline.backbones import for_inference, get_backbone
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows
 from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_targets
 from pipeline.errors import HeadError
 from pipeline.files import refuse_overwriting_inputs
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
-from pipeline.hardware import prepare_module, resolve_device, resolve_precision
+from pipeline.hardware import resolve_device, resolve_precision
 from pipeline.image_sets import image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
@@ -124,7 +124,7 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     backbone = get_backbone(metadata["codes_key"]["backbone"])
     dataset, targets = image_set(source, backbone, metadata, None, 0, None, *what)
     multilabel = metadata["head"]["state"]["multilabel"]
-    scores = score_images(prepare_module(model, device), dataset, config.batch_size, config.workers, device,
+    scores = score_images(for_inference(model, device), dataset, config.batch_size, config.workers, device,
                           multilabel, precision, quiet=config.quiet, desc="evaluate")
     readable = ~np.isnan(scores).any(axis=1)
     if not readable.any():

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from pipeline.allocator import reused_memory
-from pipeline.backbones import forward_codes, get_backbone, prepare_model
+from pipeline.backbones import for_inference, forward_codes, get_backbone, prepare_model
 from pipeline.datasets import FileListSource
 from pipeline.decoding import decode_of
 from pipeline.errors import HeadError
-from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision, to_device
+from pipeline.hardware import autocast, resolve_device, resolve_precision, to_device
 from pipeline.image_sets import image_loader
 from pipeline.model_files import head_backbone, load_head, load_model_file
 from pipeline.progress import progress
@@ -103,7 +103,7 @@ def _head_scorer(config: PredictConfig, device):
 def _model_scorer(config: PredictConfig, device):
     """pixels -> probabilities through a finetuned model."""
     model, metadata = load_model_file(config.model)
-    model = prepare_module(model, device)
+    model = for_inference(model, device)
     precision = resolve_precision(config.precision, device)
     activation = output_activation(metadata["head"]["state"]["multilabel"])
     backbone = get_backbone(metadata["codes_key"]["backbone"])

@@ -151,8 +151,14 @@ def test_exports_of_a_trained_model_give_its_outputs(alexnet_head, tmp_path):
     assert (tmp_path / "m.onnx").stat().st_size > 1000
 
 
-def test_evaluate_and_predict_with_a_model(alexnet_head, tmp_path):
+def test_evaluate_and_predict_with_a_model(alexnet_head, tmp_path, monkeypatch):
     finetune(alexnet_head, tmp_path / "m.pt", epochs=1)
+    from pipeline import backbones, evaluate, predict
+
+    folded = []  # both run the model's graph folded for inference (test_folding)
+    for stage in (evaluate, predict):
+        monkeypatch.setattr(stage, "for_inference", lambda model, device: folded.append(model) or
+                            backbones.for_inference(model, device))
     evaluated = run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", data=alexnet_head / "val",
                                             out=tmp_path / "r"))
     assert evaluated.report["rows"] == 4 and 0 <= evaluated.report["accuracy"] <= 1
@@ -160,6 +166,7 @@ def test_evaluate_and_predict_with_a_model(alexnet_head, tmp_path):
     predicted = list(run_predict(PredictConfig(head=None, model=tmp_path / "m.pt", top_k=1,
                                                paths=(alexnet_head / "val",))))
     assert len(predicted) == 4 and all(len(p.labels) == 1 and not p.error for p in predicted), predicted
+    assert [type(model).__name__ for model in folded] == ["FinetuneModel", "FinetuneModel"]
     both = PredictConfig(head=alexnet_head / "head.pt", model=tmp_path / "m.pt", paths=(alexnet_head / "val",))
     with pytest.raises(HeadError, match="either --head H or --model M"):
         list(run_predict(both))

@@ -9,9 +9,11 @@ import torch
 from torch import fx, nn
 
 from cache.reader import CacheReader
-from pipeline.backbones import TapModel, get_backbone, load_model, prepare_model, resolve_weights, tap_model
+from pipeline.backbones import (TapModel, for_inference, get_backbone, load_model, prepare_model, resolve_weights,
+                                tap_model)
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.folding import fold_for_inference
+from pipeline.model_files import FinetuneModel
 from tests.test_backbones import RELATIVE_TOLERANCE, reference_inputs, relative_error
 
 # float64 graphs differ only by the rounding of the folded weights
@@ -130,3 +132,18 @@ def test_extract_runs_the_folded_graph_and_finetune_keeps_batch_norm(image_folde
         reference = eager(reference_inputs(reader, image_folder, "efficientnet_lite0"))
     for tap in ("pool", "block12"):
         assert relative_error(reader.load(tap), reference[tap].numpy()) <= RELATIVE_TOLERANCE, tap
+
+
+def test_a_finetuned_model_runs_folded_with_the_same_logits():
+    """evaluate and predict --model: the tap model inside a finetuned model is folded, its head kept."""
+    backbone = get_backbone("efficientnet_lite0")
+    features = TapModel(randomized_statistics(load_model(backbone, resolve_weights(backbone, "imagenet"))), backbone,
+                        ["pool"])
+    head = nn.Linear(1280, 3)
+    model = FinetuneModel(features, "pool", head).double().eval()
+    eager = copy.deepcopy(model)
+    pixels = torch.randn(2, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    folded = for_inference(model, torch.device("cpu"))
+    assert nn.BatchNorm2d not in modules_called(folded.features.extractor) and folded.head is head
+    with torch.no_grad():
+        torch.testing.assert_close(folded(pixels), eager(pixels), rtol=FOLDED_TOLERANCE, atol=FOLDED_TOLERANCE)
