@@ -6,8 +6,8 @@ bias of the convolution that feeds it (what TensorRT, ONNX Runtime and torch.jit
 ZeroPad2d that pads each side by the same amount is the convolution's own zero padding; a ReLU whose
 input nothing else reads can overwrite it. On 2 CPU cores this runs efficientnet_lite0's forward pass
 1.33x faster and resnet50's 1.05x (bench/folded_graph.py); AlexNet and VGG have neither BatchNorm nor
-padding layers. Only the stages that never train the graph use it (extract; predict and evaluate on images, with a
-head or a finetuned model); finetune keeps BatchNorm layers as modules.
+padding layers. Only the stages that never train the graph use it (extract; predict and evaluate on
+images, with a head or a finetuned model); finetune keeps BatchNorm layers as modules.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def _fold_batch_norm(graph: fx.GraphModule, modules: dict, node: fx.Node, norm: 
         modules[conv.target] = fused
     else:
         arguments = _conv_arguments(conv)
-        if arguments is None or not _is_attribute(arguments[1]) or not (arguments[2] is None or _is_attribute(arguments[2])):
+        if (arguments is None or not _is_attribute(arguments[1])
+                or not (arguments[2] is None or _is_attribute(arguments[2]))):
             return False
         weight = _attribute(graph, arguments[1].target)
         bias = None if arguments[2] is None else _attribute(graph, arguments[2].target)

@@ -69,8 +69,8 @@ def test_resnet50_folds_conv_modules_with_the_same_codes():
 
 class Branchy(nn.Module):
     """Each layer a rewrite must leave alone: a conv output that is also returned, a shared conv module,
-    a pad before a shared conv module, a BatchNorm after a conv of computed weights, a ReLU of a view and of a tensor read again later, an asymmetric
-    pad, a BatchNorm in training."""
+    a pad before a shared conv module, a BatchNorm after a conv of computed weights, a ReLU of a view
+    and of a tensor read again later, an asymmetric pad, a BatchNorm in training."""
 
     def __init__(self):
         super().__init__()
