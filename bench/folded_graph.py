@@ -11,6 +11,7 @@ holds the medians and the largest row-wise relative difference of the codes. Wri
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import sys
 import time
@@ -23,8 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.allocator import reused_memory  # noqa: E402
-from pipeline.backbones import TapModel, get_backbone, load_model, prepare_model, resolve_weights  # noqa: E402
-from pipeline.folding import fold_for_inference  # noqa: E402
+from pipeline.backbones import TapModel, for_inference, get_backbone, load_model, resolve_weights  # noqa: E402
 from pipeline.hardware import prepare_module  # noqa: E402
 from results import publish  # noqa: E402
 
@@ -33,11 +33,19 @@ CPU = torch.device("cpu")
 
 
 def graphs(name: str) -> dict:
-    """{"eager": the tap model as create_feature_extractor gives it, "folded": tl's}, both channels_last."""
+    """{"eager": the tap model as create_feature_extractor gives it, "folded": the same run through
+    backbones.for_inference, as prepare_model runs it}, both channels_last. Random weights get BatchNorm
+    statistics far from the identity, so that the codes' difference means something."""
     backbone = get_backbone(name)
-    weights = resolve_weights(backbone, "imagenet" if name == "efficientnet_lite0" else "none")
-    eager = prepare_module(TapModel(load_model(backbone, weights), backbone, [backbone.default_tap]), CPU)
-    return {"eager": eager, "folded": prepare_model(backbone, weights, [backbone.default_tap], CPU)}
+    pretrained = name == "efficientnet_lite0"
+    full = load_model(backbone, resolve_weights(backbone, "imagenet" if pretrained else "none"))
+    generator = torch.Generator().manual_seed(0)
+    for layer in full.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d) and not pretrained:
+            layer.running_mean.normal_(0, 0.5, generator=generator)
+            layer.running_var.uniform_(0.5, 2, generator=generator)
+    eager = TapModel(full, backbone, [backbone.default_tap])
+    return {"eager": prepare_module(copy.deepcopy(eager), CPU), "folded": for_inference(eager, CPU)}
 
 
 def forward_rate(model: torch.nn.Module, images: torch.Tensor, batches: int) -> float:
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.backbones.split(","):
             backbone = get_backbone(name)
             models = graphs(name)
-            counts = fold_for_inference(graphs(name)["eager"].extractor)  # what prepare_model did
+            counts = models["folded"].extractor.meta["folded_for_inference"]
             images = torch.randn(args.batch_size, 3, backbone.input_size, backbone.input_size,
                                  generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():

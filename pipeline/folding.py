@@ -1,5 +1,5 @@
-"""Inference-only rewrites of a frozen tap graph: each BatchNorm folded into the convolution before it,
-each symmetric zero padding into the convolution after it, ReLUs in place. Same codes, less memory traffic.
+"""Inference-only rewrites of a frozen tap graph: BatchNorm and symmetric zero padding folded into the
+convolutions, ReLUs in place. The same codes (to float32 rounding), less memory traffic.
 
 A frozen BatchNorm in eval mode is an affine map per channel, so it can be baked into the weights and
 bias of the convolution that feeds it (what TensorRT, ONNX Runtime and torch.jit.freeze do); a
@@ -12,6 +12,7 @@ images, with a head or a finetuned model); finetune keeps BatchNorm layers as mo
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -23,7 +24,9 @@ _CONV_FUNCTIONS = (torch.conv2d, nn.functional.conv2d)
 
 def fold_for_inference(graph: fx.GraphModule) -> dict:
     """Rewrite `graph` in place; returns how many layers were rewritten, {"batch_norm": n, "zero_pad": n,
-    "relu_in_place": n}. A layer whose input is also returned (a tap) or used elsewhere is left as it is."""
+    "relu_in_place": n}, and records it in `graph.meta["folded_for_inference"]`. A layer whose input is
+    also returned (a tap) or used elsewhere is left as it is. Modules the graph shares with the model it
+    was traced from are replaced, never changed: that model keeps its own layers."""
     modules = dict(graph.named_modules())
     folded = {"batch_norm": 0, "zero_pad": 0, "relu_in_place": 0}
     for node in list(graph.graph.nodes):
@@ -41,6 +44,7 @@ def fold_for_inference(graph: fx.GraphModule) -> dict:
         graph.graph.eliminate_dead_code()
         graph.delete_all_unused_submodules()
         graph.recompile()
+    graph.meta["folded_for_inference"] = folded
     return folded
 
 
@@ -60,7 +64,9 @@ def _conv_arguments(node: fx.Node) -> list | None:
 
 
 def _called_once(graph: fx.GraphModule, target: str) -> bool:
-    return sum(1 for node in graph.graph.nodes if node.op in ("call_module", "get_attr") and node.target == target) == 1
+    """Whether one node in the graph reaches the module at `target`: called, or one of its tensors read."""
+    return sum(1 for node in graph.graph.nodes if node.op in ("call_module", "get_attr")
+               and (node.target == target or node.target.startswith(target + "."))) == 1
 
 
 def _fold_batch_norm(graph: fx.GraphModule, modules: dict, node: fx.Node, norm: nn.BatchNorm2d) -> bool:
@@ -99,7 +105,8 @@ def _fold_batch_norm(graph: fx.GraphModule, modules: dict, node: fx.Node, norm: 
 
 def _fold_zero_pad(graph: fx.GraphModule, modules: dict, node: fx.Node, pad: nn.ZeroPad2d) -> bool:
     left, right, top, bottom = pad.padding
-    if left != right or top != bottom or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
+    if (left != right or top != bottom or min(left, top) < 0  # a negative pad crops
+            or len(node.users) != 1 or len(node.args) != 1 or node.kwargs):
         return False
     conv = next(iter(node.users))
     if conv.op == "call_module":
@@ -108,7 +115,10 @@ def _fold_zero_pad(graph: fx.GraphModule, modules: dict, node: fx.Node, pad: nn.
                 or conv.args[:1] != (node,) or len(conv.args) != 1 or conv.kwargs
                 or not _called_once(graph, conv.target)):
             return False
-        module.padding = (top, left)
+        padded = copy.deepcopy(module)
+        padded.padding = (top, left)
+        _set_module(graph, conv.target, padded)
+        modules[conv.target] = padded
     else:
         arguments = _conv_arguments(conv)
         if arguments is None or arguments[0] is not node or any(value is node for value in arguments[1:]):
@@ -138,7 +148,7 @@ def _relu_in_place(graph: fx.GraphModule, node: fx.Node, module: nn.Module | Non
     if function is None or source is None:
         return False
     fresh = (type(graph.get_submodule(source.target)) in _FRESH_MODULES if source.op == "call_module"
-             else source.op == "call_function" and source.target in _FRESH_FUNCTIONS)
+             else source.op == "call_function" and source.target in _FRESH_FUNCTIONS and "out" not in source.kwargs)
     if not fresh:
         return False
     with graph.graph.inserting_after(node):

@@ -63,7 +63,8 @@ def test_resnet50_folds_conv_modules_with_the_same_codes():
     model = TapModel(randomized_statistics(load_model(backbone, resolve_weights(backbone, "none"))), backbone, ["pool"])
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     counts, folded, eager = folded_and_eager(model, pixels)
-    assert counts["batch_norm"] == 53 and nn.BatchNorm2d not in modules_called(model.extractor)
+    assert counts == {"batch_norm": 53, "zero_pad": 0, "relu_in_place": 49}
+    assert nn.BatchNorm2d not in modules_called(model.extractor)
     assert relative_error(folded["pool"].numpy(), eager["pool"].numpy()) <= FOLDED_TOLERANCE
 
 
@@ -81,7 +82,9 @@ class Branchy(nn.Module):
         self.symmetric_pad, self.padded_conv, self.norm = nn.ZeroPad2d((1, 1, 2, 2)), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
         self.functional_pad, self.functional_norm = nn.ZeroPad2d((2, 2, 1, 1)), nn.BatchNorm2d(4)
         self.computed_norm = nn.BatchNorm2d(4)
-        self.functional_weight = nn.Parameter(torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(3)))
+        generator = torch.Generator().manual_seed(3)
+        self.functional_weight = nn.Parameter(torch.randn(4, 4, 3, 3, generator=generator))
+        self.functional_bias = nn.Parameter(torch.randn(4, generator=generator))
         self.relu, self.train_conv, self.training_norm = nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
 
     def forward(self, images):
@@ -90,7 +93,8 @@ class Branchy(nn.Module):
         again = self.shared_conv(self.one_pad(shared))
         padded = self.pad_conv(self.asymmetric_pad(again))
         folded = self.relu(self.norm(self.padded_conv(self.symmetric_pad(padded))))
-        functional = self.functional_norm(nn.functional.conv2d(self.functional_pad(folded), self.functional_weight))
+        functional = self.functional_norm(nn.functional.conv2d(self.functional_pad(folded), self.functional_weight,
+                                                               self.functional_bias))
         computed = self.computed_norm(nn.functional.conv2d(functional, self.functional_weight * 0.5, None, 1, 1))
         read_twice = self.relu(computed) + computed
         flat = self.relu(read_twice.flatten(1))
@@ -107,14 +111,71 @@ def test_rewrites_leave_taps_shared_modules_views_and_other_readers_alone():
         expected = copy.deepcopy(model)(pixels)
         counts = fold_for_inference(graph)
         got = graph(pixels)
+        untouched = model(pixels)  # the traced model keeps its own layers (a pad folded into a copy)
     # folded: norm and symmetric_pad into padded_conv, the ReLU after norm (a fresh conv output), and
     # functional_pad and functional_norm into the functional convolution between them
     assert counts == {"batch_norm": 2, "zero_pad": 2, "relu_in_place": 1}
     called = modules_called(graph)
     assert got["flat"].shape == expected["flat"].shape == (2, 4 * 13 * 13)
     assert called.count(nn.BatchNorm2d) == 4 and called.count(nn.ZeroPad2d) == 2 and called.count(nn.ReLU) == 2
+    assert [node.kwargs for node in graph.graph.nodes if node.target is nn.functional.relu] == [{"inplace": True}]
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=FOLDED_TOLERANCE, atol=FOLDED_TOLERANCE)
+        torch.testing.assert_close(untouched[name], expected[name], rtol=0, atol=0)
+
+
+class LeftAlone(nn.Module):
+    """Layers none of the rewrites may touch, each feeding an output of its own."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.read_conv, self.read_norm = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.training_conv, self.training_conv_norm = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.computed_weight = nn.Parameter(torch.randn(4, 3, 1, 1, generator=generator))
+        self.computed_bias, self.computed_norm = nn.Parameter(torch.randn(4, generator=generator)), nn.BatchNorm2d(4)
+        self.lopsided_width, self.lopsided_height = nn.ZeroPad2d((1, 1, 0, 2)), nn.ZeroPad2d((0, 2, 1, 1))
+        self.crop, self.already_padded, self.reflected = nn.ZeroPad2d(-1), nn.ZeroPad2d(1), nn.ZeroPad2d(1)
+        self.twice_read_pad = nn.ZeroPad2d(1)
+        self.width_conv, self.twice_read_conv = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+        self.padded_conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.reflect_conv = nn.Conv2d(3, 4, 3, padding_mode="reflect")
+        self.functional_weight = nn.Parameter(torch.randn(4, 3, 3, 3, generator=generator))
+        self.relu = nn.ReLU()
+
+    def forward(self, images):
+        read_twice = self.twice_read_pad(images)
+        return {
+            # the conv's weight and bias are read again by another node
+            "read": self.read_norm(self.read_conv(images)),
+            "read again": nn.functional.conv2d(images, self.read_conv.weight, self.read_conv.bias, 1, 1),
+            "training conv": self.training_conv_norm(self.training_conv(images)),
+            "computed bias": self.computed_norm(nn.functional.conv2d(images, self.computed_weight,
+                                                                     self.computed_bias * 2)),
+            "lopsided width": self.width_conv(self.lopsided_width(images)),
+            "lopsided height": nn.functional.conv2d(self.lopsided_height(images), self.functional_weight),
+            "crop": nn.functional.conv2d(self.crop(images), self.functional_weight),
+            "already padded": self.padded_conv(self.already_padded(images)),
+            "functional already padded": nn.functional.conv2d(self.already_padded(images), self.functional_weight,
+                                                              None, 1, 1),
+            "reflect": self.reflect_conv(self.reflected(images)),
+            "pad read twice": self.twice_read_conv(read_twice) + read_twice.sum(),
+            "out": self.relu(torch.add(images, 1.0, out=torch.empty_like(images))),
+        }
+
+
+def test_rewrites_leave_layers_whose_fold_would_change_the_codes_alone():
+    model = randomized_statistics(LeftAlone()).double().eval()
+    model.training_conv.train()
+    graph = fx.symbolic_trace(model)
+    pixels = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(pixels)
+        counts = fold_for_inference(graph)
+        got = graph(pixels)
+    assert counts == {"batch_norm": 0, "zero_pad": 0, "relu_in_place": 0} == graph.meta["folded_for_inference"]
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
 
 
 def test_extract_runs_the_folded_graph_and_finetune_keeps_batch_norm(image_folder, tmp_path):
