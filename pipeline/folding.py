@@ -5,7 +5,7 @@ A frozen BatchNorm in eval mode is an affine map per channel, so it can be baked
 bias of the convolution that feeds it (what TensorRT, ONNX Runtime and torch.jit.freeze do); a
 ZeroPad2d that pads each side by the same amount is the convolution's own zero padding; a ReLU whose
 input nothing else reads can overwrite it. On 2 CPU cores this runs efficientnet_lite0's forward pass
-1.33x faster and resnet50's 1.05x (bench/folded_graph.py); AlexNet and VGG have neither BatchNorm nor
+1.3x to 1.45x faster and resnet50's 1.05x (bench/folded_graph.py); AlexNet and VGG have neither BatchNorm nor
 padding layers. Only the stages that never train the graph use it (extract; predict and evaluate on
 images, with a head or a finetuned model); finetune keeps BatchNorm layers as modules.
 """
