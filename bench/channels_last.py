@@ -8,8 +8,6 @@ the medians. The ratio is the figure. Writes the section "channels_last on the C
 
 from __future__ import annotations
 
-import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from pipeline.backbones import TapModel, get_backbone, load_model, resolve_weigh
 from pipeline.finetune import training_step  # noqa: E402
 from pipeline.hardware import grad_scaler  # noqa: E402
 from pipeline.model_files import FinetuneModel  # noqa: E402
-from results import publish  # noqa: E402
+from results import backbone_arguments, publish, where_and_when  # noqa: E402
 
 SECTION = "## channels_last on the CPU"
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -72,13 +70,8 @@ def comparison_row(name: str, median: dict, before: str, after: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", default="alexnet,vgg16,resnet50,efficientnet_lite0")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=2, help="forward batches (and training steps) per measure")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
-    args = parser.parse_args(argv)
+    args = backbone_arguments(__doc__.splitlines()[0], 16, 2, "forward batches (and training steps) per measure"
+                              ).parse_args(argv)
     table = ["| backbone | forward NCHW img/s | forward channels_last img/s | ratio | training step (every layer) NCHW img/s "
              "| training step (every layer) channels_last img/s | ratio |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in args.backbones.split(","):
@@ -93,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         median = {key: float(np.median(values)) for key, values in rates.items()}
         table.append(comparison_row(name, median, "NCHW", "channels_last"))
     header = (f"Random weights, batch {args.batch_size}, float32, {args.batches} batches per measure, median of "
-              f"{args.rounds} rounds alternating the layouts in one process; {platform.machine()} CPU, "
-              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+              f"{args.rounds} rounds alternating the layouts in one process; {where_and_when()}. "
               "Command: `python bench/channels_last.py`")
     publish(SECTION, header, table, write=not args.no_write)
 

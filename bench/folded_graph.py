@@ -10,9 +10,7 @@ holds the medians and the largest row-wise relative difference of the codes. Wri
 
 from __future__ import annotations
 
-import argparse
 import copy
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.allocator import reused_memory  # noqa: E402
 from pipeline.backbones import TapModel, for_inference, get_backbone, load_model, resolve_weights  # noqa: E402
 from pipeline.hardware import prepare_module  # noqa: E402
-from results import publish  # noqa: E402
+from results import backbone_arguments, publish, where_and_when  # noqa: E402
 
 SECTION = "## Folded inference graph on the CPU"
 CPU = torch.device("cpu")
@@ -58,13 +56,7 @@ def forward_rate(model: torch.nn.Module, images: torch.Tensor, batches: int) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", default="alexnet,vgg16,resnet50,efficientnet_lite0")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=3, help="forward batches per measure")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
-    args = parser.parse_args(argv)
+    args = backbone_arguments(__doc__.splitlines()[0], 32, 3, "forward batches per measure").parse_args(argv)
     table = ["| backbone | layers folded (BatchNorm / pad / ReLU in place) | forward eager img/s "
              "| forward folded (tl) img/s | ratio | codes: max row-wise relative difference |",
              "|---|---|---:|---:|---:|---:|"]
@@ -85,10 +77,9 @@ def main(argv: list[str] | None = None) -> None:
             eager_rate, folded_rate = (float(np.median(rates[graph])) for graph in ("eager", "folded"))
             table.append(f"| {name} | {counts['batch_norm']} / {counts['zero_pad']} / {counts['relu_in_place']} "
                          f"| {eager_rate:.1f} | {folded_rate:.1f} | {folded_rate / eager_rate:.2f}x | {difference:.1e} |")
-    header = (f"Random weights (efficientnet_lite0: its ImageNet weights), batch {args.batch_size}, float32, "
-              f"channels_last, host memory reused, {args.batches} batches per measure, median of {args.rounds} "
-              f"rounds alternating the graphs in one process; {platform.machine()} CPU, {torch.get_num_threads()} "
-              f"torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+    header = (f"Random weights, BatchNorm statistics drawn away from the identity (efficientnet_lite0: its ImageNet "
+              f"weights), batch {args.batch_size}, float32, channels_last, host memory reused, {args.batches} batches "
+              f"per measure, median of {args.rounds} rounds alternating the graphs in one process; {where_and_when()}. "
               "Command: `python bench/folded_graph.py`")
     publish(SECTION, header, table, write=not args.no_write)
 

@@ -35,7 +35,7 @@ from channels_last import _model, comparison_row, forward_rate, training_rate  #
 from pipeline.backbones import get_backbone  # noqa: E402
 from pipeline.allocator import REUSE_VARIABLE, memory_kept, reused_memory  # noqa: E402
 from photos import write_photo_set  # noqa: E402
-from results import publish  # noqa: E402
+from results import publish, where_and_when  # noqa: E402
 
 SECTION = "## reused host memory on the CPU"
 CPU = torch.device("cpu")
@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"| {median['0', 'tree']:.2f} | {median['1', 'tree']:.2f} |")
     header = (f"Random weights, channels_last, float32, forward batch {args.forward_batch}, training batch "
               f"{args.training_batch}, {args.batches} batches per measure, each measure a whole process, median of "
-              f"{args.rounds} rounds alternating the settings; {platform.machine()} CPU, {torch.get_num_threads()} "
-              f"torch threads, glibc {platform.libc_ver()[1]}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. "
+              f"{args.rounds} rounds alternating the settings; {where_and_when(f'glibc {platform.libc_ver()[1]}')}. "
               "Command: `python bench/host_memory.py`")
     publish(SECTION, header, table, write=not args.no_write)
 

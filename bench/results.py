@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import platform
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -21,3 +24,22 @@ def publish(section: str, header: str, table: list[str], write: bool = True) -> 
     print(text)
     if write:
         record(section, text)
+
+
+def where_and_when(*extra: str) -> str:
+    """Where and when a CPU benchmark ran: "x86_64 CPU, 2 torch threads, [extra, ]torch 2.x, 2026-01-01"."""
+    import torch
+
+    return ", ".join([f"{platform.machine()} CPU", f"{torch.get_num_threads()} torch threads", *extra,
+                      f"torch {torch.__version__}", time.strftime("%Y-%m-%d")])
+
+
+def backbone_arguments(description: str, batch_size: int, batches: int, batches_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that times each registered backbone in alternating rounds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--backbones", default="alexnet,vgg16,resnet50,efficientnet_lite0")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--batches", type=int, default=batches, help=batches_help)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    return parser
