@@ -335,13 +335,18 @@ def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.de
     return for_inference(tap_model(load_model(backbone, weights), backbone, taps), device)
 
 
-def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` (a tap model, or a finetuned model around one) to run frozen: the graph of every TapModel
-    in it folded (folding.py), then prepare_module. Never for a model that trains afterwards."""
+def fold_taps(model: nn.Module) -> nn.Module:
+    """`model` (a tap model, or a finetuned model around one) with the graph of every TapModel in it
+    folded for inference (folding.py), in place. Never for a model that trains afterwards."""
     for module in model.modules():
         if isinstance(module, TapModel):
             fold_for_inference(module.extractor)
-    return prepare_module(model, device)
+    return model
+
+
+def for_inference(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` to run frozen on `device`: fold_taps, then prepare_module."""
+    return prepare_module(fold_taps(model), device)
 
 
 def tap_model(model: nn.Module, backbone: Backbone, taps: list[str]) -> nn.Module:

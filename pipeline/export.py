@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import __version__
-from pipeline.backbones import Backbone, get_backbone
+from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import decode_of, normalize
 from pipeline.errors import FinetuneError, TLError
@@ -171,7 +171,9 @@ def run_export(config: ExportConfig) -> ExportResult:
     crops, checked_on = check_batch(metadata, backbone)
     inputs = crops if raw_pixels else normalize(crops, backbone.mean, backbone.std)
     with torch.inference_mode():
-        expected = deployed(inputs).numpy()
+        expected = deployed(inputs).numpy()  # the model as it was trained
+    # the file runs the folded graph (BatchNorm in the convolutions), as tl's own inference does
+    fold_taps(deployed)
     contract = contract_of(metadata, backbone, raw_pixels)
     # exported in memory and written (atomically) only when it computes what the model computes
     exported = io.BytesIO()

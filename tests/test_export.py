@@ -125,3 +125,28 @@ def test_an_export_whose_contract_cannot_be_written_is_not_left_behind(model_fil
     with pytest.raises(TLError, match="is a folder"):
         export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts")
     assert not (tmp_path / "m.ts").exists()
+
+
+def test_exports_run_the_folded_graph_with_the_models_outputs(tmp_path):
+    """efficientnet_lite0 (BatchNorm after every conv): the exported graphs have none left, and label
+    images as the model file, unfolded, does."""
+    root = tmp_path
+    make_image_folder(root / "train", classes=("ant", "bee"), per_class=2)
+    run_extract(ExtractConfig(data=root / "train", out=root / "cache", backbone="efficientnet_lite0", workers=0,
+                              dtype="float32", quiet=True))
+    fit_head(FitHeadConfig(cache=root / "cache", out=root / "head.pt"))
+    run_finetune(FinetuneConfig(data=root / "train", head=root / "head.pt", out=root / "model.pt", epochs=0,
+                                workers=0, quiet=True), say=lambda text: None)
+    backbone = get_backbone("efficientnet_lite0")
+    source = open_source("imagefolder", root / "train")
+    crop = backbone.crop_decoder("fast")
+    crops = torch.stack([crop(source.read_image(i, crop.draft)) for i in range(len(source))])
+    expected = _model_probabilities(root, crops, backbone)
+    export_model(root / "model.pt", "torchscript", root / "m.ts")
+    loaded = _load_torchscript(root / "m.ts")
+    assert "batch_norm" not in str(loaded.inlined_graph)
+    with torch.inference_mode():
+        np.testing.assert_allclose(loaded(crops).numpy(), expected, atol=1e-5)
+    onnx = pytest.importorskip("onnx")
+    export_model(root / "model.pt", "onnx", root / "m.onnx")
+    assert "BatchNormalization" not in {node.op_type for node in onnx.load(str(root / "m.onnx")).graph.node}
