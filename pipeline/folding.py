@@ -5,9 +5,9 @@ A frozen BatchNorm in eval mode is an affine map per channel, so it can be baked
 bias of the convolution that feeds it (what TensorRT, ONNX Runtime and torch.jit.freeze do); a
 ZeroPad2d that pads each side by the same amount is the convolution's own zero padding; a ReLU whose
 input nothing else reads can overwrite it. On 2 CPU cores this runs efficientnet_lite0's forward pass
-1.3x to 1.45x faster and resnet50's 1.05x (bench/folded_graph.py); AlexNet and VGG have neither BatchNorm nor
-padding layers. Only the stages that never train the graph use it (extract; predict and evaluate on
-images, with a head or a finetuned model); finetune keeps BatchNorm layers as modules.
+1.3x to 1.45x faster and resnet50's 1.05x (bench/folded_graph.py); AlexNet and VGG have neither
+BatchNorm nor padding layers. Only the stages that never train the graph use it (extract; predict,
+evaluate and export, with a head or a finetuned model); finetune keeps BatchNorm layers as modules.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ def _relu_in_place(graph: fx.GraphModule, node: fx.Node, module: nn.Module | Non
     if function is None or source is None:
         return False
     fresh = (type(graph.get_submodule(source.target)) in _FRESH_MODULES if source.op == "call_module"
-             else source.op == "call_function" and source.target in _FRESH_FUNCTIONS and "out" not in source.kwargs)
+             else (source.op == "call_function" and source.target in _FRESH_FUNCTIONS
+                   and "out" not in source.kwargs))
     if not fresh:
         return False
     with graph.graph.inserting_after(node):
