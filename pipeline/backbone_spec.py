@@ -71,14 +71,15 @@ class Backbone:
         """A uint8 batch of crops -> the float input the weights expect, on the batch's device."""
         return normalize(pixels, self.mean, self.std)
 
-    def transform(self, *middle):
+    def transform(self):
         """PIL image -> normalised float tensor, as the weights were trained to expect: resize, centre
-        crop, then any `middle` transforms (PIL in, PIL out), then scale and normalise."""
+        crop, scale and normalise (torchvision's own transforms; the reference the decoding modes are
+        tested against)."""
         from torchvision import transforms
 
         resize = transforms.Resize(self.resize_size, interpolation=transforms.InterpolationMode[self.interpolation.upper()],
                                    antialias=True)
-        return transforms.Compose([resize, transforms.CenterCrop(self.input_size), *middle, *self.normalization()])
+        return transforms.Compose([resize, transforms.CenterCrop(self.input_size), *self.normalization()])
 
     def normalization(self) -> list:
         """PIL image -> float tensor scaled to [0, 1] and normalised by the weights' mean and std."""
