@@ -266,7 +266,7 @@ def _voc_of(photos: Path, root: Path) -> Path:
     return base
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=960, help="photos to make (ignored with --photos)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every measure; the table holds medians")
@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device-decode", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
     if args.measure:
         return _measure_main(args)
     device = resolve_device(args.device)

@@ -4,8 +4,12 @@ between the sessions that measure with it; its photo set has the promised size m
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pipeline.allocator import glibc_allocator
 from tests.conftest import REPO
@@ -140,3 +144,85 @@ def test_folded_graph_times_both_graphs_and_their_codes_agree(monkeypatch, capsy
     assert all(float(row[i]) > 0 for row in rows.values() for i in (2, 3))
     assert all(float(row[5]) < 1e-5 for row in rows.values())  # float32 rounding only
     assert (REPO / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_gpu_checks_record_each_step_and_go_on_after_a_failure(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("gpu_checks")
+    checks = bench.Checks(tmp_path, budget=30, header="header", least=0.5)
+    assert checks.run("fine", [sys.executable, "-c", "print('one'); print('two')"], 20) == (0, "one\ntwo\n")
+    checks.figure("3 rows")
+    code, output = checks.run("fails", [sys.executable, "-c", "import sys; print('why it failed'); sys.exit(3)"], 20)
+    assert code == 3 and "why it failed" in output
+    assert checks.run("hangs", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                      1)[0] == 124
+    checks.deadline = 0  # the budget is spent: what is left is not run
+    assert checks.run("late", [sys.executable, "-c", "print(1)"], 20) == (-1, "")
+    table = (tmp_path / "gpu_checks.md").read_text().splitlines()
+    assert table[0] == "header"
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.strip("|").split("|")] for line in table[4:]}
+    assert rows["fine"][1] == "ok" and rows["fine"][3] == "3 rows"
+    assert rows["fails"][1:4:2] == ["exit 3", "why it failed"]
+    assert rows["hangs"][1] == "stopped at its cap" and float(rows["hangs"][2]) < 20
+    assert rows["late"][1] == "not run: no time left"
+    log = (tmp_path / "gpu_checks.log").read_text()
+    assert "why it failed" in log and "[hangs: exit 124" in log
+
+
+def test_gpu_checks_data_takes_every_decoding_path_and_caches_compare(tmp_path, monkeypatch):
+    from tests.conftest import write_code_cache
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("gpu_checks")
+    bench.write_checks_data(tmp_path / "data", 4)
+    files = {path.name: path for path in (tmp_path / "data").rglob("*.*")}
+    assert len(files) == 8 and set(bench.ODD_FILES) <= set(files)
+    with Image.open(files["odd-cmyk.jpg"]) as image:
+        assert image.format == "JPEG" and image.mode == "CMYK"
+    with Image.open(files["odd-png.png"]) as image:
+        assert image.format == "PNG"
+    codes = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    first = write_code_cache(tmp_path / "first", codes, np.arange(6) % 2, ["a", "b"])
+    second = write_code_cache(tmp_path / "second", codes * 1.01, np.arange(6) % 2, ["a", "b"])
+    third = write_code_cache(tmp_path / "third", codes[:4], np.arange(4) % 2, ["a", "b"])
+    same, line = bench.compare_caches(first, second)
+    assert same and "median 9.9e-03" in line and "same samples: 6 kept, 0 skipped" in line
+    same, line = bench.compare_caches(first, third)
+    assert not same and "median 0.0e+00" in line and "DIFFERENT samples: 6 vs 4 kept" in line
+
+
+def test_gpu_checks_give_tl_commands_that_its_cli_takes(tmp_path, monkeypatch):
+    """The prepared GPU run is only run where a GPU is lent: its `tl` command lines are parsed here by
+    the CLI itself, so that an option renamed since cannot waste the GPU's minutes."""
+    import click
+
+    import cli
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("gpu_checks")
+    parsed = []
+
+    def parse_only(self, step, argv, cap, env=None):
+        if argv[0] == "tl":
+            command = cli.tl.commands[argv[1]]
+            with command.make_context(argv[1], list(argv[2:])) as context:
+                parsed.append((argv[1], context.params))
+        elif argv[1].startswith("bench/"):  # a bench's own parser: exit 2 on an unknown option
+            script = Path(argv[1]).stem
+            parsed.append((script, vars(importlib.import_module(script).arguments().parse_args(argv[2:]))))
+        self.add(step, "parsed")
+        return 0, ""
+
+    monkeypatch.setattr(bench.Checks, "run", parse_only)
+    monkeypatch.setattr(bench, "compare_caches", lambda first, second: (True, ""))
+    monkeypatch.setattr(bench, "_accuracy", lambda report: "")
+    checks = bench.Checks(tmp_path, budget=30)
+    bench.functional_checks(checks, "cuda", tmp_path, 4)
+    assert [name for name, _ in parsed] == ["extract"] * 5 + ["fit-head"] * 2 + ["evaluate", "finetune", "finetune",
+                                                             "evaluate", "predict", "export"]
+    assert {params["device"] for name, params in parsed if "device" in params} == {"cuda", "cpu"}
+    parsed.clear()
+    bench.benches(checks, "cuda", tmp_path, 8, 4)
+    assert [name for name, _ in parsed] == ["folded_graph"] * 2 + ["extract_throughput"] * 4
+    assert all(params["device"] == "cuda" and params["no_write"] for _, params in parsed)
+    assert isinstance(cli.tl, click.Group)
