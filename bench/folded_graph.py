@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
               f"weights), batch {args.batch_size}, {precision}, channels_last, host memory reused, {batches} batches "
               f"per measure, median of {args.rounds} rounds alternating the graphs in one process; {where}. "
               f"Command: `{command}`")
-    section = SECTION + ("the CPU" if device.type == "cpu" else "CUDA") + ("" if precision == "float32" else f" ({precision})")
+    section = (SECTION + ("the CPU" if device.type == "cpu" else "CUDA")
+               + ("" if precision == "float32" else f" ({precision})"))
     publish(section, header, table, write=not args.no_write)
 
 

@@ -164,7 +164,8 @@ def functional_checks(checks: Checks, device: str, work: Path, images: int) -> N
         sys.executable, "-c", "import sys; from pathlib import Path; "
         "from pipeline.extract import ExtractConfig, run_extract; "
         f"run_extract(ExtractConfig(data=Path({str(data)!r}), out=Path({str(workers)!r}), backbone='alexnet', "
-        f"weights='none', layers=('fc7',), device={device!r}, precision='float32', quiet=True, device_decode='off'))"], 120)
+        f"weights='none', layers=('fc7',), device={device!r}, precision='float32', quiet=True, "
+        "device_decode='off'))"], 120)
     cpu = work / "cache-cpu-float32"
     cpu_code, _ = checks.run("tl extract --device cpu, float32 (the reference)",
                              ["tl", "extract", *common, "--device", "cpu", "--precision", "float32", "--out", str(cpu)],
@@ -222,8 +223,8 @@ def benches(checks: Checks, device: str, work: Path, images: int, loop_workers: 
     """The benches, most wanted first, each within what is left; their tables go to the log."""
     photos = work / "photos"
     checks.run("bench photos", [sys.executable, "-c", f"import sys; sys.path[:0] = [{str(ROOT / 'bench')!r}]; "
-                                f"from photos import write_photo_set; print(write_photo_set({str(photos)!r}, {images}))"],
-               180)
+                                "from photos import write_photo_set; "
+                                f"print(write_photo_set({str(photos)!r}, {images}))"], 180)
     backbones = "alexnet,vgg16,resnet50" + (",efficientnet_lite0" if _offline_weights() else "")
     folded = [sys.executable, "bench/folded_graph.py", "--device", device, "--no-write", "--rounds", "3",
               "--backbones", backbones]
@@ -256,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=480, help="seconds for everything")
     parser.add_argument("--loop-workers", type=int, default=8, help="the plain loop's workers in the bench")
     parser.add_argument("--no-benches", action="store_true")
-    parser.add_argument("--work", default=None, help="folder for the data, caches and models [default: a new temporary one]")
+    parser.add_argument("--work", default=None,
+                        help="folder for the data, caches and models [default: a new temporary one]")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, out: Path, work: Path) -> int:
-    checks = Checks(out, args.budget, f"`python bench/gpu_checks.py --device {args.device}`, {time.strftime('%Y-%m-%d')}; "
-                    f"{args.images} photos for the stages, {args.bench_images} for the benches")
+    checks = Checks(out, args.budget, f"`python bench/gpu_checks.py --device {args.device}`, "
+                    f"{time.strftime('%Y-%m-%d')}; {args.images} photos for the stages, {args.bench_images} for the benches")
     _, output = checks.run("environment", [
         sys.executable, "-c", "import os, sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', "
         "torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.is_available() and "
