@@ -7,6 +7,7 @@ graphs under that autocast, against the eager graph in float32). Writes the sect
 graph on the CPU" (or "... on CUDA", and " (float16)" for another precision) of bench/RESULTS.md.
 
     python bench/folded_graph.py
+    python bench/folded_graph.py --backbones timm:efficientnet_b0,timm:resnet50    # timm's (the timm extra)
     python bench/folded_graph.py --device cuda --precision float16
 """
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline.allocator import reused_memory  # noqa: E402
-from pipeline.backbones import TapModel, for_inference, get_backbone, load_model, resolve_weights  # noqa: E402
+from pipeline.backbones import for_inference, get_backbone, load_model, resolve_weights, tap_model  # noqa: E402
 from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision  # noqa: E402
 from results import backbone_arguments, publish, where_and_when  # noqa: E402
 
@@ -44,7 +45,7 @@ def graphs(name: str, device: torch.device) -> dict:
         if isinstance(layer, torch.nn.BatchNorm2d) and not pretrained:
             layer.running_mean.normal_(0, 0.5, generator=generator)
             layer.running_var.uniform_(0.5, 2, generator=generator)
-    eager = TapModel(full, backbone, [backbone.default_tap])
+    eager = tap_model(full, backbone, [backbone.default_tap])
     return {"eager": prepare_module(copy.deepcopy(eager), device), "folded": for_inference(eager, device)}
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.backbones.split(","):
             backbone = get_backbone(name)
             models = graphs(name, device)
-            counts = models["folded"].extractor.meta["folded_for_inference"]
+            counts = getattr(models["folded"].extractor, "meta", {}).get("folded_for_inference")  # None: eager
             images = torch.randn(args.batch_size, 3, backbone.input_size, backbone.input_size,
                                  generator=torch.Generator().manual_seed(0)).to(device).contiguous(
                                      memory_format=torch.channels_last)
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
                 for graph, model in models.items():
                     rates[graph].append(forward_rate(model, images, batches, precision))
             eager_rate, folded_rate = (float(np.median(rates[graph])) for graph in ("eager", "folded"))
-            table.append(f"| {name} | {counts['batch_norm']} / {counts['zero_pad']} / {counts['relu_in_place']} "
+            folded_layers = ("not traced: eager" if counts is None else
+                             f"{counts['batch_norm']} / {counts['zero_pad']} / {counts['relu_in_place']}")
+            table.append(f"| {name} | {folded_layers} "
                          f"| {eager_rate:.1f} | {folded_rate:.1f} | {folded_rate / eager_rate:.2f}x | {difference:.1e} |")
     where = (where_and_when() if device.type == "cpu"
              else f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.backbone_spec import Backbone, Tap
-from pipeline.timm_backbones import TIMM_PREFIX, timm_backbone, timm_models
+from pipeline.timm_backbones import TIMM_PREFIX, TimmTaps, timm_backbone, timm_models
 from pipeline.errors import BackboneError
 from pipeline.files import file_digest
 from pipeline.folding import fold_for_inference
@@ -33,7 +33,9 @@ def register(backbone: Backbone) -> Backbone:
 
 
 def list_backbones() -> list[str]:
-    return sorted(_REGISTRY)
+    """The built-in backbones' names; `timm:MODEL` entries made on first use are left out (any model of
+    timm's catalogue is one), so the list is the same whatever this process built before."""
+    return sorted(name for name in _REGISTRY if not name.startswith(TIMM_PREFIX))
 
 
 def weights_here(backbone: Backbone) -> bool:
@@ -283,6 +285,13 @@ class TapModel(nn.Module):
         outputs = self.extractor(images)
         return {tap: outputs[tap].flatten(1) for tap in self.taps}
 
+    def fold_for_inference(self) -> dict:
+        """Fold the graph for inference (folding.py), in place; what was folded."""
+        return fold_for_inference(self.extractor)
+
+
+FOLDABLE = (TapModel, TimmTaps)  # tap models whose graph fold_taps folds
+
 
 # ---------------------------------------------------------------- registry entries
 
@@ -336,11 +345,11 @@ def prepare_model(backbone: Backbone, weights, taps: list[str], device: torch.de
 
 
 def fold_taps(model: nn.Module) -> nn.Module:
-    """`model` (a tap model, or a finetuned model around one) with the graph of every TapModel in it
-    folded for inference (folding.py), in place. Never for a model that trains afterwards."""
-    for module in model.modules():
-        if isinstance(module, TapModel):
-            fold_for_inference(module.extractor)
+    """`model` (a tap model, or a finetuned model around one) with the graph of every tap model in it
+    (TapModel, TimmTaps) folded for inference (folding.py), in place. Never for a model that trains
+    afterwards."""
+    for module in [module for module in model.modules() if isinstance(module, FOLDABLE)]:
+        module.fold_for_inference()
     return model
 
 

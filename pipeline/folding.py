@@ -22,18 +22,21 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 _CONV_FUNCTIONS = (torch.conv2d, nn.functional.conv2d)
 
 
-def fold_for_inference(graph: fx.GraphModule) -> dict:
+def fold_for_inference(graph: fx.GraphModule, norm_act: tuple[type, ...] = ()) -> dict:
     """Rewrite `graph` in place; returns how many layers were rewritten, {"batch_norm": n, "zero_pad": n,
     "relu_in_place": n}, and records it in `graph.meta["folded_for_inference"]`. A layer whose input is
     also returned (a tap) or used elsewhere is left as it is. Modules the graph shares with the model it
-    was traced from are replaced, never changed: that model keeps its own layers."""
+    was traced from are replaced, never changed: that model keeps its own layers. `norm_act`: BatchNorm2d
+    subclasses whose forward is batch norm, then their `drop` and `act` modules (timm's BatchNormAct2d):
+    folded too, their `drop` and `act` kept as calls of their own."""
     modules = dict(graph.named_modules())
     folded = {"batch_norm": 0, "zero_pad": 0, "relu_in_place": 0}
     for node in list(graph.graph.nodes):
         if node.op != "call_module":
             continue
         module = modules.get(node.target)
-        if type(module) is nn.BatchNorm2d and _fold_batch_norm(graph, modules, node, module):
+        if (type(module) is nn.BatchNorm2d or type(module) in norm_act) and _fold_batch_norm(graph, modules, node,
+                                                                                            module):
             folded["batch_norm"] += 1
         elif type(module) is nn.ZeroPad2d and _fold_zero_pad(graph, modules, node, module):
             folded["zero_pad"] += 1
@@ -98,7 +101,16 @@ def _fold_batch_norm(graph: fx.GraphModule, modules: dict, node: fx.Node, norm: 
             arguments[1] = graph.graph.get_attr(f"{name}_weight")
             arguments[2] = graph.graph.get_attr(f"{name}_bias")
         conv.args = tuple(arguments)
-    node.replace_all_uses_with(conv)
+    result = conv
+    if type(norm) is not nn.BatchNorm2d:  # a norm + act module: its dropout and activation stay, as modules
+        for part in ("drop", "act"):  # of the graph's own (the norm's path goes: the model's norm keeps them)
+            if type(getattr(norm, part)) is not nn.Identity:
+                name = _free_name(graph, f"folded_{part}", "")
+                graph.add_submodule(name, getattr(norm, part))
+                modules[name] = getattr(norm, part)
+                with graph.graph.inserting_before(node):
+                    result = graph.graph.call_module(name, (result,))
+    node.replace_all_uses_with(result)
     graph.graph.erase_node(node)
     return True
 
@@ -170,9 +182,10 @@ def _attribute(graph: fx.GraphModule, target: str) -> torch.Tensor:
     return value
 
 
-def _free_name(graph: fx.GraphModule, stem: str) -> str:
+def _free_name(graph: fx.GraphModule, stem: str, suffix: str = "_weight") -> str:
+    """stem + the first index at which the graph has no attribute stem + index + suffix."""
     index = 0
-    while hasattr(graph, f"{stem}{index}_weight"):
+    while hasattr(graph, f"{stem}{index}{suffix}"):
         index += 1
     return f"{stem}{index}"
 

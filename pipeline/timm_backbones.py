@@ -135,14 +135,60 @@ class TimmTaps(nn.Module):
         elif hasattr(model, "reset_classifier"):
             model.reset_classifier(0)  # the ImageNet classifier is never used: pre-logits are the tap
         self.extractor = model.eval()
+        self.traced = False  # True once fold_for_inference made `extractor` this module's folded FX graph
+
+    def fold_for_inference(self) -> dict:
+        """For frozen runs only: this module's forward traced into an FX graph (timm's no-trace modules and
+        functions stay calls), BatchNorm folded (BatchNormAct2d too, folding.py), and run from then on as
+        `extractor`; what was folded. A model FX cannot trace, or whose traced graph does not give the
+        eager codes on a probe batch, stays eager: {}."""
+        from timm.layers import BatchNormAct2d, get_notrace_functions, get_notrace_modules
+        from torch import fx
+
+        from pipeline.folding import fold_for_inference
+
+        if self.traced:
+            return self.extractor.meta["folded_for_inference"]
+        leaves = tuple(get_notrace_modules())
+
+        class Tracer(fx.Tracer):
+            def is_leaf_module(self, module, name):
+                return isinstance(module, leaves) or super().is_leaf_module(module, name)
+
+        functions = tuple(function for function in get_notrace_functions() if callable(function))
+        try:
+            graph = fx.GraphModule(self, Tracer(autowrap_functions=functions).trace(self), class_name="TimmTaps")
+        except Exception:  # noqa: BLE001 - FX refuses models in many ways (data-dependent shapes, ...)
+            return {}
+        folded = fold_for_inference(graph, norm_act=(BatchNormAct2d,))
+        if not self._same_codes(graph):
+            return {}
+        self.extractor, self.traced = graph.eval(), True
+        return folded
+
+    def _same_codes(self, graph: nn.Module) -> bool:
+        """Whether `graph` gives this module's codes, to float32 rounding, on a seeded probe batch."""
+        parameter = next(self.extractor.parameters(), torch.empty(0))
+        size = getattr(self.extractor, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+        probe = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(parameter.device, parameter.dtype)
+        with torch.inference_mode():
+            expected, folded = self(probe), graph(probe)
+        return all(torch.allclose(folded[tap].float(), expected[tap].float(), rtol=1e-3,
+                                  atol=1e-3 * float(expected[tap].abs().max()) + 1e-6) for tap in self.taps)
 
     def forward(self, images):
-        outputs = {}
-        if self.stages:
-            maps = self.extractor.forward_intermediates(images, indices=self.stages, intermediates_only=True)
+        if self.traced:
+            return self.extractor(images)
+        outputs, features = {}, None
+        if self.stages:  # with the pool tap too, one pass: its final features are forward_features'
+            maps = self.extractor.forward_intermediates(images, indices=self.stages,
+                                                        intermediates_only="pool" not in self.taps)
+            if "pool" in self.taps:
+                features, maps = maps
             outputs.update({f"stage{index}": feature.mean(dim=(2, 3)) for index, feature in zip(self.stages, maps)})
         if "pool" in self.taps:
-            outputs["pool"] = self.extractor.forward_head(self.extractor.forward_features(images), pre_logits=True)
+            features = self.extractor.forward_features(images) if features is None else features
+            outputs["pool"] = self.extractor.forward_head(features, pre_logits=True)
         return {tap: outputs[tap].flatten(1) for tap in self.taps}
 
 

@@ -1,10 +1,12 @@
 """`--backbone timm:MODEL`: codes equal timm's own forward (pooled pre-logits, pooled feature stages)
 with seeded weights and with a saved state dict; the pixels come from the model's pretrained config
 and enter the cache key with the timm version and tag; a head on timm codes finetunes; bad names are
-one line. timm is imported only when a timm backbone is asked for."""
+one line. timm is imported only when a timm backbone is asked for. Frozen runs trace and fold the
+graph (BatchNormAct2d too) with the same codes, or stay eager; stage and pool taps take one pass."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -151,3 +153,74 @@ def test_a_state_dict_with_another_classifier_loads(images, tmp_path):
     torch.save(ten_classes.state_dict(), tmp_path / "r18_10.pt")
     _, codes = _extract(images, tmp_path / "c", str(tmp_path / "r18_10.pt"))
     np.testing.assert_allclose(codes["pool"], _reference_codes(ten_classes, images)["pool"], atol=1e-4, rtol=1e-4)
+
+
+def _timm_taps(name: str, taps: list[str]):
+    """A seeded timm tap model whose BatchNorm statistics are far from the identity."""
+    from pipeline.backbones import load_model, resolve_weights, tap_model
+    from tests.test_folding import randomized_statistics
+
+    backbone = get_backbone(f"timm:{name}")
+    torch.manual_seed(0)
+    model = tap_model(load_model(backbone, resolve_weights(backbone, "none")), backbone, taps).eval()
+    return randomized_statistics(model), backbone
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_050"])  # BatchNorm2d; BatchNormAct2d
+def test_timm_graphs_are_traced_and_folded_with_the_same_codes(name):
+    from pipeline.backbones import for_inference
+    from timm.layers import BatchNormAct2d
+
+    model, backbone = _timm_taps(name, ["stage2", "pool"])
+    norms = [layer for layer in model.modules() if isinstance(layer, torch.nn.BatchNorm2d)]
+    assert any(type(layer) is BatchNormAct2d for layer in norms) == (name != "resnet18")
+    eager, original = copy.deepcopy(model).double(), model.extractor
+    folded = for_inference(model.double(), torch.device("cpu"))
+    assert folded.traced and folded.extractor.meta["folded_for_inference"]["batch_norm"] == len(norms)
+    assert not any(isinstance(layer, torch.nn.BatchNorm2d) for layer in folded.modules())
+    pixels = torch.randn(2, 3, backbone.input_size, backbone.input_size, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected, codes = eager(pixels), folded(pixels)
+        kept = original.forward_head(original.forward_features(pixels), pre_logits=True)  # never changed
+    for tap in ("stage2", "pool"):
+        assert float((codes[tap] - expected[tap]).norm() / expected[tap].norm()) < 1e-10
+    assert torch.equal(kept, expected["pool"])
+
+
+def test_stage_and_pool_taps_run_the_timm_model_once():
+    model, _ = _timm_taps("resnet18", ["stage1", "pool"])
+    calls = []
+    model.extractor.conv1.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        codes = model(torch.randn(2, 3, 224, 224))
+        pool = model.extractor.forward_head(model.extractor.forward_features(torch.randn(2, 3, 224, 224)),
+                                            pre_logits=True)
+    assert len(calls) == 2 and set(codes) == {"stage1", "pool"} and codes["pool"].shape == pool.shape
+
+
+def test_a_timm_graph_that_cannot_be_traced_or_differs_stays_eager(monkeypatch):
+    from torch import fx
+
+    import pipeline.folding
+
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    model, _ = _timm_taps("resnet18", ["pool"])
+    with torch.inference_mode():
+        expected = model(pixels)["pool"]
+    with monkeypatch.context() as patched:
+        patched.setattr(fx.Tracer, "trace", lambda *args, **kwargs: (_ for _ in ()).throw(fx.proxy.TraceError("no")))
+        assert model.fold_for_inference() == {} and not model.traced
+    fold = pipeline.folding.fold_for_inference
+
+    def wrong_fold(graph, **options):  # a fold whose graph gives other codes
+        counts = fold(graph, **options)
+        graph.register_forward_hook(lambda module, inputs, outputs: {tap: 2 * v for tap, v in outputs.items()})
+        return counts
+
+    monkeypatch.setattr(pipeline.folding, "fold_for_inference", wrong_fold)
+    assert model.fold_for_inference() == {} and not model.traced
+    with torch.inference_mode():
+        assert torch.equal(model(pixels)["pool"], expected)
+    monkeypatch.setattr(pipeline.folding, "fold_for_inference", fold)
+    assert model.fold_for_inference()["batch_norm"] == 20 and model.traced
