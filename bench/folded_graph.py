@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"| {eager_rate:.1f} | {folded_rate:.1f} | {folded_rate / eager_rate:.2f}x | {difference:.1e} |")
     where = (where_and_when() if device.type == "cpu"
              else f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    command = ("python bench/folded_graph.py" + ("" if device.type == "cpu" else " --device cuda")
+    default = arguments().get_default("backbones")
+    command = ("python bench/folded_graph.py" + ("" if args.backbones == default else f" --backbones {args.backbones}")
+               + ("" if device.type == "cpu" else " --device cuda")
                + ("" if precision == "float32" else f" --precision {precision}"))
     header = (f"Random weights, BatchNorm statistics drawn away from the identity (efficientnet_lite0: its ImageNet "
               f"weights), batch {args.batch_size}, {precision}, channels_last, host memory reused, {batches} batches "
