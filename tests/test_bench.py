@@ -218,8 +218,9 @@ def test_gpu_checks_give_tl_commands_that_its_cli_takes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_accuracy", lambda report: "")
     checks = bench.Checks(tmp_path, budget=30)
     bench.functional_checks(checks, "cuda", tmp_path, 4)
-    assert [name for name, _ in parsed] == ["extract"] * 5 + ["fit-head"] * 2 + ["evaluate", "finetune", "finetune",
-                                                             "evaluate", "predict", "export"]
+    stages = ["extract"] * 5 + ["fit-head"] * 2 + ["evaluate", "finetune", "finetune", "evaluate", "predict", "export"]
+    # the test extra installs timm (its extraction on the device and on the CPU) and the offline weights
+    assert [name for name, _ in parsed] == stages + ["extract"] * 2 + ["quickstart"]
     assert {params["device"] for name, params in parsed if "device" in params} == {"cuda", "cpu"}
     parsed.clear()
     bench.benches(checks, "cuda", tmp_path, 8, 4)
