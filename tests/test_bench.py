@@ -181,6 +181,9 @@ def test_gpu_checks_data_takes_every_decoding_path_and_caches_compare(tmp_path, 
         assert image.format == "JPEG" and image.mode == "CMYK"
     with Image.open(files["odd-png.png"]) as image:
         assert image.format == "PNG"
+    photos = sorted((tmp_path / "data").glob("*/*.jpg"))
+    assert bench.repeat_photos(tmp_path / "data", 3) == 3 * len(photos) == len(list((tmp_path / "data").glob("*/*.jpg")))
+    assert all(path.with_name(f"{path.stem}-2.jpg").read_bytes() == path.read_bytes() for path in photos)
     codes = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
     first = write_code_cache(tmp_path / "first", codes, np.arange(6) % 2, ["a", "b"])
     second = write_code_cache(tmp_path / "second", codes * 1.01, np.arange(6) % 2, ["a", "b"])
