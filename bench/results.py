@@ -14,7 +14,7 @@ def record(section: str, text: str) -> None:
     """Replace (or append) this section of RESULTS.md, leaving the other sections alone."""
     content = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     blocks = content.split("\n## ")
-    kept = [blocks[0]] + [b for b in blocks[1:] if not ("## " + b).startswith(section)]
+    kept = [blocks[0]] + [b for b in blocks[1:] if ("## " + b).split("\n", 1)[0].rstrip() != section]
     RESULTS.write_text("\n## ".join(kept).rstrip() + f"\n\n{section}\n\n{text}\n")
 
 

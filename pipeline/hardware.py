@@ -69,7 +69,13 @@ def prepare_module(module: nn.Module, device: torch.device) -> nn.Module:
     module = module.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    return module.to(memory_format=torch.channels_last)
+    return module._apply(_channels_last)
+
+
+def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """A 4-D tensor in channels_last memory; others as they are. Module.to(memory_format=) also converts
+    5-D tensors, which channels_last refuses: a traced Swin's attention masks are 5-D constants."""
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
 
 def pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -140,15 +140,18 @@ class TimmTaps(nn.Module):
     def fold_for_inference(self) -> dict:
         """For frozen runs only: this module's forward traced into an FX graph (timm's no-trace modules and
         functions stay calls), BatchNorm folded (BatchNormAct2d too, folding.py), and run from then on as
-        `extractor`; what was folded. A model FX cannot trace, or whose traced graph does not give the
-        eager codes on a probe batch, stays eager: {}."""
-        from timm.layers import BatchNormAct2d, get_notrace_functions, get_notrace_modules
+        `extractor`; what was folded. A model FX cannot trace, with nothing to fold (LayerNorm families),
+        or whose folded graph does not give the eager codes on a probe batch, stays eager: {}."""
         from torch import fx
 
         from pipeline.folding import fold_for_inference
 
         if self.traced:
             return self.extractor.meta["folded_for_inference"]
+        try:
+            from timm.layers import BatchNormAct2d, get_notrace_functions, get_notrace_modules
+        except ImportError:  # a timm without FX helpers: eager
+            return {}
         leaves = tuple(get_notrace_modules())
 
         class Tracer(fx.Tracer):
@@ -161,7 +164,7 @@ class TimmTaps(nn.Module):
         except Exception:  # noqa: BLE001 - FX refuses models in many ways (data-dependent shapes, ...)
             return {}
         folded = fold_for_inference(graph, norm_act=(BatchNormAct2d,))
-        if not self._same_codes(graph):
+        if not any(folded.values()) or not self._same_codes(graph):  # nothing gained, or not the same codes
             return {}
         self.extractor, self.traced = graph.eval(), True
         return folded
@@ -181,10 +184,11 @@ class TimmTaps(nn.Module):
             return self.extractor(images)
         outputs, features = {}, None
         if self.stages:  # with the pool tap too, one pass: its final features are forward_features'
-            maps = self.extractor.forward_intermediates(images, indices=self.stages,
-                                                        intermediates_only="pool" not in self.taps)
-            if "pool" in self.taps:
-                features, maps = maps
+            if "pool" in self.taps:  # to the last stage, whichever the deepest tap (Hiera stops early by default)
+                features, maps = self.extractor.forward_intermediates(images, indices=self.stages, stop_early=False,
+                                                                      intermediates_only=False)
+            else:
+                maps = self.extractor.forward_intermediates(images, indices=self.stages, intermediates_only=True)
             outputs.update({f"stage{index}": feature.mean(dim=(2, 3)) for index, feature in zip(self.stages, maps)})
         if "pool" in self.taps:
             features = self.extractor.forward_features(images) if features is None else features

@@ -4,7 +4,10 @@ between the sessions that measure with it; its photo set has the promised size m
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +169,34 @@ def test_gpu_checks_record_each_step_and_go_on_after_a_failure(tmp_path, monkeyp
     assert rows["hangs"][1] == "stopped at its cap" and float(rows["hangs"][2]) < 20
     assert rows["late"][1] == "not run: no time left"
     log = (tmp_path / "gpu_checks.log").read_text()
-    assert "why it failed" in log and "[hangs: exit 124" in log
+    assert "why it failed" in log and "[hangs: exit 124" in log and "started" in log
+
+
+def test_a_gpu_check_stopped_at_its_cap_takes_the_processes_it_started_with_it(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("gpu_checks")
+    marker = tmp_path / "grandchild.pid"
+    grandchild = ("import os, time; open(%r, 'w').write(str(os.getpid())); time.sleep(60)" % str(marker))
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    checks = bench.Checks(tmp_path, budget=30, least=0.5)
+    started = time.monotonic()
+    assert checks.run("bench", [sys.executable, "-c", child], 3)[0] == 124
+    assert time.monotonic() - started < 30  # not held until the grandchild's minute is over
+    pid = int(marker.read_text())
+
+    def alive() -> bool:  # a zombie (killed, not yet reaped by whoever adopted it) is not
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+    for _ in range(50):  # the kill is sent; the process may take a moment to go
+        if not alive():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the grandchild outlived its step's cap")
 
 
 def test_gpu_checks_data_takes_every_decoding_path_and_caches_compare(tmp_path, monkeypatch):
@@ -213,20 +243,40 @@ def test_gpu_checks_give_tl_commands_that_its_cli_takes(tmp_path, monkeypatch):
         elif argv[1].startswith("bench/"):  # a bench's own parser: exit 2 on an unknown option
             script = Path(argv[1]).stem
             parsed.append((script, vars(importlib.import_module(script).arguments().parse_args(argv[2:]))))
+        elif "run_extract(" in argv[-1]:  # the extraction with JPEGs in workers: its ExtractConfig is built
+            exec(argv[-1], {})
         self.add(step, "parsed")
         return 0, ""
 
     monkeypatch.setattr(bench.Checks, "run", parse_only)
+    monkeypatch.setattr("pipeline.extract.run_extract", lambda config: parsed.append(("run_extract", vars(config))))
     monkeypatch.setattr(bench, "compare_caches", lambda first, second: (True, ""))
     monkeypatch.setattr(bench, "_accuracy", lambda report: "")
     checks = bench.Checks(tmp_path, budget=30)
     bench.functional_checks(checks, "cuda", tmp_path, 4)
-    stages = ["extract"] * 5 + ["fit-head"] * 2 + ["evaluate", "finetune", "finetune", "evaluate", "predict", "export"]
+    stages = ["extract"] * 4 + ["run_extract", "extract"] + ["fit-head"] * 2 + ["evaluate", "finetune", "finetune",
+                                                                                 "evaluate", "predict", "export"]
     # the test extra installs timm (its extraction on the device and on the CPU) and the offline weights
     assert [name for name, _ in parsed] == stages + ["extract"] * 2 + ["quickstart"]
     assert {params["device"] for name, params in parsed if "device" in params} == {"cuda", "cpu"}
+    workers = next(params for name, params in parsed if name == "run_extract")
+    assert workers["device_decode"] == "off" and workers["dtype"] == "float32"
     parsed.clear()
     bench.benches(checks, "cuda", tmp_path, 8, 4)
-    assert [name for name, _ in parsed] == ["folded_graph"] * 2 + ["extract_throughput"] * 4
+    assert [name for name, _ in parsed] == ["folded_graph"] * 2 + ["extract_throughput"] * 6
     assert all(params["device"] == "cuda" and params["no_write"] for _, params in parsed)
+    assert [(params["backbones"], params["precision"], params["decode"]) for _, params in parsed[2:]] == [
+        ("alexnet", "float16", "fast"), ("alexnet", "float32", "fast"), ("alexnet", "bfloat16", "fast"),
+        ("resnet50", "float16", "fast"), ("vgg16", "float16", "fast"), ("alexnet", "float16", "fast,exact")]
     assert isinstance(cli.tl, click.Group)
+
+
+def test_a_section_of_the_results_is_replaced_by_its_own_heading_only(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    results = importlib.import_module("results")
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
+    results.record("## Folded inference graph on CUDA (float16)", "half")
+    results.record("## Folded inference graph on CUDA", "single")
+    results.record("## Folded inference graph on CUDA", "single again")
+    text = results.RESULTS.read_text()
+    assert "half" in text and "single again" in text and text.count("## Folded inference graph on CUDA\n") == 1

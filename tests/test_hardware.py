@@ -82,6 +82,16 @@ def test_models_and_image_batches_run_in_channels_last_on_the_cpu_too():
         torch.testing.assert_close(model[0](moved), model[0](images.contiguous()))
 
 
+def test_a_module_with_a_5d_tensor_is_prepared_too():
+    """channels_last takes 4-D tensors: a 5-D buffer (a traced Swin's attention masks) stays as it is
+    instead of failing the conversion, as Module.to(memory_format=) would."""
+    model = torch.nn.Conv2d(3, 4, 3)
+    model.register_buffer("mask", torch.randn(1, 2, 3, 4, 5))
+    prepared = prepare_module(model, CPU)
+    assert prepared.weight.is_contiguous(memory_format=torch.channels_last)
+    assert prepared.mask.shape == (1, 2, 3, 4, 5) and prepared.mask.is_contiguous()
+
+
 def test_crops_are_stacked_straight_into_channels_last():
     crops = [torch.randint(0, 256, (5, 4, 3), dtype=torch.uint8).permute(2, 0, 1) for _ in range(3)]  # as from PIL
     batch = stack_channels_last(crops)

@@ -188,15 +188,20 @@ def test_timm_graphs_are_traced_and_folded_with_the_same_codes(name):
     assert torch.equal(kept, expected["pool"])
 
 
-def test_stage_and_pool_taps_run_the_timm_model_once():
-    model, _ = _timm_taps("resnet18", ["stage1", "pool"])
+@pytest.mark.parametrize("name", ["resnet18", "hiera_tiny_224"])  # Hiera's forward_intermediates stops early
+def test_stage_and_pool_taps_run_the_timm_model_once(name):
+    model, backbone = _timm_taps(name, ["stage1", "pool"])
+    timm_model = model.extractor
     calls = []
-    model.extractor.conv1.register_forward_hook(lambda *_: calls.append(1))
+    next(layer for layer in timm_model.modules() if isinstance(layer, torch.nn.Conv2d)).register_forward_hook(
+        lambda *_: calls.append(1))
+    pixels = torch.randn(2, 3, backbone.input_size, backbone.input_size, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        codes = model(torch.randn(2, 3, 224, 224))
-        pool = model.extractor.forward_head(model.extractor.forward_features(torch.randn(2, 3, 224, 224)),
-                                            pre_logits=True)
-    assert len(calls) == 2 and set(codes) == {"stage1", "pool"} and codes["pool"].shape == pool.shape
+        codes = model(pixels)
+        assert len(calls) == 1
+        pool = timm_model.forward_head(timm_model.forward_features(pixels), pre_logits=True)
+        stage = timm_model.forward_intermediates(pixels, indices=[1], intermediates_only=True)[0]
+    assert torch.equal(codes["pool"], pool) and torch.equal(codes["stage1"], stage.mean(dim=(2, 3)))
 
 
 def test_a_timm_graph_that_cannot_be_traced_or_differs_stays_eager(monkeypatch):
@@ -205,7 +210,7 @@ def test_a_timm_graph_that_cannot_be_traced_or_differs_stays_eager(monkeypatch):
     import pipeline.folding
 
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    model, _ = _timm_taps("resnet18", ["pool"])
+    model, _ = _timm_taps("resnet18", ["stage2", "pool"])
     with torch.inference_mode():
         expected = model(pixels)["pool"]
     with monkeypatch.context() as patched:
@@ -213,9 +218,9 @@ def test_a_timm_graph_that_cannot_be_traced_or_differs_stays_eager(monkeypatch):
         assert model.fold_for_inference() == {} and not model.traced
     fold = pipeline.folding.fold_for_inference
 
-    def wrong_fold(graph, **options):  # a fold whose graph gives other codes
+    def wrong_fold(graph, **options):  # a fold whose graph gives other codes, at the last tap only
         counts = fold(graph, **options)
-        graph.register_forward_hook(lambda module, inputs, outputs: {tap: 2 * v for tap, v in outputs.items()})
+        graph.register_forward_hook(lambda module, inputs, outputs: {**outputs, "pool": 2 * outputs["pool"]})
         return counts
 
     monkeypatch.setattr(pipeline.folding, "fold_for_inference", wrong_fold)
@@ -224,3 +229,18 @@ def test_a_timm_graph_that_cannot_be_traced_or_differs_stays_eager(monkeypatch):
         assert torch.equal(model(pixels)["pool"], expected)
     monkeypatch.setattr(pipeline.folding, "fold_for_inference", fold)
     assert model.fold_for_inference()["batch_norm"] == 20 and model.traced
+    graph = model.extractor  # folding again changes nothing
+    assert model.fold_for_inference()["batch_norm"] == 20 and model.extractor is graph
+
+
+def test_a_timm_graph_with_nothing_to_fold_stays_eager():
+    model, backbone = _timm_taps("convnext_atto", ["pool"])  # LayerNorm only
+    timm_model = model.extractor
+    assert model.fold_for_inference() == {} and not model.traced and model.extractor is timm_model
+
+
+def test_timm_backbones_made_in_a_process_stay_out_of_the_built_in_list():
+    from pipeline.backbones import list_backbones
+
+    get_backbone(f"timm:{MODEL}")
+    assert list_backbones() == ["alexnet", "efficientnet_lite0", "resnet50", "vgg16"]
