@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.backbones.split(","):
             backbone = get_backbone(name)
             models = graphs(name, device)
-            counts = getattr(models["folded"].extractor, "meta", {}).get("folded_for_inference")  # None: eager
+            counts = getattr(models["folded"].extractor, "meta", {}).get("folded_for_inference")  # None: runs eager
             images = torch.randn(args.batch_size, 3, backbone.input_size, backbone.input_size,
                                  generator=torch.Generator().manual_seed(0)).to(device).contiguous(
                                      memory_format=torch.channels_last)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 for graph, model in models.items():
                     rates[graph].append(forward_rate(model, images, batches, precision))
             eager_rate, folded_rate = (float(np.median(rates[graph])) for graph in ("eager", "folded"))
-            folded_layers = ("not traced: eager" if counts is None else
+            folded_layers = ("none: runs eager" if counts is None else
                              f"{counts['batch_norm']} / {counts['zero_pad']} / {counts['relu_in_place']}")
             table.append(f"| {name} | {folded_layers} "
                          f"| {eager_rate:.1f} | {folded_rate:.1f} | {folded_rate / eager_rate:.2f}x | {difference:.1e} |")
