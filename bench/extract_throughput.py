@@ -43,7 +43,7 @@ from pipeline.hardware import (autocast, grad_scaler, prepare_module, resolve_de
 from pipeline.allocator import reused_memory  # noqa: E402
 from pipeline.multiscale import DEFAULT_SCALES  # noqa: E402
 from photos import describe, write_photo_set  # noqa: E402
-from results import publish  # noqa: E402
+from results import publish, row_differences  # noqa: E402
 
 SECTION = "## extract throughput"
 DEFAULT_BACKBONES = {"cuda": "alexnet,vgg16,resnet50", "cpu": "alexnet,efficientnet_lite0"}
@@ -198,7 +198,7 @@ def code_difference(fast: Path, exact: Path) -> tuple[float, float, float]:
     first, second = CacheReader(fast), CacheReader(exact)
     tap = next(iter(first.taps))
     a, b = first.load(tap).astype(np.float64), second.load(tap).astype(np.float64)
-    relative = np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+    relative = row_differences(a, b)
     return float(np.median(relative)), float(np.percentile(relative, 95)), float(relative.max())
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.allocator import reused_memory  # noqa: E402
 from pipeline.backbones import for_inference, get_backbone, load_model, resolve_weights, tap_model  # noqa: E402
 from pipeline.hardware import autocast, prepare_module, resolve_device, resolve_precision  # noqa: E402
-from results import backbone_arguments, publish, where_and_when  # noqa: E402
+from results import backbone_arguments, publish, row_differences, where_and_when  # noqa: E402
 
 SECTION = "## Folded inference graph on "
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 eager = models["eager"](images)[backbone.default_tap].double()
                 with autocast(device, precision):
                     folded = models["folded"](images)[backbone.default_tap].double()
-            difference = float(((folded - eager).norm(dim=1) / eager.norm(dim=1).clamp_min(1e-12)).max())
+            difference = float(row_differences(folded.cpu().numpy(), eager.cpu().numpy()).max())
             rates = {graph: [] for graph in models}
             for _ in range(args.rounds):
                 for graph, model in models.items():
@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"{counts['batch_norm']} / {counts['zero_pad']} / {counts['relu_in_place']}")
             table.append(f"| {name} | {folded_layers} "
                          f"| {eager_rate:.1f} | {folded_rate:.1f} | {folded_rate / eager_rate:.2f}x | {difference:.1e} |")
-    where = (where_and_when() if device.type == "cpu"
-             else f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
+    where = where_and_when(device=device)
     default = arguments().get_default("backbones")
     command = ("python bench/folded_graph.py" + ("" if args.backbones == default else f" --backbones {args.backbones}")
                + ("" if device.type == "cpu" else " --device cuda")

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from photos import write_photo_set  # noqa: E402
+from results import row_differences  # noqa: E402
 
 ODD_FILES = ("odd-png.png", "odd-cmyk.jpg", "odd-corrupt.jpg", "odd-truncated.jpg")
 
@@ -56,7 +57,7 @@ class Checks:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, step: str, argv: list[str], cap: float, env: dict | None = None) -> tuple[int, str]:
+    def run(self, step: str, argv: list[str], cap: float) -> tuple[int, str]:
         """Run a command (a `tl` command when argv starts with "tl") for at most `cap` seconds, or what
         is left of the budget; (exit status, output). 124: stopped at its cap; -1: no time was left."""
         cap = min(cap, self.left())
@@ -69,7 +70,7 @@ class Checks:
         started = time.monotonic()
         # a session of its own: at the cap the whole process group goes, the processes a bench starts too
         process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         try:
             output, _ = process.communicate(timeout=cap)
             code = process.returncode
@@ -137,7 +138,7 @@ def compare_caches(first: Path, second: Path) -> tuple[bool, str]:
     if not common:
         return same, samples
     x, y = np.stack([a[i] for i in common]), np.stack([b[i] for i in common])
-    relative = np.linalg.norm(x - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-12)
+    relative = row_differences(x, y)
     return same, (f"codes vs {second.name}: median {np.median(relative):.1e}, max {relative.max():.1e} (row-wise "
                   f"relative, {len(common)} rows); {samples}")
 

@@ -26,12 +26,22 @@ def publish(section: str, header: str, table: list[str], write: bool = True) -> 
         record(section, text)
 
 
-def where_and_when(*extra: str) -> str:
-    """Where and when a CPU benchmark ran: "x86_64 CPU, 2 torch threads, [extra, ]torch 2.x, 2026-01-01"."""
+def where_and_when(*extra: str, device=None) -> str:
+    """Where and when a benchmark ran: "x86_64 CPU, 2 torch threads, [extra, ]torch 2.x, 2026-01-01", or on
+    a CUDA `device` its name instead of the CPU's and threads."""
     import torch
 
-    return ", ".join([f"{platform.machine()} CPU", f"{torch.get_num_threads()} torch threads", *extra,
-                      f"torch {torch.__version__}", time.strftime("%Y-%m-%d")])
+    where = ([torch.cuda.get_device_name(device)] if device is not None and device.type == "cuda"
+             else [f"{platform.machine()} CPU", f"{torch.get_num_threads()} torch threads"])
+    return ", ".join([*where, *extra, f"torch {torch.__version__}", time.strftime("%Y-%m-%d")])
+
+
+def row_differences(codes, reference):
+    """Each row's relative difference ||codes - reference|| / ||reference|| (numpy arrays, one row per
+    image), the measure of how far two ways of computing codes are apart."""
+    import numpy as np
+
+    return np.linalg.norm(codes - reference, axis=1) / np.maximum(np.linalg.norm(reference, axis=1), 1e-12)
 
 
 def backbone_arguments(description: str, batch_size: int, batches: int, batches_help: str) -> argparse.ArgumentParser:

@@ -74,7 +74,7 @@ def prepare_module(module: nn.Module, device: torch.device) -> nn.Module:
 
 def _channels_last(tensor: torch.Tensor) -> torch.Tensor:
     """A 4-D tensor in channels_last memory; others as they are. Module.to(memory_format=) also converts
-    5-D tensors, which channels_last refuses: a traced Swin's attention masks are 5-D constants."""
+    5-D tensors, which channels_last refuses: a traced graph's constants may be 5-D (Swin's attention masks)."""
     return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
 

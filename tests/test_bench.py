@@ -235,7 +235,7 @@ def test_gpu_checks_give_tl_commands_that_its_cli_takes(tmp_path, monkeypatch):
     bench = importlib.import_module("gpu_checks")
     parsed = []
 
-    def parse_only(self, step, argv, cap, env=None):
+    def parse_only(self, step, argv, cap):
         if argv[0] == "tl":
             command = cli.tl.commands[argv[1]]
             with command.make_context(argv[1], list(argv[2:])) as context:
