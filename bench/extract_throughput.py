@@ -154,12 +154,11 @@ def train_step_rate(name: str, batch_size: int, steps: int, device: torch.device
 
     backbone = get_backbone(name)
     features = TapModel(load_model(backbone, resolve_weights(backbone, "none")), backbone, [backbone.default_tap])
-    model = prepare_module(FinetuneModel(features, backbone.default_tap, torch.nn.LazyLinear(10)), device)
+    head = torch.nn.Linear(backbone.taps[backbone.default_tap].width, 10)
+    model = prepare_module(FinetuneModel(features, backbone.default_tap, head), device)
     images = to_device(torch.randn(batch_size, 3, backbone.input_size, backbone.input_size), device)
     targets = torch.randint(0, 10, (batch_size,), device=device)
     model.train()
-    with torch.no_grad():
-        model(images)  # materializes the lazy head
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     scaler, loss_function = grad_scaler(device, precision), torch.nn.CrossEntropyLoss()
     training_step(model, images, targets, loss_function, optimizer, scaler, device, precision)  # warm-up

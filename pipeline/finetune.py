@@ -24,7 +24,7 @@ from pipeline.code_rows import validation_score
 from pipeline.errors import FinetuneError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
-from pipeline.hardware import (autocast, default_workers, grad_scaler, prepare_module, resolve_device,
+from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
 from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
@@ -365,7 +365,8 @@ def training_step(trainer: nn.Module, pixels: torch.Tensor, targets: torch.Tenso
     if check is not None:
         check(loss)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    with float32_math(precision):  # the backward pass in the forward's float32 too
+        scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss.item()

@@ -50,10 +50,28 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """Mixed precision for the forward pass; a no-op context for float32."""
+    """Mixed precision for the forward pass; for float32, IEEE float32 (float32_math)."""
     if precision == "float32":
-        return contextlib.nullcontext()
+        return float32_math(precision)
     return torch.autocast(device.type, dtype=getattr(torch, precision))
+
+
+@contextlib.contextmanager
+def float32_math(precision: str):
+    """For float32, CUDA's convolutions and matrix products in IEEE float32 within the block, whatever
+    the process had set: cuDNN runs float32 convolutions in TF32 by default on Ampere and later GPUs (10
+    mantissa bits: alexnet's fc7 0.04% away from float32, as far as float16 is), and a cache, a head or a
+    model that says float32 holds float32 results. float16 and bfloat16 leave the flags alone. The flags
+    concern CUDA kernels only: setting them on a CPU run changes nothing there."""
+    if precision != "float32":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

@@ -22,14 +22,16 @@ def test_extract_throughput_prints_a_row_per_backbone_and_decoding_mode(monkeypa
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     bench = importlib.import_module("extract_throughput")
     before = (REPO / "bench" / "RESULTS.md").read_text()
+    # --train-steps: on by default on CUDA only, so the CPU suite must ask for the finetune step's measure
     bench.main(["--images", "6", "--batch-size", "2", "--backbones", "alexnet", "--precision", "float32",
                 "--workers", "0", "--loop-workers", "0", "--multiscale-images", "1", "--device", "cpu", "--no-write",
-                "--rounds", "1"])
+                "--rounds", "1", "--train-steps", "1"])
     lines = capsys.readouterr().out.splitlines()
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| alexnet |")]
     assert [row[2] for row in rows[:2]] == ["fast", "exact"] and len(rows) == 5  # + code differences, multiscale x2
     # tl, bare forward (tl's folded graph, the eager graph), plain loop, decoding alone, shared-core bound, img/s
     assert all(float(row[i]) > 0 for row in rows[:2] for i in (3, 4, 5, 6, 7, 8))
+    assert float(rows[1][-1]) > 0  # finetune step img/s, on the backbone's last row
     for row in rows[:2]:  # the bound is below both of its parts; tl / bound and tl / bare eager are quotients
         assert float(row[8]) < min(float(row[4]), float(row[7]))
         assert float(row[11]) == pytest.approx(float(row[3]) / float(row[8]), rel=0.05)

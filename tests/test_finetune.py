@@ -330,6 +330,21 @@ def test_a_float16_step_whose_gradients_overflow_is_skipped():
     assert not torch.equal(layer.weight, before["weight"])  # the default scale steps
 
 
+def test_a_float32_step_runs_its_backward_pass_in_ieee_float32_too(monkeypatch):
+    from pipeline.finetune import training_step
+    from pipeline.hardware import grad_scaler
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    seen = []
+    layer = torch.nn.Linear(8, 3)
+    layer.register_full_backward_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    for precision in ("float32", "bfloat16"):
+        training_step(layer, torch.randn(4, 8, requires_grad=True), torch.tensor([0, 1, 2, 0]),
+                      torch.nn.CrossEntropyLoss(), torch.optim.SGD(layer.parameters(), lr=0.1),
+                      grad_scaler(torch.device("cpu"), precision), torch.device("cpu"), precision)
+    assert seen == [False, True] and torch.backends.cudnn.allow_tf32
+
+
 @pytest.mark.parametrize("size", [10, 11])
 def test_epoch_batches_split_each_global_batch_over_the_ranks(size):
     from pipeline.distributed import World

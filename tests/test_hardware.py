@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pipeline.errors import TLError
-from pipeline.hardware import (autocast, default_workers, grad_scaler, loader_options, pinned, prepare_module,
-                               resolve_device, resolve_precision, stack_channels_last, to_device)
+from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, loader_options, pinned,
+                               prepare_module, resolve_device, resolve_precision, stack_channels_last, to_device)
 
 CPU = torch.device("cpu")
 
@@ -59,6 +59,24 @@ def test_cpu_tensors_pass_through_and_autocast_is_off_for_float32():
     with autocast(CPU, "bfloat16"):
         assert (torch.randn(2, 3) @ torch.randn(3, 2)).dtype == torch.bfloat16
     assert not grad_scaler(CPU, "bfloat16").is_enabled() and grad_scaler(CPU, "float16").is_enabled()
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("device", [CPU, torch.device("cuda")])
+def test_float32_means_ieee_float32_on_cuda_within_the_block_and_the_flags_come_back(device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # cuDNN's default: TF32 convolutions
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    with autocast(device, "float32"):  # torch.autocast is not entered for float32: no CUDA is needed
+        assert tf32_flags() == (False, False)
+    assert tf32_flags() == (True, True)
+    with pytest.raises(ValueError), autocast(device, "float32"):
+        raise ValueError("a failing forward pass")
+    assert tf32_flags() == (True, True)
+    with float32_math("float16"), float32_math("bfloat16"):
+        assert tf32_flags() == (True, True)  # half precisions leave them as they are
 
 
 def test_a_rank_without_a_gpu_of_its_own_is_told_so(monkeypatch):
