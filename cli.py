@@ -282,6 +282,8 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
                + (f" ({rate:.1f} img/s)" if result.images_processed else ""))
     if result.patches:
         click.echo(f"  {result.patches} patches from {result.images_processed} images")
+    if result.device_refused:
+        click.echo(f"  {result.device_refused} JPEGs the device's decoder refused were decoded on the CPU instead")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if result.skipped:
@@ -784,6 +786,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except RuntimeError as exc:
+        torch = sys.modules.get("torch")  # imported by whatever ran out of its memory; not before
+        if torch is None or not isinstance(exc, torch.OutOfMemoryError):
+            raise
+        click.echo(f"error: the device ran out of memory ({str(exc).splitlines()[0][:120]}); lower --batch-size "
+                   f"or use --precision float16; {stops.RESUME_HINT}", err=True)
+        sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
 

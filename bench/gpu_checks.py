@@ -139,8 +139,9 @@ def compare_caches(first: Path, second: Path) -> tuple[bool, str]:
         return same, samples
     x, y = np.stack([a[i] for i in common]), np.stack([b[i] for i in common])
     relative = row_differences(x, y)
-    return same, (f"codes vs {second.name}: median {np.median(relative):.1e}, max {relative.max():.1e} (row-wise "
-                  f"relative, {len(common)} rows); {samples}")
+    # the sample furthest apart: an image one decoder reads wrongly (a CMYK file's colours) stands out by name
+    return same, (f"codes vs {second.name}: median {np.median(relative):.1e}, max {relative.max():.1e} "
+                  f"({common[int(relative.argmax())]}; row-wise relative, {len(common)} rows); {samples}")
 
 
 def _compared(checks: Checks, step: str, first: Path, second: Path) -> None:

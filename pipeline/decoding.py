@@ -171,6 +171,43 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 # ---------------------------------------------------------------- decoding on the device (CUDA: nvjpeg)
 
 JPEG_START = b"\xff\xd8\xff"
+_DEVICE_FRAMES = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman-coded frames
+_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # every SOFn marker
+_END_SEARCH = 64  # bytes from the end where a whole file's end-of-image marker stands (some add padding)
+
+
+def device_decodable(data: bytes) -> bool:
+    """Whether the device's decoder gets this JPEG: an 8-bit, 1- or 3-component Huffman-coded frame of at
+    most Image.MAX_IMAGE_PIXELS pixels, without Adobe's colour transform, ending in its end-of-image marker.
+    Everything else (a file cut short, CMYK and YCCK, 12-bit, lossless or arithmetic-coded frames, images
+    Pillow refuses as decompression bombs) takes the CPU path, which decodes or skips it exactly as worker
+    decoding does: which files a cache keeps, and their colours, never depend on what nvjpeg makes of them."""
+    if not data.startswith(JPEG_START) or b"\xff\xd9" not in data[-_END_SEARCH:]:
+        return False  # an entropy-coded segment holds no FFD9 (an FF in it is followed by 00 or a restart)
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        segment = data[at + 4:at + 2 + length]
+        if length < 2 or marker == 0xDA:  # a scan before any frame header
+            return False
+        if marker == 0xEE and segment.startswith(b"Adobe"):  # RGB or YCCK as Adobe stores them
+            return False
+        if marker in _FRAMES:
+            if len(segment) < 6:
+                return False
+            precision, components = segment[0], segment[5]
+            height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
+            limit = Image.MAX_IMAGE_PIXELS
+            return (marker in _DEVICE_FRAMES and precision == 8 and components in (1, 3) and height > 0
+                    and (limit is None or width * height <= limit))
+        at += 2 + length
+    return False
 
 
 def decodes_on_device(device: torch.device, decode: str = DEFAULT_DECODE, asked: str = "auto") -> bool:
@@ -182,8 +219,8 @@ def decodes_on_device(device: torch.device, decode: str = DEFAULT_DECODE, asked:
 
 
 class EncodedImages(torch.utils.data.Dataset):
-    """Per sample, for decoding on the device: (JPEG bytes, None, index, "") for a JPEG (a file, or a
-    tar member), and for anything else (other formats, in-memory images) the worker's own uint8 crop
+    """Per sample, for decoding on the device: (JPEG bytes, None, index, "") for a JPEG the device decodes
+    (device_decodable; a file, or a tar member), and for anything else (other formats, in-memory images) the worker's own uint8 crop
     (None, crop, index, "") or the reason it is unreadable (None, None, index, reason). Workers only
     read bytes for JPEGs."""
 
@@ -198,7 +235,7 @@ class EncodedImages(torch.utils.data.Dataset):
             data = self.source.encoded(index)
         except OSError:  # unreadable: the CPU path below says why
             data = None
-        if data is not None and data.startswith(JPEG_START):
+        if data is not None and device_decodable(data):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), None, index, ""
         try:
             return None, self.crop(self.source.read_image(index, self.crop.draft)), index, ""
@@ -212,10 +249,11 @@ def collate_encoded(items):
 
 def device_crops(items: list, device: torch.device, resize: int, crop: int, fallback,
                  interpolation: str = "bilinear") -> tuple:
-    """(uint8 crops on `device` in item order, their indices, [(index, reason)] of unreadable ones) for a
-    batch of EncodedImages items. JPEG bytes are decoded together on the device, resized (`interpolation`,
-    antialiased) and cropped with torchvision's geometry; a JPEG the device cannot decode (CMYK, a
-    corrupt file) goes to `fallback(index) -> crop`, the CPU path, which may raise a decoding error."""
+    """(uint8 crops on `device` in item order, their indices, [(index, reason)] of unreadable ones, how
+    many JPEGs the device refused) for a batch of EncodedImages items. JPEG bytes are decoded together on
+    the device, resized (`interpolation`, antialiased) and cropped with torchvision's geometry; a JPEG the
+    device refuses (a corrupt file) goes to `fallback(index) -> crop`, the CPU path, which may raise a
+    decoding error. Running out of device memory is no refusal: it is raised."""
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_jpeg as torchvision_decode_jpeg
 
@@ -232,19 +270,29 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
     decoded: dict[int, torch.Tensor] = {}
     refused: list[int] = []  # JPEGs the device could not decode: they take the CPU path below
     if jpegs:
+        if device.type == "cuda":
+            # torchvision's batched decoder writes its outputs on a stream of its own that does not wait for
+            # ours (pytorch/vision#9606): nothing of ours may still run on memory it is handed
+            torch.cuda.current_stream(device).synchronize()
         try:
             images = decode_jpeg([data for _, data in jpegs], mode=ImageReadMode.RGB, device=device)
             decoded = dict(zip([position for position, _ in jpegs], images))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:  # one bad file fails the batch: decode one by one
             for position, data in jpegs:
                 try:
                     decoded[position] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+                except torch.OutOfMemoryError:
+                    raise
                 except RuntimeError:
                     refused.append(position)
     resized: dict[int, torch.Tensor] = {}
     for position, image in decoded.items():  # (3, height, width), at full size
         try:
             resized[position] = resize_and_crop(image, (image.shape[2], image.shape[1]), resize, crop, interpolation)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:  # CUDA's antialiased kernel refuses shrinking ~50x and more: the CPU path
             refused.append(position)
     crops, indices, errors = [], [], []
@@ -263,5 +311,5 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
             errors.append((index, reason))
             continue
         indices.append(index)
-    return (stack_channels_last(crops) if crops else None), indices, errors
+    return (stack_channels_last(crops) if crops else None), indices, errors, len(refused)
 

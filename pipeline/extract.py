@@ -92,6 +92,7 @@ class ExtractResult:
     patches: int = 0  # rows written from patches in this run (multiscale)
     warnings: list[str] = field(default_factory=list)
     shards_redone: int = 0  # finished shards whose inputs changed since: written again
+    device_refused: int = 0  # JPEGs the device's decoder refused: decoded (or skipped) by the CPU path instead
 
 
 @contextlib.contextmanager
@@ -219,7 +220,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     return ExtractResult(out, manifest.rows, widths, size,
                          time.perf_counter() - started, written, reused, timing["processed"],
                          timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest.skipped,
-                         timing.get("patches", 0), list(source.warnings), writer.changed)
+                         timing.get("patches", 0), list(source.warnings), writer.changed,
+                         timing.get("device_refused", 0))
 
 
 def _note_error(config: ExtractConfig, rows: ShardRows, sample_id: str, reason: str) -> None:
@@ -239,8 +241,9 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
     shard_of = ShardOf(plan)
     batches = shard_batches(pending, plan, config.batch_size)
     on_device = decodes_on_device(device, config.decode, config.device_decode)
+    refused = [0]
     if on_device:
-        loader = _device_decoded(source, backbone, batches, config, device)
+        loader = _device_decoded(source, backbone, batches, config, device, refused)
     else:
         loader = image_loader(source, backbone, batches, config.workers, device, config.decode)
     current, rows = None, ShardRows(taps, config.dtype)
@@ -269,20 +272,24 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
                 with clock.part("write"):
                     rows.publish(writer, shard)
                 progress.set_postfix(shards=f"{len(writer.finished)}/{writer.manifest.num_shards}")
-    return {"processed": processed, "loop": time.perf_counter() - loop_started, **_parts(clock)}
+    return {"processed": processed, "loop": time.perf_counter() - loop_started, **_parts(clock),
+            "device_refused": refused[0]}
 
 
 def _device_decoded(source: Source, backbone: Backbone, batches: list[list[int]], config: ExtractConfig,
-                    device: torch.device):
+                    device: torch.device, refused: list[int]):
     """Batches of (uint8 crops on the device, indices, errors) like image_loader's, with JPEGs decoded on
     the device (workers only read their bytes) and everything else, or what the device refuses,
-    decoded by the CPU path."""
+    decoded by the CPU path; refused[0] counts the JPEGs the device refused."""
     crop = backbone.crop_decoder(config.decode)
     loader = WorkerLoader(EncodedImages(source, crop), device, config.workers, pin_memory=False,
                           batch_sampler=batches, collate_fn=collate_encoded)
     fallback = lambda index: crop(source.read_image(index, crop.draft))  # noqa: E731
     for items in loader:
-        yield device_crops(items, device, backbone.resize_size, backbone.input_size, fallback, backbone.interpolation)
+        pixels, indices, errors, refusals = device_crops(items, device, backbone.resize_size, backbone.input_size,
+                                                         fallback, backbone.interpolation)
+        refused[0] += refusals
+        yield pixels, indices, errors
 
 
 def _parts(clock: Stopwatch) -> dict:

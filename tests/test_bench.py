@@ -218,10 +218,12 @@ def test_gpu_checks_data_takes_every_decoding_path_and_caches_compare(tmp_path, 
     assert all(path.with_name(f"{path.stem}-2.jpg").read_bytes() == path.read_bytes() for path in photos)
     codes = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
     first = write_code_cache(tmp_path / "first", codes, np.arange(6) % 2, ["a", "b"])
-    second = write_code_cache(tmp_path / "second", codes * 1.01, np.arange(6) % 2, ["a", "b"])
+    scaled = codes * 1.01
+    scaled[3] *= 1.5  # one image read otherwise: the line names it
+    second = write_code_cache(tmp_path / "second", scaled, np.arange(6) % 2, ["a", "b"])
     third = write_code_cache(tmp_path / "third", codes[:4], np.arange(4) % 2, ["a", "b"])
     same, line = bench.compare_caches(first, second)
-    assert same and "median 9.9e-03" in line and "same samples: 6 kept, 0 skipped" in line
+    assert same and "median 9.9e-03" in line and "same samples: 6 kept, 0 skipped" in line and "(row00003;" in line
     same, line = bench.compare_caches(first, third)
     assert not same and "median 0.0e+00" in line and "DIFFERENT samples: 6 vs 4 kept" in line
 

@@ -4,6 +4,7 @@ JPEGs are skipped or decoded alike under both."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -88,10 +89,10 @@ def test_the_device_path_resizes_as_the_fast_mode_does(tmp_path, interpolation):
 
     path = photo(tmp_path / "photo.jpg", (500, 375))
     item = (torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), None, 7, "")
-    pixels, indices, errors = device_crops([item], torch.device("cpu"), 256, 224, fallback=None,
-                                           interpolation=interpolation)
+    pixels, indices, errors, refused = device_crops([item], torch.device("cpu"), 256, 224, fallback=None,
+                                                    interpolation=interpolation)
     fast = crop_decoder("fast", 256, 224, interpolation)
-    assert indices == [7] and errors == []
+    assert indices == [7] and errors == [] and refused == 0
     assert torch.equal(pixels[0], fast(open_rgb(str(path), fast.draft)))
     other = crop_decoder("fast", 256, 224, "bicubic" if interpolation == "bilinear" else "bilinear")
     assert not torch.equal(pixels[0], other(open_rgb(str(path), other.draft)))
@@ -211,10 +212,102 @@ def test_an_image_the_device_cannot_resize_takes_the_cpu_path(tmp_path, monkeypa
         return fast(open_rgb(str(paths[index]), fast.draft))
 
     monkeypatch.setattr(decoding, "resize_and_crop", refusing_the_second)
-    pixels, indices, errors = decoding.device_crops(items, torch.device("cpu"), 256, 224, fallback)
-    assert indices == [0, 1, 2] and errors == [] and fallen_back == [1]
+    pixels, indices, errors, refused = decoding.device_crops(items, torch.device("cpu"), 256, 224, fallback)
+    assert indices == [0, 1, 2] and errors == [] and fallen_back == [1] and refused == 1
     for i, path in enumerate(paths):
         assert torch.equal(pixels[i], fast(open_rgb(str(path), fast.draft)))
+
+
+def broken_tables(path):
+    """The JPEG at `path` with its first Huffman table overwritten: whole and well framed, yet no decoder
+    (nvjpeg, libjpeg, Pillow) can decode it."""
+    data = bytearray(path.read_bytes())
+    at = data.find(b"\xff\xc4")
+    data[at + 4:at + 24] = b"\xff" * 20
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_only_whole_8_bit_rgb_or_gray_jpegs_within_pillows_limit_go_to_the_device(tmp_path, monkeypatch):
+    """What nvjpeg would make of other files is unknown here (it may fill in a truncated file, or read CMYK
+    as YCbCr), so they take the CPU path, which decodes or skips them as worker decoding does."""
+    from pipeline.decoding import EncodedImages, crop_decoder, device_decodable
+
+    base = photo(tmp_path / "base.jpg", (500, 375))
+    Image.open(base).save(tmp_path / "progressive.jpg", "JPEG", progressive=True)
+    Image.open(base).convert("L").save(tmp_path / "gray.jpg", "JPEG")
+    Image.open(base).convert("CMYK").save(tmp_path / "cmyk.jpg", "JPEG")
+    Image.open(base).save(tmp_path / "flat.png")
+    data = base.read_bytes()
+    cases = {"base.jpg": True, "progressive.jpg": True, "gray.jpg": True, "cmyk.jpg": False, "flat.png": False}
+    assert {name: device_decodable((tmp_path / name).read_bytes()) for name in cases} == cases
+    assert device_decodable(data + b"\0" * 16)  # a little padding after the end marker, as some cameras write
+    assert not device_decodable(data[: len(data) // 2])  # cut short
+    assert not device_decodable(data[:-2])  # only the end marker missing
+    assert not device_decodable(data + b"\0" * 4096)  # something appended (a motion photo's video): the CPU decides
+    rgb = data.replace(b"\xff\xd8", b"\xff\xd8\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00", 1)
+    assert Image.open(io.BytesIO(rgb)).size == (500, 375) and not device_decodable(rgb)  # Adobe's transform
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500 * 375 - 1)
+    assert not device_decodable(data)  # a decompression bomb to Pillow: the CPU path refuses it as it should
+
+    class Files:  # a source's two ways to a sample
+        names = ["base.jpg", "cmyk.jpg"]
+
+        def encoded(self, index):
+            return (tmp_path / self.names[index]).read_bytes()
+
+        def read_image(self, index, draft=None):
+            return open_rgb(str(tmp_path / self.names[index]), draft)
+
+        def __len__(self):
+            return 2
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10 ** 8)
+    images = EncodedImages(Files(), crop_decoder("fast", 256, 224))
+    assert images[0][0] is not None and images[0][1] is None  # bytes for the device
+    assert images[1][0] is None and images[1][1].shape == (3, 224, 224)  # the worker's own crop
+
+
+def test_running_out_of_device_memory_while_decoding_is_raised_not_taken_for_a_refusal(tmp_path, monkeypatch):
+    import torchvision.io
+
+    from pipeline.decoding import device_crops
+
+    def out_of_memory(*args, **options):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", out_of_memory)
+    path = photo(tmp_path / "photo.jpg", (500, 375))
+    item = (torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), None, 0, "")
+    with pytest.raises(torch.OutOfMemoryError):
+        device_crops([item], torch.device("cpu"), 256, 224, fallback=lambda index: pytest.fail("fell back"))
+
+
+def test_running_out_of_device_memory_is_one_line_that_says_what_to_do(run_tl, tmp_path, monkeypatch):
+    import pipeline.extract
+
+    def out_of_memory(config):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 139 GiB total)\nmore")
+
+    monkeypatch.setattr(pipeline.extract, "run_extract", out_of_memory)
+    result = run_tl("extract", "--data", tmp_path, "--out", tmp_path / "cache")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert result.err.startswith("error: the device ran out of memory (CUDA out of memory. Tried to allocate 2.00")
+    assert "lower --batch-size" in result.err and "run the same command again" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+def test_extract_says_how_many_jpegs_the_device_refused(run_tl, tmp_path, monkeypatch):
+    import pipeline.extract
+
+    monkeypatch.setattr(pipeline.extract, "decodes_on_device", lambda *args: True)  # the CUDA path, on the CPU
+    photo(tmp_path / "images" / "a" / "whole.jpg", (500, 375))
+    broken_tables(photo(tmp_path / "images" / "b" / "tables.jpg", (500, 375)))
+    result = run_tl("extract", "--data", tmp_path / "images", "--out", tmp_path / "cache", "--backbone", "alexnet",
+                    "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet")
+    assert result.code == 0, result.err
+    assert "1 JPEGs the device's decoder refused were decoded on the CPU instead" in result.out
+    assert "skipped 1 unreadable images" in result.err and "b/tables.jpg" in result.err
 
 
 def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):
@@ -231,13 +324,15 @@ def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):
     Image.open(photo(tmp_path / "rgb.jpg", (500, 400))).convert("CMYK").save(folder / "b" / "cmyk.jpg", "JPEG")
     cut = photo(folder / "b" / "cut.jpg", (600, 450))
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    broken_tables(photo(folder / "b" / "tables.jpg", (600, 450)))  # reaches the device's decoder, which refuses it
     results = {}
     for mode in ("on", "off"):
         result = run_extract(ExtractConfig(data=folder, out=tmp_path / mode, backbone="alexnet", weights="none",
                                            layers=("fc7",), dtype="float32", workers=0, quiet=True, decode="exact",
                                            device="cpu", device_decode=mode))
         results[mode] = CacheReader(tmp_path / mode)
-        assert [item["sample_id"] for item in result.skipped] == ["b/cut.jpg"]
+        assert [item["sample_id"] for item in result.skipped] == ["b/cut.jpg", "b/tables.jpg"]
+        assert result.device_refused == (1 if mode == "on" else 0)
     assert list(results["on"].load_column("sample_id")) == list(results["off"].load_column("sample_id"))
     on, off = results["on"].load("fc7"), results["off"].load("fc7")
     relative = np.linalg.norm(on - off, axis=1) / np.linalg.norm(off, axis=1)
