@@ -111,8 +111,9 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
         target = "extractor." + convs[-unfreeze]
         first = next(i for i, (name, _) in enumerate(modules) if name == target)
     trainable_names = {name for name, _ in modules[first:]}
-    # leaves only: a container listed before the first trainable layer may hold it (eval() recurses)
-    model.eval_modules = [module for _, module in modules[:first] if not any(True for _ in module.children())]
+    # every module before the first trainable layer but those holding one (eval() recurses): not leaves
+    # only, as a norm + act module (timm's BatchNormAct2d) has children and statistics of its own
+    model.eval_modules = [module for name, module in modules[:first] if not _holds(name, trainable_names)]
     if not bn_stats:
         model.eval_modules += [module for _, module in modules[first:]
                                if isinstance(module, nn.modules.batchnorm._BatchNorm)]
@@ -126,6 +127,11 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
     return {"parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
             "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
+
+
+def _holds(name: str, names: set[str]) -> bool:
+    """Whether the module called `name` contains a module of `names` ("" is the root: it holds them all)."""
+    return any(not name or other.startswith(name + ".") for other in names)
 
 
 # ---------------------------------------------------------------- training

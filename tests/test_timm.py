@@ -79,6 +79,30 @@ def test_a_head_on_timm_codes_finetunes_its_last_conv_layers(images, tmp_path):
     assert result.epochs_run == 1 and result.trainable["conv_layers"] == ["layer3.1.conv2"]  # stage3 = layer3
 
 
+def test_finetuning_a_timm_head_leaves_frozen_norm_act_statistics_alone(images, tmp_path):
+    """timm's BatchNormAct2d holds its statistics and child modules (drop, act): a frozen one stays in
+    eval mode, so a head-only epoch changes no backbone tensor and the model still gives the cache's codes."""
+    from pipeline.model_files import load_model_file
+
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:mobilenetv3_small_050",
+                              weights="none", dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    saved = {}
+    for epochs, unfreeze in ((0, 0), (1, 0), (1, 1)):
+        out = tmp_path / f"m{epochs}{unfreeze}.pt"
+        result = run_finetune(FinetuneConfig(data=images, head=tmp_path / "h.pt", out=out, unfreeze=unfreeze,
+                                             epochs=epochs, batch_size=3, workers=0, quiet=True, lr=0.1),
+                              say=lambda text: None)
+        saved[epochs, unfreeze] = load_model_file(out)[0].state_dict()
+    before, head_only, tail = saved[0, 0], saved[1, 0], saved[1, 1]
+    backbone = [name for name in before if name.startswith("features.") and "running_" in name]
+    assert backbone and all(torch.equal(before[name], head_only[name]) for name in backbone)
+    frozen = [name for name in backbone if ".blocks.5." not in name and ".conv_head" not in name]
+    assert frozen and all(torch.equal(before[name], tail[name]) for name in frozen)  # before the last conv
+    head = [name for name in before if name.startswith("head.")]
+    assert result.trainable["conv_layers"] and any(not torch.equal(before[n], head_only[n]) for n in head)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--backbone", "timm:resnet5O"], "timm has no model 'resnet5O'; close names: resnet50"),
     (["--backbone", f"timm:{MODEL}", "--layers", "fc7"], "unknown layer 'fc7' for backbone timm:resnet18; valid layers: pool (512), stage0 (64)"),
