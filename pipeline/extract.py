@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -160,9 +160,14 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         raise TLError(f"unknown --on-error {config.on_error}; valid: {', '.join(ON_ERROR)}")
     if config.batch_size < 1:
         raise TLError(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.shard_rows is not None and config.shard_rows < 1:
+        raise TLError(f"--shard-rows must be at least 1, got {config.shard_rows}")
     crop_decoder(config.decode, 1, 1)  # an unknown mode is refused before any work
     if config.multiscale:
         config.patches.check()
+    elif config.patches != PatchSettings():
+        given = next(f.name for f in fields(PatchSettings) if getattr(config.patches, f.name) != f.default)
+        raise TLError(f"--{given.replace('_', '-')} sets --multiscale patches; add --multiscale, or leave it out")
     # a folder inside an imagefolder would become a class of it; other layouts only read their own files
     refuse_overwriting_inputs({"--out": Path(config.out)}, {"--data": Path(config.data)},
                               protected=("--data",) if config.format == DEFAULT_FORMAT else ())

@@ -125,7 +125,23 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say) -> di
     if step.stage == "extract" and not same:
         say(f"== {step.label}: settings or inputs changed since {out} was made: extracting again")
         return {"overwrite": True}
+    if step.stage == "extract" and _cache_replaced(record, out):
+        say(f"== {step.label}: {out} was made again with other settings since this recipe made it: extracting again")
+        return {"overwrite": True}
     return {}
+
+
+def _cache_replaced(record: dict, out: Path) -> bool:
+    """Whether the cache at `out` now has another key than the one the step's record wrote (another
+    `tl extract --overwrite` there). The same key, or no finished record, is the step's own cache: resumed."""
+    from cache.manifest import load_manifest
+
+    recorded = (record.get("facts") or {}).get("cache_key") if record.get("status") == "done" else None
+    try:
+        current = load_manifest(out).key
+    except TLError:  # no cache, or a damaged one: extract says what it finds there
+        return False
+    return recorded is not None and json.loads(json.dumps(current, default=str)) != recorded
 
 
 # ---------------------------------------------------------------- records

@@ -176,6 +176,8 @@ class TimmTaps(nn.Module):
         probe = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(parameter.device, parameter.dtype)
         with torch.inference_mode():
             expected, folded = self(probe), graph(probe)
+        if not all(torch.isfinite(expected[tap]).all() for tap in self.taps):
+            return False  # weights that give NaN or Inf: eager, and extract's check of the codes names the file
         return all(torch.allclose(folded[tap].float(), expected[tap].float(), rtol=1e-3,
                                   atol=1e-3 * float(expected[tap].abs().max()) + 1e-6) for tap in self.taps)
 

@@ -190,6 +190,17 @@ def test_autocast_codes_agree_with_float32(image_folder, tmp_path, precision, to
 # ------------------------------------------------------------------ the CLI: summary, flags, config files
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--shard-rows", "0"], "error: --shard-rows must be at least 1, got 0"),
+    (["--scales", "1,2"], "error: --scales sets --multiscale patches; add --multiscale, or leave it out"),
+    (["--background-fraction", "0.5"], "error: --background-fraction sets --multiscale patches"),
+])
+def test_bad_extract_options_are_one_line_before_any_work(run_tl, image_folder, tmp_path, flags, message):
+    result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "cache", *FAST, *flags)
+    assert result.code == 2 and result.err.startswith(message) and len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cli_prints_the_summary_and_only_warnings_on_stderr(run_tl, image_folder, tmp_path):
     (image_folder / "dog" / "img01.png").write_bytes(b"not an image at all")
     out = tmp_path / "cache"

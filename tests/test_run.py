@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import yaml
 
+from cache.reader import CacheReader
 from tests.conftest import REPO, blobs, make_image_folder, write_code_cache
 
 DIGITS = REPO / "configs" / "digits_efficientnet_lite0.yaml"
@@ -217,6 +218,29 @@ def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_
     changed = run_tl("run", recipe, "--set", "finetune.lr=0.001")
     assert changed.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in changed.out
     assert "wrote models/m.pt: 2 epochs run" in changed.out, changed
+
+
+def test_a_cache_made_again_by_hand_with_other_settings_is_extracted_again(run_tl, tmp_path, monkeypatch):
+    """The README's promise: a cache made with other settings is made again, also when another
+    `tl extract --overwrite` replaced the recipe's cache (its record still has the recipe's settings)."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "images" / "train", classes=("a", "b"), per_class=2)
+    recipe = _recipe(tmp_path, """\
+        data: images
+        backbone: alexnet
+        weights: none
+        quiet: true
+        extract: {layers: [pool5], dtype: float32, out: caches/train}
+        """)
+    assert run_tl("run", recipe).code == 0
+    by_hand = run_tl("extract", "--data", "images", "--backbone", "alexnet", "--weights", "none", "--layers", "fc7",
+                     "--overwrite", "--out", "caches/train", "--quiet")
+    assert by_hand.code == 0, by_hand
+    again = run_tl("run", recipe)
+    assert again.code == 0, again
+    assert "caches/train was made again with other settings since this recipe made it: extracting again" in again.out
+    assert list(CacheReader(tmp_path / "caches/train").taps) == ["pool5"]
+    assert "is up to date, skipped" in run_tl("run", recipe).out
 
 
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):

@@ -103,6 +103,18 @@ def test_finetuning_a_timm_head_leaves_frozen_norm_act_statistics_alone(images, 
     assert result.trainable["conv_layers"] and any(not torch.equal(before[n], head_only[n]) for n in head)
 
 
+def test_timm_weights_that_give_nan_are_one_line(run_tl, images, tmp_path):
+    """The folding probe meets the NaN first: the model stays eager and extract's check of the codes
+    names the file, as for a built-in backbone."""
+    state = timm.create_model("mobilenetv3_small_050", pretrained=False).state_dict()
+    state["blocks.5.0.conv.weight"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    result = run_tl("extract", "--data", images, "--out", tmp_path / "c", "--backbone", "timm:mobilenetv3_small_050",
+                    "--weights", tmp_path / "nan.pt", "--workers", "0", "--quiet")
+    assert result.code == 2 and "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+    assert "NaN or Inf" in result.err and "check the weights file" in result.err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--backbone", "timm:resnet5O"], "timm has no model 'resnet5O'; close names: resnet50"),
     (["--backbone", f"timm:{MODEL}", "--layers", "fc7"], "unknown layer 'fc7' for backbone timm:resnet18; valid layers: pool (512), stage0 (64)"),
