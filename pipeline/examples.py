@@ -37,13 +37,16 @@ def write_digits(out: Path, test_fraction: float = 0.25, seed: int = 0, size: in
     """Write `out/train/<digit>/*.png` and `out/test/<digit>/*.png`, split per class with a seed.
 
     `per_class` keeps only that many images of each digit (before the split), for quick runs.
-    Returns the number of images written to each split. Existing identical files are left alone.
+    Returns the number of images written to each split. Existing identical files are left alone (a
+    cache of them stays fresh); digit files an earlier call with other settings wrote there are
+    removed, so the splits never mix.
     """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     counts = {"train": 0, "test": 0}
     out = Path(out)
+    written = set()
     try:
         for split, indices in digits_split(test_fraction, seed, per_class).items():
             for index in indices:
@@ -52,11 +55,16 @@ def write_digits(out: Path, test_fraction: float = 0.25, seed: int = 0, size: in
                 pixels = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
                 image = Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC)
                 path = folder / f"digit-{index:04d}.png"
-                if not path.exists():  # atomic: a run stopped by a full disk leaves no half image to keep
-                    encoded = io.BytesIO()
-                    image.save(encoded, format="PNG")
-                    write_bytes(path, encoded.getbuffer(), "example image")
+                encoded = io.BytesIO()
+                image.save(encoded, format="PNG")
+                if not path.is_file() or path.read_bytes() != encoded.getvalue():  # another --size wrote it
+                    write_bytes(path, encoded.getbuffer(), "example image")  # atomic: never half an image
+                written.add(path)
                 counts[split] += 1
+        for split in counts:  # only this function's own files: other files in the folder are the user's
+            for path in (out / split).glob("[0-9]/digit-[0-9][0-9][0-9][0-9].png"):
+                if path not in written:
+                    path.unlink()
     except OSError as exc:
         raise DataError(f"cannot write example images to {out}: {exc.strerror}; choose another folder") from None
     return counts

@@ -24,6 +24,9 @@ def test_imagefolder_uses_the_split_folder_when_present(tmp_path):
     make_image_folder(tmp_path / "test", classes=("a", "b"), per_class=1)
     assert len(open_source("imagefolder", tmp_path, split="test")) == 2
     assert len(open_source("imagefolder", tmp_path, split="train")) == 4
+    with pytest.raises(DataError, match="has no split folder 'tset', but has test, train; pass --split"):
+        open_source("imagefolder", tmp_path, split="tset")  # would have made the splits its classes
+    assert open_source("imagefolder", tmp_path / "train", split="test").classes == ["a", "b"]  # no splits: itself
 
 
 def test_csv_source_reads_paths_relative_to_the_csv(tmp_path):

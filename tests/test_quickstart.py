@@ -77,3 +77,24 @@ def test_other_settings_never_meet_an_earlier_runs_files(first_run, tmp_path):
     assert [extract.shards_written for extract in second.extracts.values()] == [1, 1]
     assert json.loads((other / "report" / "report.json").read_text())["rows"] == 30
     assert sorted(p.name for p in (other / "data").iterdir()) == ["digits-10-seed0", "digits-12-seed0"]
+
+
+def test_example_data_written_again_with_other_settings_holds_only_the_new_digits(run_tl, tmp_path):
+    """`tl example-data DIR` twice with other settings: the second call's digits only, no image in both
+    splits, the first call's files that are still wanted left as they were; the user's own files stay."""
+    from PIL import Image
+
+    from pipeline.examples import write_digits
+
+    out = tmp_path / "digits"
+    assert run_tl("example-data", out, "--per-class", "10").code == 0
+    (out / "train" / "0" / "notes.txt").write_text("mine")
+    kept = {path: path.stat().st_mtime_ns for path in out.rglob("*.png")}
+    assert run_tl("example-data", out, "--per-class", "5").code == 0
+    files = {split: {path.relative_to(out / split) for path in (out / split).rglob("*.png")}
+             for split in ("train", "test")}
+    assert sum(len(names) for names in files.values()) == 50 and not files["train"] & files["test"]
+    assert all(kept[path] == path.stat().st_mtime_ns for path in out.rglob("*.png") if path in kept)
+    assert (out / "train" / "0" / "notes.txt").read_text() == "mine"
+    write_digits(out, per_class=5, size=32)  # files of the same names, other pixels: written again
+    assert {Image.open(path).size for path in out.rglob("*.png")} == {(32, 32)}

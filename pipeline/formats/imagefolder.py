@@ -11,9 +11,13 @@ from pipeline.datasets import (IMAGE_EXTENSIONS, ImageFiles, Sample, Source, fil
 from pipeline.errors import DataError
 
 
+SPLIT_NAMES = {"train", "trainval", "val", "valid", "validation", "test", "testing", "training"}
+
+
 @register_format
 class ImageFolderSource(Source):
-    """One sub-folder per class; `root/split` is used when it exists, else `root` itself."""
+    """One sub-folder per class; `root/split` is used when it exists, else `root` itself (refused when
+    `root` holds other split folders: a misspelt --split would make them the classes)."""
 
     format = "imagefolder"
     help = 'one folder of images per class (DATA/SPLIT when that folder exists)'
@@ -26,6 +30,11 @@ class ImageFolderSource(Source):
         require_dir(root, "class folders")
         if split and (root / split).is_dir():
             root = root / split
+        elif split:  # root itself, unless it holds split folders: they would become the classes, splits mixed
+            splits = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES)
+            if splits:
+                raise DataError(f"{shown(root)} has no split folder '{split}', but has {', '.join(splits)}; "
+                                "pass --split with one of them")
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
             raise DataError(f"{root} has no class folders; an imagefolder holds one folder of images per class")
