@@ -781,7 +781,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:  # one line like every other error, with where to look
         command = f"tl {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "tl --help"
-        click.echo(f"error: {exc.format_message()} (see {command})", err=True)
+        message = " ".join(exc.format_message().split())  # click lists a choice's values a line each
+        click.echo(f"error: {message} (see {command})", err=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

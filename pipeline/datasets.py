@@ -9,6 +9,7 @@ import copy
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,14 @@ def validation_rows(targets: np.ndarray, fraction: float, seed: int, remedy: str
 
     if not 0 < fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    if targets.ndim == 1 and len(targets):  # what a stratified split needs, said in the options' words
+        classes = len(np.unique(targets))
+        val = math.ceil(fraction * len(targets))
+        if len(targets) - val < classes:
+            raise DataError(f"--val-fraction {fraction:g} leaves {len(targets) - val} training rows for {classes} "
+                            "classes; lower --val-fraction")
+        if val < classes:
+            raise DataError(f"--val-fraction {fraction:g} gives {val} validation rows for {classes} classes; {remedy}")
     try:
         train_rows, val_rows = train_test_split(np.arange(len(targets)), test_size=fraction, random_state=seed,
                                                 stratify=None if targets.ndim == 2 else targets)

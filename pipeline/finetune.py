@@ -30,7 +30,7 @@ from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_b
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
 from pipeline.progress import progress
-from pipeline.training import TrainingOptions, decay_groups, loss_for, make_optimizer, step_multiplier
+from pipeline.training import TrainingOptions, check_schedule, decay_groups, loss_for, make_optimizer, step_multiplier
 
 
 @dataclass
@@ -163,9 +163,10 @@ def _check_config(config: FinetuneConfig) -> None:
     if not config.lr > 0 or not config.backbone_lr_scale >= 0:
         raise FinetuneError(f"--lr must be positive and --backbone-lr-scale 0 or more, got {config.lr} and "
                             f"{config.backbone_lr_scale}")
-    if any(step < 1 for step in config.lr_steps) or any(not 0 < f <= 1 for f in config.lr_factors):
-        raise FinetuneError("--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1]")
+    check_schedule(config.lr_steps, config.lr_factors, FinetuneError)
     default_workers(config.workers)  # refuses a negative --workers before any work
+    if config.val_data is not None and not Path(config.val_data).exists():
+        raise FinetuneError(f"--val-data {config.val_data} does not exist; pass the folder of the validation images")
     if config.val_data is not None and config.val_fraction is not None:
         raise FinetuneError("--val-data and --val-fraction both name validation images; pass one of them")
     if config.early_stop and config.val_data is None and config.val_fraction is None:

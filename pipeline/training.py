@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.code_rows import CodeRows, validation_score
-from pipeline.errors import HeadError, listed
+from pipeline.errors import HeadError, TLError, listed
 from pipeline.hardware import pinned, resolve_device, to_device
 from pipeline.progress import progress
 
@@ -71,6 +71,17 @@ def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float, we
     return torch.optim.Adam(groups, lr=lr)
 
 
+def check_schedule(steps: tuple[int, ...], factors: tuple[float, ...], error: type[TLError]) -> None:
+    """Refuse a step schedule that cannot mean what it says: steps are epochs ≥ 1, factors in (0, 1], and
+    one factor for every step or one for all (a factor with no step to take it is a mistake)."""
+    if any(step < 1 for step in steps) or not factors or any(not 0 < factor <= 1 for factor in factors):
+        raise error(f"--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1], got {listed(steps)} "
+                    f"and {listed(factors)}")
+    if len(factors) > 1 and len(factors) > len(steps):
+        raise error(f"--lr-factors gives {len(factors)} factors for {len(steps)} --lr-steps; give one factor, "
+                    "or one per step")
+
+
 def step_multiplier(steps: tuple[int, ...], factors: tuple[float, ...]):
     """epoch -> learning-rate multiplier: after each epoch in `steps` the rate is multiplied by the
     matching factor (the last factor repeats), as in the neon recipe's step drops."""
@@ -117,10 +128,7 @@ class TrainingOptions:
             raise HeadError(f"--lr must be positive, got {self.lr}")
         if not self.momentum >= 0 or not self.weight_decay >= 0:
             raise HeadError(f"--momentum and --weight-decay must be 0 or more, got {self.momentum} and {self.weight_decay}")
-        if any(step < 1 for step in self.lr_steps) or not self.lr_factors \
-                or any(not 0 < factor <= 1 for factor in self.lr_factors):
-            raise HeadError(f"--lr-steps must be epochs ≥ 1 and --lr-factors in (0, 1], got {listed(self.lr_steps)} "
-                            f"and {listed(self.lr_factors)}")
+        check_schedule(self.lr_steps, self.lr_factors, HeadError)
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise HeadError("--batch-size, --max-epochs and --patience must be at least 1")
 

@@ -410,6 +410,10 @@ def test_bad_settings_are_one_line_each(run_tl, tmp_path, image_folder, voc_shap
     cases.append((["quickstart", "--out", tmp_path / "q", "--per-class", "5"], "at least 8"))
     cases.append((["predict", image_folder, "--head", small_head / "head.pt", "--weights", small_head / "head.pt"],
                   "drop --weights"))
+    cases.append((["finetune", "--data", image_folder, "--head", small_head / "head.pt", "--val-data",
+                   tmp_path / "nowhere", "--out", tmp_path / "m.pt"], "--val-data " + str(tmp_path / "nowhere")))
+    cases.append((["export", "--model", tmp_path / "m.pt", "--out", tmp_path / "x.ts"],
+                  "Missing option '--format'. Choose from: torchscript, onnx (see tl export --help)"))
     for args, fragment in cases:
         assert_one_line_error(run_tl(*args), fragment)
     assert not (tmp_path / "q").exists() and not (tmp_path / "v").exists()

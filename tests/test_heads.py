@@ -280,6 +280,10 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
     assert "several C values need a validation split" in refused(tmp_path / "good", "--head", "svm", "--C", "0.1,1")
     assert "--hidden takes int numbers" in refused(tmp_path / "good", "--head", "mlp", "--hidden", "wide")
     assert "--val-fraction must be between 0 and 1" in refused(tmp_path / "good", "--val-fraction", "1.5")
+    assert ("--val-fraction 0.99 leaves 0 training rows for 4 classes; lower --val-fraction"
+            in refused(tmp_path / "good", "--val-fraction", "0.99"))
+    assert ("--val-fraction 0.01 gives 1 validation rows for 4 classes; raise --val-fraction or pass --val-cache"
+            in refused(tmp_path / "good", "--val-fraction", "0.01"))
     assert "is not a tl cache" in refused(tmp_path / "absent")
 
 
@@ -331,3 +335,15 @@ def test_head_files_from_before_lr_factors_load_and_both_flag_spellings_parse(tm
         assert result.code == 0, result
         _, metadata = load_head(tmp_path / f"{flag}.pt")
         assert metadata["hyperparameters"]["training"]["lr_factors"] == [0.5, 0.2]
+
+
+@pytest.mark.parametrize("stage", ["fit-head", "finetune"])
+def test_a_factor_without_a_step_to_take_it_is_one_line(tmp_path, run_tl, stage):
+    """One schedule check for both stages: a factor per step, or one for all; more is a mistake."""
+    codes, targets = blobs(0, n=30, classes=3, width=6)
+    cache = write_code_cache(tmp_path / "cache", codes, targets, ["a", "b", "c"])
+    where = (["--cache", cache, "--head", "mlp"] if stage == "fit-head"
+             else ["--data", tmp_path, "--head", tmp_path / "no-head.pt"])
+    result = run_tl(stage, *where, "--lr-steps", "5", "--lr-factors", "0.1,0.2", "--out", tmp_path / "out.pt")
+    assert result.code == 2 and len(result.err.strip().splitlines()) == 1
+    assert "error: --lr-factors gives 2 factors for 1 --lr-steps; give one factor, or one per step" in result.err
