@@ -49,12 +49,16 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+# key fields left out when they hold their default, so that older keys stay equal: named by it in messages
+_ABSENT_MEANS = {"preprocessing.decode": "exact"}
+
+
 def key_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Human lines naming each key field that differs, e.g. `backbone: alexnet -> vgg16`."""
     lines = []
     for entry in sorted(set(old) | set(new)):
-        before, after = old.get(entry), new.get(entry)
         name = f"{prefix}{entry}"
+        before, after = old.get(entry, _ABSENT_MEANS.get(name)), new.get(entry, _ABSENT_MEANS.get(name))
         if isinstance(before, dict) and isinstance(after, dict):
             lines += key_differences(before, after, prefix=f"{name}.")
         elif before != after:

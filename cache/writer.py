@@ -23,7 +23,7 @@ from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECOR
 from cache.records import append_record, content_digest, write_records
 from pipeline.decoding import decode_of
 from pipeline.files import DiskFullError, OutputLock, file_digest, write_bytes
-from pipeline.errors import CacheError
+from pipeline.errors import CacheError, listed
 
 LOCK = ".lock"
 CHUNK_BYTES = 1 << 20
@@ -134,7 +134,9 @@ class CacheWriter:
         if existing is not None and existing.key_digest != self._fresh.key_digest and existing.shards \
                 and not self.overwrite:
             lines = key_differences(existing.key, self._fresh.key)
-            differences = "; ".join(lines) or "format"
+            shown = [f"classes: {_few(existing.classes)} -> {_few(self._fresh.classes)}"  # the key holds a digest
+                     if line.startswith("dataset.classes:") else line for line in lines]
+            differences = "; ".join(shown) or "format"
             hint = ""
             if lines and all(line.startswith("preprocessing.decode:") for line in lines):
                 hint = f", or pass --decode {decode_of(existing.key['preprocessing'])} to add to it"
@@ -315,6 +317,11 @@ class CacheWriter:
         self.manifest.content = content_digest(self.manifest.shards) if done else ""
         save_manifest(self.root, self.manifest)
         return self.manifest
+
+
+def _few(names: list[str], most: int = 6) -> str:
+    """Class names for a message: the first few, and how many more."""
+    return listed(names[:most]) + (f" (+{len(names) - most} more)" if len(names) > most else "")
 
 
 def _text(values) -> np.ndarray:

@@ -20,6 +20,8 @@ def read_config(path: Path) -> dict:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass the YAML file in it (such as configs/NAME.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

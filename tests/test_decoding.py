@@ -144,7 +144,7 @@ def test_the_mode_is_in_the_cache_key_and_heads_refuse_the_other(tmp_path):
     relative = np.linalg.norm(fast - exact, axis=1) / np.linalg.norm(exact, axis=1)
     assert 0 < np.median(relative) < 0.05  # measured ~0.01 for 900x700 photos decoded at 1/2 scale
     fit_head(FitHeadConfig(cache=tmp_path / "fast", out=tmp_path / "h.pt"))
-    with pytest.raises(HeadError, match=r"preprocessing\.decode: fast -> none") as refused:
+    with pytest.raises(HeadError, match=r"preprocessing\.decode: fast -> exact") as refused:
         run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "exact", out=tmp_path / "r"))
     assert "\n" not in str(refused.value)  # one `error:` line in the CLI
 

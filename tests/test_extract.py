@@ -166,7 +166,8 @@ def test_changed_files_redo_only_their_shards_and_a_new_class_refuses_the_cache(
     np.testing.assert_array_equal(codes, CacheReader(tmp_path / "fresh").load("fc7"))
     assert CacheReader(out).manifest.content == CacheReader(tmp_path / "fresh").manifest.content
     write_image(image_folder / "emu" / "img00.png", seed=78)  # a new class: every target index may change
-    with pytest.raises(CacheError, match=r"made with other settings \(.*dataset\.classes.*--overwrite") as refused:
+    with pytest.raises(CacheError, match=r"made with other settings \(.*classes: cat, dog, fox -> cat, dog, emu, "
+                                         r"fox.*--overwrite") as refused:
         extract(image_folder, out, shard_rows=5)
     assert "\n" not in str(refused.value)
     np.testing.assert_array_equal(CacheReader(out).load("fc7"), codes)

@@ -164,6 +164,7 @@ def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path):
     err = process.stderr.read()
     assert process.returncode == 143, err
     assert err.strip().splitlines() == [err.strip()] and "SIGTERM" in err and "run the same command" in err
+    assert "tl sweep its heads" in err  # every command that resumes is named
     assert "Traceback" not in err
     kept = shards_in(cache)
     assert kept >= 1
@@ -412,6 +413,7 @@ def test_bad_settings_are_one_line_each(run_tl, tmp_path, image_folder, voc_shap
                   "drop --weights"))
     cases.append((["finetune", "--data", image_folder, "--head", small_head / "head.pt", "--val-data",
                    tmp_path / "nowhere", "--out", tmp_path / "m.pt"], "--val-data " + str(tmp_path / "nowhere")))
+    cases.append((["run", tmp_path], f"config file {tmp_path} is a folder; pass the YAML file in it"))
     cases.append((["export", "--model", tmp_path / "m.pt", "--out", tmp_path / "x.ts"],
                   "Missing option '--format'. Choose from: torchscript, onnx (see tl export --help)"))
     for args, fragment in cases:
