@@ -206,8 +206,9 @@ class CacheReader:
             out[wanted[order]] = block[inverse]
         return out
 
-    def verify_all(self) -> list[str]:
-        """Every problem found (missing file, checksum, row count); empty when the cache is sound."""
+    def verify_all(self, block_rows: int = 8192) -> list[str]:
+        """Every problem found (missing file, checksum, row count, codes that are NaN or Inf: a shard
+        written with them has a checksum of its own); empty when the cache is sound."""
         problems = []
         for position, shard in enumerate(self.shards):
             try:
@@ -216,6 +217,11 @@ class CacheReader:
                     for name in list(self.manifest.taps) + ["target", "sample_id"]:
                         if name not in handle or handle[name].shape[0] != shard.rows:
                             problems.append(f"{shard.file}: column {name} missing or of the wrong length")
+                        elif name in self.manifest.taps:
+                            for start in range(0, shard.rows, block_rows):  # a block at a time: bounded memory
+                                rows = np.arange(start, min(start + block_rows, shard.rows))
+                                _refuse_non_finite(handle[name][start:start + block_rows], name, shard.file,
+                                                   self.root, rows)
             except (CacheError, OSError) as exc:
                 problems.append(str(exc))
         return problems

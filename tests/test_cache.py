@@ -316,3 +316,18 @@ def test_another_ranks_records_are_adopted_only_for_this_plan(tmp_path):
             rank.write_shard(1, {"fc7": np.ones((2, 2))}, np.zeros(2), ["s2", "s3"], [])
         main.adopt_shards()
         assert not main.finish().complete and sorted(main.finished) == [0]
+
+
+def test_verify_finds_codes_that_are_not_finite_behind_a_sound_checksum(tmp_path, run_tl):
+    """A shard written with NaN in it (its checksum written with it) passes the checksum: verify reads
+    the codes too, as every stage that reads them would refuse them."""
+    from tests.conftest import write_code_cache
+
+    codes = np.ones((6, 3), np.float32)
+    codes[5, 1] = np.nan  # the second block of the second shard
+    cache = write_code_cache(tmp_path / "cache", codes, np.arange(6) % 2, ["a", "b"], shard_rows=3)
+    problems = CacheReader(cache).verify_all(block_rows=2)
+    assert problems == [f"shard shard-00001.h5 of {cache} holds NaN or Inf in feat (1 rows, first at row 2 of the "
+                        "shard); re-extract the cache with tl extract --overwrite"]
+    result = run_tl("info", cache, "--verify")
+    assert result.code == 2 and "holds NaN or Inf in feat" in result.err and "Traceback" not in result.err
