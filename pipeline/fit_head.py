@@ -43,6 +43,12 @@ class FitHeadConfig:
     training: TrainingOptions = field(default_factory=TrainingOptions)
 
 
+def check_counts(block_rows: int, max_iter: int) -> None:
+    """fit-head's and sweep's counts: each at least 1 (0 iterations saved an unfitted head)."""
+    if block_rows < 1 or max_iter < 1:
+        raise HeadError(f"--block-rows and --max-iter must be at least 1, got {block_rows} and {max_iter}")
+
+
 @dataclass
 class FitHeadResult:
     out: Path
@@ -62,8 +68,7 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
         raise HeadError(f"unknown head '{config.head}'; valid: {', '.join(HEAD_KINDS)}")
     if not config.C:
         raise HeadError("--C needs at least one positive value, e.g. --C 1 or --C 0.1,1,10")
-    if config.block_rows < 1:
-        raise HeadError(f"--block-rows must be at least 1, got {config.block_rows}")
+    check_counts(config.block_rows, config.max_iter)
     if Path(config.out).is_dir():  # found before the training, not after it
         raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
     reader = CacheReader(config.cache)

@@ -23,7 +23,7 @@ from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
 from pipeline.files import write_bytes
-from pipeline.fit_head import FitHeadConfig, save_fitted, training_rows
+from pipeline.fit_head import FitHeadConfig, check_counts, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
 from pipeline.training import TrainingOptions, train_networks
 
@@ -106,6 +106,7 @@ def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
         raise HeadError("--hidden takes positive widths, one setting per comma (e.g. 256,1024 or 512x256)")
     if config.keep not in KEEP:
         raise HeadError(f"--keep is best or all, got {config.keep}")
+    check_counts(config.block_rows, config.max_iter)
     costs, rates = list(dict.fromkeys(config.C)), list(dict.fromkeys(config.lr)) or [None]
     hiddens = list(dict.fromkeys(tuple(h) for h in config.hidden))
     settings = []

@@ -280,6 +280,8 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
     assert "several C values need a validation split" in refused(tmp_path / "good", "--head", "svm", "--C", "0.1,1")
     assert "--hidden takes int numbers" in refused(tmp_path / "good", "--head", "mlp", "--hidden", "wide")
     assert "--val-fraction must be between 0 and 1" in refused(tmp_path / "good", "--val-fraction", "1.5")
+    assert "--block-rows and --max-iter must be at least 1, got 100000 and 0" in refused(
+        tmp_path / "good", "--max-iter", "0", "--block-rows", "100000")
     assert ("--val-fraction 0.99 leaves 0 training rows for 4 classes; lower --val-fraction"
             in refused(tmp_path / "good", "--val-fraction", "0.99"))
     assert ("--val-fraction 0.01 gives 1 validation rows for 4 classes; raise --val-fraction or pass --val-cache"
