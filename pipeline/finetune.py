@@ -265,7 +265,7 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
 
         trainer = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, schedule = _optimizer(model, config)
-    identity = _identity(config, head_metadata)
+    identity = _identity(config, head_metadata, source)
     last_path, best_path = checkpoint_paths(config.out)
     history: list[dict] = []
     best: tuple[float, int | None] = (math.inf, None)
@@ -409,9 +409,11 @@ def _validate(model, dataset, targets, config, device, precision) -> dict:
     return {"val_loss": loss, metric: validation_score(targets, probabilities), **skipped}
 
 
-def _identity(config: FinetuneConfig, head_metadata: dict) -> dict:
-    """What a checkpoint must share with the run that resumes it."""
+def _identity(config: FinetuneConfig, head_metadata: dict, source) -> dict:
+    """What a checkpoint must share with the run that resumes it: the model, and what decides its epochs'
+    batches (the training images, the batch size, the seed). The learning rate may change ("lower --lr
+    and resume"), and so may --epochs."""
     return {"head_codes_key": head_metadata["codes_key"], "layer": head_metadata["layer"],
             "classes": head_metadata["classes"], "kind": head_metadata["kind"], "unfreeze": config.unfreeze,
-            "bn_stats": config.bn_stats,
-            "optimizer": config.optimizer}
+            "bn_stats": config.bn_stats, "optimizer": config.optimizer,
+            "data": source.fingerprint(), "batch_size": config.batch_size, "seed": config.seed}

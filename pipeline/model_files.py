@@ -261,11 +261,13 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
     """A checkpoint's tensors and progress, refused unless it was written by a run of this `identity`."""
     payload, metadata = read_payload(path, "checkpoint", "delete it and start over", FinetuneError,
                                      require_checksum=True)
-    if metadata.get("format") != CHECKPOINT_FORMAT or metadata.get("identity") != identity:
-        found = metadata.get("identity") or {}
-        differences = [name for name in identity if found.get(name) != identity[name]]
-        raise FinetuneError(f"checkpoint {path} does not match this model ({', '.join(differences) or 'format'} "
-                            "differ); resume with the same head and --unfreeze, or pass --overwrite")
+    found = metadata.get("identity") or {}
+    # a field an earlier tl did not record is not held against its checkpoints
+    differences = [name for name in identity if name in found and found[name] != identity[name]]
+    if metadata.get("format") != CHECKPOINT_FORMAT or not found or differences:
+        raise FinetuneError(f"checkpoint {path} does not match this run ({', '.join(differences) or 'format'} "
+                            "differ); resume with the same head, data, --unfreeze, --batch-size and --seed, "
+                            "or pass --overwrite to start over")
     best_loss = metadata["best_loss"]
     return {**payload, "epoch": metadata["epoch"], "history": metadata["history"],
             "best_loss": math.inf if best_loss is None else best_loss, "best_epoch": metadata["best_epoch"]}

@@ -226,7 +226,12 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     assert "--resume found no checkpoint" in refused("--resume")
     assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
     assert "holds an earlier run; pass --resume" in refused("--epochs", "2")
-    assert "does not match this model (unfreeze differ)" in refused("--resume", "--unfreeze", "1", "--epochs", "2")
+    assert "does not match this run (unfreeze differ)" in refused("--resume", "--unfreeze", "1", "--epochs", "2")
+    assert "(batch_size differ)" in refused("--resume", "--batch-size", "2", "--epochs", "2")
+    assert "(seed differ)" in refused("--resume", "--seed", "7", "--epochs", "2")
+    other = make_image_folder(tmp_path / "other", classes=("a", "b"), per_class=3)
+    error = refused("--resume", "--epochs", "2", "--data", other)
+    assert "(classes, data differ)" in error or "(data differ)" in error, error
     last, _ = checkpoint_paths(tmp_path / "m.pt")
     good = last.read_bytes()
     error = refused("--resume", "--epochs", "3", "--lr", "1e30")

@@ -152,6 +152,6 @@ def test_a_checkpoint_of_the_earlier_optimizer_layout_is_refused_in_one_line(sma
     payload, metadata = read_payload(last, "checkpoint", "", require_checksum=True)
     metadata["format"] = "tl-checkpoint/1"  # written by a tl whose optimizer had one group per learning rate
     write_payload({**payload, "metadata": json_module.dumps(metadata)}, last, "checkpoint")
-    with pytest.raises(FinetuneError, match="does not match this model .*pass --overwrite"):
+    with pytest.raises(FinetuneError, match="does not match this run .*pass --overwrite"):
         run_finetune(FinetuneConfig(**{**config.__dict__, "resume": True, "epochs": 2}), say=lambda text: None)
     assert torch.load(last, weights_only=True)  # refused, not damaged
