@@ -443,3 +443,23 @@ def test_files_hold_tensors_in_the_standard_layout(tmp_path):
     assert saved["weight"].is_contiguous() and torch.equal(saved["weight"], state["weight"])
     buffer = payload["optimizer"]["state"][0]["momentum_buffer"]
     assert buffer.is_contiguous() and torch.equal(buffer, state["weight"] * 2)
+
+
+def test_a_checkpoint_of_an_earlier_tl_resumes_without_the_fields_it_did_not_record(tmp_path):
+    from pipeline.errors import FinetuneError
+    from pipeline.model_files import load_checkpoint, save_checkpoint
+
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    earlier = {"layer": "fc7", "unfreeze": 1}  # before data, batch_size and seed were recorded
+    save_checkpoint(tmp_path / "c.ckpt", layer, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), 1,
+                    [], (1.0, 0), earlier)
+    now = {**earlier, "data": "d1", "batch_size": 4, "seed": 0}
+    assert load_checkpoint(tmp_path / "c.ckpt", now)["epoch"] == 1
+    with pytest.raises(FinetuneError, match=r"\(unfreeze differ\)"):
+        load_checkpoint(tmp_path / "c.ckpt", {**now, "unfreeze": 2})
+    save_checkpoint(tmp_path / "c.ckpt", layer, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), 1,
+                    [], (1.0, 0), now)
+    with pytest.raises(FinetuneError, match=r"\(data differ\)"):
+        load_checkpoint(tmp_path / "c.ckpt", {**now, "data": "d2"})
