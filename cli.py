@@ -541,11 +541,14 @@ def evaluate(format_, **options):
 @workers_option()
 @device_option()
 @precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
+@option("--exponent", type=float,
+        help="Multiscale heads: an image's class score is the sum of its patch scores to this power.")
 @option("--quiet", is_flag=True, help="No progress bar (on stderr; the rows go to stdout).")
 def predict(paths, **options):
     """Label image files and folders: CSV rows path,label,prob (top-k per image) on stdout.
 
     The backbone and its preprocessing come from the head. Unreadable files are skipped with a warning.
+    A multiscale head scores every patch and pools them as tl evaluate does; prob is a class's share.
     """
     import csv
 

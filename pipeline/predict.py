@@ -18,9 +18,10 @@ from pipeline.backbones import for_inference, forward_codes, get_backbone, prepa
 from pipeline.datasets import FileListSource
 from pipeline.decoding import decode_of
 from pipeline.errors import HeadError
-from pipeline.hardware import autocast, resolve_device, resolve_precision, to_device
+from pipeline.hardware import WorkerLoader, autocast, resolve_device, resolve_precision, to_device
 from pipeline.image_sets import image_loader
 from pipeline.model_files import head_backbone, load_head, load_model_file
+from pipeline.multiscale import DEFAULT_EXPONENT, PatchImages, PatchSettings, collate_patches, pool_image_scores
 from pipeline.progress import progress
 from pipeline.training import output_activation
 
@@ -41,6 +42,7 @@ class PredictConfig:
     device: str = "auto"
     precision: str = "auto"
     quiet: bool = False  # no progress bar (it goes to stderr; the CSV rows go to stdout)
+    exponent: float = DEFAULT_EXPONENT  # multiscale heads: S(c) = sum over the image's patches of P(c) ** exponent
 
 
 @dataclass
@@ -72,6 +74,9 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
     batches = [list(range(start, min(start + config.batch_size, len(source))))
                for start in range(0, len(source), config.batch_size)]
     decode = decode_of(metadata["codes_key"]["preprocessing"])  # decoded as the head's codes were
+    if metadata["codes_key"].get("patches"):
+        yield from _pooled_predictions(config, source, backbone, metadata, probabilities_of, device, decode)
+        return
     loader = image_loader(source, backbone, batches, config.workers, device, decode)
     with reused_memory(device):  # until the last prediction is taken, or the caller closes the generator
         for pixels, indices, errors in progress(loader, total=len(batches), desc="predict", unit="batch",
@@ -87,6 +92,36 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
                 found[index] = Prediction(source.samples[index].sample_id, [], reason)
             for index in sorted(found):
                 yield found[index]
+
+
+def _pooled_predictions(config: PredictConfig, source: FileListSource, backbone, metadata: dict, probabilities_of,
+                        device, decode: str) -> Iterator[Prediction]:
+    """A multiscale head's labels of whole images, as `tl evaluate` scores them: every patch of the head's
+    grid scored, S(c) = sum_j P(j, c) ** exponent over the object classes (background left out), each
+    class given its share of the image's S (the shares sum to 1)."""
+    if not config.exponent > 0:
+        raise HeadError(f"--exponent must be positive, got {config.exponent}")
+    geometry = metadata["codes_key"]["patches"]
+    settings = PatchSettings(tuple(geometry["scales"]), geometry["patch_overlap"], geometry["box_overlap"], None)
+    classes = metadata["classes"][1:]  # column 0 is the background
+    top_k = min(config.top_k, len(classes))
+    dataset = PatchImages(source, backbone.input_size, settings, training=False, seed=0, decode=decode)
+    loader = WorkerLoader(dataset, device, config.workers, prefetch=2, pin_memory=False,
+                          batch_sampler=[[index] for index in range(len(source))], collate_fn=collate_patches)
+    with reused_memory(device):
+        for (item,) in progress(loader, total=len(source), desc="predict", unit="image", quiet=config.quiet,
+                                leave=False):
+            path = source.samples[item.index].sample_id
+            if item.error:
+                yield Prediction(path, [], item.error)
+                continue
+            scores = np.concatenate([probabilities_of(item.pixels[start:start + config.batch_size])
+                                     for start in range(0, len(item.pixels), config.batch_size)])
+            _, pooled = pool_image_scores(scores, np.zeros(len(scores), np.int64), config.exponent)
+            total = pooled[0].sum()
+            shares = pooled[0] / total if total > 0 else pooled[0]
+            best = np.argsort(-shares, kind="stable")[:top_k]
+            yield Prediction(path, [(classes[c], float(shares[c])) for c in best])
 
 
 def _head_scorer(config: PredictConfig, device):

@@ -3,7 +3,9 @@ patch scores, on generated VOC-format folders of drawn shapes."""
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from pipeline.formats.voc import VOC_CLASSES, VocSource
 from pipeline.errors import DataError, HeadError
 from pipeline.examples import write_shapes_voc, write_voc_annotation
 from pipeline.metrics import per_class_ap, mean_ap
+from pipeline.predict import PredictConfig, run_predict
 from pipeline.multiscale import PatchSettings, patch_grid
 from pipeline.report import headline
 
@@ -89,6 +92,19 @@ def test_multiscale_pipeline_end_to_end(tmp_path):
     assert report["mAP"] > max(0.85, chance + 0.3)
     assert [c["name"] for c in report["classes"]] == ["bar", "disc", "square"]
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 21  # one row per image
+    # tl predict on the test JPEGs pools every patch as evaluate did: each object class's share of S
+    saved = {row[0]: np.array(row[-3:], float) for row in csv.reader((tmp_path / "p.csv").open())
+             if row[0] != "sample_id"}
+    jpegs = sorted((base / "JPEGImages").glob("*.jpg"))
+    predictions = {Path(p.path).stem: p for p in run_predict(PredictConfig(
+        head=tmp_path / "h.pt", paths=tuple(jpegs), top_k=3, workers=0, quiet=True)) if Path(p.path).stem in saved}
+    assert len(predictions) == 20
+    for image, prediction in predictions.items():
+        shares = dict(prediction.labels)
+        assert sorted(shares) == ["bar", "disc", "square"] and sum(shares.values()) == pytest.approx(1.0)
+        expected = saved[image] / saved[image].sum()
+        # the cache holds float16 codes, predict's are float32; the power 5 magnifies the rounding (3e-6 seen)
+        np.testing.assert_allclose([shares[name] for name in ("bar", "disc", "square")], expected, atol=1e-4)
     # a training cache (thinned background) pools the same way
     single = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "tr", out=tmp_path / "r2")).report
     assert single["pooling"]["images"] == 30
