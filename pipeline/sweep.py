@@ -22,11 +22,12 @@ import numpy as np
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
-from pipeline.files import write_bytes
+from pipeline.files import OutputLock, write_bytes
 from pipeline.fit_head import FitHeadConfig, check_counts, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
 from pipeline.training import TrainingOptions, train_networks
 
+LOCK = ".sweep.lock"  # held while a sweep writes its folder
 KEEP = ("best", "all")
 RECORD_FORMAT = "tl-sweep-head/1"
 
@@ -151,19 +152,25 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
         (out / "heads").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HeadError(f"cannot make the sweep folder {out}: {exc.strerror}; choose another --out") from None
+    with OutputLock(out / LOCK, f"sweeping into {out}", HeadError):  # two sweeps would train every head twice
+        return _sweep(config, reader, layers, settings, out, say, started)
+
+
+def _sweep(config: SweepConfig, reader, layers: list[str], settings: list[Setting], out: Path, say,
+           started: float) -> SweepResult:
     key = _identity(reader, config)
     records, trained = {}, 0
     for layer in layers:
-        pending = []
+        pending, before = [], 0
         for setting in (s for s in settings if s.layer == layer):
             record = _finished(out, setting, config, key)
             if record is not None:
-                records[setting.name] = record
+                records[setting.name], before = record, before + 1
             else:
                 pending.append(setting)
         if not pending:
             continue
-        say(f"{layer}: training {len(pending)} heads ({len(records)} finished before)")
+        say(f"{layer}: training {len(pending)} heads ({before} of this layer finished before)")
         rows, val = _layer_rows(reader, layer, config)
         for setting, head, seconds in _train_layer(config, pending, rows, val):
             records[setting.name] = _save(out, setting, head, seconds, config, key, reader, rows, val)

@@ -194,3 +194,21 @@ def test_records_of_the_same_key_but_other_codes_are_not_reused(run_tl, caches, 
     common = ["--out", tmp_path / "s", "--layers", "clear", "--C", "0.1,1", "--quiet"]
     assert "2 trained, 0 finished before" in run_tl("sweep", "--cache", caches[0], *common).out
     assert "2 trained, 0 finished before" in run_tl("sweep", "--cache", redone, *common).out
+
+
+def test_a_second_sweep_into_one_folder_is_refused_and_progress_counts_its_own_layer(run_tl, caches, tmp_path):
+    from pipeline.files import OutputLock
+    from pipeline.sweep import LOCK, SweepConfig, run_sweep
+
+    train, _ = caches
+    out = tmp_path / "s"
+    out.mkdir()
+    with OutputLock(out / LOCK, "sweeping"):  # another sweep at work there
+        refused = run_tl("sweep", "--cache", train, "--out", out, "--layers", "clear", "--quiet")
+    assert refused.code == 2 and "is sweeping into" in refused.err and refused.err.count("\n") == 1, refused
+    said = []
+    run_sweep(SweepConfig(cache=train, out=out, layers=("clear",), C=(0.1, 1.0)), say=said.append)
+    assert said == ["clear: training 2 heads (0 of this layer finished before)"]
+    said.clear()
+    run_sweep(SweepConfig(cache=train, out=out, layers=("clear", "noisy"), C=(0.1, 1.0)), say=said.append)
+    assert said == ["noisy: training 2 heads (0 of this layer finished before)"]  # not clear's 2
