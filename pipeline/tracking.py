@@ -74,6 +74,35 @@ def _one_line(method):
     return guarded
 
 
+PREFLIGHT_SECONDS = 10  # how long a tracking server may take to answer before any stage starts
+
+
+def check_store(uri: str) -> None:
+    """Refuse, in seconds and in one line, a tracking store MLflow would retry for minutes before it
+    failed: a server that does not answer, an SQLite file whose folder is missing or not writable."""
+    from urllib.error import HTTPError, URLError
+    from urllib.parse import urlparse
+    from urllib.request import urlopen
+
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urlopen(f"{uri.rstrip('/')}/health", timeout=PREFLIGHT_SECONDS):
+                pass
+        except HTTPError:
+            return  # it answers (a proxy's status is its own business)
+        except (URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TLError(f"the MLflow tracking server {uri} does not answer ({reason}); start it, correct "
+                          "MLFLOW_TRACKING_URI, or run without --track") from None
+    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TLError(f"the MLflow store {uri} cannot be written: its folder {folder} "
+                          f"{'is not writable' if folder.is_dir() else 'does not exist'}; make it, correct "
+                          "MLFLOW_TRACKING_URI, or run without --track")
+
+
 class MlflowTracking:
     def __init__(self, mlflow, recipe):
         self.mlflow, self.recipe, self.parent = mlflow, recipe, None
@@ -81,6 +110,7 @@ class MlflowTracking:
     @_one_line
     def __enter__(self) -> "MlflowTracking":
         mlflow = self.mlflow
+        check_store(mlflow.get_tracking_uri())
         self.chose_experiment = not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID")
         if self.chose_experiment:
             mlflow.set_experiment(self.recipe.experiment)

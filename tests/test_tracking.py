@@ -123,3 +123,22 @@ def test_an_mlflow_failure_is_one_line(run_tl, tmp_path, monkeypatch):
     result = run_tl("run", "r.yaml", "--track", "mlflow")
     assert result.code == 2 and result.err.startswith("error: MLflow failed (") and result.err.count("\n") == 1, result
     assert "check MLFLOW_TRACKING_URI (bogus://nowhere)" in result.err and not (tmp_path / "h.pt").exists()
+
+
+@pytest.mark.parametrize("uri, message", [
+    ("http://127.0.0.1:9", "the MLflow tracking server http://127.0.0.1:9 does not answer ("),
+    ("sqlite:///{tmp}/missing/mlflow.db", "the MLflow store sqlite:///{tmp}/missing/mlflow.db cannot be written: "
+                                          "its folder {tmp}/missing does not exist"),
+])
+def test_a_store_mlflow_would_retry_for_minutes_is_one_line_at_once(run_tl, tmp_path, monkeypatch, uri, message):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(tmp=tmp_path))
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+    started = time.monotonic()
+    result = run_tl("run", "r.yaml", "--track", "mlflow")
+    assert time.monotonic() - started < 30  # MLflow's own retries took 111 s
+    assert result.code == 2 and result.err.startswith("error: " + message.format(tmp=tmp_path)), result
+    assert result.err.count("\n") == 1 and not (tmp_path / "h.pt").exists()
