@@ -92,8 +92,13 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
             else:
                 extra = _restart(step, record, digest, out, say)
                 say(f"== {step.label}" + (f" -> {out}" if out else ""))
-                write_record(out, step, digest, "started")
-                summary = summarize(step, runner.execute(step, extra))
+                started_record = write_record(out, step, digest, "started")
+                try:
+                    outcome = runner.execute(step, extra)
+                except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
+                    tracker.stopped(step, started_record, exc)
+                    raise
+                summary = summarize(step, outcome)
                 # read again: data a step downloaded (or wrote) is its input from now on
                 record = write_record(out, step, step_digest(step), "done", summary)
                 result.ran.append(step.label)

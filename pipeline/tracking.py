@@ -25,6 +25,9 @@ class NoTracking(contextlib.nullcontext):
     def stage(self, step, record: dict, skipped: bool) -> None:
         """Nothing is logged without --track."""
 
+    def stopped(self, step, record: dict, error: BaseException) -> None:
+        """Nothing is logged without --track."""
+
     def finish(self, model, metrics: dict) -> None:
         return None
 
@@ -152,6 +155,21 @@ class MlflowTracking:
             for path in record.get("artifacts", []):
                 if Path(path).is_file():
                     mlflow.log_artifact(path)
+
+    def stopped(self, step, record: dict, error: BaseException) -> None:
+        """The step that stopped the run (an error, Ctrl-C, SIGTERM) as a nested run of its own, KILLED or
+        FAILED, with its settings and why. Never in the way of that error: a tracking failure here is
+        dropped, as the run is ending and its own error is the one to show."""
+        mlflow = self.mlflow
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        status = "FAILED" if isinstance(error, Exception) else "KILLED"  # KeyboardInterrupt, SIGTERM
+        with contextlib.suppress(Exception):
+            mlflow.start_run(run_name=step.label, nested=True)
+            try:
+                mlflow.set_tags({"tl.stage": step.stage, "tl.skipped": "false", "tl.status": f"stopped: {reason}"})
+                self._params(record.get("settings", {}))
+            finally:
+                mlflow.end_run(status=status)
 
     @_one_line
     def finish(self, model, metrics: dict) -> str:

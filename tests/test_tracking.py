@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from pipeline.errors import TLError
 from tests.conftest import REPO, blobs, write_cifar10, write_code_cache
 
 mlflow = pytest.importorskip("mlflow", reason="the test extra installs mlflow")
@@ -142,3 +143,24 @@ def test_a_store_mlflow_would_retry_for_minutes_is_one_line_at_once(run_tl, tmp_
     assert time.monotonic() - started < 30  # MLflow's own retries took 111 s
     assert result.code == 2 and result.err.startswith("error: " + message.format(tmp=tmp_path)), result
     assert result.err.count("\n") == 1 and not (tmp_path / "h.pt").exists()
+
+
+@pytest.mark.parametrize("stop, status, code", [(KeyboardInterrupt, "KILLED", 130), (TLError, "FAILED", 2)])
+def test_the_step_that_stops_a_tracked_run_is_a_run_of_its_own(run_tl, tmp_path, monkeypatch, stop, status, code):
+    import pipeline.evaluate
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\nevaluate: {head: h.pt, cache: c, out: r}\n")
+
+    def stopping(config):
+        raise stop("stopped in the middle")
+
+    monkeypatch.setattr(pipeline.evaluate, "run_evaluate", stopping)
+    assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == code
+    _, parents, runs = _runs(uri)
+    stopped = next(run for run in runs if run.data.tags.get("tl.stage") == "evaluate")
+    assert stopped.info.status == status and stopped.data.tags["tl.status"] == "stopped: stopped in the middle"
+    assert stopped.data.params["head"] == "h.pt" and parents[0].info.status == status
