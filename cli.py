@@ -283,7 +283,8 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
     if result.patches:
         click.echo(f"  {result.patches} patches from {result.images_processed} images")
     if result.device_refused:
-        click.echo(f"  {result.device_refused} JPEGs the device's decoder refused were decoded on the CPU instead")
+        click.echo(f"  {result.device_refused} JPEG{'s' * (result.device_refused != 1)} refused by the device's "
+                   "decoder went to the CPU path")
     for warning in result.warnings:
         click.echo(f"warning: {warning}", err=True)
     if result.skipped:
@@ -794,8 +795,9 @@ def main(argv: list[str] | None = None) -> None:
         torch = sys.modules.get("torch")  # imported by whatever ran out of its memory; not before
         if torch is None or not isinstance(exc, torch.OutOfMemoryError):
             raise
-        click.echo(f"error: the device ran out of memory ({str(exc).splitlines()[0][:120]}); lower --batch-size "
-                   f"or use --precision float16; {stops.RESUME_HINT}", err=True)
+        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        click.echo(f"error: the device ran out of memory ({said}); nothing finished was lost: run the command again "
+                   f"with a lower --batch-size ({stops.RESUMES})", err=True)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 

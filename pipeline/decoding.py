@@ -173,19 +173,20 @@ def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 JPEG_START = b"\xff\xd8\xff"
 _DEVICE_FRAMES = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman-coded frames
 _FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # every SOFn marker
-_END_SEARCH = 64  # bytes from the end where a whole file's end-of-image marker stands (some add padding)
+_RGB_IDS = bytes((82, 71, 66))  # component ids 'R', 'G', 'B': libjpeg then reads the frame as RGB
 
 
 def device_decodable(data: bytes) -> bool:
     """Whether the device's decoder gets this JPEG: an 8-bit, 1- or 3-component Huffman-coded frame of at
-    most Image.MAX_IMAGE_PIXELS pixels, without Adobe's colour transform, ending in its end-of-image marker.
-    Everything else (a file cut short, CMYK and YCCK, 12-bit, lossless or arithmetic-coded frames, images
-    Pillow refuses as decompression bombs) takes the CPU path, which decodes or skips it exactly as worker
-    decoding does: which files a cache keeps, and their colours, never depend on what nvjpeg makes of them."""
-    if not data.startswith(JPEG_START) or b"\xff\xd9" not in data[-_END_SEARCH:]:
-        return False  # an entropy-coded segment holds no FFD9 (an FF in it is followed by 00 or a restart)
-    at = 2
-    while at + 4 <= len(data):
+    most Image.MAX_IMAGE_PIXELS pixels, stored as YCbCr (no Adobe colour transform marker, no R, G, B
+    component ids without a JFIF marker), whose scans end in an end-of-image marker. Everything else (a
+    file cut short, CMYK and YCCK, RGB, 12-bit, lossless or arithmetic-coded frames, images Pillow refuses
+    as decompression bombs) takes the CPU path, which decodes or skips it exactly as worker decoding
+    does: which files a cache keeps, and their colours, never depend on what nvjpeg makes of them."""
+    if not data.startswith(JPEG_START):
+        return False
+    at, frame, jfif = 2, None, False
+    while at + 4 <= len(data):  # the segments before the first scan
         if data[at] != 0xFF:
             return False
         marker = data[at + 1]
@@ -194,18 +195,27 @@ def device_decodable(data: bytes) -> bool:
             continue
         length = int.from_bytes(data[at + 2:at + 4], "big")
         segment = data[at + 4:at + 2 + length]
-        if length < 2 or marker == 0xDA:  # a scan before any frame header
+        if length < 2:
             return False
+        if marker == 0xDA:  # the first scan: the frame and its markers are all known
+            # an entropy-coded segment holds no FFD9 (an FF in it is followed by 00 or a restart number), so
+            # the end marker after the scan tells a whole file from one cut short; bytes after it are ignored
+            return frame is not None and data.find(b"\xff\xd9", at + 2 + length) >= 0 \
+                and (frame != _RGB_IDS or jfif)
         if marker == 0xEE and segment.startswith(b"Adobe"):  # RGB or YCCK as Adobe stores them
             return False
+        if marker == 0xE0 and segment.startswith(b"JFIF\0"):
+            jfif = True
         if marker in _FRAMES:
-            if len(segment) < 6:
+            if frame is not None or len(segment) < 6 or marker not in _DEVICE_FRAMES:
                 return False
             precision, components = segment[0], segment[5]
             height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
             limit = Image.MAX_IMAGE_PIXELS
-            return (marker in _DEVICE_FRAMES and precision == 8 and components in (1, 3) and height > 0
-                    and (limit is None or width * height <= limit))
+            if (precision != 8 or components not in (1, 3) or height == 0
+                    or (limit is not None and width * height > limit)):
+                return False
+            frame = bytes(segment[6:6 + 3 * components:3])  # the component ids
         at += 2 + length
     return False
 
@@ -220,9 +230,9 @@ def decodes_on_device(device: torch.device, decode: str = DEFAULT_DECODE, asked:
 
 class EncodedImages(torch.utils.data.Dataset):
     """Per sample, for decoding on the device: (JPEG bytes, None, index, "") for a JPEG the device decodes
-    (device_decodable; a file, or a tar member), and for anything else (other formats, in-memory images) the worker's own uint8 crop
-    (None, crop, index, "") or the reason it is unreadable (None, None, index, reason). Workers only
-    read bytes for JPEGs."""
+    (device_decodable; a file, or a tar member), and for anything else (other formats, in-memory images)
+    the worker's own uint8 crop (None, crop, index, "") or the reason it is unreadable (None, None,
+    index, reason). Workers only read bytes for JPEGs."""
 
     def __init__(self, source, crop):
         self.source, self.crop = source, crop

@@ -66,12 +66,25 @@ def float32_math(precision: str):
     if precision != "float32":
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    settings = tf32_settings()
+    saved = [getattr(owner, name) for owner, name, _ in settings]
+    for owner, name, value in settings:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for (owner, name, _), value in zip(settings, saved):
+            setattr(owner, name, value)
+
+
+def tf32_settings() -> list[tuple]:
+    """(owner, attribute, IEEE value) of what decides TF32 for CUDA convolutions and matrix products:
+    torch's per-operator `fp32_precision` where it has it (setting the legacy `allow_tf32` flags after
+    those is an error there), else the legacy flags."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        return [(conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    return [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

@@ -266,7 +266,7 @@ def load_checkpoint(path: Path, identity: dict) -> dict:
     differences = [name for name in identity if name in found and found[name] != identity[name]]
     if metadata.get("format") != CHECKPOINT_FORMAT or not found or differences:
         raise FinetuneError(f"checkpoint {path} does not match this run ({', '.join(differences) or 'format'} "
-                            "differ); resume with the same head, data, --unfreeze, --batch-size and --seed, "
+                            "differ); resume with the same head, data, --unfreeze and --seed, "
                             "or pass --overwrite to start over")
     best_loss = metadata["best_loss"]
     return {**payload, "epoch": metadata["epoch"], "history": metadata["history"],

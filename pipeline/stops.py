@@ -82,5 +82,6 @@ def unraisable(report) -> None:
     sys.__unraisablehook__(report)
 
 
-RESUME_HINT = ("nothing finished was lost: run the same command again (tl extract resumes its shards, "
-               "tl sweep its heads; tl finetune: add --resume; tl run resumes them all)")
+RESUMES = ("tl extract resumes its shards, tl sweep its heads; tl finetune: add --resume; tl run resumes "
+           "them all")
+RESUME_HINT = f"nothing finished was lost: run the same command again ({RESUMES})"

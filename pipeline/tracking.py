@@ -83,22 +83,24 @@ PREFLIGHT_SECONDS = 10  # how long a tracking server may take to answer before a
 def check_store(uri: str) -> None:
     """Refuse, in seconds and in one line, a tracking store MLflow would retry for minutes before it
     failed: a server that does not answer, an SQLite file whose folder is missing or not writable."""
-    from urllib.error import HTTPError, URLError
     from urllib.parse import urlparse
-    from urllib.request import urlopen
 
-    scheme = urlparse(uri).scheme
-    if scheme in ("http", "https"):
+    parts = urlparse(uri)
+    if parts.scheme in ("http", "https"):
+        import requests  # what MLflow itself speaks HTTP with: credentials in the URI, its CA bundle
+
+        insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+        verify = False if insecure else os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+        shown = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
         try:
-            with urlopen(f"{uri.rstrip('/')}/health", timeout=PREFLIGHT_SECONDS):
-                pass
-        except HTTPError:
-            return  # it answers (a proxy's status is its own business)
-        except (URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TLError(f"the MLflow tracking server {uri} does not answer ({reason}); start it, correct "
-                          "MLFLOW_TRACKING_URI, or run without --track") from None
-    elif scheme == "sqlite" and uri.startswith("sqlite:///"):
+            requests.get(f"{uri.rstrip('/')}/health", timeout=PREFLIGHT_SECONDS, verify=verify)
+        except requests.RequestException as exc:  # any answer will do: a status is the server's business
+            reason = str(exc).replace(uri, shown).splitlines()[0][:200]
+            if parts.password:
+                reason = reason.replace(parts.password, "***")
+            raise TLError(f"the MLflow tracking server {shown} does not answer ({type(exc).__name__}: {reason}); "
+                          "start it, correct MLFLOW_TRACKING_URI, or run without --track") from None
+    elif parts.scheme == "sqlite" and uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TLError(f"the MLflow store {uri} cannot be written: its folder {folder} "

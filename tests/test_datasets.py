@@ -27,6 +27,8 @@ def test_imagefolder_uses_the_split_folder_when_present(tmp_path):
     with pytest.raises(DataError, match="has no split folder 'tset', but has test, train; pass --split"):
         open_source("imagefolder", tmp_path, split="tset")  # would have made the splits its classes
     assert open_source("imagefolder", tmp_path / "train", split="test").classes == ["a", "b"]  # no splits: itself
+    vehicles = make_image_folder(tmp_path / "vehicles", classes=("bus", "car", "train", "tram"), per_class=1)
+    assert open_source("imagefolder", vehicles, split="test").classes == ["bus", "car", "train", "tram"]
 
 
 def test_csv_source_reads_paths_relative_to_the_csv(tmp_path):

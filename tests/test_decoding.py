@@ -241,12 +241,23 @@ def test_only_whole_8_bit_rgb_or_gray_jpegs_within_pillows_limit_go_to_the_devic
     data = base.read_bytes()
     cases = {"base.jpg": True, "progressive.jpg": True, "gray.jpg": True, "cmyk.jpg": False, "flat.png": False}
     assert {name: device_decodable((tmp_path / name).read_bytes()) for name in cases} == cases
-    assert device_decodable(data + b"\0" * 16)  # a little padding after the end marker, as some cameras write
+    assert device_decodable(data + b"\0" * 4096)  # bytes after the end marker (a motion photo's video): ignored
     assert not device_decodable(data[: len(data) // 2])  # cut short
     assert not device_decodable(data[:-2])  # only the end marker missing
-    assert not device_decodable(data + b"\0" * 4096)  # something appended (a motion photo's video): the CPU decides
-    rgb = data.replace(b"\xff\xd8", b"\xff\xd8\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00", 1)
-    assert Image.open(io.BytesIO(rgb)).size == (500, 375) and not device_decodable(rgb)  # Adobe's transform
+    adobe = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"  # transform 0: the three channels are RGB
+    rgb = data.replace(b"\xff\xd8", b"\xff\xd8" + adobe, 1)
+    assert Image.open(io.BytesIO(rgb)).size == (500, 375) and not device_decodable(rgb)
+    late = data.replace(b"\xff\xda", adobe + b"\xff\xda", 1)  # after the frame header, before the scan
+    assert Image.open(io.BytesIO(late)).size == (500, 375) and not device_decodable(late)
+    keep_rgb = io.BytesIO()
+    Image.open(base).save(keep_rgb, "JPEG", keep_rgb=True)  # R, G, B component ids (and Pillow's Adobe marker)
+    assert not device_decodable(keep_rgb.getvalue())
+    ids = data.index(b"\xff\xc0") + 10  # the frame's first component id: 1, 2, 3 become R, G, B
+    no_jfif = bytearray(data[:2] + data[data.index(b"\xff", 2 + 2 + int.from_bytes(data[4:6], "big")):])
+    frame = no_jfif.index(b"\xff\xc0") + 10
+    for k, letter in enumerate(b"RGB"):
+        no_jfif[frame + 3 * k] = letter
+    assert data[2:4] == b"\xff\xe0" and ids > 0 and not device_decodable(bytes(no_jfif))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500 * 375 - 1)
     assert not device_decodable(data)  # a decompression bomb to Pillow: the CPU path refuses it as it should
 
@@ -293,8 +304,15 @@ def test_running_out_of_device_memory_is_one_line_that_says_what_to_do(run_tl, t
     result = run_tl("extract", "--data", tmp_path, "--out", tmp_path / "cache")
     assert result.code == 2 and "Traceback" not in result.err
     assert result.err.startswith("error: the device ran out of memory (CUDA out of memory. Tried to allocate 2.00")
-    assert "lower --batch-size" in result.err and "run the same command again" in result.err
+    assert "run the command again with a lower --batch-size (tl extract resumes its shards" in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+    def silent(config):
+        raise torch.OutOfMemoryError()
+
+    monkeypatch.setattr(pipeline.extract, "run_extract", silent)
+    result = run_tl("extract", "--data", tmp_path, "--out", tmp_path / "cache")
+    assert result.code == 2 and result.err.startswith("error: the device ran out of memory (OutOfMemoryError)")
 
 
 def test_extract_says_how_many_jpegs_the_device_refused(run_tl, tmp_path, monkeypatch):
@@ -306,7 +324,7 @@ def test_extract_says_how_many_jpegs_the_device_refused(run_tl, tmp_path, monkey
     result = run_tl("extract", "--data", tmp_path / "images", "--out", tmp_path / "cache", "--backbone", "alexnet",
                     "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet")
     assert result.code == 0, result.err
-    assert "1 JPEGs the device's decoder refused were decoded on the CPU instead" in result.out
+    assert "1 JPEG refused by the device's decoder went to the CPU path" in result.out
     assert "skipped 1 unreadable images" in result.err and "b/tables.jpg" in result.err
 
 

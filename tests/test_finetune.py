@@ -51,7 +51,8 @@ def alexnet_head(tmp_path_factory):
 
 
 def finetune_config(root, out, **options) -> FinetuneConfig:
-    return FinetuneConfig(data=root / "train", head=root / "head.pt", out=out, batch_size=4, quiet=True, **options)
+    return FinetuneConfig(**{"data": root / "train", "head": root / "head.pt", "out": out, "batch_size": 4,
+                             "quiet": True, **options})
 
 
 def finetune(root, out, **options) -> FinetuneResult:
@@ -227,7 +228,6 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
     assert "holds an earlier run; pass --resume" in refused("--epochs", "2")
     assert "does not match this run (unfreeze differ)" in refused("--resume", "--unfreeze", "1", "--epochs", "2")
-    assert "(batch_size differ)" in refused("--resume", "--batch-size", "2", "--epochs", "2")
     assert "(seed differ)" in refused("--resume", "--seed", "7", "--epochs", "2")
     other = make_image_folder(tmp_path / "other", classes=("a", "b"), per_class=3)
     error = refused("--resume", "--epochs", "2", "--data", other)
@@ -335,19 +335,22 @@ def test_a_float16_step_whose_gradients_overflow_is_skipped():
     assert not torch.equal(layer.weight, before["weight"])  # the default scale steps
 
 
-def test_a_float32_step_runs_its_backward_pass_in_ieee_float32_too(monkeypatch):
+def test_a_float32_step_runs_its_backward_pass_in_ieee_float32_too():
     from pipeline.finetune import training_step
     from pipeline.hardware import grad_scaler
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    from pipeline.hardware import tf32_settings
+
+    (owner, name, ieee), _ = tf32_settings()  # cuDNN's convolutions
+    before = getattr(owner, name)
     seen = []
     layer = torch.nn.Linear(8, 3)
-    layer.register_full_backward_hook(lambda *_: seen.append(torch.backends.cudnn.allow_tf32))
+    layer.register_full_backward_hook(lambda *_: seen.append(getattr(owner, name)))
     for precision in ("float32", "bfloat16"):
         training_step(layer, torch.randn(4, 8, requires_grad=True), torch.tensor([0, 1, 2, 0]),
                       torch.nn.CrossEntropyLoss(), torch.optim.SGD(layer.parameters(), lr=0.1),
                       grad_scaler(torch.device("cpu"), precision), torch.device("cpu"), precision)
-    assert seen == [False, True] and torch.backends.cudnn.allow_tf32
+    assert seen == [ieee, before] and before != ieee and getattr(owner, name) == before
 
 
 @pytest.mark.parametrize("size", [10, 11])
@@ -452,10 +455,10 @@ def test_a_checkpoint_of_an_earlier_tl_resumes_without_the_fields_it_did_not_rec
     layer = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    earlier = {"layer": "fc7", "unfreeze": 1}  # before data, batch_size and seed were recorded
+    earlier = {"layer": "fc7", "unfreeze": 1}  # before data and seed were recorded
     save_checkpoint(tmp_path / "c.ckpt", layer, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), 1,
                     [], (1.0, 0), earlier)
-    now = {**earlier, "data": "d1", "batch_size": 4, "seed": 0}
+    now = {**earlier, "data": "d1", "seed": 0}
     assert load_checkpoint(tmp_path / "c.ckpt", now)["epoch"] == 1
     with pytest.raises(FinetuneError, match=r"\(unfreeze differ\)"):
         load_checkpoint(tmp_path / "c.ckpt", {**now, "unfreeze": 2})
@@ -463,3 +466,10 @@ def test_a_checkpoint_of_an_earlier_tl_resumes_without_the_fields_it_did_not_rec
                     [], (1.0, 0), now)
     with pytest.raises(FinetuneError, match=r"\(data differ\)"):
         load_checkpoint(tmp_path / "c.ckpt", {**now, "data": "d2"})
+
+
+def test_a_run_resumes_with_a_smaller_batch_size(alexnet_head, tmp_path):
+    """What running out of device memory asks for: the same run, resumed with fewer images a batch."""
+    finetune(alexnet_head, tmp_path / "m.pt", epochs=1)  # 4 a batch
+    resumed = finetune(alexnet_head, tmp_path / "m.pt", epochs=2, batch_size=2, resume=True)
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 1

@@ -9,7 +9,8 @@ import torch
 
 from pipeline.errors import TLError
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, loader_options, pinned,
-                               prepare_module, resolve_device, resolve_precision, stack_channels_last, to_device)
+                               prepare_module, resolve_device, resolve_precision, stack_channels_last, tf32_settings,
+                               to_device)
 
 CPU = torch.device("cpu")
 
@@ -61,22 +62,40 @@ def test_cpu_tensors_pass_through_and_autocast_is_off_for_float32():
     assert not grad_scaler(CPU, "bfloat16").is_enabled() and grad_scaler(CPU, "float16").is_enabled()
 
 
-def tf32_flags() -> tuple[bool, bool]:
-    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+def tf32_flags() -> list:
+    return [getattr(owner, name) for owner, name, _ in tf32_settings()]
 
 
 @pytest.mark.parametrize("device", [CPU, torch.device("cuda")])
-def test_float32_means_ieee_float32_on_cuda_within_the_block_and_the_flags_come_back(device, monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # cuDNN's default: TF32 convolutions
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+def test_float32_means_ieee_float32_on_cuda_within_the_block_and_the_flags_come_back(device):
+    settings = tf32_settings()
+    before = tf32_flags()  # torch's defaults: TF32 convolutions in cuDNN, IEEE matrix products
     with autocast(device, "float32"):  # torch.autocast is not entered for float32: no CUDA is needed
-        assert tf32_flags() == (False, False)
-    assert tf32_flags() == (True, True)
+        assert tf32_flags() == [value for _, _, value in settings]
+    assert tf32_flags() == before
     with pytest.raises(ValueError), autocast(device, "float32"):
         raise ValueError("a failing forward pass")
-    assert tf32_flags() == (True, True)
+    assert tf32_flags() == before
     with float32_math("float16"), float32_math("bfloat16"):
-        assert tf32_flags() == (True, True)  # half precisions leave them as they are
+        assert tf32_flags() == before  # half precisions leave them as they are
+
+
+def test_the_tf32_settings_are_torchs_per_operator_ones_where_it_has_them():
+    """Mixing them with the legacy allow_tf32 flags is an error in torch 2.9 and later: once a process
+    has used the new API, setting a legacy flag raises."""
+    settings = tf32_settings()
+    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
+        assert [name for _, name, _ in settings] == ["fp32_precision", "fp32_precision"]
+        saved = torch.backends.cudnn.conv.fp32_precision
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # a user's own setting, by the new API
+        try:
+            with float32_math("float32"):
+                assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+            assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        finally:
+            torch.backends.cudnn.conv.fp32_precision = saved
+    else:
+        assert [name for _, name, _ in settings] == ["allow_tf32", "allow_tf32"]
 
 
 def test_a_rank_without_a_gpu_of_its_own_is_told_so(monkeypatch):

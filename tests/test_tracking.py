@@ -164,3 +164,21 @@ def test_the_step_that_stops_a_tracked_run_is_a_run_of_its_own(run_tl, tmp_path,
     stopped = next(run for run in runs if run.data.tags.get("tl.stage") == "evaluate")
     assert stopped.info.status == status and stopped.data.tags["tl.status"] == "stopped: stopped in the middle"
     assert stopped.data.params["head"] == "h.pt" and parents[0].info.status == status
+
+
+def test_the_store_check_takes_any_answer_and_never_shows_a_password():
+    import http.server
+    import threading
+
+    from pipeline.tracking import check_store
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501 to all
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_store(f"http://user:secret@127.0.0.1:{server.server_address[1]}")  # credentials as MLflow reads them
+    finally:
+        server.shutdown()
+    with pytest.raises(TLError) as refused:
+        check_store("http://user:secret@127.0.0.1:9")
+    assert str(refused.value).startswith("the MLflow tracking server http://127.0.0.1:9 does not answer (")
+    assert "secret" not in str(refused.value)

@@ -30,8 +30,10 @@ class ImageFolderSource(Source):
         require_dir(root, "class folders")
         if split and (root / split).is_dir():
             root = root / split
-        elif split:  # root itself, unless it holds split folders: they would become the classes, splits mixed
-            splits = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES)
+        elif split:  # root itself, unless it holds split folders (of class folders): they would become the
+            # classes, the splits mixed. A class named like a split holds images, not folders.
+            splits = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES
+                            and any(child.is_dir() and not child.name.startswith(".") for child in p.iterdir()))
             if splits:
                 raise DataError(f"{shown(root)} has no split folder '{split}', but has {', '.join(splits)}; "
                                 "pass --split with one of them")
