@@ -191,17 +191,24 @@ def test_a_training_cache_scored_as_test_is_said(run_tl, code_caches, monkeypatc
     assert result.code == 0 and "note: evaluate scores caches/train, the cache fit-head trained on" in result.out
 
 
-def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_path, monkeypatch):
-    """A finetune stopped after its first checkpoint (its record says "started", the model file is not
-    written) resumes on the next `tl run`; after a finished run, a changed setting starts over."""
-    monkeypatch.chdir(tmp_path)
-    make_image_folder(tmp_path / "images" / "train", classes=("a", "b"), per_class=4)
-    recipe = _recipe(tmp_path, """\
+def _alexnet_recipe(root, per_class: int, more: str = ""):
+    """Images of two classes under root/images/train and a recipe that extracts alexnet pool5 codes of
+    them into caches/train, then `more` steps."""
+    make_image_folder(root / "images" / "train", classes=("a", "b"), per_class=per_class)
+    return _recipe(root, """\
         data: images
         backbone: alexnet
         weights: none
         quiet: true
         extract: {layers: [pool5], dtype: float32, out: caches/train}
+        """ + textwrap.dedent(more).replace("\n", "\n        "))
+
+
+def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_path, monkeypatch):
+    """A finetune stopped after its first checkpoint (its record says "started", the model file is not
+    written) resumes on the next `tl run`; after a finished run, a changed setting starts over."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 4, """\
         fit-head: {cache: caches/train, out: heads/h.pt}
         finetune: {head: heads/h.pt, epochs: 2, batch_size: 4, val_fraction: 0.25, out: models/m.pt}
         """)
@@ -224,14 +231,7 @@ def test_a_cache_made_again_by_hand_with_other_settings_is_extracted_again(run_t
     """The README's promise: a cache made with other settings is made again, also when another
     `tl extract --overwrite` replaced the recipe's cache (its record still has the recipe's settings)."""
     monkeypatch.chdir(tmp_path)
-    make_image_folder(tmp_path / "images" / "train", classes=("a", "b"), per_class=2)
-    recipe = _recipe(tmp_path, """\
-        data: images
-        backbone: alexnet
-        weights: none
-        quiet: true
-        extract: {layers: [pool5], dtype: float32, out: caches/train}
-        """)
+    recipe = _alexnet_recipe(tmp_path, 2)
     assert run_tl("run", recipe).code == 0
     by_hand = run_tl("extract", "--data", "images", "--backbone", "alexnet", "--weights", "none", "--layers", "fc7",
                      "--overwrite", "--out", "caches/train", "--quiet")
