@@ -166,9 +166,8 @@ def _check_config(config: FinetuneConfig) -> None:
     check_schedule(config.lr_steps, config.lr_factors, FinetuneError)
     default_workers(config.workers)  # refuses a negative --workers before any work
     if config.val_data is not None and "{" not in str(config.val_data) and not Path(config.val_data).exists():
-        # (a brace pattern of tar files names no one path: its format opens it)
         raise FinetuneError(f"--val-data {config.val_data} does not exist; pass the validation images as --data "
-                            "takes the training ones")
+                            "takes the training ones")  # (a tar brace pattern names no one path)
     if config.val_data is not None and config.val_fraction is not None:
         raise FinetuneError("--val-data and --val-fraction both name validation images; pass one of them")
     if config.early_stop and config.val_data is None and config.val_fraction is None:
@@ -413,9 +412,8 @@ def _validate(model, dataset, targets, config, device, precision) -> dict:
 
 def _identity(config: FinetuneConfig, head_metadata: dict, source) -> dict:
     """What a checkpoint must share with the run that resumes it: the model, the training images and the
-    seed that orders them. The learning rate may change ("lower --lr and resume"), and so may --epochs
-    and --batch-size (a run out of device memory resumes with a smaller one; its epochs are then batched
-    otherwise than the unbroken run's)."""
+    seed that orders them. --lr ("lower --lr and resume"), --epochs and --batch-size (a run out of device
+    memory resumes with a smaller one, batched otherwise than the unbroken run) may change."""
     return {"head_codes_key": head_metadata["codes_key"], "layer": head_metadata["layer"],
             "classes": head_metadata["classes"], "kind": head_metadata["kind"], "unfreeze": config.unfreeze,
             "bn_stats": config.bn_stats, "optimizer": config.optimizer,
