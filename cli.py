@@ -296,7 +296,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
 
 @tl.command()
 @click.argument("cache", type=click.Path(path_type=Path))
-@click.option("--verify", is_flag=True, help="Check every shard's checksum and columns.")
+@click.option("--verify", is_flag=True, help="Check every shard's checksum, columns and codes (no NaN or Inf).")
 def info(cache, verify):
     """Describe a cache: backbone, taps, classes, rows, shards; --verify checks every shard."""
     from cache.manifest import load_manifest

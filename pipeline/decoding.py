@@ -253,6 +253,17 @@ class EncodedImages(torch.utils.data.Dataset):
             return None, None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
 
 
+def _unless_refused(call, *args, **options):
+    """call(*args, **options), or None where the device refuses it (a RuntimeError). Running out of device
+    memory is no refusal: it is raised, so that a batch too large never quietly takes the CPU path."""
+    try:
+        return call(*args, **options)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:
+        return None
+
+
 def collate_encoded(items):
     return list(items)
 
@@ -277,34 +288,26 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
             return torchvision_decode_jpeg(data, **options)
 
     jpegs = [(position, item[0]) for position, item in enumerate(items) if item[0] is not None]
-    decoded: dict[int, torch.Tensor] = {}
-    refused: list[int] = []  # JPEGs the device could not decode: they take the CPU path below
+    decoded: dict[int, torch.Tensor | None] = {}  # None: the device refused the file
     if jpegs:
         if device.type == "cuda":
             # torchvision's batched decoder writes its outputs on a stream of its own that does not wait for
             # ours (pytorch/vision#9606): nothing of ours may still run on memory it is handed
             torch.cuda.current_stream(device).synchronize()
-        try:
-            images = decode_jpeg([data for _, data in jpegs], mode=ImageReadMode.RGB, device=device)
+        images = _unless_refused(decode_jpeg, [data for _, data in jpegs], mode=ImageReadMode.RGB, device=device)
+        if images is not None:
             decoded = dict(zip([position for position, _ in jpegs], images))
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError:  # one bad file fails the batch: decode one by one
+        else:  # one bad file fails the batch: decode one by one
             for position, data in jpegs:
-                try:
-                    decoded[position] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-                except torch.OutOfMemoryError:
-                    raise
-                except RuntimeError:
-                    refused.append(position)
+                decoded[position] = _unless_refused(decode_jpeg, data, mode=ImageReadMode.RGB, device=device)
     resized: dict[int, torch.Tensor] = {}
     for position, image in decoded.items():  # (3, height, width), at full size
-        try:
-            resized[position] = resize_and_crop(image, (image.shape[2], image.shape[1]), resize, crop, interpolation)
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError:  # CUDA's antialiased kernel refuses shrinking ~50x and more: the CPU path
-            refused.append(position)
+        # CUDA's antialiased kernel refuses shrinking ~50x and more: that image takes the CPU path too
+        cropped = None if image is None else _unless_refused(resize_and_crop, image, (image.shape[2], image.shape[1]),
+                                                              resize, crop, interpolation)
+        if cropped is not None:
+            resized[position] = cropped
+    refused = [position for position in decoded if position not in resized]  # they take the CPU path below
     crops, indices, errors = [], [], []
     for position, (data, cpu_crop, index, reason) in enumerate(items):
         if position in resized:

@@ -84,8 +84,7 @@ def image_set(source, backbone: Backbone, head_metadata: dict, augmentation: Aug
     if geometry:
         if not hasattr(source, "annotations"):
             raise FinetuneError(f"{head} was trained on multiscale patches; use voc data with it")
-        settings = PatchSettings(tuple(geometry["scales"]), geometry["patch_overlap"], geometry["box_overlap"],
-                                 background_fraction)
+        settings = PatchSettings.of_geometry(geometry, background_fraction)
         dataset = PatchSamples(source, backbone.input_size, settings, training, seed,
                                transforms.Compose(flip + normalize),
                                decode_of(head_metadata["codes_key"]["preprocessing"]))

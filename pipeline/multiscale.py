@@ -51,6 +51,11 @@ class PatchSettings:
     def geometry(self) -> dict:
         return {"scales": list(self.scales), "patch_overlap": self.patch_overlap, "box_overlap": self.box_overlap}
 
+    @classmethod
+    def of_geometry(cls, geometry: dict, background_fraction: float | None = None) -> "PatchSettings":
+        """The settings whose geometry() a codes key recorded (background thinning is not in it)."""
+        return cls(tuple(geometry["scales"]), geometry["patch_overlap"], geometry["box_overlap"], background_fraction)
+
 
 def axis_starts(length: int, side: float) -> np.ndarray:
     """Starts of ceil((length - 1) / side) patches spread evenly from 0 to the far border."""

@@ -101,8 +101,7 @@ def _pooled_predictions(config: PredictConfig, source: FileListSource, backbone,
     class given its share of the image's S (the shares sum to 1)."""
     if not config.exponent > 0:
         raise HeadError(f"--exponent must be positive, got {config.exponent}")
-    geometry = metadata["codes_key"]["patches"]
-    settings = PatchSettings(tuple(geometry["scales"]), geometry["patch_overlap"], geometry["box_overlap"], None)
+    settings = PatchSettings.of_geometry(metadata["codes_key"]["patches"])
     classes = metadata["classes"][1:]  # column 0 is the background
     top_k = min(config.top_k, len(classes))
     dataset = PatchImages(source, backbone.input_size, settings, training=False, seed=0, decode=decode)
