@@ -22,7 +22,7 @@ from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECOR
                             record_files, save_manifest, shard_index, shard_name, uniform_plan)
 from cache.records import append_record, content_digest, write_records
 from pipeline.decoding import decode_of
-from pipeline.files import DiskFullError, OutputLock, file_digest, write_bytes
+from pipeline.files import DiskFullError, OutputLock, file_digest, missing_folders, write_bytes
 from pipeline.errors import CacheError, listed
 
 LOCK = ".lock"
@@ -88,6 +88,7 @@ class CacheWriter:
     # -- opening
 
     def __enter__(self) -> "CacheWriter":
+        self.lock.made = missing_folders(self.root)  # a run that fails before its first file leaves none
         _check_writable(self.root)
         if self.follower:
             self.manifest = load_manifest(self.root)

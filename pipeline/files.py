@@ -124,44 +124,54 @@ def write_bytes(path: Path, data: bytes, what: str = "file", sweep: bool = True)
             handle.write(data)
 
 
+def missing_folders(path: Path) -> list[Path]:
+    """The folders that making `path` (a folder) would create, deepest first."""
+    missing, path = [], Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 class OutputLock:
     """An exclusive lock on an output (a cache folder, a model file) for one writing process.
 
     A POSIX record lock (`lockf`): it belongs to this process alone, so DataLoader workers forked
     while it is held do not inherit it, and the kernel drops it the moment this process dies: a
     re-run right after a kill never waits for orphaned workers. The file holds the holder's pid for
-    the message; a pid that is no longer alive is never named."""
+    the message; a pid that is no longer alive is never named.
+
+    Releasing removes the lock file, and then the folders this output made (`made`, and those made
+    for the lock) where they are still empty, so a run that failed leaves nothing behind. The file is
+    unlinked while still locked; a process that opened it just before then holds a lock on a file no
+    longer in place, sees so, and opens the path again: one holder at a time, always."""
 
     _held: set[str] = set()  # record locks do not exclude the process that holds them: these do
 
-    def __init__(self, lock_path: Path, what: str, error: type[TLError] = TLError):
+    def __init__(self, lock_path: Path, what: str, error: type[TLError] = TLError, made: list[Path] = ()):
         self.path = Path(lock_path)  # callers name it from the output's real path: a link must not dodge it
         self.what = what  # "writing to caches/x", for the message
         self.error = error
+        self.made = list(made)  # folders the caller made for this output, deepest first
         self.handle = None
 
     def _refuse(self, holder: str) -> None:
         raise self.error(f"another tl process{holder} is {self.what}; wait for it to finish or stop it") from None
 
     def acquire(self) -> "OutputLock":
-        key = os.path.realpath(self.path)
+        key = self._key = os.path.realpath(self.path)
         if key in OutputLock._held:
             self._refuse(f" (pid {os.getpid()})")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+")
-        except OSError as exc:
-            raise self.error(f"cannot create {self.path}: {exc.strerror}; choose another output") from None
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                handle.close()
-                raise self.error(f"cannot lock {self.path}: {exc.strerror}; choose another output") from None
-            handle.seek(0)
-            text = handle.read().strip()
-            handle.close()
-            self._refuse(f" (pid {text})" if text.isdigit() and pid_alive(int(text)) else "")
+        self.made = missing_folders(self.path.parent) + self.made
+        while True:
+            handle = self._lock_file()
+            try:
+                in_place = os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                in_place = False
+            if in_place:
+                break
+            handle.close()  # the holder released (and unlinked) it between our open and our lock
         try:
             handle.seek(0)
             handle.truncate()
@@ -178,15 +188,37 @@ class OutputLock:
         OutputLock._held.add(key)
         return self
 
+    def _lock_file(self):
+        """The lock file, open and locked by this process; a refusal when another process holds it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as exc:
+            raise self.error(f"cannot create {self.path}: {exc.strerror}; choose another output") from None
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                handle.close()
+                raise self.error(f"cannot lock {self.path}: {exc.strerror}; choose another output") from None
+            handle.seek(0)
+            text = handle.read().strip()
+            handle.close()
+            self._refuse(f" (pid {text})" if text.isdigit() and pid_alive(int(text)) else "")
+        return handle
+
     def release(self) -> None:
         if self.handle is not None:
             with contextlib.suppress(OSError):
-                self.handle.seek(0)
-                self.handle.truncate()
+                self.path.unlink()  # while still locked: see the class's note
+            with contextlib.suppress(OSError):
                 fcntl.lockf(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
-            OutputLock._held.discard(os.path.realpath(self.path))
+            OutputLock._held.discard(self._key)
+            for folder in self.made:
+                with contextlib.suppress(OSError):  # not empty: it holds the output, or another's files
+                    folder.rmdir()
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

@@ -22,7 +22,7 @@ import numpy as np
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
-from pipeline.files import OutputLock, write_bytes
+from pipeline.files import OutputLock, missing_folders, write_bytes
 from pipeline.fit_head import FitHeadConfig, check_counts, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
 from pipeline.training import TrainingOptions, train_networks
@@ -148,11 +148,12 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
     out = Path(config.out)
     if out.is_file():
         raise HeadError(f"--out {out} is a file; a sweep writes a folder")
+    made = missing_folders(out / "heads")  # removed again if the sweep fails before it writes a head
     try:
         (out / "heads").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HeadError(f"cannot make the sweep folder {out}: {exc.strerror}; choose another --out") from None
-    with OutputLock(out / LOCK, f"sweeping into {out}", HeadError):  # two sweeps would train every head twice
+    with OutputLock(out / LOCK, f"sweeping into {out}", HeadError, made):  # two sweeps would train every head twice
         return _sweep(config, reader, layers, settings, out, say, started)
 
 

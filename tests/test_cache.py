@@ -36,7 +36,7 @@ def write_cache(root, num_samples=10, shard_rows=4, width=3, dtype="float32", co
 def test_round_trip_across_shards(tmp_path):
     codes = write_cache(tmp_path / "c")
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
-        ".lock", "manifest.json", "shard-00000.h5", "shard-00001.h5", "shard-00002.h5", "shards.jsonl"]
+        "manifest.json", "shard-00000.h5", "shard-00001.h5", "shard-00002.h5", "shards.jsonl"]
     reader = CacheReader(tmp_path / "c")
     assert reader.num_rows == 10 and reader.taps == {"fc7": 3} and reader.classes == ["a", "b"]
     np.testing.assert_array_equal(reader.load("fc7"), codes)

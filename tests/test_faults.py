@@ -152,6 +152,46 @@ def test_forked_children_do_not_hold_the_lock(tmp_path):
         os.kill(child, signal.SIGKILL)
 
 
+def test_a_released_lock_leaves_no_file_and_no_folder_it_made(tmp_path):
+    from pipeline.files import OutputLock
+
+    lock = OutputLock(tmp_path / "new" / "dir" / ".m.pt.lock", "training").acquire()
+    assert (tmp_path / "new" / "dir" / ".m.pt.lock").is_file()
+    lock.release()
+    assert list(tmp_path.iterdir()) == []  # the lock file and both folders it made are gone
+    lock = OutputLock(tmp_path / "new" / ".m.pt.lock", "training").acquire()
+    (tmp_path / "new" / "m.pt").write_text("the output")
+    lock.release()
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["m.pt"]  # a folder holding the output stays
+
+
+def test_a_lock_on_a_file_its_holder_just_unlinked_is_taken_again(tmp_path, monkeypatch):
+    """The holder releases (unlinks, then unlocks) between another process's open and its lock: that
+    process then holds a lock on a file no longer in place, and must open the path anew."""
+    from pipeline.files import OutputLock
+
+    path, calls, original = tmp_path / ".lock", [], OutputLock._lock_file
+
+    def released_meanwhile(self):
+        handle = original(self)
+        if not calls:
+            path.unlink()
+        calls.append(handle)
+        return handle
+
+    monkeypatch.setattr(OutputLock, "_lock_file", released_meanwhile)
+    lock = OutputLock(path, "writing").acquire()
+    lock.handle.seek(0)  # not path.read_text(): closing any other handle on it drops this process's lock
+    assert len(calls) == 2 and lock.handle.read() == str(os.getpid())
+    assert os.path.samestat(os.fstat(lock.handle.fileno()), os.stat(path))
+    other = subprocess.run([sys.executable, "-c", "import sys\nfrom pipeline.files import OutputLock\n"
+                            "OutputLock(sys.argv[1], 'writing').acquire()", str(path)],
+                           cwd=REPO, capture_output=True, text=True)
+    assert other.returncode != 0 and f"another tl process (pid {os.getpid()})" in other.stderr
+    lock.release()
+    assert not path.exists()
+
+
 def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path):
     data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=10)
     args = ["--data", data, "--shard-rows", "2", "--batch-size", "1", "--dtype", "float32", "--workers", "1",

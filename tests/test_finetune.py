@@ -225,6 +225,8 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     assert "--unfreeze 9 is more than the 5 conv layers" in refused("--unfreeze", "9")
     assert "trained on alexnet codes, not vgg16" in refused("--backbone", "vgg16")
     assert "--resume found no checkpoint" in refused("--resume")
+    assert "--resume found no checkpoint" in refused("--resume", out=tmp_path / "new" / "dir" / "m.pt")
+    assert not (tmp_path / "new").exists()  # refused after taking its lock: neither lock file nor folders stay
     assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
     assert "holds an earlier run; pass --resume" in refused("--epochs", "2")
     assert "does not match this run (unfreeze differ)" in refused("--resume", "--unfreeze", "1", "--epochs", "2")
