@@ -31,6 +31,14 @@ COMPRESSIONS = ("none", "lzf", "gzip")
 DTYPES = ("float16", "float32")
 
 
+class Occupied(CacheError):
+    """A folder holding what only --overwrite replaces; `state` says what (for callers with other remedies)."""
+
+    def __init__(self, root: Path, state: str, remedy: str):
+        self.state = state
+        super().__init__(f"{root} {state}; {remedy}")
+
+
 def _check_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -127,10 +135,10 @@ class CacheWriter:
                 if not self.overwrite:
                     raise
         elif any(self.root.glob("shard-*.h5")) and not self.overwrite:
-            raise CacheError(f"{self.root} holds shard files but no manifest; pass --overwrite to replace them")
+            raise Occupied(self.root, "holds shard files but no manifest", "pass --overwrite to replace them")
         if existing is not None and existing.format == LEGACY_FORMAT and existing.shards and not self.overwrite:
-            raise CacheError(f"{self.root} was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no input "
-                             "digests; it can still be read as it is, or pass --overwrite to extract it again")
+            raise Occupied(self.root, f"was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no input "
+                           "digests", "it can still be read as it is, or pass --overwrite to extract it again")
         # A cache without a finished shard holds nothing to lose: a corrected command may take it over.
         if existing is not None and existing.key_digest != self._fresh.key_digest and existing.shards \
                 and not self.overwrite:
@@ -141,10 +149,8 @@ class CacheWriter:
             hint = ""
             if lines and all(line.startswith("preprocessing.decode:") for line in lines):
                 hint = f", or pass --decode {decode_of(existing.key['preprocessing'])} to add to it"
-            raise CacheError(
-                f"{self.root} holds a cache made with other settings ({differences}); "
-                f"choose another --out, or pass --overwrite to replace it{hint}"
-            )
+            raise Occupied(self.root, f"holds a cache made with other settings ({differences})",
+                           f"choose another --out, or pass --overwrite to replace it{hint}")
         if existing is None or existing.key_digest != self._fresh.key_digest or existing.format != FORMAT:
             self._clear()
             self.manifest = self._fresh

@@ -96,8 +96,11 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 try:
                     outcome = runner.execute(step, extra)
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
-                    tracker.stopped(step, started_record, exc)
-                    raise
+                    error = _stopped(step, recipe, record, exc)
+                    tracker.stopped(step, started_record, error)
+                    if error is exc:
+                        raise
+                    raise error from None
                 summary = summarize(step, outcome)
                 # read again: data a step downloaded (or wrote) is its input from now on
                 record = write_record(out, step, step_digest(step), "done", summary)
@@ -114,7 +117,8 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
 
 def _restart(step: Step, record: dict | None, digest: str, out: Path, say) -> dict:
     """Flags a step needs to pick up after an earlier run: finetune resumes its own crashed run and
-    starts over after a run of other settings; extract replaces a cache of other settings."""
+    starts over after a run of other settings; extract goes on with a cache this recipe made, which
+    keeps it where its key is the step's (a stopped extract resumes) and replaces it otherwise."""
     if record is None or not out.exists() and step.stage != "finetune":
         return {}
     same = record.get("digest") == digest
@@ -127,18 +131,36 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say) -> di
                 return {"resume": True}
             say(f"== {step.label}: settings or inputs changed since {out} was made: starting over")
             return {"overwrite": True}
-    if step.stage == "extract" and not same:
+    if step.stage != "extract":
+        return {}
+    if not same:
         say(f"== {step.label}: settings or inputs changed since {out} was made: extracting again")
-        return {"overwrite": True}
-    if step.stage == "extract" and _cache_replaced(record, out):
+    elif _cache_replaced(record, out):
         say(f"== {step.label}: {out} was made again with other settings since this recipe made it: extracting again")
-        return {"overwrite": True}
-    return {}
+    # a record of this recipe at `out` (any status, any tl): the writer's --overwrite resumes a cache
+    # whose key is the step's and replaces any other (made again by hand, or by an earlier tl)
+    return {"overwrite": True}
+
+
+def _stopped(step: Step, recipe, record: dict | None, exc: BaseException) -> BaseException:
+    """What a step that stopped on `exc` raises. An extract step with no earlier record withdraws the
+    claim its started record made on its out, which may hold a cache that this recipe did not make,
+    and a refusal by such a cache names the recipe's remedy, not extract's --overwrite."""
+    from cache.writer import Occupied
+
+    out = step.path(OUTPUT)
+    if step.stage != "extract" or record is not None:
+        return exc
+    record_path(out).unlink(missing_ok=True)  # the next run starts as this one did: a same-key cache resumes
+    if not isinstance(exc, Occupied):
+        return exc
+    return ConfigError(f"{step.label}: {out} {exc.state}, and this recipe did not make it; give the step another "
+                       f"out in {recipe.path}, or delete {out} and run again")
 
 
 def _cache_replaced(record: dict, out: Path) -> bool:
-    """Whether the cache at `out` now has another key than the one the step's record wrote (another
-    `tl extract --overwrite` there). The same key, or no finished record, is the step's own cache: resumed."""
+    """Whether the cache at `out` now has another key than the one the step's finished record wrote
+    (another `tl extract --overwrite` there); said before extracting again."""
     from cache.manifest import load_manifest
 
     recorded = (record.get("facts") or {}).get("cache_key") if record.get("status") == "done" else None

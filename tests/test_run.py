@@ -241,6 +241,30 @@ def test_a_cache_made_again_by_hand_with_other_settings_is_extracted_again(run_t
     assert "caches/train was made again with other settings since this recipe made it: extracting again" in again.out
     assert list(CacheReader(tmp_path / "caches/train").taps) == ["pool5"]
     assert "is up to date, skipped" in run_tl("run", recipe).out
+    record_file = tmp_path / "caches/train.tl-run.json"
+    for change in ({"facts": {}}, {"status": "started"}):  # a record of an earlier tl; a run that stopped
+        assert run_tl("extract", "--data", "images", "--backbone", "alexnet", "--weights", "none", "--layers", "fc7",
+                      "--overwrite", "--out", "caches/train", "--quiet").code == 0
+        record_file.write_text(json.dumps({**json.loads(record_file.read_text()), **change}))
+        again = run_tl("run", recipe)
+        assert again.code == 0 and "== extract (train) -> caches/train" in again.out, (change, again)
+        assert list(CacheReader(tmp_path / "caches/train").taps) == ["pool5"]
+
+
+def test_a_cache_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(run_tl, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 2)
+    theirs = run_tl("extract", "--data", "images", "--backbone", "alexnet", "--weights", "none", "--layers", "fc7",
+                    "--out", "caches/train", "--quiet")
+    assert theirs.code == 0, theirs
+    refused = run_tl("run", recipe)
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused
+    assert refused.err.startswith("error: extract (train): caches/train holds a cache made with other settings (")
+    assert refused.err.endswith(f"), and this recipe did not make it; give the step another out in {recipe}, or delete "
+                                "caches/train and run again\n"), refused
+    assert list(CacheReader(tmp_path / "caches/train").taps) == ["fc7"]  # theirs, untouched
+    assert not (tmp_path / "caches/train.tl-run.json").exists()  # and not claimed: a second run refuses alike
+    assert run_tl("run", recipe).err == refused.err
 
 
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):
