@@ -23,20 +23,12 @@ from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECOR
 from cache.records import append_record, content_digest, write_records
 from pipeline.decoding import decode_of
 from pipeline.files import DiskFullError, OutputLock, file_digest, missing_folders, write_bytes
-from pipeline.errors import CacheError, listed
+from pipeline.errors import CacheError, CacheOccupied, listed
 
 LOCK = ".lock"
 CHUNK_BYTES = 1 << 20
 COMPRESSIONS = ("none", "lzf", "gzip")
 DTYPES = ("float16", "float32")
-
-
-class Occupied(CacheError):
-    """A folder holding what only --overwrite replaces; `state` says what (for callers with other remedies)."""
-
-    def __init__(self, root: Path, state: str, remedy: str):
-        self.state = state
-        super().__init__(f"{root} {state}; {remedy}")
 
 
 def _check_writable(root: Path) -> None:
@@ -135,9 +127,9 @@ class CacheWriter:
                 if not self.overwrite:
                     raise
         elif any(self.root.glob("shard-*.h5")) and not self.overwrite:
-            raise Occupied(self.root, "holds shard files but no manifest", "pass --overwrite to replace them")
+            raise CacheOccupied(self.root, "holds shard files but no manifest", "pass --overwrite to replace them")
         if existing is not None and existing.format == LEGACY_FORMAT and existing.shards and not self.overwrite:
-            raise Occupied(self.root, f"was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no input "
+            raise CacheOccupied(self.root, f"was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no input "
                            "digests", "it can still be read as it is, or pass --overwrite to extract it again")
         # A cache without a finished shard holds nothing to lose: a corrected command may take it over.
         if existing is not None and existing.key_digest != self._fresh.key_digest and existing.shards \
@@ -149,7 +141,7 @@ class CacheWriter:
             hint = ""
             if lines and all(line.startswith("preprocessing.decode:") for line in lines):
                 hint = f", or pass --decode {decode_of(existing.key['preprocessing'])} to add to it"
-            raise Occupied(self.root, f"holds a cache made with other settings ({differences})",
+            raise CacheOccupied(self.root, f"holds a cache made with other settings ({differences})",
                            f"choose another --out, or pass --overwrite to replace it{hint}")
         if existing is None or existing.key_digest != self._fresh.key_digest or existing.format != FORMAT:
             self._clear()

@@ -36,3 +36,20 @@ class HeadError(TLError):
 
 class FinetuneError(TLError):
     """A finetune run, model file or export that cannot start or go on as asked."""
+
+
+class Occupied(TLError):
+    """An output that holds what only --overwrite (or --resume) takes over. `path` and `state` say what
+    it holds, for callers whose remedy differs (tl run has neither flag)."""
+
+    def __init__(self, path, state: str, remedy: str):
+        self.path, self.state = path, state
+        super().__init__(f"{path} {state}; {remedy}")
+
+
+class CacheOccupied(Occupied, CacheError):
+    """A cache folder holding another cache, or shards, that only --overwrite replaces."""
+
+
+class CheckpointOccupied(Occupied, FinetuneError):
+    """A finetune's checkpoint holding an earlier run: --resume continues it, --overwrite replaces it."""

@@ -21,7 +21,7 @@ from torch import nn
 from pipeline import distributed
 from pipeline.allocator import reused_memory
 from pipeline.code_rows import validation_score
-from pipeline.errors import FinetuneError
+from pipeline.errors import CheckpointOccupied, FinetuneError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
@@ -213,8 +213,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         if config.resume and not last_path.is_file():
             raise FinetuneError(f"--resume found no checkpoint {last_path}; start without --resume")
         if not config.resume and last_path.exists() and not config.overwrite:
-            raise FinetuneError(f"{last_path} holds an earlier run; pass --resume to continue it or --overwrite "
-                                "to start over")
+            raise CheckpointOccupied(last_path, "holds an earlier run",
+                                     "pass --resume to continue it or --overwrite to start over")
         with reused_memory(device):
             return _run_finetune(config, say)
     finally:

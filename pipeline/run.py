@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.errors import ConfigError, TLError
+from pipeline.errors import ConfigError, Occupied, TLError
 from pipeline.files import write_bytes
 from pipeline.recipe import OUTPUT, INPUTS, StageOptions, Step, check, plan, read_recipe, select
 
@@ -143,19 +143,18 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say) -> di
 
 
 def _stopped(step: Step, recipe, record: dict | None, exc: BaseException) -> BaseException:
-    """What a step that stopped on `exc` raises. An extract step with no earlier record withdraws the
-    claim its started record made on its out, which may hold a cache that this recipe did not make,
-    and a refusal by such a cache names the recipe's remedy, not extract's --overwrite."""
-    from cache.writer import Occupied
-
+    """What a step that stopped on `exc` raises. A step refused by an output this recipe did not make
+    (no earlier record) gets the recipe's remedy, not the stage's --overwrite, which tl run has not;
+    its started record withdraws the claim on that output, as does any stopped extract's without an
+    earlier record (the next run starts as this one did: a cache of the step's key resumes)."""
     out = step.path(OUTPUT)
-    if step.stage != "extract" or record is not None:
+    if record is not None or not isinstance(exc, Occupied) and step.stage != "extract":
         return exc
-    record_path(out).unlink(missing_ok=True)  # the next run starts as this one did: a same-key cache resumes
+    record_path(out).unlink(missing_ok=True)
     if not isinstance(exc, Occupied):
         return exc
-    return ConfigError(f"{step.label}: {out} {exc.state}, and this recipe did not make it; give the step another "
-                       f"out in {recipe.path}, or delete {out} and run again")
+    return ConfigError(f"{step.label}: {exc.path} {exc.state}, and this recipe did not make it; give the step "
+                       f"another out in {recipe.path}, or delete {exc.path} and run again")
 
 
 def _cache_replaced(record: dict, out: Path) -> bool:

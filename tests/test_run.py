@@ -267,6 +267,22 @@ def test_a_cache_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(
     assert run_tl("run", recipe).err == refused.err
 
 
+def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(run_tl, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 2, """\
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
+        """)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/m.last.ckpt").write_bytes(b"another run's checkpoint")
+    refused = run_tl("run", recipe)
+    assert refused.code == 2 and refused.err == (
+        "error: finetune: models/m.last.ckpt holds an earlier run, and this recipe did not make it; give the step "
+        f"another out in {recipe}, or delete models/m.last.ckpt and run again\n"), refused
+    assert (tmp_path / "models/m.last.ckpt").read_bytes() == b"another run's checkpoint"
+    assert not (tmp_path / "models/m.pt.tl-run.json").exists()
+
+
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):
     result = run_tl("extract", "--config", REPO / "configs" / "cifar10_vgg16.yaml")
     assert result.code == 2 and "section extract lists 2 steps; run them with tl run" in result.err, result
