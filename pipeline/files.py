@@ -165,11 +165,7 @@ class OutputLock:
         self.made = missing_folders(self.path.parent) + self.made
         while True:
             handle = self._lock_file()
-            try:
-                in_place = os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path))
-            except FileNotFoundError:
-                in_place = False
-            if in_place:
+            if self._in_place(handle):
                 break
             handle.close()  # the holder released (and unlinked) it between our open and our lock
         try:
@@ -190,11 +186,14 @@ class OutputLock:
 
     def _lock_file(self):
         """The lock file, open and locked by this process; a refusal when another process holds it."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+")
-        except OSError as exc:
-            raise self.error(f"cannot create {self.path}: {exc.strerror}; choose another output") from None
+        for attempt in range(5):
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                handle = open(self.path, "a+")
+                break
+            except OSError as exc:  # ENOENT: a releasing holder removed the empty folder between the two calls
+                if not isinstance(exc, FileNotFoundError) or attempt == 4:
+                    raise self.error(f"cannot create {self.path}: {exc.strerror}; choose another output") from None
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -209,16 +208,27 @@ class OutputLock:
 
     def release(self) -> None:
         if self.handle is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()  # while still locked: see the class's note
+            # unlinked while still locked (see the class's note), and only while it is still ours: a
+            # file at the path now is another run's, after someone removed the output under this one
+            ours = self._in_place(self.handle)
+            if ours:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
             with contextlib.suppress(OSError):
                 fcntl.lockf(self.handle, fcntl.LOCK_UN)
             self.handle.close()
             self.handle = None
             OutputLock._held.discard(self._key)
-            for folder in self.made:
+            for folder in self.made if ours else ():
                 with contextlib.suppress(OSError):  # not empty: it holds the output, or another's files
                     folder.rmdir()
+
+    def _in_place(self, handle) -> bool:
+        """Whether the open lock file is the one at the path (not unlinked, nor replaced)."""
+        try:
+            return os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path))
+        except FileNotFoundError:
+            return False
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()

@@ -92,11 +92,12 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
             else:
                 extra = _restart(step, record, digest, out, say)
                 say(f"== {step.label}" + (f" -> {out}" if out else ""))
+                existed = out is not None and out.exists()
                 started_record = write_record(out, step, digest, "started")
                 try:
                     outcome = runner.execute(step, extra)
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
-                    error = _stopped(step, recipe, record, exc)
+                    error = _stopped(step, recipe, record, existed, exc)
                     tracker.stopped(step, started_record, error)
                     if error is exc:
                         raise
@@ -133,22 +134,24 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say) -> di
             return {"overwrite": True}
     if step.stage != "extract":
         return {}
-    if not same:
+    found = _cache_found(record, out)
+    if found:
+        say(f"== {step.label}: {out} {found}: extracting again")
+    elif not same:
         say(f"== {step.label}: settings or inputs changed since {out} was made: extracting again")
-    elif _cache_replaced(record, out):
-        say(f"== {step.label}: {out} was made again with other settings since this recipe made it: extracting again")
     # a record of this recipe at `out` (any status, any tl): the writer's --overwrite resumes a cache
     # whose key is the step's and replaces any other (made again by hand, or by an earlier tl)
     return {"overwrite": True}
 
 
-def _stopped(step: Step, recipe, record: dict | None, exc: BaseException) -> BaseException:
+def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseException) -> BaseException:
     """What a step that stopped on `exc` raises. A step refused by an output this recipe did not make
     (no earlier record) gets the recipe's remedy, not the stage's --overwrite, which tl run has not;
-    its started record withdraws the claim on that output, as does any stopped extract's without an
-    earlier record (the next run starts as this one did: a cache of the step's key resumes)."""
+    its started record withdraws the claim on that output, as does a stopped extract's whose out
+    `existed` before it with no record (the next run starts as this one did: a cache of the step's
+    key resumes). An extract that made its out keeps its claim: the next run goes on with it."""
     out = step.path(OUTPUT)
-    if record is not None or not isinstance(exc, Occupied) and step.stage != "extract":
+    if record is not None or not isinstance(exc, Occupied) and not (step.stage == "extract" and existed):
         return exc
     record_path(out).unlink(missing_ok=True)
     if not isinstance(exc, Occupied):
@@ -157,17 +160,26 @@ def _stopped(step: Step, recipe, record: dict | None, exc: BaseException) -> Bas
                        f"another out in {recipe.path}, or delete {exc.path} and run again")
 
 
-def _cache_replaced(record: dict, out: Path) -> bool:
-    """Whether the cache at `out` now has another key than the one the step's finished record wrote
-    (another `tl extract --overwrite` there); said before extracting again."""
-    from cache.manifest import load_manifest
+def _cache_found(record: dict, out: Path) -> str | None:
+    """What the recipe's cache folder `out` holds that extract will replace rather than resume, said
+    before it does: a cache made again there with another key (another `tl extract --overwrite`), a
+    manifest that cannot be read, an earlier tl's cache, shards without a manifest. None: nothing."""
+    from cache.manifest import LEGACY_FORMAT, MANIFEST, ForeignManifest, RecordDamage, load_manifest
 
-    recorded = (record.get("facts") or {}).get("cache_key") if record.get("status") == "done" else None
+    if not (out / MANIFEST).exists():
+        return "holds shard files but no manifest" if any(out.glob("shard-*.h5")) else None
     try:
-        current = load_manifest(out).key
-    except TLError:  # no cache, or a damaged one: extract says what it finds there
-        return False
-    return recorded is not None and json.loads(json.dumps(current, default=str)) != recorded
+        manifest = load_manifest(out)
+    except (ForeignManifest, RecordDamage):  # extract refuses the one, and rebuilds the other's records
+        return None
+    except TLError as exc:
+        return f"has a manifest that cannot be used ({str(exc).split(';')[0]})"
+    if manifest.format == LEGACY_FORMAT and manifest.shards:
+        return f"was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no input digests"
+    recorded = (record.get("facts") or {}).get("cache_key") if record.get("status") == "done" else None
+    if recorded is not None and json.loads(json.dumps(manifest.key, default=str)) != recorded:
+        return "was made again with other settings since this recipe made it"
+    return None
 
 
 # ---------------------------------------------------------------- records

@@ -192,6 +192,45 @@ def test_a_lock_on_a_file_its_holder_just_unlinked_is_taken_again(tmp_path, monk
     assert not path.exists()
 
 
+def test_a_lock_file_is_unlinked_while_locked_and_only_while_it_is_its_own(tmp_path, monkeypatch):
+    """Unlinked before it is unlocked (else a process locking it in between holds a file about to go);
+    and a run whose output someone removed while it ran never unlinks the next run's lock file."""
+    import fcntl
+
+    from pipeline import files
+    from pipeline.files import OutputLock
+
+    path, at_unlock = tmp_path / "out" / ".lock", []
+    lockf = fcntl.lockf
+
+    def watched(handle, operation, *more):
+        if operation == fcntl.LOCK_UN:
+            at_unlock.append(path.exists())
+        return lockf(handle, operation, *more)
+
+    monkeypatch.setattr(files.fcntl, "lockf", watched)
+    OutputLock(path, "writing").acquire().release()
+    assert at_unlock == [False]
+    monkeypatch.setattr(files.fcntl, "lockf", lockf)
+
+    first = OutputLock(path, "writing").acquire()
+    path.unlink()
+    path.parent.rmdir()  # the user removed the output under the first run, and started a second
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pipeline.files import OutputLock\n"
+         "lock = OutputLock(sys.argv[1], 'writing').acquire(); print('locked', flush=True); time.sleep(60)", str(path)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        first.release()
+        assert path.is_file()  # the second run's, still in place
+        with pytest.raises(Exception, match=f"another tl process \\(pid {holder.pid}\\)"):
+            OutputLock(path, "writing").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path):
     data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=10)
     args = ["--data", data, "--shard-rows", "2", "--batch-size", "1", "--dtype", "float32", "--workers", "1",

@@ -251,6 +251,35 @@ def test_a_cache_made_again_by_hand_with_other_settings_is_extracted_again(run_t
         assert list(CacheReader(tmp_path / "caches/train").taps) == ["pool5"]
 
 
+def test_a_first_extract_stopped_midway_keeps_its_claim_and_a_damaged_manifest_is_said(run_tl, tmp_path,
+                                                                                         monkeypatch):
+    """A first extract stopped after one shard made its folder: the next run, with other settings,
+    extracts again rather than calling the folder someone else's. A manifest that cannot be read is
+    named before the cache is made again."""
+    from cache.writer import CacheWriter
+
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 4)
+    write_shard = CacheWriter.write_shard
+
+    def stopped_after_one(self, *args, **kwargs):
+        write_shard(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CacheWriter, "write_shard", stopped_after_one)
+    assert run_tl("run", recipe, "--set", "extract.shard_rows=2").code == 130
+    monkeypatch.setattr(CacheWriter, "write_shard", write_shard)
+    assert json.loads((tmp_path / "caches/train.tl-run.json").read_text())["status"] == "started"
+    again = run_tl("run", recipe, "--set", "extract.shard_rows=2", "--set", "extract.layers=[fc7]")
+    assert again.code == 0 and "settings or inputs changed since caches/train was made" in again.out, again
+    manifest = tmp_path / "caches/train/manifest.json"
+    manifest.write_text(manifest.read_text()[:200])
+    damaged = run_tl("run", recipe, "--set", "extract.shard_rows=2", "--set", "extract.layers=[fc7]")
+    assert damaged.code == 0, damaged
+    assert "== extract (train): caches/train has a manifest that cannot be used (" in damaged.out
+    assert "is not valid JSON" in damaged.out and "): extracting again" in damaged.out
+
+
 def test_a_cache_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(run_tl, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recipe = _alexnet_recipe(tmp_path, 2)
