@@ -773,6 +773,18 @@ def main(argv: list[str] | None = None) -> None:
     except TLError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # a path the system refuses (too long, a loop, no permission) where no stage expected it
+        if exc.filename is None:
+            raise
+        from pipeline.files import FULL
+
+        if exc.errno in FULL:
+            click.echo(f"error: no space left on the device of {exc.filename}; free space, then {stops.RESUME_HINT}",
+                       err=True)
+        else:
+            click.echo(f"error: {exc.strerror or type(exc).__name__}: {exc.filename}; choose another path, or fix "
+                       "this one, and run the command again", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         stops.STOPPING.set()
         click.echo(f"error: interrupted; {stops.RESUME_HINT}", err=True)

@@ -796,3 +796,14 @@ def test_damaged_shard_records_are_rebuilt_by_the_same_extract(run_tl, tmp_path,
     assert again.code == 0 and "0 shards new, 3 reused" in again.out, again
     np.testing.assert_array_equal(CacheReader(cache).load("fc7"), codes)
     assert not (cache / "shards-rank3.jsonl").exists() and len(records.read_text().splitlines()) == 3
+
+
+def test_a_path_the_system_refuses_is_one_line(run_tl, tmp_path, small_head, image_folder):
+    """A name longer than the file system allows fails in whatever call meets it first (an exists(), a
+    mkdir): one line naming the path, whichever command."""
+    long = tmp_path / ("a" * 300)
+    assert_one_line_error(run_tl("extract", "--data", image_folder, "--out", long, *FAST), "File name too long",
+                          "choose another path")
+    assert_one_line_error(run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
+                                 "--out", f"{long}.pt", "--epochs", "0", "--quiet"), "File name too long")
+    assert_one_line_error(run_tl("predict", "--head", small_head / "head.pt", long), "File name too long")
