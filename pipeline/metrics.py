@@ -118,6 +118,10 @@ def summarize(targets: np.ndarray, scores: np.ndarray, class_names: list[str], a
         support = np.bincount(targets, minlength=num_classes)
     labels = None if multilabel else np.arange(num_classes)
     per_class = precision_recall_fscore_support(targets, predicted, labels=labels, zero_division=0)
+    # a class with neither rows nor predictions here has no precision or recall: shown as "–" and left
+    # out of the macro average, as scikit-learn leaves out labels absent from both when not given a list
+    chosen = predicted.sum(axis=0) if multilabel else np.bincount(predicted, minlength=num_classes)
+    present = np.flatnonzero((support > 0) | (chosen > 0))
     ap = per_class_ap(targets, scores, ap_method, ignore)
     summary = {
         "rows": int(len(targets)),
@@ -127,14 +131,15 @@ def summarize(targets: np.ndarray, scores: np.ndarray, class_names: list[str], a
         "accuracy": float(accuracy_score(targets, predicted)),
         "mAP": mean_ap(ap),
         "classes": [
-            {"name": name, "precision": float(per_class[0][c]), "recall": float(per_class[1][c]),
-             "f1": float(per_class[2][c]), "support": int(support[c]),
+            {"name": name, **{measure: float(per_class[m][c]) if c in present else None
+                              for m, measure in enumerate(("precision", "recall", "f1"))},
+             "support": int(support[c]),
              "ap": None if np.isnan(ap[c]) else float(ap[c])}
             for c, name in enumerate(class_names)
         ],
     }
     for average in ("macro", "micro", "weighted"):
-        precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, labels=labels,
+        precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, labels=present,
                                                                    average=average, zero_division=0)
         summary[average] = {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
     if not multilabel:

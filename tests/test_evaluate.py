@@ -54,6 +54,28 @@ def test_summary_matches_scikit_learn_single_label():
     assert "top5_accuracy" not in summarize(targets % 5, scores[:, :5], CLASSES[:5])  # 5 classes: top-5 is 1
 
 
+def test_a_class_with_neither_rows_nor_predictions_is_left_out_of_the_macro_average():
+    """scikit-learn leaves out of its macro average the labels absent from both targets and predictions;
+    a test split without a class must not drag macro F1 down for a class nobody asked about."""
+    targets, scores = fixed_predictions()
+    kept = targets != 5
+    targets, scores = targets[kept], scores[kept]
+    scores[:, 5] = 0.0  # never predicted either
+    predicted = scores.argmax(axis=1)
+    report = summarize(targets, scores, CLASSES)
+    for average in ("macro", "micro", "weighted"):
+        assert report[average]["f1"] == pytest.approx(f1_score(targets, predicted, average=average), abs=1e-12)
+    assert [report["classes"][5][m] for m in ("precision", "recall", "f1")] == [None, None, None]
+    scores[0, 5] = 2.0  # predicted once, with no rows: a false positive, and a class the macro average counts
+    report = summarize(targets, scores, CLASSES)
+    assert report["classes"][5]["precision"] == 0.0
+    assert report["macro"]["f1"] == pytest.approx(
+        f1_score(targets, scores.argmax(axis=1), average="macro", labels=range(6), zero_division=0), abs=1e-12)
+    multi = np.eye(6, dtype=np.int64)[targets]
+    report = summarize(multi, np.eye(6)[targets] * 0.9, CLASSES)
+    assert report["macro"]["f1"] == 1.0 and report["classes"][5]["f1"] is None
+
+
 def test_summary_matches_scikit_learn_multi_label():
     rng = np.random.default_rng(1)
     targets = (rng.random((200, 4)) < 0.3).astype(np.int64)
