@@ -22,7 +22,7 @@ from pipeline.hardware import resolve_device, resolve_precision
 from pipeline.image_sets import image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
-from pipeline.multiscale import DEFAULT_EXPONENT, pool_image_scores
+from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores
 from pipeline.report import REPORT_FILES, write_predictions, write_report
 
 
@@ -66,6 +66,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         raise HeadError(f"unknown --ap {config.ap}; valid: {', '.join(AP_METHODS)}")
     if config.top_k < 1:
         raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
+    check_exponent(config.exponent, HeadError)
     # --data alone is no conflict: a recipe's top-level data key reaches evaluate with --head too
     if (config.model is None) == (config.head is None) or (config.head is not None and config.cache is None) \
             or (config.model is not None and config.data is None):

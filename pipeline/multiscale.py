@@ -110,12 +110,17 @@ def keep_background(targets: np.ndarray, fraction: float | None, rng: np.random.
     return (targets != 0) | (rng.random(len(targets)) < fraction)
 
 
+def check_exponent(exponent: float, error: type[Exception] = DataError) -> None:
+    """The pooling exponent k: positive and finite (k = inf or nan scores every image 0 or nan)."""
+    if not (math.isfinite(exponent) and exponent > 0):
+        raise error(f"--exponent must be a positive finite number (the paper's range is 1 to 10), got {exponent}")
+
+
 def pool_image_scores(patch_scores: np.ndarray, image_ids: np.ndarray, exponent: float = DEFAULT_EXPONENT
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(image ids in order of first appearance, S (images, C) with S(i, c) = sum_j P(j, c) ** k over
     the patches j of image i). The background column 0 of the patch scores is dropped."""
-    if exponent <= 0:
-        raise DataError(f"--exponent must be positive, got {exponent}")
+    check_exponent(exponent)
     unique, first, inverse = np.unique(image_ids, return_index=True, return_inverse=True)
     order = np.argsort(first)
     rank = np.empty_like(order)

@@ -21,7 +21,8 @@ from pipeline.errors import HeadError
 from pipeline.hardware import WorkerLoader, autocast, resolve_device, resolve_precision, to_device
 from pipeline.image_sets import image_loader
 from pipeline.model_files import head_backbone, load_head, load_model_file
-from pipeline.multiscale import DEFAULT_EXPONENT, PatchImages, PatchSettings, collate_patches, pool_image_scores
+from pipeline.multiscale import (DEFAULT_EXPONENT, PatchImages, PatchSettings, check_exponent, collate_patches,
+                                 pool_image_scores)
 from pipeline.progress import progress
 from pipeline.training import output_activation
 
@@ -61,6 +62,7 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
         raise HeadError(f"--top-k must be at least 1, got {config.top_k}")
     if config.batch_size < 1:
         raise HeadError(f"--batch-size must be at least 1, got {config.batch_size}")
+    check_exponent(config.exponent, HeadError)
     if (config.head is None) == (config.model is None):
         raise HeadError("predict with either --head H or --model M")
     device = resolve_device(config.device)
@@ -99,8 +101,6 @@ def _pooled_predictions(config: PredictConfig, source: FileListSource, backbone,
     """A multiscale head's labels of whole images, as `tl evaluate` scores them: every patch of the head's
     grid scored, S(c) = sum_j P(j, c) ** exponent over the object classes (background left out), each
     class given its share of the image's S (the shares sum to 1)."""
-    if not config.exponent > 0:
-        raise HeadError(f"--exponent must be positive, got {config.exponent}")
     settings = PatchSettings.of_geometry(metadata["codes_key"]["patches"])
     classes = metadata["classes"][1:]  # column 0 is the background
     top_k = min(config.top_k, len(classes))

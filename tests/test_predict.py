@@ -72,6 +72,13 @@ def test_predict_refuses_what_it_cannot_use(run_tl, tmp_path):
     assert missing.code == 2 and "is not a tl head file" in missing.err
     no_args = run_tl("predict", "--head", tmp_path / "h.pt")
     assert no_args.code == 2 and "Missing argument" in no_args.err
+    for exponent in ("nan", "inf", "0"):  # k = inf or nan pools every image to 0 or nan, silently
+        for command in (("predict", "--head", tmp_path / "h.pt", tmp_path / "x.png"),
+                        ("evaluate", "--head", tmp_path / "h.pt", "--cache", tmp_path, "--out", tmp_path / "r")):
+            refused = run_tl(*command, "--exponent", exponent)
+            assert refused.code == 2 and refused.err == (
+                f"error: --exponent must be a positive finite number (the paper's range is 1 to 10), got "
+                f"{float(exponent)}\n"), (command, refused)
 
 
 def test_weights_are_found_again_from_their_digest(tmp_path):
