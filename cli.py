@@ -523,6 +523,10 @@ def evaluate(format_, **options):
     from pipeline.report import summary_table
 
     result = run_evaluate(EvaluateConfig(format=format_, **options))
+    if result.skipped:
+        first = result.skipped[0]
+        click.echo(f"warning: skipped {len(result.skipped)} unreadable images (listed in report.json's "
+                   f"source.skipped), e.g. {first['sample_id']}: {first['reason']}", err=True)
     click.echo(summary_table(result.report))
     beside = [path.name for path in result.files[2:] if path.parent == Path(result.out)]
     click.echo(f"\nreport: {result.out / 'report.md'}" + (f" (+ {', '.join(beside)})" if beside else ""))

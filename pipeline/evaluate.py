@@ -59,6 +59,7 @@ class EvaluateResult:
     out: Path
     report: dict
     files: list[Path] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # --model: unreadable images, {"sample_id", "reason"}
 
 
 def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
@@ -125,12 +126,17 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     backbone = get_backbone(metadata["codes_key"]["backbone"])
     dataset, targets = image_set(source, backbone, metadata, None, 0, None, *what)
     multilabel = metadata["head"]["state"]["multilabel"]
+    errors: list = []
     scores = score_images(for_inference(model, device), dataset, config.batch_size, config.workers, device,
-                          multilabel, precision, quiet=config.quiet, desc="evaluate")
+                          multilabel, precision, quiet=config.quiet, desc="evaluate", errors=errors)
     readable = ~np.isnan(scores).any(axis=1)
     if not readable.any():
         raise HeadError(f"no image of {config.data} could be read; check the data")
-    samples = getattr(dataset, "images", np.arange(len(source)))[readable]  # the image of every scored row
+    image_of = getattr(dataset, "images", np.arange(len(source)))  # the image of every row (a patch's, or its own)
+    samples = image_of[readable]
+    reasons = {int(image_of[item]): reason for item, reason in errors}
+    skipped = [{"sample_id": source.samples[image].sample_id, "reason": reasons.get(image, "scores are not numbers")}
+               for image in sorted(set(range(len(source))) - set(samples.tolist()))]
     ids = np.array([source.samples[i].sample_id for i in samples])
     targets, scores = targets[readable], scores[readable]
     if metadata["codes_key"]["patches"]:
@@ -146,11 +152,11 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
         report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
     report["source"] = {"model": str(config.model), "kind": f"finetuned {metadata['head']['kind']}",
                         "layer": metadata["layer"], "cache": f"{config.data} ({config.format}, {config.split})",
-                        "backbone": backbone.name, "unreadable": int((~readable).sum())}
+                        "backbone": backbone.name, "unreadable": len(skipped), "skipped": skipped}
     files = write_report(config.out, report, targets, scores, metadata["history"] or None)
     if config.save_predictions is not None:
         files.append(write_predictions(config.save_predictions, ids, targets, scores, names))
-    return EvaluateResult(Path(config.out), report, files)
+    return EvaluateResult(Path(config.out), report, files, skipped)
 
 
 def _pooled_report(patch_scores: np.ndarray, patch_targets: np.ndarray, image_ids: np.ndarray,

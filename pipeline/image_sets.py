@@ -133,17 +133,20 @@ def epoch_batches(size: int, current: distributed.World, seed: int, epoch: int, 
 
 
 def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None, device,
-                 multilabel: bool, precision: str = "float32", quiet: bool = True, desc: str = "score") -> np.ndarray:
-    """Class probabilities of every item (NaN rows for unreadable images), model in eval mode; a
-    progress bar per batch unless `quiet`."""
+                 multilabel: bool, precision: str = "float32", quiet: bool = True, desc: str = "score",
+                 errors: list | None = None) -> np.ndarray:
+    """Class probabilities of every item (NaN rows for unreadable images, whose (item, reason) go to
+    `errors`), model in eval mode; a progress bar per batch unless `quiet`."""
     model.eval()
     positions = list(range(len(dataset)))
     batches = [positions[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
     probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
     activation = output_activation(multilabel)
     with torch.inference_mode(), reused_memory(device):
-        for pixels, indices, _ in progress(batch_loader(dataset, batches, workers, device), total=len(batches),
+        for pixels, indices, failed in progress(batch_loader(dataset, batches, workers, device), total=len(batches),
                                            desc=desc, unit="batch", quiet=quiet, leave=False):
+            if errors is not None:
+                errors.extend(failed)
             if pixels is None:
                 continue
             with autocast(device, precision):
