@@ -98,6 +98,26 @@ def option(*args, **kwargs):
     return click.option(*args, cls=TlOption, **kwargs)
 
 
+class Listed(click.ParamType):
+    """A comma-separated list option, checked (`parse(text, flag)` raises) when click parses the command
+    line, so that `tl run` refuses a recipe's bad value before any step starts. The value stays text,
+    as tl run's records and digests hold it; the command parses it again."""
+
+    name = "text"
+
+    def __init__(self, parse):
+        self.parse = parse
+
+    def convert(self, value, param, ctx):
+        self.parse(value, param.opts[0] if param else "value")
+        return value
+
+
+FLOATS = Listed(lambda text, flag: _numbers(text, float, flag))
+INTS = Listed(lambda text, flag: _numbers(text, int, flag))
+LAYOUTS = Listed(lambda text, flag: _layouts(text))
+
+
 def stage_defaults(*configs: str, own: tuple[str, ...] = ()):
     """Command decorator (above @tl.command): every option declared without a default takes the default of
     the config field of its name, read when needed; `own` names options that are the CLI's alone."""
@@ -249,7 +269,7 @@ def tl():
         "webdataset data: a comma list of names the labels index or name [default: found in the labels].")
 @option("--label-key", help="webdataset data: the label file of a sample: cls, txt, json or json:FIELD [default: cls].")
 @option("--multiscale", is_flag=True, help="Oquab et al. patches at many scales instead of one centre crop.")
-@option("--scales", help="--multiscale: comma-separated; the patch side is (min(H, W) - 1) / scale (the paper's 13).")
+@option("--scales", type=FLOATS, help="--multiscale: comma-separated; the patch side is (min(H, W) - 1) / scale (the paper's 13).")
 @option("--patch-overlap", type=float, help="--multiscale: a box labels a patch when it covers this share of the patch...")
 @option("--box-overlap", type=float, help="...and the patch this share of the box.")
 @option("--background-fraction", type=float,
@@ -350,17 +370,17 @@ def example_data(out, per_class, seed):
 @option("--layer", help="Layer of the cache to train on [default: its only layer].")
 @option("--head", type=RegistryChoice("pipeline.heads:HEAD_KINDS"), describe="cli:head_kinds_help",
         help="The kind of head:")
-@option("--C", "C", help="logreg/svm inverse regularization; a comma-separated list picks the best on validation "
+@option("--C", "C", type=FLOATS, help="logreg/svm inverse regularization; a comma-separated list picks the best on validation "
                          "(svm: per class, by AP).")
 @option("--solver", type=RegistryChoice("pipeline.heads:SOLVERS"),
         help="logreg: lbfgs loads the layer in memory; sgd streams it in mini-batches.")
-@option("--hidden", help="mlp: comma-separated hidden widths (ReLU + dropout after each); empty for none.")
+@option("--hidden", type=INTS, help="mlp: comma-separated hidden widths (ReLU + dropout after each); empty for none.")
 @option("--dropout", type=float, help="mlp: dropout after each hidden layer.")
 @option("--optimizer", type=RegistryChoice("pipeline.training:OPTIMIZERS"), help="mlp and logreg --solver sgd.")
 @option("--lr", type=float, describe="cli:head_lr_help", help="Learning rate")
-@option("--lr-steps", help="Epochs after which the lr drops by --lr-factors (e.g. 10,20); "
+@option("--lr-steps", type=INTS, help="Epochs after which the lr drops by --lr-factors (e.g. 10,20); "
                            "none: cosine decay to zero over --max-epochs.")
-@option("--lr-factors", "--lr-factor", "lr_factors", help="Factor of each drop (one value: the same for every step).")
+@option("--lr-factors", "--lr-factor", "lr_factors", type=FLOATS, help="Factor of each drop (one value: the same for every step).")
 @option("--momentum", type=float, help="SGD momentum.")
 @option("--weight-decay", type=float, help="mlp: L2 on weights (logreg --solver sgd takes it from --C).")
 @option("--batch-size", type=int)
@@ -429,10 +449,10 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
 @option("--layers", help="Comma-separated cached layers to try [default: every layer of the cache].")
 @option("--heads", describe="cli:head_names_help", help="Comma-separated head kinds to try:")
-@option("--C", "C", help="logreg/svm: comma-separated costs, one head each.")
-@option("--lr", help="mlp and logreg --solver sgd: comma-separated learning rates, one head each [default: the "
+@option("--C", "C", type=FLOATS, help="logreg/svm: comma-separated costs, one head each.")
+@option("--lr", type=FLOATS, help="mlp and logreg --solver sgd: comma-separated learning rates, one head each [default: the "
                      "optimizer's].")
-@option("--hidden", help="mlp: comma-separated hidden layouts, one head each; 512x256 is two layers.")
+@option("--hidden", type=LAYOUTS, help="mlp: comma-separated hidden layouts, one head each; 512x256 is two layers.")
 @option("--solver", type=RegistryChoice("pipeline.heads:SOLVERS"),
         help="logreg: lbfgs (codes in memory, shared by the layer's lbfgs and svm heads) or sgd (streamed with "
              "the mlp heads).")
@@ -642,8 +662,8 @@ def quickstart(out, per_class, seed, quiet):
 @option("--lr", type=float, help="Learning rate of the head (small: it starts trained).")
 @option("--momentum", type=float)
 @option("--weight-decay", type=float, help="L2 on weights (not on biases or BatchNorm scales).")
-@option("--lr-steps", help="Epochs after which the lr drops (e.g. 10,20).")
-@option("--lr-factors", help="Factor of each drop (one value: the same for every step).")
+@option("--lr-steps", type=INTS, help="Epochs after which the lr drops (e.g. 10,20).")
+@option("--lr-factors", type=FLOATS, help="Factor of each drop (one value: the same for every step).")
 @option("--backbone-lr-scale", type=float, help="Backbone layers learn at lr times this.")
 @option("--bn-stats/--no-bn-stats",
         help="Trainable BatchNorm layers update their running statistics (for big batches); by default "
@@ -727,6 +747,8 @@ class ClickStages:
             raise ConfigError(f"recipe {recipe.path}: {step.label} key '{key}': {exc.message}") from None
         except click.UsageError as exc:
             raise ConfigError(f"recipe {recipe.path}: {step.label}: {exc.format_message()}") from None
+        except TLError as exc:  # a list option's value (FLOATS, INTS, LAYOUTS)
+            raise ConfigError(f"recipe {recipe.path}: {step.label}: {exc}") from None
 
     def execute(self, step, extra: dict):
         defaults = {**step.defaults, **extra, **({"quiet": True} if self.quiet else {})}

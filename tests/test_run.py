@@ -113,6 +113,10 @@ BAD_RECIPES = [
     ("same_out", "fit-head: [{cache: caches/train, out: h.pt}, {cache: caches/train, C: 2, out: ./h.pt}]\n",
      "fit-head 1/2 and fit-head 2/2 both write h.pt"),
     ("out_without_name", "fit-head: {cache: caches/train, out: .}\n", "out '.' names no file or folder"),
+    ("list_value_of_a_later_step", "fit-head: [{cache: caches/train, out: a.pt}, {cache: caches/train, C: abc, out: h.pt}]\n",
+     "fit-head 2/2: --C takes float numbers separated by commas, got 'abc'"),
+    ("list_value", "fit-head: {cache: caches/train, out: h.pt, lr_steps: [2, soon]}\n",
+     "fit-head: --lr-steps takes int numbers separated by commas, got '2,soon'"),
     ("val_is_test_spelled_otherwise", "format: imagefolder\n"
                                       "extract: [{data: images, split: a, out: caches/a}, {data: images/a, out: caches/b}]\n"
                                       "fit-head: {cache: caches/train, val_cache: caches/b, out: h.pt}\n"
