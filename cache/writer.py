@@ -83,6 +83,7 @@ class CacheWriter:
         self._entries: dict[int, ShardEntry] = {}  # finished shards by index: recording one is O(1)
         self._skipped: dict[int, list[dict]] = {}
         self.kept = self.changed = self.damaged = self.beyond = 0
+        self._started_fresh = False  # this run began the cache (no finished shard of an earlier run kept)
         self.position_matters = position_matters
 
     # -- opening
@@ -104,9 +105,21 @@ class CacheWriter:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, *exc) -> None:
         if not self.follower:
+            if kind is not None and self._started_fresh and not self._entries:
+                self._withdraw()
             self.lock.release()
+
+    def _withdraw(self) -> None:
+        """A run that stopped before its first shard, on a cache it started: its manifest names nothing
+        worth resuming, and `tl info` would call it an incomplete cache. Removed (and the folder with it,
+        when the run made it), unless a shard file of another rank is there."""
+        if any(self.root.glob("shard-*.h5")) or any(self.root.glob(".shard-*")):
+            return
+        for name in (MANIFEST, RECORDS):
+            with contextlib.suppress(OSError):
+                (self.root / name).unlink()
 
     def _take(self, manifest: Manifest) -> None:
         self._entries = {shard.index: shard for shard in manifest.shards}
@@ -145,6 +158,7 @@ class CacheWriter:
                            f"choose another --out, or pass --overwrite to replace it{hint}")
         if existing is None or existing.key_digest != self._fresh.key_digest or existing.format != FORMAT:
             self._clear()
+            self._started_fresh = True
             self.manifest = self._fresh
             save_manifest(self.root, self.manifest)
             return

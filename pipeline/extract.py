@@ -28,7 +28,7 @@ from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
-from pipeline.hardware import WorkerLoader, pinned, resolve_device, resolve_precision
+from pipeline.hardware import WorkerLoader, default_workers, pinned, resolve_device, resolve_precision
 from pipeline.image_sets import image_loader
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
 from pipeline.progress import progress
@@ -114,8 +114,10 @@ def _opened(writer: CacheWriter, current: distributed.World):
         writer.__enter__()
     try:
         yield writer
-    finally:
-        writer.__exit__(None, None, None)
+    except BaseException as exc:  # the writer withdraws a cache this run began and stopped before a shard of
+        writer.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    writer.__exit__(None, None, None)
 
 
 def shard_size(config: ExtractConfig) -> int:
@@ -162,6 +164,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         raise TLError(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.shard_rows is not None and config.shard_rows < 1:
         raise TLError(f"--shard-rows must be at least 1, got {config.shard_rows}")
+    default_workers(config.workers)  # a bad count is refused before the cache folder exists
     crop_decoder(config.decode, 1, 1)  # an unknown mode is refused before any work
     if config.multiscale:
         config.patches.check()

@@ -304,6 +304,15 @@ def test_nan_codes_are_refused_naming_the_sample(run_tl, image_folder, tmp_path)
     args = [a if a != "none" else str(tmp_path / "nan.pt") for a in FAST]
     result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", *args)
     assert_user_error(result, "NaN or Inf in fc7 for cat/img00.png", "check the weights")
+    assert not (tmp_path / "c").exists()  # stopped before its first shard: no manifest of an empty cache stays
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("the user's")
+    result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "kept", *args)
+    assert_user_error(result, "NaN or Inf in fc7")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]  # a folder it did not make stays
+    result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "w", *FAST, "--workers", "-1")
+    assert_user_error(result, "--workers must be 0")
+    assert not (tmp_path / "w").exists()
 
 
 def test_second_extract_on_a_locked_cache_is_refused(run_tl, image_folder, tmp_path):
