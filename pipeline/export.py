@@ -106,7 +106,8 @@ def check_batch(metadata: dict, backbone: Backbone) -> tuple[torch.Tensor, str]:
     except KeyError:
         why = "the model file records no training data"
     except (TypeError, OSError, TLError) as exc:  # moved, unlistable or no longer of its format
-        why = f"the training images were not found: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        said = str(exc).splitlines()[0].split("; ")[0] if str(exc) else type(exc).__name__  # not the stage's remedy
+        why = f"the training images were not found: {said}"
     return _drawn_batch(backbone, crop), f"{CHECK_IMAGES} drawn photo-like images ({why})"
 
 

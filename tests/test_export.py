@@ -102,6 +102,7 @@ def test_without_the_training_images_the_check_uses_drawn_photos(model_file, tmp
     finally:
         (model_file / "train-away").rename(model_file / "train")
     assert "drawn photo-like images (the training images were not found: " in result.checked_on
+    assert "does not exist)" in result.checked_on and "--data" not in result.checked_on  # export has no --data
     assert result.agreeing == result.checked == 16
 
 
