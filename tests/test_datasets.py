@@ -41,6 +41,22 @@ def test_csv_source_reads_paths_relative_to_the_csv(tmp_path):
     assert source.read_image(0).size == (48, 40)
 
 
+def test_csv_keeps_an_image_once_and_skips_one_with_two_labels(tmp_path):
+    make_image_folder(tmp_path / "pics", classes=("x",), per_class=3)
+    (tmp_path / "labels.csv").write_text("pics/x/img00.png,one\n./pics/x/img00.png,one\npics/x/img01.png,zero\n"
+                                         "pics/x/img02.png,one\npics/x/img01.png,one\n")
+    source = open_source("csv", tmp_path / "labels.csv")
+    assert [(s.sample_id, source.classes[s.target]) for s in source.samples] == [("pics/x/img00.png", "one"),
+                                                                                 ("pics/x/img02.png", "one")]
+    assert source.warnings == [
+        f"1 rows of {tmp_path / 'labels.csv'} repeat an image with its label and were left out",
+        f"1 images of {tmp_path / 'labels.csv'} have two labels and were skipped, e.g. pics/x/img01.png (lines 3 and "
+        "5); give each image one label"]
+    (tmp_path / "labels.csv").write_text("pics/x/img00.png,one\npics/x/img00.png,two\n")
+    with pytest.raises(DataError, match="gives every image two labels"):
+        open_source("csv", tmp_path / "labels.csv")
+
+
 def test_csv_naming_a_missing_image(tmp_path):
     (tmp_path / "labels.csv").write_text("gone.jpg,cat\n")
     with pytest.raises(DataError, match="line 1: image gone.jpg does not exist"):

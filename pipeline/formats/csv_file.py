@@ -46,14 +46,42 @@ class CsvSource(Source):
             raise DataError(f"cannot read {csv_path}: {exc}; write one path,label row per image") from None
         if not rows:
             raise DataError(f"{csv_path} lists no images; write one path,label row per image")
-        classes = sorted({label for _, label, _ in rows})
+        rows, warnings = _one_row_per_image(csv_path, rows)
+        if not rows:
+            raise DataError(f"{csv_path} gives every image two labels; give each image one label")
+        classes = sorted({label for _, _, label, _ in rows})
         index = {name: i for i, name in enumerate(classes)}
         samples = []
-        for relative, label, number in rows:
-            path = (csv_path.parent / relative).resolve()
+        for relative, path, label, number in rows:
             if not path.is_file():
                 raise DataError(f"{csv_path} line {number}: image {relative} does not exist (paths are relative to the CSV)")
             samples.append(Sample(relative, index[label], str(path), file_stamp(path)))
         super().__init__(classes, samples)
         if unlabelled:
             self.warnings.append(f"{unlabelled} rows of {csv_path} have an empty label and were skipped")
+        self.warnings += warnings
+
+
+def _one_row_per_image(csv_path: Path, rows: list[tuple[str, str, int]]) -> tuple[list, list[str]]:
+    """(relative, path, label, line) once per image, and what was left out: a row repeating an image
+    with its label is dropped; an image given two labels is skipped altogether (a single-label format
+    cannot say which is right, and keeping both would train on both)."""
+    first: dict[Path, tuple[str, Path, str, int]] = {}
+    conflicts: dict[Path, tuple[int, int]] = {}
+    repeats = 0
+    for relative, label, number in rows:
+        path = (csv_path.parent / relative).resolve()  # ./a.png and a.png are one image
+        if path not in first:
+            first[path] = (relative, path, label, number)
+        elif first[path][2] == label:
+            repeats += 1
+        else:
+            conflicts.setdefault(path, (first[path][3], number))
+    warnings = []
+    if repeats:
+        warnings.append(f"{repeats} rows of {csv_path} repeat an image with its label and were left out")
+    if conflicts:
+        path, (line, other) = next(iter(conflicts.items()))
+        warnings.append(f"{len(conflicts)} images of {csv_path} have two labels and were skipped, e.g. "
+                        f"{first[path][0]} (lines {line} and {other}); give each image one label")
+    return [row for path, row in first.items() if path not in conflicts], warnings
