@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,14 @@ def checkpoint_paths(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.stem + ".last.ckpt"), out.with_name(out.stem + ".best.ckpt")
 
 
+def _recorded(key: str, value):
+    """A setting as the model file keeps it: paths as text, the data absolute so that tl export finds
+    the training images from any working folder."""
+    if key in ("data", "val_data") and value:
+        return os.path.abspath(value)
+    return str(value) if isinstance(value, Path) else value
+
+
 def save_model(path: Path, model: FinetuneModel, head_metadata: dict, trainable: dict, history: list[dict],
                settings: dict) -> None:
     """The model file: every tensor, and JSON metadata enough to rebuild it without running code."""
@@ -210,7 +219,7 @@ def save_model(path: Path, model: FinetuneModel, head_metadata: dict, trainable:
     document = {"format": MODEL_FORMAT, "tl_version": __version__, "head": head_part,
                 "classes": head_metadata["classes"], "layer": head_metadata["layer"],
                 "codes_key": head_metadata["codes_key"], "unfreeze": settings["unfreeze"], "trainable": trainable,
-                "history": history, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+                "history": history, "settings": {k: _recorded(k, v) for k, v in settings.items()}}
     head_tensors = {name: tensor.detach().cpu() for name, tensor in model.head.state_dict().items()}
     write_payload({"metadata": json.dumps(document), "tensors": model.state_dict(), "head_tensors": head_tensors},
                   Path(path), "model file")

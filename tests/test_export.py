@@ -106,6 +106,16 @@ def test_without_the_training_images_the_check_uses_drawn_photos(model_file, tmp
     assert result.agreeing == result.checked == 16
 
 
+def test_the_training_images_are_found_from_another_working_folder(model_file, tmp_path, monkeypatch):
+    """The model file records its data given relative to the folder finetune ran in; export elsewhere."""
+    monkeypatch.chdir(model_file)
+    run_finetune(FinetuneConfig(data="train", head="head.pt", out=tmp_path / "m.pt", epochs=0, workers=0, quiet=True),
+                 say=lambda text: None)
+    monkeypatch.chdir(tmp_path)
+    result = export_model(tmp_path / "m.pt", "torchscript", tmp_path / "m.ts")
+    assert result.checked_on == f"9 images of {model_file / 'train'}"
+
+
 def test_an_export_that_disagrees_is_not_kept(model_file, tmp_path):
     with pytest.raises(FinetuneError, match=r"top-1 agrees on \d+/9.*it was not kept"):
         export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts", tolerance=-1.0)
