@@ -114,8 +114,9 @@ def _opened(writer: CacheWriter, current: distributed.World):
         writer.__enter__()
     try:
         yield writer
-    except BaseException as exc:  # the writer withdraws a cache this run began and stopped before a shard of
-        writer.__exit__(type(exc), exc, exc.__traceback__)
+    except BaseException as exc:  # the writer withdraws a cache this run began and stopped before a shard of,
+        # in one process only: under torchrun another rank may be writing a shard that rank 0 cannot see yet
+        writer.__exit__(*((None,) * 3 if current.distributed else (type(exc), exc, exc.__traceback__)))
         raise
     writer.__exit__(None, None, None)
 

@@ -118,10 +118,12 @@ def summarize(targets: np.ndarray, scores: np.ndarray, class_names: list[str], a
         support = np.bincount(targets, minlength=num_classes)
     labels = None if multilabel else np.arange(num_classes)
     per_class = precision_recall_fscore_support(targets, predicted, labels=labels, zero_division=0)
-    # a class with neither rows nor predictions here has no precision or recall: shown as "–" and left
-    # out of the macro average, as scikit-learn leaves out labels absent from both when not given a list
-    chosen = predicted.sum(axis=0) if multilabel else np.bincount(predicted, minlength=num_classes)
-    present = np.flatnonzero((support > 0) | (chosen > 0))
+    # single-label: a class with neither rows nor predictions here has no precision or recall: shown as
+    # "–" and left out of the averages, as scikit-learn leaves out labels absent from both when given no
+    # list. Multi-label: scikit-learn averages over every column, as here.
+    present = np.arange(num_classes)
+    if not multilabel:
+        present = np.flatnonzero((support > 0) | (np.bincount(predicted, minlength=num_classes) > 0))
     ap = per_class_ap(targets, scores, ap_method, ignore)
     summary = {
         "rows": int(len(targets)),
@@ -139,8 +141,8 @@ def summarize(targets: np.ndarray, scores: np.ndarray, class_names: list[str], a
         ],
     }
     for average in ("macro", "micro", "weighted"):
-        precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, labels=present,
-                                                                   average=average, zero_division=0)
+        precision, recall, f1, _ = precision_recall_fscore_support(targets, predicted, average=average, zero_division=0,
+                                                                   labels=None if multilabel else present)
         summary[average] = {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
     if not multilabel:
         if num_classes > top_k:

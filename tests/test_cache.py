@@ -331,3 +331,20 @@ def test_verify_finds_codes_that_are_not_finite_behind_a_sound_checksum(tmp_path
                         "shard); re-extract the cache with tl extract --overwrite"]
     result = run_tl("info", cache, "--verify")
     assert result.code == 2 and "holds NaN or Inf in feat" in result.err and "Traceback" not in result.err
+
+
+def test_a_run_stopped_before_its_first_shard_withdraws_its_manifest_alone(tmp_path, monkeypatch):
+    """One process withdraws the manifest of a cache it began and stopped before a shard of; rank 0 under
+    torchrun keeps it, since another rank may be writing a shard it cannot see yet."""
+    from pipeline import distributed
+    from pipeline.distributed import World
+    from pipeline.extract import _opened
+
+    monkeypatch.setattr(distributed, "broadcast", lambda current, value: value)
+    for world, kept in ((World(0, 2), True), (World(0, 1), False)):
+        root = tmp_path / str(world.size)
+        with pytest.raises(KeyboardInterrupt):
+            with _opened(CacheWriter(root, KEY, ["a", "b"], {"fc7": 3}, "float32", 2, 4), world):
+                assert (root / "manifest.json").is_file()
+                raise KeyboardInterrupt
+        assert (root / "manifest.json").exists() == kept and root.exists() == kept
