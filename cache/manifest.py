@@ -49,6 +49,11 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def class_digest(names: list[str]) -> str:
+    """The cache key's digest of the data's class list, which the manifest holds by name."""
+    return hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()[:16]
+
+
 # key fields left out when they hold their default, so that older keys stay equal: named by it in messages
 _ABSENT_MEANS = {"preprocessing.decode": "exact"}
 
@@ -157,11 +162,10 @@ class Manifest:
 
     def header(self) -> dict:
         """manifest.json: everything but the shard records."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("shards", "skipped")}
+        left_out = ("shards", "skipped") + (("updated",) if self.updated is None else ())
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in left_out}
         data["taps"] = {name: asdict(spec) for name, spec in self.taps.items()}
         data["format"], data["records"] = FORMAT, RECORDS
-        if data["updated"] is None:
-            del data["updated"]
         return data
 
     @property
@@ -208,11 +212,11 @@ class Manifest:
 
 def human_bytes(count: float) -> str:
     """A byte count as B, KiB, MiB or GiB with one decimal."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
             return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
         count /= 1024
-    return f"{count:.1f} TiB"
+    return f"{count:.1f} GiB"
 
 
 class ForeignManifest(CacheError):
@@ -255,9 +259,7 @@ def load_manifest(root: Path, records: bool = True) -> Manifest:
     manifest = Manifest(**{name: value for name, value in header.items() if name in known})
     manifest.taps = {name: TapSpec(**spec) for name, spec in header["taps"].items()}
     found = _legacy_records(header) if legacy else iter_records(Path(root), manifest) if records else []
-    entries: dict[int, tuple[ShardEntry, list]] = {}
-    for entry, skipped in found:
-        entries[entry.index] = (entry, skipped)  # a later record of a shard supersedes an earlier one
+    entries = {entry.index: (entry, skipped) for entry, skipped in found}  # a later record of a shard wins
     manifest.shards = [entries[index][0] for index in sorted(entries)]
     manifest.skipped = [dict(item, shard=index) for index in sorted(entries) for item in entries[index][1]]
     if manifest.complete and records and len(entries) != manifest.num_shards:
@@ -294,10 +296,9 @@ def _records_of(path: Path, manifest: Manifest) -> Iterator[tuple[ShardEntry, li
             if pending is not None:
                 yield _record(*pending, manifest, path, last=False)
             pending = (number, line)
-        if pending is not None:
-            found = _record(*pending, manifest, path, last=True)
-            if found is not None:
-                yield found
+        found = _record(*pending, manifest, path, last=True) if pending is not None else None
+        if found is not None:
+            yield found
 
 
 def _record(number: int, line: bytes, manifest: Manifest, path: Path, last: bool):
@@ -356,6 +357,9 @@ def _header_problem(manifest: dict, legacy: bool) -> str:
             return f"layer '{name}' needs a width and a dtype"
     if len(set(manifest["classes"])) != len(manifest["classes"]):
         return "a class name appears twice in 'classes'"
+    recorded, patches = (manifest["key"].get("dataset") or {}).get("classes"), manifest["key"].get("patches")
+    if isinstance(recorded, str) and class_digest(manifest["classes"][1 if patches else 0:]) != recorded:
+        return "its class list was edited: 'classes' do not match the key's digest of them"  # [0]: background
     if manifest["shard_rows"] < 1 or manifest["num_shards"] < 0 or manifest["num_samples"] < 0:
         return "shard_rows, num_samples and num_shards must be positive"
     if legacy:

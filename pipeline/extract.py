@@ -8,8 +8,6 @@ unchanged and redoes only the others.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache.manifest import MANIFEST, PlannedShard, record_files
+from cache.manifest import MANIFEST, PlannedShard, class_digest, record_files
 from cache.writer import CacheWriter
 from pipeline.allocator import reused_memory
 from pipeline.backbones import Backbone, forward_codes, get_backbone, prepare_model, resolve_weights
@@ -145,7 +143,7 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
             "split": config.split,
             # the class list, not every file: a shard records the digest of its own inputs, so changed
             # files redo their shards only (cache.writer); a changed class list refuses the cache
-            "classes": hashlib.sha256(json.dumps(list(source.classes)).encode()).hexdigest()[:16],
+            "classes": class_digest(source.classes),
             "label_key": getattr(source, "label_key", None),
             "samples_per_class": config.samples_per_class or None,  # 0 and None: every image
             "subset_seed": config.seed if config.samples_per_class else None,

@@ -315,6 +315,19 @@ def test_nan_codes_are_refused_naming_the_sample(run_tl, image_folder, tmp_path)
     assert not (tmp_path / "w").exists()
 
 
+def test_a_class_list_edited_in_the_manifest_is_refused(run_tl, image_folder, tmp_path):
+    """The manifest holds the class names, the key their digest: names swapped by hand would label every
+    code with another class."""
+    assert run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", *FAST).code == 0
+    manifest = tmp_path / "c" / "manifest.json"
+    header = json.loads(manifest.read_text())
+    header["classes"] = header["classes"][::-1]
+    manifest.write_text(json.dumps(header))
+    for command in (("info", tmp_path / "c", "--verify"), ("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt")):
+        assert_user_error(run_tl(*command), "is damaged (its class list was edited: 'classes' do not match the key's "
+                                            "digest of them)")
+
+
 def test_second_extract_on_a_locked_cache_is_refused(run_tl, image_folder, tmp_path):
     from cache.writer import cache_lock
 
