@@ -113,6 +113,7 @@ class Listed(click.ParamType):
         return value
 
 
+SEED = click.IntRange(min=0)  # numpy and torch seed generators from non-negative integers
 FLOATS = Listed(lambda text, flag: _numbers(text, float, flag))
 INTS = Listed(lambda text, flag: _numbers(text, int, flag))
 LAYOUTS = Listed(lambda text, flag: _layouts(text))
@@ -258,7 +259,7 @@ def tl():
 @device_option()
 @precision_option("Autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
 @option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class (0: every image).")
-@option("--seed", type=int)
+@option("--seed", type=SEED)
 @option("--decode", type=RegistryChoice("pipeline.decoding:DECODE_MODES"), describe="cli:decode_help",
         help="How an image becomes the centre crop; part of the cache key (heads refuse codes of the other mode).")
 @option("--on-error", type=RegistryChoice("pipeline.extract:ON_ERROR"),
@@ -353,8 +354,9 @@ def backbones_command(pattern):
 
 @tl.command("example-data")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--per-class", default=None, type=int, help="Keep only N images of each digit.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--per-class", default=None, type=click.IntRange(min=0),
+              help="Keep only N images of each digit (0: all); a quarter of them, at least one, is the test split.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
 def example_data(out, per_class, seed):
     """Write scikit-learn's handwritten digits as an ImageFolder (OUT/train, OUT/test); offline."""
     from pipeline.examples import write_digits
@@ -393,7 +395,7 @@ def example_data(out, per_class, seed):
 @option("--val-fraction", type=float, help="Hold out this seeded fraction instead (stratified by class).")
 @option("--max-iter", type=int, help="logreg lbfgs and svm iterations.")
 @option("--block-rows", type=int, help="Rows read from the cache at a time: bounds memory when streaming.")
-@option("--seed", type=int)
+@option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="No progress bar.")
 @option("--out", type=click.Path(path_type=Path), required=True, help="Head file to write (.pt).")
 def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_decay, batch_size, max_epochs,
@@ -470,7 +472,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--max-iter", type=int, help="logreg lbfgs and svm iterations.")
 @option("--block-rows", type=int, help="Rows read from the cache at a time.")
 @device_option("Where mini-batch heads train.")
-@option("--seed", type=int)
+@option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="No progress bars.")
 @option("--out", type=click.Path(path_type=Path), required=True,
         help="Folder for sweep.md, sweep.json, sweep.png, best.pt and heads/.")
@@ -628,7 +630,7 @@ def export(model, format_, out, raw_pixels):
 @tl.command()
 @option("--out", type=click.Path(path_type=Path), help="Folder for the data, caches, head and report.")
 @option("--per-class", type=int, help="Digit images per class (before the 75/25 train/test split); 0 for all 1,797.")
-@option("--seed", type=int)
+@option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="No progress bars.")
 def quickstart(out, per_class, seed, quiet):
     """Offline tour: digits -> extract (efficientnet_lite0, real ImageNet weights) -> logreg -> evaluate.
@@ -688,7 +690,7 @@ def quickstart(out, per_class, seed, quiet):
 @device_option()
 @precision_option("Autocast dtype of training and validation; auto: float16 with loss scaling on CUDA, "
                   "float32 on the CPU.")
-@option("--seed", type=int)
+@option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="Only the summary.")
 @option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")
 def finetune(format_, lr_steps, lr_factors, quiet, **options):

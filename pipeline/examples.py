@@ -21,6 +21,9 @@ def digits_split(test_fraction: float = 0.25, seed: int = 0, per_class: int | No
 
     if not 0 < test_fraction < 1:
         raise DataError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    if per_class is not None and (per_class < 0 or per_class == 1):  # [:-1] would drop one of each
+        raise DataError(f"--per-class must be 0 (all) or at least 2 (one test and one training image of each "
+                        f"digit), got {per_class}")
     targets = load_digits().target
     rng = np.random.default_rng(seed)
     split: dict[str, list[int]] = {"train": [], "test": []}

@@ -11,7 +11,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +191,8 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
                               {"--head": config.head, "--data": config.data, "--val-data": config.val_data,
                                "--weights": weights})
     current = distributed.world()
+    if not current.is_main:  # rank 0 speaks for every rank
+        say = lambda text: None  # noqa: E731
     device = resolve_device(config.device)
     distributed.start(current, device)
     real = Path(os.path.realpath(out))  # a symlink to another run's --out takes that run's lock
@@ -209,9 +211,9 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
         if current.is_main:
             for name in (out.name, last_path.name, best_path.name):
                 remove_stale_temporaries(out.parent, name)
-        # refused before any work or output: a run that would stop at its checkpoint says so first
-        if config.resume and not last_path.is_file():
-            raise FinetuneError(f"--resume found no checkpoint {last_path}; start without --resume")
+        if config.resume and not last_path.is_file():  # stopped in its first epoch: nothing to resume yet
+            say(f"no checkpoint {last_path} yet (the run stopped before its first epoch ended): starting from the head")
+            config = replace(config, resume=False)
         if not config.resume and last_path.exists() and not config.overwrite:
             raise CheckpointOccupied(last_path, "holds an earlier run",
                                      "pass --resume to continue it or --overwrite to start over")
@@ -231,8 +233,6 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     distributed.start(current, device)
-    if not current.is_main:  # rank 0 speaks for every rank
-        say = lambda text: None  # noqa: E731
     model, backbone, convs = build_model(head_metadata, head, config.weights)
     trainable = freeze(model, convs, config.unfreeze, config.bn_stats)
     say(f"training {trainable['parameters']:,} parameters (head"
@@ -292,7 +292,7 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         say(f"resumed from {last_path} after epoch {start_epoch}")
     stopped_early = False
     for epoch in range(start_epoch, config.epochs):
-        if config.early_stop and best[1] is not None and epoch - best[1] >= config.patience:
+        if config.early_stop and best[1] is not None and epoch - 1 - best[1] >= config.patience:  # epochs since best
             stopped_early = True
             break
         epoch_seed = _epoch_seed(config.seed, epoch)
@@ -344,7 +344,7 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         if unread:
             say(f"  warning: {' and '.join(unread)} images could not be read and were skipped")
         if current.is_main:
-            for path in [last_path] + ([best_path] if best[1] == epoch else []):
+            for path in ([best_path] if best[1] == epoch else []) + [last_path]:  # last names best: written after it
                 save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)
         distributed.barrier(current, f"checkpoint of epoch {epoch + 1}")
     val = None

@@ -224,10 +224,11 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
 
     assert "--unfreeze 9 is more than the 5 conv layers" in refused("--unfreeze", "9")
     assert "trained on alexnet codes, not vgg16" in refused("--backbone", "vgg16")
-    assert "--resume found no checkpoint" in refused("--resume")
-    assert "--resume found no checkpoint" in refused("--resume", out=tmp_path / "new" / "dir" / "m.pt")
+    assert "trained on alexnet codes" in refused("--backbone", "vgg16", out=tmp_path / "new" / "dir" / "m.pt")
     assert not (tmp_path / "new").exists()  # refused after taking its lock: neither lock file nor folders stay
-    assert run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1")).code == 0
+    # stopped in its first epoch, before any checkpoint: --resume (as the interrupt line says) starts over
+    first = run_tl(*finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "1", "--resume"))
+    assert first.code == 0 and "1 epoch run;" in first.out and "resumed" not in first.out, first
     assert "holds an earlier run; pass --resume" in refused("--epochs", "2")
     assert "does not match this run (unfreeze differ)" in refused("--resume", "--unfreeze", "1", "--epochs", "2")
     assert "(seed differ)" in refused("--resume", "--seed", "7", "--epochs", "2")
@@ -475,3 +476,21 @@ def test_a_run_resumes_with_a_smaller_batch_size(alexnet_head, tmp_path):
     finetune(alexnet_head, tmp_path / "m.pt", epochs=1)  # 4 a batch
     resumed = finetune(alexnet_head, tmp_path / "m.pt", epochs=2, batch_size=2, resume=True)
     assert resumed.resumed_from == 1 and resumed.epochs_run == 1
+
+
+def test_patience_counts_epochs_without_a_lower_validation_loss_and_best_is_written_before_last(
+        alexnet_head, tmp_path, monkeypatch):
+    """--patience N stops after N epochs without a lower validation loss (as fit-head does), not
+    before; and the best checkpoint is on disk before the last one names it best, so a run stopped
+    between the two writes resumes to the same model."""
+    import pipeline.finetune as stage
+
+    written, save = [], stage.save_checkpoint
+    monkeypatch.setattr(stage, "save_checkpoint", lambda path, *a: written.append(path.name) or save(path, *a))
+    for patience, epochs_run in ((1, 2), (2, 3)):
+        losses = [1.0, 2.0, 3.0, 0.5, 0.5, 0.5]  # better at epoch 1, worse after; then the final validation
+        monkeypatch.setattr(stage, "_validate", lambda *a: {"val_loss": losses.pop(0)})
+        result = finetune(alexnet_head, tmp_path / f"p{patience}.pt", epochs=5, early_stop=True, val_fraction=0.33,
+                          patience=patience)
+        assert (result.epochs_run, result.best_epoch) == (epochs_run, 1), patience
+    assert written[:3] == ["p1.best.ckpt", "p1.last.ckpt", "p1.last.ckpt"]
