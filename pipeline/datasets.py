@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cache.manifest import PlannedShard
-from pipeline.errors import DataError
+from pipeline.errors import DataError, listed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -142,7 +142,7 @@ class Source:
         """(training part, validation part): a seeded split of `fraction` of the images, stratified by class
         for single-label data; `remedy` ends the error when the data is too small to split so."""
         targets = np.array([sample.target for sample in self.samples])
-        train_rows, val_rows = validation_rows(targets, fraction, seed, remedy)
+        train_rows, val_rows = validation_rows(targets, fraction, seed, remedy, self.classes)
         parts = []
         for rows in (train_rows, val_rows):
             part = copy.copy(self)
@@ -151,9 +151,11 @@ class Source:
         return parts[0], parts[1]
 
 
-def validation_rows(targets: np.ndarray, fraction: float, seed: int, remedy: str) -> tuple[np.ndarray, np.ndarray]:
+def validation_rows(targets: np.ndarray, fraction: float, seed: int, remedy: str,
+                    names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Row numbers (training, validation) of a seeded split: stratified by class for single-label targets
-    (one row per item; multi-hot rows are split unstratified). The one split of fit-head and finetune."""
+    (one row per item; multi-hot rows are split unstratified). The one split of fit-head and finetune;
+    `names` names the targets in errors."""
     from sklearn.model_selection import train_test_split
 
     if not 0 < fraction < 1:
@@ -166,6 +168,12 @@ def validation_rows(targets: np.ndarray, fraction: float, seed: int, remedy: str
                             "classes; lower --val-fraction")
         if val < classes:
             raise DataError(f"--val-fraction {fraction:g} gives {val} validation rows for {classes} classes; {remedy}")
+        counts = np.bincount(targets)
+        alone = np.flatnonzero(counts == 1)
+        if len(alone):  # no share helps: one row cannot be on both sides
+            raise DataError(f"{listed(names[i] for i in alone[:5])}{' ...' if len(alone) > 5 else ''}: one example "
+                            f"only, and a stratified validation share needs two of each class; "
+                            f"{remedy.split(' or ')[-1]}, or add images of {'it' if len(alone) == 1 else 'them'}")
     try:
         train_rows, val_rows = train_test_split(np.arange(len(targets)), test_size=fraction, random_state=seed,
                                                 stratify=None if targets.ndim == 2 else targets)

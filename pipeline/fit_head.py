@@ -69,6 +69,8 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
     if not config.C:
         raise HeadError("--C needs at least one positive value, e.g. --C 1 or --C 0.1,1,10")
     check_counts(config.block_rows, config.max_iter)
+    if config.val_cache is not None and config.val_fraction is not None:  # as finetune refuses the pair
+        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them")
     if Path(config.out).is_dir():  # found before the training, not after it
         raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
     reader = CacheReader(config.cache)
@@ -104,7 +106,8 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
         return rows, CodeRows.from_cache(val_reader, layer, block_rows=block_rows)
     if val_fraction is None:
         return rows, None
-    train_rows, val_rows = validation_rows(rows.targets, val_fraction, seed, "raise --val-fraction or pass --val-cache")
+    train_rows, val_rows = validation_rows(rows.targets, val_fraction, seed, "raise --val-fraction or pass --val-cache",
+                                           reader.classes)
     all_targets = rows.targets
     return (CodeRows.from_cache(reader, layer, train_rows, block_rows, all_targets),
             CodeRows.from_cache(reader, layer, val_rows, block_rows, all_targets))

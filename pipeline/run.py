@@ -90,7 +90,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 say(f"== {step.label}: {out} is up to date, skipped")
                 result.skipped.append(step.label)
             else:
-                extra = _restart(step, record, digest, out, say)
+                extra = _restart(step, record, digest, out, say, config.rerun)
                 say(f"== {step.label}" + (f" -> {out}" if out else ""))
                 existed = out is not None and out.exists()
                 started_record = write_record(out, step, digest, "started")
@@ -116,7 +116,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
     return result
 
 
-def _restart(step: Step, record: dict | None, digest: str, out: Path, say) -> dict:
+def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun: bool = False) -> dict:
     """Flags a step needs to pick up after an earlier run: finetune resumes its own crashed run and
     starts over after a run of other settings; extract goes on with a cache this recipe made, which
     keeps it where its key is the step's (a stopped extract resumes) and replaces it otherwise."""
@@ -130,7 +130,9 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say) -> di
             if same and record.get("status") == "started":
                 say(f"== {step.label}: resuming the run that stopped (checkpoint {checkpoint_paths(out)[0].name})")
                 return {"resume": True}
-            say(f"== {step.label}: settings or inputs changed since {out} was made: starting over")
+            why = (f"settings or inputs changed since {out} was made" if not same
+                   else "--rerun" if rerun else f"{out} is not as this recipe wrote it")
+            say(f"== {step.label}: {why}: starting over")
             return {"overwrite": True}
     if step.stage != "extract":
         return {}

@@ -349,3 +349,22 @@ def test_a_factor_without_a_step_to_take_it_is_one_line(tmp_path, run_tl, stage)
     result = run_tl(stage, *where, "--lr-steps", "5", "--lr-factors", "0.1,0.2", "--out", tmp_path / "out.pt")
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "error: --lr-factors gives 2 factors for 1 --lr-steps; give one factor, or one per step" in result.err
+
+
+def test_a_class_of_one_row_names_the_class_and_a_remedy_that_works(run_tl, tmp_path):
+    """Raising --val-fraction never helps a class of one row; the message said it would."""
+    from tests.conftest import blobs, write_code_cache
+
+    codes, targets = blobs(8, n=40, classes=3)
+    targets[targets == 2] = 1
+    targets[0] = 2  # one row of "cow"
+    write_code_cache(tmp_path / "c", codes, targets, ["ant", "bee", "cow"])
+    result = run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt", "--C", "0.1,1",
+                    "--val-fraction", "0.5")
+    assert result.code == 2 and result.err == (
+        "error: cow: one example only, and a stratified validation share needs two of each class; pass --val-cache, "
+        "or add images of it\n"), result
+
+    both = run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt", "--val-cache", tmp_path / "c",
+                  "--val-fraction", "0.2")
+    assert both.code == 2 and "--val-cache and --val-fraction both name validation rows" in both.err, both

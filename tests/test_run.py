@@ -229,6 +229,11 @@ def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_
     changed = run_tl("run", recipe, "--set", "finetune.lr=0.001")
     assert changed.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in changed.out
     assert "wrote models/m.pt: 2 epochs run" in changed.out, changed
+    rerun = run_tl("run", recipe, "--set", "finetune.lr=0.001", "--only", "finetune", "--rerun")
+    assert rerun.code == 0 and "== finetune: --rerun: starting over" in rerun.out, rerun
+    (tmp_path / "models/m.pt").write_bytes(b"edited by hand")
+    edited = run_tl("run", recipe, "--set", "finetune.lr=0.001", "--only", "finetune")
+    assert edited.code == 0 and "== finetune: models/m.pt is not as this recipe wrote it: starting over" in edited.out
 
 
 def test_a_cache_made_again_by_hand_with_other_settings_is_extracted_again(run_tl, tmp_path, monkeypatch):
