@@ -168,8 +168,7 @@ def validation_rows(targets: np.ndarray, fraction: float, seed: int, remedy: str
                             "classes; lower --val-fraction")
         if val < classes:
             raise DataError(f"--val-fraction {fraction:g} gives {val} validation rows for {classes} classes; {remedy}")
-        counts = np.bincount(targets)
-        alone = np.flatnonzero(counts == 1)
+        alone = np.flatnonzero(np.bincount(targets[targets >= 0]) == 1)  # -1: a tar sample without a usable label
         if len(alone):  # no share helps: one row cannot be on both sides
             raise DataError(f"{listed(names[i] for i in alone[:5])}{' ...' if len(alone) > 5 else ''}: one example "
                             f"only, and a stratified validation share needs two of each class; "

@@ -151,3 +151,16 @@ def test_missing_and_empty_data(tmp_path):
     (tmp_path / "empty" / "cat").mkdir()
     with pytest.raises(DataError, match="no images under"):
         open_source("imagefolder", tmp_path / "empty")
+
+
+def test_validation_rows_take_samples_without_a_usable_label_as_tars_keep_them():
+    """A tar sample with no label (or one outside --classes) stays in the listing with target -1, to be
+    skipped and recorded when read; the stratified split must not stumble on it."""
+    from pipeline.datasets import validation_rows
+
+    targets = np.array([0] * 6 + [1] * 6 + [-1] * 2)
+    train, val = validation_rows(targets, 0.25, 0, "raise --val-fraction or pass --val-data", ["a", "b"])
+    assert len(train) + len(val) == 14 and not set(train) & set(val)
+    with pytest.raises(DataError, match="^b: one example only"):
+        validation_rows(np.array([0] * 6 + [1, -1, -1]), 0.25, 0, "raise --val-fraction or pass --val-data",
+                        ["a", "b"])
