@@ -142,8 +142,9 @@ class CacheWriter:
         elif any(self.root.glob("shard-*.h5")) and not self.overwrite:
             raise CacheOccupied(self.root, "holds shard files but no manifest", "pass --overwrite to replace them")
         if existing is not None and existing.format == LEGACY_FORMAT and existing.shards and not self.overwrite:
-            raise CacheOccupied(self.root, f"was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no input "
-                           "digests", "it can still be read as it is, or pass --overwrite to extract it again")
+            raise CacheOccupied(self.root, f"was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no "
+                                "input digests",
+                                "it can still be read as it is, or pass --overwrite to extract it again")
         # A cache without a finished shard holds nothing to lose: a corrected command may take it over.
         if existing is not None and existing.key_digest != self._fresh.key_digest and existing.shards \
                 and not self.overwrite:
@@ -155,7 +156,7 @@ class CacheWriter:
             if lines and all(line.startswith("preprocessing.decode:") for line in lines):
                 hint = f", or pass --decode {decode_of(existing.key['preprocessing'])} to add to it"
             raise CacheOccupied(self.root, f"holds a cache made with other settings ({differences})",
-                           f"choose another --out, or pass --overwrite to replace it{hint}")
+                                f"choose another --out, or pass --overwrite to replace it{hint}")
         if existing is None or existing.key_digest != self._fresh.key_digest or existing.format != FORMAT:
             self._clear()
             self._started_fresh = True

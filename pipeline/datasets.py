@@ -138,11 +138,11 @@ class Source:
         (VOC's annotations) keep theirs in step."""
         self.samples = [self.samples[i] for i in indices]
 
-    def split_off(self, fraction: float, seed: int, remedy: str) -> tuple["Source", "Source"]:
+    def split_off(self, fraction: float, seed: int, other: str) -> tuple["Source", "Source"]:
         """(training part, validation part): a seeded split of `fraction` of the images, stratified by class
-        for single-label data; `remedy` ends the error when the data is too small to split so."""
+        for single-label data; `other` names the option of a validation set of its own, for errors."""
         targets = np.array([sample.target for sample in self.samples])
-        train_rows, val_rows = validation_rows(targets, fraction, seed, remedy, self.classes)
+        train_rows, val_rows = validation_rows(targets, fraction, seed, other, self.classes)
         parts = []
         for rows in (train_rows, val_rows):
             part = copy.copy(self)
@@ -151,12 +151,14 @@ class Source:
         return parts[0], parts[1]
 
 
-def validation_rows(targets: np.ndarray, fraction: float, seed: int, remedy: str,
+def validation_rows(targets: np.ndarray, fraction: float, seed: int, other: str,
                     names: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Row numbers (training, validation) of a seeded split: stratified by class for single-label targets
     (one row per item; multi-hot rows are split unstratified). The one split of fit-head and finetune;
-    `names` names the targets in errors."""
+    `other` (--val-cache, --val-data) and `names` (of the targets) are for errors."""
     from sklearn.model_selection import train_test_split
+
+    remedy = f"raise --val-fraction or pass {other}"
 
     if not 0 < fraction < 1:
         raise DataError(f"--val-fraction must be between 0 and 1, got {fraction}")
@@ -172,7 +174,7 @@ def validation_rows(targets: np.ndarray, fraction: float, seed: int, remedy: str
         if len(alone):  # no share helps: one row cannot be on both sides
             raise DataError(f"{listed(names[i] for i in alone[:5])}{' ...' if len(alone) > 5 else ''}: one example "
                             f"only, and a stratified validation share needs two of each class; "
-                            f"{remedy.split(' or ')[-1]}, or add images of {'it' if len(alone) == 1 else 'them'}")
+                            f"pass {other}, or add images of {'it' if len(alone) == 1 else 'them'}")
     try:
         train_rows, val_rows = train_test_split(np.arange(len(targets)), test_size=fraction, random_state=seed,
                                                 stratify=None if targets.ndim == 2 else targets)

@@ -242,8 +242,7 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
                          seed=config.seed, classes=config.classes, label_key=config.label_key)
     val_source = None
     if config.val_fraction is not None:  # whole images held out, so no patch of one is on both sides
-        source, val_source = source.split_off(config.val_fraction, config.seed,
-                                              "raise --val-fraction or pass --val-data")
+        source, val_source = source.split_off(config.val_fraction, config.seed, "--val-data")
     elif config.val_data is not None:
         val_source = open_source(config.format, config.val_data, config.val_split or config.split,
                                  seed=config.seed, classes=config.classes, label_key=config.label_key)

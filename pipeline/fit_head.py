@@ -106,8 +106,7 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
         return rows, CodeRows.from_cache(val_reader, layer, block_rows=block_rows)
     if val_fraction is None:
         return rows, None
-    train_rows, val_rows = validation_rows(rows.targets, val_fraction, seed, "raise --val-fraction or pass --val-cache",
-                                           reader.classes)
+    train_rows, val_rows = validation_rows(rows.targets, val_fraction, seed, "--val-cache", reader.classes)
     all_targets = rows.targets
     return (CodeRows.from_cache(reader, layer, train_rows, block_rows, all_targets),
             CodeRows.from_cache(reader, layer, val_rows, block_rows, all_targets))

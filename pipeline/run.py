@@ -152,11 +152,12 @@ def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseEx
     its started record withdraws the claim on that output, as does a stopped extract's whose out
     `existed` before it with no record (the next run starts as this one did: a cache of the step's
     key resumes). An extract that made its out keeps its claim: the next run goes on with it."""
-    out = step.path(OUTPUT)
-    if record is not None or not isinstance(exc, Occupied) and not (step.stage == "extract" and existed):
+    if record is not None:
         return exc
-    record_path(out).unlink(missing_ok=True)
-    if not isinstance(exc, Occupied):
+    occupied = isinstance(exc, Occupied)
+    if occupied or (step.stage == "extract" and existed):
+        record_path(step.path(OUTPUT)).unlink(missing_ok=True)
+    if not occupied:
         return exc
     return ConfigError(f"{step.label}: {exc.path} {exc.state}, and this recipe did not make it; give the step "
                        f"another out in {recipe.path}, or delete {exc.path} and run again")
@@ -166,13 +167,13 @@ def _cache_found(record: dict, out: Path) -> str | None:
     """What the recipe's cache folder `out` holds that extract will replace rather than resume, said
     before it does: a cache made again there with another key (another `tl extract --overwrite`), a
     manifest that cannot be read, an earlier tl's cache, shards without a manifest. None: nothing."""
-    from cache.manifest import LEGACY_FORMAT, MANIFEST, ForeignManifest, RecordDamage, load_manifest
+    from cache.manifest import LEGACY_FORMAT, MANIFEST, ForeignManifest, load_manifest
 
     if not (out / MANIFEST).exists():
         return "holds shard files but no manifest" if any(out.glob("shard-*.h5")) else None
     try:
-        manifest = load_manifest(out)
-    except (ForeignManifest, RecordDamage):  # extract refuses the one, and rebuilds the other's records
+        manifest = load_manifest(out, records=False)  # the header says it all; the writer reads the records
+    except ForeignManifest:  # extract refuses it
         return None
     except TLError as exc:
         return f"has a manifest that cannot be used ({str(exc).split(';')[0]})"

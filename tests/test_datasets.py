@@ -159,8 +159,8 @@ def test_validation_rows_take_samples_without_a_usable_label_as_tars_keep_them()
     from pipeline.datasets import validation_rows
 
     targets = np.array([0] * 6 + [1] * 6 + [-1] * 2)
-    train, val = validation_rows(targets, 0.25, 0, "raise --val-fraction or pass --val-data", ["a", "b"])
+    train, val = validation_rows(targets, 0.25, 0, "--val-data", ["a", "b"])
     assert len(train) + len(val) == 14 and not set(train) & set(val)
     with pytest.raises(DataError, match="^b: one example only"):
-        validation_rows(np.array([0] * 6 + [1, -1, -1]), 0.25, 0, "raise --val-fraction or pass --val-data",
+        validation_rows(np.array([0] * 6 + [1, -1, -1]), 0.25, 0, "--val-data",
                         ["a", "b"])
