@@ -404,6 +404,7 @@ def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_de
     from pipeline.fit_head import FitHeadConfig, fit_head as run_fit_head
     from pipeline.training import TrainingOptions
 
+    _warn_unread((options["head"],), options["solver"], early_stop)
     training = TrainingOptions(optimizer=optimizer, lr=lr, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
                                lr_factors=_numbers(lr_factors, float, "--lr-factors"), momentum=momentum, weight_decay=weight_decay,
                                batch_size=batch_size, max_epochs=max_epochs, early_stop=early_stop, patience=patience,
@@ -416,6 +417,20 @@ def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_de
                + (f", validation {result.metric} {result.val_score:.4f} ({result.val_rows} rows)"
                   if result.val_score is not None else ""))
     return result
+
+
+def _warn_unread(kinds: tuple[str, ...], solver: str, early_stop: bool) -> None:
+    """Warn of the options typed on this command line (a config's or recipe's keys reach every stage that
+    has them, so not those) that the chosen heads do not read."""
+    from click.core import ParameterSource
+    from pipeline.fit_head import unread_options
+
+    context = click.get_current_context()
+    given = {param.name: param.opts[0] for param in context.command.params
+             if context.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
+             and context.params.get(param.name) is not False}  # --no-early-stop asks for nothing
+    for warning in unread_options(kinds, solver, given, early_stop):
+        click.echo(f"warning: {warning}", err=True)
 
 
 def _count(number: int, thing: str, things: str | None = None) -> str:
@@ -486,6 +501,7 @@ def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch
     from pipeline.sweep import SweepConfig, run_sweep
     from pipeline.training import TrainingOptions
 
+    _warn_unread(_csv_list(heads), options["solver"], early_stop)
     training = TrainingOptions(optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
                                max_epochs=max_epochs, early_stop=early_stop, patience=patience, device=device,
                                quiet=quiet)

@@ -12,7 +12,7 @@ from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_scor
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError
-from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER
+from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.model_files import save_head
 from pipeline.training import TrainingOptions
 
@@ -47,6 +47,29 @@ def check_counts(block_rows: int, max_iter: int) -> None:
     """fit-head's and sweep's counts: each at least 1 (0 iterations saved an unfitted head)."""
     if block_rows < 1 or max_iter < 1:
         raise HeadError(f"--block-rows and --max-iter must be at least 1, got {block_rows} and {max_iter}")
+
+
+def unread_options(kinds: tuple[str, ...], solver: str, given: dict[str, str], early_stop: bool) -> list[str]:
+    """A warning for each option the user gave (name -> flag) that none of these head kinds reads, such as
+    `--solver sgd` for an svm head or `--C` for an mlp: it changes nothing. A warning, as scikit-learn gives,
+    not a refusal: one command line may loop over the head kinds."""
+    if not kinds or any(kind not in HEAD_KINDS for kind in kinds):  # the stage refuses them in a moment
+        return []
+    read = {name for kind in kinds for name in HEAD_KINDS[kind].reads(solver)}
+    by_solver = len({HEAD_KINDS[kinds[0]].reads(other) for other in SOLVERS}) > 1
+    heads = f"--heads {','.join(kinds)}" if len(kinds) > 1 else f"--head {kinds[0]}" + (f" --solver {solver}" * by_solver)
+    warnings = []
+    for name, flag in given.items():
+        readers = []
+        for kind, head in HEAD_KINDS.items():
+            solvers = [other for other in SOLVERS if name in head.reads(other)]
+            if solvers:
+                readers.append(kind if len(solvers) == len(SOLVERS) else f"{kind} --solver {'/'.join(solvers)}")
+        if readers and name not in read:
+            warnings.append(f"{flag} does nothing for {heads}; it applies to {' and '.join(readers)} heads")
+        elif name == "patience" and not early_stop:
+            warnings.append(f"{flag} does nothing without --early-stop")
+    return warnings
 
 
 @dataclass

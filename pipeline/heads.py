@@ -13,12 +13,14 @@ from torch import nn
 from pipeline.code_rows import (CodeRows, as_rows, checked_codes, score_rows, standardization, standardized_codes,
                                 validation_score)
 from pipeline.errors import HeadError, listed
-from pipeline.linear_fits import logreg_fits, svm_fits
+from pipeline.linear_fits import cost_grid, costs_of, logreg_fits, svm_fits
 from pipeline.training import Standardize, Trainee, TrainingOptions, output_activation, train_networks
 
 SOLVERS = ("lbfgs", "sgd")
 HEAD_KINDS: dict[str, type["Head"]] = {}  # --head values, filled by register_head
 SOLVER, MAX_ITER, HIDDEN, DROPOUT = "lbfgs", 1000, (4096,), 0.5  # defaults of the heads and of fit-head
+MINI_BATCH = ("optimizer", "lr", "lr_steps", "lr_factors", "momentum", "batch_size", "max_epochs", "early_stop",
+              "patience", "device")  # the options of training by mini-batches (pipeline.training.TrainingOptions)
 
 
 def register_head(kind: type["Head"]) -> type["Head"]:
@@ -39,12 +41,18 @@ class Head(ABC):
 
     kind = ""
     help = ""
+    options: tuple[str, ...] = ()  # what `reads` returns, when the solver changes nothing
     curve_: list[dict] | None = None
 
     @classmethod
     def sweep_axes(cls, solver: str) -> tuple[str, ...]:
         """The `tl sweep` grid axes ("C", "lr", "hidden") whose values make different heads of this kind."""
         return ("C",)
+
+    @classmethod
+    def reads(cls, solver: str) -> tuple[str, ...]:
+        """The options of fit-head and sweep this kind reads, beyond those of every head (cache, split, seed)."""
+        return cls.options
 
     def chosen(self) -> float | None:  # the one setting validation chose while fitting (a sweep records it)
         return None
@@ -156,7 +164,7 @@ class LogRegHead(LinearHead):
 
     @classmethod
     def from_config(cls, config) -> "LogRegHead":
-        return cls(_costs(config.C), config.max_iter, config.seed, config.solver, config.training)
+        return cls(costs_of(config.C), config.max_iter, config.seed, config.solver, config.training)
 
     def __init__(self, C: float | list[float] = 1.0, max_iter: int = MAX_ITER, seed: int = 0, solver: str = SOLVER,
                  training: "TrainingOptions | None" = None):
@@ -169,6 +177,10 @@ class LogRegHead(LinearHead):
     @classmethod
     def sweep_axes(cls, solver: str) -> tuple[str, ...]:
         return ("C", "lr") if solver == "sgd" else ("C",)  # sgd: a learning rate per cost
+
+    @classmethod
+    def reads(cls, solver: str) -> tuple[str, ...]:
+        return ("C", "solver", *(MINI_BATCH if solver == "sgd" else ("max_iter",)))
 
     def chosen(self) -> float | None:
         return self.C_
@@ -192,7 +204,7 @@ class LogRegHead(LinearHead):
         if self.solver not in SOLVERS:
             raise HeadError(f"unknown solver '{self.solver}'; valid: {', '.join(SOLVERS)}")
         rows.check_trainable()
-        grid = _grid(self.C, val)
+        grid = cost_grid(self.C, val)
         self.multilabel_, self.num_classes_ = rows.multilabel, rows.num_classes
         self.mean_, self.scale_ = standardization(rows)
         return grid
@@ -218,7 +230,7 @@ class LogRegHead(LinearHead):
 
     def _choose(self, rows: CodeRows, val: CodeRows | None, fits) -> None:
         """Keep the fit of the best validation score (the only one without validation)."""
-        grid = _grid(self.C, val)
+        grid = cost_grid(self.C, val)
         self.validation_scores_, best = {}, None
         for C, (coef, intercept, curve) in zip(grid, fits):
             self.coef_, self.intercept_ = coef, intercept
@@ -256,10 +268,11 @@ class SvmHead(LinearHead):
 
     kind = "svm"
     help = "linear SVMs one-vs-rest, a cost per class chosen on validation AP (the VOC07 protocol)"
+    options = ("C", "max_iter")
 
     @classmethod
     def from_config(cls, config) -> "SvmHead":
-        return cls(_costs(config.C), config.max_iter, config.seed, config.training.quiet)
+        return cls(costs_of(config.C), config.max_iter, config.seed, config.training.quiet)
 
     def __init__(self, C: float | list[float] = 1.0, max_iter: int = MAX_ITER, seed: int = 0, quiet: bool = True):
         self.C = C
@@ -271,7 +284,7 @@ class SvmHead(LinearHead):
         rows = as_rows(codes, targets)
         rows.check_trainable()
         val = None if val_codes is None else as_rows(val_codes, val_targets)
-        grid = _grid(self.C, val)
+        grid = cost_grid(self.C, val)
         self.multilabel_, self.num_classes_, self.curve_ = rows.multilabel, rows.num_classes, None
         self.mean_, self.scale_ = standardization(rows)
         coef, intercept, costs, scores = svm_fits(standardized_codes(rows, self.mean_, self.scale_), rows, val,
@@ -304,6 +317,7 @@ class MlpHead(Head):
 
     kind = "mlp"
     help = "softmax MLP in torch (--hidden, --dropout), mini-batches streamed from the cache"
+    options = ("hidden", "dropout", "weight_decay", *MINI_BATCH)
 
     @classmethod
     def sweep_axes(cls, solver: str) -> tuple[str, ...]:
@@ -394,20 +408,6 @@ class MlpHead(Head):
     @staticmethod
     def _tensors_of_module(module_state: dict) -> dict:
         return {f"network.{name}": tensor for name, tensor in module_state.items()}
-
-
-def _grid(C, val) -> list[float]:
-    grid = [float(c) for c in (C if isinstance(C, (list, tuple)) else [C])]
-    if any(not c > 0 for c in grid):
-        raise HeadError(f"--C values must be positive, got {grid}")
-    if len(grid) > 1 and val is None:
-        raise HeadError("several C values need a validation split to choose from; pass --val-cache or --val-fraction")
-    return grid
-
-
-def _costs(C: tuple[float, ...]) -> float | list[float]:
-    """One cost, or the grid to choose from on the validation split."""
-    return list(C) if len(C) > 1 else C[0]
 
 
 def _keyed(scores: dict) -> dict:

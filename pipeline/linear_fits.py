@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.code_rows import CodeRows
+from pipeline.errors import HeadError
 from pipeline.progress import progress
 
 
@@ -72,3 +73,18 @@ def svm_fits(standardized: np.ndarray, rows: CodeRows, val: CodeRows | None, val
         scores.append(best[0])
     fits.close()
     return coef, intercept, costs, scores
+
+
+def cost_grid(C, val) -> list[float]:
+    """The costs to fit: one, or several to choose from on the validation split `val`."""
+    grid = [float(c) for c in (C if isinstance(C, (list, tuple)) else [C])]
+    if any(not c > 0 for c in grid):
+        raise HeadError(f"--C values must be positive, got {grid}")
+    if len(grid) > 1 and val is None:
+        raise HeadError("several C values need a validation split to choose from; pass --val-cache or --val-fraction")
+    return grid
+
+
+def costs_of(C: tuple[float, ...]) -> float | list[float]:
+    """One cost, or the grid to choose from on the validation split."""
+    return list(C) if len(C) > 1 else C[0]

@@ -368,3 +368,32 @@ def test_a_class_of_one_row_names_the_class_and_a_remedy_that_works(run_tl, tmp_
     both = run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt", "--val-cache", tmp_path / "c",
                   "--val-fraction", "0.2")
     assert both.code == 2 and "--val-cache and --val-fraction both name validation rows" in both.err, both
+
+
+def test_options_the_head_does_not_read_are_named_when_typed(run_tl, tmp_path):
+    """`--head svm --solver sgd` and `--head mlp --C 0.1,1` trained as if the option were not there, without a
+    word; each now warns, naming the heads that read it. A config's keys reach every stage, so not those."""
+    from tests.conftest import blobs, write_code_cache
+
+    write_code_cache(tmp_path / "c", *blobs(3, n=60, classes=3), ["ant", "bee", "cow"])
+    fit = ("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt", "--quiet")
+    svm = run_tl(*fit, "--head", "svm", "--solver", "sgd", "--no-early-stop")
+    assert svm.code == 0 and svm.err == "warning: --solver does nothing for --head svm; it applies to logreg heads\n", svm
+    mlp = run_tl(*fit, "--head", "mlp", "--C", "0.1,1", "--hidden", "8", "--max-epochs", "1", "--patience", "2")
+    assert mlp.code == 0 and mlp.err.splitlines() == [
+        "warning: --C does nothing for --head mlp; it applies to logreg and svm heads",
+        "warning: --patience does nothing without --early-stop"], mlp
+    lbfgs = run_tl(*fit, "--lr", "0.1", "--max-iter", "50")
+    assert lbfgs.err == ("warning: --lr does nothing for --head logreg --solver lbfgs; it applies to logreg --solver "
+                         "sgd and mlp heads\n"), lbfgs
+    read = run_tl(*fit, "--solver", "sgd", "--lr", "0.1", "--max-epochs", "2", "--C", "1", "--device", "cpu")
+    assert read.code == 0 and read.err == "", read
+
+    config = tmp_path / "svm.yaml"
+    config.write_text("solver: sgd\nlr: 0.1\nhidden: 8\n")
+    quiet = run_tl(*fit, "--config", config, "--head", "svm")
+    assert quiet.code == 0 and quiet.err == "", quiet
+
+    sweep = run_tl("sweep", "--cache", tmp_path / "c", "--out", tmp_path / "s", "--heads", "svm,logreg", "--C", "1",
+                   "--hidden", "8", "--quiet")
+    assert sweep.code == 0 and sweep.err == "warning: --hidden does nothing for --heads svm,logreg; it applies to mlp heads\n", sweep
