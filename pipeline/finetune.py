@@ -288,6 +288,9 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
         torch.set_rng_state(state["torch_rng"])
         history, best = state["history"], (state["best_loss"], state["best_epoch"])
         start_epoch = resumed_from = state["epoch"]
+        if 0 < config.epochs < start_epoch:  # its weights trained longer than asked (--epochs 0: evaluate them)
+            raise FinetuneError(f"checkpoint {last_path} has run {start_epoch} epochs, more than --epochs "
+                                f"{config.epochs}; pass --epochs {start_epoch} or more, or --overwrite to start over")
         say(f"resumed from {last_path} after epoch {start_epoch}")
     stopped_early = False
     for epoch in range(start_epoch, config.epochs):
@@ -362,9 +365,8 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
 
 def training_step(trainer: nn.Module, pixels: torch.Tensor, targets: torch.Tensor, loss_function, optimizer,
                   scaler: torch.amp.GradScaler, device: torch.device, precision: str, check=None) -> float:
-    """One optimizer step on a batch already on `device`, under autocast, with loss scaling for float16
-    (a step whose gradients overflowed is skipped and the scale lowered). `check(loss)` runs before the
-    backward pass; returns the batch's mean loss. An empty batch still steps, keeping DDP ranks in step."""
+    """One optimizer step on a batch on `device`, under autocast, loss scaled for float16 (an overflowed step is
+    skipped, the scale lowered); `check(loss)` runs first. An empty batch still steps (DDP ranks keep step)."""
     with autocast(device, precision):
         logits = trainer(pixels)
     logits = logits.float()  # the loss in float32 whatever the forward's precision
@@ -388,8 +390,7 @@ def _check_loss(loss: torch.Tensor, current: distributed.World, epoch: int, numb
 
 
 def _validate(model, dataset, targets, config, device, precision) -> dict:
-    """Validation loss and accuracy (or mAP) over the readable images; unreadable ones are counted
-    (`val_skipped_images`), never scored as a NaN row."""
+    """Validation loss and accuracy (or mAP) over the readable images; the others counted, not scored."""
     probabilities = score_images(model, dataset, config.batch_size, config.workers, device,
                                   multilabel=targets.ndim == 2, precision=precision, quiet=config.quiet,
                                   desc="validate")

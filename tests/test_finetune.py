@@ -15,6 +15,7 @@ import torch
 
 import pipeline.extract
 import pipeline.finetune
+from pipeline.errors import FinetuneError
 import pipeline.image_sets
 import pipeline.predict
 from cache.reader import CacheReader
@@ -280,6 +281,10 @@ def test_epochs_zero_with_resume_only_evaluates_the_checkpoint(alexnet_head, tmp
     checkpoint = last.read_bytes()
     trained, _ = load_model_file(tmp_path / "m.pt")
     (tmp_path / "m.pt").unlink()
+    # fewer epochs than the checkpoint ran: the model of that run is not in it; refused, nothing written
+    with pytest.raises(FinetuneError, match=r"has run 2 epochs, more than --epochs 1; pass --epochs 2 or more"):
+        finetune(alexnet_head, tmp_path / "m.pt", epochs=1, resume=True)
+    assert last.read_bytes() == checkpoint and not (tmp_path / "m.pt").exists()
     result = finetune(alexnet_head, tmp_path / "m.pt", epochs=0, resume=True, val_data=alexnet_head / "val")
     assert result.epochs_run == 0 and result.resumed_from == 2 and "val_loss" in result.val
     assert last.read_bytes() == checkpoint
@@ -452,7 +457,6 @@ def test_files_hold_tensors_in_the_standard_layout(tmp_path):
 
 
 def test_a_checkpoint_of_an_earlier_tl_resumes_without_the_fields_it_did_not_record(tmp_path):
-    from pipeline.errors import FinetuneError
     from pipeline.model_files import load_checkpoint, save_checkpoint
 
     layer = torch.nn.Linear(2, 2)
