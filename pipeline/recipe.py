@@ -46,6 +46,7 @@ class Step:
     defaults: dict
     keys: dict  # recipe key -> value given
     params: dict = field(default_factory=dict)
+    own: dict = field(default_factory=dict)  # parameter -> recipe key, of the keys its section gives (not top-level)
 
     @property
     def label(self) -> str:
@@ -194,7 +195,8 @@ def plan(recipe: Recipe, stages: dict[str, StageOptions]) -> list[Step]:
                         raise ConfigError(f"recipe {path}: {stage} key '{key}' is a switch: true or false, "
                                           f"not '{value}'")
                 defaults[parameter] = as_flag_value(f"recipe {path}: {stage}", parameter, value)
-            steps.append(Step(stage, number, len(items), defaults, keys))
+            own = {options.keys[str(key).replace("-", "_")]: str(key) for key in item}
+            steps.append(Step(stage, number, len(items), defaults, keys, own=own))
     if not steps:
         raise ConfigError(f"recipe {path} names no stage; add sections such as extract, fit-head, evaluate")
     return steps

@@ -81,6 +81,13 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
     result = RunResult()
     for note in notes:
         say(f"note: {note}")
+    for step in chosen:  # a section's key that its head does not read (top-level keys reach every stage)
+        if step.stage == "fit-head":
+            from pipeline.fit_head import unread_options
+
+            given = {name: f"key '{key}'" for name, key in step.own.items()}
+            for warning in unread_options((step.params["head"],), step.params["solver"], given, step.params["early_stop"]):
+                say(f"warning: {step.label} {warning}")
     with tracker:
         for step in chosen:
             out = step.path(OUTPUT)

@@ -195,6 +195,17 @@ def test_a_training_cache_scored_as_test_is_said(run_tl, code_caches, monkeypatc
     assert result.code == 0 and "note: evaluate scores caches/train, the cache fit-head trained on" in result.out
 
 
+def test_a_section_key_its_head_does_not_read_is_warned_of_and_a_top_level_one_is_not(run_tl, code_caches, monkeypatch):
+    """fit-head: {head: svm, solver: sgd} trained an svm as if solver were not there, without a word."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, "max_iter: 50\nfit-head: {cache: caches/train, out: h.pt, head: mlp, solver: sgd, "
+                                  "hidden: [8], max_epochs: 1}\n")
+    result = run_tl("run", recipe, "--quiet")
+    assert result.code == 0, result
+    assert [line for line in result.out.splitlines() if line.startswith("warning")] == [
+        "warning: fit-head key 'solver' does nothing for --head mlp; it applies to logreg heads"], result
+
+
 def _alexnet_recipe(root, per_class: int, more: str = ""):
     """Images of two classes under root/images/train and a recipe that extracts alexnet pool5 codes of
     them into caches/train, then `more` steps."""
