@@ -188,10 +188,12 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     and its layers. Returns the model, the backbone entry and the backbone's ordered conv layers."""
     backbone, weights = head_backbone(head_metadata["codes_key"], weights_path, "the head")
     full = load_model(backbone, weights)
-    convs = backbone.conv_layers(full)
     features = tap_model(full, backbone, [head_metadata["layer"]])
-    if backbone.make_taps is not None:  # a family's own cut (timm): its conv layers up to the tap
-        convs = backbone.conv_layers(features.extractor)
+    # a family's own cut (timm) lists its conv layers itself; of the others, those the cut up to the tap holds
+    # (an efficientnet block12 head has none of the later blocks)
+    convs = backbone.conv_layers(features.extractor if backbone.make_taps is not None else full)
+    kept = {name for name, _ in features.extractor.named_modules()}
+    convs = [name for name in convs if name in kept]
     model = FinetuneModel(features, head_metadata["layer"], head.logits_module())
     return model, backbone, convs
 

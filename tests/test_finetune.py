@@ -15,13 +15,12 @@ import torch
 
 import pipeline.extract
 import pipeline.finetune
-from pipeline.errors import FinetuneError
 import pipeline.image_sets
 import pipeline.predict
 from cache.reader import CacheReader
 from pipeline import allocator
 from pipeline.backbones import get_backbone
-from pipeline.errors import HeadError
+from pipeline.errors import FinetuneError, HeadError
 from pipeline.evaluate import EvaluateConfig, run_evaluate
 from pipeline.export import export_model
 from pipeline.extract import ExtractConfig, run_extract
@@ -63,6 +62,19 @@ def finetune(root, out, **options) -> FinetuneResult:
 def finetune_args(root, out, *more):
     return ["finetune", "--data", root / "train", "--head", root / "head.pt", "--out", out, "--batch-size", "4",
             "--quiet", *more]
+
+
+def test_unfreeze_counts_the_conv_layers_before_a_tap_inside_the_network(tmp_path):
+    """An efficientnet block12 head counted the conv layers of the blocks after block12 too: --unfreeze 1
+    chose one of them, not in the model, and ended in a StopIteration traceback."""
+    make_image_folder(tmp_path / "train", classes=("a", "b"), per_class=3)
+    net = {"backbone": "efficientnet_lite0", "weights": "none", "workers": 0, "quiet": True}
+    run_extract(ExtractConfig(data=tmp_path / "train", out=tmp_path / "cache", layers=("block12",), **net))
+    fit_head(FitHeadConfig(cache=tmp_path / "cache", out=tmp_path / "head.pt"))
+    result = finetune(tmp_path, tmp_path / "m.pt", unfreeze=1, epochs=1, workers=0)
+    assert result.trainable["conv_layers"] == ["_blocks.12._project_conv"], result.trainable
+    with pytest.raises(FinetuneError, match="more than the 39 conv layers of this backbone before the tap"):
+        finetune(tmp_path, tmp_path / "m2.pt", unfreeze=40, epochs=1, workers=0)
 
 
 def test_epoch_zero_model_is_the_stage_two_head(alexnet_head, tmp_path):
