@@ -21,12 +21,13 @@ from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import decode_of, normalize
 from pipeline.errors import FinetuneError, TLError
-from pipeline.files import refuse_overwriting_inputs, write_bytes
+from pipeline.files import atomic_write, refuse_overwriting_inputs
 from pipeline.formats import DEFAULT_CLASSES, open_source
 from pipeline.model_files import load_model_file
 from pipeline.training import output_activation
 
 EXPORT_FORMATS = ("torchscript", "onnx")
+SUFFIXES = {"torchscript": "model.ts", "onnx": "model.onnx"}  # file names the messages suggest
 CONTRACT_FORMAT = "tl-export/1"
 CHECK_IMAGES = 16  # images the export is checked on
 
@@ -74,14 +75,25 @@ def contract_of(metadata: dict, backbone: Backbone, raw_pixels: bool) -> dict:
                               "before the model: x / 255 for 0..255 values, then (x - mean) / std per channel"),
             "mean": list(backbone.mean), "std": list(backbone.std),
             "resize": backbone.resize_size, "crop": size,
-            "preparation": f"resize the shorter side to {backbone.resize_size} ({backbone.interpolation}, antialiased), "
-                           f"centre-crop {size}x{size}",
+            "preparation": _preparation(backbone, decode),
             "decode": decode,
         },
         "output": {"name": "probabilities", "shape": ["batch", len(metadata["classes"])],
                    "activation": "sigmoid per class" if multilabel else "softmax", "classes": metadata["classes"]},
         "backbone": metadata["codes_key"]["backbone"], "layer": metadata["layer"],
     }
+
+
+def _preparation(backbone: Backbone, decode: str) -> str:
+    """How tl turns an image file into the crop, in steps a deployment can repeat to get tl's numbers."""
+    resize, size = backbone.resize_size, backbone.input_size
+    steps = ["8-bit RGB (transparency composited over white, 16-bit images scaled to 0..255)",
+             f"resize the shorter side to {resize} and the longer to int({resize} * longer / shorter), as torchvision's "
+             f"Resize({resize}) does ({backbone.interpolation}, antialiased)", f"centre-crop {size}x{size}"]
+    if decode == "fast":  # what --decode fast adds; its pixels differ slightly from the full-size decode's
+        steps.insert(0, "a JPEG is decoded at reduced scale: Pillow's Image.draft('RGB', (w, h)) with (w, h) the "
+                        "resized size below")
+    return "; ".join(steps)
 
 
 def check_batch(metadata: dict, backbone: Backbone) -> tuple[torch.Tensor, str]:
@@ -154,10 +166,13 @@ def run_export(config: ExportConfig) -> ExportResult:
     if format not in EXPORT_FORMATS:
         raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
+    if out.is_dir() or not out.name:  # `--out .` names no file
+        raise FinetuneError(f"--out {out} is a folder; name a file such as {out / SUFFIXES[format]}")
     contract_path = out.with_name(out.name + ".json")
+    if contract_path.is_dir():  # found before anything is written, not after the export
+        raise FinetuneError(f"{contract_path}, where the contract of --out {out} goes, is a folder; remove it or "
+                            "choose another --out")
     refuse_overwriting_inputs({"--out": out, "--out's contract": contract_path}, {"--model": model_path})
-    if out.is_dir():
-        raise FinetuneError(f"--out {out} is a folder; name a file such as {out / ('model.' + format)}")
     if format == "onnx":
         try:
             import onnx
@@ -167,6 +182,10 @@ def run_export(config: ExportConfig) -> ExportResult:
             raise FinetuneError("ONNX export needs the onnx extra: pip install 'tl[onnx]' "
                                 "(the onnx, onnxruntime and onnxscript packages)") from None
     model, metadata = load_model_file(model_path)
+    if metadata["codes_key"].get("patches"):
+        raise FinetuneError(f"model {model_path} scores an image by pooling its patches at many scales (--multiscale), "
+                            "which one exported network does not do; score images with tl predict --model, or export a "
+                            "model finetuned from a head of centre-crop codes")
     backbone = get_backbone(metadata["codes_key"]["backbone"])
     deployed = Deployed(model, backbone, metadata["head"]["state"]["multilabel"], raw_pixels).eval()
     crops, checked_on = check_batch(metadata, backbone)
@@ -205,10 +224,8 @@ def run_export(config: ExportConfig) -> ExportResult:
         raise FinetuneError(f"the {format} export differs from the model on {checked_on} (top-1 agrees on "
                             f"{agreeing}/{len(expected)}, probabilities differ by up to {difference:.2e}, "
                             f"allowed {tolerance:g}); it was not kept")
-    write_bytes(out, exported.getbuffer(), f"{format} export")
-    try:
-        write_bytes(contract_path, (json.dumps(contract, indent=1) + "\n").encode(), "export contract")
-    except BaseException:  # an export is never left without the contract that says what it takes
-        out.unlink(missing_ok=True)
-        raise
+    # both written before either replaces its file: a failed write (a full disk) keeps the earlier pair whole
+    with atomic_write(out, f"{format} export") as file_part, atomic_write(contract_path, "export contract") as json_part:
+        file_part.write_bytes(exported.getbuffer())
+        json_part.write_bytes((json.dumps(contract, indent=1) + "\n").encode())
     return ExportResult(out, contract_path, contract, difference, agreeing, len(expected), checked_on)

@@ -87,7 +87,11 @@ def atomic_write(path: Path, what: str = "file", sweep: bool = True) -> Iterator
         path = Path(os.path.realpath(path))
     temporary = temporary_name(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a part of the path is a file: say which
+            part = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), path.parent)
+            raise TLError(f"cannot write {what} {path}: {part} is a file, not a folder; choose another path") from None
         if sweep:
             remove_stale_temporaries(path.parent, path.name)
         yield temporary
@@ -262,12 +266,13 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
     """One line, before anything is written, when an output names one of the command's own inputs or
     lies inside an input folder named in `protected` (a cache, an imagefolder, whose every file counts)."""
     for out_flag, out_path in outputs.items():
+        flag = out_flag.split("'s ")[0]  # "--out's checkpoint" is named by --out
         for in_flag, in_path in inputs.items():
             if out_path is None or in_path is None:
                 continue
             if same_file(out_path, in_path):
                 raise TLError(f"{out_flag} {out_path} is the same file as {in_flag}; writing it would destroy "
-                              f"the input: choose another {out_flag}")
+                              f"the input: choose another {flag}")
             if in_flag in protected and inside(out_path, in_path):
                 raise TLError(f"{out_flag} {out_path} lies inside {in_flag} {in_path}; writing there would change "
-                              f"the input: choose another {out_flag}")
+                              f"the input: choose another {flag}")

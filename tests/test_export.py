@@ -128,13 +128,54 @@ def test_tl_export_prints_the_contract(model_file, tmp_path, run_tl):
     assert result.code == 0, result
     assert "uint8 RGB NCHW (batch, 3, 224, 224), values 0..255" in result.out
     assert "resize the shorter side to 256" in result.out and "softmax probabilities of 3 classes" in result.out
+    # what tl does before the resize, so that a deployment gets tl's numbers: alpha, and the reduced-scale JPEG decode
+    assert "transparency composited over white" in result.out and "Image.draft('RGB', (w, h))" in result.out
     assert "top-1 agrees on 9/9" in result.out
 
 
-def test_an_export_whose_contract_cannot_be_written_is_not_left_behind(model_file, tmp_path):
-    (tmp_path / "m.ts.json").mkdir()  # the contract's name is taken by a folder
-    with pytest.raises(TLError, match="is a folder"):
+def test_a_failed_export_keeps_the_earlier_export_and_its_contract(model_file, tmp_path, monkeypatch):
+    """A contract that could not be written took the export written before it, and the earlier one too."""
+    import errno
+
+    import pipeline.export
+
+    (tmp_path / "m.ts").write_bytes(b"earlier export")
+    (tmp_path / "m.ts.json").mkdir()  # the contract's name is taken by a folder: refused before any work
+    with pytest.raises(TLError, match=r"m.ts.json, where the contract of --out .*m.ts goes, is a folder; remove it"):
         export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts")
+    assert (tmp_path / "m.ts").read_bytes() == b"earlier export"
+    (tmp_path / "m.ts.json").rmdir()
+    (tmp_path / "m.ts.json").write_text("earlier contract")
+
+    class FullDisk:  # the disk fills while the contract is written
+        @staticmethod
+        def dumps(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.export, "json", FullDisk)
+    with pytest.raises(TLError, match="no space left on the device"):
+        export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts")
+    assert (tmp_path / "m.ts").read_bytes() == b"earlier export"
+    assert (tmp_path / "m.ts.json").read_text() == "earlier contract"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.ts", "m.ts.json"]  # no temporaries left
+
+
+def test_an_out_that_names_no_file_and_a_multiscale_model_are_one_line(model_file, tmp_path, run_tl, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dot = run_tl("export", "--model", model_file / "model.pt", "--format", "onnx", "--out", ".")
+    assert dot.code == 2 and dot.err == "error: --out . is a folder; name a file such as model.onnx\n", dot
+    (tmp_path / "x.onnx.json").symlink_to(model_file / "model.pt")  # the contract would land on the model
+    linked = run_tl("export", "--model", model_file / "model.pt", "--format", "onnx", "--out", "x.onnx")
+    assert linked.code == 2 and linked.err.endswith("is the same file as --model; writing it would destroy the input: "
+                                                    "choose another --out\n"), linked
+
+    import pipeline.export
+
+    model, metadata = load_model_file(model_file / "model.pt")
+    patches = {**metadata, "codes_key": {**metadata["codes_key"], "patches": {"scales": [1.0, 2.0]}}}
+    monkeypatch.setattr(pipeline.export, "load_model_file", lambda path: (model, patches))
+    multiscale = run_tl("export", "--model", model_file / "model.pt", "--format", "torchscript", "--out", "m.ts")
+    assert multiscale.code == 2 and "by pooling its patches at many scales (--multiscale)" in multiscale.err, multiscale
     assert not (tmp_path / "m.ts").exists()
 
 

@@ -811,3 +811,7 @@ def test_a_path_the_system_refuses_is_one_line(run_tl, tmp_path, small_head, ima
     assert_one_line_error(run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
                                  "--out", f"{long}.pt", "--epochs", "0", "--quiet"), "File name too long")
     assert_one_line_error(run_tl("predict", "--head", small_head / "head.pt", long), "File name too long")
+    # a folder of the path is a file: the message names it ("File exists" named nothing)
+    (tmp_path / "plain").write_text("a file")
+    result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "plain" / "sub" / "h.pt", "--quiet")
+    assert_one_line_error(result, f"{tmp_path / 'plain'} is a file, not a folder; choose another path")
