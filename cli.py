@@ -113,6 +113,16 @@ class Listed(click.ParamType):
         return value
 
 
+class NamedPath(click.Path):
+    """A path option: an empty value (a shell variable not set) is refused, not read as the current folder."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; name a path (is a shell variable not set?)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = NamedPath(path_type=Path)
 SEED = click.IntRange(min=0)  # numpy and torch seed generators from non-negative integers
 FLOATS = Listed(lambda text, flag: _numbers(text, float, flag))
 INTS = Listed(lambda text, flag: _numbers(text, int, flag))
@@ -215,7 +225,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
 
 
 config_option = click.option(
-    "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
+    "--config", type=NamedPath(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config,
     help="YAML file of option: value pairs; flags given on the command line win.",
 )
 
@@ -243,14 +253,14 @@ def tl():
 @stage_defaults("pipeline.extract:ExtractConfig", "pipeline.multiscale:PatchSettings")
 @tl.command()
 @config_option
-@option("--data", type=click.Path(path_type=Path), required=True,
+@option("--data", type=PATH, required=True,
         help="Image folder, CSV file (path,label rows) or data set root.")
 @format_option()
 @option("--split", help="Split to read (imagefolder: DATA/SPLIT when that folder exists).")
 @option("--backbone", describe="cli:backbones_help", help="The frozen ImageNet network:")
 @option("--weights", help="imagenet (published weights), none (seeded random init) or a state dict PATH.")
 @option("--layers", help="Comma-separated taps, e.g. fc6,fc7 [default: the backbone's last].")
-@option("--out", type=click.Path(path_type=Path), required=True, help="Cache folder to write.")
+@option("--out", type=PATH, required=True, help="Cache folder to write.")
 @option("--dtype", type=click.Choice(["float16", "float32"]))
 @option("--shard-rows", type=int, describe="cli:shard_rows_help", help="Images per shard file")
 @option("--compression", type=RegistryChoice("cache.writer:COMPRESSIONS"))
@@ -316,7 +326,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
 
 
 @tl.command()
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=PATH)
 @click.option("--verify", is_flag=True, help="Check every shard's checksum, columns and codes (no NaN or Inf).")
 def info(cache, verify):
     """Describe a cache: backbone, taps, classes, rows, shards; --verify checks every shard."""
@@ -353,7 +363,7 @@ def backbones_command(pattern):
 
 
 @tl.command("example-data")
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=PATH)
 @click.option("--per-class", default=None, type=click.IntRange(min=0),
               help="Keep only N images of each digit (0: all); a quarter of them, at least one, is the test split.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
@@ -368,7 +378,7 @@ def example_data(out, per_class, seed):
 @stage_defaults("pipeline.fit_head:FitHeadConfig", "pipeline.training:TrainingOptions", own=("quiet",))
 @tl.command("fit-head")
 @config_option
-@option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
+@option("--cache", type=PATH, required=True, help="Cache folder written by tl extract.")
 @option("--layer", help="Layer of the cache to train on [default: its only layer].")
 @option("--head", type=RegistryChoice("pipeline.heads:HEAD_KINDS"), describe="cli:head_kinds_help",
         help="The kind of head:")
@@ -391,13 +401,13 @@ def example_data(out, per_class, seed):
         help="Stop when the validation loss has not improved for --patience epochs; keep the best epoch.")
 @option("--patience", type=int)
 @device_option("Where mlp and sgd heads train; cuda reads the cache in pinned batches.")
-@option("--val-cache", type=click.Path(path_type=Path), help="Validation cache of the same classes.")
+@option("--val-cache", type=PATH, help="Validation cache of the same classes.")
 @option("--val-fraction", type=float, help="Hold out this seeded fraction instead (stratified by class).")
 @option("--max-iter", type=int, help="logreg lbfgs and svm iterations.")
 @option("--block-rows", type=int, help="Rows read from the cache at a time: bounds memory when streaming.")
 @option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="No progress bar.")
-@option("--out", type=click.Path(path_type=Path), required=True, help="Head file to write (.pt).")
+@option("--out", type=PATH, required=True, help="Head file to write (.pt).")
 def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_decay, batch_size, max_epochs,
              early_stop, patience, device, quiet, **options):
     """Train a head on the codes of one cached layer and save it as one file."""
@@ -463,7 +473,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 
 @stage_defaults("pipeline.sweep:SweepConfig", "pipeline.training:TrainingOptions", own=("quiet",))
 @tl.command()
-@option("--cache", type=click.Path(path_type=Path), required=True, help="Cache folder written by tl extract.")
+@option("--cache", type=PATH, required=True, help="Cache folder written by tl extract.")
 @option("--layers", help="Comma-separated cached layers to try [default: every layer of the cache].")
 @option("--heads", describe="cli:head_names_help", help="Comma-separated head kinds to try:")
 @option("--C", "C", type=FLOATS, help="logreg/svm: comma-separated costs, one head each.")
@@ -481,7 +491,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--max-epochs", type=int)
 @option("--early-stop/--no-early-stop", help="Each mini-batch head stops on its own validation loss.")
 @option("--patience", type=int)
-@option("--val-cache", type=click.Path(path_type=Path), help="Validation cache of the same classes.")
+@option("--val-cache", type=PATH, help="Validation cache of the same classes.")
 @option("--val-fraction", type=float, help="Else hold out this seeded fraction of the cache (stratified by class).")
 @option("--keep", type=RegistryChoice("pipeline.sweep:KEEP"), help="Head files kept under OUT/heads: the best only, or all.")
 @option("--max-iter", type=int, help="logreg lbfgs and svm iterations.")
@@ -489,7 +499,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @device_option("Where mini-batch heads train.")
 @option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="No progress bars.")
-@option("--out", type=click.Path(path_type=Path), required=True,
+@option("--out", type=PATH, required=True,
         help="Folder for sweep.md, sweep.json, sweep.png, best.pt and heads/.")
 def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch_size, max_epochs, early_stop,
           patience, device, quiet, **options):
@@ -529,11 +539,11 @@ def _layouts(text: str | None) -> tuple[tuple[int, ...], ...]:
 @stage_defaults("pipeline.evaluate:EvaluateConfig")
 @tl.command()
 @config_option
-@option("--head", type=click.Path(path_type=Path), help="Head file written by tl fit-head.")
-@option("--cache", type=click.Path(path_type=Path),
+@option("--head", type=PATH, help="Head file written by tl fit-head.")
+@option("--cache", type=PATH,
         help="Cache of the data to evaluate on (same backbone, weights and layer as the head's).")
-@option("--model", type=click.Path(path_type=Path), help="Model file written by tl finetune (instead of --head/--cache).")
-@option("--data", type=click.Path(path_type=Path), help="With --model: the images to evaluate on.")
+@option("--model", type=PATH, help="Model file written by tl finetune (instead of --head/--cache).")
+@option("--data", type=PATH, help="With --model: the images to evaluate on.")
 @format_option("With --model:")
 @option("--split", help="With --model.")
 @option("--classes", help="With --model and voc data.")
@@ -542,11 +552,11 @@ def _layouts(text: str | None) -> tuple[tuple[int, ...], ...]:
 @precision_option("With --model: autocast dtype; auto is float16 on CUDA, float32 on the CPU.")
 @workers_option()
 @option("--batch-size", type=int, help="With --model: images per batch.")
-@option("--out", type=click.Path(path_type=Path), required=True, help="Folder for report.json, report.md, plots.")
+@option("--out", type=PATH, required=True, help="Folder for report.json, report.md, plots.")
 @option("--ap", type=RegistryChoice("pipeline.metrics:AP_METHODS"),
         help="AP: VOC 2007 11-point interpolation, or area under the precision envelope.")
 @option("--top-k", type=int, help="Also report top-k accuracy (more classes than k).")
-@option("--save-predictions", type=click.Path(path_type=Path),
+@option("--save-predictions", type=PATH,
         help="CSV of every row: sample id, true label(s), every class score.")
 @option("--block-rows", type=int, help="Rows read from the cache at a time.")
 @option("--exponent", type=float,
@@ -575,9 +585,9 @@ def evaluate(format_, **options):
 
 @stage_defaults("pipeline.predict:PredictConfig")
 @tl.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@option("--head", type=click.Path(path_type=Path), help="Head file written by tl fit-head.")
-@option("--model", type=click.Path(path_type=Path), help="Or a model file from tl finetune.")
+@click.argument("paths", nargs=-1, required=True, type=PATH)
+@option("--head", type=PATH, help="Head file written by tl fit-head.")
+@option("--model", type=PATH, help="Or a model file from tl finetune.")
 @option("--top-k", type=int, help="Labels per image, best first.")
 @option("--weights", help="The backbone's state dict file, when the head's cache was made from one.")
 @option("--batch-size", type=int)
@@ -616,10 +626,10 @@ def predict(paths, **options):
 
 @stage_defaults("pipeline.export:ExportConfig")
 @tl.command()
-@option("--model", type=click.Path(path_type=Path), required=True, help="Model file written by tl finetune.")
+@option("--model", type=PATH, required=True, help="Model file written by tl finetune.")
 @option("--format", "format_", required=True, type=RegistryChoice("pipeline.export:EXPORT_FORMATS"),
         help="onnx needs the onnx extra: pip install 'tl[onnx]'.")
-@option("--out", type=click.Path(path_type=Path), required=True,
+@option("--out", type=PATH, required=True,
         help="File to write; its input contract goes beside it as OUT.json.")
 @option("--raw-pixels/--normalized-input",
         help="Input uint8 RGB 0..255, scaled and normalised inside the model; or float input already "
@@ -644,7 +654,7 @@ def export(model, format_, out, raw_pixels):
 
 @stage_defaults("pipeline.quickstart:QuickstartConfig")
 @tl.command()
-@option("--out", type=click.Path(path_type=Path), help="Folder for the data, caches, head and report.")
+@option("--out", type=PATH, help="Folder for the data, caches, head and report.")
 @option("--per-class", type=int, help="Digit images per class (before the 75/25 train/test split); 0 for all 1,797.")
 @option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="No progress bars.")
@@ -665,13 +675,13 @@ def quickstart(out, per_class, seed, quiet):
 @stage_defaults("pipeline.finetune:FinetuneConfig")
 @tl.command()
 @config_option
-@option("--data", type=click.Path(path_type=Path), required=True, help="Training images (as for tl extract).")
+@option("--data", type=PATH, required=True, help="Training images (as for tl extract).")
 @format_option()
 @option("--split")
 @option("--classes", help="voc data: voc, auto or a comma list.")
 @option("--label-key", help="webdataset data: cls, txt, json or json:FIELD [default: cls].")
 @option("--samples-per-class", type=int, help="Seeded, stratified subset of N per class (0: every image).")
-@option("--head", type=click.Path(path_type=Path), required=True,
+@option("--head", type=PATH, required=True,
         help="Stage-two head: the model is its backbone up to its layer, then the head.")
 @option("--unfreeze", type=int, help="Also train the last N conv layers and every layer after them (0: the head only).")
 @option("--epochs", type=int, help="0: only evaluate (and write the model).")
@@ -691,7 +701,7 @@ def quickstart(out, per_class, seed, quiet):
 @option("--flip/--no-flip", help="Random horizontal flips in training (off for digits, text, traffic signs).")
 @option("--background-fraction", type=float,
         help="Multiscale heads: share of background patches trained on (seeded, as in tl extract).")
-@option("--val-data", type=click.Path(path_type=Path), help="Validation images, same format.")
+@option("--val-data", type=PATH, help="Validation images, same format.")
 @option("--val-split", help="Split of --val-data [default: --split].")
 @option("--val-fraction", type=float,
         help="Or hold out this seeded fraction of the training images (stratified by class) for validation.")
@@ -708,7 +718,7 @@ def quickstart(out, per_class, seed, quiet):
                   "float32 on the CPU.")
 @option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="Only the summary.")
-@option("--out", type=click.Path(path_type=Path), required=True, help="Model file to write (.pt).")
+@option("--out", type=PATH, required=True, help="Model file to write (.pt).")
 def finetune(format_, lr_steps, lr_factors, quiet, **options):
     """Train the head with the last conv layers end to end; a checkpoint every epoch, --resume after a stop."""
     from pipeline.distributed import world
@@ -776,7 +786,7 @@ class ClickStages:
 
 
 @tl.command("run")
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("recipe", type=PATH)
 @click.option("-s", "--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value: key (every stage), section.key, or section.N.key (N-th step of a "
                    "list section); values read as YAML. Repeatable.")

@@ -131,6 +131,9 @@ def load_head(path: Path):
 def head_from_payload(metadata, tensors: dict, path, module_state: bool = False) -> tuple[Head, dict]:
     """(head, metadata) from a head file's two parts, wherever they were stored: its own `tensors`, or
     with `module_state` the state dict of its module (as a model file keeps it)."""
+    if isinstance(metadata, dict) and metadata.get("format") == MODEL_FORMAT:
+        raise HeadError(f"{path} is a model file of tl finetune, not a head file; evaluate, predict and export take it "
+                        "as --model")
     if not isinstance(metadata, dict) or metadata.get("format") != HEAD_FORMAT \
             or metadata.get("kind") not in HEAD_KINDS:
         raise HeadError(f"{path} is not a {HEAD_FORMAT} head file; train one with tl fit-head")
@@ -231,6 +234,9 @@ def load_model_file(path: Path, weights_path: str | None = None) -> tuple[Finetu
     """(model in eval mode, metadata) from a file written by `save_model`; nothing in it is executed."""
     path = Path(path)
     payload, metadata = read_payload(path, "model file", "train one with tl finetune", FinetuneError)
+    if isinstance(metadata, dict) and metadata.get("format") == HEAD_FORMAT:
+        raise FinetuneError(f"{path} is a head file of tl fit-head, not a model file; make a model of it with tl "
+                            f"finetune --head {path} (--epochs 0 keeps the head as it is)")
     if not isinstance(metadata, dict) or metadata.get("format") != MODEL_FORMAT:
         raise FinetuneError(f"{path} is not a {MODEL_FORMAT} file; train one with tl finetune")
     try:

@@ -815,3 +815,18 @@ def test_a_path_the_system_refuses_is_one_line(run_tl, tmp_path, small_head, ima
     (tmp_path / "plain").write_text("a file")
     result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "plain" / "sub" / "h.pt", "--quiet")
     assert_one_line_error(result, f"{tmp_path / 'plain'} is a file, not a folder; choose another path")
+
+
+def test_a_head_given_as_a_model_and_an_empty_path_say_what_to_do(run_tl, tmp_path, small_head, monkeypatch):
+    """A head file passed to export said 'not a tl-model/1 file; train one with tl finetune'; an empty --out
+    (a shell variable not set) wrote a report into the working folder."""
+    head, model = small_head / "head.pt", small_head / "model.pt"
+    assert_one_line_error(run_tl("export", "--model", head, "--format", "torchscript", "--out", tmp_path / "m.ts"),
+                          f"{head} is a head file of tl fit-head, not a model file; make a model of it with tl "
+                          f"finetune --head {head} (--epochs 0 keeps the head as it is)")
+    assert_one_line_error(run_tl("evaluate", "--head", model, "--cache", small_head / "cache", "--out", tmp_path / "r"),
+                          "is a model file of tl finetune, not a head file; evaluate, predict and export take it as --model")
+    monkeypatch.chdir(tmp_path)
+    empty = run_tl("evaluate", "--head", head, "--cache", small_head / "cache", "--out", "")
+    assert_one_line_error(empty, "Invalid value for '--out': is empty; name a path")
+    assert not list(tmp_path.iterdir())
