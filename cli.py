@@ -634,12 +634,14 @@ def predict(paths, **options):
 @option("--raw-pixels/--normalized-input",
         help="Input uint8 RGB 0..255, scaled and normalised inside the model; or float input already "
              "normalised with the backbone's mean and std.")
-def export(model, format_, out, raw_pixels):
+@option("--opset", type=int, help="onnx: the ONNX opset to write, 18 to 23, for an older runtime [default: the "
+        "exporter's].")
+def export(model, format_, out, raw_pixels, opset):
     """Write a finetuned model as TorchScript or ONNX (pixels -> probabilities) with its input contract,
     checked against the model on real images (top-1 labels and probabilities)."""
     from pipeline.export import ExportConfig, run_export
 
-    result = run_export(ExportConfig(model, format_, out, raw_pixels=raw_pixels))
+    result = run_export(ExportConfig(model, format_, out, raw_pixels=raw_pixels, opset=opset))
     given, taken = result.contract["input"], result.contract["output"]
     click.echo(f"wrote {result.out} ({format_}) and its contract {result.contract_path}")
     click.echo(f"  input   {given['dtype']} {given['channel_order']} {given['layout']} "

@@ -28,6 +28,9 @@ from pipeline.training import output_activation
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": "model.ts", "onnx": "model.onnx"}  # file names the messages suggest
+# --opset: torch's ONNX exporter writes opset 18 and later (asked for less, it writes 18 without a word);
+# 23 is the highest its operators are written for
+OPSETS = range(18, 24)
 CONTRACT_FORMAT = "tl-export/1"
 CHECK_IMAGES = 16  # images the export is checked on
 
@@ -150,6 +153,7 @@ class ExportConfig:
     out: Path
     raw_pixels: bool = True
     tolerance: float = 1e-4
+    opset: int | None = None  # onnx: the ONNX opset to write (None: the exporter's default)
 
 
 def export_model(model_path: Path, format: str, out: Path, **options) -> ExportResult:
@@ -165,6 +169,9 @@ def run_export(config: ExportConfig) -> ExportResult:
     raw_pixels, tolerance = config.raw_pixels, config.tolerance
     if format not in EXPORT_FORMATS:
         raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
+    if config.opset is not None and (format != "onnx" or config.opset not in OPSETS):
+        raise FinetuneError(f"--opset {config.opset}: an onnx export writes opsets {OPSETS[0]} to {OPSETS[-1]}"
+                            + ("" if format == "onnx" else "; a torchscript file has none: leave --opset out"))
     out = Path(out)
     if out.is_dir() or not out.name:  # `--out .` names no file
         raise FinetuneError(f"--out {out} is a folder; name a file such as {out / SUFFIXES[format]}")
@@ -209,11 +216,20 @@ def run_export(config: ExportConfig) -> ExportResult:
     else:
         program = torch.onnx.export(deployed, (inputs[:2],), input_names=["pixels"],
                                     output_names=["probabilities"], dynamo=True, verbose=False,
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=config.opset)
         graph = program.model_proto
+        written = next(entry.version for entry in graph.opset_import if entry.domain in ("", "ai.onnx"))
+        if config.opset is not None and written != config.opset:
+            raise FinetuneError(f"--opset {config.opset}: torch's exporter wrote opset {written} instead; leave "
+                                "--opset out, or pass the opset it wrote")
+        contract["opset"] = written
         onnx.helper.set_model_props(graph, {"tl_contract": json.dumps(contract)})
         exported = io.BytesIO(graph.SerializeToString())
-        session = onnxruntime.InferenceSession(exported.getvalue(), providers=["CPUExecutionProvider"])
+        try:
+            session = onnxruntime.InferenceSession(exported.getvalue(), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own error types (an opset newer than it runs): nothing written
+            raise FinetuneError(f"onnxruntime {onnxruntime.__version__} cannot run the export (opset {written}): "
+                                f"{str(exc).splitlines()[0][:160]}; pass a lower --opset") from None
         found = session.run(None, {"pixels": inputs.numpy()})[0]
     difference = float(np.abs(found - expected).max())
     # a near tie (the model's two best within `tolerance`) may flip without either being wrong

@@ -90,6 +90,22 @@ def test_onnx_carries_its_contract_in_the_metadata(model_file, tmp_path):
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     found = session.run(None, {"pixels": crops.numpy()})[0]
     np.testing.assert_allclose(found, _model_probabilities(model_file, crops, backbone), atol=1e-4)
+    assert result.contract["opset"] == next(entry.version for entry in graph.opset_import if entry.domain == "")
+
+
+def test_opset_writes_the_one_asked_for_or_is_refused_in_one_line(model_file, tmp_path, run_tl):
+    """An older onnxruntime runs only older opsets; below 18 torch's exporter writes 18 without a word."""
+    onnx = pytest.importorskip("onnx")
+    result = export_model(model_file / "model.pt", "onnx", tmp_path / "m.onnx", opset=18)
+    assert [entry.version for entry in onnx.load(str(tmp_path / "m.onnx")).opset_import if entry.domain == ""] == [18]
+    assert result.contract["opset"] == 18
+    for format, opset, said in (("onnx", "17", "--opset 17: an onnx export writes opsets 18 to 23\n"),
+                                ("torchscript", "18", "--opset 18: an onnx export writes opsets 18 to 23; a torchscript "
+                                                      "file has none: leave --opset out\n")):
+        refused = run_tl("export", "--model", model_file / "model.pt", "--format", format, "--out", tmp_path / "x",
+                         "--opset", opset)
+        assert refused.code == 2 and refused.err == f"error: {said}", refused
+        assert not (tmp_path / "x").exists()
 
 
 def test_without_the_training_images_the_check_uses_drawn_photos(model_file, tmp_path):
