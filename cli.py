@@ -113,12 +113,24 @@ class Listed(click.ParamType):
         return value
 
 
+def _named(value, param, ctx, kind: click.ParamType):
+    if isinstance(value, str) and not value.strip():  # not read as the working folder
+        kind.fail("is empty; name a path (is a shell variable not set?)", param, ctx)
+
+
 class NamedPath(click.Path):
-    """A path option: an empty value (a shell variable not set) is refused, not read as the current folder."""
+    """A path option: an empty value (a shell variable not set) is refused."""
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
-            self.fail("is empty; name a path (is a shell variable not set?)", param, ctx)
+        _named(value, param, ctx, self)
+        return super().convert(value, param, ctx)
+
+
+class NamedText(click.types.StringParamType):
+    """A text option that may be a path (--weights imagenet, none or PATH): an empty value is refused."""
+
+    def convert(self, value, param, ctx):
+        _named(value, param, ctx, self)
         return super().convert(value, param, ctx)
 
 
@@ -258,7 +270,7 @@ def tl():
 @format_option()
 @option("--split", help="Split to read (imagefolder: DATA/SPLIT when that folder exists).")
 @option("--backbone", describe="cli:backbones_help", help="The frozen ImageNet network:")
-@option("--weights", help="imagenet (published weights), none (seeded random init) or a state dict PATH.")
+@option("--weights", type=NamedText(), help="imagenet (published weights), none (seeded random init) or a state dict PATH.")
 @option("--layers", help="Comma-separated taps, e.g. fc6,fc7 [default: the backbone's last].")
 @option("--out", type=PATH, required=True, help="Cache folder to write.")
 @option("--dtype", type=click.Choice(["float16", "float32"]))
@@ -429,7 +441,7 @@ def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_de
     return result
 
 
-def _warn_unread(kinds: tuple[str, ...], solver: str, early_stop: bool) -> None:
+def _warn_unread(kinds: tuple[str, ...], solver: str, early_stop: bool, heads_flag: str = "--head") -> None:
     """Warn of the options typed on this command line (a config's or recipe's keys reach every stage that
     has them, so not those) that the chosen heads do not read."""
     from click.core import ParameterSource
@@ -439,7 +451,7 @@ def _warn_unread(kinds: tuple[str, ...], solver: str, early_stop: bool) -> None:
     given = {param.name: param.opts[0] for param in context.command.params
              if context.get_parameter_source(param.name) is ParameterSource.COMMANDLINE
              and context.params.get(param.name) is not False}  # --no-early-stop asks for nothing
-    for warning in unread_options(kinds, solver, given, early_stop):
+    for warning in unread_options(kinds, solver, given, early_stop, heads_flag):
         click.echo(f"warning: {warning}", err=True)
 
 
@@ -511,7 +523,7 @@ def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch
     from pipeline.sweep import SweepConfig, run_sweep
     from pipeline.training import TrainingOptions
 
-    _warn_unread(_csv_list(heads), options["solver"], early_stop)
+    _warn_unread(_csv_list(heads), options["solver"], early_stop, "--heads")
     training = TrainingOptions(optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
                                max_epochs=max_epochs, early_stop=early_stop, patience=patience, device=device,
                                quiet=quiet)
@@ -589,7 +601,7 @@ def evaluate(format_, **options):
 @option("--head", type=PATH, help="Head file written by tl fit-head.")
 @option("--model", type=PATH, help="Or a model file from tl finetune.")
 @option("--top-k", type=int, help="Labels per image, best first.")
-@option("--weights", help="The backbone's state dict file, when the head's cache was made from one.")
+@option("--weights", type=NamedText(), help="The backbone's state dict file, when the head's cache was made from one.")
 @option("--batch-size", type=int)
 @workers_option()
 @device_option()
@@ -711,7 +723,7 @@ def quickstart(out, per_class, seed, quiet):
         help="Stop after --patience epochs without a lower validation loss; keep the best epoch.")
 @option("--patience", type=int)
 @option("--backbone", help="Refuse a head made from another backbone.")
-@option("--weights", help="The backbone's weights file, when the head's codes came from one.")
+@option("--weights", type=NamedText(), help="The backbone's weights file, when the head's codes came from one.")
 @option("--resume", is_flag=True, help="Continue from the last checkpoint (OUT.last.ckpt).")
 @option("--overwrite", is_flag=True, help="Start over even though a checkpoint exists.")
 @workers_option()

@@ -21,7 +21,7 @@ from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import decode_of, normalize
 from pipeline.errors import FinetuneError, TLError
-from pipeline.files import atomic_write, refuse_overwriting_inputs
+from pipeline.files import refuse_overwriting_inputs, write_together
 from pipeline.formats import DEFAULT_CLASSES, open_source
 from pipeline.model_files import load_model_file
 from pipeline.training import output_activation
@@ -228,8 +228,11 @@ def run_export(config: ExportConfig) -> ExportResult:
         try:
             session = onnxruntime.InferenceSession(exported.getvalue(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own error types (an opset newer than it runs): nothing written
+            lower = f"pass --opset {OPSETS[0]}" + (f" to {written - 1}" if written - 1 > OPSETS[0] else "") + \
+                ", or " if written > OPSETS[0] else ""
             raise FinetuneError(f"onnxruntime {onnxruntime.__version__} cannot run the export (opset {written}): "
-                                f"{str(exc).splitlines()[0][:160]}; pass a lower --opset") from None
+                                f"{(str(exc).splitlines() or [type(exc).__name__])[0][:160]}; {lower}update "
+                                "onnxruntime, or export --format torchscript") from None
         found = session.run(None, {"pixels": inputs.numpy()})[0]
     difference = float(np.abs(found - expected).max())
     # a near tie (the model's two best within `tolerance`) may flip without either being wrong
@@ -241,7 +244,6 @@ def run_export(config: ExportConfig) -> ExportResult:
                             f"{agreeing}/{len(expected)}, probabilities differ by up to {difference:.2e}, "
                             f"allowed {tolerance:g}); it was not kept")
     # both written before either replaces its file: a failed write (a full disk) keeps the earlier pair whole
-    with atomic_write(out, f"{format} export") as file_part, atomic_write(contract_path, "export contract") as json_part:
-        file_part.write_bytes(exported.getbuffer())
-        json_part.write_bytes((json.dumps(contract, indent=1) + "\n").encode())
+    write_together([(out, exported.getbuffer(), f"{format} export"),
+                    (contract_path, (json.dumps(contract, indent=1) + "\n").encode(), "export contract")])
     return ExportResult(out, contract_path, contract, difference, agreeing, len(expected), checked_on)

@@ -71,6 +71,32 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path
     return removed
 
 
+def _prepared(path: Path, what: str, sweep: bool) -> Path:
+    """The file to replace (a symlink's target: the link is kept), its folders made and, with `sweep`, the
+    stale temporaries of dead runs beside it cleared."""
+    path = Path(path)
+    if path.is_dir():
+        raise TLError(f"{path} is a folder; name a {what} inside it")
+    if path.is_symlink():  # write the file the link names, and keep the link
+        path = Path(os.path.realpath(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a part of the path is not a folder: say which
+        part = next((p for p in (path.parent, *path.parent.parents) if os.path.lexists(p) and not p.is_dir()),
+                    path.parent)
+        kind = "a link to nothing" if part.is_symlink() and not part.exists() else "a file"
+        raise TLError(f"cannot write {what} {path}: {part} is {kind}, not a folder; choose another path") from None
+    if sweep:
+        remove_stale_temporaries(path.parent, path.name)
+    return path
+
+
+def _write_error(exc: OSError, path: Path, what: str) -> TLError:
+    if exc.errno in FULL:
+        return DiskFullError(f"no space left on the device of {path}; free space and re-run the same command")
+    return TLError(f"cannot write {what} {path}: {exc.strerror or exc}; choose another path")
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, what: str = "file", sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to `path` in one step, so
@@ -80,35 +106,24 @@ def atomic_write(path: Path, what: str = "file", sweep: bool = True) -> Iterator
     library with an opaque error (HDF5, torch.save) serialise to memory first and write bytes here.
     `sweep=False` skips the look for stale temporaries (a listing of the folder), for writers of many
     files in one folder that cleared it once already (cache shards)."""
-    path = Path(path)
-    if path.is_dir():
-        raise TLError(f"{path} is a folder; name a {what} inside it")
-    if path.is_symlink():  # write the file the link names, and keep the link
-        path = Path(os.path.realpath(path))
-    temporary = temporary_name(path)
+    temporary = path
     try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):  # a part of the path is a file: say which
-            part = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), path.parent)
-            raise TLError(f"cannot write {what} {path}: {part} is a file, not a folder; choose another path") from None
-        if sweep:
-            remove_stale_temporaries(path.parent, path.name)
+        path = _prepared(path, what, sweep)
+        temporary = temporary_name(path)
         yield temporary
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(temporary, path)
         _fsync_folder(path.parent)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        if exc.errno in FULL:
-            raise DiskFullError(f"no space left on the device of {path}; free space and re-run the same "
-                                "command") from None
-        raise TLError(f"cannot write {what} {path}: {exc.strerror or exc}; choose another path") from None
+        if temporary != path:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+        raise _write_error(exc, path, what) from None
     except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
+        if temporary != path:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
         raise
 
 
@@ -123,9 +138,34 @@ def _fsync_folder(folder: Path) -> None:
 
 def write_bytes(path: Path, data: bytes, what: str = "file", sweep: bool = True) -> None:
     """`data` as the whole content of `path`, atomically (see atomic_write)."""
-    with atomic_write(path, what, sweep) as temporary:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
+    write_together([(path, data, what)], sweep)
+
+
+def write_together(files: list[tuple[Path, bytes, str]], sweep: bool = True) -> None:
+    """Files that belong together (an export and its contract), each (path, data, what): every one is
+    written and fsynced beside its path before the first replaces its path, so a full disk or an error
+    while writing keeps all the earlier files; only the renames, back to back, are left to fail between."""
+    written: list[tuple[Path, Path]] = []
+    path, what = Path(files[0][0]), files[0][2]
+    try:
+        for path, data, what in files:
+            path = _prepared(path, what, sweep)
+            written.append((temporary_name(path), path))
+            with open(written[-1][0], "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for temporary, path in written:
+            os.replace(temporary, path)
+        for folder in dict.fromkeys(path.parent for _, path in written):
+            _fsync_folder(folder)
+    except BaseException as exc:
+        for temporary, _ in written:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+        if isinstance(exc, OSError):
+            raise _write_error(exc, path, what) from None
+        raise
 
 
 def missing_folders(path: Path) -> list[Path]:

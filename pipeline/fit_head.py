@@ -49,20 +49,21 @@ def check_counts(block_rows: int, max_iter: int) -> None:
         raise HeadError(f"--block-rows and --max-iter must be at least 1, got {block_rows} and {max_iter}")
 
 
-def unread_options(kinds: tuple[str, ...], solver: str, given: dict[str, str], early_stop: bool) -> list[str]:
+def unread_options(kinds: tuple[str, ...], solver: str, given: dict[str, str], early_stop: bool,
+                   heads_flag: str = "--head") -> list[str]:
     """A warning for each option the user gave (name -> flag) that none of these head kinds reads, such as
     `--solver sgd` for an svm head or `--C` for an mlp: it changes nothing. A warning, as scikit-learn gives,
-    not a refusal: one command line may loop over the head kinds."""
-    if not kinds or any(kind not in HEAD_KINDS for kind in kinds):  # the stage refuses them in a moment
-        return []
+    not a refusal: one command line may loop over the head kinds. `heads_flag` names the kinds (sweep: --heads)."""
+    if not kinds or any(kind not in HEAD_KINDS or HEAD_KINDS[kind].reads(solver) is None for kind in kinds):
+        return []  # an unknown kind is refused by the stage in a moment; one that does not say what it reads
     read = {name for kind in kinds for name in HEAD_KINDS[kind].reads(solver)}
-    by_solver = len({HEAD_KINDS[kinds[0]].reads(other) for other in SOLVERS}) > 1
-    heads = f"--heads {','.join(kinds)}" if len(kinds) > 1 else f"--head {kinds[0]}" + (f" --solver {solver}" * by_solver)
+    by_solver = len(kinds) == 1 and len({tuple(HEAD_KINDS[kinds[0]].reads(other)) for other in SOLVERS}) > 1
+    heads = f"{heads_flag} {','.join(kinds)}" + (f" --solver {solver}" if by_solver else "")
     warnings = []
     for name, flag in given.items():
         readers = []
         for kind, head in HEAD_KINDS.items():
-            solvers = [other for other in SOLVERS if name in head.reads(other)]
+            solvers = [other for other in SOLVERS if name in (head.reads(other) or ())]
             if solvers:
                 readers.append(kind if len(solvers) == len(SOLVERS) else f"{kind} --solver {'/'.join(solvers)}")
         if readers and name not in read:

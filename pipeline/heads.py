@@ -36,12 +36,12 @@ class Head(ABC):
 
     A head kind is one subclass registered with `register_head`: its `kind` names it (`--head`), `help`
     describes it in `tl fit-head --help`, `from_config` builds it from a fit-head config, `tensors` and
-    `from_saved` are its head file, and `from_module` rebuilds it from its module's state in a model file.
+    `from_saved` are its head file, `from_module` rebuilds it from its module's state in a model file, and
+    `options` (or `reads`) names the options it reads, so that fit-head warns of the others.
     """
 
-    kind = ""
-    help = ""
-    options: tuple[str, ...] = ()  # what `reads` returns, when the solver changes nothing
+    kind, help = "", ""  # its --head name and its line in tl fit-head --help
+    options: tuple[str, ...] | None = None  # what `reads` returns, when the solver changes nothing
     curve_: list[dict] | None = None
 
     @classmethod
@@ -50,8 +50,8 @@ class Head(ABC):
         return ("C",)
 
     @classmethod
-    def reads(cls, solver: str) -> tuple[str, ...]:
-        """The options of fit-head and sweep this kind reads, beyond those of every head (cache, split, seed)."""
+    def reads(cls, solver: str) -> tuple[str, ...] | None:
+        """The options of fit-head and sweep it reads beyond every head's; None: not said (no warnings)."""
         return cls.options
 
     def chosen(self) -> float | None:  # the one setting validation chose while fitting (a sweep records it)

@@ -85,7 +85,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
         if step.stage == "fit-head":
             from pipeline.fit_head import unread_options
 
-            given = {name: f"key '{key}'" for name, key in step.own.items()}
+            given = {name: f"key '{key}'" for name, key in step.own.items() if step.params.get(name) is not False}
             for warning in unread_options((step.params["head"],), step.params["solver"], given, step.params["early_stop"]):
                 say(f"warning: {step.label} {warning}")
     with tracker:

@@ -150,7 +150,8 @@ def test_tl_export_prints_the_contract(model_file, tmp_path, run_tl):
 
 
 def test_a_failed_export_keeps_the_earlier_export_and_its_contract(model_file, tmp_path, monkeypatch):
-    """A contract that could not be written took the export written before it, and the earlier one too."""
+    """A contract that could not be written took the export written before it, and the earlier one too;
+    now both are written and synced before either replaces its file."""
     import errno
 
     import pipeline.export
@@ -163,16 +164,23 @@ def test_a_failed_export_keeps_the_earlier_export_and_its_contract(model_file, t
     (tmp_path / "m.ts.json").rmdir()
     (tmp_path / "m.ts.json").write_text("earlier contract")
 
-    class FullDisk:  # the disk fills while the contract is written
-        @staticmethod
-        def dumps(*args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    import pipeline.files
 
-    monkeypatch.setattr(pipeline.export, "json", FullDisk)
-    with pytest.raises(TLError, match="no space left on the device"):
-        export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts")
-    assert (tmp_path / "m.ts").read_bytes() == b"earlier export"
-    assert (tmp_path / "m.ts.json").read_text() == "earlier contract"
+    fsync = pipeline.files.os.fsync
+    for full_at in (1, 2):  # the disk fills while the export, then while the contract, is written
+        calls = []
+
+        def filling(handle, full_at=full_at):
+            calls.append(handle)
+            if len(calls) == full_at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return fsync(handle)
+
+        monkeypatch.setattr(pipeline.files.os, "fsync", filling)
+        with pytest.raises(TLError, match="no space left on the device"):
+            export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts")
+        assert (tmp_path / "m.ts").read_bytes() == b"earlier export"
+        assert (tmp_path / "m.ts.json").read_text() == "earlier contract"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.ts", "m.ts.json"]  # no temporaries left
 
 
@@ -218,3 +226,32 @@ def test_exports_run_the_folded_graph_with_the_models_outputs(tmp_path):
     onnx = pytest.importorskip("onnx")
     export_model(root / "model.pt", "onnx", root / "m.onnx")
     assert "BatchNormalization" not in {node.op_type for node in onnx.load(str(root / "m.onnx")).graph.node}
+
+
+def test_an_opset_the_exporter_did_not_write_and_a_runtime_that_cannot_run_it_are_one_line(model_file, tmp_path,
+                                                                                              monkeypatch):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import torch.onnx
+
+    export = torch.onnx.export
+
+    def writes_18(*args, **kwargs):  # as torch does when asked for an opset below 18
+        return export(*args, **{**kwargs, "opset_version": 18})
+
+    monkeypatch.setattr(torch.onnx, "export", writes_18)
+    with pytest.raises(FinetuneError, match=r"^--opset 19: torch's exporter wrote opset 18 instead; leave --opset out"):
+        export_model(model_file / "model.pt", "onnx", tmp_path / "m.onnx", opset=19)
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("Opset 20 is under development and support for this is limited")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuses)
+    for opset, remedy in ((None, "pass --opset 18 to 19, or update onnxruntime"), (18, "; update onnxruntime")):
+        with pytest.raises(FinetuneError, match=r"cannot run the export \(opset \d+\): Opset 20 is under development"):
+            try:
+                export_model(model_file / "model.pt", "onnx", tmp_path / "m.onnx", opset=opset)
+            except FinetuneError as exc:
+                assert remedy in str(exc) and str(exc).endswith("or export --format torchscript"), exc
+                raise
+    assert not (tmp_path / "m.onnx").exists()

@@ -397,3 +397,23 @@ def test_options_the_head_does_not_read_are_named_when_typed(run_tl, tmp_path):
     sweep = run_tl("sweep", "--cache", tmp_path / "c", "--out", tmp_path / "s", "--heads", "svm,logreg", "--C", "1",
                    "--hidden", "8", "--quiet")
     assert sweep.code == 0 and sweep.err == "warning: --hidden does nothing for --heads svm,logreg; it applies to mlp heads\n", sweep
+    alone = run_tl("sweep", "--cache", tmp_path / "c", "--out", tmp_path / "s2", "--C", "1", "--lr", "0.1", "--quiet")
+    assert alone.err.startswith("warning: --lr does nothing for --heads logreg --solver lbfgs;"), alone
+
+
+def test_a_head_kind_that_does_not_say_what_it_reads_is_warned_of_nothing(monkeypatch):
+    """A kind registered elsewhere reads options fit-head cannot know of: no warning is better than a false one."""
+    from pipeline.fit_head import unread_options
+    from pipeline.heads import HEAD_KINDS, LogRegHead
+
+    class Ridge(LogRegHead):
+        kind = "ridge"
+
+        @classmethod
+        def reads(cls, solver):
+            return None
+
+    monkeypatch.setitem(HEAD_KINDS, "ridge", Ridge)
+    assert unread_options(("ridge",), "lbfgs", {"C": "--C", "lr": "--lr"}, False) == []
+    assert unread_options(("svm",), "lbfgs", {"lr": "--lr"}, False) == [
+        "--lr does nothing for --head svm; it applies to logreg --solver sgd and mlp heads"]

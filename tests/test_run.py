@@ -199,11 +199,16 @@ def test_a_section_key_its_head_does_not_read_is_warned_of_and_a_top_level_one_i
     """fit-head: {head: svm, solver: sgd} trained an svm as if solver were not there, without a word."""
     monkeypatch.chdir(code_caches)
     recipe = _recipe(code_caches, "max_iter: 50\nfit-head: {cache: caches/train, out: h.pt, head: mlp, solver: sgd, "
-                                  "hidden: [8], max_epochs: 1}\n")
+                                  "hidden: [8], max_epochs: 1, early_stop: false}\n")
     result = run_tl("run", recipe, "--quiet")
     assert result.code == 0, result
     assert [line for line in result.out.splitlines() if line.startswith("warning")] == [
         "warning: fit-head key 'solver' does nothing for --head mlp; it applies to logreg heads"], result
+    # an empty --weights (a path, imagenet or none) is refused while the recipe is checked, before any step
+    recipe.write_text("data: images\nbackbone: alexnet\nextract: {out: caches/new}\n"
+                      "fit-head: {cache: caches/new, out: h2.pt}\n")
+    empty = run_tl("run", recipe, "--quiet", "--set", "weights=")
+    assert empty.code == 2 and "'weights': is empty; name a path" in empty.err and "==" not in empty.out, empty
 
 
 def _alexnet_recipe(root, per_class: int, more: str = ""):
