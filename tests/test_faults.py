@@ -815,6 +815,9 @@ def test_a_path_the_system_refuses_is_one_line(run_tl, tmp_path, small_head, ima
     (tmp_path / "plain").write_text("a file")
     result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "plain" / "sub" / "h.pt", "--quiet")
     assert_one_line_error(result, f"{tmp_path / 'plain'} is a file, not a folder; choose another path")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere" / "dir")
+    result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "gone" / "h.pt", "--quiet")
+    assert_one_line_error(result, f"{tmp_path / 'gone'} is a link to nothing, not a folder; choose another path")
 
 
 def test_a_head_given_as_a_model_and_an_empty_path_say_what_to_do(run_tl, tmp_path, small_head, monkeypatch):
