@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +101,13 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 extra = _restart(step, record, digest, out, say, config.rerun)
                 say(f"== {step.label}" + (f" -> {out}" if out else ""))
                 existed = out is not None and out.exists()
+                before = _state(step, out)
                 started_record = write_record(out, step, digest, "started")
                 try:
                     outcome = runner.execute(step, extra)
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
+                    if record is not None and _state(step, out) == before:  # refused, or stopped before any write:
+                        write_bytes(record_path(out), json.dumps(record, indent=1).encode(), "run record")  # as it was
                     error = _stopped(step, recipe, record, existed, exc)
                     tracker.stopped(step, started_record, error)
                     if error is exc:
@@ -207,6 +211,24 @@ def read_record(out: Path | None) -> dict | None:
     except (OSError, ValueError):
         return None  # a damaged record only costs a re-run
     return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+
+
+def _state(step: Step, out: Path | None) -> list:
+    """Every file of a step's output as (name, size, mtime): a folder's, or a file's and, for finetune, its
+    checkpoints'. A step that failed and left it so changed nothing, and its earlier record still holds."""
+    if out is None:
+        return []
+    from pipeline.model_files import checkpoint_paths
+
+    files = sorted(out.iterdir()) if out.is_dir() else [out, *(checkpoint_paths(out) if step.stage == "finetune" else ())]
+    return [[path.name, stat.st_size, stat.st_mtime_ns] for path in files if (stat := _stat(path)) is not None]
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:  # not there (yet, or any more)
+        return None
 
 
 def _stamp(out: Path) -> list | None:

@@ -252,6 +252,35 @@ def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_
     assert edited.code == 0 and "== finetune: models/m.pt is not as this recipe wrote it: starting over" in edited.out
 
 
+def test_a_step_that_failed_before_writing_keeps_its_earlier_record(run_tl, tmp_path, monkeypatch):
+    """A refused step (a setting only the stage checks) left a "started" record of its bad settings, and the
+    next good run redid it and every step after it; a finetune stopped before its first checkpoint of new
+    settings resumed the earlier run's checkpoint, refused it, and no tl run could get past it."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 4, """\
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
+        """)
+    assert run_tl("run", recipe).code == 0
+    refused = run_tl("run", recipe, "--set", "fit-head.max_iter=0")
+    assert refused.code == 2 and "--max-iter must be at least 1" in refused.err, refused
+    again = run_tl("run", recipe)
+    assert again.code == 0 and "0 steps ran, 3 up to date" in again.out, again
+
+    import pipeline.finetune
+
+    def stopped(*args, **kwargs):  # Ctrl-C before the first epoch of the new settings ends
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.finetune, "_run_finetune", stopped)
+    assert run_tl("run", recipe, "--set", "finetune.unfreeze=1").code == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    resumed = run_tl("run", recipe, "--set", "finetune.unfreeze=1")
+    assert resumed.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in resumed.out
+    assert "1 epoch run" in resumed.out, resumed
+
+
 def test_a_cache_made_again_by_hand_with_other_settings_is_extracted_again(run_tl, tmp_path, monkeypatch):
     """The README's promise: a cache made with other settings is made again, also when another
     `tl extract --overwrite` replaced the recipe's cache (its record still has the recipe's settings)."""
