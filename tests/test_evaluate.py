@@ -203,3 +203,10 @@ def test_bad_inputs_to_evaluate(caches, run_tl):
     write_code_cache(caches / "nan", nan_codes, targets, CLASSES)
     assert "shard-00000.h5" in refused(caches / "nan") and "NaN or Inf" in refused(caches / "nan")
     assert not (caches / "r" / "report.json").exists()
+
+
+def test_a_top_k_below_one_is_refused_by_the_stage_too(tmp_path):
+    """The CLI refuses it when it parses the command; a caller of the stage gets the stage's own line."""
+    with pytest.raises(HeadError, match="--top-k must be at least 1, got 0"):
+        run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "c", out=tmp_path / "r", top_k=0))
+    assert not (tmp_path / "r").exists()

@@ -510,3 +510,11 @@ def test_patience_counts_epochs_without_a_lower_validation_loss_and_best_is_writ
                           patience=patience)
         assert (result.epochs_run, result.best_epoch) == (epochs_run, 1), patience
     assert written[:3] == ["p1.best.ckpt", "p1.last.ckpt", "p1.last.ckpt"]
+
+
+def test_counts_out_of_range_are_refused_by_the_stage_too(alexnet_head, tmp_path):
+    """The CLI refuses them when it parses the command; a caller of the stage gets the stage's own line."""
+    for options in ({"epochs": -1}, {"batch_size": 0}, {"patience": 0}):
+        with pytest.raises(FinetuneError, match="--epochs must be 0 or more, --batch-size and --patience at least 1"):
+            finetune(alexnet_head, tmp_path / "m.pt", **options)
+    assert not list(tmp_path.iterdir())

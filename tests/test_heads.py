@@ -280,7 +280,7 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
     assert "several C values need a validation split" in refused(tmp_path / "good", "--head", "svm", "--C", "0.1,1")
     assert "--hidden takes int numbers" in refused(tmp_path / "good", "--head", "mlp", "--hidden", "wide")
     assert "--val-fraction must be between 0 and 1" in refused(tmp_path / "good", "--val-fraction", "1.5")
-    assert "--block-rows and --max-iter must be at least 1, got 100000 and 0" in refused(
+    assert "Invalid value for '--max-iter': 0 is not in the range x>=1." in refused(
         tmp_path / "good", "--max-iter", "0", "--block-rows", "100000")
     assert ("--val-fraction 0.99 leaves 0 training rows for 4 classes; lower --val-fraction"
             in refused(tmp_path / "good", "--val-fraction", "0.99"))
@@ -417,3 +417,17 @@ def test_a_head_kind_that_does_not_say_what_it_reads_is_warned_of_nothing(monkey
     assert unread_options(("ridge",), "lbfgs", {"C": "--C", "lr": "--lr"}, False) == []
     assert unread_options(("svm",), "lbfgs", {"lr": "--lr"}, False) == [
         "--lr does nothing for --head svm; it applies to logreg --solver sgd and mlp heads"]
+
+
+def test_counts_below_one_are_refused_by_the_stage_too(tmp_path):
+    """The CLI refuses them when it parses the command; a caller of the stage gets the stage's own line."""
+    from tests.conftest import blobs, write_code_cache
+
+    write_code_cache(tmp_path / "c", *blobs(3, n=30, classes=3), ["ant", "bee", "cow"])
+    for counts in ({"max_iter": 0}, {"block_rows": 0}):
+        with pytest.raises(HeadError, match="--block-rows and --max-iter must be at least 1"):
+            fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt", **counts))
+    assert not (tmp_path / "h.pt").exists()
+    for options in ({"batch_size": 0}, {"max_epochs": 0}, {"patience": 0}):
+        with pytest.raises(HeadError, match="--batch-size, --max-epochs and --patience must be at least 1"):
+            TrainingOptions(**options).check()

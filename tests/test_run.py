@@ -262,8 +262,10 @@ def test_a_step_that_failed_before_writing_keeps_its_earlier_record(run_tl, tmp_
         finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
         """)
     assert run_tl("run", recipe).code == 0
-    refused = run_tl("run", recipe, "--set", "fit-head.max_iter=0")
-    assert refused.code == 2 and "--max-iter must be at least 1" in refused.err, refused
+    refused = run_tl("run", recipe, "--set", "fit-head.layer=fc9")  # the stage finds the layer missing
+    assert refused.code == 2 and "fc9" in refused.err and "== fit-head" in refused.out, refused
+    counted = run_tl("run", recipe, "--set", "fit-head.max_iter=0")  # a count: refused before any step
+    assert counted.code == 2 and "'max_iter': 0 is not in the range x>=1" in counted.err and not counted.out, counted
     again = run_tl("run", recipe)
     assert again.code == 0 and "0 steps ran, 3 up to date" in again.out, again
 
