@@ -175,7 +175,7 @@ def test_a_changed_config_default_reaches_the_cli(monkeypatch, run_tl):
     field = next(f for f in dataclasses.fields(EvaluateConfig) if f.name == "top_k")
     monkeypatch.setattr(field, "default", 7)
     assert _params("evaluate")["top_k"].get_default(click.Context(cli.tl.commands["evaluate"])) == 7
-    assert "[default: 7]" in " ".join(run_tl("evaluate", "--help").out.split())
+    assert "[default: 7; x>=1]" in " ".join(run_tl("evaluate", "--help").out.split())
 
 
 def test_help_shows_numbers_zero_and_flags_defaults(run_tl):
