@@ -101,11 +101,18 @@ def check_store(uri: str) -> None:
             raise TLError(f"the MLflow tracking server {shown} does not answer ({type(exc).__name__}: {reason}); "
                           "start it, correct MLFLOW_TRACKING_URI, or run without --track") from None
     elif parts.scheme == "sqlite" and uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///"):]).parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TLError(f"the MLflow store {uri} cannot be written: its folder {folder} "
-                          f"{'is not writable' if folder.is_dir() else 'does not exist'}; make it, correct "
-                          "MLFLOW_TRACKING_URI, or run without --track")
+        database = Path(uri[len("sqlite:///"):])
+        folder = database.parent
+        if not folder.is_dir():
+            state = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise TLError(f"the MLflow store {uri} cannot be written: its folder {folder} {state}; make it, "
+                          "correct MLFLOW_TRACKING_URI, or run without --track")
+        try:  # opened as SQLite will open it (an empty file is a new database): a folder, /proc, no permission
+            open(database, "ab").close()
+        except OSError as exc:
+            raise TLError(f"the MLflow store {uri} cannot be written: {database}: "
+                          f"{'it is a folder' if database.is_dir() else exc.strerror}; correct MLFLOW_TRACKING_URI, "
+                          "or run without --track") from None
 
 
 class MlflowTracking:

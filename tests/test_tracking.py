@@ -145,6 +145,21 @@ def test_a_store_mlflow_would_retry_for_minutes_is_one_line_at_once(run_tl, tmp_
     assert result.err.count("\n") == 1 and not (tmp_path / "h.pt").exists()
 
 
+def test_an_sqlite_store_that_is_a_folder_or_under_a_file_is_one_line_at_once(run_tl, tmp_path, monkeypatch):
+    """A folder named like the database made MLflow retry for 108 s; a file as its folder was 'does not exist'."""
+    monkeypatch.chdir(tmp_path)
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+    (tmp_path / "folder.db").mkdir()
+    (tmp_path / "plain").write_text("a file")
+    for database, said in ((tmp_path / "folder.db", f"{tmp_path / 'folder.db'}: it is a folder; correct"),
+                           (tmp_path / "plain" / "x.db", f"its folder {tmp_path / 'plain'} is a file, not a folder")):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+        result = run_tl("run", "r.yaml", "--track", "mlflow")
+        assert result.code == 2 and result.err.count("\n") == 1 and said in result.err, result
+    assert not (tmp_path / "h.pt").exists()
+
+
 @pytest.mark.parametrize("stop, status, code", [(KeyboardInterrupt, "KILLED", 130), (TLError, "FAILED", 2)])
 def test_the_step_that_stops_a_tracked_run_is_a_run_of_its_own(run_tl, tmp_path, monkeypatch, stop, status, code):
     import pipeline.evaluate
