@@ -136,8 +136,22 @@ class NamedText(click.types.StringParamType):
 
 PATH = NamedPath(path_type=Path)
 SEED = click.IntRange(min=0)  # numpy and torch seed generators from non-negative integers
-# counts checked when click parses the command, so that tl run refuses a recipe's before any step starts
-COUNT, AMOUNT = click.IntRange(min=1), click.IntRange(min=0)  # at least one; zero allowed (0: all, or none)
+class Count(click.IntRange):
+    """A count, checked when click parses the command (tl run refuses a recipe's before any step starts);
+    a whole number written as a float (`5.0`, as `mlflow run` passes a float parameter) is that number."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer() and not value.strip().lstrip("+-").isdigit():
+                value = str(int(number))
+        return super().convert(value, param, ctx)
+
+
+COUNT, AMOUNT = Count(min=1), Count(min=0)  # at least one; zero allowed (0: all, or none)
 FLOATS = Listed(lambda text, flag: _numbers(text, float, flag))
 INTS = Listed(lambda text, flag: _numbers(text, int, flag))
 LAYOUTS = Listed(lambda text, flag: _layouts(text))

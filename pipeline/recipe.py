@@ -192,7 +192,7 @@ def plan(recipe: Recipe, stages: dict[str, StageOptions]) -> list[Step]:
                     if value in (0, 1) and not isinstance(value, bool):
                         value = bool(value)  # `mlflow run -P use_early_stop=1`
                     elif not isinstance(value, bool):
-                        raise ConfigError(f"recipe {path}: {stage} key '{key}' is a switch: true or false, "
+                        raise ConfigError(f"recipe {path}: {stage} key '{key}' is a switch: true or false (1 or 0), "
                                           f"not '{value}'")
                 defaults[parameter] = as_flag_value(f"recipe {path}: {stage}", parameter, value)
             own = {options.keys[str(key).replace("-", "_")]: str(key) for key in item}

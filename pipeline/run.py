@@ -87,7 +87,8 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
             from pipeline.fit_head import unread_options
 
             given = {name: f"key '{key}'" for name, key in step.own.items() if step.params.get(name) is not False}
-            for warning in unread_options((step.params["head"],), step.params["solver"], given, step.params["early_stop"]):
+            # a recipe's patience waits for its early_stop to be turned on (mlflow run -P use_early_stop=0): no warning
+            for warning in unread_options((step.params["head"],), step.params["solver"], given, early_stop=True):
                 say(f"warning: {step.label} {warning}")
     with tracker:
         for step in chosen:

@@ -196,10 +196,11 @@ def test_a_training_cache_scored_as_test_is_said(run_tl, code_caches, monkeypatc
 
 
 def test_a_section_key_its_head_does_not_read_is_warned_of_and_a_top_level_one_is_not(run_tl, code_caches, monkeypatch):
-    """fit-head: {head: svm, solver: sgd} trained an svm as if solver were not there, without a word."""
+    """fit-head: {head: svm, solver: sgd} trained an svm as if solver were not there, without a word. A
+    patience waiting for early_stop (mlflow run -P use_early_stop=0 turns it off) is not warned of."""
     monkeypatch.chdir(code_caches)
     recipe = _recipe(code_caches, "max_iter: 50\nfit-head: {cache: caches/train, out: h.pt, head: mlp, solver: sgd, "
-                                  "hidden: [8], max_epochs: 1, early_stop: false}\n")
+                                  "hidden: [8], max_epochs: 1, early_stop: false, patience: 2}\n")
     result = run_tl("run", recipe, "--quiet")
     assert result.code == 0, result
     assert [line for line in result.out.splitlines() if line.startswith("warning")] == [

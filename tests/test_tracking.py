@@ -91,7 +91,8 @@ def test_track_without_the_package_is_one_line(run_tl, tmp_path, monkeypatch):
 
 def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
     """`mlflow run . --env-manager local -P ...` with the repository's MLproject, on tiny CIFAR-format
-    batches (a random alexnet stands in for ImageNet VGG16, which this machine cannot download)."""
+    batches (a random alexnet stands in for ImageNet VGG16, which this machine cannot download). MLproject
+    declares its numbers float, as the Keras project did: 300.0 is a count of 300."""
     project = tmp_path / "project"
     (project / "configs").mkdir(parents=True)
     shutil.copy(REPO / "MLproject", project)
@@ -100,7 +101,7 @@ def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     environment = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
-                           "-P", "samples_per_class=300", "-P", "retrained_conv_layers=0", "-P", "use_early_stop=1",
+                           "-P", "samples_per_class=300.0", "-P", "retrained_conv_layers=0", "-P", "use_early_stop=1",
                            "-P", "max_epochs=2", "-P", "backbone=alexnet", "-P", "weights=none"],
                           cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
