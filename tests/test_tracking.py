@@ -102,7 +102,7 @@ def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
     environment = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
                            "-P", "samples_per_class=300.0", "-P", "retrained_conv_layers=0", "-P", "use_early_stop=1",
-                           "-P", "max_epochs=2", "-P", "backbone=alexnet", "-P", "weights=none"],
+                           "-P", "max_epochs=2", "-P", "backbone=alexnet", "-P", "layers=pool5", "-P", "weights=none"],
                           cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     client, parents, runs = _runs(uri)
