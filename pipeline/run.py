@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,8 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
         raise ConfigError("tl run runs the stages one after another in this process; under torchrun start the "
                           "stage itself (torchrun ... -m cli extract ..., or finetune)")
     recipe = read_recipe(config.recipe, config.sets)
-    steps = plan(recipe, runner.options())
+    stages = runner.options()
+    steps = plan(recipe, stages)
     for step in steps:
         step.params = runner.parse(recipe, step)
     chosen = select(steps, config.only, config.start)
@@ -109,7 +111,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
                     if record is not None and _state(step, out) == before:  # refused, or stopped before any write:
                         write_bytes(record_path(out), json.dumps(record, indent=1).encode(), "run record")  # as it was
-                    error = _stopped(step, recipe, record, existed, exc)
+                    error = _stopped(step, recipe, record, existed, _in_recipe_terms(exc, step, stages[step.stage]))
                     tracker.stopped(step, started_record, error)
                     if error is exc:
                         raise
@@ -156,6 +158,24 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun
     # a record of this recipe at `out` (any status, any tl): the writer's --overwrite resumes a cache
     # whose key is the step's and replaces any other (made again by hand, or by an earlier tl)
     return {"overwrite": True}
+
+
+def _in_recipe_terms(exc: BaseException, step: Step, options: StageOptions) -> BaseException:
+    """A stage's error whose remedy names its flags (`pass --download`), with the recipe key of each:
+    tl run and mlflow run take keys, not flags."""
+    if not isinstance(exc, TLError) or isinstance(exc, Occupied):
+        return exc
+    keys = [key for key in dict.fromkeys(re.findall(r"--([a-z][a-z0-9-]*)", str(exc))) if key.replace("-", "_")
+            in options.keys]
+    if not keys:
+        return exc
+    section = step.stage + (f".{step.number}" if step.count > 1 else "")
+    said = ", ".join(f"--{key} is --set {section}.{key.replace('-', '_')}="
+                     + ("true" if options.keys[key.replace("-", "_")] in options.flags else "...") for key in keys)
+    try:
+        return type(exc)(f"{exc} (in a recipe: {said})")
+    except TypeError:  # an error class of other arguments
+        return exc
 
 
 def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseException) -> BaseException:

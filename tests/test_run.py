@@ -212,6 +212,16 @@ def test_a_section_key_its_head_does_not_read_is_warned_of_and_a_top_level_one_i
     assert empty.code == 2 and "'weights': is empty; name a path" in empty.err and "==" not in empty.out, empty
 
 
+def test_a_stages_remedy_that_names_its_flags_names_the_recipe_keys_too(run_tl, code_caches, monkeypatch):
+    """'pass --val-cache or --val-fraction' cannot be typed into a recipe or an mlflow run."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt, C: [0.1, 1]}\n")
+    result = run_tl("run", recipe, "--quiet")
+    assert result.code == 2 and result.err == (
+        "error: several C values need a validation split to choose from; pass --val-cache or --val-fraction (in a "
+        "recipe: --val-cache is --set fit-head.val_cache=..., --val-fraction is --set fit-head.val_fraction=...)\n"), result
+
+
 def _alexnet_recipe(root, per_class: int, more: str = ""):
     """Images of two classes under root/images/train and a recipe that extracts alexnet pool5 codes of
     them into caches/train, then `more` steps."""
