@@ -25,7 +25,7 @@ def test_extract_throughput_prints_a_row_per_backbone_and_decoding_mode(monkeypa
     # --train-steps: on by default on CUDA only, so the CPU suite must ask for the finetune step's measure
     bench.main(["--images", "6", "--batch-size", "2", "--backbones", "alexnet", "--precision", "float32",
                 "--workers", "0", "--loop-workers", "0", "--multiscale-images", "1", "--device", "cpu", "--no-write",
-                "--rounds", "1", "--train-steps", "1"])
+                "--rounds", "1", "--train-steps", "1", "--multiscale-scales", "1,2"])
     lines = capsys.readouterr().out.splitlines()
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("| alexnet |")]
     assert [row[2] for row in rows[:2]] == ["fast", "exact"] and len(rows) == 5  # + code differences, multiscale x2
