@@ -21,7 +21,7 @@ from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import decode_of, normalize
 from pipeline.errors import FinetuneError, TLError
-from pipeline.files import refuse_overwriting_inputs, write_together
+from pipeline.files import check_folders, refuse_overwriting_inputs, write_together
 from pipeline.formats import DEFAULT_CLASSES, open_source
 from pipeline.model_files import load_model_file
 from pipeline.training import output_activation
@@ -180,6 +180,7 @@ def run_export(config: ExportConfig) -> ExportResult:
         raise FinetuneError(f"{contract_path}, where the contract of --out {out} goes, is a folder; remove it or "
                             "choose another --out")
     refuse_overwriting_inputs({"--out": out, "--out's contract": contract_path}, {"--model": model_path})
+    check_folders(out, f"{format} export")  # before the export's work, not after it
     if format == "onnx":
         try:
             import onnx

@@ -82,13 +82,19 @@ def _prepared(path: Path, what: str, sweep: bool) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a part of the path is not a folder: say which
-        part = next((p for p in (path.parent, *path.parent.parents) if os.path.lexists(p) and not p.is_dir()),
-                    path.parent)
-        kind = "a link to nothing" if part.is_symlink() and not part.exists() else "a file"
-        raise TLError(f"cannot write {what} {path}: {part} is {kind}, not a folder; choose another path") from None
+        check_folders(path, what)
+        raise
     if sweep:
         remove_stale_temporaries(path.parent, path.name)
     return path
+
+
+def check_folders(path: Path, what: str) -> None:
+    """Refuse, in one line and before any work, a path one of whose folders is a file or a link to nothing."""
+    part = next((p for p in Path(path).parents if os.path.lexists(p) and not p.is_dir()), None)
+    if part is not None:
+        kind = "a link to nothing" if part.is_symlink() and not part.exists() else "a file"
+        raise TLError(f"cannot write {what} {path}: {part} is {kind}, not a folder; choose another path")
 
 
 def _write_error(exc: OSError, path: Path, what: str) -> TLError:

@@ -12,6 +12,7 @@ from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_scor
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError
+from pipeline.files import check_folders
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.model_files import save_head
 from pipeline.training import TrainingOptions
@@ -97,6 +98,7 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
         raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them")
     if Path(config.out).is_dir():  # found before the training, not after it
         raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
+    check_folders(Path(config.out), "head file")
     reader = CacheReader(config.cache)
     layer = config.layer or _only_layer(reader)
     rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed, config.block_rows)

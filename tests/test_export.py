@@ -188,12 +188,21 @@ def test_an_out_that_names_no_file_and_a_multiscale_model_are_one_line(model_fil
     monkeypatch.chdir(tmp_path)
     dot = run_tl("export", "--model", model_file / "model.pt", "--format", "onnx", "--out", ".")
     assert dot.code == 2 and dot.err == "error: --out . is a folder; name a file such as model.onnx\n", dot
+    import pipeline.export
+
+    def reached(path):
+        raise AssertionError("the export's work began")
+
+    (tmp_path / "plain").write_text("a file")
+    with monkeypatch.context() as patched:  # a folder of --out that is a file is found before any work
+        patched.setattr(pipeline.export, "load_model_file", reached)
+        under = run_tl("export", "--model", model_file / "model.pt", "--format", "onnx", "--out", "plain/x.onnx")
+    assert under.code == 2 and under.err == ("error: cannot write onnx export plain/x.onnx: plain is a file, not a "
+                                             "folder; choose another path\n"), under
     (tmp_path / "x.onnx.json").symlink_to(model_file / "model.pt")  # the contract would land on the model
     linked = run_tl("export", "--model", model_file / "model.pt", "--format", "onnx", "--out", "x.onnx")
     assert linked.code == 2 and linked.err.endswith("is the same file as --model; writing it would destroy the input: "
                                                     "choose another --out\n"), linked
-
-    import pipeline.export
 
     model, metadata = load_model_file(model_file / "model.pt")
     patches = {**metadata, "codes_key": {**metadata["codes_key"], "patches": {"scales": [1.0, 2.0]}}}
