@@ -161,6 +161,9 @@ class MlflowTracking:
             for name, points in (record.get("history") or {}).items():
                 for epoch, value in points:
                     mlflow.log_metric(f"curve/{name}", value, step=int(epoch))
+            if skipped:  # its files were logged by the run that made them: not uploaded again on every re-run
+                mlflow.set_tag("tl.artifacts", "logged by the run that made them")
+                return
             for path in record.get("artifacts", []):
                 if Path(path).is_file():
                     mlflow.log_artifact(path)

@@ -76,6 +76,10 @@ def test_each_step_is_a_nested_run_with_params_histories_and_artifacts(run_tl, t
     assert len(parents) == 2 and {run.data.tags["tl.skipped"] for run in latest} == {"true"} and len(latest) == 2
     skipped_fit = next(run for run in latest if run.data.tags["tl.stage"] == "fit-head")
     assert skipped_fit.data.metrics["val_accuracy"] == fit.data.metrics["val_accuracy"]  # from the record
+    # a step up to date uploads nothing again (a VGG16 recipe's re-run added 187 MB); the run keeps its model
+    assert all(not _artifacts(client, run.info.run_id) for run in latest)
+    assert skipped_fit.data.tags["tl.artifacts"] == "logged by the run that made them"
+    assert _artifacts(client, parents[-1].info.run_id) == {"recipe/recipe.yaml", "model/h.pt"}
 
 
 def test_track_without_the_package_is_one_line(run_tl, tmp_path, monkeypatch):
