@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import as_flag_value, read_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TLError
 
 STAGES = ("extract", "fit-head", "finetune", "evaluate")
 OTHER_COMMANDS = ("predict", "export", "quickstart", "info", "example-data", "run")
@@ -251,6 +251,15 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
                                   "its own out")
             made.append((out, step))
     _refuse_peeking(path, steps)
+    for step in (step for step in chosen if step.stage == "extract"):  # -P backbone=... with the recipe's layers
+        from pipeline.backbones import get_backbone  # the registry, only when a recipe extracts
+
+        try:
+            backbone = get_backbone(step.params["backbone"])
+            backbone.resolve_taps([tap.strip() for tap in (step.params.get("layers") or "").split(",") if tap.strip()]
+                                  or [backbone.default_tap])
+        except TLError as exc:
+            raise ConfigError(f"recipe {path}: {step.label}: {exc}") from None
     notes = []
     for evaluate in (step for step in steps if step.stage == "evaluate" and step.path("cache")):
         for fit in (step for step in steps if step.stage == "fit-head"):

@@ -100,6 +100,8 @@ BAD_RECIPES = [
     ("other_command", "export: {model: m.pt}\nfit-head: {cache: caches/train, out: h.pt}\n",
      "section export is not a stage tl run runs"),
     ("missing_data", "extract: {data: no/such/folder, out: caches/x}\n", "extract (train) data no/such/folder does not exist"),
+    ("layer_of_another_backbone", "backbone: efficientnet_lite0\nlayers: [pool5]\nextract: {data: images, out: caches/x}\n",
+     "extract (train): unknown layer 'pool5' for backbone efficientnet_lite0; valid layers: pool (1280)"),
     ("type", "fit-head: {cache: caches/train, out: h.pt, max_epochs: many}\n",
      "fit-head key 'max_epochs': 'many' is not a valid integer"),
     ("required", "evaluate: {head: h.pt, cache: caches/test}\n", "evaluate needs 'out'"),
