@@ -831,7 +831,7 @@ class ClickStages:
 def run(recipe, sets, only, start, rerun, track, quiet):
     """Run every stage a recipe names, in order, skipping steps whose outputs are up to date.
 
-    The whole recipe is checked first (keys, types, paths, no validation on test data); a re-run
+    The whole recipe is checked first (keys, types, ranges, paths, layers, no validation on test data); a re-run
     after a crash or a changed setting redoes only what changed.
     """
     from pipeline.run import RunConfig, run_recipe
