@@ -110,7 +110,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                     outcome = runner.execute(step, extra)
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
                     if record is not None and _state(step, out) == before:  # refused, or stopped before any write:
-                        write_bytes(record_path(out), json.dumps(record, indent=1).encode(), "run record")  # as it was
+                        _rewrite(out, record)  # the earlier record holds
                     error = _stopped(step, recipe, record, existed, _in_recipe_terms(exc, step, stages[step.stage]))
                     tracker.stopped(step, started_record, error)
                     if error is exc:
@@ -120,7 +120,10 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 # read again: data a step downloaded (or wrote) is its input from now on
                 record = write_record(out, step, step_digest(step), "done", summary)
                 result.ran.append(step.label)
-            tracker.stage(step, record, skipped=step.label in result.skipped)
+            tracked = tracker.stage(step, record, skipped=step.label in result.skipped)
+            if tracked and out is not None:  # where the step's files went: a re-run up to date need not send them
+                record = {**record, "tracked": tracked}
+                _rewrite(out, record)
             if step.stage == "evaluate":
                 result.metrics = record.get("metrics", {})
             if step.stage in ("fit-head", "finetune"):
@@ -278,8 +281,13 @@ def write_record(out: Path | None, step: Step, digest: str, status: str, summary
         except OSError as exc:
             raise ConfigError(f"cannot make the folder of {step.label}'s out {out}: {exc.strerror}; "
                               "choose another out") from None
-        write_bytes(record_path(out), json.dumps(record, indent=1, default=str).encode(), "run record")
+        _rewrite(out, record)
     return record
+
+
+def _rewrite(out: Path, record: dict) -> None:
+    """The record of the step whose output is `out`, as it is given."""
+    write_bytes(record_path(out), json.dumps(record, indent=1, default=str).encode(), "run record")
 
 
 def settings(step: Step) -> dict:

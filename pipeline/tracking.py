@@ -23,7 +23,7 @@ MAX_PARAM = 500  # characters of a parameter's value shown in MLflow; longer val
 
 class NoTracking(contextlib.nullcontext):
     def stage(self, step, record: dict, skipped: bool) -> None:
-        """Nothing is logged without --track."""
+        """Nothing is logged without --track (so nothing for the record: see MlflowTracking.stage)."""
 
     def stopped(self, step, record: dict, error: BaseException) -> None:
         """Nothing is logged without --track."""
@@ -149,9 +149,13 @@ class MlflowTracking:
             self.mlflow.log_params(dict(items[start:start + 100]))
 
     @_one_line
-    def stage(self, step, record: dict, skipped: bool) -> None:
+    def stage(self, step, record: dict, skipped: bool) -> dict | None:
+        """The step as a nested run. Its files are uploaded once per store: a step up to date whose record
+        names a run of this store that holds them is tagged with that run. Returns, for the step's record,
+        where its files went (None: nothing uploaded)."""
         mlflow = self.mlflow
-        with mlflow.start_run(run_name=step.label, nested=True):
+        store, earlier = mlflow.get_tracking_uri(), record.get("tracked") or {}
+        with mlflow.start_run(run_name=step.label, nested=True) as run:
             mlflow.set_tags({"tl.stage": step.stage, "tl.skipped": str(skipped).lower(),
                              "tl.status": "up to date, skipped" if skipped else "ran"})
             self._params({**record.get("settings", {}), **record.get("facts", {})})
@@ -161,12 +165,13 @@ class MlflowTracking:
             for name, points in (record.get("history") or {}).items():
                 for epoch, value in points:
                     mlflow.log_metric(f"curve/{name}", value, step=int(epoch))
-            if skipped:  # its files were logged by the run that made them: not uploaded again on every re-run
-                mlflow.set_tag("tl.artifacts", "logged by the run that made them")
-                return
-            for path in record.get("artifacts", []):
-                if Path(path).is_file():
-                    mlflow.log_artifact(path)
+            if skipped and earlier.get("store") == store and earlier.get("run"):  # not again on every re-run
+                mlflow.set_tag("tl.artifacts", f"in run {earlier['run']}")
+                return None
+            files = [path for path in record.get("artifacts", []) if Path(path).is_file()]
+            for path in files:
+                mlflow.log_artifact(path)
+            return {"store": store, "run": run.info.run_id} if files else None
 
     def stopped(self, step, record: dict, error: BaseException) -> None:
         """The step that stopped the run (an error, Ctrl-C, SIGTERM) as a nested run of its own, KILLED or

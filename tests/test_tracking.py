@@ -78,8 +78,18 @@ def test_each_step_is_a_nested_run_with_params_histories_and_artifacts(run_tl, t
     assert skipped_fit.data.metrics["val_accuracy"] == fit.data.metrics["val_accuracy"]  # from the record
     # a step up to date uploads nothing again (a VGG16 recipe's re-run added 187 MB); the run keeps its model
     assert all(not _artifacts(client, run.info.run_id) for run in latest)
-    assert skipped_fit.data.tags["tl.artifacts"] == "logged by the run that made them"
+    assert skipped_fit.data.tags["tl.artifacts"] == f"in run {fit.info.run_id}"
     assert _artifacts(client, parents[-1].info.run_id) == {"recipe/recipe.yaml", "model/h.pt"}
+
+    # made without tracking, then tracked: the step up to date uploads its files, once, to this store
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    for turn in range(2):
+        assert run_tl("run", "recipe.yaml", "--quiet", "--set", "fit-head.lr=0.05", "--track", "mlflow").code == 0
+        client, parents, runs = _runs(other)
+        fit = next(run for run in runs if run.data.tags.get("tl.stage") == "fit-head"
+                   and run.data.tags["mlflow.parentRunId"] == parents[-1].info.run_id)
+        assert _artifacts(client, fit.info.run_id) == ({"h.pt"} if turn == 0 else set()), turn
 
 
 def test_track_without_the_package_is_one_line(run_tl, tmp_path, monkeypatch):
