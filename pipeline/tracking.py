@@ -12,6 +12,7 @@ the parent.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 from pathlib import Path
@@ -101,18 +102,29 @@ def check_store(uri: str) -> None:
             raise TLError(f"the MLflow tracking server {shown} does not answer ({type(exc).__name__}: {reason}); "
                           "start it, correct MLFLOW_TRACKING_URI, or run without --track") from None
     elif parts.scheme == "sqlite" and uri.startswith("sqlite:///"):
-        database = Path(uri[len("sqlite:///"):])
-        folder = database.parent
-        if not folder.is_dir():
-            state = "is a file, not a folder" if folder.exists() else "does not exist"
-            raise TLError(f"the MLflow store {uri} cannot be written: its folder {folder} {state}; make it, "
-                          "correct MLFLOW_TRACKING_URI, or run without --track")
-        try:  # opened as SQLite will open it (an empty file is a new database): a folder, /proc, no permission
-            open(database, "ab").close()
-        except OSError as exc:
-            raise TLError(f"the MLflow store {uri} cannot be written: {database}: "
-                          f"{'it is a folder' if database.is_dir() else exc.strerror}; correct MLFLOW_TRACKING_URI, "
-                          "or run without --track") from None
+        name = uri[len("sqlite:///"):].split("?")[0]  # relative after three slashes, absolute after four
+        if name in ("", ":memory:"):
+            return
+        _check_database(uri, Path(name))
+
+
+def _check_database(uri: str, database: Path) -> None:
+    """An SQLite file MLflow can open read-write, or create; tried without leaving a file behind."""
+    folder = database.parent
+    if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise TLError(f"the MLflow store {uri} cannot be written: its folder {folder} {state}; make it, correct "
+                      "MLFLOW_TRACKING_URI, or run without --track")
+    existed = database.exists()
+    try:
+        if database.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder")
+        open(database, "r+b" if existed else "xb").close()  # a folder, /proc, a read-only file or folder
+    except OSError as exc:
+        raise TLError(f"the MLflow store {uri} cannot be written: {database}: {exc.strerror}; correct "
+                      "MLFLOW_TRACKING_URI, or run without --track") from None
+    if not existed:
+        database.unlink(missing_ok=True)
 
 
 class MlflowTracking:

@@ -173,6 +173,11 @@ def test_an_sqlite_store_that_is_a_folder_or_under_a_file_is_one_line_at_once(ru
         result = run_tl("run", "r.yaml", "--track", "mlflow")
         assert result.code == 2 and result.err.count("\n") == 1 and said in result.err, result
     assert not (tmp_path / "h.pt").exists()
+    from pipeline.tracking import check_store
+
+    for uri in (f"sqlite:///{tmp_path / 'new.db'}", "sqlite:///:memory:", f"sqlite:///{tmp_path / 'q.db'}?timeout=30"):
+        check_store(uri)  # tried, and nothing left behind: MLflow makes the database when it opens it
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c", "folder.db", "plain", "r.yaml"]
 
 
 @pytest.mark.parametrize("stop, status, code", [(KeyboardInterrupt, "KILLED", 130), (TLError, "FAILED", 2)])
