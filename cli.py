@@ -140,6 +140,8 @@ class Count(click.IntRange):
     """A count, checked when click parses the command (tl run refuses a recipe's before any step starts);
     a whole number written as a float (`5.0`, as `mlflow run` passes a float parameter) is that number."""
 
+    name = "integer"
+
     def convert(self, value, param, ctx):
         if isinstance(value, str):
             try:

@@ -811,9 +811,14 @@ def test_a_path_the_system_refuses_is_one_line(run_tl, tmp_path, small_head, ima
     assert_one_line_error(run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
                                  "--out", f"{long}.pt", "--epochs", "0", "--quiet"), "File name too long")
     assert_one_line_error(run_tl("predict", "--head", small_head / "head.pt", long), "File name too long")
-    # a folder of the path is a file: the message names it ("File exists" named nothing)
+    # a folder of the path is a file: the message names it ("File exists" named nothing), before the training
+    import pipeline.fit_head
+
     (tmp_path / "plain").write_text("a file")
-    result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "plain" / "sub" / "h.pt", "--quiet")
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(pipeline.fit_head, "training_rows", lambda *args: pytest.fail("the training began"))
+        result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "plain" / "sub" / "h.pt",
+                        "--quiet")
     assert_one_line_error(result, f"{tmp_path / 'plain'} is a file, not a folder; choose another path")
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere" / "dir")
     result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "gone" / "h.pt", "--quiet")

@@ -387,7 +387,7 @@ def test_options_the_head_does_not_read_are_named_when_typed(run_tl, tmp_path):
     assert lbfgs.err == ("warning: --lr does nothing for --head logreg --solver lbfgs; it applies to logreg --solver "
                          "sgd and mlp heads\n"), lbfgs
     half = run_tl(*fit, "--max-iter", "1.5")
-    assert half.code == 2 and "'--max-iter': '1.5' is not a valid integer range" in half.err, half
+    assert half.code == 2 and "'--max-iter': '1.5' is not a valid integer." in half.err, half
     read = run_tl(*fit, "--solver", "sgd", "--lr", "0.1", "--max-epochs", "2", "--C", "1", "--device", "cpu")
     assert read.code == 0 and read.err == "", read
 

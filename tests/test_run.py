@@ -106,7 +106,7 @@ BAD_RECIPES = [
      "fit-head key 'max_epochs': 'many' is not a valid integer"),
     ("required", "evaluate: {head: h.pt, cache: caches/test}\n", "evaluate needs 'out'"),
     ("switch", "fit-head: {cache: caches/train, out: h.pt, early_stop: sometimes}\n",
-     "fit-head key 'early_stop' is a switch: true or false"),
+     "fit-head key 'early_stop' is a switch: true or false (1 or 0), not 'sometimes'"),
     ("section_shape", "fit-head: [1, 2]\n", "section fit-head must be a mapping"),
     ("no_stage", "seed: 1\n", "names no stage"),
     ("input_of_no_step", "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "evaluate head h.pt does not exist"),
@@ -222,6 +222,11 @@ def test_a_stages_remedy_that_names_its_flags_names_the_recipe_keys_too(run_tl, 
     assert result.code == 2 and result.err == (
         "error: several C values need a validation split to choose from; pass --val-cache or --val-fraction (in a "
         "recipe: --val-cache is --set fit-head.val_cache=..., --val-fraction is --set fit-head.val_fraction=...)\n"), result
+    # a remedy that is another command's (tl finetune --head) is left as it is
+    recipe.write_text("fit-head: {cache: caches/train, out: h.pt}\nevaluate: {model: h.pt, data: images, out: r}\n")
+    other = run_tl("run", recipe, "--quiet")
+    assert other.code == 2 and "make a model of it with tl finetune --head h.pt" in other.err, other
+    assert "in a recipe" not in other.err, other
 
 
 def _alexnet_recipe(root, per_class: int, more: str = ""):
@@ -294,6 +299,21 @@ def test_a_step_that_failed_before_writing_keeps_its_earlier_record(run_tl, tmp_
     resumed = run_tl("run", recipe, "--set", "finetune.unfreeze=1")
     assert resumed.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in resumed.out
     assert "1 epoch run" in resumed.out, resumed
+
+    # stopped after its first checkpoint of new settings: that run's record stays, and the next one resumes it
+    save = pipeline.finetune.save_checkpoint
+
+    def stopped_after(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.finetune, "save_checkpoint", stopped_after)
+    assert run_tl("run", recipe, "--set", "finetune.unfreeze=2", "--set", "finetune.epochs=2").code == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert json.loads((tmp_path / "models/m.pt.tl-run.json").read_text())["status"] == "started"
+    resumed = run_tl("run", recipe, "--set", "finetune.unfreeze=2", "--set", "finetune.epochs=2")
+    assert resumed.code == 0 and "resuming the run that stopped" in resumed.out and "resumed after epoch 1" in resumed.out
 
 
 def test_a_cache_made_again_by_hand_with_other_settings_is_extracted_again(run_tl, tmp_path, monkeypatch):
