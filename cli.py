@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline import DEVICES, PRECISIONS, stops
-from pipeline.errors import TLError, listed
+from pipeline.errors import TLError, install_extra, listed
 
 UNSET = getattr(click.core, "UNSET", None)  # click >= 8.2 marks "no default given" with its own sentinel
 
@@ -303,11 +303,11 @@ def tl():
 @option("--decode", type=RegistryChoice("pipeline.decoding:DECODE_MODES"), describe="cli:decode_help",
         help="How an image becomes the centre crop; part of the cache key (heads refuse codes of the other mode).")
 @option("--on-error", type=RegistryChoice("pipeline.extract:ON_ERROR"),
-        help="Unreadable image: skip it (recorded in the manifest) or stop.")
+        help="Unreadable image: skip it (recorded with its shard in shards.jsonl; tl info lists them) or stop.")
 @option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
 @option("--download", is_flag=True, help="Download cifar10/gtsrb when missing.")
 @option("--classes", help="voc data: voc (the 20 classes), auto (names found in the annotations), or a comma list; "
-        "webdataset data: a comma list of names the labels index or name [default: found in the labels].")
+        "webdataset data: a comma list of names the labels index or name (default there: found in the labels).")
 @option("--label-key", help="webdataset data: the label file of a sample: cls, txt, json or json:FIELD [default: cls].")
 @option("--multiscale", is_flag=True, help="Oquab et al. patches at many scales instead of one centre crop.")
 @option("--scales", type=FLOATS, help="--multiscale: comma-separated; the patch side is (min(H, W) - 1) / scale (the paper's 13).")
@@ -350,8 +350,8 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
         click.echo(f"warning: {warning}", err=True)
     if result.skipped:
         first = result.skipped[0]
-        click.echo(f"warning: skipped {len(result.skipped)} unreadable images (listed in the manifest's "
-                   f"'skipped'), e.g. {first['sample_id']}: {first['reason']}", err=True)
+        click.echo(f"warning: skipped {len(result.skipped)} unreadable images (tl info {result.out} lists them), "
+                   f"e.g. {first['sample_id']}: {first['reason']}", err=True)
     return result
 
 
@@ -658,7 +658,7 @@ def predict(paths, **options):
 @tl.command()
 @option("--model", type=PATH, required=True, help="Model file written by tl finetune.")
 @option("--format", "format_", required=True, type=RegistryChoice("pipeline.export:EXPORT_FORMATS"),
-        help="onnx needs the onnx extra: pip install 'tl[onnx]'.")
+        help=f"onnx needs the onnx extra: {install_extra('onnx')}.")
 @option("--out", type=PATH, required=True,
         help="File to write; its input contract goes beside it as OUT.json.")
 @option("--raw-pixels/--normalized-input",
@@ -828,7 +828,7 @@ class ClickStages:
               help="Run this stage's steps and those after them.")
 @click.option("--rerun", is_flag=True, help="Run the chosen steps even when their outputs are up to date.")
 @click.option("--track", type=click.Choice(("mlflow",)),
-              help="Log every step as a nested MLflow run (needs the mlflow extra: pip install 'tl[mlflow]').")
+              help=f"Log every step as a nested MLflow run (needs the mlflow extra: {install_extra('mlflow')}).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(recipe, sets, only, start, rerun, track, quiet):
     """Run every stage a recipe names, in order, skipping steps whose outputs are up to date.

@@ -188,8 +188,8 @@ class Manifest:
         rounded = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
         lines = [f"cache      {root} ({state})",
                  f"backbone   {key['backbone']}   weights {key['weights']}   precision {key['precision']}",
-                 f"input      resize {pre['resize']}, crop {pre['crop']}, mean {rounded(pre['mean'])}, "
-                 f"std {rounded(pre['std'])}",
+                 f"input      resize {pre['resize']}, crop {pre['crop']}, decode {pre.get('decode', 'exact')} (part of "
+                 f"the key), mean {rounded(pre['mean'])}, std {rounded(pre['std'])}",
                  f"data       {data.get('format')} split {data.get('split')}"
                  + (f", labels from .{data['label_key']}" if data.get("label_key") else "")
                  + (f", {data['samples_per_class']} per class" if data.get("samples_per_class") else "")]

@@ -60,7 +60,7 @@ class CacheReader:
         if file_digest(path) != shard.sha256:
             raise CacheError(
                 f"shard {shard.file} of {self.root} is corrupt (checksum mismatch); "
-                "delete it and re-run tl extract to rewrite it"
+                "re-run the tl extract that made it: it writes that shard again"
             )
 
     def open_shard(self, position: int) -> h5py.File:

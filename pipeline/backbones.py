@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.backbone_spec import Backbone, Tap
 from pipeline.timm_backbones import TIMM_PREFIX, TimmTaps, timm_backbone, timm_models
-from pipeline.errors import BackboneError
+from pipeline.errors import BackboneError, install_extra
 from pipeline.files import file_digest
 from pipeline.folding import fold_for_inference
 from pipeline.hardware import autocast, prepare_module, to_device
@@ -67,7 +67,7 @@ def get_backbone(name: str) -> Backbone:
         return _REGISTRY[name]
     except KeyError:
         raise BackboneError(f"unknown backbone '{name}'; valid backbones: {', '.join(list_backbones())}, "
-                            "or timm:MODEL for any model of timm (pip install 'tl[timm]')") from None
+                            f"or timm:MODEL for any model of timm ({install_extra('timm')})") from None
 
 
 # ---------------------------------------------------------------- weights

@@ -10,6 +10,12 @@ def listed(values) -> str:
     return ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values) or "none"
 
 
+def install_extra(extra: str) -> str:
+    """How to add an optional capability: tl is installed from its checkout (it is not on PyPI, where a
+    package of that name is another project's)."""
+    return f"pip install -e '.[{extra}]' in tl's checkout"
+
+
 class TLError(Exception):
     """A mistake in the input, the configuration or the environment; the message says what to do."""
 

@@ -20,7 +20,7 @@ from pipeline import __version__
 from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import decode_of, normalize
-from pipeline.errors import FinetuneError, TLError
+from pipeline.errors import FinetuneError, TLError, install_extra
 from pipeline.files import check_folders, refuse_overwriting_inputs, write_together
 from pipeline.formats import DEFAULT_CLASSES, open_source
 from pipeline.model_files import load_model_file
@@ -164,7 +164,7 @@ def export_model(model_path: Path, format: str, out: Path, **options) -> ExportR
 def run_export(config: ExportConfig) -> ExportResult:
     """Write a deployable file and its contract (OUT.json) and check the export against the model on real
     images: it is kept only when every top-1 label agrees and no probability differs by more than
-    `tolerance`. ONNX needs the onnx extra (pip install 'tl[onnx]')."""
+    `tolerance`. ONNX needs the onnx extra."""
     model_path, format, out = config.model, config.format, config.out
     raw_pixels, tolerance = config.raw_pixels, config.tolerance
     if format not in EXPORT_FORMATS:
@@ -187,8 +187,8 @@ def run_export(config: ExportConfig) -> ExportResult:
             import onnxruntime
             import onnxscript  # noqa: F401  (torch's ONNX exporter needs it)
         except ImportError:
-            raise FinetuneError("ONNX export needs the onnx extra: pip install 'tl[onnx]' "
-                                "(the onnx, onnxruntime and onnxscript packages)") from None
+            raise FinetuneError(f"ONNX export needs the onnx extra (onnx, onnxruntime, onnxscript): "
+                                f"{install_extra('onnx')}") from None
     model, metadata = load_model_file(model_path)
     if metadata["codes_key"].get("patches"):
         raise FinetuneError(f"model {model_path} scores an image by pooling its patches at many scales (--multiscale), "

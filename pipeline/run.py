@@ -169,8 +169,8 @@ def _in_recipe_terms(exc: BaseException, step: Step, options: StageOptions) -> B
     if not isinstance(exc, TLError) or isinstance(exc, Occupied):
         return exc
     remedy = str(exc).rsplit("; ", 1)[-1]  # the flags of what to do; not a flag the error is about
-    if re.search(r"\btl [a-z]", remedy) or "leave it out" in remedy:  # another command's flags; or drop the key
-        return exc
+    if any(name != step.stage for name in re.findall(r"\btl ([a-z-]+)", remedy)) or "leave it out" in remedy:
+        return exc  # another command's flags; or drop the key
     keys = [key for key in dict.fromkeys(re.findall(r"--([a-z][a-z0-9-]*)", remedy))
             if key.replace("-", "_") in options.keys and key not in ("overwrite", "resume")]  # tl run's own business
     if not keys:

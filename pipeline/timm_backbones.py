@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.backbone_spec import Backbone, Tap
-from pipeline.errors import BackboneError
+from pipeline.errors import BackboneError, install_extra
 
 TIMM_PREFIX = "timm:"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -28,8 +28,7 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise BackboneError("timm backbones need the timm package: pip install 'tl[timm]' "
-                            "(or pip install -e '.[timm]' in a checkout)") from None
+        raise BackboneError(f"timm backbones need the timm package: {install_extra('timm')}") from None
     return timm
 
 

@@ -17,7 +17,7 @@ import functools
 import os
 from pathlib import Path
 
-from pipeline.errors import ConfigError, TLError
+from pipeline.errors import ConfigError, TLError, install_extra
 
 MAX_PARAM = 500  # characters of a parameter's value shown in MLflow; longer values are cut with a mark
 
@@ -41,8 +41,7 @@ def open_tracker(track: str | None, recipe):
     try:
         import mlflow
     except ImportError:
-        raise ConfigError("--track mlflow needs the mlflow package: pip install 'tl[mlflow]' "
-                          "(or pip install -e '.[mlflow]' in a checkout)") from None
+        raise ConfigError(f"--track mlflow needs the mlflow package: {install_extra('mlflow')}") from None
     return MlflowTracking(mlflow, recipe)
 
 

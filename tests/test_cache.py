@@ -77,7 +77,7 @@ def test_corrupt_shard_is_detected_by_its_checksum(tmp_path):
     data[-20] ^= 0xFF
     path.write_bytes(bytes(data))
     reader = CacheReader(tmp_path / "c")
-    with pytest.raises(CacheError, match="shard-00001.h5 .* is corrupt \\(checksum mismatch\\)"):
+    with pytest.raises(CacheError, match="shard-00001.h5 .* is corrupt \\(checksum mismatch\\); re-run the tl extract that made it"):
         reader.load("fc7")
     assert len(reader.verify_all()) == 1
 

@@ -80,7 +80,7 @@ def test_cifar10_reader_on_real_format_batches(tmp_path):
 
 
 def test_cifar10_missing_suggests_download(tmp_path):
-    with pytest.raises(DataError, match="CIFAR-10 python batches not found.*pass --download"):
+    with pytest.raises(DataError, match="CIFAR-10 python batches not found.*; fetch them with tl extract --download"):
         open_source("cifar10", tmp_path, split="train")
 
 

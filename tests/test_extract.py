@@ -212,8 +212,10 @@ def test_cli_prints_the_summary_and_only_warnings_on_stderr(run_tl, image_folder
     assert "fc6      width 4096   float16" in result.out and "fc7      width 4096   float16" in result.out
     assert "size on disk" in result.out and "img/s" in result.out
     warnings = result.err.splitlines()  # --quiet: no progress bar, only the warning
-    assert len(warnings) == 1 and warnings[0].startswith("warning: skipped 1 unreadable images"), result.err
-    assert "e.g. dog/img01.png: " in warnings[0]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipped 1 unreadable images (tl info {out} lists "
+                                                         "them), e.g. dog/img01.png: "), result.err
+    listed = run_tl("info", out)  # where the warning says they are (the manifest has no list of them)
+    assert "dog/img01.png" in listed.out, listed
 
 
 def test_config_file_supplies_options_and_flags_win(run_tl, image_folder, tmp_path):
@@ -236,7 +238,7 @@ def test_info_describes_and_verifies(run_tl, image_folder, tmp_path):
     result = run_tl("info", out, "--verify")
     assert result.code == 0, result
     for text in ("alexnet", "fc7", "4096", "classes    3: cat, dog, fox", "12 of 12 samples in 3/3 shards",
-                 "verified   3 shards"):
+                 "verified   3 shards", "decode fast (part of the key)"):
         assert text in result.out
     shard = out / "shard-00002.h5"
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")

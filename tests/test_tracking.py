@@ -98,8 +98,9 @@ def test_track_without_the_package_is_one_line(run_tl, tmp_path, monkeypatch):
     write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
     (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
     result = run_tl("run", "r.yaml", "--track", "mlflow")
-    assert result.code == 2 and result.err == ("error: --track mlflow needs the mlflow package: pip install "
-                                               "'tl[mlflow]' (or pip install -e '.[mlflow]' in a checkout)\n")
+    # tl is not on PyPI: 'tl[mlflow]' would install another project's package of that name
+    assert result.code == 2 and result.err == ("error: --track mlflow needs the mlflow package: pip install -e "
+                                               "'.[mlflow]' in tl's checkout\n")
     assert not (tmp_path / "h.pt").exists()
 
 

@@ -101,7 +101,7 @@ class Cifar10Source(Source):
     """The CIFAR-10 python batches, read with a restricted unpickler; `--data` holds cifar-10-batches-py."""
 
     format = "cifar10"
-    help = 'the CIFAR-10 python batches (--download fetches them)'
+    help = 'the CIFAR-10 python batches (tl extract --download fetches them)'
 
     @classmethod
     def open(cls, data: Path, split: str, download: bool, classes: str) -> "Cifar10Source":
@@ -119,7 +119,7 @@ class Cifar10Source(Source):
         needed = [folder / name for name in batch_names + [CIFAR10.meta["filename"]]]
         if not all(path.is_file() for path in needed):
             if not download:
-                raise DataError(f"CIFAR-10 python batches not found in {folder}; pass --download to fetch it")
+                raise DataError(f"CIFAR-10 python batches not found in {folder}; fetch them with tl extract --download")
             from torchvision.datasets.utils import download_and_extract_archive
 
             try:

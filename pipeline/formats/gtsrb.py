@@ -16,7 +16,7 @@ class GtsrbSource(Source):
     """German Traffic Sign benchmark in torchvision's layout under `--data` (gtsrb/GTSRB/...)."""
 
     format = "gtsrb"
-    help = "the German Traffic Sign benchmark in torchvision's layout (--download)"
+    help = "the German Traffic Sign benchmark in torchvision's layout (tl extract --download fetches it)"
     num_classes = 43
 
     @classmethod
@@ -31,7 +31,7 @@ class GtsrbSource(Source):
         try:
             dataset = GTSRB(str(root), split=split, download=download)
         except RuntimeError:
-            hint = "pass --download to fetch it" if not download else "check the network"
+            hint = "fetch it with tl extract --download" if not download else "check the network"
             raise DataError(f"GTSRB {split} images not found under {root / 'gtsrb'}; {hint}") from None
         except (OSError, KeyError, ValueError, TypeError, IndexError, csv.Error) as exc:
             # a test list with missing columns or non-numeric class ids, or a file that is not text
