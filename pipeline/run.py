@@ -247,7 +247,10 @@ def _state(step: Step, out: Path | None) -> list:
         return []
     from pipeline.model_files import checkpoint_paths
 
-    files = sorted(out.iterdir()) if out.is_dir() else [out, *(checkpoint_paths(out) if step.stage == "finetune" else ())]
+    try:
+        files = sorted(out.iterdir()) if out.is_dir() else [out, *(checkpoint_paths(out) if step.stage == "finetune" else ())]
+    except OSError:  # a folder that cannot be listed: unknown, so never "unchanged"
+        return [object()]
     return [[path.name, stat.st_size, stat.st_mtime_ns] for path in files if (stat := _stat(path)) is not None]
 
 
