@@ -236,6 +236,10 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
         return result.err
 
     assert "--unfreeze 9 is more than the 5 conv layers" in refused("--unfreeze", "9")
+    # missing data is found before the model is built: no "training N parameters" line ahead of the error
+    nowhere = run_tl("finetune", "--data", tmp_path / "nowhere", "--format", "cifar10", "--head",
+                     alexnet_head / "head.pt", "--out", tmp_path / "n.pt")
+    assert nowhere.code == 2 and nowhere.out == "" and "fetch them with tl extract --download" in nowhere.err, nowhere
     assert "trained on alexnet codes, not vgg16" in refused("--backbone", "vgg16")
     assert "trained on alexnet codes" in refused("--backbone", "vgg16", out=tmp_path / "new" / "dir" / "m.pt")
     assert not (tmp_path / "new").exists()  # refused after taking its lock: neither lock file nor folders stay
