@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import TLError
-from pipeline.files import DiskFullError, atomic_write, write_bytes
+from pipeline.files import atomic_write, write_together
 from pipeline.metrics import precision_recall
 
 CONFUSION_LABELS_UP_TO = 30  # beyond this many classes, tick labels would overlap
@@ -41,32 +41,33 @@ _STYLE = ("body{font-family:sans-serif;max-width:75em;margin:2em auto;padding:0 
 def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarray,
                  curve: list[dict] | None, html: bool = True) -> list[Path]:
     """report.json, report.md, report.html (unless `html` is false) and the plots in `out`; returns the
-    files written, report.json and report.md first."""
+    files written, report.json and report.md first. They replace an earlier report as one: all are
+    written and synced before the first replaces its file, and a file of the earlier report this one
+    has not (its training_curve.png) is removed, so the folder never holds two evaluations."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        report_json = _write_text(out / "report.json", json.dumps(report, indent=1))
-        figures = {}
-        if "confusion" in report:
-            figures["confusion_matrix.png"] = lambda: confusion_figure(np.array(report["confusion"]),
-                                                                       [c["name"] for c in report["classes"]])
-        figures["pr_curves.png"] = lambda: pr_figure(targets, scores, report)
-        if curve:
-            figures["training_curve.png"] = lambda: training_figure(curve)
-        images = {name: _save(build(), out / name) for name, build in figures.items()}
-        written = [report_json, _write_text(out / "report.md", markdown(report, tuple(images)))]
-        if html:
-            written.append(_write_text(out / "report.html", html_page(report, images)))
-    except DiskFullError:
-        raise
-    except OSError as exc:
-        raise TLError(f"cannot write the report to {out}: {exc.strerror}; choose another --out") from None
-    return written + [out / name for name in images]
+    figures = {}
+    if "confusion" in report:
+        figures["confusion_matrix.png"] = lambda: confusion_figure(np.array(report["confusion"]),
+                                                                   [c["name"] for c in report["classes"]])
+    figures["pr_curves.png"] = lambda: pr_figure(targets, scores, report)
+    if curve:
+        figures["training_curve.png"] = lambda: training_figure(curve)
+    images = {name: _png(build()) for name, build in figures.items()}
+    texts = {"report.json": json.dumps(report, indent=1), "report.md": markdown(report, tuple(images))}
+    if html:
+        texts["report.html"] = html_page(report, images)
+    contents = {name: _text(text) for name, text in texts.items()}
+    write_together([(out / name, data, "report") for name, data in {**contents, **images}.items()])
+    for name in set(REPORT_FILES) - set(contents) - set(images):
+        try:
+            (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise TLError(f"cannot remove {out / name} of an earlier report: {exc.strerror}; remove it") from None
+    return [out / name for name in (*contents, *images)]
 
 
-def _write_text(path: Path, text: str) -> Path:
-    write_bytes(path, (text + "\n").encode("utf-8", "surrogateescape"), "report")
-    return path
+def _text(text: str) -> bytes:
+    return (text + "\n").encode("utf-8", "surrogateescape")  # names not UTF-8 on disk keep their bytes
 
 
 def _number(value) -> str:
@@ -312,8 +313,8 @@ def training_figure(curve: list[dict]):
     return figure
 
 
-def _save(figure, path: Path) -> bytes:
-    """The figure as PNG bytes, written to `path` (atomically) and returned for report.html."""
+def _png(figure) -> bytes:
+    """The figure as PNG bytes (for its file and for report.html)."""
     plt = _pyplot()
     try:
         figure.tight_layout()
@@ -321,7 +322,6 @@ def _save(figure, path: Path) -> bytes:
         figure.savefig(buffer, dpi=110, format="png")
     finally:
         plt.close(figure)
-    write_bytes(path, buffer.getvalue(), "plot")
     return buffer.getvalue()
 
 
@@ -346,7 +346,6 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
     metric of each setting, one line per layer and head kind)."""
     on = board[0]["on"]
     document = {"metric": metric, "on": on, "cache": str(config.cache), "best": board[0]["name"], "heads": board}
-    _write_text(out / "sweep.json", json.dumps(document, indent=1))
     lines = [f"# Sweep of {len(board)} heads on {config.cache}", "",
              f"Ranked by {on} {metric}; the best, `{board[0]['name']}`, is `best.pt`.", "", "![sweep](sweep.png)", "",
              f"| rank | head | layer | kind | C | hidden | lr | {on} {metric} | epochs | train s |",
@@ -359,7 +358,6 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
                  "–" if setting["lr"] is None else f"{setting['lr']:g}", _number(row["val_score"]),
                  "–" if row["epochs"] is None else str(row["epochs"]), f"{row['train_seconds']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    _write_text(out / "sweep.md", "\n".join(lines))
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(7, 4))
     lines_of: dict[tuple, list] = {}
@@ -379,5 +377,7 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
     axes.set_ylabel(f"{on} {metric}")
     axes.set_title(f"Sweep: {on} {metric} per setting")
     axes.legend(fontsize=8)
-    _save(figure, out / "sweep.png")
-    return [out / "sweep.json", out / "sweep.md", out / "sweep.png"]
+    files = {"sweep.json": _text(json.dumps(document, indent=1)), "sweep.md": _text("\n".join(lines)),
+             "sweep.png": _png(figure)}
+    write_together([(out / name, data, "sweep report") for name, data in files.items()])  # one leaderboard
+    return [out / name for name in files]

@@ -220,3 +220,36 @@ def test_several_epochs_keep_lines_and_the_kept_epoch():
     low, high = loss_axes.get_xlim()
     assert all(tick == int(tick) for tick in loss_axes.get_xticks() if low <= tick <= high)  # epochs are whole
     assert figure.axes[1].get_ylabel() == "val map"
+
+
+def test_a_report_replaces_the_earlier_one_whole_or_not_at_all(tmp_path, monkeypatch):
+    """report.json was written first and the plots and pages after it: a stop in between (a full disk, a
+    kill) left the new numbers beside the old pages, and a model's training_curve.png stayed beside a
+    head's report."""
+    import errno
+
+    import pipeline.files
+    from pipeline.errors import TLError
+
+    targets, scores = predictions(3)
+    write_report(tmp_path, summarize(targets, scores, ["a", "b", "c"]), targets, scores, one_epoch())
+    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert "training_curve.png" in earlier
+    other_targets, other_scores = predictions(3, seed=1)
+    other = summarize(other_targets, other_scores, ["a", "b", "c"])
+    fsync, calls = pipeline.files.os.fsync, []
+
+    def filling(handle):  # the disk fills while the third file is written
+        calls.append(handle)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(handle)
+
+    monkeypatch.setattr(pipeline.files.os, "fsync", filling)
+    with pytest.raises(TLError, match="no space left on the device"):
+        write_report(tmp_path, other, other_targets, other_scores, None)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier  # whole, no temporaries
+    monkeypatch.undo()
+    files = write_report(tmp_path, other, other_targets, other_scores, None)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in files)
+    assert "training_curve.png" not in {path.name for path in files}
