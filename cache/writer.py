@@ -288,7 +288,7 @@ class CacheWriter:
         with h5py.File(image, "w") as shard:
             for tap, array in codes.items():
                 self._dataset(shard, tap, np.asarray(array, dtype=self.dtype), options)
-            self._dataset(shard, "target", np.asarray(targets), options)
+            self._dataset(shard, "target", _whole(np.asarray(targets)), options)
             shard.create_dataset("sample_id", data=_text(sample_ids), dtype=h5py.string_dtype("utf-8"))
             for column, array in (extra or {}).items():
                 self._dataset(shard, column, np.asarray(array), options)
@@ -359,3 +359,12 @@ def _shard_entry(path: Path, manifest: Manifest, planned: PlannedShard) -> tuple
     if shard_index(path.name) != index or written != (planned.first, planned.samples, planned.inputs):
         return None
     return ShardEntry(index, path.name, rows, path.stat().st_size, file_digest(path), *written), skipped
+
+
+def _whole(targets: np.ndarray) -> np.ndarray:
+    """Targets as integers, the type readers check: whole numbers given as floats become int64."""
+    if targets.dtype.kind in "iub":
+        return targets
+    if targets.size and not np.array_equal(targets, np.round(targets)):
+        raise CacheError("targets must be whole numbers (class indices, or 0/1 per class)")
+    return targets.astype(np.int64)

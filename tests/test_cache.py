@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -348,3 +349,36 @@ def test_a_run_stopped_before_its_first_shard_withdraws_its_manifest_alone(tmp_p
                 assert (root / "manifest.json").is_file()
                 raise KeyboardInterrupt
         assert (root / "manifest.json").exists() == kept and root.exists() == kept
+
+
+@pytest.mark.parametrize("column, data, said", [
+    ("feat", np.array([["x"] * 4] * 6, dtype=h5py.string_dtype()), "holds feat as object (6, 4), not what tl writes"),
+    ("feat", np.zeros((6, 3), dtype=np.float32), "holds feat as float32 (6, 3), not what tl writes ((6, 4) floats)"),
+    ("target", np.array([0, 1, -5, 0, 1, 0]), "has class -5 but the manifest names 2 classes"),
+    ("target", np.full(6, 0.5), "holds target as float64 (6,), not what tl writes (integers)"),
+])
+def test_a_shard_crafted_with_its_checksum_is_one_line(tmp_path, column, data, said):
+    """A shard edited together with its record passes the checksum; the columns' types still say it is
+    not tl's: string codes or negative classes ended in a numpy traceback or a wrong accuracy."""
+    from pipeline.files import file_digest
+    from tests.conftest import cache_document, write_cache_document, write_code_cache
+
+    cache = write_code_cache(tmp_path / "c", np.ones((6, 4), np.float32), np.array([0, 1] * 3), ["a", "b"])
+    shard = cache / "shard-00000.h5"
+    with h5py.File(shard, "r+") as handle:
+        del handle[column]
+        handle.create_dataset(column, data=data)
+    document = cache_document(cache)
+    document["shards"][0].update(sha256=file_digest(shard), bytes=shard.stat().st_size)
+    write_cache_document(cache, document)
+    with pytest.raises(CacheError, match=re.escape(said)):
+        next(CacheReader(cache).iter_batches("feat"))
+
+
+def test_the_writer_keeps_whole_targets_as_integers_and_refuses_fractions(tmp_path):
+    from tests.conftest import write_code_cache
+
+    cache = write_code_cache(tmp_path / "c", np.ones((4, 2), np.float32), np.array([0.0, 1.0, 1.0, 0.0]), ["a", "b"])
+    assert next(CacheReader(cache).iter_batches("feat"))["target"].dtype.kind == "i"
+    with pytest.raises(CacheError, match="targets must be whole numbers"):
+        write_code_cache(tmp_path / "d", np.ones((4, 2), np.float32), np.array([0.0, 0.5, 1.0, 0.0]), ["a", "b"])
