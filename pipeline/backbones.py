@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -217,7 +218,7 @@ def _state_dict_from(path: Path) -> dict:
         except (SafetensorError, OSError) as exc:
             raise BackboneError(f"cannot load weights from {path}: {exc}; pass a safetensors or torch.save file") from None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = load_tensors(path)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
         # torch's own advice (load with weights_only=False) would run the file's code: never repeat it
         reason = str(exc).splitlines()[0]
@@ -372,3 +373,11 @@ def forward_codes(model: nn.Module, backbone: Backbone, pixels: torch.Tensor, de
         with autocast(device, precision):
             outputs = model(inputs)
         return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}
+
+
+def load_tensors(path):
+    """torch.load with weights_only (nothing in the file runs), quiet about a file's pickle protocol: the
+    caller's one line says what the file is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)

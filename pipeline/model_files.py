@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import __version__
-from pipeline.backbones import Backbone, get_backbone, load_model, tap_model, weights_for_digest
+from pipeline.backbones import Backbone, get_backbone, load_model, load_tensors, tap_model, weights_for_digest
 from pipeline.decoding import decode_of
 from pipeline.errors import FinetuneError, HeadError
 from pipeline.files import write_bytes
@@ -96,7 +96,7 @@ def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tupl
     if not path.is_file():
         raise error(f"{kind} {path} does not exist; {remedy}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_tensors(path)
         metadata = json.loads(payload["metadata"])
         for key in keys:
             payload[key]

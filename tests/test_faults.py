@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -834,6 +835,16 @@ def test_a_head_given_as_a_model_and_an_empty_path_say_what_to_do(run_tl, tmp_pa
                           f"finetune --head {head} (--epochs 0 keeps the head as it is)")
     assert_one_line_error(run_tl("evaluate", "--head", model, "--cache", small_head / "cache", "--out", tmp_path / "r"),
                           "is a model file of tl finetune, not a head file; evaluate, predict and export take it as --model")
+    import pickle
+
+    pickled = tmp_path / "p4.pt"
+    pickled.write_bytes(pickle.dumps({"metadata": "{}"}, protocol=4))  # torch warned of its protocol in 2 lines more
+    with warnings.catch_warnings(record=True) as caught:  # what a terminal would show above the error line
+        warnings.simplefilter("always")
+        refused = run_tl("evaluate", "--head", pickled, "--cache", small_head / "cache", "--out", tmp_path / "r")
+    assert_one_line_error(refused, f"{pickled} is not a tl head file")
+    assert not [str(warning.message) for warning in caught]
+    pickled.unlink()
     monkeypatch.chdir(tmp_path)
     empty = run_tl("evaluate", "--head", head, "--cache", small_head / "cache", "--out", "")
     assert_one_line_error(empty, "Invalid value for '--out': is empty; name a path")
