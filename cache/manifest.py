@@ -5,8 +5,8 @@ Two files: `manifest.json` holds what the whole cache is (key, classes, taps, th
 it is complete) and is replaced atomically at the start and the end of a run; `shards.jsonl` holds one
 record per finished shard (its file, rows, checksum, the samples it covers and a digest of their inputs)
 and only grows while a run goes: recording a shard appends one line, whatever the shard count. Readers
-stream the records line by line; a later record of a shard supersedes an earlier one, and a last line
-torn by a kill is ignored (the shard file it described is adopted again from its own attributes).
+stream the records line by line; a later record of a shard supersedes an earlier one, and a last line torn
+by a kill is ignored (the shard file it described is adopted again from its own attributes).
 """
 
 from __future__ import annotations
@@ -33,10 +33,9 @@ _SHARD_FILE = re.compile(r"shard-(\d+)\.h5")
 
 
 def shard_name(index: int, num_shards: int = 0) -> str:
-    """`shard-00007.h5`: zero-padded to the widest index of the plan (at least five digits), so names sort
-    in shard order at any count. Readers never rely on that: a shard's index is in its record."""
-    digits = max(NAME_DIGITS, len(str(max(num_shards - 1, 0))))
-    return f"shard-{index:0{digits}d}.h5"
+    """`shard-00007.h5`: zero-padded to the plan's widest index (5 digits at least), so names sort in shard
+    order at any count. Readers never rely on that: a shard's index is in its record."""
+    return f"shard-{index:0{max(NAME_DIGITS, len(str(max(num_shards - 1, 0))))}d}.h5"
 
 
 def shard_index(name: str) -> int | None:
@@ -80,11 +79,14 @@ def _shown(value) -> str:
     return "none" if value is None else str(value)
 
 
+def decode_of(preprocessing: dict) -> str:
+    """The decoding mode recorded in a cache key's preprocessing (absent: exact, from before --decode)."""
+    return preprocessing.get("decode", _ABSENT_MEANS["preprocessing.decode"])
+
+
 @dataclass
 class TapSpec:
-    """One cached layer: its width once flattened and the dtype its codes are stored in."""
-
-    width: int
+    width: int  # one cached layer: its width once flattened, and the dtype its codes are stored in
     dtype: str
 
 
@@ -188,7 +190,7 @@ class Manifest:
         rounded = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
         lines = [f"cache      {root} ({state})",
                  f"backbone   {key['backbone']}   weights {key['weights']}   precision {key['precision']}",
-                 f"input      resize {pre['resize']}, crop {pre['crop']}, decode {pre.get('decode', 'exact')} (part of "
+                 f"input      resize {pre['resize']}, crop {pre['crop']}, decode {decode_of(pre)} (part of "
                  f"the key), mean {rounded(pre['mean'])}, std {rounded(pre['std'])}",
                  f"data       {data.get('format')} split {data.get('split')}"
                  + (f", labels from .{data['label_key']}" if data.get("label_key") else "")
@@ -199,15 +201,14 @@ class Manifest:
                          f"covering {patches['patch_overlap']:g} of it and {patches['box_overlap']:g} of the box; "
                          + (f"{kept:g} of background kept" if kept is not None else "every patch kept"))
         lines += [f"layer      {tap:<8} width {spec.width:<6} {spec.dtype}" for tap, spec in self.taps.items()]
-        shown = ", ".join(self.classes[:10]) + (f", ... ({len(self.classes)} in all)" if len(self.classes) > 10 else "")
-        lines.append(f"classes    {len(self.classes)}: {shown}")
+        lines.append(f"classes    {len(self.classes)}: {', '.join(self.classes[:10])}"
+                     + (f", ... ({len(self.classes)} in all)" if len(self.classes) > 10 else ""))
         lines.append(f"rows       {self.rows} of {self.num_samples} samples in {len(self.shards)}/{self.num_shards} "
                      f"shards, {human_bytes(sum(shard.bytes for shard in self.shards))}")
         if self.skipped:
             lines.append(f"skipped    {len(self.skipped)} unreadable images, e.g. {self.skipped[0]['sample_id']}: "
                          f"{self.skipped[0]['reason']}")
-        lines.append(f"written    by tl {self.tl_version}, {self.created} .. {self.updated or ''}")
-        return lines
+        return lines + [f"written    by tl {self.tl_version}, {self.created} .. {self.updated or ''}"]
 
 
 def human_bytes(count: float) -> str:

@@ -90,8 +90,10 @@ class CacheReader:
         for name, width in (("target", None), *self.taps.items()):  # the types tl writes: a crafted shard is
             data = handle.get(name)                                    # one line, not a numpy traceback
             kind = "iub" if width is None else "f"
-            if data is None or data.dtype.kind not in kind or width is not None and data.shape != (shard.rows, width):
-                what = "missing" if data is None else f"{data.dtype} {data.shape}"
+            if not isinstance(data, h5py.Dataset) or data.dtype.kind not in kind or width is not None \
+                    and data.shape != (shard.rows, width):
+                what = "missing" if data is None else "a group" if not isinstance(data, h5py.Dataset) else \
+                    f"{data.dtype} {data.shape}"
                 handle.close()
                 raise CacheError(f"{shard.file} of {self.root} holds {name} as {what}, not what tl writes "
                                  f"({'integers' if width is None else f'({shard.rows}, {width}) floats'}); re-run "
@@ -99,10 +101,11 @@ class CacheReader:
         if self.manifest.target == "class" and found:
             targets = handle["target"][()]
             top, bottom = int(targets.max()), int(targets.min())
-            if top >= len(self.classes) or bottom < -1:  # -1: a sample without a usable label
+            if top >= len(self.classes) or bottom < 0:
                 handle.close()
-                raise CacheError(f"{shard.file} of {self.root} has class {top if bottom >= -1 else bottom} but the "
-                                 f"manifest names {len(self.classes)} classes; re-run tl extract with --overwrite")
+                said = f"class {bottom} is negative" if bottom < 0 else \
+                    f"has class {top} but the manifest names {len(self.classes)} classes"
+                raise CacheError(f"{shard.file} of {self.root}: {said}; re-run tl extract with --overwrite")
         elif found and handle["target"].shape[1:] != (len(self.classes),):
             width = handle["target"].shape[1:]
             handle.close()

@@ -18,10 +18,9 @@ import h5py
 import numpy as np
 
 from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECORDS, ForeignManifest, Manifest,
-                            PlannedShard, RecordDamage, ShardEntry, iter_records, key_differences, load_manifest,
-                            record_files, save_manifest, shard_index, shard_name, uniform_plan)
+                            PlannedShard, RecordDamage, ShardEntry, decode_of, iter_records, key_differences,
+                            load_manifest, record_files, save_manifest, shard_index, shard_name, uniform_plan)
 from cache.records import append_record, content_digest, write_records
-from pipeline.decoding import decode_of
 from pipeline.files import DiskFullError, OutputLock, file_digest, missing_folders, write_bytes
 from pipeline.errors import CacheError, CacheOccupied, listed
 

@@ -150,11 +150,6 @@ class NormalizedCrop:
         return pixels
 
 
-def decode_of(preprocessing: dict) -> str:
-    """The decoding mode recorded in a cache key's preprocessing (absent: exact)."""
-    return preprocessing.get("decode", "exact")
-
-
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float32 scaled to [0, 1] and normalised, on the batch's device; the same
     float32 operations as torchvision's ToTensor + Normalize, so the values are identical."""

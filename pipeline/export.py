@@ -19,7 +19,8 @@ from torch import nn
 from pipeline import __version__
 from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
-from pipeline.decoding import decode_of, normalize
+from cache.manifest import decode_of
+from pipeline.decoding import normalize
 from pipeline.errors import FinetuneError, TLError, install_extra
 from pipeline.files import check_folders, refuse_overwriting_inputs, write_together
 from pipeline.formats import DEFAULT_CLASSES, open_source

@@ -17,7 +17,8 @@ from pipeline.allocator import reused_memory
 from pipeline.backbones import Backbone
 from pipeline.compatibility import head_targets
 from pipeline.datasets import DECODE_ERRORS, Source
-from pipeline.decoding import NormalizedCrop, decode_of
+from cache.manifest import decode_of
+from pipeline.decoding import NormalizedCrop
 from pipeline.errors import FinetuneError
 from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_device
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings

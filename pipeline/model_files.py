@@ -17,7 +17,7 @@ from torch import nn
 
 from pipeline import __version__
 from pipeline.backbones import Backbone, get_backbone, load_model, load_tensors, tap_model, weights_for_digest
-from pipeline.decoding import decode_of
+from cache.manifest import decode_of
 from pipeline.errors import FinetuneError, HeadError
 from pipeline.files import write_bytes
 from pipeline.heads import HEAD_KINDS, Head

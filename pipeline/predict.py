@@ -16,7 +16,7 @@ import torch
 from pipeline.allocator import reused_memory
 from pipeline.backbones import for_inference, forward_codes, get_backbone, prepare_model
 from pipeline.datasets import FileListSource
-from pipeline.decoding import decode_of
+from cache.manifest import decode_of
 from pipeline.errors import HeadError
 from pipeline.hardware import WorkerLoader, autocast, resolve_device, resolve_precision, to_device
 from pipeline.image_sets import image_loader

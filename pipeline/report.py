@@ -59,10 +59,11 @@ def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarra
     contents = {name: _text(text) for name, text in texts.items()}
     write_together([(out / name, data, "report") for name, data in {**contents, **images}.items()])
     for name in set(REPORT_FILES) - set(contents) - set(images):
-        try:
-            (out / name).unlink(missing_ok=True)
-        except OSError as exc:
-            raise TLError(f"cannot remove {out / name} of an earlier report: {exc.strerror}; remove it") from None
+        if (out / name).is_file() or (out / name).is_symlink():  # a folder of that name is not a report's
+            try:
+                (out / name).unlink()
+            except OSError as exc:
+                raise TLError(f"cannot remove {out / name} of an earlier report: {exc.strerror}; remove it") from None
     return [out / name for name in (*contents, *images)]
 
 

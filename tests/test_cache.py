@@ -354,8 +354,11 @@ def test_a_run_stopped_before_its_first_shard_withdraws_its_manifest_alone(tmp_p
 @pytest.mark.parametrize("column, data, said", [
     ("feat", np.array([["x"] * 4] * 6, dtype=h5py.string_dtype()), "holds feat as object (6, 4), not what tl writes"),
     ("feat", np.zeros((6, 3), dtype=np.float32), "holds feat as float32 (6, 3), not what tl writes ((6, 4) floats)"),
-    ("target", np.array([0, 1, -5, 0, 1, 0]), "has class -5 but the manifest names 2 classes"),
+    ("target", np.array([0, 1, -5, 0, 1, 0]), "shard-00000.h5 of {cache}: class -5 is negative; re-run"),
+    ("target", np.array([0, 1, -1, 0, 1, 0]), "class -1 is negative"),  # tl writes no -1: it is counted as a class
+    ("target", np.array([0, 1, 2, 0, 1, 0]), "shard-00000.h5 of {cache}: has class 2 but the manifest names 2 classes"),
     ("target", np.full(6, 0.5), "holds target as float64 (6,), not what tl writes (integers)"),
+    ("feat", None, "holds feat as a group, not what tl writes"),
 ])
 def test_a_shard_crafted_with_its_checksum_is_one_line(tmp_path, column, data, said):
     """A shard edited together with its record passes the checksum; the columns' types still say it is
@@ -367,11 +370,14 @@ def test_a_shard_crafted_with_its_checksum_is_one_line(tmp_path, column, data, s
     shard = cache / "shard-00000.h5"
     with h5py.File(shard, "r+") as handle:
         del handle[column]
-        handle.create_dataset(column, data=data)
+        if data is None:
+            handle.create_group(column)
+        else:
+            handle.create_dataset(column, data=data)
     document = cache_document(cache)
     document["shards"][0].update(sha256=file_digest(shard), bytes=shard.stat().st_size)
     write_cache_document(cache, document)
-    with pytest.raises(CacheError, match=re.escape(said)):
+    with pytest.raises(CacheError, match=re.escape(said.format(cache=cache))):
         next(CacheReader(cache).iter_batches("feat"))
 
 

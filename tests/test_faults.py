@@ -844,6 +844,12 @@ def test_a_head_given_as_a_model_and_an_empty_path_say_what_to_do(run_tl, tmp_pa
         refused = run_tl("evaluate", "--head", pickled, "--cache", small_head / "cache", "--out", tmp_path / "r")
     assert_one_line_error(refused, f"{pickled} is not a tl head file")
     assert not [str(warning.message) for warning in caught]
+    with warnings.catch_warnings(record=True) as caught:  # the same file as --weights
+        warnings.simplefilter("always")
+        refused = run_tl("extract", "--data", small_head / "train", "--out", tmp_path / "c", "--backbone", "alexnet",
+                         "--weights", pickled, "--workers", "0")
+    assert_one_line_error(refused, f"cannot load weights from {pickled}")
+    assert not [str(warning.message) for warning in caught]
     pickled.unlink()
     monkeypatch.chdir(tmp_path)
     empty = run_tl("evaluate", "--head", head, "--cache", small_head / "cache", "--out", "")

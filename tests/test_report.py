@@ -253,3 +253,36 @@ def test_a_report_replaces_the_earlier_one_whole_or_not_at_all(tmp_path, monkeyp
     files = write_report(tmp_path, other, other_targets, other_scores, None)
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in files)
     assert "training_curve.png" not in {path.name for path in files}
+    (tmp_path / "training_curve.png").mkdir()  # not a report's file: left alone, and no error
+    write_report(tmp_path, other, other_targets, other_scores, None)
+    assert (tmp_path / "training_curve.png").is_dir()
+
+
+def test_a_sweep_leaderboard_replaces_the_earlier_one_whole(tmp_path, monkeypatch):
+    import errno
+    from types import SimpleNamespace
+
+    import pipeline.files
+    from pipeline.errors import TLError
+    from pipeline.report import sweep_report
+
+    def board(score):
+        return [{"name": "feat-logreg-C1", "on": "validation", "val_score": score, "epochs": None,
+                 "train_seconds": 0.1, "setting": {"layer": "feat", "kind": "logreg", "C": 1.0, "hidden": None,
+                                                   "lr": None}}]
+
+    config = SimpleNamespace(cache="c")
+    sweep_report(tmp_path, board(0.5), "accuracy", config)
+    earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    fsync, calls = pipeline.files.os.fsync, []
+
+    def filling(handle):  # the disk fills while the leaderboard's second file is written
+        calls.append(handle)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(handle)
+
+    monkeypatch.setattr(pipeline.files.os, "fsync", filling)
+    with pytest.raises(TLError, match="no space left on the device"):
+        sweep_report(tmp_path, board(0.9), "accuracy", config)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier

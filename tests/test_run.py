@@ -222,6 +222,12 @@ def test_a_stages_remedy_that_names_its_flags_names_the_recipe_keys_too(run_tl, 
     assert result.code == 2 and result.err == (
         "error: several C values need a validation split to choose from; pass --val-cache or --val-fraction (in a "
         "recipe: --val-cache is --set fit-head.val_cache=..., --val-fraction is --set fit-head.val_fraction=...)\n"), result
+    # a flag of a step of a list section names that step; a remedy naming the step's own command is translated
+    (code_caches / "empty").mkdir()
+    recipe.write_text("format: cifar10\nextract: [{data: empty, out: caches/x}, {data: empty, split: test, out: caches/y}]\n")
+    missing = run_tl("run", recipe, "--quiet")
+    assert missing.code == 2 and missing.err.endswith(
+        "fetch them with tl extract --download (in a recipe: --download is --set extract.1.download=true)\n"), missing
     # a remedy that is another command's (tl finetune --head) is left as it is
     recipe.write_text("fit-head: {cache: caches/train, out: h.pt}\nevaluate: {model: h.pt, data: images, out: r}\n")
     other = run_tl("run", recipe, "--quiet")
@@ -464,3 +470,20 @@ def test_downloaded_data_and_inputs_rewritten_by_hand(run_tl, tmp_path, monkeypa
     (tmp_path / "h.pt").write_text("a head made by hand")
     run((), "evaluate")
     assert ran == ["evaluate"]
+
+
+def test_an_output_folder_that_cannot_be_listed_is_never_taken_as_unchanged(tmp_path, monkeypatch):
+    """Unlisted twice, it must not compare equal to itself, or a failed step would keep a record of
+    an output it may have changed."""
+    from pipeline.recipe import Step
+    from pipeline.run import _state
+
+    (tmp_path / "cache").mkdir()
+    step = Step("extract", 1, 1, {}, {})
+    assert _state(step, tmp_path / "cache") == _state(step, tmp_path / "cache")
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(tmp_path), "iterdir", refused)
+    assert _state(step, tmp_path / "cache") != _state(step, tmp_path / "cache")
