@@ -210,3 +210,20 @@ def write_webdataset(folder: Path, tars=3, per_tar=5, classes=3, size=(48, 40)) 
             members += [(f"{k:06d}.png", image.read_bytes()), (f"{k:06d}.cls", str(k % classes).encode())]
         write_tar(folder / "tars" / f"{t:05d}.tar", members)
     return folder / "tars"
+
+
+def disk_full_at(monkeypatch, call: int) -> None:
+    """The disk fills at the `call`-th fsync of tl's writers (pipeline.files): a write that fails midway."""
+    import errno
+
+    import pipeline.files
+
+    fsync, calls = pipeline.files.os.fsync, []
+
+    def filling(handle):
+        calls.append(handle)
+        if len(calls) == call:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return fsync(handle)
+
+    monkeypatch.setattr(pipeline.files.os, "fsync", filling)

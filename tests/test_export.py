@@ -21,7 +21,7 @@ from pipeline.finetune import FinetuneConfig, run_finetune
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.formats import open_source
 from pipeline.model_files import load_model_file
-from tests.conftest import make_image_folder
+from tests.conftest import disk_full_at, make_image_folder
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +152,6 @@ def test_tl_export_prints_the_contract(model_file, tmp_path, run_tl):
 def test_a_failed_export_keeps_the_earlier_export_and_its_contract(model_file, tmp_path, monkeypatch):
     """A contract that could not be written took the export written before it, and the earlier one too;
     now both are written and synced before either replaces its file."""
-    import errno
-
-    import pipeline.export
-
     (tmp_path / "m.ts").write_bytes(b"earlier export")
     (tmp_path / "m.ts.json").mkdir()  # the contract's name is taken by a folder: refused before any work
     with pytest.raises(TLError, match=r"m.ts.json, where the contract of --out .*m.ts goes, is a folder; remove it"):
@@ -163,20 +159,9 @@ def test_a_failed_export_keeps_the_earlier_export_and_its_contract(model_file, t
     assert (tmp_path / "m.ts").read_bytes() == b"earlier export"
     (tmp_path / "m.ts.json").rmdir()
     (tmp_path / "m.ts.json").write_text("earlier contract")
-
-    import pipeline.files
-
-    fsync = pipeline.files.os.fsync
     for full_at in (1, 2):  # the disk fills while the export, then while the contract, is written
-        calls = []
-
-        def filling(handle, full_at=full_at):
-            calls.append(handle)
-            if len(calls) == full_at:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return fsync(handle)
-
-        monkeypatch.setattr(pipeline.files.os, "fsync", filling)
+        monkeypatch.undo()
+        disk_full_at(monkeypatch, full_at)
         with pytest.raises(TLError, match="no space left on the device"):
             export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts")
         assert (tmp_path / "m.ts").read_bytes() == b"earlier export"

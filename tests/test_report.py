@@ -226,10 +226,8 @@ def test_a_report_replaces_the_earlier_one_whole_or_not_at_all(tmp_path, monkeyp
     """report.json was written first and the plots and pages after it: a stop in between (a full disk, a
     kill) left the new numbers beside the old pages, and a model's training_curve.png stayed beside a
     head's report."""
-    import errno
-
-    import pipeline.files
     from pipeline.errors import TLError
+    from tests.conftest import disk_full_at
 
     targets, scores = predictions(3)
     write_report(tmp_path, summarize(targets, scores, ["a", "b", "c"]), targets, scores, one_epoch())
@@ -237,15 +235,7 @@ def test_a_report_replaces_the_earlier_one_whole_or_not_at_all(tmp_path, monkeyp
     assert "training_curve.png" in earlier
     other_targets, other_scores = predictions(3, seed=1)
     other = summarize(other_targets, other_scores, ["a", "b", "c"])
-    fsync, calls = pipeline.files.os.fsync, []
-
-    def filling(handle):  # the disk fills while the third file is written
-        calls.append(handle)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return fsync(handle)
-
-    monkeypatch.setattr(pipeline.files.os, "fsync", filling)
+    disk_full_at(monkeypatch, 3)  # while the third file is written
     with pytest.raises(TLError, match="no space left on the device"):
         write_report(tmp_path, other, other_targets, other_scores, None)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier  # whole, no temporaries
@@ -259,12 +249,11 @@ def test_a_report_replaces_the_earlier_one_whole_or_not_at_all(tmp_path, monkeyp
 
 
 def test_a_sweep_leaderboard_replaces_the_earlier_one_whole(tmp_path, monkeypatch):
-    import errno
     from types import SimpleNamespace
 
-    import pipeline.files
     from pipeline.errors import TLError
     from pipeline.report import sweep_report
+    from tests.conftest import disk_full_at
 
     def board(score):
         return [{"name": "feat-logreg-C1", "on": "validation", "val_score": score, "epochs": None,
@@ -274,15 +263,7 @@ def test_a_sweep_leaderboard_replaces_the_earlier_one_whole(tmp_path, monkeypatc
     config = SimpleNamespace(cache="c")
     sweep_report(tmp_path, board(0.5), "accuracy", config)
     earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
-    fsync, calls = pipeline.files.os.fsync, []
-
-    def filling(handle):  # the disk fills while the leaderboard's second file is written
-        calls.append(handle)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return fsync(handle)
-
-    monkeypatch.setattr(pipeline.files.os, "fsync", filling)
+    disk_full_at(monkeypatch, 2)  # while the leaderboard's second file is written
     with pytest.raises(TLError, match="no space left on the device"):
         sweep_report(tmp_path, board(0.9), "accuracy", config)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == earlier
