@@ -136,6 +136,8 @@ class NamedText(click.types.StringParamType):
 
 PATH = NamedPath(path_type=Path)
 SEED = click.IntRange(min=0)  # numpy and torch seed generators from non-negative integers
+
+
 class Count(click.IntRange):
     """A count, checked when click parses the command (tl run refuses a recipe's before any step starts);
     a whole number written as a float (`5.0`, as `mlflow run` passes a float parameter) is that number."""

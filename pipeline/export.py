@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cache.manifest import decode_of
 from pipeline import __version__
 from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
-from cache.manifest import decode_of
 from pipeline.decoding import normalize
 from pipeline.errors import FinetuneError, TLError, install_extra
 from pipeline.files import check_folders, refuse_overwriting_inputs, write_together

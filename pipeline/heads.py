@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -19,8 +20,8 @@ from pipeline.training import Standardize, Trainee, TrainingOptions, output_acti
 SOLVERS = ("lbfgs", "sgd")
 HEAD_KINDS: dict[str, type["Head"]] = {}  # --head values, filled by register_head
 SOLVER, MAX_ITER, HIDDEN, DROPOUT = "lbfgs", 1000, (4096,), 0.5  # defaults of the heads and of fit-head
-MINI_BATCH = ("optimizer", "lr", "lr_steps", "lr_factors", "momentum", "batch_size", "max_epochs", "early_stop",
-              "patience", "device")  # the options of training by mini-batches (pipeline.training.TrainingOptions)
+MINI_BATCH = tuple(option.name for option in dataclasses.fields(TrainingOptions)  # how mini-batches train (mlp and
+                   if option.name not in ("weight_decay", "quiet"))       # sgd; an sgd logreg's decay comes from C)
 
 
 def register_head(kind: type["Head"]) -> type["Head"]:
@@ -246,7 +247,8 @@ class LogRegHead(LinearHead):
                 "training": None if self.training is None else self.training.__dict__}
 
     def state(self) -> dict:
-        return {**self._learned(), "C_": self.C_, "validation_scores": _keyed(self.validation_scores_)}
+        return {**self._learned(), "C_": self.C_,  # JSON keys are text
+                "validation_scores": {str(C): score for C, score in self.validation_scores_.items()}}
 
     @classmethod
     def from_saved(cls, tensors: dict, hyperparameters: dict, state: dict) -> "LogRegHead":
@@ -408,10 +410,6 @@ class MlpHead(Head):
     @staticmethod
     def _tensors_of_module(module_state: dict) -> dict:
         return {f"network.{name}": tensor for name, tensor in module_state.items()}
-
-
-def _keyed(scores: dict) -> dict:
-    return {str(key): value for key, value in scores.items()}
 
 
 def _standardize_module(head) -> Standardize:

@@ -12,12 +12,12 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
+from cache.manifest import decode_of
 from pipeline import distributed
 from pipeline.allocator import reused_memory
 from pipeline.backbones import Backbone
 from pipeline.compatibility import head_targets
 from pipeline.datasets import DECODE_ERRORS, Source
-from cache.manifest import decode_of
 from pipeline.decoding import NormalizedCrop
 from pipeline.errors import FinetuneError
 from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_device

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cache.manifest import decode_of
 from pipeline import __version__
 from pipeline.backbones import Backbone, get_backbone, load_model, load_tensors, tap_model, weights_for_digest
-from cache.manifest import decode_of
 from pipeline.errors import FinetuneError, HeadError
 from pipeline.files import write_bytes
 from pipeline.heads import HEAD_KINDS, Head

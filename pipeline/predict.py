@@ -13,10 +13,10 @@ import numpy as np
 
 import torch
 
+from cache.manifest import decode_of
 from pipeline.allocator import reused_memory
 from pipeline.backbones import for_inference, forward_codes, get_backbone, prepare_model
 from pipeline.datasets import FileListSource
-from cache.manifest import decode_of
 from pipeline.errors import HeadError
 from pipeline.hardware import WorkerLoader, autocast, resolve_device, resolve_precision, to_device
 from pipeline.image_sets import image_loader
