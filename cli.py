@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -156,6 +157,27 @@ class Count(click.IntRange):
 
 
 COUNT, AMOUNT = Count(min=1), Count(min=0)  # at least one; zero allowed (0: all, or none)
+
+
+class Share(click.FloatRange):
+    """A fraction of the training data held out for validation, checked when click parses the command;
+    with `none_at_zero`, 0 holds out nothing (as Keras's validation_split=0), so `mlflow run -P val_fraction=0`
+    trains on every image."""
+
+    name = "fraction"
+
+    def __init__(self, none_at_zero: bool):
+        super().__init__(min=0, max=1, min_open=not none_at_zero, max_open=True)
+        self.none_at_zero = none_at_zero
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a fraction between 0 and 1", param, ctx)
+        return None if number == 0 and self.none_at_zero else number
+
+
+HELD_OUT, SHARE = Share(none_at_zero=True), Share(none_at_zero=False)  # fit-head and finetune; sweep ranks on validation
 FLOATS = Listed(lambda text, flag: _numbers(text, float, flag))
 INTS = Listed(lambda text, flag: _numbers(text, int, flag))
 LAYOUTS = Listed(lambda text, flag: _layouts(text))
@@ -434,7 +456,7 @@ def example_data(out, per_class, seed):
 @option("--patience", type=COUNT)
 @device_option("Where mlp and sgd heads train; cuda reads the cache in pinned batches.")
 @option("--val-cache", type=PATH, help="Validation cache of the same classes.")
-@option("--val-fraction", type=float, help="Hold out this seeded fraction instead (stratified by class).")
+@option("--val-fraction", type=HELD_OUT, help="Hold out this seeded fraction instead (stratified by class; 0: none).")
 @option("--max-iter", type=COUNT, help="logreg lbfgs and svm iterations.")
 @option("--block-rows", type=COUNT, help="Rows read from the cache at a time: bounds memory when streaming.")
 @option("--seed", type=SEED)
@@ -524,7 +546,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--early-stop/--no-early-stop", help="Each mini-batch head stops on its own validation loss.")
 @option("--patience", type=COUNT)
 @option("--val-cache", type=PATH, help="Validation cache of the same classes.")
-@option("--val-fraction", type=float, help="Else hold out this seeded fraction of the cache (stratified by class).")
+@option("--val-fraction", type=SHARE, help="Else hold out this seeded fraction of the cache (stratified by class).")
 @option("--keep", type=RegistryChoice("pipeline.sweep:KEEP"), help="Head files kept under OUT/heads: the best only, or all.")
 @option("--max-iter", type=COUNT, help="logreg lbfgs and svm iterations.")
 @option("--block-rows", type=COUNT, help="Rows read from the cache at a time.")
@@ -737,8 +759,8 @@ def quickstart(out, per_class, seed, quiet):
         help="Multiscale heads: share of background patches trained on (seeded, as in tl extract).")
 @option("--val-data", type=PATH, help="Validation images, same format.")
 @option("--val-split", help="Split of --val-data [default: --split].")
-@option("--val-fraction", type=float,
-        help="Or hold out this seeded fraction of the training images (stratified by class) for validation.")
+@option("--val-fraction", type=HELD_OUT,
+        help="Or hold out this seeded fraction of the training images (stratified by class) for validation (0: none).")
 @option("--early-stop/--no-early-stop",
         help="Stop after --patience epochs without a lower validation loss; keep the best epoch.")
 @option("--patience", type=COUNT)

@@ -279,7 +279,11 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
     assert "--early-stop needs a validation split" in refused(tmp_path / "good", "--head", "mlp", "--early-stop")
     assert "several C values need a validation split" in refused(tmp_path / "good", "--head", "svm", "--C", "0.1,1")
     assert "--hidden takes int numbers" in refused(tmp_path / "good", "--head", "mlp", "--hidden", "wide")
-    assert "--val-fraction must be between 0 and 1" in refused(tmp_path / "good", "--val-fraction", "1.5")
+    assert "'--val-fraction': 1.5 is not in the range 0<=x<1" in refused(tmp_path / "good", "--val-fraction", "1.5")
+    assert "'--val-fraction': 'nan' is not a fraction between 0 and 1" in refused(tmp_path / "good", "--val-fraction", "nan")
+    # 0 holds out nothing (Keras's validation_split=0), so early stopping has nothing to watch
+    assert "--early-stop needs a validation split" in refused(tmp_path / "good", "--head", "mlp", "--early-stop",
+                                                              "--val-fraction", "0")
     assert "Invalid value for '--max-iter': 0 is not in the range x>=1." in refused(
         tmp_path / "good", "--max-iter", "0", "--block-rows", "100000")
     assert ("--val-fraction 0.99 leaves 0 training rows for 4 classes; lower --val-fraction"

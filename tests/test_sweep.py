@@ -174,6 +174,7 @@ def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_pat
     (["--C", "inf"], "--C and --lr values must be positive and finite"),
     (["--heads", "mlp", "--momentum", "-1"], "--momentum and --weight-decay must be 0 or more"),
     (["--max-iter", "0"], "Invalid value for '--max-iter': 0 is not in the range x>=1."),
+    (["--val-fraction", "0"], "Invalid value for '--val-fraction': 0.0 is not in the range 0<x<1."),  # ranks on validation
 ])
 def test_more_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
     train, _ = caches
