@@ -30,7 +30,7 @@ from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_b
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
 from pipeline.progress import progress
-from pipeline.training import TrainingOptions, check_schedule, decay_groups, loss_for, make_optimizer, step_multiplier
+from pipeline.training import TrainingOptions, check_rates, check_schedule, decay_groups, loss_for, make_optimizer, step_multiplier
 
 
 @dataclass
@@ -160,9 +160,9 @@ def _optimizer(model: FinetuneModel, config: FinetuneConfig):
 def _check_config(config: FinetuneConfig) -> None:
     if config.epochs < 0 or config.batch_size < 1 or config.patience < 1:
         raise FinetuneError("--epochs must be 0 or more, --batch-size and --patience at least 1")
-    if not config.lr > 0 or not config.backbone_lr_scale >= 0:
-        raise FinetuneError(f"--lr must be positive and --backbone-lr-scale 0 or more, got {config.lr} and "
-                            f"{config.backbone_lr_scale}")
+    check_rates(config.lr, config.momentum, config.weight_decay, FinetuneError)
+    if not (config.backbone_lr_scale >= 0 and math.isfinite(config.backbone_lr_scale)):
+        raise FinetuneError(f"--backbone-lr-scale must be a finite number 0 or more, got {config.backbone_lr_scale}")
     check_schedule(config.lr_steps, config.lr_factors, FinetuneError)
     default_workers(config.workers)  # refuses a negative --workers before any work
     if config.val_data is not None and "{" not in str(config.val_data) and not Path(config.val_data).exists():

@@ -71,6 +71,15 @@ def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float, we
     return torch.optim.Adam(groups, lr=lr)
 
 
+def check_rates(lr: float | None, momentum: float, weight_decay: float, error: type[TLError]) -> None:
+    """Finite rates: an infinite momentum ended in a traceback writing the head, an infinite lr or decay in
+    a diverged loss that blamed the cache."""
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise error(f"--lr must be a positive finite number, got {lr}")
+    if not all(value >= 0 and math.isfinite(value) for value in (momentum, weight_decay)):
+        raise error(f"--momentum and --weight-decay must be finite and 0 or more, got {momentum} and {weight_decay}")
+
+
 def check_schedule(steps: tuple[int, ...], factors: tuple[float, ...], error: type[TLError]) -> None:
     """Refuse a step schedule that cannot mean what it says: steps are epochs ≥ 1, factors in (0, 1], and
     one factor for every step or one for all (a factor with no step to take it is a mistake)."""
@@ -124,10 +133,7 @@ class TrainingOptions:
 
     def check(self) -> None:
         check_optimizer(self.optimizer, HeadError)
-        if self.lr is not None and not self.lr > 0:
-            raise HeadError(f"--lr must be positive, got {self.lr}")
-        if not self.momentum >= 0 or not self.weight_decay >= 0:
-            raise HeadError(f"--momentum and --weight-decay must be 0 or more, got {self.momentum} and {self.weight_decay}")
+        check_rates(self.lr, self.momentum, self.weight_decay, HeadError)
         check_schedule(self.lr_steps, self.lr_factors, HeadError)
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise HeadError("--batch-size, --max-epochs and --patience must be at least 1")

@@ -259,6 +259,10 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     assert last.read_bytes() == good
     assert "--early-stop needs validation images" in refused("--early-stop", "--overwrite")
     assert "--crop-scale must be in (0, 1], got 0.0" in refused("--crop-scale", "0", "--overwrite")
+    assert "--momentum and --weight-decay must be finite and 0 or more, got inf" in refused("--momentum", "inf", "--overwrite")
+    assert "--lr must be a positive finite number, got inf" in refused("--lr", "inf", "--overwrite")
+    assert "--backbone-lr-scale must be a finite number 0 or more, got nan" in refused("--backbone-lr-scale", "nan",
+                                                                                      "--overwrite")
     last.write_bytes(b"not a checkpoint")
     assert f"{last} is not a tl checkpoint; delete it and start over" in refused("--resume", "--epochs", "3")
     for model, message in ((tmp_path / "absent.pt", "model file {} does not exist; train one with tl finetune"),

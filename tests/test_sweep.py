@@ -172,7 +172,10 @@ def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_pat
 @pytest.mark.parametrize("args,message", [
     (["--C", "1,1.0000001"], "two settings of the grid are both named clear-logreg-C1"),
     (["--C", "inf"], "--C and --lr values must be positive and finite"),
-    (["--heads", "mlp", "--momentum", "-1"], "--momentum and --weight-decay must be 0 or more"),
+    (["--heads", "mlp", "--momentum", "-1"], "--momentum and --weight-decay must be finite and 0 or more"),
+    # an infinite momentum was a ValueError traceback writing the head's JSON; an infinite decay blamed the cache
+    (["--heads", "mlp", "--momentum", "inf"], "--momentum and --weight-decay must be finite and 0 or more, got inf"),
+    (["--heads", "mlp", "--weight-decay", "inf"], "--momentum and --weight-decay must be finite and 0 or more"),
     (["--max-iter", "0"], "Invalid value for '--max-iter': 0 is not in the range x>=1."),
     (["--val-fraction", "0"], "Invalid value for '--val-fraction': 0.0 is not in the range 0<x<1."),  # ranks on validation
 ])
