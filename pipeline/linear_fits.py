@@ -5,13 +5,14 @@ The heads (pipeline.heads) own what is kept; this module only fits.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Iterator
 
 import numpy as np
 
 from pipeline.code_rows import CodeRows
-from pipeline.errors import HeadError
+from pipeline.errors import HeadError, listed
 from pipeline.progress import progress
 
 
@@ -78,8 +79,8 @@ def svm_fits(standardized: np.ndarray, rows: CodeRows, val: CodeRows | None, val
 def cost_grid(C, val) -> list[float]:
     """The costs to fit: one, or several to choose from on the validation split `val`."""
     grid = [float(c) for c in (C if isinstance(C, (list, tuple)) else [C])]
-    if any(not c > 0 for c in grid):
-        raise HeadError(f"--C values must be positive, got {grid}")
+    if any(not 0 < c < math.inf for c in grid):  # inf: sklearn's traceback (svm), or a head JSON cannot hold (logreg)
+        raise HeadError(f"--C values must be positive and finite, got {listed(grid)}")
     if len(grid) > 1 and val is None:
         raise HeadError("several C values need a validation split to choose from; pass --val-cache or --val-fraction")
     return grid
