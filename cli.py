@@ -136,7 +136,7 @@ class NamedText(click.types.StringParamType):
 
 
 PATH = NamedPath(path_type=Path)
-SEED = click.IntRange(min=0)  # numpy and torch seed generators from non-negative integers
+SEED = click.IntRange(min=0, max=2**32 - 1)  # what numpy, torch and scikit-learn all take (a larger one was a traceback)
 
 
 class Count(click.IntRange):

@@ -102,7 +102,7 @@ def test_example_data_written_again_with_other_settings_holds_only_the_new_digit
 
 def test_example_data_and_seeds_refuse_what_would_silently_drop_or_crash(run_tl, tmp_path):
     """--per-class -1 kept all but one image of each digit, 1 wrote no training split; a negative
-    --seed ended in numpy's traceback. Each is one line now, and nothing is written."""
+    --seed ended in numpy's traceback, one of 2**64 in torch's. Each is one line now, and nothing is written."""
     for per_class, message in (("-1", "-1 is not in the range x>=0"), ("1", "--per-class must be 0 (all) or at least 2")):
         result = run_tl("example-data", tmp_path / "d", "--per-class", per_class)
         assert result.code == 2 and result.err.count("\n") == 1 and message in result.err, result
@@ -110,6 +110,8 @@ def test_example_data_and_seeds_refuse_what_would_silently_drop_or_crash(run_tl,
                     ("fit-head", "--cache", tmp_path, "--out", tmp_path / "h.pt"),
                     ("finetune", "--data", tmp_path, "--head", tmp_path / "h.pt", "--out", tmp_path / "m.pt"),
                     ("extract", "--data", tmp_path, "--out", tmp_path / "c"), ("sweep", "--cache", tmp_path)):
-        result = run_tl(*command, "--seed", "-1")
-        assert result.code == 2 and "Invalid value for '--seed': -1 is not in the range x>=0" in result.err, command
+        for seed in ("-1", str(2**32)):  # 2**32 and up: torch's or scikit-learn's traceback
+            result = run_tl(*command, "--seed", seed)
+            assert result.code == 2 and f"Invalid value for '--seed': {seed} is not in the range 0<=x<=4294967295" \
+                in result.err, (command, result)
     assert list(tmp_path.iterdir()) == []
