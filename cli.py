@@ -625,6 +625,8 @@ def evaluate(format_, **options):
     from pipeline.report import summary_table
 
     result = run_evaluate(EvaluateConfig(format=format_, **options))
+    for warning in result.report["source"].get("warnings", []):  # --model's data: a damaged tar, ...
+        click.echo(f"warning: {warning}", err=True)
     if result.skipped:
         first = result.skipped[0]
         click.echo(f"warning: skipped {len(result.skipped)} unreadable images (listed in report.json's "

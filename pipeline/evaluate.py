@@ -152,7 +152,8 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
         report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
     report["source"] = {"model": str(config.model), "kind": f"finetuned {metadata['head']['kind']}",
                         "layer": metadata["layer"], "cache": f"{config.data} ({config.format}, {config.split})",
-                        "backbone": backbone.name, "unreadable": len(skipped), "skipped": skipped}
+                        "backbone": backbone.name, "unreadable": len(skipped), "skipped": skipped,
+                        "warnings": list(source.warnings)}  # a damaged tar, an empty class folder, ...
     files = write_report(config.out, report, targets, scores, metadata["history"] or None)
     if config.save_predictions is not None:
         files.append(write_predictions(config.save_predictions, ids, targets, scores, names))

@@ -152,10 +152,9 @@ def test_labels_that_cannot_make_classes_are_one_line(tmp_path):
         open_source("webdataset", gz)
 
 
-def test_finetune_evaluate_and_export_read_tars_with_their_label_key(tmp_path):
+def test_finetune_evaluate_and_export_read_tars_with_their_label_key(run_tl, tmp_path):
     """Stage three and four take tar data too: the head of an imagefolder cache finetunes on the same
     images as tars with .txt labels, and evaluate --model and export's check read them back."""
-    from pipeline.evaluate import EvaluateConfig, run_evaluate
     from pipeline.export import export_model
     from pipeline.finetune import FinetuneConfig, run_finetune
     from pipeline.fit_head import FitHeadConfig, fit_head
@@ -165,18 +164,25 @@ def test_finetune_evaluate_and_export_read_tars_with_their_label_key(tmp_path):
         name = "ab"[k % 2]
         image = write_image(tmp_path / "images" / name / f"{k}.png", seed=k)
         members += [(f"{k:04d}.png", image.read_bytes()), (f"{k:04d}.txt", name.encode())]
-    tar = write_tar(tmp_path / "tars" / "00000.tar", members)
+    write_tar(tmp_path / "tars" / "00000.tar", members)
+    tar = tmp_path / "tars"
+    (tar / "00001.tar").write_bytes(b"not a tar at all" * 100)  # said by finetune and evaluate, as by extract
     extract(tmp_path / "images", tmp_path / "cache", layers=("pool5",), dtype="float32")
     fit_head(FitHeadConfig(cache=tmp_path / "cache", out=tmp_path / "head.pt"))
+    said = []
     result = run_finetune(FinetuneConfig(data=tar, format="webdataset", label_key="txt", head=tmp_path / "head.pt",
                                          out=tmp_path / "m.pt", epochs=1, batch_size=4, workers=0, quiet=True),
-                          say=lambda text: None)
+                          say=said.append)
     assert result.epochs_run == 1
-    report = run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", data=tar, format="webdataset",
-                                         label_key="txt", split="", out=tmp_path / "r", workers=0)).report
+    assert [line for line in said if "00001.tar is not an uncompressed tar" in line and line.startswith("warning: ")]
+    evaluated = run_tl("evaluate", "--model", tmp_path / "m.pt", "--data", tar, "--format", "webdataset",
+                       "--label-key", "txt", "--split", "", "--out", tmp_path / "r", "--workers", "0", "--quiet")
+    assert evaluated.code == 0 and "warning: " in evaluated.err and "00001.tar is not an uncompressed tar" in evaluated.err
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["rows"] == 8
+    assert [line for line in report["source"]["warnings"] if "00001.tar is not an uncompressed tar" in line]
     exported = export_model(tmp_path / "m.pt", "torchscript", tmp_path / "m.ts")
-    assert exported.checked == 8 and exported.checked_on.endswith("00000.tar")  # the tar's images, by label key
+    assert exported.checked == 8 and exported.checked_on.endswith("tars")  # the tars' images, by label key
 
 
 def test_labels_and_patterns_that_would_exhaust_memory_are_refused(tmp_path):

@@ -45,9 +45,12 @@ def open_source(
     seed: int = 0,
     classes: str = DEFAULT_CLASSES,
     label_key: str | None = None,
+    say=None,
 ) -> Source:
     """The samples of `data` read as `format`, optionally a seeded subset of N per class (0 or None: all).
-    `label_key` goes to formats that list it in their `options` (webdataset) and is refused by others."""
+    `label_key` goes to formats that list it in their `options` (webdataset) and is refused by others.
+    `say` (if given) gets the source's warnings as lines (a damaged tar, an empty class folder), for the
+    stages that record none (extract keeps them in its manifest, evaluate in its report)."""
     known = registered_formats()
     if format not in known:
         raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(format_names())}")
@@ -63,4 +66,6 @@ def open_source(
         source.subset(samples_per_class, seed)
     if not source.samples:
         raise DataError(f"the {format} data at {data} has no samples")
+    for warning in source.warnings if say is not None else ():
+        say(f"warning: {warning}")
     return source
