@@ -902,7 +902,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: interrupted; {stops.RESUME_HINT}", err=True)
         sys.exit(130)
     except stops.Terminated:
-        click.echo(f"error: stopped by SIGTERM; {stops.RESUME_HINT}", err=True)
+        click.echo(f"error: {stops.terminated_line()}", err=True)
         sys.exit(143)
     except click.exceptions.NoArgsIsHelpError as exc:  # bare `tl`: the help, as click shows it
         exc.show()
@@ -917,6 +917,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except RuntimeError as exc:
         torch = sys.modules.get("torch")  # imported by whatever ran out of its memory; not before
+        lost = None if torch is None else importlib.import_module("pipeline.hardware").lost_worker(exc)
+        if lost is not None:  # a worker killed while the main process was not waiting for a batch
+            line, code = {stops.Terminated: (stops.terminated_line(), 143),
+                          KeyboardInterrupt: (f"interrupted; {stops.RESUME_HINT}", 130)}.get(type(lost), (lost, 2))
+            click.echo(f"error: {line}", err=True)
+            sys.exit(code)
         if torch is None or not isinstance(exc, torch.OutOfMemoryError):
             raise
         said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]

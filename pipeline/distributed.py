@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_distributed
 
+from pipeline import stops
 from pipeline.errors import TLError
 
-TIMEOUT_SECONDS = int(os.environ.get("TL_DISTRIBUTED_TIMEOUT", "1800"))
 
 
 class DistributedError(TLError):
@@ -47,23 +47,26 @@ def world() -> World:
         raise DistributedError("RANK, WORLD_SIZE and LOCAL_RANK must be integers; start tl with torchrun") from None
 
 
+def timeout_seconds() -> int:
+    """Seconds a rank waits for the others (TL_DISTRIBUTED_TIMEOUT, default 1800)."""
+    text = os.environ.get("TL_DISTRIBUTED_TIMEOUT", "1800")
+    if not text.strip().isdigit() or not int(text) > 0:
+        raise DistributedError(f"TL_DISTRIBUTED_TIMEOUT must be a whole number of seconds above 0, got '{text}'")
+    return int(text)
+
+
 def start(current: World, device: torch.device) -> None:
-    """Join the process group (once); a SIGTERM from torchrun, sent when another rank died, becomes a
-    one-line error instead of a traceback."""
+    """Join the process group (once). torchrun sends SIGTERM to every rank when one fails and when it is
+    stopped itself: that stays tl's stop (stops.terminated), one line per rank, as without torchrun."""
     if not current.distributed or torch_distributed.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
-        torch_distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_SECONDS))
+        torch_distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"cannot join the process group ({str(exc).splitlines()[0]}); start tl with "
                                "torchrun, which sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE") from None
-
-    def stopped(signum, frame):
-        raise DistributedError(f"rank {current.rank} was stopped because another rank failed; work already "
-                               "finished is kept: re-run the same command to complete it")
-
-    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGTERM, stops.terminated)
 
 
 def barrier(current: World, what: str) -> None:
@@ -74,8 +77,7 @@ def barrier(current: World, what: str) -> None:
         torch_distributed.barrier()
     except RuntimeError as exc:
         raise DistributedError(f"rank {current.rank}: another rank did not reach '{what}' "
-                               f"({str(exc).splitlines()[0][:160]}); work already finished is kept: re-run the "
-                               "same command to complete it") from None
+                               f"({str(exc).splitlines()[0][:160]}); {stops.RESUME_HINT}") from None
 
 
 def broadcast(current: World, value):

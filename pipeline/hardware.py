@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch import nn
 
-from pipeline import DEVICES, PRECISIONS, distributed
+from pipeline import DEVICES, PRECISIONS, distributed, stops
 from pipeline.errors import TLError
 
 
@@ -200,9 +200,25 @@ class WorkerLoader(DataLoader):
             except StopIteration:
                 return
             except RuntimeError as exc:
-                if "timed out" not in str(exc) and "exited unexpectedly" not in str(exc):
+                error = lost_worker(exc)
+                if error is None:
                     raise
-                raise TLError("a decoding worker died or could not hand over its batch (shared memory in /dev/shm "
-                              "full, a file-size limit, or out of memory); free space or memory, or pass --workers 0 "
-                              "to decode in this process, and re-run the same command") from None
+                raise error from None
             yield batch
+
+
+def lost_worker(exc: BaseException) -> BaseException | None:
+    """What a decoding worker's death is, to raise instead of torch's RuntimeError (which its SIGCHLD
+    handler raises wherever the main process is): a worker that SIGTERM or Ctrl-C took down (torchrun
+    signals a rank's workers too) is that stop; one killed otherwise (the out-of-memory killer's
+    SIGKILL), timed out, or unable to hand over its batch is a one-line TLError; None: another error."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "DataLoader" not in text or not any(
+            mark in text for mark in ("timed out", "exited unexpectedly", "is killed by signal")):
+        return None
+    if "killed by signal: Terminated" in text or "killed by signal: Interrupt" in text:
+        stops.STOPPING.set()
+        return stops.Terminated() if "Terminated" in text else KeyboardInterrupt()
+    return TLError("a decoding worker died or could not hand over its batch (shared memory in /dev/shm full, a "
+                   "file-size limit, or out of memory); free space or memory, or pass --workers 0 to decode in this "
+                   "process, and re-run the same command")

@@ -79,9 +79,21 @@ def unraisable(report) -> None:
         timer.daemon = True
         timer.start()
         return
-    sys.__unraisablehook__(report)
+    if not STOPPING.is_set():  # once stopping, a finalizer's error (a DataLoader whose workers the stop took
+        sys.__unraisablehook__(report)  # down too) is part of the stop, whose one line the user gets
 
 
 RESUMES = ("tl extract resumes its shards, tl sweep its heads; tl finetune: add --resume; tl run resumes "
            "them all")
 RESUME_HINT = f"nothing finished was lost: run the same command again ({RESUMES})"
+
+
+def terminated_line() -> str:
+    """What a process stopped by SIGTERM says; under torchrun, which rank, and why every rank got it."""
+    try:
+        ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        ranked = False
+    where = (f"rank {os.environ.get('RANK', '?')} stopped by SIGTERM (torchrun stops every rank when one fails "
+             "or when it is stopped itself)") if ranked else "stopped by SIGTERM"
+    return f"{where}; {RESUME_HINT}"

@@ -90,6 +90,42 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_completes(images, single, tm
     assert done.manifest.complete and done.manifest.skipped[0]["sample_id"] == "b/img00.png"
 
 
+def test_torchrun_stopped_by_sigterm_says_so_on_every_rank(images, tmp_path):
+    """`kill`, `timeout` or scancel on torchrun: it sends SIGTERM to every rank. Each rank said "stopped
+    because another rank failed" (none had) and exited 2; a DataLoader's finalizer could add a traceback.
+    A bad TL_DISTRIBUTED_TIMEOUT was a ValueError at import, even in one process."""
+    import signal
+    import time
+
+    out = tmp_path / "c"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", "localhost:0", "-m", "cli", *EXTRACT[:-3], "--workers", "1", "--batch-size", "1",
+               "--quiet", "--data", str(images), "--out", str(out)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and not list(out.glob("shard-*.h5")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert sorted(line.split(" stopped by SIGTERM")[0] for line in ours) == ["error: rank 0", "error: rank 1"], err
+    assert all("torchrun stops every rank when one fails or when it is stopped itself" in line for line in ours)
+    assert "another rank failed" not in err and f'File "{REPO}' not in err and "Exception ignored" not in err
+    # one process completes the cache; TL_DISTRIBUTED_TIMEOUT is read only where ranks wait for each other
+    resumed = subprocess.run([sys.executable, "-m", "cli", *EXTRACT, "--data", str(images), "--out", str(out)],
+                             cwd=REPO, capture_output=True, text=True, env={**environment, "TL_DISTRIBUTED_TIMEOUT": "abc"})
+    assert resumed.returncode == 0 and "reused" in resumed.stdout, resumed
+    from pipeline import distributed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TL_DISTRIBUTED_TIMEOUT", "2.5")
+        with pytest.raises(distributed.DistributedError, match="TL_DISTRIBUTED_TIMEOUT must be a whole number of "
+                                                               "seconds above 0, got '2.5'"):
+            distributed.timeout_seconds()
+
+
 def test_two_process_finetune_matches_one_process_checkpoints_and_resumes(run_tl, tmp_path):
     """18 images in global batches of 6: both runs see the same batches and, since augmentation is
     drawn per (epoch, image), the same crops; DDP averages the two halves' gradients."""

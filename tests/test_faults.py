@@ -253,6 +253,29 @@ def test_sigterm_is_one_line_exit_143_and_resumes(tmp_path):
     assert leftovers(cache) == []
 
 
+def test_a_decoding_worker_killed_by_sigkill_is_one_line_and_resumes(tmp_path):
+    """The out-of-memory killer's SIGKILL of a worker reached the user as torch's RuntimeError traceback
+    (raised from its SIGCHLD handler wherever the main process was) and exit 1."""
+    data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=10)
+    args = ["--data", data, "--shard-rows", "2", "--batch-size", "1", "--dtype", "float32", "--workers", "1",
+            *FAST]
+    cache = tmp_path / "c"
+    process = _start(args, cache)
+    _wait_for_shards(process, cache, 0, time.monotonic() + 120)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    own = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+    workers = [int(pid) for pid in children if Path(f"/proc/{pid}/cmdline").read_bytes() == own]  # forked: its argv
+    assert workers, children
+    os.kill(workers[0], signal.SIGKILL)
+    process.wait(timeout=120)
+    err = process.stderr.read()
+    assert process.returncode == 2 and err.startswith("error: a decoding worker died"), err
+    assert err.strip().splitlines() == [err.strip()] and "Traceback" not in err
+    kept = shards_in(cache)
+    resumed = tl_process("extract", "--out", cache, *args)
+    assert resumed.code == 0 and f"{kept} reused" in resumed.out, resumed
+
+
 @contextlib.contextmanager
 def lock_held_elsewhere(lock_path: Path):
     """Another process holding the output lock at `lock_path` (as a running tl would); yields its pid."""
