@@ -27,7 +27,7 @@ from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
 from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images
-from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, load_checkpoint, load_head,
+from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, freeze, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
 from pipeline.progress import progress
 from pipeline.training import TrainingOptions, check_rates, check_schedule, decay_groups, loss_for, make_optimizer, step_multiplier
@@ -90,48 +90,6 @@ class FinetuneResult:
     val: dict | None = None  # the final model's validation metrics
     timings: dict = field(default_factory=dict)
     precision: str = "float32"
-
-
-# ---------------------------------------------------------------- the trainable part
-
-
-def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool = False) -> dict:
-    """Train the head and, with N ≥ 1, the last N conv layers and everything after them up to the tap;
-    every earlier parameter gets requires_grad=False and its modules stay in eval mode. BatchNorm layers
-    keep their ImageNet statistics unless `bn_stats` (as Keras's transfer-learning guide advises: batch
-    statistics of small fine-tuning batches would replace them and wreck the codes the head knows)."""
-    if unfreeze < 0:
-        raise FinetuneError(f"--unfreeze must be 0 or more, got {unfreeze}")
-    if unfreeze > len(convs):
-        raise FinetuneError(f"--unfreeze {unfreeze} is more than the {len(convs)} conv layers of this backbone "
-                            f"before the tap; pass at most {len(convs)}")
-    modules = list(model.features.named_modules())
-    first = len(modules)
-    if unfreeze:
-        target = "extractor." + convs[-unfreeze]
-        first = next(i for i, (name, _) in enumerate(modules) if name == target)
-    trainable_names = {name for name, _ in modules[first:]}
-    # every module before the first trainable layer but those holding one (eval() recurses): not leaves
-    # only, as a norm + act module (timm's BatchNormAct2d) has children and statistics of its own
-    model.eval_modules = [module for name, module in modules[:first] if not _holds(name, trainable_names)]
-    if not bn_stats:
-        model.eval_modules += [module for _, module in modules[first:]
-                               if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    for name, parameter in model.features.named_parameters():
-        parameter.requires_grad = name.rsplit(".", 1)[0] in trainable_names
-    for parameter in model.head.parameters():
-        parameter.requires_grad = True
-    layers = sorted({name.rsplit(".", 1)[0].removeprefix("extractor.")
-                     for name, p in model.features.named_parameters() if p.requires_grad},
-                    key=lambda n: [m for m, _ in modules].index("extractor." + n))
-    return {"parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
-            "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
-
-
-def _holds(name: str, names: set[str]) -> bool:
-    """Whether the module called `name` contains a module of `names` ("" is the root: it holds them all)."""
-    return any(not name or other.startswith(name + ".") for other in names)
 
 
 # ---------------------------------------------------------------- training
@@ -312,7 +270,7 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
             batch_targets = torch.from_numpy(targets[indices].astype(np.float32) if multilabel else targets[indices])
             loss = training_step(trainer, to_device(pixels, device), to_device(batch_targets, device), loss_function,
                                  optimizer, scaler, device, precision,
-                                 check=lambda loss: _check_loss(loss, current, epoch, number, last_path))
+                                 check=lambda loss, mine: _check_loss(loss, mine, current, epoch, number, last_path))
             total += loss * len(indices)
             seen += len(indices)
             bar.set_postfix(loss=f"{total / max(seen, 1):.4f}",
@@ -366,27 +324,33 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
 def training_step(trainer: nn.Module, pixels: torch.Tensor, targets: torch.Tensor, loss_function, optimizer,
                   scaler: torch.amp.GradScaler, device: torch.device, precision: str, check=None) -> float:
     """One optimizer step on a batch on `device`, under autocast, loss scaled for float16 (an overflowed step is
-    skipped, the scale lowered); `check(loss)` runs first. An empty batch still steps (DDP ranks keep step)."""
+    skipped, the scale lowered); `check(loss, images)` runs first and gives the weight of this batch's mean
+    loss (see _check_loss). An empty batch still steps (DDP ranks keep step)."""
     with autocast(device, precision):
         logits = trainer(pixels)
     logits = logits.float()  # the loss in float32 whatever the forward's precision
     loss = loss_function(logits, targets) if len(targets) else logits.sum() * 0.0
-    if check is not None:
-        check(loss)
+    weight = check(loss, len(targets)) if check is not None else 1.0
     optimizer.zero_grad(set_to_none=True)
     with float32_math(precision):  # the backward pass in the forward's float32 too
-        scaler.scale(loss).backward()
+        scaler.scale(loss * weight).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss.item()
 
 
-def _check_loss(loss: torch.Tensor, current: distributed.World, epoch: int, number: int, last_path: Path) -> None:
-    """Stop every rank, naming the epoch and batch, when any rank's loss is not finite."""
-    if distributed.all_sum(current, [0.0 if torch.isfinite(loss) else 1.0])[0]:
+def _check_loss(loss: torch.Tensor, mine: int, current: distributed.World, epoch: int, number: int,
+                last_path: Path) -> float:
+    """Stop every rank, naming the epoch and batch, when any rank's loss is not finite. Else the weight of
+    this rank's mean loss over its `mine` images: DDP averages the ranks' gradients, so a rank's share of
+    the step's images times the ranks makes every rank train as one process on the whole batch, however
+    unevenly the batch (or an unreadable image) split it; 1.0 in one process."""
+    bad, images = distributed.all_sum(current, [0.0 if torch.isfinite(loss) else 1.0, float(mine)])
+    if bad:
         kept = f"the last good checkpoint ({last_path}, epoch {epoch}) is kept" if epoch else "no checkpoint"
         raise FinetuneError(f"the loss became {loss.item()} in epoch {epoch + 1}, batch {number}; {kept}; "
                             "lower --lr and resume")
+    return mine * current.size / images if images else 0.0
 
 
 def _validate(model, dataset, targets, config, device, precision) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from cache.manifest import decode_of
@@ -125,12 +125,15 @@ def batch_loader(dataset, batches: list[list[int]], workers: int | None, device)
 
 
 def epoch_batches(size: int, current: distributed.World, seed: int, epoch: int, batch_size: int) -> list[list[int]]:
-    """This rank's batches of one epoch: torch's DistributedSampler (shuffled from seed + epoch, padded,
-    strided over the ranks) in batches of batch_size / world size, so --batch-size stays the global batch
-    and step i of every rank together covers the same items as step i of a single process."""
-    sampler = DistributedSampler(range(size), num_replicas=current.size, rank=current.rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    return list(BatchSampler(sampler, max(1, batch_size // current.size), drop_last=False))
+    """This rank's batches of one epoch: the items in the order torch's DistributedSampler shuffles them
+    (from seed + epoch), cut into global batches of --batch-size, each dealt over the ranks (rank r takes
+    every world-size-th item from the r-th). Step i of every rank together is step i of one process, with
+    no item repeated, whatever the batch and the item count; a share may be one smaller or empty, which
+    the loss weighs (finetune's _check_loss). Every rank has the same number of steps."""
+    generator = torch.Generator()
+    generator.manual_seed(seed + epoch)
+    order = torch.randperm(size, generator=generator).tolist()
+    return [order[start:start + batch_size][current.rank::current.size] for start in range(0, size, batch_size)]
 
 
 def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None, device,

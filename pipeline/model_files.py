@@ -201,6 +201,44 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     return model, backbone, convs
 
 
+def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool = False) -> dict:
+    """Train the head and, with N ≥ 1, the last N conv layers and everything after them up to the tap;
+    every earlier parameter gets requires_grad=False and its modules stay in eval mode. BatchNorm layers
+    keep their ImageNet statistics unless `bn_stats` (as Keras's transfer-learning guide advises: batch
+    statistics of small fine-tuning batches would replace them and wreck the codes the head knows)."""
+    if unfreeze < 0:
+        raise FinetuneError(f"--unfreeze must be 0 or more, got {unfreeze}")
+    if unfreeze > len(convs):
+        raise FinetuneError(f"--unfreeze {unfreeze} is more than the {len(convs)} conv layers of this backbone "
+                            f"before the tap; pass at most {len(convs)}")
+    modules = list(model.features.named_modules())
+    first = len(modules)
+    if unfreeze:
+        target = "extractor." + convs[-unfreeze]
+        first = next(i for i, (name, _) in enumerate(modules) if name == target)
+    trainable_names = {name for name, _ in modules[first:]}
+    # every module before the first trainable layer but those holding one (eval() recurses): not leaves
+    # only, as a norm + act module (timm's BatchNormAct2d) has children and statistics of its own
+    model.eval_modules = [module for name, module in modules[:first] if not _holds(name, trainable_names)]
+    if not bn_stats:
+        model.eval_modules += [module for _, module in modules[first:]
+                               if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    for name, parameter in model.features.named_parameters():
+        parameter.requires_grad = name.rsplit(".", 1)[0] in trainable_names
+    for parameter in model.head.parameters():
+        parameter.requires_grad = True
+    layers = sorted({name.rsplit(".", 1)[0].removeprefix("extractor.")
+                     for name, p in model.features.named_parameters() if p.requires_grad},
+                    key=lambda n: [m for m, _ in modules].index("extractor." + n))
+    return {"parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
+
+
+def _holds(name: str, names: set[str]) -> bool:
+    """Whether the module called `name` contains a module of `names` ("" is the root: it holds them all)."""
+    return any(not name or other.startswith(name + ".") for other in names)
+
 
 def checkpoint_paths(out: Path) -> tuple[Path, Path]:
     """(last, best) checkpoints beside the model file."""

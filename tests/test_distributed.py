@@ -127,15 +127,19 @@ def test_torchrun_stopped_by_sigterm_says_so_on_every_rank(images, tmp_path):
 
 
 def test_two_process_finetune_matches_one_process_checkpoints_and_resumes(run_tl, tmp_path):
-    """18 images in global batches of 6: both runs see the same batches and, since augmentation is
-    drawn per (epoch, image), the same crops; DDP averages the two halves' gradients."""
+    """16 images in global batches of 5 (shares of 3 and 2, and 1 and none in the last step): both runs
+    see the same batches and, since augmentation is drawn per (epoch, image), the same crops; each rank's
+    loss is weighed by its share, as DDP averages the ranks' gradients. Batches of 5 over 2 ranks used to
+    train batches of 4, and 17 images (padded to 18) one image twice."""
     from pipeline.model_files import checkpoint_paths, load_model_file
 
     images = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=6)
+    for extra in sorted((images / "c").iterdir())[:2]:
+        extra.unlink()
     assert run_tl(*EXTRACT, "--data", images, "--out", tmp_path / "c").code == 0
     assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "head.pt").code == 0
     common = ["finetune", "--data", images, "--head", tmp_path / "head.pt", "--unfreeze", "1", "--lr", "1e-4",
-              "--batch-size", "6", "--val-data", images, "--quiet"]
+              "--batch-size", "5", "--val-data", images, "--quiet"]
     alone = run_tl(*common, "--epochs", "2", "--out", tmp_path / "alone.pt")
     assert alone.code == 0, alone
     first = torchrun(*common, "--epochs", "1", "--out", tmp_path / "pair.pt")
