@@ -9,7 +9,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.errors import HeadError
+from pipeline.errors import HeadError, listed
 from pipeline.progress import progress
 BLOCK_ROWS = 4096  # code rows read from a cache at a time (memory holds one block)
 
@@ -63,8 +63,12 @@ class CodeRows(ABC):
         if not self.multilabel and np.count_nonzero(counts) < 2:
             raise HeadError("the training codes hold a single class; a classifier needs at least two")
         missing = [self.class_names[c] for c in np.flatnonzero(counts == 0)]
+        if len(missing) == 1:
+            raise HeadError(f"class {missing[0]} has no training rows; add images of it or remove it")
         if missing:
-            raise HeadError(f"class {', '.join(missing[:5])} has no training rows; add images of it or remove it")
+            more = f" (+{len(missing) - 5:,} more)" if len(missing) > 5 else ""
+            raise HeadError(f"{len(missing):,} classes have no training rows: {listed(missing[:5])}{more}; add images "
+                            "of them or remove them")
 
 
 class ArrayRows(CodeRows):

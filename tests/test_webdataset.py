@@ -210,3 +210,33 @@ def test_labels_and_patterns_that_would_exhaust_memory_are_refused(tmp_path):
         open_source("webdataset", tar, label_key="json:")
     with pytest.raises(TLError, match="--multiscale labels patches by their boxes: webdataset data has none"):
         extract(tar, tmp_path / "m", format="webdataset", label_key="json", multiscale=True)
+
+
+def test_class_numbers_that_hold_no_images_are_warned(tmp_path):
+    """.cls numbers index the classes from 0: labels from 1, a gap or one stray large number leave classes
+    without images; the listing says which (and how many more), fit-head's refusal counts them too."""
+    from pipeline.errors import HeadError
+    from pipeline.fit_head import FitHeadConfig, fit_head
+
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+
+    def numbered(name, numbers):
+        return write_tar(tmp_path / name / "00000.tar",
+                         [m for k, n in enumerate(numbers) for m in ((f"s{k}.png", picture), (f"s{k}.cls", str(n).encode()))])
+
+    source = open_source("webdataset", numbered("from1", [1, 2, 1, 2]))
+    assert source.classes == ["0", "1", "2"] and [s.target for s in source.samples] == [1, 2, 1, 2]
+    assert source.warnings == ["class 0 holds no images; the .cls numbers 0..2 index the classes from 0, and fit-head "
+                               "needs images of every class; renumber the labels from 0 without gaps (a test split "
+                               "may lack some)"]
+    stray = numbered("stray", [0, 1, 0, 1, 40])
+    assert open_source("webdataset", stray).warnings[0].startswith(
+        "38 of the 41 classes hold no images: 2, 3, 4, 5, 6 (+33 more); the .cls numbers 0..40 index")
+    named = open_source("webdataset", stray, classes="a,b,c")
+    assert named.warnings == ["class c holds no images; fit-head needs images of every class of --classes (a test "
+                              "split may lack some)"]
+    assert open_source("webdataset", numbered("whole", [0, 1, 0, 1])).warnings == []
+    extract(stray, tmp_path / "c", format="webdataset")
+    assert CacheReader(tmp_path / "c").manifest.warnings[0].startswith("38 of the 41 classes hold no images")
+    with pytest.raises(HeadError, match=r"^38 classes have no training rows: 2, 3, 4, 5, 6 \(\+33 more\); add images"):
+        fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.datasets import DECODE_ERRORS, Sample, Source, file_stamp, open_rgb, register_format, shown
-from pipeline.errors import DataError
+from pipeline.errors import DataError, listed
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
@@ -177,7 +177,7 @@ class WebDatasetSource(Source):
             raise DataError(f"the tars of {shown(data)} hold no images (looked for .{', .'.join(IMAGE_SUFFIXES)})"
                             + "".join(f"; {line}" for line in warnings[:3]))
         super().__init__(names, samples)
-        self.warnings += warnings
+        self.warnings += warnings + _empty_classes(names, samples, classes, suffix)
 
     @staticmethod
     def _list_tar(path: Path, suffix: str, field: str | None, warnings: list[str]) -> list[tuple]:
@@ -271,6 +271,23 @@ class WebDatasetSource(Source):
             return open_rgb(buffer, draft)
         except DECODE_ERRORS as exc:  # PIL names the buffer by its address: name the tar member instead
             raise type(exc)(str(exc).replace(repr(buffer), self.samples[index].sample_id)) from None
+
+
+def _empty_classes(names: list[str], samples: list[Sample], classes: str, suffix: str) -> list[str]:
+    """The warning for classes no listed image holds: class numbers that skip some (labels from 1, a gap,
+    one stray large number), or names of --classes the labels never use. They keep their index, so the
+    classes match those of another split, but fit-head refuses a class without rows."""
+    held = {sample.target for sample in samples}
+    empty = [name for index, name in enumerate(names) if index not in held]
+    if not empty:
+        return []
+    counted = f"class {empty[0]} holds no images" if len(empty) == 1 else (
+        f"{len(empty):,} of the {len(names):,} classes hold no images: {listed(empty[:5])}"
+        + (f" (+{len(empty) - 5:,} more)" if len(empty) > 5 else ""))
+    if names_given(classes):
+        return [f"{counted}; fit-head needs images of every class of --classes (a test split may lack some)"]
+    return [f"{counted}; the .{suffix} numbers 0..{len(names) - 1} index the classes from 0, and fit-head needs "
+            "images of every class; renumber the labels from 0 without gaps (a test split may lack some)"]
 
 
 def names_given(classes: str | None) -> bool:
