@@ -390,6 +390,11 @@ def info(cache, verify):
     manifest = load_manifest(cache)
     for line in manifest.describe(cache):
         click.echo(line)
+    first = 5 if len(manifest.warnings) > 6 else 6  # "and 1 more" would take the line the sixth needs
+    for warning in manifest.warnings[:first]:  # what the listing noticed: a damaged tar, an empty class
+        click.echo(f"warning    {warning}")
+    if len(manifest.warnings) > first:
+        click.echo(f"warning    ... and {len(manifest.warnings) - first} more (manifest.json's warnings)")
     if verify:
         problems = CacheReader(cache, verify=False, allow_partial=True).verify_all()
         if problems:

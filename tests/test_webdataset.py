@@ -240,3 +240,18 @@ def test_class_numbers_that_hold_no_images_are_warned(tmp_path):
     assert CacheReader(tmp_path / "c").manifest.warnings[0].startswith("38 of the 41 classes hold no images")
     with pytest.raises(HeadError, match=r"^38 classes have no training rows: 2, 3, 4, 5, 6 \(\+33 more\); add images"):
         fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+
+
+def test_info_shows_the_listing_warnings(run_tl, tmp_path):
+    tars = write_webdataset(tmp_path, tars=1, per_tar=4, classes=2)
+    (tars / "00001.tar").write_bytes(b"not a tar at all" * 100)
+    extract(tars, tmp_path / "one", format="webdataset")
+    listed = run_tl("info", tmp_path / "one")
+    lines = [line for line in listed.out.splitlines() if line.startswith("warning    ")]
+    assert listed.code == 0 and len(lines) == 1 and "00001.tar is not an uncompressed tar" in lines[0], listed
+    for k in range(2, 10):
+        (tars / f"{k:05d}.tar").write_bytes(b"not a tar at all" * 100)
+    extract(tars, tmp_path / "many", format="webdataset")
+    lines = [line for line in run_tl("info", tmp_path / "many").out.splitlines() if line.startswith("warning    ")]
+    assert len(lines) == 6 and "00001.tar is not an uncompressed tar" in lines[0]
+    assert lines[-1] == "warning    ... and 4 more (manifest.json's warnings)"
