@@ -255,3 +255,19 @@ def test_info_shows_the_listing_warnings(run_tl, tmp_path):
     lines = [line for line in run_tl("info", tmp_path / "many").out.splitlines() if line.startswith("warning    ")]
     assert len(lines) == 6 and "00001.tar is not an uncompressed tar" in lines[0]
     assert lines[-1] == "warning    ... and 4 more (manifest.json's warnings)"
+
+
+def test_tars_of_one_name_in_two_folders_give_distinct_ids(tmp_path):
+    """`dup/{a,b}/00000.tar`: the ids name each tar by its path from the tars' common folder; tars of
+    distinct names keep `NAME.tar/KEY`, so existing caches keep their ids."""
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    for folder, label in (("a", b"0"), ("b", b"1")):
+        write_tar(tmp_path / "dup" / folder / "00000.tar", [("k.png", picture), ("k.cls", label)])
+    source = open_source("webdataset", str(tmp_path / "dup" / "{a,b}" / "00000.tar"))
+    assert [s.sample_id for s in source.samples] == ["a/00000.tar/k", "b/00000.tar/k"]
+    assert [s.target for s in source.samples] == [0, 1]
+    write_tar(tmp_path / "dup" / "b" / "00001.tar", [("k.png", picture), ("k.cls", b"1")])
+    source = open_source("webdataset", str(tmp_path / "dup" / "{a/00000,b/00001}.tar"))
+    assert [s.sample_id for s in source.samples] == ["00000.tar/k", "00001.tar/k"]
+    extract(str(tmp_path / "dup" / "{a,b}" / "00000.tar"), tmp_path / "c", format="webdataset")
+    assert list(CacheReader(tmp_path / "c").load_column("sample_id")) == ["a/00000.tar/k", "b/00000.tar/k"]

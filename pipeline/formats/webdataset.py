@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -83,6 +84,16 @@ def tar_paths(data: Path, split: str) -> list[Path]:
     return [data]
 
 
+def _tar_names(paths: list[Path]) -> list[str]:
+    """How sample ids name each tar: its file name (`00000.tar/KEY`), or, when two tars share a file name
+    (a brace pattern over folders), its path from the tars' common folder (`a/00000.tar/KEY`)."""
+    names = [path.name for path in paths]
+    if len(set(names)) == len(names):
+        return names
+    common = os.path.commonpath([os.path.abspath(path.parent) for path in paths])
+    return [os.path.relpath(os.path.abspath(path), common) for path in paths]
+
+
 def _label_field(label_key: str) -> tuple[str, str | None]:
     """`cls` -> ("cls", None); `json` -> ("json", "label"); `json:FIELD` -> ("json", FIELD)."""
     suffix, colon, name = label_key.partition(":")
@@ -146,10 +157,11 @@ class WebDatasetSource(Source):
         suffix, field = _label_field(label_key)
         self.label_key = suffix + (f":{field}" if field and field != "label" else "")  # one spelling per key
         listed, warnings = [], []
-        for path in tar_paths(Path(data), split):
-            listed.append((path, file_stamp(path), self._list_tar(path, suffix, field, warnings)))
-        labels = [entry[3] for _, _, entries in listed for entry in entries if isinstance(entry[3], (int, str))]
-        images = sum(len(entries) for _, _, entries in listed)
+        paths = tar_paths(Path(data), split)
+        for path, tar_name in zip(paths, _tar_names(paths)):
+            listed.append((path, tar_name, file_stamp(path), self._list_tar(path, suffix, field, warnings)))
+        labels = [entry[3] for *_, entries in listed for entry in entries if isinstance(entry[3], (int, str))]
+        images = sum(len(entries) for *_, entries in listed)
         if images and not labels:
             raise DataError(f"none of the {images} images in the tars of {shown(data)} has a readable .{suffix} "
                             f"label; name the label files with --label-key (cls, txt, json or json:FIELD)"
@@ -157,7 +169,7 @@ class WebDatasetSource(Source):
         names = self._class_names(classes, labels)
         position = {name: i for i, name in enumerate(names)}
         samples = []
-        for path, stamp, entries in listed:
+        for path, tar_name, stamp, entries in listed:
             for key, offset, size, label, problem in entries:
                 if label is None:
                     target = -1
@@ -169,7 +181,7 @@ class WebDatasetSource(Source):
                     problem = f"label {label} is not one of the classes given by --classes"
                 # path, offset and size of the image in its tar, and why it cannot be used (or nothing)
                 location = f"{path}\0{offset}\0{size}\0{problem or ''}"
-                samples.append(Sample(f"{path.name}/{key}", target if problem is None else -1, location, stamp))
+                samples.append(Sample(f"{tar_name}/{key}", target if problem is None else -1, location, stamp))
         if samples and all(sample.target == -1 for sample in samples):
             raise DataError(f"no image in the tars of {shown(data)} has a label among --classes ({classes}); "
                             "name the classes the labels use, or leave --classes out")
