@@ -271,3 +271,12 @@ def test_tars_of_one_name_in_two_folders_give_distinct_ids(tmp_path):
     assert [s.sample_id for s in source.samples] == ["00000.tar/k", "00001.tar/k"]
     extract(str(tmp_path / "dup" / "{a,b}" / "00000.tar"), tmp_path / "c", format="webdataset")
     assert list(CacheReader(tmp_path / "c").load_column("sample_id")) == ["a/00000.tar/k", "b/00000.tar/k"]
+
+
+def test_an_empty_tar_is_a_warning(tmp_path):
+    tars = write_webdataset(tmp_path, tars=1, per_tar=4, classes=2)
+    write_tar(tars / "00001.tar", [])
+    source = open_source("webdataset", tars)
+    assert len(source) == 4 and source.warnings == [f"{tars / '00001.tar'} is an empty tar (no entries); it was skipped"]
+    with pytest.raises(DataError, match=r"hold no images .*; .*00001.tar is an empty tar \(no entries\)"):
+        open_source("webdataset", tars / "00001.tar")

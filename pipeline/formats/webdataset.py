@@ -236,6 +236,9 @@ class WebDatasetSource(Source):
                             + ("it was skipped" if not members else "the entries before were listed"))
         except OSError as exc:  # the file itself cannot be read (permissions, I/O): not a damaged tar to skip
             raise DataError(f"cannot read {shown(path)}: {exc.strerror or exc}; check the file and re-run") from None
+        else:
+            if not members:  # a whole tar of nothing: said like a damaged one, not dropped silently
+                warnings.append(f"{shown(path)} is an empty tar (no entries); it was skipped")
         entries = []
         for key, (offset, size) in images.items():
             label = labels.get(key)
