@@ -93,6 +93,11 @@ class Source:
         sample = self.samples[index]
         return f"{sample.sample_id}\0{sample.target}\0{sample.stamp}\n".encode("utf-8", "surrogateescape")
 
+    def listing_problem(self, index: int) -> str | None:
+        """Why the listing found a sample unusable, and the fix (a tar entry without a label: "no label
+        (KEY.cls is missing); fix the tar"); None for a sample only decoding can judge."""
+        return None
+
     def input_unit(self, index: int) -> str | None:
         """The input a sample is read from when shards follow inputs (a tar file); None: they do not."""
         return None

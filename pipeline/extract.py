@@ -231,9 +231,12 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                          timing.get("device_refused", 0))
 
 
-def _note_error(config: ExtractConfig, rows: ShardRows, sample_id: str, reason: str) -> None:
+def _note_error(config: ExtractConfig, rows: ShardRows, source: Source, index: int, reason: str) -> None:
+    sample_id = source.samples[index].sample_id
     if config.on_error == "fail":
-        raise TLError(f"cannot decode {sample_id}: {reason}; fix or remove it, or pass --on-error skip")
+        problem = source.listing_problem(index)  # a tar entry without a label is not an image to decode
+        raise TLError(f"cannot use {sample_id}: {problem}, or pass --on-error skip" if problem else
+                      f"cannot decode {sample_id}: {reason}; fix or remove it, or pass --on-error skip")
     rows.skipped.append({"sample_id": sample_id, "reason": reason})
 
 
@@ -262,7 +265,7 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
             if shard != current:
                 current, rows = shard, ShardRows(taps, config.dtype)
             for index, reason in errors:
-                _note_error(config, rows, source.samples[index].sample_id, reason)
+                _note_error(config, rows, source, index, reason)
             if pixels is not None:
                 columns: dict[str, list] = {}
                 for index in indices:
@@ -342,7 +345,7 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
             if shard != current:
                 current, rows, waiting = shard, ShardRows(taps, config.dtype), []
             if item.error:
-                _note_error(config, rows, source.samples[item.index].sample_id, item.error)
+                _note_error(config, rows, source, item.index, item.error)
             elif len(item.targets):
                 waiting.append((item, 0, len(item.targets)))
                 patches += len(item.targets)

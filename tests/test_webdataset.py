@@ -280,3 +280,33 @@ def test_an_empty_tar_is_a_warning(tmp_path):
     assert len(source) == 4 and source.warnings == [f"{tars / '00001.tar'} is an empty tar (no entries); it was skipped"]
     with pytest.raises(DataError, match=r"hold no images .*; .*00001.tar is an empty tar \(no entries\)"):
         open_source("webdataset", tars / "00001.tar")
+
+
+def test_a_tar_cut_inside_an_image_and_listing_problems_under_on_error_fail(tmp_path):
+    """An image the cut runs through is said to be cut short (its label would follow the cut), not to
+    lack a label; --on-error fail names a listing problem as one, not as an image that cannot decode."""
+    picture = write_image(tmp_path / "p.png", seed=1, size=(64, 64)).read_bytes()
+    tar = write_tar(tmp_path / "cut" / "00000.tar", [("a.png", picture), ("a.cls", b"0"), ("b.png", picture),
+                                                      ("b.cls", b"1"), ("c.png", picture), ("c.cls", b"1")])
+    import tarfile
+    with tarfile.open(tar) as whole:
+        b = [member for member in whole if member.name == "b.png"][0]
+    whole = tar.read_bytes()
+    tar.write_bytes(whole[:b.offset_data + 512])  # the cut falls just after b.png, before b.cls
+    assert open_source("webdataset", tar).samples[1].location.endswith("cut short after b.png, before its label b.cls")
+    tar.write_bytes(whole[:b.offset_data + b.size // 2])  # the cut runs through b.png
+    source = open_source("webdataset", tar)
+    problems = [s.location.split("\0")[3] for s in source.samples]
+    assert problems == ["", "00000.tar is cut short inside b.png, before its label b.cls"], problems
+    with pytest.raises(TLError, match=r"^cannot use 00000.tar/b: 00000.tar is cut short inside b.png, before its "
+                                      r"label b.cls; fix the tar, or pass --on-error skip$"):
+        extract(tar, tmp_path / "c", format="webdataset", on_error="fail")
+    missing = write_tar(tmp_path / "m" / "00001.tar", [("a.png", picture), ("a.cls", b"0"), ("b.png", picture)])
+    with pytest.raises(TLError, match=r"^cannot use 00001.tar/b: no label \(b.cls is missing\); fix the tar, or "
+                                      r"pass --on-error skip$"):
+        extract(missing, tmp_path / "m2", format="webdataset", on_error="fail")
+    beyond = write_tar(tmp_path / "k" / "00002.tar", [("a.png", picture), ("a.cls", b"0"), ("b.png", picture),
+                                                      ("b.cls", b"5")])
+    with pytest.raises(TLError, match=r"^cannot use 00002.tar/b: its label 5 is not one of the classes given by "
+                                      r"--classes; name its class in --classes, or pass --on-error skip$"):
+        extract(beyond, tmp_path / "k2", format="webdataset", on_error="fail", classes="x,y")

@@ -28,6 +28,7 @@ IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
 MAX_CLASS_NUMBER = 100_000  # a .cls above this is a damaged label, not a class (ImageNet-21k has 21,841)
 MAX_TARS = 10_000_000
+NOT_IN_CLASSES = "is not one of the classes given by --classes"
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -178,7 +179,7 @@ class WebDatasetSource(Source):
                 else:
                     target = position.get(str(label), -1)
                 if problem is None and target == -1:  # only with --classes: found classes hold every label
-                    problem = f"label {label} is not one of the classes given by --classes"
+                    problem = f"its label {label} {NOT_IN_CLASSES}"
                 # path, offset and size of the image in its tar, and why it cannot be used (or nothing)
                 location = f"{path}\0{offset}\0{size}\0{problem or ''}"
                 samples.append(Sample(f"{tar_name}/{key}", target if problem is None else -1, location, stamp))
@@ -197,8 +198,9 @@ class WebDatasetSource(Source):
         images: dict[str, list] = {}
         labels: dict[str, object] = {}
         repeated: set[str] = set()
-        members = 0
+        members, cut, last = 0, False, None  # last: the key of the last image listed
         try:
+            length = os.path.getsize(path)
             with tarfile.open(path, "r:") as tar:
                 for member in tar:
                     members += 1
@@ -213,7 +215,8 @@ class WebDatasetSource(Source):
                         if key in images:
                             repeated.add(key)
                         else:
-                            images[key] = [member.offset_data, member.size]
+                            images[key] = [member.offset_data, member.size, f"{key}.{ending}"]
+                        last = key
                     elif ending == suffix:
                         if key in labels:
                             repeated.add(key)
@@ -232,6 +235,7 @@ class WebDatasetSource(Source):
                 raise tarfile.ReadError("it ends without the end-of-archive blocks")
         except (tarfile.TarError, EOFError) as exc:
             what = "is not an uncompressed tar" if not members else f"is damaged after {members} entries"
+            cut = bool(members)
             warnings.append(f"{shown(path)} {what} ({str(exc) or type(exc).__name__}); "
                             + ("it was skipped" if not members else "the entries before were listed"))
         except OSError as exc:  # the file itself cannot be read (permissions, I/O): not a damaged tar to skip
@@ -240,12 +244,15 @@ class WebDatasetSource(Source):
             if not members:  # a whole tar of nothing: said like a damaged one, not dropped silently
                 warnings.append(f"{shown(path)} is an empty tar (no entries); it was skipped")
         entries = []
-        for key, (offset, size) in images.items():
+        for key, (offset, size, name) in images.items():
             label = labels.get(key)
             if key in repeated:
                 problem = f"the key {key} appears more than once in {path.name}"
+            elif key not in labels and cut and key == last:  # its label would have come after the cut
+                where = "inside" if offset + size > length else "after"
+                problem = f"{path.name} is cut short {where} {name}, before its label {key}.{suffix}"
             elif key not in labels:
-                problem = f"no label: {key}.{suffix} is missing"
+                problem = f"no label ({key}.{suffix} is missing)"
             elif isinstance(label, Exception):
                 problem = f"unreadable label in {key}.{suffix}: {label}"
             else:
@@ -266,13 +273,19 @@ class WebDatasetSource(Source):
             return [str(number) for number in range(max(labels) + 1)]  # class numbers index the classes
         return sorted({str(label) for label in labels})
 
+    def listing_problem(self, index: int) -> str | None:
+        problem = self.samples[index].location.split("\0", 3)[3]
+        if not problem:
+            return None
+        return f"{problem}; {'name its class in --classes' if problem.endswith(NOT_IN_CLASSES) else 'fix the tar'}"
+
     def input_unit(self, index: int) -> str:
         return self.samples[index].location.partition("\0")[0]  # the tar: shards follow tars
 
     def encoded(self, index: int) -> bytes:
         path, offset, size, problem = self.samples[index].location.split("\0", 3)
         if problem:
-            raise OSError(problem)  # the listing's reason: no label, a repeated key, ...
+            raise OSError(problem)  # the listing's reason: no label, a repeated key, ... (see listing_problem)
         with open(path, "rb") as handle:
             handle.seek(int(offset))
             data = handle.read(int(size))
