@@ -329,6 +329,13 @@ def shown(path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def missing_split(root: Path, split: str, splits: list[str]) -> DataError:
+    """The refusal of a --split that names no folder of `root` when other split folders hold the data:
+    `root` itself would be read instead, mixing the splits (or finding nothing)."""
+    return DataError(f"{shown(root)} has no split folder '{split}', but has {', '.join(splits)}; pass --split "
+                     "with one of them")
+
+
 def require_dir(path: Path, what: str) -> None:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; pass --data with the folder of {what}")

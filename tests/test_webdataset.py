@@ -310,3 +310,22 @@ def test_a_tar_cut_inside_an_image_and_listing_problems_under_on_error_fail(tmp_
     with pytest.raises(TLError, match=r"^cannot use 00002.tar/b: its label 5 is not one of the classes given by "
                                       r"--classes; name its class in --classes, or pass --on-error skip$"):
         extract(beyond, tmp_path / "k2", format="webdataset", on_error="fail", classes="x,y")
+
+
+def test_patterns_keys_and_splits_that_find_no_tars_say_why(tmp_path):
+    tars = write_webdataset(tmp_path, tars=2, per_tar=2, classes=2)
+    with pytest.raises(DataError, match=r"a \{ in .*\{00000..00001.tar is not closed by a \}; write ranges as"):
+        open_source("webdataset", str(tars / "{00000..00001.tar"))
+    with pytest.raises(DataError, match=r"a \} in .*00000..00001\}\{a.tar closes no \{"):
+        open_source("webdataset", str(tars / "00000..00001}{a.tar"))
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    dotted = write_tar(tmp_path / "d" / "00000.tar", [("img.001.jpg", picture), ("img.001.cls", b"0")])
+    with pytest.raises(DataError, match=r"hold no images: a key ends at the first dot, so img.001.jpg is key img with "
+                                        r"extension .001.jpg; rename the files to KEY.jpg with no dot in KEY"):
+        open_source("webdataset", dotted)
+    (tmp_path / "split").mkdir()
+    for split in ("train", "test"):
+        write_webdataset(tmp_path / split, tars=1, per_tar=2, classes=2).rename(tmp_path / "split" / split)
+    assert len(open_source("webdataset", tmp_path / "split", split="test")) == 2
+    with pytest.raises(DataError, match=r"split has no split folder 'val', but has test, train; pass --split with one"):
+        open_source("webdataset", tmp_path / "split", split="val")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets import (IMAGE_EXTENSIONS, ImageFiles, Sample, Source, file_stamp, register_format,
-                               require_dir, shown)
+from pipeline.datasets import (IMAGE_EXTENSIONS, ImageFiles, Sample, Source, file_stamp, missing_split,
+                               register_format, require_dir, shown)
 from pipeline.errors import DataError
 
 
@@ -35,8 +35,7 @@ class ImageFolderSource(Source):
             splits = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES
                             and any(child.is_dir() and not child.name.startswith(".") for child in p.iterdir()))
             if splits:
-                raise DataError(f"{shown(root)} has no split folder '{split}', but has {', '.join(splits)}; "
-                                "pass --split with one of them")
+                raise missing_split(root, split, splits)
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
             raise DataError(f"{root} has no class folders; an imagefolder holds one folder of images per class")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.datasets import DECODE_ERRORS, Sample, Source, file_stamp, open_rgb, register_format, shown
+from pipeline.datasets import (DECODE_ERRORS, Sample, Source, file_stamp, missing_split, open_rgb, register_format,
+                               shown)
 from pipeline.errors import DataError, listed
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
@@ -34,6 +35,13 @@ NOT_IN_CLASSES = "is not one of the classes given by --classes"
 def expand_braces(pattern: str) -> list[str]:
     """`a/{000..002}.tar` -> a/000.tar, a/001.tar, a/002.tar (zero-padded like the bounds); `{x,y}` lists;
     several groups multiply (at most MAX_TARS names in all). Text without braces is itself."""
+    depth = 0
+    for char in pattern:
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth < 0:
+            raise DataError(f"a }} in {pattern} closes no {{; write ranges as {{00000..00099}} and lists as {{a,b}}")
+    if depth:
+        raise DataError(f"a {{ in {pattern} is not closed by a }}; write ranges as {{00000..00099}} and lists as {{a,b}}")
     total = 1
     for body in re.findall(r"\{([^{}]*)\}", pattern):
         numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
@@ -79,6 +87,11 @@ def tar_paths(data: Path, split: str) -> list[Path]:
     if data.is_dir():
         folder = data / split if split and (data / split).is_dir() else data
         paths = sorted(path for path in folder.glob("*.tar") if not path.name.startswith("."))
+        if not paths and folder == data and split:  # --split names no folder, and the others hold the tars
+            splits = sorted(path.name for path in data.iterdir() if path.is_dir() and not path.name.startswith(".")
+                            and any(path.glob("*.tar")))
+            if splits:
+                raise missing_split(data, split, splits)
         if not paths:
             raise DataError(f"no .tar files in {shown(folder)}; a webdataset folder holds NNNNN.tar shards")
         return paths
@@ -158,6 +171,7 @@ class WebDatasetSource(Source):
         suffix, field = _label_field(label_key)
         self.label_key = suffix + (f":{field}" if field and field != "label" else "")  # one spelling per key
         listed, warnings = [], []
+        self._dotted = ""  # the first file named like an image after a second dot (img.001.jpg), if any
         paths = tar_paths(Path(data), split)
         for path, tar_name in zip(paths, _tar_names(paths)):
             listed.append((path, tar_name, file_stamp(path), self._list_tar(path, suffix, field, warnings)))
@@ -186,14 +200,18 @@ class WebDatasetSource(Source):
         if samples and all(sample.target == -1 for sample in samples):
             raise DataError(f"no image in the tars of {shown(data)} has a label among --classes ({classes}); "
                             "name the classes the labels use, or leave --classes out")
+        if not samples and self._dotted:
+            key, _, ending = self._dotted.rpartition("/")[2].partition(".")
+            raise DataError(f"the tars of {shown(data)} hold no images: a key ends at the first dot, so "
+                            f"{self._dotted} is key {key} with extension .{ending}; rename the files to KEY.jpg "
+                            "with no dot in KEY")
         if not samples:
             raise DataError(f"the tars of {shown(data)} hold no images (looked for .{', .'.join(IMAGE_SUFFIXES)})"
                             + "".join(f"; {line}" for line in warnings[:3]))
         super().__init__(names, samples)
         self.warnings += warnings + _empty_classes(names, samples, classes, suffix)
 
-    @staticmethod
-    def _list_tar(path: Path, suffix: str, field: str | None, warnings: list[str]) -> list[tuple]:
+    def _list_tar(self, path: Path, suffix: str, field: str | None, warnings: list[str]) -> list[tuple]:
         """(key, data offset, size, label, problem) per image of one tar, in the tar's order."""
         images: dict[str, list] = {}
         labels: dict[str, object] = {}
@@ -215,8 +233,10 @@ class WebDatasetSource(Source):
                         if key in images:
                             repeated.add(key)
                         else:
-                            images[key] = [member.offset_data, member.size, f"{key}.{ending}"]
+                            images[key] = [member.offset_data, member.size, member.name]
                         last = key
+                    elif not self._dotted and ending.rpartition(".")[2] in IMAGE_SUFFIXES:
+                        self._dotted = member.name
                     elif ending == suffix:
                         if key in labels:
                             repeated.add(key)
