@@ -329,3 +329,21 @@ def test_patterns_keys_and_splits_that_find_no_tars_say_why(tmp_path):
     assert len(open_source("webdataset", tmp_path / "split", split="test")) == 2
     with pytest.raises(DataError, match=r"split has no split folder 'val', but has test, train; pass --split with one"):
         open_source("webdataset", tmp_path / "split", split="val")
+
+
+def test_a_fifo_named_like_a_tar_is_skipped_or_refused_never_waited_on(tmp_path):
+    """tarfile.open on a FIFO blocks for ever: a folder's is skipped with a warning, a named one refused."""
+    tars = write_webdataset(tmp_path, tars=1, per_tar=2, classes=2)
+    os.mkfifo(tars / "00001.tar")
+    source = open_source("webdataset", tars)
+    assert len(source) == 2 and source.warnings == [
+        f"{tars / '00001.tar'} is not a regular file (a FIFO, a device or a folder); it was skipped"]
+    with pytest.raises(DataError, match=r"00001.tar of .*\{00000,00001\}.tar is not a regular file \(a FIFO"):
+        open_source("webdataset", str(tars / "{00000,00001}.tar"))
+    with pytest.raises(DataError, match=r"^data path .*00001.tar is not a regular file \(a FIFO, a device or a "
+                                        r"folder\); pass --data with a tar"):
+        open_source("webdataset", tars / "00001.tar")
+    (tmp_path / "lone").mkdir()
+    os.mkfifo(tmp_path / "lone" / "00000.tar")
+    with pytest.raises(DataError, match=r"no .tar files in .*lone; .* is not a regular file"):
+        open_source("webdataset", tmp_path / "lone")

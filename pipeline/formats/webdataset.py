@@ -30,6 +30,7 @@ LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
 MAX_CLASS_NUMBER = 100_000  # a .cls above this is a damaged label, not a class (ImageNet-21k has 21,841)
 MAX_TARS = 10_000_000
 NOT_IN_CLASSES = "is not one of the classes given by --classes"
+NOT_REGULAR = "not a regular file (a FIFO, a device or a folder)"  # reading a FIFO would wait for ever
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -70,31 +71,45 @@ def _expand(pattern: str) -> list[str]:
     return [name for option in options for name in _expand(head + option + tail)]
 
 
-def tar_paths(data: Path, split: str) -> list[Path]:
+def tar_paths(data: Path, split: str, warnings: list[str]) -> list[Path]:
     """The input tars: a brace pattern's names (each must exist), the *.tar files of a folder (or of
-    DATA/SPLIT), or one tar file."""
+    DATA/SPLIT), or one tar file. Only regular files: a FIFO would block the listing for ever, so one
+    in a folder is skipped (said in `warnings`) and one named outright is refused."""
     text = str(data)
     if "{" in text:
         paths = [Path(name) for name in dict.fromkeys(expand_braces(text))]  # {a,a}: one tar, read once
-        missing = [path for path in paths if not path.is_file()]
+        odd = [path for path in paths if not path.is_file()]
+        missing = [path for path in odd if not path.exists()]
         if missing:
             raise DataError(f"{len(missing)} of the {len(paths)} tars of {text} do not exist, the first "
                             f"{shown(missing[0])}; fix the pattern or fetch the tars")
+        if odd:
+            raise DataError(f"{shown(odd[0])} of {text} is {NOT_REGULAR}; name only tar files")
         return paths
     if not data.exists():
         raise DataError(f"data path {data} does not exist; pass --data with a tar, a folder of tars or a "
                         "brace pattern such as data/{00000..00099}.tar")
     if data.is_dir():
         folder = data / split if split and (data / split).is_dir() else data
-        paths = sorted(path for path in folder.glob("*.tar") if not path.name.startswith("."))
+        found = sorted(path for path in folder.glob("*.tar") if not path.name.startswith("."))
+        paths = [path for path in found if path.is_file()]
+        odd = [path for path in found if not path.is_file()]
+        if odd:
+            warnings.append(f"{shown(odd[0])} is {NOT_REGULAR}; it was skipped" if len(odd) == 1 else
+                            f"{len(odd)} entries named *.tar in {shown(folder)} are not regular files and were "
+                            f"skipped, the first {shown(odd[0].name)}")
         if not paths and folder == data and split:  # --split names no folder, and the others hold the tars
             splits = sorted(path.name for path in data.iterdir() if path.is_dir() and not path.name.startswith(".")
                             and any(path.glob("*.tar")))
             if splits:
                 raise missing_split(data, split, splits)
         if not paths:
-            raise DataError(f"no .tar files in {shown(folder)}; a webdataset folder holds NNNNN.tar shards")
+            raise DataError(f"no .tar files in {shown(folder)}; a webdataset folder holds NNNNN.tar shards"
+                            + "".join(f"; {line}" for line in warnings))
         return paths
+    if not data.is_file():
+        raise DataError(f"data path {shown(data)} is {NOT_REGULAR}; pass --data with a tar, a folder of tars or "
+                        "a brace pattern")
     return [data]
 
 
@@ -172,7 +187,7 @@ class WebDatasetSource(Source):
         self.label_key = suffix + (f":{field}" if field and field != "label" else "")  # one spelling per key
         listed, warnings = [], []
         self._dotted = ""  # the first file named like an image after a second dot (img.001.jpg), if any
-        paths = tar_paths(Path(data), split)
+        paths = tar_paths(Path(data), split, warnings)
         for path, tar_name in zip(paths, _tar_names(paths)):
             listed.append((path, tar_name, file_stamp(path), self._list_tar(path, suffix, field, warnings)))
         labels = [entry[3] for *_, entries in listed for entry in entries if isinstance(entry[3], (int, str))]
