@@ -16,8 +16,8 @@ import torch
 from cache.manifest import decode_of
 from pipeline.allocator import reused_memory
 from pipeline.backbones import for_inference, forward_codes, get_backbone, prepare_model
-from pipeline.datasets import FileListSource
-from pipeline.errors import HeadError
+from pipeline.datasets import FileListSource, shown
+from pipeline.errors import DataError, HeadError
 from pipeline.hardware import WorkerLoader, autocast, resolve_device, resolve_precision, to_device
 from pipeline.image_sets import image_loader
 from pipeline.model_files import head_backbone, load_head, load_model_file
@@ -65,6 +65,11 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
     check_exponent(config.exponent, HeadError)
     if (config.head is None) == (config.model is None):
         raise HeadError("predict with either --head H or --model M")
+    tars = [path for path in config.paths if Path(path).suffix.lower() == ".tar" and not Path(path).is_dir()]
+    if tars:  # a tar decodes as no image: say where tar shards are read instead
+        raise DataError(f"{shown(tars[0])} is a tar and predict reads image files; label tar shards with tl evaluate "
+                        f"--model M --data {shown(tars[0])} --format webdataset --out R --save-predictions F.csv, or for a "
+                        "head tl extract --format webdataset then tl evaluate --head H --cache C --out R --save-predictions F.csv")
     device = resolve_device(config.device)
     probabilities_of, metadata = (_model_scorer if config.model else _head_scorer)(config, device)
     backbone = get_backbone(metadata["codes_key"]["backbone"])

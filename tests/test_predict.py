@@ -95,3 +95,16 @@ def test_weights_are_found_again_from_their_digest(tmp_path):
     (tmp_path / "other.pt").write_bytes(b"other weights")
     with pytest.raises(BackboneError, match="is not the one the head was made with"):
         weights_for_digest(alexnet, "file:sha256=" + "0" * 64, str(tmp_path / "other.pt"))
+
+
+def test_predict_given_a_tar_says_where_tars_are_read(run_tl, tmp_path):
+    from tests.conftest import write_webdataset
+
+    tar = write_webdataset(tmp_path, tars=1, per_tar=2) / "00000.tar"
+    (tmp_path / "h.pt").write_bytes(b"not a head")  # refused before the head is read: a tar is never an image
+    refused = run_tl("predict", "--head", tmp_path / "h.pt", tmp_path / "images", tar)
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused
+    assert refused.err == (f"error: {tar} is a tar and predict reads image files; label tar shards with tl evaluate "
+                           f"--model M --data {tar} --format webdataset --out R --save-predictions F.csv, or for a "
+                           "head tl extract --format webdataset then tl evaluate --head H --cache C --out R "
+                           "--save-predictions F.csv\n")
