@@ -231,10 +231,13 @@ def test_class_numbers_that_hold_no_images_are_warned(tmp_path):
                                "may lack some)"]
     stray = numbered("stray", [0, 1, 0, 1, 40])
     assert open_source("webdataset", stray).warnings[0].startswith(
-        "38 of the 41 classes hold no images: 2, 3, 4, 5, 6 (+33 more); the .cls numbers 0..40 index")
+        "38 of the 41 classes hold no images: 2, 3, 4, 5, 6 (+33 more); the .cls numbers 0..40 index the classes")
     named = open_source("webdataset", stray, classes="a,b,c")
-    assert named.warnings == ["class c holds no images; fit-head needs images of every class of --classes (a test "
-                              "split may lack some)"]
+    assert named.warnings[0].startswith("class c holds no images; the .cls numbers index the classes of --classes "
+                                        "from 0")
+    picture_named = write_tar(tmp_path / "txt" / "00000.tar", [("a.png", picture), ("a.txt", b"dog")])
+    assert open_source("webdataset", picture_named, classes="cat,dog", label_key="txt").warnings == [
+        "class cat holds no images; fit-head needs images of every class of --classes (a test split may lack some)"]
     assert open_source("webdataset", numbered("whole", [0, 1, 0, 1])).warnings == []
     extract(stray, tmp_path / "c", format="webdataset")
     assert CacheReader(tmp_path / "c").manifest.warnings[0].startswith("38 of the 41 classes hold no images")

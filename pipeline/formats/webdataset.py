@@ -224,7 +224,8 @@ class WebDatasetSource(Source):
             raise DataError(f"the tars of {shown(data)} hold no images (looked for .{', .'.join(IMAGE_SUFFIXES)})"
                             + "".join(f"; {line}" for line in warnings[:3]))
         super().__init__(names, samples)
-        self.warnings += warnings + _empty_classes(names, samples, classes, suffix)
+        self.warnings += warnings + _empty_classes(names, samples, classes, suffix,
+                                                          any(isinstance(label, int) for label in labels))
 
     def _list_tar(self, path: Path, suffix: str, field: str | None, warnings: list[str]) -> list[tuple]:
         """(key, data offset, size, label, problem) per image of one tar, in the tar's order."""
@@ -336,7 +337,7 @@ class WebDatasetSource(Source):
             raise type(exc)(str(exc).replace(repr(buffer), self.samples[index].sample_id)) from None
 
 
-def _empty_classes(names: list[str], samples: list[Sample], classes: str, suffix: str) -> list[str]:
+def _empty_classes(names: list[str], samples: list[Sample], classes: str, suffix: str, numbered: bool) -> list[str]:
     """The warning for classes no listed image holds: class numbers that skip some (labels from 1, a gap,
     one stray large number), or names of --classes the labels never use. They keep their index, so the
     classes match those of another split, but fit-head refuses a class without rows."""
@@ -347,10 +348,12 @@ def _empty_classes(names: list[str], samples: list[Sample], classes: str, suffix
     counted = f"class {empty[0]} holds no images" if len(empty) == 1 else (
         f"{len(empty):,} of the {len(names):,} classes hold no images: {listed(empty[:5])}"
         + (f" (+{len(empty) - 5:,} more)" if len(empty) > 5 else ""))
-    if names_given(classes):
+    if not numbered:
         return [f"{counted}; fit-head needs images of every class of --classes (a test split may lack some)"]
-    return [f"{counted}; the .{suffix} numbers 0..{len(names) - 1} index the classes from 0, and fit-head needs "
-            "images of every class; renumber the labels from 0 without gaps (a test split may lack some)"]
+    which = "numbers index the classes of --classes" if names_given(classes) else \
+        f"numbers 0..{len(names) - 1} index the classes"
+    return [f"{counted}; the .{suffix} {which} from 0, and fit-head needs images of every class; renumber the "
+            "labels from 0 without gaps (a test split may lack some)"]
 
 
 def names_given(classes: str | None) -> bool:
