@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -291,9 +292,13 @@ def _csv_list(text: str | None) -> tuple[str, ...]:
 # -------------------------------------------------------------- commands
 
 
+RANKED = ("extract", "finetune")  # the commands that share their work over torchrun's ranks
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="tl", message="tl %(version)s")
-def tl():
+@click.pass_context
+def tl(ctx):
     """tl: transfer learning for image classification, in stages.
 
     \b
@@ -302,6 +307,10 @@ def tl():
     3. tl finetune   unfreeze the last conv layers and train end to end
     4. tl evaluate   accuracy, confusion matrix, per-class AP and mAP, with a report
     """
+    ranks = os.environ.get("WORLD_SIZE", "1").strip()
+    if ctx.invoked_subcommand not in (None, *RANKED) and ranks not in ("", "0", "1"):  # each rank would do it all
+        raise TLError(f"tl {ctx.invoked_subcommand} runs in one process, and torchrun started {ranks}: under "
+                      f"torchrun start {' or '.join(RANKED)} (run tl {ctx.invoked_subcommand} without torchrun)")
 
 
 @stage_defaults("pipeline.extract:ExtractConfig", "pipeline.multiscale:PatchSettings")

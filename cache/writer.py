@@ -326,6 +326,10 @@ class CacheWriter:
         """Mark the cache complete when every planned shard is recorded; the manifest names its content."""
         self._sync()
         done = len(self._entries) == self.manifest.num_shards
+        if done and len(record_files(self.root)) > 1:  # a complete cache is manifest.json, shards.jsonl and its
+            write_records(self.root, self.manifest.shards, self._skipped)  # shards: the ranks' records join in
+            for path in record_files(self.root)[1:]:
+                path.unlink()
         self.manifest.complete = done
         self.manifest.content = content_digest(self.manifest.shards) if done else ""
         save_manifest(self.root, self.manifest)

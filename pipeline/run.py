@@ -66,13 +66,9 @@ class RunResult:
 
 def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
     """Read, plan, parse and check the whole recipe (nothing starts on a bad one), then run its steps."""
-    from pipeline.distributed import world
     from pipeline.tracking import open_tracker
 
     started = time.perf_counter()
-    if world().distributed:  # every rank would run every stage and write every record
-        raise ConfigError("tl run runs the stages one after another in this process; under torchrun start the "
-                          "stage itself (torchrun ... -m cli extract ..., or finetune)")
     recipe = read_recipe(config.recipe, config.sets)
     stages = runner.options()
     steps = plan(recipe, stages)

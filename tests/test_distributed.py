@@ -53,6 +53,13 @@ def test_two_processes_write_the_cache_of_one(images, single, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("wrote ") == 1 and "5 shards new" in result.stdout  # rank 0 reports for both
     assert_same_cache(CacheReader(tmp_path / "c"), single)
+    # rank 1's records joined shards.jsonl: the cache is its manifest, records and shards, copied as such
+    assert not list((tmp_path / "c").glob("shards-rank*"))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in [tmp_path / "c" / "manifest.json", tmp_path / "c" / "shards.jsonl", *(tmp_path / "c").glob("shard-*.h5")]:
+        (copy / path.name).write_bytes(path.read_bytes())
+    assert_same_cache(CacheReader(copy), single)
 
 
 def test_resume_with_another_world_size(run_tl, images, single, tmp_path):

@@ -445,7 +445,13 @@ def test_run_under_torchrun_is_refused_in_one_line(run_tl, code_caches, monkeypa
     monkeypatch.chdir(code_caches)
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = run_tl("run", _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt}\n"))
-    assert result.code == 2 and "under torchrun start the stage itself" in result.err and not (code_caches / "h.pt").exists()
+    assert result.code == 2 and not (code_caches / "h.pt").exists()
+    assert result.err == ("error: tl run runs in one process, and torchrun started 2: under torchrun start extract or "
+                          "finetune (run tl run without torchrun)\n")
+    for command in ("fit-head", "sweep", "evaluate", "predict", "export", "quickstart", "info"):  # each rank did it all
+        refused = run_tl(command, "--help")
+        assert refused.code == 2 and f"error: tl {command} runs in one process" in refused.err, (command, refused)
+    assert run_tl("extract", "--help").code == 0 and run_tl("finetune", "--help").code == 0
 
 
 def test_downloaded_data_and_inputs_rewritten_by_hand(run_tl, tmp_path, monkeypatch):
