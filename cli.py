@@ -811,9 +811,9 @@ def finetune(format_, lr_steps, lr_factors, quiet, **options):
                + f"; checkpoints {last.name}" + (f", {best.name}" if best.exists() else ""))
     if result.val:
         click.echo("  validation " + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" if isinstance(v, float)
-                                               else f"{k.removeprefix('val_')} {v}" for k, v in result.val.items()))
+                                               else f"{k.removeprefix('val_').replace('_', ' ')} {v}"  # skipped images
+                                               for k, v in result.val.items()))
     return result
-
 
 
 class ClickStages:

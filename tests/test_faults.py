@@ -477,6 +477,7 @@ def test_unreadable_images_in_finetune_are_skipped_counted_and_recorded(run_tl, 
                     "--val-data", val, "--epochs", "2", "--early-stop", "--batch-size", "4", "--workers", "0")
     assert result.code == 0, result
     assert "1 training and 1 validation images could not be read" in result.out
+    assert result.out.splitlines()[-1].endswith(", skipped images 1")  # not the history's key, skipped_images
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     history = json.loads(payload["metadata"])["history"]
     assert [point["skipped_images"] for point in history] == [1, 1]
