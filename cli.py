@@ -295,7 +295,19 @@ def _csv_list(text: str | None) -> tuple[str, ...]:
 RANKED = ("extract", "finetune")  # the commands that share their work over torchrun's ranks
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class TlGroup(click.Group):
+    """click's group, with Ctrl-C reaching main() as stops.Interrupted: click's own handling of
+    KeyboardInterrupt printed an empty line above tl's one line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            stops.STOPPING.set()
+            raise stops.Interrupted() from None
+
+
+@click.group(cls=TlGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="tl", message="tl %(version)s")
 @click.pass_context
 def tl(ctx):
@@ -911,7 +923,7 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(f"error: {exc.strerror or type(exc).__name__}: {exc.filename}; choose another path, or fix "
                        "this one, and run the command again", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, stops.Interrupted):
         stops.STOPPING.set()
         click.echo(f"error: interrupted; {stops.RESUME_HINT}", err=True)
         sys.exit(130)

@@ -29,6 +29,10 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread so every `finally` and atomic write cleans up as for Ctrl-C."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C, past the command (the CLI's group turns KeyboardInterrupt into this: see cli.TlGroup)."""
+
+
 STOPPING = threading.Event()  # set once SIGTERM or Ctrl-C has begun taking the process down
 
 

@@ -317,7 +317,9 @@ def test_a_step_that_failed_before_writing_keeps_its_earlier_record(run_tl, tmp_
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline.finetune, "_run_finetune", stopped)
-    assert run_tl("run", recipe, "--set", "finetune.unfreeze=1").code == 130
+    interrupted = run_tl("run", recipe, "--set", "finetune.unfreeze=1")
+    assert interrupted.code == 130 and interrupted.err.startswith("error: interrupted; "), interrupted  # no empty line
+    assert interrupted.err.count("\n") == 1
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     resumed = run_tl("run", recipe, "--set", "finetune.unfreeze=1")
