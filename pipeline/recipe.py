@@ -251,12 +251,6 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
                                   "its own out")
             made.append((out, step))
     _refuse_peeking(path, steps)
-    for step in chosen:  # mlflow run -P use_early_stop=1 -P val_fraction=0: refused before any step, not after extract
-        validation = {"fit-head": "val_cache", "finetune": "val_data"}.get(step.stage)
-        if validation and step.params.get("early_stop") and step.params.get("val_fraction") is None \
-                and step.path(validation) is None:
-            raise ConfigError(f"recipe {path}: {step.label} has early_stop but no validation; set its val_fraction "
-                              f"above 0 or its {validation}, or early_stop: false")
     for step in (step for step in chosen if step.stage == "extract"):  # -P backbone=... with the recipe's layers
         from pipeline.backbones import get_backbone  # the registry, only when a recipe extracts
 

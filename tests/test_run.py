@@ -112,12 +112,6 @@ BAD_RECIPES = [
     ("input_of_no_step", "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "evaluate head h.pt does not exist"),
     ("val_is_test_cache", "fit-head: {cache: caches/train, val_cache: caches/test, out: h.pt}\n"
                           "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "fit-head validates on the test data"),
-    ("early_stop_without_validation", "fit-head: {cache: caches/train, head: mlp, early_stop: 1, val_fraction: 0, "
-                                      "out: h.pt}\n", "fit-head has early_stop but no validation; set its val_fraction "
-                                                       "above 0 or its val_cache, or early_stop: false"),
-    ("finetune_early_stop_without_validation", "format: imagefolder\nfit-head: {cache: caches/train, out: h.pt}\n"
-                                               "finetune: {data: images, head: h.pt, early_stop: true, out: m.pt}\n",
-     "finetune has early_stop but no validation; set its val_fraction above 0 or its val_data"),
     ("val_fraction_of_one", "fit-head: {cache: caches/train, out: h.pt, val_fraction: 1}\n",
      "fit-head key 'val_fraction': 1.0 is not in the range 0<=x<1"),
     ("same_out", "fit-head: [{cache: caches/train, out: h.pt}, {cache: caches/train, C: 2, out: ./h.pt}]\n",
