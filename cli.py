@@ -321,8 +321,9 @@ def tl(ctx):
     """
     ranks = os.environ.get("WORLD_SIZE", "1").strip()
     if ctx.invoked_subcommand not in (None, *RANKED) and ranks not in ("", "0", "1"):  # each rank would do it all
-        raise TLError(f"tl {ctx.invoked_subcommand} runs in one process, and torchrun started {ranks}: under "
-                      f"torchrun start {' or '.join(RANKED)} (run tl {ctx.invoked_subcommand} without torchrun)")
+        raise TLError(f"tl {ctx.invoked_subcommand} runs in one process, but WORLD_SIZE={ranks} says torchrun started "
+                      f"it in several: under torchrun start {' or '.join(RANKED)}; run tl {ctx.invoked_subcommand} "
+                      "without torchrun (and without WORLD_SIZE in its environment)")
 
 
 @stage_defaults("pipeline.extract:ExtractConfig", "pipeline.multiscale:PatchSettings")
@@ -812,7 +813,8 @@ def finetune(format_, lr_steps, lr_factors, quiet, **options):
     config = FinetuneConfig(format=format_, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
                             lr_factors=_numbers(lr_factors, float, "--lr-factors"), quiet=quiet, **options)
 
-    result = run_finetune(config, say=(lambda text: None) if quiet else click.echo)
+    result = run_finetune(config, say=(lambda text: None) if quiet else click.echo,
+                          warn=lambda text: click.echo(text, err=True))  # a damaged tar: said even with --quiet
     if not world().is_main:  # under torchrun, rank 0 reports for all
         return
     last, best = checkpoint_paths(config.out)

@@ -50,7 +50,7 @@ def world() -> World:
 def timeout_seconds() -> int:
     """Seconds a rank waits for the others (TL_DISTRIBUTED_TIMEOUT, default 1800)."""
     text = os.environ.get("TL_DISTRIBUTED_TIMEOUT", "1800")
-    if not text.strip().isdigit() or not int(text) > 0:
+    if not (text.strip().isascii() and text.strip().isdigit() and int(text) > 0):  # "²".isdigit() too
         raise DistributedError(f"TL_DISTRIBUTED_TIMEOUT must be a whole number of seconds above 0, got '{text}'")
     return int(text)
 

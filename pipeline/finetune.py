@@ -134,8 +134,9 @@ def _check_config(config: FinetuneConfig) -> None:
     Augmentation(config.crop_scale, config.flip).check()
 
 
-def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
+def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult:
     """Train (or with --epochs 0 only evaluate) and write the model file; see the module docstring.
+    `say` gets progress lines, `warn` (`say` if not given) the data's warnings, which --quiet keeps.
 
     The run holds a lock on --out (a second run on it is refused), never writes over one of its
     inputs, and first clears temporaries that killed runs left beside --out."""
@@ -149,8 +150,9 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
                               {"--head": config.head, "--data": config.data, "--val-data": config.val_data,
                                "--weights": weights})
     current = distributed.world()
+    warn = say if warn is None else warn
     if not current.is_main:  # rank 0 speaks for every rank
-        say = lambda text: None  # noqa: E731
+        say = warn = lambda text: None  # noqa: E731
     device = resolve_device(config.device)
     distributed.start(current, device)
     real = Path(os.path.realpath(out))  # a symlink to another run's --out takes that run's lock
@@ -176,12 +178,12 @@ def run_finetune(config: FinetuneConfig, say=print) -> FinetuneResult:
             raise CheckpointOccupied(last_path, "holds an earlier run",
                                      "pass --resume to continue it or --overwrite to start over")
         with reused_memory(device):
-            return _run_finetune(config, say)
+            return _run_finetune(config, say, warn)
     finally:
         lock.release()
 
 
-def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
+def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
     started = time.perf_counter()
     head, head_metadata = load_head(config.head)
     if config.backbone and config.backbone != head_metadata["codes_key"]["backbone"]:
@@ -192,13 +194,13 @@ def _run_finetune(config: FinetuneConfig, say) -> FinetuneResult:
     precision = resolve_precision(config.precision, device)
     distributed.start(current, device)
     source = open_source(config.format, config.data, config.split, samples_per_class=config.samples_per_class,
-                         seed=config.seed, classes=config.classes, label_key=config.label_key, say=say)  # before the model
+                         seed=config.seed, classes=config.classes, label_key=config.label_key, say=warn)  # before the model
     val_source = None
     if config.val_fraction is not None:  # whole images held out, so no patch of one is on both sides
         source, val_source = source.split_off(config.val_fraction, config.seed, "--val-data")
     elif config.val_data is not None:
         val_source = open_source(config.format, config.val_data, config.val_split or config.split,
-                                 seed=config.seed, classes=config.classes, label_key=config.label_key, say=say)
+                                 seed=config.seed, classes=config.classes, label_key=config.label_key, say=warn)
     model, backbone, convs = build_model(head_metadata, head, config.weights)
     trainable = freeze(model, convs, config.unfreeze, config.bn_stats)
     say(f"training {trainable['parameters']:,} parameters (head"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 from torch.utils.data import DataLoader
@@ -211,14 +212,17 @@ def lost_worker(exc: BaseException) -> BaseException | None:
     """What a decoding worker's death is, to raise instead of torch's RuntimeError (which its SIGCHLD
     handler raises wherever the main process is): a worker that SIGTERM or Ctrl-C took down (torchrun
     signals a rank's workers too) is that stop; one killed otherwise (the out-of-memory killer's
-    SIGKILL), timed out, or unable to hand over its batch is a one-line TLError; None: another error."""
+    SIGKILL, a crash), timed out, or unable to hand over its batch, or a lost pin-memory thread, is a
+    one-line TLError; None: another error (one a worker caught and torch re-raised: "Caught ...")."""
     text = str(exc)
-    if not isinstance(exc, RuntimeError) or "DataLoader" not in text or not any(
-            mark in text for mark in ("timed out", "exited unexpectedly", "is killed by signal")):
+    if not isinstance(exc, RuntimeError) or text.startswith("Caught ") or not any(
+            mark in text for mark in ("DataLoader timed out", "exited unexpectedly", "is killed by signal")):
         return None
-    if "killed by signal: Terminated" in text or "killed by signal: Interrupt" in text:
+    killed = re.search(r"is killed by signal: ([^.]+)", text)
+    if killed and killed[1] in ("Terminated", "Interrupt"):
         stops.STOPPING.set()
-        return stops.Terminated() if "Terminated" in text else KeyboardInterrupt()
-    return TLError("a decoding worker died or could not hand over its batch (shared memory in /dev/shm full, a "
-                   "file-size limit, or out of memory); free space or memory, or pass --workers 0 to decode in this "
-                   "process, and re-run the same command")
+        return stops.Terminated() if killed[1] == "Terminated" else KeyboardInterrupt()
+    how = f"was killed by signal {killed[1]}" if killed else "died or could not hand over its batch"
+    return TLError(f"a decoding worker {how} (shared memory in /dev/shm full, a file-size limit, out of memory, "
+                   "or a crash); free space or memory, or pass --workers 0 to decode in this process, and re-run the "
+                   "same command")

@@ -126,11 +126,12 @@ def test_torchrun_stopped_by_sigterm_says_so_on_every_rank(images, tmp_path):
     assert resumed.returncode == 0 and "reused" in resumed.stdout, resumed
     from pipeline import distributed
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TL_DISTRIBUTED_TIMEOUT", "2.5")
-        with pytest.raises(distributed.DistributedError, match="TL_DISTRIBUTED_TIMEOUT must be a whole number of "
-                                                               "seconds above 0, got '2.5'"):
-            distributed.timeout_seconds()
+    for value in ("2.5", "abc", "\u00b2", "0"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("TL_DISTRIBUTED_TIMEOUT", value)
+            with pytest.raises(distributed.DistributedError, match="TL_DISTRIBUTED_TIMEOUT must be a whole number of "
+                                                                   f"seconds above 0, got '{value}'"):
+                distributed.timeout_seconds()
 
 
 def test_two_process_finetune_matches_one_process_checkpoints_and_resumes(run_tl, tmp_path):

@@ -269,11 +269,41 @@ def test_a_decoding_worker_killed_by_sigkill_is_one_line_and_resumes(tmp_path):
     os.kill(workers[0], signal.SIGKILL)
     process.wait(timeout=120)
     err = process.stderr.read()
-    assert process.returncode == 2 and err.startswith("error: a decoding worker died"), err
+    assert process.returncode == 2 and err.startswith("error: a decoding worker was killed by signal Killed"), err
     assert err.strip().splitlines() == [err.strip()] and "Traceback" not in err
     kept = shards_in(cache)
     resumed = tl_process("extract", "--out", cache, *args)
     assert resumed.code == 0 and f"{kept} reused" in resumed.out, resumed
+
+
+def test_what_a_lost_worker_is_follows_torchs_words():
+    """torch's RuntimeErrors for a lost worker, as its DataLoader words them: a stop's signal is that stop,
+    any other death (or the pin-memory thread's) one line naming the signal; a worker's own error that
+    torch re-raises ("Caught ...") stays that error."""
+    from pipeline import stops
+    from pipeline.errors import TLError
+    from pipeline.hardware import lost_worker
+
+    killed = lost_worker(RuntimeError("DataLoader worker (pid 11338) is killed by signal: Killed. "))
+    assert isinstance(killed, TLError) and str(killed).startswith("a decoding worker was killed by signal Killed (")
+    crashed = lost_worker(RuntimeError("DataLoader worker (pid 7) is killed by signal: Segmentation fault. "))
+    assert "killed by signal Segmentation fault" in str(crashed)
+    for text in ("DataLoader worker (pid(s) 12, 13) exited unexpectedly", "Pin memory thread exited unexpectedly",
+                 "DataLoader timed out after 600 seconds"):
+        assert str(lost_worker(RuntimeError(text))).startswith("a decoding worker died or could not hand over"), text
+    stopping = stops.STOPPING
+    try:
+        stops.STOPPING = __import__("threading").Event()
+        assert isinstance(lost_worker(RuntimeError("DataLoader worker (pid 9) is killed by signal: Terminated. ")),
+                          stops.Terminated) and stops.STOPPING.is_set()
+        assert isinstance(lost_worker(RuntimeError("DataLoader worker (pid 9) is killed by signal: Interrupt. ")),
+                          KeyboardInterrupt)
+    finally:
+        stops.STOPPING = stopping
+    for text in ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback: ... timed out",
+                 "CUDA error: an illegal memory access was encountered"):
+        assert lost_worker(RuntimeError(text)) is None, text
+    assert lost_worker(ValueError("DataLoader worker (pid 1) exited unexpectedly")) is None
 
 
 @contextlib.contextmanager

@@ -442,8 +442,9 @@ def test_run_under_torchrun_is_refused_in_one_line(run_tl, code_caches, monkeypa
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = run_tl("run", _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt}\n"))
     assert result.code == 2 and not (code_caches / "h.pt").exists()
-    assert result.err == ("error: tl run runs in one process, and torchrun started 2: under torchrun start extract or "
-                          "finetune (run tl run without torchrun)\n")
+    assert result.err == ("error: tl run runs in one process, but WORLD_SIZE=2 says torchrun started it in several: "
+                          "under torchrun start extract or finetune; run tl run without torchrun (and without "
+                          "WORLD_SIZE in its environment)\n")
     for command in ("fit-head", "sweep", "evaluate", "predict", "export", "quickstart", "info"):  # each rank did it all
         refused = run_tl(command, "--help")
         assert refused.code == 2 and f"error: tl {command} runs in one process" in refused.err, (command, refused)

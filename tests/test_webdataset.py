@@ -156,7 +156,6 @@ def test_finetune_evaluate_and_export_read_tars_with_their_label_key(run_tl, tmp
     """Stage three and four take tar data too: the head of an imagefolder cache finetunes on the same
     images as tars with .txt labels, and evaluate --model and export's check read them back."""
     from pipeline.export import export_model
-    from pipeline.finetune import FinetuneConfig, run_finetune
     from pipeline.fit_head import FitHeadConfig, fit_head
 
     members = []
@@ -169,12 +168,12 @@ def test_finetune_evaluate_and_export_read_tars_with_their_label_key(run_tl, tmp
     (tar / "00001.tar").write_bytes(b"not a tar at all" * 100)  # said by finetune and evaluate, as by extract
     extract(tmp_path / "images", tmp_path / "cache", layers=("pool5",), dtype="float32")
     fit_head(FitHeadConfig(cache=tmp_path / "cache", out=tmp_path / "head.pt"))
-    said = []
-    result = run_finetune(FinetuneConfig(data=tar, format="webdataset", label_key="txt", head=tmp_path / "head.pt",
-                                         out=tmp_path / "m.pt", epochs=1, batch_size=4, workers=0, quiet=True),
-                          say=said.append)
-    assert result.epochs_run == 1
-    assert [line for line in said if "00001.tar is not an uncompressed tar" in line and line.startswith("warning: ")]
+    tuned = run_tl("finetune", "--data", tar, "--format", "webdataset", "--label-key", "txt", "--head",
+                   tmp_path / "head.pt", "--out", tmp_path / "m.pt", "--epochs", "1", "--batch-size", "4", "--workers",
+                   "0", "--quiet")  # said even with --quiet, on stderr, as extract says it
+    assert tuned.code == 0 and "1 epoch run" in tuned.out, tuned
+    assert [line for line in tuned.err.splitlines()
+            if "00001.tar is not an uncompressed tar" in line and line.startswith("warning: ")], tuned
     evaluated = run_tl("evaluate", "--model", tmp_path / "m.pt", "--data", tar, "--format", "webdataset",
                        "--label-key", "txt", "--split", "", "--out", tmp_path / "r", "--workers", "0", "--quiet")
     assert evaluated.code == 0 and "warning: " in evaluated.err and "00001.tar is not an uncompressed tar" in evaluated.err
@@ -350,3 +349,6 @@ def test_a_fifo_named_like_a_tar_is_skipped_or_refused_never_waited_on(tmp_path)
     os.mkfifo(tmp_path / "lone" / "00000.tar")
     with pytest.raises(DataError, match=r"no .tar files in .*lone; .* is not a regular file"):
         open_source("webdataset", tmp_path / "lone")
+    (tars / "00001.tar").unlink()
+    (tars / "00002.tar").symlink_to(tmp_path / "gone.tar")  # missing, not a FIFO
+    assert open_source("webdataset", tars).warnings == [f"{tars / '00002.tar'} is a link to nothing; it was skipped"]

@@ -94,10 +94,11 @@ def tar_paths(data: Path, split: str, warnings: list[str]) -> list[Path]:
         found = sorted(path for path in folder.glob("*.tar") if not path.name.startswith("."))
         paths = [path for path in found if path.is_file()]
         odd = [path for path in found if not path.is_file()]
-        if odd:
-            warnings.append(f"{shown(odd[0])} is {NOT_REGULAR}; it was skipped" if len(odd) == 1 else
-                            f"{len(odd)} entries named *.tar in {shown(folder)} are not regular files and were "
-                            f"skipped, the first {shown(odd[0].name)}")
+        if odd:  # a link to nothing is missing, not a FIFO
+            what = NOT_REGULAR if odd[0].exists() else "a link to nothing"
+            warnings.append(f"{shown(odd[0])} is {what}; it was skipped" if len(odd) == 1 else
+                            f"{len(odd)} entries named *.tar in {shown(folder)} are not tar files and were "
+                            f"skipped, the first {shown(odd[0].name)} ({what})")
         if not paths and folder == data and split:  # --split names no folder, and the others hold the tars
             splits = sorted(path.name for path in data.iterdir() if path.is_dir() and not path.name.startswith(".")
                             and any(path.glob("*.tar")))
