@@ -180,7 +180,7 @@ def test_a_changed_config_default_reaches_the_cli(monkeypatch, run_tl):
 
 def test_help_shows_numbers_zero_and_flags_defaults(run_tl):
     text = " ".join(run_tl("finetune", "--help").out.split())
-    assert "--seed INTEGER RANGE [default: 0; x>=0]" in text
+    assert "--seed INTEGER RANGE [default: 0; 0<=x<=4294967295]" in text
     assert "[default: flip]" in text and "[default: no-early-stop]" in text
     assert "--lr FLOAT Learning rate of the head (small: it starts trained). [default: 0.0001]" in text
 
