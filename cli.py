@@ -573,7 +573,8 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--early-stop/--no-early-stop", help="Each mini-batch head stops on its own validation loss.")
 @option("--patience", type=COUNT)
 @option("--val-cache", type=PATH, help="Validation cache of the same classes.")
-@option("--val-fraction", type=SHARE, help="Else hold out this seeded fraction of the cache (stratified by class).")
+@option("--val-fraction", type=SHARE, help="Else hold out this seeded fraction of the cache (stratified by class) "
+                                            "[default: 0.2].")
 @option("--keep", type=RegistryChoice("pipeline.sweep:KEEP"), help="Head files kept under OUT/heads: the best only, or all.")
 @option("--max-iter", type=COUNT, help="logreg lbfgs and svm iterations.")
 @option("--block-rows", type=COUNT, help="Rows read from the cache at a time.")

@@ -4,6 +4,7 @@ it with the metadata later stages check (classes, layer, width, the cache's code
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,8 +95,6 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
     if not config.C:
         raise HeadError("--C needs at least one positive value, e.g. --C 1 or --C 0.1,1,10")
     check_counts(config.block_rows, config.max_iter)
-    if config.val_cache is not None and config.val_fraction is not None:  # as finetune refuses the pair
-        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them")
     if Path(config.out).is_dir():  # found before the training, not after it
         raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
     check_folders(Path(config.out), "head file")
@@ -120,6 +119,11 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
                   block_rows: int) -> tuple[CodeRows, CodeRows | None]:
     """(training rows, validation rows or None) of one layer: the validation cache's, or a seeded
     stratified fraction held out of the cache."""
+    if val_cache is not None and val_fraction is not None:  # as finetune refuses the pair
+        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them")
+    if val_cache is not None and os.path.realpath(val_cache) == os.path.realpath(reader.root):
+        raise HeadError(f"--val-cache {val_cache} is the training cache: validation would score the rows the heads "
+                        "train on; pass a cache of other images, or --val-fraction")
     rows = CodeRows.from_cache(reader, layer, block_rows=block_rows)
     if val_cache is not None:
         val_reader = CacheReader(val_cache)

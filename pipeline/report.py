@@ -347,7 +347,7 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
     metric of each setting, one line per layer and head kind)."""
     on = board[0]["on"]
     document = {"metric": metric, "on": on, "cache": str(config.cache), "best": board[0]["name"], "heads": board}
-    lines = [f"# Sweep of {len(board)} heads on {config.cache}", "",
+    lines = [f"# Sweep of {len(board)} head{'s' * (len(board) != 1)} on {config.cache}", "",
              f"Ranked by {on} {metric}; the best, `{board[0]['name']}`, is `best.pt`.", "", "![sweep](sweep.png)", "",
              f"| rank | head | layer | kind | C | hidden | lr | {on} {metric} | epochs | train s |",
              "|---:|---|---|---|---:|---|---:|---:|---:|---:|"]

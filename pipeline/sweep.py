@@ -29,6 +29,7 @@ from pipeline.training import TrainingOptions, train_networks
 
 LOCK = ".sweep.lock"  # held while a sweep writes its folder
 KEEP = ("best", "all")
+VAL_FRACTION = 0.2  # held out of the cache when no validation cache is given
 RECORD_FORMAT = "tl-sweep-head/1"
 
 
@@ -48,7 +49,7 @@ class SweepConfig:
     solver: str = FitHeadConfig.solver
     dropout: float = FitHeadConfig.dropout
     val_cache: Path | None = None
-    val_fraction: float = 0.2
+    val_fraction: float | None = None  # None: VAL_FRACTION, unless val_cache validates
     keep: str = "best"
     max_iter: int = FitHeadConfig.max_iter
     block_rows: int = FitHeadConfig.block_rows
@@ -101,8 +102,9 @@ def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
             raise HeadError(f"unknown head '{kind}' in --heads; valid: {', '.join(HEAD_KINDS)}")
     if not config.heads:
         raise HeadError("--heads is empty; name at least one of " + ", ".join(HEAD_KINDS))
-    if any(not 0 < c < math.inf for c in config.C) or any(not 0 < lr < math.inf for lr in config.lr):
-        raise HeadError(f"--C and --lr values must be positive and finite, got {listed(config.C)} and {listed(config.lr)}")
+    for flag, values in (("--C", config.C), ("--lr", config.lr)):  # each said alone: the C defaults are not an mlp's
+        if any(not 0 < value < math.inf for value in values):
+            raise HeadError(f"{flag} values must be positive and finite, got {listed(values)}")
     if any(not hidden or any(width < 1 for width in hidden) for hidden in config.hidden):
         raise HeadError("--hidden takes positive widths, one setting per comma (e.g. 256,1024 or 512x256)")
     if config.keep not in KEEP:
@@ -201,10 +203,15 @@ def _sweep(config: SweepConfig, reader, layers: list[str], settings: list[Settin
     return SweepResult(out, board, best, trained, len(settings) - trained, metric, time.perf_counter() - started, files)
 
 
+def _val_fraction(config: SweepConfig) -> float | None:
+    """The share held out of the cache: the one given, else VAL_FRACTION without a validation cache."""
+    return VAL_FRACTION if config.val_fraction is None and config.val_cache is None else config.val_fraction
+
+
 def _layer_rows(reader, layer: str, config: SweepConfig):
     """The layer's training rows (streamed; their lbfgs and svm heads share one standardised copy) and
     its validation rows, read once into memory: every head is scored on them without another read."""
-    rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed, config.block_rows)
+    rows, val = training_rows(reader, layer, config.val_cache, _val_fraction(config), config.seed, config.block_rows)
     rows.share_standardized = True
     if val is None:
         return rows, None
@@ -272,7 +279,7 @@ def _shared(config: SweepConfig) -> dict:
     """What every head of the sweep shares and its record must match to be reused."""
     training = {k: v for k, v in config.training.__dict__.items() if k not in ("quiet", "device")}
     return json.loads(json.dumps({"solver": config.solver, "dropout": config.dropout,
-                                  "val_fraction": config.val_fraction, "max_iter": config.max_iter, "seed": config.seed,
+                                  "val_fraction": _val_fraction(config), "max_iter": config.max_iter, "seed": config.seed,
                                   "block_rows": config.block_rows, "training": training}, default=list))
 
 

@@ -72,6 +72,12 @@ def test_a_grid_ranked_on_validation_with_a_usable_best_head(run_tl, caches, tmp
     kept = run_tl("sweep", "--cache", train, "--out", tmp_path / "all", "--layers", "clear", "--C", "0.1,1",
                   "--keep", "all", "--quiet")
     assert kept.code == 0 and len(list((tmp_path / "all/heads").glob("*.pt"))) == 2, kept
+    validated = run_tl("sweep", "--cache", train, "--val-cache", test, "--out", tmp_path / "v", "--layers", "clear",
+                       "--C", "1", "--quiet")
+    assert validated.code == 0, validated
+    record = json.loads(next((tmp_path / "v/heads").glob("*.json")).read_text())
+    assert record["shared"]["val_fraction"] is None  # the unused 0.2 default was recorded beside the cache
+    assert (tmp_path / "v/sweep.md").read_text().startswith("# Sweep of 1 head on ")
 
 
 def test_mini_batch_heads_share_each_read_and_train_as_alone(caches, tmp_path, monkeypatch):
@@ -123,7 +129,8 @@ def test_a_killed_sweep_resumes_to_the_same_leaderboard(caches, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--heads", "forest"], "unknown head 'forest' in --heads"),
     (["--layers", "fc9"], "has no layer fc9; its layers: clear, noisy"),
-    (["--C", "0,1"], "--C and --lr values must be positive"),
+    (["--C", "0,1"], "--C values must be positive and finite, got 0, 1"),
+    (["--heads", "mlp", "--lr", "-1"], "error: --lr values must be positive and finite, got -1\n"),  # no C quoted
     (["--C", "one"], "--C takes float numbers"),
     (["--heads", "mlp", "--hidden", "wide"], "--hidden takes widths such as 256,1024 or 512x256"),
     (["--heads", ","], "--heads is empty"),
@@ -171,16 +178,20 @@ def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_pat
 
 @pytest.mark.parametrize("args,message", [
     (["--C", "1,1.0000001"], "two settings of the grid are both named clear-logreg-C1"),
-    (["--C", "inf"], "--C and --lr values must be positive and finite"),
+    (["--C", "inf"], "--C values must be positive and finite"),
     (["--heads", "mlp", "--momentum", "-1"], "--momentum and --weight-decay must be finite and 0 or more"),
     # an infinite momentum was a ValueError traceback writing the head's JSON; an infinite decay blamed the cache
     (["--heads", "mlp", "--momentum", "inf"], "--momentum and --weight-decay must be finite and 0 or more, got inf"),
     (["--heads", "mlp", "--weight-decay", "inf"], "--momentum and --weight-decay must be finite and 0 or more"),
     (["--max-iter", "0"], "Invalid value for '--max-iter': 0 is not in the range x>=1."),
     (["--val-fraction", "0"], "Invalid value for '--val-fraction': 0.0 is not in the range 0<x<1."),  # ranks on validation
+    # the fraction was ignored beside a validation cache, yet recorded; fit-head refuses the pair
+    (["--val-fraction", "0.3", "--val-cache", "{train}"], "--val-cache and --val-fraction both name validation rows"),
+    (["--val-cache", "{train}"], "is the training cache: validation would score the rows the heads train on"),
 ])
 def test_more_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
     train, _ = caches
+    args = [str(arg).format(train=train) for arg in args]
     result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", "--layers", "clear", *args)
     assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
 
