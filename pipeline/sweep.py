@@ -22,7 +22,7 @@ import numpy as np
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
-from pipeline.files import OutputLock, missing_folders, write_bytes
+from pipeline.files import OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
 from pipeline.fit_head import FitHeadConfig, check_counts, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
 from pipeline.training import TrainingOptions, train_networks
@@ -150,6 +150,8 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
     out = Path(config.out)
     if out.is_file():
         raise HeadError(f"--out {out} is a file; a sweep writes a folder")
+    refuse_overwriting_inputs({"--out": out}, {"--cache": config.cache, "--val-cache": config.val_cache},
+                              protected=("--cache", "--val-cache"))  # its heads and board among the shards
     made = missing_folders(out / "heads")  # removed again if the sweep fails before it writes a head
     try:
         (out / "heads").mkdir(parents=True, exist_ok=True)

@@ -188,6 +188,7 @@ def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_pat
     # the fraction was ignored beside a validation cache, yet recorded; fit-head refuses the pair
     (["--val-fraction", "0.3", "--val-cache", "{train}"], "--val-cache and --val-fraction both name validation rows"),
     (["--val-cache", "{train}"], "is the training cache: validation would score the rows the heads train on"),
+    (["--out", "{train}/board"], "lies inside --cache"),  # a sweep's heads and board among the shards
 ])
 def test_more_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
     train, _ = caches
