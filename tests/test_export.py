@@ -147,6 +147,11 @@ def test_tl_export_prints_the_contract(model_file, tmp_path, run_tl):
     # what tl does before the resize, so that a deployment gets tl's numbers: alpha, and the reduced-scale JPEG decode
     assert "transparency composited over white" in result.out and "Image.draft('RGB', (w, h))" in result.out
     assert "top-1 agrees on 9/9" in result.out
+    # the resampler itself, named: a deployment using another resize (torchvision's on PIL) got other pixels
+    contract = json.loads((tmp_path / "m.ts.json").read_text())
+    assert contract["input"]["interpolation"] == "bilinear"
+    assert ("torch.nn.functional.interpolate(x, size=(h, w), mode='bilinear', antialias=True, align_corners=False) "
+            "on the uint8 (1, 3, H, W) tensor") in contract["input"]["preparation"]
 
 
 def test_a_failed_export_keeps_the_earlier_export_and_its_contract(model_file, tmp_path, monkeypatch):
