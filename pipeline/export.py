@@ -91,16 +91,18 @@ def contract_of(metadata: dict, backbone: Backbone, raw_pixels: bool) -> dict:
 def _preparation(backbone: Backbone, decode: str) -> str:
     """How tl turns an image file into the crop, in steps a deployment can repeat to get tl's numbers."""
     resize, size = backbone.resize_size, backbone.input_size
-    how = (f"with torch.nn.functional.interpolate(x, size=(h, w), mode='{backbone.interpolation}', antialias=True, "
+    how = (f"by torch.nn.functional.interpolate(x, size=(h, w), mode='{backbone.interpolation}', antialias=True, "
            "align_corners=False) on the uint8 (1, 3, H, W) tensor (torch's uint8 kernel)" if decode == "fast" else
-           f"with Pillow, as torchvision's Resize({resize}, {backbone.interpolation}, antialias=True) does on a PIL "
-           "image")
-    steps = ["8-bit RGB (transparency composited over white, 16-bit images scaled to 0..255)",
-             f"resize the shorter side to {resize} and the longer to int({resize} * longer / shorter), as torchvision's "
-             f"Resize({resize}) does, {how}", f"centre-crop {size}x{size}"]
+           f"by Pillow's resize ({backbone.interpolation}), as torchvision's Resize does on a PIL image")
+    steps = ["8-bit RGB (transparency composited over white, 16-bit images scaled to 0..255; EXIF orientation "
+             "is not applied)",
+             f"resize the shorter side to {resize} and the longer to int({resize} * longer / shorter), the sides "
+             f"those of the file as stored, {how}",
+             f"centre-crop {size}x{size} at offset int(round((side - {size}) / 2)) per axis (Python's round: halves to "
+             "even), as torchvision's CenterCrop does"]
     if decode == "fast":  # what --decode fast adds; its pixels differ slightly from the full-size decode's
         steps.insert(0, "a JPEG is decoded at reduced scale: Pillow's Image.draft('RGB', (w, h)) with (w, h) the "
-                        "resized size below")
+                        "resized size below (the resize still starts from the file's own size, not the drafted one)")
     return "; ".join(steps)
 
 

@@ -304,7 +304,7 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         unread = [f"{point[k]} {what}" for k, what in (("skipped_images", "training"), ("val_skipped_images",
                                                                                         "validation")) if k in point]
         if unread:
-            say(f"  warning: {' and '.join(unread)} images could not be read and were skipped")
+            warn(f"warning: {' and '.join(unread)} images could not be read and were skipped")  # even with --quiet
         if current.is_main:
             for path in ([best_path] if best[1] == epoch else []) + [last_path]:  # last names best: written after it
                 save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)

@@ -154,6 +154,45 @@ def test_tl_export_prints_the_contract(model_file, tmp_path, run_tl):
             "on the uint8 (1, 3, H, W) tensor") in contract["input"]["preparation"]
 
 
+@pytest.mark.parametrize("decode,interpolation", [("fast", "bilinear"), ("fast", "bicubic"), ("exact", "bicubic")])
+def test_the_contracts_preparation_followed_word_for_word_gives_tls_crops(tmp_path, decode, interpolation):
+    """Each step of `preparation`, done as written, on JPEGs whose reduced-scale decode (1001x750) and
+    odd crop offset (640x427: Python's round, not floor) both matter: tl's crop, pixel for pixel. Read
+    loosely (the resize from the drafted size, a floored offset), pixels differed by up to 127 levels."""
+    from PIL import Image
+    from skimage import data
+
+    from pipeline.datasets import open_rgb
+    from pipeline.decoding import crop_decoder
+    from pipeline.export import _preparation
+
+    backbone = get_backbone("alexnet")
+    text = _preparation(type("Backbone", (), {"resize_size": 256, "input_size": 224,
+                                              "interpolation": interpolation})(), decode)
+    assert "int(round((side - 224) / 2))" in text  # the steps this test follows
+    assert ("the file's own size, not the drafted one" in text) == (decode == "fast")
+    assert (f"mode='{interpolation}'" if decode == "fast" else f"Pillow's resize ({interpolation})") in text
+    assert backbone.resize_size == 256 and backbone.input_size == 224
+    for width, height in ((1001, 750), (640, 427), (427, 640)):
+        path = tmp_path / f"{width}x{height}.jpg"
+        Image.fromarray(data.chelsea()).resize((width, height)).save(path, quality=90)
+        resized = (256, int(256 * height / width)) if width <= height else (int(256 * width / height), 256)
+        image = Image.open(path)
+        if decode == "fast":
+            image.draft("RGB", resized)
+            pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]
+            pixels = torch.nn.functional.interpolate(pixels, size=resized[::-1], mode=interpolation, antialias=True,
+                                                     align_corners=False)[0]
+        else:
+            method = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interpolation]
+            pixels = torch.from_numpy(np.array(image.convert("RGB").resize(resized, method))).permute(2, 0, 1)
+        left, top = int(round((resized[0] - 224) / 2)), int(round((resized[1] - 224) / 2))
+        literal = pixels[:, top:top + 224, left:left + 224]
+        decoder = crop_decoder(decode, 256, 224, interpolation)
+        ours = decoder(open_rgb(str(path), decoder.draft))
+        assert torch.equal(literal, ours), (decode, interpolation, width, height, (literal.int() - ours.int()).abs().max())
+
+
 def test_a_failed_export_keeps_the_earlier_export_and_its_contract(model_file, tmp_path, monkeypatch):
     """A contract that could not be written took the export written before it, and the earlier one too;
     now both are written and synced before either replaces its file."""

@@ -504,9 +504,10 @@ def test_unreadable_images_in_finetune_are_skipped_counted_and_recorded(run_tl, 
     (train / "a" / "broken.png").write_bytes(b"not an image")
     (val / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     result = run_tl("finetune", "--data", train, "--head", small_head / "head.pt", "--out", tmp_path / "m.pt",
-                    "--val-data", val, "--epochs", "2", "--early-stop", "--batch-size", "4", "--workers", "0")
+                    "--val-data", val, "--epochs", "2", "--early-stop", "--batch-size", "4", "--workers", "0",
+                    "--quiet")  # said on stderr even so, as extract and evaluate say theirs
     assert result.code == 0, result
-    assert "1 training and 1 validation images could not be read" in result.out
+    assert "warning: 1 training and 1 validation images could not be read" in result.err
     assert result.out.splitlines()[-1].endswith(", skipped images 1")  # not the history's key, skipped_images
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     history = json.loads(payload["metadata"])["history"]
