@@ -162,7 +162,7 @@ COUNT, AMOUNT = Count(min=1), Count(min=0)  # at least one; zero allowed (0: all
 
 class Share(click.FloatRange):
     """A fraction of the training data held out for validation, checked when click parses the command;
-    with `none_at_zero`, 0 holds out nothing (as Keras's validation_split=0), so `mlflow run -P val_fraction=0`
+    with `none_at_zero`, 0 holds out nothing (as Keras's validation_split=0): a recipe's `val_fraction: 0`
     trains on every image."""
 
     name = "fraction"

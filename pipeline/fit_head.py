@@ -4,16 +4,16 @@ it with the metadata later stages check (classes, layer, width, the cache's code
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache.manifest import load_manifest
 from cache.reader import CacheReader
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_score
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError
-from pipeline.files import check_folders
+from pipeline.files import check_folders, same_file
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.model_files import save_head
 from pipeline.training import TrainingOptions
@@ -98,6 +98,7 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
     if Path(config.out).is_dir():  # found before the training, not after it
         raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
     check_folders(Path(config.out), "head file")
+    check_validation(config.cache, config.val_cache, config.val_fraction)
     reader = CacheReader(config.cache)
     layer = config.layer or _only_layer(reader)
     rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed, config.block_rows)
@@ -115,15 +116,22 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
                          chosen, len(head.curve_) if head.curve_ else None)
 
 
+def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | None) -> None:
+    """One line before any work (fit-head's, a sweep's): two validation sets named, or a validation cache
+    that holds the training codes (the cache itself, a link to it, or a copy: the same content digest)."""
+    if val_cache is None:
+        return
+    if val_fraction is not None:  # as finetune refuses the pair
+        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them")
+    if same_file(val_cache, cache) or load_manifest(val_cache).content == load_manifest(cache).content != "":
+        raise HeadError(f"--val-cache {val_cache} holds the codes of the training cache {cache}: validation would "
+                        "score the rows the heads train on; pass a cache of other images, or --val-fraction")
+
+
 def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_fraction: float | None, seed: int,
                   block_rows: int) -> tuple[CodeRows, CodeRows | None]:
     """(training rows, validation rows or None) of one layer: the validation cache's, or a seeded
     stratified fraction held out of the cache."""
-    if val_cache is not None and val_fraction is not None:  # as finetune refuses the pair
-        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them")
-    if val_cache is not None and os.path.realpath(val_cache) == os.path.realpath(reader.root):
-        raise HeadError(f"--val-cache {val_cache} is the training cache: validation would score the rows the heads "
-                        "train on; pass a cache of other images, or --val-fraction")
     rows = CodeRows.from_cache(reader, layer, block_rows=block_rows)
     if val_cache is not None:
         val_reader = CacheReader(val_cache)

@@ -215,9 +215,10 @@ def lost_worker(exc: BaseException) -> BaseException | None:
     SIGKILL, a crash), timed out, or unable to hand over its batch, or a lost pin-memory thread, is a
     one-line TLError; None: another error (one a worker caught and torch re-raised: "Caught ...")."""
     text = str(exc)
-    if not isinstance(exc, RuntimeError) or text.startswith("Caught ") or not any(
-            mark in text for mark in ("DataLoader timed out", "exited unexpectedly", "is killed by signal")):
-        return None
+    if not isinstance(exc, RuntimeError) or text.startswith("Caught ") or not (
+            text.startswith(("DataLoader timed out", "Pin memory thread exited unexpectedly"))
+            or ("DataLoader worker" in text and ("exited unexpectedly" in text or "is killed by signal" in text))):
+        return None  # (torch's other subprocesses, a compile worker say, are not decoding workers)
     killed = re.search(r"is killed by signal: ([^.]+)", text)
     if killed and killed[1] in ("Terminated", "Interrupt"):
         stops.STOPPING.set()

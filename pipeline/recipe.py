@@ -251,6 +251,7 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
                                   "its own out")
             made.append((out, step))
     _refuse_peeking(path, steps)
+    _refuse_early_stop_unwatched(path, chosen)
     for step in (step for step in chosen if step.stage == "extract"):  # -P backbone=... with the recipe's layers
         from pipeline.backbones import get_backbone  # the registry, only when a recipe extracts
 
@@ -285,6 +286,24 @@ def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple
     if (step.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT:
         return (os.path.realpath(given / split), None) if (given / split).is_dir() else (os.path.realpath(given), None)
     return os.path.realpath(given), split
+
+
+def _refuse_early_stop_unwatched(path: Path, chosen: list[Step]) -> None:
+    """A step whose early stopping has no validation to watch is refused by its stage; here, before the
+    steps ahead of it (an extraction of hours) run. A fit-head head that does not read early_stop
+    (lbfgs logreg, svm: it only warns) is not refused."""
+    from pipeline.heads import HEAD_KINDS
+
+    for step in chosen:
+        params, validation = step.params, {"fit-head": "val_cache", "finetune": "val_data"}.get(step.stage)
+        if not validation or not params.get("early_stop") or params.get("val_fraction") is not None \
+                or step.path(validation) is not None:
+            continue
+        kind = HEAD_KINDS.get(params.get("head")) if step.stage == "fit-head" else None
+        if kind is not None and "early_stop" not in (kind.reads(params.get("solver")) or ("early_stop",)):
+            continue
+        raise ConfigError(f"recipe {path}: {step.label} has early_stop but nothing to validate on; give it "
+                          f"val_fraction (above 0) or {validation}, or early_stop: false (mlflow run: -P use_early_stop=0)")
 
 
 def _refuse_peeking(path: Path, steps: list[Step]) -> None:

@@ -23,7 +23,7 @@ from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
 from pipeline.files import OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
-from pipeline.fit_head import FitHeadConfig, check_counts, save_fitted, training_rows
+from pipeline.fit_head import FitHeadConfig, check_counts, check_validation, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
 from pipeline.training import TrainingOptions, train_networks
 
@@ -110,6 +110,7 @@ def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
     if config.keep not in KEEP:
         raise HeadError(f"--keep is best or all, got {config.keep}")
     check_counts(config.block_rows, config.max_iter)
+    config.training.check()  # momentum, decay, schedule: before the folder is made, not at the first mlp
     costs, rates = list(dict.fromkeys(config.C)), list(dict.fromkeys(config.lr)) or [None]
     hiddens = list(dict.fromkeys(tuple(h) for h in config.hidden))
     settings = []
@@ -152,6 +153,7 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
         raise HeadError(f"--out {out} is a file; a sweep writes a folder")
     refuse_overwriting_inputs({"--out": out}, {"--cache": config.cache, "--val-cache": config.val_cache},
                               protected=("--cache", "--val-cache"))  # its heads and board among the shards
+    check_validation(config.cache, config.val_cache, config.val_fraction)
     made = missing_folders(out / "heads")  # removed again if the sweep fails before it writes a head
     try:
         (out / "heads").mkdir(parents=True, exist_ok=True)

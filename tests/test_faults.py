@@ -301,7 +301,8 @@ def test_what_a_lost_worker_is_follows_torchs_words():
     finally:
         stops.STOPPING = stopping
     for text in ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback: ... timed out",
-                 "CUDA error: an illegal memory access was encountered"):
+                 "CUDA error: an illegal memory access was encountered",
+                 "A compilation subprocess exited unexpectedly"):
         assert lost_worker(RuntimeError(text)) is None, text
     assert lost_worker(ValueError("DataLoader worker (pid 1) exited unexpectedly")) is None
 

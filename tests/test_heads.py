@@ -280,8 +280,12 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
     assert "several C values need a validation split" in refused(tmp_path / "good", "--head", "svm", "--C", "0.1,1")
     assert "--hidden takes int numbers" in refused(tmp_path / "good", "--head", "mlp", "--hidden", "wide")
     assert "'--val-fraction': 1.5 is not in the range 0<=x<1" in refused(tmp_path / "good", "--val-fraction", "1.5")
-    assert "is the training cache: validation would score the rows" in refused(tmp_path / "good", "--val-cache",
-                                                                               tmp_path / "good", "--C", "1,10")
+    import shutil
+
+    shutil.copytree(tmp_path / "good", tmp_path / "copy")  # the same codes: the same content digest
+    for validation in (tmp_path / "good", tmp_path / "copy"):
+        assert "holds the codes of the training cache" in refused(tmp_path / "good", "--val-cache", validation,
+                                                                  "--C", "1,10")
     # an infinite lr diverged and blamed the cache; an infinite momentum or C was a traceback
     for head in ("logreg", "svm"):
         assert "--C values must be positive and finite, got inf" in refused(tmp_path / "good", "--head", head, "--C", "inf")

@@ -112,6 +112,12 @@ BAD_RECIPES = [
     ("input_of_no_step", "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "evaluate head h.pt does not exist"),
     ("val_is_test_cache", "fit-head: {cache: caches/train, val_cache: caches/test, out: h.pt}\n"
                           "evaluate: {head: h.pt, cache: caches/test, out: r}\n", "fit-head validates on the test data"),
+    ("early_stop_without_validation", "fit-head: {cache: caches/train, head: mlp, early_stop: 1, val_fraction: 0, "
+                                      "out: h.pt}\n", "fit-head has early_stop but nothing to validate on; give it "
+                                                       "val_fraction (above 0) or val_cache, or early_stop: false"),
+    ("finetune_early_stop_without_validation", "format: imagefolder\nfit-head: {cache: caches/train, out: h.pt}\n"
+                                               "finetune: {data: images, head: h.pt, early_stop: true, out: m.pt}\n",
+     "finetune has early_stop but nothing to validate on; give it val_fraction (above 0) or val_data"),
     ("val_fraction_of_one", "fit-head: {cache: caches/train, out: h.pt, val_fraction: 1}\n",
      "fit-head key 'val_fraction': 1.0 is not in the range 0<=x<1"),
     ("same_out", "fit-head: [{cache: caches/train, out: h.pt}, {cache: caches/train, C: 2, out: ./h.pt}]\n",
@@ -192,13 +198,16 @@ def test_only_and_from_need_the_stage_and_its_inputs(run_tl, code_caches, monkey
 
 
 def test_a_val_fraction_of_zero_holds_out_nothing(run_tl, code_caches, monkeypatch):
-    """As Keras's validation_split=0: `mlflow run -P use_early_stop=0 -P val_fraction=0` trains on every image."""
+    """As Keras's validation_split=0: a recipe with val_fraction 0 (and no early stopping) trains on every
+    image. A head that ignores early_stop (lbfgs logreg) is not refused for it, as fit-head only warns."""
     monkeypatch.chdir(code_caches)
     recipe = _recipe(code_caches, "fit-head: {cache: caches/train, head: mlp, max_epochs: 2, early_stop: 1, out: h.pt}\n")
     result = run_tl("run", recipe, "--quiet", "--set", "fit-head.early_stop=0", "--set", "fit-head.val_fraction=0.0")
     assert result.code == 0 and "90 training rows" in result.out and "validation" not in result.out, result
     held = run_tl("run", recipe, "--quiet", "--set", "fit-head.early_stop=0", "--set", "fit-head.val_fraction=0.2")
     assert held.code == 0 and "72 training rows" in held.out and "validation accuracy" in held.out, held
+    lbfgs = run_tl("run", recipe, "--quiet", "--set", "fit-head.head=logreg", "--set", "fit-head.val_fraction=0")
+    assert lbfgs.code == 0 and "warning: fit-head key 'early_stop' does nothing for --head logreg" in lbfgs.out, lbfgs
 
 
 def test_a_training_cache_scored_as_test_is_said(run_tl, code_caches, monkeypatch):

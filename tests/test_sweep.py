@@ -187,7 +187,7 @@ def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_pat
     (["--val-fraction", "0"], "Invalid value for '--val-fraction': 0.0 is not in the range 0<x<1."),  # ranks on validation
     # the fraction was ignored beside a validation cache, yet recorded; fit-head refuses the pair
     (["--val-fraction", "0.3", "--val-cache", "{train}"], "--val-cache and --val-fraction both name validation rows"),
-    (["--val-cache", "{train}"], "is the training cache: validation would score the rows the heads train on"),
+    (["--val-cache", "{train}"], "holds the codes of the training cache"),  # it scored the rows heads train on
     (["--out", "{train}/board"], "lies inside --cache"),  # a sweep's heads and board among the shards
 ])
 def test_more_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
@@ -195,6 +195,7 @@ def test_more_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
     args = [str(arg).format(train=train) for arg in args]
     result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", "--layers", "clear", *args)
     assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
+    assert result.out == "" and not (tmp_path / "s").exists()  # refused before the folder and any progress line
 
 
 def test_an_out_that_cannot_be_made_is_one_line(run_tl, caches, tmp_path):
