@@ -77,6 +77,8 @@ def test_a_grid_ranked_on_validation_with_a_usable_best_head(run_tl, caches, tmp
     assert validated.code == 0, validated
     record = json.loads(next((tmp_path / "v/heads").glob("*.json")).read_text())
     assert record["shared"]["val_fraction"] is None  # the unused 0.2 default was recorded beside the cache
+    defaults = [json.loads(path.read_text())["shared"]["val_fraction"] for path in (tmp_path / "s/heads").glob("*.json")]
+    assert defaults and set(defaults) == {0.2}  # as before: earlier sweeps' records are still reused
     assert (tmp_path / "v/sweep.md").read_text().startswith("# Sweep of 1 head on ")
 
 
