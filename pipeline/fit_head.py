@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from cache.manifest import load_manifest
 from cache.reader import CacheReader
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_score
@@ -128,6 +130,17 @@ def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | 
                         "score the rows the heads train on; pass a cache of other images, or --val-fraction")
 
 
+def _image_split(reader: CacheReader, fraction: float, seed: int):
+    """(training rows, validation rows) of a patch cache: a seeded split of its images (by their multi-hot
+    image targets), every patch on its image's side."""
+    image_ids = reader.load_column("image_id")
+    _, first, image_of = np.unique(image_ids, return_index=True, return_inverse=True)
+    image_targets = reader.load_column("image_target")[first]
+    train_images, val_images = validation_rows(image_targets, fraction, seed, "--val-cache", reader.classes[1:])
+    held = np.isin(image_of, val_images)
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
 def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_fraction: float | None, seed: int,
                   block_rows: int) -> tuple[CodeRows, CodeRows | None]:
     """(training rows, validation rows or None) of one layer: the validation cache's, or a seeded
@@ -144,7 +157,10 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
         return rows, CodeRows.from_cache(val_reader, layer, block_rows=block_rows)
     if val_fraction is None:
         return rows, None
-    train_rows, val_rows = validation_rows(rows.targets, val_fraction, seed, "--val-cache", reader.classes)
+    if reader.manifest.key.get("patches") is not None:  # whole images held out, as finetune holds them out:
+        train_rows, val_rows = _image_split(reader, val_fraction, seed)  # a patch of one on both sides flatters
+    else:
+        train_rows, val_rows = validation_rows(rows.targets, val_fraction, seed, "--val-cache", reader.classes)
     all_targets = rows.targets
     return (CodeRows.from_cache(reader, layer, train_rows, block_rows, all_targets),
             CodeRows.from_cache(reader, layer, val_rows, block_rows, all_targets))

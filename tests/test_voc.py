@@ -82,6 +82,15 @@ def test_multiscale_pipeline_end_to_end(tmp_path):
     assert train_cache.num_rows < 30 * len(patch_grid(120, 90, (1.0, 2.0))[0])  # background thinned
     assert (train_targets > 0).sum() > 0.4 * len(train_targets)
 
+    # validation held out of a patch cache takes whole images: patches of one image on both sides flattered
+    # C selection, early stopping and a sweep's board (validation mAP 1.0 on a tiny VOC)
+    from pipeline.fit_head import training_rows
+
+    rows, val = training_rows(train_cache, "pool5", None, 0.2, 0, 4096)
+    image_ids = train_cache.load_column("image_id")
+    held, kept = set(image_ids[val.rows]), set(image_ids[rows.rows])
+    assert held and kept and not held & kept and len(held) == 6 and len(rows) + len(val) == train_cache.num_rows
+
     fit_head(FitHeadConfig(cache=tmp_path / "tr", out=tmp_path / "h.pt"))
     report = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "te", out=tmp_path / "r",
                                          save_predictions=tmp_path / "p.csv")).report
