@@ -21,8 +21,12 @@ def check_codes_match(expected: dict, manifest: Manifest, what: str, reference: 
     found = codes_key(manifest)
     if found != expected:
         differences = "; ".join(key_differences(expected, found))
-        raise HeadError(f"{what} holds other codes than {reference} ({differences}); "
-                        "extract both with the same backbone, weights and preprocessing")
+        same = [part for name, part in (("backbone", "backbone"), ("weights", "weights"),
+                                        ("preprocessing", "preprocessing (--decode)"),
+                                        ("patches", "patches (--multiscale, --scales, --patch-overlap, --box-overlap)"))
+                if expected.get(name) != found.get(name)]
+        raise HeadError(f"{what} holds other codes than {reference} ({differences}); extract both with the same "
+                        + " and ".join(same))
 
 
 def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: Manifest, head_path, cache_path) -> None:

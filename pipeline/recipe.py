@@ -252,13 +252,9 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
             made.append((out, step))
     _refuse_peeking(path, steps)
     _refuse_early_stop_unwatched(path, chosen)
-    for step in (step for step in chosen if step.stage == "extract"):  # -P backbone=... with the recipe's layers
-        from pipeline.backbones import get_backbone  # the registry, only when a recipe extracts
-
+    for step in chosen:  # what the stage itself checks only once the steps before it have run (hours of extraction)
         try:
-            backbone = get_backbone(step.params["backbone"])
-            backbone.resolve_taps([tap.strip() for tap in (step.params.get("layers") or "").split(",") if tap.strip()]
-                                  or [backbone.default_tap])
+            _check_values(step)
         except TLError as exc:
             raise ConfigError(f"recipe {path}: {step.label}: {exc}") from None
     notes = []
@@ -286,6 +282,28 @@ def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple
     if (step.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT:
         return (os.path.realpath(given / split), None) if (given / split).is_dir() else (os.path.realpath(given), None)
     return os.path.realpath(given), split
+
+
+def _check_values(step: Step) -> None:
+    """An extract step's layers against its backbone (-P backbone=... with the recipe's layers) and its
+    patch settings (a scale twice, an overlap or background share out of range); an evaluate step's
+    pooling exponent. The stages' own checks, run before any step."""
+    params = step.params
+    if step.stage == "extract":
+        from pipeline.backbones import get_backbone  # the registries, only when a recipe extracts
+        from pipeline.multiscale import PatchSettings
+
+        backbone = get_backbone(params["backbone"])
+        backbone.resolve_taps([tap.strip() for tap in (params.get("layers") or "").split(",") if tap.strip()]
+                              or [backbone.default_tap])
+        if params.get("multiscale"):
+            PatchSettings(scales=tuple(float(scale) for scale in (params.get("scales") or "").split(",") if scale.strip()),
+                          patch_overlap=params["patch_overlap"], box_overlap=params["box_overlap"],
+                          background_fraction=params["background_fraction"]).check()
+    elif step.stage == "evaluate" and params.get("exponent") is not None:
+        from pipeline.multiscale import check_exponent
+
+        check_exponent(params["exponent"])
 
 
 def _refuse_early_stop_unwatched(path: Path, chosen: list[Step]) -> None:

@@ -118,6 +118,13 @@ BAD_RECIPES = [
     ("finetune_early_stop_without_validation", "format: imagefolder\nfit-head: {cache: caches/train, out: h.pt}\n"
                                                "finetune: {data: images, head: h.pt, early_stop: true, out: m.pt}\n",
      "finetune has early_stop but nothing to validate on; give it val_fraction (above 0) or val_data"),
+    # a stage's own value checks, which ran only once the steps before it had (hours of VOC extraction)
+    ("duplicate_scales", "extract: {data: images, out: caches/x, multiscale: true, scales: [1, 2, 2]}\n",
+     "extract (train): --scales lists a scale twice"),
+    ("background_share", "extract: {data: images, out: caches/x, multiscale: true, background_fraction: 1.5}\n",
+     "extract (train): --background-fraction must be in [0, 1], got 1.5"),
+    ("exponent", "fit-head: {cache: caches/train, out: h.pt}\nevaluate: {head: h.pt, cache: caches/test, out: r, "
+                 "exponent: 0}\n", "evaluate: --exponent must be a positive finite number"),
     ("val_fraction_of_one", "fit-head: {cache: caches/train, out: h.pt, val_fraction: 1}\n",
      "fit-head key 'val_fraction': 1.0 is not in the range 0<=x<1"),
     ("same_out", "fit-head: [{cache: caches/train, out: h.pt}, {cache: caches/train, C: 2, out: ./h.pt}]\n",

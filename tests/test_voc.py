@@ -137,7 +137,9 @@ def test_image_level_voc_cache_uses_the_ignore_marks(tmp_path):
     expected = mean_ap(per_class_ap(targets, scores, "area", ignore))
     assert report["mAP"] == pytest.approx(expected, abs=1e-5)
     extract(base, tmp_path / "tp", "test", multiscale=True, patches=PatchSettings(scales=(1.0,)))
-    with pytest.raises(HeadError, match="holds other codes.*patches"):
+    # the remedy names what differs: the scales, not the backbone, weights and preprocessing
+    with pytest.raises(HeadError, match=r"holds other codes.*patches.*; extract both with the same patches "
+                                        r"\(--multiscale, --scales, --patch-overlap, --box-overlap\)$"):
         run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "tp", out=tmp_path / "r3"))
 
 
