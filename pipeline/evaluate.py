@@ -99,8 +99,8 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         image_targets = head_targets(reader.load_column("image_target").astype(np.int64), reader.classes[1:], names,
                                      *what)
         ignore = head_targets(reader.load_column("image_ignore").astype(np.int64), reader.classes[1:], names, *what)
-        ids, targets, scores, report = _pooled_report(scores, targets, reader.load_column("image_id"), image_targets,
-                                                      ignore, names, config)
+        ids, targets, ignore, scores, report = _pooled_report(scores, targets, reader.load_column("image_id"),
+                                                              image_targets, ignore, names, config)
     else:
         ids, names = reader.load_column("sample_id"), metadata["classes"]
         ignore = reader.load_column("ignore") if targets.ndim == 2 and reader.has_column("ignore") else None
@@ -109,7 +109,7 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                         "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"]}
     files = write_report(config.out, report, targets, scores, head.curve_)
     if config.save_predictions is not None:
-        files.append(write_predictions(config.save_predictions, ids, targets, scores, names))
+        files.append(write_predictions(config.save_predictions, ids, targets, scores, names, ignore))
     return EvaluateResult(Path(config.out), report, files)
 
 
@@ -146,7 +146,8 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
                                      *what)
         ignore = head_targets(np.array([source.columns(i)["ignore"] for i in samples]).astype(np.int64),
                               source.classes, names, *what)
-        ids, targets, scores, report = _pooled_report(scores, targets, ids, image_targets, ignore, names, config)
+        ids, targets, ignore, scores, report = _pooled_report(scores, targets, ids, image_targets, ignore, names,
+                                                              config)
     else:
         ignore = np.array([source.columns(i)["ignore"] for i in samples]) if "ignore" in source.columns(0) else None
         report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
@@ -156,7 +157,7 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
                         "warnings": list(source.warnings)}  # a damaged tar, an empty class folder, ...
     files = write_report(config.out, report, targets, scores, metadata["history"] or None)
     if config.save_predictions is not None:
-        files.append(write_predictions(config.save_predictions, ids, targets, scores, names))
+        files.append(write_predictions(config.save_predictions, ids, targets, scores, names, ignore))
     return EvaluateResult(Path(config.out), report, files, skipped)
 
 
@@ -173,4 +174,4 @@ def _pooled_report(patch_scores: np.ndarray, patch_targets: np.ndarray, image_id
     report = summarize(image_targets[first], pooled, names, config.ap, config.top_k, ignore[first], predicted)
     report["pooling"] = {"exponent": config.exponent, "patches": int(len(patch_targets)), "images": int(len(ids))}
     report["patch_accuracy"] = accuracy(patch_targets, patch_scores)
-    return ids, image_targets[first], pooled, report
+    return ids, image_targets[first], ignore[first], pooled, report

@@ -327,18 +327,22 @@ def _png(figure) -> bytes:
 
 
 def write_predictions(path: Path, sample_ids: np.ndarray, targets: np.ndarray, scores: np.ndarray,
-                      class_names: list[str]) -> Path:
-    """One row per sample: its id, its true class name(s) (';'-joined for multi-label) and every score."""
+                      class_names: list[str], ignore: np.ndarray | None = None) -> Path:
+    """One row per sample: its id, its true class name(s) (';'-joined for multi-label), with `ignore`
+    (VOC) the classes its AP leaves out (shown only by difficult objects), and every score: what the
+    report's numbers are recomputed from."""
     path = Path(path)
     # names that are not UTF-8 on disk keep their bytes (surrogateescape), as in the cache
     with atomic_write(path, "predictions file") as temporary, \
             open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["sample_id", "target"] + [f"score:{name}" for name in class_names])
-        for sample_id, target, row in zip(sample_ids, targets, scores):
+        writer.writerow(["sample_id", "target"] + ["ignore"] * (ignore is not None)
+                        + [f"score:{name}" for name in class_names])
+        for number, (sample_id, target, row) in enumerate(zip(sample_ids, targets, scores)):
             truth = (";".join(class_names[c] for c in np.flatnonzero(target)) if np.ndim(target)
                      else class_names[int(target)])
-            writer.writerow([sample_id, truth] + [f"{value:.6g}" for value in row])
+            left_out = [] if ignore is None else [";".join(class_names[c] for c in np.flatnonzero(ignore[number]))]
+            writer.writerow([sample_id, truth] + left_out + [f"{value:.6g}" for value in row])
     return path
 
 

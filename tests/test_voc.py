@@ -131,9 +131,17 @@ def test_image_level_voc_cache_uses_the_ignore_marks(tmp_path):
     report = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "te", out=tmp_path / "r",
                                          save_predictions=tmp_path / "p.csv", ap="area")).report
     assert report == json.loads((tmp_path / "r" / "report.json").read_text())
-    lines = [line.split(",") for line in (tmp_path / "p.csv").read_text().splitlines()[1:]]
-    scores = np.array([[float(v) for v in line[2:]] for line in lines])
-    targets, ignore = reader.load_column("target"), reader.load_column("ignore")
+    # the predictions file alone gives the report's mAP: its ignore column carries the difficult-only classes
+    header, *lines = list(csv.reader((tmp_path / "p.csv").open()))
+    assert header[:3] == ["sample_id", "target", "ignore"] and lines[0][2] == "disc"
+    names = [name.removeprefix("score:") for name in header[3:]]
+
+    def hot(field):
+        return [int(name in field.split(";")) for name in names]
+
+    scores = np.array([[float(v) for v in line[3:]] for line in lines])
+    targets, ignore = np.array([hot(line[1]) for line in lines]), np.array([hot(line[2]) for line in lines])
+    np.testing.assert_array_equal(ignore, reader.load_column("ignore"))
     expected = mean_ap(per_class_ap(targets, scores, "area", ignore))
     assert report["mAP"] == pytest.approx(expected, abs=1e-5)
     extract(base, tmp_path / "tp", "test", multiscale=True, patches=PatchSettings(scales=(1.0,)))
