@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cache.manifest import Manifest, key_differences
+from cache.manifest import Manifest, decode_of, key_differences
 from pipeline.errors import HeadError
 from pipeline.multiscale import BACKGROUND
 
@@ -21,12 +21,13 @@ def check_codes_match(expected: dict, manifest: Manifest, what: str, reference: 
     found = codes_key(manifest)
     if found != expected:
         differences = "; ".join(key_differences(expected, found))
+        decode = decode_of(expected.get("preprocessing") or {}) != decode_of(found.get("preprocessing") or {})
         same = [part for name, part in (("backbone", "backbone"), ("weights", "weights"),
-                                        ("preprocessing", "preprocessing (--decode)"),
+                                        ("preprocessing", "preprocessing" + (" (--decode)" if decode else "")),
                                         ("patches", "patches (--multiscale, --scales, --patch-overlap, --box-overlap)"))
                 if expected.get(name) != found.get(name)]
         raise HeadError(f"{what} holds other codes than {reference} ({differences}); extract both with the same "
-                        + " and ".join(same))
+                        + (" and ".join(same) if same else "backbone, weights and preprocessing"))
 
 
 def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: Manifest, head_path, cache_path) -> None:
@@ -63,6 +64,18 @@ def head_targets(targets: np.ndarray, data_classes: list[str], head_classes: lis
     renumbered = np.zeros((len(targets), len(head_classes)), dtype=targets.dtype)
     for cache_class in used:
         renumbered[:, mapping[cache_class]] = targets[:, cache_class]
+    return renumbered
+
+
+def head_ignore(ignore: np.ndarray | None, data_classes: list[str], head_classes: list[str]) -> np.ndarray | None:
+    """A multi-hot ignore matrix (VOC's difficult-only classes) in the head's class order, matched by name;
+    a class the head does not know has no AP to leave out, so it is dropped, not refused."""
+    if ignore is None:
+        return None
+    renumbered = np.zeros((len(ignore), len(head_classes)), dtype=np.int64)
+    for column, name in enumerate(data_classes):
+        if name in head_classes:
+            renumbered[:, head_classes.index(name)] = ignore[:, column]
     return renumbered
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from cache.reader import CacheReader
 from pipeline.backbones import for_inference, get_backbone
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows
-from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_targets
+from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_ignore, head_targets
 from pipeline.errors import HeadError
 from pipeline.files import refuse_overwriting_inputs
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
@@ -98,12 +98,13 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         what, names = (f"cache {config.cache}", f"head {config.head}"), metadata["classes"][1:]
         image_targets = head_targets(reader.load_column("image_target").astype(np.int64), reader.classes[1:], names,
                                      *what)
-        ignore = head_targets(reader.load_column("image_ignore").astype(np.int64), reader.classes[1:], names, *what)
+        ignore = head_ignore(reader.load_column("image_ignore"), reader.classes[1:], names)
         ids, targets, ignore, scores, report = _pooled_report(scores, targets, reader.load_column("image_id"),
                                                               image_targets, ignore, names, config)
     else:
         ids, names = reader.load_column("sample_id"), metadata["classes"]
-        ignore = reader.load_column("ignore") if targets.ndim == 2 and reader.has_column("ignore") else None
+        ignore = head_ignore(reader.load_column("ignore") if targets.ndim == 2 and reader.has_column("ignore") else None,
+                             reader.classes, names)  # in the head's class order, as the targets are
         report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
     report["source"] = {"head": str(config.head), "kind": metadata["kind"], "layer": metadata["layer"],
                         "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"]}
@@ -144,12 +145,12 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
         names = names[1:]
         image_targets = head_targets(np.array([source.samples[i].target for i in samples]), source.classes, names,
                                      *what)
-        ignore = head_targets(np.array([source.columns(i)["ignore"] for i in samples]).astype(np.int64),
-                              source.classes, names, *what)
+        ignore = head_ignore(np.array([source.columns(i)["ignore"] for i in samples]), source.classes, names)
         ids, targets, ignore, scores, report = _pooled_report(scores, targets, ids, image_targets, ignore, names,
                                                               config)
     else:
-        ignore = np.array([source.columns(i)["ignore"] for i in samples]) if "ignore" in source.columns(0) else None
+        ignore = head_ignore(np.array([source.columns(i)["ignore"] for i in samples]) if "ignore" in source.columns(0)
+                             else None, source.classes, names)
         report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
     report["source"] = {"model": str(config.model), "kind": f"finetuned {metadata['head']['kind']}",
                         "layer": metadata["layer"], "cache": f"{config.data} ({config.format}, {config.split})",

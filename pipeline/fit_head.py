@@ -14,7 +14,7 @@ from cache.reader import CacheReader
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_score
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
-from pipeline.errors import HeadError
+from pipeline.errors import HeadError, listed
 from pipeline.files import check_folders, same_file
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.model_files import save_head
@@ -130,14 +130,22 @@ def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | 
                         "score the rows the heads train on; pass a cache of other images, or --val-fraction")
 
 
-def _image_split(reader: CacheReader, fraction: float, seed: int):
-    """(training rows, validation rows) of a patch cache: a seeded split of its images (by their multi-hot
-    image targets), every patch on its image's side."""
+def _image_split(reader: CacheReader, fraction: float, seed: int, targets: np.ndarray):
+    """(training rows, validation rows) of a patch cache: a seeded split of its images in cache order
+    (unstratified: their targets are multi-hot), every patch on its image's side. A patch class left
+    with no training rows is one line (a rare class's every image held out)."""
     image_ids = reader.load_column("image_id")
     _, first, image_of = np.unique(image_ids, return_index=True, return_inverse=True)
-    image_targets = reader.load_column("image_target")[first]
-    train_images, val_images = validation_rows(image_targets, fraction, seed, "--val-cache", reader.classes[1:])
-    held = np.isin(image_of, val_images)
+    order = np.argsort(first)  # images in the order the cache holds them, as finetune's split takes them
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    image_targets = reader.load_column("image_target")[first[order]]
+    _, val_images = validation_rows(image_targets, fraction, seed, "--val-cache", reader.classes[1:])
+    held = np.isin(position[image_of], val_images)
+    lost = sorted(set(np.unique(targets).tolist()) - set(np.unique(targets[~held]).tolist()))
+    if lost:
+        raise HeadError(f"--val-fraction {fraction:g} holds out every image of {listed(reader.classes[c] for c in lost)}; "
+                        "lower --val-fraction, change --seed, or pass --val-cache")
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
@@ -157,8 +165,8 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
         return rows, CodeRows.from_cache(val_reader, layer, block_rows=block_rows)
     if val_fraction is None:
         return rows, None
-    if reader.manifest.key.get("patches") is not None:  # whole images held out, as finetune holds them out:
-        train_rows, val_rows = _image_split(reader, val_fraction, seed)  # a patch of one on both sides flatters
+    if reader.manifest.key.get("patches") is not None:  # whole images, as finetune holds them out: a patch
+        train_rows, val_rows = _image_split(reader, val_fraction, seed, rows.targets)  # of one on both sides flatters
     else:
         train_rows, val_rows = validation_rows(rows.targets, val_fraction, seed, "--val-cache", reader.classes)
     all_targets = rows.targets

@@ -90,6 +90,9 @@ def test_multiscale_pipeline_end_to_end(tmp_path):
     image_ids = train_cache.load_column("image_id")
     held, kept = set(image_ids[val.rows]), set(image_ids[rows.rows])
     assert held and kept and not held & kept and len(held) == 6 and len(rows) + len(val) == train_cache.num_rows
+    with pytest.raises(HeadError, match=r"--val-fraction 0.95 holds out every image of .*; lower --val-fraction, "
+                                        r"change --seed, or pass --val-cache"):  # unstratified: said, not 'no rows'
+        training_rows(train_cache, "pool5", None, 0.95, 0, 4096)
 
     fit_head(FitHeadConfig(cache=tmp_path / "tr", out=tmp_path / "h.pt"))
     report = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "te", out=tmp_path / "r",
@@ -144,6 +147,15 @@ def test_image_level_voc_cache_uses_the_ignore_marks(tmp_path):
     np.testing.assert_array_equal(ignore, reader.load_column("ignore"))
     expected = mean_ap(per_class_ap(targets, scores, "area", ignore))
     assert report["mAP"] == pytest.approx(expected, abs=1e-5)
+    # a test cache of the same classes in another order: the ignore marks follow the head's classes too
+    # (they stayed in the cache's order, leaving another class's AP out)
+    run_extract(ExtractConfig(data=base, out=tmp_path / "te2", format="voc", split="test", classes="disc,square,bar",
+                              **FAST_OPTIONS))
+    reordered = run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "te2", out=tmp_path / "r4",
+                                            save_predictions=tmp_path / "p4.csv", ap="area")).report
+    assert reordered["mAP"] == pytest.approx(report["mAP"], abs=1e-6)
+    assert next(csv.reader((tmp_path / "p4.csv").open()))[:3] == ["sample_id", "target", "ignore"]
+    assert list(csv.reader((tmp_path / "p4.csv").open()))[1][2] == "disc"
     extract(base, tmp_path / "tp", "test", multiscale=True, patches=PatchSettings(scales=(1.0,)))
     # the remedy names what differs: the scales, not the backbone, weights and preprocessing
     with pytest.raises(HeadError, match=r"holds other codes.*patches.*; extract both with the same patches "
