@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -319,8 +318,8 @@ def tl(ctx):
     3. tl finetune   unfreeze the last conv layers and train end to end
     4. tl evaluate   accuracy, confusion matrix, per-class AP and mAP, with a report
     """
-    ranks = os.environ.get("WORLD_SIZE", "1").strip()
-    if ctx.invoked_subcommand not in (None, *RANKED) and ranks not in ("", "0", "1"):  # each rank would do it all
+    ranks = stops.launched_ranks()
+    if ctx.invoked_subcommand not in (None, *RANKED) and ranks > 1:  # each rank would do it all
         raise TLError(f"tl {ctx.invoked_subcommand} runs in one process, but WORLD_SIZE={ranks} says torchrun started "
                       f"it in several: under torchrun start {' or '.join(RANKED)}; run tl {ctx.invoked_subcommand} "
                       "without torchrun (and without WORLD_SIZE in its environment)")
@@ -372,8 +371,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
     from pipeline.extract import ExtractConfig, run_extract
     from pipeline.multiscale import PatchSettings
 
-    patches = PatchSettings(scales=_numbers(scales, float, "--scales"), patch_overlap=patch_overlap,
-                            box_overlap=box_overlap, background_fraction=background_fraction)
+    patches = PatchSettings.of_options(scales, patch_overlap, box_overlap, background_fraction)
 
     config = ExtractConfig(format=format_, layers=_csv_list(layers), patches=patches, **options)
     result = run_extract(config)
@@ -903,6 +901,19 @@ def run(recipe, sets, only, start, rerun, track, quiet):
     return result
 
 
+def _invoke(argv: list[str] | None):
+    """The command line run by click; a decoding worker's death that torch reports from its SIGCHLD handler,
+    wherever the command was, becomes what it is (the stop that took it down, or the one-line TLError) for
+    main's handlers below."""
+    try:
+        return tl.main(args=argv, prog_name="tl", standalone_mode=False)
+    except RuntimeError as exc:
+        lost = importlib.import_module("pipeline.hardware").lost_worker(exc) if "torch" in sys.modules else None
+        if lost is None:
+            raise
+        raise (stops.Interrupted() if isinstance(lost, KeyboardInterrupt) else lost) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     stops.install()
     for stream in (sys.stdout, sys.stderr):
@@ -910,7 +921,7 @@ def main(argv: list[str] | None = None) -> None:
         if callable(getattr(stream, "reconfigure", None)):
             stream.reconfigure(errors="surrogateescape")
     try:
-        code = tl.main(args=argv, prog_name="tl", standalone_mode=False)
+        code = _invoke(argv)
     except TLError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -946,12 +957,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except RuntimeError as exc:
         torch = sys.modules.get("torch")  # imported by whatever ran out of its memory; not before
-        lost = None if torch is None else importlib.import_module("pipeline.hardware").lost_worker(exc)
-        if lost is not None:  # a worker killed while the main process was not waiting for a batch
-            line, code = {stops.Terminated: (stops.terminated_line(), 143),
-                          KeyboardInterrupt: (f"interrupted; {stops.RESUME_HINT}", 130)}.get(type(lost), (lost, 2))
-            click.echo(f"error: {line}", err=True)
-            sys.exit(code)
         if torch is None or not isinstance(exc, torch.OutOfMemoryError):
             raise
         said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]

@@ -58,25 +58,25 @@ def head_targets(targets: np.ndarray, data_classes: list[str], head_classes: lis
     if unknown:
         raise HeadError(f"{data} has labels {head} does not know: {', '.join(unknown[:8])}"
                         f"{' ...' if len(unknown) > 8 else ''}; use data of the head's classes")
-    mapping = np.array([position.get(name, -1) for name in data_classes])
     if targets.ndim == 1:
-        return mapping[targets]
-    renumbered = np.zeros((len(targets), len(head_classes)), dtype=targets.dtype)
-    for cache_class in used:
-        renumbered[:, mapping[cache_class]] = targets[:, cache_class]
+        return np.array([position.get(name, -1) for name in data_classes])[targets]
+    return _in_head_columns(targets, data_classes, head_classes)
+
+
+def _in_head_columns(matrix: np.ndarray, data_classes: list[str], head_classes: list[str]) -> np.ndarray:
+    """A multi-hot matrix moved from the data's class columns to the head's (matched by name); columns of
+    classes the head does not know are dropped."""
+    renumbered = np.zeros((len(matrix), len(head_classes)), dtype=np.int64)
+    for column, name in enumerate(data_classes):
+        if name in head_classes:
+            renumbered[:, head_classes.index(name)] = matrix[:, column]
     return renumbered
 
 
 def head_ignore(ignore: np.ndarray | None, data_classes: list[str], head_classes: list[str]) -> np.ndarray | None:
     """A multi-hot ignore matrix (VOC's difficult-only classes) in the head's class order, matched by name;
     a class the head does not know has no AP to leave out, so it is dropped, not refused."""
-    if ignore is None:
-        return None
-    renumbered = np.zeros((len(ignore), len(head_classes)), dtype=np.int64)
-    for column, name in enumerate(data_classes):
-        if name in head_classes:
-            renumbered[:, head_classes.index(name)] = ignore[:, column]
-    return renumbered
+    return None if ignore is None else _in_head_columns(ignore, data_classes, head_classes)
 
 
 def check_patch_head(classes: list[str], path) -> None:

@@ -125,7 +125,8 @@ def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | 
         return
     if val_fraction is not None:  # as finetune refuses the pair
         raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them")
-    if same_file(val_cache, cache) or load_manifest(val_cache).content == load_manifest(cache).content != "":
+    if same_file(val_cache, cache) or load_manifest(val_cache, records=False).content == \
+            load_manifest(cache, records=False).content != "":
         raise HeadError(f"--val-cache {val_cache} holds the codes of the training cache {cache}: validation would "
                         "score the rows the heads train on; pass a cache of other images, or --val-fraction")
 

@@ -34,6 +34,14 @@ class PatchSettings:
     box_overlap: float = 0.6  # ...and the patch at least this much of the box
     background_fraction: float | None = 0.1  # kept share of background patches in training; None keeps all
 
+    @classmethod
+    def of_options(cls, scales: str, patch_overlap: float, box_overlap: float,
+                   background_fraction: float | None) -> "PatchSettings":
+        """The settings `tl extract`'s options give (`scales` as comma-separated text, already read as
+        numbers by the command line); `tl run` builds a step's the same way to check it before any step."""
+        return cls(scales=tuple(float(scale) for scale in scales.split(",") if scale.strip()),
+                   patch_overlap=patch_overlap, box_overlap=box_overlap, background_fraction=background_fraction)
+
     def check(self) -> None:
         # finite and bounded: inf gave one empty patch per image; 64 already means ~4,000 patches per image
         if not self.scales or any(not (math.isfinite(scale) and 1.0 <= scale <= MAX_SCALE) for scale in self.scales):

@@ -297,9 +297,8 @@ def _check_values(step: Step) -> None:
         backbone.resolve_taps([tap.strip() for tap in (params.get("layers") or "").split(",") if tap.strip()]
                               or [backbone.default_tap])
         if params.get("multiscale"):
-            PatchSettings(scales=tuple(float(scale) for scale in (params.get("scales") or "").split(",") if scale.strip()),
-                          patch_overlap=params["patch_overlap"], box_overlap=params["box_overlap"],
-                          background_fraction=params["background_fraction"]).check()
+            PatchSettings.of_options(params["scales"], params["patch_overlap"], params["box_overlap"],
+                                     params["background_fraction"]).check()
     elif step.stage == "evaluate" and params.get("exponent") is not None:
         from pipeline.multiscale import check_exponent
 

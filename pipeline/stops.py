@@ -92,12 +92,17 @@ RESUMES = ("tl extract resumes its shards, tl sweep its heads; tl finetune: add 
 RESUME_HINT = f"nothing finished was lost: run the same command again ({RESUMES})"
 
 
+def launched_ranks() -> int:
+    """How many processes torchrun says it started (WORLD_SIZE); 1 without it, or when it is not a number
+    (pipeline.distributed.world refuses that where the ranks matter)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
 def terminated_line() -> str:
     """What a process stopped by SIGTERM says; under torchrun, which rank, and why every rank got it."""
-    try:
-        ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        ranked = False
     where = (f"rank {os.environ.get('RANK', '?')} stopped by SIGTERM (torchrun stops every rank when one fails "
-             "or when it is stopped itself)") if ranked else "stopped by SIGTERM"
+             "or when it is stopped itself)") if launched_ranks() > 1 else "stopped by SIGTERM"
     return f"{where}; {RESUME_HINT}"
