@@ -54,6 +54,7 @@ class Source:
     help: str = ""
     target_kind = "class"  # or "multi-hot"
     options: tuple[str, ...] = ()  # keyword options of `open` beyond the common ones (webdataset: label_key)
+    boxes = False  # whether its samples carry object boxes (`annotations`), which --multiscale labels patches by
 
     def __init__(self, classes: list[str], samples: list[Sample]):
         self.classes = classes

@@ -25,7 +25,7 @@ from pipeline.decoding import (DEFAULT_DECODE, EncodedImages, collate_encoded, c
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
-from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
+from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source, registered_formats
 from pipeline.hardware import WorkerLoader, default_workers, pinned, resolve_device, resolve_precision
 from pipeline.image_sets import image_loader
 from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
@@ -155,6 +155,24 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
     }
 
 
+def check_patches(multiscale: bool, patches: PatchSettings, backbone: Backbone, format: str) -> None:
+    """extract's refusals that need only its options: patch settings out of range or given without
+    --multiscale, a backbone that does not resize bilinearly, data without boxes. `tl run` calls it on
+    each extract step before any step runs."""
+    if not multiscale:
+        if patches != PatchSettings():
+            given = next(f.name for f in fields(PatchSettings) if getattr(patches, f.name) != f.default)
+            raise TLError(f"--{given.replace('_', '-')} sets --multiscale patches; add --multiscale, or leave it out")
+        return
+    patches.check()
+    if backbone.interpolation != "bilinear":  # patches are resized bilinearly
+        raise TLError(f"{backbone.name} resizes by {backbone.interpolation}: --multiscale takes bilinear backbones")
+    known = registered_formats()  # an unknown format is refused where its data is opened
+    if format in known and not known[format].boxes:
+        raise TLError(f"--multiscale labels patches by their boxes: {format} data has none; use voc data "
+                      "(Annotations/*.xml), or leave --multiscale out for one crop per image")
+
+
 def run_extract(config: ExtractConfig) -> ExtractResult:
     started = time.perf_counter()
     if config.on_error not in ON_ERROR:
@@ -165,27 +183,18 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         raise TLError(f"--shard-rows must be at least 1, got {config.shard_rows}")
     default_workers(config.workers)  # a bad count is refused before the cache folder exists
     crop_decoder(config.decode, 1, 1)  # an unknown mode is refused before any work
-    if config.multiscale:
-        config.patches.check()
-    elif config.patches != PatchSettings():
-        given = next(f.name for f in fields(PatchSettings) if getattr(config.patches, f.name) != f.default)
-        raise TLError(f"--{given.replace('_', '-')} sets --multiscale patches; add --multiscale, or leave it out")
+    backbone = get_backbone(config.backbone)
+    check_patches(config.multiscale, config.patches, backbone, config.format)
     # a folder inside an imagefolder would become a class of it; other layouts only read their own files
     refuse_overwriting_inputs({"--out": Path(config.out)}, {"--data": Path(config.data)},
                               protected=("--data",) if config.format == DEFAULT_FORMAT else ())
     if Path(config.out).is_file():
         raise TLError(f"--out {config.out} is a file; a cache is a folder: choose another --out")
-    backbone = get_backbone(config.backbone)
-    if config.multiscale and backbone.interpolation != "bilinear":  # patches are resized bilinearly
-        raise TLError(f"{backbone.name} resizes by {backbone.interpolation}: --multiscale takes bilinear backbones")
     taps = backbone.resolve_taps(list(config.layers) or [backbone.default_tap])
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     source = open_source(config.format, config.data, config.split, config.download, config.samples_per_class,
                          config.seed, config.classes, config.label_key)
-    if config.multiscale and getattr(source, "annotations", None) is None:
-        raise TLError(f"--multiscale labels patches by their boxes: {config.format} data has none; use voc data "
-                      "(Annotations/*.xml), or leave --multiscale out for one crop per image")
     weights = resolve_weights(backbone, config.weights, config.seed)
     key = cache_key(config, backbone, taps, weights.digest, precision, source)
     widths = {tap: backbone.taps[tap].width for tap in taps}

@@ -291,14 +291,16 @@ def _check_values(step: Step) -> None:
     params = step.params
     if step.stage == "extract":
         from pipeline.backbones import get_backbone  # the registries, only when a recipe extracts
+        from pipeline.extract import check_patches
+        from pipeline.formats import DEFAULT_FORMAT
         from pipeline.multiscale import PatchSettings
 
         backbone = get_backbone(params["backbone"])
         backbone.resolve_taps([tap.strip() for tap in (params.get("layers") or "").split(",") if tap.strip()]
                               or [backbone.default_tap])
-        if params.get("multiscale"):
-            PatchSettings.of_options(params["scales"], params["patch_overlap"], params["box_overlap"],
-                                     params["background_fraction"]).check()
+        check_patches(bool(params.get("multiscale")), PatchSettings.of_options(
+            params["scales"], params["patch_overlap"], params["box_overlap"], params["background_fraction"]),
+            backbone, params.get("format_") or DEFAULT_FORMAT)
     elif step.stage == "evaluate" and params.get("exponent") is not None:
         from pipeline.multiscale import check_exponent
 

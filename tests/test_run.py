@@ -123,6 +123,13 @@ BAD_RECIPES = [
      "extract (train): --scales lists a scale twice"),
     ("background_share", "extract: {data: images, out: caches/x, multiscale: true, background_fraction: 1.5}\n",
      "extract (train): --background-fraction must be in [0, 1], got 1.5"),
+    ("patch_option_alone", "extract: {data: images, out: caches/x, scales: [1, 2]}\n",
+     "extract (train): --scales sets --multiscale patches; add --multiscale, or leave it out"),
+    ("multiscale_bicubic", "backbone: timm:resnet18\nlayers: [pool]\nextract: {data: images, out: caches/x, multiscale: true}\n",
+     "timm:resnet18 resizes by bicubic: --multiscale takes bilinear backbones"),
+    ("multiscale_without_boxes", "format: imagefolder\nbackbone: alexnet\nlayers: [fc7]\n"
+                                 "extract: {data: images, out: caches/x, multiscale: true}\n",
+     "--multiscale labels patches by their boxes: imagefolder data has none"),
     ("exponent", "fit-head: {cache: caches/train, out: h.pt}\nevaluate: {head: h.pt, cache: caches/test, out: r, "
                  "exponent: 0}\n", "evaluate: --exponent must be a positive finite number"),
     ("val_fraction_of_one", "fit-head: {cache: caches/train, out: h.pt, val_fraction: 1}\n",

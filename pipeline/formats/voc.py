@@ -30,6 +30,7 @@ class VocSource(Source):
     format = "voc"
     help = 'a PASCAL VOC devkit year: multi-label images with boxes (--classes)'
     target_kind = "multi-hot"
+    boxes = True
 
     @classmethod
     def open(cls, data: Path, split: str, download: bool, classes: str) -> "VocSource":
