@@ -22,7 +22,7 @@ from pipeline.hardware import resolve_device, resolve_precision
 from pipeline.image_sets import image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
-from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores
+from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores, unused_exponent
 from pipeline.report import REPORT_FILES, write_predictions, write_report
 
 
@@ -106,8 +106,11 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         ignore = head_ignore(reader.load_column("ignore") if targets.ndim == 2 and reader.has_column("ignore") else None,
                              reader.classes, names)  # in the head's class order, as the targets are
         report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
+    warnings = [] if reader.manifest.key["patches"] is not None else unused_exponent(config.exponent,
+                                                                                      f"cache {config.cache}")
     report["source"] = {"head": str(config.head), "kind": metadata["kind"], "layer": metadata["layer"],
-                        "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"]}
+                        "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"],
+                        "warnings": warnings}
     files = write_report(config.out, report, targets, scores, head.curve_)
     if config.save_predictions is not None:
         files.append(write_predictions(config.save_predictions, ids, targets, scores, names, ignore))
@@ -155,7 +158,9 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     report["source"] = {"model": str(config.model), "kind": f"finetuned {metadata['head']['kind']}",
                         "layer": metadata["layer"], "cache": f"{config.data} ({config.format}, {config.split})",
                         "backbone": backbone.name, "unreadable": len(skipped), "skipped": skipped,
-                        "warnings": list(source.warnings)}  # a damaged tar, an empty class folder, ...
+                        "warnings": list(source.warnings)  # a damaged tar, an empty class folder, ...
+                        + ([] if metadata["codes_key"]["patches"] else unused_exponent(config.exponent,
+                                                                                       f"model {config.model}"))}
     files = write_report(config.out, report, targets, scores, metadata["history"] or None)
     if config.save_predictions is not None:
         files.append(write_predictions(config.save_predictions, ids, targets, scores, names, ignore))

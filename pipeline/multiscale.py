@@ -124,6 +124,14 @@ def check_exponent(exponent: float, error: type[Exception] = DataError) -> None:
         raise error(f"--exponent must be a positive finite number (the paper's range is 1 to 10), got {exponent}")
 
 
+def unused_exponent(exponent: float, what: str) -> list[str]:
+    """The warning for an --exponent given where nothing is pooled (`what` scores one crop per image)."""
+    if exponent == DEFAULT_EXPONENT:
+        return []
+    return [f"--exponent {exponent:g} pools the patch scores of multiscale caches and heads; {what} scores one "
+            "crop per image, so it changes nothing here (leave it out)"]
+
+
 def pool_image_scores(patch_scores: np.ndarray, image_ids: np.ndarray, exponent: float = DEFAULT_EXPONENT
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(image ids in order of first appearance, S (images, C) with S(i, c) = sum_j P(j, c) ** k over

@@ -22,7 +22,7 @@ from pipeline.hardware import WorkerLoader, autocast, resolve_device, resolve_pr
 from pipeline.image_sets import image_loader
 from pipeline.model_files import head_backbone, load_head, load_model_file
 from pipeline.multiscale import (DEFAULT_EXPONENT, PatchImages, PatchSettings, check_exponent, collate_patches,
-                                 pool_image_scores)
+                                 pool_image_scores, unused_exponent)
 from pipeline.progress import progress
 from pipeline.training import output_activation
 
@@ -81,6 +81,9 @@ def run_predict(config: PredictConfig, warn=lambda text: None) -> Iterator[Predi
     batches = [list(range(start, min(start + config.batch_size, len(source))))
                for start in range(0, len(source), config.batch_size)]
     decode = decode_of(metadata["codes_key"]["preprocessing"])  # decoded as the head's codes were
+    for warning in [] if metadata["codes_key"].get("patches") else unused_exponent(
+            config.exponent, f"{'model' if config.model else 'head'} {config.model or config.head}"):
+        warn(warning)
     if metadata["codes_key"].get("patches"):
         yield from _pooled_predictions(config, source, backbone, metadata, probabilities_of, device, decode)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import numpy as np
 import pytest
@@ -64,6 +65,19 @@ def test_cli_writes_csv_rows_warns_and_refuses(run_tl, head_on_images):
     assert gone.code == 2 and "gone.png does not exist" in gone.err and gone.out == ""
     unreadable = run_tl("predict", "--head", root / "h.pt", folder / "b" / "broken.png")
     assert unreadable.code == 2 and "none of the 1 files could be read" in unreadable.err
+
+
+def test_an_exponent_where_nothing_is_pooled_is_said(run_tl, head_on_images):
+    """--exponent pools a multiscale head's patch scores; for a one-crop head or cache it changes nothing,
+    which a user comparing exponents would otherwise read as 'the exponent does not matter'."""
+    root, image = head_on_images, head_on_images / "images" / "a" / "img00.png"
+    plain, given = (run_tl("predict", "--head", root / "h.pt", image, *extra) for extra in ((), ("--exponent", "2")))
+    assert plain.code == given.code == 0 and plain.out == given.out and "exponent" not in plain.err, (plain, given)
+    assert given.err == (f"warning: --exponent 2 pools the patch scores of multiscale caches and heads; head "
+                         f"{root / 'h.pt'} scores one crop per image, so it changes nothing here (leave it out)\n")
+    scored = run_tl("evaluate", "--head", root / "h.pt", "--cache", root / "c", "--out", root / "r", "--exponent", "3")
+    assert scored.code == 0 and scored.err.startswith("warning: --exponent 3 pools") and f"cache {root / 'c'}" in scored.err
+    assert "--exponent 3" in json.loads((root / "r" / "report.json").read_text())["source"]["warnings"][0]
 
 
 def test_predict_refuses_what_it_cannot_use(run_tl, tmp_path):
