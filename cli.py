@@ -386,7 +386,9 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
     click.echo(f"  size on disk {human_bytes(result.bytes_on_disk)}, time {result.seconds:.1f} s"
                + (f" ({rate:.1f} img/s)" if result.images_processed else ""))
     if result.patches:
-        click.echo(f"  {result.patches} patches from {result.images_processed} images")
+        click.echo(f"  {result.patches} patches from {result.images_processed} images" + (
+            f"; {result.background_dropped} background patches left out (--background-fraction "
+            f"{config.patches.background_fraction:g}, seed {config.seed})" if result.background_dropped else ""))
     if result.device_refused:
         click.echo(f"  {result.device_refused} JPEG{'s' * (result.device_refused != 1)} refused by the device's "
                    "decoder went to the CPU path")

@@ -196,10 +196,10 @@ class Manifest:
                  + (f", labels from .{data['label_key']}" if data.get("label_key") else "")
                  + (f", {data['samples_per_class']} per class" if data.get("samples_per_class") else "")]
         if key["patches"]:
-            patches, kept = key["patches"], data.get("background_fraction")
+            patches, kept, seed = key["patches"], data.get("background_fraction"), data.get("background_seed")
             lines.append(f"patches    scales {', '.join(f'{s:g}' for s in patches['scales'])}; a box labels a patch "
                          f"covering {patches['patch_overlap']:g} of it and {patches['box_overlap']:g} of the box; "
-                         + (f"{kept:g} of background kept" if kept is not None else "every patch kept"))
+                         + (f"{kept:g} of background kept (seed {seed})" if kept is not None else "every patch kept"))
         lines += [f"layer      {tap:<8} width {spec.width:<6} {spec.dtype}" for tap, spec in self.taps.items()]
         lines.append(f"classes    {len(self.classes)}: {', '.join(self.classes[:10])}"
                      + (f", ... ({len(self.classes)} in all)" if len(self.classes) > 10 else ""))

@@ -91,6 +91,7 @@ class ExtractResult:
     warnings: list[str] = field(default_factory=list)
     shards_redone: int = 0  # finished shards whose inputs changed since: written again
     device_refused: int = 0  # JPEGs the device's decoder refused: decoded (or skipped) by the CPU path instead
+    background_dropped: int = 0  # of the training split's background patches, left out by --background-fraction
 
 
 @contextlib.contextmanager
@@ -237,7 +238,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                          time.perf_counter() - started, written, reused, timing["processed"],
                          timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest.skipped,
                          timing.get("patches", 0), list(source.warnings), writer.changed,
-                         timing.get("device_refused", 0))
+                         timing.get("device_refused", 0), timing.get("dropped", 0))
 
 
 def _note_error(config: ExtractConfig, rows: ShardRows, source: Source, index: int, reason: str) -> None:
@@ -326,7 +327,7 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
     loader = WorkerLoader(dataset, device, config.workers, prefetch=2, pin_memory=False,
                           batch_sampler=shard_batches(pending, plan, 1), collate_fn=collate_patches)
     current, rows, waiting = None, ShardRows(taps, config.dtype), []
-    processed, patches, clock = 0, 0, Stopwatch()
+    processed, patches, dropped, clock = 0, 0, 0, Stopwatch()
     loop_started = time.perf_counter()
 
     def forward(segments: list) -> None:
@@ -353,6 +354,7 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
             shard = shard_of(item.index)
             if shard != current:
                 current, rows, waiting = shard, ShardRows(taps, config.dtype), []
+            dropped += item.dropped
             if item.error:
                 _note_error(config, rows, source, item.index, item.error)
             elif len(item.targets):
@@ -368,4 +370,5 @@ def _extract_patch_shards(config, backbone, taps, weights, device, precision, so
                     forward(take_patches(waiting, sum(stop - start for _, start, stop in waiting)))
                 with clock.part("write"):
                     rows.publish(writer, shard)
-    return {"processed": processed, "loop": time.perf_counter() - loop_started, "patches": patches, **_parts(clock)}
+    return {"processed": processed, "loop": time.perf_counter() - loop_started, "patches": patches, "dropped": dropped,
+            **_parts(clock)}

@@ -156,6 +156,7 @@ class ImagePatches:
     scales: np.ndarray
     targets: np.ndarray
     error: str = ""
+    dropped: int = 0  # background patches left out by the training split's thinning
 
 
 class PatchDraft:
@@ -194,8 +195,9 @@ class PatchImages(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def patches_of(self, index: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(boxes, scales, targets) of the patches kept for image `index` (seeded per image)."""
+    def patches_of(self, index: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(boxes, scales, targets, background patches left out) of the patches kept for image `index`
+        (seeded per image)."""
         boxes, scales = patch_grid(width, height, self.settings.scales)
         annotation: Annotation | None = getattr(self.source, "annotations", [None] * len(self.source))[index]
         if annotation is None:
@@ -206,8 +208,8 @@ class PatchImages(Dataset):
         if self.training:
             keep = keep_background(targets, self.settings.background_fraction,
                                    np.random.default_rng([self.seed, index]))
-            boxes, scales, targets = boxes[keep], scales[keep], targets[keep]
-        return boxes, scales, targets
+            return boxes[keep], scales[keep], targets[keep], int(len(keep) - keep.sum())
+        return boxes, scales, targets, 0
 
     def __getitem__(self, index: int) -> ImagePatches:
         try:
@@ -215,11 +217,11 @@ class PatchImages(Dataset):
         except DECODE_ERRORS as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
             return ImagePatches(index, None, np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64), reason)
-        boxes, scales, targets = self.patches_of(index, *image.info.get("original_size", image.size))
+        boxes, scales, targets, dropped = self.patches_of(index, *image.info.get("original_size", image.size))
         pixels = np.empty((len(boxes), self.input_size, self.input_size, 3), dtype=np.uint8)
         for row, box in enumerate(boxes):
             pixels[row] = np.asarray(crop_patch(image, box, self.input_size))
-        return ImagePatches(index, torch.from_numpy(pixels).permute(0, 3, 1, 2), boxes, scales, targets)
+        return ImagePatches(index, torch.from_numpy(pixels).permute(0, 3, 1, 2), boxes, scales, targets, dropped=dropped)
 
 
 def crop_patch(image: Image.Image, box: np.ndarray, size: int) -> Image.Image:
@@ -242,7 +244,7 @@ class PatchSamples(Dataset):
         grid = PatchImages(source, input_size, settings, training, seed, decode)
         images, boxes, targets = [], [], []
         for index, annotation in enumerate(source.annotations):
-            image_boxes, _, image_targets = grid.patches_of(index, annotation.width, annotation.height)
+            image_boxes, _, image_targets, _ = grid.patches_of(index, annotation.width, annotation.height)
             images.append(np.full(len(image_boxes), index))
             boxes.append(image_boxes)
             targets.append(image_targets)

@@ -184,10 +184,15 @@ def test_cli_multiscale_flags_reach_the_cache_and_info_shows_them(run_tl, tmp_pa
               *FAST]
     train = run_tl("extract", *common, "--split", "trainval", "--background-fraction", "0.3", "--out", tmp_path / "tr")
     assert train.code == 0 and "patches from 3 images" in train.out, train
+    every = run_tl("extract", *common, "--split", "trainval", "--background-fraction", "1", "--out", tmp_path / "all")
+    assert every.code == 0 and "left out" not in every.out, every
+    dropped = CacheReader(tmp_path / "all").manifest.rows - CacheReader(tmp_path / "tr").manifest.rows
+    assert dropped > 0 and f"patches from 3 images; {dropped} background patches left out (--background-fraction " \
+                           "0.3, seed 0)" in train.out, train
     assert run_tl("extract", *common, "--split", "test", "--out", tmp_path / "te").code == 0
     key = json.loads((tmp_path / "tr" / "manifest.json").read_text())["key"]
     assert key["patches"]["scales"] == [1.0, 2.0] and key["dataset"]["background_fraction"] == 0.3
     assert key["preprocessing"]["decode"] == "fast"  # the default mode, for patches too
     info = run_tl("info", tmp_path / "te").out
     assert "scales 1, 2" in info and "every patch kept" in info
-    assert "0.3 of background kept" in run_tl("info", tmp_path / "tr").out
+    assert "0.3 of background kept (seed 0)" in run_tl("info", tmp_path / "tr").out
