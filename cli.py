@@ -284,6 +284,10 @@ config_option = click.option(
 )
 
 
+def _images(count: int) -> str:
+    return f"{count} image{'s' * (count != 1)}"
+
+
 def _csv_list(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
@@ -380,7 +384,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
     rate = result.images_processed / result.loop_seconds if result.loop_seconds else 0.0
     redone = f" ({result.shards_redone} of them redone: their inputs changed)" if result.shards_redone else ""
     click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new{redone}, "
-               f"{result.shards_reused} reused, {len(result.skipped)} images skipped")
+               f"{result.shards_reused} reused, {_images(len(result.skipped))} skipped")
     for tap, width in result.taps.items():
         click.echo(f"  {tap:<8} width {width:<6} {config.dtype}")
     click.echo(f"  size on disk {human_bytes(result.bytes_on_disk)}, time {result.seconds:.1f} s"
@@ -396,7 +400,8 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
         click.echo(f"warning: {warning}", err=True)
     if result.skipped:
         first = result.skipped[0]
-        click.echo(f"warning: skipped {len(result.skipped)} unreadable images (tl info {result.out} lists them), "
+        click.echo(f"warning: skipped {_images(len(result.skipped))} that could not be read or labelled (tl info "
+                   f"{result.out} lists them), "
                    f"e.g. {first['sample_id']}: {first['reason']}", err=True)
     return result
 
@@ -657,8 +662,8 @@ def evaluate(format_, **options):
         click.echo(f"warning: {warning}", err=True)
     if result.skipped:
         first = result.skipped[0]
-        click.echo(f"warning: skipped {len(result.skipped)} unreadable images (listed in report.json's "
-                   f"source.skipped), e.g. {first['sample_id']}: {first['reason']}", err=True)
+        click.echo(f"warning: skipped {_images(len(result.skipped))} that could not be read or labelled (listed in "
+                   f"report.json's source.skipped), e.g. {first['sample_id']}: {first['reason']}", err=True)
     click.echo(summary_table(result.report))
     beside = [path.name for path in result.files[2:] if path.parent == Path(result.out)]
     click.echo(f"\nreport: {result.out / 'report.md'}" + (f" (+ {', '.join(beside)})" if beside else ""))

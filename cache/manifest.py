@@ -206,8 +206,8 @@ class Manifest:
         lines.append(f"rows       {self.rows} of {self.num_samples} samples in {len(self.shards)}/{self.num_shards} "
                      f"shards, {human_bytes(sum(shard.bytes for shard in self.shards))}")
         if self.skipped:
-            lines.append(f"skipped    {len(self.skipped)} unreadable images, e.g. {self.skipped[0]['sample_id']}: "
-                         f"{self.skipped[0]['reason']}")
+            lines.append(f"skipped    {len(self.skipped)} image{'s' * (len(self.skipped) != 1)} (unreadable or "
+                         f"unlabelled), e.g. {self.skipped[0]['sample_id']}: {self.skipped[0]['reason']}")
         return lines + [f"written    by tl {self.tl_version}, {self.created} .. {self.updated or ''}"]
 
 

@@ -110,8 +110,8 @@ def report_blocks(report: dict, plots: tuple[str, ...] = ()) -> list[tuple]:
         blocks.append(("source", [("model" if model else "head", str(source.get("model") or source.get("head")),
                                    f"{source.get('kind')} on {source.get('layer')}"),
                                   ("data" if model else "cache", str(source.get("cache")),
-                                   f"{source['unreadable']} unreadable images left out" if source.get("unreadable")
-                                   else "")]))
+                                   f"{source['unreadable']} image{'s' * (source['unreadable'] != 1)} left out "
+                                   "(unreadable or unlabelled)" if source.get("unreadable") else "")]))
     blocks += [("table", ["metric", "value"], [list(row) for row in headline(report)]),
                ("heading", 2, "Per class"),
                ("table", ["class", "precision", "recall", "F1", "AP", "support"], class_rows(report))]

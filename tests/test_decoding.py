@@ -325,7 +325,7 @@ def test_extract_says_how_many_jpegs_the_device_refused(run_tl, tmp_path, monkey
                     "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet")
     assert result.code == 0, result.err
     assert "1 JPEG refused by the device's decoder went to the CPU path" in result.out
-    assert "skipped 1 unreadable images" in result.err and "b/tables.jpg" in result.err
+    assert "skipped 1 image that could not be read or labelled" in result.err and "b/tables.jpg" in result.err
 
 
 def test_device_decoding_path_with_its_fallbacks_gives_the_cpu_codes(tmp_path):

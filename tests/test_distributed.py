@@ -89,7 +89,7 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_completes(images, single, tm
     assert "shard-00001.h5" not in survivors
     rerun = torchrun(*EXTRACT, "--data", broken, "--out", tmp_path / "c", "--on-error", "skip")
     assert rerun.returncode == 0, [line for line in rerun.stderr.splitlines() if "error:" in line]
-    assert f"{len(survivors)} reused" in rerun.stdout and "1 images skipped" in rerun.stdout
+    assert f"{len(survivors)} reused" in rerun.stdout and "1 image skipped" in rerun.stdout
     done, reference = CacheReader(tmp_path / "c"), single
     kept = [i for i, sample in enumerate(reference.load_column("sample_id")) if sample != "b/img00.png"]
     assert list(done.load_column("sample_id")) == [reference.load_column("sample_id")[i] for i in kept]

@@ -208,12 +208,12 @@ def test_cli_prints_the_summary_and_only_warnings_on_stderr(run_tl, image_folder
     flags = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc6,fc7", "--workers", "0", "--quiet"]
     result = run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *flags)
     assert result.code == 0, result
-    assert f"wrote {out}: 11 rows, 3 shards new, 0 reused, 1 images skipped" in result.out
+    assert f"wrote {out}: 11 rows, 3 shards new, 0 reused, 1 image skipped" in result.out
     assert "fc6      width 4096   float16" in result.out and "fc7      width 4096   float16" in result.out
     assert "size on disk" in result.out and "img/s" in result.out
     warnings = result.err.splitlines()  # --quiet: no progress bar, only the warning
-    assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipped 1 unreadable images (tl info {out} lists "
-                                                         "them), e.g. dog/img01.png: "), result.err
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: skipped 1 image that could not be read or labelled "
+                                                         f"(tl info {out} lists them), e.g. dog/img01.png: "), result.err
     listed = run_tl("info", out)  # where the warning says they are (the manifest has no list of them)
     assert "dog/img01.png" in listed.out, listed
 

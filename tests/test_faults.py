@@ -522,10 +522,11 @@ def test_unreadable_images_in_finetune_are_skipped_counted_and_recorded(run_tl, 
     assert evaluation.code == 0, evaluation
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["rows"] == 6 and report["source"]["unreadable"] == 1
-    assert evaluation.err.startswith("warning: skipped 1 unreadable images (listed in report.json's source.skipped), "
-                                     "e.g. b/broken.png: ") and evaluation.err.count("\n") == 1, evaluation
+    assert evaluation.err.startswith("warning: skipped 1 image that could not be read or labelled (listed in "
+                                     "report.json's source.skipped), e.g. b/broken.png: ") \
+        and evaluation.err.count("\n") == 1, evaluation
     assert [item["sample_id"] for item in report["source"]["skipped"]] == ["b/broken.png"]
-    assert "(1 unreadable images left out)" in (tmp_path / "r" / "report.md").read_text()
+    assert "(1 image left out (unreadable or unlabelled))" in (tmp_path / "r" / "report.md").read_text()
 
 
 # ------------------------------------------------------------------ bad settings and misleading messages
