@@ -97,13 +97,16 @@ def test_a_dying_rank_stops_the_other_and_the_rerun_completes(images, single, tm
     assert done.manifest.complete and done.manifest.skipped[0]["sample_id"] == "b/img00.png"
 
 
-def test_torchrun_stopped_by_sigterm_says_so_on_every_rank(images, tmp_path):
+def test_torchrun_stopped_by_sigterm_says_so_on_every_rank(tmp_path):
     """`kill`, `timeout` or scancel on torchrun: it sends SIGTERM to every rank. Each rank said "stopped
     because another rank failed" (none had) and exited 2; a DataLoader's finalizer could add a traceback.
     A bad TL_DISTRIBUTED_TIMEOUT was a ValueError at import, even in one process."""
     import signal
     import time
 
+    # 30 shards: the signal, sent once the first is written, must find the ranks still at work (the
+    # module's 15 images were all written, at times, before it arrived, and no rank had anything to say)
+    images = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=30)
     out = tmp_path / "c"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
                "--rdzv-endpoint", "localhost:0", "-m", "cli", *EXTRACT[:-3], "--workers", "1", "--batch-size", "1",
