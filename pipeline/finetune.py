@@ -171,12 +171,19 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
         if current.is_main:
             for name in (out.name, last_path.name, best_path.name):
                 remove_stale_temporaries(out.parent, name)
-        if config.resume and not last_path.is_file():  # stopped in its first epoch: nothing to resume yet
+        # stopped in its first epoch (its best checkpoint perhaps written, its last not yet): nothing to resume
+        first_epoch_again = config.resume and not last_path.is_file()
+        if first_epoch_again:
             say(f"no checkpoint {last_path} yet (the run stopped before its first epoch ended): starting from the head")
             config = replace(config, resume=False)
-        if not config.resume and last_path.exists() and not config.overwrite:
-            raise CheckpointOccupied(last_path, "holds an earlier run",
-                                     "pass --resume to continue it or --overwrite to start over")
+        if not config.resume:
+            earlier = next((path for path in (last_path, best_path) if path.exists()), None)
+            if earlier is not None and not (config.overwrite or first_epoch_again):
+                raise CheckpointOccupied(earlier, "holds an earlier run",
+                                         "pass --resume to continue it or --overwrite to start over")
+            if current.is_main:  # starting over: a later --resume (tl run's, after a stop) would take up an
+                for path in (last_path, best_path):  # earlier run's checkpoint, and the summary name it, as this one's
+                    path.unlink(missing_ok=True)
         with reused_memory(device):
             return _run_finetune(config, say, warn)
     finally:
@@ -299,16 +306,17 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
             if point["val_loss"] < best[0]:
                 best = (point["val_loss"], epoch)
         history.append(point)
+        if current.is_main:
+            for path in ([best_path] if best[1] == epoch else []) + [last_path]:  # last names best: written after it
+                save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)
+        distributed.barrier(current, f"checkpoint of epoch {epoch + 1}")
+        # said once its checkpoint is written: a stop right after the line keeps the epoch it reports
         say("epoch {epoch}: ".format(**point) + ", ".join(f"{k} {v:.4g}" for k, v in point.items()
                                                           if k != "epoch" and "skipped" not in k))
         unread = [f"{point[k]} {what}" for k, what in (("skipped_images", "training"), ("val_skipped_images",
                                                                                         "validation")) if k in point]
         if unread:
             warn(f"warning: {' and '.join(unread)} images could not be read and were skipped")  # even with --quiet
-        if current.is_main:
-            for path in ([best_path] if best[1] == epoch else []) + [last_path]:  # last names best: written after it
-                save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)
-        distributed.barrier(current, f"checkpoint of epoch {epoch + 1}")
     val = None
     if current.is_main:
         if config.early_stop and best[1] is not None and best_path.is_file():

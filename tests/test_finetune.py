@@ -229,6 +229,47 @@ def test_cli_finetune_and_export_print_their_summaries(run_tl, alexnet_head, tmp
     assert "top-1 agrees on 12/12" in exported.out
 
 
+def test_starting_over_leaves_no_earlier_checkpoint_to_resume_or_name(run_tl, alexnet_head, tmp_path, monkeypatch):
+    """--overwrite kept an earlier run's checkpoints until its own first epoch ended: a stop before that,
+    then --resume (what tl run does after a stop), took up the earlier run (another --lr) as this one;
+    and a run without validation named the earlier run's best checkpoint as its own."""
+    out = tmp_path / "m.pt"
+    last, best = checkpoint_paths(out)
+    earlier = run_tl(*finetune_args(alexnet_head, out, "--epochs", "1", "--val-data", alexnet_head / "val"))
+    assert earlier.code == 0 and last.exists() and best.exists(), earlier
+    again = run_tl(*finetune_args(alexnet_head, out, "--epochs", "1"))
+    assert again.code == 2 and "holds an earlier run" in again.err, again  # neither is dropped unasked
+    plain = run_tl(*finetune_args(alexnet_head, out, "--epochs", "1", "--overwrite"))
+    assert plain.code == 0 and plain.out.splitlines()[0] == f"wrote {out}: 1 epoch run; checkpoints m.last.ckpt", plain
+    assert not best.exists()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # another run over it, stopped in its first epoch
+        patch.setattr(pipeline.finetune, "training_step", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            finetune(alexnet_head, out, epochs=2, lr=0.01, overwrite=True)
+    assert not last.exists() and not best.exists()
+    said = []
+    resumed = run_finetune(finetune_config(alexnet_head, out, epochs=2, lr=0.01, resume=True), say=said.append)
+    assert resumed.resumed_from is None and said[0].startswith(f"no checkpoint {last} yet"), said
+
+
+def test_an_epoch_is_said_once_its_checkpoint_is_written(alexnet_head, tmp_path):
+    """A stop right after the "epoch N" line kept only epoch N - 1: the line came before the checkpoint."""
+    out = tmp_path / "m.pt"
+    last, best = checkpoint_paths(out)
+    written = {}
+
+    def say(text):
+        if text.startswith("epoch "):
+            written[text.split(":")[0]] = (last.exists(), best.exists())
+
+    run_finetune(finetune_config(alexnet_head, out, epochs=2, val_data=alexnet_head / "val"), say=say)
+    assert written == {"epoch 1": (True, True), "epoch 2": (True, True)}, written
+
+
 def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     def refused(*more, out=tmp_path / "m.pt"):
         result = run_tl(*finetune_args(alexnet_head, out, *more))

@@ -340,7 +340,8 @@ def test_a_step_that_failed_before_writing_keeps_its_earlier_record(run_tl, tmp_
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     resumed = run_tl("run", recipe, "--set", "finetune.unfreeze=1")
-    assert resumed.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in resumed.out
+    # the stopped run had started over: the earlier run's checkpoint is gone, and nothing is resumed
+    assert resumed.code == 0 and "resuming" not in resumed.out and "== finetune -> models/m.pt" in resumed.out, resumed
     assert "1 epoch run" in resumed.out, resumed
 
     # stopped after its first checkpoint of new settings: that run's record stays, and the next one resumes it
