@@ -282,6 +282,8 @@ class ImageFiles:
             for name in sorted(dirs):
                 path = os.path.join(root, name)
                 real = os.path.realpath(path)
+                if name.startswith("."):  # .thumbnails, .@__thumb (NAS), .git: copies and tools' files, not photos
+                    continue
                 if os.path.commonpath([real, root_real]) == real:
                     self._loops.append(path)
                 elif real in self._folders:

@@ -19,6 +19,22 @@ def test_imagefolder_lists_classes_and_ids(image_folder):
     assert [s.target for s in source.samples] == [0] * 4 + [1] * 4 + [2] * 4
 
 
+def test_hidden_folders_are_left_out_at_every_depth(tmp_path):
+    """A class's .thumbnails (or a NAS's .@__thumb) held copies that became training images of the class,
+    and tl predict labelled them; hidden class folders and files were already left out."""
+    from pipeline.datasets import FileListSource
+
+    root = make_image_folder(tmp_path / "photos", classes=("cat", "dog"), per_class=2)
+    for hidden in (root / "cat" / ".thumbnails", root / "dog" / "trip" / ".@__thumb", root / ".hidden"):
+        write_image(hidden / "copy.png", seed=1)
+    write_image(root / "dog" / "trip" / "beach.png", seed=2)  # a plain sub-folder is still read
+    source = open_source("imagefolder", root)
+    assert [s.sample_id for s in source.samples] == ["cat/img00.png", "cat/img01.png", "dog/img00.png",
+                                                     "dog/img01.png", "dog/trip/beach.png"]
+    listed = FileListSource([str(root)])  # what tl predict labels
+    assert len(listed) == 5 and not any("/." in s.sample_id for s in listed.samples), [s.sample_id for s in listed.samples]
+
+
 def test_imagefolder_uses_the_split_folder_when_present(tmp_path):
     make_image_folder(tmp_path / "train", classes=("a", "b"), per_class=2)
     make_image_folder(tmp_path / "test", classes=("a", "b"), per_class=1)
