@@ -417,11 +417,9 @@ def info(cache, verify):
     manifest = load_manifest(cache)
     for line in manifest.describe(cache):
         click.echo(line)
-    first = 5 if len(manifest.warnings) > 6 else 6  # "and 1 more" would take the line the sixth needs
-    for warning in manifest.warnings[:first]:  # what the listing noticed: a damaged tar, an empty class
-        click.echo(f"warning    {warning}")
-    if len(manifest.warnings) > first:
-        click.echo(f"warning    ... and {len(manifest.warnings) - first} more (manifest.json's warnings)")
+        if line.startswith("skipped "):  # each with its reason: the warning at the end of extract sends users here
+            _first_of([f"{item['sample_id']}: {item['reason']}" for item in manifest.skipped], " " * 11, "shards.jsonl")
+    _first_of(manifest.warnings, "warning    ", "manifest.json's warnings")  # a damaged tar, an empty class
     if verify:
         problems = CacheReader(cache, verify=False, allow_partial=True).verify_all()
         if problems:
@@ -429,6 +427,15 @@ def info(cache, verify):
                 click.echo(f"problem    {problem}", err=True)
             raise TLError(f"{len(problems)} problems in {cache}: {problems[-1]}")
         click.echo(f"verified   {len(manifest.shards)} shards, checksums match")
+
+
+def _first_of(items: list[str], label: str, where: str) -> None:
+    """Up to six lines of `items`; past six, the first five and how many more `where` holds."""
+    first = 5 if len(items) > 6 else 6  # "and 1 more" would take the line the sixth needs
+    for item in items[:first]:
+        click.echo(f"{label}{item}")
+    if len(items) > first:
+        click.echo(f"{label}... and {len(items) - first} more ({where})")
 
 
 @tl.command("backbones")

@@ -186,7 +186,7 @@ class Manifest:
     def describe(self, root) -> list[str]:
         """What `tl info` prints: one line per aspect, a label and its text."""
         key, pre, data = self.key, self.key["preprocessing"], self.key["dataset"]
-        state = "complete" if self.complete else "INCOMPLETE (re-run tl extract to finish)"
+        state = "complete" if self.complete else "INCOMPLETE: re-run tl extract to finish"
         rounded = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
         lines = [f"cache      {root} ({state})",
                  f"backbone   {key['backbone']}   weights {key['weights']}   precision {key['precision']}",
@@ -206,8 +206,8 @@ class Manifest:
         lines.append(f"rows       {self.rows} of {self.num_samples} samples in {len(self.shards)}/{self.num_shards} "
                      f"shards, {human_bytes(sum(shard.bytes for shard in self.shards))}")
         if self.skipped:
-            lines.append(f"skipped    {len(self.skipped)} image{'s' * (len(self.skipped) != 1)} (unreadable or "
-                         f"unlabelled), e.g. {self.skipped[0]['sample_id']}: {self.skipped[0]['reason']}")
+            lines.append(f"skipped    {len(self.skipped)} image{'s' * (len(self.skipped) != 1)} that could not be read "
+                         "or labelled:")
         return lines + [f"written    by tl {self.tl_version}, {self.created} .. {self.updated or ''}"]
 
 

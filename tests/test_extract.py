@@ -218,6 +218,26 @@ def test_cli_prints_the_summary_and_only_warnings_on_stderr(run_tl, image_folder
     assert "dog/img01.png" in listed.out, listed
 
 
+def test_info_lists_every_skipped_image_up_to_six(run_tl, image_folder, tmp_path):
+    """The warning sends users to tl info for the skipped images; it showed the first of them only."""
+    broken = [f"{name}/img0{number}.png" for name in ("cat", "dog") for number in range(4)][:7]
+    for name in broken:
+        (image_folder / name).write_bytes(b"not an image at all")
+    out = tmp_path / "cache"
+    flags = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc6", "--workers", "0", "--quiet"]
+    assert run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *flags).code == 0
+    lines = run_tl("info", out).out.splitlines()
+    at = lines.index("skipped    7 images that could not be read or labelled:")
+    assert [line.split(":")[0] for line in lines[at + 1:at + 7]] == [" " * 11 + name for name in broken[:5]] + [
+        " " * 11 + "... and 2 more (shards.jsonl)"], lines
+    (image_folder / broken[-1]).unlink()  # six: each on its line ("and 1 more" would take the sixth's line)
+    assert run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", "--overwrite", *flags).code == 0
+    lines = run_tl("info", out).out.splitlines()
+    at = lines.index("skipped    6 images that could not be read or labelled:")
+    assert [line.strip().split(":")[0] for line in lines[at + 1:at + 7]] == broken[:6]
+    assert "cannot identify image file" in lines[at + 1] and lines[at + 7].startswith("written "), lines
+
+
 def test_config_file_supplies_options_and_flags_win(run_tl, image_folder, tmp_path):
     config = tmp_path / "recipe.yaml"
     config.write_text(
