@@ -201,6 +201,8 @@ def test_the_typed_manifest_round_trips_its_file_and_describes_the_cache(tmp_pat
     assert [vars(s) for s in manifest.shards] == [{k: v for k, v in r.items() if k != "skipped"} for r in records]
     lines = manifest.describe(tmp_path / "c")
     assert lines[0] == f"cache      {tmp_path / 'c'} (complete)"
+    manifest.complete = False
+    assert manifest.describe(tmp_path / "c")[0] == f"cache      {tmp_path / 'c'} (INCOMPLETE: re-run tl extract to finish)"
     assert any(line.startswith("layer      feat") for line in lines)
     assert any(line.startswith(f"rows       {manifest.rows} of {manifest.num_samples} samples in 3/3 shards")
                for line in lines)
@@ -216,7 +218,6 @@ def test_a_record_cut_short_by_a_kill_is_ignored_and_its_shard_adopted_again(tmp
     whole = records.read_bytes()
     records.write_bytes(whole[: len(whole) - 40])  # the second line torn while it was appended
     assert [s.index for s in load_manifest(root).shards] == [0]
-    assert load_manifest(root).describe(root)[0] == f"cache      {root} (INCOMPLETE: re-run tl extract to finish)"
     with CacheWriter(root, KEY, ["a", "b"], {"fc7": 3}, "float32", 4, 10) as writer:
         assert sorted(writer.finished) == [0, 1]  # shard 1's file is whole: adopted from its attributes
     lines = records.read_bytes().splitlines(keepends=True)
