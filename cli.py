@@ -501,25 +501,32 @@ def example_data(out, per_class, seed):
 @option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="No progress bar.")
 @option("--out", type=PATH, required=True, help="Head file to write (.pt).")
-def fit_head(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_decay, batch_size, max_epochs,
-             early_stop, patience, device, quiet, **options):
+def fit_head(**options):
     """Train a head on the codes of one cached layer and save it as one file."""
-    from pipeline.fit_head import FitHeadConfig, fit_head as run_fit_head
-    from pipeline.training import TrainingOptions
+    from pipeline.fit_head import fit_head as run_fit_head
 
-    _warn_unread((options["head"],), options["solver"], early_stop)
-    training = TrainingOptions(optimizer=optimizer, lr=lr, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
-                               lr_factors=_numbers(lr_factors, float, "--lr-factors"), momentum=momentum, weight_decay=weight_decay,
-                               batch_size=batch_size, max_epochs=max_epochs, early_stop=early_stop, patience=patience,
-                               device=device, quiet=quiet)
-    result = run_fit_head(FitHeadConfig(C=_numbers(C, float, "--C"), hidden=_numbers(hidden, int, "--hidden"),
-                                        training=training, **options))
+    _warn_unread((options["head"],), options["solver"], options["early_stop"])
+    result = run_fit_head(_fit_head_config(**options))
     click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {_count(result.train_rows, 'training row')}"
                + "".join(f", {part}" for part in _chosen_parts(result.chosen, result.epochs)))
     click.echo(f"  train {result.metric} {result.train_score:.4f}"
                + (f", validation {result.metric} {result.val_score:.4f} ({result.val_rows} rows)"
                   if result.val_score is not None else ""))
     return result
+
+
+def _fit_head_config(C, hidden, optimizer, lr, lr_steps, lr_factors, momentum, weight_decay, batch_size, max_epochs,
+                     early_stop, patience, device, quiet, **options):
+    """fit-head's options as its config: for the command, and for tl run's check of a step before any runs."""
+    from pipeline.fit_head import FitHeadConfig
+    from pipeline.training import TrainingOptions
+
+    training = TrainingOptions(optimizer=optimizer, lr=lr, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
+                               lr_factors=_numbers(lr_factors, float, "--lr-factors"), momentum=momentum, weight_decay=weight_decay,
+                               batch_size=batch_size, max_epochs=max_epochs, early_stop=early_stop, patience=patience,
+                               device=device, quiet=quiet)
+    return FitHeadConfig(C=_numbers(C, float, "--C"), hidden=_numbers(hidden, int, "--hidden"), training=training,
+                         **options)
 
 
 def _warn_unread(kinds: tuple[str, ...], solver: str, early_stop: bool, heads_flag: str = "--head") -> None:
@@ -817,14 +824,13 @@ def quickstart(out, per_class, seed, quiet):
 @option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="Only the summary.")
 @option("--out", type=PATH, required=True, help="Model file to write (.pt).")
-def finetune(format_, lr_steps, lr_factors, quiet, **options):
+def finetune(**options):
     """Train the head with the last conv layers end to end; a checkpoint every epoch, --resume after a stop."""
     from pipeline.distributed import world
-    from pipeline.finetune import FinetuneConfig, run_finetune
+    from pipeline.finetune import run_finetune
     from pipeline.model_files import checkpoint_paths
 
-    config = FinetuneConfig(format=format_, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
-                            lr_factors=_numbers(lr_factors, float, "--lr-factors"), quiet=quiet, **options)
+    config, quiet = _finetune_config(**options), options["quiet"]
 
     result = run_finetune(config, say=(lambda text: None) if quiet else click.echo,
                           warn=lambda text: click.echo(text, err=True))  # a damaged tar: said even with --quiet
@@ -841,6 +847,14 @@ def finetune(format_, lr_steps, lr_factors, quiet, **options):
                                                else f"{k.removeprefix('val_').replace('_', ' ')} {v}"  # skipped images
                                                for k, v in result.val.items()))
     return result
+
+
+def _finetune_config(format_, lr_steps, lr_factors, **options):
+    """finetune's options as its config: for the command, and for tl run's check of a step before any runs."""
+    from pipeline.finetune import FinetuneConfig
+
+    return FinetuneConfig(format=format_, lr_steps=_numbers(lr_steps, int, "--lr-steps"),
+                          lr_factors=_numbers(lr_factors, float, "--lr-factors"), **options)
 
 
 class ClickStages:
@@ -876,6 +890,17 @@ class ClickStages:
             raise ConfigError(f"recipe {recipe.path}: {step.label}: {exc.format_message()}") from None
         except TLError as exc:  # a list option's value (FLOATS, INTS, LAYOUTS)
             raise ConfigError(f"recipe {recipe.path}: {step.label}: {exc}") from None
+
+    def check(self, step) -> None:
+        """fit-head's and finetune's settings checks, on the config their command would build (nothing runs)."""
+        if step.stage == "fit-head":
+            from pipeline.fit_head import check_config
+
+            check_config(_fit_head_config(**step.params))
+        elif step.stage == "finetune":
+            from pipeline.finetune import check_config
+
+            check_config(_finetune_config(**step.params))
 
     def execute(self, step, extra: dict):
         defaults = {**step.defaults, **extra, **({"quiet": True} if self.quiet else {})}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +25,10 @@ from pipeline.decoding import (DEFAULT_DECODE, EncodedImages, collate_encoded, c
 from pipeline import distributed
 from pipeline.errors import TLError
 from pipeline.files import refuse_overwriting_inputs
-from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source, registered_formats
+from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import WorkerLoader, default_workers, pinned, resolve_device, resolve_precision
 from pipeline.image_sets import image_loader
-from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, collate_patches
+from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, check_patches, collate_patches
 from pipeline.progress import progress
 from pipeline.shard_building import ShardOf, ShardRows, Stopwatch, shard_batches, take_patches
 
@@ -154,24 +154,6 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
         "layout": {"dtype": config.dtype, "shard_rows": shard_size(config)},
         "patches": config.patches.geometry() if config.multiscale else None,
     }
-
-
-def check_patches(multiscale: bool, patches: PatchSettings, backbone: Backbone, format: str) -> None:
-    """extract's refusals that need only its options: patch settings out of range or given without
-    --multiscale, a backbone that does not resize bilinearly, data without boxes. `tl run` calls it on
-    each extract step before any step runs."""
-    if not multiscale:
-        if patches != PatchSettings():
-            given = next(f.name for f in fields(PatchSettings) if getattr(patches, f.name) != f.default)
-            raise TLError(f"--{given.replace('_', '-')} sets --multiscale patches; add --multiscale, or leave it out")
-        return
-    patches.check()
-    if backbone.interpolation != "bilinear":  # patches are resized bilinearly
-        raise TLError(f"{backbone.name} resizes by {backbone.interpolation}: --multiscale takes bilinear backbones")
-    known = registered_formats()  # an unknown format is refused where its data is opened
-    if format in known and not known[format].boxes:
-        raise TLError(f"--multiscale labels patches by their boxes: {format} data has none; use voc data "
-                      "(Annotations/*.xml), or leave --multiscale out for one crop per image")
 
 
 def run_extract(config: ExtractConfig) -> ExtractResult:

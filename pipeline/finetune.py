@@ -115,7 +115,8 @@ def _optimizer(model: FinetuneModel, config: FinetuneConfig):
     return optimizer, schedule
 
 
-def _check_config(config: FinetuneConfig) -> None:
+def check_config(config: FinetuneConfig) -> None:
+    """The refusals that need no images or head, before any work; tl run makes them before any step."""
     if config.epochs < 0 or config.batch_size < 1 or config.patience < 1:
         raise FinetuneError("--epochs must be 0 or more, --batch-size and --patience at least 1")
     check_rates(config.lr, config.momentum, config.weight_decay, FinetuneError)
@@ -127,7 +128,8 @@ def _check_config(config: FinetuneConfig) -> None:
         raise FinetuneError(f"--val-data {config.val_data} does not exist; pass the validation images as --data "
                             "takes the training ones")  # (a tar brace pattern names no one path)
     if config.val_data is not None and config.val_fraction is not None:
-        raise FinetuneError("--val-data and --val-fraction both name validation images; pass one of them")
+        raise FinetuneError("--val-data and --val-fraction both name validation images; pass one of them "
+                            "(--val-fraction 0 holds out none)")
     if config.early_stop and config.val_data is None and config.val_fraction is None:
         raise FinetuneError("--early-stop needs validation images; pass --val-fraction (held out of the "
                             "training images) or --val-data")
@@ -140,7 +142,7 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
 
     The run holds a lock on --out (a second run on it is refused), never writes over one of its
     inputs, and first clears temporaries that killed runs left beside --out."""
-    _check_config(config)
+    check_config(config)
     out = Path(config.out)
     if out.is_dir():
         raise FinetuneError(f"--out {out} is a folder; name a model file such as {out / 'model.pt'}")

@@ -17,6 +17,7 @@ from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError, listed
 from pipeline.files import check_folders, same_file
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
+from pipeline.linear_fits import cost_grid
 from pipeline.model_files import save_head
 from pipeline.training import TrainingOptions
 
@@ -92,11 +93,7 @@ class FitHeadResult:
 
 def fit_head(config: FitHeadConfig) -> FitHeadResult:
     """Train one head on one layer of a cache and save it with the metadata later stages check."""
-    if config.head not in HEAD_KINDS:
-        raise HeadError(f"unknown head '{config.head}'; valid: {', '.join(HEAD_KINDS)}")
-    if not config.C:
-        raise HeadError("--C needs at least one positive value, e.g. --C 1 or --C 0.1,1,10")
-    check_counts(config.block_rows, config.max_iter)
+    check_config(config)
     if Path(config.out).is_dir():  # found before the training, not after it
         raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
     check_folders(Path(config.out), "head file")
@@ -118,13 +115,30 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
                          chosen, len(head.curve_) if head.curve_ else None)
 
 
+def check_config(config: FitHeadConfig) -> None:
+    """The refusals that need no codes, before the cache is read; tl run makes them before any step. Only
+    the settings the head kind reads: the others are warned of (unread_options)."""
+    if config.head not in HEAD_KINDS:
+        raise HeadError(f"unknown head '{config.head}'; valid: {', '.join(HEAD_KINDS)}")
+    reads = HEAD_KINDS[config.head].reads(config.solver) or ()
+    if "C" in reads:
+        if not config.C:
+            raise HeadError("--C needs at least one positive value, e.g. --C 1 or --C 0.1,1,10")
+        cost_grid(config.C, config.val_cache or config.val_fraction or None)  # several need validation to choose
+    check_counts(config.block_rows, config.max_iter)
+    if "lr" in reads:
+        config.training.check()
+    HEAD_KINDS[config.head].from_config(config)  # the kind's own settings (mlp widths and dropout, logreg solver)
+
+
 def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | None) -> None:
     """One line before any work (fit-head's, a sweep's): two validation sets named, or a validation cache
     that holds the training codes (the cache itself, a link to it, or a copy: the same content digest)."""
     if val_cache is None:
         return
     if val_fraction is not None:  # as finetune refuses the pair
-        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them")
+        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them "
+                        "(--val-fraction 0 holds out none)")
     if same_file(val_cache, cache) or load_manifest(val_cache, records=False).content == \
             load_manifest(cache, records=False).content != "":
         raise HeadError(f"--val-cache {val_cache} holds the codes of the training cache {cache}: validation would "

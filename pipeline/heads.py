@@ -169,11 +169,9 @@ class LogRegHead(LinearHead):
 
     def __init__(self, C: float | list[float] = 1.0, max_iter: int = MAX_ITER, seed: int = 0, solver: str = SOLVER,
                  training: "TrainingOptions | None" = None):
-        self.C = C
-        self.max_iter = max_iter
-        self.seed = seed
-        self.solver = solver
-        self.training = training
+        if solver not in SOLVERS:  # settings are refused when the head is made: before any codes are read
+            raise HeadError(f"unknown solver '{solver}'; valid: {', '.join(SOLVERS)}")
+        self.C, self.max_iter, self.seed, self.solver, self.training = C, max_iter, seed, solver, training
 
     @classmethod
     def sweep_axes(cls, solver: str) -> tuple[str, ...]:
@@ -202,8 +200,6 @@ class LogRegHead(LinearHead):
         return self
 
     def _begin(self, rows: CodeRows, val: CodeRows | None) -> list[float]:
-        if self.solver not in SOLVERS:
-            raise HeadError(f"unknown solver '{self.solver}'; valid: {', '.join(SOLVERS)}")
         rows.check_trainable()
         grid = cost_grid(self.C, val)
         self.multilabel_, self.num_classes_ = rows.multilabel, rows.num_classes
@@ -332,9 +328,11 @@ class MlpHead(Head):
     def __init__(self, hidden: tuple[int, ...] = HIDDEN, dropout: float = DROPOUT, seed: int = 0,
                  training: "TrainingOptions | None" = None):
         self.hidden = tuple(int(width) for width in hidden)
-        self.dropout = dropout
-        self.seed = seed
-        self.training = training or TrainingOptions()
+        if any(width < 1 for width in self.hidden):  # refused when the head is made: before any codes are read
+            raise HeadError(f"--hidden widths must be positive, got {listed(self.hidden)}")
+        if not 0 <= dropout < 1:
+            raise HeadError(f"--dropout must be in [0, 1), got {dropout}")
+        self.dropout, self.seed, self.training = dropout, seed, training or TrainingOptions()
 
     @property
     def streamed(self) -> bool:
@@ -346,10 +344,6 @@ class MlpHead(Head):
         return self
 
     def trainees(self, rows: CodeRows, val: CodeRows | None) -> list[Trainee]:
-        if any(width < 1 for width in self.hidden):
-            raise HeadError(f"--hidden widths must be positive, got {listed(self.hidden)}")
-        if not 0 <= self.dropout < 1:
-            raise HeadError(f"--dropout must be in [0, 1), got {self.dropout}")
         rows.check_trainable()
         self.multilabel_, self.num_classes_ = rows.multilabel, rows.num_classes
         self.mean_, self.scale_ = standardization(rows)

@@ -7,7 +7,8 @@ Coordinates are 0-based pixel indices: a W-pixel-wide image spans x in [0, W - 1
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from torch.utils.data import Dataset
 from pipeline.datasets import DECODE_ERRORS, Annotation
 from pipeline.decoding import decoding_mode
 from pipeline.errors import DataError
+
+if TYPE_CHECKING:
+    from pipeline.backbone_spec import Backbone
 
 DEFAULT_SCALES = (1.0, 1.3, 1.6, 2.0, 2.3, 2.6, 3.0, 3.3, 3.6, 4.0, 4.3, 4.6, 5.0)
 DEFAULT_EXPONENT = 5.0  # the paper's k in S(i, c) = sum_j P(j, c) ** k
@@ -116,6 +120,26 @@ def keep_background(targets: np.ndarray, fraction: float | None, rng: np.random.
     if fraction is None:
         return np.ones(len(targets), dtype=bool)
     return (targets != 0) | (rng.random(len(targets)) < fraction)
+
+
+def check_patches(multiscale: bool, patches: PatchSettings, backbone: Backbone, format: str) -> None:
+    """extract's refusals that need only its options: patch settings out of range or given without
+    --multiscale, a backbone that does not resize bilinearly, data without boxes. `tl run` makes them
+    for each extract step before any step runs."""
+    if not multiscale:
+        if patches != PatchSettings():
+            given = next(f.name for f in fields(PatchSettings) if getattr(patches, f.name) != f.default)
+            raise DataError(f"--{given.replace('_', '-')} sets --multiscale patches; add --multiscale, or leave it out")
+        return
+    patches.check()
+    if backbone.interpolation != "bilinear":  # patches are resized bilinearly
+        raise DataError(f"{backbone.name} resizes by {backbone.interpolation}: --multiscale takes bilinear backbones")
+    from pipeline.formats import registered_formats  # the format modules, only when patches are asked for
+
+    known = registered_formats()  # an unknown format is refused where its data is opened
+    if format in known and not known[format].boxes:
+        raise DataError(f"--multiscale labels patches by their boxes: {format} data has none; use voc data "
+                        "(Annotations/*.xml), or leave --multiscale out for one crop per image")
 
 
 def check_exponent(exponent: float, error: type[Exception] = DataError) -> None:

@@ -254,7 +254,7 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
     _refuse_early_stop_unwatched(path, chosen)
     for step in chosen:  # what the stage itself checks only once the steps before it have run (hours of extraction)
         try:
-            _check_values(step)
+            _check_values(step, steps)
         except TLError as exc:
             raise ConfigError(f"recipe {path}: {step.label}: {exc}") from None
     notes = []
@@ -284,27 +284,41 @@ def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple
     return os.path.realpath(given), split
 
 
-def _check_values(step: Step) -> None:
+def _check_values(step: Step, steps: list[Step]) -> None:
     """An extract step's layers against its backbone (-P backbone=... with the recipe's layers) and its
-    patch settings (a scale twice, an overlap or background share out of range); an evaluate step's
-    pooling exponent. The stages' own checks, run before any step."""
+    patch settings (a scale twice, an overlap or background share out of range, patches without
+    --multiscale); a fit-head step's layer against those the extract step making its cache writes; an
+    evaluate step's pooling exponent. The stages' own checks, run before any step (tl run makes
+    fit-head's and finetune's settings checks through the runner: see StageRunner.check)."""
+    from pipeline.backbones import get_backbone  # the registries, only when a recipe is checked
+
     params = step.params
     if step.stage == "extract":
-        from pipeline.backbones import get_backbone  # the registries, only when a recipe extracts
-        from pipeline.extract import check_patches
         from pipeline.formats import DEFAULT_FORMAT
-        from pipeline.multiscale import PatchSettings
+        from pipeline.multiscale import PatchSettings, check_patches
 
         backbone = get_backbone(params["backbone"])
-        backbone.resolve_taps([tap.strip() for tap in (params.get("layers") or "").split(",") if tap.strip()]
-                              or [backbone.default_tap])
+        backbone.resolve_taps(_layers(params) or [backbone.default_tap])
         check_patches(bool(params.get("multiscale")), PatchSettings.of_options(
             params["scales"], params["patch_overlap"], params["box_overlap"], params["background_fraction"]),
             backbone, params.get("format_") or DEFAULT_FORMAT)
+    elif step.stage == "fit-head" and params.get("layer"):
+        maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), step.path("cache"))), None)
+        if maker is not None:
+            backbone = get_backbone(maker.params["backbone"])
+            written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
+            if params["layer"] not in written:
+                raise ConfigError(f"layer '{params['layer']}' is not one that {maker.label} caches "
+                                  f"({', '.join(written)}); set the layer to one of them, or add it to its layers")
     elif step.stage == "evaluate" and params.get("exponent") is not None:
         from pipeline.multiscale import check_exponent
 
         check_exponent(params["exponent"])
+
+
+def _layers(params: dict) -> list[str]:
+    """An extract step's layers as written (`fc6, fc7`)."""
+    return [tap.strip() for tap in (params.get("layers") or "").split(",") if tap.strip()]
 
 
 def _refuse_early_stop_unwatched(path: Path, chosen: list[Step]) -> None:

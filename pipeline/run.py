@@ -41,6 +41,8 @@ class StageRunner(Protocol):
 
     def parse(self, recipe, step: Step) -> dict: ...
 
+    def check(self, step: Step) -> None: ...  # the stage's settings checks, on the config its command builds
+
     def execute(self, step: Step, extra: dict): ...
 
 
@@ -76,6 +78,12 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
         step.params = runner.parse(recipe, step)
     chosen = select(steps, config.only, config.start)
     notes = check(recipe, steps, chosen)
+    for step in chosen:  # the stages' settings checks too, before any step runs (hours of extraction)
+        try:
+            runner.check(step)
+        except TLError as exc:
+            raise ConfigError(f"recipe {recipe.path}: {step.label}: "
+                              f"{_in_recipe_terms(exc, step, stages[step.stage])}") from None
     tracker = open_tracker(config.track or recipe.track, recipe)
     result = RunResult()
     for note in notes:

@@ -123,6 +123,23 @@ BAD_RECIPES = [
      "extract (train): --scales lists a scale twice"),
     ("background_share", "extract: {data: images, out: caches/x, multiscale: true, background_fraction: 1.5}\n",
      "extract (train): --background-fraction must be in [0, 1], got 1.5"),
+    ("fit_head_cost", "fit-head: {cache: caches/train, out: h.pt, C: -1}\n",
+     "fit-head: --C values must be positive and finite, got -1"),
+    ("fit_head_dropout", "fit-head: {cache: caches/train, out: h.pt, head: mlp, dropout: 1.5}\n",
+     "fit-head: --dropout must be in [0, 1), got 1.5"),
+    ("fit_head_lr", "fit-head: {cache: caches/train, out: h.pt, head: mlp, lr: .inf}\n",
+     "fit-head: --lr must be a positive finite number, got inf"),
+    ("fit_head_costs_unvalidated", "fit-head: {cache: caches/train, out: h.pt, C: [0.1, 1], val_fraction: 0}\n",
+     "fit-head: several C values need a validation split to choose from"),
+    ("fit_head_layer", "extract: {data: images, out: caches/x, backbone: alexnet, layers: [fc7]}\n"
+                       "fit-head: {cache: caches/x, layer: nope, out: h.pt}\n",
+     "fit-head: layer 'nope' is not one that extract (train) caches (fc7); set the layer to one of them"),
+    ("finetune_two_validations", "format: imagefolder\nfit-head: {cache: caches/train, out: h.pt}\n"
+                                 "finetune: {data: images, head: h.pt, val_data: images, val_fraction: 0.2, out: m.pt}\n",
+     "finetune: --val-data and --val-fraction both name validation images; pass one of them (--val-fraction 0 holds "
+     "out none)"),
+    ("finetune_schedule", "fit-head: {cache: caches/train, out: h.pt}\nfinetune: {data: images, head: h.pt, "
+                          "lr_steps: [0], out: m.pt}\n", "finetune: --lr-steps"),
     ("patch_option_alone", "extract: {data: images, out: caches/x, scales: [1, 2]}\n",
      "extract (train): --scales sets --multiscale patches; add --multiscale, or leave it out"),
     ("multiscale_bicubic", "backbone: timm:resnet18\nlayers: [pool]\nextract: {data: images, out: caches/x, multiscale: true}\n",
@@ -254,9 +271,10 @@ def test_a_stages_remedy_that_names_its_flags_names_the_recipe_keys_too(run_tl, 
     monkeypatch.chdir(code_caches)
     recipe = _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt, C: [0.1, 1]}\n")
     result = run_tl("run", recipe, "--quiet")
-    assert result.code == 2 and result.err == (
-        "error: several C values need a validation split to choose from; pass --val-cache or --val-fraction (in a "
-        "recipe: --val-cache is --set fit-head.val_cache=..., --val-fraction is --set fit-head.val_fraction=...)\n"), result
+    assert result.code == 2 and result.err == (  # refused before any step: the recipe and step are named
+        f"error: recipe {recipe}: fit-head: several C values need a validation split to choose from; pass --val-cache "
+        "or --val-fraction (in a recipe: --val-cache is --set fit-head.val_cache=..., --val-fraction is --set "
+        "fit-head.val_fraction=...)\n"), result
     # a flag of a step of a list section names that step; a remedy naming the step's own command is translated
     (code_caches / "empty").mkdir()
     recipe.write_text("format: cifar10\nextract: [{data: empty, out: caches/x}, {data: empty, split: test, out: caches/y}]\n")
@@ -321,8 +339,11 @@ def test_a_step_that_failed_before_writing_keeps_its_earlier_record(run_tl, tmp_
         finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
         """)
     assert run_tl("run", recipe).code == 0
-    refused = run_tl("run", recipe, "--set", "fit-head.layer=fc9")  # the stage finds the layer missing
-    assert refused.code == 2 and "fc9" in refused.err and "== fit-head" in refused.out, refused
+    layer = run_tl("run", recipe, "--set", "fit-head.layer=fc9")  # not among the extract step's: before any step
+    assert layer.code == 2 and "layer 'fc9' is not one that extract (train) caches (pool5)" in layer.err, layer
+    assert not layer.out, layer
+    refused = run_tl("run", recipe, "--set", "fit-head.val_cache=caches/train")  # the stage reads the caches to know
+    assert refused.code == 2 and "holds the codes of the training cache" in refused.err and "== fit-head" in refused.out, refused
     counted = run_tl("run", recipe, "--set", "fit-head.max_iter=0")  # a count: refused before any step
     assert counted.code == 2 and "'max_iter': 0 is not in the range x>=1" in counted.err and not counted.out, counted
     again = run_tl("run", recipe)
