@@ -33,12 +33,17 @@ def confusion(targets: np.ndarray, scores: np.ndarray) -> np.ndarray:
 
 
 def precision_recall(relevant: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Precision and recall after each rank of the scores sorted high to low (ties kept in input order)."""
+    """Precision and recall at each distinct score, high to low: rows of equal score pass one threshold
+    together (as scikit-learn's precision_recall_curve), so the order of the rows never changes them."""
+    scores = np.asarray(scores)
     order = np.argsort(-scores, kind="stable")
-    hits = relevant[order].astype(np.float64)
+    hits = np.asarray(relevant)[order].astype(np.float64)
     true_positives = np.cumsum(hits)
-    precision = true_positives / np.arange(1, len(hits) + 1)
-    recall = true_positives / max(hits.sum(), 1.0)
+    # a tie ranked in input order let whichever rows came first (a cache sorted by class: the relevant
+    # ones) take the top ranks; only the last rank of each tied block is a point a threshold can reach
+    block_ends = np.flatnonzero(np.append(np.diff(scores[order]) != 0, True)[:len(hits)])
+    precision = true_positives[block_ends] / (block_ends + 1)
+    recall = true_positives[block_ends] / max(hits.sum(), 1.0)
     return precision, recall
 
 

@@ -6,10 +6,24 @@ import math
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, top_k_accuracy_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_curve,
+    top_k_accuracy_score,
+)
 
 from pipeline.errors import TLError
-from pipeline.metrics import accuracy, average_precision, confusion, mean_ap, per_class_ap, top_k_accuracy
+from pipeline.metrics import (
+    accuracy,
+    average_precision,
+    confusion,
+    mean_ap,
+    per_class_ap,
+    precision_recall,
+    top_k_accuracy,
+)
 
 TOLERANCE = 1e-12  # float64 throughout
 
@@ -55,6 +69,51 @@ def test_ap_matches_devkit_loops_on_random_scores(seed):
     scores = rng.random(n)  # continuous: no ties
     assert abs(average_precision(relevant, scores, "voc07") - voc07_by_loops(list(relevant), list(scores))) < TOLERANCE
     assert abs(average_precision(relevant, scores, "area") - voc_area_by_loops(list(relevant), list(scores))) < TOLERANCE
+
+
+def voc_aps_of_scikit_learn_curve(relevant, scores):
+    """(voc07, area) by the devkit's loops over scikit-learn's precision-recall points, where tied scores
+    are one threshold: an independent reference for scores with ties."""
+    precision, recall, _ = precision_recall_curve(relevant, scores)
+    points = list(zip(recall[:-1], precision[:-1]))  # the last is scikit-learn's (recall 0, precision 1) start
+    voc07 = sum(max([p for r, p in points if r >= step / 10 - 1e-15], default=0.0) for step in range(11)) / 11
+    points.sort()
+    mrec, mpre = [0.0] + [r for r, _ in points] + [1.0], [0.0] + [p for _, p in points] + [0.0]
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    area = sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in range(1, len(mrec)) if mrec[i] != mrec[i - 1])
+    return voc07, area
+
+
+def test_tied_scores_are_one_threshold_whatever_the_row_order():
+    # an imagefolder cache lists a class's rows together: ranked in input order, a tie put them first (AP 1)
+    relevant, scores = np.array([True] * 10 + [False] * 30), np.ones(40)
+    for method in ("voc07", "area"):
+        assert average_precision(relevant, scores, method) == 0.25  # precision 10/40 at every recall
+        assert average_precision(relevant[::-1], scores, method) == 0.25
+    # saturated softmax: 10 relevant and 11 other rows at exactly 1.0, the rest below
+    relevant = np.array([True] * 10 + [False] * 30)
+    scores = np.concatenate([np.ones(21), np.linspace(0.9, 0.1, 19)])
+    assert abs(average_precision(relevant, scores, "area") - 10 / 21) < TOLERANCE
+    assert abs(average_precision(relevant, scores, "area") - average_precision_score(relevant, scores)) < TOLERANCE
+    precision, recall = precision_recall(relevant, scores)
+    assert (precision[0], recall[0]) == (10 / 21, 1.0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ap_with_ties_matches_scikit_learn_thresholds_in_any_row_order(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 80))
+    relevant = rng.random(n) < rng.uniform(0.1, 0.6)
+    relevant[rng.integers(n)] = True
+    scores = rng.integers(0, int(rng.integers(2, 8)), n) / 4  # a few levels: many ties
+    voc07, area = voc_aps_of_scikit_learn_curve(relevant, scores)
+    by_class = np.argsort(~relevant, kind="stable")  # relevant rows first, as a class-sorted cache lists them
+    for order in (np.arange(n), by_class, by_class[::-1], rng.permutation(n)):
+        assert abs(average_precision(relevant[order], scores[order], "voc07") - voc07) < TOLERANCE
+        assert abs(average_precision(relevant[order], scores[order], "area") - area) < TOLERANCE
+        np.testing.assert_array_equal(precision_recall(relevant[order], scores[order]),
+                                      precision_recall(relevant, scores))
 
 
 def test_area_equals_scikit_learn_when_precision_never_rises():

@@ -161,6 +161,22 @@ def test_pr_curves_are_one_panel_per_class_with_name_and_ap(classes):
     assert width >= 2.4 * len(columns) and height >= 2.2 * -(-classes // len(columns))  # room per panel
 
 
+def test_pr_curves_of_tied_scores_do_not_depend_on_the_row_order():
+    # class 0 saturated: its 10 rows and 11 of the others score exactly 1.0, listed class by class
+    targets = np.repeat([0, 1], [10, 30])
+    scores = np.column_stack([np.concatenate([np.ones(21), np.linspace(0.9, 0.1, 19)]), np.linspace(0, 1, 40)])
+    shuffled = np.random.default_rng(0).permutation(40)
+    curves = []
+    for order in (np.arange(40), shuffled, np.argsort(-targets, kind="stable")):
+        figure = pr_figure(targets[order], scores[order], summarize(targets[order], scores[order], ["a", "b"]))
+        curves.append([np.column_stack(panel.lines[0].get_data()) for panel in figure.axes])
+    for curve in curves[1:]:
+        for panel, first in zip(curve, curves[0]):
+            np.testing.assert_array_equal(panel, first)
+    # from the start point straight to precision 10/21 at full recall: no flat run at precision 1
+    np.testing.assert_allclose(curves[0][0], [[0.0, 1.0], [1.0, 10 / 21]], rtol=0, atol=1e-15)
+
+
 def test_pr_figure_grows_with_the_class_count():
     small = pr_figure(*predictions(2), summarize(*predictions(2), ["a", "b"]))
     names = [f"c{c}" for c in range(20)]
