@@ -330,7 +330,9 @@ def write_predictions(path: Path, sample_ids: np.ndarray, targets: np.ndarray, s
                       class_names: list[str], ignore: np.ndarray | None = None) -> Path:
     """One row per sample: its id, its true class name(s) (';'-joined for multi-label), with `ignore`
     (VOC) the classes its AP leaves out (shown only by difficult objects), and every score: what the
-    report's numbers are recomputed from."""
+    report's numbers are recomputed from. Scores are written as the shortest text that reads back as the
+    same float64 (float32 scores convert to float64 exactly): fewer digits would tie or reorder near-equal
+    scores (a saturating softmax's 0.99999994 and 0.9999999) and change the AP recomputed from the file."""
     path = Path(path)
     # names that are not UTF-8 on disk keep their bytes (surrogateescape), as in the cache
     with atomic_write(path, "predictions file") as temporary, \
@@ -342,7 +344,7 @@ def write_predictions(path: Path, sample_ids: np.ndarray, targets: np.ndarray, s
             truth = (";".join(class_names[c] for c in np.flatnonzero(target)) if np.ndim(target)
                      else class_names[int(target)])
             left_out = [] if ignore is None else [";".join(class_names[c] for c in np.flatnonzero(ignore[number]))]
-            writer.writerow([sample_id, truth] + left_out + [f"{value:.6g}" for value in row])
+            writer.writerow([sample_id, truth] + left_out + [repr(float(value)) for value in row])
     return path
 
 

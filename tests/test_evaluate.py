@@ -21,7 +21,7 @@ from pipeline.evaluate import EvaluateConfig, run_evaluate
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.errors import HeadError
 from pipeline.training import TrainingOptions
-from pipeline.metrics import average_precision, summarize
+from pipeline.metrics import average_precision, mean_ap, per_class_ap, summarize
 from tests.conftest import blobs, multi_label_blobs, write_code_cache
 
 CLASSES = ["ant", "bee", "cat", "dog", "eel", "fox"]
@@ -124,7 +124,10 @@ def test_evaluate_writes_report_plots_and_predictions(caches):
     assert len(rows) == 120 and rows[0]["sample_id"] == "row00000"
     scores = np.array([[float(row[f"score:{name}"]) for name in CLASSES] for row in rows])
     truth = np.array([CLASSES.index(row["target"]) for row in rows])
-    assert accuracy_score(truth, scores.argmax(axis=1)) == pytest.approx(report["accuracy"])
+    assert accuracy_score(truth, scores.argmax(axis=1)) == report["accuracy"]
+    # the mlp's float32 probabilities read back exactly: the file's AP is the report's, to the last bit
+    assert [entry["ap"] for entry in report["classes"]] == per_class_ap(truth, scores).tolist()
+    assert mean_ap(per_class_ap(truth, scores)) == report["mAP"]
 
 
 def test_a_head_without_a_curve_has_no_training_plot(caches):

@@ -4,6 +4,7 @@ self-contained page with the same tables, PR curves are one panel per class, one
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import re
 
@@ -19,6 +20,7 @@ from pipeline.report import (
     markdown,
     pr_figure,
     training_figure,
+    write_predictions,
     write_report,
 )
 
@@ -175,6 +177,29 @@ def test_pr_curves_of_tied_scores_do_not_depend_on_the_row_order():
             np.testing.assert_array_equal(panel, first)
     # from the start point straight to precision 10/21 at full recall: no flat run at precision 1
     np.testing.assert_allclose(curves[0][0], [[0.0, 1.0], [1.0, 10 / 21]], rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ap_method", ["voc07", "area"])
+def test_the_predictions_file_gives_the_reports_numbers_exactly(tmp_path, dtype, ap_method):
+    # near-ties past the 6th digit: float32 probabilities a few ulps below 1 (a saturating softmax),
+    # and float64 ones 1e-10 apart; rows class by class, as an imagefolder cache lists them
+    rng = np.random.default_rng(3)
+    names = ["a", "b", "c"]
+    targets = np.repeat([0, 1, 2], [12, 14, 14])
+    steps = np.where(np.eye(3, dtype=bool)[targets], rng.integers(1, 30, (40, 3)), rng.integers(10, 40, (40, 3)))
+    if dtype == np.float32:
+        scores = 1 - steps.astype(np.float32) * np.float32(2 ** -24)
+    else:
+        scores = 0.3 - steps * 1e-10
+    report = summarize(targets, scores, names, ap_method)
+    path = write_predictions(tmp_path / "p.csv", np.array([f"r{i}" for i in range(40)]), targets, scores, names)
+    header, *lines = csv.reader(path.open())
+    assert header == ["sample_id", "target", "score:a", "score:b", "score:c"]
+    read = np.array([[float(value) for value in line[2:]] for line in lines])
+    again = summarize(np.array([names.index(line[1]) for line in lines]), read, names, ap_method)
+    assert again["mAP"] == report["mAP"] and again == report  # every number of the report, exactly
+    np.testing.assert_array_equal(read, scores.astype(np.float64))
 
 
 def test_pr_figure_grows_with_the_class_count():
