@@ -315,6 +315,34 @@ def test_step_schedule_drops_the_learning_rate():
         MlpHead(training=TrainingOptions(lr_steps=(0,))).fit(codes, targets)
 
 
+@pytest.mark.parametrize("multilabel", [False, True], ids=["single", "multi"])
+def test_a_confident_mlp_keeps_its_ranking_where_float32_saturates(multilabel):
+    # logits scaled to gaps up to 34: float32's softmax/sigmoid is exactly 1.0 past 16.6, float64's past 36.7
+    codes, targets = multi_label_blobs(4) if multilabel else blobs(4)
+    head = small_mlp().fit(codes, targets)
+    with torch.no_grad():
+        logits = head.network_(torch.from_numpy(codes).float())
+        spread = (logits.max(dim=1).values - logits.min(dim=1).values).max() if not multilabel else logits.abs().max()
+        head.network_[-1].weight.mul_(34 / spread)
+        head.network_[-1].bias.mul_(34 / spread)
+        logits = head.network_(torch.from_numpy(codes).float())
+        float32_probabilities = head._activation()(logits).double().numpy()
+    logits = logits.double().numpy()  # the reference: the network's float32 logits, activated in float64
+    if multilabel:
+        reference = 1 / (1 + np.exp(-logits))
+    else:
+        reference = np.exp(logits - logits.max(axis=1, keepdims=True))
+        reference /= reference.sum(axis=1, keepdims=True)
+    probabilities = head.predict_proba(codes)
+    assert (float32_probabilities == 1.0).sum() >= 5 and not (probabilities == 1.0).any()
+    np.testing.assert_allclose(probabilities, reference, rtol=1e-12, atol=0)
+    # predictions do not move: the float64 activation keeps the logits' order, as float32's did here
+    expected = (logits >= 0).astype(np.int64) if multilabel else logits.argmax(axis=1)
+    np.testing.assert_array_equal(head.predict(codes), expected)
+    old = (float32_probabilities >= 0.5).astype(np.int64) if multilabel else float32_probabilities.argmax(axis=1)
+    np.testing.assert_array_equal(head.predict(codes), old)
+
+
 def test_mlp_scores_with_its_own_network_without_copying_it(monkeypatch):
     codes, targets = blobs(15)
     head = small_mlp().fit(codes, targets)
