@@ -60,9 +60,12 @@ class CodeRows(ABC):
         if len(self) == 0:
             raise HeadError("the training codes are empty; extract a cache with at least one image per class")
         counts = self.targets.sum(axis=0) if self.multilabel else np.bincount(self.targets, minlength=self.num_classes)
-        if not self.multilabel and np.count_nonzero(counts) < 2:
-            raise HeadError("the training codes hold a single class; a classifier needs at least two")
         missing = [self.class_names[c] for c in np.flatnonzero(counts == 0)]
+        if not self.multilabel and np.count_nonzero(counts) < 2:
+            more = f" (+{len(missing) - 5:,} more)" if len(missing) > 5 else ""
+            raise HeadError(f"the training codes hold one class, {self.class_names[int(np.argmax(counts))]}; a classifier "
+                            "needs at least two: " + (f"add images of {listed(missing[:5])}{more}" if missing else
+                                                      "extract a cache of images of another class too"))
         if len(missing) == 1:
             raise HeadError(f"class {missing[0]} has no training rows; add images of it or remove it")
         if missing:

@@ -108,6 +108,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         report = summarize(targets, scores, names, config.ap, config.top_k, ignore)
     warnings = [] if reader.manifest.key["patches"] is not None else unused_exponent(config.exponent,
                                                                                       f"cache {config.cache}")
+    if metadata.get("cache_content") and metadata["cache_content"] == reader.manifest.content:
+        warnings.append(f"cache {config.cache} holds the codes head {config.head} was trained on: these are training "
+                        "numbers, not a test; evaluate a cache of other images")
     report["source"] = {"head": str(config.head), "kind": metadata["kind"], "layer": metadata["layer"],
                         "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"],
                         "warnings": warnings}

@@ -190,9 +190,11 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
 
 
 def save_fitted(head, out: Path, reader: CacheReader, layer: str, train_rows: int) -> None:
-    """The head file with what later stages check: classes, layer, width, the cache's codes key."""
+    """The head file with what later stages check: classes, layer, width, the cache's codes key, and the
+    digest of its codes (evaluate tells a score on the training codes from a test)."""
     save_head(head, out, {"classes": reader.classes, "layer": layer, "width": reader.taps[layer],
-                          "codes_key": codes_key(reader.manifest), "cache": str(reader.root), "train_rows": train_rows})
+                          "codes_key": codes_key(reader.manifest), "cache": str(reader.root), "train_rows": train_rows,
+                          "cache_content": reader.manifest.content})
 
 
 def _only_layer(reader) -> str:

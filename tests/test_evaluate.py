@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -167,6 +168,20 @@ def test_multi_label_evaluation(tmp_path):
 
 
 # ------------------------------------------------------------------ the CLI: the summary table, errors
+
+
+def test_a_score_on_the_heads_own_training_codes_is_said_to_be_one(caches, run_tl, tmp_path):
+    """Evaluating on the training cache scored 1.000 and looked like a test; a copy of it is the same codes."""
+    fit_head(FitHeadConfig(cache=caches / "train", out=tmp_path / "h.pt"))
+    shutil.copytree(caches / "train", tmp_path / "copy")
+    for cache in (caches / "train", tmp_path / "copy"):
+        result = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", cache, "--out", tmp_path / "r")
+        assert result.code == 0 and result.err == (
+            f"warning: cache {cache} holds the codes head {tmp_path / 'h.pt'} was trained on: these are training "
+            "numbers, not a test; evaluate a cache of other images\n"), result
+        assert "training numbers" in json.loads((tmp_path / "r" / "report.json").read_text())["source"]["warnings"][0]
+    other = run_tl("evaluate", "--head", tmp_path / "h.pt", "--cache", caches / "test", "--out", tmp_path / "r")
+    assert other.code == 0 and other.err == "", other
 
 
 def test_cli_prints_the_summary_table_and_where_the_report_is(caches, run_tl):

@@ -84,7 +84,7 @@ def test_a_file_that_is_not_a_head(tmp_path):
 
 def test_bad_codes_are_refused():
     codes, targets = blobs(6)
-    with pytest.raises(HeadError, match="single class"):
+    with pytest.raises(HeadError, match="hold one class, "):
         LogRegHead().fit(codes, np.zeros_like(targets))
     codes[7, 3] = np.nan
     with pytest.raises(HeadError, match=r"NaN or Inf \(row 7\)"):
@@ -257,8 +257,13 @@ def test_a_class_without_training_rows_is_refused(tmp_path):
     with pytest.raises(HeadError, match="class unused has no training rows"):
         fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
     write_code_cache(tmp_path / "one", codes, np.zeros(100, np.int64), ["a"])
-    with pytest.raises(HeadError, match="single class"):
+    with pytest.raises(HeadError, match="hold one class, a; a classifier needs at least two: extract a cache of "
+                                        "images of another class too"):
         fit_head(FitHeadConfig(cache=tmp_path / "one", out=tmp_path / "h.pt"))
+    # an empty class folder beside one full one: which class is missing is what the user can act on
+    write_code_cache(tmp_path / "emptied", codes, np.ones(100, np.int64), ["cat", "dog"])
+    with pytest.raises(HeadError, match="hold one class, dog; a classifier needs at least two: add images of cat$"):
+        fit_head(FitHeadConfig(cache=tmp_path / "emptied", out=tmp_path / "h.pt"))
 
 
 def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
@@ -273,7 +278,7 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
     write_code_cache(tmp_path / "empty", codes[:0], targets[:0], ["a", "b", "c", "d"])
     assert "has no rows" in refused(tmp_path / "empty")
     write_code_cache(tmp_path / "one", codes, np.zeros(80, np.int64), ["a"])
-    assert "single class" in refused(tmp_path / "one", "--head", "mlp")
+    assert "hold one class, a; a classifier needs at least two" in refused(tmp_path / "one", "--head", "mlp")
     write_code_cache(tmp_path / "good", codes, targets, ["a", "b", "c", "d"])
     assert "has no layer 'fc7'; it has: feat" in refused(tmp_path / "good", "--layer", "fc7")
     assert "--early-stop needs a validation split" in refused(tmp_path / "good", "--head", "mlp", "--early-stop")
