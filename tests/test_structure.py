@@ -5,7 +5,11 @@ pieces never import a stage entry."""
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -124,3 +128,13 @@ def test_only_files_py_renames_files_into_place():
                             node.args[1:] and isinstance(node.args[1], ast.Name) and node.args[1].id == "buffer")):
                     found.append(f"{name}:{node.lineno} {owner}.{node.func.attr}")
     assert not found, f"write through pipeline.files.atomic_write instead: {found}"
+
+
+def test_what_the_documented_commands_write_in_the_checkout_is_ignored_by_git():
+    """`mlflow run .` (README, MLproject) runs in the checkout and MLflow 3's local default store is
+    `sqlite:///mlflow.db` with its artifacts under `mlruns/`: a `git status` after it listed both."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for written in ("mlflow.db", "mlruns/1/abc/artifacts/model/m.pt", "caches/x/manifest.json", "models/m.pt"):
+        checked = subprocess.run(["git", "check-ignore", "--no-index", "-q", written], cwd=REPO)
+        assert checked.returncode == 0, f"{written} is not ignored by .gitignore"
