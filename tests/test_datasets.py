@@ -111,6 +111,28 @@ def test_gtsrb_reader_on_torchvision_layout(tmp_path):
     assert test.read_image(1).mode == "RGB"
 
 
+def test_a_gtsrb_download_that_fails_says_so_not_that_the_files_are_bad(tmp_path, monkeypatch):
+    """Offline, torchvision's URLError (an OSError) was 'cannot read GTSRB train from DIR: <urlopen error
+    ...>; download the train set again', which is what had just failed."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    for split, archives in (("train", "GTSRB-Training_fixed.zip by hand"),
+                            ("test", "GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip by hand")):
+        with pytest.raises(DataError) as failed:
+            open_source("gtsrb", tmp_path, split=split, download=True)
+        assert str(failed.value).startswith(f"cannot download GTSRB {split} into {tmp_path / 'gtsrb'} ([Errno -3] "
+                                            "Temporary failure in name resolution); check the network, or fetch "
+                                            + archives), failed.value
+    with pytest.raises(DataError, match="GTSRB train images not found .*; fetch it with tl extract --download$"):
+        open_source("gtsrb", tmp_path, split="train")
+
+
 def test_samples_per_class_is_stratified_and_seeded(tmp_path):
     folder = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=5, size=(8, 8))
     first = open_source("imagefolder", folder, samples_per_class=2, seed=1)

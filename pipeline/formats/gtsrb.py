@@ -5,10 +5,15 @@ layout, downloaded by torchvision when asked.
 from __future__ import annotations
 
 import csv
+import http.client
+import zipfile
 from pathlib import Path
 
 from pipeline.datasets import Sample, Source, file_stamp, register_format, shown
 from pipeline.errors import DataError
+
+# what torchvision's GTSRB downloads for each split
+ARCHIVES = {"train": "GTSRB-Training_fixed.zip", "test": "GTSRB_Final_Test_Images.zip and GTSRB_Final_Test_GT.zip"}
 
 
 @register_format
@@ -28,12 +33,22 @@ class GtsrbSource(Source):
 
         if split not in ("train", "test"):
             raise DataError(f"gtsrb has splits train and test, not '{split}'")
+        # torchvision makes the split's folder only once its archives are fetched and unpacked: a failure
+        # that leaves it absent is the download's (a URLError is an OSError, as a file that will not read is)
+        folder = root / "gtsrb" / "GTSRB" / ("Training" if split == "train" else "Final_Test/Images")
+        fetching = download and not folder.is_dir()
         try:
             dataset = GTSRB(str(root), split=split, download=download)
-        except RuntimeError:
-            hint = "fetch it with tl extract --download" if not download else "check the network"
-            raise DataError(f"GTSRB {split} images not found under {root / 'gtsrb'}; {hint}") from None
-        except (OSError, KeyError, ValueError, TypeError, IndexError, csv.Error) as exc:
+        except (OSError, RuntimeError, http.client.HTTPException, zipfile.BadZipFile,
+                KeyError, ValueError, TypeError, IndexError, csv.Error) as exc:
+            if fetching and not folder.is_dir():
+                reason = getattr(exc, "reason", None) or exc  # a URLError's reason, not '<urlopen error ...>'
+                raise DataError(f"cannot download GTSRB {split} into {root / 'gtsrb'} ({reason}); check the network, "
+                                f"or fetch {ARCHIVES[split]} by hand (torchvision's GTSRB files) and unpack "
+                                f"{'it' if split == 'train' else 'them'} there") from None
+            if isinstance(exc, RuntimeError):
+                raise DataError(f"GTSRB {split} images not found under {root / 'gtsrb'}; fetch it with "
+                                "tl extract --download") from None
             # a test list with missing columns or non-numeric class ids, or a file that is not text
             raise DataError(f"cannot read GTSRB {split} from {root}: {exc}; download the {split} set again") from None
         samples = []
