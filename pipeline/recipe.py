@@ -259,10 +259,15 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
             raise ConfigError(f"recipe {path}: {step.label}: {exc}") from None
     notes = []
     for evaluate in (step for step in steps if step.stage == "evaluate" and step.path("cache")):
+        scored = _images_of(evaluate, "cache", "split", steps)
         for fit in (step for step in steps if step.stage == "fit-head"):
             if _same(fit.path("cache"), evaluate.path("cache")):
                 notes.append(f"{evaluate.label} scores {evaluate.path('cache')}, the cache {fit.label} trained on: "
                              "its numbers are training numbers, not a test")
+            elif scored is not None and scored == _images_of(fit, "cache", "split", steps):
+                # two caches of the same images (extract.1.split=test) score what was trained on as well
+                notes.append(f"{evaluate.label} scores {evaluate.path('cache')}, codes of the images {fit.label} "
+                             f"trained on ({fit.path('cache')}): its numbers are training numbers, not a test")
     return notes
 
 

@@ -553,3 +553,31 @@ def test_an_output_folder_that_cannot_be_listed_is_never_taken_as_unchanged(tmp_
 
     monkeypatch.setattr(type(tmp_path), "iterdir", refused)
     assert _state(step, tmp_path / "cache") != _state(step, tmp_path / "cache")
+
+
+def test_scoring_codes_of_the_training_images_is_noted_however_the_caches_are_named(run_tl, tmp_path, monkeypatch):
+    """`--set extract.1.split=test` trained and scored the same test images through two caches of them,
+    with no note: the note compared the cache paths, not the images they hold."""
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "test"):
+        make_image_folder(tmp_path / "images" / split, classes=("a", "b"), per_class=3, size=(32, 32))
+    recipe = _recipe(tmp_path, """\
+        data: images
+        format: imagefolder
+        backbone: alexnet
+        weights: none
+        layers: [pool5]
+        quiet: true
+        extract: [{split: train, out: caches/train}, {split: test, out: caches/test}]
+        fit-head: {cache: caches/train, out: h.pt}
+        evaluate: {head: h.pt, cache: caches/test, out: r}
+        """)
+    note = ("note: evaluate scores caches/test, codes of the images fit-head trained on (caches/train): its numbers "
+            "are training numbers, not a test")
+    tested = run_tl("run", recipe, "--only", "extract")  # a test of other images: no note
+    assert tested.code == 0 and "note:" not in tested.out, tested
+    same = run_tl("run", recipe, "--set", "extract.1.split=test", "--only", "extract")
+    assert same.code == 0 and note in same.out.splitlines(), same
+    spelled = run_tl("run", recipe, "--set", "extract.1.data=images/test", "--set", "extract.1.split=",
+                     "--only", "extract")  # the same folder named directly
+    assert spelled.code == 0 and note in spelled.out.splitlines(), spelled
