@@ -24,7 +24,7 @@ from typing import Protocol
 
 from pipeline.errors import ConfigError, Occupied, TLError
 from pipeline.files import write_bytes
-from pipeline.recipe import OUTPUT, INPUTS, StageOptions, Step, check, plan, read_recipe, select
+from pipeline.recipe import OUTPUT, INPUTS, STAGES, StageOptions, Step, check, plan, read_recipe, select
 
 RECORD_FORMAT = "tl-run-record/1"
 RECORD_SUFFIX = ".tl-run.json"
@@ -68,7 +68,7 @@ class RunResult:
 
 def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
     """Read, plan, parse and check the whole recipe (nothing starts on a bad one), then run its steps."""
-    from pipeline.tracking import open_tracker
+    from pipeline.tracking import open_tracker, project_parameters
 
     started = time.perf_counter()
     recipe = read_recipe(config.recipe, config.sets)
@@ -85,6 +85,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
             raise ConfigError(f"recipe {recipe.path}: {step.label}: "
                               f"{_in_recipe_terms(exc, step, stages[step.stage])}") from None
     tracker = open_tracker(config.track or recipe.track, recipe)
+    project = project_parameters(recipe.sets) if (config.track or recipe.track) == "mlflow" else {}
     result = RunResult()
     for note in notes:
         say(f"note: {note}")
@@ -115,7 +116,8 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
                     if record is not None and _state(step, out) == before:  # refused, or stopped before any write:
                         _rewrite(out, record)  # the earlier record holds
-                    error = _stopped(step, recipe, record, existed, _in_recipe_terms(exc, step, stages[step.stage]))
+                    translated = _in_recipe_terms(exc, step, stages[step.stage], recipe, project)
+                    error = _stopped(step, recipe, record, existed, translated)
                     tracker.stopped(step, started_record, error)
                     if error is exc:
                         raise
@@ -167,9 +169,9 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun
     return {"overwrite": True}
 
 
-def _in_recipe_terms(exc: BaseException, step: Step, options: StageOptions) -> BaseException:
+def _in_recipe_terms(exc: BaseException, step: Step, options: StageOptions, recipe, project: dict) -> BaseException:
     """A stage's error whose remedy names its flags (`pass --download`), with the recipe key of each:
-    tl run and mlflow run take keys, not flags."""
+    tl run and mlflow run take keys, not flags (`project`: the -P that sets a key under mlflow run)."""
     if not isinstance(exc, TLError) or isinstance(exc, Occupied):
         return exc
     remedy = str(exc).rsplit("; ", 1)[-1]  # the flags of what to do; not a flag the error is about
@@ -179,13 +181,33 @@ def _in_recipe_terms(exc: BaseException, step: Step, options: StageOptions) -> B
             if key.replace("-", "_") in options.keys and key not in ("overwrite", "resume")]  # tl run's own business
     if not keys:
         return exc
-    section = step.stage + (f".{step.number}" if step.count > 1 else "")
-    said = ", ".join(f"--{key} is --set {section}.{key.replace('-', '_')}="
-                     + ("true" if options.keys[key.replace("-", "_")] in options.flags else "...") for key in keys)
+    said = ", ".join(f"--{key} is " + _set_where_given(step, options, recipe, key.replace("-", "_"), project)
+                     for key in keys)
     try:
         return type(exc)(f"{exc} (in a recipe: {said})")
     except TypeError:  # an error class of other arguments
         return exc
+
+
+def _set_where_given(step: Step, options: StageOptions, recipe, name: str, project: dict) -> str:
+    """The --set of `name` where the recipe gives it: the step's own key; else a top-level key, which the
+    other steps read too (changing this step's alone, the next one stopped the same way); else the
+    section's, for each of its steps (a test extraction downloads as the train one does)."""
+    shadowed = any(isinstance(item, dict) and {name, name.replace("_", "-")} & set(item)
+                   for section in STAGES for item in _as_list(recipe.document.get(section)))
+    if options.keys[name] in step.own:
+        key = f"{step.stage}.{step.number}.{name}" if step.count > 1 else f"{step.stage}.{name}"
+    elif name in step.keys and not shadowed:  # a top-level key a section also sets cannot be --set alone
+        key = name
+    else:
+        key = f"{step.stage}.{name}"
+    switch = options.keys[name] in options.flags
+    said = f"--set {key}={'true' if switch else '...'}"
+    return said + (f" or mlflow run's -P {project[key]}={'1' if switch else '...'}" if key in project else "")
+
+
+def _as_list(section) -> list:
+    return section if isinstance(section, list) else [] if section is None else [section]
 
 
 def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseException) -> BaseException:

@@ -45,6 +45,31 @@ def open_tracker(track: str | None, recipe):
     return MlflowTracking(mlflow, recipe)
 
 
+def project_parameters(sets: tuple[str, ...]) -> dict[str, str]:
+    """{recipe key: parameter} of each `--set KEY={parameter}` of the MLproject that `mlflow run` started
+    this tl run from (it sets MLFLOW_RUN_ID and runs the command in the project's folder), for the keys
+    this run was given: a remedy then names the -P its user types. {} outside `mlflow run`."""
+    import re
+
+    import yaml
+
+    if not os.environ.get("MLFLOW_RUN_ID") or not Path("MLproject").is_file():
+        return {}
+    try:
+        project = yaml.safe_load(Path("MLproject").read_text(encoding="utf-8"))
+        commands = [str(entry.get("command", "")) for entry in project["entry_points"].values()]
+    except (OSError, UnicodeError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return {}  # not a project tl can read: the remedy names the --set, which is right too
+    given = {assignment.partition("=")[0].strip() for assignment in sets}
+    mapped = {}
+    for command in commands:
+        for key, parameter in re.findall(r"--set\s+([A-Za-z0-9_.-]+)=\{(\w+)\}", command):
+            if key in given:  # named as tl run names keys: the last part with '_' for '-'
+                section, dot, name = key.rpartition(".")
+                mapped.setdefault(section + dot + name.replace("-", "_"), parameter)
+    return mapped
+
+
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
     """{"a.b": "1"} of nested mappings, every leaf as text (lists as JSON-like text), cut to MAX_PARAM."""
     flat: dict[str, str] = {}

@@ -275,12 +275,13 @@ def test_a_stages_remedy_that_names_its_flags_names_the_recipe_keys_too(run_tl, 
         f"error: recipe {recipe}: fit-head: several C values need a validation split to choose from; pass --val-cache "
         "or --val-fraction (in a recipe: --val-cache is --set fit-head.val_cache=..., --val-fraction is --set "
         "fit-head.val_fraction=...)\n"), result
-    # a flag of a step of a list section names that step; a remedy naming the step's own command is translated
+    # a flag no key gives names the section, for each of its steps: extract.1.download fetched the train
+    # set and the test extraction stopped the same way; a remedy naming the step's own command is translated
     (code_caches / "empty").mkdir()
     recipe.write_text("format: cifar10\nextract: [{data: empty, out: caches/x}, {data: empty, split: test, out: caches/y}]\n")
     missing = run_tl("run", recipe, "--quiet")
     assert missing.code == 2 and missing.err.endswith(
-        "fetch them with tl extract --download (in a recipe: --download is --set extract.1.download=true)\n"), missing
+        "fetch them with tl extract --download (in a recipe: --download is --set extract.download=true)\n"), missing
     # a remedy that is another command's (tl finetune --head) is left as it is
     recipe.write_text("fit-head: {cache: caches/train, out: h.pt}\nevaluate: {model: h.pt, data: images, out: r}\n")
     other = run_tl("run", recipe, "--quiet")
@@ -581,3 +582,42 @@ def test_scoring_codes_of_the_training_images_is_noted_however_the_caches_are_na
     spelled = run_tl("run", recipe, "--set", "extract.1.data=images/test", "--set", "extract.1.split=",
                      "--only", "extract")  # the same folder named directly
     assert spelled.code == 0 and note in spelled.out.splitlines(), spelled
+
+
+def test_a_remedy_names_the_key_where_the_recipe_gives_it(run_tl, code_caches, monkeypatch):
+    """Offline, cifar10_vgg16.yaml (weights: at the top level) said `--set extract.1.weights=...`; following
+    it ran extract 1 and stopped extract 2 on the same error. A step's own key is that step's."""
+    import torch
+    import urllib.error
+
+    monkeypatch.chdir(code_caches)
+    monkeypatch.setenv("TORCH_HOME", str(code_caches / "torch-home"))  # no cached ImageNet weights
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    steps = "[{split: train, out: caches/x}, {split: test, out: caches/y}]"
+    recipe = _recipe(code_caches, f"data: images\nbackbone: alexnet\nweights: imagenet\nextract: {steps}\n")
+    top = run_tl("run", recipe, "--quiet")
+    assert top.code == 2 and top.err.endswith(
+        "or pass --weights PATH (in a recipe: --weights is --set weights=...)\n"), top
+    own = steps.replace("split: test,", "split: test, weights: imagenet,")
+    recipe.write_text(f"data: images\nbackbone: alexnet\nextract: {own}\n")
+    for split in ("train", "test"):  # the first step runs (weights none), the second stops: its own key
+        make_image_folder(code_caches / "images" / split, classes=("a", "b"), per_class=2)
+    second = run_tl("run", recipe, "--quiet", "--set", "extract.1.weights=none")
+    assert second.code == 2 and second.err.endswith("(in a recipe: --weights is --set extract.2.weights=...)\n"), second
+    # where a section also sets the top-level key, `--set weights=` is refused: the section's key it is
+    recipe.write_text(f"data: images\nbackbone: alexnet\nweights: imagenet\nextract: {steps}\n"
+                      "finetune: {weights: none, head: h.pt, out: m.pt}\n")
+    shadowed = run_tl("run", recipe, "--quiet", "--only", "extract")
+    assert shadowed.code == 2 and shadowed.err.endswith("--weights is --set extract.weights=...)\n"), shadowed
+
+    # GTSRB downloads each split's own archives: the recipe's comment (extract.download) is right
+    (code_caches / "empty").mkdir()
+    gtsrb = REPO / "configs" / "gtsrb_alexnet_fc7.yaml"
+    missing = run_tl("run", gtsrb, "--quiet", "--set", "data=empty")
+    assert missing.code == 2 and missing.err.endswith(
+        "fetch it with tl extract --download (in a recipe: --download is --set extract.download=true)\n"), missing
+    assert "--set extract.download=true" in gtsrb.read_text()

@@ -218,3 +218,34 @@ def test_the_store_check_takes_any_answer_and_never_shows_a_password():
         check_store("http://user:secret@127.0.0.1:9")
     assert str(refused.value).startswith("the MLflow tracking server http://127.0.0.1:9 does not answer (")
     assert "secret" not in str(refused.value)
+
+
+def test_under_mlflow_run_a_remedy_names_the_projects_parameter(run_tl, tmp_path, monkeypatch):
+    """`mlflow run .` offline said `--set extract.1.weights=...`, which an mlflow run cannot take: the
+    MLproject gives `--set weights={weights}`, so the user's way in is `-P weights=...`."""
+    import torch
+    import urllib.error
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "MLproject", tmp_path)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(REPO / "configs" / "cifar10_vgg16.yaml", tmp_path / "configs")
+    write_cifar10(tmp_path / "data" / "cifar10", per_batch=4)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    project_run = MlflowClient(tracking_uri=uri).create_run("0")  # what `mlflow run` makes and hands over
+    monkeypatch.setenv("MLFLOW_RUN_ID", project_run.info.run_id)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    given = ["--set", "data=data/cifar10", "--set", "backbone=alexnet", "--set", "weights=imagenet"]
+    result = run_tl("run", "configs/cifar10_vgg16.yaml", "--track", "mlflow", "--quiet", *given)
+    assert result.code == 2 and result.err.endswith(
+        "(in a recipe: --weights is --set weights=... or mlflow run's -P weights=...)\n"), result
+    # outside mlflow run (no run handed over) the MLproject in the folder says nothing
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # (MLflow drops it when its run ends)
+    alone = run_tl("run", "configs/cifar10_vgg16.yaml", "--track", "mlflow", "--quiet", *given)
+    assert alone.code == 2 and alone.err.endswith("(in a recipe: --weights is --set weights=...)\n"), alone
