@@ -26,6 +26,16 @@ class NoTracking(contextlib.nullcontext):
     def stage(self, step, record: dict, skipped: bool) -> None:
         """Nothing is logged without --track (so nothing for the record: see MlflowTracking.stage)."""
 
+    def _holds(self, run_id: str) -> bool:
+        """Whether the run that took a step's files still keeps them: a deleted run's go with `mlflow gc`,
+        and a run gone from the store (gc'd, or another store at the same URI) has none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:  # no such run
+            return False
+
     def stopped(self, step, record: dict, error: BaseException) -> None:
         """Nothing is logged without --track."""
 
@@ -187,7 +197,7 @@ class MlflowTracking:
     @_one_line
     def stage(self, step, record: dict, skipped: bool) -> dict | None:
         """The step as a nested run. Its files are uploaded once per store: a step up to date whose record
-        names a run of this store that holds them is tagged with that run. Returns, for the step's record,
+        names an active run of this store that holds them is tagged with that run. Returns, for the step's record,
         where its files went (None: nothing uploaded)."""
         mlflow = self.mlflow
         store, earlier = mlflow.get_tracking_uri(), record.get("tracked") or {}
@@ -201,13 +211,23 @@ class MlflowTracking:
             for name, points in (record.get("history") or {}).items():
                 for epoch, value in points:
                     mlflow.log_metric(f"curve/{name}", value, step=int(epoch))
-            if skipped and earlier.get("store") == store and earlier.get("run"):  # not again on every re-run
-                mlflow.set_tag("tl.artifacts", f"in run {earlier['run']}")
+            if skipped and earlier.get("store") == store and earlier.get("run") and self._holds(earlier["run"]):
+                mlflow.set_tag("tl.artifacts", f"in run {earlier['run']}")  # not again on every re-run
                 return None
             files = [path for path in record.get("artifacts", []) if Path(path).is_file()]
             for path in files:
                 mlflow.log_artifact(path)
             return {"store": store, "run": run.info.run_id} if files else None
+
+    def _holds(self, run_id: str) -> bool:
+        """Whether the run that took a step's files still keeps them: a deleted run's go with `mlflow gc`,
+        and a run gone from the store (gc'd, or another store at the same URI) has none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:  # no such run
+            return False
 
     def stopped(self, step, record: dict, error: BaseException) -> None:
         """The step that stopped the run (an error, Ctrl-C, SIGTERM) as a nested run of its own, KILLED or

@@ -249,3 +249,35 @@ def test_under_mlflow_run_a_remedy_names_the_projects_parameter(run_tl, tmp_path
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # (MLflow drops it when its run ends)
     alone = run_tl("run", "configs/cifar10_vgg16.yaml", "--track", "mlflow", "--quiet", *given)
     assert alone.code == 2 and alone.err.endswith("(in a recipe: --weights is --set weights=...)\n"), alone
+
+
+def test_a_step_up_to_date_uploads_again_when_the_run_that_held_its_files_is_gone(run_tl, tmp_path, monkeypatch):
+    """A skipped step was tagged `tl.artifacts = in run X` with X deleted (after `mlflow gc` its head and
+    report were nowhere in the store); X deleted or not in the store at all, the step uploads them again."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+
+    def fit_run():
+        assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0
+        client, parents, runs = _runs(uri)
+        return client, next(run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id)
+
+    client, first = fit_run()
+    client.delete_run(first.info.run_id)
+    client, second = fit_run()
+    assert second.data.tags["tl.skipped"] == "true" and "tl.artifacts" not in second.data.tags
+    assert _artifacts(client, second.info.run_id) == {"h.pt"}
+    client, third = fit_run()  # the step's files are in an active run again: not sent a third time
+    assert third.data.tags["tl.artifacts"] == f"in run {second.info.run_id}" and not _artifacts(client, third.info.run_id)
+
+    record_path = tmp_path / "h.pt.tl-run.json"
+    record = json.loads(record_path.read_text())
+    record["tracked"]["run"] = "0" * 32  # a run the store does not have (removed by mlflow gc)
+    record_path.write_text(json.dumps(record))
+    client, fourth = fit_run()
+    assert "tl.artifacts" not in fourth.data.tags and _artifacts(client, fourth.info.run_id) == {"h.pt"}
