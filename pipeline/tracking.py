@@ -5,8 +5,8 @@ its training curves as metric histories (`curve/train_loss`, `curve/val_loss`, .
 epoch), its final numbers as metrics, and its files as artifacts (report.md, report.json, the plots, the head or model file). The parent holds the
 recipe file, the `--set` overrides, the last evaluation's numbers and the final model under `model/`.
 MLflow is imported here only, and only when tracking is asked for; its tracking URI is its own
-(MLFLOW_TRACKING_URI, else its local default), and a run started by `mlflow run` (MLFLOW_RUN_ID) is
-the parent.
+(MLFLOW_TRACKING_URI, else its local default), as is a user's experiment (MLFLOW_EXPERIMENT_NAME or
+_ID, before the recipe's), and a run started by `mlflow run` (MLFLOW_RUN_ID) is the parent.
 """
 
 from __future__ import annotations
@@ -169,9 +169,10 @@ class MlflowTracking:
     def __enter__(self) -> "MlflowTracking":
         mlflow = self.mlflow
         check_store(mlflow.get_tracking_uri())
-        self.chose_experiment = not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID")
-        if self.chose_experiment:
-            mlflow.set_experiment(self.recipe.experiment)
+        # set_experiment exports MLFLOW_EXPERIMENT_ID; unless the user had, a later run in this process chooses its own
+        self.exported = "MLFLOW_EXPERIMENT_ID" not in os.environ
+        if not os.environ.get("MLFLOW_RUN_ID"):  # else the run handed over (mlflow run) is in its experiment
+            self._choose_experiment()
         self.parent = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else self.recipe.path.stem)
         mlflow.set_tags({"tl.recipe": str(self.recipe.path), "tl.command": "tl run"})
         # under its own names: `mlflow run` has logged the project's parameters (`recipe` among them)
@@ -186,8 +187,30 @@ class MlflowTracking:
         except Exception as exc:
             failed = f"; {value}" if isinstance(value, TLError) else ""
             raise TLError(f"MLflow could not close the run ({type(exc).__name__}: {exc}){failed}") from None
-        if self.chose_experiment:  # set_experiment exports it; a later run in this process chooses its own
+        if self.exported:
             os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+    def _choose_experiment(self) -> None:
+        """The experiment the user named for MLflow (MLFLOW_EXPERIMENT_NAME, made if new, or
+        MLFLOW_EXPERIMENT_ID, as any MLflow program takes them), else the recipe's."""
+        from mlflow.exceptions import MlflowException
+
+        named, numbered = os.environ.get("MLFLOW_EXPERIMENT_NAME"), os.environ.get("MLFLOW_EXPERIMENT_ID")
+        if not named and not numbered:
+            self.mlflow.set_experiment(self.recipe.experiment)
+            return
+        if named and numbered:  # MLflow refuses two that disagree; checked before set_experiment exports one
+            found = self.mlflow.MlflowClient().get_experiment_by_name(named)
+            if found is None or found.experiment_id != numbered:
+                named_is = "no experiment yet" if found is None else f"experiment {found.experiment_id}"
+                raise ConfigError(f"MLFLOW_EXPERIMENT_NAME={named} is {named_is}, but MLFLOW_EXPERIMENT_ID is "
+                                  f"{numbered}; unset one of them")
+        variable = f"MLFLOW_EXPERIMENT_NAME={named}" if named else f"MLFLOW_EXPERIMENT_ID={numbered}"
+        try:
+            self.mlflow.set_experiment(experiment_name=named or None, experiment_id=None if named else numbered)
+        except MlflowException as exc:  # no such id, a deleted experiment
+            raise ConfigError(f"{variable}: {exc.message.strip()}; name another experiment, or unset it to use the "
+                              f"recipe's ({self.recipe.experiment})") from None
 
     def _params(self, values: dict) -> None:
         items = list(flatten(values).items())
@@ -201,7 +224,8 @@ class MlflowTracking:
         where its files went (None: nothing uploaded)."""
         mlflow = self.mlflow
         store, earlier = mlflow.get_tracking_uri(), record.get("tracked") or {}
-        with mlflow.start_run(run_name=step.label, nested=True) as run:
+        # a nested run goes to the environment's experiment, not its parent's: a run handed over can be elsewhere
+        with mlflow.start_run(run_name=step.label, nested=True, experiment_id=self.parent.info.experiment_id) as run:
             mlflow.set_tags({"tl.stage": step.stage, "tl.skipped": str(skipped).lower(),
                              "tl.status": "up to date, skipped" if skipped else "ran"})
             self._params({**record.get("settings", {}), **record.get("facts", {})})
@@ -237,7 +261,7 @@ class MlflowTracking:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         status = "FAILED" if isinstance(error, Exception) else "KILLED"  # KeyboardInterrupt, SIGTERM
         with contextlib.suppress(Exception):
-            mlflow.start_run(run_name=step.label, nested=True)
+            mlflow.start_run(run_name=step.label, nested=True, experiment_id=self.parent.info.experiment_id)
             try:
                 mlflow.set_tags({"tl.stage": step.stage, "tl.skipped": "false", "tl.status": f"stopped: {reason}"})
                 self._params(record.get("settings", {}))

@@ -117,11 +117,13 @@ def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
     environment = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
                            "-P", "samples_per_class=300.0", "-P", "retrained_conv_layers=0", "-P", "use_early_stop=1",
-                           "-P", "max_epochs=2", "-P", "backbone=alexnet", "-P", "layers=pool5", "-P", "weights=none"],
+                           "-P", "max_epochs=2", "-P", "backbone=alexnet", "-P", "layers=pool5", "-P", "weights=none",
+                           "--experiment-name", "keras"],
                           cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     client, parents, runs = _runs(uri)
     assert len(parents) == 1 and len(runs) == 7  # the project's run, then 2 extracts, fit-head, finetune, 2 evaluates
+    assert {client.get_experiment(run.info.experiment_id).name for run in runs} == {"keras"}
     parent = parents[0]
     assert parent.data.params["retrained_conv_layers"] == "0" and parent.data.params["max_epochs"] == "2"
     assert "model/cifar10-vgg16.pt" in _artifacts(client, parent.info.run_id)
@@ -281,3 +283,40 @@ def test_a_step_up_to_date_uploads_again_when_the_run_that_held_its_files_is_gon
     record_path.write_text(json.dumps(record))
     client, fourth = fit_run()
     assert "tl.artifacts" not in fourth.data.tags and _artifacts(client, fourth.info.run_id) == {"h.pt"}
+
+
+def test_the_users_mlflow_experiment_is_the_runs(run_tl, tmp_path, monkeypatch):
+    """MLFLOW_EXPERIMENT_NAME (`mlflow run --experiment-name`, or exported) was passed over for the
+    recipe's experiment; MLFLOW_EXPERIMENT_ID after an earlier run in the process, too."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("experiment: blobs\nfit-head: {cache: c, out: h.pt}\n")
+
+    def experiments_of_last_run():
+        client, parents, runs = _runs(uri)
+        parent = parents[-1].info.run_id
+        latest = [run for run in runs if parent in (run.info.run_id, run.data.tags.get("mlflow.parentRunId"))]
+        return {client.get_experiment(run.info.experiment_id).name for run in latest}
+
+    assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0
+    assert experiments_of_last_run() == {"blobs"}
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "chosen")  # a new name: made
+    assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0
+    assert experiments_of_last_run() == {"chosen"}
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    picked = MlflowClient(tracking_uri=uri).create_experiment("picked")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", picked)
+    assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0
+    assert experiments_of_last_run() == {"picked"} and os.environ["MLFLOW_EXPERIMENT_ID"] == picked
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "chosen")
+    both = run_tl("run", "r.yaml", "--track", "mlflow", "--quiet")
+    assert both.code == 2 and both.err.startswith("error: MLFLOW_EXPERIMENT_NAME=chosen is experiment ") and \
+        both.err.endswith(f", but MLFLOW_EXPERIMENT_ID is {picked}; unset one of them\n"), both
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "4242")
+    missing = run_tl("run", "r.yaml", "--track", "mlflow", "--quiet")
+    assert missing.code == 2 and missing.err.startswith("error: MLFLOW_EXPERIMENT_ID=4242: ") and \
+        missing.err.endswith("; name another experiment, or unset it to use the recipe's (blobs)\n"), missing
