@@ -268,13 +268,25 @@ class MlflowTracking:
             finally:
                 mlflow.end_run(status=status)
 
+    def _model(self, model: Path) -> None:
+        """The final model under the parent's model/, in every new parent (the run a user opens for it, whole
+        without the earlier runs, which may be deleted), but once per content into the same parent: a run
+        handed over again (mlflow run --run-id, MLFLOW_RUN_ID) after an up-to-date re-run already holds it."""
+        from pipeline.files import file_digest
+
+        held = f"{model.name} sha256:{file_digest(model)}"
+        if self.parent.data.tags.get("tl.model") == held:  # its tags as it was handed over, before this run
+            return
+        self.mlflow.log_artifact(str(model), artifact_path="model")
+        self.mlflow.set_tag("tl.model", held)
+
     @_one_line
     def finish(self, model, metrics: dict) -> str:
         mlflow = self.mlflow
         if metrics:
             mlflow.log_metrics(metrics)
         if model is not None and Path(model).is_file():
-            mlflow.log_artifact(str(model), artifact_path="model")
+            self._model(Path(model))
         run = self.parent.info
         uri = mlflow.get_tracking_uri()
         return (f"MLflow run {run.run_id} (experiment {run.experiment_id}) in {uri}; "

@@ -320,3 +320,35 @@ def test_the_users_mlflow_experiment_is_the_runs(run_tl, tmp_path, monkeypatch):
     missing = run_tl("run", "r.yaml", "--track", "mlflow", "--quiet")
     assert missing.code == 2 and missing.err.startswith("error: MLFLOW_EXPERIMENT_ID=4242: ") and \
         missing.err.endswith("; name another experiment, or unset it to use the recipe's (blobs)\n"), missing
+
+
+def test_the_final_model_goes_once_per_content_into_the_same_parent(run_tl, tmp_path, monkeypatch):
+    """A parent run handed over again (`mlflow run --run-id`, MLFLOW_RUN_ID) took the final model again on
+    every re-run, every step up to date (84 MB for VGG16); a new parent run takes it, as does a changed model."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+    uploads = []
+    logged = mlflow.log_artifact
+    monkeypatch.setattr(mlflow, "log_artifact", lambda path, artifact_path=None, **kwargs: (
+        uploads.append((os.path.basename(path), artifact_path)), logged(path, artifact_path, **kwargs)))
+    parent = MlflowClient(tracking_uri=uri).create_run("0").info.run_id
+
+    def run_into_parent(*sets):
+        uploads.clear()
+        monkeypatch.setenv("MLFLOW_RUN_ID", parent)  # MLflow drops it when the run ends
+        assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet", *sets).code == 0
+        return [path for path, folder in uploads if folder == "model"]
+
+    assert run_into_parent() == ["h.pt"]
+    assert run_into_parent() == []  # up to date, the same file: the parent holds it
+    shutil.rmtree(tmp_path / "c")  # other codes, another model (the same --set: a parent's parameters stay)
+    write_code_cache(tmp_path / "c", *blobs(6, n=30, classes=3, width=8), ["a", "b", "c"])
+    assert run_into_parent() == ["h.pt"]
+    assert _artifacts(MlflowClient(tracking_uri=uri), parent) == {"recipe/r.yaml", "model/h.pt"}
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    uploads.clear()
+    assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0
+    assert ("h.pt", "model") in uploads  # a new parent run is whole: its model is in it, up to date or not
