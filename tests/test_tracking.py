@@ -17,6 +17,15 @@ mlflow = pytest.importorskip("mlflow", reason="the test extra installs mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_active_experiment(monkeypatch):
+    """Each test as a fresh `tl` process starts: an earlier test's set_experiment stays MLflow's active
+    experiment in this process, and MLflow refuses to resume a run handed over (MLFLOW_RUN_ID) of another."""
+    import mlflow.tracking.fluent
+
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None, raising=False)
+
+
 def _runs(uri: str):
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"])
