@@ -123,7 +123,11 @@ def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
     shutil.copy(REPO / "configs" / "cifar10_vgg16.yaml", project / "configs")
     write_cifar10(project / "data" / "cifar10", per_batch=20)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    environment = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    # mlflow run puts this Python's bin first on PATH: its `tl` script imports `cli` through sys.path, which
+    # found the installed checkout's, not the one under test (an editable install of another folder)
+    python_path = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": python_path,
+                   "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     done = subprocess.run([sys.executable, "-m", "mlflow", "run", str(project), "--env-manager", "local",
                            "-P", "samples_per_class=300.0", "-P", "retrained_conv_layers=0", "-P", "use_early_stop=1",
                            "-P", "max_epochs=2", "-P", "backbone=alexnet", "-P", "layers=pool5", "-P", "weights=none",
