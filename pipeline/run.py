@@ -78,14 +78,14 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
         step.params = runner.parse(recipe, step)
     chosen = select(steps, config.only, config.start)
     notes = check(recipe, steps, chosen)
+    project = project_parameters(recipe.sets) if (config.track or recipe.track) == "mlflow" else {}
     for step in chosen:  # the stages' settings checks too, before any step runs (hours of extraction)
         try:
             runner.check(step)
         except TLError as exc:
             raise ConfigError(f"recipe {recipe.path}: {step.label}: "
-                              f"{_in_recipe_terms(exc, step, stages[step.stage])}") from None
+                              f"{_in_recipe_terms(exc, step, stages[step.stage], recipe, project)}") from None
     tracker = open_tracker(config.track or recipe.track, recipe)
-    project = project_parameters(recipe.sets) if (config.track or recipe.track) == "mlflow" else {}
     result = RunResult()
     for note in notes:
         say(f"note: {note}")
