@@ -26,16 +26,6 @@ class NoTracking(contextlib.nullcontext):
     def stage(self, step, record: dict, skipped: bool) -> None:
         """Nothing is logged without --track (so nothing for the record: see MlflowTracking.stage)."""
 
-    def _holds(self, run_id: str) -> bool:
-        """Whether the run that took a step's files still keeps them: a deleted run's go with `mlflow gc`,
-        and a run gone from the store (gc'd, or another store at the same URI) has none."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
-        except MlflowException:  # no such run
-            return False
-
     def stopped(self, step, record: dict, error: BaseException) -> None:
         """Nothing is logged without --track."""
 
