@@ -6,6 +6,7 @@ preprocessing, and labels it knows; anything else is refused with the difference
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,11 +164,29 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
                         "backbone": backbone.name, "unreadable": len(skipped), "skipped": skipped,
                         "warnings": list(source.warnings)  # a damaged tar, an empty class folder, ...
                         + ([] if metadata["codes_key"]["patches"] else unused_exponent(config.exponent,
-                                                                                       f"model {config.model}"))}
+                                                                                       f"model {config.model}"))
+                        + _training_images(config, metadata["settings"])}
     files = write_report(config.out, report, targets, scores, metadata["history"] or None)
     if config.save_predictions is not None:
         files.append(write_predictions(config.save_predictions, ids, targets, scores, names, ignore))
     return EvaluateResult(Path(config.out), report, files, skipped)
+
+
+def _training_images(config: EvaluateConfig, trained: dict) -> list[str]:
+    """The warning for --data that names the images the model was finetuned on (its file records their
+    folder, format and split): a score on them is not a test."""
+    def images(data, format, split):
+        folder = Path(data) / str(split)  # an image folder's split is a sub-folder when there is one
+        if format == DEFAULT_FORMAT:
+            return os.path.realpath(folder if folder.is_dir() else data), None
+        return os.path.realpath(data), str(split)
+
+    if trained.get("data") is None or images(config.data, config.format, config.split) != images(
+            trained["data"], trained.get("format", DEFAULT_FORMAT), trained.get("split", "train")) \
+            or config.format != trained.get("format", DEFAULT_FORMAT):
+        return []
+    return [f"data {config.data} holds the images model {config.model} was finetuned on: these are training "
+            "numbers, not a test; evaluate images held out of training"]
 
 
 def _pooled_report(patch_scores: np.ndarray, patch_targets: np.ndarray, image_ids: np.ndarray,

@@ -176,11 +176,19 @@ def test_evaluate_and_predict_with_a_model(alexnet_head, tmp_path, monkeypatch):
     evaluated = run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", data=alexnet_head / "val",
                                             out=tmp_path / "r"))
     assert evaluated.report["rows"] == 4 and 0 <= evaluated.report["accuracy"] <= 1
+    assert not evaluated.report["source"]["warnings"]
+    # the images it was finetuned on, named as the model file records them or otherwise: not a test
+    for data, split in ((alexnet_head / "train", "test"), (alexnet_head / "train" / ".." / "train", "train")):
+        trained = run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", data=data, split=split,
+                                              out=tmp_path / "t"))
+        assert trained.report["source"]["warnings"] == [
+            f"data {data} holds the images model {tmp_path / 'm.pt'} was finetuned on: these are training numbers, "
+            "not a test; evaluate images held out of training"]
     assert (tmp_path / "r" / "training_curve.png").is_file() and (tmp_path / "r" / "confusion_matrix.png").is_file()
     predicted = list(run_predict(PredictConfig(head=None, model=tmp_path / "m.pt", top_k=1,
                                                paths=(alexnet_head / "val",))))
     assert len(predicted) == 4 and all(len(p.labels) == 1 and not p.error for p in predicted), predicted
-    assert [type(model).__name__ for model in folded] == ["FinetuneModel", "FinetuneModel"]
+    assert [type(model).__name__ for model in folded] == ["FinetuneModel"] * 4
     both = PredictConfig(head=alexnet_head / "head.pt", model=tmp_path / "m.pt", paths=(alexnet_head / "val",))
     with pytest.raises(HeadError, match="either --head H or --model M"):
         list(run_predict(both))
