@@ -183,9 +183,6 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
             if earlier is not None and not (config.overwrite or first_epoch_again):
                 raise CheckpointOccupied(earlier, "holds an earlier run",
                                          "pass --resume to continue it or --overwrite to start over")
-            if current.is_main:  # starting over: a later --resume (tl run's, after a stop) would take up an
-                for path in (last_path, best_path):  # earlier run's checkpoint, and the summary name it, as this one's
-                    path.unlink(missing_ok=True)
         with reused_memory(device):
             return _run_finetune(config, say, warn)
     finally:
@@ -239,6 +236,12 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
     history: list[dict] = []
     best: tuple[float, int | None] = (math.inf, None)
     start_epoch, resumed_from = 0, None
+    if not config.resume and current.is_main:
+        # starting over: a later --resume (tl run's, after a stop) would take up an earlier run's checkpoint,
+        # and the summary name it, as this one's. Removed only here, once every refusal that needs the head,
+        # the images or the model has passed: a start refused (--unfreeze 99) keeps the earlier run resumable
+        for path in (last_path, best_path):
+            path.unlink(missing_ok=True)
     if config.resume:
         state = load_checkpoint(last_path, identity)
         model.load_state_dict(state["model"])

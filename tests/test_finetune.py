@@ -264,6 +264,22 @@ def test_starting_over_leaves_no_earlier_checkpoint_to_resume_or_name(run_tl, al
     assert resumed.resumed_from is None and said[0].startswith(f"no checkpoint {last} yet"), said
 
 
+def test_a_start_over_that_is_refused_keeps_the_earlier_runs_checkpoints(run_tl, alexnet_head, tmp_path):
+    """--overwrite removed the earlier run's checkpoints before the head, images and model were checked: a
+    refused start (an --unfreeze past the backbone's conv layers; under tl run, a mistyped --set) lost the
+    earlier run's epochs, which --resume would have continued."""
+    out = tmp_path / "m.pt"
+    last, best = checkpoint_paths(out)
+    earlier = run_tl(*finetune_args(alexnet_head, out, "--epochs", "1", "--val-data", alexnet_head / "val"))
+    assert earlier.code == 0 and last.exists() and best.exists(), earlier
+    refused = run_tl(*finetune_args(alexnet_head, out, "--epochs", "2", "--unfreeze", "99", "--overwrite"))
+    assert refused.code == 2 and "--unfreeze 99 is more than" in refused.err, refused
+    assert last.exists() and best.exists()
+    resumed = run_finetune(finetune_config(alexnet_head, out, epochs=2, val_data=alexnet_head / "val", resume=True),
+                           say=lambda text: None)
+    assert resumed.resumed_from == 1 and len(resumed.history) == 2, resumed
+
+
 def test_an_epoch_is_said_once_its_checkpoint_is_written(alexnet_head, tmp_path):
     """A stop right after the "epoch N" line kept only epoch N - 1: the line came before the checkpoint."""
     out = tmp_path / "m.pt"
