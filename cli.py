@@ -900,7 +900,7 @@ class ClickStages:
         elif step.stage == "finetune":
             from pipeline.finetune import check_config
 
-            check_config(_finetune_config(**step.params))
+            check_config(_finetune_config(**step.params), inputs=False)  # recipe.check: made, or on disk
 
     def execute(self, step, extra: dict):
         defaults = {**step.defaults, **extra, **({"quiet": True} if self.quiet else {})}

@@ -115,8 +115,9 @@ def _optimizer(model: FinetuneModel, config: FinetuneConfig):
     return optimizer, schedule
 
 
-def check_config(config: FinetuneConfig) -> None:
-    """The refusals that need no images or head, before any work; tl run makes them before any step."""
+def check_config(config: FinetuneConfig, inputs: bool = True) -> None:
+    """The refusals that need no images or head, before any work; tl run makes them before any step, with
+    `inputs` False: its recipe check knows the paths an earlier step makes (data that extract downloads)."""
     if config.epochs < 0 or config.batch_size < 1 or config.patience < 1:
         raise FinetuneError("--epochs must be 0 or more, --batch-size and --patience at least 1")
     check_rates(config.lr, config.momentum, config.weight_decay, FinetuneError)
@@ -124,7 +125,8 @@ def check_config(config: FinetuneConfig) -> None:
         raise FinetuneError(f"--backbone-lr-scale must be a finite number 0 or more, got {config.backbone_lr_scale}")
     check_schedule(config.lr_steps, config.lr_factors, FinetuneError)
     default_workers(config.workers)  # refuses a negative --workers before any work
-    if config.val_data is not None and "{" not in str(config.val_data) and not Path(config.val_data).exists():
+    if inputs and config.val_data is not None and "{" not in str(config.val_data) \
+            and not Path(config.val_data).exists():
         raise FinetuneError(f"--val-data {config.val_data} does not exist; pass the validation images as --data "
                             "takes the training ones")  # (a tar brace pattern names no one path)
     if config.val_data is not None and config.val_fraction is not None:

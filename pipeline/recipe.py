@@ -254,7 +254,7 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
     _refuse_early_stop_unwatched(path, chosen)
     for step in chosen:  # what the stage itself checks only once the steps before it have run (hours of extraction)
         try:
-            _check_values(step, steps)
+            _check_values(step, steps, chosen)
         except TLError as exc:
             raise ConfigError(f"recipe {path}: {step.label}: {exc}") from None
     notes = []
@@ -289,12 +289,12 @@ def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple
     return os.path.realpath(given), split
 
 
-def _check_values(step: Step, steps: list[Step]) -> None:
+def _check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
     """An extract step's layers against its backbone (-P backbone=... with the recipe's layers) and its
     patch settings (a scale twice, an overlap or background share out of range, patches without
-    --multiscale); a fit-head step's layer against those the extract step making its cache writes; an
-    evaluate step's pooling exponent. The stages' own checks, run before any step (tl run makes
-    fit-head's and finetune's settings checks through the runner: see StageRunner.check)."""
+    --multiscale); a fit-head step's layer against those the extract step making its cache writes, when
+    that step runs; an evaluate step's pooling exponent. The stages' own checks, run before any step (tl
+    run makes fit-head's and finetune's settings checks through the runner: see StageRunner.check)."""
     from pipeline.backbones import get_backbone  # the registries, only when a recipe is checked
 
     params = step.params
@@ -309,7 +309,7 @@ def _check_values(step: Step, steps: list[Step]) -> None:
             backbone, params.get("format_") or DEFAULT_FORMAT)
     elif step.stage == "fit-head" and params.get("layer"):
         maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), step.path("cache"))), None)
-        if maker is not None:
+        if maker is not None and maker in chosen:  # else the cache on disk is read (--only fit-head): the stage checks it
             backbone = get_backbone(maker.params["backbone"])
             written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
             if params["layer"] not in written:

@@ -621,3 +621,60 @@ def test_a_remedy_names_the_key_where_the_recipe_gives_it(run_tl, code_caches, m
     assert missing.code == 2 and missing.err.endswith(
         "fetch it with tl extract --download (in a recipe: --download is --set extract.download=true)\n"), missing
     assert "--set extract.download=true" in gtsrb.read_text()
+
+
+def test_a_fit_head_layer_is_checked_against_the_extract_step_only_when_that_step_runs(run_tl, tmp_path,
+                                                                                        monkeypatch):
+    """With --only fit-head the cache on disk is read, not the one the recipe's extract step would write:
+    a cache extracted with `--set layers=[pool5,fc6]` was refused for its fc6 although it holds it."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=3, size=(32, 32))
+    recipe = _recipe(tmp_path, """\
+        data: images
+        format: imagefolder
+        backbone: alexnet
+        weights: none
+        layers: [pool5]
+        quiet: true
+        extract: {out: caches/train}
+        fit-head: {cache: caches/train, out: h.pt, val_fraction: 0}
+        """)
+    both = run_tl("run", recipe, "--set", "layers=[pool5,fc6]", "--only", "extract")
+    assert both.code == 0, both
+    fitted = run_tl("run", recipe, "--only", "fit-head", "--set", "fit-head.layer=fc6")
+    assert fitted.code == 0 and "== fit-head" in fitted.out, fitted
+    # the extract step runs (and would write pool5 alone): refused before any step, as before
+    refused = run_tl("run", recipe, "--set", "fit-head.layer=fc6")
+    assert refused.code == 2 and "layer 'fc6' is not one that extract (train) caches (pool5)" in refused.err, refused
+    assert not refused.out, refused
+
+
+def test_validation_data_an_extract_step_downloads_is_not_refused_before_it_runs(run_tl, tmp_path, monkeypatch):
+    """finetune's settings check refused `val_data` that does not exist yet, although the recipe's extract
+    step downloads it (gtsrb, download: true): the recipe check already knows what steps make."""
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.chdir(tmp_path)
+    recipe = _recipe(tmp_path, """\
+        data: data/gtsrb
+        format: gtsrb
+        backbone: alexnet
+        weights: none
+        layers: [pool5]
+        extract: [{split: train, out: caches/train, download: true}, {split: test, out: caches/test, download: true}]
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {data: data/gtsrb, val_data: data/gtsrb, val_split: test, head: heads/h.pt, out: models/m.pt}
+        """)
+    result = run_tl("run", recipe, "--quiet")  # the first step runs, and its download is what fails offline
+    assert result.code == 2 and "== extract 1/2 (train)" in result.out, result
+    assert "cannot download GTSRB train" in result.err and "--val-data" not in result.err, result
+    # a val_data no step makes is still refused before any step
+    recipe.write_text(recipe.read_text().replace("val_data: data/gtsrb", "val_data: data/nowhere"))
+    missing = run_tl("run", recipe, "--quiet")
+    assert missing.code == 2 and "finetune val_data data/nowhere does not exist" in missing.err, missing
+    assert not missing.out, missing
