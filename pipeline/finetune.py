@@ -127,8 +127,8 @@ def check_config(config: FinetuneConfig, inputs: bool = True) -> None:
     default_workers(config.workers)  # refuses a negative --workers before any work
     if inputs and config.val_data is not None and "{" not in str(config.val_data) \
             and not Path(config.val_data).exists():
-        raise FinetuneError(f"--val-data {config.val_data} does not exist; pass the validation images as --data "
-                            "takes the training ones")  # (a tar brace pattern names no one path)
+        raise FinetuneError(f"--val-data {config.val_data} does not exist; pass --val-data images laid out as the "
+                            "training images are")  # (a tar brace pattern names no one path)
     if config.val_data is not None and config.val_fraction is not None:
         raise FinetuneError("--val-data and --val-fraction both name validation images; pass one of them "
                             "(--val-fraction 0 holds out none)")

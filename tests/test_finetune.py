@@ -301,6 +301,8 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
         return result.err
 
     assert "--unfreeze 9 is more than the 5 conv layers" in refused("--unfreeze", "9")
+    assert refused("--val-data", tmp_path / "nowhere") == (f"error: --val-data {tmp_path / 'nowhere'} does not exist; "
+                                                           "pass --val-data images laid out as the training images are\n")
     # missing data is found before the model is built: no "training N parameters" line ahead of the error
     nowhere = run_tl("finetune", "--data", tmp_path / "nowhere", "--format", "cifar10", "--head",
                      alexnet_head / "head.pt", "--out", tmp_path / "n.pt")
