@@ -14,7 +14,7 @@ from cache.reader import CacheReader
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_score
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
-from pipeline.errors import HeadError, listed
+from pipeline.errors import HeadError, TLError, listed
 from pipeline.files import check_folders, same_file
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.linear_fits import cost_grid
@@ -99,7 +99,7 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
     check_folders(Path(config.out), "head file")
     check_validation(config.cache, config.val_cache, config.val_fraction)
     reader = CacheReader(config.cache)
-    layer = config.layer or _only_layer(reader)
+    layer = cached_layer(reader, config.layer) if config.layer else _only_layer(reader)
     rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed, config.block_rows)
     head = HEAD_KINDS[config.head].from_config(config)
     head.fit(rows, val_codes=val)
@@ -195,6 +195,21 @@ def save_fitted(head, out: Path, reader: CacheReader, layer: str, train_rows: in
     save_head(head, out, {"classes": reader.classes, "layer": layer, "width": reader.taps[layer],
                           "codes_key": codes_key(reader.manifest), "cache": str(reader.root), "train_rows": train_rows,
                           "cache_content": reader.manifest.content})
+
+
+def cached_layer(reader: CacheReader, name: str) -> str:
+    """The cached layer `name` means: itself, or the layer it is an alias of for the cache's backbone
+    (relu6 is alexnet's and vgg16's fc6), as extract's --layers takes it; unknown names pass through, for
+    the reader to say what the cache holds."""
+    if name in reader.taps:
+        return name
+    from pipeline.backbones import get_backbone
+
+    try:
+        canonical = get_backbone(reader.manifest.key["backbone"]).aliases.get(name, name)
+    except TLError:  # a backbone this tl does not know: the name as given
+        return name
+    return canonical if canonical in reader.taps else name
 
 
 def _only_layer(reader) -> str:

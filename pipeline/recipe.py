@@ -312,7 +312,7 @@ def _check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
         if maker is not None and maker in chosen:  # else the cache on disk is read (--only fit-head): the stage checks it
             backbone = get_backbone(maker.params["backbone"])
             written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
-            if params["layer"] not in written:
+            if backbone.aliases.get(params["layer"], params["layer"]) not in written:
                 raise ConfigError(f"layer '{params['layer']}' is not one that {maker.label} caches "
                                   f"({', '.join(written)}); set the layer to one of them, or add it to its layers")
     elif step.stage == "evaluate" and params.get("exponent") is not None:

@@ -23,7 +23,7 @@ from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
 from pipeline.files import OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
-from pipeline.fit_head import FitHeadConfig, check_counts, check_validation, save_fitted, training_rows
+from pipeline.fit_head import FitHeadConfig, cached_layer, check_counts, check_validation, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS
 from pipeline.training import TrainingOptions, train_networks
 
@@ -143,7 +143,7 @@ def _head_config(config: SweepConfig, setting: Setting) -> FitHeadConfig:
 def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
     started = time.perf_counter()
     reader = CacheReader(config.cache)
-    layers = list(config.layers) or list(reader.taps)
+    layers = [cached_layer(reader, layer) for layer in config.layers] or list(reader.taps)
     missing = [layer for layer in layers if layer not in reader.taps]
     if missing:
         raise HeadError(f"cache {config.cache} has no layer {', '.join(missing)}; its layers: {', '.join(reader.taps)}")

@@ -251,6 +251,22 @@ def test_fit_head_on_a_cache_with_nan_names_the_shard(tmp_path):
     assert not (tmp_path / "h.pt").exists()
 
 
+def test_a_layer_named_by_its_alias_is_the_cached_layer(tmp_path):
+    """extract --layers relu6 caches alexnet's fc6 as fc6; fit-head --layer relu6 and sweep --layers relu6
+    then said the cache had no layer relu6 (the flowers recipe's name for it)."""
+    from pipeline.sweep import SweepConfig, run_sweep
+
+    codes, targets = blobs(13, n=90, classes=3)
+    write_code_cache(tmp_path / "c", codes, targets, ["a", "b", "c"], layer="fc6", backbone="alexnet")
+    result = fit_head(FitHeadConfig(cache=tmp_path / "c", layer="relu6", out=tmp_path / "h.pt"))
+    assert result.layer == "fc6" and load_head(tmp_path / "h.pt")[1]["layer"] == "fc6"
+    swept = run_sweep(SweepConfig(cache=tmp_path / "c", layers=("relu6",), heads=("logreg",), C=(1.0,),
+                                  out=tmp_path / "s"))
+    assert len(swept.rows) == 1 and "fc6" in swept.rows[0]["name"], swept.rows
+    with pytest.raises(TLError, match="has no layer 'relu7'; it has: fc6"):  # the name as typed
+        fit_head(FitHeadConfig(cache=tmp_path / "c", layer="relu7", out=tmp_path / "h.pt"))
+
+
 def test_a_class_without_training_rows_is_refused(tmp_path):
     codes, targets = blobs(12, n=100, classes=3)
     write_code_cache(tmp_path / "c", codes, targets, ["a", "b", "c", "unused"])
