@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 
 import torch
 from torch.utils.data import DataLoader
@@ -200,30 +201,34 @@ class WorkerLoader(DataLoader):
                 batch = next(batches)
             except StopIteration:
                 return
-            except RuntimeError as exc:
-                error = lost_worker(exc)
+            except RuntimeError as exc:  # the workers' exit codes name a signal torch's words may not
+                error = lost_worker(exc, [worker.exitcode for worker in getattr(batches, "_workers", [])])
                 if error is None:
                     raise
                 raise error from None
             yield batch
 
 
-def lost_worker(exc: BaseException) -> BaseException | None:
+def lost_worker(exc: BaseException, exit_codes=()) -> BaseException | None:
     """What a decoding worker's death is, to raise instead of torch's RuntimeError (which its SIGCHLD
     handler raises wherever the main process is): a worker that SIGTERM or Ctrl-C took down (torchrun
     signals a rank's workers too) is that stop; one killed otherwise (the out-of-memory killer's
     SIGKILL, a crash), timed out, or unable to hand over its batch, or a lost pin-memory thread, is a
-    one-line TLError; None: another error (one a worker caught and torch re-raised: "Caught ...")."""
+    one-line TLError; None: another error (one a worker caught and torch re-raised: "Caught ..."). torch
+    says "exited unexpectedly" when it notices the death before its SIGCHLD handler runs: the workers'
+    `exit_codes` (negative: the signal) then say how."""
     text = str(exc)
     if not isinstance(exc, RuntimeError) or text.startswith("Caught ") or not (
             text.startswith(("DataLoader timed out", "Pin memory thread exited unexpectedly"))
             or ("DataLoader worker" in text and ("exited unexpectedly" in text or "is killed by signal" in text))):
         return None  # (torch's other subprocesses, a compile worker say, are not decoding workers)
     killed = re.search(r"is killed by signal: ([^.]+)", text)
-    if killed and killed[1] in ("Terminated", "Interrupt"):
+    name = killed[1] if killed else next((signal.strsignal(-code) for code in exit_codes
+                                          if code is not None and code < 0), None)  # as torch words it: strsignal
+    if name in ("Terminated", "Interrupt"):
         stops.STOPPING.set()
-        return stops.Terminated() if killed[1] == "Terminated" else KeyboardInterrupt()
-    how = f"was killed by signal {killed[1]}" if killed else "died or could not hand over its batch"
+        return stops.Terminated() if name == "Terminated" else KeyboardInterrupt()
+    how = f"was killed by signal {name}" if name else "died or could not hand over its batch"
     return TLError(f"a decoding worker {how} (shared memory in /dev/shm full, a file-size limit, out of memory, "
                    "or a crash); free space or memory, or pass --workers 0 to decode in this process, and re-run the "
                    "same command")

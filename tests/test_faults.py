@@ -291,6 +291,10 @@ def test_what_a_lost_worker_is_follows_torchs_words():
     for text in ("DataLoader worker (pid(s) 12, 13) exited unexpectedly", "Pin memory thread exited unexpectedly",
                  "DataLoader timed out after 600 seconds"):
         assert str(lost_worker(RuntimeError(text))).startswith("a decoding worker died or could not hand over"), text
+    # torch noticed the death before its SIGCHLD handler ran: the workers' exit codes name the signal
+    noticed = RuntimeError("DataLoader worker (pid(s) 12) exited unexpectedly")
+    assert str(lost_worker(noticed, [None, -signal.SIGKILL])).startswith("a decoding worker was killed by signal Killed (")
+    assert str(lost_worker(noticed, [None, 1])).startswith("a decoding worker died or could not hand over")
     stopping = stops.STOPPING
     try:
         stops.STOPPING = __import__("threading").Event()
@@ -298,6 +302,7 @@ def test_what_a_lost_worker_is_follows_torchs_words():
                           stops.Terminated) and stops.STOPPING.is_set()
         assert isinstance(lost_worker(RuntimeError("DataLoader worker (pid 9) is killed by signal: Interrupt. ")),
                           KeyboardInterrupt)
+        assert isinstance(lost_worker(noticed, [-signal.SIGTERM]), stops.Terminated)
     finally:
         stops.STOPPING = stopping
     for text in ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback: ... timed out",
