@@ -26,7 +26,9 @@ from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_t
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
-from pipeline.image_sets import Augmentation, SeededItems, batch_loader, epoch_batches, image_set, score_images
+from pipeline.image_sets import (Augmentation, SeededItems, batch_loader, epoch_batches, image_set, pooled_image_map,
+                                 score_images)
+from pipeline.multiscale import PatchSamples
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, freeze, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
 from pipeline.progress import progress
@@ -304,7 +306,8 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         if val_dataset is not None:
             if current.is_main:
                 try:
-                    point.update(_validate(model, val_dataset, val_targets, config, device, precision))
+                    point.update(_validate(model, val_dataset, val_targets, config, device, precision,
+                                           head_metadata["classes"]))
                 except FinetuneError as exc:  # every rank stops with rank 0's reason, none waits for it
                     point["error"] = str(exc)
             point = distributed.broadcast(current, point)
@@ -329,7 +332,7 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         if config.early_stop and best[1] is not None and best_path.is_file():
             model.load_state_dict(load_checkpoint(best_path, identity)["model"])
         if val_dataset is not None:
-            val = _validate(model, val_dataset, val_targets, config, device, precision)
+            val = _validate(model, val_dataset, val_targets, config, device, precision, head_metadata["classes"])
         save_model(config.out, model, head_metadata, trainable, history, asdict(config))
     distributed.barrier(current, "model written")
     distributed.stop(current)
@@ -370,8 +373,9 @@ def _check_loss(loss: torch.Tensor, mine: int, current: distributed.World, epoch
     return mine * current.size / images if images else 0.0
 
 
-def _validate(model, dataset, targets, config, device, precision) -> dict:
-    """Validation loss and accuracy (or mAP) over the readable images; the others counted, not scored."""
+def _validate(model, dataset, targets, config, device, precision, classes: list[str]) -> dict:
+    """Validation loss and accuracy (or mAP) over the readable images (a multiscale head's: over single
+    patches, and the mAP of images pooled from them); the others counted, not scored."""
     probabilities = score_images(model, dataset, config.batch_size, config.workers, device,
                                   multilabel=targets.ndim == 2, precision=precision, quiet=config.quiet,
                                   desc="validate")
@@ -388,7 +392,9 @@ def _validate(model, dataset, targets, config, device, precision) -> dict:
         loss = nn.functional.nll_loss(torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None))),
                                       logits_targets).item()
     metric = "val_map" if targets.ndim == 2 else "val_accuracy"
-    return {"val_loss": loss, metric: validation_score(targets, probabilities), **skipped}
+    pooled = {"val_image_map": pooled_image_map(probabilities, dataset, np.flatnonzero(readable), classes)} \
+        if isinstance(dataset, PatchSamples) else {}
+    return {"val_loss": loss, metric: validation_score(targets, probabilities), **pooled, **skipped}
 
 
 def _identity(config: FinetuneConfig, head_metadata: dict, source) -> dict:

@@ -16,12 +16,13 @@ from cache.manifest import decode_of
 from pipeline import distributed
 from pipeline.allocator import reused_memory
 from pipeline.backbones import Backbone
-from pipeline.compatibility import head_targets
+from pipeline.compatibility import head_ignore, head_targets
 from pipeline.datasets import DECODE_ERRORS, Source
 from pipeline.decoding import NormalizedCrop
 from pipeline.errors import FinetuneError
 from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_device
-from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings
+from pipeline.metrics import mean_ap, per_class_ap
+from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings, pool_image_scores
 from pipeline.progress import progress
 from pipeline.training import output_activation
 
@@ -157,3 +158,16 @@ def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None
                 logits = model(to_device(pixels, device)).float()
             probabilities[indices] = activation(logits).double().cpu().numpy()
     return probabilities
+
+
+def pooled_image_map(patch_scores: np.ndarray, dataset: PatchSamples, rows: np.ndarray, head_classes: list[str]) -> float:
+    """The VOC07 mAP of the images whose patches `rows` of `dataset` are (scored `patch_scores`), each image
+    scored by pooling its patches (sum of P ** k, the default exponent) as tl evaluate scores it, with VOC's
+    difficult-only classes left out: a multiscale finetune's validation on the measure its recipe reports."""
+    images, pooled = pool_image_scores(patch_scores, dataset.images[rows])
+    names, source = head_classes[1:], dataset.source  # the head's object classes (column 0: background)
+    targets = head_targets(np.array([source.samples[i].target for i in images]), source.classes, names,
+                           "the validation images", "the head")
+    ignore = head_ignore(np.array([source.columns(i)["ignore"] for i in images]), source.classes, names)
+    return mean_ap(per_class_ap(targets, pooled, "voc07", ignore))
+

@@ -353,13 +353,19 @@ def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(tmp_pat
     cache = CacheReader(tmp_path / "c")
     np.testing.assert_array_equal(targets, cache.load_column("target"))  # same patches, labels and thinning
     np.testing.assert_allclose(dataset.boxes, cache.load_column("box"), atol=1e-4)
-    run_finetune(FinetuneConfig(data=base, head=tmp_path / "h.pt", out=tmp_path / "m.pt", format="voc",
-                                split="trainval", classes="auto", unfreeze=1, epochs=1, lr=1e-4,
-                                background_fraction=0.3, batch_size=8, quiet=True), say=lambda text: None)
+    said = []
+    result = run_finetune(FinetuneConfig(data=base, head=tmp_path / "h.pt", out=tmp_path / "m.pt", format="voc",
+                                         split="trainval", classes="auto", unfreeze=1, epochs=1, lr=1e-4,
+                                         background_fraction=0.3, batch_size=8, val_data=base, val_split="test",
+                                         quiet=True), say=said.append)
     report = run_evaluate(EvaluateConfig(head=None, cache=None, model=tmp_path / "m.pt", format="voc", data=base,
                                          split="test", classes="auto", out=tmp_path / "r")).report
     assert "patches pooled into images" in dict(headline(report))
     assert report["pooling"]["images"] == 4 and report["pooling"]["patches"] == 4 * 8
+    # validation scores the images as evaluate does (pooled patches, VOC07 AP): the measure the recipe reports
+    assert result.val["val_image_map"] == pytest.approx(report["mAP"], abs=1e-12)
+    assert result.history[0]["val_image_map"] == pytest.approx(report["mAP"], abs=1e-12)
+    assert any(line.startswith("epoch 1:") and "val_image_map" in line for line in said), said
 
 
 def test_epochs_zero_with_resume_only_evaluates_the_checkpoint(alexnet_head, tmp_path):
