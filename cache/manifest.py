@@ -416,5 +416,5 @@ def _record_problem(record, manifest: Manifest) -> str:
 def save_manifest(root: Path, manifest: Manifest) -> None:
     """Replace manifest.json (the header; the shard records are appended by `append_record`)."""
     manifest.updated = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    # allow_nan=False: Infinity and NaN are not JSON; settings that produce them are refused earlier
-    write_bytes(Path(root) / MANIFEST, json.dumps(manifest.header(), indent=1, allow_nan=False).encode(), "manifest")
+    header = json.dumps(manifest.header(), indent=1, allow_nan=False).encode()  # no NaN: such settings are refused
+    write_bytes(Path(root) / MANIFEST, header, "manifest", follow=False)  # a link planted there is replaced

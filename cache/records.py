@@ -6,6 +6,7 @@ the cache; and the content digest a complete cache's manifest carries.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ def append_record(root: Path, entry: ShardEntry, skipped: list[dict], name: str 
     line = _record_line(entry, skipped)
     try:
         created = not path.exists()
-        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             written = os.write(handle, line)
             if written != len(line):
@@ -44,6 +45,9 @@ def append_record(root: Path, entry: ShardEntry, skipped: list[dict], name: str 
             finally:
                 os.close(folder)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link planted where the records go: never appended through
+            raise CacheError(f"{path} is a symbolic link, not tl's shard records; remove it and re-run the same "
+                             "command") from None
         if exc.errno in FULL:
             raise DiskFullError(f"no space left on the device of {path}") from None
         raise CacheError(f"cannot write shard record {path}: {exc.strerror or exc}; choose another --out") from None
@@ -52,7 +56,7 @@ def append_record(root: Path, entry: ShardEntry, skipped: list[dict], name: str 
 def write_records(root: Path, shards: list[ShardEntry], skipped: dict[int, list[dict]]) -> None:
     """Replace shards.jsonl with one record per given shard (when a run opens a cache and drops shards)."""
     data = b"".join(_record_line(entry, skipped.get(entry.index, [])) for entry in shards)
-    write_bytes(Path(root) / RECORDS, data, "shard records")
+    write_bytes(Path(root) / RECORDS, data, "shard records", follow=False)
 
 
 def content_digest(shards: list[ShardEntry]) -> str:

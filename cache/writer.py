@@ -302,7 +302,7 @@ class CacheWriter:
                            planned.samples, planned.inputs)
         try:
             # no sweep of the folder for stale temporaries per shard: opening the cache removed them
-            write_bytes(self.root / name, data, "shard", sweep=False)
+            write_bytes(self.root / name, data, "shard", sweep=False, follow=False)
             self._record(entry, skipped)
         except DiskFullError:
             kept = len(self._entries) - (index in self._entries)

@@ -71,13 +71,15 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path
     return removed
 
 
-def _prepared(path: Path, what: str, sweep: bool) -> Path:
-    """The file to replace (a symlink's target: the link is kept), its folders made and, with `sweep`, the
-    stale temporaries of dead runs beside it cleared."""
+def _prepared(path: Path, what: str, sweep: bool, follow: bool = True) -> Path:
+    """The file to replace (with `follow`, a symlink's target: the link is kept), its folders made and, with
+    `sweep`, the stale temporaries of dead runs beside it cleared. `follow=False` is for the files tl names
+    itself inside an output folder (shards, manifests, records, reports): a link planted there is replaced,
+    never written through, so a folder handed over cannot send a write outside it."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (follow or not path.is_symlink()):
         raise TLError(f"{path} is a folder; name a {what} inside it")
-    if path.is_symlink():  # write the file the link names, and keep the link
+    if path.is_symlink() and follow:  # a path the user named: write the file the link names, and keep the link
         path = Path(os.path.realpath(path))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,17 +106,17 @@ def _write_error(exc: OSError, path: Path, what: str) -> TLError:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, what: str = "file", sweep: bool = True) -> Iterator[Path]:
+def atomic_write(path: Path, what: str = "file", sweep: bool = True, follow: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success it is fsynced and renamed to `path` in one step, so
     a reader sees the old file or the new one. On any failure (a full disk, Ctrl-C, an error) the
     temporary is removed and `path` is untouched. Stale temporaries of dead runs are cleared first.
     OSErrors become one-line TLErrors naming `what` was being written. Writers that could fail in a
     library with an opaque error (HDF5, torch.save) serialise to memory first and write bytes here.
     `sweep=False` skips the look for stale temporaries (a listing of the folder), for writers of many
-    files in one folder that cleared it once already (cache shards)."""
+    files in one folder that cleared it once already (cache shards). `follow=False`: see _prepared."""
     temporary = path
     try:
-        path = _prepared(path, what, sweep)
+        path = _prepared(path, what, sweep, follow)
         temporary = temporary_name(path)
         yield temporary
         with open(temporary, "rb+") as handle:
@@ -142,12 +144,12 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
-def write_bytes(path: Path, data: bytes, what: str = "file", sweep: bool = True) -> None:
+def write_bytes(path: Path, data: bytes, what: str = "file", sweep: bool = True, follow: bool = True) -> None:
     """`data` as the whole content of `path`, atomically (see atomic_write)."""
-    write_together([(path, data, what)], sweep)
+    write_together([(path, data, what)], sweep, follow)
 
 
-def write_together(files: list[tuple[Path, bytes, str]], sweep: bool = True) -> None:
+def write_together(files: list[tuple[Path, bytes, str]], sweep: bool = True, follow: bool = True) -> None:
     """Files that belong together (an export and its contract), each (path, data, what): every one is
     written and fsynced beside its path before the first replaces its path, so a full disk or an error
     while writing keeps all the earlier files; only the renames, back to back, are left to fail between."""
@@ -155,7 +157,7 @@ def write_together(files: list[tuple[Path, bytes, str]], sweep: bool = True) -> 
     path, what = Path(files[0][0]), files[0][2]
     try:
         for path, data, what in files:
-            path = _prepared(path, what, sweep)
+            path = _prepared(path, what, sweep, follow)
             written.append((temporary_name(path), path))
             with open(written[-1][0], "wb") as handle:
                 handle.write(data)

@@ -189,12 +189,12 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
             CodeRows.from_cache(reader, layer, val_rows, block_rows, all_targets))
 
 
-def save_fitted(head, out: Path, reader: CacheReader, layer: str, train_rows: int) -> None:
+def save_fitted(head, out: Path, reader: CacheReader, layer: str, train_rows: int, follow: bool = True) -> None:
     """The head file with what later stages check: classes, layer, width, the cache's codes key, and the
     digest of its codes (evaluate tells a score on the training codes from a test)."""
     save_head(head, out, {"classes": reader.classes, "layer": layer, "width": reader.taps[layer],
                           "codes_key": codes_key(reader.manifest), "cache": str(reader.root), "train_rows": train_rows,
-                          "cache_content": reader.manifest.content})
+                          "cache_content": reader.manifest.content}, follow=follow)
 
 
 def cached_layer(reader: CacheReader, name: str) -> str:

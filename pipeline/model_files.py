@@ -73,7 +73,7 @@ def standard_layout(value):
     return value
 
 
-def write_payload(payload: dict, path: Path, what: str) -> None:
+def write_payload(payload: dict, path: Path, what: str, follow: bool = True) -> None:
     """A tl file (head, model, checkpoint) written atomically with its content checksum; a full disk
     or a folder as `path` is one line, and no temporary file stays behind."""
     buffer = io.BytesIO()
@@ -81,7 +81,7 @@ def write_payload(payload: dict, path: Path, what: str) -> None:
     # serialised in memory, written with plain file I/O: torch.save reports a full disk as an opaque
     # RuntimeError ("unexpected pos"), a plain write as ENOSPC/EFBIG
     torch.save({**payload, CHECKSUM: payload_digest(payload)}, buffer)
-    write_bytes(path, buffer.getbuffer(), what)
+    write_bytes(path, buffer.getbuffer(), what, follow=follow)
 
 
 def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tuple[str, ...] = (),
@@ -114,12 +114,12 @@ def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tupl
 # ---------------------------------------------------------------- head files
 
 
-def save_head(head: Head, path: Path, metadata: dict) -> None:
+def save_head(head: Head, path: Path, metadata: dict, follow: bool = True) -> None:
     """One file: the head's tensors and a JSON string (classes, layer, cache key, hyperparameters...)."""
     document = {"format": HEAD_FORMAT, "kind": head.kind, "tl_version": __version__,
                 "hyperparameters": head.hyperparameters(), "state": head.state(), **metadata}
     write_payload({"metadata": json.dumps(document, allow_nan=False), "tensors": head.tensors()}, Path(path),
-                  "head file")
+                  "head file", follow)
 
 
 def load_head(path: Path):

@@ -57,7 +57,7 @@ def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarra
     if html:
         texts["report.html"] = html_page(report, images)
     contents = {name: _text(text) for name, text in texts.items()}
-    write_together([(out / name, data, "report") for name, data in {**contents, **images}.items()])
+    write_together([(out / name, data, "report") for name, data in {**contents, **images}.items()], follow=False)
     for name in set(REPORT_FILES) - set(contents) - set(images):
         if (out / name).is_file() or (out / name).is_symlink():  # a folder of that name is not a report's
             try:
@@ -386,5 +386,5 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
     axes.legend(fontsize=8)
     files = {"sweep.json": _text(json.dumps(document, indent=1)), "sweep.md": _text("\n".join(lines)),
              "sweep.png": _png(figure)}
-    write_together([(out / name, data, "sweep report") for name, data in files.items()])  # one leaderboard
+    write_together([(out / name, data, "sweep report") for name, data in files.items()], follow=False)  # one leaderboard
     return [out / name for name in files]

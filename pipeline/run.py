@@ -319,7 +319,8 @@ def write_record(out: Path | None, step: Step, digest: str, status: str, summary
 
 def _rewrite(out: Path, record: dict) -> None:
     """The record of the step whose output is `out`, as it is given."""
-    write_bytes(record_path(out), json.dumps(record, indent=1, default=str).encode(), "run record")
+    write_bytes(record_path(out), json.dumps(record, indent=1, default=str).encode(), "run record",
+                follow=False)
 
 
 def settings(step: Step) -> dict:

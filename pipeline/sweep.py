@@ -192,13 +192,13 @@ def _sweep(config: SweepConfig, reader, layers: list[str], settings: list[Settin
             board[0] = _save(out, setting, head, seconds, config, key, reader, rows, val)
             trained += 1
     best = out / "best.pt"
-    write_bytes(best, (out / "heads" / f"{first.name}.pt").read_bytes(), "head file")
+    write_bytes(best, (out / "heads" / f"{first.name}.pt").read_bytes(), "head file", follow=False)
     if config.keep == "best":  # every record stays (a re-run reuses it); the head files of the rest go
         for record in board[1:]:
             head_file = out / "heads" / f"{record['name']}.pt"
             if head_file.exists():
                 write_bytes(out / "heads" / f"{record['name']}.json",
-                            json.dumps({**record, "dropped": True}, indent=1).encode(), "sweep record")
+                            json.dumps({**record, "dropped": True}, indent=1).encode(), "sweep record", follow=False)
                 head_file.unlink()
     from pipeline.report import sweep_report
 
@@ -289,7 +289,7 @@ def _shared(config: SweepConfig) -> dict:
 
 def _save(out: Path, setting: Setting, head, seconds: float, config, key, reader, rows, val) -> dict:
     """The head file, then its record (the record last: a record always has its head)."""
-    save_fitted(head, out / "heads" / f"{setting.name}.pt", reader, setting.layer, len(rows))
+    save_fitted(head, out / "heads" / f"{setting.name}.pt", reader, setting.layer, len(rows), follow=False)
     scored = val if val is not None else rows
     metric, score = _score(head, scored, reader)
     diverged = next((point["epoch"] for point in head.curve_ or [] if point.get("diverged")), None)
@@ -298,7 +298,7 @@ def _save(out: Path, setting: Setting, head, seconds: float, config, key, reader
               "val_score": score, "train_seconds": seconds, "diverged": diverged,
               "epochs": len([p for p in head.curve_ if not p.get("diverged")]) if head.curve_ else None,
               "chosen": head.chosen()}
-    write_bytes(_record_path(out, setting), json.dumps(record, indent=1).encode(), "sweep record")
+    write_bytes(_record_path(out, setting), json.dumps(record, indent=1).encode(), "sweep record", follow=False)
     return record
 
 

@@ -917,3 +917,41 @@ def test_a_head_given_as_a_model_and_an_empty_path_say_what_to_do(run_tl, tmp_pa
     empty = run_tl("evaluate", "--head", head, "--cache", small_head / "cache", "--out", "")
     assert_one_line_error(empty, "Invalid value for '--out': is empty; name a path")
     assert not list(tmp_path.iterdir())
+
+
+def test_links_planted_among_tls_own_files_are_replaced_never_written_through(run_tl, tmp_path, image_folder):
+    """A cache, report or sweep folder handed over with a link where tl writes one of its own files (a shard,
+    shards.jsonl, report.json, a sweep's head) never sends that write outside the folder."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    args = ["--data", image_folder, "--shard-rows", "5", "--workers", "0", *FAST]
+    cache = tmp_path / "c"
+    assert run_tl("extract", "--out", cache, *args).code == 0
+    document = cache_document(cache)  # as a run killed before its last shard left it
+    document["shards"], document["complete"] = document["shards"][:-1], False
+    write_cache_document(cache, document)
+    (cache / "shard-00002.h5").unlink()
+    (cache / "shard-00002.h5").symlink_to(victim)
+    again = run_tl("extract", "--out", cache, *args)
+    assert again.code == 0 and "1 shards new, 2 reused" in again.out, again
+    assert victim.read_text() == "precious" and not (cache / "shard-00002.h5").is_symlink()
+    codes = write_code_cache(tmp_path / "codes", *blobs_of_three(), ["a", "b", "c"])
+    sweep = tmp_path / "sweep"
+    (sweep / "heads").mkdir(parents=True)
+    for name in ("heads/feat-logreg-C1.pt", "heads/feat-logreg-C1.json", "best.pt", "sweep.json"):
+        (sweep / name).symlink_to(victim)
+    assert run_tl("sweep", "--cache", codes, "--C", "1", "--out", sweep, "--quiet").code == 0
+    assert victim.read_text() == "precious"
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").symlink_to(victim)
+    result = run_tl("evaluate", "--head", sweep / "best.pt", "--cache", codes, "--out", report)
+    assert result.code == 0, result
+    assert victim.read_text() == "precious" and json.loads((report / "report.json").read_text())["accuracy"] >= 0
+
+
+def blobs_of_three():
+    from tests.conftest import blobs
+
+    return blobs(n=120, classes=3, width=8)
+
