@@ -30,6 +30,7 @@ FORMAT = "tl-cache/2"  # /2: shard records in shards.jsonl, each with the sample
 LEGACY_FORMAT = "tl-cache/1"  # shards inside manifest.json; still read (fit-head, evaluate, info), never written
 NAME_DIGITS = 5
 _SHARD_FILE = re.compile(r"shard-(\d+)\.h5")
+_LAYER_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]*")  # no path: a sweep names its head files after it
 
 
 def shard_name(index: int, num_shards: int = 0) -> str:
@@ -311,8 +312,7 @@ def _record(number: int, line: bytes, manifest: Manifest, path: Path, last: bool
         if last:
             return None  # torn by a kill while it was appended: the shard file is adopted again
         raise RecordDamage(f"{path} line {number} is not a shard record; {REBUILD}") from None
-    problem = _record_problem(record, manifest)
-    if problem:
+    if problem := _record_problem(record, manifest):
         raise RecordDamage(f"{path} line {number} is damaged ({problem}); {REBUILD}")
     return ShardEntry(**{name: record[name] for name in _SHARD_FIELDS}, inputs=record["inputs"]), record["skipped"]
 
@@ -353,9 +353,9 @@ def _header_problem(manifest: dict, legacy: bool) -> str:
     if not all(isinstance(name, str) for name in manifest["classes"]):
         return "'classes' must be names"
     for name, spec in manifest["taps"].items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("width"), int) or spec.get("dtype") not in (
-                "float16", "float32"):
-            return f"layer '{name}' needs a width and a dtype"
+        if not _LAYER_NAME.fullmatch(name) or not isinstance(spec, dict) or not isinstance(spec.get("width"), int) \
+                or spec.get("dtype") not in ("float16", "float32"):
+            return f"layer {json.dumps(name)} needs a plain name (letters, digits, '_', '.', '-'), a width and a dtype"
     if len(set(manifest["classes"])) != len(manifest["classes"]):
         return "a class name appears twice in 'classes'"
     recorded, patches = (manifest["key"].get("dataset") or {}).get("classes"), manifest["key"].get("patches")

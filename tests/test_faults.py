@@ -955,3 +955,14 @@ def blobs_of_three():
 
     return blobs(n=120, classes=3, width=8)
 
+
+def test_a_cache_whose_layer_name_is_a_path_is_refused(run_tl, tmp_path):
+    """A sweep names its head files after the cache's layers: a layer called ../../x in a cache handed
+    over wrote (and with --keep best, deleted) heads outside --out."""
+    codes = write_code_cache(tmp_path / "deep" / "er" / "codes", *blobs_of_three(), ["a", "b", "c"],
+                             layer="../../../escaped")
+    result = run_tl("sweep", "--cache", codes, "--C", "0.1,1", "--out", tmp_path / "deep" / "er" / "sweep", "--quiet")
+    assert_one_line_error(result, "needs a plain name")
+    assert not list(tmp_path.glob("escaped*")) and not list(tmp_path.rglob("escaped*"))
+    assert_one_line_error(run_tl("info", codes), "needs a plain name")
+
