@@ -273,10 +273,22 @@ def _finished(out: Path, setting: Setting, config: SweepConfig, key: dict) -> di
         record = json.loads(_record_path(out, setting).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    same = (record.get("format") == RECORD_FORMAT and record.get("setting") == setting.values()
-            and record.get("shared") == _shared(config) and record.get("codes_key") == key)
+    same = (isinstance(record, dict) and record.get("format") == RECORD_FORMAT and _sound(record, setting.name)
+            and record.get("setting") == setting.values() and record.get("shared") == _shared(config)
+            and record.get("codes_key") == key)
     kept = (out / "heads" / f"{setting.name}.pt").is_file() or record.get("dropped") and config.keep == "best"
     return record if same and kept else None
+
+
+def _sound(record: dict, name: str) -> bool:
+    """Whether a record holds what the leaderboard reads, under its own head's name (an edited one is trained
+    again: its name had ended the sweep in a KeyError, and names the head file the sweep may remove)."""
+    def number(value):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return (record.get("name") == name and isinstance(record.get("metric"), str) and isinstance(record.get("on"), str)
+            and number(record.get("val_score")) and number(record.get("train_seconds"))
+            and (record.get("epochs") is None or number(record["epochs"])))
 
 
 def _shared(config: SweepConfig) -> dict:

@@ -966,3 +966,17 @@ def test_a_cache_whose_layer_name_is_a_path_is_refused(run_tl, tmp_path):
     assert not list(tmp_path.glob("escaped*")) and not list(tmp_path.rglob("escaped*"))
     assert_one_line_error(run_tl("info", codes), "needs a plain name")
 
+
+@pytest.mark.parametrize("edit", [{"name": "../../victim"}, {"name": "feat-logreg-C0.1"}, {"val_score": "high"},
+                                  {"train_seconds": None}])
+def test_an_edited_sweep_record_is_trained_again_not_a_traceback(run_tl, tmp_path, edit):
+    codes = write_code_cache(tmp_path / "codes", *blobs_of_three(), ["a", "b", "c"])
+    sweep = tmp_path / "sweep"
+    assert run_tl("sweep", "--cache", codes, "--C", "0.1,1", "--out", sweep, "--quiet").code == 0
+    board = (sweep / "sweep.json").read_text()
+    record = sweep / "heads" / "feat-logreg-C1.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), **edit}))
+    again = run_tl("sweep", "--cache", codes, "--C", "0.1,1", "--out", sweep, "--quiet")
+    assert again.code == 0 and "(1 trained, 1 finished before)" in again.out, again
+    assert [row["name"] for row in json.loads((sweep / "sweep.json").read_text())["heads"]] == \
+        [row["name"] for row in json.loads(board)["heads"]]
