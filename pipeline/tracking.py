@@ -151,6 +151,17 @@ def _check_database(uri: str, database: Path) -> None:
         database.unlink(missing_ok=True)
 
 
+def _owned(path, step) -> bool:
+    """Whether a file a record lists is the step's output or lies in its output folder: a record is read from
+    disk (handed over with a project, or edited), and only the step's own files may be uploaded."""
+    from pipeline.files import inside, same_file
+    from pipeline.recipe import OUTPUT
+
+    out = step.path(OUTPUT)
+    return isinstance(path, str) and out is not None and Path(path).is_file() \
+        and (same_file(path, out) or inside(path, out))
+
+
 class MlflowTracking:
     def __init__(self, mlflow, recipe):
         self.mlflow, self.recipe, self.parent = mlflow, recipe, None
@@ -228,7 +239,7 @@ class MlflowTracking:
             if skipped and earlier.get("store") == store and earlier.get("run") and self._holds(earlier["run"]):
                 mlflow.set_tag("tl.artifacts", f"in run {earlier['run']}")  # not again on every re-run
                 return None
-            files = [path for path in record.get("artifacts", []) if Path(path).is_file()]
+            files = [path for path in record.get("artifacts") or [] if _owned(path, step)]
             for path in files:
                 mlflow.log_artifact(path)
             return {"store": store, "run": run.info.run_id} if files else None

@@ -365,3 +365,22 @@ def test_the_final_model_goes_once_per_content_into_the_same_parent(run_tl, tmp_
     uploads.clear()
     assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0
     assert ("h.pt", "model") in uploads  # a new parent run is whole: its model is in it, up to date or not
+
+
+def test_a_record_naming_other_files_never_uploads_them(run_tl, tmp_path, monkeypatch):
+    """A step up to date uploads the files its record lists: only its own output's, whatever the record
+    (handed over with the project, or edited) names, so a record cannot send ~/.ssh to a tracking server."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_code_cache(tmp_path / "c", *blobs(4, n=60, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+    assert run_tl("run", "r.yaml", "--quiet").code == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("key")
+    record_file = tmp_path / "h.pt.tl-run.json"
+    record_file.write_text(record_file.read_text().replace('"artifacts": [', f'"artifacts": ["{secret}", '))
+    result = run_tl("run", "r.yaml", "--quiet", "--track", "mlflow")
+    assert result.code == 0 and "up to date" in result.out, result
+    client, _, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    fit = next(run for run in runs if run.data.tags.get("tl.stage") == "fit-head")
+    assert _artifacts(client, fit.info.run_id) == {"h.pt"}
