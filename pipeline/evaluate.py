@@ -24,7 +24,7 @@ from pipeline.image_sets import image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
 from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores, unused_exponent
-from pipeline.report import REPORT_FILES, write_predictions, write_report
+from pipeline.report import REPORT_FILES, predictions_csv, write_report
 
 
 @dataclass
@@ -115,9 +115,8 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
     report["source"] = {"head": str(config.head), "kind": metadata["kind"], "layer": metadata["layer"],
                         "cache": str(config.cache), "backbone": metadata["codes_key"]["backbone"],
                         "warnings": warnings}
-    files = write_report(config.out, report, targets, scores, head.curve_)
-    if config.save_predictions is not None:
-        files.append(write_predictions(config.save_predictions, ids, targets, scores, names, ignore))
+    files = write_report(config.out, report, targets, scores, head.curve_,
+                         predictions=_predictions(config, ids, targets, scores, names, ignore))
     return EvaluateResult(Path(config.out), report, files)
 
 
@@ -166,10 +165,14 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
                         + ([] if metadata["codes_key"]["patches"] else unused_exponent(config.exponent,
                                                                                        f"model {config.model}"))
                         + _training_images(config, metadata["settings"])}
-    files = write_report(config.out, report, targets, scores, metadata["history"] or None)
-    if config.save_predictions is not None:
-        files.append(write_predictions(config.save_predictions, ids, targets, scores, names, ignore))
+    files = write_report(config.out, report, targets, scores, metadata["history"] or None,
+                         predictions=_predictions(config, ids, targets, scores, names, ignore))
     return EvaluateResult(Path(config.out), report, files, skipped)
+
+
+def _predictions(config: EvaluateConfig, *columns) -> tuple[Path, bytes] | None:
+    """--save-predictions' file, written with the report as one (see write_report)."""
+    return None if config.save_predictions is None else (Path(config.save_predictions), predictions_csv(*columns))
 
 
 def _training_images(config: EvaluateConfig, trained: dict) -> list[str]:

@@ -149,15 +149,16 @@ def write_bytes(path: Path, data: bytes, what: str = "file", sweep: bool = True,
     write_together([(path, data, what)], sweep, follow)
 
 
-def write_together(files: list[tuple[Path, bytes, str]], sweep: bool = True, follow: bool = True) -> None:
-    """Files that belong together (an export and its contract), each (path, data, what): every one is
+def write_together(files: list[tuple], sweep: bool = True, follow: bool = True) -> None:
+    """Files that belong together (an export and its contract), each (path, data, what), or (path, data,
+    what, follow) for one whose `follow` differs (a path the user named among tl's own): every one is
     written and fsynced beside its path before the first replaces its path, so a full disk or an error
     while writing keeps all the earlier files; only the renames, back to back, are left to fail between."""
     written: list[tuple[Path, Path]] = []
     path, what = Path(files[0][0]), files[0][2]
     try:
-        for path, data, what in files:
-            path = _prepared(path, what, sweep, follow)
+        for path, data, what, *own in files:
+            path = _prepared(path, what, sweep, own[0] if own else follow)
             written.append((temporary_name(path), path))
             with open(written[-1][0], "wb") as handle:
                 handle.write(data)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import TLError
-from pipeline.files import atomic_write, write_together
+from pipeline.files import write_together
 from pipeline.metrics import precision_recall
 
 CONFUSION_LABELS_UP_TO = 30  # beyond this many classes, tick labels would overlap
@@ -39,11 +39,14 @@ _STYLE = ("body{font-family:sans-serif;max-width:75em;margin:2em auto;padding:0 
 
 
 def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarray,
-                 curve: list[dict] | None, html: bool = True) -> list[Path]:
-    """report.json, report.md, report.html (unless `html` is false) and the plots in `out`; returns the
-    files written, report.json and report.md first. They replace an earlier report as one: all are
-    written and synced before the first replaces its file, and a file of the earlier report this one
-    has not (its training_curve.png) is removed, so the folder never holds two evaluations."""
+                 curve: list[dict] | None, html: bool = True, predictions: tuple[Path, bytes] | None = None
+                 ) -> list[Path]:
+    """report.json, report.md, report.html (unless `html` is false) and the plots in `out`, and the
+    `predictions` file (path, predictions_csv) where given; returns the files written, report.json and
+    report.md first. They replace an earlier report as one: all are written and synced before the first
+    replaces its file (a full disk keeps the earlier report with its own predictions), and a file of the
+    earlier report this one has not (its training_curve.png) is removed, so the folder never holds two
+    evaluations."""
     out = Path(out)
     figures = {}
     if "confusion" in report:
@@ -57,14 +60,16 @@ def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarra
     if html:
         texts["report.html"] = html_page(report, images)
     contents = {name: _text(text) for name, text in texts.items()}
-    write_together([(out / name, data, "report") for name, data in {**contents, **images}.items()], follow=False)
+    also = [] if predictions is None else [(Path(predictions[0]), predictions[1], "predictions file", True)]  # named
+    write_together([(out / name, data, "report") for name, data in {**contents, **images}.items()] + also,
+                   follow=False)
     for name in set(REPORT_FILES) - set(contents) - set(images):
         if (out / name).is_file() or (out / name).is_symlink():  # a folder of that name is not a report's
             try:
                 (out / name).unlink()
             except OSError as exc:
                 raise TLError(f"cannot remove {out / name} of an earlier report: {exc.strerror}; remove it") from None
-    return [out / name for name in (*contents, *images)]
+    return [out / name for name in (*contents, *images)] + [path for path, *_ in also]
 
 
 def _text(text: str) -> bytes:
@@ -326,26 +331,24 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def write_predictions(path: Path, sample_ids: np.ndarray, targets: np.ndarray, scores: np.ndarray,
-                      class_names: list[str], ignore: np.ndarray | None = None) -> Path:
-    """One row per sample: its id, its true class name(s) (';'-joined for multi-label), with `ignore`
-    (VOC) the classes its AP leaves out (shown only by difficult objects), and every score: what the
-    report's numbers are recomputed from. Scores are written as the shortest text that reads back as the
+def predictions_csv(sample_ids: np.ndarray, targets: np.ndarray, scores: np.ndarray, class_names: list[str],
+                    ignore: np.ndarray | None = None) -> bytes:
+    """The --save-predictions file, one row per sample: its id, its true class name(s) (';'-joined for
+    multi-label), with `ignore` (VOC) the classes its AP leaves out (shown only by difficult objects), and
+    every score: what the report's numbers are recomputed from. Scores are written as the shortest text that reads back as the
     same float64 (float32 scores convert to float64 exactly): fewer digits would tie or reorder near-equal
     scores (a saturating softmax's 0.99999994 and 0.9999999) and change the AP recomputed from the file."""
-    path = Path(path)
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    writer.writerow(["sample_id", "target"] + ["ignore"] * (ignore is not None)
+                    + [f"score:{name}" for name in class_names])
+    for number, (sample_id, target, row) in enumerate(zip(sample_ids, targets, scores)):
+        truth = (";".join(class_names[c] for c in np.flatnonzero(target)) if np.ndim(target)
+                 else class_names[int(target)])
+        left_out = [] if ignore is None else [";".join(class_names[c] for c in np.flatnonzero(ignore[number]))]
+        writer.writerow([sample_id, truth] + left_out + [repr(float(value)) for value in row])
     # names that are not UTF-8 on disk keep their bytes (surrogateescape), as in the cache
-    with atomic_write(path, "predictions file") as temporary, \
-            open(temporary, "w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["sample_id", "target"] + ["ignore"] * (ignore is not None)
-                        + [f"score:{name}" for name in class_names])
-        for number, (sample_id, target, row) in enumerate(zip(sample_ids, targets, scores)):
-            truth = (";".join(class_names[c] for c in np.flatnonzero(target)) if np.ndim(target)
-                     else class_names[int(target)])
-            left_out = [] if ignore is None else [";".join(class_names[c] for c in np.flatnonzero(ignore[number]))]
-            writer.writerow([sample_id, truth] + left_out + [repr(float(value)) for value in row])
-    return path
+    return handle.getvalue().encode("utf-8", "surrogateescape")
 
 
 def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path]:

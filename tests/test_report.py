@@ -19,8 +19,8 @@ from pipeline.report import (
     REPORT_FILES,
     markdown,
     pr_figure,
+    predictions_csv,
     training_figure,
-    write_predictions,
     write_report,
 )
 
@@ -193,7 +193,8 @@ def test_the_predictions_file_gives_the_reports_numbers_exactly(tmp_path, dtype,
     else:
         scores = 0.3 - steps * 1e-10
     report = summarize(targets, scores, names, ap_method)
-    path = write_predictions(tmp_path / "p.csv", np.array([f"r{i}" for i in range(40)]), targets, scores, names)
+    path = tmp_path / "p.csv"
+    path.write_bytes(predictions_csv(np.array([f"r{i}" for i in range(40)]), targets, scores, names))
     header, *lines = csv.reader(path.open())
     assert header == ["sample_id", "target", "score:a", "score:b", "score:c"]
     read = np.array([[float(value) for value in line[2:]] for line in lines])
@@ -287,6 +288,31 @@ def test_a_report_replaces_the_earlier_one_whole_or_not_at_all(tmp_path, monkeyp
     (tmp_path / "training_curve.png").mkdir()  # not a report's file: left alone, and no error
     write_report(tmp_path, other, other_targets, other_scores, None)
     assert (tmp_path / "training_curve.png").is_dir()
+
+
+def test_predictions_are_written_with_their_report_as_one(tmp_path, monkeypatch):
+    """--save-predictions was written after the report: a full disk between the two left the new report
+    beside the earlier evaluation's predictions. The file is a path the user names: a link is written
+    through, as before (tl's own report files replace a link planted among them)."""
+    from pipeline.errors import TLError
+    from tests.conftest import disk_full_at
+
+    names, ids = ["a", "b", "c"], np.array([f"r{i}" for i in range(60)])
+    targets, scores = predictions(3)
+    (tmp_path / "kept.csv").write_text("")
+    (tmp_path / "p.csv").symlink_to(tmp_path / "kept.csv")
+    files = write_report(tmp_path / "r", summarize(targets, scores, names), targets, scores, None,
+                         predictions=(tmp_path / "p.csv", predictions_csv(ids[:len(targets)], targets, scores, names)))
+    assert files[-1] == tmp_path / "p.csv" and (tmp_path / "p.csv").is_symlink()
+    earlier = {path.name: path.read_bytes() for path in (*(tmp_path / "r").iterdir(), tmp_path / "kept.csv")}
+    assert earlier["kept.csv"].startswith(b"sample_id,target,score:a")
+    other_targets, other_scores = predictions(3, seed=1)
+    disk_full_at(monkeypatch, len(files))  # while the last file is written: the predictions, after the report's
+    with pytest.raises(TLError, match="no space left on the device"):
+        write_report(tmp_path / "r", summarize(other_targets, other_scores, names), other_targets, other_scores, None,
+                     predictions=(tmp_path / "p.csv", predictions_csv(ids[:len(other_targets)], other_targets,
+                                                                       other_scores, names)))
+    assert {path.name: path.read_bytes() for path in (*(tmp_path / "r").iterdir(), tmp_path / "kept.csv")} == earlier
 
 
 def test_a_sweep_leaderboard_replaces_the_earlier_one_whole(tmp_path, monkeypatch):
