@@ -126,7 +126,8 @@ def test_evaluate_writes_report_plots_and_predictions(caches):
     scores = np.array([[float(row[f"score:{name}"]) for name in CLASSES] for row in rows])
     truth = np.array([CLASSES.index(row["target"]) for row in rows])
     assert accuracy_score(truth, scores.argmax(axis=1)) == report["accuracy"]
-    # the mlp's probabilities (float64 from float32 logits) read back exactly: the file's AP is the report's, to the last bit
+    # the mlp's probabilities (float64, from float32 logits) read back exactly: the file's AP is the report's,
+    # to the last bit
     assert [entry["ap"] for entry in report["classes"]] == per_class_ap(truth, scores).tolist()
     assert mean_ap(per_class_ap(truth, scores)) == report["mAP"]
 
