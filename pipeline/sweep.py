@@ -273,7 +273,9 @@ def _finished(out: Path, setting: Setting, config: SweepConfig, key: dict) -> di
         record = json.loads(_record_path(out, setting).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    same = (isinstance(record, dict) and record.get("format") == RECORD_FORMAT and _sound(record, setting.name)
+    if not isinstance(record, dict):  # damaged (null, a list): no field of it can be read, `dropped` included
+        return None
+    same = (record.get("format") == RECORD_FORMAT and _sound(record, setting.name)
             and record.get("setting") == setting.values() and record.get("shared") == _shared(config)
             and record.get("codes_key") == key)
     kept = (out / "heads" / f"{setting.name}.pt").is_file() or record.get("dropped") and config.keep == "best"

@@ -980,3 +980,18 @@ def test_an_edited_sweep_record_is_trained_again_not_a_traceback(run_tl, tmp_pat
     assert again.code == 0 and "(1 trained, 1 finished before)" in again.out, again
     assert [row["name"] for row in json.loads((sweep / "sweep.json").read_text())["heads"]] == \
         [row["name"] for row in json.loads(board)["heads"]]
+
+
+@pytest.mark.parametrize("damage", ["null", "[]", "\"x\""])
+def test_a_damaged_record_of_a_dropped_head_is_trained_again_not_a_traceback(run_tl, tmp_path, damage):
+    """With --keep best the other heads' files are gone and only their records stay: one that is not a JSON
+    object (null, a list) ended the sweep in an AttributeError instead of being trained again."""
+    codes = write_code_cache(tmp_path / "codes", *blobs_of_three(), ["a", "b", "c"])
+    sweep = tmp_path / "sweep"
+    args = ["sweep", "--cache", codes, "--C", "0.1,1", "--out", sweep, "--quiet", "--keep", "best"]
+    assert run_tl(*args).code == 0
+    dropped = [record for record in (sweep / "heads").glob("*.json") if not record.with_suffix(".pt").exists()]
+    assert len(dropped) == 1
+    dropped[0].write_text(damage)
+    again = run_tl(*args)
+    assert again.code == 0 and "(1 trained, 1 finished before)" in again.out, again
