@@ -679,7 +679,9 @@ def evaluate(format_, **options):
         click.echo(f"warning: skipped {_images(len(result.skipped))} that could not be read or labelled (listed in "
                    f"report.json's source.skipped), e.g. {first['sample_id']}: {first['reason']}", err=True)
     click.echo(summary_table(result.report))
-    beside = [path.name for path in result.files[2:] if path.parent == Path(result.out)]
+    named = options.get("save_predictions")  # said on its own line below, wherever it is
+    beside = [path.name for path in result.files[2:] if path.parent == Path(result.out)
+              and (named is None or path != Path(named))]
     click.echo(f"\nreport: {result.out / 'report.md'}" + (f" (+ {', '.join(beside)})" if beside else ""))
     if options.get("save_predictions"):
         click.echo(f"predictions: {options['save_predictions']}")

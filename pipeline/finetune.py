@@ -21,13 +21,13 @@ from torch import nn
 from pipeline import distributed
 from pipeline.allocator import reused_memory
 from pipeline.code_rows import validation_score
-from pipeline.errors import CheckpointOccupied, FinetuneError
+from pipeline.errors import CheckpointOccupied, FinetuneError, TLError
 from pipeline.files import OutputLock, refuse_overwriting_inputs, remove_stale_temporaries
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
-from pipeline.image_sets import (Augmentation, SeededItems, batch_loader, epoch_batches, image_set, pooled_image_map,
-                                 score_images)
+from pipeline.image_sets import (Augmentation, SeededItems, batch_loader, epoch_batches, image_labels, image_set,
+                                 pooled_image_map, score_images)
 from pipeline.multiscale import PatchSamples
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, freeze, load_checkpoint, load_head,
                                   save_checkpoint, save_model)
@@ -219,10 +219,12 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
     dataset, targets = image_set(source, backbone, head_metadata, Augmentation(config.crop_scale, config.flip),
                                     config.seed, config.background_fraction,
                                     f"data {config.data}", f"head {config.head}")
-    val_dataset = val_targets = None
+    val_dataset = val_targets = val_labels = None
     if val_source is not None:
-        val_dataset, val_targets = image_set(val_source, backbone, head_metadata, None, config.seed, None,
-                                             f"validation data {config.val_data or config.data}", f"head {config.head}")
+        what = (f"validation data {config.val_data or config.data}", f"head {config.head}")
+        val_dataset, val_targets = image_set(val_source, backbone, head_metadata, None, config.seed, None, *what)
+        if isinstance(val_dataset, PatchSamples):  # val_image_map's labels, checked now and not after an epoch
+            val_labels = image_labels(val_dataset, head_metadata["classes"], *what)
     multilabel = targets.ndim == 2
     loss_function = loss_for(multilabel)
     model = prepare_module(model, device)
@@ -306,9 +308,8 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         if val_dataset is not None:
             if current.is_main:
                 try:
-                    point.update(_validate(model, val_dataset, val_targets, config, device, precision,
-                                           head_metadata["classes"]))
-                except FinetuneError as exc:  # every rank stops with rank 0's reason, none waits for it
+                    point.update(_validate(model, val_dataset, val_targets, config, device, precision, val_labels))
+                except TLError as exc:  # every rank stops with rank 0's reason, none waits for it
                     point["error"] = str(exc)
             point = distributed.broadcast(current, point)
             if "error" in point:
@@ -332,7 +333,7 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         if config.early_stop and best[1] is not None and best_path.is_file():
             model.load_state_dict(load_checkpoint(best_path, identity)["model"])
         if val_dataset is not None:
-            val = _validate(model, val_dataset, val_targets, config, device, precision, head_metadata["classes"])
+            val = _validate(model, val_dataset, val_targets, config, device, precision, val_labels)
         save_model(config.out, model, head_metadata, trainable, history, asdict(config))
     distributed.barrier(current, "model written")
     distributed.stop(current)
@@ -373,9 +374,9 @@ def _check_loss(loss: torch.Tensor, mine: int, current: distributed.World, epoch
     return mine * current.size / images if images else 0.0
 
 
-def _validate(model, dataset, targets, config, device, precision, classes: list[str]) -> dict:
+def _validate(model, dataset, targets, config, device, precision, labels=None) -> dict:
     """Validation loss and accuracy (or mAP) over the readable images (a multiscale head's: over single
-    patches, and the mAP of images pooled from them); the others counted, not scored."""
+    patches, and with its images' `labels` the mAP of images pooled from them); the others counted."""
     probabilities = score_images(model, dataset, config.batch_size, config.workers, device,
                                   multilabel=targets.ndim == 2, precision=precision, quiet=config.quiet,
                                   desc="validate")
@@ -392,8 +393,8 @@ def _validate(model, dataset, targets, config, device, precision, classes: list[
         loss = nn.functional.nll_loss(torch.from_numpy(np.log(np.clip(probabilities, 1e-12, None))),
                                       logits_targets).item()
     metric = "val_map" if targets.ndim == 2 else "val_accuracy"
-    pooled = {"val_image_map": pooled_image_map(probabilities, dataset, np.flatnonzero(readable), classes)} \
-        if isinstance(dataset, PatchSamples) else {}
+    pooled = {} if labels is None else {
+        "val_image_map": pooled_image_map(probabilities, dataset, np.flatnonzero(readable), labels)}
     return {"val_loss": loss, metric: validation_score(targets, probabilities), **pooled, **skipped}
 
 

@@ -160,14 +160,23 @@ def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None
     return probabilities
 
 
-def pooled_image_map(patch_scores: np.ndarray, dataset: PatchSamples, rows: np.ndarray, head_classes: list[str]) -> float:
+def image_labels(dataset: PatchSamples, head_classes: list[str], what: str, head: str) -> tuple[np.ndarray, np.ndarray]:
+    """(multi-hot targets, VOC ignore marks) of every image of a patch set, in the head's object classes
+    (its column 0 is background): checked when the set is made, as its patches' labels are, since an image
+    can hold a class the head does not know that no patch of it is labelled with."""
+    source, names = dataset.source, head_classes[1:]
+    targets = head_targets(np.array([sample.target for sample in source.samples]), source.classes, names, what, head)
+    ignore = head_ignore(np.array([source.columns(i)["ignore"] for i in range(len(source.samples))]), source.classes,
+                         names)
+    return targets, ignore
+
+
+def pooled_image_map(patch_scores: np.ndarray, dataset: PatchSamples, rows: np.ndarray,
+                     labels: tuple[np.ndarray, np.ndarray]) -> float:
     """The VOC07 mAP of the images whose patches `rows` of `dataset` are (scored `patch_scores`), each image
     scored by pooling its patches (sum of P ** k, the default exponent) as tl evaluate scores it, with VOC's
-    difficult-only classes left out: a multiscale finetune's validation on the measure its recipe reports."""
+    difficult-only classes left out (`labels`: image_labels): a multiscale finetune's validation on the
+    measure its recipe reports."""
     images, pooled = pool_image_scores(patch_scores, dataset.images[rows])
-    names, source = head_classes[1:], dataset.source  # the head's object classes (column 0: background)
-    targets = head_targets(np.array([source.samples[i].target for i in images]), source.classes, names,
-                           "the validation images", "the head")
-    ignore = head_ignore(np.array([source.columns(i)["ignore"] for i in images]), source.classes, names)
-    return mean_ap(per_class_ap(targets, pooled, "voc07", ignore))
+    return mean_ap(per_class_ap(labels[0][images], pooled, "voc07", labels[1][images]))
 

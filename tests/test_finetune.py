@@ -368,6 +368,24 @@ def test_a_multiscale_head_finetunes_on_patches_labelled_as_in_stage_one(tmp_pat
     assert any(line.startswith("epoch 1:") and "val_image_map" in line for line in said), said
 
 
+def test_validation_images_of_a_class_the_head_lacks_are_refused_before_training():
+    """An image can hold a class the head does not know that none of its patches is labelled with (a tiny
+    object): val_image_map refused it only after the first epoch, and under torchrun as an error rank 0
+    did not pass on to the other ranks."""
+    from types import SimpleNamespace
+
+    from pipeline.image_sets import image_labels
+
+    source = SimpleNamespace(classes=["cat", "dog", "bird"], samples=[SimpleNamespace(target=(1, 0, 0)),
+                                                                     SimpleNamespace(target=(0, 1, 1))],
+                             columns=lambda index: {"ignore": np.zeros(3, np.int8)})
+    with pytest.raises(HeadError, match="^validation data v has labels head h does not know: bird; use data of"):
+        image_labels(SimpleNamespace(source=source), ["background", "cat", "dog"], "validation data v", "head h")
+    # a head that knows every class, in its own order
+    targets, ignore = image_labels(SimpleNamespace(source=source), ["background", "bird", "dog", "cat"], "v", "h")
+    assert targets.tolist() == [[0, 0, 1], [1, 1, 0]] and ignore.tolist() == [[0, 0, 0], [0, 0, 0]]
+
+
 def test_epochs_zero_with_resume_only_evaluates_the_checkpoint(alexnet_head, tmp_path):
     finetune(alexnet_head, tmp_path / "m.pt", epochs=2, lr=1e-4)
     last, _ = checkpoint_paths(tmp_path / "m.pt")

@@ -111,6 +111,10 @@ def test_summaries_are_sentences(tmp_path, run_tl):
     assert report.code == 0, report
     listed = next(line for line in report.out.splitlines() if line.startswith("report: "))
     assert "elsewhere.csv" not in listed and f"predictions: {tmp_path / 'elsewhere.csv'}" in report.out
+    inside = run_tl("evaluate", "--head", tmp_path / "svm.pt", "--cache", cache, "--out", tmp_path / "report",
+                    "--save-predictions", tmp_path / "report" / "p.csv")  # said once, on its own line
+    listed = next(line for line in inside.out.splitlines() if line.startswith("report: "))
+    assert "p.csv" not in listed and f"predictions: {tmp_path / 'report' / 'p.csv'}" in inside.out, inside
 
 
 def test_a_terminal_means_stdout_and_stderr_both(monkeypatch):
