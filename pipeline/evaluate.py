@@ -20,7 +20,7 @@ from pipeline.errors import HeadError
 from pipeline.files import refuse_overwriting_inputs
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import resolve_device, resolve_precision
-from pipeline.image_sets import image_set, score_images
+from pipeline.image_sets import image_labels, image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
 from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores, unused_exponent
@@ -148,12 +148,10 @@ def _evaluate_model(config: EvaluateConfig) -> EvaluateResult:
     targets, scores = targets[readable], scores[readable]
     if metadata["codes_key"]["patches"]:
         check_patch_head(names, config.model)
+        image_targets, ignore = image_labels(dataset, names, *what)  # every image's, in the head's object classes
         names = names[1:]
-        image_targets = head_targets(np.array([source.samples[i].target for i in samples]), source.classes, names,
-                                     *what)
-        ignore = head_ignore(np.array([source.columns(i)["ignore"] for i in samples]), source.classes, names)
-        ids, targets, ignore, scores, report = _pooled_report(scores, targets, ids, image_targets, ignore, names,
-                                                              config)
+        ids, targets, ignore, scores, report = _pooled_report(scores, targets, ids, image_targets[samples],
+                                                              ignore[samples], names, config)
     else:
         ignore = head_ignore(np.array([source.columns(i)["ignore"] for i in samples]) if "ignore" in source.columns(0)
                              else None, source.classes, names)

@@ -113,7 +113,7 @@ def _assign(document: dict, parts: list[str], value, path: Path, assignment: str
     if len(parts) == 1:
         shadowing = [f"{section}" + (f".{number}" if isinstance(document[section], list) else "")
                      for section in STAGES if section in document
-                     for number, item in enumerate(_items(document[section]), 1)
+                     for number, item in enumerate(section_items(document[section]), 1)
                      if isinstance(item, dict) and parts[0] in item]
         if shadowing:  # silently losing to a section's own value would do nothing
             raise ConfigError(f"--set {assignment}: {', '.join(shadowing)} of {path} set{'s' if len(shadowing) == 1 else ''} "
@@ -127,7 +127,7 @@ def _assign(document: dict, parts: list[str], value, path: Path, assignment: str
     current = document.get(section)
     if current is None:
         raise ConfigError(f"--set {assignment}: {path} has no {section} section")
-    items = _items(current)
+    items = section_items(current)
     if rest[0].isdecimal():
         number = int(rest[0])
         if not 1 <= number <= len(items) or len(rest) != 2 or not isinstance(items[number - 1], dict):
@@ -142,7 +142,8 @@ def _assign(document: dict, parts: list[str], value, path: Path, assignment: str
             item[rest[0]] = value
 
 
-def _items(section) -> list:
+def section_items(section) -> list:
+    """A section's steps: its list, or the one mapping it is."""
     return section if isinstance(section, list) else [section]
 
 

@@ -335,9 +335,10 @@ def predictions_csv(sample_ids: np.ndarray, targets: np.ndarray, scores: np.ndar
                     ignore: np.ndarray | None = None) -> bytes:
     """The --save-predictions file, one row per sample: its id, its true class name(s) (';'-joined for
     multi-label), with `ignore` (VOC) the classes its AP leaves out (shown only by difficult objects), and
-    every score: what the report's numbers are recomputed from. Scores are written as the shortest text that reads back as the
-    same float64 (float32 scores convert to float64 exactly): fewer digits would tie or reorder near-equal
-    scores (a saturating softmax's 0.99999994 and 0.9999999) and change the AP recomputed from the file."""
+    every score: what the report's numbers are recomputed from. Scores are written as the shortest text
+    that reads back as the same float64 (float32 scores convert to float64 exactly): fewer digits would
+    tie or reorder near-equal scores (a saturating softmax's 0.99999994 and 0.9999999) and change the AP
+    recomputed from the file."""
     handle = io.StringIO(newline="")
     writer = csv.writer(handle)
     writer.writerow(["sample_id", "target"] + ["ignore"] * (ignore is not None)

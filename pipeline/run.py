@@ -24,7 +24,8 @@ from typing import Protocol
 
 from pipeline.errors import ConfigError, Occupied, TLError
 from pipeline.files import write_bytes
-from pipeline.recipe import OUTPUT, INPUTS, STAGES, StageOptions, Step, check, plan, read_recipe, select
+from pipeline.recipe import (OUTPUT, INPUTS, STAGES, StageOptions, Step, check, plan, read_recipe, section_items,
+                             select)
 
 RECORD_FORMAT = "tl-run-record/1"
 RECORD_SUFFIX = ".tl-run.json"
@@ -194,7 +195,7 @@ def _set_where_given(step: Step, options: StageOptions, recipe, name: str, proje
     other steps read too (changing this step's alone, the next one stopped the same way); else the
     section's, for each of its steps (a test extraction downloads as the train one does)."""
     shadowed = any(isinstance(item, dict) and {name, name.replace("_", "-")} & set(item)
-                   for section in STAGES for item in _as_list(recipe.document.get(section)))
+                   for section in STAGES for item in section_items(recipe.document.get(section, [])))
     if options.keys[name] in step.own:
         key = f"{step.stage}.{step.number}.{name}" if step.count > 1 else f"{step.stage}.{name}"
     elif name in step.keys and not shadowed:  # a top-level key a section also sets cannot be --set alone
@@ -204,10 +205,6 @@ def _set_where_given(step: Step, options: StageOptions, recipe, name: str, proje
     switch = options.keys[name] in options.flags
     said = f"--set {key}={'true' if switch else '...'}"
     return said + (f" or mlflow run's -P {project[key]}={'1' if switch else '...'}" if key in project else "")
-
-
-def _as_list(section) -> list:
-    return section if isinstance(section, list) else [] if section is None else [section]
 
 
 def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseException) -> BaseException:
