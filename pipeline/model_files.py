@@ -192,13 +192,34 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     backbone, weights = head_backbone(head_metadata["codes_key"], weights_path, "the head")
     full = load_model(backbone, weights)
     features = tap_model(full, backbone, [head_metadata["layer"]])
-    # a family's own cut (timm) lists its conv layers itself; of the others, those the cut up to the tap holds
-    # (an efficientnet block12 head has none of the later blocks)
+    model = FinetuneModel(features, head_metadata["layer"], head.logits_module())
+    return model, backbone, _conv_layers(backbone, full, features)
+
+
+def _conv_layers(backbone: Backbone, full: nn.Module, features: nn.Module) -> list[str]:
+    """The conv layers of `full` cut to `features`, input to output: a family's own cut (timm) lists them
+    itself; of the others, those the cut up to the tap holds (an efficientnet block12 head has none of
+    the later blocks)."""
     convs = backbone.conv_layers(features.extractor if backbone.make_taps is not None else full)
     kept = {name for name, _ in features.extractor.named_modules()}
-    convs = [name for name in convs if name in kept]
-    model = FinetuneModel(features, head_metadata["layer"], head.logits_module())
-    return model, backbone, convs
+    return [name for name in convs if name in kept]
+
+
+def tap_conv_layers(backbone: Backbone, tap: str) -> list[str]:
+    """The conv layers before `tap`, of the architecture built on the meta device (no memory, no weights,
+    well under a second even for vgg16): tl run checks --unfreeze before any step, not after hours of
+    extraction."""
+    with torch.device("meta"):
+        full = backbone.build()
+    return _conv_layers(backbone, full, tap_model(full, backbone, [tap]))
+
+
+def check_unfreeze(unfreeze: int, convs: list[str]) -> None:
+    if unfreeze < 0:
+        raise FinetuneError(f"--unfreeze must be 0 or more, got {unfreeze}")
+    if unfreeze > len(convs):
+        raise FinetuneError(f"--unfreeze {unfreeze} is more than the {len(convs)} conv layers of this backbone "
+                            f"before the tap; pass --unfreeze {len(convs)} or less")
 
 
 def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool = False) -> dict:
@@ -206,11 +227,7 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
     every earlier parameter gets requires_grad=False and its modules stay in eval mode. BatchNorm layers
     keep their ImageNet statistics unless `bn_stats` (as Keras's transfer-learning guide advises: batch
     statistics of small fine-tuning batches would replace them and wreck the codes the head knows)."""
-    if unfreeze < 0:
-        raise FinetuneError(f"--unfreeze must be 0 or more, got {unfreeze}")
-    if unfreeze > len(convs):
-        raise FinetuneError(f"--unfreeze {unfreeze} is more than the {len(convs)} conv layers of this backbone "
-                            f"before the tap; pass at most {len(convs)}")
+    check_unfreeze(unfreeze, convs)
     modules = list(model.features.named_modules())
     first = len(modules)
     if unfreeze:

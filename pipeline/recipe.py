@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import as_flag_value, read_config
-from pipeline.errors import ConfigError, TLError
+from pipeline.errors import ConfigError
 
 STAGES = ("extract", "fit-head", "finetune", "evaluate")
 OTHER_COMMANDS = ("predict", "export", "quickstart", "info", "example-data", "run")
@@ -253,11 +253,6 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
             made.append((out, step))
     _refuse_peeking(path, steps)
     _refuse_early_stop_unwatched(path, chosen)
-    for step in chosen:  # what the stage itself checks only once the steps before it have run (hours of extraction)
-        try:
-            _check_values(step, steps, chosen)
-        except TLError as exc:
-            raise ConfigError(f"recipe {path}: {step.label}: {exc}") from None
     notes = []
     for evaluate in (step for step in steps if step.stage == "evaluate" and step.path("cache")):
         scored = _images_of(evaluate, "cache", "split", steps)
@@ -290,12 +285,14 @@ def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple
     return os.path.realpath(given), split
 
 
-def _check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
-    """An extract step's layers against its backbone (-P backbone=... with the recipe's layers) and its
-    patch settings (a scale twice, an overlap or background share out of range, patches without
-    --multiscale); a fit-head step's layer against those the extract step making its cache writes, when
-    that step runs; an evaluate step's pooling exponent. The stages' own checks, run before any step (tl
-    run makes fit-head's and finetune's settings checks through the runner: see StageRunner.check)."""
+def check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
+    """What a stage itself checks only once the steps before it have run (hours of extraction), checked
+    before any step: an extract step's layers against its backbone (-P backbone=... with the recipe's
+    layers) and its patch settings (a scale twice, an overlap or background share out of range, patches
+    without --multiscale); a fit-head step's layer against those the extract step making its cache
+    writes, when that step runs; a finetune step's unfreeze against the conv layers before its head's tap;
+    an evaluate step's pooling exponent. (tl run makes fit-head's and finetune's settings checks through
+    the runner too: see StageRunner.check.)"""
     from pipeline.backbones import get_backbone  # the registries, only when a recipe is checked
 
     params = step.params
@@ -316,10 +313,40 @@ def _check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
             if backbone.aliases.get(params["layer"], params["layer"]) not in written:
                 raise ConfigError(f"layer '{params['layer']}' is not one that {maker.label} caches "
                                   f"({', '.join(written)}); set the layer to one of them, or add it to its layers")
+    elif step.stage == "finetune" and params.get("unfreeze"):
+        from pipeline.model_files import check_unfreeze, tap_conv_layers
+
+        tapped = _head_tap(step, steps, chosen)
+        if tapped is not None:
+            check_unfreeze(params["unfreeze"], tap_conv_layers(*tapped))
     elif step.stage == "evaluate" and params.get("exponent") is not None:
         from pipeline.multiscale import check_exponent
 
         check_exponent(params["exponent"])
+
+
+def _head_tap(step: Step, steps: list[Step], chosen: list[Step]):
+    """(backbone entry, tap) of the head a finetune step starts from: as the fit-head step that makes it
+    will fit it, else as the head file on disk records it; None where neither says (a cache of several
+    layers, no layer named: fit-head refuses that itself)."""
+    from pipeline.backbones import get_backbone
+
+    fit = next((s for s in chosen if s.stage == "fit-head" and _same(s.path(OUTPUT), step.path("head"))), None)
+    if fit is None:
+        if step.path("head") is None or not step.path("head").is_file():
+            return None
+        from pipeline.model_files import load_head
+
+        metadata = load_head(step.path("head"))[1]
+        return get_backbone(metadata["codes_key"]["backbone"]), metadata["layer"]
+    maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), fit.path("cache"))), None)
+    if maker is None:
+        return None  # a cache on disk: fit-head reads its layers
+    backbone = get_backbone(maker.params["backbone"])
+    written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
+    layer = fit.params.get("layer")
+    return (backbone, backbone.aliases.get(layer, layer)) if layer else (backbone, written[0]) if len(written) == 1 \
+        else None
 
 
 def _layers(params: dict) -> list[str]:

@@ -24,8 +24,8 @@ from typing import Protocol
 
 from pipeline.errors import ConfigError, Occupied, TLError
 from pipeline.files import write_bytes
-from pipeline.recipe import (OUTPUT, INPUTS, STAGES, StageOptions, Step, check, plan, read_recipe, section_items,
-                             select)
+from pipeline.recipe import (OUTPUT, INPUTS, STAGES, StageOptions, Step, check, check_values, plan, read_recipe,
+                             section_items, select)
 
 RECORD_FORMAT = "tl-run-record/1"
 RECORD_SUFFIX = ".tl-run.json"
@@ -82,6 +82,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
     project = project_parameters(recipe.sets) if (config.track or recipe.track) == "mlflow" else {}
     for step in chosen:  # the stages' settings checks too, before any step runs (hours of extraction)
         try:
+            check_values(step, steps, chosen)
             runner.check(step)
         except TLError as exc:
             raise ConfigError(f"recipe {recipe.path}: {step.label}: "

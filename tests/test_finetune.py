@@ -77,6 +77,23 @@ def test_unfreeze_counts_the_conv_layers_before_a_tap_inside_the_network(tmp_pat
         finetune(tmp_path, tmp_path / "m2.pt", unfreeze=40, epochs=1, workers=0)
 
 
+@pytest.mark.parametrize("name", ["alexnet", "efficientnet_lite0", "timm:resnet18", "timm:convnext_atto"])
+def test_the_conv_layers_counted_without_memory_are_those_of_the_built_model(name):
+    """tl run's --unfreeze check counts conv layers on the meta device: the same layers, at every tap, as
+    the model finetune builds (a timm model is pruned to its tap, so each tap builds it again)."""
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    from pipeline.backbones import tap_model
+    from pipeline.model_files import _conv_layers, tap_conv_layers
+
+    backbone = get_backbone(name)
+    for tap in backbone.taps:
+        torch.manual_seed(0)
+        full = backbone.build().eval()
+        built = _conv_layers(backbone, full, tap_model(full, backbone, [tap]))
+        assert tap_conv_layers(backbone, tap) == built and built, (name, tap)
+
+
 def test_epoch_zero_model_is_the_stage_two_head(alexnet_head, tmp_path):
     result = finetune(alexnet_head, tmp_path / "m.pt", epochs=0)
     assert result.out == tmp_path / "m.pt" and result.epochs_run == 0

@@ -330,6 +330,25 @@ def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_
     assert edited.code == 0 and "== finetune: models/m.pt is not as this recipe wrote it: starting over" in edited.out
 
 
+def test_unfreeze_is_checked_against_the_heads_backbone_before_any_step(run_tl, tmp_path, monkeypatch):
+    """finetune's unfreeze (mlflow run's retrained_conv_layers) was refused only when finetune ran, after
+    the extraction and the head: it is now counted on the architecture the head will have, before any step,
+    from the recipe's steps or, with the head already made, from its file."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 4, """\
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
+        """)
+    refused = run_tl("run", recipe, "--set", "finetune.unfreeze=6")
+    assert refused.code == 2 and not refused.out and not (tmp_path / "caches").exists(), refused
+    assert refused.err == (f"error: recipe {recipe}: finetune: --unfreeze 6 is more than the 5 conv layers of this "
+                           "backbone before the tap; pass --unfreeze 5 or less (in a recipe: --unfreeze is --set "
+                           "finetune.unfreeze=...)\n"), refused
+    assert run_tl("run", recipe, "--set", "finetune.unfreeze=5", "--set", "finetune.epochs=0").code == 0
+    on_disk = run_tl("run", recipe, "--only", "finetune", "--set", "finetune.unfreeze=6")  # the head file says
+    assert on_disk.code == 2 and "more than the 5 conv layers" in on_disk.err and not on_disk.out, on_disk
+
+
 def test_a_step_that_failed_before_writing_keeps_its_earlier_record(run_tl, tmp_path, monkeypatch):
     """A refused step (a setting only the stage checks) left a "started" record of its bad settings, and the
     next good run redid it and every step after it; a finetune stopped before its first checkpoint of new
