@@ -8,11 +8,13 @@ line win over both (the CLI passes these values to click as defaults). Free of t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pipeline.errors import ConfigError
 
 SCALARS = (str, int, float, bool)
+REFERENCE = re.compile(r"\$\{([^{}]*)\}")
 
 
 def read_config(path: Path) -> dict:
@@ -46,7 +48,7 @@ def command_defaults(path: Path, command: str, options: dict[str, str], known: s
     `options`: this command's config keys (long flags, `-` as `_`) -> parameter names; `known`: every
     command's keys (a key of another command is fine at the top level); `sections`: the command names;
     `flags`: parameters that are on/off switches (the only ones that take true/false)."""
-    document = read_config(path)
+    document = resolve_references(read_config(path), path)
     defaults: dict = {}
     section: dict = {}
     for raw_key, setting in document.items():
@@ -78,6 +80,43 @@ def command_defaults(path: Path, command: str, options: dict[str, str], known: s
                               f"{str(setting).lower()}")
         defaults[parameter] = as_flag_value(f"config file {path}", parameter, setting)
     return defaults
+
+
+def resolve_references(document: dict, path: Path) -> dict:
+    """The document with each `${KEY}` in a text value replaced by the value KEY names as --set names
+    keys: `${backbone}` (top level), `${section.key}`, `${section.N.key}` (the N-th step of a list
+    section). Outputs named after a setting (`caches/cifar10-${backbone}-train`) keep one cache per
+    backbone where `-P backbone=...` would have replaced the one cache the recipe names."""
+
+    def value_of(name: str, where: str) -> str:
+        node = document
+        for part in name.strip().split("."):
+            if isinstance(node, list) and part.isdecimal() and 1 <= int(part) <= len(node):
+                node = node[int(part) - 1]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                step = " (a list section: name its step, section.N.key)" if isinstance(node, list) else ""
+                raise ConfigError(f"config file {path}: {where} refers to ${{{name}}}, which the file does not "
+                                  f"set{step}; set it, or write the value itself")
+        if not isinstance(node, SCALARS) or isinstance(node, str) and REFERENCE.search(node):
+            what = "refers to another" if isinstance(node, str) else "is not one value"
+            raise ConfigError(f"config file {path}: {where} refers to ${{{name}}}, which {what}; refer to a "
+                              "key that holds a value itself")
+        # a whole float as the number it is: mlflow run passes -P samples_per_class=300 as 300.0, which
+        # tl reads as 300 (cli.AMOUNT), and one cache must not get two names
+        return str(int(node)) if isinstance(node, float) and node.is_integer() else str(node)
+
+    def resolved(value, where: str):
+        if isinstance(value, dict):
+            return {key: resolved(item, f"{where}.{key}" if where else str(key)) for key, item in value.items()}
+        if isinstance(value, list):
+            return [resolved(item, f"{where}.{number}") for number, item in enumerate(value, 1)]
+        if isinstance(value, str):
+            return REFERENCE.sub(lambda match: value_of(match.group(1), where), value)
+        return value
+
+    return resolved(document, "")
 
 
 def as_flag_value(where: str, parameter: str, setting):

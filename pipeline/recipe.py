@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import as_flag_value, read_config
+from pipeline.config import as_flag_value, read_config, resolve_references
 from pipeline.errors import ConfigError
 
 STAGES = ("extract", "fit-head", "finetune", "evaluate")
@@ -84,6 +84,7 @@ def read_recipe(path: Path, sets: tuple[str, ...] = ()) -> Recipe:
             raise ConfigError(f"--set takes key=value (e.g. --set samples_per_class=100 --set finetune.unfreeze=2), "
                               f"got '{assignment}'")
         _assign(document, key.strip().split("."), _set_value(text), path, assignment)
+    document = resolve_references(document, path)  # after --set: -P backbone=... names the caches too
     track = document.get("track")
     if track is not None and track not in TRACKERS:
         raise ConfigError(f"recipe {path}: track '{track}' is not one of: {', '.join(TRACKERS)}")

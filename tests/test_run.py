@@ -201,6 +201,47 @@ def test_a_bad_set_is_one_line(run_tl, code_caches, monkeypatch, assignment, mes
     assert result.code == 2 and message.format(recipe=recipe) in result.err and result.err.count("\n") == 1, result
 
 
+def test_references_name_outputs_after_settings(run_tl, code_caches, monkeypatch):
+    """`${KEY}` in a recipe's text is KEY's value after --set (mlflow run's -P): outputs named after a
+    setting keep one per value (-P backbone=... replaced the one cache the recipe named). A whole float is
+    the number it is (mlflow run's 300.0 names what tl run's 300 names); --config reads them too."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, """\
+        seed: 0
+        fit-head: {cache: caches/train, max_epochs: 2, out: "heads/h${seed}-${fit-head.max_epochs}.pt"}
+        evaluate: {head: "heads/h${seed}-${fit-head.max_epochs}.pt", cache: caches/test, out: "reports/${seed}"}
+        """)
+    assert run_tl("run", recipe, "--quiet", "--set", "fit-head.max_epochs=3.0").code == 0
+    assert (code_caches / "heads/h0-3.pt").is_file() and (code_caches / "reports/0/report.json").is_file()
+    assert run_tl("run", recipe, "--quiet", "--set", "seed=1").code == 0
+    assert (code_caches / "heads/h1-2.pt").is_file() and (code_caches / "heads/h0-3.pt").is_file()
+    again = run_tl("run", recipe, "--quiet", "--set", "fit-head.max_epochs=3")  # what 3.0 named: up to date
+    assert again.code == 0 and "0 steps ran, 2 up to date" in again.out, again
+    config = run_tl("fit-head", "--config", recipe, "--quiet")
+    assert config.code == 0 and (code_caches / "heads/h0-2.pt").is_file(), config
+
+
+@pytest.mark.parametrize("out,message", [
+    ("h-${colour}.pt", "fit-head.out refers to ${colour}, which the file does not set; set it"),
+    ("h-${extract.seed}.pt", "refers to ${extract.seed}, which the file does not set (a list section: name its "
+                             "step, section.N.key)"),
+    ("h-${extract.1}.pt", "refers to ${extract.1}, which is not one value"),
+    ("h-${experiment}.pt", "refers to ${experiment}, which refers to another"),
+    ("h-${layers}.pt", "refers to ${layers}, which is not one value")])
+def test_a_bad_reference_is_one_line(run_tl, code_caches, monkeypatch, out, message):
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, f"""\
+        seed: 1
+        experiment: "x-${{seed}}"
+        layers: [a, b]
+        extract: [{{data: images, out: caches/x}}]
+        fit-head: {{cache: caches/train, out: "{out}"}}
+        """)
+    result = run_tl("run", recipe, "--only", "fit-head")
+    assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
+    assert not result.out and not list(code_caches.glob("h-*")), result
+
+
 def test_set_values_read_as_they_mean(run_tl, code_caches, monkeypatch):
     """`1.0` is a number, `[8]` a list, `010` stays text (not YAML 1.1's octal 8), an empty value is empty."""
     monkeypatch.chdir(code_caches)

@@ -139,12 +139,14 @@ def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
     assert {client.get_experiment(run.info.experiment_id).name for run in runs} == {"keras"}
     parent = parents[0]
     assert parent.data.params["retrained_conv_layers"] == "0" and parent.data.params["max_epochs"] == "2"
-    assert "model/cifar10-vgg16.pt" in _artifacts(client, parent.info.run_id)
+    # the recipe's paths name the backbone and the training size (300.0 as 300): -P backbone=vgg16 keeps its own
+    assert "model/cifar10-alexnet.pt" in _artifacts(client, parent.info.run_id)
+    assert (project / "caches" / "cifar10-alexnet-train-300" / "manifest.json").is_file()
     finetune = next(run for run in runs if run.data.tags.get("tl.stage") == "finetune")
     assert finetune.data.params["unfreeze"] == "0" and finetune.data.params["early_stop"] == "True"
     assert finetune.data.params["val_fraction"] == "0.2"
     assert len(client.get_metric_history(finetune.info.run_id, "curve/val_loss")) >= 1
-    assert (project / "models" / "cifar10-vgg16.pt").is_file()
+    assert (project / "models" / "cifar10-alexnet.pt").is_file()
 
 
 def test_an_mlflow_failure_is_one_line(run_tl, tmp_path, monkeypatch):
