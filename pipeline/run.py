@@ -12,10 +12,8 @@ The click layer parses and runs the stages (`StageRunner`); this module plans, d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -23,18 +21,10 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.errors import ConfigError, Occupied, TLError
-from pipeline.files import write_bytes
-from pipeline.recipe import (OUTPUT, INPUTS, STAGES, StageOptions, Step, check, check_values, plan, read_recipe,
-                             section_items, select)
-
-RECORD_FORMAT = "tl-run-record/1"
-RECORD_SUFFIX = ".tl-run.json"
-# settings that change how a stage runs, never what it writes: left out of a step's digest (a re-run
-# with more workers or on another device is up to date), kept in its record and its tracked parameters
-HOW_NOT_WHAT = {"quiet", "workers", "overwrite", "resume", "download", "device"}
-# inference batches give the same numbers; fit-head's block_rows orders its streamed mini-batches: kept
-HOW_NOT_WHAT_OF = {"extract": {"batch_size"}, "evaluate": {"batch_size", "block_rows"}}
-MAIN_FILES = ("manifest.json", "report.json")  # the file that stands for a cache or a report folder
+from pipeline.recipe import (OUTPUT, STAGES, StageOptions, Step, check, check_values, plan, read_recipe, section_items,
+                             select)
+from pipeline.run_records import (output_state, read_record, record_path, rewrite_record, step_digest, up_to_date,
+                                  write_record)
 
 
 class StageRunner(Protocol):
@@ -111,13 +101,13 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 extra = _restart(step, record, digest, out, say, config.rerun)
                 say(f"== {step.label}" + (f" -> {out}" if out else ""))
                 existed = out is not None and out.exists()
-                before = _state(step, out)
+                before = output_state(step, out)
                 started_record = write_record(out, step, digest, "started")
                 try:
                     outcome = runner.execute(step, extra)
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
-                    if record is not None and _state(step, out) == before:  # refused, or stopped before any write:
-                        _rewrite(out, record)  # the earlier record holds
+                    if record is not None and output_state(step, out) == before:  # refused, or stopped before any write:
+                        rewrite_record(out, record)  # the earlier record holds
                     translated = _in_recipe_terms(exc, step, stages[step.stage], recipe, project)
                     error = _stopped(step, recipe, record, existed, translated)
                     tracker.stopped(step, started_record, error)
@@ -131,7 +121,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
             tracked = tracker.stage(step, record, skipped=step.label in result.skipped)
             if tracked and out is not None:  # where the step's files went: a re-run up to date need not send them
                 record = {**record, "tracked": tracked}
-                _rewrite(out, record)
+                rewrite_record(out, record)
             if step.stage == "evaluate":
                 result.metrics = record.get("metrics", {})
             if step.stage in ("fit-head", "finetune"):
@@ -245,123 +235,6 @@ def _cache_found(record: dict, out: Path) -> str | None:
     if recorded is not None and json.loads(json.dumps(manifest.key, default=str)) != recorded:
         return "was made again with other settings since this recipe made it"
     return None
-
-
-# ---------------------------------------------------------------- records
-
-
-def record_path(out: Path) -> Path:
-    return out.with_name(out.name + RECORD_SUFFIX)
-
-
-def read_record(out: Path | None) -> dict | None:
-    if out is None or not record_path(out).is_file():
-        return None
-    try:
-        record = json.loads(record_path(out).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # a damaged record only costs a re-run
-    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
-
-
-def _state(step: Step, out: Path | None) -> list:
-    """Every file of a step's output as (name, size, mtime): a folder's, or a file's and, for finetune, its
-    checkpoints'. A step that failed and left it so changed nothing, and its earlier record still holds."""
-    if out is None:
-        return []
-    from pipeline.model_files import checkpoint_paths
-
-    try:
-        files = sorted(out.iterdir()) if out.is_dir() else [out, *(checkpoint_paths(out) if step.stage == "finetune" else ())]
-    except OSError:  # a folder that cannot be listed: unknown, so never "unchanged"
-        return [object()]
-    return [[path.name, stat.st_size, stat.st_mtime_ns] for path in files if (stat := _stat(path)) is not None]
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return path.stat()
-    except OSError:  # not there (yet, or any more)
-        return None
-
-
-def _stamp(out: Path) -> list | None:
-    """(size, mtime) of the output's main file: a head or model file, a cache's manifest, a report's json."""
-    main = out
-    if out.is_dir():
-        main = next((out / name for name in MAIN_FILES if (out / name).is_file()), None)
-    if main is None or not main.is_file():
-        return None
-    stat = main.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def up_to_date(record: dict | None, digest: str, out: Path | None) -> bool:
-    return (record is not None and record.get("status") == "done" and record.get("digest") == digest
-            and out is not None and record.get("output") is not None and record.get("output") == _stamp(out))
-
-
-def write_record(out: Path | None, step: Step, digest: str, status: str, summary: dict | None = None) -> dict:
-    record = {"format": RECORD_FORMAT, "stage": step.stage, "status": status, "digest": digest,
-              "settings": settings(step), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "output": _stamp(out) if out is not None and status == "done" else None, **(summary or {})}
-    if out is not None:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot make the folder of {step.label}'s out {out}: {exc.strerror}; "
-                              "choose another out") from None
-        _rewrite(out, record)
-    return record
-
-
-def _rewrite(out: Path, record: dict) -> None:
-    """The record of the step whose output is `out`, as it is given."""
-    write_bytes(record_path(out), json.dumps(record, indent=1, default=str).encode(), "run record",
-                follow=False)
-
-
-def settings(step: Step) -> dict:
-    """Every parameter of the step, as JSON values under its recipe key."""
-    return {key.rstrip("_"): (str(value) if isinstance(value, Path) else value)
-            for key, value in sorted(step.params.items())}
-
-
-def step_digest(step: Step) -> str:
-    """Digest of the step's settings and of what it reads: an input made by a recorded step stands as
-    that record's digest and output stamp; a data set as the fingerprint of its listing."""
-    inputs = {}
-    for key in INPUTS[step.stage]:
-        given = step.path(key)
-        if given is None:
-            continue
-        record = read_record(given)
-        if record is not None:  # the output as it is now: one rewritten by hand is a changed input
-            inputs[key] = [record.get("digest"), _stamp(given)]
-        elif key in ("data", "val_data"):
-            inputs[key] = _data_fingerprint(step, key)
-        elif given.exists():
-            inputs[key] = _stamp(given) if given.is_file() or given.is_dir() else None
-        else:
-            inputs[key] = str(given)  # "imagenet", "none"
-    ignored = HOW_NOT_WHAT | HOW_NOT_WHAT_OF.get(step.stage, set())
-    deciding = {key: value for key, value in settings(step).items() if key not in ignored}
-    text = json.dumps({"stage": step.stage, "settings": deciding, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _data_fingerprint(step: Step, key: str) -> str | None:
-    from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
-
-    split = step.params.get("val_split") if key == "val_data" else None
-    try:
-        source = open_source(step.params.get("format_") or DEFAULT_FORMAT, step.path(key),
-                             split or step.params.get("split") or "train",
-                             classes=step.params.get("classes") or DEFAULT_CLASSES,
-                             label_key=step.params.get("label_key"))
-    except TLError:
-        return None  # not there yet (--download) or unreadable: the stage itself says so
-    return source.fingerprint()
 
 
 # ---------------------------------------------------------------- what a step measured

@@ -603,7 +603,7 @@ def test_an_output_folder_that_cannot_be_listed_is_never_taken_as_unchanged(tmp_
     """Unlisted twice, it must not compare equal to itself, or a failed step would keep a record of
     an output it may have changed."""
     from pipeline.recipe import Step
-    from pipeline.run import _state
+    from pipeline.run_records import output_state as _state
 
     (tmp_path / "cache").mkdir()
     step = Step("extract", 1, 1, {}, {})

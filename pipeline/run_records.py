@@ -1,0 +1,138 @@
+"""`tl run`'s step records: `OUT.tl-run.json` beside each step's output, the digest of a step's settings
+and inputs, and the stamp of what it wrote, by which a step is found up to date or not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from pipeline.errors import ConfigError, TLError
+from pipeline.files import write_bytes
+from pipeline.recipe import INPUTS, Step
+
+RECORD_FORMAT = "tl-run-record/1"
+RECORD_SUFFIX = ".tl-run.json"
+# settings that change how a stage runs, never what it writes: left out of a step's digest (a re-run
+# with more workers or on another device is up to date), kept in its record and its tracked parameters
+HOW_NOT_WHAT = {"quiet", "workers", "overwrite", "resume", "download", "device"}
+# inference batches give the same numbers; fit-head's block_rows orders its streamed mini-batches: kept
+HOW_NOT_WHAT_OF = {"extract": {"batch_size"}, "evaluate": {"batch_size", "block_rows"}}
+MAIN_FILES = ("manifest.json", "report.json")  # the file that stands for a cache or a report folder
+
+
+def record_path(out: Path) -> Path:
+    return out.with_name(out.name + RECORD_SUFFIX)
+
+
+def read_record(out: Path | None) -> dict | None:
+    if out is None or not record_path(out).is_file():
+        return None
+    try:
+        record = json.loads(record_path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # a damaged record only costs a re-run
+    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else None
+
+
+def output_state(step: Step, out: Path | None) -> list:
+    """Every file of a step's output as (name, size, mtime): a folder's, or a file's and, for finetune, its
+    checkpoints'. A step that failed and left it so changed nothing, and its earlier record still holds."""
+    if out is None:
+        return []
+    from pipeline.model_files import checkpoint_paths
+
+    try:
+        files = sorted(out.iterdir()) if out.is_dir() else [out, *(checkpoint_paths(out) if step.stage == "finetune" else ())]
+    except OSError:  # a folder that cannot be listed: unknown, so never "unchanged"
+        return [object()]
+    return [[path.name, stat.st_size, stat.st_mtime_ns] for path in files if (stat := _stat(path)) is not None]
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:  # not there (yet, or any more)
+        return None
+
+
+def stamp(out: Path) -> list | None:
+    """(size, mtime) of the output's main file: a head or model file, a cache's manifest, a report's json."""
+    main = out
+    if out.is_dir():
+        main = next((out / name for name in MAIN_FILES if (out / name).is_file()), None)
+    if main is None or not main.is_file():
+        return None
+    stat = main.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def up_to_date(record: dict | None, digest: str, out: Path | None) -> bool:
+    return (record is not None and record.get("status") == "done" and record.get("digest") == digest
+            and out is not None and record.get("output") is not None and record.get("output") == stamp(out))
+
+
+def write_record(out: Path | None, step: Step, digest: str, status: str, summary: dict | None = None) -> dict:
+    record = {"format": RECORD_FORMAT, "stage": step.stage, "status": status, "digest": digest,
+              "settings": settings(step), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "output": stamp(out) if out is not None and status == "done" else None, **(summary or {})}
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the folder of {step.label}'s out {out}: {exc.strerror}; "
+                              "choose another out") from None
+        rewrite_record(out, record)
+    return record
+
+
+def rewrite_record(out: Path, record: dict) -> None:
+    """The record of the step whose output is `out`, as it is given."""
+    write_bytes(record_path(out), json.dumps(record, indent=1, default=str).encode(), "run record",
+                follow=False)
+
+
+def settings(step: Step) -> dict:
+    """Every parameter of the step, as JSON values under its recipe key."""
+    return {key.rstrip("_"): (str(value) if isinstance(value, Path) else value)
+            for key, value in sorted(step.params.items())}
+
+
+def step_digest(step: Step) -> str:
+    """Digest of the step's settings and of what it reads: an input made by a recorded step stands as
+    that record's digest and output stamp; a data set as the fingerprint of its listing."""
+    inputs = {}
+    for key in INPUTS[step.stage]:
+        given = step.path(key)
+        if given is None:
+            continue
+        record = read_record(given)
+        if record is not None:  # the output as it is now: one rewritten by hand is a changed input
+            inputs[key] = [record.get("digest"), stamp(given)]
+        elif key in ("data", "val_data"):
+            inputs[key] = _data_fingerprint(step, key)
+        elif given.exists():
+            inputs[key] = stamp(given) if given.is_file() or given.is_dir() else None
+        else:
+            inputs[key] = str(given)  # "imagenet", "none"
+    ignored = HOW_NOT_WHAT | HOW_NOT_WHAT_OF.get(step.stage, set())
+    deciding = {key: value for key, value in settings(step).items() if key not in ignored}
+    text = json.dumps({"stage": step.stage, "settings": deciding, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _data_fingerprint(step: Step, key: str) -> str | None:
+    from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
+
+    split = step.params.get("val_split") if key == "val_data" else None
+    try:
+        source = open_source(step.params.get("format_") or DEFAULT_FORMAT, step.path(key),
+                             split or step.params.get("split") or "train",
+                             classes=step.params.get("classes") or DEFAULT_CLASSES,
+                             label_key=step.params.get("label_key"))
+    except TLError:
+        return None  # not there yet (--download) or unreadable: the stage itself says so
+    return source.fingerprint()
