@@ -923,8 +923,10 @@ class ClickStages:
 @click.option("--rerun", is_flag=True, help="Run the chosen steps even when their outputs are up to date.")
 @click.option("--track", type=click.Choice(("mlflow",)),
               help=f"Log every step as a nested MLflow run (needs the mlflow extra: {install_extra('mlflow')}).")
+@click.option("--dry-run", is_flag=True, help="Check the recipe and say which steps would run and why; run and "
+                                                "write nothing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(recipe, sets, only, start, rerun, track, quiet):
+def run(recipe, sets, only, start, rerun, track, dry_run, quiet):
     """Run every stage a recipe names, in order, skipping steps whose outputs are up to date.
 
     The whole recipe is checked first (keys, types, ranges, paths, layers, no validation on test data); a re-run
@@ -932,7 +934,12 @@ def run(recipe, sets, only, start, rerun, track, quiet):
     """
     from pipeline.run import RunConfig, run_recipe
 
-    result = run_recipe(RunConfig(recipe, tuple(sets), only, start, rerun, track), ClickStages(quiet), say=click.echo)
+    result = run_recipe(RunConfig(recipe, tuple(sets), only, start, rerun, track, dry_run), ClickStages(quiet),
+                        say=click.echo)
+    if dry_run:
+        click.echo(f"\ndry run: {_count(len(result.ran), 'step')} would run, {len(result.skipped)} up to date; "
+                   "nothing was run or written")
+        return result
     click.echo(f"\ndone in {result.seconds:.0f} s: {_count(len(result.ran), 'step')} ran, "
                f"{len(result.skipped)} up to date"
                + "".join(f", {name} {value:.4f}" for name, value in result.metrics.items()

@@ -223,6 +223,11 @@ def _same(a: Path | None, b: Path | None) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
+def input_from(step: Step, maker: Step) -> str | None:
+    """The key of `step`'s input that `maker`'s output is (a fit-head's `cache`), or None."""
+    return next((key for key in INPUTS[step.stage] if _same(step.path(key), maker.path(OUTPUT))), None)
+
+
 def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
     """Cross-step checks on parsed steps, before any runs: every output has a name of its own, every
     input of a chosen step exists or is made by an earlier step, and no validation data is test data.

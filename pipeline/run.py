@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.errors import ConfigError, Occupied, TLError
-from pipeline.recipe import (OUTPUT, STAGES, StageOptions, Step, check, check_values, plan, read_recipe, section_items,
-                             select)
+from pipeline.recipe import (OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan, read_recipe,
+                             section_items, select)
 from pipeline.run_records import (output_state, read_record, record_path, rewrite_record, step_digest, up_to_date,
-                                  write_record)
+                                  why_stale, write_record)
 
 
 class StageRunner(Protocol):
@@ -45,6 +45,7 @@ class RunConfig:
     start: str | None = None
     rerun: bool = False
     track: str | None = None
+    dry_run: bool = False  # say what would run and why; run and write nothing
 
 
 @dataclass
@@ -89,6 +90,8 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
             # a recipe's patience waits for its early_stop to be turned on (mlflow run -P use_early_stop=0): no warning
             for warning in unread_options((step.params["head"],), step.params["solver"], given, early_stop=True):
                 say(f"warning: {step.label} {warning}")
+    if config.dry_run:
+        return _preview(chosen, config.rerun, result, say)
     with tracker:
         for step in chosen:
             out = step.path(OUTPUT)
@@ -128,6 +131,26 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 result.model = out
         result.where = tracker.finish(result.model, result.metrics)
     result.seconds = time.perf_counter() - started
+    return result
+
+
+def _preview(chosen: list[Step], rerun: bool, result: RunResult, say) -> RunResult:
+    """Each step as a run would take it, and why it would run (tl run --dry-run): nothing is run or
+    written. A step that reads what a running step makes runs after it, as its digest would tell then."""
+    running: list[Step] = []
+    for step in chosen:
+        out = step.path(OUTPUT)
+        record, digest = read_record(out), step_digest(step)
+        after = next((maker for maker in running if input_from(step, maker)), None)
+        if after is None and not rerun and up_to_date(record, digest, out):
+            say(f"== {step.label}: {out} is up to date")
+            result.skipped.append(step.label)
+            continue
+        why = ("--rerun" if rerun else f"after {after.label}, which makes its {input_from(step, after)}" if after
+               else why_stale(step, record, digest, out))
+        say(f"== {step.label}" + (f" -> {out}" if out else "") + f": would run ({why})")
+        running.append(step)
+        result.ran.append(step.label)
     return result
 
 

@@ -95,6 +95,24 @@ def rewrite_record(out: Path, record: dict) -> None:
                 follow=False)
 
 
+def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) -> str:
+    """Why a step is not up to date (tl run --dry-run), in a few words: not run, stopped, the settings that
+    changed (old -> new), its inputs, or its output since it was written."""
+    if record is None:
+        return f"{out} has no record of this recipe" if out is not None and out.exists() else "not run yet"
+    if record.get("status") != "done":
+        return "its last run stopped"
+    ignored = HOW_NOT_WHAT | HOW_NOT_WHAT_OF.get(step.stage, set())
+    before, now = record.get("settings") or {}, json.loads(json.dumps(settings(step), default=str))
+    changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
+               if key not in ignored and before.get(key) != now.get(key)]
+    if changed:
+        return "changed: " + ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    if record.get("digest") != digest:
+        return "its inputs changed since it ran"
+    return f"{out} changed since it was written" if out is not None and out.exists() else f"{out} is gone"
+
+
 def settings(step: Step) -> dict:
     """Every parameter of the step, as JSON values under its recipe key."""
     return {key.rstrip("_"): (str(value) if isinstance(value, Path) else value)

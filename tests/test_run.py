@@ -5,6 +5,7 @@ recipe refused in one line before any stage starts; no validation on the test da
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -240,6 +241,45 @@ def test_a_bad_reference_is_one_line(run_tl, code_caches, monkeypatch, out, mess
     result = run_tl("run", recipe, "--only", "fit-head")
     assert result.code == 2 and message in result.err and result.err.count("\n") == 1, result
     assert not result.out and not list(code_caches.glob("h-*")), result
+
+
+def test_a_dry_run_says_what_would_run_and_why_and_writes_nothing(run_tl, code_caches, monkeypatch):
+    """tl run --dry-run checks the recipe and says, per step, whether it is up to date or why it would run:
+    not run yet, the settings that changed, an output changed or gone, a stopped run, or a step before it
+    that makes its input. It writes nothing, records included."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, """\
+        fit-head: {cache: caches/train, head: logreg, C: 1.0, out: heads/h.pt}
+        evaluate: {head: heads/h.pt, cache: caches/test, out: reports/r}
+        """)
+
+    def lines(*options):
+        result = run_tl("run", recipe, "--dry-run", *options)
+        assert result.code == 0, result
+        return result.out.splitlines()
+
+    before = sorted(code_caches.rglob("*"))
+    assert lines() == ["== fit-head -> heads/h.pt: would run (not run yet)",
+                       "== evaluate -> reports/r: would run (after fit-head, which makes its head)", "",
+                       "dry run: 2 steps would run, 0 up to date; nothing was run or written"]
+    assert sorted(code_caches.rglob("*")) == before
+    bad = run_tl("run", recipe, "--dry-run", "--set", "fit-head.C=-1")  # checked as a run is
+    assert bad.code == 2 and "C" in bad.err and not bad.out, bad
+    assert run_tl("run", recipe, "--quiet").code == 0
+    assert lines()[:2] == ["== fit-head: heads/h.pt is up to date", "== evaluate: reports/r is up to date"]
+    assert lines("--set", "fit-head.C=0.5", "--set", "fit-head.max_iter=50")[0] == (
+        "== fit-head -> heads/h.pt: would run (changed: C '1.0' -> '0.5', max_iter 1000 -> 50)")
+    shutil.rmtree(code_caches / "reports/r")
+    assert lines()[:2] == ["== fit-head: heads/h.pt is up to date", "== evaluate -> reports/r: would run (reports/r is gone)"]
+    (code_caches / "heads/h.pt").write_bytes((code_caches / "heads/h.pt").read_bytes())  # rewritten by hand
+    assert lines()[0] == "== fit-head -> heads/h.pt: would run (heads/h.pt changed since it was written)"
+    record = code_caches / "heads/h.pt.tl-run.json"
+    record.write_text(record.read_text().replace('"status": "done"', '"status": "started"'))
+    stopped = record.read_bytes()
+    assert lines()[0] == "== fit-head -> heads/h.pt: would run (its last run stopped)"
+    assert record.read_bytes() == stopped and not (code_caches / "reports/r").exists()
+    assert lines("--rerun", "--only", "evaluate") == ["== evaluate -> reports/r: would run (--rerun)", "",
+                                                       "dry run: 1 step would run, 0 up to date; nothing was run or written"]
 
 
 def test_set_values_read_as_they_mean(run_tl, code_caches, monkeypatch):
