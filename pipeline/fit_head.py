@@ -139,10 +139,20 @@ def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | 
     if val_fraction is not None:  # as finetune refuses the pair
         raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them "
                         "(--val-fraction 0 holds out none)")
-    if same_file(val_cache, cache) or load_manifest(val_cache, records=False).content == \
-            load_manifest(cache, records=False).content != "":
+    training, validation = load_manifest(cache), load_manifest(val_cache)
+    if same_file(val_cache, cache) or validation.content == training.content != "":
         raise HeadError(f"--val-cache {val_cache} holds the codes of the training cache {cache}: validation would "
                         "score the rows the heads train on; pass a cache of other images, or --val-fraction")
+    # codes of the same image files extracted again (another dtype, device, or --split train by mistake) differ,
+    # but their shards record the same input digests (each sample's id, size and mtime). Codes of another
+    # backbone or weights are refused as such when the rows are read
+    trained = {shard.inputs for shard in training.shards if shard.inputs}
+    shards = validation.shards
+    shared = sum(shard.inputs in trained for shard in shards) if codes_key(training) == codes_key(validation) else 0
+    if shared:
+        raise HeadError(f"--val-cache {val_cache} holds codes of the images of the training cache {cache} ({shared} "
+                        f"of its {len(shards)} shards read the same files): validation would score training images; "
+                        "extract the validation images into their own cache, or pass --val-fraction")
 
 
 def _image_split(reader: CacheReader, fraction: float, seed: int, targets: np.ndarray):

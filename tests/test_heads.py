@@ -21,7 +21,7 @@ from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.heads import LogRegHead, MlpHead, SvmHead
 from pipeline.model_files import load_head, save_head
 from pipeline.training import TrainingOptions
-from tests.conftest import blobs, multi_label_blobs, write_code_cache
+from tests.conftest import blobs, make_image_folder, multi_label_blobs, write_code_cache
 
 
 def test_logreg_beats_chance_and_matches_scikit_learn():
@@ -280,6 +280,33 @@ def test_a_class_without_training_rows_is_refused(tmp_path):
     write_code_cache(tmp_path / "emptied", codes, np.ones(100, np.int64), ["cat", "dog"])
     with pytest.raises(HeadError, match="hold one class, dog; a classifier needs at least two: add images of cat$"):
         fit_head(FitHeadConfig(cache=tmp_path / "emptied", out=tmp_path / "h.pt"))
+
+
+def test_a_validation_cache_of_the_training_images_extracted_again_is_refused(run_tl, tmp_path):
+    """Codes of the same image files extracted a second time (float32 here, float16 for training; or a
+    --split train given by mistake) have another content digest, and validation scored training images:
+    their shards' input digests are the same. A cache of other images is taken."""
+    make_image_folder(tmp_path / "images/train", classes=("a", "b"), per_class=4)
+    make_image_folder(tmp_path / "images/val", classes=("a", "b"), per_class=2, size=(40, 48))
+
+    def extract(data, out, *more):
+        result = run_tl("extract", "--data", data, "--backbone", "alexnet", "--weights", "none", "--layers", "pool5",
+                        "--workers", "0", "--quiet", "--out", tmp_path / out, *more)
+        assert result.code == 0, result
+
+    extract(tmp_path / "images", "train")
+    extract(tmp_path / "images", "again", "--dtype", "float32")
+    extract(tmp_path / "images", "val", "--split", "val")
+    for command in (["fit-head", "--out", tmp_path / "h.pt"], ["sweep", "--out", tmp_path / "sweep"]):
+        result = run_tl(*command, "--cache", tmp_path / "train", "--val-cache", tmp_path / "again", "--C", "1,10")
+        assert result.code == 2 and result.err == (
+            f"error: --val-cache {tmp_path / 'again'} holds codes of the images of the training cache "
+            f"{tmp_path / 'train'} (1 of its 1 shards read the same files): validation would score training images; "
+            "extract the validation images into their own cache, or pass --val-fraction\n"), result
+    assert not (tmp_path / "h.pt").exists() and not (tmp_path / "sweep").exists()
+    taken = run_tl("fit-head", "--cache", tmp_path / "train", "--val-cache", tmp_path / "val", "--C", "1,10",
+                   "--out", tmp_path / "h.pt")
+    assert taken.code == 0, taken
 
 
 def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
