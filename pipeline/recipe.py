@@ -334,7 +334,7 @@ def check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
 def _head_tap(step: Step, steps: list[Step], chosen: list[Step]):
     """(backbone entry, tap) of the head a finetune step starts from: as the fit-head step that makes it
     will fit it, else as the head file on disk records it; None where neither says (a cache of several
-    layers, no layer named: fit-head refuses that itself)."""
+    layers and no layer named, or a layer the cache lacks: fit-head refuses those itself)."""
     from pipeline.backbones import get_backbone
 
     fit = next((s for s in chosen if s.stage == "fit-head" and _same(s.path(OUTPUT), step.path("head"))), None)
@@ -350,9 +350,10 @@ def _head_tap(step: Step, steps: list[Step], chosen: list[Step]):
         return None  # a cache on disk: fit-head reads its layers
     backbone = get_backbone(maker.params["backbone"])
     written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
-    layer = fit.params.get("layer")
-    return (backbone, backbone.aliases.get(layer, layer)) if layer else (backbone, written[0]) if len(written) == 1 \
-        else None
+    layer = backbone.aliases.get(fit.params["layer"], fit.params["layer"]) if fit.params.get("layer") else None
+    if layer is None:
+        return (backbone, written[0]) if len(written) == 1 else None
+    return (backbone, layer) if layer in written else None
 
 
 def _layers(params: dict) -> list[str]:
