@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import as_flag_value, read_config, resolve_references
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TLError
 
 STAGES = ("extract", "fit-head", "finetune", "evaluate")
 OTHER_COMMANDS = ("predict", "export", "quickstart", "info", "example-data", "run")
@@ -333,8 +333,9 @@ def check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
 
 def _head_tap(step: Step, steps: list[Step], chosen: list[Step]):
     """(backbone entry, tap) of the head a finetune step starts from: as the fit-head step that makes it
-    will fit it, else as the head file on disk records it; None where neither says (a cache of several
-    layers and no layer named, or a layer the cache lacks: fit-head refuses those itself)."""
+    will fit it (from the extract step that makes its cache, or the cache's manifest), else as the head
+    file on disk records it; None where neither says (a cache of several layers and no layer named, or a
+    layer the cache lacks: fit-head refuses those itself)."""
     from pipeline.backbones import get_backbone
 
     fit = next((s for s in chosen if s.stage == "fit-head" and _same(s.path(OUTPUT), step.path("head"))), None)
@@ -346,10 +347,17 @@ def _head_tap(step: Step, steps: list[Step], chosen: list[Step]):
         metadata = load_head(step.path("head"))[1]
         return get_backbone(metadata["codes_key"]["backbone"]), metadata["layer"]
     maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), fit.path("cache"))), None)
-    if maker is None:
-        return None  # a cache on disk: fit-head reads its layers
-    backbone = get_backbone(maker.params["backbone"])
-    written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
+    if maker is not None and maker in chosen:
+        backbone = get_backbone(maker.params["backbone"])
+        written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
+    else:  # fit-head reads the cache on disk (no step makes it, or --from fit-head): its manifest says
+        from cache.manifest import load_manifest
+
+        try:
+            key = load_manifest(fit.path("cache"), records=False).key
+        except TLError:
+            return None  # fit-head says what is wrong with it
+        backbone, written = get_backbone(key["backbone"]), list(key["taps"])
     layer = backbone.aliases.get(fit.params["layer"], fit.params["layer"]) if fit.params.get("layer") else None
     if layer is None:
         return (backbone, written[0]) if len(written) == 1 else None

@@ -432,6 +432,15 @@ def test_unfreeze_is_checked_against_the_heads_backbone_before_any_step(run_tl, 
     lacking = run_tl("run", recipe, "--from", "fit-head", "--set", "fit-head.layer=nope", "--set", "finetune.unfreeze=2")
     assert lacking.code == 2 and "Traceback" not in lacking.err and lacking.err.count("\n") == 1, lacking
     assert "nope" in lacking.err, lacking
+    # a cache on disk that no step of the recipe makes: its manifest says, before fit-head runs
+    cached = _recipe(tmp_path, """\
+        data: images
+        fit-head: {cache: caches/train, out: heads/other.pt}
+        finetune: {head: heads/other.pt, epochs: 1, batch_size: 4, unfreeze: 6, out: models/other.pt}
+        """)
+    refused = run_tl("run", cached, "--quiet")
+    assert refused.code == 2 and "more than the 5 conv layers" in refused.err and not refused.out, refused
+    assert not (tmp_path / "heads/other.pt").exists()
 
 
 def test_a_step_that_failed_before_writing_keeps_its_earlier_record(run_tl, tmp_path, monkeypatch):
