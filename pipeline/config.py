@@ -91,10 +91,14 @@ def resolve_references(document: dict, path: Path) -> dict:
     def value_of(name: str, where: str) -> str:
         node = document
         for part in name.strip().split("."):
+            # a key as the stages read it: `max-epochs` is `max_epochs`, and of two spellings the later
+            # wins (a --set spelled otherwise than the file's key is the one the step uses)
+            spellings = [key for key in node if str(key).replace("-", "_") == part.replace("-", "_")] \
+                if isinstance(node, dict) else []
             if isinstance(node, list) and part.isdecimal() and 1 <= int(part) <= len(node):
                 node = node[int(part) - 1]
-            elif isinstance(node, dict) and part in node:
-                node = node[part]
+            elif spellings:
+                node = node[spellings[-1]]
             else:
                 step = " (a list section: name its step, section.N.key)" if isinstance(node, list) else ""
                 raise ConfigError(f"config file {path}: {where} refers to ${{{name}}}, which the file does not "

@@ -220,6 +220,12 @@ def test_references_name_outputs_after_settings(run_tl, code_caches, monkeypatch
     assert again.code == 0 and "0 steps ran, 2 up to date" in again.out, again
     config = run_tl("fit-head", "--config", recipe, "--quiet")
     assert config.code == 0 and (code_caches / "heads/h0-2.pt").is_file(), config
+    # a key named as the stages read it: max-epochs is max_epochs, and a --set spelled otherwise is what runs
+    spelled = run_tl("run", recipe, "--dry-run", "--set", "fit-head.max-epochs=4")
+    assert spelled.code == 0 and "\n== fit-head -> heads/h0-4.pt: would run" in spelled.out, spelled
+    recipe.write_text(recipe.read_text().replace("${fit-head.max_epochs}", "${fit-head.max-epochs}"))
+    dashed = run_tl("run", recipe, "--dry-run")
+    assert dashed.code == 0 and "\n== fit-head -> heads/h0-2.pt: would run" in dashed.out, dashed
 
 
 @pytest.mark.parametrize("out,message", [
