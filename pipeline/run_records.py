@@ -96,12 +96,11 @@ def rewrite_record(out: Path, record: dict) -> None:
 
 
 def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) -> str:
-    """Why a step is not up to date (tl run --dry-run), in a few words: not run, stopped, the settings that
-    changed (old -> new), its inputs, or its output since it was written."""
+    """Why a step is not up to date (tl run --dry-run), in a few words: not run, the settings that changed
+    (old -> new), its inputs, a stopped run (of the same settings: a finetune resumes it), or its output
+    since it was written."""
     if record is None:
         return f"{out} has no record of this recipe" if out is not None and out.exists() else "not run yet"
-    if record.get("status") != "done":
-        return "its last run stopped"
     ignored = HOW_NOT_WHAT | HOW_NOT_WHAT_OF.get(step.stage, set())
     before, now = record.get("settings") or {}, json.loads(json.dumps(settings(step), default=str))
     changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
@@ -110,6 +109,8 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
         return "changed: " + ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     if record.get("digest") != digest:
         return "its inputs changed since it ran"
+    if record.get("status") != "done":  # after the changes: a run of other settings starts over, not resumes
+        return "its last run stopped"
     return f"{out} changed since it was written" if out is not None and out.exists() else f"{out} is gone"
 
 

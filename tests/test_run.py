@@ -283,6 +283,8 @@ def test_a_dry_run_says_what_would_run_and_why_and_writes_nothing(run_tl, code_c
     record.write_text(record.read_text().replace('"status": "done"', '"status": "started"'))
     stopped = record.read_bytes()
     assert lines()[0] == "== fit-head -> heads/h.pt: would run (its last run stopped)"
+    # a stopped run of other settings is not resumed (a finetune starts over): the changes are why
+    assert lines("--set", "fit-head.C=0.5")[0] == "== fit-head -> heads/h.pt: would run (changed: C '1.0' -> '0.5')"
     assert record.read_bytes() == stopped and not (code_caches / "reports/r").exists()
     assert lines("--rerun", "--only", "evaluate") == ["== evaluate -> reports/r: would run (--rerun)", "",
                                                        "dry run: 1 step would run, 0 up to date; nothing was run or written"]
