@@ -99,8 +99,17 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
     """Why a step is not up to date (tl run --dry-run), in a few words: not run, the settings that changed
     (old -> new), its inputs, a stopped run (of the same settings: a finetune resumes it), or its output
     since it was written."""
-    if record is None:
-        return f"{out} has no record of this recipe" if out is not None and out.exists() else "not run yet"
+    if record is None:  # an output this recipe did not make: a run takes it over, or stops there (run._stopped)
+        if step.stage == "finetune" and out is not None:
+            from pipeline.model_files import checkpoint_paths
+
+            earlier = next((path for path in checkpoint_paths(out) if path.exists()), None)
+            if earlier is not None:
+                return f"and stop: {earlier} holds an earlier run, and this recipe did not make it"
+        if out is None or not out.exists():
+            return "not run yet"
+        taken = ": a cache of the step's settings is taken up, any other stops the run" if step.stage == "extract" else ""
+        return f"{out} has no record of this recipe{taken}"
     ignored = HOW_NOT_WHAT | HOW_NOT_WHAT_OF.get(step.stage, set())
     before, now = record.get("settings") or {}, json.loads(json.dumps(settings(step), default=str))
     changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))

@@ -570,6 +570,9 @@ def test_a_cache_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(
     assert list(CacheReader(tmp_path / "caches/train").taps) == ["fc7"]  # theirs, untouched
     assert not (tmp_path / "caches/train.tl-run.json").exists()  # and not claimed: a second run refuses alike
     assert run_tl("run", recipe).err == refused.err
+    said = run_tl("run", recipe, "--dry-run")
+    assert said.out.startswith("== extract (train) -> caches/train: would run (caches/train has no record of this "
+                               "recipe: a cache of the step's settings is taken up, any other stops the run)\n"), said
 
 
 def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(run_tl, tmp_path, monkeypatch):
@@ -586,6 +589,9 @@ def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_rec
         f"another out in {recipe}, or delete models/m.last.ckpt and run again\n"), refused
     assert (tmp_path / "models/m.last.ckpt").read_bytes() == b"another run's checkpoint"
     assert not (tmp_path / "models/m.pt.tl-run.json").exists()
+    said = run_tl("run", recipe, "--dry-run", "--only", "finetune")  # what the run does, not "not run yet"
+    assert said.code == 0 and said.out.startswith("== finetune -> models/m.pt: would run (and stop: models/m.last.ckpt "
+                                                  "holds an earlier run, and this recipe did not make it)\n"), said
 
 
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):
