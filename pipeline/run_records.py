@@ -108,7 +108,8 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
                 return f"and stop: {earlier} holds an earlier run, and this recipe did not make it"
         if out is None or not out.exists():
             return "not run yet"
-        taken = ": a cache of the step's settings is taken up, any other stops the run" if step.stage == "extract" else ""
+        taken = ": a cache of the step's settings is taken up, any other stops the run" if step.stage == "extract" \
+            else ""
         return f"{out} has no record of this recipe{taken}"
     ignored = HOW_NOT_WHAT | HOW_NOT_WHAT_OF.get(step.stage, set())
     before, now = record.get("settings") or {}, json.loads(json.dumps(settings(step), default=str))

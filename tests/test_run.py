@@ -437,7 +437,8 @@ def test_unfreeze_is_checked_against_the_heads_backbone_before_any_step(run_tl, 
     on_disk = run_tl("run", recipe, "--only", "finetune", "--set", "finetune.unfreeze=6")  # the head file says
     assert on_disk.code == 2 and "more than the 5 conv layers" in on_disk.err and not on_disk.out, on_disk
     # a layer no backbone has, its extract step not run: fit-head's own one line, not a KeyError from the count
-    lacking = run_tl("run", recipe, "--from", "fit-head", "--set", "fit-head.layer=nope", "--set", "finetune.unfreeze=2")
+    lacking = run_tl("run", recipe, "--from", "fit-head", "--set", "fit-head.layer=nope",
+                     "--set", "finetune.unfreeze=2")
     assert lacking.code == 2 and "Traceback" not in lacking.err and lacking.err.count("\n") == 1, lacking
     assert "nope" in lacking.err, lacking
     # a cache on disk that no step of the recipe makes: its manifest says, before fit-head runs
