@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 
 SCALARS = (str, int, float, bool)
-REFERENCE = re.compile(r"\$\{([^{}]*)\}")
+REFERENCE = re.compile(r"(?<!\$)\$\{([^{}]*)\}")  # `$${` is a literal `${`
 
 
 def read_config(path: Path) -> dict:
@@ -86,9 +86,11 @@ def resolve_references(document: dict, path: Path) -> dict:
     """The document with each `${KEY}` in a text value replaced by the value KEY names as --set names
     keys: `${backbone}` (top level), `${section.key}`, `${section.N.key}` (the N-th step of a list
     section). Outputs named after a setting (`caches/cifar10-${backbone}-train`) keep one cache per
-    backbone where `-P backbone=...` would have replaced the one cache the recipe names."""
+    backbone where `-P backbone=...` would have replaced the one cache the recipe names. A value that is
+    one reference alone takes the value as it is (`early_stop: ${fit-head.early_stop}`, a switch);
+    `$${` writes `${`."""
 
-    def value_of(name: str, where: str) -> str:
+    def value_of(name: str, where: str):
         node = document
         for part in name.strip().split("."):
             # a key as the stages read it: `max-epochs` is `max_epochs`, and of two spellings the later
@@ -99,6 +101,8 @@ def resolve_references(document: dict, path: Path) -> dict:
                 node = node[int(part) - 1]
             elif spellings:
                 node = node[spellings[-1]]
+            elif isinstance(node, dict) and part == "1" and node is not document:
+                continue  # a section of one mapping is its own first step, as for --set section.1.key
             else:
                 step = " (a list section: name its step, section.N.key)" if isinstance(node, list) else ""
                 raise ConfigError(f"config file {path}: {where} refers to ${{{name}}}, which the file does not "
@@ -107,6 +111,9 @@ def resolve_references(document: dict, path: Path) -> dict:
             what = "refers to another" if isinstance(node, str) else "is not one value"
             raise ConfigError(f"config file {path}: {where} refers to ${{{name}}}, which {what}; refer to a "
                               "key that holds a value itself")
+        return node
+
+    def text(node) -> str:
         # a whole float as the number it is: mlflow run passes -P samples_per_class=300 as 300.0, which
         # tl reads as 300 (cli.AMOUNT), and one cache must not get two names
         return str(int(node)) if isinstance(node, float) and node.is_integer() else str(node)
@@ -117,7 +124,10 @@ def resolve_references(document: dict, path: Path) -> dict:
         if isinstance(value, list):
             return [resolved(item, f"{where}.{number}") for number, item in enumerate(value, 1)]
         if isinstance(value, str):
-            return REFERENCE.sub(lambda match: value_of(match.group(1), where), value)
+            whole = REFERENCE.fullmatch(value.strip())
+            if whole:
+                return value_of(whole.group(1), where)
+            return REFERENCE.sub(lambda match: text(value_of(match.group(1), where)), value).replace("$${", "${")
         return value
 
     return resolved(document, "")

@@ -112,10 +112,11 @@ def _set_value(text: str):
 
 def _assign(document: dict, parts: list[str], value, path: Path, assignment: str) -> None:
     if len(parts) == 1:
+        name = parts[0].replace("-", "_")  # as the stages read keys: max-epochs is max_epochs
         shadowing = [f"{section}" + (f".{number}" if isinstance(document[section], list) else "")
                      for section in STAGES if section in document
                      for number, item in enumerate(section_items(document[section]), 1)
-                     if isinstance(item, dict) and parts[0] in item]
+                     if isinstance(item, dict) and name in {str(key).replace("-", "_") for key in item}]
         if shadowing:  # silently losing to a section's own value would do nothing
             raise ConfigError(f"--set {assignment}: {', '.join(shadowing)} of {path} set{'s' if len(shadowing) == 1 else ''} "
                               f"{parts[0]} itself; set it there: --set {shadowing[0]}.{parts[0]}=...")

@@ -194,6 +194,7 @@ def test_a_required_option_left_out_is_one_line(run_tl):
     ("extract.3.seed=1", "has no extract section"), ("fit-head.3.seed=1", "has 1 step(s); use fit-head.N.key"),
     ("track=wandb", "track 'wandb' is not one of: mlflow"), ("finetune.unfreeze=2", "has no finetune section"),
     ("max_epochs=3", "fit-head of {recipe} sets max_epochs itself; set it there: --set fit-head.max_epochs=..."),
+    ("max-epochs=3", "fit-head of {recipe} sets max-epochs itself"),  # the same key, spelled as the flag
     ("fit-head.\u00b2=1", "fit-head has no option '\u00b2'"), ("fit-head.early_stop=no", "'early_stop' is a switch")])
 def test_a_bad_set_is_one_line(run_tl, code_caches, monkeypatch, assignment, message):
     monkeypatch.chdir(code_caches)
@@ -226,6 +227,13 @@ def test_references_name_outputs_after_settings(run_tl, code_caches, monkeypatch
     recipe.write_text(recipe.read_text().replace("${fit-head.max_epochs}", "${fit-head.max-epochs}"))
     dashed = run_tl("run", recipe, "--dry-run")
     assert dashed.code == 0 and "\n== fit-head -> heads/h0-2.pt: would run" in dashed.out, dashed
+    # a value that is one reference alone keeps its type (a switch); fit-head.1 is a one-mapping section's
+    # step, as --set names it; $${ is a literal ${
+    recipe.write_text("seed: 0\nfit-head: {cache: caches/train, head: mlp, early_stop: true, val_fraction: 0.2, "
+                      "max_epochs: 2, out: \"heads/$${x}-${fit-head.1.max_epochs}.pt\"}\n"
+                      "finetune: {head: h.pt, data: images, early_stop: \"${fit-head.early_stop}\", out: m.pt}\n")
+    typed = run_tl("run", recipe, "--only", "fit-head", "--quiet")
+    assert typed.code == 0 and (code_caches / "heads/${x}-2.pt").is_file(), typed
 
 
 @pytest.mark.parametrize("out,message", [
