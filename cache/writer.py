@@ -181,8 +181,7 @@ class CacheWriter:
                 self.beyond += 1
                 dropped.add(index)
                 continue
-            if (shard.samples, shard.inputs) != (planned.samples, planned.inputs) \
-                    or (self.position_matters and shard.first != planned.first):
+            if not self._answers(shard.first, shard.samples, shard.inputs, planned):
                 self.changed += 1
                 dropped.add(index)
                 continue
@@ -214,6 +213,14 @@ class CacheWriter:
         save_manifest(self.root, self.manifest)
         return dropped
 
+    def _answers(self, first: int, samples: int, inputs: str, planned: PlannedShard) -> bool:
+        """Whether a shard written for samples [first, first + samples) with input digest `inputs` holds
+        the rows `planned` asks for: the same samples and inputs, at any position unless rows depend on it.
+        One rule for records and for shard files: a kept shard that moved still names its old first sample
+        in its file, and must be adopted from it all the same when its records are lost."""
+        return (samples, inputs) == (planned.samples, planned.inputs) \
+            and (not self.position_matters or first == planned.first)
+
     def _sync(self) -> None:
         """The manifest's shard list and skipped samples from the finished shards (O(shards): on open and
         at the end, never per shard)."""
@@ -229,15 +236,15 @@ class CacheWriter:
             for entry, skipped in iter_records(self.root, self.manifest, only=path):
                 planned = self.plan[entry.index]  # a rank that listed other data wrote for another plan
                 if entry.index not in self._entries and entry.index not in distrusted \
-                        and (entry.first, entry.samples, entry.inputs) == (planned.first, planned.samples, planned.inputs):
-                    self._entries[entry.index] = entry
+                        and self._answers(entry.first, entry.samples, entry.inputs, planned):
+                    self._entries[entry.index] = dataclasses.replace(entry, first=planned.first)
                     self._skipped[entry.index] = skipped
         adopted = []
         for path in self.root.glob("shard-*.h5"):
             index = shard_index(path.name)
             if index is None or index in self._entries or index in distrusted or index >= len(self.plan):
                 continue
-            found = _shard_entry(path, self.manifest, self.plan[index])
+            found = _shard_entry(path, self.manifest, self.plan[index], self._answers)
             if found is not None:
                 entry, skipped = found
                 self._record(entry, skipped)
@@ -347,9 +354,9 @@ def _text(values) -> np.ndarray:
     return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
 
 
-def _shard_entry(path: Path, manifest: Manifest, planned: PlannedShard) -> tuple[ShardEntry, list[dict]] | None:
-    """(record, skipped samples) of a complete shard file of this cache written for the planned samples
-    and inputs, else None."""
+def _shard_entry(path: Path, manifest: Manifest, planned: PlannedShard, answers) -> tuple[ShardEntry, list[dict]] | None:
+    """(record, skipped samples) of a complete shard file of this cache that `answers` (CacheWriter._answers)
+    for the planned shard, at the planned position; else None."""
     try:
         with h5py.File(path, "r") as shard:
             if shard.attrs.get("key_digest") != manifest.key_digest:
@@ -359,9 +366,10 @@ def _shard_entry(path: Path, manifest: Manifest, planned: PlannedShard) -> tuple
             written = (int(shard.attrs["first"]), int(shard.attrs["samples"]), str(shard.attrs["inputs"]))
     except (OSError, KeyError, ValueError):
         return None  # unreadable or foreign: it will be rewritten
-    if shard_index(path.name) != index or written != (planned.first, planned.samples, planned.inputs):
+    if shard_index(path.name) != index or not answers(*written, planned):
         return None
-    return ShardEntry(index, path.name, rows, path.stat().st_size, file_digest(path), *written), skipped
+    return ShardEntry(index, path.name, rows, path.stat().st_size, file_digest(path), planned.first,
+                      planned.samples, planned.inputs), skipped
 
 
 def _whole(targets: np.ndarray) -> np.ndarray:

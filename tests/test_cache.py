@@ -306,6 +306,27 @@ def test_moved_samples_keep_a_shard_unless_its_rows_depend_on_their_position(tmp
     assert [s.first for s in load_manifest(root).shards] == [0, 4]
 
 
+def test_a_moved_shard_is_adopted_from_its_file_when_its_records_are_lost(tmp_path):
+    """A kept shard that moved in the listing still says its old first sample in its file; rebuilding lost
+    records from the shard files keeps it all the same (by its samples and inputs), at its new position."""
+    from cache.manifest import PlannedShard
+
+    root = tmp_path / "c"
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 4,
+                     plan=[PlannedShard(0, 2, "x", 0), PlannedShard(2, 2, "y", 1)]) as writer:
+        for index in (0, 1):
+            writer.write_shard(index, {"fc7": np.ones((2, 2))}, np.zeros(2), ["s0", "s1"], [])
+        writer.finish()
+    moved = [PlannedShard(0, 2, "x", 0), PlannedShard(3, 2, "y", 1)]  # a sample was added before shard 1
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 5, plan=moved) as writer:
+        assert writer.kept == 2
+    (root / "shards.jsonl").write_text("not a record\n" * 2)  # damaged: rebuilt from the shard files
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 5, plan=moved) as writer:
+        assert sorted(writer.finished) == [0, 1]
+        writer.finish()
+    assert [(s.index, s.first) for s in load_manifest(root).shards] == [(0, 0), (1, 3)]
+
+
 def test_another_ranks_records_are_adopted_only_for_this_plan(tmp_path):
     """A rank that listed other data records shards for another plan: rank 0 does not adopt them."""
     from cache.manifest import PlannedShard
