@@ -275,6 +275,18 @@ def test_tars_of_one_name_in_two_folders_give_distinct_ids(tmp_path):
     assert list(CacheReader(tmp_path / "c").load_column("sample_id")) == ["a/00000.tar/k", "b/00000.tar/k"]
 
 
+def test_labels_without_an_image_are_a_warning(tmp_path):
+    """A tar of images in a format not listed (.tif) gives no samples: its labels say so, not silence."""
+    tars = write_webdataset(tmp_path, tars=1, per_tar=4, classes=2)
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    write_tar(tars / "00001.tar", [("a.tif", picture), ("a.cls", b"0"), ("b.tif", picture), ("b.cls", b"1")])
+    source = open_source("webdataset", tars)
+    assert len(source) == 4 and source.warnings == [
+        "2 .cls label files name a key without an image (looked for .jpg, .jpeg, .png, .webp, .ppm, .bmp), "
+        f"the first a.cls in {tars / '00001.tar'}; no sample was listed for them"]
+    assert open_source("webdataset", tars / "00000.tar").warnings == []
+
+
 def test_an_empty_tar_is_a_warning(tmp_path):
     tars = write_webdataset(tmp_path, tars=1, per_tar=4, classes=2)
     write_tar(tars / "00001.tar", [])

@@ -188,9 +188,14 @@ class WebDatasetSource(Source):
         self.label_key = suffix + (f":{field}" if field and field != "label" else "")  # one spelling per key
         listed, warnings = [], []
         self._dotted = ""  # the first file named like an image after a second dot (img.001.jpg), if any
+        self._unpaired = [0, ""]  # labels without an image of their key (one in a format not listed): count, first
         paths = tar_paths(Path(data), split, warnings)
         for path, tar_name in zip(paths, _tar_names(paths)):
             listed.append((path, tar_name, file_stamp(path), self._list_tar(path, suffix, field, warnings)))
+        if self._unpaired[0]:  # a tar of .tif or .avif images would otherwise give no rows without a word
+            count, first = self._unpaired
+            warnings.append(f"{count:,} .{suffix} label files name a key without an image (looked for "
+                            f".{', .'.join(IMAGE_SUFFIXES)}), the first {first}; no sample was listed for them")
         labels = [entry[3] for *_, entries in listed for entry in entries if isinstance(entry[3], (int, str))]
         images = sum(len(entries) for *_, entries in listed)
         if images and not labels:
@@ -280,6 +285,10 @@ class WebDatasetSource(Source):
         else:
             if not members:  # a whole tar of nothing: said like a damaged one, not dropped silently
                 warnings.append(f"{shown(path)} is an empty tar (no entries); it was skipped")
+        unpaired = [key for key in labels if key not in images]
+        if unpaired:
+            first = self._unpaired[1] or f"{unpaired[0]}.{suffix} in {shown(path)}"
+            self._unpaired = [self._unpaired[0] + len(unpaired), first]
         entries = []
         for key, (offset, size, name) in images.items():
             label = labels.get(key)
