@@ -275,6 +275,26 @@ def test_tars_of_one_name_in_two_folders_give_distinct_ids(tmp_path):
     assert list(CacheReader(tmp_path / "c").load_column("sample_id")) == ["a/00000.tar/k", "b/00000.tar/k"]
 
 
+def test_the_images_of_a_tar_take_one_open_per_process(tmp_path, monkeypatch):
+    """An open is a metadata operation on a shared file system: a billion images must not be a billion
+    opens. A process keeps the tar it reads open; another process (a spawned worker) opens its own."""
+    import builtins
+    import copy
+    import pickle
+
+    tars = write_webdataset(tmp_path, tars=2, per_tar=5)
+    source = open_source("webdataset", tars)
+    opened = []
+    real_open, real_os_open = builtins.open, os.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: opened.append(str(path)) or real_os_open(path, *a, **k))
+    read = [source.encoded(index) for index in range(len(source))]
+    assert sorted(opened) == [str(tars / "00000.tar"), str(tars / "00001.tar")]
+    monkeypatch.undo()
+    assert read[6] == pickle.loads(pickle.dumps(source)).encoded(6) == copy.copy(source).encoded(6)
+    assert read[0].startswith(b"\x89PNG") and len(set(read)) == 10
+
+
 def test_labels_without_an_image_are_a_warning(tmp_path):
     """A tar of images in a format not listed (.tif) gives no samples: its labels say so, not silence."""
     tars = write_webdataset(tmp_path, tars=1, per_tar=4, classes=2)

@@ -332,12 +332,30 @@ class WebDatasetSource(Source):
         path, offset, size, problem = self.samples[index].location.split("\0", 3)
         if problem:
             raise OSError(problem)  # the listing's reason: no label, a repeated key, ... (see listing_problem)
-        with open(path, "rb") as handle:
-            handle.seek(int(offset))
-            data = handle.read(int(size))
+        data = os.pread(self._tar_handle(path), int(size), int(offset))
         if len(data) != int(size):
             raise OSError(f"the tar entry is cut short ({len(data)} of {size} bytes)")
         return data
+
+    def _tar_handle(self, path: str) -> int:
+        """A descriptor of the tar `path`, kept open while this process reads it: the batches of a shard
+        come from one tar, so a process opens each tar once, not once per image (an open is a metadata
+        operation on a shared file system: a billion of them would load its servers more than the reads).
+        Keyed by process: a forked DataLoader worker opens its own, and never closes its parent's."""
+        held = self.__dict__.get("_held")
+        if held is not None and held[:2] == (os.getpid(), path):
+            return held[2]
+        self.__del__()
+        self._held = (os.getpid(), path, os.open(path, os.O_RDONLY))
+        return self._held[2]
+
+    def __del__(self) -> None:
+        held = self.__dict__.pop("_held", None)
+        if held is not None and held[0] == os.getpid():
+            os.close(held[2])
+
+    def __getstate__(self) -> dict:  # a copy, or a spawned worker, opens tars of its own
+        return {name: value for name, value in self.__dict__.items() if name != "_held"}
 
     def read_image(self, index: int, draft=None) -> Image.Image:
         buffer = io.BytesIO(self.encoded(index))
