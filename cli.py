@@ -962,6 +962,18 @@ def _invoke(argv: list[str] | None):
         raise (stops.Interrupted() if isinstance(lost, KeyboardInterrupt) else lost) from None
 
 
+def _counted_extras(message: str) -> str:
+    """click's line for extra arguments, counted rather than listed when there are many: a shell that
+    expanded an unquoted `--data 'laion/{00000..99999}.tar'` (or `data/*.tar`) gives one per tar, and the
+    line would list them all."""
+    extras = message.removeprefix("Got unexpected extra arguments (").removesuffix(")").split(" ")
+    if not message.startswith("Got unexpected extra arguments (") or len(extras) <= 3:
+        return message
+    hint = ("; the shell expanded a pattern into one argument per tar: quote it (--data 'data/{00000..00099}.tar') "
+            "or pass their folder" if any(extra.endswith(".tar") for extra in extras) else "")
+    return f"Got {len(extras):,} unexpected extra arguments ({extras[0]} {extras[1]} ...){hint}"
+
+
 def main(argv: list[str] | None = None) -> None:
     stops.install()
     for stream in (sys.stdout, sys.stderr):
@@ -997,7 +1009,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:  # one line like every other error, with where to look
         command = f"tl {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "tl --help"
-        message = " ".join(exc.format_message().split())  # click lists a choice's values a line each
+        message = _counted_extras(" ".join(exc.format_message().split()))  # click lists a choice's values a line each
         click.echo(f"error: {message} (see {command})", err=True)
         sys.exit(2)
     except click.ClickException as exc:

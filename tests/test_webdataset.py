@@ -295,6 +295,19 @@ def test_the_images_of_a_tar_take_one_open_per_process(tmp_path, monkeypatch):
     assert read[0].startswith(b"\x89PNG") and len(set(read)) == 10
 
 
+def test_a_pattern_the_shell_expanded_is_a_short_line_that_says_to_quote_it(run_tl, tmp_path):
+    """`--data laion/{00000..99999}.tar` unquoted reaches tl as 100,000 arguments: one short line, not a
+    line that lists every tar."""
+    tars = [tmp_path / f"{k:05d}.tar" for k in range(1000)]
+    result = run_tl("extract", "--format", "webdataset", "--data", *tars, "--out", tmp_path / "c")
+    lines = result.err.strip().splitlines()
+    assert result.code == 2 and len(lines) == 1 and len(lines[0]) < 400, lines[0][:500]
+    assert lines[0].startswith(f"error: Got 999 unexpected extra arguments ({tars[1]} {tars[2]} ...); the shell "
+                               "expanded a pattern into one argument per tar: quote it")
+    assert run_tl("extract", "--data", "a", "b", "--out", tmp_path / "c").err.startswith(
+        "error: Got unexpected extra argument (b) (see")
+
+
 def test_labels_without_an_image_are_a_warning(tmp_path):
     """A tar of images in a format not listed (.tif) gives no samples: its labels say so, not silence."""
     tars = write_webdataset(tmp_path, tars=1, per_tar=4, classes=2)
