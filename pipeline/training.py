@@ -236,10 +236,7 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
             values = torch.stack(list(losses.values())).tolist()
             for i, value in zip(list(losses), values):
                 if not math.isfinite(value):
-                    if len(trainees) == 1:
-                        raise HeadError(f"the training loss of {trainees[i].describe} became {value} in epoch "
-                                        f"{epoch + 1}; lower --lr or check the cache with tl info --verify")
-                    states[i]["active"], states[i]["diverged"] = False, epoch + 1
+                    _diverge(trainees, states, i, "training", value, epoch)
                     losses[i] = losses[i].detach()  # no step: it keeps its last finite weights
                     continue
                 states[i]["optimizer"].zero_grad(set_to_none=True)
@@ -252,12 +249,13 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
             linear = [i for i in linear if states[i]["active"]]
             alone = [i for i in alone if states[i]["active"]]
             seen += len(codes)
-        for i in [i for i in active if "diverged" in states[i]]:
-            states[i]["curve"].append({"epoch": epoch + 1, "diverged": True})
-        active = [i for i in active if "diverged" not in states[i]]
-        scored = _evaluate_networks([trainees[i].network for i in active], val, loss_function, device) \
-            if val is not None and active else [{} for _ in active]
-        for i, validation in zip(active, scored):
+        going = [i for i in active if "diverged" not in states[i]]
+        scored = _evaluate_networks([trainees[i].network for i in going], val, loss_function, device) \
+            if val is not None and going else [{} for _ in going]
+        for i, validation in zip(going, scored):
+            if validation and not math.isfinite(validation["val_loss"]):  # the epoch's last steps overflowed the
+                _diverge(trainees, states, i, "validation", validation["val_loss"], epoch)  # logits; a NaN in the
+                continue  # curve made writing the head file (JSON) a traceback
             state, options = states[i], trainees[i].options
             point = {"epoch": epoch + 1, "lr": state["optimizer"].param_groups[0]["lr"], "train_loss": totals[i] / seen}
             state["schedule"].step()
@@ -267,6 +265,8 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
             state["curve"].append(point)
             if options.early_stop and epoch - state["best"][2] >= options.patience:
                 state["active"] = False
+        for i in [i for i in active if "diverged" in states[i]]:
+            states[i]["curve"].append({"epoch": epoch + 1, "diverged": True})
         if len(trainees) == 1:
             epochs.set_postfix({k: f"{v:.4f}" for k, v in states[0]["curve"][-1].items() if k not in ("epoch", "lr")})
     for trainee, state in zip(trainees, states):
@@ -276,6 +276,15 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
                 point["kept"] = point["epoch"] == state["best"][2] + 1
         trainee.network.cpu().eval()
     return [state["curve"] for state in states]
+
+
+def _diverge(trainees: list[Trainee], states: list[dict], i: int, loss: str, value: float, epoch: int) -> None:
+    """Network `i`'s training or validation loss stopped being finite: alone, the pass stops with a HeadError;
+    among others, it sits out the epochs left, marked diverged in that epoch."""
+    if len(trainees) == 1:
+        raise HeadError(f"the {loss} loss of {trainees[i].describe} became {value} in epoch {epoch + 1}; lower "
+                        "--lr or check the cache with tl info --verify")
+    states[i]["active"], states[i]["diverged"] = False, epoch + 1
 
 
 def _is_linear(body: nn.Module) -> bool:

@@ -168,6 +168,23 @@ def test_a_diverging_head_leaves_the_pass_and_ranks_last(run_tl, caches, tmp_pat
     assert board[0]["diverged"] is None and board[1]["diverged"] == 1 and board[0]["epochs"] == 3
 
 
+def test_a_head_whose_validation_loss_overflows_has_diverged(run_tl, caches, tmp_path):
+    # the epoch's last steps (lr 1e4) leave finite weights whose validation logits overflow: the loss was
+    # inf, and writing the head file (its curve in JSON) ended fit-head and the sweep in a ValueError
+    train, _ = caches
+    grid = ["--layers", "clear", "--heads", "mlp", "--hidden", "8", "--max-epochs", "1", "--batch-size", "1000",
+            "--quiet"]
+    result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", *grid, "--lr", "0.05,1e4")
+    assert result.code == 0, result
+    board = json.loads((tmp_path / "s/sweep.json").read_text())["heads"]
+    assert [(row["name"], row["diverged"]) for row in board] == [("clear-mlp-h8-lr0.05", None),
+                                                                ("clear-mlp-h8-lr10000", 1)]
+    alone = run_tl("fit-head", "--cache", train, "--layer", "clear", "--head", "mlp", "--hidden", "8", "--lr", "1e4",
+                   "--max-epochs", "1", "--batch-size", "1000", "--val-fraction", "0.2", "--out", tmp_path / "h.pt")
+    assert alone.code == 2 and "the validation loss of mlp became inf in epoch 1; lower --lr" in alone.err, alone
+    assert not (tmp_path / "h.pt").exists()
+
+
 def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_path):
     train, test = caches
     common = ["--out", tmp_path / "s", "--layers", "clear", "--C", "0.1,1", "--quiet"]
