@@ -238,7 +238,9 @@ def _train_layer(config: SweepConfig, pending: list[Setting], rows, val):
         for (setting, _), group in zip(streamed, trainees):
             for trainee in group:
                 trainee.describe = setting.name  # errors and progress name the grid point
-        curves = train_networks([t for group in trainees for t in group], rows, val, config.seed)
+        # a head that diverges ranks last, alone in its pass too (one mlp per layer, or the one left to a
+        # resumed or widened sweep): the grid goes on, as it does when the head has company
+        curves = train_networks([t for group in trainees for t in group], rows, val, config.seed, alone_stops=False)
         share = (time.perf_counter() - clock) / len(streamed)  # one pass trained them all: each its share
         position = 0
         for (setting, head), group in zip(streamed, trainees):

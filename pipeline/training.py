@@ -159,14 +159,16 @@ def train_network(network: nn.Module, rows: CodeRows, val: CodeRows | None, opti
     return train_networks([Trainee(network, options, describe)], rows, val, seed)[0]
 
 
-def train_networks(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: int) -> list[list[dict]]:
+def train_networks(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: int,
+                   alone_stops: bool = True) -> list[list[dict]]:
     """Train every network in place on the same streamed mini-batches: one read of each block (and of the
     validation rows) feeds them all, as a sweep's heads of one layer. They share the stream (batch size,
     epochs, device); each keeps its own optimizer, schedule and early stopping (a network that stops
     sits out the epochs left). Networks opening with the same Standardize share its output. Each draws
     its dropout masks from its own generator seeded with `seed`, so a network trains as it would alone.
     In a pass of several, one whose loss stops being finite leaves the pass with its last finite weights
-    (its curve's last point says `diverged`) and the others go on; a pass of one stops with a HeadError."""
+    (its curve's last point says `diverged`) and the others go on; a pass of one stops with a HeadError,
+    unless not `alone_stops` (a sweep's pass: its one head ranks last, as it would among others)."""
     first = trainees[0].options
     for trainee in trainees:
         trainee.options.check()
@@ -179,7 +181,7 @@ def train_networks(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return _train(trainees, rows, val, seed, device, first)
+        return _train(trainees, rows, val, seed, device, first, alone_stops and len(trainees) == 1)
 
 
 def _rng_state(device) -> tuple:
@@ -192,7 +194,8 @@ def _set_rng_state(state: tuple, device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: int, device, first) -> list[list[dict]]:
+def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: int, device, first,
+           diverged_stops: bool) -> list[list[dict]]:
     states = []
     for trainee in trainees:
         options = trainee.options
@@ -236,7 +239,7 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
             values = torch.stack(list(losses.values())).tolist()
             for i, value in zip(list(losses), values):
                 if not math.isfinite(value):
-                    _diverge(trainees, states, i, "training", value, epoch)
+                    _diverge(trainees[i], states[i], "training", value, epoch, diverged_stops)
                     losses[i] = losses[i].detach()  # no step: it keeps its last finite weights
                     continue
                 states[i]["optimizer"].zero_grad(set_to_none=True)
@@ -249,13 +252,16 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
             linear = [i for i in linear if states[i]["active"]]
             alone = [i for i in alone if states[i]["active"]]
             seen += len(codes)
+            if not linear and not alone:  # every network left the pass in this batch: no loss to stack next
+                break
         going = [i for i in active if "diverged" not in states[i]]
         scored = _evaluate_networks([trainees[i].network for i in going], val, loss_function, device) \
             if val is not None and going else [{} for _ in going]
         for i, validation in zip(going, scored):
-            if validation and not math.isfinite(validation["val_loss"]):  # the epoch's last steps overflowed the
-                _diverge(trainees, states, i, "validation", validation["val_loss"], epoch)  # logits; a NaN in the
-                continue  # curve made writing the head file (JSON) a traceback
+            # the epoch's last steps can overflow the logits; a NaN in the curve made writing the head a traceback
+            if validation and not math.isfinite(validation["val_loss"]):
+                _diverge(trainees[i], states[i], "validation", validation["val_loss"], epoch, diverged_stops)
+                continue
             state, options = states[i], trainees[i].options
             point = {"epoch": epoch + 1, "lr": state["optimizer"].param_groups[0]["lr"], "train_loss": totals[i] / seen}
             state["schedule"].step()
@@ -278,13 +284,13 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
     return [state["curve"] for state in states]
 
 
-def _diverge(trainees: list[Trainee], states: list[dict], i: int, loss: str, value: float, epoch: int) -> None:
-    """Network `i`'s training or validation loss stopped being finite: alone, the pass stops with a HeadError;
-    among others, it sits out the epochs left, marked diverged in that epoch."""
-    if len(trainees) == 1:
-        raise HeadError(f"the {loss} loss of {trainees[i].describe} became {value} in epoch {epoch + 1}; lower "
+def _diverge(trainee: Trainee, state: dict, loss: str, value: float, epoch: int, stops: bool) -> None:
+    """A network's training or validation loss stopped being finite: the pass stops with a HeadError when
+    `stops`; else the network sits out the epochs left, marked diverged in that epoch."""
+    if stops:
+        raise HeadError(f"the {loss} loss of {trainee.describe} became {value} in epoch {epoch + 1}; lower "
                         "--lr or check the cache with tl info --verify")
-    states[i]["active"], states[i]["diverged"] = False, epoch + 1
+    state["active"], state["diverged"] = False, epoch + 1
 
 
 def _is_linear(body: nn.Module) -> bool:

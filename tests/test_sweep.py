@@ -185,6 +185,28 @@ def test_a_head_whose_validation_loss_overflows_has_diverged(run_tl, caches, tmp
     assert not (tmp_path / "h.pt").exists()
 
 
+def test_a_head_alone_in_its_pass_diverges_as_among_others(run_tl, caches, tmp_path):
+    # a widened grid leaves the new lr alone in its pass (the other heads finished before), as does one mlp
+    # per layer beside lbfgs heads: its divergence ended the sweep in an error; the fresh wide grid ranks it last
+    train, _ = caches
+    grid = ["--cache", train, "--layers", "clear", "--heads", "mlp", "--hidden", "8", "--max-epochs", "3", "--quiet"]
+    assert run_tl("sweep", *grid, "--out", tmp_path / "s", "--lr", "0.05").code == 0
+    widened = run_tl("sweep", *grid, "--out", tmp_path / "s", "--lr", "0.05,1e12")
+    assert widened.code == 0 and "1 trained, 1 finished before" in widened.out, widened
+    assert run_tl("sweep", *grid, "--out", tmp_path / "fresh", "--lr", "0.05,1e12").code == 0
+    boards = [json.loads((tmp_path / folder / "sweep.json").read_text())["heads"] for folder in ("s", "fresh")]
+    assert [(row["name"], row["diverged"]) for row in boards[0]] == [("clear-mlp-h8-lr0.05", None),
+                                                                    ("clear-mlp-h8-lr1e+12", 1)]
+    assert [row["val_score"] for row in boards[0]] == [row["val_score"] for row in boards[1]]
+    beside = run_tl("sweep", *grid, "--out", tmp_path / "beside", "--lr", "1e12", "--heads", "mlp,logreg", "--C", "1")
+    assert beside.code == 0, beside
+    board = json.loads((tmp_path / "beside/sweep.json").read_text())["heads"]
+    assert [(row["name"], row["diverged"]) for row in board] == [("clear-logreg-C1", None), ("clear-mlp-h8-lr1e+12", 1)]
+    # every head of a pass diverging in one batch left none to train on the next: a RuntimeError (torch.stack)
+    assert run_tl("sweep", *grid, "--out", tmp_path / "all", "--lr", "1e12,1e13").code == 0
+    assert [row["diverged"] for row in json.loads((tmp_path / "all/sweep.json").read_text())["heads"]] == [1, 1]
+
+
 def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_path):
     train, test = caches
     common = ["--out", tmp_path / "s", "--layers", "clear", "--C", "0.1,1", "--quiet"]
