@@ -18,7 +18,7 @@ from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.model_files import load_head
 from pipeline.sweep import SweepConfig, run_sweep
 from pipeline.training import TrainingOptions
-from tests.conftest import blobs, start_stage
+from tests.conftest import blobs, multi_label_blobs, start_stage, write_code_cache
 
 
 def _two_layer_cache(root: Path, seed: int, n: int, draw: int = 0) -> Path:
@@ -205,6 +205,22 @@ def test_a_head_alone_in_its_pass_diverges_as_among_others(run_tl, caches, tmp_p
     # every head of a pass diverging in one batch left none to train on the next: a RuntimeError (torch.stack)
     assert run_tl("sweep", *grid, "--out", tmp_path / "all", "--lr", "1e12,1e13").code == 0
     assert [row["diverged"] for row in json.loads((tmp_path / "all/sweep.json").read_text())["heads"]] == [1, 1]
+
+
+def test_a_diverged_head_of_a_multi_label_cache_ranks_last(run_tl, tmp_path):
+    # its last finite weights give NaN probabilities on some validation rows: the mAP that ranks it (and
+    # fit-head's choice among --C values of logreg --solver sgd) ended in scikit-learn's "Input contains NaN"
+    codes, targets = multi_label_blobs(4, n=300)
+    cache = write_code_cache(tmp_path / "multi", codes.astype(np.float32), targets, ["a", "b", "c"])
+    result = run_tl("sweep", "--cache", cache, "--out", tmp_path / "s", "--heads", "mlp", "--hidden", "8",
+                    "--lr", "0.05,1e12", "--max-epochs", "3", "--quiet")
+    assert result.code == 0, result
+    board = json.loads((tmp_path / "s/sweep.json").read_text())
+    assert board["metric"] == "mAP" and [row["diverged"] for row in board["heads"]] == [None, 1]
+    assert all(0 <= row["val_score"] <= 1 for row in board["heads"])
+    chosen = run_tl("fit-head", "--cache", cache, "--head", "logreg", "--solver", "sgd", "--C", "1,10", "--lr", "1e12",
+                    "--max-epochs", "3", "--val-fraction", "0.2", "--out", tmp_path / "h.pt")
+    assert "Traceback" not in chosen.err and "NaN" not in chosen.err, chosen
 
 
 def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_path):
