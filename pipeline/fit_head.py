@@ -103,6 +103,10 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
     rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed, config.block_rows)
     head = HEAD_KINDS[config.head].from_config(config)
     head.fit(rows, val_codes=val)
+    diverged = next((point["epoch"] for point in head.curve_ or [] if point.get("diverged")), None)
+    if diverged is not None:  # every C of logreg --solver sgd did (one alone stops in its epoch): a head of NaN
+        raise HeadError("the loss of logreg --solver sgd stopped being finite at every --C; lower --lr or check "
+                        "the cache with tl info --verify")
     save_fitted(head, config.out, reader, layer, len(rows))
     chosen = {"C": head.C_} if hasattr(head, "C_") else {}
     if head.curve_:  # the epoch whose weights the head keeps: the best one under early stopping, else the last

@@ -226,7 +226,8 @@ class LogRegHead(LinearHead):
                                  for t, curve in zip(pending, curves)))
 
     def _choose(self, rows: CodeRows, val: CodeRows | None, fits) -> None:
-        """Keep the fit of the best validation score (the only one without validation)."""
+        """Keep the fit of the best validation score (the only one without validation); a fit that diverged
+        (--solver sgd) only when every one did: its NaN probabilities may still score higher."""
         grid = cost_grid(self.C, val)
         self.validation_scores_, best = {}, None
         for C, (coef, intercept, curve) in zip(grid, fits):
@@ -234,8 +235,9 @@ class LogRegHead(LinearHead):
             score = validation_score(val.targets, score_rows(self, val)) if val is not None else 0.0
             if val is not None:
                 self.validation_scores_[C] = score
-            if best is None or score > best[0]:
-                best = (score, C, coef, intercept, curve)
+            rank = (not any(point.get("diverged") for point in curve or []), score)
+            if best is None or rank > best[0]:
+                best = (rank, C, coef, intercept, curve)
         _, self.C_, self.coef_, self.intercept_, self.curve_ = best
 
     def hyperparameters(self) -> dict:

@@ -60,6 +60,17 @@ def test_c_sweep_picks_the_best_on_validation():
         LogRegHead(C=[0.1, 1.0]).fit(codes, targets)
 
 
+def test_an_sgd_cost_that_diverged_is_not_chosen_over_one_that_did_not(tmp_path):
+    # C 1e-6 (weight decay 1/(C n) times lr 1e4) diverges; its NaN probabilities had scored 0.25 to the
+    # finite C's 0.0 (lr 1e4 is no good either) and made it the head written
+    codes, targets = blobs(13, n=80)
+    cache = write_code_cache(tmp_path / "c", codes.astype(np.float32), targets, ["a", "b", "c", "d"])
+    result = fit_head(FitHeadConfig(cache=cache, out=tmp_path / "h.pt", head="logreg", solver="sgd", C=(1e-6, 1.0),
+                                    val_fraction=0.25, training=TrainingOptions(max_epochs=3, lr=1e4)))
+    head, _ = load_head(tmp_path / "h.pt")
+    assert result.chosen["C"] == 1.0 and not any(point.get("diverged") for point in head.curve_)
+
+
 def test_head_file_round_trip(tmp_path):
     codes, targets = blobs(5)
     head = LogRegHead().fit(codes, targets)
@@ -339,6 +350,9 @@ def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
         assert "--C values must be positive and finite, got inf" in refused(tmp_path / "good", "--head", head, "--C", "inf")
     assert "--lr must be a positive finite number, got inf" in refused(tmp_path / "good", "--head", "mlp", "--lr", "inf")
     assert "must be finite and 0 or more, got inf" in refused(tmp_path / "good", "--head", "mlp", "--momentum", "inf")
+    # one C that diverges is refused; every C of a grid diverging wrote a head of NaN probabilities, unsaid
+    assert "stopped being finite at every --C; lower --lr" in refused(
+        tmp_path / "good", "--head", "logreg", "--solver", "sgd", "--C", "1,10", "--lr", "1e12", "--val-fraction", "0.25")
     assert "'--val-fraction': 'nan' is not a fraction between 0 and 1" in refused(tmp_path / "good", "--val-fraction", "nan")
     # 0 holds out nothing (Keras's validation_split=0), so early stopping has nothing to watch
     assert "--early-stop needs a validation split" in refused(tmp_path / "good", "--head", "mlp", "--early-stop",
