@@ -240,13 +240,19 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
     if not bn_stats:
         model.eval_modules += [module for _, module in modules[first:]
                                if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    order, labels = [name for name, _ in modules], {}
     for name, parameter in model.features.named_parameters():
-        parameter.requires_grad = name.rsplit(".", 1)[0] in trainable_names
+        owner = name.rsplit(".", 1)[0]
+        # a module's own parameters beside its children train when it holds a trainable one, as its eval mode
+        # follows them: ConvNeXt's layer scale `gamma` (applied after the block's last conv), a ViT's
+        # `pos_embed` (after the patch embedding) stayed frozen under the layers they scale or feed
+        parameter.requires_grad = owner in trainable_names or _holds(owner, trainable_names)
+        if parameter.requires_grad:  # listed by module; a holder's own parameter by its name (cls_token, ...gamma)
+            labels.setdefault((owner if owner in trainable_names else name).removeprefix("extractor."),
+                              order.index(owner))
     for parameter in model.head.parameters():
         parameter.requires_grad = True
-    layers = sorted({name.rsplit(".", 1)[0].removeprefix("extractor.")
-                     for name, p in model.features.named_parameters() if p.requires_grad},
-                    key=lambda n: [m for m, _ in modules].index("extractor." + n))
+    layers = sorted(labels, key=labels.get)
     return {"parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
             "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}

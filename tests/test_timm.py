@@ -79,6 +79,26 @@ def test_a_head_on_timm_codes_finetunes_its_last_conv_layers(images, tmp_path):
     assert result.epochs_run == 1 and result.trainable["conv_layers"] == ["layer3.1.conv2"]  # stage3 = layer3
 
 
+def test_a_blocks_own_parameters_train_with_the_layers_it_holds(images, tmp_path):
+    """ConvNeXt's layer scale `gamma` is a parameter of the block itself, applied after the block's last
+    conv: --unfreeze 1 trained that conv and the final norm but left `gamma` frozen between them."""
+    from pipeline.model_files import load_model_file
+
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:convnext_atto", weights="none",
+                              dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    saved = {}
+    for epochs in (0, 1):
+        result = run_finetune(FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / f"m{epochs}.pt",
+                                             unfreeze=1, epochs=epochs, batch_size=3, workers=0, quiet=True, lr=0.1),
+                              say=lambda text: None)
+        saved[epochs] = load_model_file(tmp_path / f"m{epochs}.pt")[0].state_dict()
+    assert result.trainable["backbone_layers"] == ["stages.3.blocks.1.gamma", "stages.3.blocks.1.mlp.fc2", "head.norm"]
+    gamma = "features.extractor.stages.3.blocks.1.gamma"
+    assert not torch.equal(saved[0][gamma], saved[1][gamma])
+    assert torch.equal(saved[0][gamma.replace("blocks.1", "blocks.0")], saved[1][gamma.replace("blocks.1", "blocks.0")])
+
+
 def test_finetuning_a_timm_head_leaves_frozen_norm_act_statistics_alone(images, tmp_path):
     """timm's BatchNormAct2d holds its statistics and child modules (drop, act): a frozen one stays in
     eval mode, so a head-only epoch changes no backbone tensor and the model still gives the cache's codes."""
