@@ -154,6 +154,12 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
     refuse_overwriting_inputs({"--out": out}, {"--cache": config.cache, "--val-cache": config.val_cache},
                               protected=("--cache", "--val-cache"))  # its heads and board among the shards
     check_validation(config.cache, config.val_cache, config.val_fraction)
+    if config.val_cache is not None:  # refused now, not once the heads of every layer before the one it lacks trained
+        val_layers = CacheReader(config.val_cache).taps
+        lacking = [layer for layer in layers if layer not in val_layers]
+        if lacking:
+            raise HeadError(f"--val-cache {config.val_cache} has no layer {', '.join(lacking)}; its layers: "
+                            f"{', '.join(val_layers)}; extract it with these --layers too, or pass --layers")
     made = missing_folders(out / "heads")  # removed again if the sweep fails before it writes a head
     try:
         (out / "heads").mkdir(parents=True, exist_ok=True)

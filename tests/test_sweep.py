@@ -223,6 +223,19 @@ def test_a_diverged_head_of_a_multi_label_cache_ranks_last(run_tl, tmp_path):
     assert "Traceback" not in chosen.err and "NaN" not in chosen.err, chosen
 
 
+def test_a_validation_cache_without_a_swept_layer_is_refused_before_any_head_trains(run_tl, caches, tmp_path):
+    # it was found at that layer: every head of the layers before it had trained by then
+    train, _ = caches
+    codes, targets = blobs(1, n=60, classes=3, width=16, draw=2)
+    val = write_code_cache(tmp_path / "val", codes.astype(np.float32), targets, ["a", "b", "c"], layer="clear")
+    result = run_tl("sweep", "--cache", train, "--val-cache", val, "--C", "1", "--out", tmp_path / "s", "--quiet")
+    assert result.code == 2 and not (tmp_path / "s").exists(), result
+    assert result.err == (f"error: --val-cache {val} has no layer noisy; its layers: clear; extract it with these "
+                          "--layers too, or pass --layers\n")
+    assert run_tl("sweep", "--cache", train, "--val-cache", val, "--layers", "clear", "--C", "1",
+                  "--out", tmp_path / "s", "--quiet").code == 0
+
+
 def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_path):
     train, test = caches
     common = ["--out", tmp_path / "s", "--layers", "clear", "--C", "0.1,1", "--quiet"]
