@@ -449,6 +449,7 @@ def backbones_command(pattern):
     width = max(len(row["name"]) for row in rows)
     for row in rows:
         taps = ", ".join(f"{tap} ({size})" for tap, size in row["taps"].items()) if row["taps"] else "pool, stageN"
+        taps = f"refused: trained on {row['refused']}; tl crops centre squares" if row.get("refused") else taps
         click.echo(f"{row['name']:<{width}}  {row['input']:>3} px {row['interpolation'] or '':<8}  weights "
                    f"{'here   ' if row['weights_here'] else 'missing'}  {taps}")
     if not pattern:

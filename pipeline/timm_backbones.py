@@ -69,12 +69,11 @@ def timm_backbone(name: str) -> Backbone:
     except BackboneError:
         probe = _create(model_name, pretrained=False)
     config = probe.pretrained_cfg
-    if config.get("crop_mode", "center") != "center":
-        raise BackboneError(f"{name} was trained on images prepared by crop_mode '{config['crop_mode']}'; tl "
-                            "resizes the shorter side and crops the centre: choose a model whose crop_mode is center")
+    refusal = _refusal(config)
+    if refusal:
+        raise BackboneError(f"{name} was trained on {refusal}; tl resizes the shorter side and crops a centre square: "
+                            "choose a model whose crop_mode is center and whose input is square")
     _, height, width = config["input_size"]
-    if height != width:
-        raise BackboneError(f"{name} takes {width}x{height} inputs; tl crops squares: choose a model with square input")
     interpolation = config.get("interpolation", "bilinear")
     if interpolation not in ("bilinear", "bicubic"):
         interpolation = "bicubic" if interpolation == "random" else "bilinear"
@@ -97,6 +96,15 @@ def timm_backbone(name: str) -> Backbone:
         load_imagenet=lambda path: _load_imagenet(model_name, path),
         unused_keys=tuple(f"{name}." for name in _classifiers(config)),
     )
+
+
+def _refusal(config: dict) -> str | None:
+    """What a model was trained on that tl's pixels (a centre square crop) are not, from its pretrained
+    config: images prepared by another crop_mode, or inputs that are not square; None when tl can run it."""
+    if config.get("crop_mode", "center") != "center":
+        return f"images prepared by crop_mode '{config['crop_mode']}'"
+    _, height, width = config["input_size"]
+    return f"{width}x{height} inputs" if height != width else None
 
 
 def _classifiers(config: dict) -> tuple[str, ...]:
@@ -199,8 +207,9 @@ class TimmTaps(nn.Module):
 
 def timm_models(pattern: str) -> list[dict]:
     """The timm models (with pretrained weights) matching `pattern`, as `tl backbones` shows them: input size
-    and interpolation from their pretrained config, whether their weights are in the Hugging Face cache;
-    the taps too (which means building the model) when the pattern names one model."""
+    and interpolation from their pretrained config, whether their weights are in the Hugging Face cache,
+    why tl refuses one (`refused`, else None); the taps too (which means building the model) when the
+    pattern names one usable model."""
     timm = _timm()
     from huggingface_hub import try_to_load_from_cache
 
@@ -213,9 +222,11 @@ def timm_models(pattern: str) -> list[dict]:
         config = timm.models.get_pretrained_cfg(name).to_dict()
         repo = config.get("hf_hub_id")
         here = bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str) for f in WEIGHT_FILES)
+        refusal = _refusal(config)  # listed as refused: among the usable ones it read as a backbone extract takes
         taps = None
-        if len(names) == 1:
+        if len(names) == 1 and not refusal:
             taps = {tap: spec.width for tap, spec in timm_backbone(TIMM_PREFIX + name).taps.items()}
         rows.append({"name": TIMM_PREFIX + name, "input": config["input_size"][-1],
-                     "interpolation": config.get("interpolation"), "taps": taps, "weights_here": here})
+                     "interpolation": config.get("interpolation"), "taps": taps, "weights_here": here,
+                     "refused": refusal})
     return rows

@@ -165,6 +165,12 @@ def test_backbones_lists_taps_input_and_weights_here(run_tl, monkeypatch, tmp_pa
     assert sum(line.startswith("timm:convnext_atto") for line in many.out.splitlines()) >= 2
     none = run_tl("backbones", "--timm", "zzz*")
     assert none.code == 2 and "no timm model with pretrained weights matches 'zzz*'" in none.err
+    # a model extract refuses (squash crops, inputs not square) was listed as a backbone like any other
+    listed = {line.split()[0]: line for line in run_tl("backbones", "--timm", "convnext_base.fb_in22k*").out.splitlines()}
+    assert "refused: trained on images prepared by crop_mode 'squash'" in listed["timm:convnext_base.fb_in22k_ft_in1k_384"]
+    assert "refused" not in listed["timm:convnext_base.fb_in22k_ft_in1k"]
+    alone = run_tl("backbones", "--timm", "convnext_base.fb_in22k_ft_in1k_384")
+    assert alone.code == 0 and "refused: trained on images prepared by crop_mode 'squash'" in alone.out, alone
 
 
 def test_imagenet_weights_come_from_the_hugging_face_cache(images, tmp_path):
