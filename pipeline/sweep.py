@@ -336,8 +336,10 @@ def _score(head, scored, reader) -> tuple[str, float]:
         return "mAP", validation_score(scored.targets, probabilities)
     if reader.manifest.key.get("patches") is None:
         return "accuracy", validation_score(scored.targets, probabilities)
-    from sklearn.metrics import average_precision_score
-
     objects = [c for c in range(1, scored.num_classes) if (scored.targets == c).any()]  # class 0 is background
-    aps = [average_precision_score(scored.targets == c, probabilities[:, c]) for c in objects]
-    return "mAP", float(np.mean(aps)) if aps else 0.0
+    if not objects:
+        return "mAP", 0.0
+    # the mean AP of the object classes, each against every other patch: validation_score's, which also ranks
+    # a diverged head's NaN probabilities (scikit-learn refused them in a traceback)
+    present = scored.targets[:, None] == np.array(objects)
+    return "mAP", validation_score(present.astype(np.int64), probabilities[:, objects])

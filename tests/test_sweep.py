@@ -223,6 +223,28 @@ def test_a_diverged_head_of_a_multi_label_cache_ranks_last(run_tl, tmp_path):
     assert "Traceback" not in chosen.err and "NaN" not in chosen.err, chosen
 
 
+def test_a_diverged_head_of_a_patch_cache_is_ranked_by_the_mean_ap_of_its_object_classes():
+    # the patch mAP called scikit-learn per class itself: NaN probabilities were its "Input contains NaN"
+    from types import SimpleNamespace
+
+    from sklearn.metrics import average_precision_score
+
+    from pipeline.code_rows import CodeRows
+    from pipeline.sweep import _score
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 4, 200)  # class 0: background
+    rows = CodeRows.from_arrays(rng.normal(size=(200, 5)).astype(np.float32), targets)
+    probabilities = rng.random((200, 4))
+    head = SimpleNamespace(num_classes_=4, predict_proba=lambda codes: probabilities[:len(codes)])
+    reader = SimpleNamespace(manifest=SimpleNamespace(key={"patches": {"scales": [1]}}))
+    expected = np.mean([average_precision_score(targets == c, probabilities[:, c]) for c in (1, 2, 3)])
+    assert _score(head, rows, reader) == ("mAP", pytest.approx(expected, abs=1e-12))
+    probabilities[::7] = np.nan
+    metric, value = _score(head, rows, reader)
+    assert metric == "mAP" and 0 <= value <= 1
+
+
 def test_a_validation_cache_without_a_swept_layer_is_refused_before_any_head_trains(run_tl, caches, tmp_path):
     # it was found at that layer: every head of the layers before it had trained by then
     train, _ = caches
