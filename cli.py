@@ -623,7 +623,8 @@ def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch
     click.echo(f"wrote {result.out}: {_count(len(result.rows), 'head')} ranked by {result.rows[0]['on']} "
                f"{result.metric} ({result.trained} trained, {result.reused} finished before), {result.seconds:.1f} s")
     for rank, row in enumerate(result.rows[:10], 1):
-        click.echo(f"  {rank:>3}. {row['name']:<40} {row['val_score']:.4f}  {row['train_seconds']:.2f} s")
+        click.echo(f"  {rank:>3}. {row['name']:<40} {row['val_score']:.4f}  {row['train_seconds']:.2f} s"
+                   + (f"  diverged in epoch {row['diverged']}" if row.get("diverged") else ""))
     if len(result.rows) > 10:
         click.echo(f"  ... {len(result.rows) - 10} more in {result.out / 'sweep.md'}")
     click.echo(f"best: {result.best} ({result.rows[0]['name']}); leaderboard {result.out / 'sweep.md'}")

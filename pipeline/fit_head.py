@@ -135,14 +135,15 @@ def check_config(config: FitHeadConfig) -> None:
     HEAD_KINDS[config.head].from_config(config)  # the kind's own settings (mlp widths and dropout, logreg solver)
 
 
-def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | None) -> None:
+def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | None, none_held: bool = True) -> None:
     """One line before any work (fit-head's, a sweep's): two validation sets named, or a validation cache
-    that holds the training codes (the cache itself, a link to it, or a copy: the same content digest)."""
+    that holds the training codes (the cache itself, a link to it, or a copy: the same content digest).
+    `none_held`: the command takes --val-fraction 0 (a sweep does not: it ranks on validation)."""
     if val_cache is None:
         return
     if val_fraction is not None:  # as finetune refuses the pair
-        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them "
-                        "(--val-fraction 0 holds out none)")
+        raise HeadError("--val-cache and --val-fraction both name validation rows; pass one of them"
+                        + (" (--val-fraction 0 holds out none)" if none_held else ""))
     training, validation = load_manifest(cache), load_manifest(val_cache)
     if same_file(val_cache, cache) or validation.content == training.content != "":
         raise HeadError(f"--val-cache {val_cache} holds the codes of the training cache {cache}: validation would "

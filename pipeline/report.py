@@ -366,7 +366,8 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
         cells = [str(rank), f"`{row['name']}`", setting["layer"], setting["kind"],
                  "–" if setting["C"] is None else f"{setting['C']:g}",
                  "–" if setting["hidden"] is None else "x".join(str(w) for w in setting["hidden"]),
-                 "–" if setting["lr"] is None else f"{setting['lr']:g}", _number(row["val_score"]),
+                 "–" if setting["lr"] is None else f"{setting['lr']:g}",
+                 f"diverged (epoch {row['diverged']})" if row.get("diverged") else _number(row["val_score"]),
                  "–" if row["epochs"] is None else str(row["epochs"]), f"{row['train_seconds']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     plt = _pyplot()

@@ -153,7 +153,7 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
         raise HeadError(f"--out {out} is a file; a sweep writes a folder")
     refuse_overwriting_inputs({"--out": out}, {"--cache": config.cache, "--val-cache": config.val_cache},
                               protected=("--cache", "--val-cache"))  # its heads and board among the shards
-    check_validation(config.cache, config.val_cache, config.val_fraction)
+    check_validation(config.cache, config.val_cache, config.val_fraction, none_held=False)
     if config.val_cache is not None:  # refused now, not once the heads of every layer before the one it lacks trained
         val_layers = CacheReader(config.val_cache).taps
         lacking = [layer for layer in layers if layer not in val_layers]
@@ -191,6 +191,9 @@ def _sweep(config: SweepConfig, reader, layers: list[str], settings: list[Settin
     order = {s.name: number for number, s in enumerate(settings)}
     board = sorted((records[s.name] for s in settings), key=lambda r: (bool(r.get("diverged")), -r["val_score"],
                                                                          order[r["name"]]))
+    if board[0].get("diverged"):  # best.pt would be a head of NaN probabilities; the records stay for a re-run
+        raise HeadError(f"every head of the sweep diverged (its loss stopped being finite); none is best and no best.pt "
+                        f"was written; lower --lr (tried {listed(sorted({r['setting']['lr'] for r in board} - {None}))})")
     first = next(s for s in settings if s.name == board[0]["name"])
     if not (out / "heads" / f"{first.name}.pt").is_file():  # dropped by an earlier --keep best, now the best:
         rows, val = _layer_rows(reader, first.layer, config)  # trained again, as it was (seeded, alone or not)

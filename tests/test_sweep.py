@@ -202,9 +202,17 @@ def test_a_head_alone_in_its_pass_diverges_as_among_others(run_tl, caches, tmp_p
     assert beside.code == 0, beside
     board = json.loads((tmp_path / "beside/sweep.json").read_text())["heads"]
     assert [(row["name"], row["diverged"]) for row in board] == [("clear-logreg-C1", None), ("clear-mlp-h8-lr1e+12", 1)]
-    # every head of a pass diverging in one batch left none to train on the next: a RuntimeError (torch.stack)
-    assert run_tl("sweep", *grid, "--out", tmp_path / "all", "--lr", "1e12,1e13").code == 0
-    assert [row["diverged"] for row in json.loads((tmp_path / "all/sweep.json").read_text())["heads"]] == [1, 1]
+    # every head of a pass diverging in one batch left none to train on the next: a RuntimeError (torch.stack);
+    # then best.pt was a head of NaN probabilities, written without a word. Now one line, and no best.pt
+    every = run_tl("sweep", *grid, "--out", tmp_path / "all", "--lr", "1e12,1e13")
+    assert every.code == 2 and every.err == ("error: every head of the sweep diverged (its loss stopped being finite); "
+                                             "none is best and no best.pt was written; lower --lr (tried 1e+12, "
+                                             "1e+13)\n"), every
+    assert not (tmp_path / "all/best.pt").exists() and len(list((tmp_path / "all/heads").glob("*.json"))) == 2
+    # the leaderboard says which heads diverged, on the console and in sweep.md
+    shown = run_tl("sweep", *grid[:-1], "--out", tmp_path / "fresh", "--lr", "0.05,1e12")
+    assert shown.code == 0 and "clear-mlp-h8-lr1e+12" in shown.out and "  diverged in epoch 1" in shown.out, shown
+    assert "| diverged (epoch 1) |" in (tmp_path / "fresh/sweep.md").read_text()
 
 
 def test_a_diverged_head_of_a_multi_label_cache_ranks_last(run_tl, tmp_path):
@@ -278,7 +286,8 @@ def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_pat
     (["--max-iter", "0"], "Invalid value for '--max-iter': 0 is not in the range x>=1."),
     (["--val-fraction", "0"], "Invalid value for '--val-fraction': 0.0 is not in the range 0<x<1."),  # ranks on validation
     # the fraction was ignored beside a validation cache, yet recorded; fit-head refuses the pair
-    (["--val-fraction", "0.3", "--val-cache", "{train}"], "--val-cache and --val-fraction both name validation rows"),
+    # ... and its remedy offered --val-fraction 0, which a sweep refuses
+    (["--val-fraction", "0.3", "--val-cache", "{train}"], "both name validation rows; pass one of them\n"),
     (["--val-cache", "{train}"], "holds the codes of the training cache"),  # it scored the rows heads train on
     (["--out", "{train}/board"], "lies inside --cache"),  # a sweep's heads and board among the shards
 ])
