@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -956,7 +957,9 @@ def _invoke(argv: list[str] | None):
     wherever the command was, becomes what it is (the stop that took it down, or the one-line TLError) for
     main's handlers below."""
     try:
-        return tl.main(args=argv, prog_name="tl", standalone_mode=False)
+        code = tl.main(args=argv, prog_name="tl", standalone_mode=False)
+        sys.stdout.flush()  # rows still buffered meet a full disk here, for main's one line, not at Python's exit
+        return code
     except RuntimeError as exc:
         lost = importlib.import_module("pipeline.hardware").lost_worker(exc) if "torch" in sys.modules else None
         if lost is None:
@@ -988,10 +991,18 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # a path the system refuses (too long, a loop, no permission) where no stage expected it
-        if exc.filename is None:
-            raise
         from pipeline.files import FULL
 
+        if exc.filename is None and exc.errno in FULL:
+            # the one output written without a name (tl's files go through pipeline.files, which names them):
+            # `tl predict > rows.csv` on a full disk. What stdout still buffers is dropped, or Python's flush at
+            # exit would fail again and add its own report
+            sys.stdout = open(os.devnull, "w")
+            click.echo("error: no space left on the device of the standard output; free space, then run the "
+                       "command again", err=True)
+            sys.exit(2)
+        if exc.filename is None:
+            raise
         if exc.errno in FULL:
             click.echo(f"error: no space left on the device of {exc.filename}; free space, then {stops.RESUME_HINT}",
                        err=True)

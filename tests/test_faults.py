@@ -386,6 +386,26 @@ def test_full_disk_when_saving_a_head_or_a_model(tmp_path, small_head):
     assert not (tmp_path / "m.pt").exists() and leftovers(tmp_path) == []
 
 
+def test_full_disk_under_the_standard_output_is_one_line(tmp_path, small_head):
+    """`tl predict > rows.csv` on a full disk (here a 20-byte file limit): one line and exit 2, whether the rows
+    fail as they are written (unbuffered) or only when Python flushes what it buffered (a short output), not a
+    traceback or Python's 'Exception ignored' and exit 120."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20, 20))
+
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    for unbuffered in ({}, {"PYTHONUNBUFFERED": "1"}):
+        with open(tmp_path / "rows.csv", "w") as rows:
+            completed = subprocess.run([sys.executable, "-m", "cli", "predict", "--head", str(small_head / "head.pt"),
+                                        "--workers", "0", str(small_head / "train" / "a")], cwd=REPO, stdout=rows,
+                                       stderr=subprocess.PIPE, text=True, preexec_fn=limit,
+                                       env={**environment, **unbuffered}, timeout=300)
+        assert completed.returncode == 2, (unbuffered, completed.stderr)
+        assert completed.stderr == ("error: no space left on the device of the standard output; free space, then "
+                                    "run the command again\n"), unbuffered
+
+
 # ------------------------------------------------------------------ outputs that are inputs
 
 
