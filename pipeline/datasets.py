@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class Source:
         the bytes cannot be read."""
         if type(self).read_image is not Source.read_image:
             return None
-        with open(self.samples[index].location, "rb") as handle:
+        with open(regular_file(self.samples[index].location), "rb") as handle:
             return handle.read()
 
     def fingerprint(self) -> str:
@@ -239,7 +240,7 @@ def open_rgb(path: str, draft=None) -> Image.Image:
     `draft(width, height)` gives the smallest size the caller needs: a JPEG is then decoded at the
     smallest DCT scale (1/2, 1/4, 1/8) still at least that large, several times faster for a photo
     larger than needed; `info["original_size"]` keeps the size before that reduction."""
-    with Image.open(path) as image:
+    with Image.open(regular_file(path) if isinstance(path, (str, os.PathLike)) else path) as image:
         original = image.size
         if draft is not None and image.format == "JPEG":
             image.draft(image.mode, draft(*original))
@@ -247,6 +248,15 @@ def open_rgb(path: str, draft=None) -> Image.Image:
         rgb = to_rgb(image)
         rgb.info["original_size"] = original
         return rgb
+
+
+def regular_file(path):
+    """`path`, once it is known to be a regular file (through links). A FIFO named like an image blocks its
+    reader until something writes to it, and a device (a link to /dev/zero) is never read to its end: either
+    hung the whole run. Refused as an unreadable file instead (an OSError, which callers record and skip)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError("not a regular file (a FIFO, socket or device)")
+    return path
 
 
 class ImageFiles:

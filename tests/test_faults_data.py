@@ -226,6 +226,38 @@ def test_dangling_and_self_links_are_listed_and_skipped_when_decoded(tmp_path):
     assert decoded[1][2] == ""
 
 
+def test_a_fifo_or_a_device_named_like_an_image_is_skipped_not_waited_on(tmp_path):
+    """A FIFO named like an image blocked the decoding of a folder until something wrote to it (tl extract and
+    tl predict hung), and a link to /dev/zero is read without end by the byte-reading (GPU decoding) path:
+    both are unreadable files, skipped and recorded as such, at once."""
+    import signal
+
+    from pipeline.image_sets import DecodedImages
+
+    root = make_image_folder(tmp_path / "data", classes=("a",), per_class=1, size=(8, 8))
+    os.mkfifo(root / "a" / "pipe.jpg")
+    (root / "a" / "zero.png").symlink_to("/dev/zero")
+    source = open_source("imagefolder", root)
+    assert [s.sample_id for s in source.samples] == ["a/img00.png", "a/pipe.jpg", "a/zero.png"]
+
+    def waited(signum, frame):  # not an OSError, which decoding would record as one more unreadable file
+        pytest.fail("blocked on a file that is not an image")
+
+    before = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(10)
+    try:
+        decoded = DecodedImages(source, lambda image: image)
+        for index in (1, 2):
+            assert decoded[index][0] is None and decoded[index][2] == (
+                "OSError: not a regular file (a FIFO, socket or device)"), decoded[index]
+            with pytest.raises(OSError, match="not a regular file"):
+                source.encoded(index)
+        assert decoded[0][2] == "" and len(source.encoded(0)) > 0
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def test_file_list_with_a_loop_and_a_dangling_link(tmp_path):
     folder = tmp_path / "pics"
     write_image(folder / "one.png", 1, size=(8, 8))
