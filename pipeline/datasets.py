@@ -223,7 +223,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
             top = 65535.0 if pixels.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0
         scaled = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # a palette entry or, in gray and RGB PNGs, a colour key (tRNS) marks the transparent pixels: composited
+        # too, not left in the key's colour (the export contract says transparency is composited over white)
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")

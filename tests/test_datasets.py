@@ -171,6 +171,17 @@ def test_transparency_is_composited_over_white():
     assert np.asarray(to_rgb(image)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
 
 
+def test_a_colour_key_is_transparency_too(tmp_path):
+    """A gray or RGB PNG marks its transparent pixels by one colour (tRNS), as a palette PNG marks an entry:
+    those pixels are composited over white as well; they kept the key's colour (here near black)."""
+    for mode, key in (("RGB", (10, 20, 30)), ("L", 10)):
+        image = Image.new(mode, (2, 1), key)
+        image.putpixel((1, 0), (40, 50, 60) if mode == "RGB" else 40)
+        image.save(tmp_path / f"{mode}.png", transparency=key)
+        pixels = np.asarray(open_rgb(str(tmp_path / f"{mode}.png"))).tolist()
+        assert pixels == [[[255, 255, 255], [40, 50, 60] if mode == "RGB" else [40, 40, 40]]], mode
+
+
 def test_corrupt_and_truncated_files_raise_decode_errors(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"this is not a jpeg")
     path = write_image(tmp_path / "cut.jpg", 3, size=(64, 64), fmt="JPEG")
