@@ -30,7 +30,7 @@ from pipeline.image_sets import (Augmentation, SeededItems, batch_loader, epoch_
                                  pooled_image_map, score_images)
 from pipeline.multiscale import PatchSamples
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, freeze, load_checkpoint, load_head,
-                                  save_checkpoint, save_model)
+                                  resumable_optimizer_state, save_checkpoint, save_model)
 from pipeline.progress import progress
 from pipeline.training import TrainingOptions, check_rates, check_schedule, decay_groups, loss_for, make_optimizer, step_multiplier
 
@@ -252,7 +252,7 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         state = load_checkpoint(last_path, identity)
         model.load_state_dict(state["model"])
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(resumable_optimizer_state(state["optimizer"], optimizer, model))
         except ValueError as exc:  # another optimizer layout than this tl builds
             raise FinetuneError(f"checkpoint {last_path} holds another optimizer layout ({exc}); "
                                 "pass --overwrite to start over") from None

@@ -175,6 +175,7 @@ class FinetuneModel(nn.Module):
         self.tap = tap
         self.head = head
         self.eval_modules: list[nn.Module] = []
+        self.held_parameters: set[str] = set()  # see freeze
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixels)[self.tap])
@@ -241,12 +242,15 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
         model.eval_modules += [module for _, module in modules[first:]
                                if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     order, labels = [name for name, _ in modules], {}
+    model.held_parameters = set()
     for name, parameter in model.features.named_parameters():
         owner = name.rsplit(".", 1)[0]
         # a module's own parameters beside its children train when it holds a trainable one, as its eval mode
         # follows them: ConvNeXt's layer scale `gamma` (applied after the block's last conv), a ViT's
         # `pos_embed` (after the patch embedding) stayed frozen under the layers they scale or feed
         parameter.requires_grad = owner in trainable_names or _holds(owner, trainable_names)
+        if parameter.requires_grad and owner not in trainable_names:  # a checkpoint of an earlier tl lacks them
+            model.held_parameters.add(name)
         if parameter.requires_grad:  # listed by module; a holder's own parameter by its name (cls_token, ...gamma)
             labels.setdefault((owner if owner in trainable_names else name).removeprefix("extractor."),
                               order.index(owner))
@@ -256,6 +260,25 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
     return {"parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
             "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
+
+
+def resumable_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: FinetuneModel) -> dict:
+    """A checkpoint's optimizer state for `optimizer` over `model`. A checkpoint of a tl before the holders'
+    own parameters trained (freeze) lacks them in its groups, and load_state_dict refused it as another
+    optimizer's: they join without state (no momentum yet) and the others keep theirs, so a stopped
+    ConvNeXt or ViT run resumes instead of starting over."""
+    held = {id(p) for name, p in model.features.named_parameters() if name in model.held_parameters}
+    current = optimizer.state_dict()["param_groups"]  # its parameters numbered across the groups, in order
+    params = [group["params"] for group in optimizer.param_groups]
+    earlier = [(g, [k for k, p in enumerate(group) if id(p) not in held]) for g, group in enumerate(params)]
+    earlier = [(g, kept) for g, kept in earlier if kept]  # the groups an earlier tl built (empty ones dropped)
+    if not held or [len(group["params"]) for group in saved["param_groups"]] != [len(kept) for _, kept in earlier]:
+        return saved  # this tl's layout, or one load_state_dict refuses
+    groups, moved = list(current), {}
+    for (g, kept), old in zip(earlier, saved["param_groups"]):
+        moved.update({index: current[g]["params"][k] for index, k in zip(old["params"], kept)})
+        groups[g] = {**old, "params": current[g]["params"]}
+    return {"state": {moved[index]: value for index, value in saved["state"].items()}, "param_groups": groups}
 
 
 def _holds(name: str, names: set[str]) -> bool:

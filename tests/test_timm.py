@@ -99,6 +99,36 @@ def test_a_blocks_own_parameters_train_with_the_layers_it_holds(images, tmp_path
     assert torch.equal(saved[0][gamma.replace("blocks.1", "blocks.0")], saved[1][gamma.replace("blocks.1", "blocks.0")])
 
 
+def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_path, monkeypatch):
+    """A run stopped by a tl that left ConvNeXt's `gamma` frozen has a checkpoint whose optimizer lacks it:
+    it was refused as 'another optimizer layout' (--overwrite: the run lost); it resumes, gamma training."""
+    import dataclasses
+
+    import pipeline.finetune
+    from pipeline.model_files import freeze, load_model_file
+
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:convnext_atto", weights="none",
+                              dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+
+    def earlier_freeze(model, *args, **options):  # the earlier tl: a block's own gamma never trained
+        trainable = freeze(model, *args, **options)
+        for name, parameter in model.features.named_parameters():
+            parameter.requires_grad &= not name.endswith(".gamma")
+        return trainable
+
+    config = FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "m.pt", unfreeze=1, epochs=1,
+                            batch_size=3, workers=0, quiet=True, lr=0.1)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.finetune, "freeze", earlier_freeze)
+        run_finetune(config, say=lambda text: None)
+    before = load_model_file(tmp_path / "m.pt")[0].state_dict()
+    result = run_finetune(dataclasses.replace(config, epochs=2, resume=True), say=lambda text: None)
+    after = load_model_file(tmp_path / "m.pt")[0].state_dict()
+    gamma = "features.extractor.stages.3.blocks.1.gamma"
+    assert result.resumed_from == 1 and not torch.equal(before[gamma], after[gamma])
+
+
 def test_finetuning_a_timm_head_leaves_frozen_norm_act_statistics_alone(images, tmp_path):
     """timm's BatchNormAct2d holds its statistics and child modules (drop, act): a frozen one stays in
     eval mode, so a head-only epoch changes no backbone tensor and the model still gives the cache's codes."""
