@@ -299,9 +299,23 @@ def _csv_list(text: str | None) -> tuple[str, ...]:
 RANKED = ("extract", "finetune")  # the commands that share their work over torchrun's ranks
 
 
+class TlCommand(click.Command):
+    """click's command, whose extra arguments are refused in a line that counts them (_counted_extras): click
+    joins them with spaces into its message, where a path holding a space could not be told from two."""
+
+    def parse_args(self, ctx, args):
+        allowed, ctx.allow_extra_args = ctx.allow_extra_args, True
+        extras = super().parse_args(ctx, args)
+        if extras and not allowed and not ctx.resilient_parsing:
+            ctx.fail(_counted_extras([str(extra) for extra in extras]))
+        return extras
+
+
 class TlGroup(click.Group):
     """click's group, with Ctrl-C reaching main() as stops.Interrupted: click's own handling of
     KeyboardInterrupt printed an empty line above tl's one line."""
+
+    command_class = TlCommand
 
     def invoke(self, ctx):
         try:
@@ -967,13 +981,12 @@ def _invoke(argv: list[str] | None):
         raise (stops.Interrupted() if isinstance(lost, KeyboardInterrupt) else lost) from None
 
 
-def _counted_extras(message: str) -> str:
+def _counted_extras(extras: list[str]) -> str:
     """click's line for extra arguments, counted rather than listed when there are many: a shell that
     expanded an unquoted `--data 'laion/{00000..99999}.tar'` (or `data/*.tar`) gives one per tar, and the
-    line would list them all."""
-    extras = message.removeprefix("Got unexpected extra arguments (").removesuffix(")").split(" ")
-    if not message.startswith("Got unexpected extra arguments (") or len(extras) <= 3:
-        return message
+    line would list them all. Counted from the arguments themselves: a path with a space is one."""
+    if len(extras) <= 3:
+        return f"Got unexpected extra argument{'s' if len(extras) > 1 else ''} ({' '.join(extras)})"
     hint = ("; the shell expanded a pattern into one argument per tar: quote it (--data 'data/{00000..00099}.tar') "
             "or pass their folder" if any(extra.endswith(".tar") for extra in extras) else "")
     return f"Got {len(extras):,} unexpected extra arguments ({extras[0]} {extras[1]} ...){hint}"
@@ -1022,7 +1035,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:  # one line like every other error, with where to look
         command = f"tl {exc.ctx.info_name} --help" if exc.ctx is not None and exc.ctx.parent else "tl --help"
-        message = _counted_extras(" ".join(exc.format_message().split()))  # click lists a choice's values a line each
+        message = " ".join(exc.format_message().split())  # click lists a choice's values a line each
         click.echo(f"error: {message} (see {command})", err=True)
         sys.exit(2)
     except click.ClickException as exc:
