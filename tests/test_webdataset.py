@@ -400,3 +400,50 @@ def test_a_fifo_named_like_a_tar_is_skipped_or_refused_never_waited_on(tmp_path)
     (tars / "00001.tar").unlink()
     (tars / "00002.tar").symlink_to(tmp_path / "gone.tar")  # missing, not a FIFO
     assert open_source("webdataset", tars).warnings == [f"{tars / '00002.tar'} is a link to nothing; it was skipped"]
+
+
+def _listed(data, **options) -> tuple:
+    source = open_source("webdataset", data, **options)
+    return source.classes, source.samples, source.warnings
+
+
+def test_the_fast_header_reader_lists_what_tarfile_lists(tmp_path, monkeypatch):
+    """pipeline.formats.tar_headers reads plain ustar tars and leaves every other tar to tarfile: the two
+    give the same samples, labels, problems and warnings (pax and GNU long names, ustar prefixes, folders,
+    repeated keys, a cut tar, a file that is not a tar, an empty tar)."""
+    import io
+    import tarfile
+
+    from pipeline.formats import tar_headers, webdataset
+
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    long = "deep/" * 25 + "k"  # over 100 bytes: a ustar prefix, a pax or a GNU long name
+    members = [("a.png", picture), ("a.cls", b"0"), ("sub/b.png", picture), ("sub/b.cls", b"1"), (f"{long}.png", picture),
+               (f"{long}.cls", b"1"), ("c.png", picture), ("c.cls", b"x"), ("c.jpg", picture), ("n.001.jpg", picture),
+               ("é.png", picture), ("é.cls", b"0"), ("d.png", picture)]
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for number, kind in enumerate((tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT)):
+        with tarfile.open(folder / f"{number:05d}.tar", "w", format=kind) as tar:
+            directory = tarfile.TarInfo("sub")
+            directory.type, directory.mtime = tarfile.DIRTYPE, 1_700_000_000
+            tar.addfile(directory)
+            for name, data in members:
+                if kind == tarfile.USTAR_FORMAT and name.startswith("é"):
+                    continue
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+    whole = (folder / "00000.tar").read_bytes()
+    (folder / "00003.tar").write_bytes(whole[:len(whole) // 2])  # cut short
+    (folder / "00004.tar").write_bytes(b"not a tar at all" * 100)
+    write_tar(folder / "00005.tar", [])
+    fast = _listed(folder)
+    monkeypatch.setattr(webdataset, "scan_tar", lambda *args: None)
+    assert _listed(folder) == fast and len(fast[1]) > 20
+    monkeypatch.undo()
+    fallbacks = []
+    monkeypatch.setattr(webdataset, "scan_tar", lambda *args: fallbacks.append(tar_headers.scan_tar(*args)))
+    _listed(folder)
+    assert [found is not None for found in fallbacks] == [True, False, False, False, False, True]
+

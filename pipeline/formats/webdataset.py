@@ -24,6 +24,7 @@ from PIL import Image
 from pipeline.datasets import (DECODE_ERRORS, Sample, Source, file_stamp, missing_split, open_rgb, register_format,
                                shown)
 from pipeline.errors import DataError, listed
+from pipeline.formats.tar_headers import scan_tar
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
@@ -239,37 +240,55 @@ class WebDatasetSource(Source):
         labels: dict[str, object] = {}
         repeated: set[str] = set()
         members, cut, last = 0, False, None  # last: the key of the last image listed
+
+        def take(name: str, regular: bool, offset: int, size: int, read) -> None:
+            """One member, in the tar's order; `read()` gives its bytes (called for label files only)."""
+            nonlocal last
+            if not regular:
+                return
+            folder, _, base = name.rpartition("/")
+            stem, dot, ending = base.partition(".")
+            if not dot or base.startswith("."):
+                return
+            key, ending = (f"{folder}/{stem}" if folder else stem), ending.lower()
+            if ending in IMAGE_SUFFIXES:
+                if key in images:
+                    repeated.add(key)
+                else:
+                    images[key] = [offset, size, name]
+                last = key
+            elif not self._dotted and ending.rpartition(".")[2] in IMAGE_SUFFIXES:
+                self._dotted = name
+            elif ending == suffix:
+                if key in labels:
+                    repeated.add(key)
+                elif size > LABEL_BYTES:
+                    labels[key] = ValueError(f"its .{suffix} file is {size} bytes")
+                else:
+                    try:
+                        labels[key] = _parse_label(read(), field, suffix == "cls")
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        labels[key] = exc
+
+        def label_file(name: str, size: int) -> bool:
+            return size <= LABEL_BYTES and name.rpartition("/")[2].partition(".")[2].lower() == suffix
+
         try:
             length = os.path.getsize(path)
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
+            with open(path, "rb") as handle:  # a plain ustar tar is read fast; tarfile lists any other
+                scanned = scan_tar(handle.fileno(), length, label_file)
+            if scanned is not None:
+                for name, regular, offset, size, data in scanned[0]:
                     members += 1
-                    if not member.isfile():
-                        continue
-                    folder, _, base = member.name.rpartition("/")
-                    stem, dot, ending = base.partition(".")
-                    if not dot or base.startswith("."):
-                        continue
-                    key, ending = (f"{folder}/{stem}" if folder else stem), ending.lower()
-                    if ending in IMAGE_SUFFIXES:
-                        if key in images:
-                            repeated.add(key)
-                        else:
-                            images[key] = [member.offset_data, member.size, member.name]
-                        last = key
-                    elif not self._dotted and ending.rpartition(".")[2] in IMAGE_SUFFIXES:
-                        self._dotted = member.name
-                    elif ending == suffix:
-                        if key in labels:
-                            repeated.add(key)
-                        elif member.size > LABEL_BYTES:
-                            labels[key] = ValueError(f"its .{suffix} file is {member.size} bytes")
-                        else:
-                            try:
-                                labels[key] = _parse_label(tar.extractfile(member).read(), field, suffix == "cls")
-                            except (ValueError, UnicodeDecodeError) as exc:
-                                labels[key] = exc
-                end = tar.offset  # a whole tar ends with two zero blocks; tarfile stops quietly where it is cut
+                    take(name, regular, offset, size, lambda data=data: data)
+                end = scanned[1]
+            else:
+                with tarfile.open(path, "r:") as tar:
+                    for member in tar:
+                        members += 1
+                        take(member.name, member.isfile(), member.offset_data, member.size,
+                             lambda member=member: tar.extractfile(member).read())
+                    end = tar.offset  # a whole tar ends with two zero blocks; tarfile stops quietly where it is cut
             with open(path, "rb") as handle:
                 handle.seek(end)
                 tail = handle.read(1024)
