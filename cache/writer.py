@@ -25,6 +25,7 @@ from pipeline.files import DiskFullError, OutputLock, file_digest, missing_folde
 from pipeline.errors import CacheError, CacheOccupied, listed
 
 LOCK = ".lock"
+LISTINGS = "listings"  # the input listings kept for the next run (webdataset tars: pipeline.formats.tar_listings)
 CHUNK_BYTES = 1 << 20
 COMPRESSIONS = ("none", "lzf", "gzip")
 DTYPES = ("float16", "float32")
@@ -119,6 +120,8 @@ class CacheWriter:
         for name in (MANIFEST, RECORDS):
             with contextlib.suppress(OSError):
                 (self.root / name).unlink()
+        if self.lock.made:  # a folder this run made goes, its listings with it
+            shutil.rmtree(self.root / LISTINGS, ignore_errors=True)
 
     def _take(self, manifest: Manifest) -> None:
         self._entries = {shard.index: shard for shard in manifest.shards}

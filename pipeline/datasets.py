@@ -56,6 +56,7 @@ class Source:
     target_kind = "class"  # or "multi-hot"
     options: tuple[str, ...] = ()  # keyword options of `open` beyond the common ones (webdataset: label_key)
     boxes = False  # whether its samples carry object boxes (`annotations`), which --multiscale labels patches by
+    listings = None  # what listing found, kept for the next run: `listings.save(share)` (webdataset's tars)
 
     def __init__(self, classes: list[str], samples: list[Sample]):
         self.classes = classes

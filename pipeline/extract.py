@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cache.manifest import MANIFEST, PlannedShard, class_digest, record_files
-from cache.writer import CacheWriter
+from cache.writer import LISTINGS, CacheWriter
 from pipeline.allocator import reused_memory
 from pipeline.backbones import Backbone, forward_codes, get_backbone, prepare_model, resolve_weights
 from pipeline.datasets import Source
@@ -177,7 +177,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
     source = open_source(config.format, config.data, config.split, config.download, config.samples_per_class,
-                         config.seed, config.classes, config.label_key)
+                         config.seed, config.classes, config.label_key, listings=Path(config.out) / LISTINGS)
     weights = resolve_weights(backbone, config.weights, config.seed)
     key = cache_key(config, backbone, taps, weights.digest, precision, source)
     widths = {tap: backbone.taps[tap].width for tap in taps}
@@ -192,6 +192,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                          config.compression, config.overwrite, target_kind, follower=not current.is_main, plan=plan,
                          rank=current.rank, position_matters=bool(key["dataset"]["background_seed"] is not None))
     with _opened(writer, current):
+        if source.listings is not None:  # tar listings, for the next run: saved once the cache is ours; each rank
+            source.listings.save(lambda number: number % current.size == current.rank)  # saves its share
         if current.is_main:  # what discovery noticed (loops, empty classes, bad boxes) stays on record
             writer.manifest.warnings = list(source.warnings)
         # static assignment: a shard belongs to rank (its input unit) mod world size, whatever ran before;

@@ -13,6 +13,7 @@ import pytest
 from cache.reader import CacheReader
 from pipeline.errors import DataError, TLError
 from pipeline.formats import open_source
+from pipeline.formats.tar_listings import TarListings, listing_file
 from pipeline.formats.webdataset import expand_braces
 from tests.conftest import cache_document, write_image, write_tar, write_webdataset
 from tests.test_extract import extract
@@ -447,3 +448,61 @@ def test_the_fast_header_reader_lists_what_tarfile_lists(tmp_path, monkeypatch):
     _listed(folder)
     assert [found is not None for found in fallbacks] == [True, False, False, False, False, True]
 
+
+
+def test_tar_listings_are_kept_reused_and_redone_when_their_tar_changes_or_they_are_damaged(tmp_path, monkeypatch):
+    """extract keeps each tar's listing in OUT/listings: a second run reads no tar header and lists the
+    same samples, labels, problems, warnings, shard plan and fingerprint; a changed tar, or a damaged or
+    foreign listing file, is listed again (and its file replaced)."""
+    from pipeline.formats import tar_headers, webdataset
+
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    tars = write_webdataset(tmp_path, tars=3, per_tar=4)
+    write_tar(tars / "00003.tar", [("a.png", picture), ("a.cls", b"1"), ("b.png", picture), ("b.cls", b"x"),
+                                   ("n.001.jpg", picture), ("t.tif", picture), ("t.cls", b"0"), ("c.png", picture)])
+    (tars / "00004.tar").write_bytes(b"not a tar at all" * 100)
+    reads = []
+    monkeypatch.setattr(webdataset, "scan_tar", lambda handle, *args: reads.append(handle) or
+                        tar_headers.scan_tar(handle, *args))
+
+    def listed(**options):
+        reads.clear()
+        source = open_source("webdataset", tars, listings=tmp_path / "c" / "listings", **options)
+        source.listings.save()
+        return (source.classes, source.samples, source.warnings, source.shard_plan(3), source.fingerprint()), len(reads)
+
+    plain = open_source("webdataset", tars)
+    expected = (plain.classes, plain.samples, plain.warnings, plain.shard_plan(3), plain.fingerprint())
+    assert len(expected[2]) == 2  # the non-tar and the unpaired label
+    first = extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
+    assert sorted(path.name for path in (tmp_path / "c" / "listings").iterdir()) == sorted(
+        listing_file(tmp_path / "c" / "listings", tar).name for tar in sorted(tars.glob("*.tar")))
+    assert listed() == (expected, 0)  # the tar that is not one too: its listing is its warning
+    with pytest.raises(DataError, match="has a readable .txt label"):
+        listed(label_key="txt")
+    assert len(reads) == 5  # another label key lists every tar again
+    again = extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
+    assert (again.shards_written, again.shards_reused, again.rows) == (0, first.shards_written, first.rows)
+    members = [(f"{k:06d}.png", picture) for k in (4, 5)]
+    write_tar(tars / "00001.tar", [m for k, m in zip((4, 5), members) for m in (m, (f"{k:06d}.cls", b"2"))])
+    os.utime(tars / "00001.tar", ns=(1, 2))
+    plain = open_source("webdataset", tars)
+    expected = (plain.classes, plain.samples, plain.warnings, plain.shard_plan(3), plain.fingerprint())
+    assert listed() == (expected, 1)  # the changed tar only
+    folder = tmp_path / "c" / "listings"
+    kept = listing_file(folder, tars / "00000.tar")
+    head, body = kept.read_bytes().split(b"\n", 1)
+    for damaged in (head + b"\n" + body.replace(b"000001", b"000009"), head[:40], b"", b"\xff\xfe", b"[]\n{}"):
+        kept.write_bytes(damaged)
+        assert listed() == (expected, 1)  # ignored, listed again and written again
+        assert kept.read_bytes().split(b"\n", 1)[1] == body
+    assert TarListings(folder, "cls").save() == 0  # nothing pending: nothing written
+    rerun = extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
+    assert rerun.shards_redone and listed()[1] == 0  # the changed tar redone; its listing kept again
+
+
+def test_a_run_that_stops_before_its_first_shard_takes_its_listings_with_the_folder_it_made(tmp_path):
+    tar = write_tar(tmp_path / "t" / "00000.tar", [("a.png", b"\x89PNG not really"), ("a.cls", b"0")])
+    with pytest.raises(TLError, match="cannot decode 00000.tar/a"):
+        extract(tar, tmp_path / "c", format="webdataset", on_error="fail")
+    assert not (tmp_path / "c").exists()

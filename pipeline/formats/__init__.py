@@ -46,11 +46,13 @@ def open_source(
     classes: str = DEFAULT_CLASSES,
     label_key: str | None = None,
     say=None,
+    listings: Path | None = None,
 ) -> Source:
     """The samples of `data` read as `format`, optionally a seeded subset of N per class (0 or None: all).
     `label_key` goes to formats that list it in their `options` (webdataset) and is refused by others.
     `say` (if given) gets the source's warnings as lines (a damaged tar, an empty class folder), for the
-    stages that record none (extract keeps them in its manifest, evaluate in its report)."""
+    stages that record none (extract keeps them in its manifest, evaluate in its report). `listings`: a
+    folder where formats that list slowly (webdataset's tars) keep their listings for the next run."""
     known = registered_formats()
     if format not in known:
         raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(format_names())}")
@@ -61,6 +63,8 @@ def open_source(
             takers = ", ".join(name for name in format_names() if "label_key" in known[name].options)
             raise DataError(f"--label-key is for {takers} data, not {format}; leave it out")
         options["label_key"] = label_key
+    if listings is not None and "listings" in known[format].options:
+        options["listings"] = listings
     source = known[format].open(data, split, download, classes, **options)
     if samples_per_class:
         source.subset(samples_per_class, seed)

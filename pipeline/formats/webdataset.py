@@ -25,6 +25,7 @@ from pipeline.datasets import (DECODE_ERRORS, Sample, Source, file_stamp, missin
                                shown)
 from pipeline.errors import DataError, listed
 from pipeline.formats.tar_headers import scan_tar
+from pipeline.formats.tar_listings import TarListings
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
@@ -178,21 +179,35 @@ class WebDatasetSource(Source):
 
     format = "webdataset"
     help = 'tar shards of KEY.jpg/png + KEY.cls/txt/json (a tar, a folder of tars or {00000..00099}.tar; --label-key)'
-    options = ("label_key",)
+    options = ("label_key", "listings")
 
     @classmethod
-    def open(cls, data: Path, split: str, download: bool, classes: str, label_key: str = "cls") -> "WebDatasetSource":
-        return cls(data, split, classes, label_key)
+    def open(cls, data: Path, split: str, download: bool, classes: str, label_key: str = "cls",
+             listings: Path | None = None) -> "WebDatasetSource":
+        return cls(data, split, classes, label_key, listings)
 
-    def __init__(self, data: Path, split: str = "", classes: str = "auto", label_key: str = "cls"):
+    def __init__(self, data: Path, split: str = "", classes: str = "auto", label_key: str = "cls",
+                 listings: Path | None = None):
         suffix, field = _label_field(label_key)
         self.label_key = suffix + (f":{field}" if field and field != "label" else "")  # one spelling per key
         listed, warnings = [], []
         self._dotted = ""  # the first file named like an image after a second dot (img.001.jpg), if any
         self._unpaired = [0, ""]  # labels without an image of their key (one in a format not listed): count, first
+        self.listings = TarListings(listings, self.label_key) if listings is not None else None  # see tar_listings
         paths = tar_paths(Path(data), split, warnings)
-        for path, tar_name in zip(paths, _tar_names(paths)):
-            listed.append((path, tar_name, file_stamp(path), self._list_tar(path, suffix, field, warnings)))
+        for number, (path, tar_name) in enumerate(zip(paths, _tar_names(paths))):
+            stamp = file_stamp(path)
+            listing = self.listings.load(path, stamp) if self.listings else None
+            if listing is None:
+                listing = self._list_tar(path, suffix, field)
+                if self.listings:
+                    self.listings.add(number, path, stamp, listing)
+            warnings += [f"{shown(path)} {note}" for note in listing["notes"]]
+            self._dotted = self._dotted or listing["dotted"]
+            if listing["unpaired"][0]:
+                first = self._unpaired[1] or f"{listing['unpaired'][1]}.{suffix} in {shown(path)}"
+                self._unpaired = [self._unpaired[0] + listing["unpaired"][0], first]
+            listed.append((path, tar_name, stamp, listing["entries"]))
         if self._unpaired[0]:  # a tar of .tif or .avif images would otherwise give no rows without a word
             count, first = self._unpaired
             warnings.append(f"{count:,} .{suffix} label files name a key without an image (looked for "
@@ -234,16 +249,18 @@ class WebDatasetSource(Source):
         self.warnings += warnings + _empty_classes(names, samples, classes, suffix,
                                                           any(isinstance(label, int) for label in labels))
 
-    def _list_tar(self, path: Path, suffix: str, field: str | None, warnings: list[str]) -> list[tuple]:
-        """(key, data offset, size, label, problem) per image of one tar, in the tar's order."""
+    @staticmethod
+    def _list_tar(path: Path, suffix: str, field: str | None) -> dict:
+        """One tar's listing (JSON, to be kept): `entries`, [key, data offset, size, label, problem] per image in
+        the tar's order; its warnings after its path (`notes`); its first image name with a second dot
+        (`dotted`); [count, first key] of its labels without an image (`unpaired`)."""
         images: dict[str, list] = {}
         labels: dict[str, object] = {}
         repeated: set[str] = set()
-        members, cut, last = 0, False, None  # last: the key of the last image listed
+        members, cut, last, dotted, notes = 0, False, None, "", []  # last: the key of the last image listed
 
-        def take(name: str, regular: bool, offset: int, size: int, read) -> None:
-            """One member, in the tar's order; `read()` gives its bytes (called for label files only)."""
-            nonlocal last
+        def take(name: str, regular: bool, offset: int, size: int, read) -> None:  # read(): a label's bytes
+            nonlocal last, dotted
             if not regular:
                 return
             folder, _, base = name.rpartition("/")
@@ -257,8 +274,8 @@ class WebDatasetSource(Source):
                 else:
                     images[key] = [offset, size, name]
                 last = key
-            elif not self._dotted and ending.rpartition(".")[2] in IMAGE_SUFFIXES:
-                self._dotted = name
+            elif not dotted and ending.rpartition(".")[2] in IMAGE_SUFFIXES:
+                dotted = name
             elif ending == suffix:
                 if key in labels:
                     repeated.add(key)
@@ -270,13 +287,11 @@ class WebDatasetSource(Source):
                     except (ValueError, UnicodeDecodeError) as exc:
                         labels[key] = exc
 
-        def label_file(name: str, size: int) -> bool:
-            return size <= LABEL_BYTES and name.rpartition("/")[2].partition(".")[2].lower() == suffix
-
         try:
             length = os.path.getsize(path)
             with open(path, "rb") as handle:  # a plain ustar tar is read fast; tarfile lists any other
-                scanned = scan_tar(handle.fileno(), length, label_file)
+                scanned = scan_tar(handle.fileno(), length, lambda name, size: size <= LABEL_BYTES and  # a label
+                                   name.rpartition("/")[2].partition(".")[2].lower() == suffix)
             if scanned is not None:
                 for name, regular, offset, size, data in scanned[0]:
                     members += 1
@@ -297,17 +312,14 @@ class WebDatasetSource(Source):
         except (tarfile.TarError, EOFError) as exc:
             what = "is not an uncompressed tar" if not members else f"is damaged after {members} entries"
             cut = bool(members)
-            warnings.append(f"{shown(path)} {what} ({str(exc) or type(exc).__name__}); "
-                            + ("it was skipped" if not members else "the entries before were listed"))
+            notes.append(f"{what} ({str(exc) or type(exc).__name__}); "
+                         + ("it was skipped" if not members else "the entries before were listed"))
         except OSError as exc:  # the file itself cannot be read (permissions, I/O): not a damaged tar to skip
             raise DataError(f"cannot read {shown(path)}: {exc.strerror or exc}; check the file and re-run") from None
         else:
             if not members:  # a whole tar of nothing: said like a damaged one, not dropped silently
-                warnings.append(f"{shown(path)} is an empty tar (no entries); it was skipped")
+                notes.append("is an empty tar (no entries); it was skipped")
         unpaired = [key for key in labels if key not in images]
-        if unpaired:
-            first = self._unpaired[1] or f"{unpaired[0]}.{suffix} in {shown(path)}"
-            self._unpaired = [self._unpaired[0] + len(unpaired), first]
         entries = []
         for key, (offset, size, name) in images.items():
             label = labels.get(key)
@@ -322,8 +334,8 @@ class WebDatasetSource(Source):
                 problem = f"unreadable label in {key}.{suffix}: {label}"
             else:
                 problem = None
-            entries.append((key, offset, size, None if problem else label, problem))
-        return entries
+            entries.append([key, offset, size, None if problem else label, problem])
+        return {"entries": entries, "notes": notes, "dotted": dotted, "unpaired": [len(unpaired), ([*unpaired, ""])[0]]}
 
     @staticmethod
     def _class_names(classes: str, labels: list) -> list[str]:
@@ -374,7 +386,7 @@ class WebDatasetSource(Source):
             os.close(held[2])
 
     def __getstate__(self) -> dict:  # a copy, or a spawned worker, opens tars of its own
-        return {name: value for name, value in self.__dict__.items() if name != "_held"}
+        return {name: value for name, value in self.__dict__.items() if name not in ("_held", "listings")}
 
     def read_image(self, index: int, draft=None) -> Image.Image:
         buffer = io.BytesIO(self.encoded(index))

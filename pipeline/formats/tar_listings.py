@@ -1,0 +1,76 @@
+"""Each tar's listing kept in the cache folder (`OUT/listings/`) for the next run over the same tars, so a
+resume, or a second extraction, reads no tar headers again.
+
+One file per tar, named by a digest of its absolute path: a head line (this format's version, the tar's
+path, its stamp `size:mtime_ns` as the fingerprint takes it, the label key, the digest of the listing) and
+the listing itself as JSON. A file whose head names another stamp (the tar changed), another label key or
+version, or whose listing does not match its digest, or that cannot be read, is ignored: the tar is
+listed again and its file replaced. Files are written with pipeline.files.atomic_write once the cache is
+opened and locked (a run refused, or one that fails before, writes none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from pipeline.files import atomic_write, remove_stale_temporaries
+
+VERSION = 1  # raise when what a listing holds, or how a tar is listed, changes: older files are ignored
+
+
+def listing_file(folder: Path, tar: Path) -> Path:
+    return Path(folder) / (hashlib.sha256(os.fsencode(os.path.abspath(tar))).hexdigest()[:32] + ".json")
+
+
+class TarListings:
+    """The listings of one run: `load` the kept listing of a tar if it still answers, `add` a new one,
+    `save` the new ones (some of them: a torchrun rank saves its share)."""
+
+    def __init__(self, folder: Path, label_key: str):
+        self.folder, self.label_key = Path(folder), label_key
+        self.pending: list[tuple[int, Path, bytes]] = []  # (tar number, file, content): listed in this run
+        self.reused = 0
+
+    def _head(self, tar: Path, stamp: str) -> dict:
+        return {"version": VERSION, "tar": os.fsdecode(os.path.abspath(tar)), "stamp": stamp,
+                "label_key": self.label_key}
+
+    def load(self, tar: Path, stamp: str) -> dict | None:
+        """The listing kept for `tar` as it is now (its stamp), or None."""
+        if stamp == "missing":
+            return None
+        try:
+            with open(listing_file(self.folder, tar), "rb") as handle:
+                head, body = handle.readline(), handle.read()
+            head = json.loads(head)
+            if not isinstance(head, dict) or head.pop("sha256", None) != hashlib.sha256(body).hexdigest() \
+                    or head != self._head(tar, stamp):
+                return None
+            listing = json.loads(body)
+        except (OSError, ValueError):
+            return None
+        self.reused += 1
+        return listing
+
+    def add(self, number: int, tar: Path, stamp: str, listing: dict) -> None:
+        """Keep `listing` (JSON: lists, strings, numbers) of the tar `number` of this run, to save later."""
+        if stamp == "missing":
+            return
+        body = json.dumps(listing, separators=(",", ":")).encode("ascii")  # other names as \u escapes
+        head = {**self._head(tar, stamp), "sha256": hashlib.sha256(body).hexdigest()}
+        self.pending.append((number, listing_file(self.folder, tar), json.dumps(head).encode("ascii") + b"\n" + body))
+
+    def save(self, share=lambda number: True) -> int:
+        """Write the pending listings of the tars `share(number)` picks; the count written."""
+        mine = [(path, content) for number, path, content in self.pending if share(number)]
+        self.pending = []
+        if mine:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.folder)  # once: each write below skips the look
+        for path, content in mine:
+            with atomic_write(path, "a tar listing", sweep=False, follow=False) as temporary:
+                temporary.write_bytes(content)
+        return len(mine)
