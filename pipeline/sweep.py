@@ -192,8 +192,9 @@ def _sweep(config: SweepConfig, reader, layers: list[str], settings: list[Settin
     board = sorted((records[s.name] for s in settings), key=lambda r: (bool(r.get("diverged")), -r["val_score"],
                                                                          order[r["name"]]))
     if board[0].get("diverged"):  # best.pt would be a head of NaN probabilities; the records stay for a re-run
+        tried = sorted({r["setting"]["lr"] for r in board} - {None})  # None: the kind's default lr
         raise HeadError(f"every head of the sweep diverged (its loss stopped being finite); none is best and no best.pt "
-                        f"was written; lower --lr (tried {listed(sorted({r['setting']['lr'] for r in board} - {None}))})")
+                        f"was written; lower --lr" + (f" (tried {listed(tried)})" if tried else ""))
     first = next(s for s in settings if s.name == board[0]["name"])
     if not (out / "heads" / f"{first.name}.pt").is_file():  # dropped by an earlier --keep best, now the best:
         rows, val = _layer_rows(reader, first.layer, config)  # trained again, as it was (seeded, alone or not)

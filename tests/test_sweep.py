@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.code_rows import CacheRows
+from pipeline.errors import HeadError
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.model_files import load_head
 from pipeline.sweep import SweepConfig, run_sweep
@@ -213,6 +214,18 @@ def test_a_head_alone_in_its_pass_diverges_as_among_others(run_tl, caches, tmp_p
     shown = run_tl("sweep", *grid[:-1], "--out", tmp_path / "fresh", "--lr", "0.05,1e12")
     assert shown.code == 0 and "clear-mlp-h8-lr1e+12" in shown.out and "  diverged in epoch 1" in shown.out, shown
     assert "| diverged (epoch 1) |" in (tmp_path / "fresh/sweep.md").read_text()
+
+
+def test_every_head_diverging_at_the_default_lr_names_no_tried_rates(caches, tmp_path, monkeypatch):
+    """No --lr given: the heads train at the optimizer's default, and the error said "(tried none)"."""
+    import pipeline.training
+
+    monkeypatch.setitem(pipeline.training.DEFAULT_LR, "sgd", 1e12)
+    config = SweepConfig(cache=caches[0], out=tmp_path / "s", layers=("clear",), heads=("mlp",), hidden=((8,),),
+                         training=TrainingOptions(max_epochs=3, quiet=True))
+    with pytest.raises(HeadError) as refused:
+        run_sweep(config, say=lambda text: None)
+    assert str(refused.value).endswith("no best.pt was written; lower --lr"), refused.value
 
 
 def test_a_diverged_head_of_a_multi_label_cache_ranks_last(run_tl, tmp_path):
