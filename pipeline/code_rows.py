@@ -173,8 +173,9 @@ def _standardization(rows: CodeRows) -> tuple[np.ndarray, np.ndarray]:
 
 def validation_score(targets: np.ndarray, probabilities: np.ndarray) -> float:
     """Accuracy for one label per row; mean AP over classes (area, scikit-learn) for multi-hot rows. A NaN
-    probability (a diverged head's overflowed logits) scores below every other: scikit-learn refused it in
-    a traceback, and ranking a diverged head needs its score."""
+    probability (a diverged head's overflowed logits) ranks below every other: scikit-learn refused it in
+    a traceback, and ranking a diverged head needs its score. A row of NaN alone predicts class 0, so such
+    a score is no measure of the head: rankings put diverged heads last by their flag, not by it."""
     probabilities = np.nan_to_num(probabilities, nan=-1.0)  # probabilities lie in [0, 1]
     if targets.ndim == 2:
         from sklearn.metrics import average_precision_score
