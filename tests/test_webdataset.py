@@ -506,3 +506,28 @@ def test_a_run_that_stops_before_its_first_shard_takes_its_listings_with_the_fol
     with pytest.raises(TLError, match="cannot decode 00000.tar/a"):
         extract(tar, tmp_path / "c", format="webdataset", on_error="fail")
     assert not (tmp_path / "c").exists()
+
+
+def test_a_listing_file_that_is_a_link_or_a_fifo_is_not_read_but_redone(tmp_path, monkeypatch):
+    """OUT/listings holds files tl names itself: a link planted there is never followed (a link to /dev/zero
+    filled the memory; one to a listing elsewhere was taken), and a FIFO is never opened for reading (it
+    blocked the run): the tar is listed again and a regular file replaces the planted one."""
+    from pipeline.formats import tar_headers, webdataset
+
+    tars = write_webdataset(tmp_path, tars=1, per_tar=3)
+    folder = tmp_path / "c" / "listings"
+    source = open_source("webdataset", tars, listings=folder)
+    source.listings.save()
+    kept = listing_file(folder, tars / "00000.tar")
+    outside = tmp_path / "elsewhere.json"
+    kept.rename(outside)
+    reads = []
+    monkeypatch.setattr(webdataset, "scan_tar", lambda *args: reads.append(1) or tar_headers.scan_tar(*args))
+    for plant in (lambda: kept.symlink_to(outside), lambda: kept.symlink_to("/dev/zero"), lambda: os.mkfifo(kept)):
+        kept.unlink(missing_ok=True)
+        plant()
+        reads.clear()
+        again = open_source("webdataset", tars, listings=folder)
+        assert again.samples == source.samples and len(reads) == 1
+        again.listings.save()
+        assert not kept.is_symlink() and kept.read_bytes() == outside.read_bytes()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from pipeline.files import atomic_write, remove_stale_temporaries
@@ -43,7 +44,12 @@ class TarListings:
         if stamp == "missing":
             return None
         try:
-            with open(listing_file(self.folder, tar), "rb") as handle:
+            # a file tl names itself: a link planted there is not followed (ELOOP, ignored), and a FIFO or device is
+            # not read (a FIFO would block the run, /dev/zero fill its memory); the listing is redone and replaces it
+            handle = os.open(listing_file(self.folder, tar), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with open(handle, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    return None
                 head, body = handle.readline(), handle.read()
             head = json.loads(head)
             if not isinstance(head, dict) or head.pop("sha256", None) != hashlib.sha256(body).hexdigest() \
