@@ -221,8 +221,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     return ExtractResult(out, manifest.rows, widths, size,
                          time.perf_counter() - started, written, reused, timing["processed"],
                          timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest.skipped,
-                         timing.get("patches", 0), list(source.warnings), writer.changed,
-                         timing.get("device_refused", 0), timing.get("dropped", 0))
+                         timing.get("patches", 0), [*source.warnings, *getattr(source.listings, "notes", ())],
+                         writer.changed, timing.get("device_refused", 0), timing.get("dropped", 0))
 
 
 def _note_error(config: ExtractConfig, rows: ShardRows, source: Source, index: int, reason: str) -> None:

@@ -531,3 +531,26 @@ def test_a_listing_file_that_is_a_link_or_a_fifo_is_not_read_but_redone(tmp_path
         assert again.samples == source.samples and len(reads) == 1
         again.listings.save()
         assert not kept.is_symlink() and kept.read_bytes() == outside.read_bytes()
+
+
+def test_listings_that_cannot_be_kept_are_a_warning_not_a_stopped_run(tmp_path, monkeypatch):
+    """The listings only speed up the next run: a full disk, or OUT/listings that is not a folder tl can write,
+    leaves the extraction going (a resume of a finished cache was refused for them) and says so."""
+    from pipeline.files import DiskFullError
+    from pipeline.formats import tar_listings
+
+    tars = write_webdataset(tmp_path, tars=2, per_tar=3)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "listings").write_text("not a folder")
+    result = extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
+    assert result.rows == 6 and any("2 tar listings were not kept" in line for line in result.warnings)
+    assert "listings" not in json.dumps(cache_document(tmp_path / "c").get("warnings", []))  # this run's, not the cache's
+
+    def full(path, *args, **options):
+        raise DiskFullError(f"no space left on the device of {path}; free space and re-run the same command")
+
+    monkeypatch.setattr(tar_listings, "atomic_write", full)
+    source = open_source("webdataset", tars, listings=tmp_path / "d" / "listings")
+    assert source.listings.save() == 0 and source.listings.notes == [
+        f"2 tar listings were not kept in {tmp_path / 'd' / 'listings'} (no space left on the device of "
+        f"{listing_file(tmp_path / 'd' / 'listings', tars / '00000.tar')}); the next run lists those tars again"]

@@ -17,6 +17,7 @@ import os
 import stat
 from pathlib import Path
 
+from pipeline.errors import TLError
 from pipeline.files import atomic_write, remove_stale_temporaries
 
 VERSION = 1  # raise when what a listing holds, or how a tar is listed, changes: older files are ignored
@@ -34,6 +35,7 @@ class TarListings:
         self.folder, self.label_key = Path(folder), label_key
         self.pending: list[tuple[int, Path, bytes]] = []  # (tar number, file, content): listed in this run
         self.reused = 0
+        self.notes: list[str] = []  # why listings were not kept (a warning of this run, not of the cache)
 
     def _head(self, tar: Path, stamp: str) -> dict:
         return {"version": VERSION, "tar": os.fsdecode(os.path.abspath(tar)), "stamp": stamp,
@@ -70,13 +72,20 @@ class TarListings:
         self.pending.append((number, listing_file(self.folder, tar), json.dumps(head).encode("ascii") + b"\n" + body))
 
     def save(self, share=lambda number: True) -> int:
-        """Write the pending listings of the tars `share(number)` picks; the count written."""
+        """Write the pending listings of the tars `share(number)` picks; the count written. Those that cannot be
+        written (a full disk, a folder not writable) are said in `notes`, and the run goes on without them."""
         mine = [(path, content) for number, path, content in self.pending if share(number)]
-        self.pending = []
-        if mine:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_temporaries(self.folder)  # once: each write below skips the look
-        for path, content in mine:
-            with atomic_write(path, "a tar listing", sweep=False, follow=False) as temporary:
-                temporary.write_bytes(content)
-        return len(mine)
+        self.pending, saved = [], 0
+        try:
+            if mine:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                remove_stale_temporaries(self.folder)  # once: each write below skips the look
+            for path, content in mine:
+                with atomic_write(path, "a tar listing", sweep=False, follow=False) as temporary:
+                    temporary.write_bytes(content)
+                saved += 1
+        except (OSError, TLError) as exc:  # a speed-up only: a full disk or a folder not ours must not stop the run
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc).partition(";")[0]  # not its remedy
+            self.notes.append(f"{len(mine) - saved:,} tar listings were not kept in {self.folder} ({reason}); the "
+                              "next run lists those tars again")
+        return saved
