@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -554,3 +555,24 @@ def test_listings_that_cannot_be_kept_are_a_warning_not_a_stopped_run(tmp_path, 
     assert source.listings.save() == 0 and source.listings.notes == [
         f"2 tar listings were not kept in {tmp_path / 'd' / 'listings'} (no space left on the device of "
         f"{listing_file(tmp_path / 'd' / 'listings', tars / '00000.tar')}); the next run lists those tars again"]
+
+
+def test_a_kept_listing_is_redone_when_its_tar_is_replaced_with_the_same_size_and_mtime(tmp_path):
+    """A relabelled tar of the same size whose mtime was set back (touch -d, cp -p) keeps its stamp: listed, its
+    new labels still change the fingerprint, so a kept listing must not pin the old labels (and their offsets)."""
+    tars = write_webdataset(tmp_path, tars=1, per_tar=3)
+    tar = tars / "00000.tar"
+    folder = tmp_path / "c" / "listings"
+    open_source("webdataset", tars, listings=folder).listings.save()
+    before = os.stat(tar)
+    with tarfile.open(tar) as old:  # labels 0, 1, 2 become 2, 0, 1: the same bytes but for the labels
+        members = [(m.name, old.extractfile(m).read()) for m in old]
+    swapped = {b"0": b"2", b"1": b"0", b"2": b"1"}
+    replacement = write_tar(tmp_path / "new.tar", [(name, swapped[data] if name.endswith(".cls") else data)
+                                                   for name, data in members])
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    replacement.replace(tar)
+    assert os.stat(tar).st_size == before.st_size  # the stamp `size:mtime_ns` the fingerprint takes is the same
+    plain = open_source("webdataset", tars)
+    again = open_source("webdataset", tars, listings=folder)
+    assert again.samples == plain.samples and again.listings.reused == 0

@@ -2,8 +2,8 @@
 resume, or a second extraction, reads no tar headers again.
 
 One file per tar, named by a digest of its absolute path: a head line (this format's version, the tar's
-path, its stamp `size:mtime_ns` as the fingerprint takes it, the label key, the digest of the listing) and
-the listing itself as JSON. A file whose head names another stamp (the tar changed), another label key or
+path, its stamp `size:mtime_ns` as the fingerprint takes it, its inode and ctime, the label key, the digest of
+the listing) and the listing itself as JSON. A file whose head names another stamp or ctime (the tar changed), another label key or
 version, or whose listing does not match its digest, or that cannot be read, is ignored: the tar is
 listed again and its file replaced. Files are written with pipeline.files.atomic_write once the cache is
 opened and locked (a run refused, or one that fails before, writes none).
@@ -27,6 +27,17 @@ def listing_file(folder: Path, tar: Path) -> Path:
     return Path(folder) / (hashlib.sha256(os.fsencode(os.path.abspath(tar))).hexdigest()[:32] + ".json")
 
 
+def _changed(tar: Path) -> str:
+    """The tar's inode and status-change time. A tar replaced by one of its size with its mtime set back (touch -d,
+    cp -p, rsync -t) keeps its stamp; the fingerprint still sees the new ids and labels when the tar is listed,
+    but a kept listing would pin the old ones (and their offsets into the new tar). Nothing sets a ctime back."""
+    try:
+        status = os.stat(tar)
+    except OSError:
+        return "missing"
+    return f"{status.st_ino}:{status.st_ctime_ns}"
+
+
 class TarListings:
     """The listings of one run: `load` the kept listing of a tar if it still answers, `add` a new one,
     `save` the new ones (some of them: a torchrun rank saves its share)."""
@@ -39,7 +50,7 @@ class TarListings:
 
     def _head(self, tar: Path, stamp: str) -> dict:
         return {"version": VERSION, "tar": os.fsdecode(os.path.abspath(tar)), "stamp": stamp,
-                "label_key": self.label_key}
+                "label_key": self.label_key, "changed": _changed(tar)}
 
     def load(self, tar: Path, stamp: str) -> dict | None:
         """The listing kept for `tar` as it is now (its stamp), or None."""
