@@ -209,7 +209,8 @@ def save_fitted(head, out: Path, reader: CacheReader, layer: str, train_rows: in
     digest of its codes (evaluate tells a score on the training codes from a test)."""
     save_head(head, out, {"classes": reader.classes, "layer": layer, "width": reader.taps[layer],
                           "codes_key": codes_key(reader.manifest), "cache": str(reader.root), "train_rows": train_rows,
-                          "cache_content": reader.manifest.content}, follow=follow)
+                          "cache_content": reader.manifest.content,
+                          "codes_dtype": reader.manifest.key["layout"]["dtype"]}, follow=follow)
 
 
 def cached_layer(reader: CacheReader, name: str) -> str:

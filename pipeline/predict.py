@@ -138,8 +138,16 @@ def _head_scorer(config: PredictConfig, device):
     precision = resolve_precision(config.precision, device)
     layer = metadata["layer"]
     model = prepare_model(backbone, weights, [layer], device)
-    return (lambda pixels: head.predict_proba(forward_codes(model, backbone, pixels, device, precision)[layer])), \
-        metadata
+    stored = metadata.get("codes_dtype")  # absent from heads of an earlier tl: the codes as computed
+
+    def probabilities_of(pixels):
+        codes = forward_codes(model, backbone, pixels, device, precision)[layer]
+        # rounded as the cache stored the codes the head was fitted on: the scores evaluate --head gives the
+        # same images' cached codes (float32 codes between float16's steps moved near-constant columns by
+        # many of their tiny standard deviations: 41 of 50 labels differed on a random-init backbone)
+        return head.predict_proba(codes.astype(stored).astype(np.float32) if stored == "float16" else codes)
+
+    return probabilities_of, metadata
 
 
 def _model_scorer(config: PredictConfig, device):
