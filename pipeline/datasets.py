@@ -5,8 +5,8 @@ of formats (the formats themselves live in pipeline.formats, one module each).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-
 import hashlib
 import json
 import math
@@ -14,9 +14,10 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from cache.manifest import PlannedShard
 from pipeline.errors import DataError, listed
@@ -80,7 +81,7 @@ class Source:
         the bytes cannot be read."""
         if type(self).read_image is not Source.read_image:
             return None
-        with open(regular_file(self.samples[index].location), "rb") as handle:
+        with open_regular(self.samples[index].location) as handle:
             return handle.read()
 
     def fingerprint(self) -> str:
@@ -243,23 +244,36 @@ def open_rgb(path: str, draft=None) -> Image.Image:
     `draft(width, height)` gives the smallest size the caller needs: a JPEG is then decoded at the
     smallest DCT scale (1/2, 1/4, 1/8) still at least that large, several times faster for a photo
     larger than needed; `info["original_size"]` keeps the size before that reduction."""
-    with Image.open(regular_file(path) if isinstance(path, (str, os.PathLike)) else path) as image:
-        original = image.size
-        if draft is not None and image.format == "JPEG":
-            image.draft(image.mode, draft(*original))
-        image.load()
-        rgb = to_rgb(image)
-        rgb.info["original_size"] = original
-        return rgb
+    named = isinstance(path, (str, os.PathLike))
+    with open_regular(path) if named else contextlib.nullcontext(path) as handle:
+        try:
+            image = Image.open(handle)
+        except UnidentifiedImageError:
+            if not named:
+                raise
+            # named by its path, as Pillow names a file it opens itself (not by its file object)
+            raise UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}") from None
+        with image:
+            original = image.size
+            if draft is not None and image.format == "JPEG":
+                image.draft(image.mode, draft(*original))
+            image.load()
+            rgb = to_rgb(image)
+            rgb.info["original_size"] = original
+            return rgb
 
 
-def regular_file(path):
-    """`path`, once it is known to be a regular file (through links). A FIFO named like an image blocks its
-    reader until something writes to it, and a device (a link to /dev/zero) is never read to its end: either
-    hung the whole run. Refused as an unreadable file instead (an OSError, which callers record and skip)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
+def open_regular(path) -> BinaryIO:
+    """`path` opened for reading, once its descriptor is known to be a regular file (through links). A FIFO
+    named like an image blocks its reader until something writes to it, and a device (a link to /dev/zero)
+    is never read to its end: either hung the whole run. Refused as an unreadable file instead (an OSError,
+    which callers record and skip). Opened without blocking (a FIFO's open waits for a writer) and checked
+    on the open file: no stat beside the open, a metadata round trip per image on a network file system."""
+    handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
         raise OSError("not a regular file (a FIFO, socket or device)")
-    return path
+    return handle
 
 
 class ImageFiles:

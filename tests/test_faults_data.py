@@ -258,6 +258,24 @@ def test_a_fifo_or_a_device_named_like_an_image_is_skipped_not_waited_on(tmp_pat
         signal.signal(signal.SIGALRM, before)
 
 
+def test_an_image_is_checked_on_its_open_file_not_by_a_stat_beside_it(tmp_path, monkeypatch):
+    """The FIFO check stat'ed every image before opening it: a second metadata round trip per image on a
+    network file system. The open file itself is checked now (fstat); a bad file keeps its message."""
+    from pipeline.datasets import open_rgb
+
+    root = make_image_folder(tmp_path / "data", classes=("a",), per_class=1, size=(8, 8))
+    (root / "a" / "bad.png").write_bytes(b"not an image")
+    source = open_source("imagefolder", root)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("os.stat called while decoding")
+
+    monkeypatch.setattr(os, "stat", refused)
+    assert source.read_image(1).size == (8, 8) and len(source.encoded(1)) > 0
+    with pytest.raises(OSError, match=r"^cannot identify image file '.*bad\.png'$"):
+        open_rgb(str(root / "a" / "bad.png"))
+
+
 def test_file_list_with_a_loop_and_a_dangling_link(tmp_path):
     folder = tmp_path / "pics"
     write_image(folder / "one.png", 1, size=(8, 8))
