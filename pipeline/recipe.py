@@ -284,7 +284,7 @@ def _images_of(step: Step, key: str, split_key: str, steps: list[Step]) -> tuple
     if given is None:
         return None
     if key in ("cache", "val_cache"):
-        maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), given)), None)
+        maker = _cache_maker(given, steps)
         return None if maker is None else _images_of(maker, "data", "split", steps)
     split = str(step.params.get(split_key) or step.params.get("split"))
     if (step.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT:
@@ -300,23 +300,19 @@ def check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
     writes, when that step runs; a finetune step's unfreeze against the conv layers before its head's tap;
     an evaluate step's pooling exponent. (tl run makes fit-head's and finetune's settings checks through
     the runner too: see StageRunner.check.)"""
-    from pipeline.backbones import get_backbone  # the registries, only when a recipe is checked
-
     params = step.params
     if step.stage == "extract":
         from pipeline.formats import DEFAULT_FORMAT
         from pipeline.multiscale import PatchSettings, check_patches
 
-        backbone = get_backbone(params["backbone"])
-        backbone.resolve_taps(_layers(params) or [backbone.default_tap])
+        backbone, _ = _written(step)
         check_patches(bool(params.get("multiscale")), PatchSettings.of_options(
             params["scales"], params["patch_overlap"], params["box_overlap"], params["background_fraction"]),
             backbone, params.get("format_") or DEFAULT_FORMAT)
     elif step.stage == "fit-head" and params.get("layer"):
-        maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), step.path("cache"))), None)
+        maker = _cache_maker(step.path("cache"), steps)
         if maker is not None and maker in chosen:  # else the cache on disk is read (--only fit-head): the stage checks it
-            backbone = get_backbone(maker.params["backbone"])
-            written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
+            backbone, written = _written(maker)
             if backbone.aliases.get(params["layer"], params["layer"]) not in written:
                 raise ConfigError(f"layer '{params['layer']}' is not one that {maker.label} caches "
                                   f"({', '.join(written)}); set the layer to one of them, or add it to its layers")
@@ -347,10 +343,9 @@ def _head_tap(step: Step, steps: list[Step], chosen: list[Step]):
 
         metadata = load_head(step.path("head"))[1]
         return get_backbone(metadata["codes_key"]["backbone"]), metadata["layer"]
-    maker = next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), fit.path("cache"))), None)
+    maker = _cache_maker(fit.path("cache"), steps)
     if maker is not None and maker in chosen:
-        backbone = get_backbone(maker.params["backbone"])
-        written = backbone.resolve_taps(_layers(maker.params) or [backbone.default_tap])
+        backbone, written = _written(maker)
     else:  # fit-head reads the cache on disk (no step makes it, or --from fit-head): its manifest says
         from cache.manifest import load_manifest
 
@@ -363,6 +358,19 @@ def _head_tap(step: Step, steps: list[Step], chosen: list[Step]):
     if layer is None:
         return (backbone, written[0]) if len(written) == 1 else None
     return (backbone, layer) if layer in written else None
+
+
+def _cache_maker(cache: Path | None, steps: list[Step]) -> Step | None:
+    """The extract step whose output is `cache`, if any."""
+    return next((s for s in steps if s.stage == "extract" and _same(s.path(OUTPUT), cache)), None)
+
+
+def _written(extract: Step):
+    """(backbone entry, canonical taps) an extract step writes; its layers checked against its backbone."""
+    from pipeline.backbones import get_backbone
+
+    backbone = get_backbone(extract.params["backbone"])
+    return backbone, backbone.resolve_taps(_layers(extract.params) or [backbone.default_tap])
 
 
 def _layers(params: dict) -> list[str]:

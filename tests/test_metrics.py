@@ -60,12 +60,19 @@ def voc_area_by_loops(relevant, scores):
     return sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in range(1, len(mrec)) if mrec[i] != mrec[i - 1])
 
 
+def _random_relevance(rng, most: int) -> np.ndarray:
+    """5 to `most` rows, a random share of them relevant, at least one."""
+    n = int(rng.integers(5, most))
+    relevant = rng.random(n) < rng.uniform(0.1, 0.6)
+    relevant[rng.integers(n)] = True
+    return relevant
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_ap_matches_devkit_loops_on_random_scores(seed):
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(5, 60))
-    relevant = rng.random(n) < rng.uniform(0.1, 0.6)
-    relevant[rng.integers(n)] = True
+    relevant = _random_relevance(rng, 60)
+    n = len(relevant)
     scores = rng.random(n)  # continuous: no ties
     assert abs(average_precision(relevant, scores, "voc07") - voc07_by_loops(list(relevant), list(scores))) < TOLERANCE
     assert abs(average_precision(relevant, scores, "area") - voc_area_by_loops(list(relevant), list(scores))) < TOLERANCE
@@ -103,9 +110,8 @@ def test_tied_scores_are_one_threshold_whatever_the_row_order():
 @pytest.mark.parametrize("seed", range(20))
 def test_ap_with_ties_matches_scikit_learn_thresholds_in_any_row_order(seed):
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(5, 80))
-    relevant = rng.random(n) < rng.uniform(0.1, 0.6)
-    relevant[rng.integers(n)] = True
+    relevant = _random_relevance(rng, 80)
+    n = len(relevant)
     scores = rng.integers(0, int(rng.integers(2, 8)), n) / 4  # a few levels: many ties
     voc07, area = voc_aps_of_scikit_learn_curve(relevant, scores)
     by_class = np.argsort(~relevant, kind="stable")  # relevant rows first, as a class-sorted cache lists them

@@ -386,6 +386,9 @@ def test_a_stages_remedy_that_names_its_flags_names_the_recipe_keys_too(run_tl, 
     assert "in a recipe" not in other.err, other
 
 
+RANDOM_ALEXNET = "data: images\nformat: imagefolder\nbackbone: alexnet\nweights: none\nlayers: [pool5]\nquiet: true\n"
+
+
 def _alexnet_recipe(root, per_class: int, more: str = ""):
     """Images of two classes under root/images/train and a recipe that extracts alexnet pool5 codes of
     them into caches/train, then `more` steps."""
@@ -698,17 +701,11 @@ def test_scoring_codes_of_the_training_images_is_noted_however_the_caches_are_na
     monkeypatch.chdir(tmp_path)
     for split in ("train", "test"):
         make_image_folder(tmp_path / "images" / split, classes=("a", "b"), per_class=3, size=(32, 32))
-    recipe = _recipe(tmp_path, """\
-        data: images
-        format: imagefolder
-        backbone: alexnet
-        weights: none
-        layers: [pool5]
-        quiet: true
+    recipe = _recipe(tmp_path, RANDOM_ALEXNET + textwrap.dedent("""\
         extract: [{split: train, out: caches/train}, {split: test, out: caches/test}]
         fit-head: {cache: caches/train, out: h.pt}
         evaluate: {head: h.pt, cache: caches/test, out: r}
-        """)
+        """))
     note = ("note: evaluate scores caches/test, codes of the images fit-head trained on (caches/train): its numbers "
             "are training numbers, not a test")
     tested = run_tl("run", recipe, "--only", "extract")  # a test of other images: no note
@@ -765,16 +762,10 @@ def test_a_fit_head_layer_is_checked_against_the_extract_step_only_when_that_ste
     a cache extracted with `--set layers=[pool5,fc6]` was refused for its fc6 although it holds it."""
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=3, size=(32, 32))
-    recipe = _recipe(tmp_path, """\
-        data: images
-        format: imagefolder
-        backbone: alexnet
-        weights: none
-        layers: [pool5]
-        quiet: true
+    recipe = _recipe(tmp_path, RANDOM_ALEXNET + textwrap.dedent("""\
         extract: {out: caches/train}
         fit-head: {cache: caches/train, out: h.pt, val_fraction: 0}
-        """)
+        """))
     both = run_tl("run", recipe, "--set", "layers=[pool5,fc6]", "--only", "extract")
     assert both.code == 0, both
     fitted = run_tl("run", recipe, "--only", "fit-head", "--set", "fit-head.layer=fc6")

@@ -40,6 +40,17 @@ def _artifacts(client, run_id: str, path: str = "") -> set[str]:
     return found
 
 
+def _tracked_blobs(tmp_path, monkeypatch, recipe: str) -> str:
+    """A code cache `c` of three classes and the recipe `r.yaml` in the working folder `tmp_path`, tracked
+    in an SQLite store there; returns the store's URI."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
+    (tmp_path / "r.yaml").write_text(recipe)
+    return uri
+
+
 def test_each_step_is_a_nested_run_with_params_histories_and_artifacts(run_tl, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -202,11 +213,8 @@ def test_an_sqlite_store_that_is_a_folder_or_under_a_file_is_one_line_at_once(ru
 def test_the_step_that_stops_a_tracked_run_is_a_run_of_its_own(run_tl, tmp_path, monkeypatch, stop, status, code):
     import pipeline.evaluate
 
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
-    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\nevaluate: {head: h.pt, cache: c, out: r}\n")
+    uri = _tracked_blobs(tmp_path, monkeypatch,
+                         "fit-head: {cache: c, out: h.pt}\nevaluate: {head: h.pt, cache: c, out: r}\n")
 
     def stopping(config):
         raise stop("stopped in the middle")
@@ -273,11 +281,7 @@ def test_a_step_up_to_date_uploads_again_when_the_run_that_held_its_files_is_gon
     report were nowhere in the store); X deleted or not in the store at all, the step uploads them again."""
     import json
 
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
-    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+    uri = _tracked_blobs(tmp_path, monkeypatch, "fit-head: {cache: c, out: h.pt}\n")
 
     def fit_run():
         assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0
@@ -303,11 +307,7 @@ def test_a_step_up_to_date_uploads_again_when_the_run_that_held_its_files_is_gon
 def test_the_users_mlflow_experiment_is_the_runs(run_tl, tmp_path, monkeypatch):
     """MLFLOW_EXPERIMENT_NAME (`mlflow run --experiment-name`, or exported) was passed over for the
     recipe's experiment; MLFLOW_EXPERIMENT_ID after an earlier run in the process, too."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
-    (tmp_path / "r.yaml").write_text("experiment: blobs\nfit-head: {cache: c, out: h.pt}\n")
+    uri = _tracked_blobs(tmp_path, monkeypatch, "experiment: blobs\nfit-head: {cache: c, out: h.pt}\n")
 
     def experiments_of_last_run():
         client, parents, runs = _runs(uri)
@@ -340,11 +340,7 @@ def test_the_users_mlflow_experiment_is_the_runs(run_tl, tmp_path, monkeypatch):
 def test_the_final_model_goes_once_per_content_into_the_same_parent(run_tl, tmp_path, monkeypatch):
     """A parent run handed over again (`mlflow run --run-id`, MLFLOW_RUN_ID) took the final model again on
     every re-run, every step up to date (84 MB for VGG16); a new parent run takes it, as does a changed model."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    write_code_cache(tmp_path / "c", *blobs(5, n=30, classes=3, width=8), ["a", "b", "c"])
-    (tmp_path / "r.yaml").write_text("fit-head: {cache: c, out: h.pt}\n")
+    uri = _tracked_blobs(tmp_path, monkeypatch, "fit-head: {cache: c, out: h.pt}\n")
     uploads = []
     logged = mlflow.log_artifact
     monkeypatch.setattr(mlflow, "log_artifact", lambda path, artifact_path=None, **kwargs: (
