@@ -205,7 +205,10 @@ def run_export(config: ExportConfig) -> ExportResult:
                             "which one exported network does not do; score images with tl predict --model, or export a "
                             "model finetuned from a head of centre-crop codes")
     backbone = get_backbone(metadata["codes_key"]["backbone"])
+    # a deployed graph computes no gradients: a TorchScript file run outside torch.no_grad() would otherwise
+    # return probabilities that carry them (and keep every activation for a backward pass that never comes)
     deployed = Deployed(model, backbone, metadata["head"]["state"]["multilabel"], raw_pixels).eval()
+    deployed.requires_grad_(False)
     crops, checked_on = check_batch(metadata, backbone)
     inputs = crops if raw_pixels else normalize(crops, backbone.mean, backbone.std)
     with torch.inference_mode():

@@ -65,6 +65,8 @@ def test_torchscript_takes_uint8_pixels_and_says_so_beside_it(model_file, tmp_pa
     assert result.checked == 9 and result.agreeing == 9 and "images of" in result.checked_on
     crops, backbone = _raw_crops(model_file)
     exported = _load_torchscript(tmp_path / "model.ts")
+    plain = exported(crops)  # a deployer who does not know torch.no_grad gets no autograd graph
+    assert not plain.requires_grad and not any(parameter.requires_grad for parameter in exported.parameters())
     with torch.inference_mode():
         found = exported(crops).numpy()
     np.testing.assert_allclose(found, _model_probabilities(model_file, crops, backbone), atol=1e-5)
