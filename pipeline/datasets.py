@@ -12,12 +12,13 @@ import json
 import math
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from cache.manifest import PlannedShard
 from pipeline.errors import DataError, listed
@@ -247,7 +248,7 @@ def open_rgb(path: str, draft=None) -> Image.Image:
     named = isinstance(path, (str, os.PathLike))
     with open_regular(path) if named else contextlib.nullcontext(path) as handle:
         try:
-            image = Image.open(handle)
+            image = _open_within_limit(handle, draft is not None)
         except UnidentifiedImageError:
             if not named:
                 raise
@@ -257,10 +258,39 @@ def open_rgb(path: str, draft=None) -> Image.Image:
             original = image.size
             if draft is not None and image.format == "JPEG":
                 image.draft(image.mode, draft(*original))
+            _refuse_bomb(image.size, "at reduced scale")
             image.load()
             rgb = to_rgb(image)
             rgb.info["original_size"] = original
             return rgb
+
+
+def _open_within_limit(handle: BinaryIO, reduced: bool) -> Image.Image:
+    """Image.open, with Pillow's limit against decompression bombs (2 * Image.MAX_IMAGE_PIXELS pixels, 179
+    million) applied to the pixels decoded: a JPEG decoded at `reduced` scale (Image.draft: 1/8 of its width at
+    most) is opened whatever its size, so a 200-megapixel phone photo is read, not skipped. Images of 89 to 179
+    million pixels, which Pillow decodes, are opened without a DecompressionBombWarning on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(handle)
+        except Image.DecompressionBombError:
+            handle.seek(0)
+            if handle.read(3) != b"\xff\xd8\xff":
+                raise
+    handle.seek(0)
+    image = JpegImagePlugin.jpeg_factory(handle)  # the header only: the size it decodes to is checked once drafted
+    if not reduced:
+        image.close()
+        _refuse_bomb(image.size, "at full size", "; --decode fast reads a JPEG this large at reduced scale")
+    return image
+
+
+def _refuse_bomb(size: tuple[int, int], decoded: str, remedy: str = "") -> None:
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS is not None else None
+    if limit is not None and size[0] * size[1] > limit:
+        raise Image.DecompressionBombError(f"{size[0]}x{size[1]} pixels decoded {decoded} exceed Pillow's limit of "
+                                           f"{limit:,} against decompression bombs{remedy}")
 
 
 def open_regular(path) -> BinaryIO:

@@ -395,3 +395,40 @@ def test_a_channels_last_batch_normalizes_to_the_same_values_in_its_own_layout()
     expected = (pixels.double() / 255 - torch.tensor(backbone.mean, dtype=torch.float64).view(1, 3, 1, 1)) \
         / torch.tensor(backbone.std, dtype=torch.float64).view(1, 3, 1, 1)
     torch.testing.assert_close(normalized.double(), expected, rtol=0, atol=1e-6)  # float32 rounding of the float64 values
+
+
+def test_a_jpeg_over_pillows_bomb_limit_is_read_at_reduced_scale_and_refused_at_full_size(tmp_path, monkeypatch,
+                                                                                          run_tl):
+    """A 200-megapixel phone photo (16320x12240) is over Pillow's limit against decompression bombs (179 million
+    pixels): fast extraction skipped it as unreadable, though it decodes at 1/8 scale to 2040x1530. The limit
+    now counts the pixels decoded; 89 to 179 million pixels, which Pillow decodes, printed a raw Python warning.
+    Scaled down here: the limit is lowered so that a 400x300 photo stands for the phone's."""
+    import warnings
+
+    phone = photo(tmp_path / "phone.jpg", (400, 300))
+    photo(tmp_path / "data" / "a" / "phone.jpg", (2400, 1800))  # alexnet's fast mode decodes it at 600x450
+    write_image(tmp_path / "data" / "b" / "small.jpg", 1)
+    Image.fromarray(photo_pixels((400, 300))).save(tmp_path / "big.png")
+    expected = open_rgb(phone, lambda width, height: (50, 37))  # within the limit: 1/8 scale
+    assert expected.size == (50, 38)  # 37.5 rounded up
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # bombs from 40,001 pixels
+    found = open_rgb(phone, lambda width, height: (50, 37))
+    assert found.info["original_size"] == (400, 300) and np.array_equal(np.asarray(found), np.asarray(expected))
+    with pytest.raises(Image.DecompressionBombError, match=r"^400x300 pixels decoded at full size exceed Pillow's "
+                       r"limit of 40,000 against decompression bombs; --decode fast reads a JPEG this large"):
+        open_rgb(phone)
+    with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 40000 pixels"):  # Pillow's, not a JPEG
+        open_rgb(tmp_path / "big.png", lambda width, height: (50, 37))
+    with pytest.raises(Image.DecompressionBombError, match=r"^100x75 pixels decoded at reduced scale exceed"):
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3_000)  # still over at the smallest scale, 1/4 here
+        open_rgb(phone, lambda width, height: (100, 75))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80_000)  # 120,000 pixels: Pillow decodes them, with a warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert open_rgb(phone).size == (400, 300)
+    assert not [warning for warning in caught if issubclass(warning.category, Image.DecompressionBombWarning)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200_000)
+    fast = run_tl("extract", "--data", tmp_path / "data", "--out", tmp_path / "fast", *FAST)
+    assert fast.code == 0 and "skipped" not in fast.err, fast
+    exact = run_tl("extract", "--data", tmp_path / "data", "--out", tmp_path / "exact", *FAST, "--decode", "exact")
+    assert exact.code == 0 and "a/phone.jpg: DecompressionBombError: 2400x1800 pixels decoded at full size" in exact.err
