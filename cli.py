@@ -807,7 +807,8 @@ def quickstart(out, per_class, seed, quiet):
 @option("--samples-per-class", type=AMOUNT, help="Seeded, stratified subset of N per class (0: every image).")
 @option("--head", type=PATH, required=True,
         help="Stage-two head: the model is its backbone up to its layer, then the head.")
-@option("--unfreeze", type=AMOUNT, help="Also train the last N conv layers and every layer after them (0: the head only).")
+@option("--unfreeze", type=AMOUNT, help="Also train the last N conv layers (a ViT's: transformer blocks) and every "
+        "layer after them (0: the head only).")
 @option("--epochs", type=AMOUNT, help="0: only evaluate (and write the model).")
 @option("--batch-size", type=COUNT)
 @option("--optimizer", type=RegistryChoice("pipeline.training:OPTIMIZERS"))

@@ -109,5 +109,22 @@ class Backbone:
 
     @staticmethod
     def conv_layers(model: nn.Module) -> list[str]:
-        """Names of the convolution modules in the order they were registered (input to output)."""
-        return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+        """The layers --unfreeze counts, in the order they were registered (input to output): convolutions,
+        and transformer blocks (a module with an attention module among its children and no convolution in
+        it; a ViT's layers are its blocks, and its one conv, the patch embedding, comes first)."""
+        return [name for name, module in model.named_modules()
+                if isinstance(module, nn.Conv2d) or (_attends(module) and not any(
+                    isinstance(inner, nn.Conv2d) for inner in module.modules()))]
+
+
+def _attends(module: nn.Module) -> bool:
+    """Whether a child of `module` is an attention module (timm's Attention, WindowAttention, ..., torch's)."""
+    return any(isinstance(child, nn.MultiheadAttention) or type(child).__name__.endswith("Attention")
+               for child in module.children())
+
+
+def layer_words(model: nn.Module, names: list[str]) -> str:
+    """What Backbone.conv_layers counted in `model`, in words: conv layers, and transformer blocks if any."""
+    modules = dict(model.named_modules())  # a traced graph may keep a conv only as a holder of its weights
+    blocks = any(_attends(modules[name]) for name in names)
+    return "conv layers and transformer blocks" if blocks else "conv layers"

@@ -102,11 +102,18 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _parameter_groups(model: FinetuneModel, config: FinetuneConfig) -> list[dict]:
-    """The head at --lr; trainable backbone layers at --lr x --backbone-lr-scale."""
+    """The head at --lr; trainable backbone layers at --lr x --backbone-lr-scale. Embeddings a module holds
+    beside its layers (a ViT's class token and position embedding, a Swin's relative position bias tables:
+    more than one dimension, not a layer's weights) are not decayed, as timm's recipes leave them."""
     groups = [{"params": list(model.head.parameters()), "lr": config.lr}]
-    backbone_parameters = [p for p in model.features.parameters() if p.requires_grad]
-    if backbone_parameters:
-        groups.append({"params": backbone_parameters, "lr": config.lr * config.backbone_lr_scale})
+    leaves = {name for name, module in model.features.named_modules()  # layers: their weights are decayed
+              if not any(module.children()) or isinstance(module, nn.MultiheadAttention)}
+    trained = [(name.rsplit(".", 1)[0] in leaves, p) for name, p in model.features.named_parameters() if p.requires_grad]
+    rate = config.lr * config.backbone_lr_scale
+    for layers, extra in ((True, {}), (False, {"weight_decay": 0.0})):
+        chosen = [p for of_layer, p in trained if (of_layer or p.ndim == 1) == layers]
+        if chosen:
+            groups.append({"params": chosen, "lr": rate, **extra})
     return groups
 
 

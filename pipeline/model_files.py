@@ -17,6 +17,7 @@ from torch import nn
 
 from cache.manifest import decode_of
 from pipeline import __version__
+from pipeline.backbone_spec import layer_words
 from pipeline.backbones import Backbone, get_backbone, load_model, load_tensors, tap_model, weights_for_digest
 from pipeline.errors import FinetuneError, HeadError
 from pipeline.files import write_bytes
@@ -206,20 +207,22 @@ def _conv_layers(backbone: Backbone, full: nn.Module, features: nn.Module) -> li
     return [name for name in convs if name in kept]
 
 
-def tap_conv_layers(backbone: Backbone, tap: str) -> list[str]:
-    """The conv layers before `tap`, of the architecture built on the meta device (no memory, no weights,
-    well under a second even for vgg16): tl run checks --unfreeze before any step, not after hours of
-    extraction."""
+def tap_conv_layers(backbone: Backbone, tap: str) -> tuple[list[str], str]:
+    """The layers --unfreeze counts before `tap` and what they are in words (see check_unfreeze), of the
+    architecture built on the meta device (no memory, no weights, well under a second even for vgg16): tl
+    run checks --unfreeze before any step, not after hours of extraction."""
     with torch.device("meta"):
         full = backbone.build()
-    return _conv_layers(backbone, full, tap_model(full, backbone, [tap]))
+    features = tap_model(full, backbone, [tap])
+    convs = _conv_layers(backbone, full, features)
+    return convs, layer_words(features.extractor, convs)
 
 
-def check_unfreeze(unfreeze: int, convs: list[str]) -> None:
+def check_unfreeze(unfreeze: int, convs: list[str], words: str = "conv layers") -> None:
     if unfreeze < 0:
         raise FinetuneError(f"--unfreeze must be 0 or more, got {unfreeze}")
     if unfreeze > len(convs):
-        raise FinetuneError(f"--unfreeze {unfreeze} is more than the {len(convs)} conv layers of this backbone "
+        raise FinetuneError(f"--unfreeze {unfreeze} is more than the {len(convs)} {words} of this backbone "
                             f"before the tap; pass --unfreeze {len(convs)} or less")
 
 
@@ -228,7 +231,7 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
     every earlier parameter gets requires_grad=False and its modules stay in eval mode. BatchNorm layers
     keep their ImageNet statistics unless `bn_stats` (as Keras's transfer-learning guide advises: batch
     statistics of small fine-tuning batches would replace them and wreck the codes the head knows)."""
-    check_unfreeze(unfreeze, convs)
+    check_unfreeze(unfreeze, convs, layer_words(model.features.extractor, convs))
     modules = list(model.features.named_modules())
     first = len(modules)
     if unfreeze:
@@ -246,9 +249,11 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
     for name, parameter in model.features.named_parameters():
         owner = name.rsplit(".", 1)[0]
         # a module's own parameters beside its children train when it holds a trainable one, as its eval mode
-        # follows them: ConvNeXt's layer scale `gamma` (applied after the block's last conv), a ViT's
-        # `pos_embed` (after the patch embedding) stayed frozen under the layers they scale or feed
-        parameter.requires_grad = owner in trainable_names or _holds(owner, trainable_names)
+        # follows them: ConvNeXt's layer scale `gamma` (applied after the block's last conv) stayed frozen
+        # under the layers it scales. The network's own (a ViT's class token and position embedding, added to
+        # the patch embedding before the first block) train only when every layer does: they feed them all
+        parameter.requires_grad = owner in trainable_names or (
+            _holds(owner, trainable_names) and (owner != "extractor" or unfreeze == len(convs)))
         if parameter.requires_grad and owner not in trainable_names:  # a checkpoint of an earlier tl lacks them
             model.held_parameters.add(name)
         if parameter.requires_grad:  # listed by module; a holder's own parameter by its name (cls_token, ...gamma)

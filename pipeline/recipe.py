@@ -321,7 +321,7 @@ def check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
 
         tapped = _head_tap(step, steps, chosen)
         if tapped is not None:
-            check_unfreeze(params["unfreeze"], tap_conv_layers(*tapped))
+            check_unfreeze(params["unfreeze"], *tap_conv_layers(*tapped))
     elif step.stage == "evaluate" and params.get("exponent") is not None:
         from pipeline.multiscale import check_exponent
 

@@ -50,14 +50,15 @@ def check_optimizer(name: str, error) -> None:
 
 
 def decay_groups(groups: list[dict], weight_decay: float) -> list[dict]:
-    """Each parameter group split in two: weight matrices and kernels with `weight_decay`, biases and
-    per-channel scales (one dimension) without; empty halves dropped."""
+    """Each parameter group split in two: weight matrices and kernels with `weight_decay` (or the group's own
+    "weight_decay"), biases and per-channel scales (one dimension) without; empty halves dropped."""
     split = []
     for group in groups:
         for decayed in (True, False):
             params = [p for p in group["params"] if (p.ndim > 1) == decayed]
             if params:
-                split.append({**group, "params": params, "weight_decay": weight_decay if decayed else 0.0})
+                split.append({**group, "params": params,
+                              "weight_decay": group.get("weight_decay", weight_decay) if decayed else 0.0})
     return split
 
 

@@ -20,6 +20,7 @@ from pipeline.extract import ExtractConfig, run_extract
 from pipeline.finetune import FinetuneConfig, run_finetune
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.formats import open_source
+from pipeline.model_files import load_model_file
 from tests.conftest import REPO, make_image_folder
 
 timm = pytest.importorskip("timm", reason="the test extra installs timm")
@@ -97,6 +98,49 @@ def test_a_blocks_own_parameters_train_with_the_layers_it_holds(images, tmp_path
     gamma = "features.extractor.stages.3.blocks.1.gamma"
     assert not torch.equal(saved[0][gamma], saved[1][gamma])
     assert torch.equal(saved[0][gamma.replace("blocks.1", "blocks.0")], saved[1][gamma.replace("blocks.1", "blocks.0")])
+
+
+def test_a_vits_unfreeze_counts_its_transformer_blocks(images, tmp_path, run_tl):
+    """A ViT has one conv, its patch embedding, first: --unfreeze counted only it, so 1 trained the whole
+    network and nothing between was possible. Its blocks count now: --unfreeze 1 trains the last block and
+    the final norm; the class token and position embedding, which feed every block, train only with every
+    layer, and without weight decay, as timm's recipes leave them."""
+    from pipeline.finetune import _parameter_groups
+    from pipeline.model_files import build_model, freeze, load_head
+    from pipeline.training import decay_groups
+
+    vit = "vit_tiny_patch16_224"
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone=f"timm:{vit}", weights="none",
+                              dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    saved = {}
+    for epochs in (0, 1):
+        result = run_finetune(FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / f"m{epochs}.pt",
+                                             unfreeze=1, epochs=epochs, batch_size=3, workers=0, quiet=True, lr=0.1),
+                              say=lambda text: None)
+        saved[epochs] = load_model_file(tmp_path / f"m{epochs}.pt")[0].state_dict()
+    assert result.trainable["conv_layers"] == ["blocks.11"]
+    assert result.trainable["backbone_layers"][0].startswith("blocks.11.") and "norm" in result.trainable["backbone_layers"]
+    changed = {name.removeprefix("features.extractor.").split(".")[0] + ("" if ".blocks." not in name else
+               "." + name.split(".blocks.")[1].split(".")[0]) for name in saved[0]
+               if name.startswith("features.") and not torch.equal(saved[0][name], saved[1][name])}
+    assert changed == {"blocks.11", "norm"}, changed
+    head, metadata = load_head(tmp_path / "h.pt")
+    model, _, convs = build_model(metadata, head, None)
+    assert convs == ["patch_embed.proj", *(f"blocks.{i}" for i in range(12))]
+    config = FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "x.pt", weight_decay=0.01)
+    for unfreeze, tokens_train in ((12, False), (13, True)):
+        freeze(model, convs, unfreeze)
+        assert model.features.extractor.pos_embed.requires_grad is tokens_train, unfreeze
+    decays = {id(p): group["weight_decay"] for group in decay_groups(_parameter_groups(model, config), 0.01)
+              for p in group["params"]}
+    extractor = model.features.extractor
+    assert decays[id(extractor.pos_embed)] == decays[id(extractor.cls_token)] == 0.0
+    assert decays[id(extractor.blocks[0].attn.qkv.weight)] == 0.01 and decays[id(extractor.patch_embed.proj.weight)] == 0.01
+    refused = run_tl("finetune", "--data", images, "--head", tmp_path / "h.pt", "--out", tmp_path / "r.pt",
+                     "--unfreeze", "14", "--workers", "0")
+    assert refused.code == 2 and refused.err == ("error: --unfreeze 14 is more than the 13 conv layers and transformer "
+                                                 "blocks of this backbone before the tap; pass --unfreeze 13 or less\n")
 
 
 def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_path, monkeypatch):
