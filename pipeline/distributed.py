@@ -89,6 +89,30 @@ def broadcast(current: World, value):
     return holder[0]
 
 
+def each_rank(current: World, work) -> list:
+    """`work()` run on every rank, its values in rank order on every rank. A TLError of any rank (a tar it
+    cannot read) stops every rank with that rank's one line, the first rank's if several failed: a rank
+    that raised alone would leave the others waiting here for the timeout."""
+    try:
+        value, refusal = work(), None
+    except TLError as exc:
+        if not current.distributed:
+            raise
+        value, refusal = None, str(exc)
+    if not current.distributed:
+        return [value]
+    gathered = [None] * current.size
+    try:
+        torch_distributed.all_gather_object(gathered, (value, refusal))
+    except RuntimeError as exc:  # a rank that died (torchrun stops the rest) or never came
+        raise DistributedError(f"rank {current.rank}: another rank did not send its part "
+                               f"({str(exc).splitlines()[0][:160]}); {stops.RESUME_HINT}") from None
+    for rank, (_, message) in enumerate(gathered):
+        if message is not None:
+            raise DistributedError(f"rank {rank}: {message}")
+    return [value for value, _ in gathered]
+
+
 def all_sum(current: World, values: list[float]) -> list[float]:
     """Element-wise sum over the ranks (float64)."""
     if not current.distributed:

@@ -176,8 +176,11 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     taps = backbone.resolve_taps(list(config.layers) or [backbone.default_tap])
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)
+    current = distributed.world()
+    distributed.start(current, device)  # before the listing: the ranks list a share of the tars each, and exchange
     source = open_source(config.format, config.data, config.split, config.download, config.samples_per_class,
-                         config.seed, config.classes, config.label_key, listings=Path(config.out) / LISTINGS)
+                         config.seed, config.classes, config.label_key, listings=Path(config.out) / LISTINGS,
+                         world=current)
     weights = resolve_weights(backbone, config.weights, config.seed)
     key = cache_key(config, backbone, taps, weights.digest, precision, source)
     widths = {tap: backbone.taps[tap].width for tap in taps}
@@ -186,8 +189,6 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         classes, target_kind = [BACKGROUND] + list(source.classes), "class"
 
     plan = source.shard_plan(shard_size(config))
-    current = distributed.world()
-    distributed.start(current, device)
     writer = CacheWriter(Path(config.out), key, classes, widths, config.dtype, shard_size(config), len(source),
                          config.compression, config.overwrite, target_kind, follower=not current.is_main, plan=plan,
                          rank=current.rank, position_matters=bool(key["dataset"]["background_seed"] is not None))

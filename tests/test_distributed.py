@@ -17,11 +17,14 @@ EXTRACT = ["extract", "--backbone", "alexnet", "--weights", "none", "--layers", 
            "--shard-rows", "3", "--workers", "0", "--quiet"]
 
 
-def torchrun(*args, processes=2):
-    """`torchrun --nproc_per_node N -m cli ARGS` on free local ports; returns the finished process."""
+def torchrun(*args, processes=2, **environment):
+    """`torchrun --nproc_per_node N -m cli ARGS` on free local ports, with the variables `environment` added
+    (a PYTHONPATH goes before tl's checkout); returns the finished process."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", "-m", "cli", *map(str, args)]
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    added = {name: str(value) for name, value in environment.items()}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **added,
+                   "PYTHONPATH": os.pathsep.join([*filter(None, [added.get("PYTHONPATH")]), str(REPO)])}
     return subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO, timeout=300)
 
 
@@ -187,3 +190,56 @@ def test_four_ranks_over_tars_miss_no_row_and_equal_one_process(tmp_path):
     ids = list(ranked.load_column("sample_id"))
     assert len(ids) == len(set(ids)) == 20 and sorted(ids) == sorted(single.load_column("sample_id"))
     assert_same_cache(ranked, single)
+
+
+def test_ranks_list_a_share_of_the_tars_each_and_fail_together(tmp_path):
+    """Under torchrun each rank listed every tar (T tars, N ranks: T headers read per rank, N*T in all): now
+    rank r lists tar t only when t % N == r, and the ranks exchange the listings. An audit hook (Python's
+    `open` event) counts the tars each rank opens, to list them and to read their images: its own only. The
+    classes, samples, warnings (a damaged tar), cache key and the listings kept equal one process's. A tar
+    that one rank cannot read stops every rank with that rank's line, not the others at the timeout."""
+    from cli import main
+    from tests.conftest import write_webdataset
+
+    tars = write_webdataset(tmp_path, tars=5, per_tar=4)
+    whole = (tars / "00003.tar").read_bytes()
+    (tars / "00003.tar").write_bytes(whole[:len(whole) // 2])  # cut short: a warning, and its entries after the cut
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if 'RANK' in os.environ:\n"
+        "    opened = open(os.path.join(os.environ['TL_TEST_OPENED'], os.environ['RANK']), 'a')\n"
+        "    def hook(event, args):\n"
+        "        if event == 'open' and str(args[0]).endswith('.tar'):\n"
+        "            opened.write(os.path.basename(str(args[0])) + '\\n')\n"
+        "            opened.flush()\n"
+        "    sys.addaudithook(hook)\n")
+    (tmp_path / "opened").mkdir()
+    args = [*EXTRACT, "--format", "webdataset", "--data", tars]
+    result = torchrun(*args, "--out", tmp_path / "c",
+                      PYTHONPATH=hooks, TL_TEST_OPENED=tmp_path / "opened")
+    assert result.returncode == 0, result.stderr[-2000:]
+    opened = {rank: set((tmp_path / "opened" / rank).read_text().split()) for rank in ("0", "1")}
+    assert opened == {"0": {"00000.tar", "00002.tar", "00004.tar"}, "1": {"00001.tar", "00003.tar"}}, opened
+    with pytest.raises(SystemExit) as done:
+        main([*map(str, args), "--out", str(tmp_path / "single")])
+    assert done.value.code == 0
+    ranked, single = cache_document(tmp_path / "c"), cache_document(tmp_path / "single")
+    for name in ("key", "classes", "warnings", "num_samples", "skipped"):
+        assert ranked[name] == single[name], name
+    assert any("00003.tar is damaged" in line for line in ranked["warnings"])
+    assert_same_cache(CacheReader(tmp_path / "c"), CacheReader(tmp_path / "single"))
+    kept = {path.name: path.read_bytes() for path in (tmp_path / "c" / "listings").iterdir()}
+    assert len(kept) == 5 and kept == {path.name: path.read_bytes() for path in (tmp_path / "single" / "listings").iterdir()}
+
+    if not sys.platform.startswith("linux"):
+        return
+    # /proc/self/mem is a regular file whose first page cannot be read (EIO): tar 1, rank 1's to list
+    failed = torchrun(*EXTRACT, "--format", "webdataset", "--data", f"{{{tars / '00000.tar'},/proc/self/mem}}",
+                      "--out", tmp_path / "d", TL_DISTRIBUTED_TIMEOUT=100)
+    ours = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert failed.returncode != 0 and ours == ["error: rank 1: cannot read /proc/self/mem: Input/output error; "
+                                               "check the file and re-run"] * 2, failed.stderr[-2000:]
+    assert f'File "{REPO}' not in failed.stderr and "Exception ignored" not in failed.stderr
+    assert not (tmp_path / "d" / "listings").exists()

@@ -47,12 +47,15 @@ def open_source(
     label_key: str | None = None,
     say=None,
     listings: Path | None = None,
+    world=None,
 ) -> Source:
     """The samples of `data` read as `format`, optionally a seeded subset of N per class (0 or None: all).
     `label_key` goes to formats that list it in their `options` (webdataset) and is refused by others.
     `say` (if given) gets the source's warnings as lines (a damaged tar, an empty class folder), for the
     stages that record none (extract keeps them in its manifest, evaluate in its report). `listings`: a
-    folder where formats that list slowly (webdataset's tars) keep their listings for the next run."""
+    folder where formats that list slowly (webdataset's tars) keep their listings for the next run. `world`: the
+    pipeline.distributed.World of a torchrun whose ranks all open this source, its process group started; such
+    formats list a share on each rank and exchange the listings (others ignore it and list everything)."""
     known = registered_formats()
     if format not in known:
         raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(format_names())}")
@@ -65,6 +68,8 @@ def open_source(
         options["label_key"] = label_key
     if listings is not None and "listings" in known[format].options:
         options["listings"] = listings
+    if world is not None and "world" in known[format].options:
+        options["world"] = world
     source = known[format].open(data, split, download, classes, **options)
     if samples_per_class:
         source.subset(samples_per_class, seed)

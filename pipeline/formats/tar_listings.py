@@ -1,5 +1,5 @@
-"""Each tar's listing kept in the cache folder (`OUT/listings/`) for the next run over the same tars, so a
-resume, or a second extraction, reads no tar headers again.
+"""Each tar's listing, made once (under torchrun by one rank for all: listed_tars) and kept in the cache folder
+(`OUT/listings/`) for the next run over the same tars, so a resume, or a second extraction, reads no tar headers.
 
 One file per tar, named by a digest of its absolute path: a head line (this format's version, the tar's
 path, its stamp `size:mtime_ns` as the fingerprint takes it, its inode and ctime, the label key, the digest of
@@ -17,6 +17,7 @@ import os
 import stat
 from pathlib import Path
 
+from pipeline.datasets import file_stamp
 from pipeline.errors import TLError
 from pipeline.files import atomic_write, remove_stale_temporaries
 
@@ -100,3 +101,30 @@ class TarListings:
             self.notes.append(f"{len(mine) - saved:,} tar listings were not kept in {self.folder} ({reason}); the "
                               "next run lists those tars again")
         return saved
+
+
+def listed_tars(find, list_tar, listings: TarListings | None, current=None) -> tuple[list[Path], list[str], list]:
+    """The tars and warnings `find()` gives, and (stamp, listing) of each tar: its kept listing if it still
+    answers, else `list_tar(path)` (kept in `listings`, to save). Under torchrun (`current`, the
+    pipeline.distributed.World of a started process group) rank 0 finds the tars, each rank lists those whose
+    number % size is its rank (as it saves them), and the ranks exchange the listings: a rank reads the
+    headers of 1/size of the tars, and a rank that cannot read one stops them all (distributed.each_rank)."""
+    from pipeline import distributed  # here, not above: --help imports the formats, and starts without torch
+
+    current = current or distributed.World()
+    paths, warnings = distributed.each_rank(current, lambda: find() if current.is_main else None)[0]
+
+    def share() -> list[tuple[str, dict]]:
+        mine = []
+        for number in range(current.rank, len(paths), current.size):
+            stamp = file_stamp(paths[number])
+            listing = listings.load(paths[number], stamp) if listings else None
+            if listing is None:
+                listing = list_tar(paths[number])
+                if listings:
+                    listings.add(number, paths[number], stamp, listing)
+            mine.append((stamp, listing))
+        return mine
+
+    shares = distributed.each_rank(current, share)
+    return paths, warnings, [shares[number % current.size][number // current.size] for number in range(len(paths))]

@@ -2,12 +2,13 @@
 `KEY.jpg` or `KEY.png` with the label in `KEY.cls`, `KEY.txt` or `KEY.json`), given as one tar, a folder
 of tars (DATA/SPLIT when that folder exists) or a brace pattern (`data/{00000..01023}.tar`).
 
-Each tar is listed once from its headers (plus its small label files); an image is read straight from
-its offset in the tar, so workers never unpack anything. A sample's stamp is its tar's size and mtime:
-the inputs of a tar change together. Shards follow tars (Source.shard_plan): a tar maps to its own range
-of output shards and is read by one torchrun rank, so a repaired tar redoes only its shards. Entries
-without a label, with an unreadable label, or repeated under one key are listed and then skipped and
-recorded like unreadable images; a tar cut short keeps the entries before the cut (with a warning).
+Each tar is listed once from its headers (plus its small label files; under torchrun by one rank: see
+tar_listings.listed_tars); an image is read straight from its offset in the tar, so workers never unpack
+anything. A sample's stamp is its tar's size and mtime: the inputs of a tar change together. Shards follow
+tars (Source.shard_plan): a tar maps to its own range of output shards and is read by one torchrun rank, so
+a repaired tar redoes only its shards. Entries without a label, with an unreadable label, or repeated under
+one key are listed and then skipped and recorded like unreadable images; a tar cut short keeps the entries
+before the cut (with a warning).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.datasets import (DECODE_ERRORS, Sample, Source, file_stamp, missing_split, open_rgb, register_format,
+from pipeline.datasets import (DECODE_ERRORS, Sample, Source, missing_split, open_rgb, register_format,
                                shown)
 from pipeline.errors import DataError, listed
 from pipeline.formats.tar_headers import scan_tar
-from pipeline.formats.tar_listings import TarListings
+from pipeline.formats.tar_listings import TarListings, listed_tars
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
@@ -179,29 +180,24 @@ class WebDatasetSource(Source):
 
     format = "webdataset"
     help = 'tar shards of KEY.jpg/png + KEY.cls/txt/json (a tar, a folder of tars or {00000..00099}.tar; --label-key)'
-    options = ("label_key", "listings")
+    options = ("label_key", "listings", "world")
 
     @classmethod
     def open(cls, data: Path, split: str, download: bool, classes: str, label_key: str = "cls",
-             listings: Path | None = None) -> "WebDatasetSource":
-        return cls(data, split, classes, label_key, listings)
+             listings: Path | None = None, world=None) -> "WebDatasetSource":
+        return cls(data, split, classes, label_key, listings, world)
 
     def __init__(self, data: Path, split: str = "", classes: str = "auto", label_key: str = "cls",
-                 listings: Path | None = None):
+                 listings: Path | None = None, world=None):
         suffix, field = _label_field(label_key)
         self.label_key = suffix + (f":{field}" if field and field != "label" else "")  # one spelling per key
         listed, warnings = [], []
         self._dotted = ""  # the first file named like an image after a second dot (img.001.jpg), if any
         self._unpaired = [0, ""]  # labels without an image of their key (one in a format not listed): count, first
         self.listings = TarListings(listings, self.label_key) if listings is not None else None  # see tar_listings
-        paths = tar_paths(Path(data), split, warnings)
-        for number, (path, tar_name) in enumerate(zip(paths, _tar_names(paths))):
-            stamp = file_stamp(path)
-            listing = self.listings.load(path, stamp) if self.listings else None
-            if listing is None:
-                listing = self._list_tar(path, suffix, field)
-                if self.listings:
-                    self.listings.add(number, path, stamp, listing)
+        paths, warnings, each_tar = listed_tars(lambda: (tar_paths(Path(data), split, warnings), warnings),
+                                                lambda path: self._list_tar(path, suffix, field), self.listings, world)
+        for path, tar_name, (stamp, listing) in zip(paths, _tar_names(paths), each_tar):
             warnings += [f"{shown(path)} {note}" for note in listing["notes"]]
             self._dotted = self._dotted or listing["dotted"]
             if listing["unpaired"][0]:
