@@ -211,13 +211,15 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
     precision = resolve_precision(config.precision, device)
     distributed.start(current, device)
     source = open_source(config.format, config.data, config.split, samples_per_class=config.samples_per_class,
-                         seed=config.seed, classes=config.classes, label_key=config.label_key, say=warn)  # before the model
+                         seed=config.seed, classes=config.classes, label_key=config.label_key, say=warn,
+                         world=current)  # before the model; under torchrun each rank lists a share of the tars
     val_source = None
     if config.val_fraction is not None:  # whole images held out, so no patch of one is on both sides
         source, val_source = source.split_off(config.val_fraction, config.seed, "--val-data")
     elif config.val_data is not None:
         val_source = open_source(config.format, config.val_data, config.val_split or config.split,
-                                 seed=config.seed, classes=config.classes, label_key=config.label_key, say=warn)
+                                 seed=config.seed, classes=config.classes, label_key=config.label_key, say=warn,
+                                 world=current)
     model, backbone, convs = build_model(head_metadata, head, config.weights)
     trainable = freeze(model, convs, config.unfreeze, config.bn_stats)
     say(f"training {trainable['parameters']:,} parameters (head"

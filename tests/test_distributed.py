@@ -4,6 +4,7 @@ another world size, and survives a rank that dies."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -192,6 +193,26 @@ def test_four_ranks_over_tars_miss_no_row_and_equal_one_process(tmp_path):
     assert_same_cache(ranked, single)
 
 
+def torchrun_opening_tars(tmp_path, *args):
+    """torchrun(*args), and the names of the tars each rank opened ({rank: names}), seen by an audit hook
+    (Python's `open` event) that a sitecustomize module installs in each rank."""
+    hooks, opened = tmp_path / "hooks", tmp_path / "opened"
+    shutil.rmtree(opened, ignore_errors=True)
+    hooks.mkdir(exist_ok=True)
+    opened.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if 'RANK' in os.environ:\n"
+        "    opened = open(os.path.join(os.environ['TL_TEST_OPENED'], os.environ['RANK']), 'a')\n"
+        "    def hook(event, args):\n"
+        "        if event == 'open' and str(args[0]).endswith('.tar'):\n"
+        "            opened.write(os.path.basename(str(args[0])) + '\\n')\n"
+        "            opened.flush()\n"
+        "    sys.addaudithook(hook)\n")
+    result = torchrun(*args, PYTHONPATH=hooks, TL_TEST_OPENED=opened)
+    return result, {path.name: set(path.read_text().split()) for path in opened.iterdir()}
+
+
 def test_ranks_list_a_share_of_the_tars_each_and_fail_together(tmp_path):
     """Under torchrun each rank listed every tar (T tars, N ranks: T headers read per rank, N*T in all): now
     rank r lists tar t only when t % N == r, and the ranks exchange the listings. An audit hook (Python's
@@ -204,23 +225,9 @@ def test_ranks_list_a_share_of_the_tars_each_and_fail_together(tmp_path):
     tars = write_webdataset(tmp_path, tars=5, per_tar=4)
     whole = (tars / "00003.tar").read_bytes()
     (tars / "00003.tar").write_bytes(whole[:len(whole) // 2])  # cut short: a warning, and its entries after the cut
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        "if 'RANK' in os.environ:\n"
-        "    opened = open(os.path.join(os.environ['TL_TEST_OPENED'], os.environ['RANK']), 'a')\n"
-        "    def hook(event, args):\n"
-        "        if event == 'open' and str(args[0]).endswith('.tar'):\n"
-        "            opened.write(os.path.basename(str(args[0])) + '\\n')\n"
-        "            opened.flush()\n"
-        "    sys.addaudithook(hook)\n")
-    (tmp_path / "opened").mkdir()
     args = [*EXTRACT, "--format", "webdataset", "--data", tars]
-    result = torchrun(*args, "--out", tmp_path / "c",
-                      PYTHONPATH=hooks, TL_TEST_OPENED=tmp_path / "opened")
+    result, opened = torchrun_opening_tars(tmp_path, *args, "--out", tmp_path / "c")
     assert result.returncode == 0, result.stderr[-2000:]
-    opened = {rank: set((tmp_path / "opened" / rank).read_text().split()) for rank in ("0", "1")}
     assert opened == {"0": {"00000.tar", "00002.tar", "00004.tar"}, "1": {"00001.tar", "00003.tar"}}, opened
     with pytest.raises(SystemExit) as done:
         main([*map(str, args), "--out", str(tmp_path / "single")])
@@ -243,3 +250,18 @@ def test_ranks_list_a_share_of_the_tars_each_and_fail_together(tmp_path):
                                                "check the file and re-run"] * 2, failed.stderr[-2000:]
     assert f'File "{REPO}' not in failed.stderr and "Exception ignored" not in failed.stderr
     assert not (tmp_path / "d" / "listings").exists()
+
+
+def test_finetune_ranks_list_a_share_of_the_tars_each(run_tl, tmp_path):
+    """finetune opened its webdataset source as extract did before its ranks shared the listing: every rank
+    listed every tar. With --epochs 0 no image is read for training, so the tars a rank opens are those it
+    lists: its own share, of the training tars and of the validation tars."""
+    from tests.conftest import write_webdataset
+
+    tars = write_webdataset(tmp_path, tars=5, per_tar=4)
+    assert run_tl(*EXTRACT, "--format", "webdataset", "--data", tars, "--out", tmp_path / "c").code == 0
+    assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "head.pt").code == 0
+    result, opened = torchrun_opening_tars(tmp_path, "finetune", "--format", "webdataset", "--data", tars, "--head",
+                                           tmp_path / "head.pt", "--epochs", "0", "--out", tmp_path / "m.pt", "--quiet")
+    assert result.returncode == 0 and (tmp_path / "m.pt").is_file(), result.stderr[-2000:]
+    assert opened == {"0": {"00000.tar", "00002.tar", "00004.tar"}, "1": {"00001.tar", "00003.tar"}}, opened
