@@ -15,7 +15,7 @@ from pipeline.code_rows import (CodeRows, as_rows, checked_codes, score_rows, st
                                 validation_score)
 from pipeline.errors import HeadError, listed
 from pipeline.linear_fits import cost_grid, costs_of, logreg_fits, svm_fits
-from pipeline.training import Standardize, Trainee, TrainingOptions, output_activation, train_networks
+from pipeline.training import Standardize, Trainee, TrainingOptions, output_activation, probabilities, train_networks
 
 SOLVERS = ("lbfgs", "sgd")
 HEAD_KINDS: dict[str, type["Head"]] = {}  # --head values, filled by register_head
@@ -126,8 +126,8 @@ class LinearHead(Head):
         return self.proba_of_logits(self.decision_function(codes))
 
     def proba_of_logits(self, logits: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():  # float64 throughout
-            return self._activation()(torch.from_numpy(logits)).numpy()
+        with torch.inference_mode():
+            return probabilities(torch.from_numpy(logits), self.multilabel_)
 
     def logits_module(self) -> nn.Module:
         linear = nn.Linear(self.coef_.shape[1], self.coef_.shape[0])
@@ -375,10 +375,8 @@ class MlpHead(Head):
 
     def predict_proba(self, codes: np.ndarray) -> np.ndarray:
         codes = torch.from_numpy(checked_codes(codes, "codes").astype(np.float32))
-        activation = self._activation()
         with torch.inference_mode():  # the fitted network itself: no copy per call (score_rows calls per block)
-            # float64 softmax/sigmoid: float32's is exactly 1.0 past a logit gap of 16.6 (float64's 36.7), a tie for AP
-            return torch.cat([activation(self.network_(batch).double()) for batch in codes.split(4096)]).numpy()
+            return np.concatenate([probabilities(self.network_(batch), self.multilabel_) for batch in codes.split(4096)])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"network.{name}": tensor for name, tensor in self.network_.state_dict().items()}

@@ -24,7 +24,7 @@ from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_de
 from pipeline.metrics import mean_ap, per_class_ap
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings, pool_image_scores
 from pipeline.progress import progress
-from pipeline.training import output_activation
+from pipeline.training import probabilities
 
 
 class DecodedImages(Dataset):
@@ -145,8 +145,7 @@ def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None
     model.eval()
     positions = list(range(len(dataset)))
     batches = [positions[start:start + batch_size] for start in range(0, len(dataset), batch_size)]
-    probabilities = np.full((len(dataset), model.head[-1].out_features), np.nan)
-    activation = output_activation(multilabel)
+    scores = np.full((len(dataset), model.head[-1].out_features), np.nan)
     with torch.inference_mode(), reused_memory(device):
         for pixels, indices, failed in progress(batch_loader(dataset, batches, workers, device), total=len(batches),
                                            desc=desc, unit="batch", quiet=quiet, leave=False):
@@ -156,8 +155,8 @@ def score_images(model: nn.Module, dataset, batch_size: int, workers: int | None
                 continue
             with autocast(device, precision):
                 logits = model(to_device(pixels, device)).float()
-            probabilities[indices] = activation(logits).double().cpu().numpy()
-    return probabilities
+            scores[indices] = probabilities(logits, multilabel)
+    return scores
 
 
 def image_labels(dataset: PatchSamples, head_classes: list[str], what: str, head: str) -> tuple[np.ndarray, np.ndarray]:

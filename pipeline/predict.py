@@ -24,7 +24,7 @@ from pipeline.model_files import head_backbone, load_head, load_model_file
 from pipeline.multiscale import (DEFAULT_EXPONENT, PatchImages, PatchSettings, check_exponent, collate_patches,
                                  pool_image_scores, unused_exponent)
 from pipeline.progress import progress
-from pipeline.training import output_activation
+from pipeline.training import probabilities
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _model_scorer(config: PredictConfig, device):
     model, metadata = load_model_file(config.model)
     model = for_inference(model, device)
     precision = resolve_precision(config.precision, device)
-    activation = output_activation(metadata["head"]["state"]["multilabel"])
+    multilabel = metadata["head"]["state"]["multilabel"]
     backbone = get_backbone(metadata["codes_key"]["backbone"])
 
     def probabilities_of(pixels):
@@ -163,6 +163,6 @@ def _model_scorer(config: PredictConfig, device):
             inputs = backbone.normalize(to_device(pixels, device))
             with autocast(device, precision):
                 logits = model(inputs).float()
-            return activation(logits).double().cpu().numpy()
+            return probabilities(logits, multilabel)
 
     return probabilities_of, metadata

@@ -39,6 +39,12 @@ def output_activation(multilabel: bool) -> nn.Module:
     return nn.Sigmoid() if multilabel else nn.Softmax(dim=1)
 
 
+def probabilities(logits: torch.Tensor, multilabel: bool) -> np.ndarray:
+    """output_activation of `logits` in float64, as a (rows, classes) array: float32's softmax or sigmoid is
+    exactly 1.0 past a logit gap of 16.6 (float64's 36.7), and a confident model's scores would tie for AP."""
+    return output_activation(multilabel)(logits.double()).cpu().numpy()
+
+
 def loss_for(multilabel: bool) -> nn.Module:
     """The training loss on logits that goes with `output_activation`."""
     return nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()

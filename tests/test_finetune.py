@@ -635,3 +635,28 @@ def test_counts_out_of_range_are_refused_by_the_stage_too(alexnet_head, tmp_path
         with pytest.raises(FinetuneError, match="--epochs must be 0 or more, --batch-size and --patience at least 1"):
             finetune(alexnet_head, tmp_path / "m.pt", **options)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("multilabel", [False, True], ids=["single", "multi"])
+def test_a_confident_models_scores_keep_their_ranking_where_float32_saturates(multilabel):
+    """evaluate --model, predict --model and finetune's validation took softmax (sigmoid) of float32 logits:
+    exactly 1.0 past a logit gap of 16.6, so a confident model's best images tied for AP, while a head's
+    scores (float64) kept them apart. Logit gaps of 20 to 30 here: float64 keeps every score below 1."""
+
+    class Confident(torch.nn.Module):  # the logits of an image are its pixels' first values
+        head = torch.nn.Sequential(torch.nn.Linear(1, 2))
+
+        def forward(self, pixels):
+            return pixels[:, 0, 0, :2].float()
+
+    gaps = [20.0, 24.0, 30.0]
+    dataset = [(torch.tensor([[[0.0, gap]]]).expand(3, 1, 2), index, "") for index, gap in enumerate(gaps)]
+    scores = score_images(Confident(), dataset, 2, 0, torch.device("cpu"), multilabel=multilabel)
+    logits = np.array([[0.0, gap] for gap in gaps])
+    if multilabel:
+        expected = 1 / (1 + np.exp(-logits))
+    else:
+        expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+        expected /= expected.sum(axis=1, keepdims=True)
+    assert scores.dtype == np.float64 and not (scores[:, 1] == 1.0).any() and len(set(scores[:, 1])) == 3
+    np.testing.assert_allclose(scores, expected, rtol=1e-12, atol=0)
