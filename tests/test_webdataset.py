@@ -15,7 +15,7 @@ from cache.reader import CacheReader
 from pipeline.errors import DataError, TLError
 from pipeline.formats import open_source
 from pipeline.formats.tar_listings import TarListings, listing_file
-from pipeline.formats.webdataset import expand_braces
+from pipeline.formats.tar_paths import expand_braces
 from tests.conftest import cache_document, write_image, write_tar, write_webdataset
 from tests.test_extract import extract
 
@@ -576,3 +576,18 @@ def test_a_kept_listing_is_redone_when_its_tar_is_replaced_with_the_same_size_an
     plain = open_source("webdataset", tars)
     again = open_source("webdataset", tars, listings=folder)
     assert again.samples == plain.samples and again.listings.reused == 0
+
+
+def test_tars_named_in_upper_case_are_listed(tmp_path):
+    """A folder of SHARD.TAR files (a camera card, a Windows copy) held 'no .tar files', and one .TAR among
+    .tar files was left out without a word; a split folder of .TAR files was not offered as a split."""
+    tars = write_webdataset(tmp_path, tars=3, per_tar=2, classes=2)
+    (tars / "00001.tar").rename(tars / "00001.TAR")
+    (tars / "00002.tar").rename(tars / "00002.Tar")
+    (tars / ".00003.TAR").write_bytes(b"hidden")
+    assert [sample.sample_id.split("/")[0] for sample in open_source("webdataset", tars).samples] == \
+        ["00000.tar"] * 2 + ["00001.TAR"] * 2 + ["00002.Tar"] * 2
+    (tmp_path / "split" / "train").mkdir(parents=True)
+    (tars / "00001.TAR").rename(tmp_path / "split" / "train" / "00001.TAR")
+    with pytest.raises(DataError, match=r"split has no split folder 'val', but has train; pass --split with one"):
+        open_source("webdataset", tmp_path / "split", split="val")
