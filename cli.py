@@ -595,7 +595,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--C", "C", type=FLOATS, help="logreg/svm: comma-separated costs, one head each.")
 @option("--lr", type=FLOATS, help="mlp and logreg --solver sgd: comma-separated learning rates, one head each [default: the "
                      "optimizer's].")
-@option("--hidden", type=LAYOUTS, help="mlp: comma-separated hidden layouts, one head each; 512x256 is two layers.")
+@option("--hidden", type=LAYOUTS, help="mlp: comma-separated hidden layouts, one head each; 512x256 is two layers, 0 none.")
 @option("--solver", type=RegistryChoice("pipeline.heads:SOLVERS"),
         help="logreg: lbfgs (codes in memory, shared by the layer's lbfgs and svm heads) or sgd (streamed with "
              "the mlp heads).")
@@ -647,9 +647,10 @@ def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch
 
 
 def _layouts(text: str | None) -> tuple[tuple[int, ...], ...]:
-    """--hidden 256,512x256 -> ((256,), (512, 256))."""
+    """--hidden 0,256,512x256 -> ((), (256,), (512, 256)): 0 alone is an mlp without a hidden layer."""
     try:
-        return tuple(tuple(int(width) for width in part.split("x")) for part in _csv_list(text))
+        return tuple(() if part.strip() == "0" else tuple(int(width) for width in part.split("x"))
+                     for part in _csv_list(text))
     except ValueError:
         raise TLError(f"--hidden takes widths such as 256,1024 or 512x256, got '{text}'") from None
 

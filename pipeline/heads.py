@@ -310,6 +310,11 @@ class SvmHead(LinearHead):
         return head
 
 
+def layout_text(hidden) -> str:
+    """An mlp's hidden widths as tl names them (--hidden 512x256; 0: no hidden layer)."""
+    return "x".join(str(width) for width in hidden) or "0"
+
+
 @register_head
 class MlpHead(Head):
     """Softmax MLP in torch (the neon recipe's Affine(4096, ReLU) + dropout + Affine(classes)), trained

@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.errors import TLError
 from pipeline.files import write_together
+from pipeline.heads import layout_text
 from pipeline.metrics import precision_recall
 
 CONFUSION_LABELS_UP_TO = 30  # beyond this many classes, tick labels would overlap
@@ -365,7 +366,7 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
         setting = row["setting"]
         cells = [str(rank), f"`{row['name']}`", setting["layer"], setting["kind"],
                  "–" if setting["C"] is None else f"{setting['C']:g}",
-                 "–" if setting["hidden"] is None else "x".join(str(w) for w in setting["hidden"]),
+                 "–" if setting["hidden"] is None else layout_text(setting["hidden"]),
                  "–" if setting["lr"] is None else f"{setting['lr']:g}",
                  f"diverged (epoch {row['diverged']})" if row.get("diverged") else _number(row["val_score"]),
                  "–" if row["epochs"] is None else str(row["epochs"]), f"{row['train_seconds']:.2f}"]

@@ -24,7 +24,7 @@ from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validat
 from pipeline.errors import HeadError, listed
 from pipeline.files import OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
 from pipeline.fit_head import FitHeadConfig, cached_layer, check_counts, check_validation, save_fitted, training_rows
-from pipeline.heads import HEAD_KINDS
+from pipeline.heads import HEAD_KINDS, layout_text
 from pipeline.training import TrainingOptions, train_networks
 
 LOCK = ".sweep.lock"  # held while a sweep writes its folder
@@ -73,7 +73,7 @@ class Setting:
         if self.C is not None:
             parts.append(f"C{self.C:g}")
         if self.hidden is not None:
-            parts.append("h" + "x".join(str(width) for width in self.hidden))
+            parts.append("h" + layout_text(self.hidden))
         if self.lr is not None:
             parts.append(f"lr{self.lr:g}")
         return "-".join(parts)
@@ -105,8 +105,9 @@ def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
     for flag, values in (("--C", config.C), ("--lr", config.lr)):  # each said alone: the C defaults are not an mlp's
         if any(not 0 < value < math.inf for value in values):
             raise HeadError(f"{flag} values must be positive and finite, got {listed(values)}")
-    if any(not hidden or any(width < 1 for width in hidden) for hidden in config.hidden):
-        raise HeadError("--hidden takes positive widths, one setting per comma (e.g. 256,1024 or 512x256)")
+    if any(any(width < 1 for width in hidden) for hidden in config.hidden):
+        raise HeadError("--hidden takes positive widths, one setting per comma (e.g. 256,1024 or 512x256; 0 alone "
+                        "for no hidden layer)")
     if config.keep not in KEEP:
         raise HeadError(f"--keep is best or all, got {config.keep}")
     check_counts(config.block_rows, config.max_iter)
@@ -136,7 +137,8 @@ def _head_config(config: SweepConfig, setting: Setting) -> FitHeadConfig:
     training = replace(config.training, lr=setting.lr) if setting.lr is not None else config.training
     return FitHeadConfig(cache=config.cache, out=config.out, layer=setting.layer, head=setting.kind,
                          C=(setting.C,) if setting.C is not None else (1.0,), solver=config.solver,
-                         hidden=setting.hidden or (1,), dropout=config.dropout, max_iter=config.max_iter,
+                         hidden=(1,) if setting.hidden is None else setting.hidden, dropout=config.dropout,
+                         max_iter=config.max_iter,
                          seed=config.seed, training=training)
 
 
@@ -193,8 +195,8 @@ def _sweep(config: SweepConfig, reader, layers: list[str], settings: list[Settin
                                                                          order[r["name"]]))
     if board[0].get("diverged"):  # best.pt would be a head of NaN probabilities; the records stay for a re-run
         tried = sorted({r["setting"]["lr"] for r in board} - {None})  # None: the kind's default lr
-        raise HeadError(f"every head of the sweep diverged (its loss stopped being finite); none is best and no best.pt "
-                        f"was written; lower --lr" + (f" (tried {listed(tried)})" if tried else ""))
+        raise HeadError("every head of the sweep diverged (its loss stopped being finite); none is best and no best.pt "
+                        "was written; lower --lr" + (f" (tried {listed(tried)})" if tried else ""))
     first = next(s for s in settings if s.name == board[0]["name"])
     if not (out / "heads" / f"{first.name}.pt").is_file():  # dropped by an earlier --keep best, now the best:
         rows, val = _layer_rows(reader, first.layer, config)  # trained again, as it was (seeded, alone or not)

@@ -136,6 +136,7 @@ def test_a_killed_sweep_resumes_to_the_same_leaderboard(caches, tmp_path):
     (["--heads", "mlp", "--lr", "-1"], "error: --lr values must be positive and finite, got -1\n"),  # no C quoted
     (["--C", "one"], "--C takes float numbers"),
     (["--heads", "mlp", "--hidden", "wide"], "--hidden takes widths such as 256,1024 or 512x256"),
+    (["--heads", "mlp", "--hidden", "0x8"], "--hidden takes positive widths, one setting per comma"),
     (["--heads", ","], "--heads is empty"),
 ])
 def test_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
@@ -157,6 +158,25 @@ def test_an_mlp_trains_in_a_sweep_as_it_does_alone(caches, tmp_path):
     together, _ = load_head(tmp_path / "s/heads/clear-mlp-h8-lr0.05.pt")
     for (name, a), (_, b) in zip(alone.network_.state_dict().items(), together.network_.state_dict().items()):
         assert np.allclose(a.numpy(), b.numpy(), atol=1e-6), name
+
+
+def test_hidden_0_is_an_mlp_without_a_hidden_layer_as_fit_head_makes_it(run_tl, caches, tmp_path):
+    """fit-head's --hidden '' (no hidden layer: softmax regression trained as the mlp is) had no spelling in a
+    sweep, whose --hidden lists layouts: 0 is that layout, named h0, beside the others of the grid."""
+    train, _ = caches
+    swept = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", "--layers", "clear", "--heads", "mlp",
+                   "--hidden", "0,8", "--lr", "0.05", "--max-epochs", "2", "--keep", "all", "--quiet")
+    assert swept.code == 0, swept
+    alone = run_tl("fit-head", "--cache", train, "--out", tmp_path / "alone.pt", "--layer", "clear", "--head", "mlp",
+                   "--hidden", "", "--lr", "0.05", "--max-epochs", "2", "--val-fraction", "0.2", "--quiet")
+    assert alone.code == 0, alone
+    together, _ = load_head(tmp_path / "s/heads/clear-mlp-h0-lr0.05.pt")
+    assert together.hidden == () and len(together.network_) == 2  # standardization, one affine map
+    assert (tmp_path / "s/heads/clear-mlp-h8-lr0.05.pt").is_file()
+    for (name, a), (_, b) in zip(load_head(tmp_path / "alone.pt")[0].network_.state_dict().items(),
+                                 together.network_.state_dict().items()):
+        assert np.allclose(a.numpy(), b.numpy(), atol=1e-6), name
+    assert "| `clear-mlp-h0-lr0.05` | clear | mlp | – | 0 | 0.05 |" in (tmp_path / "s" / "sweep.md").read_text()
 
 
 def test_a_diverging_head_leaves_the_pass_and_ranks_last(run_tl, caches, tmp_path):
