@@ -51,18 +51,46 @@ def test_gtsrb_recipe_runs_on_the_torchvision_layout(run_tl, tmp_path, monkeypat
     write_gtsrb(tmp_path / "data" / "gtsrb", classes=range(43))  # every class: sgd logreg needs rows of each
     result = run_tl("run", REPO / "configs" / "gtsrb_alexnet_fc7.yaml", *SMALL, "--set", "fit-head.val_fraction=0.5")
     assert result.code == 0 and "4 steps ran" in result.out, result
-    report = json.loads((tmp_path / "reports/gtsrb-alexnet-fc7-logreg/report.json").read_text())
+    report = json.loads((tmp_path / "reports/gtsrb-alexnet-logreg/report.json").read_text())
     assert report["rows"] == 3
 
 
+def _outputs(config, *sets) -> list[str]:
+    """Every step's out of a shipped recipe, after `--set`s."""
+    from pipeline.recipe import STAGES, read_recipe, section_items
+
+    document = read_recipe(config, sets).document
+    return [step["out"] for stage in STAGES for step in section_items(document.get(stage, []))]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_recipe_outputs_are_named_after_the_backbone(config):
+    """--set backbone=... (mlflow run's -P) gives every step an out of its own: no recipe writes another
+    backbone's codes, head or report over the ones it made with its own."""
+    backbone = yaml.safe_load(config.read_text())["backbone"]
+    own, other = _outputs(config), _outputs(config, "backbone=resnet50")
+    assert all(backbone in out for out in own) and all("resnet50" in out and backbone not in out for out in other)
+    assert not set(own) & set(other) and len(set(own)) == len(own)
+
+
 def test_flowers_recipe_runs_and_says_its_test_is_its_training_cache(run_tl, tmp_path, monkeypatch):
+    """...and another backbone writes beside it: the first backbone's steps stay up to date."""
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "data/flower_photos", classes=("daisy", "dandelion", "roses", "sunflowers", "tulips"),
                       per_class=4)
-    result = run_tl("run", REPO / "configs" / "flowers_vgg16_relu6.yaml", *SMALL, "--set", "fit-head.val_fraction=0.25",
-                    "--set", "fit-head.max_epochs=2")
+    flowers = (REPO / "configs" / "flowers_vgg16_relu6.yaml", "--set", "fit-head.val_fraction=0.25",
+               "--set", "fit-head.max_epochs=2")
+    result = run_tl("run", *flowers, *SMALL)
     assert result.code == 0 and "3 steps ran" in result.out, result
-    assert "note: evaluate scores caches/flowers-vgg16-relu6, the cache fit-head trained on" in result.out
+    assert "note: evaluate scores caches/flowers-alexnet, the cache fit-head trained on" in result.out
+    written = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*") if path.is_file()}
+    other = run_tl("run", *flowers, "--quiet", "--set", "backbone=efficientnet_lite0", "--set", "weights=none",
+                   "--set", "layers=[pool]")
+    assert other.code == 0 and "3 steps ran, 0 up to date" in other.out, other
+    assert (tmp_path / "heads/flowers-efficientnet_lite0-mlp.pt").is_file()
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in written.items())
+    again = run_tl("run", *flowers, *SMALL)
+    assert again.code == 0 and "0 steps ran, 3 up to date" in again.out, again
 
 
 def test_voc_recipe_runs_on_a_voc_format_folder(run_tl, tmp_path, monkeypatch):

@@ -17,6 +17,9 @@ from cache.reader import CacheReader
 from tests.conftest import REPO, blobs, make_image_folder, write_code_cache
 
 DIGITS = REPO / "configs" / "digits_efficientnet_lite0.yaml"
+# the digits recipe's outputs, named after its backbone (${backbone})
+TRAIN, TEST = "caches/digits-efficientnet_lite0-train", "caches/digits-efficientnet_lite0-test"
+HEAD, REPORT = "heads/digits-efficientnet_lite0-logreg.pt", "reports/digits-efficientnet_lite0-logreg"
 
 
 def _steps(out: str) -> list[str]:
@@ -36,13 +39,12 @@ def test_digits_recipe_runs_end_to_end_then_only_what_changed(run_tl, digits_run
     monkeypatch.chdir(digits_run)
     first = run_tl("run", DIGITS, "--quiet")
     assert first.code == 0, first
-    assert _steps(first.out) == ["== extract 1/2 (train) -> caches/digits-train",
-                                 "== extract 2/2 (test) -> caches/digits-test",
-                                 "== fit-head -> heads/digits-logreg.pt", "== evaluate -> reports/digits-logreg"]
+    assert _steps(first.out) == [f"== extract 1/2 (train) -> {TRAIN}", f"== extract 2/2 (test) -> {TEST}",
+                                 f"== fit-head -> {HEAD}", f"== evaluate -> {REPORT}"]
     assert "4 steps ran, 0 up to date" in first.out
-    report = json.loads((digits_run / "reports/digits-logreg/report.json").read_text())
+    report = json.loads((digits_run / f"{REPORT}/report.json").read_text())
     assert report["accuracy"] >= 0.5
-    record = json.loads((digits_run / "heads/digits-logreg.pt.tl-run.json").read_text())
+    record = json.loads((digits_run / f"{HEAD}.tl-run.json").read_text())
     assert record["status"] == "done" and record["settings"]["val_fraction"] == 0.2
     assert record["metrics"]["val_accuracy"] >= 0 and record["facts"]["codes_key"]["backbone"] == "efficientnet_lite0"
 
@@ -51,22 +53,21 @@ def test_digits_recipe_runs_end_to_end_then_only_what_changed(run_tl, digits_run
     assert all(line.endswith("is up to date, skipped") for line in _steps(again.out))
 
     head_changed = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]")
-    assert _steps(head_changed.out)[2:] == ["== fit-head -> heads/digits-logreg.pt",
-                                            "== evaluate -> reports/digits-logreg"], head_changed
+    assert _steps(head_changed.out)[2:] == [f"== fit-head -> {HEAD}", f"== evaluate -> {REPORT}"], head_changed
     assert all("skipped" in line for line in _steps(head_changed.out)[:2])
 
-    (digits_run / "reports/digits-logreg/report.json").write_text("{}")  # an output changed by hand is redone
+    (digits_run / f"{REPORT}/report.json").write_text("{}")  # an output changed by hand is redone
     redone = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--only", "evaluate")
-    assert _steps(redone.out) == ["== evaluate -> reports/digits-logreg"], redone
+    assert _steps(redone.out) == [f"== evaluate -> {REPORT}"], redone
     forced = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--from", "fit-head", "--rerun")
-    assert _steps(forced.out) == ["== fit-head -> heads/digits-logreg.pt", "== evaluate -> reports/digits-logreg"]
+    assert _steps(forced.out) == [f"== fit-head -> {HEAD}", f"== evaluate -> {REPORT}"]
     data_changed = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--set", "extract.2.samples_per_class=1")
     assert _steps(data_changed.out)[1:] == ["== extract 2/2 (test): settings or inputs changed since "
-                                            "caches/digits-test was made: extracting again",
-                                            "== extract 2/2 (test) -> caches/digits-test",
-                                            "== fit-head: heads/digits-logreg.pt is up to date, skipped",
-                                            "== evaluate -> reports/digits-logreg"], data_changed
-    assert json.loads((digits_run / "reports/digits-logreg/report.json").read_text())["rows"] == 10
+                                            f"{TEST} was made: extracting again",
+                                            f"== extract 2/2 (test) -> {TEST}",
+                                            f"== fit-head: {HEAD} is up to date, skipped",
+                                            f"== evaluate -> {REPORT}"], data_changed
+    assert json.loads((digits_run / f"{REPORT}/report.json").read_text())["rows"] == 10
 
 
 def test_mlflow_is_never_imported_without_track(tmp_path):
