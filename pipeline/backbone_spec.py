@@ -96,7 +96,8 @@ class Backbone:
             canonical = self.aliases.get(name, name)
             if canonical not in self.taps:
                 raise BackboneError(
-                    f"unknown layer '{name}' for backbone {self.name}; valid layers: {self.layer_list()}"
+                    f"unknown layer '{name}' for backbone {self.name}; valid layers: {self.layer_list()}; "
+                    "give --layers one of them"
                 )
             if canonical not in resolved:
                 resolved.append(canonical)

@@ -43,7 +43,7 @@ def test_unknown_backbone_lists_valid_names():
 
 
 def test_unknown_layer_lists_valid_layers():
-    with pytest.raises(BackboneError, match=r"unknown layer 'fc8'.*pool5 \(9216\), fc6 \(4096\), fc7 \(4096\)"):
+    with pytest.raises(BackboneError, match=r"unknown layer 'fc8'.*pool5 \(9216\), fc6 \(4096\), fc7 \(4096\).*; give --layers one of them$"):
         get_backbone("alexnet").resolve_taps(["fc8"])
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import REPO, blobs, make_image_folder, write_code_cache, write_gtsrb
+from tests.conftest import REPO, blobs, make_image_folder, write_cifar10, write_code_cache, write_gtsrb
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -71,6 +71,16 @@ def test_recipe_outputs_are_named_after_the_backbone(config):
     own, other = _outputs(config), _outputs(config, "backbone=resnet50")
     assert all(backbone in out for out in own) and all("resnet50" in out and backbone not in out for out in other)
     assert not set(own) & set(other) and len(set(own)) == len(own)
+
+
+def test_another_backbone_without_its_layer_is_one_line_naming_the_key(run_tl, tmp_path, monkeypatch):
+    """--set backbone=efficientnet_lite0 on a recipe of pool5 codes: the layers it has, and the key to set."""
+    monkeypatch.chdir(tmp_path)
+    write_cifar10(tmp_path / "data/cifar10")
+    result = run_tl("run", REPO / "configs" / "cifar10_vgg16.yaml", "--dry-run", "--set", "backbone=efficientnet_lite0")
+    assert result.code == 2 and result.err.count("\n") == 1 and not result.out, result
+    assert ("extract 1/2 (train): unknown layer 'pool5' for backbone efficientnet_lite0; valid layers: pool (1280), "
+            "block12 (9408); give --layers one of them (in a recipe: --layers is --set layers=...)") in result.err
 
 
 def test_flowers_recipe_runs_and_says_its_test_is_its_training_cache(run_tl, tmp_path, monkeypatch):
