@@ -239,6 +239,10 @@ def head_kinds_help() -> str:
     return "; ".join(f"{name}: {kind.help}" for name, kind in _attribute("pipeline.heads:HEAD_KINDS").items())
 
 
+def download_help() -> str:
+    return f"{'/'.join(_attribute('pipeline.formats:downloading_formats')())} data when missing"
+
+
 def decode_help() -> str:
     return "; ".join(f"{name}: {mode.help}" for name, mode in _attribute("pipeline.decoding:DECODE_MODES").items())
 
@@ -369,7 +373,7 @@ def tl(ctx):
 @option("--on-error", type=RegistryChoice("pipeline.extract:ON_ERROR"),
         help="Unreadable image: skip it (recorded with its shard in shards.jsonl; tl info lists them) or stop.")
 @option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
-@option("--download", is_flag=True, help="Download cifar10/gtsrb when missing.")
+@option("--download", is_flag=True, describe="cli:download_help", help="Download")
 @option("--classes", help="voc data: voc (the 20 classes), auto (names found in the annotations), or a comma list; "
         "webdataset data: a comma list of names the labels index or name (default there: found in the labels).")
 @option("--label-key", help="webdataset data: the label file of a sample: cls, txt, json or json:FIELD [default: cls].")

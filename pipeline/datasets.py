@@ -57,6 +57,7 @@ class Source:
     help: str = ""
     target_kind = "class"  # or "multi-hot"
     options: tuple[str, ...] = ()  # keyword options of `open` beyond the common ones (webdataset: label_key)
+    downloads = False  # whether `open(..., download=True)` fetches missing data (--download)
     boxes = False  # whether its samples carry object boxes (`annotations`), which --multiscale labels patches by
     listings = None  # what listing found, kept for the next run: `listings.save(share)` (webdataset's tars)
 

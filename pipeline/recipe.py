@@ -233,6 +233,8 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
     """Cross-step checks on parsed steps, before any runs: every output has a name of its own, every
     input of a chosen step exists or is made by an earlier step, and no validation data is test data.
     Returns notes worth a line (training data scored as test)."""
+    from pipeline.formats import DEFAULT_FORMAT, downloading_formats  # the formats registry, only when checked
+
     path = recipe.path
     made: list[tuple[Path, Step]] = []
     for step in steps:
@@ -244,8 +246,10 @@ def check(recipe: Recipe, steps: list[Step], chosen: list[Step]) -> list[str]:
                 continue  # a step that will not run reads nothing
             maker = next((earlier for out, earlier in made if _same(out, given)), None)
             if maker is None and not given.exists():
+                fetched = (step.params.get("format_") or DEFAULT_FORMAT) in downloading_formats()
+                remedy = "fetch it with --set extract.download=true" if fetched else "put it there, or --set data=PATH"
                 raise ConfigError(f"recipe {path}: {step.label} {key} {given} does not exist"
-                                  + (" (download: true on extract fetches cifar10 and gtsrb)" if key == "data" else ""))
+                                  + (f"; {remedy}" if key == "data" else ""))
             elif maker is not None and maker not in chosen and not given.exists():
                 raise ConfigError(f"recipe {path}: {step.label} needs {key} {given}, which {maker.label} makes; "
                                   "run that stage too (drop --only/--from)")
@@ -370,12 +374,8 @@ def _written(extract: Step):
     from pipeline.backbones import get_backbone
 
     backbone = get_backbone(extract.params["backbone"])
-    return backbone, backbone.resolve_taps(_layers(extract.params) or [backbone.default_tap])
-
-
-def _layers(params: dict) -> list[str]:
-    """An extract step's layers as written (`fc6, fc7`)."""
-    return [tap.strip() for tap in (params.get("layers") or "").split(",") if tap.strip()]
+    layers = [tap.strip() for tap in (extract.params.get("layers") or "").split(",") if tap.strip()]  # as written
+    return backbone, backbone.resolve_taps(layers or [backbone.default_tap])
 
 
 def _refuse_early_stop_unwatched(path: Path, chosen: list[Step]) -> None:

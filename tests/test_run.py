@@ -620,7 +620,11 @@ def test_every_shipped_recipe_plans_and_names_known_options(run_tl, tmp_path, mo
         assert {"extract", "fit-head", "evaluate"} <= set(recipe), config.name
         assert "tl extract" not in config.read_text(), f"{config.name} still lists commands by hand"
         result = run_tl("run", config)
-        assert result.code == 2 and f"data {recipe['data']} does not exist" in result.err, (config.name, result)
+        assert result.code == 2 and f"data {recipe['data']} does not exist; " in result.err, (config.name, result)
+        # --download is offered for the formats it fetches only (not VOC, flowers or digits)
+        fetched = recipe["format"] in ("cifar10", "gtsrb")
+        assert ("fetch it with --set extract.download=true" in result.err) == fetched, (config.name, result)
+        assert ("put it there, or --set data=PATH" in result.err) != fetched, (config.name, result)
 
 
 def test_run_under_torchrun_is_refused_in_one_line(run_tl, code_caches, monkeypatch):

@@ -30,6 +30,11 @@ def format_names() -> list[str]:
     return sorted(names, key=lambda name: (name != DEFAULT_FORMAT, names.index(name)))
 
 
+def downloading_formats() -> list[str]:
+    """The formats whose data `--download` fetches when it is missing."""
+    return [name for name in format_names() if registered_formats()[name].downloads]
+
+
 def formats_help() -> str:
     """One line per format for --help: `name: what DATA holds`."""
     known = registered_formats()

@@ -102,6 +102,7 @@ class Cifar10Source(Source):
 
     format = "cifar10"
     help = 'the CIFAR-10 python batches (tl extract --download fetches them)'
+    downloads = True
 
     @classmethod
     def open(cls, data: Path, split: str, download: bool, classes: str) -> "Cifar10Source":

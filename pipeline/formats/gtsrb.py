@@ -22,6 +22,7 @@ class GtsrbSource(Source):
 
     format = "gtsrb"
     help = "the German Traffic Sign benchmark in torchvision's layout (tl extract --download fetches it)"
+    downloads = True
     num_classes = 43
 
     @classmethod
