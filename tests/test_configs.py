@@ -104,8 +104,10 @@ def test_flowers_recipe_runs_and_says_its_test_is_its_training_cache(run_tl, tmp
 
 
 def test_voc_recipe_runs_on_a_voc_format_folder(run_tl, tmp_path, monkeypatch):
-    """The neon recipe's steps by `tl run` on drawn shapes: only the data, the classes, the scales and
-    the backbone's weights are overridden (no VOC 2007 or ImageNet AlexNet here)."""
+    """The neon recipe's steps by `tl run` on drawn shapes: only the data, the classes, the scales, the
+    backbone's weights and the lengths of training are overridden (no VOC 2007 or ImageNet AlexNet
+    here). The head is scored on the test codes, and the network finetuned from it on the test images'
+    patches, both pooled with exponent 5."""
     from pipeline.examples import write_shapes_voc
 
     monkeypatch.chdir(tmp_path)
@@ -113,10 +115,13 @@ def test_voc_recipe_runs_on_a_voc_format_folder(run_tl, tmp_path, monkeypatch):
     result = run_tl("run", REPO / "configs" / "voc2007_alexnet_multiscale.yaml", "--quiet", "--set", f"data={base}",
                     "--set", "classes=auto", "--set", "scales=[1.0,2.0]", "--set", "weights=none",
                     "--set", "layers=[pool5]", "--set", "fit-head.max_epochs=3", "--set", "fit-head.hidden=[64]",
-                    "--set", "fit-head.val_fraction=0.3")
-    assert result.code == 0 and "patches pooled into images" in result.out, result
-    report = json.loads((tmp_path / "reports/voc07-alexnet-multiscale/report.json").read_text())
-    assert report["pooling"]["exponent"] == 5 and report["ap_method"] == "voc07"
+                    "--set", "fit-head.val_fraction=0.3", "--set", "finetune.epochs=1")
+    assert result.code == 0 and "6 steps ran" in result.out, result
+    settings = json.loads((tmp_path / "models/voc07-alexnet.pt.tl-run.json").read_text())["settings"]
+    assert settings["unfreeze"] == 5 and settings["backbone_lr_scale"] == 1 and settings["lr"] == 0.0001
+    for report in ("voc07-alexnet-multiscale", "voc07-alexnet-finetuned"):
+        scored = json.loads((tmp_path / "reports" / report / "report.json").read_text())
+        assert scored["pooling"]["exponent"] == 5 and scored["ap_method"] == "voc07" and scored["rows"] == 8, report
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "finetune" in yaml.safe_load(c.read_text())],
