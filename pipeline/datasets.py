@@ -143,6 +143,11 @@ class Source:
                 members = rng.choice(members, size=samples_per_class, replace=False)
             keep.extend(int(i) for i in members)
         self.keep(sorted(keep))
+        counts = np.bincount(targets[targets >= 0], minlength=len(self.classes))  # an empty class is said elsewhere
+        short = sorted((int(n), name) for name, n in zip(self.classes, counts) if 0 < n < samples_per_class)
+        if short:
+            self.warnings.append(f"--samples-per-class {samples_per_class}: {len(short)} of {len(self.classes)} classes "
+                                 f"have fewer images (the fewest: {short[0][1]}, {short[0][0]}); all of theirs were kept")
 
     def keep(self, indices) -> None:
         """Keep only the samples at `indices` (in that order); formats with per-sample lists of their own

@@ -142,6 +142,14 @@ def test_samples_per_class_is_stratified_and_seeded(tmp_path):
     assert [s.sample_id for s in first.samples] == [s.sample_id for s in again.samples]
     assert [s.sample_id for s in first.samples] != [s.sample_id for s in other.samples]
     assert first.fingerprint() != other.fingerprint()
+    assert not [line for line in first.warnings if "samples-per-class" in line]
+    for extra in sorted((folder / "b").iterdir())[:3]:  # b keeps 2, c 5 of the 4 asked
+        extra.unlink()
+    (folder / "a" / "img00.png").unlink()
+    short = open_source("imagefolder", folder, samples_per_class=4, seed=1)
+    assert np.bincount([s.target for s in short.samples]).tolist() == [4, 2, 4]
+    assert "--samples-per-class 4: 1 of 3 classes have fewer images (the fewest: b, 2); all of theirs were kept" \
+        in short.warnings
 
 
 def test_fingerprint_changes_when_a_file_changes(image_folder):
