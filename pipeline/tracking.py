@@ -174,10 +174,13 @@ class MlflowTracking:
         self.exported = "MLFLOW_EXPERIMENT_ID" not in os.environ
         if not os.environ.get("MLFLOW_RUN_ID"):  # else the run handed over (mlflow run) is in its experiment
             self._choose_experiment()
+        # under its own names: `mlflow run` has logged the project's parameters (`recipe` among them)
+        ours = {"tl.recipe": str(self.recipe.path), "tl.set": " ".join(self.recipe.sets)}
+        if os.environ.get("MLFLOW_RUN_ID"):  # a run handed over again keeps its parameters: MLflow refuses new values
+            self._check_unchanged(os.environ["MLFLOW_RUN_ID"], ours)
         self.parent = mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else self.recipe.path.stem)
         mlflow.set_tags({"tl.recipe": str(self.recipe.path), "tl.command": "tl run"})
-        # under its own names: `mlflow run` has logged the project's parameters (`recipe` among them)
-        self._params({"tl.recipe": str(self.recipe.path), "tl.set": " ".join(self.recipe.sets)})
+        self._params(ours)
         mlflow.log_artifact(str(self.recipe.path), artifact_path="recipe")
         return self
 
@@ -212,6 +215,16 @@ class MlflowTracking:
         except MlflowException as exc:  # no such id, a deleted experiment
             raise ConfigError(f"{variable}: {exc.message.strip()}; name another experiment, or unset it to use the "
                               f"recipe's ({self.recipe.experiment})") from None
+
+    def _check_unchanged(self, run_id: str, ours: dict) -> None:
+        """Refused before the run is touched: the recipe or --set values differ from those the run holds."""
+        held = self.mlflow.MlflowClient().get_run(run_id).data.params
+        changed = [name for name, value in ours.items() if name in held and held[name] != value]
+        if changed:
+            said = "; ".join(f"{name} was '{held[name]}', now '{ours[name]}'" for name in changed)
+            raise ConfigError(f"MLflow run {run_id} was started with other settings ({said}) and a run's parameters "
+                              "cannot change; give it the same recipe and --set values, or start a new run (without "
+                              "MLFLOW_RUN_ID or mlflow run's --run-id)")
 
     def _params(self, values: dict) -> None:
         items = list(flatten(values).items())

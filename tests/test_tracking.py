@@ -382,3 +382,23 @@ def test_a_record_naming_other_files_never_uploads_them(run_tl, tmp_path, monkey
     client, _, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     fit = next(run for run in runs if run.data.tags.get("tl.stage") == "fit-head")
     assert _artifacts(client, fit.info.run_id) == {"h.pt"}
+
+
+def test_a_parent_run_handed_over_again_with_other_settings_is_refused_untouched(run_tl, tmp_path, monkeypatch):
+    """A run handed over again (MLFLOW_RUN_ID, `mlflow run --run-id`) with another --set ended in MLflow's
+    'Changing param values is not allowed' and the advice to check MLFLOW_TRACKING_URI; it says what changed
+    and what to do, before the run is touched (its status stays)."""
+    uri = _tracked_blobs(tmp_path, monkeypatch, "fit-head: {cache: c, out: h.pt}\n")
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.create_run("0").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent)
+    assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent)  # MLflow drops it when the run ends
+    refused = run_tl("run", "r.yaml", "--track", "mlflow", "--quiet", "--set", "fit-head.C=0.5")
+    assert refused.code == 2 and refused.err == (
+        f"error: MLflow run {parent} was started with other settings (tl.set was '', now 'fit-head.C=0.5') and a "
+        "run's parameters cannot change; give it the same recipe and --set values, or start a new run (without "
+        "MLFLOW_RUN_ID or mlflow run's --run-id)\n"), refused
+    assert client.get_run(parent).info.status == "FINISHED" and (tmp_path / "h.pt").is_file()
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent)
+    assert run_tl("run", "r.yaml", "--track", "mlflow", "--quiet").code == 0  # the same settings: resumed
