@@ -965,8 +965,9 @@ def run(recipe, sets, only, start, rerun, track, dry_run, quiet):
         return result
     click.echo(f"\ndone in {result.seconds:.0f} s: {_count(len(result.ran), 'step')} ran, "
                f"{len(result.skipped)} up to date"
-               + "".join(f", {name} {value:.4f}" for name, value in result.metrics.items()
-                         if name in ("accuracy", "mAP")))
+               + "".join(f", {name.replace('_', ' ').replace('exact match', 'exact-match')} {value:.4f}"
+                         for name, value in result.metrics.items()
+                         if name in ("accuracy", "exact_match_accuracy", "mAP")))
     if result.where:
         click.echo(f"tracked: {result.where}")
     return result

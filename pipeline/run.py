@@ -294,6 +294,8 @@ def summarize(step: Step, result) -> dict:
     elif step.stage == "evaluate":
         report = json.loads((out / "report.json").read_text(encoding="utf-8"))
         metrics = {key: value for key, value in report.items() if _number(value)}
+        if report.get("multilabel"):  # every label of an image right: named as the report names it
+            metrics["exact_match_accuracy"] = metrics.pop("accuracy")
         artifacts = [path for path in result.files if Path(path).parent == out]
     return {"metrics": {k: v for k, v in metrics.items() if _number(v)}, "history": history, "facts": facts,
             "artifacts": [str(path) for path in artifacts]}

@@ -122,6 +122,8 @@ def test_voc_recipe_runs_on_a_voc_format_folder(run_tl, tmp_path, monkeypatch):
     for report in ("voc07-alexnet-multiscale", "voc07-alexnet-finetuned"):
         scored = json.loads((tmp_path / "reports" / report / "report.json").read_text())
         assert scored["pooling"]["exponent"] == 5 and scored["ap_method"] == "voc07" and scored["rows"] == 8, report
+    # the closing line names the multi-label accuracy as the report does (it said "accuracy"), after the mAP
+    assert f", mAP {scored['mAP']:.4f}, exact-match accuracy {scored['accuracy']:.4f}\n" in result.out, result.out
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "finetune" in yaml.safe_load(c.read_text())],
