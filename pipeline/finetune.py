@@ -106,8 +106,10 @@ def _parameter_groups(model: FinetuneModel, config: FinetuneConfig) -> list[dict
     beside its layers (a ViT's class token and position embedding, a Swin's relative position bias tables:
     more than one dimension, not a layer's weights) are not decayed, as timm's recipes leave them."""
     groups = [{"params": list(model.head.parameters()), "lr": config.lr}]
-    leaves = {name for name, module in model.features.named_modules()  # layers: their weights are decayed
-              if not any(module.children()) or isinstance(module, nn.MultiheadAttention)}
+    # layers, whose weights are decayed: modules whose children hold no parameters (an FX-traced conv of
+    # efficientnet_lite keeps its padding as a child) and torch's attention (its projection is a child)
+    leaves = {name for name, module in model.features.named_modules() if isinstance(module, nn.MultiheadAttention)
+              or all(next(child.parameters(), None) is None for child in module.children())}
     trained = [(name.rsplit(".", 1)[0] in leaves, p) for name, p in model.features.named_parameters() if p.requires_grad]
     rate = config.lr * config.backbone_lr_scale
     for layers, extra in ((True, {}), (False, {"weight_decay": 0.0})):

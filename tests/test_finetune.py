@@ -94,6 +94,32 @@ def test_the_conv_layers_counted_without_memory_are_those_of_the_built_model(nam
         assert tap_conv_layers(backbone, tap)[0] == built and built, (name, tap)
 
 
+def test_every_conv_kernel_of_the_default_backbone_is_decayed_in_the_layout_of_earlier_checkpoints():
+    """Weight decay skipped "embeddings held beside layers": parameters of a module with children. The traced
+    efficientnet_lite0 keeps each conv with static padding as a module holding its kernel beside its
+    padding child: 17 conv kernels went undecayed in a fifth group from --unfreeze 3, and a stopped run of
+    an earlier tl was refused as "another optimizer layout". Every kernel is decayed, in the four groups
+    (head, then backbone: decayed, then not) that the checkpoints of an earlier tl hold."""
+    from torch import nn
+
+    from pipeline.backbones import tap_model
+    from pipeline.finetune import _parameter_groups
+    from pipeline.model_files import FinetuneModel, _conv_layers, freeze
+    from pipeline.training import decay_groups
+
+    backbone = get_backbone("efficientnet_lite0")
+    full = backbone.build()
+    features = tap_model(full, backbone, [backbone.default_tap])
+    convs = _conv_layers(backbone, full, features)
+    model = FinetuneModel(features, backbone.default_tap, nn.Linear(backbone.taps[backbone.default_tap].width, 2))
+    freeze(model, convs, len(convs))
+    config = FinetuneConfig(data="unused", head="unused", out="unused", weight_decay=0.01)
+    groups = decay_groups(_parameter_groups(model, config), config.weight_decay)
+    kernels = [p for p in model.features.parameters() if p.ndim > 1]
+    assert [(len(group["params"]), group["weight_decay"]) for group in groups] == [
+        (1, 0.01), (1, 0.0), (len(kernels), 0.01), (len(list(model.features.parameters())) - len(kernels), 0.0)]
+
+
 def test_epoch_zero_model_is_the_stage_two_head(alexnet_head, tmp_path):
     result = finetune(alexnet_head, tmp_path / "m.pt", epochs=0)
     assert result.out == tmp_path / "m.pt" and result.epochs_run == 0
