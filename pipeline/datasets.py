@@ -262,7 +262,8 @@ def open_rgb(path: str, draft=None) -> Image.Image:
             raise UnidentifiedImageError(f"cannot identify image file {os.fspath(path)!r}") from None
         with image:
             original = image.size
-            if draft is not None and image.format == "JPEG":
+            # an MPO is a JPEG too (Pillow's name for one carrying a preview, as many phones and cameras write)
+            if draft is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
                 image.draft(image.mode, draft(*original))
             _refuse_bomb(image.size, "at reduced scale")
             image.load()

@@ -432,3 +432,21 @@ def test_a_jpeg_over_pillows_bomb_limit_is_read_at_reduced_scale_and_refused_at_
     assert fast.code == 0 and "skipped" not in fast.err, fast
     exact = run_tl("extract", "--data", tmp_path / "data", "--out", tmp_path / "exact", *FAST, "--decode", "exact")
     assert exact.code == 0 and "a/phone.jpg: DecompressionBombError: 2400x1800 pixels decoded at full size" in exact.err
+
+
+def test_a_jpeg_with_a_preview_image_is_read_at_reduced_scale_as_any_jpeg(tmp_path, monkeypatch):
+    """Pillow opens a JPEG carrying a second, preview image (the MP format many phones and cameras write) as
+    format "MPO", and fast decoding drafted only format "JPEG": such photos were decoded at full size, and
+    one over Pillow's limit against decompression bombs was skipped as "decoded at reduced scale" though it
+    never was. It is decoded as the same photo without its preview is."""
+    plain = photo(tmp_path / "plain.jpg", (400, 300))
+    phone, pixels = tmp_path / "phone.jpg", Image.fromarray(photo_pixels((400, 300)))  # the pixels of `plain`
+    pixels.save(phone, "MPO", save_all=True, append_images=[pixels.resize((100, 75))], quality=90, subsampling=2)
+    assert Image.open(phone).format == "MPO"
+    half = lambda width, height: (200, 150)  # noqa: E731
+    expected = open_rgb(plain, half)
+    assert expected.size == (200, 150)
+    for limit in (None, 20_000):  # Pillow's own, and one the photo is over (but not its half: 30,000 pixels)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        found = open_rgb(phone, half)
+        assert found.info["original_size"] == (400, 300) and np.array_equal(np.asarray(found), np.asarray(expected))
