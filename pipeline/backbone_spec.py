@@ -119,8 +119,11 @@ class Backbone:
 
 
 def _attends(module: nn.Module) -> bool:
-    """Whether a child of `module` is an attention module (timm's Attention, WindowAttention, ..., torch's)."""
-    return any(isinstance(child, nn.MultiheadAttention) or type(child).__name__.endswith("Attention")
+    """Whether a child of `module` is an attention module: torch's, or one named so (timm's Attention,
+    WindowAttention, CaiT's TalkingHeadAttn and ClassAttn, ...) that is no block holding one (CaiT's
+    LayerScaleBlockClassAttn)."""
+    return any(isinstance(child, nn.MultiheadAttention)
+               or (type(child).__name__.endswith(("Attention", "Attn")) and not _attends(child))
                for child in module.children())
 
 

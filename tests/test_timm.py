@@ -143,6 +143,18 @@ def test_a_vits_unfreeze_counts_its_transformer_blocks(images, tmp_path, run_tl)
                                                  "blocks of this backbone before the tap; pass --unfreeze 13 or less\n")
 
 
+def test_blocks_whose_attention_is_named_attn_count_and_so_does_no_list_of_them():
+    """CaiT's blocks hold a TalkingHeadAttn, its class-attention blocks a ClassAttn: not named "...Attention",
+    they were not counted, so --unfreeze 1 trained the whole network (its patch embedding was the one layer
+    counted) and 2 was refused. Each block counts once: the list of class-attention blocks, whose children
+    (LayerScaleBlockClassAttn) are named like attention, is no block itself. Built on the meta device."""
+    from pipeline.model_files import tap_conv_layers
+
+    convs, words = tap_conv_layers(get_backbone("timm:cait_xxs24_224"), "pool")
+    assert convs == ["patch_embed.proj", *(f"blocks.{i}" for i in range(24)), "blocks_token_only.0",
+                     "blocks_token_only.1"] and words == "conv layers and transformer blocks"
+
+
 def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_path, monkeypatch):
     """A run stopped by a tl that left ConvNeXt's `gamma` frozen has a checkpoint whose optimizer lacks it:
     it was refused as 'another optimizer layout' (--overwrite: the run lost); it resumes, gamma training."""
