@@ -145,9 +145,8 @@ class Source:
         self.keep(sorted(keep))
         counts = np.bincount(targets[targets >= 0], minlength=len(self.classes))  # an empty class is said elsewhere
         short = sorted((int(n), name) for name, n in zip(self.classes, counts) if 0 < n < samples_per_class)
-        if short:
-            self.warnings.append(f"--samples-per-class {samples_per_class}: {len(short)} of {len(self.classes)} classes "
-                                 f"have fewer images (the fewest: {short[0][1]}, {short[0][0]}); all of theirs were kept")
+        self.warnings += [f"--samples-per-class {samples_per_class}: {len(short)} of {len(self.classes)} classes "
+                          f"have fewer images (the fewest: {short[0][1]}, {short[0][0]}); all were kept"] if short else []
 
     def keep(self, indices) -> None:
         """Keep only the samples at `indices` (in that order); formats with per-sample lists of their own
@@ -265,7 +264,7 @@ def open_rgb(path: str, draft=None) -> Image.Image:
             # an MPO is a JPEG too (Pillow's name for one carrying a preview, as many phones and cameras write)
             if draft is not None and isinstance(image, JpegImagePlugin.JpegImageFile):
                 image.draft(image.mode, draft(*original))
-            _refuse_bomb(image.size, "at reduced scale")
+            _refuse_bomb(image.size, "at reduced scale" if image.size != original else "at full size")
             image.load()
             rgb = to_rgb(image)
             rgb.info["original_size"] = original
@@ -273,10 +272,9 @@ def open_rgb(path: str, draft=None) -> Image.Image:
 
 
 def _open_within_limit(handle: BinaryIO, reduced: bool) -> Image.Image:
-    """Image.open, with Pillow's limit against decompression bombs (2 * Image.MAX_IMAGE_PIXELS pixels, 179
-    million) applied to the pixels decoded: a JPEG decoded at `reduced` scale (Image.draft: 1/8 of its width at
-    most) is opened whatever its size, so a 200-megapixel phone photo is read, not skipped. Images of 89 to 179
-    million pixels, which Pillow decodes, are opened without a DecompressionBombWarning on stderr."""
+    """Image.open, with Pillow's limit against decompression bombs (179 million pixels) applied to the pixels
+    decoded: a JPEG decoded at `reduced` scale is opened whatever its size (a 200-megapixel phone photo is read),
+    and images of 89 to 179 million pixels, which Pillow decodes, without its DecompressionBombWarning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -289,7 +287,8 @@ def _open_within_limit(handle: BinaryIO, reduced: bool) -> Image.Image:
     image = JpegImagePlugin.jpeg_factory(handle)  # the header only: the size it decodes to is checked once drafted
     if not reduced:
         image.close()
-        _refuse_bomb(image.size, "at full size", "; --decode fast reads a JPEG this large at reduced scale")
+        _refuse_bomb(image.size, "at full size", " (tl extract's --decode fast reads a JPEG this large at "
+                     "reduced scale)")
     return image
 
 
@@ -297,15 +296,14 @@ def _refuse_bomb(size: tuple[int, int], decoded: str, remedy: str = "") -> None:
     limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS is not None else None
     if limit is not None and size[0] * size[1] > limit:
         raise Image.DecompressionBombError(f"{size[0]}x{size[1]} pixels decoded {decoded} exceed Pillow's limit of "
-                                           f"{limit:,} against decompression bombs{remedy}")
+                                           f"{limit:,} against decompression bombs; downscale the file{remedy}")
 
 
 def open_regular(path) -> BinaryIO:
-    """`path` opened for reading, once its descriptor is known to be a regular file (through links). A FIFO
-    named like an image blocks its reader until something writes to it, and a device (a link to /dev/zero)
-    is never read to its end: either hung the whole run. Refused as an unreadable file instead (an OSError,
-    which callers record and skip). Opened without blocking (a FIFO's open waits for a writer) and checked
-    on the open file: no stat beside the open, a metadata round trip per image on a network file system."""
+    """`path` opened for reading once its descriptor is a regular file (through links): a FIFO named like an image
+    blocks its reader, a device (a link to /dev/zero) is never read to its end. Else an OSError, which callers
+    record and skip. Opened without blocking (a FIFO's open waits for a writer), checked on the open file: no
+    stat beside the open, a metadata round trip per image on a network file system."""
     handle = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
     if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
         handle.close()

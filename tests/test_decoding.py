@@ -415,7 +415,8 @@ def test_a_jpeg_over_pillows_bomb_limit_is_read_at_reduced_scale_and_refused_at_
     found = open_rgb(phone, lambda width, height: (50, 37))
     assert found.info["original_size"] == (400, 300) and np.array_equal(np.asarray(found), np.asarray(expected))
     with pytest.raises(Image.DecompressionBombError, match=r"^400x300 pixels decoded at full size exceed Pillow's "
-                       r"limit of 40,000 against decompression bombs; --decode fast reads a JPEG this large"):
+                       r"limit of 40,000 against decompression bombs; downscale the file \(tl extract's --decode fast "
+                       r"reads a JPEG this large"):
         open_rgb(phone)
     with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 40000 pixels"):  # Pillow's, not a JPEG
         open_rgb(tmp_path / "big.png", lambda width, height: (50, 37))
