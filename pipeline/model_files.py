@@ -170,11 +170,12 @@ class FinetuneModel(nn.Module):
     BatchNorm statistics are trained, every BatchNorm layer (its scale and shift still learn).
     """
 
-    def __init__(self, features: nn.Module, tap: str, head: nn.Module):
+    def __init__(self, features: nn.Module, tap: str, head: nn.Module, input_size: int = 224):
         super().__init__()
         self.features = features
         self.tap = tap
         self.head = head
+        self.input_size = input_size  # the side of the square crops it takes
         self.eval_modules: list[nn.Module] = []
         self.held_parameters: set[str] = set()  # see freeze
 
@@ -194,7 +195,7 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     backbone, weights = head_backbone(head_metadata["codes_key"], weights_path, "the head")
     full = load_model(backbone, weights)
     features = tap_model(full, backbone, [head_metadata["layer"]])
-    model = FinetuneModel(features, head_metadata["layer"], head.logits_module())
+    model = FinetuneModel(features, head_metadata["layer"], head.logits_module(), backbone.input_size)
     return model, backbone, _conv_layers(backbone, full, features)
 
 
@@ -244,8 +245,6 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
     if not bn_stats:
         model.eval_modules += [module for _, module in modules[first:]
                                if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    order, labels = [name for name, _ in modules], {}
-    model.held_parameters = set()
     for name, parameter in model.features.named_parameters():
         owner = name.rsplit(".", 1)[0]
         # a module's own parameters beside its children train when it holds a trainable one, as its eval mode
@@ -254,17 +253,40 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
         # the patch embedding before the first block) train only when every layer does: they feed them all
         parameter.requires_grad = owner in trainable_names or (
             _holds(owner, trainable_names) and (owner != "extractor" or unfreeze == len(convs)))
+    for parameter in model.head.parameters():
+        parameter.requires_grad = True
+    for name in _unreached(model):  # not trained, not listed: torchrun's DDP stopped at the second step on them
+        model.features.get_parameter(name).requires_grad = False
+    order, labels = [name for name, _ in modules], {}
+    model.held_parameters = set()
+    for name, parameter in model.features.named_parameters():
+        owner = name.rsplit(".", 1)[0]
         if parameter.requires_grad and owner not in trainable_names:  # a checkpoint of an earlier tl lacks them
             model.held_parameters.add(name)
         if parameter.requires_grad:  # listed by module; a holder's own parameter by its name (cls_token, ...gamma)
             labels.setdefault((owner if owner in trainable_names else name).removeprefix("extractor."),
                               order.index(owner))
-    for parameter in model.head.parameters():
-        parameter.requires_grad = True
     layers = sorted(labels, key=labels.get)
     return {"parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "frozen_parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
             "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
+
+
+def _unreached(model: FinetuneModel) -> list[str]:
+    """The trainable backbone parameters that no gradient reaches (a timm model cut at a stage keeps its final
+    norm, which nothing after the stage uses), found by one backward pass of a blank crop in eval mode."""
+    trained = [(name, parameter) for name, parameter in model.features.named_parameters() if parameter.requires_grad]
+    if not trained:
+        return []
+    mode = model.training
+    model.eval()
+    try:
+        pixels = torch.zeros(1, 3, model.input_size, model.input_size, device=trained[0][1].device)
+        reached = torch.autograd.grad(model(pixels).float().sum(), [parameter for _, parameter in trained],
+                                      allow_unused=True)
+    finally:
+        model.train(mode)
+    return [name for (name, _), gradient in zip(trained, reached) if gradient is None]
 
 
 def resumable_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: FinetuneModel) -> dict:

@@ -155,6 +155,29 @@ def test_blocks_whose_attention_is_named_attn_count_and_so_does_no_list_of_them(
                      "blocks_token_only.1"] and words == "conv layers and transformer blocks"
 
 
+def test_layers_kept_past_a_stage_tap_but_never_used_do_not_train(images, tmp_path):
+    """A ViT cut at a stage keeps its final norm, which nothing after the stage uses: --unfreeze 1 marked it
+    trainable and listed it, and torchrun's DDP stopped at the second step ('Expected to have finished
+    reduction') with a traceback. A parameter no gradient reaches is frozen and not listed."""
+    from pipeline.model_files import build_model, freeze, load_head
+
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:vit_tiny_patch16_224", weights="none",
+                              layers=("stage5",), dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    head, metadata = load_head(tmp_path / "h.pt")
+    model, _, convs = build_model(metadata, head, None)
+    assert convs[-1] == "blocks.5"
+    trainable = freeze(model, convs, 1)
+    extractor = model.features.extractor
+    assert not extractor.norm.weight.requires_grad and "norm" not in trainable["backbone_layers"]
+    assert extractor.blocks[5].mlp.fc2.weight.requires_grad and trainable["backbone_layers"][0].startswith("blocks.5.")
+    assert not any(parameter.requires_grad for parameter in extractor.blocks[4].parameters())
+    pixels = torch.randn(2, 3, 224, 224)
+    model.train()
+    model(pixels).sum().backward()
+    assert all(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
+
+
 def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_path, monkeypatch):
     """A run stopped by a tl that left ConvNeXt's `gamma` frozen has a checkpoint whose optimizer lacks it:
     it was refused as 'another optimizer layout' (--overwrite: the run lost); it resumes, gamma training."""
