@@ -80,13 +80,11 @@ def test_a_head_on_timm_codes_finetunes_its_last_conv_layers(images, tmp_path):
     assert result.epochs_run == 1 and result.trainable["conv_layers"] == ["layer3.1.conv2"]  # stage3 = layer3
 
 
-def test_a_blocks_own_parameters_train_with_the_layers_it_holds(images, tmp_path):
-    """ConvNeXt's layer scale `gamma` is a parameter of the block itself, applied after the block's last
-    conv: --unfreeze 1 trained that conv and the final norm but left `gamma` frozen between them."""
-    from pipeline.model_files import load_model_file
-
-    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:convnext_atto", weights="none",
-                              dtype="float32", workers=0, quiet=True))
+def _finetuned_before_and_after(images, tmp_path, backbone):
+    """A head on `backbone`'s default tap finetuned with --unfreeze 1 for 0 and for 1 epoch: the last run's
+    result and the state dict of each model, by epochs."""
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone=backbone, weights="none", dtype="float32",
+                              workers=0, quiet=True))
     fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
     saved = {}
     for epochs in (0, 1):
@@ -94,6 +92,13 @@ def test_a_blocks_own_parameters_train_with_the_layers_it_holds(images, tmp_path
                                              unfreeze=1, epochs=epochs, batch_size=3, workers=0, quiet=True, lr=0.1),
                               say=lambda text: None)
         saved[epochs] = load_model_file(tmp_path / f"m{epochs}.pt")[0].state_dict()
+    return result, saved
+
+
+def test_a_blocks_own_parameters_train_with_the_layers_it_holds(images, tmp_path):
+    """ConvNeXt's layer scale `gamma` is a parameter of the block itself, applied after the block's last
+    conv: --unfreeze 1 trained that conv and the final norm but left `gamma` frozen between them."""
+    result, saved = _finetuned_before_and_after(images, tmp_path, "timm:convnext_atto")
     assert result.trainable["backbone_layers"] == ["stages.3.blocks.1.gamma", "stages.3.blocks.1.mlp.fc2", "head.norm"]
     gamma = "features.extractor.stages.3.blocks.1.gamma"
     assert not torch.equal(saved[0][gamma], saved[1][gamma])
@@ -109,16 +114,7 @@ def test_a_vits_unfreeze_counts_its_transformer_blocks(images, tmp_path, run_tl)
     from pipeline.model_files import build_model, freeze, load_head
     from pipeline.training import decay_groups
 
-    vit = "vit_tiny_patch16_224"
-    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone=f"timm:{vit}", weights="none",
-                              dtype="float32", workers=0, quiet=True))
-    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
-    saved = {}
-    for epochs in (0, 1):
-        result = run_finetune(FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / f"m{epochs}.pt",
-                                             unfreeze=1, epochs=epochs, batch_size=3, workers=0, quiet=True, lr=0.1),
-                              say=lambda text: None)
-        saved[epochs] = load_model_file(tmp_path / f"m{epochs}.pt")[0].state_dict()
+    result, saved = _finetuned_before_and_after(images, tmp_path, "timm:vit_tiny_patch16_224")
     assert result.trainable["conv_layers"] == ["blocks.11"]
     assert result.trainable["backbone_layers"][0].startswith("blocks.11.") and "norm" in result.trainable["backbone_layers"]
     changed = {name.removeprefix("features.extractor.").split(".")[0] + ("" if ".blocks." not in name else
