@@ -32,7 +32,8 @@ from pipeline.multiscale import PatchSamples
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, freeze, load_checkpoint, load_head,
                                   resumable_optimizer_state, save_checkpoint, save_model)
 from pipeline.progress import progress
-from pipeline.training import TrainingOptions, check_rates, check_schedule, decay_groups, loss_for, make_optimizer, step_multiplier
+from pipeline.training import (TrainingOptions, best_standing, check_rates, check_schedule, decay_groups, loss_for,
+                               make_optimizer, step_multiplier)
 
 
 @dataclass
@@ -275,7 +276,8 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         for group, base in zip(optimizer.param_groups, schedule.base_lrs):
             group["initial_lr"], group["lr"] = base, base * schedule.lr_lambdas[0](schedule.last_epoch)
         torch.set_rng_state(state["torch_rng"])
-        history, best = state["history"], (state["best_loss"], state["best_epoch"])
+        history = state["history"]
+        best = best_standing(history)  # from the history: a checkpoint of a tl that chose by loss too
         start_epoch = resumed_from = state["epoch"]
         if 0 < config.epochs < start_epoch:  # its weights trained longer than asked (--epochs 0: evaluate them)
             raise FinetuneError(f"checkpoint {last_path} has run {start_epoch} epochs, more than --epochs "
@@ -325,9 +327,8 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
             point = distributed.broadcast(current, point)
             if "error" in point:
                 raise FinetuneError(point["error"])
-            if point["val_loss"] < best[0]:
-                best = (point["val_loss"], epoch)
         history.append(point)
+        best = best_standing(history)
         if current.is_main:
             for path in ([best_path] if best[1] == epoch else []) + [last_path]:  # last names best: written after it
                 save_checkpoint(path, model, optimizer, schedule, scaler, epoch + 1, history, best, identity)

@@ -45,6 +45,18 @@ def probabilities(logits: torch.Tensor, multilabel: bool) -> np.ndarray:
     return output_activation(multilabel)(logits.double()).cpu().numpy()
 
 
+def best_standing(history: list[dict]) -> tuple[float, int | None]:
+    """(score, epoch index) of the best validated epoch of a finetune's history, lower scores better: the highest
+    image mAP where its points have one (a multiscale head's images, scored as evaluate scores them: the number the
+    VOC recipe is judged by), else the lowest validation loss; (inf, None) before any validation."""
+    best: tuple[float, int | None] = (math.inf, None)
+    for index, point in enumerate(history):
+        score = -point["val_image_map"] if "val_image_map" in point else point.get("val_loss", math.inf)
+        if score < best[0]:  # a NaN mAP (no positive image yet) is never best
+            best = (score, index)
+    return best
+
+
 def loss_for(multilabel: bool) -> nn.Module:
     """The training loss on logits that goes with `output_activation`."""
     return nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()

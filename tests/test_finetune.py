@@ -4,6 +4,7 @@ list flags, and every bad input as a one-line error."""
 
 from __future__ import annotations
 
+import math
 import signal
 import subprocess
 import time
@@ -686,3 +687,23 @@ def test_a_confident_models_scores_keep_their_ranking_where_float32_saturates(mu
         expected /= expected.sum(axis=1, keepdims=True)
     assert scores.dtype == np.float64 and not (scores[:, 1] == 1.0).any() and len(set(scores[:, 1])) == 3
     np.testing.assert_allclose(scores, expected, rtol=1e-12, atol=0)
+
+
+def test_a_multiscale_finetune_keeps_and_stops_on_the_image_map(alexnet_head, tmp_path, monkeypatch):
+    """A multiscale head's validation scores patches (their loss, background included) and its images pooled
+    (val_image_map, the number the VOC recipe is judged by): early stopping and the best epoch followed the
+    patch loss, so a run whose image mAP fell while that loss still fell kept its last epoch. They follow the
+    image mAP where the validation gives one, the loss otherwise; a resumed run finds its best in its history."""
+    from pipeline.training import best_standing
+
+    by_loss = [{"epoch": 1, "val_loss": 0.9}, {"epoch": 2, "val_loss": 0.5}, {"epoch": 3, "val_loss": 0.7}]
+    assert best_standing(by_loss) == (0.5, 1) and best_standing([{"epoch": 1}]) == (math.inf, None)
+    by_map = [{**point, "val_image_map": image_map} for point, image_map in zip(by_loss, (0.8, 0.6, float("nan")))]
+    assert best_standing(by_map) == (-0.8, 0)
+    points = iter([{"val_loss": 1.0, "val_image_map": 0.5}, {"val_loss": 0.5, "val_image_map": 0.4},
+                   {"val_loss": 0.4, "val_image_map": 0.3}])
+    monkeypatch.setattr(pipeline.finetune, "_validate", lambda *args: dict(next(points)))
+    result = finetune(alexnet_head, tmp_path / "m.pt", epochs=3, val_data=alexnet_head / "val", early_stop=True,
+                      patience=1, workers=0)
+    assert [point["epoch"] for point in result.history] == [1, 2] and result.stopped_early
+    assert result.best_epoch == 1  # by its loss, epoch 2 was better and the run would have gone on
