@@ -250,12 +250,16 @@ class EncodedImages(torch.utils.data.Dataset):
 
 def _unless_refused(call, *args, **options):
     """call(*args, **options), or None where the device refuses it (a RuntimeError). Running out of device
-    memory is no refusal: it is raised, so that a batch too large never quietly takes the CPU path."""
+    memory is no refusal: it is raised, so that a batch too large never quietly takes the CPU path. The
+    nvjpeg decoder rewraps every error of its own, torch's OutOfMemoryError included, as a plain one
+    ("Error while decoding JPEG images: CUDA out of memory. ..."): by its words, that is one too."""
     try:
         return call(*args, **options)
     except torch.OutOfMemoryError:
         raise
-    except RuntimeError:
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise torch.OutOfMemoryError(str(exc)) from exc
         return None
 
 

@@ -294,6 +294,30 @@ def test_running_out_of_device_memory_while_decoding_is_raised_not_taken_for_a_r
         device_crops([item], torch.device("cpu"), 256, 224, fallback=lambda index: pytest.fail("fell back"))
 
 
+def test_running_out_of_device_memory_in_nvjpeg_is_raised_though_it_rewraps_the_error(tmp_path, monkeypatch):
+    import torchvision.io
+
+    from pipeline.decoding import device_crops
+
+    def rewrapped(*args, **options):  # what torchvision's decode_jpegs_cuda makes of torch's OutOfMemoryError
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory. Tried to allocate 2.00 GiB. "
+                           "GPU 0 has a total capacity of 139.80 GiB")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", rewrapped)
+    path = photo(tmp_path / "photo.jpg", (500, 375))
+    item = (torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), None, 0, "")
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory. Tried to allocate 2.00 GiB"):
+        device_crops([item], torch.device("cpu"), 256, 224, fallback=lambda index: pytest.fail("fell back"))
+
+    def refused(*args, **options):  # a file nvjpeg cannot read is still a refusal: the CPU path takes it
+        raise RuntimeError("Error while decoding JPEG images: Failed to get image info: 2")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refused)
+    crops, indices, errors, refusals = device_crops([item], torch.device("cpu"), 256, 224,
+                                                    fallback=lambda index: torch.zeros(3, 224, 224, dtype=torch.uint8))
+    assert crops.shape == (1, 3, 224, 224) and indices == [0] and errors == [] and refusals == 1
+
+
 def test_running_out_of_device_memory_is_one_line_that_says_what_to_do(run_tl, tmp_path, monkeypatch):
     import pipeline.extract
 
