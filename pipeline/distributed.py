@@ -57,12 +57,15 @@ def timeout_seconds() -> int:
 
 def start(current: World, device: torch.device) -> None:
     """Join the process group (once). torchrun sends SIGTERM to every rank when one fails and when it is
-    stopped itself: that stays tl's stop (stops.terminated), one line per rank, as without torchrun."""
+    stopped itself: that stays tl's stop (stops.terminated), one line per rank, as without torchrun. On
+    CUDA the group is bound to this rank's GPU (resolve_device set it current), which nccl's barrier
+    otherwise takes with a warning on rank 0 ("barrier(): using the device under current context")."""
     if not current.distributed or torch_distributed.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    cuda = device.type == "cuda"
     try:
-        torch_distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
+        torch_distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                             timeout=datetime.timedelta(seconds=timeout_seconds()))
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"cannot join the process group ({str(exc).splitlines()[0]}); start tl with "
                                "torchrun, which sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE") from None

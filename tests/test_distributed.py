@@ -265,3 +265,21 @@ def test_finetune_ranks_list_a_share_of_the_tars_each(run_tl, tmp_path):
                                            tmp_path / "head.pt", "--epochs", "0", "--out", tmp_path / "m.pt", "--quiet")
     assert result.returncode == 0 and (tmp_path / "m.pt").is_file(), result.stderr[-2000:]
     assert opened == {"0": {"00000.tar", "00002.tar", "00004.tar"}, "1": {"00001.tar", "00003.tar"}}, opened
+
+
+def test_a_rank_on_cuda_binds_its_gpu_to_the_group_and_one_on_the_cpu_uses_gloo(monkeypatch):
+    """nccl's barrier takes the current device with a warning on rank 0 unless the group knows its GPU."""
+    import torch
+    import torch.distributed
+
+    from pipeline import distributed
+
+    joined = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **options: joined.append((backend, options["device_id"])))
+    monkeypatch.setattr(distributed.signal, "signal", lambda *args: None)
+    world = distributed.World(rank=1, size=2, local_rank=1)
+    distributed.start(world, torch.device("cuda", 1))
+    distributed.start(world, torch.device("cpu"))
+    assert joined == [("nccl", torch.device("cuda", 1)), ("gloo", None)]
