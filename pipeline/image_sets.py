@@ -106,7 +106,10 @@ def image_set(source, backbone: Backbone, head_metadata: dict, augmentation: Aug
 
 class SeededItems(torch.utils.data.Dataset):
     """Each item's random augmentation drawn from (epoch seed, item) alone: the same crops and flips
-    whatever the batch size, worker count or number of ranks."""
+    whatever the batch size, worker count or number of ranks. Only the CPU generator the transforms draw
+    from is seeded: torch.manual_seed would also reseed every GPU's generator (fork_rng(devices=[]) puts
+    back the CPU's alone), and with --workers 0 the head's dropout on CUDA drew its masks from the seed of
+    the batch's last image instead of the epoch's."""
 
     def __init__(self, dataset, epoch_seed: int):
         self.dataset, self.epoch_seed = dataset, epoch_seed
@@ -116,7 +119,7 @@ class SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.default_rng([self.epoch_seed, index]).integers(2**62)))
+            torch.default_generator.manual_seed(int(np.random.default_rng([self.epoch_seed, index]).integers(2**62)))
             return self.dataset[index]
 
 

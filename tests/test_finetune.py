@@ -562,6 +562,24 @@ def test_augmentation_is_mild_by_default_and_can_be_turned_off(alexnet_head):
     assert crop.scale == (0.5, 1.0)  # at least half the image: the head was fitted on centre crops
 
 
+def test_an_augmented_item_leaves_the_gpus_random_generators_alone(alexnet_head, monkeypatch):
+    """With --workers 0 the items are made in the training process: seeding their augmentation must not
+    reseed CUDA's generators, which the head's dropout draws from there (torch.manual_seed does)."""
+    from pipeline.image_sets import Augmentation, SeededItems, image_set
+
+    _, metadata = load_head(alexnet_head / "head.pt")
+    source, backbone = open_source("imagefolder", alexnet_head / "train"), get_backbone("alexnet")
+    varied, _ = image_set(source, backbone, metadata, Augmentation(), 0, None, "data", "head")
+    first = SeededItems(varied, 1)[0][0]
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    torch.manual_seed(5)
+    assert reseeded == [5]  # what torch.manual_seed does to the GPUs
+    state = torch.get_rng_state()
+    assert torch.equal(SeededItems(varied, 1)[0][0], first) and reseeded == [5]  # the same crop; no GPU reseeded
+    assert torch.equal(torch.get_rng_state(), state)  # nor the CPU's generator moved
+
+
 def test_validation_held_out_of_the_training_images(alexnet_head, tmp_path, monkeypatch):
     """--val-fraction: early stopping watches a seeded, stratified share of the training images, never
     trained on; with --val-data as well it is refused (two validation sets)."""
