@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
                                  generator=torch.Generator().manual_seed(0)).to(device).contiguous(
                                      memory_format=torch.channels_last)
             with torch.inference_mode():
-                eager = models["eager"](images)[backbone.default_tap].double()
+                with autocast(device, "float32"):  # IEEE float32: on CUDA, not cuDNN's default TF32 convolutions
+                    eager = models["eager"](images)[backbone.default_tap].double()
                 with autocast(device, precision):
                     folded = models["folded"](images)[backbone.default_tap].double()
             difference = float(row_differences(folded.cpu().numpy(), eager.cpu().numpy()).max())

@@ -151,6 +151,35 @@ def test_folded_graph_times_both_graphs_and_their_codes_agree(monkeypatch, capsy
     assert (REPO / "bench" / "RESULTS.md").read_text() == before
 
 
+def test_folded_graph_compares_with_the_eager_graph_in_ieee_float32(monkeypatch, capsys):
+    """The reference codes are float32 in full: on CUDA cuDNN runs float32 convolutions in TF32 unless told
+    otherwise, which would put TF32's error, not the folding's, in the difference column."""
+    import torch
+
+    from pipeline.hardware import tf32_settings
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("folded_graph")
+    made, seen = bench.graphs, []
+
+    def recording(name, device):
+        models = made(name, device)
+        eager = models["eager"]
+
+        class Recorded(torch.nn.Module):
+            def forward(self, images):
+                seen.append([getattr(owner, attribute) == ieee for owner, attribute, ieee in tf32_settings()])
+                return eager(images)
+
+        return {"eager": Recorded(), "folded": models["folded"]}
+
+    monkeypatch.setattr(bench, "graphs", recording)
+    bench.main(["--backbones", "alexnet", "--batch-size", "2", "--batches", "1", "--rounds", "1", "--no-write",
+                "--precision", "bfloat16"])
+    assert seen[0] == [True, True]  # the reference's forward pass, before the timed ones
+    assert "| alexnet |" in capsys.readouterr().out
+
+
 def test_gpu_checks_record_each_step_and_go_on_after_a_failure(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     bench = importlib.import_module("gpu_checks")
