@@ -92,11 +92,22 @@ def _prepared(path: Path, what: str, sweep: bool, follow: bool = True) -> Path:
 
 
 def check_folders(path: Path, what: str) -> None:
-    """Refuse, in one line and before any work, a path one of whose folders is a file or a link to nothing."""
+    """Refuse, in one line and before any work, a path one of whose folders is a file or a link to nothing,
+    or whose nearest existing folder takes no new file (a read-only file system, a folder the user may not
+    write): found by making and removing a temporary there, not after the work whose result it would hold."""
     part = next((p for p in Path(path).parents if os.path.lexists(p) and not p.is_dir()), None)
     if part is not None:
         kind = "a link to nothing" if part.is_symlink() and not part.exists() else "a file"
         raise TLError(f"cannot write {what} {path}: {part} is {kind}, not a folder; choose another path")
+    real = Path(os.path.realpath(path))  # a link's target is what gets written (see _prepared)
+    probe = temporary_name(next(p for p in real.parents if p.is_dir()) / real.name)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        os.unlink(probe)
+    except FileExistsError:  # a temporary of ours already there: the folder took a file
+        return
+    except OSError as exc:
+        raise _write_error(exc, Path(path), what) from None
 
 
 def _write_error(exc: OSError, path: Path, what: str) -> TLError:

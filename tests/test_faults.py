@@ -908,6 +908,34 @@ def test_a_path_the_system_refuses_is_one_line(run_tl, tmp_path, small_head, ima
     assert_one_line_error(result, f"{tmp_path / 'gone'} is a link to nothing, not a folder; choose another path")
 
 
+def test_a_head_file_that_cannot_be_written_is_refused_before_the_training(run_tl, tmp_path, small_head, monkeypatch):
+    """A head out on a read-only file system (or in a folder the user may not write) was found only when the
+    trained head was saved: minutes of training, then 'cannot write head file'. It is now refused first, as a
+    folder that is a file is; a folder still to be made is probed in the nearest one that exists."""
+    import errno
+
+    import pipeline.fit_head
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_open = os.open
+
+    def refusing(path, flags, *args, **kwargs):
+        if str(path).startswith(str(read_only)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+    monkeypatch.setattr(pipeline.fit_head, "training_rows", lambda *args: pytest.fail("the training began"))
+    for out in (read_only / "h.pt", read_only / "new" / "h.pt"):
+        result = run_tl("fit-head", "--cache", small_head / "cache", "--out", out, "--quiet")
+        assert_one_line_error(result, f"cannot write head file {out}: Read-only file system; choose another path")
+    assert list(read_only.iterdir()) == []
+    monkeypatch.undo()
+    written = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "writable" / "h.pt", "--quiet")
+    assert written.code == 0 and sorted(p.name for p in (tmp_path / "writable").iterdir()) == ["h.pt"], written
+
+
 def test_a_head_given_as_a_model_and_an_empty_path_say_what_to_do(run_tl, tmp_path, small_head, monkeypatch):
     """A head file passed to export said 'not a tl-model/1 file; train one with tl finetune'; an empty --out
     (a shell variable not set) wrote a report into the working folder."""
