@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.errors import ConfigError, Occupied, TLError
-from pipeline.recipe import (OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan, read_recipe,
-                             section_items, select)
+from pipeline.errors import CacheError, ConfigError, Occupied, TLError
+from pipeline.recipe import (INPUTS, OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan,
+                             read_recipe, section_items, select)
 from pipeline.run_records import (output_state, read_record, record_path, rewrite_record, step_digest, up_to_date,
                                   why_stale, write_record)
 
@@ -111,7 +111,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
                     if record is not None and output_state(step, out) == before:  # refused, or stopped before any write:
                         rewrite_record(out, record)  # the earlier record holds
-                    translated = _in_recipe_terms(exc, step, stages[step.stage], recipe, project)
+                    translated = _in_recipe_terms(_damaged_input(exc, step), step, stages[step.stage], recipe, project)
                     error = _stopped(step, recipe, record, existed, translated)
                     tracker.stopped(step, started_record, error)
                     if error is exc:
@@ -202,6 +202,23 @@ def _in_recipe_terms(exc: BaseException, step: Step, options: StageOptions, reci
         return type(exc)(f"{exc} (in a recipe: {said})")
     except TypeError:  # an error class of other arguments
         return exc
+
+
+def _damaged_input(exc: BaseException, step: Step) -> BaseException:
+    """A cache of this recipe's making that a step found damaged (a shard cut short, deleted or changed in
+    place: the manifest, which dates the cache, unchanged) was skipped as up to date by every later run, which
+    stopped here again. Its extract record now says so: the next tl run extracts it again (a resumed extract
+    checks every shard and rewrites what is damaged), and the error says that."""
+    if not isinstance(exc, CacheError) or "tl extract" not in str(exc):
+        return exc
+    for cache in filter(None, (step.path(key) for key in INPUTS[step.stage])):
+        record = read_record(cache)
+        if f"{cache} " in str(exc) and record is not None and record.get("stage") == "extract" \
+                and record.get("status") in ("done", "damaged"):
+            rewrite_record(cache, {**record, "status": "damaged"})
+            return CacheError(f"{exc} (in a recipe: run it again with its extract step, which now extracts {cache} "
+                              "again, rewriting what is damaged)")
+    return exc
 
 
 def _set_where_given(step: Step, options: StageOptions, recipe, name: str, project: dict) -> str:

@@ -119,6 +119,8 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
         return "changed: " + ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     if record.get("digest") != digest:
         return "its inputs changed since it ran"
+    if record.get("status") == "damaged":  # run._damaged_input
+        return f"a later step found {out} damaged"
     if record.get("status") != "done":  # after the changes: a run of other settings starts over, not resumes
         return "its last run stopped"
     return f"{out} changed since it was written" if out is not None and out.exists() else f"{out} is gone"

@@ -810,3 +810,34 @@ def test_validation_data_an_extract_step_downloads_is_not_refused_before_it_runs
     missing = run_tl("run", recipe, "--quiet")
     assert missing.code == 2 and "finetune val_data data/nowhere does not exist" in missing.err, missing
     assert not missing.out, missing
+
+
+def test_a_cache_a_later_step_finds_damaged_is_extracted_again_by_the_next_run(run_tl, tmp_path, monkeypatch):
+    """A shard of a recipe's cache changed in place (bit rot; a copy that kept its time) leaves the manifest,
+    which dates the cache, as it was: every tl run skipped the extract step as up to date and stopped in
+    fit-head on the same checksum error, whose remedy (re-run the tl extract) a recipe user cannot take. The
+    error now marks the cache's record, and the next run extracts it again, rewriting the damaged shard."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "images" / "train", classes=("a", "b"), per_class=3)
+    recipe = _recipe(tmp_path, RANDOM_ALEXNET + "extract: {out: caches/train, shard_rows: 2}\n"
+                               "fit-head: {cache: caches/train, out: heads/h.pt}\n")
+    assert run_tl("run", recipe).code == 0
+    shard = tmp_path / "caches/train/shard-00001.h5"
+    clean, status = shard.read_bytes(), shard.stat()
+    damaged = bytearray(clean)
+    damaged[len(damaged) // 2] ^= 1
+    shard.write_bytes(bytes(damaged))
+    os.utime(shard, ns=(status.st_atime_ns, status.st_mtime_ns))
+    for _ in range(2):  # a run that leaves the extract step out keeps the mark, and says so again
+        stopped = run_tl("run", recipe, "--set", "fit-head.C=0.1", "--only", "fit-head")
+        assert stopped.code == 2 and len(stopped.err.strip().splitlines()) == 1, stopped
+        assert "corrupt (checksum mismatch)" in stopped.err and "Traceback" not in stopped.err, stopped
+        assert "in a recipe: run it again with its extract step, which now extracts caches/train again" in stopped.err
+    dry = run_tl("run", recipe, "--set", "fit-head.C=0.1", "--dry-run")
+    assert "== extract (train) -> caches/train: would run (a later step found caches/train damaged)" in dry.out, dry
+    again = run_tl("run", recipe, "--set", "fit-head.C=0.1")
+    assert again.code == 0, again
+    assert "wrote caches/train: 6 rows, 1 shards new, 2 reused" in again.out and "wrote heads/h.pt" in again.out
+    assert shard.read_bytes() == clean
