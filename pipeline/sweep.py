@@ -25,6 +25,7 @@ from pipeline.errors import HeadError, listed
 from pipeline.files import OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
 from pipeline.fit_head import FitHeadConfig, cached_layer, check_counts, check_validation, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS, layout_text
+from pipeline.model_files import read_payload
 from pipeline.training import TrainingOptions, train_networks
 
 LOCK = ".sweep.lock"  # held while a sweep writes its folder
@@ -198,7 +199,7 @@ def _sweep(config: SweepConfig, reader, layers: list[str], settings: list[Settin
         raise HeadError("every head of the sweep diverged (its loss stopped being finite); none is best and no best.pt "
                         "was written; lower --lr" + (f" (tried {listed(tried)})" if tried else ""))
     first = next(s for s in settings if s.name == board[0]["name"])
-    if not (out / "heads" / f"{first.name}.pt").is_file():  # dropped by an earlier --keep best, now the best:
+    if not _sound_head(out / "heads" / f"{first.name}.pt"):  # dropped by an earlier --keep best, now the best:
         rows, val = _layer_rows(reader, first.layer, config)  # trained again, as it was (seeded, alone or not)
         for setting, head, seconds in _train_layer(config, [first], rows, val):
             board[0] = _save(out, setting, head, seconds, config, key, reader, rows, val)
@@ -292,8 +293,18 @@ def _finished(out: Path, setting: Setting, config: SweepConfig, key: dict) -> di
     same = (record.get("format") == RECORD_FORMAT and _sound(record, setting.name)
             and record.get("setting") == setting.values() and record.get("shared") == _shared(config)
             and record.get("codes_key") == key)
-    kept = (out / "heads" / f"{setting.name}.pt").is_file() or record.get("dropped") and config.keep == "best"
+    kept = _sound_head(out / "heads" / f"{setting.name}.pt") or record.get("dropped") and config.keep == "best"
     return record if same and kept else None
+
+
+def _sound_head(path: Path) -> bool:
+    """Whether a head file the sweep kept is there and whole: one cut short or with a bit flipped (its checksum)
+    was reused as finished, and copied to best.pt when it ranked first; it is trained again."""
+    try:
+        read_payload(path, "head file", "", keys=("tensors",))
+    except HeadError:
+        return False
+    return True
 
 
 def _sound(record: dict, name: str) -> bool:

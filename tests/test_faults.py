@@ -1043,3 +1043,30 @@ def test_a_damaged_record_of_a_dropped_head_is_trained_again_not_a_traceback(run
     dropped[0].write_text(damage)
     again = run_tl(*args)
     assert again.code == 0 and "(1 trained, 1 finished before)" in again.out, again
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut"])
+def test_a_damaged_head_file_of_a_sweep_is_trained_again_not_reused(run_tl, tmp_path, damage):
+    """A kept head file with a bit flipped or cut short was counted as finished (its record was whole) and,
+    ranked first, copied to best.pt: the sweep said it wrote best.pt, which evaluate then refused as damaged,
+    and every re-run reused it again. It is trained again, and best.pt is the head an unbroken sweep writes."""
+    from pipeline.model_files import load_head
+
+    codes = write_code_cache(tmp_path / "codes", *blobs_of_three(), ["a", "b", "c"])
+    args = ["sweep", "--cache", codes, "--C", "0.1,1", "--quiet", "--keep", "all"]
+    assert run_tl(*args, "--out", tmp_path / "straight").code == 0
+    sweep = tmp_path / "sweep"
+    assert run_tl(*args, "--out", sweep).code == 0
+    best = json.loads((sweep / "sweep.json").read_text())["best"]
+    head = sweep / "heads" / f"{best}.pt"
+    content = bytearray(head.read_bytes())
+    if damage == "flip":
+        content[len(content) // 2] ^= 1
+    else:
+        del content[len(content) // 2:]
+    head.write_bytes(bytes(content))
+    again = run_tl(*args, "--out", sweep)
+    assert again.code == 0 and "(1 trained, 1 finished before)" in again.out, again
+    for name in ("best.pt", f"heads/{best}.pt"):
+        load_head(sweep / name)  # whole again: its checksum matches
+        assert (sweep / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
