@@ -205,19 +205,23 @@ def _in_recipe_terms(exc: BaseException, step: Step, options: StageOptions, reci
 
 
 def _damaged_input(exc: BaseException, step: Step) -> BaseException:
-    """A cache of this recipe's making that a step found damaged (a shard cut short, deleted or changed in
-    place: the manifest, which dates the cache, unchanged) was skipped as up to date by every later run, which
-    stopped here again. Its extract record now says so: the next tl run extracts it again (a resumed extract
-    checks every shard and rewrites what is damaged), and the error says that."""
-    if not isinstance(exc, CacheError) or "tl extract" not in str(exc):
+    """An input of this recipe's making that a step found damaged, with the remedy of making it again (a
+    cache's shard, a head file, cut short or changed in place: a cache's manifest, which dates it, or the file's
+    size and time unchanged) was skipped as up to date by every later run, which stopped here again. The record
+    of the step that made it now says so: the next tl run that includes that step makes it again (a resumed
+    extract checks every shard and rewrites what is damaged), and the error says that."""
+    if not isinstance(exc, TLError) or isinstance(exc, Occupied):
         return exc
-    for cache in filter(None, (step.path(key) for key in INPUTS[step.stage])):
-        record = read_record(cache)
-        if f"{cache} " in str(exc) and record is not None and record.get("stage") == "extract" \
-                and record.get("status") in ("done", "damaged"):
-            rewrite_record(cache, {**record, "status": "damaged"})
-            return CacheError(f"{exc} (in a recipe: run it again with its extract step, which now extracts {cache} "
-                              "again, rewriting what is damaged)")
+    said = str(exc)
+    for given in filter(None, (step.path(key) for key in INPUTS[step.stage])):
+        # a cache's problems all send to tl extract; a tl file's damage is read_payload's (not other refusals)
+        damaged = (f"{given} " in said and isinstance(exc, CacheError) and "tl extract" in said
+                   or f"{given} is damaged" in said or f"{given} is not a tl " in said)
+        record = read_record(given) if damaged else None
+        if record is not None and record.get("status") in ("done", "damaged"):
+            rewrite_record(given, {**record, "status": "damaged"})
+            return type(exc)(f"{exc} (in a recipe: run it again with its {record['stage']} step, which now makes "
+                             f"{given} again)")
     return exc
 
 

@@ -812,32 +812,40 @@ def test_validation_data_an_extract_step_downloads_is_not_refused_before_it_runs
     assert not missing.out, missing
 
 
-def test_a_cache_a_later_step_finds_damaged_is_extracted_again_by_the_next_run(run_tl, tmp_path, monkeypatch):
-    """A shard of a recipe's cache changed in place (bit rot; a copy that kept its time) leaves the manifest,
-    which dates the cache, as it was: every tl run skipped the extract step as up to date and stopped in
-    fit-head on the same checksum error, whose remedy (re-run the tl extract) a recipe user cannot take. The
-    error now marks the cache's record, and the next run extracts it again, rewriting the damaged shard."""
+@pytest.mark.parametrize("damaged, maker", [("caches/train/shard-00001.h5", "extract (train)"),
+                                             ("heads/h.pt", "fit-head")])
+def test_an_input_a_later_step_finds_damaged_is_made_again_by_the_next_run(run_tl, tmp_path, monkeypatch, damaged,
+                                                                          maker):
+    """A shard of a recipe's cache, or its head file, changed in place (bit rot; a copy that kept its time)
+    leaves what dates the step's output (the cache's manifest, the file's size and time) as it was: every tl
+    run skipped the step that made it as up to date and stopped in the step reading it on the same damage
+    error, whose remedy (re-run tl extract, train one with tl fit-head) a recipe user cannot take from tl run.
+    The error now marks the maker's record, and the next run makes the input again."""
     import os
 
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "images" / "train", classes=("a", "b"), per_class=3)
     recipe = _recipe(tmp_path, RANDOM_ALEXNET + "extract: {out: caches/train, shard_rows: 2}\n"
-                               "fit-head: {cache: caches/train, out: heads/h.pt}\n")
+                               "fit-head: {cache: caches/train, out: heads/h.pt}\n"
+                               "evaluate: {head: heads/h.pt, cache: caches/train, out: reports/r}\n")
     assert run_tl("run", recipe).code == 0
-    shard = tmp_path / "caches/train/shard-00001.h5"
-    clean, status = shard.read_bytes(), shard.stat()
-    damaged = bytearray(clean)
-    damaged[len(damaged) // 2] ^= 1
-    shard.write_bytes(bytes(damaged))
-    os.utime(shard, ns=(status.st_atime_ns, status.st_mtime_ns))
-    for _ in range(2):  # a run that leaves the extract step out keeps the mark, and says so again
-        stopped = run_tl("run", recipe, "--set", "fit-head.C=0.1", "--only", "fit-head")
+    path = tmp_path / damaged
+    clean, status = path.read_bytes(), path.stat()
+    changed = bytearray(clean)
+    changed[len(changed) // 2] ^= 1
+    path.write_bytes(bytes(changed))
+    os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    out = damaged.rsplit("/shard", 1)[0]
+    for _ in range(2):  # a run that leaves the making step out keeps the mark, and says so again
+        stopped = run_tl("run", recipe, "--only", "evaluate", "--rerun")
         assert stopped.code == 2 and len(stopped.err.strip().splitlines()) == 1, stopped
-        assert "corrupt (checksum mismatch)" in stopped.err and "Traceback" not in stopped.err, stopped
-        assert "in a recipe: run it again with its extract step, which now extracts caches/train again" in stopped.err
-    dry = run_tl("run", recipe, "--set", "fit-head.C=0.1", "--dry-run")
-    assert "== extract (train) -> caches/train: would run (a later step found caches/train damaged)" in dry.out, dry
-    again = run_tl("run", recipe, "--set", "fit-head.C=0.1")
-    assert again.code == 0, again
-    assert "wrote caches/train: 6 rows, 1 shards new, 2 reused" in again.out and "wrote heads/h.pt" in again.out
-    assert shard.read_bytes() == clean
+        assert "Traceback" not in stopped.err and ("corrupt" in stopped.err or "damaged" in stopped.err), stopped
+        assert f"(in a recipe: run it again with its {maker.split()[0]} step, which now makes {out} again)" \
+            in stopped.err, stopped
+    dry = run_tl("run", recipe, "--dry-run")
+    assert f"== {maker} -> {out}: would run (a later step found {out} damaged)" in dry.out, dry
+    again = run_tl("run", recipe)
+    assert again.code == 0 and "report: reports/r/report.md" in again.out, again
+    assert path.read_bytes() == clean
+    if maker.startswith("extract"):
+        assert "wrote caches/train: 6 rows, 1 shards new, 2 reused" in again.out, again
