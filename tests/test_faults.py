@@ -684,7 +684,10 @@ def test_review_findings_are_one_line_each(run_tl, tmp_path, small_head, image_f
     (tmp_path / "file").write_text("x")
     args = ["finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--workers", "0",
             "--quiet", "--batch-size", "4"]
-    assert_one_line_error(run_tl(*args, "--out", tmp_path / "file" / "m.pt", "--epochs", "0"), "cannot create")
+    # a file where a folder of --out should be is named (it was 'cannot create FILE/.m.pt.lock: File exists')
+    assert_one_line_error(run_tl(*args, "--out", tmp_path / "file" / "m.pt", "--epochs", "0"),
+                          f"cannot write model file {tmp_path / 'file' / 'm.pt'}: {tmp_path / 'file'} is a file, not a "
+                          "folder; choose another path")
     monkeypatch.setenv("TL_WORKER_TIMEOUT", "abc")
     assert_one_line_error(run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", "--workers", "1", *FAST),
                           "TL_WORKER_TIMEOUT must be a number")
