@@ -301,6 +301,13 @@ class OutputLock:
         self.release()
 
 
+def file_lock(out: Path, what: str, error: type[TLError] = TLError) -> OutputLock:
+    """The lock of an output file (a head, a model): `.NAME.lock` beside the file that a link names, so a
+    symlink to another run's output takes that run's lock."""
+    real = Path(os.path.realpath(out))
+    return OutputLock(real.with_name(f".{real.name}.lock"), what, error)
+
+
 def same_file(first: Path, second: Path) -> bool:
     """Whether two paths name one file (or folder), links and `..` included; a missing path names
     the file it would create."""

@@ -8,7 +8,6 @@ epochs an uninterrupted one would have run.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -22,7 +21,7 @@ from pipeline import distributed
 from pipeline.allocator import reused_memory
 from pipeline.code_rows import validation_score
 from pipeline.errors import CheckpointOccupied, FinetuneError, TLError
-from pipeline.files import OutputLock, check_folders, refuse_overwriting_inputs, remove_stale_temporaries
+from pipeline.files import check_folders, file_lock, refuse_overwriting_inputs, remove_stale_temporaries
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
@@ -172,8 +171,7 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
         say = warn = lambda text: None  # noqa: E731
     device = resolve_device(config.device)
     distributed.start(current, device)
-    real = Path(os.path.realpath(out))  # a symlink to another run's --out takes that run's lock
-    lock = OutputLock(real.with_name(f".{real.name}.lock"), f"training into {out}", FinetuneError)
+    lock = file_lock(out, f"training into {out}", FinetuneError)
     # rank 0 holds the lock for every rank; its verdict reaches them all, so a refusal stops every rank
     refusal = None
     if current.is_main:

@@ -15,7 +15,7 @@ from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_scor
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError, TLError, listed
-from pipeline.files import check_folders, same_file
+from pipeline.files import check_folders, file_lock, same_file
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.linear_fits import cost_grid
 from pipeline.model_files import save_head
@@ -100,14 +100,17 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
     check_validation(config.cache, config.val_cache, config.val_fraction)
     reader = CacheReader(config.cache)
     layer = cached_layer(reader, config.layer) if config.layer else _only_layer(reader)
-    rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed, config.block_rows)
-    head = HEAD_KINDS[config.head].from_config(config)
-    head.fit(rows, val_codes=val)
-    diverged = next((point["epoch"] for point in head.curve_ or [] if point.get("diverged")), None)
-    if diverged is not None:  # every C of logreg --solver sgd did (one alone stops in its epoch): a head of NaN
-        raise HeadError("the loss of logreg --solver sgd stopped being finite at every --C; lower --lr or check "
-                        "the cache with tl info --verify")
-    save_fitted(head, config.out, reader, layer, len(rows))
+    # two fits into one --out both said 'wrote OUT', the file holding the one that finished last
+    with file_lock(config.out, f"training into {config.out}", HeadError):
+        rows, val = training_rows(reader, layer, config.val_cache, config.val_fraction, config.seed,
+                                  config.block_rows)
+        head = HEAD_KINDS[config.head].from_config(config)
+        head.fit(rows, val_codes=val)
+        diverged = next((point["epoch"] for point in head.curve_ or [] if point.get("diverged")), None)
+        if diverged is not None:  # every C of logreg --solver sgd did (one alone stops in its epoch): a head of NaN
+            raise HeadError("the loss of logreg --solver sgd stopped being finite at every --C; lower --lr or check "
+                            "the cache with tl info --verify")
+        save_fitted(head, config.out, reader, layer, len(rows))
     chosen = {"C": head.C_} if hasattr(head, "C_") else {}
     if head.curve_:  # the epoch whose weights the head keeps: the best one under early stopping, else the last
         kept = [point["epoch"] for point in head.curve_ if point.get("kept")]

@@ -337,6 +337,20 @@ def test_a_second_finetune_on_one_out_is_refused(run_tl, tmp_path, small_head):
                   "--out", tmp_path / "m.pt", "--epochs", "0", "--workers", "0", "--quiet").code == 0
 
 
+def test_a_second_fit_head_on_one_out_is_refused(run_tl, tmp_path, small_head):
+    """Two fit-heads into one --out both said 'wrote OUT', the file holding whichever finished last; the head
+    file now has finetune's lock, which a link to it takes too, and nothing is left of it afterwards."""
+    (tmp_path / "h.pt").write_bytes(b"an earlier head")
+    (tmp_path / "link.pt").symlink_to(tmp_path / "h.pt")
+    with lock_held_elsewhere(tmp_path / ".h.pt.lock") as pid:
+        for out in ("h.pt", "link.pt"):
+            result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / out, "--quiet")
+            assert_one_line_error(result, f"another tl process (pid {pid}) is training into {tmp_path / out}")
+        assert (tmp_path / "h.pt").read_bytes() == b"an earlier head"
+    assert run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "h.pt", "--quiet").code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.pt", "link.pt"]
+
+
 # ------------------------------------------------------------------ a full disk
 
 
