@@ -21,7 +21,7 @@ from pipeline import distributed
 from pipeline.allocator import reused_memory
 from pipeline.code_rows import validation_score
 from pipeline.errors import CheckpointOccupied, FinetuneError, TLError
-from pipeline.files import check_folders, file_lock, refuse_overwriting_inputs, remove_stale_temporaries
+from pipeline.files import DiskFullError, check_folders, file_lock, refuse_overwriting_inputs, remove_stale_temporaries
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
@@ -182,6 +182,7 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
     refusal = distributed.broadcast(current, refusal)
     if refusal is not None:
         raise FinetuneError(refusal)
+    kept = last_path.stat().st_mtime_ns if last_path.is_file() else None
     try:
         if current.is_main:
             for name in (out.name, last_path.name, best_path.name):
@@ -198,6 +199,12 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
                                          "pass --resume to continue it or --overwrite to start over")
         with reused_memory(device):
             return _run_finetune(config, say, warn)
+    except DiskFullError as exc:  # 're-run the same command' was refused: the checkpoint holds an earlier run
+        ours = last_path.is_file() and (config.resume or last_path.stat().st_mtime_ns != kept)
+        if not ours:  # none written, or another run's that --overwrite was replacing
+            raise
+        raise DiskFullError(f"{str(exc).rsplit('; ', 1)[0]}; free space, then run the command again with --resume "
+                            f"(tl run resumes by itself): it goes on from the checkpoint {last_path.name}") from None
     finally:
         lock.release()
 

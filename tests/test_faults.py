@@ -400,6 +400,43 @@ def test_full_disk_when_saving_a_head_or_a_model(tmp_path, small_head):
     assert not (tmp_path / "m.pt").exists() and leftovers(tmp_path) == []
 
 
+def test_a_full_disk_after_a_finetune_checkpoint_says_to_resume(run_tl, tmp_path, small_head, monkeypatch):
+    """A full disk at epoch 2's checkpoint said 'free space and re-run the same command', which the kept
+    checkpoint of epoch 1 then refused ('holds an earlier run; pass --resume'): the line says --resume, and the
+    resumed model is the unbroken run's. A run that --overwrite started and that wrote no checkpoint of its
+    own keeps the plain line: the checkpoint there is the earlier run's."""
+    import pipeline.finetune
+    from pipeline.files import DiskFullError
+    from pipeline.model_files import load_model_file
+
+    args = ["finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--epochs", "2",
+            "--batch-size", "4", "--workers", "0", "--quiet"]
+    real, written = pipeline.finetune.save_checkpoint, []
+
+    def full_after(count):
+        def save(path, *rest, **options):
+            if len(written) >= count:
+                raise DiskFullError(f"no space left on the device of {path}; free space and re-run the same command")
+            written.append(path)
+            real(path, *rest, **options)
+        return save
+
+    monkeypatch.setattr(pipeline.finetune, "save_checkpoint", full_after(1))
+    stopped = run_tl(*args, "--out", tmp_path / "m.pt")
+    assert_one_line_error(stopped, "no space left on the device of", "free space, then run the command again with "
+                          "--resume (tl run resumes by itself): it goes on from the checkpoint m.last.ckpt")
+    monkeypatch.undo()
+    resumed = run_tl(*args, "--out", tmp_path / "m.pt", "--resume")
+    assert resumed.code == 0 and "after epoch 1" in resumed.out + resumed.err, resumed
+    assert run_tl(*args, "--out", tmp_path / "straight.pt").code == 0
+    mine, theirs = (load_model_file(tmp_path / name)[0].state_dict() for name in ("m.pt", "straight.pt"))
+    assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
+    written.clear()
+    monkeypatch.setattr(pipeline.finetune, "save_checkpoint", full_after(0))
+    replaced = run_tl(*args, "--out", tmp_path / "m.pt", "--overwrite")
+    assert_one_line_error(replaced, "free space and re-run the same command")
+
+
 def test_full_disk_under_the_standard_output_is_one_line(tmp_path, small_head):
     """`tl predict > rows.csv` on a full disk (here a 20-byte file limit): one line and exit 2, whether the rows
     fail as they are written (unbuffered) or only when Python flushes what it buffered (a short output), not a
