@@ -29,7 +29,7 @@ from pipeline.image_sets import (Augmentation, SeededItems, batch_loader, epoch_
                                  pooled_image_map, score_images)
 from pipeline.multiscale import PatchSamples
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, freeze, load_checkpoint, load_head,
-                                  resumable_optimizer_state, save_checkpoint, save_model)
+                                  parameter_groups, resumable_optimizer_state, save_checkpoint, save_model)
 from pipeline.progress import progress
 from pipeline.training import (TrainingOptions, best_standing, check_rates, check_schedule, decay_groups, loss_for,
                                make_optimizer, step_multiplier)
@@ -101,26 +101,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch]).integers(2**62))
 
 
-def _parameter_groups(model: FinetuneModel, config: FinetuneConfig) -> list[dict]:
-    """The head at --lr; trainable backbone layers at --lr x --backbone-lr-scale. Embeddings a module holds
-    beside its layers (a ViT's class token and position embedding, a Swin's relative position bias tables:
-    more than one dimension, not a layer's weights) are not decayed, as timm's recipes leave them."""
-    groups = [{"params": list(model.head.parameters()), "lr": config.lr}]
-    # layers, whose weights are decayed: modules whose children hold no parameters (an FX-traced conv of
-    # efficientnet_lite keeps its padding as a child) and torch's attention (its projection is a child)
-    leaves = {name for name, module in model.features.named_modules() if isinstance(module, nn.MultiheadAttention)
-              or all(next(child.parameters(), None) is None for child in module.children())}
-    trained = [(name.rsplit(".", 1)[0] in leaves, p) for name, p in model.features.named_parameters() if p.requires_grad]
-    rate = config.lr * config.backbone_lr_scale
-    for layers, extra in ((True, {}), (False, {"weight_decay": 0.0})):
-        chosen = [p for of_layer, p in trained if (of_layer or p.ndim == 1) == layers]
-        if chosen:
-            groups.append({"params": chosen, "lr": rate, **extra})
-    return groups
-
-
 def _optimizer(model: FinetuneModel, config: FinetuneConfig):
-    optimizer = make_optimizer(_parameter_groups(model, config), config.optimizer, config.lr, config.momentum,
+    optimizer = make_optimizer(parameter_groups(model, config.lr, config.backbone_lr_scale), config.optimizer, config.lr, config.momentum,
                                config.weight_decay, FinetuneError)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(config.lr_steps, config.lr_factors))
     return optimizer, schedule
@@ -278,7 +260,7 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         # the learning rate given now wins over the checkpoint's, so "lower --lr and resume" works
-        schedule.base_lrs = [group["lr"] for group in decay_groups(_parameter_groups(model, config), 0.0)]
+        schedule.base_lrs = [group["lr"] for group in decay_groups(parameter_groups(model, config.lr, config.backbone_lr_scale), 0.0)]
         for group, base in zip(optimizer.param_groups, schedule.base_lrs):
             group["initial_lr"], group["lr"] = base, base * schedule.lr_lambdas[0](schedule.last_epoch)
         torch.set_rng_state(state["torch_rng"])

@@ -104,7 +104,7 @@ def test_every_conv_kernel_of_the_default_backbone_is_decayed_in_the_layout_of_e
     from torch import nn
 
     from pipeline.backbones import tap_model
-    from pipeline.finetune import _parameter_groups
+    from pipeline.model_files import parameter_groups
     from pipeline.model_files import FinetuneModel, _conv_layers, freeze
     from pipeline.training import decay_groups
 
@@ -115,7 +115,7 @@ def test_every_conv_kernel_of_the_default_backbone_is_decayed_in_the_layout_of_e
     model = FinetuneModel(features, backbone.default_tap, nn.Linear(backbone.taps[backbone.default_tap].width, 2))
     freeze(model, convs, len(convs))
     config = FinetuneConfig(data="unused", head="unused", out="unused", weight_decay=0.01)
-    groups = decay_groups(_parameter_groups(model, config), config.weight_decay)
+    groups = decay_groups(parameter_groups(model, config.lr, config.backbone_lr_scale), config.weight_decay)
     kernels = [p for p in model.features.parameters() if p.ndim > 1]
     assert [(len(group["params"]), group["weight_decay"]) for group in groups] == [
         (1, 0.01), (1, 0.0), (len(kernels), 0.01), (len(list(model.features.parameters())) - len(kernels), 0.0)]
