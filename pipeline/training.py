@@ -343,7 +343,7 @@ def _evaluate_networks(networks: list[nn.Module], val: CodeRows, loss_function, 
     once when the networks share their Standardize, the linear ones as one matrix product)."""
     for network in networks:
         network.eval()
-    probabilities = [np.empty((len(val), network[-1].out_features)) for network in networks]
+    scores = [np.empty((len(val), network[-1].out_features)) for network in networks]
     losses = [0.0] * len(networks)
     shared = _shared_standardize(networks)
     bodies = [network[1:] if shared is not None else network for network in networks]
@@ -362,7 +362,7 @@ def _evaluate_networks(networks: list[nn.Module], val: CodeRows, loss_function, 
             for i, body in enumerate(bodies):
                 logits = outputs[i] if i in outputs else body(inputs)
                 losses[i] += loss_function(logits, targets).item() * len(positions)
-                probabilities[i][positions] = output_activation(val.multilabel)(logits).double().cpu().numpy()
+                scores[i][positions] = probabilities(logits, val.multilabel)
     metric = "val_map" if val.multilabel else "val_accuracy"
-    return [{"val_loss": loss / len(val), metric: validation_score(val.targets, scores)}
-            for loss, scores in zip(losses, probabilities)]
+    return [{"val_loss": loss / len(val), metric: validation_score(val.targets, scored)}
+            for loss, scored in zip(losses, scores)]

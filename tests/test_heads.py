@@ -405,6 +405,23 @@ def test_a_confident_mlp_keeps_its_ranking_where_float32_saturates(multilabel):
     np.testing.assert_array_equal(head.predict(codes), old)
 
 
+def test_training_validation_scores_a_confident_network_as_its_head_does():
+    """The validation mAP of training (early stopping, the sweep's ranking, fit-head's summary) took sigmoid of
+    float32 logits: logits 40 and 20 both scored exactly 1.0, a tie that halved the AP the head's float64
+    scores give (evaluate's report). It is the mAP of those float64 scores."""
+    from pipeline.training import _evaluate_networks, probabilities
+
+    codes, targets = np.array([[40.0], [20.0], [-5.0]], dtype=np.float32), np.array([[1], [0], [0]])
+    network = torch.nn.Sequential(torch.nn.Linear(1, 1))
+    with torch.no_grad():
+        network[0].weight.fill_(1.0)
+        network[0].bias.zero_()
+        expected = validation_score(targets, probabilities(network(torch.from_numpy(codes)), True))
+    scored = _evaluate_networks([network], CodeRows.from_arrays(codes, targets), torch.nn.BCEWithLogitsLoss(),
+                                torch.device("cpu"))
+    assert expected == 1.0 and scored[0]["val_map"] == expected
+
+
 def test_mlp_scores_with_its_own_network_without_copying_it(monkeypatch):
     codes, targets = blobs(15)
     head = small_mlp().fit(codes, targets)
