@@ -336,7 +336,8 @@ class MlpHead(Head):
                  training: "TrainingOptions | None" = None):
         self.hidden = tuple(int(width) for width in hidden)
         if any(width < 1 for width in self.hidden):  # refused when the head is made: before any codes are read
-            raise HeadError(f"--hidden widths must be positive, got {listed(self.hidden)}")
+            raise HeadError(f"--hidden widths must be positive, got {listed(self.hidden)}; for no hidden layer "
+                            "give an empty --hidden '' (sweep's --hidden 0)")
         if not 0 <= dropout < 1:
             raise HeadError(f"--dropout must be in [0, 1), got {dropout}")
         self.dropout, self.seed, self.training = dropout, seed, training or TrainingOptions()

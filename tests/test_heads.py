@@ -320,6 +320,19 @@ def test_a_validation_cache_of_the_training_images_extracted_again_is_refused(ru
     assert taken.code == 0, taken
 
 
+def test_fit_head_hidden_0_says_how_fit_head_spells_no_hidden_layer(run_tl, tmp_path):
+    """sweep --hidden 0 is an mlp without a hidden layer; fit-head's --hidden 0 was refused without saying
+    that fit-head spells it --hidden '' (its commas are layers, not settings)."""
+    write_code_cache(tmp_path / "codes", *blobs(13, n=80), ["a", "b", "c", "d"])
+    refused = run_tl("fit-head", "--cache", tmp_path / "codes", "--out", tmp_path / "h.pt", "--head", "mlp",
+                     "--hidden", "0")
+    assert refused.code == 2 and refused.err == ("error: --hidden widths must be positive, got 0; for no hidden layer "
+                                                 "give an empty --hidden '' (sweep's --hidden 0)\n"), refused
+    taken = run_tl("fit-head", "--cache", tmp_path / "codes", "--out", tmp_path / "h.pt", "--head", "mlp",
+                   "--hidden", "", "--max-epochs", "1", "--quiet")
+    assert taken.code == 0 and (tmp_path / "h.pt").is_file(), taken
+
+
 def test_fit_head_bad_inputs_are_one_line_errors(run_tl, tmp_path):
     codes, targets = blobs(13, n=80)
 
