@@ -995,7 +995,7 @@ def _counted_extras(extras: list[str]) -> str:
     if len(extras) <= 3:
         return f"Got unexpected extra argument{'s' if len(extras) > 1 else ''} ({' '.join(extras)})"
     hint = ("; the shell expanded a pattern into one argument per tar: quote it (--data 'data/{00000..00099}.tar') "
-            "or pass their folder" if any(extra.endswith(".tar") for extra in extras) else "")
+            "or pass their folder" if any(extra.lower().endswith(".tar") for extra in extras) else "")
     return f"Got {len(extras):,} unexpected extra arguments ({extras[0]} {extras[1]} ...){hint}"
 
 

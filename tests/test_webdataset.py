@@ -311,6 +311,9 @@ def test_a_pattern_the_shell_expanded_is_a_short_line_that_says_to_quote_it(run_
     spaced = [f"my tars/{k}.tar" for k in range(5)]  # a path with a space is one argument, not two
     assert run_tl("extract", "--format", "webdataset", "--data", *spaced, "--out", tmp_path / "c").err.startswith(
         "error: Got 4 unexpected extra arguments (my tars/1.tar my tars/2.tar ...); the shell expanded")
+    upper = [tmp_path / f"SHARD{k}.TAR" for k in range(5)]  # a camera card's names: tars too (7c696a9)
+    assert "the shell expanded a pattern into one argument per tar" in run_tl(
+        "extract", "--format", "webdataset", "--data", *upper, "--out", tmp_path / "c").err
 
 
 def test_labels_without_an_image_are_a_warning(tmp_path):
