@@ -252,7 +252,8 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         state = load_checkpoint(last_path, identity)
         model.load_state_dict(state["model"])
         try:
-            optimizer.load_state_dict(resumable_optimizer_state(state["optimizer"], optimizer, model))
+            optimizer.load_state_dict(resumable_optimizer_state(state["optimizer"], optimizer, model,
+                                                                lambda trained: _optimizer(trained, config)[0]))
         except ValueError as exc:  # another optimizer layout than this tl builds
             raise FinetuneError(f"checkpoint {last_path} holds another optimizer layout ({exc}); "
                                 "pass --overwrite to start over") from None

@@ -178,6 +178,7 @@ class FinetuneModel(nn.Module):
         self.input_size = input_size  # the side of the square crops it takes
         self.eval_modules: list[nn.Module] = []
         self.held_parameters: set[str] = set()  # see freeze
+        self.unreached_parameters: set[str] = set()  # see freeze
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixels)[self.tap])
@@ -255,7 +256,8 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
             _holds(owner, trainable_names) and (owner != "extractor" or unfreeze == len(convs)))
     for parameter in model.head.parameters():
         parameter.requires_grad = True
-    for name in _unreached(model):  # not trained, not listed: torchrun's DDP stopped at the second step on them
+    model.unreached_parameters = set(_unreached(model))  # not trained, not listed: torchrun's DDP stopped on them
+    for name in model.unreached_parameters:
         model.features.get_parameter(name).requires_grad = False
     order, labels = [name for name, _ in modules], {}
     model.held_parameters = set()
@@ -307,23 +309,39 @@ def _unreached(model: FinetuneModel) -> list[str]:
     return [name for (name, _), gradient in zip(trained, reached) if gradient is None]
 
 
-def resumable_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: FinetuneModel) -> dict:
-    """A checkpoint's optimizer state for `optimizer` over `model`. A checkpoint of a tl before the holders'
-    own parameters trained (freeze) lacks them in its groups, and load_state_dict refused it as another
-    optimizer's: they join without state (no momentum yet) and the others keep theirs, so a stopped
-    ConvNeXt or ViT run resumes instead of starting over."""
+def resumable_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: FinetuneModel, optimizer_of) -> dict:
+    """A checkpoint's optimizer state for `optimizer`, which `optimizer_of(model)` builds over `model`. An earlier
+    tl's groups, refused by load_state_dict as another optimizer's, lack the holders' own parameters (freeze: they
+    join without momentum yet) or hold those no gradient reaches (never stepped, no state); the state moves
+    parameter by parameter, so a stopped ConvNeXt or ViT run resumes instead of starting over."""
+    numbered = optimizer.state_dict()["param_groups"]  # its parameters numbered across the groups, in order
+    sizes = [len(group["params"]) for group in saved["param_groups"]]
+    if sizes == [len(group["params"]) for group in numbered]:
+        return saved  # this tl's layout
+    unreached = [model.features.get_parameter(name) for name in model.unreached_parameters]
+    try:
+        for parameter in unreached:  # trainable, as an earlier tl had them
+            parameter.requires_grad = True
+        reaching = [group["params"] for group in optimizer_of(model).param_groups]
+    finally:
+        for parameter in unreached:
+            parameter.requires_grad = False
     held = {id(p) for name, p in model.features.named_parameters() if name in model.held_parameters}
-    current = optimizer.state_dict()["param_groups"]  # its parameters numbered across the groups, in order
-    params = [group["params"] for group in optimizer.param_groups]
-    earlier = [(g, [k for k, p in enumerate(group) if id(p) not in held]) for g, group in enumerate(params)]
-    earlier = [(g, kept) for g, kept in earlier if kept]  # the groups an earlier tl built (empty ones dropped)
-    if not held or [len(group["params"]) for group in saved["param_groups"]] != [len(kept) for _, kept in earlier]:
-        return saved  # this tl's layout, or one load_state_dict refuses
-    groups, moved = list(current), {}
-    for (g, kept), old in zip(earlier, saved["param_groups"]):
-        moved.update({index: current[g]["params"][k] for index, k in zip(old["params"], kept)})
-        groups[g] = {**old, "params": current[g]["params"]}
-    return {"state": {moved[index]: value for index, value in saved["state"].items()}, "param_groups": groups}
+    current = [group["params"] for group in optimizer.param_groups]
+    layouts = [[[p for p in group if id(p) not in without] for group in groups]
+               for groups, without in ((reaching, ()), (reaching, held), (current, held))]
+    earlier = next((kept for kept in ([group for group in layout if group] for layout in layouts)  # empty: dropped
+                    if [len(group) for group in kept] == sizes), None)
+    if earlier is None:
+        return saved  # another layout: load_state_dict refuses it
+    where = {id(p): (number, kept) for kept, group in zip(saved["param_groups"], earlier)
+             for number, p in zip(kept["params"], group)}  # a parameter's number and group in the checkpoint
+    state, groups = {}, []
+    for group, new in zip(current, numbered):
+        found = [(where[id(p)], number) for p, number in zip(group, new["params"]) if id(p) in where]
+        state.update({number: saved["state"][old] for (old, _), number in found if old in saved["state"]})
+        groups.append({**(found[0][0][1] if found else new), "params": new["params"]})
+    return {"state": state, "param_groups": groups}
 
 
 def _holds(name: str, names: set[str]) -> bool:

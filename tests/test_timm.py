@@ -204,6 +204,40 @@ def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_pat
     assert result.resumed_from == 1 and not torch.equal(before[gamma], after[gamma])
 
 
+def test_a_checkpoint_that_trained_a_parameter_no_gradient_reaches_resumes(images, tmp_path, monkeypatch):
+    """A ViT cut at a stage keeps its final norm; a tl before f6d3363 listed it in the optimizer's groups, this
+    one freezes it, so a run stopped by that tl was refused as 'another optimizer layout' (--overwrite: the
+    run lost). It resumes, its momentum carried over, the norm frozen."""
+    import dataclasses
+
+    import pipeline.finetune
+    from pipeline.errors import FinetuneError
+    from pipeline.model_files import checkpoint_paths, freeze, read_payload
+
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:vit_tiny_patch16_224", weights="none",
+                              layers=("stage5",), dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+
+    def earlier_freeze(model, *args, **options):  # the earlier tl: the final norm trained (it never moved)
+        trainable = freeze(model, *args, **options)
+        model.features.extractor.norm.requires_grad_(True)
+        return trainable
+
+    config = FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "m.pt", unfreeze=1, epochs=1,
+                            batch_size=3, workers=0, quiet=True, lr=0.1, optimizer="sgd", momentum=0.9)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.finetune, "freeze", earlier_freeze)
+        run_finetune(config, say=lambda text: None)
+    def sizes():  # of the optimizer's groups in the last checkpoint
+        payload = read_payload(checkpoint_paths(tmp_path / "m.pt")[0], "checkpoint", "", FinetuneError)[0]
+        return [len(group["params"]) for group in payload["optimizer"]["param_groups"]]
+
+    earlier = sizes()
+    result = run_finetune(dataclasses.replace(config, epochs=2, resume=True), say=lambda text: None)
+    assert result.resumed_from == 1 and "norm" not in result.trainable["backbone_layers"]
+    assert sum(earlier) == sum(sizes()) + 2  # the norm's weight and bias, stepped with momentum from epoch 1 on
+
+
 def test_finetuning_a_timm_head_leaves_frozen_norm_act_statistics_alone(images, tmp_path):
     """timm's BatchNormAct2d holds its statistics and child modules (drop, act): a frozen one stays in
     eval mode, so a head-only epoch changes no backbone tensor and the model still gives the cache's codes."""
