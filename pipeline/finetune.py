@@ -29,10 +29,10 @@ from pipeline.image_sets import (Augmentation, SeededItems, batch_loader, epoch_
                                  pooled_image_map, score_images)
 from pipeline.multiscale import PatchSamples
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, freeze, load_checkpoint, load_head,
-                                  parameter_groups, resumable_optimizer_state, save_checkpoint, save_model)
+                                  resumable_optimizer_state, save_checkpoint, save_model)
 from pipeline.progress import progress
 from pipeline.training import (TrainingOptions, best_standing, check_rates, check_schedule, decay_groups, loss_for,
-                               make_optimizer, step_multiplier)
+                               make_optimizer, parameter_groups, step_multiplier)
 
 
 @dataclass
@@ -102,8 +102,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _optimizer(model: FinetuneModel, config: FinetuneConfig):
-    optimizer = make_optimizer(parameter_groups(model, config.lr, config.backbone_lr_scale), config.optimizer, config.lr, config.momentum,
-                               config.weight_decay, FinetuneError)
+    optimizer = make_optimizer(parameter_groups(model, config.lr, config.backbone_lr_scale), config.optimizer,
+                               config.lr, config.momentum, config.weight_decay, FinetuneError)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(config.lr_steps, config.lr_factors))
     return optimizer, schedule
 
@@ -261,7 +261,8 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
         if state.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
         # the learning rate given now wins over the checkpoint's, so "lower --lr and resume" works
-        schedule.base_lrs = [group["lr"] for group in decay_groups(parameter_groups(model, config.lr, config.backbone_lr_scale), 0.0)]
+        groups = decay_groups(parameter_groups(model, config.lr, config.backbone_lr_scale), 0.0)
+        schedule.base_lrs = [group["lr"] for group in groups]
         for group, base in zip(optimizer.param_groups, schedule.base_lrs):
             group["initial_lr"], group["lr"] = base, base * schedule.lr_lambdas[0](schedule.last_epoch)
         torch.set_rng_state(state["torch_rng"])

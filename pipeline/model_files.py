@@ -274,24 +274,6 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
             "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
 
 
-def parameter_groups(model: FinetuneModel, lr: float, backbone_lr_scale: float) -> list[dict]:
-    """The head at --lr; trainable backbone layers at --lr x --backbone-lr-scale. Embeddings a module holds
-    beside its layers (a ViT's class token and position embedding, a Swin's relative position bias tables:
-    more than one dimension, not a layer's weights) are not decayed, as timm's recipes leave them."""
-    groups = [{"params": list(model.head.parameters()), "lr": lr}]
-    # layers, whose weights are decayed: modules whose children hold no parameters (an FX-traced conv of
-    # efficientnet_lite keeps its padding as a child) and torch's attention (its projection is a child)
-    leaves = {name for name, module in model.features.named_modules() if isinstance(module, nn.MultiheadAttention)
-              or all(next(child.parameters(), None) is None for child in module.children())}
-    trained = [(name.rsplit(".", 1)[0] in leaves, p) for name, p in model.features.named_parameters() if p.requires_grad]
-    rate = lr * backbone_lr_scale
-    for layers, extra in ((True, {}), (False, {"weight_decay": 0.0})):
-        chosen = [p for of_layer, p in trained if (of_layer or p.ndim == 1) == layers]
-        if chosen:
-            groups.append({"params": chosen, "lr": rate, **extra})
-    return groups
-
-
 def _unreached(model: FinetuneModel) -> list[str]:
     """The trainable backbone parameters that no gradient reaches (a timm model cut at a stage keeps its final
     norm, which nothing after the stage uses), found by one backward pass of a blank crop in eval mode."""

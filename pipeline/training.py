@@ -80,6 +80,24 @@ def decay_groups(groups: list[dict], weight_decay: float) -> list[dict]:
     return split
 
 
+def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
+    """A finetune model's (model_files.FinetuneModel): the head at --lr; trainable backbone layers at --lr x --backbone-lr-scale. Embeddings a module holds
+    beside its layers (a ViT's class token and position embedding, a Swin's relative position bias tables:
+    more than one dimension, not a layer's weights) are not decayed, as timm's recipes leave them."""
+    groups = [{"params": list(model.head.parameters()), "lr": lr}]
+    # layers, whose weights are decayed: modules whose children hold no parameters (an FX-traced conv of
+    # efficientnet_lite keeps its padding as a child) and torch's attention (its projection is a child)
+    leaves = {name for name, module in model.features.named_modules() if isinstance(module, nn.MultiheadAttention)
+              or all(next(child.parameters(), None) is None for child in module.children())}
+    trained = [(name.rsplit(".", 1)[0] in leaves, p) for name, p in model.features.named_parameters() if p.requires_grad]
+    rate = lr * backbone_lr_scale
+    for layers, extra in ((True, {}), (False, {"weight_decay": 0.0})):
+        chosen = [p for of_layer, p in trained if (of_layer or p.ndim == 1) == layers]
+        if chosen:
+            groups.append({"params": chosen, "lr": rate, **extra})
+    return groups
+
+
 def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float, weight_decay: float,
                    error=HeadError) -> torch.optim.Optimizer:
     """SGD (with momentum) or Adam over `groups` (each with its own "lr"), decay as in `decay_groups`."""

@@ -104,7 +104,7 @@ def test_every_conv_kernel_of_the_default_backbone_is_decayed_in_the_layout_of_e
     from torch import nn
 
     from pipeline.backbones import tap_model
-    from pipeline.model_files import parameter_groups
+    from pipeline.training import parameter_groups
     from pipeline.model_files import FinetuneModel, _conv_layers, freeze
     from pipeline.training import decay_groups
 

@@ -110,7 +110,7 @@ def test_a_vits_unfreeze_counts_its_transformer_blocks(images, tmp_path, run_tl)
     network and nothing between was possible. Its blocks count now: --unfreeze 1 trains the last block and
     the final norm; the class token and position embedding, which feed every block, train only with every
     layer, and without weight decay, as timm's recipes leave them."""
-    from pipeline.model_files import parameter_groups
+    from pipeline.training import parameter_groups
     from pipeline.model_files import build_model, freeze, load_head
     from pipeline.training import decay_groups
 
@@ -128,8 +128,8 @@ def test_a_vits_unfreeze_counts_its_transformer_blocks(images, tmp_path, run_tl)
     for unfreeze, tokens_train in ((12, False), (13, True)):
         freeze(model, convs, unfreeze)
         assert model.features.extractor.pos_embed.requires_grad is tokens_train, unfreeze
-    decays = {id(p): group["weight_decay"] for group in decay_groups(parameter_groups(model, config.lr, config.backbone_lr_scale), 0.01)
-              for p in group["params"]}
+    groups = decay_groups(parameter_groups(model, config.lr, config.backbone_lr_scale), 0.01)
+    decays = {id(p): group["weight_decay"] for group in groups for p in group["params"]}
     extractor = model.features.extractor
     assert decays[id(extractor.pos_embed)] == decays[id(extractor.cls_token)] == 0.0
     assert decays[id(extractor.blocks[0].attn.qkv.weight)] == 0.01 and decays[id(extractor.patch_embed.proj.weight)] == 0.01
