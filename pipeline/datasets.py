@@ -146,7 +146,7 @@ class Source:
         counts = np.bincount(targets[targets >= 0], minlength=len(self.classes))  # an empty class is said elsewhere
         short = sorted((int(n), name) for name, n in zip(self.classes, counts) if 0 < n < samples_per_class)
         self.warnings += [f"--samples-per-class {samples_per_class}: {len(short)} of {len(self.classes)} classes "
-                          f"have fewer images (the fewest: {short[0][1]}, {short[0][0]}); all were kept"] if short else []
+                          f"have fewer images ({short[0][1]} has the fewest, {short[0][0]}); all were kept"] if short else []
 
     def keep(self, indices) -> None:
         """Keep only the samples at `indices` (in that order); formats with per-sample lists of their own

@@ -148,7 +148,7 @@ def test_samples_per_class_is_stratified_and_seeded(tmp_path):
     (folder / "a" / "img00.png").unlink()
     short = open_source("imagefolder", folder, samples_per_class=4, seed=1)
     assert np.bincount([s.target for s in short.samples]).tolist() == [4, 2, 4]
-    assert "--samples-per-class 4: 1 of 3 classes have fewer images (the fewest: b, 2); all were kept" \
+    assert "--samples-per-class 4: 1 of 3 classes have fewer images (b has the fewest, 2); all were kept" \
         in short.warnings
 
 
