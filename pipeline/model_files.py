@@ -22,6 +22,7 @@ from pipeline.backbones import Backbone, get_backbone, load_model, load_tensors,
 from pipeline.errors import FinetuneError, HeadError
 from pipeline.files import write_bytes
 from pipeline.heads import HEAD_KINDS, Head
+from pipeline.training import unreached
 
 HEAD_FORMAT = "tl-head/1"
 MODEL_FORMAT = "tl-model/1"
@@ -256,7 +257,8 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
             _holds(owner, trainable_names) and (owner != "extractor" or unfreeze == len(convs)))
     for parameter in model.head.parameters():
         parameter.requires_grad = True
-    model.unreached_parameters = set(_unreached(model))  # not trained, not listed: torchrun's DDP stopped on them
+    # not trained, not listed: torchrun's DDP stopped at the second step on them
+    model.unreached_parameters = set(unreached(model, "features", model.input_size))
     for name in model.unreached_parameters:
         model.features.get_parameter(name).requires_grad = False
     order, labels = [name for name, _ in modules], {}
@@ -274,23 +276,6 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool
             "backbone_layers": layers, "conv_layers": convs[len(convs) - unfreeze:] if unfreeze else []}
 
 
-def _unreached(model: FinetuneModel) -> list[str]:
-    """The trainable backbone parameters that no gradient reaches (a timm model cut at a stage keeps its final
-    norm, which nothing after the stage uses), found by one backward pass of a blank crop in eval mode."""
-    trained = [(name, parameter) for name, parameter in model.features.named_parameters() if parameter.requires_grad]
-    if not trained:
-        return []
-    mode = model.training
-    model.eval()
-    try:
-        pixels = torch.zeros(1, 3, model.input_size, model.input_size, device=trained[0][1].device)
-        reached = torch.autograd.grad(model(pixels).float().sum(), [parameter for _, parameter in trained],
-                                      allow_unused=True)
-    finally:
-        model.train(mode)
-    return [name for (name, _), gradient in zip(trained, reached) if gradient is None]
-
-
 def resumable_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, model: FinetuneModel, optimizer_of) -> dict:
     """A checkpoint's optimizer state for `optimizer`, which `optimizer_of(model)` builds over `model`. An earlier
     tl's groups, refused by load_state_dict as another optimizer's, lack the holders' own parameters (freeze: they
@@ -300,13 +285,13 @@ def resumable_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer, mod
     sizes = [len(group["params"]) for group in saved["param_groups"]]
     if sizes == [len(group["params"]) for group in numbered]:
         return saved  # this tl's layout
-    unreached = [model.features.get_parameter(name) for name in model.unreached_parameters]
+    idle = [model.features.get_parameter(name) for name in model.unreached_parameters]
     try:
-        for parameter in unreached:  # trainable, as an earlier tl had them
+        for parameter in idle:  # trainable, as an earlier tl had them
             parameter.requires_grad = True
         reaching = [group["params"] for group in optimizer_of(model).param_groups]
     finally:
-        for parameter in unreached:
+        for parameter in idle:
             parameter.requires_grad = False
     held = {id(p) for name, p in model.features.named_parameters() if name in model.held_parameters}
     current = [group["params"] for group in optimizer.param_groups]

@@ -98,6 +98,39 @@ def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> l
     return groups
 
 
+def unreached(model: nn.Module, within: str, side: int, devices=("meta", None)) -> list[str]:
+    """The trainable parameters of `model.<within>` (their names there) that no gradient of `model`'s output
+    reaches: one backward pass of a blank (1, 3, side, side) batch in eval mode, first on the meta device (no
+    memory, no arithmetic: milliseconds where the real pass takes seconds), else, where an operation of the
+    model does not run there, on the parameters' own device."""
+    trained = [name for name, parameter in model.get_submodule(within).named_parameters() if parameter.requires_grad]
+    mode = model.training
+    model.eval()
+    try:
+        for device in devices if trained else ():
+            try:
+                return _unreached_on(model, within, trained, side, device)
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):
+                if device is None:  # the real pass: its error is the model's own
+                    raise
+        return []
+    finally:
+        model.train(mode)
+
+
+def _unreached_on(model: nn.Module, within: str, trained: list[str], side: int, device) -> list[str]:
+    tensors = dict(model.named_parameters())
+    if device is not None:  # stand-ins of the parameters and buffers, as functional_call takes them
+        tensors = {name: torch.empty_like(tensor, device=device).requires_grad_(tensor.requires_grad)
+                   for name, tensor in tensors.items()}
+        tensors.update({name: torch.empty_like(buffer, device=device) for name, buffer in model.named_buffers()})
+    pixels = torch.zeros(1, 3, side, side, device=device or next(model.parameters()).device)
+    output = model(pixels) if device is None else torch.func.functional_call(model, tensors, (pixels,), strict=False)
+    wanted = [tensors[f"{within}.{name}"] for name in trained]
+    reached = torch.autograd.grad(output.float().sum(), wanted, allow_unused=True)
+    return [name for name, gradient in zip(trained, reached) if gradient is None]
+
+
 def make_optimizer(groups: list[dict], name: str, lr: float, momentum: float, weight_decay: float,
                    error=HeadError) -> torch.optim.Optimizer:
     """SGD (with momentum) or Adam over `groups` (each with its own "lr"), decay as in `decay_groups`."""

@@ -151,11 +151,12 @@ def test_blocks_whose_attention_is_named_attn_count_and_so_does_no_list_of_them(
                      "blocks_token_only.1"] and words == "conv layers and transformer blocks"
 
 
-def test_layers_kept_past_a_stage_tap_but_never_used_do_not_train(images, tmp_path):
+def test_layers_kept_past_a_stage_tap_but_never_used_do_not_train(images, tmp_path, monkeypatch):
     """A ViT cut at a stage keeps its final norm, which nothing after the stage uses: --unfreeze 1 marked it
     trainable and listed it, and torchrun's DDP stopped at the second step ('Expected to have finished
     reduction') with a traceback. A parameter no gradient reaches is frozen and not listed."""
     from pipeline.model_files import build_model, freeze, load_head
+    from pipeline.training import unreached
 
     run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:vit_tiny_patch16_224", weights="none",
                               layers=("stage5",), dtype="float32", workers=0, quiet=True))
@@ -172,6 +173,17 @@ def test_layers_kept_past_a_stage_tap_but_never_used_do_not_train(images, tmp_pa
     model.train()
     model(pixels).sum().backward()
     assert all(parameter.grad is not None for parameter in model.parameters() if parameter.requires_grad)
+    # found on the meta device (no memory, milliseconds), as the real pass finds them, or by it where an
+    # operation of the model does not run on meta
+    extractor.norm.requires_grad_(True)
+    found = ["extractor.norm.weight", "extractor.norm.bias"]
+    assert unreached(model, "features", 224) == unreached(model, "features", 224, devices=(None,)) == found
+
+    def no_meta_kernel(*args, **options):
+        raise NotImplementedError("an operation without a meta kernel")
+
+    monkeypatch.setattr(torch.func, "functional_call", no_meta_kernel)
+    assert unreached(model, "features", 224) == found and model.training
 
 
 def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_path, monkeypatch):
