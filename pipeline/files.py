@@ -110,19 +110,6 @@ def check_folders(path: Path, what: str) -> None:
         raise _write_error(exc, Path(path), what) from None
 
 
-def refuse_foreign(path: Path, what: str) -> None:
-    """Refuse, in one line and before any work, to replace a file at `path` that tl did not write as `what`
-    (its files are torch's zip archives): `--out notes.txt` by mistake replaced the notes with a head."""
-    try:
-        with open(path, "rb") as handle:
-            start = handle.read(4)
-    except OSError:  # none there (or a folder, or unreadable: said where it is written)
-        return
-    if start and start != b"PK\x03\x04":
-        raise TLError(f"--out {path} holds a file that is not a tl {what}; choose another --out, or remove it "
-                      "first if it may go")
-
-
 def _write_error(exc: OSError, path: Path, what: str) -> TLError:
     if exc.errno in FULL:
         return DiskFullError(f"no space left on the device of {path}; free space and re-run the same command")
