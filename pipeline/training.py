@@ -81,9 +81,9 @@ def decay_groups(groups: list[dict], weight_decay: float) -> list[dict]:
 
 
 def parameter_groups(model: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
-    """A finetune model's (model_files.FinetuneModel): the head at --lr; trainable backbone layers at --lr x --backbone-lr-scale. Embeddings a module holds
-    beside its layers (a ViT's class token and position embedding, a Swin's relative position bias tables:
-    more than one dimension, not a layer's weights) are not decayed, as timm's recipes leave them."""
+    """A FinetuneModel's groups: the head at --lr, trainable backbone layers at --lr x --backbone-lr-scale.
+    Embeddings held beside layers (a ViT's class token and position embedding, a Swin's relative position bias
+    tables: not a layer's weights) are not decayed, as timm's recipes leave them."""
     groups = [{"params": list(model.head.parameters()), "lr": lr}]
     # layers, whose weights are decayed: modules whose children hold no parameters (an FX-traced conv of
     # efficientnet_lite keeps its padding as a child) and torch's attention (its projection is a child)
@@ -104,16 +104,17 @@ def unreached(model: nn.Module, within: str, side: int, devices=("meta", None)) 
     memory, no arithmetic: milliseconds where the real pass takes seconds), else, where an operation of the
     model does not run there, on the parameters' own device."""
     trained = [name for name, parameter in model.get_submodule(within).named_parameters() if parameter.requires_grad]
+    if not trained:
+        return []
     mode = model.training
     model.eval()
     try:
-        for device in devices if trained else ():
+        for device in devices[:-1]:
             try:
                 return _unreached_on(model, within, trained, side, device)
-            except (RuntimeError, NotImplementedError, TypeError, ValueError):
-                if device is None:  # the real pass: its error is the model's own
-                    raise
-        return []
+            except (RuntimeError, NotImplementedError, TypeError, ValueError):  # no meta kernel: the real pass
+                continue
+        return _unreached_on(model, within, trained, side, devices[-1])  # its error is the model's own
     finally:
         model.train(mode)
 
