@@ -521,6 +521,7 @@ def example_data(out, per_class, seed):
 @option("--seed", type=SEED)
 @option("--quiet", is_flag=True, help="No progress bar.")
 @option("--out", type=PATH, required=True, help="Head file to write (.pt).")
+@option("--overwrite", is_flag=True, help="Replace a file at --out that tl did not write.")
 def fit_head(**options):
     """Train a head on the codes of one cached layer and save it as one file."""
     from pipeline.fit_head import fit_head as run_fit_head
@@ -841,7 +842,8 @@ def quickstart(out, per_class, seed, quiet):
 @option("--backbone", help="Refuse a head made from another backbone.")
 @option("--weights", type=NamedText(), help="The backbone's weights file, when the head's codes came from one.")
 @option("--resume", is_flag=True, help="Continue from the last checkpoint (OUT.last.ckpt).")
-@option("--overwrite", is_flag=True, help="Start over even though a checkpoint exists.")
+@option("--overwrite", is_flag=True, help="Start over even though a checkpoint exists; replace a file at --out "
+                                       "that tl did not write.")
 @workers_option()
 @device_option()
 @precision_option("Autocast dtype of training and validation; auto: float16 with loss scaling on CUDA, "

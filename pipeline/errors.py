@@ -57,5 +57,9 @@ class CacheOccupied(Occupied, CacheError):
     """A cache folder holding another cache, or shards, that only --overwrite replaces."""
 
 
+class ForeignFile(Occupied):
+    """An output file that tl did not write (not a tl head or model file): replaced only when told."""
+
+
 class CheckpointOccupied(Occupied, FinetuneError):
     """A finetune's checkpoint holding an earlier run: --resume continues it, --overwrite replaces it."""

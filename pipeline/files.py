@@ -11,10 +11,11 @@ import fcntl
 import hashlib
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import TLError
+from pipeline.errors import ForeignFile, TLError
 
 # errno values that mean "the disk (or a size limit) is full": the remedy is space, not another path
 FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -343,3 +344,24 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
             if in_flag in protected and inside(out_path, in_path):
                 raise TLError(f"{out_flag} {out_path} lies inside {in_flag} {in_path}; writing there would change "
                               f"the input: choose another {flag}")
+
+
+def foreign(path: Path) -> bool:
+    """Whether `path` holds a file that tl did not write: tl's heads and models are torch's zip archives
+    (a `data.pkl` inside). No file, an empty one, or one that cannot be read (writing it says so): False."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return not any(name.rpartition("/")[2] == "data.pkl" for name in archive.namelist())
+    except OSError:
+        return False
+    except (zipfile.BadZipFile, ValueError):  # not a zip: not as tl writes its files
+        return True
+
+
+def refuse_foreign(path: Path, what: str, remedy: str) -> None:
+    """Refuse, before any work, to replace a file at `path` that tl did not write (`foreign`): `--out
+    notes.txt` by mistake replaced the notes with a head without a word. `remedy` says how to anyway."""
+    if foreign(path):
+        raise ForeignFile(path, f"holds a file that tl did not write as a {what}", remedy)

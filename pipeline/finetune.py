@@ -21,7 +21,8 @@ from pipeline import distributed
 from pipeline.allocator import reused_memory
 from pipeline.code_rows import validation_score
 from pipeline.errors import CheckpointOccupied, FinetuneError, TLError
-from pipeline.files import DiskFullError, check_folders, file_lock, refuse_overwriting_inputs, remove_stale_temporaries
+from pipeline.files import (DiskFullError, check_folders, file_lock, refuse_foreign, refuse_overwriting_inputs,
+                            remove_stale_temporaries)
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
@@ -142,6 +143,8 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
     if out.is_dir():
         raise FinetuneError(f"--out {out} is a folder; name a model file such as {out / 'model.pt'}")
     check_folders(out, "model file")  # a file as one of its folders was 'cannot create OUT.lock: File exists'
+    if not config.overwrite:
+        refuse_foreign(out, "model file", "choose another --out, or pass --overwrite to replace it")
     last_path, best_path = checkpoint_paths(out)
     weights = Path(config.weights) if config.weights and Path(config.weights).exists() else None
     refuse_overwriting_inputs({"--out": out, "--out's checkpoint": last_path, "--out's best checkpoint": best_path},

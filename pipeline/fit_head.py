@@ -15,7 +15,7 @@ from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_scor
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError, TLError, listed
-from pipeline.files import check_folders, file_lock, same_file
+from pipeline.files import check_folders, file_lock, refuse_foreign, same_file
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.linear_fits import cost_grid
 from pipeline.model_files import save_head
@@ -45,6 +45,7 @@ class FitHeadConfig:
     max_iter: int = MAX_ITER
     block_rows: int = BLOCK_ROWS
     seed: int = 0
+    overwrite: bool = False  # replace a file at `out` that tl did not write
     training: TrainingOptions = field(default_factory=TrainingOptions)
 
 
@@ -97,6 +98,8 @@ def fit_head(config: FitHeadConfig) -> FitHeadResult:
     if Path(config.out).is_dir():  # found before the training, not after it
         raise HeadError(f"--out {config.out} is a folder; name a head file such as {Path(config.out) / 'head.pt'}")
     check_folders(Path(config.out), "head file")
+    if not config.overwrite:
+        refuse_foreign(Path(config.out), "head file", "choose another --out, or pass --overwrite to replace it")
     check_validation(config.cache, config.val_cache, config.val_fraction)
     reader = CacheReader(config.cache)
     layer = cached_layer(reader, config.layer) if config.layer else _only_layer(reader)

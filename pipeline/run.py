@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.errors import CacheError, ConfigError, Occupied, TLError
+from pipeline.files import foreign
 from pipeline.recipe import (INPUTS, OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan,
                              read_recipe, section_items, select)
 from pipeline.run_records import (output_state, read_record, record_path, rewrite_record, step_digest, up_to_date,
@@ -156,8 +157,10 @@ def _preview(chosen: list[Step], rerun: bool, result: RunResult, say) -> RunResu
 
 def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun: bool = False) -> dict:
     """Flags a step needs to pick up after an earlier run: finetune resumes its own crashed run and
-    starts over after a run of other settings; extract goes on with a cache this recipe made, which
-    keeps it where its key is the step's (a stopped extract resumes) and replaces it otherwise."""
+    starts over after a run of other settings; fit-head replaces the head its record says it made, whatever
+    it holds now (a file tl did not write is refused only where the recipe made nothing); extract goes on
+    with a cache this recipe made, which keeps it where its key is the step's (a stopped extract resumes)
+    and replaces it otherwise."""
     if record is None or not out.exists() and step.stage != "finetune":
         return {}
     same = record.get("digest") == digest
@@ -172,6 +175,10 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun
                    else "--rerun" if rerun else f"{out} is not as this recipe wrote it")
             say(f"== {step.label}: {why}: starting over")
             return {"overwrite": True}
+    if step.stage == "fit-head":  # the head its record says it made, even one that no longer reads as tl's
+        if foreign(out):
+            say(f"== {step.label}: {out} is not as this recipe wrote it: making it again")
+        return {"overwrite": True}
     if step.stage != "extract":
         return {}
     found = _cache_found(record, out)

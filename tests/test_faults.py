@@ -340,15 +340,45 @@ def test_a_second_finetune_on_one_out_is_refused(run_tl, tmp_path, small_head):
 def test_a_second_fit_head_on_one_out_is_refused(run_tl, tmp_path, small_head):
     """Two fit-heads into one --out both said 'wrote OUT', the file holding whichever finished last; the head
     file now has finetune's lock, which a link to it takes too, and nothing is left of it afterwards."""
-    (tmp_path / "h.pt").write_bytes(b"an earlier head")
+    earlier = (small_head / "head.pt").read_bytes()
+    (tmp_path / "h.pt").write_bytes(earlier)
     (tmp_path / "link.pt").symlink_to(tmp_path / "h.pt")
     with lock_held_elsewhere(tmp_path / ".h.pt.lock") as pid:
         for out in ("h.pt", "link.pt"):
             result = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / out, "--quiet")
             assert_one_line_error(result, f"another tl process (pid {pid}) is training into {tmp_path / out}")
-        assert (tmp_path / "h.pt").read_bytes() == b"an earlier head"
+        assert (tmp_path / "h.pt").read_bytes() == earlier
     assert run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "h.pt", "--quiet").code == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.pt", "link.pt"]
+
+
+def test_an_out_that_holds_a_file_tl_did_not_write_is_refused_before_the_work(run_tl, tmp_path, small_head):
+    """`--out notes.txt` by mistake replaced the notes with a head (or a model) without a word: a file there
+    that tl did not write (not torch's zip archive of a head or model: a zip of photos neither) is refused in
+    one line and kept, unless --overwrite; an empty one, or a head of an earlier run, is replaced."""
+    import zipfile
+
+    notes, photos = tmp_path / "notes.txt", tmp_path / "photos.zip"
+    notes.write_text("three weeks of notes\n")
+    with zipfile.ZipFile(photos, "w") as archive:
+        archive.writestr("a.jpg", b"not a head")
+    kept = {path: path.read_bytes() for path in (notes, photos)}
+    for stage in (["fit-head", "--cache", small_head / "cache"],
+                  ["finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--epochs", "0"]):
+        what = "head file" if stage[0] == "fit-head" else "model file"
+        for out in (notes, photos):
+            refused = run_tl(*stage, "--out", out, "--quiet")
+            assert_one_line_error(refused, f"{out} holds a file that tl did not write as a {what}; choose another "
+                                           "--out, or pass --overwrite to replace it")
+            assert out.read_bytes() == kept[out]
+    assert not any(path.name.endswith(".lock") or ".tmp-" in path.name for path in tmp_path.iterdir())
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for out in ("empty.pt", "empty.pt"):  # the second: the head the first wrote
+        assert run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / out, "--quiet").code == 0
+    assert run_tl("fit-head", "--cache", small_head / "cache", "--out", notes, "--overwrite", "--quiet").code == 0
+    assert run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--epochs", "0",
+                  "--out", notes, "--overwrite", "--quiet").code == 0
+    assert notes.read_bytes() != kept[notes] and zipfile.is_zipfile(notes)
 
 
 # ------------------------------------------------------------------ a full disk

@@ -607,6 +607,30 @@ def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_rec
                                                   "holds an earlier run, and this recipe did not make it)\n"), said
 
 
+def test_a_head_file_tl_did_not_write_is_kept_unless_the_recipe_made_that_out(run_tl, tmp_path, monkeypatch):
+    """A recipe whose head out names the user's own file (notes, not a tl head) stops there and keeps it, with
+    the recipe's remedy; a head this recipe made and that was edited by hand since is made again."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 2, "fit-head: {cache: caches/train, out: heads/h.pt}\n")
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "heads/h.pt").write_text("my notes\n")
+    refused = run_tl("run", recipe)
+    assert refused.code == 2 and refused.err.endswith(
+        "fit-head: heads/h.pt holds a file that tl did not write as a head file, and this recipe did not make it; "
+        f"give the step another out in {recipe}, or delete heads/h.pt and run again\n"), refused
+    assert (tmp_path / "heads/h.pt").read_text() == "my notes\n"
+    assert not (tmp_path / "heads/h.pt.tl-run.json").exists()
+    said = run_tl("run", recipe, "--dry-run")  # the extract ran: what the fit-head step would do
+    assert said.code == 0 and ("== fit-head -> heads/h.pt: would run (and stop: heads/h.pt holds a file that tl did "
+                               "not write as a head file, and this recipe did not make it)\n") in said.out, said
+    (tmp_path / "heads/h.pt").unlink()
+    assert run_tl("run", recipe).code == 0
+    (tmp_path / "heads/h.pt").write_bytes(b"edited by hand")
+    again = run_tl("run", recipe)
+    assert again.code == 0 and "== fit-head: heads/h.pt is not as this recipe wrote it: making it again" in again.out, again
+    assert (tmp_path / "heads/h.pt").read_bytes()[:2] == b"PK"
+
+
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):
     result = run_tl("extract", "--config", REPO / "configs" / "cifar10_vgg16.yaml")
     assert result.code == 2 and "section extract lists 2 steps; run them with tl run" in result.err, result
