@@ -157,10 +157,10 @@ def _preview(chosen: list[Step], rerun: bool, result: RunResult, say) -> RunResu
 
 def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun: bool = False) -> dict:
     """Flags a step needs to pick up after an earlier run: finetune resumes its own crashed run and
-    starts over after a run of other settings; fit-head replaces the head its record says it made, whatever
-    it holds now (a file tl did not write is refused only where the recipe made nothing); extract goes on
-    with a cache this recipe made, which keeps it where its key is the step's (a stopped extract resumes)
-    and replaces it otherwise."""
+    starts over after a run of other settings; fit-head and finetune replace the file their record says
+    they made once it is no longer a tl file (a file tl did not write is refused where the recipe made
+    nothing); extract goes on with a cache this recipe made, which keeps it where its key is the step's
+    (a stopped extract resumes) and replaces it otherwise."""
     if record is None or not out.exists() and step.stage != "finetune":
         return {}
     same = record.get("digest") == digest
@@ -175,9 +175,9 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun
                    else "--rerun" if rerun else f"{out} is not as this recipe wrote it")
             say(f"== {step.label}: {why}: starting over")
             return {"overwrite": True}
-    if step.stage == "fit-head":  # the head its record says it made, even one that no longer reads as tl's
-        if foreign(out):
-            say(f"== {step.label}: {out} is not as this recipe wrote it: making it again")
+    if step.stage in ("fit-head", "finetune") and foreign(out):  # its own head or model, no longer a tl file
+        say(f"== {step.label}: {out} is not as this recipe wrote it: "
+            + ("starting over" if step.stage == "finetune" else "making it again"))
         return {"overwrite": True}
     if step.stage != "extract":
         return {}

@@ -629,6 +629,15 @@ def test_a_head_file_tl_did_not_write_is_kept_unless_the_recipe_made_that_out(ru
     again = run_tl("run", recipe)
     assert again.code == 0 and "== fit-head: heads/h.pt is not as this recipe wrote it: making it again" in again.out, again
     assert (tmp_path / "heads/h.pt").read_bytes()[:2] == b"PK"
+    finetune = "finetune: {head: heads/h.pt, epochs: 0, batch_size: 4, out: models/m.pt}\n"
+    recipe.write_text(recipe.read_text() + finetune)
+    assert run_tl("run", recipe).code == 0
+    for name in ("m.pt", "m.last.ckpt", "m.best.ckpt"):  # checkpoints deleted to free space: none to start over from
+        (tmp_path / "models" / name).unlink(missing_ok=True)
+    (tmp_path / "models/m.pt").write_bytes(b"edited by hand")
+    edited = run_tl("run", recipe)
+    assert edited.code == 0 and "== finetune: models/m.pt is not as this recipe wrote it: starting over" in edited.out
+    assert (tmp_path / "models/m.pt").read_bytes()[:2] == b"PK"
 
 
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):
