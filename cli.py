@@ -1013,21 +1013,20 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # a path the system refuses (too long, a loop, no permission) where no stage expected it
-        from pipeline.files import FULL
+        from pipeline.files import FULL, disk_full
 
         if exc.filename is None and exc.errno in FULL:
             # the one output written without a name (tl's files go through pipeline.files, which names them):
             # `tl predict > rows.csv` on a full disk. What stdout still buffers is dropped, or Python's flush at
             # exit would fail again and add its own report
             sys.stdout = open(os.devnull, "w")
-            click.echo("error: no space left on the device of the standard output; free space, then run the "
-                       "command again", err=True)
+            click.echo(f"error: {disk_full(exc.errno, 'the standard output', ', then run the command again')}",
+                       err=True)
             sys.exit(2)
         if exc.filename is None:
             raise
         if exc.errno in FULL:
-            click.echo(f"error: no space left on the device of {exc.filename}; free space, then {stops.RESUME_HINT}",
-                       err=True)
+            click.echo(f"error: {disk_full(exc.errno, exc.filename, f', then {stops.RESUME_HINT}')}", err=True)
         else:
             click.echo(f"error: {exc.strerror or type(exc).__name__}: {exc.filename}; choose another path, or fix "
                        "this one, and run the command again", err=True)

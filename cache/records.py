@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cache.manifest import RECORDS, ShardEntry
 from pipeline.errors import CacheError
-from pipeline.files import FULL, DiskFullError, write_bytes
+from pipeline.files import FULL, disk_full, write_bytes
 
 
 def _record_line(entry: ShardEntry, skipped: list[dict]) -> bytes:
@@ -49,7 +49,7 @@ def append_record(root: Path, entry: ShardEntry, skipped: list[dict], name: str 
             raise CacheError(f"{path} is a symbolic link, not tl's shard records; remove it and re-run the same "
                              "command") from None
         if exc.errno in FULL:
-            raise DiskFullError(f"no space left on the device of {path}") from None
+            raise disk_full(exc.errno, path) from None
         raise CacheError(f"cannot write shard record {path}: {exc.strerror or exc}; choose another --out") from None
 
 

@@ -314,10 +314,10 @@ class CacheWriter:
             # no sweep of the folder for stale temporaries per shard: opening the cache removed them
             write_bytes(self.root / name, data, "shard", sweep=False, follow=False)
             self._record(entry, skipped)
-        except DiskFullError:
+        except DiskFullError as exc:
             kept = len(self._entries) - (index in self._entries)
-            raise DiskFullError(f"no space left on the device of {self.root} ({kept} shards kept; free space "
-                                "and re-run the same command to resume)") from None
+            raise DiskFullError(f"{exc.reason} ({kept} shards kept; {exc.remedy} and re-run the same command to "
+                                "resume)", exc.reason, exc.remedy) from None
         return entry
 
     @staticmethod

@@ -17,13 +17,30 @@ from typing import Iterator
 
 from pipeline.errors import ForeignFile, TLError
 
-# errno values that mean "the disk (or a size limit) is full": the remedy is space, not another path
+# errno values that mean "no room for this write": a full disk or quota, or a file past its size limit (EFBIG)
 FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
 
 class DiskFullError(TLError):
-    """No space left (or a file-size limit reached) while writing a file."""
+    """No space left (or a file-size limit reached) while writing a file: `reason` says which, of what path,
+    and `remedy` what makes room, for a caller that words the rest of the line itself."""
+
+    def __init__(self, message: str, reason: str = "", remedy: str = "free space"):
+        super().__init__(message)
+        self.reason, self.remedy = reason or message.partition("; ")[0], remedy
+
+
+def disk_full(error_number: int, path, then: str = " and re-run the same command") -> DiskFullError:
+    """The one line for a write that found no room at `path`. EFBIG is not a full disk: the file outgrew the
+    largest its file system takes, or the process's `ulimit -f` (Python ignores SIGXFSZ, so the write fails),
+    and freeing space would not help."""
+    if error_number == errno.EFBIG:
+        reason = f"{path} is too large for its file system or the limit `ulimit -f`"
+        remedy = "raise the limit or write to another file system"
+    else:
+        reason, remedy = f"no space left on the device of {path}", "free space"
+    return DiskFullError(f"{reason}; {remedy}{then}", reason, remedy)
 
 
 def file_digest(path: Path) -> str:
@@ -113,7 +130,7 @@ def check_folders(path: Path, what: str) -> None:
 
 def _write_error(exc: OSError, path: Path, what: str) -> TLError:
     if exc.errno in FULL:
-        return DiskFullError(f"no space left on the device of {path}; free space and re-run the same command")
+        return disk_full(exc.errno, path)
     return TLError(f"cannot write {what} {path}: {exc.strerror or exc}; choose another path")
 
 
@@ -242,8 +259,7 @@ class OutputLock:
             with contextlib.suppress(OSError):  # closing flushes the pid again
                 handle.close()
             if exc.errno in FULL:
-                raise DiskFullError(f"no space left on the device of {self.path}; free space and re-run the same "
-                                    "command") from None
+                raise disk_full(exc.errno, self.path) from None
             raise self.error(f"cannot write the lock {self.path}: {exc.strerror}; choose another output") from None
         self.handle = handle
         OutputLock._held.add(key)

@@ -188,8 +188,9 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
         ours = last_path.is_file() and (config.resume or last_path.stat().st_mtime_ns != kept)
         if not ours:  # none written, or another run's that --overwrite was replacing
             raise
-        raise DiskFullError(f"{str(exc).rsplit('; ', 1)[0]}; free space, then run the command again with --resume "
-                            f"(tl run resumes by itself): it goes on from the checkpoint {last_path.name}") from None
+        raise DiskFullError(f"{exc.reason}; {exc.remedy}, then run the command again with --resume "
+                            f"(tl run resumes by itself): it goes on from the checkpoint {last_path.name}", exc.reason,
+                            exc.remedy) from None
     finally:
         lock.release()
 

@@ -212,18 +212,21 @@ def write_webdataset(folder: Path, tars=3, per_tar=5, classes=3, size=(48, 40)) 
     return folder / "tars"
 
 
-def disk_full_at(monkeypatch, call: int) -> None:
-    """The disk fills at the `call`-th fsync of tl's writers (pipeline.files): a write that fails midway."""
+def disk_full_at(monkeypatch, call: int, error_number: int | None = None) -> None:
+    """The disk fills at the `call`-th fsync of tl's writers (pipeline.files): a write that fails midway, with
+    ENOSPC, or the `error_number` given (EFBIG: a file past its size limit)."""
     import errno
+    import os
 
     import pipeline.files
 
     fsync, calls = pipeline.files.os.fsync, []
+    error_number = errno.ENOSPC if error_number is None else error_number
 
     def filling(handle):
         calls.append(handle)
         if len(calls) == call:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(error_number, os.strerror(error_number))
         return fsync(handle)
 
     monkeypatch.setattr(pipeline.files.os, "fsync", filling)

@@ -8,6 +8,7 @@ written is lost, and a re-run finishes what was started. Data-set faults are in 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import resource
@@ -24,7 +25,7 @@ import torch
 
 from cache.reader import CacheReader
 from pipeline.files import file_digest
-from tests.conftest import REPO, cache_document, make_image_folder, write_cache_document, write_code_cache, write_image
+from tests.conftest import REPO, blobs, cache_document, make_image_folder, write_cache_document, write_code_cache, write_image
 
 FAST = ["--backbone", "alexnet", "--weights", "none", "--layers", "fc7", "--quiet"]
 
@@ -50,7 +51,8 @@ class Run:
 
 def tl_process(*args, file_limit: int | None = None, timeout=300) -> Run:
     """`tl ARGS` as its own process; `file_limit` caps the bytes any one file may reach (RLIMIT_FSIZE):
-    past it writes fail with EFBIG, as on a full disk, instead of killing the process with SIGXFSZ."""
+    past it writes fail with EFBIG, a write with no room as on a full disk but its own line (`ulimit -f`),
+    instead of killing the process with SIGXFSZ."""
 
     def limit():
         if file_limit is not None:
@@ -385,6 +387,8 @@ def test_an_out_that_holds_a_file_tl_did_not_write_is_refused_before_the_work(ru
 
 
 def test_full_disk_during_extract_keeps_finished_shards(tmp_path):
+    """A file-size limit (EFBIG) stands for the full disk here; its line says so and not 'free space', which would
+    not help (test_a_file_size_limit_is_not_called_a_full_disk has ENOSPC's line)."""
     data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=6)
     (data / "a" / "img00b.png").write_bytes(b"unreadable")  # shard 0 holds one row, the others two
     args = ["--data", data, "--shard-rows", "2", "--dtype", "float32", "--workers", "0", *FAST]
@@ -394,8 +398,10 @@ def test_full_disk_during_extract_keeps_finished_shards(tmp_path):
     full = tl_process("extract", "--out", cache, *args, file_limit=35_000)
     assert full.code == 2, full
     lines = full.err.strip().splitlines()
-    assert len(lines) == 1 and "no space left" in lines[0] and "shards kept" in lines[0], full.err
-    assert "free space and re-run" in lines[0] and "Traceback" not in full.err
+    assert len(lines) == 1 and f"{cache / 'shard-00001.h5'} is too large for its file system or the limit " \
+        "`ulimit -f` (1 shards kept; raise the limit or write to another file system and re-run the same command " \
+        "to resume)" in lines[0], full.err
+    assert "free space" not in lines[0] and "Traceback" not in full.err
     kept = shards_in(cache)
     assert kept >= 1 and leftovers(cache) == []
     resumed = tl_process("extract", "--out", cache, *args)
@@ -419,13 +425,15 @@ def test_a_worker_that_cannot_hand_over_its_batch_is_one_line_not_a_hang(tmp_pat
 
 def test_full_disk_when_saving_a_head_or_a_model(tmp_path, small_head):
     head = tl_process("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "h.pt", file_limit=4096)
-    assert head.code == 2 and head.err.startswith("error: no space left"), head
+    assert head.code == 2 and head.err.startswith(f"error: {tmp_path / 'h.pt'} is too large for its file system "
+                                                  "or the limit `ulimit -f`; raise the limit"), head
     assert len(head.err.strip().splitlines()) == 1
     assert not (tmp_path / "h.pt").exists() and leftovers(tmp_path) == []
     model = tl_process("finetune", "--data", small_head / "train", "--head", small_head / "head.pt",
                        "--out", tmp_path / "m.pt", "--epochs", "1", "--batch-size", "4", "--workers", "0",
                        "--quiet", file_limit=1 << 20)
-    assert model.code == 2 and model.err.startswith("error: no space left"), model
+    assert model.code == 2 and model.err.startswith(f"error: {tmp_path / 'm.last.ckpt'} is too large for its file "
+                                                    "system or the limit `ulimit -f`; raise the limit"), model
     assert len(model.err.strip().splitlines()) == 1
     assert not (tmp_path / "m.pt").exists() and leftovers(tmp_path) == []
 
@@ -483,8 +491,49 @@ def test_full_disk_under_the_standard_output_is_one_line(tmp_path, small_head):
                                        stderr=subprocess.PIPE, text=True, preexec_fn=limit,
                                        env={**environment, **unbuffered}, timeout=300)
         assert completed.returncode == 2, (unbuffered, completed.stderr)
-        assert completed.stderr == ("error: no space left on the device of the standard output; free space, then "
-                                    "run the command again\n"), unbuffered
+        assert completed.stderr == ("error: the standard output is too large for its file system or the limit "
+                                    "`ulimit -f`; raise the limit or write to another file system, then run the "
+                                    "command again\n"), unbuffered
+
+
+LIMIT = "is too large for its file system or the limit `ulimit -f`; raise the limit or write to another file system"
+
+
+@pytest.mark.parametrize("error_number, line", [
+    (errno.ENOSPC, "no space left on the device of {path}; free space"),
+    (errno.EFBIG, "{path} " + LIMIT)])
+def test_a_file_size_limit_is_not_called_a_full_disk(run_tl, tmp_path, small_head, monkeypatch, error_number, line):
+    """EFBIG (a file past `ulimit -f` or its file system's largest file) said 'no space left on the device ...;
+    free space', which does not help: each errno has its own line, for a tl file, a cache's shard and a path a
+    stage did not name (the CLI's last resort)."""
+    import cli
+    import pipeline.files
+    from cache import writer
+    from tests.conftest import disk_full_at
+
+    disk_full_at(monkeypatch, 1, error_number)
+    head = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "h.pt")
+    assert_one_line_error(head, line.format(path=tmp_path / "h.pt") + " and re-run the same command")
+    monkeypatch.undo()
+
+    def second_shard_full(path, *args, **options):
+        if Path(path).name == "shard-00001.h5":
+            disk_full_at(monkeypatch, 1, error_number)
+        return pipeline.files.write_bytes(path, *args, **options)
+
+    monkeypatch.setattr(writer, "write_bytes", second_shard_full)
+    with pytest.raises(pipeline.files.DiskFullError) as full:
+        write_code_cache(tmp_path / "c", *blobs(n=6, width=4), ("a", "b", "c", "d"), shard_rows=3)
+    assert str(full.value) == (line.format(path=tmp_path / "c" / "shard-00001.h5").replace("; ", " (1 shards kept; ")
+                               + " and re-run the same command to resume)")
+    monkeypatch.undo()
+
+    def refused(argv):
+        raise OSError(error_number, os.strerror(error_number), str(tmp_path / "x"))
+
+    monkeypatch.setattr(cli, "_invoke", refused)
+    last_resort = run_tl("info", tmp_path)
+    assert_one_line_error(last_resort, line.format(path=tmp_path / "x") + ", then nothing finished was lost: run the same command again")
 
 
 # ------------------------------------------------------------------ outputs that are inputs
@@ -945,7 +994,8 @@ def test_a_full_disk_when_taking_the_lock_is_one_line(tmp_path):
     """On a disk already full, the first write of a re-run is the lock's pid: one line, not a traceback."""
     data = make_image_folder(tmp_path / "images", classes=("a", "b"), per_class=2)
     run = tl_process("extract", "--data", data, "--out", tmp_path / "c", *FAST, file_limit=1)  # any pid is longer
-    assert run.code == 2 and run.err.startswith("error: no space left on the device of"), run
+    assert run.code == 2 and run.err.startswith(f"error: {tmp_path / 'c' / '.lock'} is too large for its file "
+                                                "system or the limit `ulimit -f`; raise the limit"), run
     assert ".lock" in run.err and len(run.err.strip().splitlines()) == 1
 
 
