@@ -297,6 +297,36 @@ def _csv_list(text: str | None) -> tuple[str, ...]:
     return tuple(part.strip() for part in (text or "").split(",") if part.strip())
 
 
+class SaidWarnings:
+    """The warnings the steps of one `tl run` said, each with the data set its step read. Extract and finetune
+    that open one data set both warn of it (a class short of --samples-per-class, an empty class folder): a
+    later step does not say again what an earlier step said of the same data (the manifest keeps it, tl info
+    shows it); a step's own repeats (one per epoch) are its own, and said."""
+
+    DATA = ("format_", "data", "split", "samples_per_class", "seed", "classes", "label_key")
+
+    def __init__(self):
+        self.earlier: set[tuple] = set()
+        self.now: set[tuple] = set()
+        self.data: tuple = ()
+
+    def begin(self, params: dict) -> None:
+        self.earlier |= self.now
+        self.now, self.data = set(), tuple(str(params.get(name)) for name in self.DATA)
+
+    def new(self, line: str) -> bool:
+        self.now.add((self.data, line))
+        return (self.data, line) not in self.earlier
+
+
+def _warn(line: str) -> None:
+    """A warning line on stderr, said even with --quiet; in `tl run`, once per data set (SaidWarnings)."""
+    context = click.get_current_context(silent=True)
+    said = context.find_object(SaidWarnings) if context is not None else None
+    if said is None or said.new(line):
+        click.echo(line, err=True)
+
+
 # -------------------------------------------------------------- commands
 
 
@@ -416,7 +446,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
         click.echo(f"  {result.device_refused} JPEG{'s' * (result.device_refused != 1)} refused by the device's "
                    "decoder went to the CPU path")
     for warning in result.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        _warn(f"warning: {warning}")
     if result.skipped:
         first = result.skipped[0]
         click.echo(f"warning: skipped {_images(len(result.skipped))} that could not be read or labelled (tl info "
@@ -696,7 +726,7 @@ def evaluate(format_, **options):
 
     result = run_evaluate(EvaluateConfig(format=format_, **options))
     for warning in result.report["source"].get("warnings", []):  # --model's data: a damaged tar, ...
-        click.echo(f"warning: {warning}", err=True)
+        _warn(f"warning: {warning}")
     if result.skipped:
         first = result.skipped[0]
         click.echo(f"warning: skipped {_images(len(result.skipped))} that could not be read or labelled (listed in "
@@ -860,7 +890,7 @@ def finetune(**options):
     config, quiet = _finetune_config(**options), options["quiet"]
 
     result = run_finetune(config, say=(lambda text: None) if quiet else click.echo,
-                          warn=lambda text: click.echo(text, err=True))  # a damaged tar: said even with --quiet
+                          warn=_warn)  # a damaged tar: said even with --quiet
     if not world().is_main:  # under torchrun, rank 0 reports for all
         return
     last, best = checkpoint_paths(config.out)
@@ -890,6 +920,7 @@ class ClickStages:
 
     def __init__(self, quiet: bool):
         self.quiet = quiet
+        self.said = SaidWarnings()
 
     def options(self) -> dict:
         from pipeline.recipe import STAGES, StageOptions
@@ -932,6 +963,8 @@ class ClickStages:
     def execute(self, step, extra: dict):
         defaults = {**step.defaults, **extra, **({"quiet": True} if self.quiet else {})}
         context = self._context(step, defaults)
+        context.obj = self.said
+        self.said.begin(context.params)
         with context:
             return context.command.invoke(context)
 

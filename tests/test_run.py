@@ -431,6 +431,28 @@ def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_
     assert edited.code == 0 and "== finetune: models/m.pt is not as this recipe wrote it: starting over" in edited.out
 
 
+def test_a_data_sets_warning_is_said_once_a_run(run_tl, tmp_path, monkeypatch):
+    """A recipe that extracts and then finetunes the same images opened them twice and printed the
+    --samples-per-class warning twice: a step does not say again what an earlier step of the run said of the
+    same data. A run whose extract is up to date hears it from finetune; the manifest keeps it."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 3, """\
+        samples_per_class: 3
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
+        """)
+    next((tmp_path / "images/train/b").iterdir()).unlink()
+    short = "warning: --samples-per-class 3: 1 of 2 classes have fewer images (b has the fewest, 2); all were kept"
+    first = run_tl("run", recipe)
+    assert first.code == 0 and first.err.count(short) == 1, first
+    assert "== finetune -> models/m.pt" in first.out
+    finetune_only = run_tl("run", recipe, "--set", "finetune.lr=0.001")
+    assert finetune_only.code == 0 and "== extract (train): caches/train is up to date, skipped" in finetune_only.out
+    assert finetune_only.err.count(short) == 1, finetune_only
+    info = run_tl("info", tmp_path / "caches/train")
+    assert short.removeprefix("warning: ") in info.out, info
+
+
 def test_unfreeze_is_checked_against_the_heads_backbone_before_any_step(run_tl, tmp_path, monkeypatch):
     """finetune's unfreeze (mlflow run's retrained_conv_layers) was refused only when finetune ran, after
     the extraction and the head: it is now counted on the architecture the head will have, before any step,
