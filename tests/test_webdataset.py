@@ -367,6 +367,44 @@ def test_a_tar_cut_inside_an_image_and_listing_problems_under_on_error_fail(tmp_
         extract(beyond, tmp_path / "k2", format="webdataset", on_error="fail", classes="x,y")
 
 
+def test_a_tar_that_puts_labels_first_cut_before_an_image_says_so_once(tmp_path, monkeypatch):
+    """A tar of KEY.cls before KEY.png (tar --sort=name) cut after b.cls, in or before b.png's header, said
+    both that it was damaged and that '1 .cls label files name a key without an image (looked for .jpg, ...)',
+    as if b's image were of a format not listed: b is now a skipped sample whose image was cut off, and the
+    damage is the one warning. A label of a truly missing image before the cut is still counted as one."""
+    import tarfile
+
+    from pipeline.formats import webdataset
+
+    picture = write_image(tmp_path / "p.png", seed=1, size=(64, 64)).read_bytes()
+    members = [("a.cls", b"0"), ("a.png", picture), ("x.cls", b"1"), ("x.tif", picture), ("b.cls", b"1"),
+               ("b.png", picture), ("c.cls", b"1"), ("c.png", picture)]
+    tar = write_tar(tmp_path / "cut" / "00000.tar", members)
+    with tarfile.open(tar) as whole:
+        b = [member for member in whole if member.name == "b.png"][0]
+    whole = tar.read_bytes()
+    damaged = f"{tar} is damaged after 5 entries (it ends without the end-of-archive blocks); the entries before were listed"
+    unpaired = ("1 .cls label files name a key without an image (looked for .jpg, .jpeg, .png, .webp, .ppm, .bmp), "
+                f"the first x.cls in {tar}; no sample was listed for them")
+    for cut in (b.offset, b.offset + 100):  # just before b.png's header, inside it
+        tar.write_bytes(whole[:cut])
+        for listed_by in ("scan_tar", "tarfile"):
+            if listed_by == "tarfile":
+                monkeypatch.setattr(webdataset, "scan_tar", lambda *args: None)
+            source = open_source("webdataset", tar)
+            assert source.warnings == [damaged, unpaired], (cut, listed_by, source.warnings)
+            assert [(s.sample_id, s.target, s.location.split("\0")[3]) for s in source.samples] == [
+                ("00000.tar/a", 0, ""), ("00000.tar/b", -1, "00000.tar is cut short after b.cls, before its image")]
+            monkeypatch.undo()
+    result = extract(tar, tmp_path / "c", format="webdataset")
+    assert [(item["sample_id"], item["reason"]) for item in result.skipped] == [
+        ("00000.tar/b", "OSError: 00000.tar is cut short after b.cls, before its image")]
+    tar.write_bytes(whole[:b.offset_data + 100])  # inside b.png's data: b is listed, and its read says it is cut
+    assert open_source("webdataset", tar).warnings == [damaged.replace("after 5 entries (it ends without the "
+                                                                       "end-of-archive blocks)", "after 6 entries "
+                                                                       "(unexpected end of data)"), unpaired]
+
+
 def test_patterns_keys_and_splits_that_find_no_tars_say_why(tmp_path):
     tars = write_webdataset(tmp_path, tars=2, per_tar=2, classes=2)
     with pytest.raises(DataError, match=r"a \{ in .*\{00000..00001.tar is not closed by a \}; write ranges as"):

@@ -21,7 +21,7 @@ from pipeline.datasets import file_stamp
 from pipeline.errors import TLError
 from pipeline.files import atomic_write, remove_stale_temporaries
 
-VERSION = 1  # raise when what a listing holds, or how a tar is listed, changes: older files are ignored
+VERSION = 2  # raise when what a listing holds, or how a tar is listed, changes: older files are ignored
 
 
 def listing_file(folder: Path, tar: Path) -> Path:

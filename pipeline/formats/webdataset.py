@@ -8,7 +8,7 @@ anything. A sample's stamp is its tar's size and mtime: the inputs of a tar chan
 tars (Source.shard_plan): a tar maps to its own range of output shards and is read by one torchrun rank, so
 a repaired tar redoes only its shards. Entries without a label, with an unreadable label, or repeated under
 one key are listed and then skipped and recorded like unreadable images; a tar cut short keeps the entries
-before the cut (with a warning).
+before the cut (with a warning), and the sample the cut runs through, before or after its label, is skipped so.
 """
 
 from __future__ import annotations
@@ -172,16 +172,19 @@ class WebDatasetSource(Source):
         labels: dict[str, object] = {}
         repeated: set[str] = set()
         members, cut, last, dotted, notes = 0, False, None, "", []  # last: the key of the last image listed
+        ending_label = None  # the key of the label file listed last, while no other file follows it
 
         def take(name: str, regular: bool, offset: int, size: int, read) -> None:  # read(): a label's bytes
-            nonlocal last, dotted
+            nonlocal last, dotted, ending_label
             if not regular:
                 return
             folder, _, base = name.rpartition("/")
             stem, dot, ending = base.partition(".")
+            ending_label = None
             if not dot or base.startswith("."):
                 return
             key, ending = (f"{folder}/{stem}" if folder else stem), ending.lower()
+            ending_label = key if ending == suffix else None
             if ending in IMAGE_SUFFIXES:
                 if key in images:
                     repeated.add(key)
@@ -233,7 +236,10 @@ class WebDatasetSource(Source):
         else:
             if not members:  # a whole tar of nothing: said like a damaged one, not dropped silently
                 notes.append("is an empty tar (no entries); it was skipped")
-        unpaired = [key for key in labels if key not in images]
+        # a tar that puts each label before its image (KEY.cls, KEY.jpg) and is cut after a label: its image was
+        # cut off, which the sample says (as for an image cut off before its label), not a label without an image
+        cut_off = ending_label if cut and ending_label not in images else None
+        unpaired = [key for key in labels if key not in images and key != cut_off]
         entries = []
         for key, (offset, size, name) in images.items():
             label = labels.get(key)
@@ -249,6 +255,8 @@ class WebDatasetSource(Source):
             else:
                 problem = None
             entries.append([key, offset, size, None if problem else label, problem])
+        if cut_off is not None:
+            entries.append([cut_off, 0, 0, None, f"{path.name} is cut short after {cut_off}.{suffix}, before its image"])
         return {"entries": entries, "notes": notes, "dotted": dotted, "unpaired": [len(unpaired), ([*unpaired, ""])[0]]}
 
     @staticmethod
