@@ -94,7 +94,7 @@ def _preparation(backbone: Backbone, decode: str) -> str:
     how = (f"by torch.nn.functional.interpolate(x, size=(h, w), mode='{backbone.interpolation}', antialias=True, "
            "align_corners=False) on the uint8 (1, 3, H, W) tensor (torch's uint8 kernel)" if decode == "fast" else
            f"by Pillow's resize ({backbone.interpolation}), as torchvision's Resize does on a PIL image")
-    # as datasets.to_rgb makes them; Pillow itself reads a 16-bit colour PNG as 8-bit, keeping the high bytes
+    # as rgb.to_rgb makes them; Pillow itself reads a 16-bit colour PNG as 8-bit, keeping the high bytes
     steps = ["8-bit RGB (transparency composited over white; 16-bit grayscale scaled as floor(v / 65535 * 255 + 0.5), "
              "16-bit colour cut to each value's high byte, floor(v / 256), as Pillow reads it; 32-bit integer and "
              "floating-point grayscale as min(255, floor(max(0, v) / top * 255 + 0.5)), top 65535 for integers when "

@@ -190,6 +190,51 @@ def test_a_colour_key_is_transparency_too(tmp_path):
         assert pixels == [[[255, 255, 255], [40, 50, 60] if mode == "RGB" else [40, 40, 40]]], mode
 
 
+def write_keyed_png(path, values, depth: int, key: tuple[int, ...]):
+    """A PNG of gray (H, W) or RGB (H, W, 3) `values` stored at `depth` bits per sample with the transparent
+    colour `key` (tRNS), written chunk by chunk: Pillow writes neither 2- and 4-bit gray nor 16-bit colour."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    values = np.asarray(values)
+    rows = values.reshape(len(values), -1)
+    if depth == 16:
+        packed = rows.astype(">u2").view(np.uint8)
+    else:  # samples of 1, 2 or 4 bits, the first in the high bits of each byte
+        packed = np.packbits(np.unpackbits(rows.astype(np.uint8)[..., None], axis=-1)[..., 8 - depth:].reshape(
+            len(rows), -1), axis=-1)
+    header = struct.pack(">IIBBBBB", values.shape[1], values.shape[0], depth, 2 if values.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", struct.pack(f">{len(key)}H", *key))
+                     + chunk(b"IDAT", zlib.compress(b"".join(b"\0" + row.tobytes() for row in packed)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("depth, values, key, expected", [
+    (1, [[0, 1, 0]], (0,), [255, 255, 255]),
+    (2, [[0, 1, 3]], (1,), [0, 255, 255]),
+    (4, [[0, 1, 15]], (1,), [0, 255, 255]),
+    (4, [[0, 3, 8]], (8,), [0, 51, 255]),
+    (16, [[1000, 60000, 257]], (1000,), [255, 233, 1]),
+    (16, [[(100, 100, 100), (25700, 25700, 25700), (60000, 0, 0)]], (100, 100, 100),
+     [(255, 255, 255), (100, 100, 100), (234, 0, 0)]),
+    (16, [[(40000, 40000, 40000), (40100, 40000, 40000), (256, 512, 768)]], (40000, 40000, 40000),
+     [(255, 255, 255), (156, 156, 156), (1, 2, 3)])])
+def test_a_colour_key_at_any_depth_is_transparency_as_at_eight_bits(tmp_path, depth, values, key, expected):
+    """The colour key (tRNS) of a 1-bit, 2- or 4-bit or 16-bit PNG was left in its colour (1-bit black, 16-bit
+    gray), was missed (2- and 4-bit gray: Pillow scales the pixels, not the key) or, in 16-bit colour, whitened
+    the pixels whose high bytes equal the key's values (25700 reads as 100) and kept the key's own: now its
+    pixels, and only they, are composited over white, as in an 8-bit PNG."""
+    path = write_keyed_png(tmp_path / "keyed.png", values, depth, key)
+    pixels = np.asarray(open_rgb(str(path)))[0]
+    gray = np.ndim(expected) == 1
+    assert (pixels[:, 0] if gray else pixels).tolist() == (expected if gray else [list(rgb) for rgb in expected])
+    assert not gray or (pixels == pixels[:, :1]).all()
+
+
 def test_corrupt_and_truncated_files_raise_decode_errors(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"this is not a jpeg")
     path = write_image(tmp_path / "cut.jpg", 3, size=(64, 64), fmt="JPEG")
