@@ -143,7 +143,8 @@ def check_config(config: FitHeadConfig) -> None:
 
 def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | None, none_held: bool = True) -> None:
     """One line before any work (fit-head's, a sweep's): two validation sets named, or a validation cache
-    that holds the training codes (the cache itself, a link to it, or a copy: the same content digest).
+    that holds the training codes (the cache itself, a link to it, or a copy: the same content digest), or codes
+    of training images (extracted again, whole or in part: see _training_samples_in).
     `none_held`: the command takes --val-fraction 0 (a sweep does not: it ranks on validation)."""
     if val_cache is None:
         return
@@ -154,16 +155,36 @@ def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | 
     if same_file(val_cache, cache) or validation.content == training.content != "":
         raise HeadError(f"--val-cache {val_cache} holds the codes of the training cache {cache}: validation would "
                         "score the rows the heads train on; pass a cache of other images, or --val-fraction")
-    # codes of the same image files extracted again (another dtype, device, or --split train by mistake) differ,
-    # but their shards record the same input digests (each sample's id, size and mtime). Codes of another
+    # codes of the same image files extracted again (another dtype, device, --shard-rows or --samples-per-class,
+    # or --split train by mistake) differ, but their rows carry the training rows' sample ids. Codes of another
     # backbone or weights are refused as such when the rows are read
-    trained = {shard.inputs for shard in training.shards if shard.inputs}
-    shards = validation.shards
-    shared = sum(shard.inputs in trained for shard in shards) if codes_key(training) == codes_key(validation) else 0
+    shared, rows, first = _training_samples_in(cache, val_cache) if codes_key(training) == codes_key(validation) \
+        else (0, 0, "")
     if shared:
-        raise HeadError(f"--val-cache {val_cache} holds codes of the images of the training cache {cache} ({shared} "
-                        f"of its {len(shards)} shards read the same files): validation would score training images; "
-                        "extract the validation images into their own cache, or pass --val-fraction")
+        raise HeadError(f"--val-cache {val_cache} holds codes of the images of the training cache {cache} ({shared:,} "
+                        f"of its {rows:,} rows are training samples, e.g. {first}): validation would score training "
+                        "images; extract the validation images into their own cache, or pass --val-fraction")
+
+
+def _training_samples_in(cache: Path, val_cache: Path, compared: int = 8) -> tuple[int, int, str]:
+    """(rows of `val_cache` with a sample id of `cache`, its rows, one of them) read from the shards' ids.
+    An id is a path inside the data folder or a tar's name and key, which two splits or two tar sets numbered
+    alike share for other images: up to `compared` shared rows' codes, spread over them, are compared too (a
+    read of a few rows), and the ids count when most are the same as their training rows' (within 2%: another
+    dtype, precision or device). (0, rows, "") when they are not."""
+    trained, validation = CacheReader(cache, verify=False), CacheReader(val_cache, verify=False)
+    ids = validation.load_column("sample_id")
+    _, train_rows, val_rows = np.intersect1d(trained.load_column("sample_id"), ids, return_indices=True)
+    tap = next((tap for tap in validation.taps if tap in trained.taps), None)
+    if not len(val_rows) or tap is None:
+        return 0, len(ids), ""
+    picked = np.unique(np.linspace(0, len(val_rows) - 1, min(compared, len(val_rows))).astype(int))
+    codes = trained.read_rows(tap, train_rows[picked]).astype(np.float64)
+    same = np.linalg.norm(codes - validation.read_rows(tap, val_rows[picked]), axis=1) <= 0.02 * np.linalg.norm(
+        codes, axis=1)
+    if 2 * same.sum() <= len(same):
+        return 0, len(ids), ""
+    return len(val_rows), len(ids), str(ids[val_rows[picked[same][0]]])
 
 
 def _image_split(reader: CacheReader, fraction: float, seed: int, targets: np.ndarray):

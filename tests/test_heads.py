@@ -295,8 +295,10 @@ def test_a_class_without_training_rows_is_refused(tmp_path):
 
 def test_a_validation_cache_of_the_training_images_extracted_again_is_refused(run_tl, tmp_path):
     """Codes of the same image files extracted a second time (float32 here, float16 for training; or a
-    --split train given by mistake) have another content digest, and validation scored training images:
-    their shards' input digests are the same. A cache of other images is taken."""
+    --split train given by mistake) have another content digest, and validation scored training images: their
+    rows carry the training rows' sample ids, with the same codes. So do some of them in shards of another size
+    or in a --samples-per-class subset, which the shards' input digests (whole shards) let through. A cache of
+    other images is taken, though its ids (a/img00.png, relative to its split) are the training cache's too."""
     make_image_folder(tmp_path / "images/train", classes=("a", "b"), per_class=4)
     make_image_folder(tmp_path / "images/val", classes=("a", "b"), per_class=2, size=(40, 48))
 
@@ -308,12 +310,17 @@ def test_a_validation_cache_of_the_training_images_extracted_again_is_refused(ru
     extract(tmp_path / "images", "train")
     extract(tmp_path / "images", "again", "--dtype", "float32")
     extract(tmp_path / "images", "val", "--split", "val")
+    extract(tmp_path / "images", "other-shards", "--shard-rows", "3")
+    extract(tmp_path / "images", "subset", "--samples-per-class", "1", "--dtype", "float32")
     for command in (["fit-head", "--out", tmp_path / "h.pt"], ["sweep", "--out", tmp_path / "sweep"]):
-        result = run_tl(*command, "--cache", tmp_path / "train", "--val-cache", tmp_path / "again", "--C", "1,10")
-        assert result.code == 2 and result.err == (
-            f"error: --val-cache {tmp_path / 'again'} holds codes of the images of the training cache "
-            f"{tmp_path / 'train'} (1 of its 1 shards read the same files): validation would score training images; "
-            "extract the validation images into their own cache, or pass --val-fraction\n"), result
+        for again, shared in (("again", "8 of its 8 rows"), ("other-shards", "8 of its 8 rows"),
+                              ("subset", "2 of its 2 rows")):
+            result = run_tl(*command, "--cache", tmp_path / "train", "--val-cache", tmp_path / again, "--C", "1,10")
+            assert result.code == 2 and result.err.startswith(
+                f"error: --val-cache {tmp_path / again} holds codes of the images of the training cache "
+                f"{tmp_path / 'train'} ({shared} are training samples, e.g. a/img0"), result
+            assert result.err.endswith(".png): validation would score training images; extract the validation "
+                                       "images into their own cache, or pass --val-fraction\n"), result
     assert not (tmp_path / "h.pt").exists() and not (tmp_path / "sweep").exists()
     taken = run_tl("fit-head", "--cache", tmp_path / "train", "--val-cache", tmp_path / "val", "--C", "1,10",
                    "--out", tmp_path / "h.pt")
