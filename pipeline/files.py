@@ -34,10 +34,12 @@ class DiskFullError(TLError):
 def disk_full(error_number: int, path, then: str = " and re-run the same command") -> DiskFullError:
     """The one line for a write that found no room at `path`. EFBIG is not a full disk: the file outgrew the
     largest its file system takes, or the process's `ulimit -f` (Python ignores SIGXFSZ, so the write fails),
-    and freeing space would not help."""
+    and freeing space would not help. EDQUOT: the user's quota is full, not the disk (`df` shows room)."""
     if error_number == errno.EFBIG:
         reason = f"{path} is too large for its file system or the limit `ulimit -f`"
         remedy = "raise the limit or write to another file system"
+    elif error_number == errno.EDQUOT:  # the disk has room; this user's share of it is used up
+        reason, remedy = f"the disk quota on the file system of {path} is used up", "free space within it"
     else:
         reason, remedy = f"no space left on the device of {path}", "free space"
     return DiskFullError(f"{reason}; {remedy}{then}", reason, remedy)

@@ -501,7 +501,8 @@ LIMIT = "is too large for its file system or the limit `ulimit -f`; raise the li
 
 @pytest.mark.parametrize("error_number, line", [
     (errno.ENOSPC, "no space left on the device of {path}; free space"),
-    (errno.EFBIG, "{path} " + LIMIT)])
+    (errno.EFBIG, "{path} " + LIMIT),
+    (errno.EDQUOT, "the disk quota on the file system of {path} is used up; free space within it")])
 def test_a_file_size_limit_is_not_called_a_full_disk(run_tl, tmp_path, small_head, monkeypatch, error_number, line):
     """EFBIG (a file past `ulimit -f` or its file system's largest file) said 'no space left on the device ...;
     free space', which does not help: each errno has its own line, for a tl file, a cache's shard and a path a
