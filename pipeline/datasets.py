@@ -84,9 +84,13 @@ class Source:
     def fingerprint(self) -> str:
         """A digest of the class names and every sample's inputs: changes when the data does."""
         digest = hashlib.sha256(json.dumps(self.classes).encode())
-        for index in range(len(self.samples)):
-            digest.update(self.sample_inputs(index))
+        self.digest_inputs(digest, 0, len(self.samples))
         return digest.hexdigest()
+
+    def digest_inputs(self, digest, first: int, last: int) -> None:
+        """Feed `digest` the inputs of samples first..last-1 (formats whose samples are columns: all at once)."""
+        for index in range(first, last):
+            digest.update(self.sample_inputs(index))
 
     def sample_inputs(self, index: int) -> bytes:
         """What decides a sample's rows: its id, target and file stamp (formats with more, such as VOC's
@@ -99,28 +103,26 @@ class Source:
         (KEY.cls is missing); fix the tar"); None for a sample only decoding can judge."""
         return None
 
-    def input_unit(self, index: int) -> str | None:
-        """The input a sample is read from when shards follow inputs (a tar file); None: they do not."""
+    def input_runs(self) -> list[tuple[int, int]] | None:
+        """(first, stop) of each run of samples read from one input when shards follow inputs (tars); else None."""
         return None
+
+    def targets(self) -> np.ndarray:
+        """Every sample's target: one row each (a class index, or multi-hot)."""
+        return np.array([sample.target for sample in self.samples])
 
     def shard_plan(self, shard_rows: int) -> list[PlannedShard]:
         """Which samples each shard holds, with the digest of their inputs: `shard_rows` samples per shard
         in listing order; a source of input units (tars) starts a new shard at each unit, so a unit maps
         to a fixed range of shards and is read by one torchrun rank."""
-        runs, start = [], 0
-        for stop in range(1, len(self.samples) + 1):
-            if stop == len(self.samples) or self.input_unit(stop) != self.input_unit(start):
-                runs.append((start, stop))
-                start = stop
-        grouped = self.input_unit(0) is not None if self.samples else False
+        runs = self.input_runs()
         plan = []
-        for unit, (start, stop) in enumerate(runs):
+        for unit, (start, stop) in enumerate(runs if runs is not None else [(0, len(self.samples))]):
             for first in range(start, stop, shard_rows):
                 last = min(stop, first + shard_rows)
                 digest = hashlib.sha256()
-                for index in range(first, last):
-                    digest.update(self.sample_inputs(index))
-                plan.append(PlannedShard(first, last - first, digest.hexdigest(), unit if grouped else len(plan)))
+                self.digest_inputs(digest, first, last)
+                plan.append(PlannedShard(first, last - first, digest.hexdigest(), len(plan) if runs is None else unit))
         return plan
 
     def subset(self, samples_per_class: int, seed: int) -> None:
@@ -130,7 +132,7 @@ class Source:
         if self.target_kind != "class":
             raise DataError("--samples-per-class needs one label per image; this data set is multi-label")
         rng = np.random.default_rng(seed)
-        targets = np.array([s.target for s in self.samples])
+        targets = self.targets()
         keep: list[int] = []
         for label in range(len(self.classes)):
             members = np.flatnonzero(targets == label)
@@ -151,8 +153,7 @@ class Source:
     def split_off(self, fraction: float, seed: int, other: str) -> tuple["Source", "Source"]:
         """(training part, validation part): a seeded split of `fraction` of the images, stratified by class
         for single-label data; `other` names the option of a validation set of its own, for errors."""
-        targets = np.array([sample.target for sample in self.samples])
-        train_rows, val_rows = validation_rows(targets, fraction, seed, other, self.classes)
+        train_rows, val_rows = validation_rows(self.targets(), fraction, seed, other, self.classes)
         parts = []
         for rows in (train_rows, val_rows):
             part = copy.copy(self)

@@ -268,8 +268,9 @@ def _extract_shards(config, backbone, taps, weights, device, precision, source, 
                         columns.setdefault(name, []).append(value)
                 with clock.part("forward"):
                     codes = forward_codes(model, backbone, pixels, device, precision)
-                rows.add(codes, [source.samples[i].target for i in indices],
-                         [source.samples[i].sample_id for i in indices], columns)
+                samples = [source.samples[i] for i in indices]  # made on request (webdataset's): once each
+                rows.add(codes, [sample.target for sample in samples], [sample.sample_id for sample in samples],
+                         columns)
             batch_size = len(indices) + len(errors)
             processed += batch_size
             progress.update(batch_size)

@@ -100,8 +100,8 @@ def image_set(source, backbone: Backbone, head_metadata: dict, augmentation: Aug
         crop = transforms.RandomResizedCrop(backbone.input_size, scale=(augmentation.crop_scale, 1.0), antialias=True,
                                             interpolation=transforms.InterpolationMode[backbone.interpolation.upper()])
         transform = transforms.Compose([crop, *flip, *normalize])
-    targets = np.array([sample.target for sample in source.samples])
-    return DecodedImages(source, transform), head_targets(targets, source.classes, head_metadata["classes"], what, head)
+    return DecodedImages(source, transform), head_targets(source.targets(), source.classes, head_metadata["classes"],
+                                                          what, head)
 
 
 class SeededItems(torch.utils.data.Dataset):
@@ -167,7 +167,7 @@ def image_labels(dataset: PatchSamples, head_classes: list[str], what: str, head
     (its column 0 is background): checked when the set is made, as its patches' labels are, since an image
     can hold a class the head does not know that no patch of it is labelled with."""
     source, names = dataset.source, head_classes[1:]
-    targets = head_targets(np.array([sample.target for sample in source.samples]), source.classes, names, what, head)
+    targets = head_targets(source.targets(), source.classes, names, what, head)
     ignore = head_ignore(np.array([source.columns(i)["ignore"] for i in range(len(source.samples))]), source.classes,
                          names)
     return targets, ignore

@@ -313,3 +313,15 @@ def test_a_section_of_the_results_is_replaced_by_its_own_heading_only(tmp_path, 
     results.record("## Folded inference graph on CUDA", "single again")
     text = results.RESULTS.read_text()
     assert "half" in text and "single again" in text and text.count("## Folded inference graph on CUDA\n") == 1
+
+
+def test_sample_memory_counts_tens_of_bytes_an_image_where_a_sample_object_took_hundreds(monkeypatch, capsys):
+    """bench/sample_memory.py runs (small) and shows what a webdataset source holds per image: its columns, not a
+    Sample object each (a billion images must fit a rank's memory)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("sample_memory")
+    bench.main(["--images", "8000", "--tars", "8", "--traced-images", "8000", "--no-write"])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| the opened source") or line.startswith("| one Python")]
+    held, objects = float(rows[0][1]), float(rows[1][1])
+    assert "TarSamples" in rows[0][0] and held < 60 and objects > 200, rows

@@ -632,3 +632,73 @@ def test_tars_named_in_upper_case_are_listed(tmp_path):
     (tars / "00001.TAR").rename(tmp_path / "split" / "train" / "00001.TAR")
     with pytest.raises(DataError, match=r"split has no split folder 'val', but has train; pass --split with one"):
         open_source("webdataset", tmp_path / "split", split="val")
+
+
+def _inputs_before_columns(classes, samples, shard_rows) -> tuple:
+    """(fingerprint, shard plan) as Source computed them from a list of Sample objects, before TarSamples: the
+    reference a cache made then is checked against (a run over the same tars must find it up to date)."""
+    import hashlib
+    import itertools
+
+    from cache.manifest import PlannedShard
+
+    def inputs(sample) -> bytes:
+        return f"{sample.sample_id}\0{sample.target}\0{sample.stamp}\n".encode("utf-8", "surrogateescape")
+
+    whole = hashlib.sha256(json.dumps(classes).encode() + b"".join(map(inputs, samples))).hexdigest()
+    tar_of = [sample.location.split("\0")[0] for sample in samples]
+    runs = [list(run) for _, run in itertools.groupby(range(len(samples)), tar_of.__getitem__)]
+    plan = [PlannedShard(first, min(run[-1] + 1, first + shard_rows) - first,
+                         hashlib.sha256(b"".join(map(inputs, samples[first:min(run[-1] + 1, first + shard_rows)])))
+                         .hexdigest(), unit)
+            for unit, run in enumerate(runs) for first in range(run[0], run[-1] + 1, shard_rows)]
+    return whole, plan
+
+
+def test_samples_are_columns_that_say_what_the_sample_list_said(tmp_path):
+    """A billion images took a Python Sample each (some 280 bytes: hundreds of GB on every rank); the samples of
+    tars are now columns (TarSamples), a Sample made when asked for. What they say is what the list said, read
+    here from the tars with tarfile: ids (a key that is not UTF-8 too), targets, locations with the listing's
+    problem, stamps; and the fingerprint and shard digests are those the list gave, so a cache made before
+    stays up to date; after --samples-per-class, an out-of-order keep and a pickle too."""
+    import copy
+    import pickle
+    import tarfile
+
+    from pipeline.datasets import Sample
+    from pipeline.formats.tar_samples import TarSamples
+
+    tars = write_webdataset(tmp_path, tars=3, per_tar=5)
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    write_tar(tars / "00003.tar", [("a.png", picture), ("a.cls", b"1"), ("\udcffb.png", picture), ("\udcffb.cls", b"0"),
+                                   ("c.png", picture)])
+    expected = []
+    for path in sorted(tars.iterdir()):
+        status = path.stat()
+        with tarfile.open(path) as tar:
+            labels = {member.name[:-4]: int(tar.extractfile(member).read()) for member in tar
+                      if member.name.endswith(".cls")}
+            for member in tar:
+                if member.name.endswith(".png"):
+                    key = member.name[:-4]
+                    problem = "" if key in labels else f"no label ({key}.cls is missing)"
+                    expected.append(Sample(f"{path.name}/{key}", labels.get(key, -1),
+                                           f"{path}\0{member.offset_data}\0{member.size}\0{problem}",
+                                           f"{status.st_size}:{status.st_mtime_ns}"))
+    source = open_source("webdataset", tars)
+    assert isinstance(source.samples, TarSamples) and len(source.samples) == len(expected) == 18
+    assert list(source.samples) == expected and source.samples == expected and expected == source.samples
+    assert source.samples[-1] == expected[-1] and source.samples[15:17] == expected[15:17]
+    with pytest.raises(IndexError):
+        source.samples[18]
+    assert source.listing_problem(17) == "no label (c.cls is missing); fix the tar"
+    assert (source.fingerprint(), source.shard_plan(2)) == _inputs_before_columns(source.classes, expected, 2)
+    part = copy.copy(source)
+    part.keep([17, 2, 16, 3, 15])
+    kept = [expected[i] for i in (17, 2, 16, 3, 15)]
+    assert part.samples == kept and part.listing_problem(0) and not part.listing_problem(4)
+    assert (part.fingerprint(), part.shard_plan(2)) == _inputs_before_columns(source.classes, kept, 2)
+    source.subset(1, seed=0)
+    assert len(source) == 3 and source.samples == [sample for sample in expected if sample in source.samples]
+    assert (source.fingerprint(), source.shard_plan(4)) == _inputs_before_columns(source.classes, source.samples[:], 4)
+    assert pickle.loads(pickle.dumps(part)).samples == kept

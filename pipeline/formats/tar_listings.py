@@ -103,9 +103,11 @@ class TarListings:
         return saved
 
 
-def listed_tars(find, list_tar, listings: TarListings | None, current=None) -> tuple[list[Path], list[str], list]:
-    """The tars and warnings `find()` gives, and (stamp, listing) of each tar: its kept listing if it still
-    answers, else `list_tar(path)` (kept in `listings`, to save). Under torchrun (`current`, the
+def listed_tars(find, list_tar, listings: TarListings | None, current=None,
+                held=lambda listing: listing) -> tuple[list[Path], list[str], list]:
+    """The tars and warnings `find()` gives, and (stamp, held(listing)) of each tar: its kept listing if it still
+    answers, else `list_tar(path)` (kept in `listings`, to save); `held` makes it what a rank keeps (and sends to
+    the others: webdataset's entries as columns). Under torchrun (`current`, the
     pipeline.distributed.World of a started process group) rank 0 finds the tars, each rank lists those whose
     number % size is its rank (as it saves them), and the ranks exchange the listings: a rank reads the
     headers of 1/size of the tars, and a rank that cannot read one stops them all (distributed.each_rank)."""
@@ -123,7 +125,7 @@ def listed_tars(find, list_tar, listings: TarListings | None, current=None) -> t
                 listing = list_tar(paths[number])
                 if listings:
                     listings.add(number, paths[number], stamp, listing)
-            mine.append((stamp, listing))
+            mine.append((stamp, held(listing)))
         return mine
 
     shares = distributed.each_rank(current, share)

@@ -3,11 +3,12 @@
 of tars (DATA/SPLIT when that folder exists) or a brace pattern (`data/{00000..01023}.tar`).
 
 Each tar is listed once from its headers (plus its small label files; under torchrun by one rank: see
-tar_listings.listed_tars); an image is read straight from its offset in the tar, so workers never unpack
-anything. A sample's stamp is its tar's size and mtime: the inputs of a tar change together. Shards follow
-tars (Source.shard_plan): a tar maps to its own range of output shards and is read by one torchrun rank, so
-a repaired tar redoes only its shards. Entries without a label, with an unreadable label, or repeated under
-one key are listed and then skipped and recorded like unreadable images; a tar cut short keeps the entries
+tar_listings.listed_tars) and its entries held as columns (tar_samples: tens of bytes an image, not a Sample
+object each); an image is read straight from its offset in the tar, so workers never unpack anything. A
+sample's stamp is its tar's size and mtime: the inputs of a tar change together. Shards follow tars
+(Source.shard_plan): a tar maps to its own range of output shards and is read by one torchrun rank, so a
+repaired tar redoes only its shards. Entries without a label, with an unreadable label, or repeated under one
+key are listed and then skipped and recorded like unreadable images; a tar cut short keeps the entries
 before the cut (with a warning), and the sample the cut runs through, before or after its label, is skipped so.
 """
 
@@ -20,14 +21,15 @@ import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from pipeline.datasets import (DECODE_ERRORS, Sample, Source, open_rgb, register_format,
-                               shown)
+from pipeline.datasets import DECODE_ERRORS, Source, open_rgb, register_format, shown
 from pipeline.errors import DataError, listed
 from pipeline.formats.tar_headers import scan_tar
 from pipeline.formats.tar_listings import TarListings, listed_tars
 from pipeline.formats.tar_paths import tar_paths
+from pipeline.formats.tar_samples import TarEntries, TarSamples
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
@@ -114,7 +116,8 @@ class WebDatasetSource(Source):
         self._unpaired = [0, ""]  # labels without an image of their key (one in a format not listed): count, first
         self.listings = TarListings(listings, self.label_key) if listings is not None else None  # see tar_listings
         paths, warnings, each_tar = listed_tars(lambda: (tar_paths(Path(data), split, warnings), warnings),
-                                                lambda path: self._list_tar(path, suffix, field), self.listings, world)
+                                                lambda path: self._list_tar(path, suffix, field), self.listings, world,
+                                                lambda listing: {**listing, "entries": TarEntries(listing["entries"])})
         for path, tar_name, (stamp, listing) in zip(paths, _tar_names(paths), each_tar):
             warnings += [f"{shown(path)} {note}" for note in listing["notes"]]
             self._dotted = self._dotted or listing["dotted"]
@@ -126,7 +129,7 @@ class WebDatasetSource(Source):
             count, first = self._unpaired
             warnings.append(f"{count:,} .{suffix} label files name a key without an image (looked for "
                             f".{', .'.join(IMAGE_SUFFIXES)}), the first {first}; no sample was listed for them")
-        labels = [entry[3] for *_, entries in listed for entry in entries if isinstance(entry[3], (int, str))]
+        labels = list(dict.fromkeys(label for *_, entries in listed for label in entries.labels))  # each value once
         images = sum(len(entries) for *_, entries in listed)
         if images and not labels:
             raise DataError(f"none of the {images} images in the tars of {shown(data)} has a readable .{suffix} "
@@ -134,34 +137,30 @@ class WebDatasetSource(Source):
                             + "".join(f"; {line}" for line in warnings[:3]))
         names = self._class_names(classes, labels)
         position = {name: i for i, name in enumerate(names)}
-        samples = []
-        for path, tar_name, stamp, entries in listed:
-            for key, offset, size, label, problem in entries:
-                if label is None:
-                    target = -1
-                elif isinstance(label, int) and names_given(classes):
-                    target = label if label < len(names) else -1
-                else:
-                    target = position.get(str(label), -1)
-                if problem is None and target == -1:  # only with --classes: found classes hold every label
-                    problem = f"its label {label} {NOT_IN_CLASSES}"
-                # path, offset and size of the image in its tar, and why it cannot be used (or nothing)
-                location = f"{path}\0{offset}\0{size}\0{problem or ''}"
-                samples.append(Sample(f"{tar_name}/{key}", target if problem is None else -1, location, stamp))
-        if samples and all(sample.target == -1 for sample in samples):
+
+        def outcome(label) -> tuple[int, str | None]:
+            """A label's target, and why it cannot be used (with --classes only: found classes hold every label)."""
+            if isinstance(label, int) and names_given(classes):
+                target = label if label < len(names) else -1
+            else:
+                target = position.get(str(label), -1)
+            return target, f"its label {label} {NOT_IN_CLASSES}" if target == -1 else None
+
+        samples = TarSamples.joined(listed, outcome)
+        if len(samples) and (samples.targets == -1).all():
             raise DataError(f"no image in the tars of {shown(data)} has a label among --classes ({classes}); "
                             "name the classes the labels use, or leave --classes out")
-        if not samples and self._dotted:
+        if not len(samples) and self._dotted:
             key, _, ending = self._dotted.rpartition("/")[2].partition(".")
             raise DataError(f"the tars of {shown(data)} hold no images: a key ends at the first dot, so "
                             f"{self._dotted} is key {key} with extension .{ending}; rename the files to KEY.jpg "
                             "with no dot in KEY")
-        if not samples:
+        if not len(samples):
             raise DataError(f"the tars of {shown(data)} hold no images (looked for .{', .'.join(IMAGE_SUFFIXES)})"
                             + "".join(f"; {line}" for line in warnings[:3]))
         super().__init__(names, samples)
-        self.warnings += warnings + _empty_classes(names, samples, classes, suffix,
-                                                          any(isinstance(label, int) for label in labels))
+        self.warnings += warnings + _empty_classes(names, samples.targets, classes, suffix,
+                                                   any(isinstance(label, int) for label in labels))
 
     @staticmethod
     def _list_tar(path: Path, suffix: str, field: str | None) -> dict:
@@ -273,20 +272,30 @@ class WebDatasetSource(Source):
         return sorted({str(label) for label in labels})
 
     def listing_problem(self, index: int) -> str | None:
-        problem = self.samples[index].location.split("\0", 3)[3]
+        problem = self.samples.problem(index)
         if not problem:
             return None
         return f"{problem}; {'name its class in --classes' if problem.endswith(NOT_IN_CLASSES) else 'fix the tar'}"
 
-    def input_unit(self, index: int) -> str:
-        return self.samples[index].location.partition("\0")[0]  # the tar: shards follow tars
+    def input_runs(self) -> list[tuple[int, int]]:
+        return self.samples.runs()  # the tars: shards follow tars
+
+    def targets(self) -> np.ndarray:
+        return self.samples.targets.astype(np.int64)
+
+    def digest_inputs(self, digest, first: int, last: int) -> None:
+        for inputs in self.samples.inputs(first, last):
+            digest.update(inputs)
+
+    def keep(self, indices) -> None:
+        self.samples = self.samples.take(indices)
 
     def encoded(self, index: int) -> bytes:
-        path, offset, size, problem = self.samples[index].location.split("\0", 3)
+        path, offset, size, problem = self.samples.where(index)
         if problem:
             raise OSError(problem)  # the listing's reason: no label, a repeated key, ... (see listing_problem)
-        data = os.pread(self._tar_handle(path), int(size), int(offset))
-        if len(data) != int(size):
+        data = os.pread(self._tar_handle(path), size, offset)
+        if len(data) != size:
             raise OSError(f"the tar entry is cut short ({len(data)} of {size} bytes)")
         return data
 
@@ -315,14 +324,14 @@ class WebDatasetSource(Source):
         try:
             return open_rgb(buffer, draft)
         except DECODE_ERRORS as exc:  # PIL names the buffer by its address: name the tar member instead
-            raise type(exc)(str(exc).replace(repr(buffer), self.samples[index].sample_id)) from None
+            raise type(exc)(str(exc).replace(repr(buffer), self.samples.sample_id(index))) from None
 
 
-def _empty_classes(names: list[str], samples: list[Sample], classes: str, suffix: str, numbered: bool) -> list[str]:
+def _empty_classes(names: list[str], targets: np.ndarray, classes: str, suffix: str, numbered: bool) -> list[str]:
     """The warning for classes no listed image holds: class numbers that skip some (labels from 1, a gap,
     one stray large number), or names of --classes the labels never use. They keep their index, so the
     classes match those of another split, but fit-head refuses a class without rows."""
-    held = {sample.target for sample in samples}
+    held = set(np.unique(targets).tolist())
     empty = [name for index, name in enumerate(names) if index not in held]
     if not empty:
         return []

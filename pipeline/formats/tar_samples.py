@@ -1,0 +1,143 @@
+"""The samples of webdataset tars held as columns: offsets, sizes, targets and tar numbers in numpy arrays, the keys
+in one bytes blob; some 40 bytes an image where a Sample object each took some 280. A Sample is made when asked for.
+
+What a tar lists (`TarEntries`) is made columns as soon as it is listed, on the rank that lists it, and travels
+so to the other ranks; `TarSamples.joined` puts the tars' columns end to end once the classes are known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.datasets import Sample
+
+ESCAPED = ("utf-8", "surrogateescape")  # names that are not UTF-8 arrive surrogate-escaped: kept as their raw bytes
+CHUNK = 1 << 16  # samples digested (or keys gathered) at once: a few MB at a time, whatever the count
+
+
+class TarEntries:
+    """One tar's listing entries ([key, data offset, size, label, problem] per image) as columns: the keys in
+    one blob, the labels as numbers into `labels` (its distinct values, -1: none), the problems by row."""
+
+    def __init__(self, entries: list):
+        keys = [entry[0].encode(*ESCAPED) for entry in entries]
+        self.keys = b"".join(keys)
+        self.key_ends = np.cumsum([len(key) for key in keys], dtype=np.int64)
+        self.offsets = np.array([entry[1] for entry in entries], np.int64)
+        self.sizes = np.array([entry[2] for entry in entries], np.int64)
+        numbers: dict = {}  # label value -> its number; 3 and "3" (a json field of either) stay apart, as before
+        self.label_numbers = np.array([-1 if entry[3] is None else numbers.setdefault(entry[3], len(numbers))
+                                       for entry in entries], np.int32)
+        self.labels = list(numbers)
+        self.problem_rows = np.array([row for row, entry in enumerate(entries) if entry[4]], np.int64)
+        self.problems = [entry[4] for entry in entries if entry[4]]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+class TarSamples(Sequence):
+    """The samples of a webdataset source, in listing order: `samples[i]` is the Sample the listing gave
+    (id TAR/KEY, target, location "path\\0offset\\0size\\0problem", the tar's stamp), made on request. The
+    columns answer the questions asked of every sample at once (targets, the runs of one tar, the fingerprint's
+    inputs) without making any. `tars` holds (path, name, stamp) per tar; `tar_of` a sample's tar number."""
+
+    def __init__(self, tars: list[tuple[str, str, str]], tar_of: np.ndarray, keys: bytes, key_ends: np.ndarray,
+                 offsets: np.ndarray, sizes: np.ndarray, targets: np.ndarray, problem_rows: np.ndarray,
+                 problems: list[str]):
+        self.tars, self.tar_of, self.keys, self.key_ends = tars, tar_of, keys, key_ends  # key i: [ends[i], ends[i + 1])
+        self.offsets, self.sizes, self.targets = offsets, sizes, targets
+        self.problem_rows, self.problems = problem_rows, problems  # sorted rows of the samples listed unusable, why
+
+    @classmethod
+    def joined(cls, tars: list[tuple[str, str, str, TarEntries]], outcome) -> "TarSamples":
+        """The samples of the tars (path, name, stamp, entries) end to end; `outcome(label) -> (target, problem or
+        None)` (a label not among the classes: -1 and why) gives each distinct label's target."""
+        targets, problem_rows, problems, first = [], [], [], 0
+        for *_, entries in tars:
+            outcomes = [outcome(label) for label in entries.labels]
+            looked_up = np.array([target for target, _ in outcomes] + [-1], np.int32)  # number -1: no label
+            targets.append(looked_up[entries.label_numbers])
+            refused = np.flatnonzero(np.isin(entries.label_numbers, [n for n, (_, why) in enumerate(outcomes) if why]))
+            rows = np.concatenate([entries.problem_rows, refused])
+            order = np.argsort(rows, kind="stable")
+            reasons = entries.problems + [outcomes[entries.label_numbers[row]][1] for row in refused]
+            problem_rows.append(rows[order] + first)
+            problems += [reasons[k] for k in order]
+            first += len(entries)
+        counts = [len(entries) for *_, entries in tars]
+        key_ends, length = [np.zeros(1, np.int64)], 0
+        for *_, entries in tars:
+            key_ends.append(entries.key_ends + length)
+            length += len(entries.keys)
+        sizes = np.concatenate([np.zeros(0, np.int64)] + [entries.sizes for *_, entries in tars])
+        return cls([(str(path), name, stamp) for path, name, stamp, _ in tars],
+                   np.repeat(np.arange(len(tars), dtype=np.int32), counts),
+                   b"".join(entries.keys for *_, entries in tars), np.concatenate(key_ends),
+                   np.concatenate([np.zeros(0, np.int64)] + [entries.offsets for *_, entries in tars]),
+                   sizes.astype(np.uint32) if sizes.size and sizes.max() < 2**32 else sizes,  # 4 bytes an image less
+                   np.concatenate([np.zeros(0, np.int32), *targets]),
+                   np.concatenate([np.zeros(0, np.int64), *problem_rows]), problems)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # a negative index counts from the end; IndexError past it
+        path, offset, size, problem = self.where(index)
+        location = f"{path}\0{offset}\0{size}\0{problem}"
+        return Sample(self.sample_id(index), int(self.targets[index]), location, self.tars[self.tar_of[index]][2])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # a list of samples has none either
+
+    def sample_id(self, index: int) -> str:
+        key = self.keys[self.key_ends[index]:self.key_ends[index + 1]].decode(*ESCAPED)
+        return f"{self.tars[self.tar_of[index]][1]}/{key}"
+
+    def problem(self, index: int) -> str:
+        """Why the listing found sample `index` unusable, or ""."""
+        if not self.problems:
+            return ""
+        at = int(np.searchsorted(self.problem_rows, index))
+        return self.problems[at] if at < len(self.problems) and self.problem_rows[at] == index else ""
+
+    def where(self, index: int) -> tuple[str, int, int, str]:
+        """(tar path, data offset, size, problem or "") of sample `index`."""
+        return self.tars[self.tar_of[index]][0], int(self.offsets[index]), int(self.sizes[index]), self.problem(index)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """(first, stop) of each run of consecutive samples of one tar."""
+        starts = [0, *(np.flatnonzero(self.tar_of[1:] != self.tar_of[:-1]) + 1).tolist()] if len(self) else []
+        return list(zip(starts, starts[1:] + [len(self)]))
+
+    def inputs(self, first: int, last: int):
+        """The bytes Source.sample_inputs gives for samples first..last-1, joined, in chunks of CHUNK samples."""
+        for start in range(first, last, CHUNK):
+            stop = min(last, start + CHUNK)
+            tars, ends = self.tar_of[start:stop].tolist(), self.key_ends[start:stop + 1].tolist()
+            heads = {tar: self.tars[tar][1].encode(*ESCAPED) + b"/" for tar in set(tars)}  # the chunk's tars only
+            tails = {tar: self.tars[tar][2].encode(*ESCAPED) + b"\n" for tar in heads}
+            yield b"".join(b"%s%s\0%d\0%s" % (heads[tar], self.keys[begin:end], target, tails[tar])
+                           for tar, begin, end, target in zip(tars, ends, ends[1:], self.targets[start:stop].tolist()))
+
+    def take(self, indices) -> "TarSamples":
+        """The samples at `indices`, in that order."""
+        rows = np.asarray(indices, np.int64).reshape(-1)
+        begins, lengths = self.key_ends[rows], self.key_ends[rows + 1] - self.key_ends[rows]
+        key_ends = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+        blob, keys = np.frombuffer(self.keys, np.uint8), []
+        for start in range(0, len(rows), CHUNK):  # a chunk at a time: a position takes 8 bytes, a key's byte 1
+            stop = min(len(rows), start + CHUNK)
+            keys.append(blob[np.repeat(begins[start:stop] - key_ends[start:stop], lengths[start:stop])
+                             + np.arange(key_ends[start], key_ends[stop])].tobytes())
+        at = np.minimum(np.searchsorted(self.problem_rows, rows), max(len(self.problem_rows) - 1, 0))
+        listed = self.problem_rows[at] == rows if len(self.problem_rows) else np.zeros(len(rows), bool)
+        return TarSamples(self.tars, self.tar_of[rows], b"".join(keys), key_ends, self.offsets[rows], self.sizes[rows],
+                          self.targets[rows], np.flatnonzero(listed), [self.problems[k] for k in at[listed].tolist()])
