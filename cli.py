@@ -160,6 +160,18 @@ class Count(click.IntRange):
 COUNT, AMOUNT = Count(min=1), Count(min=0)  # at least one; zero allowed (0: all, or none)
 
 
+class Unfreeze(Count):
+    """finetune's --unfreeze: a count of layers, or `all`, every one whatever the backbone (a recipe's
+    count of AlexNet's 5 conv layers trained 5 of VGG16's 13 under --set backbone=vgg16)."""
+
+    name = "count or all"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return "all"
+        return super().convert(value, param, ctx)
+
+
 class Share(click.FloatRange):
     """A fraction of the training data held out for validation, checked when click parses the command;
     with `none_at_zero`, 0 holds out nothing (as Keras's validation_split=0): a recipe's `val_fraction: 0`
@@ -843,8 +855,9 @@ def quickstart(out, per_class, seed, quiet):
 @option("--samples-per-class", type=AMOUNT, help="Seeded, stratified subset of N per class (0: every image).")
 @option("--head", type=PATH, required=True,
         help="Stage-two head: the model is its backbone up to its layer, then the head.")
-@option("--unfreeze", type=AMOUNT, help="Also train the last N conv layers (a ViT's: transformer blocks) and every "
-        "layer after them (0: the head only).")
+@option("--unfreeze", type=Unfreeze(min=0), metavar="N|all",
+        help="Also train the last N conv layers (a ViT's: transformer blocks) and every layer after them (0: the "
+             "head only; all: every layer).")
 @option("--epochs", type=AMOUNT, help="0: only evaluate (and write the model).")
 @option("--batch-size", type=COUNT)
 @option("--optimizer", type=RegistryChoice("pipeline.training:OPTIMIZERS"))

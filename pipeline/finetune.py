@@ -54,7 +54,7 @@ class FinetuneConfig:
     val_split: str | None = None  # None: the same split name as --split
     val_fraction: float | None = None  # or hold out this seeded, stratified fraction of the training images
     samples_per_class: int | None = None
-    unfreeze: int = 0
+    unfreeze: int | str = 0  # or "all": every conv layer (transformer block) before the tap
     epochs: int = 10
     batch_size: int = 32
     optimizer: str = TrainingOptions.optimizer
@@ -217,6 +217,7 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
                                  world=current)
     model, backbone, convs = build_model(head_metadata, head, config.weights)
     trainable = freeze(model, convs, config.unfreeze, config.bn_stats)
+    config = replace(config, unfreeze=len(trainable["conv_layers"]))  # all: checkpointed and written as its count
     say(f"training {trainable['parameters']:,} parameters (head"
         + (f" + {', '.join(trainable['backbone_layers'])}" if trainable["backbone_layers"] else " only")
         + f"); {trainable['frozen_parameters']:,} frozen")

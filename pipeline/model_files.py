@@ -221,20 +221,24 @@ def tap_conv_layers(backbone: Backbone, tap: str) -> tuple[list[str], str]:
     return convs, layer_words(features.extractor, convs)
 
 
-def check_unfreeze(unfreeze: int, convs: list[str], words: str = "conv layers") -> None:
-    if unfreeze < 0:
-        raise FinetuneError(f"--unfreeze must be 0 or more, got {unfreeze}")
+def check_unfreeze(unfreeze: int | str, convs: list[str], words: str = "conv layers") -> int:
+    """--unfreeze as the count of `convs` it trains: `all` is every one of them."""
+    if unfreeze == "all":
+        return len(convs)
+    if not isinstance(unfreeze, int) or unfreeze < 0:
+        raise FinetuneError(f"--unfreeze must be 0 or more, or all, got {unfreeze}")
     if unfreeze > len(convs):
         raise FinetuneError(f"--unfreeze {unfreeze} is more than the {len(convs)} {words} of this backbone "
                             f"before the tap; pass --unfreeze {len(convs)} or less")
+    return unfreeze
 
 
-def freeze(model: FinetuneModel, convs: list[str], unfreeze: int, bn_stats: bool = False) -> dict:
+def freeze(model: FinetuneModel, convs: list[str], unfreeze: int | str, bn_stats: bool = False) -> dict:
     """Train the head and, with N ≥ 1, the last N conv layers and everything after them up to the tap;
     every earlier parameter gets requires_grad=False and its modules stay in eval mode. BatchNorm layers
     keep their ImageNet statistics unless `bn_stats` (as Keras's transfer-learning guide advises: batch
     statistics of small fine-tuning batches would replace them and wreck the codes the head knows)."""
-    check_unfreeze(unfreeze, convs, layer_words(model.features.extractor, convs))
+    unfreeze = check_unfreeze(unfreeze, convs, layer_words(model.features.extractor, convs))
     modules = list(model.features.named_modules())
     first = len(modules)
     if unfreeze:

@@ -109,6 +109,7 @@ def test_voc_recipe_runs_on_a_voc_format_folder(run_tl, tmp_path, monkeypatch):
     here). The head is scored on the test codes, and the network finetuned from it on the test images'
     patches, both pooled with exponent 5."""
     from pipeline.examples import write_shapes_voc
+    from pipeline.model_files import load_model_file
 
     monkeypatch.chdir(tmp_path)
     base = write_shapes_voc(tmp_path, {"trainval": 16, "test": 8})
@@ -118,12 +119,27 @@ def test_voc_recipe_runs_on_a_voc_format_folder(run_tl, tmp_path, monkeypatch):
                     "--set", "fit-head.val_fraction=0.3", "--set", "finetune.epochs=1")
     assert result.code == 0 and "6 steps ran" in result.out, result
     settings = json.loads((tmp_path / "models/voc07-alexnet.pt.tl-run.json").read_text())["settings"]
-    assert settings["unfreeze"] == 5 and settings["backbone_lr_scale"] == 1 and settings["lr"] == 0.0001
+    assert settings["unfreeze"] == "all" and settings["backbone_lr_scale"] == 1 and settings["lr"] == 0.0001
+    assert load_model_file(tmp_path / "models/voc07-alexnet.pt")[1]["trainable"]["conv_layers"] == [
+        "features.0", "features.3", "features.6", "features.8", "features.10"]  # every layer, as neon
     for report in ("voc07-alexnet-multiscale", "voc07-alexnet-finetuned"):
         scored = json.loads((tmp_path / "reports" / report / "report.json").read_text())
         assert scored["pooling"]["exponent"] == 5 and scored["ap_method"] == "voc07" and scored["rows"] == 8, report
     # the closing line names the multi-label accuracy as the report does (it said "accuracy"), after the mAP
     assert f", mAP {scored['mAP']:.4f}, exact-match accuracy {scored['accuracy']:.4f}\n" in result.out, result.out
+
+
+def test_the_voc_recipe_finetunes_every_layer_of_another_backbone_too():
+    """neon trained every layer; the recipe said so as `unfreeze: 5`, AlexNet's conv layers, which under
+    --set backbone=vgg16 trained the last 5 of VGG16's 13. `all` counts the backbone's own."""
+    from pipeline.backbones import get_backbone
+    from pipeline.model_files import check_unfreeze, tap_conv_layers
+
+    recipe = yaml.safe_load((REPO / "configs" / "voc2007_alexnet_multiscale.yaml").read_text())
+    unfreeze, layer = recipe["finetune"]["unfreeze"], recipe["layers"][0]
+    counts = {name: check_unfreeze(unfreeze, *tap_conv_layers(get_backbone(name), layer))
+              for name in ("alexnet", "vgg16")}
+    assert counts == {"alexnet": 5, "vgg16": 13}
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "finetune" in yaml.safe_load(c.read_text())],

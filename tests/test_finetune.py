@@ -324,6 +324,25 @@ def test_a_start_over_that_is_refused_keeps_the_earlier_runs_checkpoints(run_tl,
     assert resumed.resumed_from == 1 and len(resumed.history) == 2, resumed
 
 
+def test_unfreeze_all_trains_every_conv_layer_and_resumes_as_its_count(run_tl, alexnet_head, tmp_path):
+    """--unfreeze took only a count, so a recipe's "every layer" was a backbone's count (AlexNet's 5, under
+    --set backbone=vgg16 5 of 13): `all` is every conv layer before the tap, checkpointed and written as the
+    count, so a run of either resumes under the other."""
+    out = tmp_path / "m.pt"
+    first = run_tl(*finetune_args(alexnet_head, out, "--unfreeze", "all", "--epochs", "1", "--lr", "1e-6"))
+    assert first.code == 0, first
+    assert load_model_file(out)[1]["unfreeze"] == 5
+    for epochs, unfreeze in (("2", "5"), ("3", "ALL")):
+        resumed = run_tl(*finetune_args(alexnet_head, out, "--unfreeze", unfreeze, "--epochs", epochs, "--lr", "1e-6",
+                                        "--resume"))
+        assert resumed.code == 0 and f"resumed after epoch {int(epochs) - 1}" in resumed.out, resumed
+    _, metadata = load_model_file(out)
+    assert metadata["unfreeze"] == 5 and len(metadata["trainable"]["conv_layers"]) == 5
+    assert metadata["trainable"]["backbone_layers"][0] == "features.0"  # the first conv layer on
+    refused = run_tl(*finetune_args(alexnet_head, out, "--unfreeze", "every", "--overwrite"))
+    assert refused.code == 2 and "'every' is not a valid count or all" in refused.err, refused
+
+
 def test_an_epoch_is_said_once_its_checkpoint_is_written(alexnet_head, tmp_path):
     """A stop right after the "epoch N" line kept only epoch N - 1: the line came before the checkpoint."""
     out = tmp_path / "m.pt"
