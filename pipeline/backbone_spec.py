@@ -120,10 +120,10 @@ class Backbone:
 
 def _attends(module: nn.Module) -> bool:
     """Whether a child of `module` is an attention module: torch's, or one named so (timm's Attention,
-    WindowAttention, CaiT's TalkingHeadAttn and ClassAttn, ...) that is no block holding one (CaiT's
-    LayerScaleBlockClassAttn)."""
+    WindowAttention, CaiT's TalkingHeadAttn and ClassAttn, MaxViT's channels-last AttentionCl, ...) that is
+    no block holding one (CaiT's LayerScaleBlockClassAttn, MaxViT's PartitionAttentionCl)."""
     return any(isinstance(child, nn.MultiheadAttention)
-               or (type(child).__name__.endswith(("Attention", "Attn")) and not _attends(child))
+               or (type(child).__name__.endswith(("Attention", "Attn", "AttentionCl")) and not _attends(child))
                for child in module.children())
 
 

@@ -151,6 +151,45 @@ def test_blocks_whose_attention_is_named_attn_count_and_so_does_no_list_of_them(
                      "blocks_token_only.1"] and words == "conv layers and transformer blocks"
 
 
+def test_maxvits_attention_partitions_count_and_a_checkpoint_that_did_not_count_them_is_refused(images, tmp_path,
+                                                                                                  monkeypatch):
+    """A MaxViT block is an MBConv then two attention partitions (PartitionAttentionCl, whose AttentionCl
+    was not named like attention): only the convs counted, so --unfreeze 1 trained the last block's last
+    conv with both partitions and no partition could train alone. Each partition is a transformer block
+    now; a run stopped by the earlier tl (--unfreeze 1 trained more) is refused in one line."""
+    import dataclasses
+
+    import pipeline.finetune
+    from pipeline.errors import FinetuneError
+    from pipeline.model_files import freeze, tap_conv_layers
+
+    backbone = "timm:maxvit_nano_rw_256"
+    convs, words = tap_conv_layers(get_backbone(backbone), "pool")
+    assert convs[-3:] == ["stages.3.blocks.0.conv.conv3_1x1", "stages.3.blocks.0.attn_block",
+                          "stages.3.blocks.0.attn_grid"] and words == "conv layers and transformer blocks"
+    assert len(convs) == 40 + 2 * 7  # every conv, and two partitions in each of the 1 + 2 + 3 + 1 blocks
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone=backbone, weights="none", dtype="float32",
+                              workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+
+    def earlier_freeze(model, convs, *args, **options):  # the earlier tl: the convs alone counted
+        return freeze(model, [name for name in convs if not name.endswith(("attn_block", "attn_grid"))],
+                      *args, **options)
+
+    config = FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "m.pt", unfreeze=1, epochs=1,
+                            batch_size=3, workers=0, quiet=True, lr=0.01)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.finetune, "freeze", earlier_freeze)
+        earlier = run_finetune(config, say=lambda text: None)
+    assert earlier.trainable["conv_layers"] == ["stages.3.blocks.0.conv.conv3_1x1"]
+    with pytest.raises(FinetuneError, match=r"holds another optimizer layout .*; pass --overwrite to start over$"):
+        run_finetune(dataclasses.replace(config, epochs=2, resume=True), say=lambda text: None)
+    now = run_finetune(dataclasses.replace(config, overwrite=True), say=lambda text: None)
+    assert now.trainable["conv_layers"] == ["stages.3.blocks.0.attn_grid"]
+    assert now.trainable["backbone_layers"][0].startswith("stages.3.blocks.0.attn_grid.")
+    assert not any("attn_block" in name or "conv" in name for name in now.trainable["backbone_layers"])
+
+
 def test_layers_kept_past_a_stage_tap_but_never_used_do_not_train(images, tmp_path, monkeypatch):
     """A ViT cut at a stage keeps its final norm, which nothing after the stage uses: --unfreeze 1 marked it
     trainable and listed it, and torchrun's DDP stopped at the second step ('Expected to have finished
