@@ -247,20 +247,29 @@ def freeze(model: FinetuneModel, convs: list[str], unfreeze: int | str, bn_stats
     trainable_names = {name for name, _ in modules[first:]}
     # every module before the first trainable layer but those holding one (eval() recurses): not leaves
     # only, as a norm + act module (timm's BatchNormAct2d) has children and statistics of its own
-    model.eval_modules = [module for name, module in modules[:first] if not _holds(name, trainable_names)]
-    if not bn_stats:
-        model.eval_modules += [module for _, module in modules[first:]
-                               if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    frozen = [module for name, module in modules[:first] if not _holds(name, trainable_names)]
+    model.eval_modules = frozen + [module for _, module in modules[first:]
+                                   if not bn_stats and isinstance(module, nn.modules.batchnorm._BatchNorm)]
     for name, parameter in model.features.named_parameters():
         owner = name.rsplit(".", 1)[0]
         # a module's own parameters beside its children train when it holds a trainable one, as its eval mode
         # follows them: ConvNeXt's layer scale `gamma` (applied after the block's last conv) stayed frozen
-        # under the layers it scales. The network's own (a ViT's class token and position embedding, added to
-        # the patch embedding before the first block) train only when every layer does: they feed them all
-        parameter.requires_grad = owner in trainable_names or (
-            _holds(owner, trainable_names) and (owner != "extractor" or unfreeze == len(convs)))
+        # under the layers it scales
+        parameter.requires_grad = owner in trainable_names or _holds(owner, trainable_names)
     for parameter in model.head.parameters():
         parameter.requires_grad = True
+    if unfreeze < len(convs) and any(p.requires_grad for p in model.features.extractor.parameters(recurse=False)):
+        # the network's own (a ViT's class token and position embedding) train when no frozen layer takes them in,
+        # as a probe with those layers' outputs cut finds: a ViT's feed its first block; CaiT's class token joins
+        # only its class-attention blocks (and trained only with every layer)
+        cut = [module.register_forward_hook(lambda module, inputs, output: torch.utils._pytree.tree_map_only(
+            torch.Tensor, torch.Tensor.detach, output)) for module in frozen]
+        try:
+            for name in unreached(model, "features", model.input_size):
+                model.features.get_parameter(name).requires_grad &= name.rsplit(".", 1)[0] != "extractor"
+        finally:
+            for hook in cut:
+                hook.remove()
     # not trained, not listed: torchrun's DDP stopped at the second step on them
     model.unreached_parameters = set(unreached(model, "features", model.input_size))
     for name in model.unreached_parameters:

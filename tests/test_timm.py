@@ -190,6 +190,44 @@ def test_maxvits_attention_partitions_count_and_a_checkpoint_that_did_not_count_
     assert not any("attn_block" in name or "conv" in name for name in now.trainable["backbone_layers"])
 
 
+def test_caits_class_token_trains_with_the_class_attention_blocks_it_joins(images, tmp_path, monkeypatch):
+    """CaiT's class token joins the patch tokens only in its two class-attention blocks, yet it trained only
+    when every layer did, as a ViT's (which feeds the first block); the position embedding, added before
+    the first block, still does. A run stopped by the earlier tl (its class token frozen) resumes."""
+    import dataclasses
+
+    import pipeline.finetune
+    from pipeline.model_files import build_model, freeze, load_head
+
+    run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:cait_xxs24_224", weights="none",
+                              dtype="float32", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    head, metadata = load_head(tmp_path / "h.pt")
+    model, _, convs = build_model(metadata, head, None)
+    extractor = model.features.extractor
+    for unfreeze, token, position in ((1, False, False), (2, True, False), (3, True, False), (27, True, True)):
+        trainable = freeze(model, convs, unfreeze)
+        assert (extractor.cls_token.requires_grad, extractor.pos_embed.requires_grad) == (token, position), unfreeze
+        assert ("cls_token" in trainable["backbone_layers"]) is token
+
+    def earlier_freeze(model, *args, **options):  # the earlier tl: the class token only with every layer
+        trainable = freeze(model, *args, **options)
+        model.features.extractor.cls_token.requires_grad_(False)
+        return trainable
+
+    config = FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "m.pt", unfreeze=2, epochs=1,
+                            batch_size=3, workers=0, quiet=True, lr=1e-3)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.finetune, "freeze", earlier_freeze)
+        run_finetune(config, say=lambda text: None)
+    before = load_model_file(tmp_path / "m.pt")[0].state_dict()
+    result = run_finetune(dataclasses.replace(config, epochs=2, resume=True), say=lambda text: None)
+    after = load_model_file(tmp_path / "m.pt")[0].state_dict()
+    token, position = "features.extractor.cls_token", "features.extractor.pos_embed"
+    assert result.resumed_from == 1 and result.trainable["backbone_layers"][0] == "cls_token"
+    assert not torch.equal(before[token], after[token]) and torch.equal(before[position], after[position])
+
+
 def test_layers_kept_past_a_stage_tap_but_never_used_do_not_train(images, tmp_path, monkeypatch):
     """A ViT cut at a stage keeps its final norm, which nothing after the stage uses: --unfreeze 1 marked it
     trainable and listed it, and torchrun's DDP stopped at the second step ('Expected to have finished
