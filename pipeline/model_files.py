@@ -112,7 +112,6 @@ def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tupl
     return payload, metadata
 
 
-
 # ---------------------------------------------------------------- head files
 
 
@@ -148,8 +147,6 @@ def head_from_payload(metadata, tensors: dict, path, module_state: bool = False)
     return head, metadata
 
 
-
-
 def head_backbone(codes_key: dict, weights_path: str | None, head: str):
     """(backbone entry, weights) that made the codes of `codes_key`: the weights found again from their
     recorded digest; refused when this tl preprocesses images otherwise than when `head` was trained."""
@@ -171,18 +168,21 @@ class FinetuneModel(nn.Module):
     BatchNorm statistics are trained, every BatchNorm layer (its scale and shift still learn).
     """
 
-    def __init__(self, features: nn.Module, tap: str, head: nn.Module, input_size: int = 224):
+    def __init__(self, features: nn.Module, tap: str, head: nn.Module, input_size: int = 224,
+                 codes_dtype: str | None = None):
         super().__init__()
         self.features = features
         self.tap = tap
         self.head = head
         self.input_size = input_size  # the side of the square crops it takes
+        self.rounded = codes_dtype == "float16"  # codes rounded as the head's cache held them (see forward)
         self.eval_modules: list[nn.Module] = []
         self.held_parameters: set[str] = set()  # see freeze
         self.unreached_parameters: set[str] = set()  # see freeze
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixels)[self.tap])
+        codes = self.features(pixels)[self.tap]  # as the head saw them: the epoch-0 model is the head on its cache
+        return self.head(codes.to(torch.float16).to(codes.dtype) if self.rounded else codes)
 
     def train(self, mode: bool = True) -> "FinetuneModel":
         super().train(mode)
@@ -197,7 +197,8 @@ def build_model(head_metadata: dict, head, weights_path: str | None) -> tuple[Fi
     backbone, weights = head_backbone(head_metadata["codes_key"], weights_path, "the head")
     full = load_model(backbone, weights)
     features = tap_model(full, backbone, [head_metadata["layer"]])
-    model = FinetuneModel(features, head_metadata["layer"], head.logits_module(), backbone.input_size)
+    model = FinetuneModel(features, head_metadata["layer"], head.logits_module(), backbone.input_size,
+                          head_metadata.get("codes_dtype"))  # absent from heads of an earlier tl
     return model, backbone, _conv_layers(backbone, full, features)
 
 
@@ -350,7 +351,8 @@ def save_model(path: Path, model: FinetuneModel, head_metadata: dict, trainable:
                                                     "classes", "layer", "width", "codes_key")}
     document = {"format": MODEL_FORMAT, "tl_version": __version__, "head": head_part,
                 "classes": head_metadata["classes"], "layer": head_metadata["layer"],
-                "codes_key": head_metadata["codes_key"], "unfreeze": settings["unfreeze"], "trainable": trainable,
+                "codes_key": head_metadata["codes_key"], "codes_dtype": head_metadata.get("codes_dtype"),
+                "unfreeze": settings["unfreeze"], "trainable": trainable,
                 "history": history, "settings": {k: _recorded(k, v) for k, v in settings.items()}}
     head_tensors = {name: tensor.detach().cpu() for name, tensor in model.head.state_dict().items()}
     write_payload({"metadata": json.dumps(document), "tensors": model.state_dict(), "head_tensors": head_tensors},
@@ -375,7 +377,8 @@ def load_model_file(path: Path, weights_path: str | None = None) -> tuple[Finetu
     backbone = get_backbone(key["backbone"])
     # every weight comes from the file: build the architecture only (seeded, nothing downloaded)
     full = load_model(backbone, weights_for_digest(backbone, "random-init:seed=0"))
-    model = FinetuneModel(tap_model(full, backbone, [metadata["layer"]]), metadata["layer"], head.logits_module())
+    model = FinetuneModel(tap_model(full, backbone, [metadata["layer"]]), metadata["layer"], head.logits_module(),
+                          backbone.input_size, metadata.get("codes_dtype"))
     try:
         model.load_state_dict(payload["tensors"])
     except RuntimeError as exc:

@@ -136,6 +136,28 @@ def test_epoch_zero_model_is_the_stage_two_head(alexnet_head, tmp_path):
     assert metadata["unfreeze"] == 0 and metadata["history"] == []
 
 
+def test_epoch_zero_model_of_a_float16_head_scores_as_the_head_on_its_cache(tmp_path):
+    """A head fitted on a float16 cache saw its codes rounded to float16; the model of --epochs 0 (neon's
+    `-e 0`) gave it the unrounded float32 codes, and scored up to 0.06 off the head on its cache (a
+    random-init efficientnet_lite0: near-constant columns, standardized by tiny deviations). The model
+    rounds them as the cache did, in the file it writes too."""
+    folder = make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=4)
+    run_extract(ExtractConfig(data=folder, out=tmp_path / "c", backbone="efficientnet_lite0", weights="none",
+                              layers=("block12",), dtype="float16", workers=0, quiet=True))
+    fit_head(FitHeadConfig(cache=tmp_path / "c", out=tmp_path / "h.pt"))
+    run_finetune(FinetuneConfig(data=folder, head=tmp_path / "h.pt", out=tmp_path / "m.pt", epochs=0, workers=0,
+                                quiet=True), say=lambda text: None)
+    model, metadata = load_model_file(tmp_path / "m.pt")
+    source = open_source("imagefolder", folder)
+    through_model = score_images(model, DecodedImages(source, get_backbone("efficientnet_lite0").transform()), 5, 0,
+                                 torch.device("cpu"), multilabel=False)
+    head, _ = load_head(tmp_path / "h.pt")
+    reader = CacheReader(tmp_path / "c")
+    on_codes = dict(zip(reader.load_column("sample_id"), head.predict_proba(reader.load("block12"))))
+    np.testing.assert_allclose(through_model, [on_codes[sample.sample_id] for sample in source.samples], atol=1e-4)
+    assert metadata["codes_dtype"] == "float16"
+
+
 def test_unfreezing_two_layers_moves_only_them(tmp_path):
     """efficientnet_lite0 (real weights, BatchNorm everywhere): frozen weights and BN statistics stay."""
     make_image_folder(tmp_path / "train", classes=("a", "b"), per_class=4)
