@@ -286,11 +286,13 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None):
 
     group = ctx.parent.command if ctx.parent else None
     commands = list(group.commands.values()) if isinstance(group, click.Group) else [ctx.command]
+    # the command line as given (parsed already, so parsed again without a fault): values as typed
+    given, _, _ = ctx.command.make_parser(ctx).parse_args(args=list(ctx.meta.get("tl.args", [])))
     defaults = command_defaults(
         Path(value), ctx.info_name, _option_keys(ctx.command),
         known={key for command in commands for key in _option_keys(command)},
         sections={command.name for command in commands},
-        flags={param.name for param in ctx.command.params if getattr(param, "is_flag", False)})
+        flags={param.name for param in ctx.command.params if getattr(param, "is_flag", False)}, given=given)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -350,6 +352,7 @@ class TlCommand(click.Command):
     joins them with spaces into its message, where a path holding a space could not be told from two."""
 
     def parse_args(self, ctx, args):
+        ctx.meta["tl.args"] = list(args)  # for --config: the flags given, which its ${KEY} references take
         allowed, ctx.allow_extra_args = ctx.allow_extra_args, True
         extras = super().parse_args(ctx, args)
         if extras and not allowed and not ctx.resilient_parsing:

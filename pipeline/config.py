@@ -42,13 +42,23 @@ def read_config(path: Path) -> dict:
 
 
 def command_defaults(path: Path, command: str, options: dict[str, str], known: set[str], sections: set[str],
-                     flags: set[str]) -> dict:
+                     flags: set[str], given: dict | None = None) -> dict:
     """{parameter: value} that the config at `path` sets for `command`.
 
     `options`: this command's config keys (long flags, `-` as `_`) -> parameter names; `known`: every
     command's keys (a key of another command is fine at the top level); `sections`: the command names;
-    `flags`: parameters that are on/off switches (the only ones that take true/false)."""
-    document = resolve_references(read_config(path), path)
+    `flags`: parameters that are on/off switches (the only ones that take true/false); `given`: {parameter:
+    value} of the flags on the command line, which win over the file's keys in `${KEY}` references too."""
+    document = read_config(path)
+    for parameter, setting in (given or {}).items():
+        # as tl run's --set would: the key the command reads, in its section if that sets it, else at the top
+        names = {key for key, named in options.items() if named == parameter}
+        for node in ([document.get(command)] if isinstance(document.get(command), dict) else []) + [document]:
+            spellings = [raw for raw in node if str(raw).replace("-", "_") in names]
+            if spellings:
+                node[spellings[-1]] = setting
+                break
+    document = resolve_references(document, path)
     defaults: dict = {}
     section: dict = {}
     for raw_key, setting in document.items():

@@ -41,6 +41,22 @@ def test_recipe_fit_head_section_learns(run_tl, synthetic_caches, tmp_path, conf
     assert head["kind"] == recipe["fit-head"]["head"]
 
 
+def test_a_commands_flags_reach_the_references_of_its_config_file(run_tl, synthetic_caches, tmp_path, monkeypatch):
+    """`tl fit-head --config r.yaml --max-epochs 3` trained 3 epochs into the head the file's max_epochs (2)
+    named: ${KEY} took the file's values whatever the flags said. A flag now counts as tl run's --set of
+    the key the command reads (its section's, else the top level's); a key the file does not set is no
+    reference's."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"seed: 0\nfit-head:\n  cache: {synthetic_caches / 'train'}\n  head: mlp\n  max-epochs: 2\n"
+                      "  out: heads/h${seed}-${fit-head.max_epochs}.pt\n")
+    fitted = run_tl("fit-head", "--config", recipe, "--max-epochs", "3", "--seed", "1", "--lr", "0.01")
+    assert fitted.code == 0 and fitted.out.startswith("wrote heads/h1-3.pt: ") and "trained 3 epochs" in fitted.out, \
+        fitted
+    plain = run_tl("fit-head", "--config", recipe, "--quiet")
+    assert plain.code == 0 and plain.out.startswith("wrote heads/h0-2.pt: "), plain
+
+
 SMALL = ["--quiet", "--set", "backbone=alexnet", "--set", "weights=none", "--set", "layers=[pool5]"]
 
 
