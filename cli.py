@@ -415,6 +415,9 @@ def tl(ctx):
 @option("--seed", type=SEED)
 @option("--decode", type=RegistryChoice("pipeline.decoding:DECODE_MODES"), describe="cli:decode_help",
         help="How an image becomes the centre crop; part of the cache key (heads refuse codes of the other mode).")
+@option("--device-decode", type=click.Choice(["auto", "on", "off"]),
+        help="JPEGs decoded on the device (nvjpeg) or in workers; auto: on CUDA with --decode fast. Not part of the "
+             "cache key: a cache goes on either way.")
 @option("--on-error", type=RegistryChoice("pipeline.extract:ON_ERROR"),
         help="Unreadable image: skip it (recorded with its shard in shards.jsonl; tl info lists them) or stop.")
 @option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")

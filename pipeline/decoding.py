@@ -13,6 +13,7 @@ resize (`bench/crop_resize.py`).
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 
 from pipeline.datasets import DECODE_ERRORS
 from pipeline.errors import TLError
+from pipeline.stops import RESUME_HINT
 
 DECODE_MODES: dict[str, type] = {}  # --decode values, filled by register_decode
 DEFAULT_DECODE = "fast"  # measured to cost no accuracy (bench/RESULTS.md)
@@ -248,11 +250,28 @@ class EncodedImages(torch.utils.data.Dataset):
             return None, None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
 
 
+# a CUDA error (torch's AcceleratorError, or its words where nvjpeg's decoder rewraps it or gives only a
+# cudaError_t number): no refusal of a file; it leaves the device unusable to this process
+_CUDA_FAILURE = re.compile(r"\bCUDA (driver )?error\b|Failed to synchronize CUDA stream")
+
+
+def _device_failure(exc: RuntimeError) -> TLError | None:
+    """The one line for a CUDA error met while decoding (an illegal memory access), else None."""
+    said = str(exc)
+    if not (isinstance(exc, getattr(torch, "AcceleratorError", ())) or _CUDA_FAILURE.search(said)):
+        return None
+    line = (said.strip().splitlines() or [type(exc).__name__])[0][:160]
+    return TLError(f"the GPU failed while decoding JPEGs ({line}) and cannot go on in this process; {RESUME_HINT}; "
+                   "if it happens again, add --device-decode off (JPEGs decoded in workers, into the same cache) and "
+                   "report it")
+
+
 def _unless_refused(call, *args, **options):
     """call(*args, **options), or None where the device refuses it (a RuntimeError). Running out of device
     memory is no refusal: it is raised, so that a batch too large never quietly takes the CPU path. The
     nvjpeg decoder rewraps every error of its own, torch's OutOfMemoryError included, as a plain one
-    ("Error while decoding JPEG images: CUDA out of memory. ..."): by its words, that is one too."""
+    ("Error while decoding JPEG images: CUDA out of memory. ..."): by its words, that is one too. Nor is a
+    CUDA error (_device_failure): the CPU path's copy of the crop to the device failed in a traceback."""
     try:
         return call(*args, **options)
     except torch.OutOfMemoryError:
@@ -260,6 +279,9 @@ def _unless_refused(call, *args, **options):
     except RuntimeError as exc:
         if "out of memory" in str(exc).lower():
             raise torch.OutOfMemoryError(str(exc)) from exc
+        failure = _device_failure(exc)
+        if failure is not None:
+            raise failure from None
         return None
 
 
@@ -292,7 +314,13 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
         if device.type == "cuda":
             # torchvision's batched decoder writes its outputs on a stream of its own that does not wait for
             # ours (pytorch/vision#9606): nothing of ours may still run on memory it is handed
-            torch.cuda.current_stream(device).synchronize()
+            try:
+                torch.cuda.current_stream(device).synchronize()
+            except RuntimeError as exc:  # an error of earlier work shows here too
+                failure = _device_failure(exc)
+                if failure is None:
+                    raise
+                raise failure from None
         images = _unless_refused(decode_jpeg, [data for _, data in jpegs], mode=ImageReadMode.RGB, device=device)
         if images is not None:
             decoded = dict(zip([position for position, _ in jpegs], images))

@@ -318,6 +318,43 @@ def test_running_out_of_device_memory_in_nvjpeg_is_raised_though_it_rewraps_the_
     assert crops.shape == (1, 3, 224, 224) and indices == [0] and errors == [] and refusals == 1
 
 
+@pytest.mark.parametrize("error", [
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                           "asynchronously reported"),
+    RuntimeError("Error while decoding JPEG images: CUDA error: an illegal memory access was encountered"),
+    RuntimeError("Error while decoding JPEG images: Failed to synchronize CUDA stream: 700")],
+    ids=["torch", "rewrapped", "cuda-status"])
+def test_a_cuda_error_while_decoding_is_one_line_not_a_refused_jpeg(run_tl, tmp_path, monkeypatch, error):
+    """A sticky CUDA error (torch's AcceleratorError, or as torchvision's nvjpeg decoder rewraps it) was taken
+    for a JPEG the device refuses: the CPU path decoded it, and its copy to the broken device failed in a
+    traceback. It stops the extraction in one line that says what to do; a refusal still takes the CPU path,
+    and --device-decode off decodes in workers, into the same cache."""
+    import torchvision.io
+
+    from pipeline.decoding import device_crops
+    from pipeline.errors import TLError
+
+    def failing(*args, **options):
+        raise error
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", failing)
+    path = photo(tmp_path / "images" / "a" / "photo.jpg", (500, 375))
+    item = (torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8), None, 0, "")
+    with pytest.raises(TLError, match=r"^the GPU failed while decoding JPEGs \(.*CUDA (error: an illegal memory access "
+                                      r"was encountered|stream: 700)\) and cannot go on in this process; nothing "
+                                      r"finished was lost"):
+        device_crops([item], torch.device("cpu"), 256, 224, fallback=lambda index: pytest.fail("fell back"))
+    photo(tmp_path / "images" / "b" / "photo.jpg", (400, 300))
+    extract = ["extract", "--data", tmp_path / "images", "--out", tmp_path / "cache", "--backbone", "alexnet",
+               "--weights", "none", "--layers", "fc7", "--workers", "0", "--quiet"]
+    failed = run_tl(*extract, "--device-decode", "on")  # the CUDA path, on the CPU
+    assert failed.code == 2 and failed.err.count("\n") == 1 and "Traceback" not in failed.err, failed
+    assert failed.err.startswith(f"error: the GPU failed while decoding JPEGs ({str(error).splitlines()[0]}) ")
+    assert "if it happens again, add --device-decode off (JPEGs decoded in workers, into the same cache)" in failed.err
+    assert run_tl(*extract, "--device-decode", "off").code == 0
+    assert len(CacheReader(tmp_path / "cache").load_column("sample_id")) == 2
+
+
 def test_running_out_of_device_memory_is_one_line_that_says_what_to_do(run_tl, tmp_path, monkeypatch):
     import pipeline.extract
 
