@@ -194,9 +194,6 @@ def test_caits_class_token_trains_with_the_class_attention_blocks_it_joins(image
     """CaiT's class token joins the patch tokens only in its two class-attention blocks, yet it trained only
     when every layer did, as a ViT's (which feeds the first block); the position embedding, added before
     the first block, still does. A run stopped by the earlier tl (its class token frozen) resumes."""
-    import dataclasses
-
-    import pipeline.finetune
     from pipeline.model_files import build_model, freeze, load_head
 
     run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:cait_xxs24_224", weights="none",
@@ -215,14 +212,7 @@ def test_caits_class_token_trains_with_the_class_attention_blocks_it_joins(image
         model.features.extractor.cls_token.requires_grad_(False)
         return trainable
 
-    config = FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "m.pt", unfreeze=2, epochs=1,
-                            batch_size=3, workers=0, quiet=True, lr=1e-3)
-    with monkeypatch.context() as patch:
-        patch.setattr(pipeline.finetune, "freeze", earlier_freeze)
-        run_finetune(config, say=lambda text: None)
-    before = load_model_file(tmp_path / "m.pt")[0].state_dict()
-    result = run_finetune(dataclasses.replace(config, epochs=2, resume=True), say=lambda text: None)
-    after = load_model_file(tmp_path / "m.pt")[0].state_dict()
+    result, before, after = _resumed_from_an_earlier_freeze(images, tmp_path, monkeypatch, earlier_freeze, 2, 1e-3)
     token, position = "features.extractor.cls_token", "features.extractor.pos_embed"
     assert result.resumed_from == 1 and result.trainable["backbone_layers"][0] == "cls_token"
     assert not torch.equal(before[token], after[token]) and torch.equal(before[position], after[position])
@@ -263,13 +253,28 @@ def test_layers_kept_past_a_stage_tap_but_never_used_do_not_train(images, tmp_pa
     assert unreached(model, "features", 224) == found and model.training
 
 
-def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_path, monkeypatch):
-    """A run stopped by a tl that left ConvNeXt's `gamma` frozen has a checkpoint whose optimizer lacks it:
-    it was refused as 'another optimizer layout' (--overwrite: the run lost); it resumes, gamma training."""
+def _resumed_from_an_earlier_freeze(images, tmp_path, monkeypatch, earlier_freeze, unfreeze: int, lr: float):
+    """(the result, the model's state before, after) of a one-epoch finetune of h.pt frozen as an earlier tl
+    did (`earlier_freeze` in place of model_files.freeze), resumed for a second epoch by this tl."""
     import dataclasses
 
     import pipeline.finetune
-    from pipeline.model_files import freeze, load_model_file
+    from pipeline.model_files import load_model_file
+
+    config = FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "m.pt", unfreeze=unfreeze, epochs=1,
+                            batch_size=3, workers=0, quiet=True, lr=lr)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.finetune, "freeze", earlier_freeze)
+        run_finetune(config, say=lambda text: None)
+    before = load_model_file(tmp_path / "m.pt")[0].state_dict()
+    result = run_finetune(dataclasses.replace(config, epochs=2, resume=True), say=lambda text: None)
+    return result, before, load_model_file(tmp_path / "m.pt")[0].state_dict()
+
+
+def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_path, monkeypatch):
+    """A run stopped by a tl that left ConvNeXt's `gamma` frozen has a checkpoint whose optimizer lacks it:
+    it was refused as 'another optimizer layout' (--overwrite: the run lost); it resumes, gamma training."""
+    from pipeline.model_files import freeze
 
     run_extract(ExtractConfig(data=images, out=tmp_path / "c", backbone="timm:convnext_atto", weights="none",
                               dtype="float32", workers=0, quiet=True))
@@ -281,14 +286,7 @@ def test_a_checkpoint_that_froze_a_blocks_own_parameters_resumes(images, tmp_pat
             parameter.requires_grad &= not name.endswith(".gamma")
         return trainable
 
-    config = FinetuneConfig(data=images, head=tmp_path / "h.pt", out=tmp_path / "m.pt", unfreeze=1, epochs=1,
-                            batch_size=3, workers=0, quiet=True, lr=0.1)
-    with monkeypatch.context() as patch:
-        patch.setattr(pipeline.finetune, "freeze", earlier_freeze)
-        run_finetune(config, say=lambda text: None)
-    before = load_model_file(tmp_path / "m.pt")[0].state_dict()
-    result = run_finetune(dataclasses.replace(config, epochs=2, resume=True), say=lambda text: None)
-    after = load_model_file(tmp_path / "m.pt")[0].state_dict()
+    result, before, after = _resumed_from_an_earlier_freeze(images, tmp_path, monkeypatch, earlier_freeze, 1, 0.1)
     gamma = "features.extractor.stages.3.blocks.1.gamma"
     assert result.resumed_from == 1 and not torch.equal(before[gamma], after[gamma])
 
