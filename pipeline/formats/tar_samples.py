@@ -37,6 +37,10 @@ class TarEntries:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def clear(self) -> None:
+        """Drop the columns (once joined elsewhere): their memory is freed now."""
+        self.__init__([])
+
 
 class TarSamples(Sequence):
     """The samples of a webdataset source, in listing order: `samples[i]` is the Sample the listing gave
@@ -44,7 +48,7 @@ class TarSamples(Sequence):
     columns answer the questions asked of every sample at once (targets, the runs of one tar, the fingerprint's
     inputs) without making any. `tars` holds (path, name, stamp) per tar; `tar_of` a sample's tar number."""
 
-    def __init__(self, tars: list[tuple[str, str, str]], tar_of: np.ndarray, keys: bytes, key_ends: np.ndarray,
+    def __init__(self, tars: list[tuple[str, str, str]], tar_of: np.ndarray, keys: bytes | bytearray, key_ends: np.ndarray,
                  offsets: np.ndarray, sizes: np.ndarray, targets: np.ndarray, problem_rows: np.ndarray,
                  problems: list[str]):
         self.tars, self.tar_of, self.keys, self.key_ends = tars, tar_of, keys, key_ends  # key i: [ends[i], ends[i + 1])
@@ -54,32 +58,33 @@ class TarSamples(Sequence):
     @classmethod
     def joined(cls, tars: list[tuple[str, str, str, TarEntries]], outcome) -> "TarSamples":
         """The samples of the tars (path, name, stamp, entries) end to end; `outcome(label) -> (target, problem or
-        None)` (a label not among the classes: -1 and why) gives each distinct label's target."""
-        targets, problem_rows, problems, first = [], [], [], 0
-        for *_, entries in tars:
+        None)` (a label not among the classes: -1 and why) gives each distinct label's target. Each tar's columns
+        are copied into place and freed (its entries left empty), so the peak is the joined columns and the
+        tars' columns not yet joined, not both whole."""
+        total, key_bytes = sum(len(entries) for *_, entries in tars), sum(len(entries.keys) for *_, entries in tars)
+        wide = any(len(entries) and entries.sizes.max() >= 2**32 for *_, entries in tars)
+        keys, key_ends = bytearray(key_bytes), np.zeros(total + 1, np.int64)  # key i: keys[ends[i]:ends[i + 1]]
+        offsets, targets = np.empty(total, np.int64), np.empty(total, np.int32)
+        sizes = np.empty(total, np.int64 if wide else np.uint32)  # 4 bytes an image less
+        tar_of, problem_rows, problems, first = np.empty(total, np.int32), [], [], 0
+        for number, (*_, entries) in enumerate(tars):
+            stop, length = first + len(entries), int(key_ends[first])
             outcomes = [outcome(label) for label in entries.labels]
             looked_up = np.array([target for target, _ in outcomes] + [-1], np.int32)  # number -1: no label
-            targets.append(looked_up[entries.label_numbers])
             refused = np.flatnonzero(np.isin(entries.label_numbers, [n for n, (_, why) in enumerate(outcomes) if why]))
             rows = np.concatenate([entries.problem_rows, refused])
             order = np.argsort(rows, kind="stable")
             reasons = entries.problems + [outcomes[entries.label_numbers[row]][1] for row in refused]
             problem_rows.append(rows[order] + first)
             problems += [reasons[k] for k in order]
-            first += len(entries)
-        counts = [len(entries) for *_, entries in tars]
-        key_ends, length = [np.zeros(1, np.int64)], 0
-        for *_, entries in tars:
-            key_ends.append(entries.key_ends + length)
-            length += len(entries.keys)
-        sizes = np.concatenate([np.zeros(0, np.int64)] + [entries.sizes for *_, entries in tars])
-        return cls([(str(path), name, stamp) for path, name, stamp, _ in tars],
-                   np.repeat(np.arange(len(tars), dtype=np.int32), counts),
-                   b"".join(entries.keys for *_, entries in tars), np.concatenate(key_ends),
-                   np.concatenate([np.zeros(0, np.int64)] + [entries.offsets for *_, entries in tars]),
-                   sizes.astype(np.uint32) if sizes.size and sizes.max() < 2**32 else sizes,  # 4 bytes an image less
-                   np.concatenate([np.zeros(0, np.int32), *targets]),
-                   np.concatenate([np.zeros(0, np.int64), *problem_rows]), problems)
+            keys[length:length + len(entries.keys)] = entries.keys
+            key_ends[first + 1:stop + 1] = entries.key_ends + length
+            offsets[first:stop], sizes[first:stop] = entries.offsets, entries.sizes
+            targets[first:stop], tar_of[first:stop] = looked_up[entries.label_numbers], number
+            entries.clear()  # copied: freed now, not with the last tar
+            first = stop
+        return cls([(str(path), name, stamp) for path, name, stamp, _ in tars], tar_of, keys, key_ends, offsets,
+                   sizes, targets, np.concatenate([np.zeros(0, np.int64), *problem_rows]), problems)
 
     def __len__(self) -> int:
         return len(self.offsets)
