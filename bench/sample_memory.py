@@ -2,8 +2,9 @@
 each), listed from synthesised tar listings (the header reading is not what this measures, so the tars are empty
 files and `_list_tar` answers with what a real tar of those entries would list). Reports the bytes per image the
 opened source holds (tracemalloc, numpy's arrays included), the peak while it opens, the same samples as one
-Python `Sample` object each (the layout before the columnar store), and the seconds to open, fingerprint and plan
-the shards. Writes the section "webdataset samples held in memory" of bench/RESULTS.md.
+Python `Sample` object each (the layout before the columnar store), what one torchrun rank of `tl extract` keeps
+(the samples of its tars), and the seconds to open, fingerprint and plan the shards. Writes the section
+"webdataset samples held in memory" of bench/RESULTS.md.
 
     python bench/sample_memory.py
 """
@@ -25,6 +26,7 @@ from results import publish, where_and_when  # noqa: E402
 
 SECTION = "## webdataset samples held in memory"
 CLASSES = 1000
+RANKS = 8  # torchrun ranks: one holds the samples of every 8th tar
 
 
 def synthetic_listing(number: int, per_tar: int) -> dict:
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--images and --traced-images must be at least --tars ({args.tars}), and --tars at least 1")
 
     from pipeline.datasets import Sample
+    from pipeline.formats.tar_samples import HeldSamples
 
     per_tar, traced_per_tar = args.images // args.tars, args.traced_images // args.tars
     images, traced = per_tar * args.tars, traced_per_tar * args.tars
@@ -90,6 +93,13 @@ def main(argv: list[str] | None = None) -> None:
         _, object_bytes, _, _ = held(lambda: [Sample(s.sample_id[:-1] + s.sample_id[-1], s.target,
                                                      s.location[:-1] + s.location[-1], s.stamp) for s in small.samples])
         del small
+
+        def one_rank():  # what a rank of tl extract keeps once the shard plan is made: the samples of its tars
+            source = opened(Path(folder), args.tars, traced_per_tar)
+            source.hold([(shard.first, shard.first + shard.samples) for shard in source.shard_plan(4096)
+                         if shard.unit % RANKS == 0])
+            return source
+        _, rank_bytes, _, _ = held(one_rank)
         started = time.perf_counter()
         source = opened(Path(folder), args.tars, per_tar)
         open_seconds = time.perf_counter() - started
@@ -109,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
              f"| the opened source (`{type(source.samples).__name__}`) | {held_bytes / traced:.0f} "
              f"| {peak_bytes / traced:.0f} | {open_seconds:.1f} | {fingerprint_seconds:.2f} | {plan_seconds:.2f} "
              f"| {sample_seconds * 1e6:.1f} |",
+             f"| a rank of {RANKS} in `tl extract`, once the shard plan is made (`{HeldSamples.__name__}`) "
+             f"| {rank_bytes / traced:.0f} | | | | | |",
              f"| one Python `Sample` each, in a list (the layout before `TarSamples`) | {object_bytes / traced:.0f} "
              "| | | | | |"]
     header = (f"{images:,} images in {args.tars} tars (keys 000000000.., a .cls label of {CLASSES} classes each), "

@@ -150,6 +150,11 @@ class Source:
         (VOC's annotations) keep theirs in step."""
         self.samples = [self.samples[i] for i in indices]
 
+    def hold(self, ranges: list[tuple[int, int]]) -> None:
+        """Keep only the samples of `ranges` ((first, stop) pairs: the shards a torchrun rank extracts), still
+        numbered as before; asking for another is an error. Formats held as columns (webdataset's tars, up to
+        billions of images) drop the others; a list of files or of decoded arrays is kept whole."""
+
     def split_off(self, fraction: float, seed: int, other: str) -> tuple["Source", "Source"]:
         """(training part, validation part): a seeded split of `fraction` of the images, stratified by class
         for single-label data; `other` names the option of a validation set of its own, for errors."""

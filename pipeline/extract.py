@@ -201,6 +201,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         # the unit is the shard itself for folders, its tar for tar inputs
         pending = [k for k, shard in enumerate(plan)
                    if k not in writer.finished and shard.unit % current.size == current.rank]
+        if current.distributed:  # the other ranks' samples are theirs to hold (a billion images' columns)
+            source.hold([(plan[k].first, plan[k].first + plan[k].samples) for k in pending])
         reused = len(writer.finished)
         timing = {"processed": 0, "loop": 0.0, "write": 0.0, "patches": 0, "wait": 0.0, "forward": 0.0}
         if pending:

@@ -322,6 +322,8 @@ def test_sample_memory_counts_tens_of_bytes_an_image_where_a_sample_object_took_
     bench = importlib.import_module("sample_memory")
     bench.main(["--images", "8000", "--tars", "8", "--traced-images", "8000", "--no-write"])
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
-            if line.startswith("| the opened source") or line.startswith("| one Python")]
-    held, objects = float(rows[0][1]), float(rows[1][1])
+            if line.startswith(("| the opened source", "| a rank of", "| one Python"))]
+    held, rank, objects = float(rows[0][1]), float(rows[1][1]), float(rows[2][1])
     assert "TarSamples" in rows[0][0] and held < 60 and objects > 200, rows
+    # a rank of 8 holds its tars' samples only (and what any source holds: here 1,000 class names, 7 bytes an image)
+    assert "HeldSamples" in rows[1][0] and rank < held / 2, rows

@@ -194,12 +194,14 @@ def test_four_ranks_over_tars_miss_no_row_and_equal_one_process(tmp_path):
 
 
 def torchrun_opening_tars(tmp_path, *args):
-    """torchrun(*args), and the names of the tars each rank opened ({rank: names}), seen by an audit hook
-    (Python's `open` event) that a sitecustomize module installs in each rank."""
-    hooks, opened = tmp_path / "hooks", tmp_path / "opened"
-    shutil.rmtree(opened, ignore_errors=True)
+    """torchrun(*args), the names of the tars each rank opened ({rank: names}), seen by an audit hook (Python's
+    `open` event), and the ids of the samples each rank held once it extracted ({rank: ids}, from Source.hold),
+    both recorded by a sitecustomize module in each rank."""
+    hooks, opened, held = tmp_path / "hooks", tmp_path / "opened", tmp_path / "held"
+    for folder in (opened, held):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
     hooks.mkdir(exist_ok=True)
-    opened.mkdir()
     (hooks / "sitecustomize.py").write_text(
         "import os, sys\n"
         "if 'RANK' in os.environ:\n"
@@ -208,33 +210,49 @@ def torchrun_opening_tars(tmp_path, *args):
         "        if event == 'open' and str(args[0]).endswith('.tar'):\n"
         "            opened.write(os.path.basename(str(args[0])) + '\\n')\n"
         "            opened.flush()\n"
-        "    sys.addaudithook(hook)\n")
-    result = torchrun(*args, PYTHONPATH=hooks, TL_TEST_OPENED=opened)
-    return result, {path.name: set(path.read_text().split()) for path in opened.iterdir()}
+        "    sys.addaudithook(hook)\n"
+        "    from pipeline.formats.webdataset import WebDatasetSource\n"
+        "    hold = WebDatasetSource.hold\n"
+        "    def held(self, ranges):\n"
+        "        hold(self, ranges)\n"
+        "        with open(os.path.join(os.environ['TL_TEST_HELD'], os.environ['RANK']), 'w') as record:\n"
+        "            ids = self.samples.held\n"
+        "            record.write(''.join(ids.sample_id(i) + '\\n' for i in range(len(ids))))\n"
+        "    WebDatasetSource.hold = held\n")
+    result = torchrun(*args, PYTHONPATH=hooks, TL_TEST_OPENED=opened, TL_TEST_HELD=held)
+    return result, {path.name: set(path.read_text().split()) for path in opened.iterdir()}, \
+        {path.name: path.read_text().split() for path in held.iterdir()}
 
 
 def test_ranks_list_a_share_of_the_tars_each_and_fail_together(tmp_path):
     """Under torchrun each rank listed every tar (T tars, N ranks: T headers read per rank, N*T in all): now
     rank r lists tar t only when t % N == r, and the ranks exchange the listings. An audit hook (Python's
-    `open` event) counts the tars each rank opens, to list them and to read their images: its own only. The
-    classes, samples, warnings (a damaged tar), cache key and the listings kept equal one process's. A tar
+    `open` event) counts the tars each rank opens, to list them and to read their images: its own only; once
+    the shard plan is made, a rank holds its own tars' samples only (it held every tar's). The classes, samples,
+    warnings (a damaged tar), cache key, shard plan and the listings kept equal one process's. A tar
     that one rank cannot read stops every rank with that rank's line, not the others at the timeout."""
     from cli import main
+    from pipeline.formats import open_source
     from tests.conftest import write_webdataset
 
     tars = write_webdataset(tmp_path, tars=5, per_tar=4)
     whole = (tars / "00003.tar").read_bytes()
     (tars / "00003.tar").write_bytes(whole[:len(whole) // 2])  # cut short: a warning, and its entries after the cut
     args = [*EXTRACT, "--format", "webdataset", "--data", tars]
-    result, opened = torchrun_opening_tars(tmp_path, *args, "--out", tmp_path / "c")
+    result, opened, held = torchrun_opening_tars(tmp_path, *args, "--out", tmp_path / "c")
     assert result.returncode == 0, result.stderr[-2000:]
     assert opened == {"0": {"00000.tar", "00002.tar", "00004.tar"}, "1": {"00001.tar", "00003.tar"}}, opened
     with pytest.raises(SystemExit) as done:
         main([*map(str, args), "--out", str(tmp_path / "single")])
     assert done.value.code == 0
+    # each rank held the samples of its tars only, in order (its shards' ranges of the whole's numbering)
+    ids = [sample.sample_id for sample in open_source("webdataset", tars).samples]
+    assert held == {str(rank): [i for i in ids if int(i[:5]) % 2 == rank] for rank in (0, 1)}, held
     ranked, single = cache_document(tmp_path / "c"), cache_document(tmp_path / "single")
     for name in ("key", "classes", "warnings", "num_samples", "skipped"):
         assert ranked[name] == single[name], name
+    plan = [[shard[name] for name in ("index", "first", "samples", "inputs")] for shard in single["shards"]]
+    assert [[shard[name] for name in ("index", "first", "samples", "inputs")] for shard in ranked["shards"]] == plan
     assert any("00003.tar is damaged" in line for line in ranked["warnings"])
     assert_same_cache(CacheReader(tmp_path / "c"), CacheReader(tmp_path / "single"))
     kept = {path.name: path.read_bytes() for path in (tmp_path / "c" / "listings").iterdir()}
@@ -261,10 +279,12 @@ def test_finetune_ranks_list_a_share_of_the_tars_each(run_tl, tmp_path):
     tars = write_webdataset(tmp_path, tars=5, per_tar=4)
     assert run_tl(*EXTRACT, "--format", "webdataset", "--data", tars, "--out", tmp_path / "c").code == 0
     assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "head.pt").code == 0
-    result, opened = torchrun_opening_tars(tmp_path, "finetune", "--format", "webdataset", "--data", tars, "--head",
-                                           tmp_path / "head.pt", "--epochs", "0", "--out", tmp_path / "m.pt", "--quiet")
+    result, opened, held = torchrun_opening_tars(tmp_path, "finetune", "--format", "webdataset", "--data", tars,
+                                                 "--head", tmp_path / "head.pt", "--epochs", "0", "--out",
+                                                 tmp_path / "m.pt", "--quiet")
     assert result.returncode == 0 and (tmp_path / "m.pt").is_file(), result.stderr[-2000:]
     assert opened == {"0": {"00000.tar", "00002.tar", "00004.tar"}, "1": {"00001.tar", "00003.tar"}}, opened
+    assert held == {}  # its sampler draws from every sample on every rank
 
 
 def test_a_rank_on_cuda_binds_its_gpu_to_the_group_and_one_on_the_cpu_uses_gloo(monkeypatch):

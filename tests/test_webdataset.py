@@ -735,3 +735,34 @@ def test_joining_the_tars_frees_each_tars_columns_and_makes_no_second_copy():
         512 * (per_tar - 1), 30_000 + per_tar - 1)
     assert samples.targets[per_tar + 4] == 1 and samples.problem(per_tar * 2 + 7) == "cut"
     assert samples.sizes.dtype == np.uint32 and samples.runs()[2] == (2 * per_tar, 3 * per_tar)
+
+
+def test_a_rank_holds_only_the_samples_it_extracts_numbered_as_in_the_whole(tmp_path):
+    """Under torchrun every rank of tl extract held every tar's samples (38 bytes an image: a billion images
+    on each rank). Once the shard plan is made from the whole, a rank holds those of the shards it extracts
+    (Source.hold), still numbered as in the whole: each answers as before, and one it does not hold is an
+    error, not another sample (nor a quiet end of iterating)."""
+    import pickle
+
+    tars = write_webdataset(tmp_path, tars=4, per_tar=5)
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    write_tar(tars / "00004.tar", [("a.png", picture), ("a.cls", b"1"), ("c.png", picture)])  # c: no label
+    whole, part = open_source("webdataset", tars), open_source("webdataset", tars)
+    plan = part.shard_plan(2)
+    ranges = [(shard.first, shard.first + shard.samples) for shard in plan if shard.unit % 2 == 1]
+    assert ranges == [(5, 7), (7, 9), (9, 10), (15, 17), (17, 19), (19, 20)]  # tars 1 and 3
+    part.hold(ranges[1:])  # a resumed rank: the first shard of tar 1 was written before
+    held = [index for first, stop in ranges[1:] for index in range(first, stop)]
+    assert len(part.samples.held) == len(held) == 8 and len(part) == len(whole) == 22
+    for index in held:
+        assert part.samples[index] == whole.samples[index] and part.encoded(index) == whole.encoded(index)
+        assert part.listing_problem(index) == whole.listing_problem(index)
+    for index in (0, 5, 6, 10, 14, 21, -1):
+        with pytest.raises(LookupError, match="another torchrun rank extracts it"):
+            part.samples[index]
+    with pytest.raises(LookupError):
+        list(part.samples)
+    last = open_source("webdataset", tars)
+    last.hold([(20, 22)])
+    assert last.listing_problem(21) == "no label (c.cls is missing); fix the tar" and last.listing_problem(20) is None
+    assert pickle.loads(pickle.dumps(last)).samples[-1] == whole.samples[21]

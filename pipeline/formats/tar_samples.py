@@ -2,7 +2,8 @@
 in one bytes blob; some 40 bytes an image where a Sample object each took some 280. A Sample is made when asked for.
 
 What a tar lists (`TarEntries`) is made columns as soon as it is listed, on the rank that lists it, and travels
-so to the other ranks; `TarSamples.joined` puts the tars' columns end to end once the classes are known.
+so to the other ranks; `TarSamples.joined` puts the tars' columns end to end once the classes are known. A
+torchrun rank of `tl extract` then keeps only the samples it extracts (`HeldSamples`), numbered as in the whole.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class TarSamples(Sequence):
     columns answer the questions asked of every sample at once (targets, the runs of one tar, the fingerprint's
     inputs) without making any. `tars` holds (path, name, stamp) per tar; `tar_of` a sample's tar number."""
 
-    def __init__(self, tars: list[tuple[str, str, str]], tar_of: np.ndarray, keys: bytes | bytearray, key_ends: np.ndarray,
+    def __init__(self, tars: list[tuple[str, str, str]], tar_of: np.ndarray, keys: bytes | bytearray,
+                 key_ends: np.ndarray,
                  offsets: np.ndarray, sizes: np.ndarray, targets: np.ndarray, problem_rows: np.ndarray,
                  problems: list[str]):
         self.tars, self.tar_of, self.keys, self.key_ends = tars, tar_of, keys, key_ends  # key i: [ends[i], ends[i + 1])
@@ -146,3 +148,43 @@ class TarSamples(Sequence):
         listed = self.problem_rows[at] == rows if len(self.problem_rows) else np.zeros(len(rows), bool)
         return TarSamples(self.tars, self.tar_of[rows], b"".join(keys), key_ends, self.offsets[rows], self.sizes[rows],
                           self.targets[rows], np.flatnonzero(listed), [self.problems[k] for k in at[listed].tolist()])
+
+
+class HeldSamples:
+    """Some samples of a TarSamples (the shards a torchrun rank extracts), still numbered as in the whole:
+    `samples[i]`, `where(i)`, `problem(i)` and `sample_id(i)` take the index i of the whole, and len() is its
+    count; an index not held raises LookupError (not IndexError: iterating does not end quietly at the first).
+    What is asked of every sample at once (targets, runs, inputs) was answered from the whole before."""
+
+    def __init__(self, whole: TarSamples, ranges: list[tuple[int, int]]):
+        ranges = sorted((first, stop) for first, stop in ranges if stop > first)
+        self.firsts = np.array([first for first, _ in ranges], np.int64)
+        self.stops = np.array([stop for _, stop in ranges], np.int64)
+        self.starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(self.stops - self.firsts)])  # rows in `held`
+        self.held = whole.take(np.concatenate([np.zeros(0, np.int64)] + [np.arange(*pair) for pair in ranges]))
+        self.count = len(whole)
+
+    def row(self, index: int) -> int:
+        """The row in `held` of sample `index` of the whole."""
+        index = range(self.count)[index]
+        at = int(np.searchsorted(self.firsts, index, side="right")) - 1
+        if at < 0 or index >= self.stops[at]:
+            raise LookupError(f"sample {index} is not held here (another torchrun rank extracts it)")
+        return int(self.starts[at] + index - self.firsts[at])
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        return self.held[self.row(index)]
+
+    def sample_id(self, index: int) -> str:
+        return self.held.sample_id(self.row(index))
+
+    def problem(self, index: int) -> str:
+        return self.held.problem(self.row(index))
+
+    def where(self, index: int) -> tuple[str, int, int, str]:
+        return self.held.where(self.row(index))

@@ -29,7 +29,7 @@ from pipeline.errors import DataError, listed
 from pipeline.formats.tar_headers import scan_tar
 from pipeline.formats.tar_listings import TarListings, listed_tars
 from pipeline.formats.tar_paths import tar_paths
-from pipeline.formats.tar_samples import TarEntries, TarSamples
+from pipeline.formats.tar_samples import HeldSamples, TarEntries, TarSamples
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
@@ -289,6 +289,9 @@ class WebDatasetSource(Source):
 
     def keep(self, indices) -> None:
         self.samples = self.samples.take(indices)
+
+    def hold(self, ranges: list[tuple[int, int]]) -> None:
+        self.samples = HeldSamples(self.samples, ranges)  # after the shard plan, which digests every sample
 
     def encoded(self, index: int) -> bytes:
         path, offset, size, problem = self.samples.where(index)
