@@ -365,13 +365,16 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
 
 
 def foreign(path: Path) -> bool:
-    """Whether `path` holds a file that tl did not write: tl's heads and models are torch's zip archives
-    (a `data.pkl` inside). No file, an empty one, or one that cannot be read (writing it says so): False."""
+    """Whether `path` holds a file that is not a tl head, model or checkpoint: those are torch's zip archives
+    whose pickle (`data.pkl`, a few KB: the tensors lie beside it) holds the JSON metadata with its format
+    (`"format": "tl-head/1"`); a user's torch.save state dict or a TorchScript export has none. No file, an
+    empty one, or one that cannot be read (writing it says so): False."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return False
     try:
         with zipfile.ZipFile(path) as archive:
-            return not any(name.rpartition("/")[2] == "data.pkl" for name in archive.namelist())
+            pickles = [name for name in archive.namelist() if name.rpartition("/")[2] == "data.pkl"]
+            return len(pickles) != 1 or b'"format": "tl-' not in archive.read(pickles[0])
     except OSError:
         return False
     except (zipfile.BadZipFile, ValueError):  # not a zip: not as tl writes its files

@@ -356,7 +356,7 @@ def test_a_second_fit_head_on_one_out_is_refused(run_tl, tmp_path, small_head):
 
 def test_an_out_that_holds_a_file_tl_did_not_write_is_refused_before_the_work(run_tl, tmp_path, small_head):
     """`--out notes.txt` by mistake replaced the notes with a head (or a model) without a word: a file there
-    that tl did not write (not torch's zip archive of a head or model: a zip of photos neither) is refused in
+    that tl did not write (not a tl head or model: a zip of photos, a torch.save state dict neither) is refused in
     one line and kept, unless --overwrite; an empty one, or a head of an earlier run, is replaced."""
     import zipfile
 
@@ -364,11 +364,13 @@ def test_an_out_that_holds_a_file_tl_did_not_write_is_refused_before_the_work(ru
     notes.write_text("three weeks of notes\n")
     with zipfile.ZipFile(photos, "w") as archive:
         archive.writestr("a.jpg", b"not a head")
-    kept = {path: path.read_bytes() for path in (notes, photos)}
+    weights = tmp_path / "weights.pth"  # torch's zip archive too, but no tl file
+    torch.save({"fc.weight": torch.zeros(2, 3)}, weights)
+    kept = {path: path.read_bytes() for path in (notes, photos, weights)}
     for stage in (["fit-head", "--cache", small_head / "cache"],
                   ["finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--epochs", "0"]):
         what = "head file" if stage[0] == "fit-head" else "model file"
-        for out in (notes, photos):
+        for out in (notes, photos, weights):
             refused = run_tl(*stage, "--out", out, "--quiet")
             assert_one_line_error(refused, f"{out} holds a file that tl did not write as a {what}; choose another "
                                            "--out, or pass --overwrite to replace it")
