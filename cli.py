@@ -492,7 +492,7 @@ def info(cache, verify):
         if problems:
             for problem in problems[:-1]:
                 click.echo(f"problem    {problem}", err=True)
-            raise TLError(f"{len(problems)} problems in {cache}: {problems[-1]}")
+            raise TLError(f"{_count(len(problems), 'problem')} in {cache}: {problems[-1]}")
         click.echo(f"verified   {len(manifest.shards)} shards, checksums match")
 
 

@@ -246,7 +246,7 @@ def _refuse_non_finite(codes: np.ndarray, tap: str, shard_file: str, root: Path,
     if bad.any():
         first = int(np.argmax(bad))
         row = first if shard_rows is None else int(shard_rows[first])
-        raise CacheError(f"shard {shard_file} of {root} holds NaN or Inf in {tap} ({int(bad.sum())} rows, "
+        raise CacheError(f"shard {shard_file} of {root} holds NaN or Inf in {tap} ({int(bad.sum()):,} row{'s' * (int(bad.sum()) > 1)}, "
                          f"first at row {row} of the shard); re-extract the cache with tl extract --overwrite")
 
 

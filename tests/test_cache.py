@@ -351,10 +351,11 @@ def test_verify_finds_codes_that_are_not_finite_behind_a_sound_checksum(tmp_path
     codes[5, 1] = np.nan  # the second block of the second shard
     cache = write_code_cache(tmp_path / "cache", codes, np.arange(6) % 2, ["a", "b"], shard_rows=3)
     problems = CacheReader(cache).verify_all(block_rows=2)
-    assert problems == [f"shard shard-00001.h5 of {cache} holds NaN or Inf in feat (1 rows, first at row 2 of the "
+    assert problems == [f"shard shard-00001.h5 of {cache} holds NaN or Inf in feat (1 row, first at row 2 of the "
                         "shard); re-extract the cache with tl extract --overwrite"]
     result = run_tl("info", cache, "--verify")
     assert result.code == 2 and "holds NaN or Inf in feat" in result.err and "Traceback" not in result.err
+    assert result.err.startswith(f"error: 1 problem in {cache}: shard"), result.err  # it said "1 problems"
 
 
 def test_a_run_stopped_before_its_first_shard_withdraws_its_manifest_alone(tmp_path, monkeypatch):
