@@ -327,3 +327,14 @@ def test_sample_memory_counts_tens_of_bytes_an_image_where_a_sample_object_took_
     assert "TarSamples" in rows[0][0] and held < 60 and objects > 200, rows
     # a rank of 8 holds its tars' samples only (and what any source holds: here 1,000 class names, 7 bytes an image)
     assert "HeldSamples" in rows[1][0] and rank < held / 2, rows
+
+
+def test_tar_listing_times_the_three_ways_a_webdataset_is_listed(monkeypatch, capsys):
+    """bench/tar_listing.py runs (small): the README's per-image listing costs (tl's header reader, tarfile
+    alone, kept listings) come from it, and the kept-listings row is one that reused them."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench = importlib.import_module("tar_listing")
+    bench.main(["--tars", "3", "--per-tar", "10", "--rounds", "1", "--no-write"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == list(bench.WAYS), rows
+    assert all(float(row.split("|")[2]) > 0 for row in rows), rows
