@@ -171,20 +171,26 @@ def _training_samples_in(cache: Path, val_cache: Path, compared: int = 8) -> tup
     An id is a path inside the data folder or a tar's name and key, which two splits or two tar sets numbered
     alike share for other images: up to `compared` shared rows' codes, spread over them, are compared too (a
     read of a few rows), and the ids count when most are the same as their training rows' (within 2%: another
-    dtype, precision or device). (0, rows, "") when they are not."""
+    dtype, precision or device). Codes further apart can still be of the same files: JPEGs decoded on a GPU (at
+    full size) and in workers (at reduced scale) give codes some 5% apart. So whole shards whose inputs (ids,
+    sizes and times) are a training shard's count too. (0, rows, "") when neither does."""
     trained, validation = CacheReader(cache, verify=False), CacheReader(val_cache, verify=False)
     ids = validation.load_column("sample_id")
     _, train_rows, val_rows = np.intersect1d(trained.load_column("sample_id"), ids, return_indices=True)
     tap = next((tap for tap in validation.taps if tap in trained.taps), None)
-    if not len(val_rows) or tap is None:
+    if len(val_rows) and tap is not None:
+        picked = np.unique(np.linspace(0, len(val_rows) - 1, min(compared, len(val_rows))).astype(int))
+        codes = trained.read_rows(tap, train_rows[picked]).astype(np.float64)
+        same = np.linalg.norm(codes - validation.read_rows(tap, val_rows[picked]), axis=1) <= 0.02 * np.linalg.norm(
+            codes, axis=1)
+        if 2 * same.sum() > len(same):
+            return len(val_rows), len(ids), str(ids[val_rows[picked[same][0]]])
+    inputs = {shard.inputs for shard in trained.shards if shard.inputs}
+    starts = np.cumsum([0] + [shard.rows for shard in validation.shards])
+    read = [k for k, shard in enumerate(validation.shards) if shard.rows and shard.inputs in inputs]
+    if not read:
         return 0, len(ids), ""
-    picked = np.unique(np.linspace(0, len(val_rows) - 1, min(compared, len(val_rows))).astype(int))
-    codes = trained.read_rows(tap, train_rows[picked]).astype(np.float64)
-    same = np.linalg.norm(codes - validation.read_rows(tap, val_rows[picked]), axis=1) <= 0.02 * np.linalg.norm(
-        codes, axis=1)
-    if 2 * same.sum() <= len(same):
-        return 0, len(ids), ""
-    return len(val_rows), len(ids), str(ids[val_rows[picked[same][0]]])
+    return sum(validation.shards[k].rows for k in read), len(ids), str(ids[starts[read[0]]])
 
 
 def _image_split(reader: CacheReader, fraction: float, seed: int, targets: np.ndarray):

@@ -327,6 +327,32 @@ def test_a_validation_cache_of_the_training_images_extracted_again_is_refused(ru
     assert taken.code == 0, taken
 
 
+def test_a_validation_cache_of_the_training_images_decoded_the_other_way_is_refused(run_tl, tmp_path):
+    """A training cache extracted on a GPU (JPEGs decoded there, at full size) and a validation cache of the
+    same files decoded in workers (a CPU machine, or --device-decode off) hold codes 4-6% apart for photos
+    larger than twice the input (efficientnet_lite0's weights): the codes check (within 2%) let it through,
+    and validation scored training images, where the shards' input digests (the same ids, sizes and times)
+    had refused it."""
+    from tests.test_decoding import photo
+
+    for number, name in enumerate(("a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg")):
+        photo(tmp_path / "images/train" / name, (1024, 768), seed=number)
+    for where in ("on", "off"):
+        result = run_tl("extract", "--data", tmp_path / "images", "--backbone", "efficientnet_lite0", "--workers", "0",
+                        "--quiet", "--device-decode", where, "--out", tmp_path / where)
+        assert result.code == 0, result
+    on, off = (CacheReader(tmp_path / where) for where in ("on", "off"))
+    codes = on.load("pool").astype(np.float64)
+    apart = np.linalg.norm(codes - off.load("pool"), axis=1) / np.linalg.norm(codes, axis=1)
+    assert (apart > 0.02).all(), apart  # what the codes check alone lets through
+    refused = run_tl("fit-head", "--cache", tmp_path / "on", "--val-cache", tmp_path / "off", "--out", tmp_path / "h.pt")
+    assert refused.code == 2 and refused.err == (
+        f"error: --val-cache {tmp_path / 'off'} holds codes of the images of the training cache {tmp_path / 'on'} "
+        "(4 of its 4 rows are training samples, e.g. a/0.jpg): validation would score training images; extract the "
+        "validation images into their own cache, or pass --val-fraction\n"), refused
+    assert not (tmp_path / "h.pt").exists()
+
+
 def test_fit_head_hidden_0_says_how_fit_head_spells_no_hidden_layer(run_tl, tmp_path):
     """sweep --hidden 0 is an mlp without a hidden layer; fit-head's --hidden 0 was refused without saying
     that fit-head spells it --hidden '' (its commas are layers, not settings)."""
