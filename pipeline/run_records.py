@@ -19,8 +19,9 @@ RECORD_SUFFIX = ".tl-run.json"
 # settings that change how a stage runs, never what it writes: left out of a step's digest (a re-run
 # with more workers or on another device is up to date), kept in its record and its tracked parameters
 HOW_NOT_WHAT = {"quiet", "workers", "overwrite", "resume", "download", "device"}
-# inference batches give the same numbers; fit-head's block_rows orders its streamed mini-batches: kept
-HOW_NOT_WHAT_OF = {"extract": {"batch_size"}, "evaluate": {"batch_size", "block_rows"}}
+# inference batches give the same numbers; fit-head's block_rows orders its streamed mini-batches: kept;
+# where extract decodes JPEGs is no part of the cache key, as its device is not
+HOW_NOT_WHAT_OF = {"extract": {"batch_size", "device_decode"}, "evaluate": {"batch_size", "block_rows"}}
 MAIN_FILES = ("manifest.json", "report.json")  # the file that stands for a cache or a report folder
 
 

@@ -48,7 +48,9 @@ def test_digits_recipe_runs_end_to_end_then_only_what_changed(run_tl, digits_run
     assert record["status"] == "done" and record["settings"]["val_fraction"] == 0.2
     assert record["metrics"]["val_accuracy"] >= 0 and record["facts"]["codes_key"]["backbone"] == "efficientnet_lite0"
 
-    again = run_tl("run", DIGITS, "--set", "workers=0", "--set", "extract.batch_size=7")  # how, not what
+    # how, not what: a decoding path not in the cache key too (a CUDA error's remedy is --device-decode off)
+    again = run_tl("run", DIGITS, "--set", "workers=0", "--set", "extract.batch_size=7",
+                   "--set", "extract.device_decode=off")
     assert again.code == 0 and "0 steps ran, 4 up to date" in again.out, again
     assert all(line.endswith("is up to date, skipped") for line in _steps(again.out))
 
