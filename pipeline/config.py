@@ -55,8 +55,8 @@ def command_defaults(path: Path, command: str, options: dict[str, str], known: s
         names = {key for key, named in options.items() if named == parameter}
         for node in ([document.get(command)] if isinstance(document.get(command), dict) else []) + [document]:
             spellings = [raw for raw in node if str(raw).replace("-", "_") in names]
-            if spellings:
-                node[spellings[-1]] = setting
+            if spellings:  # taken as written: a `${` the user typed refers to nothing
+                node[spellings[-1]] = literal(setting)
                 break
     document = resolve_references(document, path)
     defaults: dict = {}
@@ -90,6 +90,13 @@ def command_defaults(path: Path, command: str, options: dict[str, str], known: s
                               f"{str(setting).lower()}")
         defaults[parameter] = as_flag_value(f"config file {path}", parameter, setting)
     return defaults
+
+
+def literal(value):
+    """`value` as a config file writes it to be taken as written: each `${` as `$${`."""
+    if isinstance(value, str):
+        return value.replace("${", "$${")
+    return [literal(item) for item in value] if isinstance(value, (list, tuple)) else value
 
 
 def resolve_references(document: dict, path: Path) -> dict:
@@ -135,8 +142,9 @@ def resolve_references(document: dict, path: Path) -> dict:
             return [resolved(item, f"{where}.{number}") for number, item in enumerate(value, 1)]
         if isinstance(value, str):
             whole = REFERENCE.fullmatch(value.strip())
-            if whole:
-                return value_of(whole.group(1), where)
+            if whole:  # the value as it is; a text's `$${` is a `${` there too
+                found = value_of(whole.group(1), where)
+                return found.replace("$${", "${") if isinstance(found, str) else found
             return REFERENCE.sub(lambda match: text(value_of(match.group(1), where)), value).replace("$${", "${")
         return value
 

@@ -57,6 +57,24 @@ def test_a_commands_flags_reach_the_references_of_its_config_file(run_tl, synthe
     assert plain.code == 0 and plain.out.startswith("wrote heads/h0-2.pt: "), plain
 
 
+def test_a_flag_that_holds_a_dollar_brace_is_taken_as_written_under_a_config_file(run_tl, synthetic_caches, tmp_path,
+                                                                                  monkeypatch):
+    """The command line's values joined the file's ${KEY} references (5521007), so --out 'heads/x${HOME}.pt' was
+    read as a reference to a key the file does not set and refused ('fit-head.out refers to ${HOME}, which the
+    file does not set'), where a flag is taken as written; so it is again, and a reference to it gets it so."""
+    from pipeline.config import command_defaults
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"fit-head:\n  cache: {synthetic_caches / 'train'}\n  out: heads/h.pt\n")
+    written = run_tl("fit-head", "--config", recipe, "--out", "heads/x${HOME}.pt", "--quiet")
+    assert written.code == 0 and written.out.startswith("wrote heads/x${HOME}.pt: "), written
+    recipe.write_text("fit-head:\n  out: heads/h.pt\n  val-cache: ${fit-head.out}\n  cache: c-${fit-head.out}\n")
+    keys = {"out": "out", "val_cache": "val_cache", "cache": "cache"}
+    defaults = command_defaults(recipe, "fit-head", keys, set(keys), {"fit-head"}, set(), {"out": "heads/x${HOME}.pt"})
+    assert defaults == {"out": "heads/x${HOME}.pt", "val_cache": "heads/x${HOME}.pt", "cache": "c-heads/x${HOME}.pt"}
+
+
 SMALL = ["--quiet", "--set", "backbone=alexnet", "--set", "weights=none", "--set", "layers=[pool5]"]
 
 
