@@ -405,6 +405,29 @@ def test_a_tar_that_puts_labels_first_cut_before_an_image_says_so_once(tmp_path,
                                                                        "(unexpected end of data)"), unpaired]
 
 
+def test_listings_of_the_earlier_version_are_kept_but_for_a_tar_cut_short(tmp_path, monkeypatch):
+    """Listings changed (VERSION 2) for tars cut short only (the labels-first cut above), but every kept listing
+    was ignored: the first run after the upgrade read the headers of every tar of the data set again. A version-1
+    listing of a whole tar is taken; one of a cut tar is listed again, and the samples are the fresh listing's."""
+    from pipeline.formats import tar_headers, webdataset
+
+    tars = write_webdataset(tmp_path, tars=3, per_tar=4)
+    whole = (tars / "00002.tar").read_bytes()
+    (tars / "00002.tar").write_bytes(whole[:len(whole) // 2])
+    folder = tmp_path / "listings"
+    open_source("webdataset", tars, listings=folder).listings.save()
+    for kept in folder.iterdir():  # as the earlier tl wrote them (the same content: whole tars list alike)
+        head, body = kept.read_bytes().split(b"\n", 1)
+        kept.write_bytes(json.dumps({**json.loads(head), "version": 1}).encode() + b"\n" + body)
+    reads = []
+    monkeypatch.setattr(webdataset, "scan_tar", lambda handle, *args: reads.append(handle) or
+                        tar_headers.scan_tar(handle, *args))
+    again = open_source("webdataset", tars, listings=folder)
+    assert len(reads) == 1 and again.listings.reused == 2, (len(reads), again.listings.reused)
+    fresh = open_source("webdataset", tars)
+    assert (again.samples, again.warnings, again.fingerprint()) == (fresh.samples, fresh.warnings, fresh.fingerprint())
+
+
 def test_patterns_keys_and_splits_that_find_no_tars_say_why(tmp_path):
     tars = write_webdataset(tmp_path, tars=2, per_tar=2, classes=2)
     with pytest.raises(DataError, match=r"a \{ in .*\{00000..00001.tar is not closed by a \}; write ranges as"):

@@ -22,6 +22,9 @@ from pipeline.errors import TLError
 from pipeline.files import atomic_write, remove_stale_temporaries
 
 VERSION = 2  # raise when what a listing holds, or how a tar is listed, changes: older files are ignored
+# ... but those of the tars the change left as they were: relisting every tar of a large data set reads all their
+# headers again. Version 1 listed a tar cut short (webdataset's note 'is damaged after N entries') otherwise
+EARLIER_STILL_GOOD = {1: lambda listing: not any("is damaged after" in str(note) for note in listing.get("notes", ()))}
 
 
 def listing_file(folder: Path, tar: Path) -> Path:
@@ -67,9 +70,14 @@ class TarListings:
                 head, body = handle.readline(), handle.read()
             head = json.loads(head)
             if not isinstance(head, dict) or head.pop("sha256", None) != hashlib.sha256(body).hexdigest() \
-                    or head != self._head(tar, stamp):
+                    or {**head, "version": VERSION} != self._head(tar, stamp):
                 return None
             listing = json.loads(body)
+            version = head.get("version")
+            if version != VERSION:
+                still_good = EARLIER_STILL_GOOD.get(version) if type(version) is int else None
+                if still_good is None or not isinstance(listing, dict) or not still_good(listing):
+                    return None
         except (OSError, ValueError):
             return None
         self.reused += 1
