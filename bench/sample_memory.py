@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         # fresh strings (a slice that is not the whole string is a new one): what each Sample held before
         _, object_bytes, _, _ = held(lambda: [Sample(s.sample_id[:-1] + s.sample_id[-1], s.target,
                                                      s.location[:-1] + s.location[-1], s.stamp) for s in small.samples])
-        del small
+        small = None  # freed before the next opening (not `del`: the lambda above names it)
 
         def one_rank():  # what a rank of tl extract keeps once the shard plan is made: the samples of its tars
             source = opened(Path(folder), args.tars, traced_per_tar)
