@@ -367,17 +367,15 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
 def foreign(path: Path) -> bool:
     """Whether `path` holds a file that is not a tl head, model or checkpoint: those are torch's zip archives
     whose pickle (`data.pkl`, a few KB: the tensors lie beside it) holds the JSON metadata with its format
-    (`"format": "tl-head/1"`); a user's torch.save state dict or a TorchScript export has none. No file, an
-    empty one, or one that cannot be read (writing it says so): False."""
+    (`"format": "tl-head/1"`); a user's torch.save state dict or a TorchScript export has none. No file, or an
+    empty one: False. One that cannot be read: True (the rename of an atomic write would replace it unread)."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return False
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [name for name in archive.namelist() if name.rpartition("/")[2] == "data.pkl"]
             return len(pickles) != 1 or b'"format": "tl-' not in archive.read(pickles[0])
-    except OSError:
-        return False
-    except (zipfile.BadZipFile, ValueError):  # not a zip: not as tl writes its files
+    except (OSError, zipfile.BadZipFile, ValueError):  # unreadable, or not a zip: not as tl writes its files
         return True
 
 

@@ -354,7 +354,8 @@ def test_a_second_fit_head_on_one_out_is_refused(run_tl, tmp_path, small_head):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.pt", "link.pt"]
 
 
-def test_an_out_that_holds_a_file_tl_did_not_write_is_refused_before_the_work(run_tl, tmp_path, small_head):
+def test_an_out_that_holds_a_file_tl_did_not_write_is_refused_before_the_work(run_tl, tmp_path, small_head,
+                                                                             monkeypatch):
     """`--out notes.txt` by mistake replaced the notes with a head (or a model) without a word: a file there
     that tl did not write (not a tl head or model: a zip of photos, a torch.save state dict neither) is refused in
     one line and kept, unless --overwrite; an empty one, or a head of an earlier run, is replaced."""
@@ -376,6 +377,10 @@ def test_an_out_that_holds_a_file_tl_did_not_write_is_refused_before_the_work(ru
                                            "--out, or pass --overwrite to replace it")
             assert out.read_bytes() == kept[out]
     assert not any(path.name.endswith(".lock") or ".tmp-" in path.name for path in tmp_path.iterdir())
+    with monkeypatch.context() as patch:  # unreadable (chmod 0; root reads any file): the rename would replace it
+        patch.setattr(zipfile, "ZipFile", lambda *args: open("/nonexistent/unreadable"))
+        assert run_tl("fit-head", "--cache", small_head / "cache", "--out", weights, "--quiet").code == 2
+    assert weights.read_bytes() == kept[weights]
     (tmp_path / "empty.pt").write_bytes(b"")
     for out in ("empty.pt", "empty.pt"):  # the second: the head the first wrote
         assert run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / out, "--quiet").code == 0
