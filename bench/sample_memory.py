@@ -60,7 +60,7 @@ def opened(folder: Path, tars: int, per_tar: int):
     from pipeline.formats.webdataset import WebDatasetSource
 
     numbers = {str(Path(folder) / f"{number:05d}.tar"): number for number in range(tars)}
-    listing = WebDatasetSource._list_tar
+    listing = WebDatasetSource.__dict__["_list_tar"]  # the staticmethod itself: put back, it stays one
     WebDatasetSource._list_tar = staticmethod(lambda path, *_: synthetic_listing(numbers[str(path)], per_tar))
     try:
         return open_source("webdataset", folder)

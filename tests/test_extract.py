@@ -263,7 +263,7 @@ def test_info_describes_and_verifies(run_tl, image_folder, tmp_path):
     shard = out / "shard-00002.h5"
     shard.write_bytes(shard.read_bytes()[:-10] + b"0123456789")
     result = run_tl("info", out, "--verify")
-    assert result.code == 2 and "error: 1 problems" in result.err and "checksum mismatch" in result.err
+    assert result.code == 2 and "error: 1 problem in" in result.err and "checksum mismatch" in result.err
 
 
 def test_every_stage_is_listed_in_help(run_tl):
