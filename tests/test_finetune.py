@@ -464,6 +464,7 @@ def test_validation_images_of_a_class_the_head_lacks_are_refused_before_training
     source = SimpleNamespace(classes=["cat", "dog", "bird"], samples=[SimpleNamespace(target=(1, 0, 0)),
                                                                      SimpleNamespace(target=(0, 1, 1))],
                              columns=lambda index: {"ignore": np.zeros(3, np.int8)})
+    source.targets = lambda: np.array([sample.target for sample in source.samples])  # as Source.targets
     with pytest.raises(HeadError, match="^validation data v has labels head h does not know: bird; use data of"):
         image_labels(SimpleNamespace(source=source), ["background", "cat", "dog"], "validation data v", "head h")
     # a head that knows every class, in its own order
