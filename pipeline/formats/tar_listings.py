@@ -106,8 +106,11 @@ class TarListings:
                 saved += 1
         except (OSError, TLError) as exc:  # a speed-up only: a full disk or a folder not ours must not stop the run
             reason = exc.strerror if isinstance(exc, OSError) else str(exc).partition(";")[0]  # not its remedy
-            self.notes.append(f"{len(mine) - saved:,} tar listings were not kept in {self.folder} ({reason}); the "
-                              "next run lists those tars again")
+            if isinstance(exc, FileExistsError):  # mkdir's "File exists": a file or a dangling link holds the name
+                reason, then = "it is not a folder", "remove it, or the next run lists those tars again too"
+            else:
+                then = "the next run lists those tars again"
+            self.notes.append(f"{len(mine) - saved:,} tar listings were not kept in {self.folder} ({reason}); {then}")
         return saved
 
 
