@@ -110,7 +110,9 @@ class TarListings:
                 reason, then = "it is not a folder", "remove it, or the next run lists those tars again too"
             else:
                 then = "the next run lists those tars again"
-            self.notes.append(f"{len(mine) - saved:,} tar listings were not kept in {self.folder} ({reason}); {then}")
+            lost = len(mine) - saved
+            self.notes.append(f"{lost:,} tar listing{'s were' if lost > 1 else ' was'} not kept in {self.folder} "
+                              f"({reason}); {then}")
         return saved
 
 
