@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.datasets import DECODE_ERRORS
-from pipeline.errors import TLError
+from pipeline.errors import TLError, unreadable
 from pipeline.stops import RESUME_HINT
 
 DECODE_MODES: dict[str, type] = {}  # --decode values, filled by register_decode
@@ -247,7 +247,7 @@ class EncodedImages(torch.utils.data.Dataset):
         try:
             return None, self.crop(self.source.read_image(index, self.crop.draft)), index, ""
         except DECODE_ERRORS as exc:
-            return None, None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+            return None, None, index, unreadable(exc)
 
 
 # a CUDA error (torch's AcceleratorError, or its words where nvjpeg's decoder rewraps it or gives only a
@@ -343,7 +343,7 @@ def device_crops(items: list, device: torch.device, resize: int, crop: int, fall
             try:
                 crops.append(fallback(index).to(device))
             except DECODE_ERRORS as exc:
-                errors.append((index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"))
+                errors.append((index, unreadable(exc)))
                 continue
         elif cpu_crop is not None:
             crops.append(cpu_crop.to(device))

@@ -16,6 +16,18 @@ def install_extra(extra: str) -> str:
     return f"pip install -e '.[{extra}]' in tl's checkout"
 
 
+class ListingProblem(OSError):
+    """A sample its listing already refuses (no label, a repeated key, a label not among --classes): recorded
+    in its own words, not as a file the system could not read."""
+
+
+def unreadable(exc: BaseException) -> str:
+    """The reason recorded for a sample that could not be used: the exception's type and first line
+    (`OSError: truncated`), or a listing's own words."""
+    text = str(exc).splitlines()[0] if str(exc) else "unreadable"
+    return text if isinstance(exc, ListingProblem) else f"{type(exc).__name__}: {text}"
+
+
 class TLError(Exception):
     """A mistake in the input, the configuration or the environment; the message says what to do."""
 

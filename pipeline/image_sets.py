@@ -19,7 +19,7 @@ from pipeline.backbones import Backbone
 from pipeline.compatibility import head_ignore, head_targets
 from pipeline.datasets import DECODE_ERRORS, Source
 from pipeline.decoding import NormalizedCrop
-from pipeline.errors import FinetuneError
+from pipeline.errors import FinetuneError, unreadable
 from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_device
 from pipeline.metrics import mean_ap, per_class_ap
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings, pool_image_scores
@@ -43,7 +43,7 @@ class DecodedImages(Dataset):
         try:
             return self.transform(self.source.read_image(index, self.draft)), index, ""
         except DECODE_ERRORS as exc:
-            return None, index, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+            return None, index, unreadable(exc)
 
 
 def collate_decoded(items):

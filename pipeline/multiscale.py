@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from pipeline.datasets import DECODE_ERRORS, Annotation
 from pipeline.decoding import decoding_mode
-from pipeline.errors import DataError
+from pipeline.errors import DataError, unreadable
 
 if TYPE_CHECKING:
     from pipeline.backbone_spec import Backbone
@@ -239,7 +239,7 @@ class PatchImages(Dataset):
         try:
             image = self.source.read_image(index, self.draft)
         except DECODE_ERRORS as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+            reason = unreadable(exc)
             return ImagePatches(index, None, np.zeros((0, 4)), np.zeros(0, np.float32), np.zeros(0, np.int64), reason)
         boxes, scales, targets, dropped = self.patches_of(index, *image.info.get("original_size", image.size))
         pixels = np.empty((len(boxes), self.input_size, self.input_size, 3), dtype=np.uint8)
@@ -289,7 +289,7 @@ class PatchSamples(Dataset):
             patch = crop_patch(self._decoded[1], self.boxes[position], self.input_size)
             return self.transform(patch), position, ""
         except DECODE_ERRORS as exc:
-            return None, position, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+            return None, position, unreadable(exc)
 
 
 def collate_patches(items: list[ImagePatches]) -> list[ImagePatches]:

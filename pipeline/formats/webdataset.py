@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.datasets import DECODE_ERRORS, Source, open_rgb, register_format, shown
-from pipeline.errors import DataError, listed
+from pipeline.errors import DataError, ListingProblem, listed
 from pipeline.formats.tar_headers import scan_tar
 from pipeline.formats.tar_listings import TarListings, listed_tars
 from pipeline.formats.tar_paths import tar_paths
@@ -296,7 +296,7 @@ class WebDatasetSource(Source):
     def encoded(self, index: int) -> bytes:
         path, offset, size, problem = self.samples.where(index)
         if problem:
-            raise OSError(problem)  # the listing's reason: no label, a repeated key, ... (see listing_problem)
+            raise ListingProblem(problem)  # the listing's reason: no label, a repeated key, ... (see listing_problem)
         data = os.pread(self._tar_handle(path), size, offset)
         if len(data) != size:
             raise OSError(f"the tar entry is cut short ({len(data)} of {size} bytes)")
