@@ -6,9 +6,11 @@ Without torchrun every call here is a no-op for a world of one, so the stages re
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +65,29 @@ def start(current: World, device: torch.device) -> None:
     if not current.distributed or torch_distributed.is_initialized():
         return
     cuda = device.type == "cuda"
+    dies_with_launcher(signal.SIGKILL)  # while it joins: see dies_with_launcher
     try:
         torch_distributed.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
                                              timeout=datetime.timedelta(seconds=timeout_seconds()))
     except (RuntimeError, ValueError) as exc:
         raise DistributedError(f"cannot join the process group ({str(exc).splitlines()[0]}); start tl with "
                                "torchrun, which sets MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE") from None
+    finally:
+        dies_with_launcher(0)  # joined: a rank whose launcher dies now finishes its shards, as before
     signal.signal(signal.SIGTERM, stops.terminated)
+
+
+def dies_with_launcher(signal_number: int) -> bool:
+    """Have Linux send `signal_number` to this process when its parent (torchrun's agent) dies; 0 clears it.
+    A rank blocked in joining the process group runs no Python signal handler, so one whose launcher was
+    SIGKILLed then (a job step killed) waited out TL_DISTRIBUTED_TIMEOUT, 30 minutes, holding its GPU, and
+    only SIGKILL ended it; nothing is written before the group forms. Whether it was set (not on macOS)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(1, signal_number, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl in this C library
+        return False
 
 
 def barrier(current: World, what: str) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +305,45 @@ def test_a_rank_on_cuda_binds_its_gpu_to_the_group_and_one_on_the_cpu_uses_gloo(
     distributed.start(world, torch.device("cuda", 1))
     distributed.start(world, torch.device("cpu"))
     assert joined == [("nccl", torch.device("cuda", 1)), ("gloo", None)]
+
+
+RANK_WAITING = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from pipeline import distributed
+assert distributed.dies_with_launcher(signal.SIGKILL if {joining} else 0)
+print(os.getpid(), flush=True)
+time.sleep(60)  # as a rank blocked in init_process_group
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie no reaper took is dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+@pytest.mark.parametrize("joining", [True, False])
+def test_a_rank_joining_the_group_dies_with_its_launcher(joining):
+    """torchrun's launcher SIGKILLed while its ranks joined the process group left them blocked there (no Python
+    signal handler runs) for TL_DISTRIBUTED_TIMEOUT, 30 minutes; a rank now dies with its parent until it has
+    joined, and after that (`dies_with_launcher(0)`) carries on as before."""
+    import time
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                                 f"'-c', {RANK_WAITING.format(repo=str(REPO), joining=joining)!r}]); time.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True)
+    rank = int(launcher.stdout.readline())
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + (10 if joining else 2)  # a rank that stays stays
+    while _alive(rank) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _alive(rank) is not joining
+    finally:
+        if _alive(rank):
+            os.kill(rank, signal.SIGKILL)
