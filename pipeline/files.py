@@ -383,4 +383,9 @@ def refuse_foreign(path: Path, what: str, remedy: str) -> None:
     """Refuse, before any work, to replace a file at `path` that tl did not write (`foreign`): `--out
     notes.txt` by mistake replaced the notes with a head without a word. `remedy` says how to anyway."""
     if foreign(path):
-        raise ForeignFile(path, f"holds a file that tl did not write as a {what}", remedy)
+        raise ForeignFile(path, foreign_state(what), remedy)
+
+
+def foreign_state(what: str) -> str:
+    """How a refusal, and tl run --dry-run, say what a foreign output holds."""
+    return f"holds a file that tl did not write as a {what}"

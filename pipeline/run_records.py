@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import ConfigError, TLError
-from pipeline.files import foreign, write_bytes
+from pipeline.files import foreign, foreign_state, write_bytes
 from pipeline.recipe import INPUTS, Step
 
 RECORD_FORMAT = "tl-run-record/1"
@@ -111,7 +111,7 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
             return "not run yet"
         if step.stage in ("fit-head", "finetune") and foreign(out):
             what = "head file" if step.stage == "fit-head" else "model file"
-            return f"and stop: {out} holds a file that tl did not write as a {what}, and this recipe did not make it"
+            return f"and stop: {out} {foreign_state(what)}, and this recipe did not make it"
         taken = ": a cache of the step's settings is taken up, any other stops the run" if step.stage == "extract" \
             else ""
         return f"{out} has no record of this recipe{taken}"
