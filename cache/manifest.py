@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
+from cache.shard_names import shard_index, shard_name
 from pipeline import __version__
 from pipeline.errors import CacheError, listed
 from pipeline.files import write_bytes
@@ -28,21 +29,7 @@ RECORDS = "shards.jsonl"
 RANK_RECORDS = "shards-rank{}.jsonl"  # a torchrun rank other than 0 records its shards here; merged on opening
 FORMAT = "tl-cache/2"  # /2: shard records in shards.jsonl, each with the samples it covers and their digest
 LEGACY_FORMAT = "tl-cache/1"  # shards inside manifest.json; still read (fit-head, evaluate, info), never written
-NAME_DIGITS = 5
-_SHARD_FILE = re.compile(r"shard-(\d+)\.h5")
 _LAYER_NAME = re.compile(r"(?!.*\.\.)[A-Za-z0-9_][A-Za-z0-9_.-]*")  # no path: a sweep names its head files after it
-
-
-def shard_name(index: int, num_shards: int = 0) -> str:
-    """`shard-00007.h5`: zero-padded to the plan's widest index (5 digits at least), so names sort in shard
-    order at any count. Readers never rely on that: a shard's index is in its record."""
-    return f"shard-{index:0{max(NAME_DIGITS, len(str(max(num_shards - 1, 0))))}d}.h5"
-
-
-def shard_index(name: str) -> int | None:
-    """The index a shard file's name gives, whatever its width; None for other names."""
-    match = _SHARD_FILE.fullmatch(name)
-    return int(match[1]) if match else None
 
 
 def key_digest(key: dict) -> str:
@@ -262,6 +249,8 @@ def load_manifest(root: Path, records: bool = True) -> Manifest:
     manifest.taps = {name: TapSpec(**spec) for name, spec in header["taps"].items()}
     found = _legacy_records(header) if legacy else iter_records(Path(root), manifest) if records else []
     entries = {entry.index: (entry, skipped) for entry, skipped in found}  # a later record of a shard wins
+    if len({entry.file for entry, _ in entries.values()}) != len(entries):  # one file read as two shards
+        raise RecordDamage(f"{path.parent / RECORDS} names one shard file for two shards; {REBUILD}")
     manifest.shards = [entries[index][0] for index in sorted(entries)]
     manifest.skipped = [dict(item, shard=index) for index in sorted(entries) for item in entries[index][1]]
     if manifest.complete and records and len(entries) != manifest.num_shards:
@@ -400,7 +389,8 @@ def _record_problem(record, manifest: Manifest) -> str:
     if not isinstance(record, dict) or any(not _is(record.get(f), kind) for f, kind in _SHARD_FIELDS.items()) \
             or not isinstance(record.get("inputs"), str) or not isinstance(record.get("skipped"), list):
         return f"a record needs {', '.join(_SHARD_FIELDS)}, inputs and skipped"
-    if shard_index(record["file"]) != record["index"] or not 0 <= record["index"] < manifest.num_shards:
+    # a kept shard that moved in the listing keeps its file, named after the index it was written at
+    if shard_index(record["file"]) is None or not 0 <= record["index"] < manifest.num_shards:
         return f"shard record {record['file']} is inconsistent"
     if record["rows"] < 0 or record["first"] < 0 or record["samples"] < 1 \
             or record["first"] + record["samples"] > manifest.num_samples:

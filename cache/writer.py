@@ -19,7 +19,8 @@ import numpy as np
 
 from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECORDS, ForeignManifest, Manifest,
                             PlannedShard, RecordDamage, ShardEntry, decode_of, iter_records, key_differences,
-                            load_manifest, record_files, save_manifest, shard_index, shard_name, uniform_plan)
+                            load_manifest, record_files, save_manifest, shard_index, uniform_plan)
+from cache.shard_names import free_shard_name
 from cache.records import append_record, content_digest, write_records
 from pipeline.files import DiskFullError, OutputLock, file_digest, missing_folders, write_bytes
 from pipeline.errors import CacheError, CacheOccupied, listed
@@ -51,8 +52,9 @@ class CacheWriter:
 
     `plan` says which samples each shard holds and digests their inputs (default: `shard_rows` samples
     per shard, no digests). On opening a cache of the same key, a finished shard is kept only when its
-    record covers the same samples with the same input digest and its file still has its checksum;
-    `kept`, `changed` and `damaged` count what happened to the shards found.
+    record covers the same samples with the same input digest and its file still has its checksum,
+    wherever the plan now puts those samples (a tar removed before it); `kept`, `changed` and `damaged`
+    count what happened to the shards found.
     """
 
     def __init__(self, root: Path, key: dict, classes: list[str], taps: dict[str, int], dtype: str,
@@ -85,6 +87,13 @@ class CacheWriter:
         self.kept = self.changed = self.damaged = self.beyond = 0
         self._started_fresh = False  # this run began the cache (no finished shard of an earlier run kept)
         self.position_matters = position_matters
+        # the planned shards by what they hold: a finished shard is matched to its place in O(1), at any count
+        self._by_content: dict[tuple, list[int]] = {}
+        for index, planned in enumerate(self.plan):
+            if planned.inputs:  # an empty digest proves nothing: such shards answer for their own index only
+                content = self._content(planned.first, planned.samples, planned.inputs)
+                self._by_content.setdefault(content, []).append(index)
+        self._held: dict[str, int] = {}  # files of the shards found on opening -> their index (free_shard_name)
 
     # -- opening
 
@@ -96,13 +105,14 @@ class CacheWriter:
             if self.manifest.key_digest != self._fresh.key_digest:
                 raise CacheError(f"{self.root} was opened by rank 0 with other settings; start every rank alike")
             self._take(self.manifest)
-            return self
-        self.lock.acquire()
-        try:
-            self._open_manifest()
-        except BaseException:
-            self.lock.release()
-            raise
+        else:
+            self.lock.acquire()
+            try:
+                self._open_manifest()
+            except BaseException:
+                self.lock.release()
+                raise
+        self._held = {entry.file: index for index, entry in self._entries.items()}
         return self
 
     def __exit__(self, kind, *exc) -> None:
@@ -171,58 +181,74 @@ class CacheWriter:
         self._remove_temporaries()
         distrusted = self._reconcile(existing)
         self.adopt_shards(distrusted=distrusted)
+        named = {entry.file for entry in self._entries.values()}
+        for path in self.root.glob("shard-*.h5"):  # no record names it and it answers for no planned shard
+            if path.name not in named:
+                path.unlink()
 
-    def _reconcile(self, existing: Manifest) -> set[int]:
-        """Keep the recorded shards that still answer for the plan; drop (and delete) the others. Shards
-        whose inputs changed, and shards whose file is gone or changed, are redone. A shard whose samples
-        moved in the listing (a tar before it gained an image) is kept with its new position, unless its
-        rows depend on the position (`position_matters`: seeded per image index, as multiscale training)."""
-        dropped = set()
-        for index, shard in list(self._entries.items()):
-            planned = self.plan[index] if index < len(self.plan) else None
-            if planned is None:
-                self.beyond += 1
-                dropped.add(index)
-                continue
-            if not self._answers(shard.first, shard.samples, shard.inputs, planned):
-                self.changed += 1
-                dropped.add(index)
-                continue
+    def _reconcile(self, existing: Manifest) -> set[str]:
+        """Keep the recorded shards that still answer for a planned shard, at its index; drop the others
+        (their files are deleted and returned). Shards whose inputs changed, and shards whose file is gone
+        or changed, are redone. A shard whose samples moved in the listing (a tar before it gained an image
+        or was removed) keeps its file at its new index, unless its rows depend on the position
+        (`position_matters`: seeded per image index, as multiscale training)."""
+        kept: dict[int, ShardEntry] = {}
+        skipped: dict[int, list[dict]] = {}
+        unanswered, dropped = set(), set()
+        for shard in sorted(self._entries.values(), key=lambda entry: entry.index):
+            index = self._answering(shard.index, shard.first, shard.samples, shard.inputs, kept)
             path = self.root / shard.file
-            if path.is_file() and path.stat().st_size == shard.bytes and file_digest(path) == shard.sha256:
+            if index is None:
+                unanswered.add(shard.index)
+                dropped.add(shard.file)
+            elif path.is_file() and path.stat().st_size == shard.bytes and file_digest(path) == shard.sha256:
                 self.kept += 1
-                self._entries[index] = dataclasses.replace(shard, first=planned.first)
+                kept[index] = dataclasses.replace(shard, index=index, first=self.plan[index].first)
+                skipped[index] = self._skipped.get(shard.index, [])
             else:
                 self.damaged += 1
-                dropped.add(index)
+                dropped.add(shard.file)
+        # redone: a planned shard that had a record, whose samples no finished shard holds any more
+        self.changed = sum(index < len(self.plan) and index not in kept for index in unanswered)
+        self.beyond = sum(index >= len(self.plan) for index in unanswered)
         # in an order a kill cannot turn into a lie: first a header marked incomplete that admits the old
         # records and the new (the larger of both listings), then the records of the kept shards, then
         # the files of the dropped ones, then the new header
         save_manifest(self.root, dataclasses.replace(
             self.manifest, complete=False, content="", num_samples=max(existing.num_samples, self.manifest.num_samples),
             num_shards=max(existing.num_shards, self.manifest.num_shards)))
-        for index in dropped:
-            del self._entries[index]
-            self._skipped.pop(index, None)
+        self._entries, self._skipped = kept, skipped
         self._sync()
         write_records(self.root, self.manifest.shards, self._skipped)
         for path in record_files(self.root)[1:]:  # the other ranks' records are in shards.jsonl now
             path.unlink()
-        for path in self.root.glob("shard-*.h5"):  # dropped, or beyond the plan (an earlier, longer listing)
-            index = shard_index(path.name)
-            if index is None or index >= len(self.plan) or (index in dropped and index not in self._entries) \
-                    or (index in self._entries and self._entries[index].file != path.name):
-                path.unlink()
+        dropped -= {entry.file for entry in kept.values()}
+        for name in dropped:
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / name).unlink()
         save_manifest(self.root, self.manifest)
         return dropped
 
+    def _content(self, first: int, samples: int, inputs: str) -> tuple:
+        return (samples, inputs, first if self.position_matters else None)
+
     def _answers(self, first: int, samples: int, inputs: str, planned: PlannedShard) -> bool:
         """Whether a shard written for samples [first, first + samples) with input digest `inputs` holds
-        the rows `planned` asks for: the same samples and inputs, at any position unless rows depend on it.
-        One rule for records and for shard files: a kept shard that moved still names its old first sample
-        in its file, and must be adopted from it all the same when its records are lost."""
-        return (samples, inputs) == (planned.samples, planned.inputs) \
-            and (not self.position_matters or first == planned.first)
+        the rows `planned` asks for: the same samples and inputs, at any position unless rows depend on it."""
+        return self._content(first, samples, inputs) == self._content(planned.first, planned.samples, planned.inputs)
+
+    def _answering(self, index: int, first: int, samples: int, inputs: str, taken) -> int | None:
+        """The planned shard, not in `taken`, that a shard written as shard `index` (`first`, `samples`,
+        `inputs`: see _answers) answers for: its own index when it still does, else any index that does
+        (a tar before it shrank or went); None when none. One rule for records and for shard files: a
+        kept shard that moved still names its old index and first sample in its file. A shard without an
+        input digest answers for its own index only."""
+        if index < len(self.plan) and index not in taken and self._answers(first, samples, inputs, self.plan[index]):
+            return index
+        if not inputs:
+            return None
+        candidates = self._by_content.get(self._content(first, samples, inputs), ())
+        return next((k for k in candidates if k not in taken), None)
 
     def _sync(self) -> None:
         """The manifest's shard list and skipped samples from the finished shards (O(shards): on open and
@@ -231,23 +257,25 @@ class CacheWriter:
         self.manifest.skipped = [dict(item, shard=index) for index in sorted(self._skipped)
                                  for item in self._skipped[index]]
 
-    def adopt_shards(self, distrusted: set[int] = frozenset()) -> list[int]:
+    def adopt_shards(self, distrusted: set[str] = frozenset()) -> list[int]:
         """Record complete shard files the manifest does not list yet: written by other ranks, or by a
-        run killed between renaming a shard and recording it. A shard names its cache key and the input
-        digest it was written for; `distrusted` shards (recorded once, then found changed) are rewritten."""
+        run killed between renaming a shard and recording it, for the planned shard they answer for
+        (_answering). A shard names its cache key and the input digest it was written for; `distrusted`
+        files (recorded once, then found changed) are rewritten."""
+        named = {entry.file for entry in self._entries.values()}
         for path in record_files(self.root)[1:]:  # what the other ranks recorded (cheap: no shard is read)
             for entry, skipped in iter_records(self.root, self.manifest, only=path):
-                planned = self.plan[entry.index]  # a rank that listed other data wrote for another plan
-                if entry.index not in self._entries and entry.index not in distrusted \
-                        and self._answers(entry.first, entry.samples, entry.inputs, planned):
-                    self._entries[entry.index] = dataclasses.replace(entry, first=planned.first)
-                    self._skipped[entry.index] = skipped
+                # a rank that listed other data wrote for another plan: its shards answer for nothing here
+                index = self._answering(entry.index, entry.first, entry.samples, entry.inputs, self._entries)
+                if index is not None and entry.file not in named and entry.file not in distrusted:
+                    self._entries[index] = dataclasses.replace(entry, index=index, first=self.plan[index].first)
+                    self._skipped[index] = skipped
+                    named.add(entry.file)
         adopted = []
-        for path in self.root.glob("shard-*.h5"):
-            index = shard_index(path.name)
-            if index is None or index in self._entries or index in distrusted or index >= len(self.plan):
+        for path in sorted(self.root.glob("shard-*.h5")):
+            if path.name in named or path.name in distrusted or shard_index(path.name) is None:
                 continue
-            found = _shard_entry(path, self.manifest, self.plan[index], self._answers)
+            found = _shard_entry(path, self.manifest, self.plan, self._entries, self._answering)
             if found is not None:
                 entry, skipped = found
                 self._record(entry, skipped)
@@ -291,7 +319,7 @@ class CacheWriter:
         OSError (HDF5 writing to a full disk crashed the process) and no half shard is left."""
         rows = len(sample_ids)
         planned = self.plan[index]
-        name = shard_name(index, len(self.plan))
+        name = free_shard_name(index, len(self.plan), self._held)
         options = {} if self.compression == "none" else {"compression": self.compression}
         image = io.BytesIO()
         with h5py.File(image, "w") as shard:
@@ -357,22 +385,24 @@ def _text(values) -> np.ndarray:
     return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
 
 
-def _shard_entry(path: Path, manifest: Manifest, planned: PlannedShard, answers) -> tuple[ShardEntry, list[dict]] | None:
-    """(record, skipped samples) of a complete shard file of this cache that `answers` (CacheWriter._answers)
-    for the planned shard, at the planned position; else None."""
+def _shard_entry(path: Path, manifest: Manifest, plan: list[PlannedShard], taken, answering
+                 ) -> tuple[ShardEntry, list[dict]] | None:
+    """(record, skipped samples) of a complete shard file of this cache, at the planned index not in `taken`
+    it answers for (`answering`: CacheWriter._answering); else None."""
     try:
         with h5py.File(path, "r") as shard:
             if shard.attrs.get("key_digest") != manifest.key_digest:
                 return None
             index, rows = int(shard.attrs["index"]), int(shard.attrs["rows"])
             skipped = json.loads(shard.attrs.get("skipped", "[]"))
-            written = (int(shard.attrs["first"]), int(shard.attrs["samples"]), str(shard.attrs["inputs"]))
+            first, samples, inputs = int(shard.attrs["first"]), int(shard.attrs["samples"]), str(shard.attrs["inputs"])
     except (OSError, KeyError, ValueError):
         return None  # unreadable or foreign: it will be rewritten
-    if shard_index(path.name) != index or not answers(*written, planned):
+    place = answering(index, first, samples, inputs, taken) if shard_index(path.name) == index else None
+    if place is None:
         return None
-    return ShardEntry(index, path.name, rows, path.stat().st_size, file_digest(path), planned.first,
-                      planned.samples, planned.inputs), skipped
+    return ShardEntry(place, path.name, rows, path.stat().st_size, file_digest(path), plan[place].first, samples,
+                      inputs), skipped
 
 
 def _whole(targets: np.ndarray) -> np.ndarray:

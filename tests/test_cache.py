@@ -412,3 +412,196 @@ def test_the_writer_keeps_whole_targets_as_integers_and_refuses_fractions(tmp_pa
     assert next(CacheReader(cache).iter_batches("feat"))["target"].dtype.kind == "i"
     with pytest.raises(CacheError, match="targets must be whole numbers"):
         write_code_cache(tmp_path / "d", np.ones((4, 2), np.float32), np.array([0.0, 0.5, 1.0, 0.0]), ["a", "b"])
+
+
+# ------------------------------------------------------------------ shards kept wherever the plan puts them
+
+def planned(*contents, size=2):
+    """A plan of one shard of `size` samples per content name (the name stands for its inputs digest)."""
+    from cache.manifest import PlannedShard
+
+    return [PlannedShard(size * k, size, name, k) for k, name in enumerate(contents)]
+
+
+def write_planned(root, plan, only=None, **options):
+    """Open a cache for `plan`, write the shards it lacks (`only`: those indices) with codes that say their
+    content (the inputs digest's letters), finish; (writer, {index: file name written})."""
+    written = {}
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, sum(p.samples for p in plan), plan=plan,
+                     **options) as writer:
+        for index, shard in enumerate(plan):
+            if index not in writer.finished and (only is None or index in only):
+                written[index] = writer.write_shard(index, {"fc7": content_codes(shard.inputs)}, np.zeros(2),
+                                                    [f"{shard.inputs}{i}" for i in range(2)], []).file
+        writer.finish()
+    return writer, written
+
+
+def content_codes(name):
+    return np.array([[ord(c), len(name)] for c in name[:2].ljust(2)], np.float32)
+
+
+def test_a_shard_whose_samples_moved_to_another_index_keeps_its_file(tmp_path):
+    """Shards follow tars: a tar removed or inserted before others shifts the index of every later shard;
+    those are kept (their files as they are), and only the shards of the changed tar are written."""
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b", "c", "d", "e"))
+    writer, written = write_planned(root, planned("a", "c", "d", "e"))  # "b" went
+    assert (writer.kept, writer.changed, writer.beyond, written) == (4, 0, 0, {})
+    assert [(s.index, s.file) for s in load_manifest(root).shards] == [
+        (0, "shard-00000.h5"), (1, "shard-00002.h5"), (2, "shard-00003.h5"), (3, "shard-00004.h5")]
+    assert not (root / "shard-00001.h5").exists()
+    reader = CacheReader(root)
+    np.testing.assert_array_equal(reader.load("fc7"), np.concatenate([content_codes(c) for c in "acde"]))
+    assert list(reader.load_column("sample_id")) == ["a0", "a1", "c0", "c1", "d0", "d1", "e0", "e1"]
+    assert reader.verify_all() == []
+    # a shard inserted before the moved ones: its own name is held by a kept shard, so it gets a wider one
+    writer, written = write_planned(root, planned("x", "a", "c", "d", "e"))
+    assert (writer.kept, writer.changed, written) == (4, 0, {0: "shard-000000.h5"})
+    assert [(s.index, s.file) for s in load_manifest(root).shards] == [
+        (0, "shard-000000.h5"), (1, "shard-00000.h5"), (2, "shard-00002.h5"), (3, "shard-00003.h5"),
+        (4, "shard-00004.h5")]
+    np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "xacde"]))
+    # a shard that changed and one that shrank (no longer held anywhere) are redone at their index alone
+    writer, written = write_planned(root, planned("x", "a", "C", "d", "e"))
+    assert (writer.kept, writer.changed, written) == (4, 1, {2: "shard-00002.h5"})
+    writer, written = write_planned(root, planned("x", "a", "C", "d", "e"))  # unchanged: nothing written
+    assert (writer.kept, writer.changed, written) == (5, 0, {})
+    assert sorted(p.name for p in root.glob("shard-*")) == sorted(s.file for s in load_manifest(root).shards)
+
+
+def test_shards_without_input_digests_answer_for_their_own_index_only(tmp_path):
+    """A uniform plan digests no inputs: an empty digest proves nothing, so a shard of 2 samples is not
+    taken for another shard of 2 samples at another index."""
+    from cache.manifest import uniform_plan
+
+    root = tmp_path / "c"
+    write_planned(root, uniform_plan(8, 2))
+    writer, written = write_planned(root, uniform_plan(6, 2))
+    assert (writer.kept, writer.beyond, sorted(written)) == (3, 1, [])
+    assert [(s.index, s.file) for s in load_manifest(root).shards] == [(k, f"shard-0000{k}.h5") for k in range(3)]
+    assert not (root / "shard-00003.h5").exists()
+
+
+def test_moved_shards_are_redone_when_their_rows_depend_on_their_position(tmp_path):
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b", "c"))
+    writer, written = write_planned(root, planned("a", "c"), position_matters=True)  # "c" moved: redone
+    assert (writer.kept, sorted(written)) == (1, [1])
+    assert [(s.index, s.file) for s in load_manifest(root).shards] == [(0, "shard-00000.h5"), (1, "shard-00001.h5")]
+    assert sorted(p.name for p in root.glob("shard-*")) == ["shard-00000.h5", "shard-00001.h5"]
+
+
+def test_lost_records_are_rebuilt_from_files_at_the_index_their_samples_moved_to(tmp_path):
+    """Adoption (records lost, or another rank's unrecorded file) follows the same rule as the records."""
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b", "c", "d"))
+    write_planned(root, planned("x", "a", "c", "d"))  # "b" went, "x" came first: its name is a wider one
+    (root / "shards.jsonl").write_text("not a record\n" * 2)
+    writer, written = write_planned(root, planned("x", "a", "c", "d"))
+    assert written == {} and sorted(writer.finished) == [0, 1, 2, 3]
+    assert [s.file for s in load_manifest(root).shards] == ["shard-000000.h5", "shard-00000.h5", "shard-00002.h5",
+                                                             "shard-00003.h5"]
+    np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "xacd"]))
+    # a shard file a killed run left unrecorded, for samples now elsewhere: adopted there, not rewritten
+    records = (root / "shards.jsonl").read_text().splitlines(keepends=True)
+    (root / "shards.jsonl").write_text("".join(records[:-1]) + records[-1][:10])  # the last line torn
+    writer, written = write_planned(root, planned("a", "c", "d"))
+    assert written == {} and sorted(writer.finished) == [0, 1, 2]
+    assert [s.file for s in load_manifest(root).shards] == ["shard-00000.h5", "shard-00002.h5", "shard-00003.h5"]
+    assert sorted(p.name for p in root.glob("shard-*")) == ["shard-00000.h5", "shard-00002.h5", "shard-00003.h5"]
+
+
+@pytest.mark.parametrize("step", ["records", "after records", "header"])
+def test_a_kill_while_moved_shards_are_recorded_leaves_a_manifest_that_tells_the_truth(tmp_path, monkeypatch, step):
+    """Opening writes, in order: a header that admits old and new, the kept shards' records at their new
+    index, deletes the dropped files, then the new header. Killed at any of them, every record names a
+    file that holds what it says, and the next run keeps every moved shard."""
+    import cache.writer as writer_module
+    from cache.manifest import save_manifest
+    from cache.records import write_records
+    from pipeline.files import file_digest
+
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b", "c", "d"))
+    headers = []
+
+    def records(*args, **kwargs):
+        if step == "after records":
+            write_records(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    def header(*args, **kwargs):
+        headers.append(args)
+        if len(headers) == 2:  # the dropped file is deleted: killed before the new header
+            raise KeyboardInterrupt
+        save_manifest(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, *(("save_manifest", header) if step == "header" else ("write_records", records)))
+    with pytest.raises(KeyboardInterrupt):
+        write_planned(root, planned("a", "c", "d"))  # "b" went: "c" and "d" move to 1 and 2
+    monkeypatch.undo()
+    manifest = load_manifest(root)
+    assert not manifest.complete
+    for shard in manifest.shards:  # every record names a file that holds what it says
+        assert file_digest(root / shard.file) == shard.sha256
+        with h5py.File(root / shard.file) as handle:
+            assert handle.attrs["inputs"] == shard.inputs
+    writer, written = write_planned(root, planned("a", "c", "d"))
+    assert written == {} and writer.damaged == 0 and sorted(writer.finished) == [0, 1, 2]
+    np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "acd"]))
+    assert sorted(p.name for p in root.glob("shard-*")) == ["shard-00000.h5", "shard-00002.h5", "shard-00003.h5"]
+
+
+def test_records_may_name_the_file_of_another_index_but_no_path_and_no_file_twice(tmp_path):
+    from tests.conftest import cache_document, write_cache_document
+
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b", "c"))
+    document = cache_document(root)
+    for name in ("../shard-00001.h5", "sub/shard-00001.h5", "/tmp/shard-00001.h5", "shard-00001.h5.bak", "x.h5",
+                 "shard-00001.h5/.."):
+        edited = json.loads(json.dumps(document))
+        edited["shards"][0]["file"] = name
+        write_cache_document(root, edited)
+        with pytest.raises(CacheError, match="is inconsistent"):
+            load_manifest(root)
+    edited = json.loads(json.dumps(document))
+    edited["shards"][0]["file"] = "shard-00001.h5"  # the file of shard 1 read twice
+    write_cache_document(root, edited)
+    with pytest.raises(CacheError, match="names one shard file for two shards; re-run the same tl extract"):
+        load_manifest(root)
+    edited["shards"][0]["file"], edited["shards"][1]["file"] = "shard-00001.h5", "shard-00000.h5"  # swapped: sound
+    write_cache_document(root, edited)
+    assert [s.file for s in load_manifest(root).shards] == ["shard-00001.h5", "shard-00000.h5", "shard-00002.h5"]
+
+
+def test_a_kill_before_a_ranks_records_are_merged_leaves_no_file_read_as_two_shards(tmp_path, monkeypatch):
+    """A rank's record of a shard that moved, left by a kill between shards.jsonl (the shard at its new
+    index) and the removal of the rank's records file (at its old index): the records name one file for
+    two shards, which readers refuse and the next run rebuilds from the files."""
+    import cache.writer as writer_module
+    from cache.manifest import RecordDamage
+    from cache.records import write_records
+
+    root = tmp_path / "c"
+    plan = planned("a", "b", "c")
+    with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 6, plan=plan) as main:
+        for index in (0, 1):
+            main.write_shard(index, {"fc7": content_codes("ab"[index])}, np.zeros(2), ["x", "y"], [])
+        with CacheWriter(root, KEY, ["a"], {"fc7": 2}, "float32", 2, 6, plan=plan, follower=True, rank=1) as rank:
+            rank.write_shard(2, {"fc7": content_codes("c")}, np.zeros(2), ["x", "y"], [])
+
+    def killed(*args, **kwargs):
+        write_records(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_module, "write_records", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_planned(root, planned("b", "c"))  # "a" went: "c" moves from 2 to 1
+    monkeypatch.undo()
+    with pytest.raises(RecordDamage, match="names one shard file for two shards"):
+        load_manifest(root)
+    writer, written = write_planned(root, planned("b", "c"))
+    assert written == {} and sorted(writer.finished) == [0, 1]
+    np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "bc"]))

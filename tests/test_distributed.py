@@ -195,6 +195,30 @@ def test_four_ranks_over_tars_miss_no_row_and_equal_one_process(tmp_path):
     assert_same_cache(ranked, single)
 
 
+def test_tars_inserted_first_move_the_kept_shards_and_no_rank_writes_over_them(tmp_path):
+    """Two tars put before the others move every kept shard two tars on; the kept shards keep their files,
+    whose names are those of the new shards' indices: each rank (rank 1 writes the second new tar) gives its
+    new shards other names, learnt from the manifest rank 0 saved, and the cache equals one process's."""
+    from cli import main
+    from tests.conftest import write_webdataset
+
+    tars = write_webdataset(tmp_path, tars=3, per_tar=4)  # 2 shards a tar (3 + 1 images)
+    args = [*EXTRACT, "--format", "webdataset", "--data", tars]
+    assert torchrun(*args, "--out", tmp_path / "c").returncode == 0
+    kept = {path.name: path.read_bytes() for path in (tmp_path / "c").glob("shard-*.h5")}
+    for name, source in (("0.tar", "00001.tar"), ("00.tar", "00002.tar")):  # listed before 00000.tar
+        (tars / name).write_bytes((tars / source).read_bytes())
+    result = torchrun(*args, "--out", tmp_path / "c")
+    assert result.returncode == 0 and "4 shards new, 6 reused" in result.stdout, result.stderr[-2000:]
+    shards = [(s.index, s.file) for s in CacheReader(tmp_path / "c").shards]
+    assert shards == [(k, f"shard-{k:06d}.h5") for k in range(4)] + [(k + 4, f"shard-{k:05d}.h5") for k in range(6)]
+    assert all((tmp_path / "c" / name).read_bytes() == data for name, data in kept.items())
+    with pytest.raises(SystemExit) as done:
+        main([*map(str, args), "--out", str(tmp_path / "single")])
+    assert done.value.code == 0
+    assert_same_cache(CacheReader(tmp_path / "c"), CacheReader(tmp_path / "single"))
+
+
 def torchrun_opening_tars(tmp_path, *args):
     """torchrun(*args), the names of the tars each rank opened ({rank: names}), seen by an audit hook (Python's
     `open` event), and the ids of the samples each rank held once it extracted ({rank: ids}, from Source.hold),

@@ -134,6 +134,41 @@ def test_a_tar_that_gains_an_image_moves_the_later_shards_without_redoing_them(t
     np.testing.assert_array_equal(CacheReader(tmp_path / "c").load("fc7"), CacheReader(tmp_path / "fresh").load("fc7"))
 
 
+def test_a_tar_removed_shrunk_or_inserted_redoes_only_its_own_shards(tmp_path):
+    """Shards follow tars, so a tar of fewer shards (or none) moves every later tar's shards to other indices:
+    those are kept, files and all, and only the changed tar's shards are written; the codes read back are a
+    fresh extraction's."""
+    tars = write_webdataset(tmp_path, tars=5, per_tar=5)
+    shards = lambda: [(s["index"], s["file"]) for s in cache_document(tmp_path / "c")["shards"]]  # noqa: E731
+
+    def rerun(*counts):
+        result = extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
+        assert (result.shards_written, result.shards_redone, result.shards_reused) == counts
+        fresh = tmp_path / f"fresh{len(list(tmp_path.glob('fresh*')))}"
+        extract(tars, fresh, format="webdataset", shard_rows=3)
+        reader = CacheReader(tmp_path / "c")
+        np.testing.assert_array_equal(reader.load("fc7"), CacheReader(fresh).load("fc7"))
+        np.testing.assert_array_equal(reader.load_column("sample_id"), CacheReader(fresh).load_column("sample_id"))
+        assert reader.verify_all() == []
+        assert sorted(p.name for p in (tmp_path / "c").glob("shard-*")) == sorted(file for _, file in shards())
+
+    extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)  # 5 images a tar: 2 shards each
+    second = tars / "00001.tar"
+    whole = second.read_bytes()
+    with tarfile.open(second) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    write_tar(second, members[:6])  # 3 images: 1 shard, and the 6 shards after it move up by one
+    rerun(1, 1, 8)
+    assert shards()[2:4] == [(2, "shard-00002.h5"), (3, "shard-00004.h5")]
+    second.unlink()
+    rerun(0, 0, 8)
+    assert shards()[2:] == [(k - 2, f"shard-{k:05d}.h5") for k in range(4, 10)]
+    (tars / "0.tar").write_bytes(whole)  # a tar inserted first: its shards' own names are held
+    rerun(2, 0, 8)
+    assert shards()[:4] == [(0, "shard-000000.h5"), (1, "shard-000001.h5"), (2, "shard-00000.h5"),
+                            (3, "shard-00001.h5")]
+
+
 def test_labels_that_cannot_make_classes_are_one_line(tmp_path):
     picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
     tar = write_tar(tmp_path / "d" / "00000.tar", [("a.png", picture), ("a.cls", b"0"), ("b.png", picture),
