@@ -375,6 +375,14 @@ def forward_codes(model: nn.Module, backbone: Backbone, pixels: torch.Tensor, de
         return {tap: codes.float().cpu().numpy() for tap, codes in outputs.items()}
 
 
+def as_cached(codes: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    """`codes` rounded as a cache of `dtype` holds them, in their own dtype: what a head fitted on that cache
+    saw (float16: to the nearest, ties to even, as the cache's conversion rounds). Any other dtype (float32,
+    or None: a head of an earlier tl, which recorded none) keeps them as computed. The finetuned model and
+    predict --head both round through here: their scores and the head's on its cache agree."""
+    return codes.to(torch.float16).to(codes.dtype) if dtype == "float16" else codes
+
+
 def load_tensors(path):
     """torch.load with weights_only (nothing in the file runs), quiet about a file's pickle protocol: the
     caller's one line says what the file is."""

@@ -18,7 +18,7 @@ from torch import nn
 from cache.manifest import decode_of
 from pipeline import __version__
 from pipeline.backbone_spec import layer_words
-from pipeline.backbones import Backbone, get_backbone, load_model, load_tensors, tap_model, weights_for_digest
+from pipeline.backbones import Backbone, as_cached, get_backbone, load_model, load_tensors, tap_model, weights_for_digest
 from pipeline.errors import FinetuneError, HeadError
 from pipeline.files import write_bytes
 from pipeline.heads import HEAD_KINDS, Head
@@ -175,14 +175,14 @@ class FinetuneModel(nn.Module):
         self.tap = tap
         self.head = head
         self.input_size = input_size  # the side of the square crops it takes
-        self.rounded = codes_dtype == "float16"  # codes rounded as the head's cache held them (see forward)
+        self.codes_dtype = codes_dtype  # of the head's cache: its codes are rounded as it held them (see forward)
         self.eval_modules: list[nn.Module] = []
         self.held_parameters: set[str] = set()  # see freeze
         self.unreached_parameters: set[str] = set()  # see freeze
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         codes = self.features(pixels)[self.tap]  # as the head saw them: the epoch-0 model is the head on its cache
-        return self.head(codes.to(torch.float16).to(codes.dtype) if self.rounded else codes)
+        return self.head(as_cached(codes, self.codes_dtype))
 
     def train(self, mode: bool = True) -> "FinetuneModel":
         super().train(mode)

@@ -15,7 +15,7 @@ import torch
 
 from cache.manifest import decode_of
 from pipeline.allocator import reused_memory
-from pipeline.backbones import for_inference, forward_codes, get_backbone, prepare_model
+from pipeline.backbones import as_cached, for_inference, forward_codes, get_backbone, prepare_model
 from pipeline.datasets import FileListSource, shown
 from pipeline.errors import DataError, HeadError
 from pipeline.hardware import WorkerLoader, autocast, resolve_device, resolve_precision, to_device
@@ -145,7 +145,7 @@ def _head_scorer(config: PredictConfig, device):
         # rounded as the cache stored the codes the head was fitted on: the scores evaluate --head gives the
         # same images' cached codes (float32 codes between float16's steps moved near-constant columns by
         # many of their tiny standard deviations: 41 of 50 labels differed on a random-init backbone)
-        return head.predict_proba(codes.astype(stored).astype(np.float32) if stored == "float16" else codes)
+        return head.predict_proba(as_cached(torch.from_numpy(codes), stored).numpy())
 
     return probabilities_of, metadata
 

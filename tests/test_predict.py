@@ -14,6 +14,7 @@ from cache.reader import CacheReader
 from pipeline.backbones import get_backbone, weights_for_digest
 from pipeline.errors import BackboneError
 from pipeline.extract import ExtractConfig, run_extract
+from pipeline.finetune import FinetuneConfig, run_finetune
 from pipeline.fit_head import FitHeadConfig, fit_head
 from pipeline.model_files import load_head
 from pipeline.predict import PredictConfig, run_predict
@@ -70,6 +71,37 @@ def test_a_head_of_float16_codes_scores_new_images_as_their_cached_codes(tmp_pat
         probabilities = cached[str(tmp_path.joinpath(prediction.path).relative_to(folder))]
         for label, probability in prediction.labels:
             assert probability == pytest.approx(probabilities["abc".index(label)], abs=1e-7), prediction
+    # the model of --epochs 0 is the head: its codes are rounded as predict --head rounds them (the rounding
+    # was written twice, once in the model's forward, once here, free to drift apart)
+    run_finetune(FinetuneConfig(data=folder, head=tmp_path / "h.pt", out=tmp_path / "m.pt", epochs=0, workers=0,
+                                quiet=True), say=lambda text: None)
+    through_model = list(run_predict(PredictConfig(head=None, model=tmp_path / "m.pt", top_k=3, paths=(folder,))))
+    assert [p.path for p in through_model] == [p.path for p in predictions]
+    for mine, theirs in zip(through_model, predictions):
+        assert [label for label, _ in mine.labels] == [label for label, _ in theirs.labels], (mine, theirs)
+        np.testing.assert_allclose([p for _, p in mine.labels], [p for _, p in theirs.labels], atol=1e-6)
+
+
+def test_codes_are_rounded_as_a_float16_cache_holds_them(tmp_path):
+    """as_cached (the finetuned model's and predict --head's rounding) gives the codes a float16 cache
+    reads back, ties and values below float16's normal range included; a float32 cache, or a head of an
+    earlier tl that recorded no dtype, keeps them as computed."""
+    import torch
+
+    from pipeline.backbones import as_cached
+    from tests.conftest import write_code_cache
+
+    rng = np.random.default_rng(0)
+    ties = np.float32(1 + 2.0 ** -11) * 2.0 ** np.arange(8, dtype=np.float32)  # halfway between float16 steps
+    codes = np.concatenate([rng.normal(0, 3, 56), rng.normal(0, 1e-6, 32), ties, -ties]).astype(np.float32)
+    codes = codes.reshape(8, 13)
+    write_code_cache(tmp_path / "c", codes, np.arange(8) % 2, ["a", "b"], dtype="float16")
+    stored = CacheReader(tmp_path / "c").load("feat")
+    rounded = as_cached(torch.from_numpy(codes), "float16")
+    assert rounded.dtype == torch.float32 and np.array_equal(rounded.numpy(), stored)
+    assert not np.array_equal(codes, stored)  # the check above is not of codes that float16 holds exactly
+    for kept in ("float32", None):
+        assert np.array_equal(as_cached(torch.from_numpy(codes), kept).numpy(), codes)
 
 
 def test_cli_writes_csv_rows_warns_and_refuses(run_tl, head_on_images):
