@@ -24,25 +24,31 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
 class DiskFullError(TLError):
     """No space left (or a file-size limit reached) while writing a file: `reason` says which, of what path,
-    and `remedy` what makes room, for a caller that words the rest of the line itself."""
+    and `remedy` what makes room, for a caller that words the rest of the line itself: `in_place` what makes
+    room where the file is (a run that resumes from there needs it), `elsewhere` a remedy that writes
+    somewhere else instead, where there is one."""
 
-    def __init__(self, message: str, reason: str = "", remedy: str = "free space"):
+    def __init__(self, message: str, reason: str = "", remedy: str = "free space", in_place: str = "",
+                 elsewhere: str = ""):
         super().__init__(message)
         self.reason, self.remedy = reason or message.partition("; ")[0], remedy
+        self.in_place, self.elsewhere = in_place or remedy, elsewhere
 
 
 def disk_full(error_number: int, path, then: str = " and re-run the same command") -> DiskFullError:
     """The one line for a write that found no room at `path`. EFBIG is not a full disk: the file outgrew the
     largest its file system takes, or the process's `ulimit -f` (Python ignores SIGXFSZ, so the write fails),
     and freeing space would not help. EDQUOT: the user's quota is full, not the disk (`df` shows room)."""
+    elsewhere = ""
     if error_number == errno.EFBIG:
         reason = f"{path} is too large for its file system or the limit `ulimit -f`"
-        remedy = "raise the limit or write to another file system"
+        in_place, elsewhere = "raise the limit", "write to another file system"
     elif error_number == errno.EDQUOT:  # the disk has room; this user's share of it is used up
-        reason, remedy = f"the disk quota on the file system of {path} is used up", "free space within it"
+        reason, in_place = f"the disk quota on the file system of {path} is used up", "free space within it"
     else:
-        reason, remedy = f"no space left on the device of {path}", "free space"
-    return DiskFullError(f"{reason}; {remedy}{then}", reason, remedy)
+        reason, in_place = f"no space left on the device of {path}", "free space"
+    remedy = f"{in_place} or {elsewhere}" if elsewhere else in_place
+    return DiskFullError(f"{reason}; {remedy}{then}", reason, remedy, in_place, elsewhere)
 
 
 def file_digest(path: Path) -> str:

@@ -188,9 +188,11 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
         ours = last_path.is_file() and (config.resume or last_path.stat().st_mtime_ns != kept)
         if not ours:  # none written, or another run's that --overwrite was replacing
             raise
-        raise DiskFullError(f"{exc.reason}; {exc.remedy}, then run the command again with --resume "
-                            f"(tl run resumes by itself): it goes on from the checkpoint {last_path.name}", exc.reason,
-                            exc.remedy) from None
+        # what the resume needs is room where the checkpoint is: another file system is another --out, a start over
+        raise DiskFullError(f"{exc.reason}; {exc.in_place}, then run the command again with --resume (tl run resumes "
+                            f"by itself): it goes on from the checkpoint {last_path.name}"
+                            + (f"; or {exc.elsewhere} (an --out there starts over)" if exc.elsewhere else ""),
+                            exc.reason, exc.remedy, exc.in_place, exc.elsewhere) from None
     finally:
         lock.release()
 

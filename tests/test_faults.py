@@ -482,6 +482,42 @@ def test_a_full_disk_after_a_finetune_checkpoint_says_to_resume(run_tl, tmp_path
     assert_one_line_error(replaced, "free space and re-run the same command")
 
 
+@pytest.mark.parametrize("error_number, room", [
+    (errno.ENOSPC, "no space left on the device of {path}; free space, then"),
+    (errno.EDQUOT, "the disk quota on the file system of {path} is used up; free space within it, then"),
+    (errno.EFBIG, "{path} is too large for its file system or the limit `ulimit -f`; raise the limit, then")])
+def test_a_checkpoint_that_finds_no_room_says_to_make_room_there_and_resume(run_tl, tmp_path, small_head, monkeypatch,
+                                                                             error_number, room):
+    """A file-size limit at epoch 2's checkpoint said 'raise the limit or write to another file system, then run
+    the command again with --resume': the resume reads the checkpoint where it is, so writing elsewhere is another
+    --out and a start over. Each errno's line says what makes room in place, then --resume; another file system
+    is said as the start over it is."""
+    import pipeline.finetune
+    from tests.conftest import disk_full_at
+
+    real, saved = pipeline.finetune.save_checkpoint, []
+
+    def second_full(path, *rest, **options):
+        saved.append(path)
+        if len(saved) == 2:  # epoch 2's: the disk fills at its first fsync
+            disk_full_at(monkeypatch, 1, error_number)
+        real(path, *rest, **options)
+
+    monkeypatch.setattr(pipeline.finetune, "save_checkpoint", second_full)
+    out = tmp_path / "m.pt"
+    stopped = run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--epochs", "2",
+                     "--batch-size", "4", "--workers", "0", "--quiet", "--out", out)
+    last = tmp_path / "m.last.ckpt"
+    assert_one_line_error(stopped, room.format(path=last) + " run the command again with --resume (tl run resumes by "
+                          "itself): it goes on from the checkpoint m.last.ckpt")
+    assert stopped.err.endswith("; or write to another file system (an --out there starts over)\n") == (
+        error_number == errno.EFBIG), stopped.err
+    monkeypatch.undo()
+    resumed = run_tl("finetune", "--data", small_head / "train", "--head", small_head / "head.pt", "--epochs", "2",
+                     "--batch-size", "4", "--workers", "0", "--quiet", "--out", out, "--resume")
+    assert resumed.code == 0 and "after epoch 1" in resumed.out + resumed.err, resumed
+
+
 def test_full_disk_under_the_standard_output_is_one_line(tmp_path, small_head):
     """`tl predict > rows.csv` on a full disk (here a 20-byte file limit): one line and exit 2, whether the rows
     fail as they are written (unbuffered) or only when Python flushes what it buffered (a short output), not a
