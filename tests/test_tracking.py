@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,31 @@ def test_mlflow_run_of_the_project_stores_the_model(tmp_path):
     assert finetune.data.params["val_fraction"] == "0.2"
     assert len(client.get_metric_history(finetune.info.run_id, "curve/val_loss")) >= 1
     assert (project / "models" / "cifar10-alexnet.pt").is_file()
+
+
+@pytest.mark.parametrize("given, unfreeze", [("all", "all"), ("2", 2), ("2.0", 2), (None, 0)])
+def test_mlflow_runs_retrained_conv_layers_as_a_count_or_all(monkeypatch, given, unfreeze):
+    """MLproject declared retrained_conv_layers a float, which MLflow documents as a number it checks: `all`
+    (every conv layer) had no way in, and a count may come as 2.0. It is a string now, and the command the
+    project builds (as `mlflow run -P retrained_conv_layers=...` builds it) gives finetune's unfreeze the count
+    or all."""
+    import shlex
+
+    from mlflow.projects._project_spec import load_project
+
+    from cli import ClickStages
+    from pipeline.recipe import plan, read_recipe
+
+    entry = load_project(str(REPO)).get_entry_point("main")
+    assert entry.parameters["retrained_conv_layers"].type == "string"
+    words = shlex.split(entry.compute_command({} if given is None else {"retrained_conv_layers": given}, None))
+    assert words[:3] == ["tl", "run", "configs/cifar10_vgg16.yaml"]
+    sets = tuple(word for before, word in zip(words, words[1:]) if before == "--set")
+    assert f"finetune.unfreeze={given or 0}" in sets
+    monkeypatch.chdir(REPO)  # the project's folder, where mlflow run runs the command
+    recipe, runner = read_recipe(Path(words[2]), sets), ClickStages(quiet=True)
+    finetune = next(step for step in plan(recipe, runner.options()) if step.stage == "finetune")
+    assert runner.parse(recipe, finetune)["unfreeze"] == unfreeze
 
 
 def test_an_mlflow_failure_is_one_line(run_tl, tmp_path, monkeypatch):
