@@ -113,7 +113,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                     if record is not None and output_state(step, out) == before:  # refused, or stopped before any write:
                         rewrite_record(out, record)  # the earlier record holds
                     translated = _in_recipe_terms(_damaged_input(exc, step), step, stages[step.stage], recipe, project)
-                    error = _stopped(step, recipe, record, existed, translated)
+                    error = _stopped(step, recipe, record, existed, translated, extra)
                     tracker.stopped(step, started_record, error)
                     if error is exc:
                         raise
@@ -249,15 +249,25 @@ def _set_where_given(step: Step, options: StageOptions, recipe, name: str, proje
     return said + (f" or mlflow run's -P {project[key]}={'1' if switch else '...'}" if key in project else "")
 
 
-def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseException) -> BaseException:
+def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseException,
+             extra: dict | None = None) -> BaseException:
     """What a step that stopped on `exc` raises. A step refused by an output this recipe did not make
     (no earlier record) gets the recipe's remedy, not the stage's --overwrite, which tl run has not;
     its started record withdraws the claim on that output, as does a stopped extract's whose out
     `existed` before it with no record (the next run starts as this one did: a cache of the step's
-    key resumes). An extract that made its out keeps its claim: the next run goes on with it."""
-    if record is not None:
-        return exc
+    key resumes). An extract that made its out keeps its claim: the next run goes on with it. A step
+    of this recipe refused all the same (a finetune resuming its stopped run, `extra`, whose model file
+    now holds what tl did not write) keeps its record, and the remedy is moving the file away."""
     occupied = isinstance(exc, Occupied)
+    if record is not None:
+        if not occupied:
+            return exc
+        then = ""
+        if (extra or {}).get("resume"):
+            from pipeline.model_files import checkpoint_paths
+
+            then = f": the step resumes from its checkpoint {checkpoint_paths(step.path(OUTPUT))[0].name}"
+        return ConfigError(f"{step.label}: {exc.path} {exc.state}; move it away (or delete it), then run again{then}")
     if occupied or (step.stage == "extract" and existed):
         record_path(step.path(OUTPUT)).unlink(missing_ok=True)
     if not occupied:

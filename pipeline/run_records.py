@@ -126,6 +126,11 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
     if record.get("status") == "damaged":  # run._damaged_input
         return f"a later step found {out} damaged"
     if record.get("status") != "done":  # after the changes: a run of other settings starts over, not resumes
+        if step.stage == "finetune" and out is not None and foreign(out):
+            from pipeline.model_files import checkpoint_paths
+
+            if checkpoint_paths(out)[0].exists():  # the resume refuses the file (run._stopped)
+                return f"its last run stopped, and stop: {out} {foreign_state('model file')}"
         return "its last run stopped"
     return f"{out} changed since it was written" if out is not None and out.exists() else f"{out} is gone"
 

@@ -433,6 +433,39 @@ def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_
     assert edited.code == 0 and "== finetune: models/m.pt is not as this recipe wrote it: starting over" in edited.out
 
 
+def test_a_stopped_finetune_whose_model_file_is_not_tls_says_what_tl_run_can_do(run_tl, tmp_path, monkeypatch):
+    """A finetune to resume whose model file holds what tl did not write was refused with finetune's remedy,
+    'pass --overwrite to replace it', a flag tl run has not. The line says what a tl run user can do: move
+    the file away, then run again, which resumes from the checkpoint; the file and the checkpoint are kept."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 4, """\
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 2, batch_size: 4, out: models/m.pt}
+        """)
+    assert run_tl("run", recipe).code == 0
+    record_path = tmp_path / "models/m.pt.tl-run.json"
+    record = json.loads(record_path.read_text())
+    record["status"] = "started"  # stopped after its last checkpoint, before the model file was written
+    record_path.write_text(json.dumps(record))
+    (tmp_path / "models/m.pt").write_text("my notes\n")
+    checkpoint = (tmp_path / "models/m.last.ckpt").read_bytes()
+    refused = run_tl("run", recipe)
+    assert refused.code == 2 and refused.err == (
+        "error: finetune: models/m.pt holds a file that tl did not write as a model file; move it away (or delete "
+        "it), then run again: the step resumes from its checkpoint m.last.ckpt\n"), refused
+    assert "--overwrite" not in refused.err
+    assert (tmp_path / "models/m.pt").read_text() == "my notes\n"
+    assert (tmp_path / "models/m.last.ckpt").read_bytes() == checkpoint
+    assert json.loads(record_path.read_text())["status"] == "started"  # the claim holds: the next run resumes
+    said = run_tl("run", recipe, "--dry-run", "--only", "finetune")
+    assert said.code == 0 and said.out.startswith("== finetune -> models/m.pt: would run (its last run stopped, and stop: "
+                                                      "models/m.pt holds a file that tl did not write as a model file)\n"), said
+    (tmp_path / "models/m.pt").rename(tmp_path / "notes.txt")
+    resumed = run_tl("run", recipe)
+    assert resumed.code == 0 and "resuming the run that stopped (checkpoint m.last.ckpt)" in resumed.out, resumed
+    assert (tmp_path / "models/m.pt").read_bytes()[:2] == b"PK"
+
+
 def test_a_data_sets_warning_is_said_once_a_run(run_tl, tmp_path, monkeypatch):
     """A recipe that extracts and then finetunes the same images opened them twice and printed the
     --samples-per-class warning twice: a step does not say again what an earlier step of the run said of the
