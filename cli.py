@@ -730,6 +730,7 @@ def _layouts(text: str | None) -> tuple[tuple[int, ...], ...]:
 @option("--top-k", type=COUNT, help="Also report top-k accuracy (more classes than k).")
 @option("--save-predictions", type=PATH,
         help="CSV of every row: sample id, true label(s), every class score.")
+@option("--overwrite", is_flag=True, help="Replace a file at --save-predictions that tl did not write.")
 @option("--block-rows", type=COUNT, help="Rows read from the cache at a time.")
 @option("--exponent", type=float,
         help="Patch caches: an image's class score is the sum of its patch scores to this power.")
@@ -812,12 +813,13 @@ def predict(paths, **options):
              "normalised with the backbone's mean and std.")
 @option("--opset", type=int, help="onnx: the ONNX opset to write, 18 to 23, for an older runtime [default: the "
         "exporter's].")
-def export(model, format_, out, raw_pixels, opset):
+@option("--overwrite", is_flag=True, help="Replace files at --out and OUT.json that tl did not write as an export.")
+def export(model, format_, out, raw_pixels, opset, overwrite):
     """Write a finetuned model as TorchScript or ONNX (pixels -> probabilities) with its input contract,
     checked against the model on real images (top-1 labels and probabilities)."""
     from pipeline.export import ExportConfig, run_export
 
-    result = run_export(ExportConfig(model, format_, out, raw_pixels=raw_pixels, opset=opset))
+    result = run_export(ExportConfig(model, format_, out, raw_pixels=raw_pixels, opset=opset, overwrite=overwrite))
     given, taken = result.contract["input"], result.contract["output"]
     click.echo(f"wrote {result.out} ({format_}) and its contract {result.contract_path}")
     click.echo(f"  input   {given['dtype']} {given['channel_order']} {given['layout']} "

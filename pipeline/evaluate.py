@@ -17,14 +17,14 @@ from pipeline.backbones import for_inference, get_backbone
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows
 from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_ignore, head_targets
 from pipeline.errors import HeadError
-from pipeline.files import refuse_overwriting_inputs
+from pipeline.files import refuse_foreign, refuse_overwriting_inputs
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import resolve_device, resolve_precision
 from pipeline.image_sets import image_labels, image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
 from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores, unused_exponent
-from pipeline.report import REPORT_FILES, predictions_csv, write_report
+from pipeline.report import REPORT_FILES, predictions_csv, tl_predictions, write_report
 
 
 @dataclass
@@ -53,6 +53,7 @@ class EvaluateConfig:
     block_rows: int = BLOCK_ROWS
     exponent: float = DEFAULT_EXPONENT  # patch caches: S(i, c) = sum_j P(j, c) ** exponent
     quiet: bool = False  # no progress bar while scoring
+    overwrite: bool = False  # replace a file at `save_predictions` that tl did not write as one
 
 
 @dataclass
@@ -85,6 +86,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
                             f"{Path(config.save_predictions) / 'predictions.csv'}")
         refuse_overwriting_inputs({"--save-predictions": config.save_predictions},
                                   {f"--out's {name}": out / name for name in REPORT_FILES})
+        if not config.overwrite:  # tl's own predictions are replaced: a re-run works
+            refuse_foreign(config.save_predictions, "predictions file", "choose another --save-predictions, or pass "
+                           "--overwrite to replace it", ours=tl_predictions)
     if config.model is not None:
         return _evaluate_model(config)
     head, metadata = load_head(config.head)

@@ -1,5 +1,5 @@
 """`tl export`: a finetuned model as one deployable file (TorchScript, or ONNX with the onnx extra),
-pixels -> class probabilities, with its input contract beside it (and in the ONNX metadata), kept only
+pixels -> class probabilities, with its input contract beside it (and inside the file), kept only
 when it gives the model's probabilities and top-1 labels on real images.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import normalize
 from pipeline.errors import FinetuneError, TLError, install_extra
-from pipeline.files import check_folders, refuse_overwriting_inputs, write_together
+from pipeline.files import check_folders, refuse_foreign, refuse_overwriting_inputs, write_together, zip_member_holds
 from pipeline.formats import DEFAULT_CLASSES, open_source
 from pipeline.model_files import load_model_file
 from pipeline.training import output_activation
@@ -33,6 +34,7 @@ SUFFIXES = {"torchscript": "model.ts", "onnx": "model.onnx"}  # file names the m
 # 23 is the highest its operators are written for
 OPSETS = range(18, 24)
 CONTRACT_FORMAT = "tl-export/1"
+CONTRACT_NAME = "tl_contract"  # the contract inside the export: an ONNX metadata key, a TorchScript extra file (.json)
 CHECK_IMAGES = 16  # images the export is checked on
 
 
@@ -164,6 +166,7 @@ class ExportConfig:
     raw_pixels: bool = True
     tolerance: float = 1e-4
     opset: int | None = None  # onnx: the ONNX opset to write (None: the exporter's default)
+    overwrite: bool = False  # replace files at `out` and OUT.json that tl did not write as an export and its contract
 
 
 def export_model(model_path: Path, format: str, out: Path, **options) -> ExportResult:
@@ -191,6 +194,10 @@ def run_export(config: ExportConfig) -> ExportResult:
                             "choose another --out")
     refuse_overwriting_inputs({"--out": out, "--out's contract": contract_path}, {"--model": model_path})
     check_folders(out, f"{format} export")  # before the export's work, not after it
+    if not config.overwrite:  # an export of tl's (either format) and its contract are replaced: a re-run works
+        remedy = "choose another --out, or pass --overwrite to replace it"
+        refuse_foreign(out, "model export", remedy, ours=tl_export)
+        refuse_foreign(contract_path, "JSON contract", remedy, ours=tl_contract)
     if format == "onnx":
         try:
             import onnx
@@ -223,7 +230,8 @@ def run_export(config: ExportConfig) -> ExportResult:
             # torch 2.14 marks TorchScript itself (jit.trace, jit.save) as deprecated for torch.export; the
             # format is what the user asked for, and the check below is what counts
             warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")
-            torch.jit.save(torch.jit.trace(deployed, inputs[:2]), exported)
+            torch.jit.save(torch.jit.trace(deployed, inputs[:2]), exported,
+                           _extra_files={f"{CONTRACT_NAME}.json": json.dumps(contract)})
             exported.seek(0)
             with torch.inference_mode():
                 found = torch.jit.load(exported)(inputs).numpy()
@@ -237,7 +245,7 @@ def run_export(config: ExportConfig) -> ExportResult:
             raise FinetuneError(f"--opset {config.opset}: torch's exporter wrote opset {written} instead; leave "
                                 "--opset out, or pass the opset it wrote")
         contract["opset"] = written
-        onnx.helper.set_model_props(graph, {"tl_contract": json.dumps(contract)})
+        onnx.helper.set_model_props(graph, {CONTRACT_NAME: json.dumps(contract)})
         exported = io.BytesIO(graph.SerializeToString())
         try:
             session = onnxruntime.InferenceSession(exported.getvalue(), providers=["CPUExecutionProvider"])
@@ -261,3 +269,27 @@ def run_export(config: ExportConfig) -> ExportResult:
     write_together([(out, exported.getbuffer(), f"{format} export"),
                     (contract_path, (json.dumps(contract, indent=1) + "\n").encode(), "export contract")])
     return ExportResult(out, contract_path, contract, difference, agreeing, len(expected), checked_on)
+
+
+def tl_export(path: Path) -> bool:
+    """Whether `path` is an export of tl's, in either format: its contract inside it (see run_export). An ONNX
+    file is read with the onnx extra; without it, none is known as tl's."""
+    mark = f'"format": "{CONTRACT_FORMAT}"'
+    if zipfile.is_zipfile(path):  # TorchScript
+        return zip_member_holds(path, f"{CONTRACT_NAME}.json", mark.encode())
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError:
+        return False
+    try:
+        graph = onnx.load_model(str(path), load_external_data=False)
+    except DecodeError:  # not an ONNX file
+        return False
+    return any(entry.key == CONTRACT_NAME and mark in entry.value for entry in graph.metadata_props)
+
+
+def tl_contract(path: Path) -> bool:
+    """Whether `path` is an export's contract (OUT.json) of tl's."""
+    contract = json.loads(Path(path).read_text(encoding="utf-8"))
+    return isinstance(contract, dict) and contract.get("format") == CONTRACT_FORMAT

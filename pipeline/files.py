@@ -370,25 +370,36 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
                               f"the input: choose another {flag}")
 
 
-def foreign(path: Path) -> bool:
-    """Whether `path` holds a file that is not a tl head, model or checkpoint: those are torch's zip archives
-    whose pickle (`data.pkl`, a few KB: the tensors lie beside it) holds the JSON metadata with its format
-    (`"format": "tl-head/1"`); a user's torch.save state dict or a TorchScript export has none. No file, or an
-    empty one: False. One that cannot be read: True (the rename of an atomic write would replace it unread)."""
+def foreign(path: Path, ours=None) -> bool:
+    """Whether `path` holds a file that tl did not write as the kind `ours(path)` recognises (True for one of
+    tl's own), by default a tl head, model or checkpoint (`tl_archive`). No file, or an empty one: False. One
+    that cannot be read: True (the rename of an atomic write would replace it unread)."""
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return False
     try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [name for name in archive.namelist() if name.rpartition("/")[2] == "data.pkl"]
-            return len(pickles) != 1 or b'"format": "tl-' not in archive.read(pickles[0])
-    except (OSError, zipfile.BadZipFile, ValueError):  # unreadable, or not a zip: not as tl writes its files
+        return not (ours or tl_archive)(path)
+    except (OSError, zipfile.BadZipFile, ValueError):  # unreadable, or not as tl writes its files
         return True
 
 
-def refuse_foreign(path: Path, what: str, remedy: str) -> None:
-    """Refuse, before any work, to replace a file at `path` that tl did not write (`foreign`): `--out
-    notes.txt` by mistake replaced the notes with a head without a word. `remedy` says how to anyway."""
-    if foreign(path):
+def tl_archive(path: Path) -> bool:
+    """A tl head, model or checkpoint: torch's zip archive whose pickle (`data.pkl`, a few KB: the tensors lie
+    beside it) holds the JSON metadata with its format (`"format": "tl-head/1"`); a user's torch.save state
+    dict or a TorchScript export has none."""
+    return zip_member_holds(path, "data.pkl", b'"format": "tl-')
+
+
+def zip_member_holds(path: Path, name: str, mark: bytes) -> bool:
+    """Whether `path` is a zip archive with one member called `name` (in whatever folder) and `mark` in it."""
+    with zipfile.ZipFile(path) as archive:
+        members = [member for member in archive.namelist() if member.rpartition("/")[2] == name]
+        return len(members) == 1 and mark in archive.read(members[0])
+
+
+def refuse_foreign(path: Path, what: str, remedy: str, ours=None) -> None:
+    """Refuse, before any work, to replace a file at `path` that tl did not write as a `what` (`foreign`, with
+    `ours`): `--out notes.txt` by mistake replaced the notes without a word. `remedy` says how to anyway."""
+    if foreign(path, ours):
         raise ForeignFile(path, foreign_state(what), remedy)
 
 

@@ -332,6 +332,9 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+PREDICTIONS_HEADER = ("sample_id", "target")  # then ignore (VOC), then score:CLASS for every class
+
+
 def predictions_csv(sample_ids: np.ndarray, targets: np.ndarray, scores: np.ndarray, class_names: list[str],
                     ignore: np.ndarray | None = None) -> bytes:
     """The --save-predictions file, one row per sample: its id, its true class name(s) (';'-joined for
@@ -342,7 +345,7 @@ def predictions_csv(sample_ids: np.ndarray, targets: np.ndarray, scores: np.ndar
     recomputed from the file."""
     handle = io.StringIO(newline="")
     writer = csv.writer(handle)
-    writer.writerow(["sample_id", "target"] + ["ignore"] * (ignore is not None)
+    writer.writerow(list(PREDICTIONS_HEADER) + ["ignore"] * (ignore is not None)
                     + [f"score:{name}" for name in class_names])
     for number, (sample_id, target, row) in enumerate(zip(sample_ids, targets, scores)):
         truth = (";".join(class_names[c] for c in np.flatnonzero(target)) if np.ndim(target)
@@ -351,6 +354,13 @@ def predictions_csv(sample_ids: np.ndarray, targets: np.ndarray, scores: np.ndar
         writer.writerow([sample_id, truth] + left_out + [repr(float(value)) for value in row])
     # names that are not UTF-8 on disk keep their bytes (surrogateescape), as in the cache
     return handle.getvalue().encode("utf-8", "surrogateescape")
+
+
+def tl_predictions(path: Path) -> bool:
+    """Whether `path` holds a --save-predictions file of tl's: its header is predictions_csv's."""
+    with open(path, "rb") as handle:
+        header = handle.readline(1 << 20)
+    return header.startswith(",".join(PREDICTIONS_HEADER).encode() + b",") and b"score:" in header
 
 
 def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.errors import CacheError, ConfigError, Occupied, TLError
-from pipeline.files import foreign
+from pipeline.files import foreign, same_file
 from pipeline.recipe import (INPUTS, OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan,
                              read_recipe, section_items, select)
 from pipeline.run_records import (output_state, read_record, record_path, rewrite_record, step_digest, up_to_date,
@@ -272,8 +272,11 @@ def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseEx
         record_path(step.path(OUTPUT)).unlink(missing_ok=True)
     if not occupied:
         return exc
+    # the key that names the refused file: out, or another file the step writes (evaluate's save_predictions)
+    key = next((key for key, value in step.params.items() if isinstance(value, (str, Path)) and value != ""
+                and same_file(value, exc.path)), OUTPUT)
     return ConfigError(f"{step.label}: {exc.path} {exc.state}, and this recipe did not make it; give the step "
-                       f"another out in {recipe.path}, or delete {exc.path} and run again")
+                       f"another {key} in {recipe.path}, or delete {exc.path} and run again")
 
 
 def _cache_found(record: dict, out: Path) -> str | None:

@@ -224,6 +224,27 @@ def test_bad_inputs_to_evaluate(caches, run_tl):
     assert not (caches / "r" / "report.json").exists()
 
 
+def test_save_predictions_replaces_only_tls_own_file_unless_told(caches, run_tl):
+    """`--save-predictions notes.csv` replaced the user's file with predictions without a word: a file there
+    that tl did not write as predictions is refused in one line before any work, and kept (the report is not
+    written either); tl's own predictions are replaced, so a re-run works; --overwrite replaces any file."""
+    fit_head(FitHeadConfig(cache=caches / "train", out=caches / "h.pt"))
+    notes = caches / "notes.csv"
+    notes.write_text("sample_id,my label\nrow00000,fox\n")
+    evaluate = ["evaluate", "--head", caches / "h.pt", "--cache", caches / "test", "--out", caches / "r"]
+    refused = run_tl(*evaluate, "--save-predictions", notes)
+    assert refused.code == 2 and refused.err == (f"error: {notes} holds a file that tl did not write as a predictions "
+                                                 "file; choose another --save-predictions, or pass --overwrite to "
+                                                 "replace it\n"), refused
+    assert notes.read_text() == "sample_id,my label\nrow00000,fox\n" and not (caches / "r").exists()
+    ours = caches / "predictions.csv"
+    assert run_tl(*evaluate, "--save-predictions", ours).code == 0
+    again = run_tl(*evaluate, "--save-predictions", ours, "--top-k", "2")
+    assert again.code == 0 and "top2 accuracy" in again.out, again
+    told = run_tl(*evaluate, "--save-predictions", notes, "--overwrite")
+    assert told.code == 0 and notes.read_text() == ours.read_text(), told
+
+
 def test_a_top_k_below_one_is_refused_by_the_stage_too(tmp_path):
     """The CLI refuses it when it parses the command; a caller of the stage gets the stage's own line."""
     with pytest.raises(HeadError, match="--top-k must be at least 1, got 0"):

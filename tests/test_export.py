@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -247,11 +248,48 @@ def test_a_failed_export_keeps_the_earlier_export_and_its_contract(model_file, t
     for full_at in (1, 2):  # the disk fills while the export, then while the contract, is written
         monkeypatch.undo()
         disk_full_at(monkeypatch, full_at)
-        with pytest.raises(TLError, match="no space left on the device"):
-            export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts")
+        with pytest.raises(TLError, match="no space left on the device"):  # (stand-ins for tl's: --overwrite)
+            export_model(model_file / "model.pt", "torchscript", tmp_path / "m.ts", overwrite=True)
         assert (tmp_path / "m.ts").read_bytes() == b"earlier export"
         assert (tmp_path / "m.ts.json").read_text() == "earlier contract"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.ts", "m.ts.json"]  # no temporaries left
+
+
+def test_an_export_replaces_only_tls_own_files_unless_told(model_file, tmp_path, run_tl):
+    """`tl export --out notes.txt` replaced the notes (and a notes.txt.json beside them) with an export without a
+    word. A file at --out or OUT.json that tl did not write as an export and its contract is refused in one line
+    before any work, and kept; an export of tl's (either format: its contract inside it) is replaced, so a re-run
+    works; --overwrite replaces any file."""
+    export = ["export", "--model", model_file / "model.pt", "--format", "torchscript"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    refused = run_tl(*export, "--out", notes)
+    assert refused.code == 2 and refused.err == (f"error: {notes} holds a file that tl did not write as a model "
+                                                 "export; choose another --out, or pass --overwrite to replace it\n")
+    assert notes.read_text() == "my notes\n" and not (tmp_path / "notes.txt.json").exists()
+    out = tmp_path / "m.ts"
+    assert run_tl(*export, "--out", out).code == 0
+    contract = json.loads((tmp_path / "m.ts.json").read_text())
+    inside = {"tl_contract.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(out), _extra_files=inside)
+    assert json.loads(inside["tl_contract.json"]) == contract  # the contract travels inside the file too
+    again = run_tl(*export, "--out", out)  # its own export and contract: replaced
+    assert again.code == 0, again
+    onnx = run_tl("export", "--model", model_file / "model.pt", "--format", "onnx", "--out", out)
+    assert onnx.code == 0 and not zipfile.is_zipfile(out), onnx  # a tl export of the other format: replaced too
+    assert run_tl(*export, "--out", out).code == 0 and zipfile.is_zipfile(out)  # and back
+    (tmp_path / "m.ts.json").write_text("my contract notes\n")
+    beside = run_tl(*export, "--out", out)
+    assert beside.code == 2 and beside.err == (f"error: {tmp_path / 'm.ts.json'} holds a file that tl did not write "
+                                               "as a JSON contract; choose another --out, or pass --overwrite to "
+                                               "replace it\n"), beside
+    assert (tmp_path / "m.ts.json").read_text() == "my contract notes\n"
+    head = run_tl(*export, "--out", model_file / "head.pt")  # a tl file of another kind is not an export
+    assert head.code == 2 and "holds a file that tl did not write as a model export" in head.err, head
+    told = run_tl(*export, "--out", notes, "--overwrite")
+    assert told.code == 0 and zipfile.is_zipfile(notes), told
 
 
 def test_an_out_that_names_no_file_and_a_multiscale_model_are_one_line(model_file, tmp_path, run_tl, monkeypatch):

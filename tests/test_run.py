@@ -697,6 +697,25 @@ def test_a_head_file_tl_did_not_write_is_kept_unless_the_recipe_made_that_out(ru
     assert (tmp_path / "models/m.pt").read_bytes()[:2] == b"PK"
 
 
+def test_a_predictions_file_tl_did_not_write_names_the_key_that_names_it(run_tl, code_caches, monkeypatch):
+    """An evaluate step whose save_predictions names the user's own file stops there and keeps it; the remedy
+    names that key, not 'another out' (the report folder, which was never the trouble)."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, """\
+        fit-head: {cache: caches/train, out: h.pt}
+        evaluate: {head: h.pt, cache: caches/test, out: r, save_predictions: notes.csv}
+        """)
+    (code_caches / "notes.csv").write_text("my,notes\n")
+    refused = run_tl("run", recipe, "--quiet")
+    assert refused.code == 2 and refused.err == (
+        "error: evaluate: notes.csv holds a file that tl did not write as a predictions file, and this recipe did not "
+        f"make it; give the step another save_predictions in {recipe}, or delete notes.csv and run again\n"), refused
+    assert (code_caches / "notes.csv").read_text() == "my,notes\n"
+    (code_caches / "notes.csv").unlink()
+    assert run_tl("run", recipe, "--quiet").code == 0
+    assert run_tl("run", recipe, "--quiet", "--rerun").code == 0  # its own predictions: replaced
+
+
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):
     result = run_tl("extract", "--config", REPO / "configs" / "cifar10_vgg16.yaml")
     assert result.code == 2 and "section extract lists 2 steps; run them with tl run" in result.err, result
