@@ -20,23 +20,31 @@ CHUNK = 1 << 16  # samples digested (or keys gathered) at once: a few MB at a ti
 
 class TarEntries:
     """One tar's listing entries ([key, data offset, size, label, problem] per image) as columns: the keys in
-    one blob, the labels as numbers into `labels` (its distinct values, -1: none), the problems by row."""
+    one blob, the labels as numbers into `labels` (its distinct values, -1: none), the problems by row. Each
+    column as narrow as its tar allows (key ends and sizes of 4 bytes; class numbers an int32 array, not Python
+    ints of 28 bytes each): every tar's columns are held at once until joined."""
 
     def __init__(self, entries: list):
         keys = [entry[0].encode(*ESCAPED) for entry in entries]
         self.keys = b"".join(keys)
-        self.key_ends = np.cumsum([len(key) for key in keys], dtype=np.int64)
+        self.key_ends = np.cumsum([len(key) for key in keys], dtype=np.int64 if len(self.keys) >= 2**31 else np.int32)
         self.offsets = np.array([entry[1] for entry in entries], np.int64)
         self.sizes = np.array([entry[2] for entry in entries], np.int64)
+        if len(self.sizes) and self.sizes.max() < 2**32:
+            self.sizes = self.sizes.astype(np.uint32)
         numbers: dict = {}  # label value -> its number; 3 and "3" (a json field of either) stay apart, as before
         self.label_numbers = np.array([-1 if entry[3] is None else numbers.setdefault(entry[3], len(numbers))
                                        for entry in entries], np.int32)
-        self.labels = list(numbers)
+        self.labels = np.array(list(numbers), np.int32) if all(type(label) is int for label in numbers) else list(numbers)
         self.problem_rows = np.array([row for row, entry in enumerate(entries) if entry[4]], np.int64)
         self.problems = [entry[4] for entry in entries if entry[4]]
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    def label_values(self) -> list:
+        """The distinct labels, in the order first listed, as the listing gave them (ints, strings)."""
+        return self.labels.tolist() if isinstance(self.labels, np.ndarray) else self.labels
 
     def clear(self) -> None:
         """Drop the columns (once joined elsewhere): their memory is freed now."""
@@ -60,31 +68,55 @@ class TarSamples(Sequence):
     @classmethod
     def joined(cls, tars: list[tuple[str, str, str, TarEntries]], outcome) -> "TarSamples":
         """The samples of the tars (path, name, stamp, entries) end to end; `outcome(label) -> (target, problem or
-        None)` (a label not among the classes: -1 and why) gives each distinct label's target. Each tar's columns
-        are copied into place and freed (its entries left empty), so the peak is the joined columns and the
-        tars' columns not yet joined, not both whole."""
-        total, key_bytes = sum(len(entries) for *_, entries in tars), sum(len(entries.keys) for *_, entries in tars)
-        wide = any(len(entries) and entries.sizes.max() >= 2**32 for *_, entries in tars)
-        keys, key_ends = bytearray(key_bytes), np.zeros(total + 1, np.int64)  # key i: keys[ends[i]:ends[i + 1]]
-        offsets, targets = np.empty(total, np.int64), np.empty(total, np.int32)
-        sizes = np.empty(total, np.int64 if wide else np.uint32)  # 4 bytes an image less
-        tar_of, problem_rows, problems, first = np.empty(total, np.int32), [], [], 0
-        for number, (*_, entries) in enumerate(tars):
-            stop, length = first + len(entries), int(key_ends[first])
-            outcomes = [outcome(label) for label in entries.labels]
+        None)` (a label not among the classes: -1 and why) gives each distinct label's target. One column at a
+        time is made whole, each tar's part of it freed once copied (its entries left empty), so the peak is the
+        tars' columns and one joined column beside them, not two copies of every column."""
+        entries = [entries for *_, entries in tars]
+        counts = np.array([len(part) for part in entries], np.int64)
+        firsts = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
+        total, key_bytes = int(firsts[-1]), sum(len(part.keys) for part in entries)
+
+        def column(dtype, part_of, whole=None):
+            """One column (into `whole` if given) of every tar's values `part_of(number, entries)`, which frees them."""
+            whole = np.empty(total, dtype) if whole is None else whole
+            for number, part in enumerate(entries):
+                whole[firsts[number]:firsts[number + 1]] = part_of(number, part)
+            return whole
+
+        problem_rows, problems = [], []
+
+        def targets_of(number: int, part: TarEntries) -> np.ndarray:
+            outcomes = [outcome(label) for label in part.label_values()]
             looked_up = np.array([target for target, _ in outcomes] + [-1], np.int32)  # number -1: no label
-            refused = np.flatnonzero(np.isin(entries.label_numbers, [n for n, (_, why) in enumerate(outcomes) if why]))
-            rows = np.concatenate([entries.problem_rows, refused])
+            refused = np.flatnonzero(np.isin(part.label_numbers, [n for n, (_, why) in enumerate(outcomes) if why]))
+            rows = np.concatenate([part.problem_rows, refused])
             order = np.argsort(rows, kind="stable")
-            reasons = entries.problems + [outcomes[entries.label_numbers[row]][1] for row in refused]
-            problem_rows.append(rows[order] + first)
-            problems += [reasons[k] for k in order]
-            keys[length:length + len(entries.keys)] = entries.keys
-            key_ends[first + 1:stop + 1] = entries.key_ends + length
-            offsets[first:stop], sizes[first:stop] = entries.offsets, entries.sizes
-            targets[first:stop], tar_of[first:stop] = looked_up[entries.label_numbers], number
-            entries.clear()  # copied: freed now, not with the last tar
-            first = stop
+            reasons = part.problems + [outcomes[part.label_numbers[row]][1] for row in refused]
+            problem_rows.append(rows[order] + firsts[number])
+            problems.extend(reasons[k] for k in order)
+            targets, part.label_numbers, part.problem_rows, part.problems = looked_up[part.label_numbers], None, None, None
+            return targets
+
+        def taken(name: str, shift=0):
+            def part_of(number: int, part: TarEntries):
+                values = getattr(part, name)
+                setattr(part, name, None)
+                return values + shift(number) if shift else values
+            return part_of
+
+        targets = column(np.int32, targets_of)
+        offsets = column(np.int64, taken("offsets"))
+        wide = any(part.sizes.dtype != np.uint32 for part in entries if len(part.sizes))
+        sizes = column(np.int64 if wide else np.uint32, taken("sizes"))  # 4 bytes an image less
+        key_ends = np.zeros(total + 1, np.int64)  # key i: keys[ends[i]:ends[i + 1]]
+        key_firsts = np.cumsum([0] + [len(part.keys) for part in entries])
+        column(np.int64, taken("key_ends", lambda number: key_firsts[number]), key_ends[1:])
+        keys = bytearray(key_bytes)
+        for number, part in enumerate(entries):
+            keys[key_firsts[number]:key_firsts[number + 1]], part.keys = part.keys, b""
+        for part in entries:
+            part.clear()  # copied: freed now, not with the source
+        tar_of = np.repeat(np.arange(len(tars), dtype=np.int32), counts)  # once the tars' columns are gone
         return cls([(str(path), name, stamp) for path, name, stamp, _ in tars], tar_of, keys, key_ends, offsets,
                    sizes, targets, np.concatenate([np.zeros(0, np.int64), *problem_rows]), problems)
 

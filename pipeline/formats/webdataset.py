@@ -129,7 +129,7 @@ class WebDatasetSource(Source):
             count, first = self._unpaired
             warnings.append(f"{count:,} .{suffix} label files name a key without an image (looked for "
                             f".{', .'.join(IMAGE_SUFFIXES)}), the first {first}; no sample was listed for them")
-        labels = list(dict.fromkeys(label for *_, entries in listed for label in entries.labels))  # each value once
+        labels = list(dict.fromkeys(label for *_, entries in listed for label in entries.label_values()))  # each value once
         images = sum(len(entries) for *_, entries in listed)
         if images and not labels:
             raise DataError(f"none of the {images} images in the tars of {shown(data)} has a readable .{suffix} "
