@@ -116,14 +116,21 @@ class Source:
         in listing order; a source of input units (tars) starts a new shard at each unit, so a unit maps
         to a fixed range of shards and is read by one torchrun rank."""
         runs = self.input_runs()
-        plan = []
-        for unit, (start, stop) in enumerate(runs if runs is not None else [(0, len(self.samples))]):
-            for first in range(start, stop, shard_rows):
-                last = min(stop, first + shard_rows)
-                digest = hashlib.sha256()
-                self.digest_inputs(digest, first, last)
-                plan.append(PlannedShard(first, last - first, digest.hexdigest(), len(plan) if runs is None else unit))
-        return plan
+        bounds = [(first, min(stop, first + shard_rows), unit)
+                  for unit, (start, stop) in enumerate(runs if runs is not None else [(0, len(self.samples))])
+                  for first in range(start, stop, shard_rows)]
+        digests = self.shard_digests([(first, last) for first, last, _ in bounds])
+        return [PlannedShard(first, last - first, digest, index if runs is None else unit)
+                for index, ((first, last, unit), digest) in enumerate(zip(bounds, digests))]
+
+    def shard_digests(self, ranges: list[tuple[int, int]]) -> list[str]:
+        """The digest of the inputs of the samples of each (first, stop) range (a shard's)."""
+        digests = []
+        for first, last in ranges:
+            digest = hashlib.sha256()
+            self.digest_inputs(digest, first, last)
+            digests.append(digest.hexdigest())
+        return digests
 
     def subset(self, samples_per_class: int, seed: int) -> None:
         """Keep at most N samples of each class, chosen with a seeded generator, in their listed order."""

@@ -180,7 +180,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     distributed.start(current, device)  # before the listing: the ranks list a share of the tars each, and exchange
     source = open_source(config.format, config.data, config.split, config.download, config.samples_per_class,
                          config.seed, config.classes, config.label_key, listings=Path(config.out) / LISTINGS,
-                         world=current)
+                         world=current, own_share=True)  # a rank holds the samples of the tars it extracts only
     weights = resolve_weights(backbone, config.weights, config.seed)
     key = cache_key(config, backbone, taps, weights.digest, precision, source)
     widths = {tap: backbone.taps[tap].width for tap in taps}

@@ -252,11 +252,12 @@ def torchrun_opening_tars(tmp_path, *args):
 
 def test_ranks_list_a_share_of_the_tars_each_and_fail_together(tmp_path):
     """Under torchrun each rank listed every tar (T tars, N ranks: T headers read per rank, N*T in all): now
-    rank r lists tar t only when t % N == r, and the ranks exchange the listings. An audit hook (Python's
-    `open` event) counts the tars each rank opens, to list them and to read their images: its own only; once
-    the shard plan is made, a rank holds its own tars' samples only (it held every tar's). The classes, samples,
-    warnings (a damaged tar), cache key, shard plan and the listings kept equal one process's. A tar
-    that one rank cannot read stops every rank with that rank's line, not the others at the timeout."""
+    rank r lists tar t only when t % N == r, and the ranks exchange each tar's count and labels (they exchanged
+    every tar's columns: the whole data set on each rank). An audit hook (Python's `open` event) counts the tars
+    each rank opens, to list them and to read their images: its own only; a rank holds its own tars' samples
+    only. The classes, samples, warnings (a damaged tar), cache key, shard plan and the listings kept equal one
+    process's, with --samples-per-class (every target gathered) too. A tar that one rank cannot read stops
+    every rank with that rank's line, not the others at the timeout."""
     from cli import main
     from pipeline.formats import open_source
     from tests.conftest import write_webdataset
@@ -283,6 +284,16 @@ def test_ranks_list_a_share_of_the_tars_each_and_fail_together(tmp_path):
     assert_same_cache(CacheReader(tmp_path / "c"), CacheReader(tmp_path / "single"))
     kept = {path.name: path.read_bytes() for path in (tmp_path / "c" / "listings").iterdir()}
     assert len(kept) == 5 and kept == {path.name: path.read_bytes() for path in (tmp_path / "single" / "listings").iterdir()}
+    result, _, held = torchrun_opening_tars(tmp_path, *args, "--samples-per-class", "2", "--out", tmp_path / "s2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with pytest.raises(SystemExit) as done:
+        main([*map(str, args), "--samples-per-class", "2", "--out", str(tmp_path / "single2")])
+    assert done.value.code == 0
+    ranked, single = cache_document(tmp_path / "s2"), cache_document(tmp_path / "single2")
+    assert [[shard[name] for name in ("index", "first", "samples", "inputs")] for shard in ranked["shards"]] == [
+        [shard[name] for name in ("index", "first", "samples", "inputs")] for shard in single["shards"]]
+    assert ranked["key"] == single["key"] and ranked["num_samples"] == single["num_samples"] == 6
+    assert sorted(held["0"] + held["1"]) == sorted(CacheReader(tmp_path / "single2").load_column("sample_id"))
 
     if not sys.platform.startswith("linux"):
         return

@@ -822,6 +822,15 @@ def test_joining_the_tars_frees_each_tars_columns_and_makes_no_second_copy():
         512 * (per_tar - 1), 30_000 + per_tar - 1)
     assert samples.targets[per_tar + 4] == 1 and samples.problem(per_tar * 2 + 7) == "cut"
     assert samples.sizes.dtype == np.uint32 and samples.runs()[2] == (2 * per_tar, 3 * per_tar)
+    # a rank's shards are a few runs of rows: their keys are sliced from the blob (a gather took 8 bytes a key byte)
+    ranges = [(5, 3000), (per_tar + 7, per_tar + 2000)]
+    rows = np.concatenate([np.arange(*pair) for pair in ranges])
+    taken = samples.take(rows)
+    assert bytes(taken.keys) == b"".join(samples.keys[samples.key_ends[a]:samples.key_ends[b]] for a, b in ranges)
+    assert [taken.sample_id(i) for i in range(len(rows))] == [samples.sample_id(i) for i in rows.tolist()]
+    scattered = rows[::7]  # many runs of one: gathered
+    assert [samples.take(scattered).sample_id(i) for i in range(len(scattered))] == [
+        samples.sample_id(i) for i in scattered.tolist()]
 
 
 def test_a_rank_holds_only_the_samples_it_extracts_numbered_as_in_the_whole(tmp_path):
@@ -853,3 +862,114 @@ def test_a_rank_holds_only_the_samples_it_extracts_numbered_as_in_the_whole(tmp_
     last.hold([(20, 22)])
     assert last.listing_problem(21) == "no label (c.cls is missing); fix the tar" and last.listing_problem(20) is None
     assert pickle.loads(pickle.dumps(last)).samples[-1] == whole.samples[21]
+
+
+def _ranks_opening(monkeypatch, size: int, *args, shard_rows=3, **options) -> list:
+    """(source, shard plan, targets) of open_source(*args, **options) of tl extract on each of `size` torchrun
+    ranks, as threads whose distributed.each_rank gathers through a barrier (as torch's all_gather_object does
+    between processes)."""
+    import pickle
+    import threading
+
+    from pipeline import distributed
+
+    barrier, values, opened = threading.Barrier(size, timeout=60), [None] * size, [None] * size
+
+    def each_rank(current, work):
+        value = work()
+        if not current.distributed:
+            return [value]
+        barrier.wait()
+        values[current.rank] = value
+        barrier.wait()
+        sent = pickle.dumps(values)
+        assert b"TarEntries" not in sent  # a tar's count and labels, never its columns
+        gathered = pickle.loads(sent)  # each rank its own copy, as torch's pickles give
+        barrier.wait()
+        return gathered
+
+    def rank(number):
+        try:
+            source = open_source(*args, world=distributed.World(number, size), own_share=True, **options)
+            opened[number] = (source, source.shard_plan(shard_rows), source.targets())
+        except BaseException as exc:
+            barrier.abort()  # the other ranks stop waiting
+            opened[number] = exc
+
+    monkeypatch.setattr(distributed, "each_rank", each_rank)
+    threads = [threading.Thread(target=rank, args=(number,)) for number in range(size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for answer in opened:
+        if isinstance(answer, BaseException) and not isinstance(answer, threading.BrokenBarrierError):
+            raise answer
+    return opened
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_extract_ranks_exchange_tar_summaries_and_hold_their_own_tars_samples(tmp_path, monkeypatch, size):
+    """Under torchrun every rank of tl extract received every tar's columns (the whole data set on each rank,
+    38 bytes an image, and its pickles) before keeping its own. The ranks now send each other each tar's count
+    and labels; a rank holds the samples of the tars it lists (those it extracts), numbered as in the whole;
+    the shard digests each rank computes for its tars are exchanged. Classes, warnings, shard plan and every
+    digest equal one process's, with --samples-per-class (the targets gathered, 4 bytes an image) too; a tar
+    without samples (empty) keeps the next tars with the ranks that list them."""
+    from pipeline.formats.tar_samples import HeldSamples
+
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    tars = write_webdataset(tmp_path, tars=6, per_tar=4)
+    write_tar(tars / "00001.tar", [])  # an empty tar: no samples, a warning
+    write_tar(tars / "00006.tar", [("a.png", picture), ("a.cls", b"1"), ("c.png", picture)])  # c: no label
+    for per_class in (None, 2):
+        whole = open_source("webdataset", tars, samples_per_class=per_class)
+        plan = [(shard.first, shard.samples, shard.inputs) for shard in whole.shard_plan(3)]
+        ranks = _ranks_opening(monkeypatch, size, "webdataset", tars, samples_per_class=per_class)
+        held = []
+        for number, (source, ranked_plan, targets) in enumerate(ranks):
+            assert (source.classes, source.warnings, len(source)) == (whole.classes, whole.warnings, len(whole))
+            assert [(shard.first, shard.samples, shard.inputs) for shard in ranked_plan] == plan
+            assert (targets == whole.targets()).all()
+            # the samples of the tars it listed: those of its shards (a tar's unit is its number)
+            own = [(shard.first, shard.first + shard.samples) for shard in ranked_plan if shard.unit % size == number]
+            indices = [index for first, stop in own for index in range(first, stop)]
+            assert isinstance(source.samples, HeldSamples) and len(source.samples.held) == len(indices)
+            assert all(int(source.samples.sample_id(index)[:5]) % size == number for index in indices)
+            for index in indices:
+                assert source.samples[index] == whole.samples[index]
+                assert source.listing_problem(index) == whole.listing_problem(index)
+            held += indices
+            source.hold(own[1:])  # a resumed rank: its first shard was written before
+            assert [source.samples[index] for index in indices[own[0][1] - own[0][0]:]] == [
+                whole.samples[index] for index in indices[own[0][1] - own[0][0]:]]
+            with pytest.raises(LookupError, match="another torchrun rank extracts it"):
+                source.samples[indices[0]]
+        assert sorted(held) == list(range(len(whole)))
+    assert "00001.tar is an empty tar" in " ".join(whole.warnings) and len(whole) == 2 * len(whole.classes)
+
+
+def test_fingerprint_and_shard_digests_are_those_of_caches_made_before(tmp_path, monkeypatch):
+    """A cache's shards are matched by their inputs' digests: the digests of one data set, computed by the code
+    that made the caches out there (pinned below, from tars of fixed sizes and mtimes), stay what they were,
+    opened by one process or by ranks that exchange summaries, with --samples-per-class too; else every cache
+    of a billion images would be extracted again."""
+    tars = write_webdataset(tmp_path, tars=3, per_tar=5)
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    write_tar(tars / "00003.tar", [("a.png", picture), ("a.cls", b"1"), ("\udcffb.png", picture),
+                                   ("\udcffb.cls", b"0"), ("c.png", picture)])
+    for number, tar in enumerate(sorted(tars.iterdir())):
+        os.utime(tar, ns=(1, 1_700_000_000_000_000_000 + number))
+    assert [tar.stat().st_size for tar in sorted(tars.iterdir())] == [20480, 20480, 20480, 10240]
+    pinned = {None: ("e3c347c13e62b2e4b7ac348660515cc739a051f84866eadda983b6a8ffc73016", [
+        (0, 4, "731442080d7c"), (4, 1, "11a53835efc0"), (5, 4, "079db9ab1f28"), (9, 1, "294ca91c2bc6"),
+        (10, 4, "f2260f21bc0b"), (14, 1, "3a10d377efb4"), (15, 3, "7618053cf961")]),
+        2: ("51303fa3bf8513690311af290c7b5d892831ae6ee5e90ef71ddf69aca5c428ab", [
+            (0, 2, "449b976c705b"), (2, 1, "294ca91c2bc6"), (3, 2, "8f9c71f4bafb"), (5, 1, "bca46fca4c3a")])}
+    for per_class, (fingerprint, plan) in pinned.items():
+        source = open_source("webdataset", tars, samples_per_class=per_class)
+        assert source.fingerprint() == fingerprint
+        assert [(shard.first, shard.samples, shard.inputs[:12]) for shard in source.shard_plan(4)] == plan
+        whole = [(shard.first, shard.samples, shard.inputs) for shard in source.shard_plan(4)]
+        for _, ranked, _ in _ranks_opening(monkeypatch, 2, "webdataset", tars, samples_per_class=per_class, shard_rows=4):
+            assert [(shard.first, shard.samples, shard.inputs) for shard in ranked] == whole

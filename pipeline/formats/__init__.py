@@ -53,6 +53,7 @@ def open_source(
     say=None,
     listings: Path | None = None,
     world=None,
+    own_share: bool = False,
 ) -> Source:
     """The samples of `data` read as `format`, optionally a seeded subset of N per class (0 or None: all).
     `label_key` goes to formats that list it in their `options` (webdataset) and is refused by others.
@@ -60,7 +61,9 @@ def open_source(
     stages that record none (extract keeps them in its manifest, evaluate in its report). `listings`: a
     folder where formats that list slowly (webdataset's tars) keep their listings for the next run. `world`: the
     pipeline.distributed.World of a torchrun whose ranks all open this source, its process group started; such
-    formats list a share on each rank and exchange the listings (others ignore it and list everything)."""
+    formats list a share on each rank and exchange the listings (others ignore it and list everything); with
+    `own_share` (tl extract, whose ranks read only their share) they exchange summaries, and a rank holds the
+    samples of its share only (--samples-per-class gathers every sample's target, 4 bytes an image)."""
     known = registered_formats()
     if format not in known:
         raise DataError(f"unknown data format '{format}'; valid formats: {', '.join(format_names())}")
@@ -75,6 +78,8 @@ def open_source(
         options["listings"] = listings
     if world is not None and "world" in known[format].options:
         options["world"] = world
+        if own_share and "own_share" in known[format].options:
+            options["own_share"] = True
     source = known[format].open(data, split, download, classes, **options)
     if samples_per_class:
         source.subset(samples_per_class, seed)

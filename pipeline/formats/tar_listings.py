@@ -120,21 +120,23 @@ class TarListings:
         return saved
 
 
-def listed_tars(find, list_tar, listings: TarListings | None, current=None,
-                held=lambda listing: listing) -> tuple[list[Path], list[str], list]:
+def listed_tars(find, list_tar, listings: TarListings | None, current=None, held=lambda listing: listing,
+                summary=None) -> tuple[list[Path], list[str], list]:
     """The tars and warnings `find()` gives, and (stamp, held(listing)) of each tar: its kept listing if it still
     answers, else `list_tar(path)` (kept in `listings`, to save); `held` makes it what a rank keeps (and sends to
     the others: webdataset's entries as columns). Under torchrun (`current`, the
     pipeline.distributed.World of a started process group) rank 0 finds the tars, each rank lists those whose
     number % size is its rank (as it saves them), and the ranks exchange the listings: a rank reads the
-    headers of 1/size of the tars, and a rank that cannot read one stops them all (distributed.each_rank)."""
+    headers of 1/size of the tars, and a rank that cannot read one stops them all (distributed.each_rank).
+    With `summary`, a rank keeps its own tars' listings only and sends the others summary(held(listing)) (tl
+    extract, whose rank reads the tars it lists: a billion images' columns are not sent to every rank)."""
     from pipeline import distributed  # here, not above: --help imports the formats, and starts without torch
 
     current = current or distributed.World()
     paths, warnings = distributed.each_rank(current, lambda: find() if current.is_main else None)[0]
+    mine = []
 
     def share() -> list[tuple[str, dict]]:
-        mine = []
         for number in range(current.rank, len(paths), current.size):
             stamp = file_stamp(paths[number])
             listing = listings.load(paths[number], stamp) if listings else None
@@ -143,7 +145,9 @@ def listed_tars(find, list_tar, listings: TarListings | None, current=None,
                 if listings:
                     listings.add(number, paths[number], stamp, listing)
             mine.append((stamp, held(listing)))
-        return mine
+        return mine if summary is None or not current.distributed else [(stamp, summary(kept)) for stamp, kept in mine]
 
     shares = distributed.each_rank(current, share)
+    if summary is not None:
+        shares[current.rank] = mine
     return paths, warnings, [shares[number % current.size][number // current.size] for number in range(len(paths))]

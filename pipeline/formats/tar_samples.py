@@ -2,8 +2,9 @@
 in one bytes blob; some 40 bytes an image where a Sample object each took some 280. A Sample is made when asked for.
 
 What a tar lists (`TarEntries`) is made columns as soon as it is listed, on the rank that lists it, and travels
-so to the other ranks; `TarSamples.joined` puts the tars' columns end to end once the classes are known. A
-torchrun rank of `tl extract` then keeps only the samples it extracts (`HeldSamples`), numbered as in the whole.
+so to the other ranks (tl extract's ranks send its count and labels only: `TarSummary`); `TarSamples.joined` puts the
+tars' columns end to end once the classes are known. A torchrun rank of `tl extract` keeps only the samples of its
+tars (`HeldSamples`), numbered as in the whole.
 """
 
 from __future__ import annotations
@@ -172,7 +173,11 @@ class TarSamples(Sequence):
         begins, lengths = self.key_ends[rows], self.key_ends[rows + 1] - self.key_ends[rows]
         key_ends = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
         blob, keys = np.frombuffer(self.keys, np.uint8), []
-        for start in range(0, len(rows), CHUNK):  # a chunk at a time: a position takes 8 bytes, a key's byte 1
+        runs = np.flatnonzero(rows[1:] != rows[:-1] + 1) + 1  # where a run of consecutive rows begins, after the first
+        if len(runs) < len(rows) // 64:  # a few runs (the shards a rank holds): their keys are slices of the blob
+            for first, stop in zip([0, *runs.tolist()], [*runs.tolist(), len(rows)]):
+                keys.append(blob[begins[first]:begins[stop - 1] + lengths[stop - 1]].tobytes())
+        for start in range(0, len(rows) if not keys else 0, CHUNK):  # a position takes 8 bytes, a key's byte 1
             stop = min(len(rows), start + CHUNK)
             keys.append(blob[np.repeat(begins[start:stop] - key_ends[start:stop], lengths[start:stop])
                              + np.arange(key_ends[start], key_ends[stop])].tobytes())
@@ -182,19 +187,78 @@ class TarSamples(Sequence):
                           self.targets[rows], np.flatnonzero(listed), [self.problems[k] for k in at[listed].tolist()])
 
 
-class HeldSamples:
-    """Some samples of a TarSamples (the shards a torchrun rank extracts), still numbered as in the whole:
-    `samples[i]`, `where(i)`, `problem(i)` and `sample_id(i)` take the index i of the whole, and len() is its
-    count; an index not held raises LookupError (not IndexError: iterating does not end quietly at the first).
-    What is asked of every sample at once (targets, runs, inputs) was answered from the whole before."""
+class TarSummary:
+    """What the other torchrun ranks of tl extract learn of a tar one rank lists and keeps: its sample count and its
+    distinct labels (the classes, and the warnings of classes without images, come from them), not its columns."""
 
-    def __init__(self, whole: TarSamples, ranges: list[tuple[int, int]]):
-        ranges = sorted((first, stop) for first, stop in ranges if stop > first)
+    def __init__(self, entries: TarEntries):
+        self.count, self.labels = len(entries), entries.labels
+
+    def __len__(self) -> int:
+        return self.count
+
+    label_values = TarEntries.label_values
+
+
+class HeldSamples:
+    """Some samples of a whole (a torchrun rank's of tl extract: those of the tars it lists, then of the shards it
+    extracts), still numbered as in the whole: `samples[i]`, `where(i)`, `problem(i)` and `sample_id(i)` take the
+    index i of the whole, and len() is its count; an index not held raises LookupError (not IndexError: iterating
+    does not end quietly at the first). What is asked of every sample at once (targets, the shards' digests) the
+    source asks of the ranks together (WebDatasetSource)."""
+
+    def __init__(self, held: TarSamples, ranges: list[tuple[int, int]], count: int):
+        """`held`: the samples of `ranges` ((first, stop) in the whole, in order) end to end; `count`: the whole's."""
+        ranges = [(first, stop) for first, stop in ranges if stop > first]
         self.firsts = np.array([first for first, _ in ranges], np.int64)
         self.stops = np.array([stop for _, stop in ranges], np.int64)
         self.starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(self.stops - self.firsts)])  # rows in `held`
-        self.held = whole.take(np.concatenate([np.zeros(0, np.int64)] + [np.arange(*pair) for pair in ranges]))
-        self.count = len(whole)
+        self.held, self.count = held, count
+
+    @classmethod
+    def of(cls, whole: TarSamples, ranges: list[tuple[int, int]]) -> "HeldSamples":
+        """The samples of `ranges` of `whole`."""
+        ranges = sorted((first, stop) for first, stop in ranges if stop > first)
+        return cls(whole.take(np.concatenate([np.zeros(0, np.int64)] + [np.arange(*pair) for pair in ranges])),
+                   ranges, len(whole))
+
+    def rows(self, first: int, stop: int) -> np.ndarray:
+        """The rows in `held` of samples first..stop-1, which one held range holds; LookupError if none does."""
+        if stop <= first:
+            return np.zeros(0, np.int64)
+        start = self.row(first)
+        if stop > self.stops[np.searchsorted(self.firsts, first, side="right") - 1]:
+            raise LookupError(f"sample {stop - 1} is not held here (another torchrun rank extracts it)")
+        return np.arange(start, start + stop - first)
+
+    def holds(self, first: int, stop: int) -> bool:
+        try:
+            self.rows(first, stop)
+        except LookupError:
+            return False
+        return True
+
+    def hold(self, ranges: list[tuple[int, int]]) -> "HeldSamples":
+        """Those of `ranges` only (each within a range held here)."""
+        ranges = sorted((first, stop) for first, stop in ranges if stop > first)
+        rows = [self.rows(first, stop) for first, stop in ranges]
+        return HeldSamples(self.held.take(np.concatenate([np.zeros(0, np.int64), *rows])), ranges, self.count)
+
+    def kept(self, indices) -> "HeldSamples":
+        """Those held of the samples at `indices` of the whole (in increasing order), numbered as in that subset."""
+        indices = np.asarray(indices, np.int64).reshape(-1)
+        if len(indices) > 1 and not (indices[1:] > indices[:-1]).all():
+            raise ValueError("samples held by torchrun ranks are kept in their order only")
+        lows, highs = np.searchsorted(indices, self.firsts), np.searchsorted(indices, self.stops)
+        rows = [indices[low:high] - first + start
+                for low, high, first, start in zip(lows, highs, self.firsts, self.starts)]
+        return HeldSamples(self.held.take(np.concatenate([np.zeros(0, np.int64), *rows])),
+                           list(zip(lows.tolist(), highs.tolist())), len(indices))
+
+    def inputs(self, first: int, last: int):
+        """TarSamples.inputs of samples first..last-1, which one held range holds."""
+        rows = self.rows(first, last)
+        return self.held.inputs(int(rows[0]), int(rows[-1]) + 1) if len(rows) else iter(())
 
     def row(self, index: int) -> int:
         """The row in `held` of sample `index` of the whole."""

@@ -29,7 +29,7 @@ from pipeline.errors import DataError, ListingProblem, listed
 from pipeline.formats.tar_headers import scan_tar
 from pipeline.formats.tar_listings import TarListings, listed_tars
 from pipeline.formats.tar_paths import tar_paths
-from pipeline.formats.tar_samples import HeldSamples, TarEntries, TarSamples
+from pipeline.formats.tar_samples import HeldSamples, TarEntries, TarSamples, TarSummary
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 LABEL_BYTES = 1 << 16  # a label file larger than this is not a label
@@ -100,24 +100,29 @@ class WebDatasetSource(Source):
 
     format = "webdataset"
     help = 'tar shards of KEY.jpg/png + KEY.cls/txt/json (a tar, a folder of tars or {00000..00099}.tar; --label-key)'
-    options = ("label_key", "listings", "world")
+    options = ("label_key", "listings", "world", "own_share")
 
     @classmethod
     def open(cls, data: Path, split: str, download: bool, classes: str, label_key: str = "cls",
-             listings: Path | None = None, world=None) -> "WebDatasetSource":
-        return cls(data, split, classes, label_key, listings, world)
+             listings: Path | None = None, world=None, own_share: bool = False) -> "WebDatasetSource":
+        return cls(data, split, classes, label_key, listings, world, own_share)
 
     def __init__(self, data: Path, split: str = "", classes: str = "auto", label_key: str = "cls",
-                 listings: Path | None = None, world=None):
+                 listings: Path | None = None, world=None, own_share: bool = False):
         suffix, field = _label_field(label_key)
         self.label_key = suffix + (f":{field}" if field and field != "label" else "")  # one spelling per key
         listed, warnings = [], []
         self._dotted = ""  # the first file named like an image after a second dot (img.001.jpg), if any
         self._unpaired = [0, ""]  # labels without an image of their key (one in a format not listed): count, first
         self.listings = TarListings(listings, self.label_key) if listings is not None else None  # see tar_listings
+        # own_share (tl extract under torchrun): a rank holds the samples of the tars it lists, the others' counts
+        # and labels only; what needs every sample (targets, shard digests) it asks of the ranks together
+        self._share = world if own_share and world is not None and world.distributed else None
         paths, warnings, each_tar = listed_tars(lambda: (tar_paths(Path(data), split, warnings), warnings),
                                                 lambda path: self._list_tar(path, suffix, field), self.listings, world,
-                                                lambda listing: {**listing, "entries": TarEntries(listing["entries"])})
+                                                lambda listing: {**listing, "entries": TarEntries(listing["entries"])},
+                                                (lambda listing: {**listing, "entries": TarSummary(listing["entries"])})
+                                                if self._share else None)
         for path, tar_name, (stamp, listing) in zip(paths, _tar_names(paths), each_tar):
             warnings += [f"{shown(path)} {note}" for note in listing["notes"]]
             self._dotted = self._dotted or listing["dotted"]
@@ -130,7 +135,8 @@ class WebDatasetSource(Source):
             warnings.append(f"{count:,} .{suffix} label files name a key without an image (looked for "
                             f".{', .'.join(IMAGE_SUFFIXES)}), the first {first}; no sample was listed for them")
         labels = list(dict.fromkeys(label for *_, entries in listed for label in entries.label_values()))  # each value once
-        images = sum(len(entries) for *_, entries in listed)
+        counts = [len(entries) for *_, entries in listed]
+        images = sum(counts)
         if images and not labels:
             raise DataError(f"none of the {images} images in the tars of {shown(data)} has a readable .{suffix} "
                             f"label; name the label files with --label-key (cls, txt, json or json:FIELD)"
@@ -146,20 +152,25 @@ class WebDatasetSource(Source):
                 target = position.get(str(label), -1)
             return target, f"its label {label} {NOT_IN_CLASSES}" if target == -1 else None
 
-        samples = TarSamples.joined(listed, outcome)
-        if len(samples) and (samples.targets == -1).all():
+        found = {outcome(label)[0] for label in labels} - {-1}  # the targets of some image: each label has one
+        if images and not found:
             raise DataError(f"no image in the tars of {shown(data)} has a label among --classes ({classes}); "
                             "name the classes the labels use, or leave --classes out")
-        if not len(samples) and self._dotted:
+        if not images and self._dotted:
             key, _, ending = self._dotted.rpartition("/")[2].partition(".")
             raise DataError(f"the tars of {shown(data)} hold no images: a key ends at the first dot, so "
                             f"{self._dotted} is key {key} with extension .{ending}; rename the files to KEY.jpg "
                             "with no dot in KEY")
-        if not len(samples):
+        if not images:
             raise DataError(f"the tars of {shown(data)} hold no images (looked for .{', .'.join(IMAGE_SUFFIXES)})"
                             + "".join(f"; {line}" for line in warnings[:3]))
+        samples = TarSamples.joined([tar for tar in listed if isinstance(tar[3], TarEntries)], outcome)
+        if self._share:
+            self._starts = np.cumsum([0, *counts])  # where each tar's samples begin in the whole, and end
+            samples = HeldSamples(samples, [(self._starts[n], self._starts[n + 1]) for n, tar in enumerate(listed)
+                                            if isinstance(tar[3], TarEntries)], images)
         super().__init__(names, samples)
-        self.warnings += warnings + _empty_classes(names, samples.targets, classes, suffix,
+        self.warnings += warnings + _empty_classes(names, found, classes, suffix,
                                                    any(isinstance(label, int) for label in labels))
 
     @staticmethod
@@ -278,20 +289,49 @@ class WebDatasetSource(Source):
         return f"{problem}; {'name its class in --classes' if problem.endswith(NOT_IN_CLASSES) else 'fix the tar'}"
 
     def input_runs(self) -> list[tuple[int, int]]:
+        if self._share:  # every tar, one without samples too: a tar's unit is its number, and the lister its rank
+            return list(zip(self._starts[:-1].tolist(), self._starts[1:].tolist()))
         return self.samples.runs()  # the tars: shards follow tars
 
     def targets(self) -> np.ndarray:
-        return self.samples.targets.astype(np.int64)
+        if not self._share:
+            return self.samples.targets.astype(np.int64)
+        from pipeline import distributed  # here: --help imports the formats, and starts without torch
+
+        held, targets = self.samples, np.full(len(self.samples), -2, np.int64)  # each rank sends its int32 targets
+        for firsts, stops, starts, values in distributed.each_rank(self._share, lambda: (
+                held.firsts, held.stops, held.starts, held.held.targets)):
+            for first, stop, start in zip(firsts.tolist(), stops.tolist(), starts.tolist()):
+                targets[first:stop] = values[start:start + stop - first]
+        if (targets == -2).any():
+            raise RuntimeError("the torchrun ranks hold no longer every sample; ask for the targets before Source.hold")
+        return targets
+
+    def shard_digests(self, ranges: list[tuple[int, int]]) -> list[str]:
+        if not self._share:
+            return super().shard_digests(ranges)
+        from pipeline import distributed  # here: --help imports the formats, and starts without torch
+
+        mine = [number for number, (first, last) in enumerate(ranges) if self.samples.holds(first, last)]
+        digested = distributed.each_rank(self._share, lambda: dict(zip(mine, Source.shard_digests(
+            self, [ranges[number] for number in mine]))))
+        digests = {number: digest for part in digested for number, digest in part.items()}
+        return [digests[number] for number in range(len(ranges))]
 
     def digest_inputs(self, digest, first: int, last: int) -> None:
         for inputs in self.samples.inputs(first, last):
             digest.update(inputs)
 
     def keep(self, indices) -> None:
-        self.samples = self.samples.take(indices)
+        if self._share:  # --samples-per-class: each rank keeps those of its tars
+            self.samples, self._starts = self.samples.kept(indices), np.searchsorted(indices, self._starts)
+        else:
+            self.samples = self.samples.take(indices)
 
     def hold(self, ranges: list[tuple[int, int]]) -> None:
-        self.samples = HeldSamples(self.samples, ranges)  # after the shard plan, which digests every sample
+        # after the shard plan, which digests every sample (or, of own_share, the ranks together)
+        held = self.samples
+        self.samples = held.hold(ranges) if isinstance(held, HeldSamples) else HeldSamples.of(held, ranges)
 
     def encoded(self, index: int) -> bytes:
         path, offset, size, problem = self.samples.where(index)
@@ -330,11 +370,10 @@ class WebDatasetSource(Source):
             raise type(exc)(str(exc).replace(repr(buffer), self.samples.sample_id(index))) from None
 
 
-def _empty_classes(names: list[str], targets: np.ndarray, classes: str, suffix: str, numbered: bool) -> list[str]:
+def _empty_classes(names: list[str], held: set[int], classes: str, suffix: str, numbered: bool) -> list[str]:
     """The warning for classes no listed image holds: class numbers that skip some (labels from 1, a gap,
-    one stray large number), or names of --classes the labels never use. They keep their index, so the
-    classes match those of another split, but fit-head refuses a class without rows."""
-    held = set(np.unique(targets).tolist())
+    one stray large number), or names of --classes the labels never use (`held`: the targets of some image). They
+    keep their index, so the classes match those of another split, but fit-head refuses a class without rows."""
     empty = [name for index, name in enumerate(names) if index not in held]
     if not empty:
         return []
