@@ -833,6 +833,36 @@ def test_joining_the_tars_frees_each_tars_columns_and_makes_no_second_copy():
         samples.sample_id(i) for i in scattered.tolist()]
 
 
+def test_joined_key_ends_are_64_bit_past_2_gib_of_keys(monkeypatch):
+    """A tar's key ends are held as int32 until joined, where each tar's are shifted by the key bytes of the tars
+    before it. Under numpy 1 (setup.cfg allows numpy>=1.24) an int32 array plus a numpy int64 that fits in int32
+    stays int32: the ends of the tar whose keys cross 2 GiB of keys (some 200 million images) wrapped negative,
+    and its samples got other ids (and shard digests). The shift is made in 64 bits. The 2 GiB of keys before it
+    are a stand-in (a length, and a joined blob that takes no bytes): only the ends are checked."""
+    from pipeline.formats import tar_samples
+    from pipeline.formats.tar_samples import TarEntries, TarSamples
+
+    before = 2**31 - 2  # fits int32: numpy 1 keeps int32 + this int32
+
+    class Keys:
+        def __len__(self):
+            return before
+
+    class Blob:
+        def __init__(self, size):
+            self.size = size
+
+        def __setitem__(self, where, value):
+            assert where.stop <= self.size
+
+    first, second = TarEntries([["a", 0, 1, 0, None]]), TarEntries([[key, 0, 1, 0, None] for key in ("abc", "de", "f")])
+    first.keys, first.key_ends = Keys(), np.array([before], np.int32)
+    monkeypatch.setattr(tar_samples, "bytearray", Blob, raising=False)
+    samples = TarSamples.joined([("/d/0.tar", "0.tar", "1:2", first), ("/d/1.tar", "1.tar", "1:2", second)],
+                                lambda label: (label, None))
+    assert samples.key_ends.tolist() == [0, before, before + 3, before + 5, before + 6]
+
+
 def test_a_rank_holds_only_the_samples_it_extracts_numbered_as_in_the_whole(tmp_path):
     """Under torchrun every rank of tl extract held every tar's samples (38 bytes an image: a billion images
     on each rank). Once the shard plan is made from the whole, a rank holds those of the shards it extracts

@@ -102,7 +102,8 @@ class TarSamples(Sequence):
             def part_of(number: int, part: TarEntries):
                 values = getattr(part, name)
                 setattr(part, name, None)
-                return values + shift(number) if shift else values
+                # in 64 bits: numpy 1 keeps int32 key ends + an int64 shift that fits int32 as int32 (wrapped)
+                return np.add(values, shift(number), dtype=np.int64) if shift else values
             return part_of
 
         targets = column(np.int32, targets_of)
