@@ -219,9 +219,7 @@ class HeldSamples:
     @classmethod
     def of(cls, whole: TarSamples, ranges: list[tuple[int, int]]) -> "HeldSamples":
         """The samples of `ranges` of `whole`."""
-        ranges = sorted((first, stop) for first, stop in ranges if stop > first)
-        return cls(whole.take(np.concatenate([np.zeros(0, np.int64)] + [np.arange(*pair) for pair in ranges])),
-                   ranges, len(whole))
+        return cls(whole, [(0, len(whole))], len(whole)).hold(ranges)
 
     def rows(self, first: int, stop: int) -> np.ndarray:
         """The rows in `held` of samples first..stop-1, which one held range holds; LookupError if none does."""
