@@ -205,9 +205,10 @@ class CacheWriter:
                 self.kept += 1
                 kept[index] = dataclasses.replace(shard, index=index, first=self.plan[index].first)
                 skipped[index] = self._skipped.get(shard.index, [])
-            else:
+            else:  # deleted now: after a kill past the records below it would be adopted, damage and all
                 self.damaged += 1
                 dropped.add(shard.file)
+                path.unlink(missing_ok=True)
         # redone: a planned shard that had a record, whose samples no finished shard holds any more
         self.changed = sum(index < len(self.plan) and index not in kept for index in unanswered)
         self.beyond = sum(index >= len(self.plan) for index in unanswered)

@@ -605,3 +605,32 @@ def test_a_kill_before_a_ranks_records_are_merged_leaves_no_file_read_as_two_sha
     writer, written = write_planned(root, planned("b", "c"))
     assert written == {} and sorted(writer.finished) == [0, 1]
     np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "bc"]))
+
+
+def test_a_damaged_shard_is_not_adopted_again_after_a_kill_while_the_cache_opens(tmp_path, monkeypatch):
+    """A recorded shard whose file changed is redone. A run killed after it rewrote the records without it, before
+    it deleted the file, left the file unrecorded, and the next run adopted it from its own attributes: the
+    damaged codes with a fresh checksum, which no reader could tell from sound ones."""
+    import cache.writer as writer_module
+    from cache.records import write_records
+
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b"))
+    path = root / "shard-00001.h5"
+    with h5py.File(path) as handle:
+        codes = handle["fc7"][()].tobytes()
+    data = bytearray(path.read_bytes())
+    data[bytes(data).index(codes)] ^= 1  # the lowest bit of the first code: a file that still reads
+
+    def killed(*args, **kwargs):
+        write_records(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(writer_module, "write_records", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_planned(root, planned("a", "b"))
+    monkeypatch.undo()
+    writer, written = write_planned(root, planned("a", "b"))
+    assert written == {1: "shard-00001.h5"}
+    np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "ab"]))
