@@ -256,25 +256,27 @@ def _stopped(step: Step, recipe, record: dict | None, existed: bool, exc: BaseEx
     its started record withdraws the claim on that output, as does a stopped extract's whose out
     `existed` before it with no record (the next run starts as this one did: a cache of the step's
     key resumes). An extract that made its out keeps its claim: the next run goes on with it. A step
-    of this recipe refused all the same (a finetune resuming its stopped run, `extra`, whose model file
-    now holds what tl did not write) keeps its record, and the remedy is moving the file away."""
+    of this recipe refused all the same keeps its record: a finetune resuming its stopped run (`extra`) whose
+    model file now holds what tl did not write is told to move the file away; any other (an evaluate whose
+    save_predictions now names a user's file) is told the key too."""
     occupied = isinstance(exc, Occupied)
+    # the key that names the refused file: out, or another file the step writes (evaluate's save_predictions)
+    key = next((key for key, value in step.params.items() if isinstance(value, (str, Path)) and value != ""
+                and same_file(value, exc.path)), OUTPUT) if occupied else OUTPUT
     if record is not None:
         if not occupied:
             return exc
-        then = ""
-        if (extra or {}).get("resume"):
+        if (extra or {}).get("resume"):  # another out would start over
             from pipeline.model_files import checkpoint_paths
 
-            then = f": the step resumes from its checkpoint {checkpoint_paths(step.path(OUTPUT))[0].name}"
-        return ConfigError(f"{step.label}: {exc.path} {exc.state}; move it away (or delete it), then run again{then}")
+            return ConfigError(f"{step.label}: {exc.path} {exc.state}; move it away (or delete it), then run again: "
+                               f"the step resumes from its checkpoint {checkpoint_paths(step.path(OUTPUT))[0].name}")
+        return ConfigError(f"{step.label}: {exc.path} {exc.state}; give the step another {key} in {recipe.path}, or "
+                           "move it away (or delete it) and run again")
     if occupied or (step.stage == "extract" and existed):
         record_path(step.path(OUTPUT)).unlink(missing_ok=True)
     if not occupied:
         return exc
-    # the key that names the refused file: out, or another file the step writes (evaluate's save_predictions)
-    key = next((key for key, value in step.params.items() if isinstance(value, (str, Path)) and value != ""
-                and same_file(value, exc.path)), OUTPUT)
     return ConfigError(f"{step.label}: {exc.path} {exc.state}, and this recipe did not make it; give the step "
                        f"another {key} in {recipe.path}, or delete {exc.path} and run again")
 

@@ -716,6 +716,29 @@ def test_a_predictions_file_tl_did_not_write_names_the_key_that_names_it(run_tl,
     assert run_tl("run", recipe, "--quiet", "--rerun").code == 0  # its own predictions: replaced
 
 
+def test_a_predictions_file_tl_did_not_write_names_its_key_after_the_step_ran_before(run_tl, code_caches, monkeypatch):
+    """An evaluate step this recipe ran before (it has a record) whose save_predictions now names the user's
+    file said only 'move it away (or delete it), then run again' (the line of a finetune resuming into a
+    foreign model file): the key that names the file is said too, the file and the step's record are kept."""
+    monkeypatch.chdir(code_caches)
+    steps = """\
+        fit-head: {cache: caches/train, out: h.pt}
+        evaluate: {head: h.pt, cache: caches/test, out: r%s}
+        """
+    assert run_tl("run", _recipe(code_caches, steps % ""), "--quiet").code == 0
+    record = (code_caches / "r.tl-run.json").read_text()
+    recipe = _recipe(code_caches, steps % ", save_predictions: notes.csv")
+    (code_caches / "notes.csv").write_text("my,notes\n")
+    refused = run_tl("run", recipe, "--quiet")
+    assert refused.code == 2 and refused.err == (
+        "error: evaluate: notes.csv holds a file that tl did not write as a predictions file; give the step another "
+        f"save_predictions in {recipe}, or move it away (or delete it) and run again\n"), refused
+    assert (code_caches / "notes.csv").read_text() == "my,notes\n"
+    assert (code_caches / "r.tl-run.json").read_text() == record
+    (code_caches / "notes.csv").unlink()
+    assert run_tl("run", recipe, "--quiet").code == 0
+
+
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):
     result = run_tl("extract", "--config", REPO / "configs" / "cifar10_vgg16.yaml")
     assert result.code == 2 and "section extract lists 2 steps; run them with tl run" in result.err, result
