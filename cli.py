@@ -1080,7 +1080,7 @@ def main(argv: list[str] | None = None) -> None:
         if exc.filename is None:
             raise
         if exc.errno in FULL:
-            click.echo(f"error: {disk_full(exc.errno, exc.filename, f', then {stops.RESUME_HINT}')}", err=True)
+            click.echo(f"error: {disk_full(exc.errno, exc.filename, '').resumed(f', then {stops.RESUME_HINT}')}", err=True)
         else:
             click.echo(f"error: {exc.strerror or type(exc).__name__}: {exc.filename}; choose another path, or fix "
                        "this one, and run the command again", err=True)

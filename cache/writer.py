@@ -345,8 +345,7 @@ class CacheWriter:
             self._record(entry, skipped)
         except DiskFullError as exc:
             kept = len(self._entries) - (index in self._entries)
-            raise DiskFullError(f"{exc.reason} ({kept} shards kept; {exc.remedy} and re-run the same command to "
-                                "resume)", exc.reason, exc.remedy) from None
+            raise exc.resumed(" and re-run the same command to resume", f" ({kept} shards kept)") from None
         return entry
 
     @staticmethod

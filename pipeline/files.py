@@ -34,6 +34,13 @@ class DiskFullError(TLError):
         self.reason, self.remedy = reason or message.partition("; ")[0], remedy
         self.in_place, self.elsewhere = in_place or remedy, elsewhere
 
+    def resumed(self, then: str, kept: str = "") -> "DiskFullError":
+        """This line for a run that goes on from what it wrote where it is (`kept`, said after the reason): room
+        made in place, then `then`; another file system (EFBIG) is a new output, said as the start over it is."""
+        return DiskFullError(f"{self.reason}{kept}; {self.in_place}{then}" + (
+            f"; or {self.elsewhere} (an --out there starts over)" if self.elsewhere else ""), self.reason,
+            self.remedy, self.in_place, self.elsewhere)
+
 
 def disk_full(error_number: int, path, then: str = " and re-run the same command") -> DiskFullError:
     """The one line for a write that found no room at `path`. EFBIG is not a full disk: the file outgrew the
@@ -48,7 +55,9 @@ def disk_full(error_number: int, path, then: str = " and re-run the same command
     else:
         reason, in_place = f"no space left on the device of {path}", "free space"
     remedy = f"{in_place} or {elsewhere}" if elsewhere else in_place
-    return DiskFullError(f"{reason}; {remedy}{then}", reason, remedy, in_place, elsewhere)
+    # 'or write elsewhere, and re-run the same command' would name the same path again: each remedy its own way
+    return DiskFullError(f"{reason}; {in_place}{then}" + (f", or {elsewhere} instead" if elsewhere else ""), reason,
+                         remedy, in_place, elsewhere)
 
 
 def file_digest(path: Path) -> str:

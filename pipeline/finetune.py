@@ -189,10 +189,8 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
         if not ours:  # none written, or another run's that --overwrite was replacing
             raise
         # what the resume needs is room where the checkpoint is: another file system is another --out, a start over
-        raise DiskFullError(f"{exc.reason}; {exc.in_place}, then run the command again with --resume (tl run resumes "
-                            f"by itself): it goes on from the checkpoint {last_path.name}"
-                            + (f"; or {exc.elsewhere} (an --out there starts over)" if exc.elsewhere else ""),
-                            exc.reason, exc.remedy, exc.in_place, exc.elsewhere) from None
+        raise exc.resumed(", then run the command again with --resume (tl run resumes by itself): it goes on from "
+                          f"the checkpoint {last_path.name}") from None
     finally:
         lock.release()
 

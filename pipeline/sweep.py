@@ -22,7 +22,7 @@ import numpy as np
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
-from pipeline.files import OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
+from pipeline.files import DiskFullError, OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
 from pipeline.fit_head import FitHeadConfig, cached_layer, check_counts, check_validation, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS, layout_text
 from pipeline.model_files import read_payload
@@ -169,7 +169,10 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
     except OSError as exc:
         raise HeadError(f"cannot make the sweep folder {out}: {exc.strerror}; choose another --out") from None
     with OutputLock(out / LOCK, f"sweeping into {out}", HeadError, made):  # two sweeps would train every head twice
-        return _sweep(config, reader, layers, settings, out, say, started)
+        try:
+            return _sweep(config, reader, layers, settings, out, say, started)
+        except DiskFullError as exc:  # the re-run reuses the heads finished where they are: room is needed there
+            raise exc.resumed(" and re-run the same command: it reuses the heads finished") from None
 
 
 def _sweep(config: SweepConfig, reader, layers: list[str], settings: list[Setting], out: Path, say,

@@ -406,8 +406,8 @@ def test_full_disk_during_extract_keeps_finished_shards(tmp_path):
     assert full.code == 2, full
     lines = full.err.strip().splitlines()
     assert len(lines) == 1 and f"{cache / 'shard-00001.h5'} is too large for its file system or the limit " \
-        "`ulimit -f` (1 shards kept; raise the limit or write to another file system and re-run the same command " \
-        "to resume)" in lines[0], full.err
+        "`ulimit -f` (1 shards kept); raise the limit and re-run the same command to resume; or write to another " \
+        "file system (an --out there starts over)" in lines[0], full.err
     assert "free space" not in lines[0] and "Traceback" not in full.err
     kept = shards_in(cache)
     assert kept >= 1 and leftovers(cache) == []
@@ -535,29 +535,36 @@ def test_full_disk_under_the_standard_output_is_one_line(tmp_path, small_head):
                                        env={**environment, **unbuffered}, timeout=300)
         assert completed.returncode == 2, (unbuffered, completed.stderr)
         assert completed.stderr == ("error: the standard output is too large for its file system or the limit "
-                                    "`ulimit -f`; raise the limit or write to another file system, then run the "
-                                    "command again\n"), unbuffered
+                                    "`ulimit -f`; raise the limit, then run the command again, or write to another "
+                                    "file system instead\n"), unbuffered
 
 
-LIMIT = "is too large for its file system or the limit `ulimit -f`; raise the limit or write to another file system"
-
-
-@pytest.mark.parametrize("error_number, line", [
-    (errno.ENOSPC, "no space left on the device of {path}; free space"),
-    (errno.EFBIG, "{path} " + LIMIT),
-    (errno.EDQUOT, "the disk quota on the file system of {path} is used up; free space within it")])
-def test_a_file_size_limit_is_not_called_a_full_disk(run_tl, tmp_path, small_head, monkeypatch, error_number, line):
+@pytest.mark.parametrize("error_number, reason, room, elsewhere", [
+    (errno.ENOSPC, "no space left on the device of {path}", "free space", ""),
+    (errno.EFBIG, "{path} is too large for its file system or the limit `ulimit -f`", "raise the limit",
+     "write to another file system"),
+    (errno.EDQUOT, "the disk quota on the file system of {path} is used up", "free space within it", "")])
+def test_a_file_size_limit_is_not_called_a_full_disk(run_tl, tmp_path, small_head, monkeypatch, error_number, reason,
+                                                     room, elsewhere):
     """EFBIG (a file past `ulimit -f` or its file system's largest file) said 'no space left on the device ...;
     free space', which does not help: each errno has its own line, for a tl file, a cache's shard and a path a
-    stage did not name (the CLI's last resort)."""
+    stage did not name (the CLI's last resort). EFBIG's other file system said 'raise the limit or write to
+    another file system and re-run the same command' (the same command names the same path), and to a cache,
+    which resumes only where its shards are, '... to resume': it is its own remedy, and where a run resumes
+    the start over it is (a new --out)."""
     import cli
     import pipeline.files
     from cache import writer
     from tests.conftest import disk_full_at
 
+    def line(path, then, resumes=False):
+        other = f"{'; or' if resumes else ', or'} {elsewhere} {'(an --out there starts over)' if resumes else 'instead'}"
+        return f"{reason.format(path=path)}; {room}{then}" + (other if elsewhere else "")
+
     disk_full_at(monkeypatch, 1, error_number)
     head = run_tl("fit-head", "--cache", small_head / "cache", "--out", tmp_path / "h.pt")
-    assert_one_line_error(head, line.format(path=tmp_path / "h.pt") + " and re-run the same command")
+    assert_one_line_error(head, line(tmp_path / "h.pt", " and re-run the same command"))
+    assert head.err.endswith(line(tmp_path / "h.pt", " and re-run the same command") + "\n")
     monkeypatch.undo()
 
     def second_shard_full(path, *args, **options):
@@ -568,8 +575,8 @@ def test_a_file_size_limit_is_not_called_a_full_disk(run_tl, tmp_path, small_hea
     monkeypatch.setattr(writer, "write_bytes", second_shard_full)
     with pytest.raises(pipeline.files.DiskFullError) as full:
         write_code_cache(tmp_path / "c", *blobs(n=6, width=4), ("a", "b", "c", "d"), shard_rows=3)
-    assert str(full.value) == (line.format(path=tmp_path / "c" / "shard-00001.h5").replace("; ", " (1 shards kept; ")
-                               + " and re-run the same command to resume)")
+    assert str(full.value) == line(tmp_path / "c" / "shard-00001.h5", " and re-run the same command to resume",
+                                   True).replace("; ", " (1 shards kept); ", 1)
     monkeypatch.undo()
 
     def refused(argv):
@@ -577,7 +584,10 @@ def test_a_file_size_limit_is_not_called_a_full_disk(run_tl, tmp_path, small_hea
 
     monkeypatch.setattr(cli, "_invoke", refused)
     last_resort = run_tl("info", tmp_path)
-    assert_one_line_error(last_resort, line.format(path=tmp_path / "x") + ", then nothing finished was lost: run the same command again")
+    from pipeline.stops import RESUME_HINT
+
+    resumes = line(tmp_path / "x", f", then {RESUME_HINT}", True)
+    assert last_resort.code == 2 and last_resort.err == f"error: {resumes}\n", last_resort
 
 
 # ------------------------------------------------------------------ outputs that are inputs

@@ -4,6 +4,7 @@ a sweep killed midway and run again skips what it finished and ends with the sam
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import subprocess
@@ -363,3 +364,36 @@ def test_a_second_sweep_into_one_folder_is_refused_and_progress_counts_its_own_l
     said.clear()
     run_sweep(SweepConfig(cache=train, out=out, layers=("clear", "noisy"), C=(0.1, 1.0)), say=said.append)
     assert said == ["noisy: training 2 heads (0 of this layer finished before)"]  # not clear's 2
+
+
+@pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EFBIG])
+def test_a_sweep_that_finds_no_room_says_to_make_room_there_and_reuse_its_heads(run_tl, caches, tmp_path,
+                                                                               monkeypatch, error_number):
+    """A file-size limit (EFBIG) while a sweep wrote said 'raise the limit or write to another file system and
+    re-run the same command': the re-run reuses the heads finished where they are, and another file system is
+    another --out, whose sweep starts over. The line says what makes room in place, then the re-run, and the
+    other file system as the start over it is."""
+    import pipeline.files
+    import pipeline.sweep
+    from tests.conftest import disk_full_at
+
+    written = []
+
+    def second_record_full(path, *args, **options):
+        written.append(path)
+        if len(written) == 2:  # the second head's record: the first head is finished
+            disk_full_at(monkeypatch, 1, error_number)
+        return pipeline.files.write_bytes(path, *args, **options)
+
+    monkeypatch.setattr(pipeline.sweep, "write_bytes", second_record_full)
+    common = ["--cache", caches[0], "--out", tmp_path / "s", "--layers", "clear", "--C", "0.1,1", "--quiet"]
+    stopped = run_tl("sweep", *common)
+    record = tmp_path / "s" / "heads" / "clear-logreg-C1.json"
+    room = {errno.ENOSPC: f"no space left on the device of {record}; free space",
+            errno.EFBIG: f"{record} is too large for its file system or the limit `ulimit -f`; raise the limit"}[
+        error_number]
+    then = " and re-run the same command: it reuses the heads finished"
+    other = "; or write to another file system (an --out there starts over)" if error_number == errno.EFBIG else ""
+    assert stopped.code == 2 and stopped.err == f"error: {room}{then}{other}\n", stopped
+    monkeypatch.undo()
+    assert "1 trained, 1 finished before" in run_tl("sweep", *common).out
