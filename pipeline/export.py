@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ OPSETS = range(18, 24)
 CONTRACT_FORMAT = "tl-export/1"
 CONTRACT_NAME = "tl_contract"  # the contract inside the export: an ONNX metadata key, a TorchScript extra file (.json)
 CHECK_IMAGES = 16  # images the export is checked on
+# the start of a TorchScript file's pickle (protocol 2, then its root object's class) when a traced Deployed is
+# its root: tl's class, which no other program's file has at its root (a second trace in one process mangles it)
+DEPLOYED_ROOT = re.compile(rb"\x80\x02c__torch__\.pipeline\.export(\.___torch_mangle_\d+)?\nDeployed\n")
 
 
 @dataclass
@@ -272,11 +276,16 @@ def run_export(config: ExportConfig) -> ExportResult:
 
 
 def tl_export(path: Path) -> bool:
-    """Whether `path` is an export of tl's, in either format: its contract inside it (see run_export). An ONNX
-    file is read with the onnx extra; without it, none is known as tl's."""
+    """Whether `path` is an export of tl's, in either format: its contract inside it (see run_export), or for a
+    TorchScript file written before the contract went inside (tl 0.1.0 of 2026-11-29/30), the pair tl wrote
+    together: tl's Deployed as the file's root object and tl's contract beside it (the contract holds no digest
+    of the file, nor the file its contract: neither alone says tl wrote it). An ONNX file is read with the onnx
+    extra; without it, none is known as tl's."""
     mark = f'"format": "{CONTRACT_FORMAT}"'
     if zipfile.is_zipfile(path):  # TorchScript
-        return zip_member_holds(path, f"{CONTRACT_NAME}.json", mark.encode())
+        beside = Path(path).with_name(Path(path).name + ".json")
+        return zip_member_holds(path, f"{CONTRACT_NAME}.json", mark.encode()) or (
+            zip_member_holds(path, "data.pkl", DEPLOYED_ROOT) and tl_contract(beside))
     try:
         import onnx
         from google.protobuf.message import DecodeError

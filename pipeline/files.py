@@ -398,11 +398,13 @@ def tl_archive(path: Path) -> bool:
     return zip_member_holds(path, "data.pkl", b'"format": "tl-')
 
 
-def zip_member_holds(path: Path, name: str, mark: bytes) -> bool:
-    """Whether `path` is a zip archive with one member called `name` (in whatever folder) and `mark` in it."""
+def zip_member_holds(path: Path, name: str, mark) -> bool:
+    """Whether `path` is a zip archive with one member called `name` (in whatever folder) and `mark` in it: bytes
+    anywhere, or a compiled pattern (of bytes) that matches at the member's start."""
     with zipfile.ZipFile(path) as archive:
         members = [member for member in archive.namelist() if member.rpartition("/")[2] == name]
-        return len(members) == 1 and mark in archive.read(members[0])
+        found = archive.read(members[0]) if len(members) == 1 else b""
+        return bool(mark.match(found)) if isinstance(mark, re.Pattern) else bool(found) and mark in found
 
 
 def refuse_foreign(path: Path, what: str, remedy: str, ours=None) -> None:

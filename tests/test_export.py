@@ -292,6 +292,46 @@ def test_an_export_replaces_only_tls_own_files_unless_told(model_file, tmp_path,
     assert told.code == 0 and zipfile.is_zipfile(notes), told
 
 
+def test_a_torchscript_export_from_before_its_contract_went_inside_is_tls_own(model_file, tmp_path, run_tl,
+                                                                               monkeypatch):
+    """A TorchScript export written before tl put its contract inside the file (tl_contract.json) was refused as
+    foreign by `tl export --out` of the same path after the upgrade. Such a file is known by tl's Deployed at its
+    root together with tl's contract beside it, as tl wrote the two: the re-run replaces the pair. Either alone
+    is not enough (the contract holds nothing of the file's): a user's own TorchScript file beside a tl contract,
+    and an old export whose contract is gone, are refused and kept."""
+    export = ["export", "--model", model_file / "model.pt", "--format", "torchscript"]
+    out = tmp_path / "old.ts"
+    save = torch.jit.save
+    with monkeypatch.context() as before:  # what run_export wrote then: the same file, no extra file
+        before.setattr(torch.jit, "save", lambda module, file, _extra_files=None: save(module, file))
+        for _ in range(2):  # the second replaces the first, and is of a second trace in this process
+            assert run_tl(*export, "--out", out).code == 0
+    with zipfile.ZipFile(out) as archive:
+        assert not any(name.endswith("tl_contract.json") for name in archive.namelist())
+        root = archive.read(next(name for name in archive.namelist() if name.endswith("/data.pkl")))
+    assert root.startswith(b"\x80\x02c__torch__.pipeline.export.___torch_mangle_"), root[:80]  # its class renamed
+    older = out.read_bytes()
+    again = run_tl(*export, "--out", out)
+    assert again.code == 0, again
+    with zipfile.ZipFile(out) as archive:
+        assert any(name.endswith("tl_contract.json") for name in archive.namelist())
+
+    refused = "holds a file that tl did not write as a model export; choose another --out, or pass --overwrite"
+    out.write_bytes(older)
+    contract = (tmp_path / "old.ts.json").read_bytes()
+    (tmp_path / "old.ts.json").unlink()
+    alone = run_tl(*export, "--out", out)
+    assert alone.code == 2 and refused in alone.err and out.read_bytes() == older, alone
+    own = tmp_path / "own.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(own))
+    kept = own.read_bytes()
+    (tmp_path / "own.ts.json").write_bytes(contract)
+    beside = run_tl(*export, "--out", own)
+    assert beside.code == 2 and refused in beside.err and own.read_bytes() == kept, beside
+
+
 def test_an_out_that_names_no_file_and_a_multiscale_model_are_one_line(model_file, tmp_path, run_tl, monkeypatch):
     monkeypatch.chdir(tmp_path)
     dot = run_tl("export", "--model", model_file / "model.pt", "--format", "onnx", "--out", ".")
