@@ -671,6 +671,7 @@ def _numbers(text: str | None, kind, flag: str) -> tuple:
 @option("--quiet", is_flag=True, help="No progress bars.")
 @option("--out", type=PATH, required=True,
         help="Folder for sweep.md, sweep.json, sweep.png, best.pt and heads/.")
+@option("--overwrite", is_flag=True, help="Replace best.pt, sweep.json, sweep.md, sweep.png in --out that tl did not write.")
 def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch_size, max_epochs, early_stop,
           patience, device, quiet, **options):
     """Train a grid of heads on one cache (layers x kinds x C x lr x hidden) and rank them on validation.
@@ -730,7 +731,8 @@ def _layouts(text: str | None) -> tuple[tuple[int, ...], ...]:
 @option("--top-k", type=COUNT, help="Also report top-k accuracy (more classes than k).")
 @option("--save-predictions", type=PATH,
         help="CSV of every row: sample id, true label(s), every class score.")
-@option("--overwrite", is_flag=True, help="Replace a file at --save-predictions that tl did not write.")
+@option("--overwrite", is_flag=True, help="Replace report files in --out and a file at --save-predictions that tl did not "
+        "write.")
 @option("--block-rows", type=COUNT, help="Rows read from the cache at a time.")
 @option("--exponent", type=float,
         help="Patch caches: an image's class score is the sum of its patch scores to this power.")

@@ -24,7 +24,7 @@ from pipeline.image_sets import image_labels, image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
 from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores, unused_exponent
-from pipeline.report import REPORT_FILES, predictions_csv, tl_predictions, write_report
+from pipeline.report import REPORT_FILES, predictions_csv, report_set, tl_predictions, write_report
 
 
 @dataclass
@@ -53,7 +53,7 @@ class EvaluateConfig:
     block_rows: int = BLOCK_ROWS
     exponent: float = DEFAULT_EXPONENT  # patch caches: S(i, c) = sum_j P(j, c) ** exponent
     quiet: bool = False  # no progress bar while scoring
-    overwrite: bool = False  # replace a file at `save_predictions` that tl did not write as one
+    overwrite: bool = False  # replace files of the report in `out` and at `save_predictions` that tl did not write
 
 
 @dataclass
@@ -89,6 +89,9 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         if not config.overwrite:  # tl's own predictions are replaced: a re-run works
             refuse_foreign(config.save_predictions, "predictions file", "choose another --save-predictions, or pass "
                            "--overwrite to replace it", ours=tl_predictions)
+    for name in REPORT_FILES if not config.overwrite else ():  # a report of tl's is replaced (or its plot removed)
+        refuse_foreign(out / name, "report file", "choose another --out, or pass --overwrite to replace it",
+                       ours=report_set(out), follow=False)
     if config.model is not None:
         return _evaluate_model(config)
     head, metadata = load_head(config.head)

@@ -379,11 +379,12 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
                               f"the input: choose another {flag}")
 
 
-def foreign(path: Path, ours=None) -> bool:
+def foreign(path: Path, ours=None, follow: bool = True) -> bool:
     """Whether `path` holds a file that tl did not write as the kind `ours(path)` recognises (True for one of
     tl's own), by default a tl head, model or checkpoint (`tl_archive`). No file, or an empty one: False. One
-    that cannot be read: True (the rename of an atomic write would replace it unread)."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    that cannot be read: True (the rename of an atomic write would replace it unread). `follow=False`: a file
+    tl names in an output folder, where a link is replaced, not written through (_prepared), and loses nothing."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0 or not follow and os.path.islink(path):
         return False
     try:
         return not (ours or tl_archive)(path)
@@ -407,10 +408,10 @@ def zip_member_holds(path: Path, name: str, mark) -> bool:
         return bool(mark.match(found)) if isinstance(mark, re.Pattern) else bool(found) and mark in found
 
 
-def refuse_foreign(path: Path, what: str, remedy: str, ours=None) -> None:
+def refuse_foreign(path: Path, what: str, remedy: str, ours=None, follow: bool = True) -> None:
     """Refuse, before any work, to replace a file at `path` that tl did not write as a `what` (`foreign`, with
     `ours`): `--out notes.txt` by mistake replaced the notes without a word. `remedy` says how to anyway."""
-    if foreign(path, ours):
+    if foreign(path, ours, follow):
         raise ForeignFile(path, foreign_state(what), remedy)
 
 

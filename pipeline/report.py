@@ -27,6 +27,8 @@ PR_COLUMNS = 5
 PR_PANELS_UP_TO = 50  # beyond this many classes with rows, the panels show those of lowest AP
 REPORT_FILES = ("report.json", "report.md", "report.html", "confusion_matrix.png", "pr_curves.png",
                 "training_curve.png")
+REPORT_KEYS = ("rows", "accuracy", "mAP", "classes", "source")  # in every report.json tl has written
+SWEEP_FILES, SWEEP_KEYS = ("sweep.json", "sweep.md", "sweep.png"), ("metric", "on", "cache", "best", "heads")
 # (heading, what the image shows) of each plot, in the order report.md shows them
 PLOTS = {"pr_curves.png": ("Precision-recall curves", "precision against recall, one panel per class titled with "
                            "its AP"),
@@ -71,6 +73,17 @@ def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarra
             except OSError as exc:
                 raise TLError(f"cannot remove {out / name} of an earlier report: {exc.strerror}; remove it") from None
     return [out / name for name in (*contents, *images)] + [path for path, *_ in also]
+
+
+def report_set(out: Path, names: tuple[str, ...] = REPORT_FILES, keys: tuple[str, ...] = REPORT_KEYS):
+    """The recogniser (files.foreign's `ours`) of the files of a report in the folder `out` (`names`, written as
+    one; write_report removes those an earlier report had): each is tl's when the first, the JSON document, is a
+    dict with tl's `keys` (not a link to one); a report.md beside no report.json of tl's is not tl's."""
+    def ours(path) -> bool:
+        document = Path(out) / names[0]
+        found = None if document.is_symlink() else json.loads(document.read_text(encoding="utf-8"))
+        return isinstance(found, dict) and set(keys) <= set(found)
+    return ours
 
 
 def _text(text: str) -> bytes:
@@ -400,7 +413,6 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
     axes.set_ylabel(f"{on} {metric}")
     axes.set_title(f"Sweep: {on} {metric} per setting")
     axes.legend(fontsize=8)
-    files = {"sweep.json": _text(json.dumps(document, indent=1)), "sweep.md": _text("\n".join(lines)),
-             "sweep.png": _png(figure)}
+    files = dict(zip(SWEEP_FILES, (_text(json.dumps(document, indent=1)), _text("\n".join(lines)), _png(figure))))
     write_together([(out / name, data, "sweep report") for name, data in files.items()], follow=False)  # one leaderboard
     return [out / name for name in files]

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.errors import CacheError, ConfigError, Occupied, TLError
-from pipeline.files import foreign, same_file
+from pipeline.files import same_file
 from pipeline.recipe import (INPUTS, OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan,
                              read_recipe, section_items, select)
-from pipeline.run_records import (output_state, read_record, record_path, rewrite_record, step_digest, up_to_date,
-                                  why_stale, write_record)
+from pipeline.run_records import (foreign_output, output_state, read_record, record_path, rewrite_record, step_digest,
+                                  up_to_date, why_stale, write_record)
 
 
 class StageRunner(Protocol):
@@ -157,10 +157,10 @@ def _preview(chosen: list[Step], rerun: bool, result: RunResult, say) -> RunResu
 
 def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun: bool = False) -> dict:
     """Flags a step needs to pick up after an earlier run: finetune resumes its own crashed run and
-    starts over after a run of other settings; fit-head and finetune replace the file their record says
-    they made once it is no longer a tl file (a file tl did not write is refused where the recipe made
-    nothing); extract goes on with a cache this recipe made, which keeps it where its key is the step's
-    (a stopped extract resumes) and replaces it otherwise."""
+    starts over after a run of other settings; fit-head, finetune and evaluate replace the file (a report's
+    files) their record says they made once it is no longer tl's (a file tl did not write is refused where
+    the recipe made nothing); extract goes on with a cache this recipe made, which keeps it where its key
+    is the step's (a stopped extract resumes) and replaces it otherwise."""
     if record is None or not out.exists() and step.stage != "finetune":
         return {}
     same = record.get("digest") == digest
@@ -175,7 +175,7 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun
                    else "--rerun" if rerun else f"{out} is not as this recipe wrote it")
             say(f"== {step.label}: {why}: starting over")
             return {"overwrite": True}
-    if step.stage in ("fit-head", "finetune") and foreign(out):  # its own head or model, no longer a tl file
+    if foreign_output(step.stage, out) is not None:  # its own head, model or report, no longer tl's
         say(f"== {step.label}: {out} is not as this recipe wrote it: "
             + ("starting over" if step.stage == "finetune" else "making it again"))
         return {"overwrite": True}

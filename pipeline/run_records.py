@@ -109,9 +109,9 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
                 return f"and stop: {earlier} holds an earlier run, and this recipe did not make it"
         if out is None or not out.exists():
             return "not run yet"
-        if step.stage in ("fit-head", "finetune") and foreign(out):
-            what = "head file" if step.stage == "fit-head" else "model file"
-            return f"and stop: {out} {foreign_state(what)}, and this recipe did not make it"
+        refused = foreign_output(step.stage, out)
+        if refused is not None:
+            return f"and stop: {refused[0]} {foreign_state(refused[1])}, and this recipe did not make it"
         taken = ": a cache of the step's settings is taken up, any other stops the run" if step.stage == "extract" \
             else ""
         return f"{out} has no record of this recipe{taken}"
@@ -133,6 +133,16 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
                 return f"its last run stopped, and stop: {out} {foreign_state('model file')}"
         return "its last run stopped"
     return f"{out} changed since it was written" if out is not None and out.exists() else f"{out} is gone"
+
+
+def foreign_output(stage: str, out: Path) -> tuple[Path, str] | None:
+    """(the file, what it is refused as) at or in a step's `out` that the stage refuses to replace, as tl did not
+    write it (see each stage's refuse_foreign): where a run stops when this recipe did not make `out`."""
+    from pipeline.report import REPORT_FILES, report_set
+
+    files = {"fit-head": [(out, "head file", None, True)], "finetune": [(out, "model file", None, True)],
+             "evaluate": [(out / name, "report file", report_set(out), False) for name in REPORT_FILES]}
+    return next(((path, what) for path, what, *how in files.get(stage, []) if foreign(path, *how)), None)
 
 
 def settings(step: Step) -> dict:

@@ -22,10 +22,12 @@ import numpy as np
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
-from pipeline.files import DiskFullError, OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
+from pipeline.files import (DiskFullError, OutputLock, missing_folders, refuse_foreign, refuse_overwriting_inputs,
+                            write_bytes)
 from pipeline.fit_head import FitHeadConfig, cached_layer, check_counts, check_validation, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS, layout_text
 from pipeline.model_files import read_payload
+from pipeline.report import SWEEP_FILES, SWEEP_KEYS, report_set
 from pipeline.training import TrainingOptions, train_networks
 
 LOCK = ".sweep.lock"  # held while a sweep writes its folder
@@ -56,6 +58,7 @@ class SweepConfig:
     block_rows: int = FitHeadConfig.block_rows
     seed: int = 0
     training: TrainingOptions = field(default_factory=TrainingOptions)
+    overwrite: bool = False  # replace best.pt and the leaderboard's files in `out` where tl did not write them
 
 
 @dataclass
@@ -157,6 +160,11 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
     refuse_overwriting_inputs({"--out": out}, {"--cache": config.cache, "--val-cache": config.val_cache},
                               protected=("--cache", "--val-cache"))  # its heads and board among the shards
     check_validation(config.cache, config.val_cache, config.val_fraction, none_held=False)
+    if not config.overwrite:  # the sweep's own are replaced: a re-run goes on
+        remedy = "choose another --out, or pass --overwrite to replace it"
+        refuse_foreign(out / "best.pt", "head file", remedy, follow=False)
+        for name in SWEEP_FILES:
+            refuse_foreign(out / name, "sweep leaderboard file", remedy, report_set(out, SWEEP_FILES, SWEEP_KEYS), False)
     if config.val_cache is not None:  # refused now, not once the heads of every layer before the one it lacks trained
         val_layers = CacheReader(config.val_cache).taps
         lacking = [layer for layer in layers if layer not in val_layers]

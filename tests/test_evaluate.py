@@ -245,6 +245,44 @@ def test_save_predictions_replaces_only_tls_own_file_unless_told(caches, run_tl)
     assert told.code == 0 and notes.read_text() == ours.read_text(), told
 
 
+def test_a_report_folder_replaces_only_tls_own_report_unless_told(caches, run_tl):
+    """`tl evaluate --out DIR` wrote report.json, report.md, report.html and the plots over whatever files of
+    those names DIR held (and removed a training_curve.png), without a word. The report's files are tl's where
+    its report.json is a report of tl's (they are written as one): a re-run replaces them. Else any of them
+    there is refused in one line before any work, and kept; --overwrite replaces them. An empty file holds
+    nothing to lose."""
+    fit_head(FitHeadConfig(cache=caches / "train", out=caches / "h.pt"))
+    folder = caches / "mine"
+    folder.mkdir()
+    (folder / "report.md").write_text("# my notes\n")
+    evaluate = ["evaluate", "--head", caches / "h.pt", "--cache", caches / "test", "--out", folder]
+    refused = run_tl(*evaluate)
+    assert refused.code == 2 and refused.err == (f"error: {folder / 'report.md'} holds a file that tl did not write "
+                                                 "as a report file; choose another --out, or pass --overwrite to "
+                                                 "replace it\n"), refused
+    assert sorted(path.name for path in folder.iterdir()) == ["report.md"]
+    (folder / "report.json").write_text('{"rows": "my own"}\n')  # not tl's keys: the report.md is not vouched for
+    (folder / "training_curve.png").write_bytes(b"my plot")  # a file write_report would remove
+    json_refused = run_tl(*evaluate)
+    assert json_refused.code == 2 and f"{folder / 'report.json'} holds a file that tl did not write" in \
+        json_refused.err, json_refused
+    assert (folder / "report.json").read_text() == '{"rows": "my own"}\n'
+    assert (folder / "training_curve.png").read_bytes() == b"my plot" and (folder / "report.md").exists()
+
+    empty = caches / "empty"
+    empty.mkdir()
+    (empty / "report.md").write_bytes(b"")
+    assert run_tl("evaluate", "--head", caches / "h.pt", "--cache", caches / "test", "--out", empty).code == 0
+    again = run_tl("evaluate", "--head", caches / "h.pt", "--cache", caches / "test", "--out", empty, "--top-k", "2")
+    assert again.code == 0 and "top2 accuracy" in again.out, again  # tl's own report: replaced
+    assert "top2_accuracy" in json.loads((empty / "report.json").read_text())
+    told = run_tl(*evaluate, "--overwrite")
+    assert told.code == 0, told
+    assert "training_curve.png" not in {path.name for path in folder.iterdir()}  # a head's report has none
+    assert json.loads((folder / "report.json").read_text())["rows"] > 0 and (folder / "report.md").read_text() != \
+        "# my notes\n"
+
+
 def test_a_top_k_below_one_is_refused_by_the_stage_too(tmp_path):
     """The CLI refuses it when it parses the command; a caller of the stage gets the stage's own line."""
     with pytest.raises(HeadError, match="--top-k must be at least 1, got 0"):

@@ -60,7 +60,8 @@ def test_digits_recipe_runs_end_to_end_then_only_what_changed(run_tl, digits_run
 
     (digits_run / f"{REPORT}/report.json").write_text("{}")  # an output changed by hand is redone
     redone = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--only", "evaluate")
-    assert _steps(redone.out) == [f"== evaluate -> {REPORT}"], redone
+    assert redone.code == 0 and _steps(redone.out) == [  # no longer a report of tl's: made again, not refused
+        f"== evaluate: {REPORT} is not as this recipe wrote it: making it again", f"== evaluate -> {REPORT}"], redone
     forced = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--from", "fit-head", "--rerun")
     assert _steps(forced.out) == [f"== fit-head -> {HEAD}", f"== evaluate -> {REPORT}"]
     data_changed = run_tl("run", DIGITS, "--quiet", "--set", "fit-head.C=[1.0]", "--set", "extract.2.samples_per_class=1")
@@ -737,6 +738,29 @@ def test_a_predictions_file_tl_did_not_write_names_its_key_after_the_step_ran_be
     assert (code_caches / "r.tl-run.json").read_text() == record
     (code_caches / "notes.csv").unlink()
     assert run_tl("run", recipe, "--quiet").code == 0
+
+
+def test_a_report_folder_of_the_users_own_files_stops_the_evaluate_step(run_tl, code_caches, monkeypatch):
+    """An evaluate step whose out holds the user's own report.md (no report.json of tl's beside it) stops there,
+    keeps it and names out; --dry-run says so; a report the recipe made is replaced by a re-run."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, """\
+        fit-head: {cache: caches/train, out: h.pt}
+        evaluate: {head: h.pt, cache: caches/test, out: r}
+        """)
+    (code_caches / "r").mkdir()
+    (code_caches / "r/report.md").write_text("my notes\n")
+    refused = run_tl("run", recipe, "--quiet")
+    assert refused.code == 2 and refused.err == (
+        "error: evaluate: r/report.md holds a file that tl did not write as a report file, and this recipe did not "
+        f"make it; give the step another out in {recipe}, or delete r/report.md and run again\n"), refused
+    assert (code_caches / "r/report.md").read_text() == "my notes\n"
+    said = run_tl("run", recipe, "--dry-run")
+    assert said.code == 0 and ("== evaluate -> r: would run (and stop: r/report.md holds a file that tl did not "
+                               "write as a report file, and this recipe did not make it)\n") in said.out, said
+    (code_caches / "r/report.md").unlink()
+    assert run_tl("run", recipe, "--quiet").code == 0
+    assert run_tl("run", recipe, "--quiet", "--rerun").code == 0  # its own report: replaced
 
 
 def test_a_recipe_section_of_steps_read_by_one_command_says_so(run_tl):

@@ -397,3 +397,30 @@ def test_a_sweep_that_finds_no_room_says_to_make_room_there_and_reuse_its_heads(
     assert stopped.code == 2 and stopped.err == f"error: {room}{then}{other}\n", stopped
     monkeypatch.undo()
     assert "1 trained, 1 finished before" in run_tl("sweep", *common).out
+
+
+def test_a_sweep_folder_replaces_only_tls_own_best_and_leaderboard_unless_told(run_tl, caches, tmp_path):
+    """`tl sweep --out DIR` wrote best.pt, sweep.json, sweep.md and sweep.png over whatever files of those names
+    DIR held, without a word. A best.pt that is no tl head, or a leaderboard file beside no sweep.json of tl's, is
+    refused in one line before any head trains, and kept; a sweep's own are replaced (a re-run, a wider grid);
+    --overwrite replaces any."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "best.pt").write_text("my best notes\n")
+    (folder / "sweep.md").write_text("# my sweep notes\n")
+    common = ["--cache", caches[0], "--out", folder, "--layers", "clear", "--C", "1", "--quiet"]
+    remedy = "; choose another --out, or pass --overwrite to replace it\n"
+    best = run_tl("sweep", *common)
+    assert best.code == 2 and best.err == (f"error: {folder / 'best.pt'} holds a file that tl did not write as a "
+                                           f"head file{remedy}"), best
+    (folder / "best.pt").unlink()
+    board = run_tl("sweep", *common)
+    assert board.code == 2 and board.err == (f"error: {folder / 'sweep.md'} holds a file that tl did not write as a "
+                                             f"sweep leaderboard file{remedy}"), board
+    assert sorted(path.name for path in folder.iterdir()) == ["sweep.md"]  # nothing trained, no heads/ made
+    assert (folder / "sweep.md").read_text() == "# my sweep notes\n"
+    told = run_tl("sweep", *common, "--overwrite")
+    assert told.code == 0 and "1 trained" in told.out, told
+    wider = run_tl("sweep", *common[:-3], "--C", "0.1,1", "--quiet")  # the sweep's own files: replaced
+    assert wider.code == 0 and "1 trained, 1 finished before" in wider.out, wider
+    assert len(json.loads((folder / "sweep.json").read_text())["heads"]) == 2
