@@ -80,6 +80,8 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
          **{f"--out's {name}": out / name for name in REPORT_FILES}},
         {"--head": config.head, "--model": config.model, "--cache": config.cache, "--data": config.data},
         protected=("--cache",))
+    if config.model is not None and config.format == DEFAULT_FORMAT:  # the plots would become images of the data
+        refuse_overwriting_inputs({"--out": out}, {"--data": config.data}, protected=("--data",))
     if config.save_predictions is not None:
         if Path(config.save_predictions).is_dir():
             raise HeadError(f"--save-predictions {config.save_predictions} is a folder; name a CSV file such as "

@@ -1258,3 +1258,22 @@ def test_a_damaged_head_file_of_a_sweep_is_trained_again_not_reused(run_tl, tmp_
     for name in ("best.pt", f"heads/{best}.pt"):
         load_head(sweep / name)  # whole again: its checksum matches
         assert (sweep / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+def test_a_report_inside_the_evaluated_image_folder_is_refused(run_tl, tmp_path, small_head):
+    """Its plots are PNG files: in a class folder they would be scored as that class next time, in a new
+    folder they would make a class of their own."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_head / "train", data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out in (data / "reports", data / "a"):
+        refused = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "",
+                         "--out", out, "--workers", "0", "--quiet")
+        assert refused.code == 2 and refused.err.count("\n") == 1, refused
+        assert f"--out {out} lies inside --data {data}" in refused.err and "choose another --out" in refused.err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    scored = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "", "--out",
+                    tmp_path / "report", "--save-predictions", data / "predictions.csv", "--workers", "0", "--quiet")
+    assert scored.code == 0 and (data / "predictions.csv").is_file(), scored  # not an image: the data stays as it was
