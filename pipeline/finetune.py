@@ -149,7 +149,8 @@ def run_finetune(config: FinetuneConfig, say=print, warn=None) -> FinetuneResult
     weights = Path(config.weights) if config.weights and Path(config.weights).exists() else None
     refuse_overwriting_inputs({"--out": out, "--out's checkpoint": last_path, "--out's best checkpoint": best_path},
                               {"--head": config.head, "--data": config.data, "--val-data": config.val_data,
-                               "--weights": weights})
+                               "--weights": weights},
+                              protected=("--data", "--val-data") if config.format == DEFAULT_FORMAT else ())
     current = distributed.world()
     warn = say if warn is None else warn
     if not current.is_main:  # rank 0 speaks for every rank

@@ -1277,3 +1277,17 @@ def test_a_report_inside_the_evaluated_image_folder_is_refused(run_tl, tmp_path,
     scored = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "", "--out",
                     tmp_path / "report", "--save-predictions", data / "predictions.csv", "--workers", "0", "--quiet")
     assert scored.code == 0 and (data / "predictions.csv").is_file(), scored  # not an image: the data stays as it was
+
+
+def test_a_model_inside_the_image_folder_it_trains_on_is_refused(run_tl, tmp_path, small_head):
+    """Its folder would become a class of the data (an empty one, then one of the next extract's classes)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_head / "train", data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    refused = run_tl("finetune", "--data", data, "--split", "", "--head", small_head / "head.pt", "--epochs", "0",
+                     "--out", data / "models" / "m.pt", "--workers", "0", "--quiet")
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused
+    assert f"--out {data / 'models' / 'm.pt'} lies inside --data {data}" in refused.err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
