@@ -21,11 +21,24 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.errors import CacheError, ConfigError, Occupied, TLError
-from pipeline.files import same_file
+from pipeline.files import inside, same_file
 from pipeline.recipe import (INPUTS, OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan,
                              read_recipe, section_items, select)
 from pipeline.run_records import (foreign_output, output_state, read_record, record_path, rewrite_record, step_digest,
                                   up_to_date, why_stale, write_record)
+
+
+def _refuse_outputs_in_image_folders(path: Path, steps: list[Step]) -> None:
+    """An output inside an image folder that a step reads would be images of it, or a class (its folder),
+    when the recipe runs again: an evaluate's plots became a class 'report' of the test images."""
+    from pipeline.formats import DEFAULT_FORMAT
+
+    for step in (step for step in steps if step.path(OUTPUT) is not None):
+        reader = next((s for s in steps if s.path("data") is not None and inside(step.path(OUTPUT), s.path("data"))
+                       and (s.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT), None)
+        if reader is not None:
+            raise ConfigError(f"recipe {path}: {step.label} out {step.path(OUTPUT)} lies inside the image folder "
+                              f"{reader.path('data')} that {reader.label} reads; give the step an out outside it")
 
 
 class StageRunner(Protocol):
@@ -71,6 +84,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
         step.params = runner.parse(recipe, step)
     chosen = select(steps, config.only, config.start)
     notes = check(recipe, steps, chosen)
+    _refuse_outputs_in_image_folders(recipe.path, steps)
     project = project_parameters(recipe.sets) if (config.track or recipe.track) == "mlflow" else {}
     for step in chosen:  # the stages' settings checks too, before any step runs (hours of extraction)
         try:

@@ -159,6 +159,11 @@ BAD_RECIPES = [
     ("same_out", "fit-head: [{cache: caches/train, out: h.pt}, {cache: caches/train, C: 2, out: ./h.pt}]\n",
      "fit-head 1/2 and fit-head 2/2 both write h.pt"),
     ("out_without_name", "fit-head: {cache: caches/train, out: .}\n", "out '.' names no file or folder"),
+    # a report's plots there would be images of that data (a class 'report') when the recipe runs again
+    ("out_inside_image_folder", "format: imagefolder\nextract: {data: images, out: caches/x}\n"
+                                "fit-head: {cache: caches/train, out: h.pt}\n"
+                                "evaluate: {head: h.pt, cache: caches/test, out: images/report}\n",
+     "evaluate out images/report lies inside the image folder images that extract (train) reads"),
     ("list_value_of_a_later_step", "fit-head: [{cache: caches/train, out: a.pt}, {cache: caches/train, C: abc, out: h.pt}]\n",
      "fit-head 2/2: --C takes float numbers separated by commas, got 'abc'"),
     ("list_value", "fit-head: {cache: caches/train, out: h.pt, lr_steps: [2, soon]}\n",
