@@ -113,6 +113,8 @@ def _prepared(path: Path, what: str, sweep: bool, follow: bool = True) -> Path:
     never written through, so a folder handed over cannot send a write outside it."""
     path = Path(path)
     if path.is_dir() and (follow or not path.is_symlink()):
+        if not follow:  # a name tl gives inside a folder the user named: no flag names another
+            raise TLError(f"{path} is a folder, where tl writes a {what}; move it away and run the command again")
         raise TLError(f"{path} is a folder; name a {what} inside it")
     if path.is_symlink() and follow:  # a path the user named: write the file the link names, and keep the link
         path = Path(os.path.realpath(path))

@@ -1291,3 +1291,14 @@ def test_a_model_inside_the_image_folder_it_trains_on_is_refused(run_tl, tmp_pat
     assert refused.code == 2 and refused.err.count("\n") == 1, refused
     assert f"--out {data / 'models' / 'm.pt'} lies inside --data {data}" in refused.err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_a_folder_where_tl_writes_one_of_its_own_files_says_to_move_it(run_tl, tmp_path, small_head):
+    """The user names the report's folder, not report.json: 'name a report inside it' asked for what
+    no flag can do."""
+    out = tmp_path / "report"
+    (out / "report.json").mkdir(parents=True)
+    refused = run_tl("evaluate", "--head", small_head / "head.pt", "--cache", small_head / "cache", "--out", out)
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused
+    assert f"{out / 'report.json'} is a folder, where tl writes a report; move it away" in refused.err
+    assert "inside it" not in refused.err and (out / "report.json").is_dir()
