@@ -17,7 +17,8 @@ from pipeline.backbones import for_inference, get_backbone
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows
 from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_ignore, head_targets
 from pipeline.errors import HeadError
-from pipeline.files import refuse_foreign, refuse_overwriting_inputs
+from pipeline.files import refuse_overwriting_inputs
+from pipeline.ownership import refuse_foreign
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import resolve_device, resolve_precision
 from pipeline.image_sets import image_labels, image_set, score_images

@@ -24,7 +24,8 @@ from pipeline.backbones import Backbone, fold_taps, get_backbone
 from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import normalize
 from pipeline.errors import FinetuneError, TLError, install_extra
-from pipeline.files import check_folders, refuse_foreign, refuse_overwriting_inputs, write_together, zip_member_holds
+from pipeline.files import check_folders, refuse_overwriting_inputs, write_together
+from pipeline.ownership import refuse_foreign, zip_member_holds
 from pipeline.formats import DEFAULT_CLASSES, open_source
 from pipeline.model_files import load_model_file
 from pipeline.training import output_activation

@@ -21,8 +21,9 @@ from pipeline import distributed
 from pipeline.allocator import reused_memory
 from pipeline.code_rows import validation_score
 from pipeline.errors import CheckpointOccupied, FinetuneError, TLError
-from pipeline.files import (DiskFullError, check_folders, file_lock, refuse_foreign, refuse_overwriting_inputs,
+from pipeline.files import (DiskFullError, check_folders, file_lock, refuse_overwriting_inputs,
                             remove_stale_temporaries)
+from pipeline.ownership import refuse_foreign
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)

@@ -15,7 +15,8 @@ from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_scor
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError, TLError, listed
-from pipeline.files import check_folders, file_lock, refuse_foreign, same_file
+from pipeline.files import check_folders, file_lock, same_file
+from pipeline.ownership import refuse_foreign
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.linear_fits import cost_grid
 from pipeline.model_files import save_head

@@ -76,7 +76,7 @@ def write_report(out: Path, report: dict, targets: np.ndarray, scores: np.ndarra
 
 
 def report_set(out: Path, names: tuple[str, ...] = REPORT_FILES, keys: tuple[str, ...] = REPORT_KEYS):
-    """The recogniser (files.foreign's `ours`) of the files of a report in the folder `out` (`names`, written as
+    """The recogniser (ownership.foreign's `ours`) of the files of a report in the folder `out` (`names`, written as
     one; write_report removes those an earlier report had): each is tl's when the first, the JSON document, is a
     dict with tl's `keys` (not a link to one); a report.md beside no report.json of tl's is not tl's."""
     def ours(path) -> bool:

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from pipeline.errors import ConfigError, TLError
-from pipeline.files import foreign, foreign_state, write_bytes
+from pipeline.files import write_bytes
+from pipeline.ownership import foreign, foreign_state
 from pipeline.recipe import INPUTS, Step
 
 RECORD_FORMAT = "tl-run-record/1"

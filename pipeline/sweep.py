@@ -22,8 +22,8 @@ import numpy as np
 from cache.reader import CacheReader
 from pipeline.code_rows import CodeRows, score_rows, standardized_codes, validation_score
 from pipeline.errors import HeadError, listed
-from pipeline.files import (DiskFullError, OutputLock, missing_folders, refuse_foreign, refuse_overwriting_inputs,
-                            write_bytes)
+from pipeline.files import DiskFullError, OutputLock, missing_folders, refuse_overwriting_inputs, write_bytes
+from pipeline.ownership import refuse_foreign
 from pipeline.fit_head import FitHeadConfig, cached_layer, check_counts, check_validation, save_fitted, training_rows
 from pipeline.heads import HEAD_KINDS, layout_text
 from pipeline.model_files import read_payload
