@@ -215,6 +215,15 @@ class ForeignManifest(CacheError):
 REBUILD = "re-run the same tl extract command: it rebuilds the records from the shard files (--overwrite starts over)"
 
 
+REBUILD_HEADER = ("re-run the tl extract command that made the cache: it rebuilds manifest.json from the shard files "
+                  "(--overwrite starts over)")
+_OPENING = b'{\n "format": "' + FORMAT.encode()  # how save_manifest starts the file: a file cut inside it is tl's
+
+
+class HeaderDamage(CacheError):
+    """A manifest.json of tl's that cannot be read: tl extract rebuilds it from the shard files' attributes."""
+
+
 class RecordDamage(CacheError):
     """Shard records that cannot be trusted under a sound manifest.json: tl extract rebuilds them from
     the shard files' own attributes, so no finished shard is lost."""
@@ -231,19 +240,19 @@ def load_manifest(root: Path, records: bool = True) -> Manifest:
         raw = path.read_bytes()
     except OSError as exc:
         raise CacheError(f"cannot read {path}: {exc.strerror}") from None
-    if FORMAT.encode() not in raw and LEGACY_FORMAT.encode() not in raw:
+    if FORMAT.encode() not in raw and LEGACY_FORMAT.encode() not in raw and not _OPENING.startswith(raw):
         raise ForeignManifest(f"{path} is not a tl cache's manifest (someone else's file?); tl neither reads "
                               "nor replaces it")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CacheError(f"{path} is not valid JSON ({exc}); re-run tl extract with --overwrite") from None
+        raise HeaderDamage(f"{path} is not valid JSON ({exc}); {REBUILD_HEADER}") from None
     if not isinstance(header, dict) or header.get("format") not in (FORMAT, LEGACY_FORMAT):
-        raise CacheError(f"{path} is not a {FORMAT} manifest; re-run tl extract with --overwrite")
+        raise HeaderDamage(f"{path} is not a {FORMAT} manifest; {REBUILD_HEADER}")
     legacy = header["format"] == LEGACY_FORMAT
     problem = _header_problem(header, legacy)
     if problem:
-        raise CacheError(f"{path} is damaged ({problem}); re-run tl extract with --overwrite")
+        raise HeaderDamage(f"{path} is damaged ({problem}); {REBUILD_HEADER}")
     known = {f.name for f in fields(Manifest)} - {"shards", "skipped"}
     manifest = Manifest(**{name: value for name, value in header.items() if name in known})
     manifest.taps = {name: TapSpec(**spec) for name, spec in header["taps"].items()}

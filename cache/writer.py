@@ -17,9 +17,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECORDS, ForeignManifest, Manifest,
-                            PlannedShard, RecordDamage, ShardEntry, decode_of, iter_records, key_differences,
+from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECORDS, ForeignManifest, HeaderDamage,
+                            Manifest, PlannedShard, RecordDamage, ShardEntry, decode_of, iter_records, key_differences,
                             load_manifest, record_files, save_manifest, shard_index, uniform_plan)
+from cache.rebuild import rebuilt_header, shard_entry
 from cache.shard_names import free_shard_name
 from cache.records import append_record, content_digest, write_records
 from pipeline.files import DiskFullError, OutputLock, file_digest, missing_folders, write_bytes
@@ -86,6 +87,7 @@ class CacheWriter:
         self._skipped: dict[int, list[dict]] = {}
         self.kept = self.changed = self.damaged = self.beyond = 0
         self._started_fresh = False  # this run began the cache (no finished shard of an earlier run kept)
+        self.notes: list[str] = []  # what opening the cache did that a user should hear of
         self.position_matters = position_matters
         # the planned shards by what they hold: a finished shard is matched to its place in O(1), at any count
         self._by_content: dict[tuple, list[int]] = {}
@@ -140,7 +142,7 @@ class CacheWriter:
             self._skipped.setdefault(item["shard"], []).append({k: v for k, v in item.items() if k != "shard"})
 
     def _open_manifest(self) -> None:
-        existing = None
+        existing, rebuilt = None, False
         if (self.root / MANIFEST).exists():
             try:
                 existing = load_manifest(self.root)
@@ -148,6 +150,9 @@ class CacheWriter:
                 raise ForeignManifest(f"{exc}: choose another --out") from None
             except RecordDamage:  # the header is sound: the shards are adopted again from their own files
                 existing = load_manifest(self.root, records=False)
+            except HeaderDamage:  # this run knows the key: its shards are adopted from their files (cache.rebuild)
+                existing = rebuilt_header(self.root, self._fresh, self.overwrite)
+                rebuilt = existing is not None
             except CacheError:
                 if not self.overwrite:
                     raise
@@ -180,7 +185,10 @@ class CacheWriter:
         self._take(existing)
         self._remove_temporaries()
         distrusted = self._reconcile(existing)
-        self.adopt_shards(distrusted=distrusted)
+        adopted = self.adopt_shards(distrusted=distrusted)
+        if rebuilt:
+            self.notes.append(f"{self.root / MANIFEST} was damaged: rebuilt from its "
+                              f"{len(adopted)} shard file{'s' * (len(adopted) != 1)}")
         named = {entry.file for entry in self._entries.values()}
         for path in self.root.glob("shard-*.h5"):  # no record names it and it answers for no planned shard
             if path.name not in named:
@@ -276,7 +284,7 @@ class CacheWriter:
         for path in sorted(self.root.glob("shard-*.h5")):
             if path.name in named or path.name in distrusted or shard_index(path.name) is None:
                 continue
-            found = _shard_entry(path, self.manifest, self.plan, self._entries, self._answering)
+            found = shard_entry(path, self.manifest, self.plan, self._entries, self._answering)
             if found is not None:
                 entry, skipped = found
                 self._record(entry, skipped)
@@ -383,26 +391,6 @@ def _text(values) -> np.ndarray:
     """Text as UTF-8 bytes for HDF5; names that are not UTF-8 on disk (surrogate-escaped by Python)
     keep their bytes, and `text_column` reads them back as the same str."""
     return np.array([str(v).encode("utf-8", "surrogateescape") for v in values], dtype=object)
-
-
-def _shard_entry(path: Path, manifest: Manifest, plan: list[PlannedShard], taken, answering
-                 ) -> tuple[ShardEntry, list[dict]] | None:
-    """(record, skipped samples) of a complete shard file of this cache, at the planned index not in `taken`
-    it answers for (`answering`: CacheWriter._answering); else None."""
-    try:
-        with h5py.File(path, "r") as shard:
-            if shard.attrs.get("key_digest") != manifest.key_digest:
-                return None
-            index, rows = int(shard.attrs["index"]), int(shard.attrs["rows"])
-            skipped = json.loads(shard.attrs.get("skipped", "[]"))
-            first, samples, inputs = int(shard.attrs["first"]), int(shard.attrs["samples"]), str(shard.attrs["inputs"])
-    except (OSError, KeyError, ValueError):
-        return None  # unreadable or foreign: it will be rewritten
-    place = answering(index, first, samples, inputs, taken) if shard_index(path.name) == index else None
-    if place is None:
-        return None
-    return ShardEntry(place, path.name, rows, path.stat().st_size, file_digest(path), plan[place].first, samples,
-                      inputs), skipped
 
 
 def _whole(targets: np.ndarray) -> np.ndarray:

@@ -224,7 +224,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     return ExtractResult(out, manifest.rows, widths, size,
                          time.perf_counter() - started, written, reused, timing["processed"],
                          timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest.skipped,
-                         timing.get("patches", 0), [*source.warnings, *getattr(source.listings, "notes", ())],
+                         timing.get("patches", 0), [*writer.notes, *source.warnings, *getattr(source.listings, "notes", ())],
                          writer.changed, timing.get("device_refused", 0), timing.get("dropped", 0))
 
 

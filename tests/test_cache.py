@@ -634,3 +634,68 @@ def test_a_damaged_shard_is_not_adopted_again_after_a_kill_while_the_cache_opens
     writer, written = write_planned(root, planned("a", "b"))
     assert written == {1: "shard-00001.h5"}
     np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "ab"]))
+
+
+@pytest.mark.parametrize("damage", [b"", b'{\n "format": "tl-c', b'{"format": "tl-cache/2", "key": {',
+                                    b'{"format": "tl-cache/2"}'])
+def test_a_damaged_header_is_rebuilt_from_the_shard_files_of_this_key(tmp_path, damage):
+    """manifest.json cut short or garbled: the run of the same key knows the header, and each shard file
+    names its key and samples, so every finished shard is kept and only the missing ones are written."""
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b", "c"), only={0, 2})
+    (root / "manifest.json").write_bytes(damage)
+    with pytest.raises(CacheError, match="re-run the tl extract command that made the cache"):
+        CacheReader(root)
+    writer, written = write_planned(root, planned("a", "b", "c"))
+    assert list(written) == [1] and writer.notes == [f"{root / 'manifest.json'} was damaged: rebuilt from its 2 "
+                                                     "shard files"]
+    assert load_manifest(root).complete
+    np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "abc"]))
+    writer, written = write_planned(root, planned("a", "b", "c"))  # a sound cache says nothing
+    assert written == {} and writer.notes == []
+
+
+def test_a_damaged_header_over_shards_of_another_key_is_kept_unless_overwrite(tmp_path):
+    """A shard file of another key: tl cannot tell what that cache was, so only --overwrite replaces it."""
+    from pipeline.errors import CacheOccupied
+
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b"))
+    (root / "manifest.json").write_bytes(b"{")
+    before = {path.name: path.read_bytes() for path in root.iterdir()}
+    other = dict(KEY, backbone="vgg16")
+    opened = CacheWriter(root, other, ["a"], {"fc7": 2}, "float32", 2, 4, plan=planned("a", "b"))
+    with pytest.raises(CacheOccupied, match="has a damaged manifest.json and 2 shard files .* made with other "
+                                            "settings.*choose another --out, or pass --overwrite"):
+        opened.__enter__()
+    assert {path.name: path.read_bytes() for path in root.iterdir()} == before
+    with CacheWriter(root, other, ["a"], {"fc7": 2}, "float32", 2, 4, plan=planned("a", "b"), overwrite=True) as writer:
+        assert not writer.finished and not list(root.glob("shard-*"))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_kill_while_a_damaged_header_is_rebuilt_loses_no_shard(tmp_path, monkeypatch, overwrite):
+    """Killed after the first shard file was adopted again: the header is sound, the records name what
+    they say, and the next run (with or without --overwrite, which resumes a cache of its key) adopts the rest."""
+    import cache.writer as writer_module
+
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b", "c"))
+    (root / "manifest.json").write_bytes(b'{\n "format": "tl-ca')
+    append_record = writer_module.append_record
+    calls = []
+
+    def killed_after_one(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        append_record(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "append_record", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        write_planned(root, planned("a", "b", "c"))
+    monkeypatch.undo()
+    assert [shard.index for shard in load_manifest(root).shards] == [0]
+    writer, written = write_planned(root, planned("a", "b", "c"), overwrite=overwrite)
+    assert written == {} and sorted(writer.finished) == [0, 1, 2]
+    np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "abc"]))

@@ -363,3 +363,20 @@ def test_second_extract_on_a_locked_cache_is_refused(run_tl, image_folder, tmp_p
         lock.release()
 
 
+
+
+def test_a_truncated_manifest_is_rebuilt_by_the_same_extract(run_tl, image_folder, tmp_path):
+    """`truncate -s 20 OUT/manifest.json`: readers say to re-run the extract, which keeps every shard."""
+    args = ("extract", "--data", image_folder, "--out", tmp_path / "c", "--shard-rows", "4", *FAST)
+    assert run_tl(*args).code == 0
+    shards = {path.name: path.read_bytes() for path in (tmp_path / "c").glob("shard-*.h5")}
+    with open(tmp_path / "c" / "manifest.json", "r+b") as manifest:
+        manifest.truncate(20)
+    for command in (("info", tmp_path / "c"), ("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "h.pt")):
+        assert_user_error(run_tl(*command), "re-run the tl extract command that made the cache: it rebuilds "
+                                            "manifest.json from the shard files")
+    again = run_tl(*args)
+    assert again.code == 0 and "0 shards new, 3 reused" in again.out, again
+    assert f"warning: {tmp_path / 'c' / 'manifest.json'} was damaged: rebuilt from its 3 shard files" in again.err
+    assert {path.name: path.read_bytes() for path in (tmp_path / "c").glob("shard-*.h5")} == shards
+    assert run_tl("info", tmp_path / "c", "--verify").code == 0
