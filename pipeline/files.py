@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,9 @@ from pipeline.errors import TLError
 
 # errno values that mean "no room for this write": a full disk or quota, or a file past its size limit (EFBIG)
 FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-(?P<host>[0-9a-f]{8}))?$")  # no host: an earlier tl's
+# a pid means a process of its host only: torchrun ranks on other nodes write beside us on a shared file system
+HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 class DiskFullError(TLError):
@@ -69,9 +72,10 @@ def file_digest(path: Path) -> str:
 
 
 def temporary_name(path: Path) -> Path:
-    """`.NAME.tmp-PID` beside `path`: unique to this process, hidden, recognisable as ours."""
+    """`.NAME.tmp-PID-HOST` beside `path` (HOST: a digest of the host name): unique to this process on any
+    node sharing the folder, hidden, recognisable as ours."""
     path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{HOST}")
 
 
 def pid_alive(pid: int) -> bool:
@@ -85,8 +89,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path]:
-    """Delete `.NAME.tmp-PID` files in `folder` (of one target `name`, or of any) whose process is dead:
-    what a killed run left behind. Returns what was removed."""
+    """Delete `.NAME.tmp-PID-HOST` files in `folder` (of one target `name`, or of any) whose process is dead:
+    what a killed run left behind. Only this host can tell: another host's are left to it (a rank on another
+    node writing its listings is alive there, whatever pid runs here). Returns what was removed."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
@@ -94,7 +99,7 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path
         return removed
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if not match or (name is not None and match["name"] != name):
+        if not match or (name is not None and match["name"] != name) or match["host"] not in (None, HOST):
             continue
         pid = int(match["pid"])
         if pid == os.getpid() or pid_alive(pid):

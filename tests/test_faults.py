@@ -691,6 +691,23 @@ def test_stale_temporaries_of_dead_runs_are_removed(run_tl, tmp_path, small_head
     assert leftovers(tmp_path) == []
 
 
+def test_temporaries_of_another_host_are_left_to_it(tmp_path):
+    """Under torchrun across nodes sharing a file system, a pid says nothing about a process of another host:
+    a rank writing its tar listings there was judged dead here and its temporary removed mid-write. A
+    temporary names its host; only this host's (and an earlier tl's, which named none) are judged here."""
+    from pipeline.files import HOST, remove_stale_temporaries, temporary_name
+
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process here
+    other_host = "0000beef" if HOST != "0000beef" else "0000cafe"
+    ours, earlier, theirs = (tmp_path / f".a.json.tmp-{dead}-{HOST}", tmp_path / f".b.json.tmp-{dead}",
+                             tmp_path / f".c.json.tmp-{dead}-{other_host}")
+    for path in (ours, earlier, theirs):
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([ours, earlier])
+    assert theirs.exists()
+    assert temporary_name(tmp_path / "d.json").name == f".d.json.tmp-{os.getpid()}-{HOST}"
+
+
 def test_out_folder_for_a_file_is_refused_before_any_work(run_tl, tmp_path, small_head):
     folder = tmp_path / "folder"
     folder.mkdir()
