@@ -195,6 +195,8 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     with _opened(writer, current):
         if source.listings is not None:  # tar listings, for the next run: saved once the cache is ours; each rank
             source.listings.save(lambda number: number % current.size == current.rank)  # saves its share
+            if current.is_main:  # then the listings of tars gone from the data go (rank 0 holds the lock)
+                source.listings.remove_others()
         if current.is_main:  # what discovery noticed (loops, empty classes, bad boxes) stays on record
             writer.manifest.warnings = list(source.warnings)
         # static assignment: a shard belongs to rank (its input unit) mod world size, whatever ran before;

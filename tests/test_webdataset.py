@@ -1003,3 +1003,33 @@ def test_fingerprint_and_shard_digests_are_those_of_caches_made_before(tmp_path,
         whole = [(shard.first, shard.samples, shard.inputs) for shard in source.shard_plan(4)]
         for _, ranked, _ in _ranks_opening(monkeypatch, 2, "webdataset", tars, samples_per_class=per_class, shard_rows=4):
             assert [(shard.first, shard.samples, shard.inputs) for shard in ranked] == whole
+
+
+def test_listings_of_tars_gone_from_the_data_are_removed_once_the_new_ones_are_kept(tmp_path):
+    """OUT/listings keeps one file per tar: a tar removed from --data took its listing nowhere, and it stayed
+    for ever. The run that opens the cache removes it; other files there (not listings: a temporary of a
+    rank on another node, a user's) are left as they are."""
+    tars = write_webdataset(tmp_path, tars=3, per_tar=4)
+    folder = tmp_path / "c" / "listings"
+    extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
+    names = {tar.name: listing_file(folder, tar).name for tar in sorted(tars.glob("*.tar"))}
+    assert sorted(path.name for path in folder.iterdir()) == sorted(names.values())
+    others = [folder / "notes.txt", folder / f".{names['00001.tar']}.tmp-{2 ** 22 + 12345}-0000beef"]
+    for path in others:
+        path.write_text("not a listing")
+    (tars / "00001.tar").unlink()
+    again = extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
+    assert again.rows == 8
+    assert sorted(path.name for path in folder.iterdir() if path not in others) == sorted(
+        [names["00000.tar"], names["00002.tar"]])
+    assert all(path.read_text() == "not a listing" for path in others)
+
+
+def test_listings_are_not_removed_before_the_tars_are_found(tmp_path):
+    """Before the tars are found, a TarListings knows of none: removing 'the others' would remove all."""
+    tars = write_webdataset(tmp_path, tars=2, per_tar=2)
+    source = open_source("webdataset", tars, listings=tmp_path / "listings")
+    source.listings.save()
+    assert source.listings.remove_others() == 0
+    idle = TarListings(tmp_path / "listings", "cls")
+    assert idle.remove_others() == 0 and len(list((tmp_path / "listings").iterdir())) == 2

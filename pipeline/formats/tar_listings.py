@@ -11,9 +11,11 @@ opened and locked (a run refused, or one that fails before, writes none).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import zlib
 from pathlib import Path
@@ -26,6 +28,9 @@ VERSION = 2  # raise when what a listing holds, or how a tar is listed, changes:
 # ... but those of the tars the change left as they were: relisting every tar of a large data set reads all their
 # headers again. Version 1 listed a tar cut short (webdataset's note 'is damaged after N entries') otherwise
 EARLIER_STILL_GOOD = {1: lambda listing: not any("is damaged after" in str(note) for note in listing.get("notes", ()))}
+
+
+_LISTING_NAME = re.compile(r"[0-9a-f]{32}\.json")  # listing_file's names: other files in the folder are not ours
 
 
 def listing_file(folder: Path, tar: Path) -> Path:
@@ -54,6 +59,7 @@ class TarListings:
         self.pending: list[tuple[int, Path, bytes]] = []
         self.reused = 0
         self.notes: list[str] = []  # why listings were not kept (a warning of this run, not of the cache)
+        self.tars: list[Path] | None = None  # the tars of the data, once listed_tars found them
 
     def _head(self, tar: Path, stamp: str) -> dict:
         return {"version": VERSION, "tar": os.fsdecode(os.path.abspath(tar)), "stamp": stamp,
@@ -120,6 +126,27 @@ class TarListings:
         return saved
 
 
+    def remove_others(self) -> int:
+        """Delete the kept listings of tars that are no longer part of the data (removed from --data, or of the
+        data of a cache this one replaced); the count removed. For the process holding the cache's lock (rank
+        0), once the listings are saved: another rank of the run writes listings of these tars only, and
+        under temporary names until they are complete, which are left alone here."""
+        if self.tars is None:  # no tars found yet: every listing would look like another's
+            return 0
+        ours = {listing_file(self.folder, tar).name for tar in self.tars}
+        try:
+            others = [path for path in self.folder.iterdir() if _LISTING_NAME.fullmatch(path.name)
+                      and path.name not in ours]
+        except OSError:  # no folder (nothing was ever kept), or not one: nothing of ours to remove
+            return 0
+        removed = 0
+        for path in others:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+        return removed
+
+
 def listed_tars(find, list_tar, listings: TarListings | None, current=None, held=lambda listing: listing,
                 summary=None) -> tuple[list[Path], list[str], list]:
     """The tars and warnings `find()` gives, and (stamp, held(listing)) of each tar: its kept listing if it still
@@ -134,6 +161,8 @@ def listed_tars(find, list_tar, listings: TarListings | None, current=None, held
 
     current = current or distributed.World()
     paths, warnings = distributed.each_rank(current, lambda: find() if current.is_main else None)[0]
+    if listings:
+        listings.tars = paths
     mine = []
 
     def share() -> list[tuple[str, dict]]:
