@@ -669,7 +669,8 @@ def test_listings_that_cannot_be_kept_are_a_warning_not_a_stopped_run(tmp_path, 
     planted = listing_file(tmp_path / "e" / "listings", one / "00000.tar")
     planted.mkdir(parents=True)
     assert source.listings.save() == 0 and source.listings.notes == [  # it said "1 tar listings were not kept"
-        f"1 tar listing was not kept in {planted.parent} ({planted} is a folder); the next run lists those tars again"]
+        f"1 tar listing was not kept in {planted.parent} ({planted} is a folder, where tl writes a tar listing); the next "
+        "run lists those tars again"]
 
     def full(path, *args, **options):
         raise DiskFullError(f"no space left on the device of {path}; free space and re-run the same command")

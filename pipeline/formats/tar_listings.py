@@ -111,7 +111,7 @@ class TarListings:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 remove_stale_temporaries(self.folder)  # once: each write below skips the look
             for path, content in mine:
-                with atomic_write(path, "a tar listing", sweep=False, follow=False) as temporary:
+                with atomic_write(path, "tar listing", sweep=False, follow=False) as temporary:
                     temporary.write_bytes(zlib.decompress(content))
                 saved += 1
         except (OSError, TLError) as exc:  # a speed-up only: a full disk or a folder not ours must not stop the run
