@@ -17,7 +17,7 @@ from pipeline.backbones import for_inference, get_backbone
 from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows
 from pipeline.compatibility import check_head_fits_cache, check_patch_head, head_ignore, head_targets
 from pipeline.errors import HeadError
-from pipeline.files import refuse_overwriting_inputs
+from pipeline.files import OutputLock, refuse_overwriting_inputs
 from pipeline.ownership import refuse_foreign
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import resolve_device, resolve_precision
@@ -26,6 +26,8 @@ from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
 from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores, unused_exponent
 from pipeline.report import REPORT_FILES, predictions_csv, report_set, tl_predictions, write_report
+
+LOCK = ".evaluate.lock"  # held while an evaluation writes its report folder
 
 
 @dataclass
@@ -92,11 +94,18 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         if not config.overwrite:  # tl's own predictions are replaced: a re-run works
             refuse_foreign(config.save_predictions, "predictions file", "choose another --save-predictions, or pass "
                            "--overwrite to replace it", ours=tl_predictions)
-    for name in REPORT_FILES if not config.overwrite else ():  # a report of tl's is replaced (or its plot removed)
-        refuse_foreign(out / name, "report file", "choose another --out, or pass --overwrite to replace it",
-                       ours=report_set(out), follow=False)
-    if config.model is not None:
-        return _evaluate_model(config)
+    if out.exists() and not out.is_dir():
+        raise HeadError(f"--out {out} is a file; --out names the folder of the report: choose another --out")
+    # two evaluations into one folder would interleave their renames: one's report.json beside the other's plots
+    with OutputLock(Path(os.path.realpath(out)) / LOCK, f"writing a report into {out}", HeadError):
+        for name in REPORT_FILES if not config.overwrite else ():  # a report of tl's is replaced (or its plot removed)
+            refuse_foreign(out / name, "report file", "choose another --out, or pass --overwrite to replace it",
+                           ours=report_set(out), follow=False)
+        return _evaluate_model(config) if config.model is not None else _evaluate_head(config)
+
+
+def _evaluate_head(config: EvaluateConfig) -> EvaluateResult:
+    """A head over a cache (pooled over every patch of each image for a patch cache)."""
     head, metadata = load_head(config.head)
     reader = CacheReader(config.cache)
     check_head_fits_cache(metadata, head.multilabel_, reader.manifest, config.head, config.cache)

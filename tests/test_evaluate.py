@@ -288,3 +288,22 @@ def test_a_top_k_below_one_is_refused_by_the_stage_too(tmp_path):
     with pytest.raises(HeadError, match="--top-k must be at least 1, got 0"):
         run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "c", out=tmp_path / "r", top_k=0))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_second_evaluation_into_one_report_folder_is_refused(caches, run_tl):
+    """Two tl evaluate runs on one --out took no lock: with different heads their renames could interleave,
+    leaving one run's report.json beside the other's plots. The second is refused in one line now."""
+    from pipeline.evaluate import LOCK
+    from pipeline.files import OutputLock
+
+    fit_head(FitHeadConfig(cache=caches / "train", out=caches / "h.pt"))
+    out = caches / "report"
+    args = ("evaluate", "--head", caches / "h.pt", "--cache", caches / "test", "--out", out)
+    with OutputLock(out / LOCK, "writing a report"):  # another evaluation at work there
+        refused = run_tl(*args)
+    assert refused.code == 2 and "is writing a report" in refused.err and refused.err.count("\n") == 1, refused
+    assert not (out / "report.json").exists()
+    assert run_tl(*args).code == 0 and (out / "report.json").is_file() and not (out / LOCK).exists()
+    (caches / "file").write_text("mine")
+    as_file = run_tl("evaluate", "--head", caches / "h.pt", "--cache", caches / "test", "--out", caches / "file")
+    assert as_file.code == 2 and "is a file" in as_file.err and (caches / "file").read_text() == "mine", as_file
