@@ -308,7 +308,9 @@ def _images(count: int) -> str:
 
 
 def _csv_list(text: str | None) -> tuple[str, ...]:
-    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+    """A comma-separated option's values (none for no text); an empty one (`,`, `fc7,,fc6`, ' ') is kept for the
+    stage to refuse: dropped, `--layers ,` silently meant the default layer."""
+    return tuple(part.strip() for part in text.split(",")) if text else ()
 
 
 class SaidWarnings:

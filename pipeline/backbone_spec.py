@@ -93,6 +93,9 @@ class Backbone:
             raise BackboneError(f"no layer given; {self.name} has layers: {self.layer_list()}")
         resolved = []
         for name in names:
+            if not name.strip():  # `--layers ,` or `fc7,,fc6`: not the default layer, silently
+                raise BackboneError(f"--layers has an empty layer name (a comma too many?); valid layers of "
+                                    f"{self.name}: {self.layer_list()}; give --layers one of them")
             canonical = self.aliases.get(name, name)
             if canonical not in self.taps:
                 raise BackboneError(

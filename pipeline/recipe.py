@@ -374,7 +374,8 @@ def _written(extract: Step):
     from pipeline.backbones import get_backbone
 
     backbone = get_backbone(extract.params["backbone"])
-    layers = [tap.strip() for tap in (extract.params.get("layers") or "").split(",") if tap.strip()]  # as written
+    written = extract.params.get("layers")  # as written: an empty name is refused, as extract refuses it
+    layers = [tap.strip() for tap in str(written).split(",")] if written else []
     return backbone, backbone.resolve_taps(layers or [backbone.default_tap])
 
 

@@ -101,11 +101,11 @@ class SweepResult:
 
 def grid(config: SweepConfig, layers: list[str]) -> list[Setting]:
     """Every setting of the sweep, in a stable order; an empty or ill-typed grid is one HeadError."""
+    if not config.heads or "" in config.heads:  # `--heads ,`, `logreg,,mlp`
+        raise HeadError("--heads is empty or has an empty name; name at least one of " + ", ".join(HEAD_KINDS))
     for kind in config.heads:
         if kind not in HEAD_KINDS:
             raise HeadError(f"unknown head '{kind}' in --heads; valid: {', '.join(HEAD_KINDS)}")
-    if not config.heads:
-        raise HeadError("--heads is empty; name at least one of " + ", ".join(HEAD_KINDS))
     for flag, values in (("--C", config.C), ("--lr", config.lr)):  # each said alone: the C defaults are not an mlp's
         if any(not 0 < value < math.inf for value in values):
             raise HeadError(f"{flag} values must be positive and finite, got {listed(values)}")
@@ -151,6 +151,9 @@ def run_sweep(config: SweepConfig, say=lambda text: None) -> SweepResult:
     reader = CacheReader(config.cache)
     layers = [cached_layer(reader, layer) for layer in config.layers] or list(reader.taps)
     missing = [layer for layer in layers if layer not in reader.taps]
+    if "" in layers:  # `--layers ,` meant every layer, silently
+        raise HeadError(f"--layers has an empty layer name (a comma too many?); layers of cache {config.cache}: "
+                        f"{', '.join(reader.taps)}")
     if missing:
         raise HeadError(f"cache {config.cache} has no layer {', '.join(missing)}; its layers: {', '.join(reader.taps)}")
     settings = grid(config, layers)

@@ -299,6 +299,10 @@ def test_unknown_backbone_and_layer(run_tl, image_folder, tmp_path):
     result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", "--backbone", "alexnet",
                     "--weights", "none", "--layers", "fc7,conv9")
     assert_user_error(result, "unknown layer 'conv9'", "pool5 (9216), fc6 (4096), fc7 (4096)")
+    for layers in (",", " ", "fc7,,fc6", "fc7,"):  # were the default layer, or fc7 and fc6, silently
+        result = run_tl("extract", "--data", image_folder, "--out", tmp_path / "c", "--backbone", "alexnet",
+                        "--weights", "none", "--layers", layers)
+        assert_user_error(result, "--layers has an empty layer name", "pool5 (9216), fc6 (4096), fc7 (4096)")
     assert not (tmp_path / "c").exists()
 
 

@@ -107,6 +107,8 @@ BAD_RECIPES = [
     ("missing_data", "extract: {data: no/such/folder, out: caches/x}\n", "extract (train) data no/such/folder does not exist"),
     ("layer_of_another_backbone", "backbone: efficientnet_lite0\nlayers: [pool5]\nextract: {data: images, out: caches/x}\n",
      "extract (train): unknown layer 'pool5' for backbone efficientnet_lite0; valid layers: pool (1280)"),
+    ("empty_layer_name", "backbone: alexnet\nlayers: 'fc7,,fc6'\nextract: {data: images, out: caches/x}\n",
+     "extract (train): --layers has an empty layer name (a comma too many?); valid layers of alexnet: pool5"),
     ("type", "fit-head: {cache: caches/train, out: h.pt, max_epochs: many}\n",
      "fit-head key 'max_epochs': 'many' is not a valid integer"),
     ("required", "evaluate: {head: h.pt, cache: caches/test}\n", "evaluate needs 'out'"),

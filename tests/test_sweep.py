@@ -139,6 +139,8 @@ def test_a_killed_sweep_resumes_to_the_same_leaderboard(caches, tmp_path):
     (["--heads", "mlp", "--hidden", "wide"], "--hidden takes widths such as 256,1024 or 512x256"),
     (["--heads", "mlp", "--hidden", "0x8"], "--hidden takes positive widths, one setting per comma"),
     (["--heads", ","], "--heads is empty"),
+    (["--heads", "logreg,"], "--heads is empty or has an empty name"),
+    (["--layers", "clear,,noisy"], "--layers has an empty layer name (a comma too many?); layers of cache"),
 ])
 def test_bad_grids_are_one_line(run_tl, caches, tmp_path, args, message):
     train, _ = caches
