@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from pipeline import DEVICES, PRECISIONS, stops
-from pipeline.errors import TLError, install_extra, listed
+from pipeline.errors import TLError, counted, install_extra, listed
 
 UNSET = getattr(click.core, "UNSET", None)  # click >= 8.2 marks "no default given" with its own sentinel
 
@@ -494,7 +494,7 @@ def info(cache, verify):
         if problems:
             for problem in problems[:-1]:
                 click.echo(f"problem    {problem}", err=True)
-            raise TLError(f"{_count(len(problems), 'problem')} in {cache}: {problems[-1]}")
+            raise TLError(f"{counted(len(problems), 'problem')} in {cache}: {problems[-1]}")
         click.echo(f"verified   {len(manifest.shards)} shards, checksums match")
 
 
@@ -578,7 +578,7 @@ def fit_head(**options):
 
     _warn_unread((options["head"],), options["solver"], options["early_stop"])
     result = run_fit_head(_fit_head_config(**options))
-    click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {_count(result.train_rows, 'training row')}"
+    click.echo(f"wrote {result.out}: {options['head']} on {result.layer}, {counted(result.train_rows, 'training row')}"
                + "".join(f", {part}" for part in _chosen_parts(result.chosen, result.epochs)))
     click.echo(f"  train {result.metric} {result.train_score:.4f}"
                + (f", validation {result.metric} {result.val_score:.4f} ({result.val_rows} rows)"
@@ -614,24 +614,19 @@ def _warn_unread(kinds: tuple[str, ...], solver: str, early_stop: bool, heads_fl
         click.echo(f"warning: {warning}", err=True)
 
 
-def _count(number: int, thing: str, things: str | None = None) -> str:
-    """'1 epoch', '5 epochs', '3 classes'."""
-    return f"{number:,} {thing if number == 1 else things or thing + 's'}"
-
-
 def _chosen_parts(chosen: dict, epochs: int | None) -> list[str]:
     """What validation chose, as words: 'C 0.1', 'C per class 0.1 (7 classes), 1 (3 classes)',
     'trained 5 epochs, kept epoch 2'."""
     parts = []
     if isinstance(chosen.get("C"), list):
         costs = chosen["C"]
-        parts.append("C per class " + ", ".join(f"{c:g} ({_count(costs.count(c), 'class', 'classes')})"
+        parts.append("C per class " + ", ".join(f"{c:g} ({counted(costs.count(c), 'class', 'classes')})"
                                                  for c in sorted(set(costs))))
     elif "C" in chosen:
         parts.append(f"C {chosen['C']:g}")
     if epochs:
         kept = chosen.get("epoch", epochs)
-        parts.append(f"trained {_count(epochs, 'epoch')}" + (f", kept epoch {kept}" if kept != epochs else ""))
+        parts.append(f"trained {counted(epochs, 'epoch')}" + (f", kept epoch {kept}" if kept != epochs else ""))
     return parts
 
 
@@ -691,7 +686,7 @@ def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch
     result = run_sweep(SweepConfig(layers=_csv_list(layers), heads=_csv_list(heads), C=_numbers(C, float, "--C"),
                                    lr=_numbers(lr, float, "--lr"), hidden=_layouts(hidden), training=training,
                                    **options), say=(lambda text: None) if quiet else click.echo)
-    click.echo(f"wrote {result.out}: {_count(len(result.rows), 'head')} ranked by {result.rows[0]['on']} "
+    click.echo(f"wrote {result.out}: {counted(len(result.rows), 'head')} ranked by {result.rows[0]['on']} "
                f"{result.metric} ({result.trained} trained, {result.reused} finished before), {result.seconds:.1f} s")
     for rank, row in enumerate(result.rows[:10], 1):
         click.echo(f"  {rank:>3}. {row['name']:<40} {row['val_score']:.4f}  {row['train_seconds']:.2f} s"
@@ -831,7 +826,7 @@ def export(model, format_, out, raw_pixels, opset, overwrite):
                + ("values 0..255, normalised inside the model" if raw_pixels else
                   f"normalised: (x / 255 - mean) / std, mean {listed(given['mean'])}, std {listed(given['std'])}"))
     click.echo(f"  prepare {given['preparation']}")
-    click.echo(f"  output  {taken['activation']} probabilities of {_count(len(taken['classes']), 'class', 'classes')}")
+    click.echo(f"  output  {taken['activation']} probabilities of {counted(len(taken['classes']), 'class', 'classes')}")
     click.echo(f"  checked on {result.checked_on}: top-1 agrees on {result.agreeing}/{result.checked}, "
                f"probabilities differ by at most {result.difference:.1e}")
 
@@ -919,7 +914,7 @@ def finetune(**options):
     if not world().is_main:  # under torchrun, rank 0 reports for all
         return
     last, best = checkpoint_paths(config.out)
-    click.echo(f"wrote {result.out}: {_count(result.epochs_run, 'epoch')} run"
+    click.echo(f"wrote {result.out}: {counted(result.epochs_run, 'epoch')} run"
                + (f" (resumed after epoch {result.resumed_from})" if result.resumed_from else "")
                + (", stopped early" if result.stopped_early else "")
                + (f", kept epoch {result.best_epoch}" if config.early_stop and result.best_epoch else "")
@@ -1020,10 +1015,10 @@ def run(recipe, sets, only, start, rerun, track, dry_run, quiet):
     result = run_recipe(RunConfig(recipe, tuple(sets), only, start, rerun, track, dry_run), ClickStages(quiet),
                         say=click.echo)
     if dry_run:
-        click.echo(f"\ndry run: {_count(len(result.ran), 'step')} would run, {len(result.skipped)} up to date; "
+        click.echo(f"\ndry run: {counted(len(result.ran), 'step')} would run, {len(result.skipped)} up to date; "
                    "nothing was run or written")
         return result
-    click.echo(f"\ndone in {result.seconds:.0f} s: {_count(len(result.ran), 'step')} ran, "
+    click.echo(f"\ndone in {result.seconds:.0f} s: {counted(len(result.ran), 'step')} ran, "
                f"{len(result.skipped)} up to date"
                + "".join(f", {name.replace('_', ' ').replace('exact match', 'exact-match')} {value:.4f}"
                          for name, value in result.metrics.items()

@@ -10,6 +10,11 @@ def listed(values) -> str:
     return ", ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values) or "none"
 
 
+def counted(number: int, thing: str, things: str | None = None) -> str:
+    """A number of things for a message: '1 epoch', '5 epochs', '3 classes'."""
+    return f"{number:,} {thing if number == 1 else things or thing + 's'}"
+
+
 def install_extra(extra: str) -> str:
     """How to add an optional capability: tl is installed from its checkout (it is not on PyPI, where a
     package of that name is another project's)."""

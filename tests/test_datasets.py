@@ -65,8 +65,8 @@ def test_csv_keeps_an_image_once_and_skips_one_with_two_labels(tmp_path):
     assert [(s.sample_id, source.classes[s.target]) for s in source.samples] == [("pics/x/img00.png", "one"),
                                                                                  ("pics/x/img02.png", "one")]
     assert source.warnings == [
-        f"1 rows of {tmp_path / 'labels.csv'} repeat an image with its label and were left out",
-        f"1 images of {tmp_path / 'labels.csv'} have two labels and were skipped, e.g. pics/x/img01.png (lines 3 and "
+        f"left out 1 row of {tmp_path / 'labels.csv'} repeating an image with its label",  # not '1 rows', '1 images'
+        f"skipped 1 image of {tmp_path / 'labels.csv'} given two labels, e.g. pics/x/img01.png (lines 3 and "
         "5); give each image one label"]
     (tmp_path / "labels.csv").write_text("pics/x/img00.png,one\npics/x/img00.png,two\n")
     with pytest.raises(DataError, match="gives every image two labels"):
@@ -76,6 +76,10 @@ def test_csv_keeps_an_image_once_and_skips_one_with_two_labels(tmp_path):
 def test_csv_naming_a_missing_image(tmp_path):
     (tmp_path / "labels.csv").write_text("gone.jpg,cat\n")
     with pytest.raises(DataError, match="line 1: image gone.jpg does not exist"):
+        open_source("csv", tmp_path / "labels.csv")
+    (tmp_path / "pics").mkdir()  # a folder was said not to exist: the user looked for a file that was there
+    (tmp_path / "labels.csv").write_text("pics,cat\n")
+    with pytest.raises(DataError, match="line 1: pics is a folder, not an image file; name one image per row"):
         open_source("csv", tmp_path / "labels.csv")
 
 

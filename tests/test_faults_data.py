@@ -392,7 +392,7 @@ def test_csv_rows_with_an_empty_label_are_skipped_and_recorded(tmp_path):
     (tmp_path / "labels.csv").write_text("path,label\na.jpg,\nb.jpg,cat\nc.jpg, \n")
     source = open_source("csv", tmp_path / "labels.csv")
     assert source.classes == ["cat"] and [s.sample_id for s in source.samples] == ["b.jpg"]
-    assert source.warnings == [f"2 rows of {tmp_path / 'labels.csv'} have an empty label and were skipped"]
+    assert source.warnings == [f"skipped 2 rows of {tmp_path / 'labels.csv'} with an empty label"]
 
 
 def test_empty_class_folder_keeps_its_index_and_warns(tmp_path):

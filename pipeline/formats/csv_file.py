@@ -8,7 +8,7 @@ import csv
 from pathlib import Path
 
 from pipeline.datasets import Sample, Source, file_stamp, register_format
-from pipeline.errors import DataError
+from pipeline.errors import DataError, counted
 
 
 @register_format
@@ -53,12 +53,15 @@ class CsvSource(Source):
         index = {name: i for i, name in enumerate(classes)}
         samples = []
         for relative, path, label, number in rows:
+            if path.is_dir():  # "does not exist" sent the user looking for a file that is there, as a folder
+                raise DataError(f"{csv_path} line {number}: {relative} is a folder, not an image file; name one image "
+                                "per row (paths are relative to the CSV)")
             if not path.is_file():
                 raise DataError(f"{csv_path} line {number}: image {relative} does not exist (paths are relative to the CSV)")
             samples.append(Sample(relative, index[label], str(path), file_stamp(path)))
         super().__init__(classes, samples)
         if unlabelled:
-            self.warnings.append(f"{unlabelled} rows of {csv_path} have an empty label and were skipped")
+            self.warnings.append(f"skipped {counted(unlabelled, 'row')} of {csv_path} with an empty label")
         self.warnings += warnings
 
 
@@ -79,9 +82,9 @@ def _one_row_per_image(csv_path: Path, rows: list[tuple[str, str, int]]) -> tupl
             conflicts.setdefault(path, (first[path][3], number))
     warnings = []
     if repeats:
-        warnings.append(f"{repeats} rows of {csv_path} repeat an image with its label and were left out")
+        warnings.append(f"left out {counted(repeats, 'row')} of {csv_path} repeating an image with its label")
     if conflicts:
         path, (line, other) = next(iter(conflicts.items()))
-        warnings.append(f"{len(conflicts)} images of {csv_path} have two labels and were skipped, e.g. "
+        warnings.append(f"skipped {counted(len(conflicts), 'image')} of {csv_path} given two labels, e.g. "
                         f"{first[path][0]} (lines {line} and {other}); give each image one label")
     return [row for path, row in first.items() if path not in conflicts], warnings
