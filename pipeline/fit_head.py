@@ -15,7 +15,7 @@ from pipeline.code_rows import BLOCK_ROWS, CodeRows, score_rows, validation_scor
 from pipeline.compatibility import check_codes_match, codes_key
 from pipeline.datasets import validation_rows
 from pipeline.errors import HeadError, TLError, listed
-from pipeline.files import check_folders, file_lock, same_file
+from pipeline.files import check_folders, file_lock, refuse_overwriting_inputs, same_file
 from pipeline.ownership import refuse_foreign
 from pipeline.heads import DROPOUT, HEAD_KINDS, HIDDEN, MAX_ITER, SOLVER, SOLVERS
 from pipeline.linear_fits import cost_grid
@@ -137,6 +137,9 @@ def check_config(config: FitHeadConfig) -> None:
             raise HeadError("--C needs at least one positive value, e.g. --C 1 or --C 0.1,1,10")
         cost_grid(config.C, config.val_cache or config.val_fraction or None)  # several need validation to choose
     check_counts(config.block_rows, config.max_iter)
+    # as sweep refuses: a file among the shards is swept away by extract --overwrite, or read as part of the cache
+    refuse_overwriting_inputs({"--out": config.out}, {"--cache": config.cache, "--val-cache": config.val_cache},
+                              protected=("--cache", "--val-cache"))
     if "lr" in reads:
         config.training.check()
     HEAD_KINDS[config.head].from_config(config)  # the kind's own settings (mlp widths and dropout, logreg solver)

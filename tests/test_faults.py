@@ -840,11 +840,13 @@ def test_second_campaign_outputs_never_land_on_inputs(run_tl, tmp_path, small_he
          "is a folder"),
         (["extract", "--data", small_head / "train", "--out", small_head / "train" / "a" / "c", *FAST],
          "lies inside --data"),
+        # sweep refused an --out in the cache (extract --overwrite sweeps it away); fit-head wrote its head there
+        (["fit-head", "--cache", cache, "--out", cache / "h.pt"], "lies inside --cache"),
     ]
     for args, fragment in cases:
         assert_one_line_error(run_tl(*args), fragment)
     assert (cache / "manifest.json").read_bytes() == manifest_before
-    assert not report.exists() and not (small_head / "train" / "a" / "c").exists()
+    assert not report.exists() and not (small_head / "train" / "a" / "c").exists() and not (cache / "h.pt").exists()
 
 
 def test_a_symlink_to_a_running_finetunes_out_takes_its_lock(run_tl, tmp_path, small_head):
