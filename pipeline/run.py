@@ -30,10 +30,16 @@ from pipeline.run_records import (foreign_output, output_state, read_record, rec
 
 def _refuse_outputs_in_image_folders(path: Path, steps: list[Step]) -> None:
     """An output inside an image folder that a step reads would be images of it, or a class (its folder),
-    when the recipe runs again: an evaluate's plots became a class 'report' of the test images."""
+    when the recipe runs again: an evaluate's plots became a class 'report' of the test images. An output
+    naming the recipe itself is refused too."""
     from pipeline.formats import DEFAULT_FORMAT
 
     for step in (step for step in steps if step.path(OUTPUT) is not None):
+        written = [key for key in (OUTPUT, "save_predictions")
+                   if step.path(key) is not None and same_file(step.path(key), path)]
+        if written:  # refused once the step ran, with 'delete R.yaml and run again': the recipe itself
+            raise ConfigError(f"recipe {path}: {step.label} {written[0]} {step.path(written[0])} is this recipe; "
+                              f"give the step another {written[0]}")
         reader = next((s for s in steps if s.path("data") is not None and inside(step.path(OUTPUT), s.path("data"))
                        and (s.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT), None)
         if reader is not None:

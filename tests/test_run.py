@@ -206,12 +206,15 @@ def test_a_required_option_left_out_is_one_line(run_tl):
     ("track=wandb", "track 'wandb' is not one of: mlflow"), ("finetune.unfreeze=2", "has no finetune section"),
     ("max_epochs=3", "fit-head of {recipe} sets max_epochs itself; set it there: --set fit-head.max_epochs=..."),
     ("max-epochs=3", "fit-head of {recipe} sets max-epochs itself"),  # the same key, spelled as the flag
-    ("fit-head.\u00b2=1", "fit-head has no option '\u00b2'"), ("fit-head.early_stop=no", "'early_stop' is a switch")])
+    ("fit-head.\u00b2=1", "fit-head has no option '\u00b2'"), ("fit-head.early_stop=no", "'early_stop' is a switch"),
+    # was refused once the step ran, saying to delete the recipe
+    ("fit-head.out=recipe.yaml", "fit-head out recipe.yaml is this recipe; give the step another out\n")])
 def test_a_bad_set_is_one_line(run_tl, code_caches, monkeypatch, assignment, message):
     monkeypatch.chdir(code_caches)
     recipe = _recipe(code_caches, "fit-head: {cache: caches/train, out: h.pt, max_epochs: 2}\n")
     result = run_tl("run", recipe, "--set", assignment)
     assert result.code == 2 and message.format(recipe=recipe) in result.err and result.err.count("\n") == 1, result
+    assert "==" not in result.out and (code_caches / "recipe.yaml").read_text().startswith("fit-head:")
 
 
 def test_references_name_outputs_after_settings(run_tl, code_caches, monkeypatch):
