@@ -98,10 +98,16 @@ def run_evaluate(config: EvaluateConfig) -> EvaluateResult:
         raise HeadError(f"--out {out} is a file; --out names the folder of the report: choose another --out")
     # two evaluations into one folder would interleave their renames: one's report.json beside the other's plots
     with OutputLock(Path(os.path.realpath(out)) / LOCK, f"writing a report into {out}", HeadError):
-        for name in REPORT_FILES if not config.overwrite else ():  # a report of tl's is replaced (or its plot removed)
-            refuse_foreign(out / name, "report file", "choose another --out, or pass --overwrite to replace it",
-                           ours=report_set(out), follow=False)
+        if not config.overwrite:
+            refuse_foreign_report(out, "choose another --out, or pass --overwrite to replace it")
         return _evaluate_model(config) if config.model is not None else _evaluate_head(config)
+
+
+def refuse_foreign_report(out: Path, remedy: str) -> None:
+    """Refuse a file in `out` named as a file of the report that tl did not write, saying `remedy`; a
+    report of tl's is replaced (or its plot removed)."""
+    for name in REPORT_FILES:
+        refuse_foreign(out / name, "report file", remedy, ours=report_set(out), follow=False)
 
 
 def _evaluate_head(config: EvaluateConfig) -> EvaluateResult:

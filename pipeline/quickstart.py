@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.evaluate import EvaluateConfig, run_evaluate
+from pipeline.evaluate import EvaluateConfig, refuse_foreign_report, run_evaluate
 from pipeline.examples import digits_split, write_digits
 from pipeline.extract import ExtractConfig, ExtractResult, run_extract
 from pipeline.fit_head import FitHeadConfig, FitHeadResult, fit_head
 from pipeline.heads import LogRegHead
+from pipeline.ownership import refuse_foreign
 
 
 MIN_PER_CLASS = 8  # leaves >= 2 validation rows per digit in the stratified fifth
@@ -56,6 +57,11 @@ def run_quickstart(config: QuickstartConfig, say=print) -> QuickstartResult:
                         f"test set and a fifth of the rest chooses C, so fewer leave a class out; got "
                         f"{config.per_class}")
     out = Path(config.out)
+    head_path, report_folder = out / "heads" / "digits-logreg.pt", out / "report"
+    # a stage's own remedy names its flags (--overwrite), which quickstart has not; and said before the extracts
+    remedy = "choose another --out, or move it away: tl quickstart replaces only the files it wrote"
+    refuse_foreign(head_path, "head file", remedy)
+    refuse_foreign_report(report_folder, remedy)
     # one folder per choice of digits (and caches per tap): a run with other settings never meets the
     # files or caches of an earlier one, and a repeated run reuses its own
     chosen = f"digits-{config.per_class or 'all'}-seed{config.seed}"
@@ -71,18 +77,17 @@ def run_quickstart(config: QuickstartConfig, say=print) -> QuickstartResult:
         result = extracts[split]
         state = "reused" if not result.shards_written else f"{result.images_processed} images"
         say(f"2/4 extract {split}: {result.rows} rows of {', '.join(result.taps)} codes ({state}) in {result.out}")
-    head_path = out / "heads" / "digits-logreg.pt"
     fit = fit_head(FitHeadConfig(cache=caches["train"], out=head_path, head="logreg", C=COSTS,
                                  val_fraction=VAL_FRACTION, seed=config.seed))
     say(f"3/4 fit-head logreg: C {fit.chosen['C']:g} chosen on {fit.val_rows} validation rows "
         f"(validation accuracy {fit.val_score:.3f}), head in {head_path}")
-    evaluation = run_evaluate(EvaluateConfig(head=head_path, cache=caches["test"], out=out / "report",
+    evaluation = run_evaluate(EvaluateConfig(head=head_path, cache=caches["test"], out=report_folder,
                                              quiet=config.quiet))
     report = evaluation.report
     baseline = raw_pixel_baseline(config.seed, config.per_class)
     say(f"4/4 evaluate: test accuracy {report['accuracy']:.3f} on {report['rows']} images, against "
         f"{baseline:.3f} for the same head on the raw 8x8 pixels; mAP {report['mAP']:.3f}")
-    return QuickstartResult(report["accuracy"], baseline, report["mAP"], out / "report" / "report.md", head_path,
+    return QuickstartResult(report["accuracy"], baseline, report["mAP"], report_folder / "report.md", head_path,
                             extracts, fit, time.perf_counter() - started)
 
 

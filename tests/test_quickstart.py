@@ -115,3 +115,15 @@ def test_example_data_and_seeds_refuse_what_would_silently_drop_or_crash(run_tl,
             assert result.code == 2 and f"Invalid value for '--seed': {seed} is not in the range 0<=x<=4294967295" \
                 in result.err, (command, result)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("foreign", ["heads/digits-logreg.pt", "report/report.json"])
+def test_a_foreign_file_where_quickstart_writes_is_refused_with_a_remedy_it_takes(run_tl, tmp_path, foreign):
+    """A user's file at the head or a report file was refused by the stage, after both extracts, saying to
+    'pass --overwrite', which tl quickstart has not. Now refused first, with what a quickstart user can do."""
+    (tmp_path / foreign).parent.mkdir(parents=True)
+    (tmp_path / foreign).write_text("mine")
+    result = run_tl("quickstart", "--out", tmp_path, "--per-class", "8", "--quiet")
+    assert result.code == 2 and result.err.count("\n") == 1, result
+    assert "choose another --out, or move it away" in result.err and "--overwrite" not in result.err, result
+    assert (tmp_path / foreign).read_text() == "mine" and not (tmp_path / "data").exists()
