@@ -128,6 +128,8 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 before = output_state(step, out)
                 started_record = write_record(out, step, digest, "started")
                 try:
+                    if step.stage == "evaluate" and extra.get("overwrite"):  # for the report the recipe made only
+                        _refuse_foreign_predictions(step)
                     outcome = runner.execute(step, extra)
                 except BaseException as exc:  # Ctrl-C and SIGTERM too: the tracked run shows where it stopped
                     if record is not None and output_state(step, out) == before:  # refused, or stopped before any write:
@@ -209,6 +211,16 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun
     # a record of this recipe at `out` (any status, any tl): the writer's --overwrite resumes a cache
     # whose key is the step's and replaces any other (made again by hand, or by an earlier tl)
     return {"overwrite": True}
+
+
+def _refuse_foreign_predictions(step: Step) -> None:
+    """Refused as evaluate refuses it without --overwrite: a save_predictions file swapped for the user's own since
+    the recipe made it, which the overwrite _restart passes for a report edited by hand would replace too."""
+    from pipeline.ownership import refuse_foreign
+    from pipeline.report import tl_predictions
+
+    if step.path("save_predictions") is not None:
+        refuse_foreign(step.path("save_predictions"), "predictions file", "move it away", ours=tl_predictions)
 
 
 def _in_recipe_terms(exc: BaseException, step: Step, options: StageOptions, recipe, project: dict) -> BaseException:

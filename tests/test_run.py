@@ -750,6 +750,31 @@ def test_a_predictions_file_tl_did_not_write_names_its_key_after_the_step_ran_be
     assert run_tl("run", recipe, "--quiet").code == 0
 
 
+def test_remaking_a_report_edited_by_hand_keeps_a_predictions_file_swapped_for_the_users(run_tl, code_caches,
+                                                                                         monkeypatch):
+    """A report the recipe made, edited by hand, is made again with evaluate's overwrite, which replaced the
+    save_predictions file too: one the user had swapped for their own was lost (exit 0). It is refused as
+    without the report's edit, and kept; the report the recipe made is still made again once it is gone."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, """\
+        fit-head: {cache: caches/train, out: h.pt}
+        evaluate: {head: h.pt, cache: caches/test, out: r, save_predictions: p.csv}
+        """)
+    assert run_tl("run", recipe, "--quiet").code == 0
+    (code_caches / "r" / "report.json").write_text("my notes\n")
+    (code_caches / "p.csv").write_text("my,predictions\n")
+    refused = run_tl("run", recipe, "--quiet")
+    assert refused.code == 2 and refused.err == (
+        "error: evaluate: p.csv holds a file that tl did not write as a predictions file; give the step another "
+        f"save_predictions in {recipe}, or move it away (or delete it) and run again\n"), refused
+    assert (code_caches / "p.csv").read_text() == "my,predictions\n"
+    assert (code_caches / "r" / "report.json").read_text() == "my notes\n"
+    (code_caches / "p.csv").unlink()
+    again = run_tl("run", recipe, "--quiet")
+    assert again.code == 0 and "== evaluate: r is not as this recipe wrote it: making it again" in again.out, again
+    assert (code_caches / "p.csv").read_text().startswith("sample_id,")
+
+
 def test_a_report_folder_of_the_users_own_files_stops_the_evaluate_step(run_tl, code_caches, monkeypatch):
     """An evaluate step whose out holds the user's own report.md (no report.json of tl's beside it) stops there,
     keeps it and names out; --dry-run says so; a report the recipe made is replaced by a re-run."""
