@@ -359,13 +359,15 @@ def same_file(first: Path, second: Path) -> bool:
         return False
 
 
-def inside(path: Path, folder: Path) -> bool:
-    """Whether `path` (existing or not) lies in `folder` (an existing folder), links resolved."""
+def inside(path: Path, folder: Path, as_named: bool = False) -> bool:
+    """Whether `path` (existing or not) lies in `folder` (an existing folder), links resolved; `as_named`: or as
+    the paths are named, for an input read through its links (an imagefolder's walk follows a class folder that
+    links to images kept elsewhere: an output under it lands among them). Not for a path read from a file."""
     folder = Path(folder)
     if not folder.is_dir():
         return False
-    real_folder = os.path.realpath(folder)
-    return os.path.commonpath([os.path.realpath(path), real_folder]) == real_folder
+    return any(os.path.commonpath([where(path), where(folder)]) == where(folder)
+               for where in (os.path.realpath, os.path.abspath)[:1 + as_named])
 
 
 def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None],
@@ -380,6 +382,6 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
             if same_file(out_path, in_path):
                 raise TLError(f"{out_flag} {out_path} is the same file as {in_flag}; writing it would destroy "
                               f"the input: choose another {flag}")
-            if in_flag in protected and inside(out_path, in_path):
+            if in_flag in protected and inside(out_path, in_path, as_named=True):
                 raise TLError(f"{out_flag} {out_path} lies inside {in_flag} {in_path}; writing there would change "
                               f"the input: choose another {flag}")

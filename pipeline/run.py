@@ -40,7 +40,8 @@ def _refuse_outputs_in_image_folders(path: Path, steps: list[Step]) -> None:
         if written:  # refused once the step ran, with 'delete R.yaml and run again': the recipe itself
             raise ConfigError(f"recipe {path}: {step.label} {written[0]} {step.path(written[0])} is this recipe; "
                               f"give the step another {written[0]}")
-        reader = next((s for s in steps if s.path("data") is not None and inside(step.path(OUTPUT), s.path("data"))
+        reader = next((s for s in steps if s.path("data") is not None
+                       and inside(step.path(OUTPUT), s.path("data"), as_named=True)
                        and (s.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT), None)
         if reader is not None:
             raise ConfigError(f"recipe {path}: {step.label} out {step.path(OUTPUT)} lies inside the image folder "

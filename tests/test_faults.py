@@ -1321,3 +1321,25 @@ def test_a_folder_where_tl_writes_one_of_its_own_files_says_to_move_it(run_tl, t
     assert refused.code == 2 and refused.err.count("\n") == 1, refused
     assert f"{out / 'report.json'} is a folder, where tl writes a report; move it away" in refused.err
     assert "inside it" not in refused.err and (out / "report.json").is_dir()
+
+
+def test_an_out_inside_a_linked_class_folder_of_the_data_is_refused(run_tl, tmp_path, small_head):
+    """A class folder may be a link to images kept elsewhere (the walk of an imagefolder follows it): an --out
+    under it, named through the data folder, lies in the data as much as one under a plain class folder."""
+    import shutil
+
+    data, kept = tmp_path / "data", tmp_path / "kept"
+    shutil.copytree(small_head / "train", kept)
+    data.mkdir()
+    for folder in kept.iterdir():
+        (data / folder.name).symlink_to(folder, target_is_directory=True)
+    before = sorted(p.relative_to(kept) for p in kept.rglob("*"))
+    out = data / "a" / "reports"
+    refused = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "", "--out", out,
+                     "--workers", "0", "--quiet")
+    assert refused.code == 2 and refused.err.count("\n") == 1, refused
+    assert f"--out {out} lies inside --data {data}" in refused.err
+    refused = run_tl("finetune", "--data", data, "--split", "", "--head", small_head / "head.pt", "--epochs", "0",
+                     "--out", data / "a" / "m.pt", "--workers", "0", "--quiet")
+    assert refused.code == 2 and f"lies inside --data {data}" in refused.err, refused
+    assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before
