@@ -170,8 +170,9 @@ def _preview(chosen: list[Step], rerun: bool, result: RunResult, say) -> RunResu
             say(f"== {step.label}: {out} is up to date")
             result.skipped.append(step.label)
             continue
-        why = ("--rerun" if rerun else f"after {after.label}, which makes its {input_from(step, after)}" if after
-               else why_stale(step, record, digest, out))
+        stale = why_stale(step, record, digest, out)  # a stop (an output the recipe did not make) comes first
+        why = (stale if stale.startswith("and stop") else "--rerun" if rerun
+               else f"after {after.label}, which makes its {input_from(step, after)}" if after else stale)
         say(f"== {step.label}" + (f" -> {out}" if out else "") + f": would run ({why})")
         running.append(step)
         result.ran.append(step.label)

@@ -785,6 +785,10 @@ def test_a_report_folder_of_the_users_own_files_stops_the_evaluate_step(run_tl, 
         """)
     (code_caches / "r").mkdir()
     (code_caches / "r/report.md").write_text("my notes\n")
+    stop = "and stop: r/report.md holds a file that tl did not write as a report file, and this recipe did not make it"
+    for flags in ((), ("--rerun",)):  # before the fit-head it reads ran: the run stops there all the same
+        said = run_tl("run", recipe, "--dry-run", *flags)
+        assert said.code == 0 and f"== evaluate -> r: would run ({stop})\n" in said.out, said
     refused = run_tl("run", recipe, "--quiet")
     assert refused.code == 2 and refused.err == (
         "error: evaluate: r/report.md holds a file that tl did not write as a report file, and this recipe did not "
