@@ -101,6 +101,11 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
     """Why a step is not up to date (tl run --dry-run), in a few words: not run, the settings that changed
     (old -> new), its inputs, a stopped run (of the same settings: a finetune resumes it), or its output
     since it was written."""
+    from pipeline.report import tl_predictions
+
+    predictions = step.path("save_predictions") if step.stage == "evaluate" else None
+    if predictions is not None and foreign(predictions, tl_predictions):  # never replaced: the stage refuses it
+        return f"and stop: {predictions} {foreign_state('predictions file')}"
     if record is None:  # an output this recipe did not make: a run takes it over, or stops there (run._stopped)
         if step.stage == "finetune" and out is not None:
             from pipeline.model_files import checkpoint_paths

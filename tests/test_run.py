@@ -717,6 +717,9 @@ def test_a_predictions_file_tl_did_not_write_names_the_key_that_names_it(run_tl,
         evaluate: {head: h.pt, cache: caches/test, out: r, save_predictions: notes.csv}
         """)
     (code_caches / "notes.csv").write_text("my,notes\n")
+    said = run_tl("run", recipe, "--dry-run")  # the run stops there, and its dry run says so
+    assert said.code == 0 and ("== evaluate -> r: would run (and stop: notes.csv holds a file that tl did not write "
+                               "as a predictions file)\n") in said.out, said
     refused = run_tl("run", recipe, "--quiet")
     assert refused.code == 2 and refused.err == (
         "error: evaluate: notes.csv holds a file that tl did not write as a predictions file, and this recipe did not "
@@ -746,6 +749,9 @@ def test_a_predictions_file_tl_did_not_write_names_its_key_after_the_step_ran_be
         f"save_predictions in {recipe}, or move it away (or delete it) and run again\n"), refused
     assert (code_caches / "notes.csv").read_text() == "my,notes\n"
     assert (code_caches / "r.tl-run.json").read_text() == record
+    said = run_tl("run", recipe, "--dry-run")
+    assert said.code == 0 and ("== evaluate -> r: would run (and stop: notes.csv holds a file that tl did not write "
+                               "as a predictions file)\n") in said.out, said
     (code_caches / "notes.csv").unlink()
     assert run_tl("run", recipe, "--quiet").code == 0
 
