@@ -85,7 +85,7 @@ class CacheWriter:
         self.manifest: Manifest | None = None
         self._entries: dict[int, ShardEntry] = {}  # finished shards by index: recording one is O(1)
         self._skipped: dict[int, list[dict]] = {}
-        self.kept = self.changed = self.damaged = self.beyond = 0
+        self.kept = self.changed = self.damaged = self.gone = 0
         self._started_fresh = False  # this run began the cache (no finished shard of an earlier run kept)
         self.notes: list[str] = []  # what opening the cache did that a user should hear of
         self.position_matters = position_matters
@@ -217,9 +217,12 @@ class CacheWriter:
                 self.damaged += 1
                 dropped.add(shard.file)
                 path.unlink(missing_ok=True)
-        # redone: a planned shard that had a record, whose samples no finished shard holds any more
-        self.changed = sum(index < len(self.plan) and index not in kept for index in unanswered)
-        self.beyond = sum(index >= len(self.plan) for index in unanswered)
+        # redone: a recorded shard whose samples no planned shard holds any more, written again in as far as
+        # the plan has shards to write for other reasons than damage (by count, not index: shards may swap);
+        # the others (gone) went with their data
+        to_write = max(0, len(self.plan) - len(kept) - self.damaged)
+        self.changed = min(len(unanswered), to_write)
+        self.gone = len(unanswered) - self.changed
         # in an order a kill cannot turn into a lie: first a header marked incomplete that admits the old
         # records and the new (the larger of both listings), then the records of the kept shards, then
         # the files of the dropped ones, then the new header

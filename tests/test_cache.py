@@ -447,7 +447,7 @@ def test_a_shard_whose_samples_moved_to_another_index_keeps_its_file(tmp_path):
     root = tmp_path / "c"
     write_planned(root, planned("a", "b", "c", "d", "e"))
     writer, written = write_planned(root, planned("a", "c", "d", "e"))  # "b" went
-    assert (writer.kept, writer.changed, writer.beyond, written) == (4, 0, 0, {})
+    assert (writer.kept, writer.changed, writer.gone, written) == (4, 0, 1, {})
     assert [(s.index, s.file) for s in load_manifest(root).shards] == [
         (0, "shard-00000.h5"), (1, "shard-00002.h5"), (2, "shard-00003.h5"), (3, "shard-00004.h5")]
     assert not (root / "shard-00001.h5").exists()
@@ -470,6 +470,17 @@ def test_a_shard_whose_samples_moved_to_another_index_keeps_its_file(tmp_path):
     assert sorted(p.name for p in root.glob("shard-*")) == sorted(s.file for s in load_manifest(root).shards)
 
 
+def test_a_changed_shard_is_counted_redone_when_another_moved_into_its_place(tmp_path):
+    """Counted by number, not by index: "b" changed and "c" moved into b's place, so b's index is kept (by c),
+    yet one shard is written because b's inputs changed."""
+    root = tmp_path / "c"
+    write_planned(root, planned("a", "b", "c"))
+    writer, written = write_planned(root, planned("a", "c", "B"))
+    assert (writer.kept, writer.changed, writer.gone, sorted(written)) == (2, 1, 0, [2])
+    writer, written = write_planned(root, planned("a", "c"))  # "B" went with its data: nothing redone
+    assert (writer.kept, writer.changed, writer.gone, written) == (2, 0, 1, {})
+
+
 def test_shards_without_input_digests_answer_for_their_own_index_only(tmp_path):
     """A uniform plan digests no inputs: an empty digest proves nothing, so a shard of 2 samples is not
     taken for another shard of 2 samples at another index."""
@@ -478,7 +489,7 @@ def test_shards_without_input_digests_answer_for_their_own_index_only(tmp_path):
     root = tmp_path / "c"
     write_planned(root, uniform_plan(8, 2))
     writer, written = write_planned(root, uniform_plan(6, 2))
-    assert (writer.kept, writer.beyond, sorted(written)) == (3, 1, [])
+    assert (writer.kept, writer.gone, sorted(written)) == (3, 1, [])
     assert [(s.index, s.file) for s in load_manifest(root).shards] == [(k, f"shard-0000{k}.h5") for k in range(3)]
     assert not (root / "shard-00003.h5").exists()
 
