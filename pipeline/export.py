@@ -25,7 +25,7 @@ from pipeline.datasets import DECODE_ERRORS
 from pipeline.decoding import normalize
 from pipeline.errors import FinetuneError, TLError, install_extra
 from pipeline.files import check_folders, refuse_overwriting_inputs, write_together
-from pipeline.ownership import refuse_foreign, zip_member_holds
+from pipeline.ownership import onnx_metadata, refuse_foreign, zip_member_holds
 from pipeline.formats import DEFAULT_CLASSES, open_source
 from pipeline.model_files import load_model_file
 from pipeline.training import output_activation
@@ -280,23 +280,15 @@ def tl_export(path: Path) -> bool:
     """Whether `path` is an export of tl's, in either format: its contract inside it (see run_export), or for a
     TorchScript file written before the contract went inside (tl 0.1.0 of 2026-11-29/30), the pair tl wrote
     together: tl's Deployed as the file's root object and tl's contract beside it (the contract holds no digest
-    of the file, nor the file its contract: neither alone says tl wrote it). An ONNX file is read with the onnx
-    extra; without it, none is known as tl's."""
+    of the file, nor the file its contract: neither alone says tl wrote it). An ONNX file's contract is in its
+    metadata, read without reading the weights (and without the onnx extra)."""
     mark = f'"format": "{CONTRACT_FORMAT}"'
     if zipfile.is_zipfile(path):  # TorchScript
         beside = Path(path).with_name(Path(path).name + ".json")
         return zip_member_holds(path, f"{CONTRACT_NAME}.json", mark.encode()) or (
             zip_member_holds(path, "data.pkl", DEPLOYED_ROOT) and tl_contract(beside))
-    try:
-        import onnx
-        from google.protobuf.message import DecodeError
-    except ImportError:
-        return False
-    try:
-        graph = onnx.load_model(str(path), load_external_data=False)
-    except DecodeError:  # not an ONNX file
-        return False
-    return any(entry.key == CONTRACT_NAME and mark in entry.value for entry in graph.metadata_props)
+    props = onnx_metadata(path)  # an ONNX file: its metadata read by a walk of its top-level fields
+    return props is not None and mark in props.get(CONTRACT_NAME, "")
 
 
 def tl_contract(path: Path) -> bool:

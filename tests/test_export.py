@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import warnings
 import zipfile
 
@@ -290,6 +291,55 @@ def test_an_export_replaces_only_tls_own_files_unless_told(model_file, tmp_path,
     assert head.code == 2 and "holds a file that tl did not write as a model export" in head.err, head
     told = run_tl(*export, "--out", notes, "--overwrite")
     assert told.code == 0 and zipfile.is_zipfile(notes), told
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protocol buffer field (key and length are varints)."""
+    def varint(value):
+        out = bytearray()
+        while True:
+            out.append(value & 0x7F | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def test_an_onnx_files_metadata_is_read_without_reading_its_weights(model_file, tmp_path, monkeypatch):
+    """Whether an ONNX file at --out is tl's export was known by onnx.load of the whole model (every weight read,
+    a VGG16's 500 MB, to find a few hundred bytes of metadata; a user's video at --out read whole), and only with
+    the onnx extra. The metadata is now read by a walk of the top-level fields that skips the graph: the same
+    properties as onnx reads, found past a graph that is no protocol buffer at all (so never parsed), without the
+    onnx package; a text file, random bytes, a truncated export and an empty file hold none."""
+    from pipeline.export import tl_export
+    from pipeline.ownership import onnx_metadata
+
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "m.onnx"
+    export_model(model_file / "model.pt", "onnx", out)
+    read = {prop.key: prop.value for prop in onnx.load(str(out)).metadata_props}
+    assert onnx_metadata(out) == read and "tl_contract" in read
+    entry = _field(1, b"tl_contract") + _field(2, read["tl_contract"].encode())
+    crafted = tmp_path / "crafted.onnx"  # ir_version, a 3 MB "graph" of random bytes, then the metadata
+    crafted.write_bytes(b"\x08\x08" + _field(7, np.random.default_rng(0).bytes(3 << 20)) + _field(14, entry))
+    assert onnx_metadata(crafted) == {"tl_contract": read["tl_contract"]}
+    with pytest.raises(Exception):
+        onnx.load(str(crafted))  # onnx parses the graph, and fails on it
+    monkeypatch.setitem(sys.modules, "onnx", None)  # the extra gone: tl's export is still known as tl's
+    assert tl_export(out) and tl_export(crafted)
+    whole = out.read_bytes()
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(whole[:len(whole) // 2])
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes\n" * 100_000)
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(np.random.default_rng(1).bytes(1 << 20))
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    for path in (cut, text, noise, empty):
+        assert not tl_export(path), path
+    assert onnx_metadata(text) is None and onnx_metadata(noise) is None and onnx_metadata(empty) == {}
 
 
 def test_a_torchscript_export_from_before_its_contract_went_inside_is_tls_own(model_file, tmp_path, run_tl,
