@@ -60,8 +60,9 @@ def process_excepthook(kind, value, traceback) -> None:
 
 
 def _sharer_lost_its_peer(kind, traceback) -> bool:
-    """An OSError in multiprocessing's fd-sharing server, in a process forked from the tl process."""
-    if MAIN_PID is None or os.getpid() == MAIN_PID or kind is None or not issubclass(kind, OSError):
+    """An OSError, or the EOFError of a connection closed before its request (the tl process gone between
+    accept and recv), in multiprocessing's fd-sharing server, in a process forked from the tl process."""
+    if MAIN_PID is None or os.getpid() == MAIN_PID or kind is None or not issubclass(kind, (OSError, EOFError)):
         return False
     while traceback is not None:
         if traceback.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")):

@@ -1038,6 +1038,12 @@ def test_a_workers_fd_sharer_that_loses_the_tl_process_stays_silent(capsys, monk
     assert "ConnectionResetError: peer gone" in report(namespace["_serve"])
     monkeypatch.setattr(stops, "MAIN_PID", os.getpid() + 1)  # a process forked from it: silent
     assert report(namespace["_serve"]) == ""
+    # the tl process gone between the sharer's accept and its recv: EOFError (seen under a loaded machine)
+    exec(compile("def _serve():\n    try:\n        raise EOFError\n"
+                 "    except EOFError:\n        sys.excepthook(*sys.exc_info())\n", sharer, "exec"), namespace)
+    assert report(namespace["_serve"]) == ""
+    monkeypatch.setattr(stops, "MAIN_PID", os.getpid())
+    assert "EOFError" in report(namespace["_serve"])
     assert "ConnectionResetError: peer gone" in report(elsewhere)
 
 
