@@ -451,9 +451,10 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
     if not world().is_main:  # under torchrun, rank 0 reports for all
         return
     rate = result.images_processed / result.loop_seconds if result.loop_seconds else 0.0
-    redone = f" ({result.shards_redone} of them redone: their inputs changed)" if result.shards_redone else ""
-    click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new{redone}, "
-               f"{result.shards_reused} reused, {_images(len(result.skipped))} skipped")
+    dropped = result.shards_dropped
+    dropped = f", {dropped} dropped ({'its' if dropped == 1 else 'their'} inputs changed or went)" if dropped else ""
+    click.echo(f"wrote {result.out}: {result.rows} rows, {result.shards_written} shards new, "
+               f"{result.shards_reused} reused{dropped}, {_images(len(result.skipped))} skipped")
     for tap, width in result.taps.items():
         click.echo(f"  {tap:<8} width {width:<6} {config.dtype}")
     click.echo(f"  size on disk {human_bytes(result.bytes_on_disk)}, time {result.seconds:.1f} s"

@@ -89,7 +89,8 @@ class ExtractResult:
     skipped: list[dict] = field(default_factory=list)
     patches: int = 0  # rows written from patches in this run (multiscale)
     warnings: list[str] = field(default_factory=list)
-    shards_redone: int = 0  # finished shards whose inputs changed since: written again
+    shards_dropped: int = 0  # finished shards whose inputs changed or went since: their files deleted (the
+    # records cannot tell a changed tar from one removed beside a new one, so no count says which)
     device_refused: int = 0  # JPEGs the device's decoder refused: decoded (or skipped) by the CPU path instead
     background_dropped: int = 0  # of the training split's background patches, left out by --background-fraction
 
@@ -227,7 +228,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
                          time.perf_counter() - started, written, reused, timing["processed"],
                          timing["loop"], timing["write"], timing["wait"], timing["forward"], manifest.skipped,
                          timing.get("patches", 0), [*writer.notes, *source.warnings, *getattr(source.listings, "notes", ())],
-                         writer.changed, timing.get("device_refused", 0), timing.get("dropped", 0))
+                         writer.changed + writer.gone, timing.get("device_refused", 0), timing.get("dropped", 0))
 
 
 def _note_error(config: ExtractConfig, rows: ShardRows, source: Source, index: int, reason: str) -> None:

@@ -157,7 +157,7 @@ def test_changed_files_redo_only_their_shards_and_a_new_class_refuses_the_cache(
     before = cache_document(out)["shards"]
     write_image(image_folder / "dog" / "img01.png", seed=77)  # sample 5: the second shard
     rerun = extract(image_folder, out, shard_rows=5)
-    assert (rerun.shards_written, rerun.shards_redone, rerun.shards_reused) == (1, 1, 2)
+    assert (rerun.shards_written, rerun.shards_dropped, rerun.shards_reused) == (1, 1, 2)
     after = cache_document(out)["shards"]
     assert [s["sha256"] for s in after][::2] == [s["sha256"] for s in before][::2]
     assert after[1]["sha256"] != before[1]["sha256"] and after[1]["inputs"] != before[1]["inputs"]

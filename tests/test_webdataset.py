@@ -108,7 +108,7 @@ def test_a_repaired_tar_redoes_only_its_shards(tmp_path):
     write_tar(middle, members)
     os.utime(middle, ns=(1, 2))
     rerun = extract(tars, tmp_path / "c", format="webdataset", shard_rows=4)
-    assert (rerun.shards_written, rerun.shards_redone, rerun.shards_reused) == (2, 2, 4)
+    assert (rerun.shards_written, rerun.shards_dropped, rerun.shards_reused) == (2, 2, 4)
     after = {s["index"]: s["sha256"] for s in cache_document(tmp_path / "c")["shards"]}
     assert [index for index in before if before[index] != after[index]] == [2, 3]
     extract(tars, tmp_path / "fresh", format="webdataset", shard_rows=4)
@@ -126,7 +126,7 @@ def test_a_tar_that_gains_an_image_moves_the_later_shards_without_redoing_them(t
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     write_tar(first, members + [("zz.png", extra), ("zz.cls", b"2")])  # 6 images: still 2 shards
     rerun = extract(tars, tmp_path / "c", format="webdataset", shard_rows=4)
-    assert (rerun.shards_written, rerun.shards_redone, rerun.shards_reused, rerun.rows) == (2, 2, 4, 16)
+    assert (rerun.shards_written, rerun.shards_dropped, rerun.shards_reused, rerun.rows) == (2, 2, 4, 16)
     after = cache_document(tmp_path / "c")["shards"]
     assert [s["index"] for s in after if s["sha256"] != before[s["index"]]] == [0, 1]
     assert [s["first"] for s in after] == [0, 4, 6, 10, 11, 15]
@@ -143,7 +143,7 @@ def test_a_tar_removed_shrunk_or_inserted_redoes_only_its_own_shards(tmp_path):
 
     def rerun(*counts):
         result = extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
-        assert (result.shards_written, result.shards_redone, result.shards_reused) == counts
+        assert (result.shards_written, result.shards_dropped, result.shards_reused) == counts
         fresh = tmp_path / f"fresh{len(list(tmp_path.glob('fresh*')))}"
         extract(tars, fresh, format="webdataset", shard_rows=3)
         reader = CacheReader(tmp_path / "c")
@@ -158,15 +158,32 @@ def test_a_tar_removed_shrunk_or_inserted_redoes_only_its_own_shards(tmp_path):
     with tarfile.open(second) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar]
     write_tar(second, members[:6])  # 3 images: 1 shard, and the 6 shards after it move up by one
-    rerun(1, 1, 8)
+    rerun(1, 2, 8)  # its 2 shards dropped, 1 written
     assert shards()[2:4] == [(2, "shard-00002.h5"), (3, "shard-00004.h5")]
     second.unlink()
-    rerun(0, 0, 8)
+    rerun(0, 1, 8)  # its one shard dropped with it
     assert shards()[2:] == [(k - 2, f"shard-{k:05d}.h5") for k in range(4, 10)]
     (tars / "0.tar").write_bytes(whole)  # a tar inserted first: its shards' own names are held
     rerun(2, 0, 8)
     assert shards()[:4] == [(0, "shard-000000.h5"), (1, "shard-000001.h5"), (2, "shard-00000.h5"),
                             (3, "shard-00001.h5")]
+
+
+def test_a_tar_removed_beside_a_new_one_is_not_said_to_be_redone(run_tl, tmp_path):
+    """The extract line said '1 shards new (1 of them redone: their inputs changed)' when 00001.tar was removed
+    and 00003.tar added, nothing changed: a shard's record cannot tell that from 00001.tar changed and moved
+    last, so the line says what it knows, the shard dropped with its inputs (changed or gone)."""
+    from tests.test_extract import FAST
+
+    tars = write_webdataset(tmp_path, tars=3, per_tar=3)
+    args = ["extract", "--data", tars, "--format", "webdataset", "--shard-rows", "3", "--out", tmp_path / "c", *FAST]
+    assert run_tl(*args).code == 0
+    members = [(f"9{k:05d}.png", write_image(tmp_path / "n.png", seed=900 + k).read_bytes()) for k in range(3)]
+    (tars / "00001.tar").unlink()
+    write_tar(tars / "00003.tar", [m for k, m in enumerate(members) for m in (m, (m[0][:-4] + ".cls", b"1"))])
+    again = run_tl(*args)
+    assert again.code == 0 and "redone" not in again.out, again
+    assert "1 shards new, 2 reused, 1 dropped (its inputs changed or went)" in again.out
 
 
 def test_labels_that_cannot_make_classes_are_one_line(tmp_path):
@@ -598,7 +615,7 @@ def test_tar_listings_are_kept_reused_and_redone_when_their_tar_changes_or_they_
         assert kept.read_bytes().split(b"\n", 1)[1] == body
     assert TarListings(folder, "cls").save() == 0  # nothing pending: nothing written
     rerun = extract(tars, tmp_path / "c", format="webdataset", shard_rows=3)
-    assert rerun.shards_redone and listed()[1] == 0  # the changed tar redone; its listing kept again
+    assert rerun.shards_dropped and listed()[1] == 0  # the changed tar redone; its listing kept again
 
 
 def test_listings_waiting_to_be_kept_are_held_compressed(tmp_path):
