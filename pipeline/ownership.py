@@ -54,7 +54,7 @@ def onnx_metadata(path: Path, fields: int = 4096) -> dict[str, str] | None:
     props = {}
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
-        for field, value in _fields(file, size, fields):
+        for field, value in _fields(file, size, fields, wanted=ONNX_METADATA):
             if field == ONNX_METADATA and value is not None:
                 entry = dict(_fields(io.BytesIO(value), len(value), 2))
                 if not {1, 2} >= entry.keys() or not all(isinstance(v, bytes) for v in entry.values()):
@@ -65,10 +65,11 @@ def onnx_metadata(path: Path, fields: int = 4096) -> dict[str, str] | None:
     return props
 
 
-def _fields(file, size: int, most: int, kept: int = 1 << 20):
+def _fields(file, size: int, most: int, kept: int = 1 << 20, wanted: int | None = None):
     """(field number, value) of a protocol buffer message's fields in `file` (`size` bytes); a length-delimited
-    value up to `kept` bytes is read (bytes), a longer one skipped (None), as are numbers; (None, None) where
-    the bytes are no message: a bad key or wire type, a length past the end, more than `most` fields."""
+    value up to `kept` bytes of field `wanted` (of any field: None) is read (bytes), any other skipped (None),
+    as are numbers; (None, None) where the bytes are no message: a bad key or wire type, a length past the
+    end, more than `most` fields."""
     for _ in range(most):
         if file.tell() >= size:
             return
@@ -84,7 +85,7 @@ def _fields(file, size: int, most: int, kept: int = 1 << 20):
             length = _varint(file)
             if length is None or file.tell() + length > size:
                 break
-            if length <= kept:
+            if length <= kept and wanted in (None, field):
                 value = file.read(length)
             else:
                 file.seek(length, os.SEEK_CUR)

@@ -342,6 +342,42 @@ def test_an_onnx_files_metadata_is_read_without_reading_its_weights(model_file, 
     assert onnx_metadata(text) is None and onnx_metadata(noise) is None and onnx_metadata(empty) == {}
 
 
+def test_only_an_onnx_files_metadata_is_read_not_its_other_fields(tmp_path, monkeypatch):
+    """The walk read every top-level field up to 1 MiB whole, whatever its number: a file of 1 MiB fields (a
+    protocol buffer of other kinds, or any file that parses as one) was read up to 4,096 MiB to find the
+    metadata. Now only the metadata's fields are read; the others are skipped by a seek."""
+    import builtins
+
+    from pipeline import ownership
+
+    crafted = tmp_path / "fields.onnx"
+    entry = _field(1, b"tl_contract") + _field(2, b'{"format": "x"}')
+    crafted.write_bytes(b"".join(_field(7, bytes(1 << 20)) for _ in range(40)) + _field(14, entry))
+    read = []
+
+    class Counted:
+        def __init__(self, file):
+            self.file = file
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def read(self, n=-1):
+            data = self.file.read(n)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(ownership, "open", lambda *a, **k: Counted(builtins.open(*a, **k)), raising=False)
+    assert ownership.onnx_metadata(crafted) == {"tl_contract": '{"format": "x"}'}
+    assert sum(read) < 1000, sum(read)
+
+
 def test_a_torchscript_export_from_before_its_contract_went_inside_is_tls_own(model_file, tmp_path, run_tl,
                                                                                monkeypatch):
     """A TorchScript export written before tl put its contract inside the file (tl_contract.json) was refused as
