@@ -367,7 +367,17 @@ def inside(path: Path, folder: Path, as_named: bool = False) -> bool:
     if not folder.is_dir():
         return False
     return any(os.path.commonpath([where(path), where(folder)]) == where(folder)
-               for where in (os.path.realpath, os.path.abspath)[:1 + as_named])
+               for where in (os.path.realpath, _named)[:1 + as_named])
+
+
+def _named(path) -> str:
+    """`path` absolute as named, its links kept, but a `..` taken where the system takes it: from what the
+    path before it resolves to (D/cat/../x, with D/cat a link to /kept/cats, is /kept/x, not D/x)."""
+    named = Path(os.getcwd(), path)
+    found = Path(named.anchor)
+    for part in named.parts[1:]:
+        found = Path(os.path.realpath(found)).parent if part == ".." else found / part
+    return str(found)
 
 
 def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None],

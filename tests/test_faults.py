@@ -1349,3 +1349,23 @@ def test_an_out_inside_a_linked_class_folder_of_the_data_is_refused(run_tl, tmp_
                      "--out", data / "a" / "m.pt", "--workers", "0", "--quiet")
     assert refused.code == 2 and f"lies inside --data {data}" in refused.err, refused
     assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before
+
+
+def test_an_out_through_a_linked_class_folder_and_up_out_of_it_is_not_refused(run_tl, tmp_path, small_head):
+    """--out D/a/../reports, with D/a a link to kept/a, names kept/reports (the system takes the `..` from
+    where the link leads), outside D: it was refused as 'lies inside --data D' (the path as named had its `..`
+    taken from D/a, lexically), though nothing is written in D."""
+    import shutil
+
+    data, kept = tmp_path / "data", tmp_path / "kept"
+    shutil.copytree(small_head / "train", kept)
+    data.mkdir()
+    for folder in kept.iterdir():
+        (data / folder.name).symlink_to(folder, target_is_directory=True)
+    done = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "",
+                  "--out", data / "a" / ".." / "reports", "--workers", "0", "--quiet")
+    assert done.code == 0, done
+    assert (kept / "reports" / "report.json").is_file() and not (data / "reports").exists()
+    refused = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "",
+                     "--out", data / "a" / ".." / ".." / "data" / "b" / "reports", "--workers", "0", "--quiet")
+    assert refused.code == 2 and "lies inside --data" in refused.err, refused  # kept/../data/b: in D again
