@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, TLError
 from pipeline.evaluate import EvaluateConfig, refuse_foreign_report, run_evaluate
 from pipeline.examples import digits_split, write_digits
 from pipeline.extract import ExtractConfig, ExtractResult, run_extract
@@ -60,6 +60,11 @@ def run_quickstart(config: QuickstartConfig, say=print) -> QuickstartResult:
     head_path, report_folder = out / "heads" / "digits-logreg.pt", out / "report"
     # a stage's own remedy names its flags (--overwrite), which quickstart has not; and said before the extracts
     remedy = "choose another --out, or move it away: tl quickstart replaces only the files it wrote"
+    for path, folder, what in ((out / "heads", True, "heads folder"), (head_path, False, "head file"),
+                               (report_folder, True, "report folder")):  # the wrong kind: stopped after the work
+        if path.exists() and path.is_dir() != folder:
+            raise TLError(f"{path} is a {'folder' if path.is_dir() else 'file'}, where tl quickstart writes its "
+                          f"{what}; choose another --out, or move it away")
     refuse_foreign(head_path, "head file", remedy)
     refuse_foreign_report(report_folder, remedy)
     # one folder per choice of digits (and caches per tap): a run with other settings never meets the

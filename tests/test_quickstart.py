@@ -127,3 +127,17 @@ def test_a_foreign_file_where_quickstart_writes_is_refused_with_a_remedy_it_take
     assert result.code == 2 and result.err.count("\n") == 1, result
     assert "choose another --out, or move it away" in result.err and "--overwrite" not in result.err, result
     assert (tmp_path / foreign).read_text() == "mine" and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("where,folder", [("report", False), ("heads", False), ("heads/digits-logreg.pt", True)])
+def test_a_file_or_folder_of_the_wrong_kind_where_quickstart_writes_is_refused_first(run_tl, tmp_path, where, folder):
+    """A user's file at OUT/report (or OUT/heads, or a folder at the head) ran both extracts and fit-head (28 s),
+    then stopped with 'error: --out OUT/report is a file; --out names the folder of the report: choose another
+    --out', a flag named for a path the user never gave. Now refused before any work, kept, in quickstart's terms."""
+    (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / where).mkdir() if folder else (tmp_path / where).write_text("mine")
+    result = run_tl("quickstart", "--out", tmp_path, "--per-class", "8", "--quiet")
+    assert result.code == 2 and result.err.count("\n") == 1, result
+    assert f"{tmp_path / where} is a {'folder' if folder else 'file'}, where tl quickstart writes" in result.err
+    assert "choose another --out, or move it away" in result.err and not (tmp_path / "data").exists(), result
+    assert folder or (tmp_path / where).read_text() == "mine"
