@@ -119,7 +119,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
             out = step.path(OUTPUT)
             digest = step_digest(step)
             record = read_record(out)
-            if not config.rerun and up_to_date(record, digest, out):
+            if not config.rerun and up_to_date(record, digest, out, step):
                 say(f"== {step.label}: {out} is up to date, skipped")
                 result.skipped.append(step.label)
             else:
@@ -166,7 +166,7 @@ def _preview(chosen: list[Step], rerun: bool, result: RunResult, say) -> RunResu
         out = step.path(OUTPUT)
         record, digest = read_record(out), step_digest(step)
         after = next((maker for maker in running if input_from(step, maker)), None)
-        if after is None and not rerun and up_to_date(record, digest, out):
+        if after is None and not rerun and up_to_date(record, digest, out, step):
             say(f"== {step.label}: {out} is up to date")
             result.skipped.append(step.label)
             continue

@@ -72,9 +72,16 @@ def stamp(out: Path) -> list | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def up_to_date(record: dict | None, digest: str, out: Path | None) -> bool:
+def up_to_date(record: dict | None, digest: str, out: Path | None, step: Step | None = None) -> bool:
+    """`step`: an evaluate step is not, once its save_predictions file is gone (its report alone is kept)."""
+    predictions = predictions_of(step)
     return (record is not None and record.get("status") == "done" and record.get("digest") == digest
-            and out is not None and record.get("output") is not None and record.get("output") == stamp(out))
+            and out is not None and record.get("output") is not None and record.get("output") == stamp(out)
+            and (predictions is None or os.path.lexists(predictions)))
+
+
+def predictions_of(step: Step | None) -> Path | None:
+    return step.path("save_predictions") if step is not None and step.stage == "evaluate" else None
 
 
 def write_record(out: Path | None, step: Step, digest: str, status: str, summary: dict | None = None) -> dict:
@@ -103,7 +110,7 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
     since it was written."""
     from pipeline.report import tl_predictions
 
-    predictions = step.path("save_predictions") if step.stage == "evaluate" else None
+    predictions = predictions_of(step)
     if predictions is not None and foreign(predictions, tl_predictions):  # never replaced: the stage refuses it
         return f"and stop: {predictions} {foreign_state('predictions file')}"
     if record is None:  # an output this recipe did not make: a run takes it over, or stops there (run._stopped)
@@ -138,6 +145,9 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
             if checkpoint_paths(out)[0].exists():  # the resume refuses the file (run._stopped)
                 return f"its last run stopped, and stop: {out} {foreign_state('model file')}"
         return "its last run stopped"
+    if predictions is not None and not os.path.lexists(predictions) and out is not None and stamp(out) == \
+            record.get("output"):
+        return f"{predictions} is gone"
     return f"{out} changed since it was written" if out is not None and out.exists() else f"{out} is gone"
 
 

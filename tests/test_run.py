@@ -781,6 +781,25 @@ def test_remaking_a_report_edited_by_hand_keeps_a_predictions_file_swapped_for_t
     assert (code_caches / "p.csv").read_text().startswith("sample_id,")
 
 
+def test_an_evaluate_step_whose_predictions_file_is_gone_runs_again(run_tl, code_caches, monkeypatch):
+    """The save_predictions file deleted (or moved away, as the refusal of a foreign one says), tl run said
+    'evaluate: r is up to date, skipped' and --dry-run 'r is up to date': the step's record looked at the
+    report alone, and the predictions were never written again. Now the step runs, and --dry-run says why."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, """\
+        fit-head: {cache: caches/train, out: h.pt}
+        evaluate: {head: h.pt, cache: caches/test, out: r, save_predictions: p.csv}
+        """)
+    assert run_tl("run", recipe, "--quiet").code == 0
+    (code_caches / "p.csv").unlink()
+    preview = run_tl("run", recipe, "--dry-run")
+    assert "== evaluate -> r: would run (p.csv is gone)" in preview.out, preview
+    again = run_tl("run", recipe, "--quiet")
+    assert again.code == 0 and "== evaluate -> r" in again.out, again
+    assert (code_caches / "p.csv").read_text().startswith("sample_id,")
+    assert "== evaluate: r is up to date" in run_tl("run", recipe, "--dry-run").out
+
+
 def test_a_report_folder_of_the_users_own_files_stops_the_evaluate_step(run_tl, code_caches, monkeypatch):
     """An evaluate step whose out holds the user's own report.md (no report.json of tl's beside it) stops there,
     keeps it and names out; --dry-run says so; a report the recipe made is replaced by a re-run."""
