@@ -24,7 +24,7 @@ from cache.rebuild import rebuilt_header, shard_entry
 from cache.shard_names import free_shard_name
 from cache.records import append_record, content_digest, write_records
 from pipeline.files import DiskFullError, OutputLock, file_digest, missing_folders, write_bytes
-from pipeline.errors import CacheError, CacheOccupied, listed
+from pipeline.errors import CacheError, CacheOccupied, counted, listed
 
 LOCK = ".lock"
 LISTINGS = "listings"  # the input listings kept for the next run (webdataset tars: pipeline.formats.tar_listings)
@@ -356,7 +356,7 @@ class CacheWriter:
             self._record(entry, skipped)
         except DiskFullError as exc:
             kept = len(self._entries) - (index in self._entries)
-            raise exc.resumed(" and re-run the same command to resume", f" ({kept} shards kept)") from None
+            raise exc.resumed(" and re-run the same command to resume", f" ({counted(kept, 'shard')} kept)") from None
         return entry
 
     @staticmethod

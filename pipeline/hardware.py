@@ -199,14 +199,20 @@ class WorkerLoader(DataLoader):
         while True:
             try:
                 batch = next(batches)
+                if stops.LOST_WORKERS:  # torch's SIGCHLD handler raised the death inside a finalizer (stops.unraisable)
+                    raise stops.LOST_WORKERS.pop()
             except StopIteration:
+                if stops.LOST_WORKERS:
+                    raise self._lost(stops.LOST_WORKERS.pop(), batches) from None
                 return
-            except RuntimeError as exc:  # the workers' exit codes name a signal torch's words may not
-                error = lost_worker(exc, [worker.exitcode for worker in getattr(batches, "_workers", [])])
-                if error is None:
-                    raise
-                raise error from None
+            except RuntimeError as exc:
+                raise self._lost(exc, batches) from None
             yield batch
+
+    @staticmethod
+    def _lost(exc: RuntimeError, batches) -> BaseException:
+        """The one line for a worker's death (the workers' exit codes name a signal torch's words may not)."""
+        return lost_worker(exc, [worker.exitcode for worker in getattr(batches, "_workers", [])]) or exc
 
 
 def lost_worker(exc: BaseException, exit_codes=()) -> BaseException | None:

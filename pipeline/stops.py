@@ -34,6 +34,7 @@ class Interrupted(BaseException):
 
 
 STOPPING = threading.Event()  # set once SIGTERM or Ctrl-C has begun taking the process down
+LOST_WORKERS: list[RuntimeError] = []  # a decoding worker's death reported inside a finalizer (see unraisable)
 
 
 def terminated(signum, frame):
@@ -74,7 +75,8 @@ def _sharer_lost_its_peer(kind, traceback) -> bool:
 def unraisable(report) -> None:
     """A stop that lands while Python runs a weakref callback or a `__del__` is "ignored" there (printed,
     then the run went on to exit 0, seen once in CI): it is delivered again, so the stop still happens,
-    with its one line. Anything else, Python's own report."""
+    with its one line. A decoding worker's death that torch raised there is kept for the loader to raise
+    (LOST_WORKERS). Anything else, Python's own report."""
     kind = report.exc_type
     if kind is not None and issubclass(kind, (Terminated, KeyboardInterrupt)):
         # sent from another thread a moment later: raised inside this hook, it would be ignored once more
@@ -83,6 +85,12 @@ def unraisable(report) -> None:
         timer = threading.Timer(0.05, os.kill, (os.getpid(), number))
         timer.daemon = True
         timer.start()
+        return
+    if kind is not None and issubclass(kind, RuntimeError) and os.getpid() == MAIN_PID \
+            and "DataLoader worker" in str(report.exc_value):
+        # a worker's death that torch's SIGCHLD handler raised while a finalizer ran: printed as "Exception
+        # ignored" and lost, the run went on; the loader raises it at its next batch (hardware.WorkerLoader)
+        LOST_WORKERS.append(report.exc_value)
         return
     if not STOPPING.is_set():  # once stopping, a finalizer's error (a DataLoader whose workers the stop took
         sys.__unraisablehook__(report)  # down too) is part of the stop, whose one line the user gets

@@ -77,7 +77,7 @@ def test_resume_with_another_world_size(run_tl, images, single, tmp_path):
     assert_same_cache(CacheReader(tmp_path / "c"), single)
     (tmp_path / "c" / "shard-00000.h5").unlink()
     again = torchrun(*EXTRACT, "--data", images, "--out", tmp_path / "c")
-    assert again.returncode == 0 and "1 shards new, 4 reused" in again.stdout, again.stderr[-2000:]
+    assert again.returncode == 0 and "1 shard new, 4 reused" in again.stdout, again.stderr[-2000:]
     assert_same_cache(CacheReader(tmp_path / "c"), single)
 
 

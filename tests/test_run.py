@@ -1068,4 +1068,4 @@ def test_an_input_a_later_step_finds_damaged_is_made_again_by_the_next_run(run_t
     assert again.code == 0 and "report: reports/r/report.md" in again.out, again
     assert path.read_bytes() == clean
     if maker.startswith("extract"):
-        assert "wrote caches/train: 6 rows, 1 shards new, 2 reused" in again.out, again
+        assert "wrote caches/train: 6 rows, 1 shard new, 2 reused" in again.out, again

@@ -170,7 +170,7 @@ def test_a_tar_removed_shrunk_or_inserted_redoes_only_its_own_shards(tmp_path):
 
 
 def test_a_tar_removed_beside_a_new_one_is_not_said_to_be_redone(run_tl, tmp_path):
-    """The extract line said '1 shards new (1 of them redone: their inputs changed)' when 00001.tar was removed
+    """The extract line said '1 shard new (1 of them redone: their inputs changed)' when 00001.tar was removed
     and 00003.tar added, nothing changed: a shard's record cannot tell that from 00001.tar changed and moved
     last, so the line says what it knows, the shard dropped with its inputs (changed or gone)."""
     from tests.test_extract import FAST
@@ -183,7 +183,7 @@ def test_a_tar_removed_beside_a_new_one_is_not_said_to_be_redone(run_tl, tmp_pat
     write_tar(tars / "00003.tar", [m for k, m in enumerate(members) for m in (m, (m[0][:-4] + ".cls", b"1"))])
     again = run_tl(*args)
     assert again.code == 0 and "redone" not in again.out, again
-    assert "1 shards new, 2 reused, 1 dropped (its inputs changed or went)" in again.out
+    assert "1 shard new, 2 reused, 1 dropped (its inputs changed or went)" in again.out
 
 
 def test_labels_that_cannot_make_classes_are_one_line(tmp_path):
