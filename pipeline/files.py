@@ -122,6 +122,7 @@ def _prepared(path: Path, what: str, sweep: bool, follow: bool = True) -> Path:
         raise TLError(f"{path} is a folder; name a {what} inside it")
     if path.is_symlink() and follow:  # a path the user named: write the file the link names, and keep the link
         path = Path(os.path.realpath(path))
+    refuse_special(path, what)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a part of the path is not a folder: say which
@@ -130,6 +131,13 @@ def _prepared(path: Path, what: str, sweep: bool, follow: bool = True) -> Path:
     if sweep:
         remove_stale_temporaries(path.parent, path.name)
     return path
+
+
+def refuse_special(path: Path, what: str) -> None:
+    """A FIFO, device or socket at `path` (or where its link leads) is no file to replace: the rename of an
+    atomic write would put a file in its place (as root, `--out /dev/null` would replace the system's)."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise TLError(f"cannot write {what} {path}: it is a device, pipe or socket, not a file; choose another path")
 
 
 def check_folders(path: Path, what: str) -> None:
@@ -141,6 +149,7 @@ def check_folders(path: Path, what: str) -> None:
         kind = "a link to nothing" if part.is_symlink() and not part.exists() else "a file"
         raise TLError(f"cannot write {what} {path}: {part} is {kind}, not a folder; choose another path")
     real = Path(os.path.realpath(path))  # a link's target is what gets written (see _prepared)
+    refuse_special(real, what)
     probe = temporary_name(next(p for p in real.parents if p.is_dir()) / real.name)
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))

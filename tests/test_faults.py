@@ -339,6 +339,25 @@ def test_a_second_finetune_on_one_out_is_refused(run_tl, tmp_path, small_head):
                   "--out", tmp_path / "m.pt", "--epochs", "0", "--workers", "0", "--quiet").code == 0
 
 
+def test_a_pipe_or_device_at_out_is_refused_not_replaced(run_tl, tmp_path, small_head):
+    """A FIFO (or a device node, or a link to one) at --out was replaced by the head file: the atomic write's
+    rename put a file in its place, exit 0 (as root, `--out /dev/null` would replace the system's). Refused
+    in one line before any training, the node kept; the same check guards every atomic write."""
+    from pipeline.errors import TLError
+    from pipeline.files import write_bytes
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "link.pt").symlink_to(fifo)
+    for out in (fifo, tmp_path / "link.pt"):
+        result = run_tl("fit-head", "--cache", small_head / "cache", "--out", out, "--quiet")
+        assert_one_line_error(result, f"cannot write head file {out if out == fifo else fifo}: it is a device, "
+                                      "pipe or socket, not a file; choose another path")
+    assert fifo.is_fifo() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    with pytest.raises(TLError, match="it is a device, pipe or socket"):
+        write_bytes(fifo, b"x", "report")
+
+
 def test_a_second_fit_head_on_one_out_is_refused(run_tl, tmp_path, small_head):
     """Two fit-heads into one --out both said 'wrote OUT', the file holding whichever finished last; the head
     file now has finetune's lock, which a link to it takes too, and nothing is left of it afterwards."""
