@@ -122,7 +122,8 @@ def _prepared(path: Path, what: str, sweep: bool, follow: bool = True) -> Path:
         raise TLError(f"{path} is a folder; name a {what} inside it")
     if path.is_symlink() and follow:  # a path the user named: write the file the link names, and keep the link
         path = Path(os.path.realpath(path))
-    refuse_special(path, what)
+    if follow:  # a node planted among tl's own names is replaced, as a planted link is
+        refuse_special(path, what)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # a part of the path is not a folder: say which
