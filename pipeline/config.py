@@ -160,7 +160,12 @@ def as_flag_value(where: str, parameter: str, setting):
         return str(setting)  # click parses it as from the command line: 1.5 is no integer
     if isinstance(setting, SCALARS):
         return setting
-    kind = "no value" if setting is None else f"a {type(setting).__name__}"
     name = parameter.rstrip("_")
-    raise ConfigError(f"{where}: '{name}' has {kind}; give it a value as on the command line "
-                      f"(--{name.replace('_', '-')} VALUE)")
+    flag = f"--{name.replace('_', '-')}"
+    if isinstance(setting, (list, tuple)):  # a list is taken, of values: name the item that is none
+        number, item = next((number, item) for number, item in enumerate(setting, 1) if not isinstance(item, SCALARS))
+        kind = "no value" if item is None else f"a {type(item).__name__}"
+        raise ConfigError(f"{where}: '{name}' has {kind} as item {number} of its list; give every item a value, "
+                          f"as on the command line ({flag} A,B)")
+    kind = "no value" if setting is None else f"a {type(setting).__name__}"
+    raise ConfigError(f"{where}: '{name}' has {kind}; give it a value as on the command line ({flag} VALUE)")

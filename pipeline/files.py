@@ -402,6 +402,19 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
             if same_file(out_path, in_path):
                 raise TLError(f"{out_flag} {out_path} is the same file as {in_flag}; writing it would destroy "
                               f"the input: choose another {flag}")
-            if in_flag in protected and inside(out_path, in_path, as_named=True):
-                raise TLError(f"{out_flag} {out_path} lies inside {in_flag} {in_path}; writing there would change "
-                              f"the input: choose another {flag}")
+            how = in_input(out_path, in_path) if in_flag in protected else None
+            if how is not None:
+                raise TLError(f"{out_flag} {out_path} lies inside {in_flag} {in_path}{how}; writing there would "
+                              f"change the input: choose another {flag}")
+
+
+def in_input(path: Path, folder: Path) -> str | None:
+    """Whether `path` lies in an input `folder` read through its links, and how: '' (as named or resolved), ' (its
+    folder NAME links there)' (named by where a class folder of images kept elsewhere leads); None: it does not.
+    Links further down are not looked for: that is a walk of the input."""
+    if inside(path, folder, as_named=True):
+        return ""
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        return next((f" (its folder {entry.name} links there)" for entry in sorted(entries, key=lambda e: e.name)
+                     if entry.is_symlink() and entry.is_dir() and inside(path, entry.path)), None)
+    return None

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Protocol
 
 from pipeline.errors import CacheError, ConfigError, Occupied, TLError
-from pipeline.files import inside, same_file
+from pipeline.files import in_input, same_file
 from pipeline.recipe import (INPUTS, OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan,
                              read_recipe, section_items, select)
 from pipeline.run_records import (foreign_output, output_state, read_record, record_path, rewrite_record, step_digest,
-                                  up_to_date, why_stale, write_record)
+                                  stop_ahead, up_to_date, why_stale, write_record)
 
 
 def _refuse_outputs_in_image_folders(path: Path, steps: list[Step]) -> None:
@@ -40,12 +40,12 @@ def _refuse_outputs_in_image_folders(path: Path, steps: list[Step]) -> None:
         if written:  # refused once the step ran, with 'delete R.yaml and run again': the recipe itself
             raise ConfigError(f"recipe {path}: {step.label} {written[0]} {step.path(written[0])} is this recipe; "
                               f"give the step another {written[0]}")
-        reader = next((s for s in steps if s.path("data") is not None
-                       and inside(step.path(OUTPUT), s.path("data"), as_named=True)
-                       and (s.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT), None)
+        reader, how = next(((s, how) for s in steps if s.path("data") is not None
+                            and (s.params.get("format_") or DEFAULT_FORMAT) == DEFAULT_FORMAT
+                            and (how := in_input(step.path(OUTPUT), s.path("data"))) is not None), (None, None))
         if reader is not None:
             raise ConfigError(f"recipe {path}: {step.label} out {step.path(OUTPUT)} lies inside the image folder "
-                              f"{reader.path('data')} that {reader.label} reads; give the step an out outside it")
+                              f"{reader.path('data')}{how} that {reader.label} reads; give the step an out outside it")
 
 
 class StageRunner(Protocol):
@@ -114,6 +114,7 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 say(f"warning: {step.label} {warning}")
     if config.dry_run:
         return _preview(chosen, config.rerun, result, say)
+    _refuse_stops_ahead(chosen, config.rerun, recipe)
     with tracker:
         for step in chosen:
             out = step.path(OUTPUT)
@@ -159,24 +160,48 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
 
 
 def _preview(chosen: list[Step], rerun: bool, result: RunResult, say) -> RunResult:
-    """Each step as a run would take it, and why it would run (tl run --dry-run): nothing is run or
-    written. A step that reads what a running step makes runs after it, as its digest would tell then."""
+    """Each step as a run would take it, and why it would run (tl run --dry-run): nothing is run or written."""
+    for step, out, _, why, _ in _plan(chosen, rerun):
+        if why is None:
+            say(f"== {step.label}: {out} is up to date")
+            result.skipped.append(step.label)
+        else:
+            say(f"== {step.label}" + (f" -> {out}" if out else "") + f": would run ({why})")
+            result.ran.append(step.label)
+    return result
+
+
+def _plan(chosen: list[Step], rerun: bool):
+    """(step, out, record, why it would run (None: up to date, skipped), where it would stop (run_records.stop_ahead))
+    of each step as a run would take it now. A step that reads what a running step makes runs after it, as its
+    digest would tell then."""
     running: list[Step] = []
     for step in chosen:
         out = step.path(OUTPUT)
         record, digest = read_record(out), step_digest(step)
         after = next((maker for maker in running if input_from(step, maker)), None)
         if after is None and not rerun and up_to_date(record, digest, out, step):
-            say(f"== {step.label}: {out} is up to date")
-            result.skipped.append(step.label)
+            yield step, out, record, None, None
             continue
-        stale = why_stale(step, record, digest, out)  # a stop (an output the recipe did not make) comes first
-        why = (stale if stale.startswith("and stop") else "--rerun" if rerun
-               else f"after {after.label}, which makes its {input_from(step, after)}" if after else stale)
-        say(f"== {step.label}" + (f" -> {out}" if out else "") + f": would run ({why})")
+        ahead = stop_ahead(step, record, out, None if after else digest)  # the step it reads changes its digest
+        why = (ahead[1] if ahead else "--rerun" if rerun
+               else f"after {after.label}, which makes its {input_from(step, after)}" if after
+               else why_stale(step, record, digest, out))
         running.append(step)
-        result.ran.append(step.label)
-    return result
+        yield step, out, record, why, ahead
+
+
+def _refuse_stops_ahead(chosen: list[Step], rerun: bool, recipe) -> None:
+    """A run that would stop at a step's output (a file its stage refuses to replace) stops before any step,
+    with that step's line: not after hours of the steps before it. The steps' digests are read only when
+    one may stop (a data set's fingerprint lists it)."""
+    if not any(stop_ahead(step, record, step.path(OUTPUT), (record or {}).get("digest"))
+               for step in chosen for record in [read_record(step.path(OUTPUT))]):
+        return
+    for step, out, record, _, ahead in _plan(chosen, rerun):
+        if ahead is not None:
+            resuming = step.stage == "finetune" and record is not None  # refused by the model file it resumes into
+            raise _stopped(step, recipe, record, False, ahead[0], {"resume": True} if resuming else None)
 
 
 def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun: bool = False) -> dict:

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from pipeline.errors import ConfigError, TLError
+from pipeline.errors import ConfigError, Occupied, TLError
 from pipeline.files import write_bytes
 from pipeline.ownership import foreign, foreign_state
 from pipeline.recipe import INPUTS, Step
@@ -23,6 +23,7 @@ HOW_NOT_WHAT = {"quiet", "workers", "overwrite", "resume", "download", "device"}
 # inference batches give the same numbers; fit-head's block_rows orders its streamed mini-batches: kept;
 # where extract decodes JPEGs is no part of the cache key, as its device is not
 HOW_NOT_WHAT_OF = {"extract": {"batch_size", "device_decode"}, "evaluate": {"batch_size", "block_rows"}}
+STOPS_THERE = "tl run stops there"  # worded for tl run by run._stopped
 MAIN_FILES = ("manifest.json", "report.json")  # the file that stands for a cache or a report folder
 
 
@@ -104,27 +105,53 @@ def rewrite_record(out: Path, record: dict) -> None:
                 follow=False)
 
 
-def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) -> str:
-    """Why a step is not up to date (tl run --dry-run), in a few words: not run, the settings that changed
-    (old -> new), its inputs, a stopped run (of the same settings: a finetune resumes it), or its output
-    since it was written."""
+def stop_ahead(step: Step, record: dict | None, out: Path | None, digest: str | None = None
+               ) -> tuple[Occupied, str] | None:
+    """Where a run of `step` would stop: a file its stage refuses to replace (tl did not write it, or an earlier
+    run's checkpoint this recipe did not make), as (the stage's refusal, which run._stopped words for tl run;
+    how --dry-run says it). None: nothing stops it. `digest`: the step's now, which tells a finetune resuming
+    its stopped run (refused by a model file that is not tl's) from one starting over (None: taken as resuming)."""
     from pipeline.report import tl_predictions
 
     predictions = predictions_of(step)
     if predictions is not None and foreign(predictions, tl_predictions):  # never replaced: the stage refuses it
-        return f"and stop: {predictions} {foreign_state('predictions file')}"
+        state = foreign_state("predictions file")
+        return Occupied(predictions, state, STOPS_THERE), f"and stop: {predictions} {state}"
+    if out is None:
+        return None
     if record is None:  # an output this recipe did not make: a run takes it over, or stops there (run._stopped)
-        if step.stage == "finetune" and out is not None:
+        if step.stage == "finetune":
             from pipeline.model_files import checkpoint_paths
 
             earlier = next((path for path in checkpoint_paths(out) if path.exists()), None)
             if earlier is not None:
-                return f"and stop: {earlier} holds an earlier run, and this recipe did not make it"
+                return (Occupied(earlier, "holds an earlier run", STOPS_THERE),
+                        f"and stop: {earlier} holds an earlier run, and this recipe did not make it")
+        refused = foreign_output(step.stage, out) if out.exists() else None
+        if refused is None:
+            return None
+        state = foreign_state(refused[1])
+        return Occupied(refused[0], state, STOPS_THERE), f"and stop: {refused[0]} {state}, and this recipe did not make it"
+    if (step.stage == "finetune" and record.get("status") == "started" and digest in (None, record.get("digest"))
+            and foreign(out)):
+        from pipeline.model_files import checkpoint_paths
+
+        if checkpoint_paths(out)[0].exists():  # the resume refuses the file (run._stopped)
+            state = foreign_state("model file")
+            return Occupied(out, state, STOPS_THERE), f"its last run stopped, and stop: {out} {state}"
+    return None
+
+
+def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) -> str:
+    """Why a step is not up to date (tl run --dry-run), in a few words: not run, the settings that changed
+    (old -> new), its inputs, a stopped run (of the same settings: a finetune resumes it), or its output
+    since it was written; first, where a run of it would stop."""
+    ahead = stop_ahead(step, record, out, digest)
+    if ahead is not None:
+        return ahead[1]
+    if record is None:
         if out is None or not out.exists():
             return "not run yet"
-        refused = foreign_output(step.stage, out)
-        if refused is not None:
-            return f"and stop: {refused[0]} {foreign_state(refused[1])}, and this recipe did not make it"
         taken = ": a cache of the step's settings is taken up, any other stops the run" if step.stage == "extract" \
             else ""
         return f"{out} has no record of this recipe{taken}"
@@ -139,12 +166,8 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
     if record.get("status") == "damaged":  # run._damaged_input
         return f"a later step found {out} damaged"
     if record.get("status") != "done":  # after the changes: a run of other settings starts over, not resumes
-        if step.stage == "finetune" and out is not None and foreign(out):
-            from pipeline.model_files import checkpoint_paths
-
-            if checkpoint_paths(out)[0].exists():  # the resume refuses the file (run._stopped)
-                return f"its last run stopped, and stop: {out} {foreign_state('model file')}"
         return "its last run stopped"
+    predictions = predictions_of(step)
     if predictions is not None and not os.path.lexists(predictions) and out is not None and stamp(out) == \
             record.get("output"):
         return f"{predictions} is gone"

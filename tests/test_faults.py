@@ -785,6 +785,13 @@ def test_bad_settings_are_one_line_each(run_tl, tmp_path, image_folder, voc_shap
     other = tmp_path / "map.yaml"
     other.write_text("data: {a: 1}\nout: x\n")
     cases.append((["extract", "--config", other], "'data' has a dict"))
+    listed = tmp_path / "listed.yaml"  # a list is taken ([fc7]), so an empty item of one is what is said
+    listed.write_text("layers: [fc7, null]\nout: x\n")
+    cases.append((["extract", "--config", listed], "'layers' has no value as item 2 of its list; give every item a "
+                  "value, as on the command line (--layers A,B)"))
+    listed = tmp_path / "nested.yaml"
+    listed.write_text("layers: [fc7, [fc6]]\nout: x\n")
+    cases.append((["extract", "--config", listed], "'layers' has a list as item 2 of its list"))
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("data: caf\xe9\n".encode("latin-1"))
     cases.append((["extract", "--config", latin], "not UTF-8"))
@@ -1399,6 +1406,12 @@ def test_an_out_inside_a_linked_class_folder_of_the_data_is_refused(run_tl, tmp_
     refused = run_tl("finetune", "--data", data, "--split", "", "--head", small_head / "head.pt", "--epochs", "0",
                      "--out", data / "a" / "m.pt", "--workers", "0", "--quiet")
     assert refused.code == 2 and f"lies inside --data {data}" in refused.err, refused
+    out = kept / "a" / "reports"  # named by where the class folder leads: the report's plots would be images of a
+    refused = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "", "--out", out,
+                     "--workers", "0", "--quiet")
+    assert refused.code == 2 and refused.err == (
+        f"error: --out {out} lies inside --data {data} (its folder a links there); writing there would change the "
+        "input: choose another --out\n"), refused
     assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before
 
 

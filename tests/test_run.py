@@ -194,6 +194,22 @@ def test_a_bad_recipe_is_one_line_before_any_stage(run_tl, code_caches, monkeypa
     assert sorted(p.relative_to(code_caches) for p in code_caches.rglob("*")) == before
 
 
+def test_a_recipe_out_where_a_linked_class_folder_leads_is_refused(run_tl, code_caches, monkeypatch):
+    """An out named by the real path of a class folder that links to images kept elsewhere lies in the image
+    folder as much as one named through it (the walk follows the link): its report's plots would be images."""
+    monkeypatch.chdir(code_caches)
+    (code_caches / "kept").mkdir()
+    (code_caches / "images" / "c").symlink_to(code_caches / "kept", target_is_directory=True)
+    recipe = _recipe(code_caches, "format: imagefolder\nextract: {data: images, out: caches/x}\n"
+                                  "fit-head: {cache: caches/train, out: h.pt}\n"
+                                  "evaluate: {head: h.pt, cache: caches/test, out: kept/report}\n")
+    result = run_tl("run", recipe)
+    assert result.code == 2 and result.err == (
+        f"error: recipe {recipe}: evaluate out kept/report lies inside the image folder images (its folder c links "
+        "there) that extract (train) reads; give the step an out outside it\n"), result
+    assert list((code_caches / "kept").iterdir()) == [] and not (code_caches / "caches/x").exists()
+
+
 def test_a_required_option_left_out_is_one_line(run_tl):
     """A required option (here evaluate's --out) never takes a stage default of None."""
     result = run_tl("evaluate", "--head", "h.pt", "--cache", "c")
@@ -468,9 +484,12 @@ def test_a_stopped_finetune_whose_model_file_is_not_tls_says_what_tl_run_can_do(
     assert (tmp_path / "models/m.pt").read_text() == "my notes\n"
     assert (tmp_path / "models/m.last.ckpt").read_bytes() == checkpoint
     assert json.loads(record_path.read_text())["status"] == "started"  # the claim holds: the next run resumes
-    said = run_tl("run", recipe, "--dry-run", "--only", "finetune")
-    assert said.code == 0 and said.out.startswith("== finetune -> models/m.pt: would run (its last run stopped, and stop: "
-                                                      "models/m.pt holds a file that tl did not write as a model file)\n"), said
+    for rerun in ((), ("--rerun",)):  # --rerun resumes it too (and was said to run for --rerun alone)
+        said = run_tl("run", recipe, "--dry-run", "--only", "finetune", *rerun)
+        assert said.code == 0 and said.out.startswith(
+            "== finetune -> models/m.pt: would run (its last run stopped, and stop: models/m.pt holds a file that tl "
+            "did not write as a model file)\n"), said
+    assert run_tl("run", recipe, "--only", "finetune", "--rerun").err == refused.err
     (tmp_path / "models/m.pt").rename(tmp_path / "notes.txt")
     resumed = run_tl("run", recipe)
     assert resumed.code == 0 and "resuming the run that stopped (checkpoint m.last.ckpt)" in resumed.out, resumed
@@ -670,9 +689,10 @@ def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_rec
         f"another out in {recipe}, or delete models/m.last.ckpt and run again\n"), refused
     assert (tmp_path / "models/m.last.ckpt").read_bytes() == b"another run's checkpoint"
     assert not (tmp_path / "models/m.pt.tl-run.json").exists()
-    said = run_tl("run", recipe, "--dry-run", "--only", "finetune")  # what the run does, not "not run yet"
-    assert said.code == 0 and said.out.startswith("== finetune -> models/m.pt: would run (and stop: models/m.last.ckpt "
-                                                  "holds an earlier run, and this recipe did not make it)\n"), said
+    assert not (tmp_path / "caches").exists() and not (tmp_path / "heads").exists()  # before any step
+    said = run_tl("run", recipe, "--dry-run")  # what the run does, not "not run yet"
+    assert said.code == 0 and ("\n== finetune -> models/m.pt: would run (and stop: models/m.last.ckpt holds an "
+                               "earlier run, and this recipe did not make it)\n") in said.out, said
 
 
 def test_a_head_file_tl_did_not_write_is_kept_unless_the_recipe_made_that_out(run_tl, tmp_path, monkeypatch):
@@ -688,7 +708,8 @@ def test_a_head_file_tl_did_not_write_is_kept_unless_the_recipe_made_that_out(ru
         f"give the step another out in {recipe}, or delete heads/h.pt and run again\n"), refused
     assert (tmp_path / "heads/h.pt").read_text() == "my notes\n"
     assert not (tmp_path / "heads/h.pt.tl-run.json").exists()
-    said = run_tl("run", recipe, "--dry-run")  # the extract ran: what the fit-head step would do
+    assert not (tmp_path / "caches").exists()  # stopped before the extract it reads: not after it
+    said = run_tl("run", recipe, "--dry-run")
     assert said.code == 0 and ("== fit-head -> heads/h.pt: would run (and stop: heads/h.pt holds a file that tl did "
                                "not write as a head file, and this recipe did not make it)\n") in said.out, said
     (tmp_path / "heads/h.pt").unlink()
@@ -725,6 +746,7 @@ def test_a_predictions_file_tl_did_not_write_names_the_key_that_names_it(run_tl,
         "error: evaluate: notes.csv holds a file that tl did not write as a predictions file, and this recipe did not "
         f"make it; give the step another save_predictions in {recipe}, or delete notes.csv and run again\n"), refused
     assert (code_caches / "notes.csv").read_text() == "my,notes\n"
+    assert not (code_caches / "h.pt").exists()  # the fit-head before it did not run
     (code_caches / "notes.csv").unlink()
     assert run_tl("run", recipe, "--quiet").code == 0
     assert run_tl("run", recipe, "--quiet", "--rerun").code == 0  # its own predictions: replaced
@@ -754,6 +776,35 @@ def test_a_predictions_file_tl_did_not_write_names_its_key_after_the_step_ran_be
                                "as a predictions file)\n") in said.out, said
     (code_caches / "notes.csv").unlink()
     assert run_tl("run", recipe, "--quiet").code == 0
+
+
+def test_a_rerun_that_would_stop_at_a_later_step_stops_before_the_first(run_tl, code_caches, monkeypatch):
+    """tl run --rerun whose evaluate step names the user's file as save_predictions ran the fit-head again
+    (its head replaced), then stopped at evaluate; now the run stops before any step, the head and every
+    record as they were, and --dry-run says the same stop."""
+    monkeypatch.chdir(code_caches)
+    recipe = _recipe(code_caches, """\
+        fit-head: {cache: caches/train, out: h.pt}
+        evaluate: {head: h.pt, cache: caches/test, out: r, save_predictions: p.csv}
+        """)
+    assert run_tl("run", recipe, "--quiet").code == 0
+    (code_caches / "p.csv").write_text("my,predictions\n")
+    kept = {path: path.read_bytes() for path in code_caches.glob("*.tl-run.json")} | {
+        code_caches / "h.pt": (code_caches / "h.pt").read_bytes()}
+    head_written = (code_caches / "h.pt").stat().st_mtime_ns
+    said = run_tl("run", recipe, "--dry-run", "--rerun")
+    assert said.code == 0 and ("== fit-head -> h.pt: would run (--rerun)\n== evaluate -> r: would run (and stop: "
+                               "p.csv holds a file that tl did not write as a predictions file)\n") in said.out, said
+    refused = run_tl("run", recipe, "--rerun")
+    assert refused.code == 2 and refused.out == "" and refused.err == (
+        "error: evaluate: p.csv holds a file that tl did not write as a predictions file; give the step another "
+        f"save_predictions in {recipe}, or move it away (or delete it) and run again\n"), refused
+    assert (code_caches / "h.pt").stat().st_mtime_ns == head_written
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert (code_caches / "p.csv").read_text() == "my,predictions\n"
+    (code_caches / "p.csv").unlink()
+    again = run_tl("run", recipe, "--rerun", "--quiet")
+    assert again.code == 0 and "== fit-head -> h.pt" in again.out and "== evaluate -> r" in again.out, again
 
 
 def test_remaking_a_report_edited_by_hand_keeps_a_predictions_file_swapped_for_the_users(run_tl, code_caches,
@@ -819,6 +870,7 @@ def test_a_report_folder_of_the_users_own_files_stops_the_evaluate_step(run_tl, 
         "error: evaluate: r/report.md holds a file that tl did not write as a report file, and this recipe did not "
         f"make it; give the step another out in {recipe}, or delete r/report.md and run again\n"), refused
     assert (code_caches / "r/report.md").read_text() == "my notes\n"
+    assert not (code_caches / "h.pt").exists()  # the fit-head before it did not run
     said = run_tl("run", recipe, "--dry-run")
     assert said.code == 0 and ("== evaluate -> r: would run (and stop: r/report.md holds a file that tl did not "
                                "write as a report file, and this recipe did not make it)\n") in said.out, said
