@@ -195,18 +195,16 @@ class WorkerLoader(DataLoader):
         super().__init__(dataset, **settings)
 
     def __iter__(self):
-        batches = super().__iter__()
+        batches, done = super().__iter__(), object()
         while True:
             try:
-                batch = next(batches)
-                if stops.LOST_WORKERS:  # torch's SIGCHLD handler raised the death inside a finalizer (stops.unraisable)
-                    raise stops.LOST_WORKERS.pop()
-            except StopIteration:
-                if stops.LOST_WORKERS:
-                    raise self._lost(stops.LOST_WORKERS.pop(), batches) from None
-                return
+                batch = next(batches, done)
             except RuntimeError as exc:
                 raise self._lost(exc, batches) from None
+            if stops.LOST_WORKERS:  # torch's SIGCHLD handler raised the death inside a finalizer (stops.unraisable)
+                raise self._lost(stops.LOST_WORKERS.pop(), batches) from None
+            if batch is done:
+                return
             yield batch
 
     @staticmethod
