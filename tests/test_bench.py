@@ -3,7 +3,7 @@ between the sessions that measure with it; its photo set has the promised size m
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import signal
 import sys
@@ -128,12 +128,14 @@ def test_crop_resize_times_both_resizes_and_compares_their_pixels_with_exact(mon
     bench.main(["--images", "4", "--rounds", "1", "--no-write"])
     rows = [[cell.strip() for cell in line.strip("|").split("|")]
             for line in capsys.readouterr().out.splitlines() if line.startswith(("| bilinear |", "| bicubic |"))]
-    assert [(row[0], row[1]) for row in rows] == [
-        ("bilinear", "Pillow, the crop's box"), ("bilinear", "torch uint8 (tl)"),
-        ("bicubic", "Pillow, the crop's box"), ("bicubic", "torch uint8 (tl)")]
-    assert all(float(row[2]) > 0 for row in rows)
+    pillow = [row for row in rows if row[1] != bench.TURBO]
+    assert [(row[0], row[1]) for row in pillow] == [
+        ("bilinear", "Pillow draft, Pillow resize of the crop's box"), ("bilinear", "Pillow draft, torch uint8 resize (tl)"),
+        ("bicubic", "Pillow draft, Pillow resize of the crop's box"), ("bicubic", "Pillow draft, torch uint8 resize (tl)")]
+    turbo = importlib.util.find_spec("simplejpeg") is not None  # a lever not taken, measured where it is installed
+    assert len(rows) == 4 + 2 * turbo and all(float(row[2]) > 0 for row in rows)
     # photos not reduced: a few pixel values off by a level or two, whichever resize
-    assert all(float(row[3]) < 0.01 and int(row[4]) <= 2 for row in rows)
+    assert all(float(row[3]) < 0.01 and int(row[4]) <= 2 for row in pillow)
     assert (REPO / "bench" / "RESULTS.md").read_text() == before
 
 
