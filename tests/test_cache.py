@@ -405,6 +405,26 @@ def test_a_shard_crafted_with_its_checksum_is_one_line(tmp_path, column, data, s
         next(CacheReader(cache).iter_batches("feat"))
 
 
+@pytest.mark.parametrize("column, data", [
+    ("feat", np.zeros((6, 3), dtype=np.float32)), ("target", np.array([0, 1, 2, 0, 1, 0])),
+    ("feat", np.full((6, 4), np.nan, dtype=np.float32)), ("target", np.arange(4))])
+def test_a_shard_changed_since_its_record_says_to_rerun_the_extract_not_to_overwrite(tmp_path, column, data):
+    """A shard whose file changed after tl recorded it (its checksum no longer holds) is refused for its checksum,
+    before its columns are looked at: the same extract command redoes that shard alone (the writer drops a shard
+    whose checksum fails), where the columns' line says --overwrite, which extracts every shard again."""
+    from tests.conftest import write_code_cache
+
+    cache = write_code_cache(tmp_path / "c", np.ones((6, 4), np.float32), np.array([0, 1] * 3), ["a", "b"])
+    with h5py.File(cache / "shard-00000.h5", "r+") as handle:
+        del handle[column]
+        handle.create_dataset(column, data=data)
+    with pytest.raises(CacheError) as refused:
+        CacheReader(cache).load("feat") if column == "feat" and data.shape == (6, 4) else \
+            next(CacheReader(cache).iter_batches("feat"))
+    assert str(refused.value) == (f"shard shard-00000.h5 of {cache} is corrupt (checksum mismatch); re-run the tl "
+                                  "extract that made it: it writes that shard again")
+
+
 def test_the_writer_keeps_whole_targets_as_integers_and_refuses_fractions(tmp_path):
     from tests.conftest import write_code_cache
 
