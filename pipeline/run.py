@@ -100,6 +100,8 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
         except TLError as exc:
             raise ConfigError(f"recipe {recipe.path}: {step.label}: "
                               f"{_in_recipe_terms(exc, step, stages[step.stage], recipe, project)}") from None
+    if not config.dry_run:  # before the tracker starts a run of it
+        _refuse_stops_ahead(chosen, config.rerun, recipe)
     tracker = open_tracker(config.track or recipe.track, recipe)
     result = RunResult()
     for note in notes:
@@ -114,7 +116,6 @@ def run_recipe(config: RunConfig, runner: StageRunner, say=print) -> RunResult:
                 say(f"warning: {step.label} {warning}")
     if config.dry_run:
         return _preview(chosen, config.rerun, result, say)
-    _refuse_stops_ahead(chosen, config.rerun, recipe)
     with tracker:
         for step in chosen:
             out = step.path(OUTPUT)
