@@ -253,6 +253,17 @@ def test_the_step_that_stops_a_tracked_run_is_a_run_of_its_own(run_tl, tmp_path,
     assert stopped.data.params["head"] == "h.pt" and parents[0].info.status == status
 
 
+def test_a_run_that_would_stop_at_a_users_file_starts_no_tracked_run(run_tl, tmp_path, monkeypatch):
+    """A run refused before any step (a step's out holds the user's own report) is no MLflow run: nothing ran."""
+    uri = _tracked_blobs(tmp_path, monkeypatch,
+                         "fit-head: {cache: c, out: h.pt}\nevaluate: {head: h.pt, cache: c, out: r}\n")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.md").write_text("my notes\n")
+    refused = run_tl("run", "r.yaml", "--track", "mlflow", "--quiet")
+    assert refused.code == 2 and "r/report.md holds a file that tl did not write as a report file" in refused.err
+    assert _runs(uri)[2] == [] and not (tmp_path / "h.pt").exists()
+
+
 def test_the_store_check_takes_any_answer_and_never_shows_a_password():
     import http.server
     import threading
