@@ -184,7 +184,7 @@ def _plan(chosen: list[Step], rerun: bool):
         if after is None and not rerun and up_to_date(record, digest, out, step):
             yield step, out, record, None, None
             continue
-        ahead = stop_ahead(step, record, out, None if after else digest)  # the step it reads changes its digest
+        ahead = stop_ahead(step, record, out, None if after else digest)  # what it reads is made again: starts over
         why = (ahead[1] if ahead else "--rerun" if rerun
                else f"after {after.label}, which makes its {input_from(step, after)}" if after
                else why_stale(step, record, digest, out))

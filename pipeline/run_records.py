@@ -110,7 +110,8 @@ def stop_ahead(step: Step, record: dict | None, out: Path | None, digest: str | 
     """Where a run of `step` would stop: a file its stage refuses to replace (tl did not write it, or an earlier
     run's checkpoint this recipe did not make), as (the stage's refusal, which run._stopped words for tl run;
     how --dry-run says it). None: nothing stops it. `digest`: the step's now, which tells a finetune resuming
-    its stopped run (refused by a model file that is not tl's) from one starting over (None: taken as resuming)."""
+    its stopped run (refused by a model file that is not tl's) from one starting over (None: it changes, as the
+    step reads what a step running before it makes: it starts over)."""
     from pipeline.report import tl_predictions
 
     predictions = predictions_of(step)
@@ -132,8 +133,8 @@ def stop_ahead(step: Step, record: dict | None, out: Path | None, digest: str | 
             return None
         state = foreign_state(refused[1])
         return Occupied(refused[0], state, STOPS_THERE), f"and stop: {refused[0]} {state}, and this recipe did not make it"
-    if (step.stage == "finetune" and record.get("status") == "started" and digest in (None, record.get("digest"))
-            and foreign(out)):
+    if (step.stage == "finetune" and record.get("status") == "started" and digest is not None
+            and digest == record.get("digest") and foreign(out)):
         from pipeline.model_files import checkpoint_paths
 
         if checkpoint_paths(out)[0].exists():  # the resume refuses the file (run._stopped)

@@ -496,6 +496,28 @@ def test_a_stopped_finetune_whose_model_file_is_not_tls_says_what_tl_run_can_do(
     assert (tmp_path / "models/m.pt").read_bytes()[:2] == b"PK"
 
 
+def test_a_stopped_finetune_that_starts_over_after_its_head_is_made_again_is_not_refused(run_tl, tmp_path,
+                                                                                          monkeypatch):
+    """A stopped finetune whose model file is not tl's is refused ahead only where it would resume: after a
+    fit-head that runs (--rerun), the head it reads is new, its digest changes and it starts over, replacing the
+    file its record says it made. tl run --rerun refused that run before any step, and --dry-run said it stops."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 4, """\
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
+        """)
+    assert run_tl("run", recipe).code == 0
+    record_path = tmp_path / "models/m.pt.tl-run.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "status": "started"}))
+    (tmp_path / "models/m.pt").write_text("my notes\n")
+    said = run_tl("run", recipe, "--dry-run", "--from", "fit-head", "--rerun")
+    assert said.code == 0 and "\n== finetune -> models/m.pt: would run (--rerun)\n" in said.out, said
+    again = run_tl("run", recipe, "--from", "fit-head", "--rerun")
+    assert again.code == 0 and "== finetune: settings or inputs changed since models/m.pt was made: starting over" \
+        in again.out, again
+    assert (tmp_path / "models/m.pt").read_bytes()[:2] == b"PK"
+
+
 def test_a_data_sets_warning_is_said_once_a_run(run_tl, tmp_path, monkeypatch):
     """A recipe that extracts and then finetunes the same images opened them twice and printed the
     --samples-per-class warning twice: a step does not say again what an earlier step of the run said of the
