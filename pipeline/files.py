@@ -410,11 +410,11 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
 
 def in_input(path: Path, folder: Path) -> str | None:
     """Whether `path` lies in an input `folder` read through its links, and how: '' (as named or resolved), ' (its
-    folder NAME links there)' (named by where a class folder of images kept elsewhere leads); None: it does not.
-    Links further down are not looked for: that is a walk of the input."""
+    folder NAME links there)' (named by where a class folder of images kept elsewhere leads, in the folder or in a
+    split folder of it: train/a); None: it does not. Links further down are not looked for: a walk of the input."""
     if inside(path, folder, as_named=True):
         return ""
-    with contextlib.suppress(OSError), os.scandir(folder) as entries:
-        return next((f" (its folder {entry.name} links there)" for entry in sorted(entries, key=lambda e: e.name)
-                     if entry.is_symlink() and entry.is_dir() and inside(path, entry.path)), None)
-    return None
+    from pipeline.class_folders import linked_classes
+
+    return next((f" (its folder {name} links there)" for name, linked in linked_classes(folder)
+                 if inside(path, linked)), None)

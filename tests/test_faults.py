@@ -1415,6 +1415,35 @@ def test_an_out_inside_a_linked_class_folder_of_the_data_is_refused(run_tl, tmp_
     assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before
 
 
+def test_an_out_where_a_linked_class_folder_of_a_split_leads_is_refused(run_tl, tmp_path, small_head):
+    """The class folders of data with split folders lie in DATA/SPLIT (the digits recipe's layout): an --out
+    named by where one of them links (data/test/a -> kept/a) was written, the report's plots becoming images of
+    class a; it is refused as one where a class folder of DATA leads. A link to a file, a hidden folder (no class)
+    and an --out beside the data are not refused."""
+    import shutil
+
+    data, kept = tmp_path / "data", tmp_path / "kept"
+    shutil.copytree(small_head / "train", kept)
+    (data / "test").mkdir(parents=True)
+    for folder in kept.iterdir():
+        (data / "test" / folder.name).symlink_to(folder, target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    (data / "test" / ".hidden").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (data / "notes.txt").symlink_to(tmp_path / "notes.txt")
+    before = sorted(p.relative_to(kept) for p in kept.rglob("*"))
+    out = kept / "a" / "reports"
+    refused = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "test", "--out", out,
+                     "--workers", "0", "--quiet")
+    assert refused.code == 2 and refused.err == (
+        f"error: --out {out} lies inside --data {data} (its folder test/a links there); writing there would change "
+        "the input: choose another --out\n"), refused
+    assert sorted(p.relative_to(kept) for p in kept.rglob("*")) == before
+    for out in (tmp_path / "elsewhere" / "reports", tmp_path / "reports"):
+        written = run_tl("evaluate", "--model", small_head / "model.pt", "--data", data, "--split", "test", "--out",
+                         out, "--workers", "0", "--quiet")
+        assert written.code == 0 and (out / "report.json").is_file(), written
+
+
 def test_an_out_through_a_linked_class_folder_and_up_out_of_it_is_not_refused(run_tl, tmp_path, small_head):
     """--out D/a/../reports, with D/a a link to kept/a, names kept/reports (the system takes the `..` from
     where the link leads), outside D: it was refused as 'lies inside --data D' (the path as named had its `..`

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.class_folders import SPLIT_NAMES
 from pipeline.datasets import (IMAGE_EXTENSIONS, ImageFiles, Sample, Source, file_stamp, missing_split,
                                register_format, require_dir, shown)
 from pipeline.errors import DataError
-
-
-SPLIT_NAMES = {"train", "trainval", "val", "valid", "validation", "test", "testing", "training"}
 
 
 @register_format
