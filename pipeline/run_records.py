@@ -121,6 +121,11 @@ def stop_ahead(step: Step, record: dict | None, out: Path | None, digest: str | 
     if out is None:
         return None
     if record is None:  # an output this recipe did not make: a run takes it over, or stops there (run._stopped)
+        refused = foreign_output(step.stage, out) if out.exists() else None  # refused first, as the stage does
+        if refused is not None:
+            state = foreign_state(refused[1])
+            return (Occupied(refused[0], state, STOPS_THERE),
+                    f"and stop: {refused[0]} {state}, and this recipe did not make it")
         if step.stage == "finetune":
             from pipeline.model_files import checkpoint_paths
 
@@ -128,11 +133,7 @@ def stop_ahead(step: Step, record: dict | None, out: Path | None, digest: str | 
             if earlier is not None:
                 return (Occupied(earlier, "holds an earlier run", STOPS_THERE),
                         f"and stop: {earlier} holds an earlier run, and this recipe did not make it")
-        refused = foreign_output(step.stage, out) if out.exists() else None
-        if refused is None:
-            return None
-        state = foreign_state(refused[1])
-        return Occupied(refused[0], state, STOPS_THERE), f"and stop: {refused[0]} {state}, and this recipe did not make it"
+        return None
     if (step.stage == "finetune" and record.get("status") == "started" and digest is not None
             and digest == record.get("digest") and foreign(out)):
         from pipeline.model_files import checkpoint_paths

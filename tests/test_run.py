@@ -717,6 +717,29 @@ def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_rec
                                "earlier run, and this recipe did not make it)\n") in said.out, said
 
 
+def test_a_model_file_and_a_checkpoint_this_recipe_did_not_make_stop_at_the_model_file(run_tl, tmp_path,
+                                                                                       monkeypatch):
+    """Both the model file and a checkpoint beside it not this recipe's: the finetune stage refuses the model
+    file first (tl finetune's order), and tl run's early stop names the file the stage names, not the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 2, """\
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
+        """)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/m.last.ckpt").write_bytes(b"another run's checkpoint")
+    (tmp_path / "models/m.pt").write_text("my notes\n")
+    refused = run_tl("run", recipe)
+    assert refused.code == 2 and refused.err == (
+        "error: finetune: models/m.pt holds a file that tl did not write as a model file, and this recipe did not "
+        f"make it; give the step another out in {recipe}, or delete models/m.pt and run again\n"), refused
+    said = run_tl("run", recipe, "--dry-run")
+    assert said.code == 0 and ("\n== finetune -> models/m.pt: would run (and stop: models/m.pt holds a file that tl "
+                               "did not write as a model file, and this recipe did not make it)\n") in said.out, said
+    stage = run_tl("finetune", "--data", "images", "--head", tmp_path / "m.pt", "--out", "models/m.pt")
+    assert stage.code == 2 and "models/m.pt holds a file that tl did not write as a model file" in stage.err, stage
+
+
 def test_a_head_file_tl_did_not_write_is_kept_unless_the_recipe_made_that_out(run_tl, tmp_path, monkeypatch):
     """A recipe whose head out names the user's own file (notes, not a tl head) stops there and keeps it, with
     the recipe's remedy; a head this recipe made and that was edited by hand since is made again."""
