@@ -164,15 +164,12 @@ def check_schedule(steps: tuple[int, ...], factors: tuple[float, ...], error: ty
 
 def step_multiplier(steps: tuple[int, ...], factors: tuple[float, ...]):
     """epoch -> learning-rate multiplier: after each epoch in `steps` the rate is multiplied by the
-    matching factor (the last factor repeats), as in the neon recipe's step drops."""
+    factor listed in its place (the last factor repeats; steps in any order), as neon's step drops."""
     factors = tuple(factors) or (0.1,)
+    drops = [(step, factors[min(number, len(factors) - 1)]) for number, step in enumerate(steps)]
 
     def multiplier(epoch: int) -> float:
-        value = 1.0
-        for number, step in enumerate(sorted(steps)):
-            if epoch >= step:
-                value *= factors[min(number, len(factors) - 1)]
-        return value
+        return math.prod((factor for step, factor in drops if epoch >= step), start=1.0)
 
     return multiplier
 

@@ -423,6 +423,15 @@ def test_step_schedule_drops_the_learning_rate():
         MlpHead(training=TrainingOptions(lr_steps=(0,))).fit(codes, targets)
 
 
+def test_each_lr_step_takes_the_factor_listed_in_its_place_in_any_order():
+    """--lr-steps 4,2 --lr-factors 0.5,0.1 drops by 0.1 after epoch 2 and by 0.5 after epoch 4; the steps
+    were sorted and the factors not, so epoch 2 took 0.5 and epoch 4 0.1."""
+    codes, targets = blobs(14, n=100)
+    options = TrainingOptions(lr=0.1, lr_steps=(4, 2), lr_factors=(0.5, 0.1), max_epochs=5)
+    head = MlpHead(hidden=(8,), training=options).fit(codes, targets)
+    assert [point["lr"] for point in head.curve_] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.005])
+
+
 @pytest.mark.parametrize("multilabel", [False, True], ids=["single", "multi"])
 def test_a_confident_mlp_keeps_its_ranking_where_float32_saturates(multilabel):
     # logits scaled to gaps up to 34: float32's softmax/sigmoid is exactly 1.0 past 16.6, float64's past 36.7
