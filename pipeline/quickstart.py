@@ -60,8 +60,9 @@ def run_quickstart(config: QuickstartConfig, say=print) -> QuickstartResult:
     head_path, report_folder = out / "heads" / "digits-logreg.pt", out / "report"
     # a stage's own remedy names its flags (--overwrite), which quickstart has not; and said before the extracts
     remedy = "choose another --out, or move it away: tl quickstart replaces only the files it wrote"
-    for path, folder, what in ((out / "heads", True, "heads folder"), (head_path, False, "head file"),
-                               (report_folder, True, "report folder")):  # the wrong kind: stopped after the work
+    for path, folder, what in ((out, True, "folder"), (out / "heads", True, "heads folder"),
+                               (head_path, False, "head file"), (report_folder, True, "report folder")):
+        # the wrong kind: stopped after the work, and --out a file in a folder --out never named
         if path.exists() and path.is_dir() != folder:
             raise TLError(f"{path} is a {'folder' if path.is_dir() else 'file'}, where tl quickstart writes its "
                           f"{what}; choose another --out, or move it away")

@@ -141,3 +141,14 @@ def test_a_file_or_folder_of_the_wrong_kind_where_quickstart_writes_is_refused_f
     assert f"{tmp_path / where} is a {'folder' if folder else 'file'}, where tl quickstart writes" in result.err
     assert "choose another --out, or move it away" in result.err and not (tmp_path / "data").exists(), result
     assert folder or (tmp_path / where).read_text() == "mine"
+
+
+def test_an_out_that_is_a_file_is_refused_in_quickstart_terms(run_tl, tmp_path):
+    """'tl quickstart --out notes.txt' said 'cannot write example images to notes.txt/data/digits-120-seed0:
+    Not a directory', a folder the user never named. Now it names the --out and keeps the file."""
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run_tl("quickstart", "--out", tmp_path / "notes.txt", "--per-class", "8", "--quiet")
+    assert result.code == 2 and result.err.count("\n") == 1, result
+    assert f"{tmp_path / 'notes.txt'} is a file, where tl quickstart writes its folder" in result.err, result
+    assert "choose another --out, or move it away" in result.err and "data/digits" not in result.err, result
+    assert (tmp_path / "notes.txt").read_text() == "mine"
