@@ -88,13 +88,13 @@ def write_payload(payload: dict, path: Path, what: str, follow: bool = True) -> 
 
 def read_payload(path: Path, kind: str, remedy: str, error=HeadError, keys: tuple[str, ...] = (),
                  require_checksum: bool = False) -> tuple[dict, dict]:
-    """(payload, its JSON metadata) of a tl file (head, model, checkpoint): tensors and plain data only,
-    loaded with weights_only, so nothing in the file is executed. A missing or foreign file, or one
-    without `keys`, is a one-line `error` naming the `kind` of file and the `remedy`; so is a file whose
-    content checksum does not match (files from before checksums load unless `require_checksum`)."""
+    """(payload, its JSON metadata) of a tl file (head, model, checkpoint): tensors and plain data only, loaded
+    with weights_only, so nothing in it is executed. A missing, foreign or folder path, or a file without `keys`
+    or whose checksum does not match, is a one-line `error` naming the `kind` of file and the `remedy`."""
     path = Path(path)
-    if path.is_dir():
-        raise error(f"{kind} {path} is a folder; pass the file inside it")
+    if path.is_dir():  # a sweep's folder holds its best head; a cache's none ('pass the file inside it' misled)
+        best = path / "best.pt" if kind == "head file" else None
+        raise error(f"{kind} {path} is a folder; " + (f"pass {best}, a sweep's best head" if best and best.is_file() else remedy))
     if not path.is_file():
         raise error(f"{kind} {path} does not exist; {remedy}")
     try:

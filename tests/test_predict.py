@@ -174,3 +174,21 @@ def test_predict_given_a_tar_says_where_tars_are_read(run_tl, tmp_path):
                            f"--model M --data {tar} --format webdataset --out R --save-predictions F.csv, or for a "
                            "head tl extract --format webdataset then tl evaluate --head H --cache C --out R "
                            "--save-predictions F.csv\n")
+
+
+def test_a_folder_given_as_head_says_what_to_pass_not_to_look_inside_it(run_tl, tmp_path):
+    """'--head CACHE' said 'head file CACHE is a folder; pass the file inside it', and a cache holds no head.
+    Now a sweep's folder names its best.pt, any other folder says how to make a head; a model never best.pt."""
+    image = tmp_path / "a.png"
+    image.write_bytes(b"not read")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "manifest.json").write_text("{}")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "best.pt").write_bytes(b"a head")
+    result = run_tl("predict", "--head", tmp_path / "cache", image)
+    assert result.code == 2 and result.err.count("\n") == 1, result
+    assert f"head file {tmp_path / 'cache'} is a folder; train one with tl fit-head" in result.err, result
+    result = run_tl("predict", "--head", tmp_path / "sweep", image)
+    assert result.code == 2 and f"pass {tmp_path / 'sweep' / 'best.pt'}, a sweep's best head" in result.err, result
+    result = run_tl("predict", "--model", tmp_path / "sweep", image)
+    assert result.code == 2 and "is a folder; train one with tl finetune" in result.err, result
