@@ -8,6 +8,7 @@ line win over both (the CLI passes these values to click as defaults). Free of t
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 
@@ -75,14 +76,16 @@ def command_defaults(path: Path, command: str, options: dict[str, str], known: s
                 section = setting
             continue
         if key not in known:
-            raise ConfigError(f"config file {path}: unknown key '{raw_key}'; keys are option names such as "
-                              f"{', '.join(sorted(options)[:6])}")
+            raise ConfigError(f"config file {path}: unknown key '{raw_key}'; " + (
+                close_names(key, known) or f"keys are option names such as {', '.join(sorted(options)[:6])}"))
         if key in options:
             defaults[options[key]] = setting
     for raw_key, setting in section.items():
         key = str(raw_key).replace("-", "_")
         if key not in options:
-            raise ConfigError(f"config file {path}: section {command} has unknown key '{raw_key}'")
+            close = close_names(key, options)
+            raise ConfigError(f"config file {path}: section {command} has unknown key '{raw_key}'"
+                              + (f"; {close}" if close else ""))
         defaults[options[key]] = setting
     for parameter, setting in defaults.items():
         if isinstance(setting, bool) and parameter not in flags:  # click would read true as 1
@@ -90,6 +93,12 @@ def command_defaults(path: Path, command: str, options: dict[str, str], known: s
                               f"{str(setting).lower()}")
         defaults[parameter] = as_flag_value(f"config file {path}", parameter, setting)
     return defaults
+
+
+def close_names(key: str, names) -> str:
+    """'did you mean val_fraction?' for a key one typo away from option names, else ''."""
+    close = difflib.get_close_matches(key.replace("-", "_"), sorted(names), n=2, cutoff=0.8)
+    return f"did you mean {' or '.join(close)}?" if close else ""
 
 
 def literal(value):

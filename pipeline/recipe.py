@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import as_flag_value, read_config, resolve_references
+from pipeline.config import as_flag_value, close_names, read_config, resolve_references
 from pipeline.errors import ConfigError, TLError
 
 STAGES = ("extract", "fit-head", "finetune", "evaluate")
@@ -183,7 +183,8 @@ def plan(recipe: Recipe, stages: dict[str, StageOptions]) -> list[Step]:
                 key = str(raw_key).replace("-", "_")
                 if key not in options.keys:
                     owners = [name for name in STAGES if key in stages[name].keys]
-                    where = f" (an option of {', '.join(owners)})" if owners else ""
+                    close = close_names(key, options.keys)
+                    where = f" (an option of {', '.join(owners)})" if owners else f"; {close}" if close else ""
                     raise ConfigError(f"recipe {path}: {stage} has no option '{raw_key}'{where}")
                 keys[key] = value
             defaults = {}

@@ -102,6 +102,9 @@ BAD_RECIPES = [
     ("unknown_key", "colour: red\nfit-head: {cache: caches/train, out: h.pt}\n", "unknown key 'colour'"),
     ("misplaced", "fit-head: {cache: caches/train, out: h.pt, unfreeze: 2}\n",
      "fit-head has no option 'unfreeze' (an option of finetune)"),
+    # a typo'd key said only that it was none: now the option it was one letter from
+    ("typo", "fit-head: {cache: caches/train, out: h.pt, val_fration: 0.2}\n",
+     "fit-head has no option 'val_fration'; did you mean val_fraction?"),
     ("other_command", "export: {model: m.pt}\nfit-head: {cache: caches/train, out: h.pt}\n",
      "section export is not a stage tl run runs"),
     ("missing_data", "extract: {data: no/such/folder, out: caches/x}\n", "extract (train) data no/such/folder does not exist"),
@@ -1166,3 +1169,16 @@ def test_an_input_a_later_step_finds_damaged_is_made_again_by_the_next_run(run_t
     assert path.read_bytes() == clean
     if maker.startswith("extract"):
         assert "wrote caches/train: 6 rows, 1 shard new, 2 reused" in again.out, again
+
+
+def test_a_config_key_one_typo_away_names_the_option(run_tl, tmp_path):
+    """--config's unknown keys listed the first six option names in the alphabet ('C, batch_size, ...'), not
+    the one the user misspelt; now a close key names it, in a section too."""
+    top, section = tmp_path / "top.yaml", tmp_path / "section.yaml"
+    top.write_text("cache: c\nout: h.pt\nmax_epoch: 2\n")
+    section.write_text("fit-head: {cache: c, out: h.pt, patinece: 2}\n")
+    result = run_tl("fit-head", "--config", top)
+    assert result.code == 2 and result.err.count("\n") == 1, result
+    assert "unknown key 'max_epoch'; did you mean max_epochs?" in result.err, result
+    result = run_tl("fit-head", "--config", section)
+    assert result.code == 2 and "section fit-head has unknown key 'patinece'; did you mean patience?" in result.err
