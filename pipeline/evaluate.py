@@ -21,7 +21,7 @@ from pipeline.files import OutputLock, refuse_overwriting_inputs
 from pipeline.ownership import refuse_foreign
 from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import resolve_device, resolve_precision
-from pipeline.image_sets import image_labels, image_set, score_images
+from pipeline.image_sets import data_images, image_labels, image_set, score_images
 from pipeline.metrics import AP_METHODS, accuracy, summarize
 from pipeline.model_files import load_head, load_model_file
 from pipeline.multiscale import DEFAULT_EXPONENT, check_exponent, pool_image_scores, unused_exponent
@@ -201,13 +201,7 @@ def _predictions(config: EvaluateConfig, *columns) -> tuple[Path, bytes] | None:
 def _training_images(config: EvaluateConfig, trained: dict) -> list[str]:
     """The warning for --data that names the images the model was finetuned on (its file records their
     folder, format and split): a score on them is not a test."""
-    def images(data, format, split):
-        folder = Path(data) / str(split)  # an image folder's split is a sub-folder when there is one
-        if format == DEFAULT_FORMAT:
-            return os.path.realpath(folder if folder.is_dir() else data), None
-        return os.path.realpath(data), str(split)
-
-    if trained.get("data") is None or images(config.data, config.format, config.split) != images(
+    if trained.get("data") is None or data_images(config.data, config.format, config.split) != data_images(
             trained["data"], trained.get("format", DEFAULT_FORMAT), trained.get("split", "train")) \
             or config.format != trained.get("format", DEFAULT_FORMAT):
         return []

@@ -28,7 +28,7 @@ from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
 from pipeline.hardware import (autocast, default_workers, float32_math, grad_scaler, prepare_module, resolve_device,
                                resolve_precision, to_device)
 from pipeline.image_sets import (Augmentation, SeededItems, batch_loader, epoch_batches, image_labels, image_set,
-                                 pooled_image_map, score_images)
+                                 pooled_image_map, refuse_training_images, score_images)
 from pipeline.multiscale import PatchSamples
 from pipeline.model_files import (FinetuneModel, build_model, checkpoint_paths, freeze, load_checkpoint, load_head,
                                   resumable_optimizer_state, save_checkpoint, save_model)
@@ -127,6 +127,8 @@ def check_config(config: FinetuneConfig, inputs: bool = True) -> None:
     if config.val_data is not None and config.val_fraction is not None:
         raise FinetuneError("--val-data and --val-fraction both name validation images; pass one of them "
                             "(--val-fraction 0 holds out none)")
+    if inputs and config.val_data is not None:  # --val-data photos took split train: the training images again
+        refuse_training_images(config.val_data, config.val_split or config.split, config.data, config.split, config.format)
     if config.early_stop and config.val_data is None and config.val_fraction is None:
         raise FinetuneError("--early-stop needs validation images; pass --val-fraction (held out of the "
                             "training images) or --val-data")

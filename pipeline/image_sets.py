@@ -4,7 +4,9 @@ never raised), whole or as labelled multiscale patches, augmented from a seed, b
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,11 +22,28 @@ from pipeline.compatibility import head_ignore, head_targets
 from pipeline.datasets import DECODE_ERRORS, Source
 from pipeline.decoding import NormalizedCrop
 from pipeline.errors import FinetuneError, unreadable
+from pipeline.formats import DEFAULT_FORMAT
 from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_device
 from pipeline.metrics import mean_ap, per_class_ap
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings, pool_image_scores
 from pipeline.progress import progress
 from pipeline.training import probabilities
+
+
+def data_images(data, format: str, split) -> tuple[str, str | None]:
+    """Which images `data` names for `split`, so that two spellings of one folder compare equal: an image
+    folder's split sub-folder when it has one, else the folder; other formats their path and the split."""
+    folder = Path(data) / str(split)
+    if format == DEFAULT_FORMAT:
+        return os.path.realpath(folder if folder.is_dir() else data), None
+    return os.path.realpath(data), str(split)
+
+
+def refuse_training_images(val_data, val_split, data, split, format: str) -> None:
+    """Finetune's --val-data naming its training images: every epoch would validate on what it trains on."""
+    if data_images(val_data, format, val_split) == data_images(data, format, split):
+        raise FinetuneError(f"--val-data {val_data} (split {val_split}) holds the training images: validation would "
+                            "score the images finetune trains on; pass other images (--val-split), or --val-fraction")
 
 
 class DecodedImages(Dataset):

@@ -155,8 +155,9 @@ def test_two_process_finetune_matches_one_process_checkpoints_and_resumes(run_tl
         extra.unlink()
     assert run_tl(*EXTRACT, "--data", images, "--out", tmp_path / "c").code == 0
     assert run_tl("fit-head", "--cache", tmp_path / "c", "--out", tmp_path / "head.pt").code == 0
+    val = shutil.copytree(images, tmp_path / "val")  # the same pixels; --val-data of the training folder is refused
     common = ["finetune", "--data", images, "--head", tmp_path / "head.pt", "--unfreeze", "1", "--lr", "1e-4",
-              "--batch-size", "5", "--val-data", images, "--quiet"]
+              "--batch-size", "5", "--val-data", val, "--quiet"]
     alone = run_tl(*common, "--epochs", "2", "--out", tmp_path / "alone.pt")
     assert alone.code == 0, alone
     first = torchrun(*common, "--epochs", "1", "--out", tmp_path / "pair.pt")

@@ -388,6 +388,11 @@ def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     assert "--unfreeze 9 is more than the 5 conv layers" in refused("--unfreeze", "9")
     assert refused("--val-data", tmp_path / "nowhere") == (f"error: --val-data {tmp_path / 'nowhere'} does not exist; "
                                                            "pass --val-data images laid out as the training images are\n")
+    # the training images again (--val-data DATA took --split train), however spelled: it validated on them, 1.0
+    for val in (alexnet_head / "train", alexnet_head / "train" / ".." / "train"):
+        assert (f"error: --val-data {val} (split train) holds the training images: validation would score the images "
+                "finetune trains on; pass other images (--val-split), or --val-fraction") in refused("--val-data", val)
+    assert not (tmp_path / "m.pt").exists()
     # missing data is found before the model is built: no "training N parameters" line ahead of the error
     nowhere = run_tl("finetune", "--data", tmp_path / "nowhere", "--format", "cifar10", "--head",
                      alexnet_head / "head.pt", "--out", tmp_path / "n.pt")
