@@ -730,3 +730,20 @@ def test_a_kill_while_a_damaged_header_is_rebuilt_loses_no_shard(tmp_path, monke
     writer, written = write_planned(root, planned("a", "b", "c"), overwrite=overwrite)
     assert written == {} and sorted(writer.finished) == [0, 1, 2]
     np.testing.assert_array_equal(CacheReader(root).load("fc7"), np.concatenate([content_codes(c) for c in "abc"]))
+
+
+def test_info_says_a_cache_whose_shard_files_went_is_not_whole(tmp_path, run_tl):
+    """'tl info' read the manifest alone: a cache with a shard file deleted or cut short was shown as
+    '(complete)', 'N/N shards', exit 0, and only --verify said otherwise. A stat per shard says it now."""
+    from tests.conftest import write_code_cache
+
+    cache = write_code_cache(tmp_path / "cache", np.ones((9, 3), np.float32), np.arange(9) % 2, ["a", "b"],
+                             shard_rows=3)
+    assert run_tl("info", cache).code == 0
+    (cache / "shard-00001.h5").unlink()
+    with open(cache / "shard-00002.h5", "r+b") as shard:
+        shard.truncate(100)
+    result = run_tl("info", cache)
+    assert result.code == 2 and result.err.count("\n") == 1 and "Traceback" not in result.err, result
+    assert (f"error: 2 shard files of {cache} missing or changed in size (shard-00001.h5, shard-00002.h5); re-run "
+            "the tl extract that made the cache: it writes them again") in result.err, result
