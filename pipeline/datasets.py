@@ -322,8 +322,10 @@ def missing_split(root: Path, split: str, splits: list[str]) -> DataError:
 def require_dir(path: Path, what: str) -> None:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; pass --data with the folder of {what}")
-    if not path.is_dir():
-        raise DataError(f"data path {path} is not a folder; pass --data with the folder of {what}")
+    if not path.is_dir():  # a CSV or a tar given without its --format said only to pass a folder
+        hint = {".csv": "; or --format csv for its path,label rows", ".tar": "; or --format webdataset for tar shards"}
+        raise DataError(f"data path {path} is not a folder; pass --data with the folder of {what}"
+                        + hint.get(path.suffix.lower(), ""))
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,18 @@ def test_csv_naming_a_missing_image(tmp_path):
         open_source("csv", tmp_path / "labels.csv")
 
 
+def test_a_csv_or_tar_given_as_an_image_folder_names_the_format_to_pass(tmp_path):
+    """'tl extract --data list.csv' (no --format) said only 'is not a folder; pass --data with the folder of
+    class folders'; now it names --format csv (a tar: --format webdataset). Another file is told as before."""
+    for name, fix in (("list.csv", "; or --format csv for its path,label rows"),
+                      ("00000.tar", "; or --format webdataset for tar shards"), ("photo.jpg", "")):
+        (tmp_path / name).write_text("x")
+        with pytest.raises(DataError) as refused:
+            open_source("imagefolder", tmp_path / name, "train")
+        assert str(refused.value) == (f"data path {tmp_path / name} is not a folder; pass --data with the folder of "
+                                      f"class folders{fix}")
+
+
 def test_cifar10_reader_on_real_format_batches(tmp_path):
     root = write_cifar10(tmp_path)
     train = open_source("cifar10", root, split="train")
