@@ -95,6 +95,14 @@ def test_a_csv_or_tar_given_as_an_image_folder_names_the_format_to_pass(tmp_path
                                       f"class folders{fix}")
 
 
+def test_a_folder_given_as_a_csv_is_not_said_to_be_missing(tmp_path):
+    """'--format csv --data photos' (a folder) said 'CSV file photos does not exist', though it does."""
+    with pytest.raises(DataError) as refused:
+        open_source("csv", tmp_path, "train")
+    assert str(refused.value) == (f"CSV file {tmp_path} is a folder; pass --data with a file of path,label rows, or "
+                                  "--format imagefolder for a folder of class folders")
+
+
 def test_cifar10_reader_on_real_format_batches(tmp_path):
     root = write_cifar10(tmp_path)
     train = open_source("cifar10", root, split="train")

@@ -23,6 +23,9 @@ class CsvSource(Source):
         return cls(data)
 
     def __init__(self, csv_path: Path):
+        if csv_path.is_dir():  # it said the folder did not exist
+            raise DataError(f"CSV file {csv_path} is a folder; pass --data with a file of path,label rows, or "
+                            "--format imagefolder for a folder of class folders")
         if not csv_path.is_file():
             raise DataError(f"CSV file {csv_path} does not exist; pass --data with a file of path,label rows")
         rows, unlabelled = [], 0
