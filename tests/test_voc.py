@@ -57,8 +57,13 @@ def test_voc_bad_inputs(tmp_path):
     np.testing.assert_array_equal(source.annotations[1].boxes, [[0, 5, 40, 89]])
     assert source.warnings == ["1 boxes reached outside their image and were clipped to it"]
     assert sum(source.samples[2].target) == 0
-    with pytest.raises(DataError, match="no split file .*test.txt; splits here: trainval"):
+    with pytest.raises(DataError, match="no split file .*test.txt; pass --split with one of the splits here: trainval"):
         VocSource(base, "test", "auto")
+    # a folder that is no devkit year said 'splits here: none', neither what was wrong nor what to pass
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(DataError, match=r"photos holds no ImageSets/Main/SPLIT.txt; pass --data with a VOC devkit "
+                                        r"year \(VOCdevkit/VOC2007\)$"):
+        VocSource(tmp_path / "photos", "train", "auto")
     (base / "ImageSets" / "Main" / "trainval.txt").write_text("000001\n000099\n")
     with pytest.raises(DataError, match="names 000099 but .*000099.jpg is missing"):
         VocSource(base, "trainval", "auto")

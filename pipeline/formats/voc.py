@@ -43,7 +43,10 @@ class VocSource(Source):
         split_file = root / "ImageSets" / "Main" / f"{split}.txt"
         if not split_file.is_file():
             found = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
-            raise DataError(f"no split file {split_file}; splits here: {', '.join(found) or 'none'}")
+            if not found:  # 'splits here: none' said neither what was wrong nor what to pass
+                raise DataError(f"no split file {split_file}: {root} holds no ImageSets/Main/SPLIT.txt; pass --data "
+                                "with a VOC devkit year (VOCdevkit/VOC2007)")
+            raise DataError(f"no split file {split_file}; pass --split with one of the splits here: {', '.join(found)}")
         try:
             ids = [line.split()[0] for line in split_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except UnicodeDecodeError:
