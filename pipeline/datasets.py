@@ -53,6 +53,7 @@ class Source:
     target_kind = "class"  # or "multi-hot"
     options: tuple[str, ...] = ()  # keyword options of `open` beyond the common ones (webdataset: label_key)
     downloads = False  # whether `open(..., download=True)` fetches missing data (--download)
+    takes_classes = False  # whether `open` reads `classes` (--classes: voc, webdataset); others refuse one given
     boxes = False  # whether its samples carry object boxes (`annotations`), which --multiscale labels patches by
     listings = None  # what listing found, kept for the next run: `listings.save(share)` (webdataset's tars)
 

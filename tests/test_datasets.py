@@ -103,6 +103,17 @@ def test_a_folder_given_as_a_csv_is_not_said_to_be_missing(tmp_path):
                                   "--format imagefolder for a folder of class folders")
 
 
+def test_classes_given_to_a_format_that_finds_its_own_is_refused_not_ignored(tmp_path):
+    """'tl extract --data photos --classes a,b' extracted every class folder, the list dropped unsaid, as
+    --label-key on such data is refused; the default (voc) is not a choice the user made."""
+    make_image_folder(tmp_path / "images", classes=("a", "b", "c"), per_class=1)
+    with pytest.raises(DataError) as refused:
+        open_source("imagefolder", tmp_path / "images", "train", classes="a,b")
+    assert str(refused.value) == ("--classes is for voc, webdataset data, not imagefolder, whose classes are found in "
+                                  "the data; leave it out")
+    assert open_source("imagefolder", tmp_path / "images", "train").classes == ["a", "b", "c"]
+
+
 def test_cifar10_reader_on_real_format_batches(tmp_path):
     root = write_cifar10(tmp_path)
     train = open_source("cifar10", root, split="train")

@@ -74,6 +74,10 @@ def open_source(
             takers = ", ".join(name for name in format_names() if "label_key" in known[name].options)
             raise DataError(f"--label-key is for {takers} data, not {format}; leave it out")
         options["label_key"] = label_key
+    if classes != DEFAULT_CLASSES and not known[format].takes_classes:  # read as all the classes, unsaid
+        takers = ", ".join(name for name in format_names() if known[name].takes_classes)
+        raise DataError(f"--classes is for {takers} data, not {format}, whose classes are found in the data; "
+                        "leave it out")
     if listings is not None and "listings" in known[format].options:
         options["listings"] = listings
     if world is not None and "world" in known[format].options:

@@ -28,6 +28,7 @@ class VocSource(Source):
     """
 
     format = "voc"
+    takes_classes = True
     help = 'a PASCAL VOC devkit year: multi-label images with boxes (--classes)'
     target_kind = "multi-hot"
     boxes = True

@@ -99,6 +99,7 @@ class WebDatasetSource(Source):
     """Tar shards of KEY.jpg/png + KEY.cls/txt/json (see the module docstring)."""
 
     format = "webdataset"
+    takes_classes = True
     help = 'tar shards of KEY.jpg/png + KEY.cls/txt/json (a tar, a folder of tars or {00000..00099}.tar; --label-key)'
     options = ("label_key", "listings", "world", "own_share")
 
