@@ -453,7 +453,7 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
     rate = result.images_processed / result.loop_seconds if result.loop_seconds else 0.0
     dropped = result.shards_dropped
     dropped = f", {dropped} dropped ({'its' if dropped == 1 else 'their'} inputs changed or went)" if dropped else ""
-    click.echo(f"wrote {result.out}: {result.rows} rows, {counted(result.shards_written, 'shard')} new, "
+    click.echo(f"wrote {result.out}: {counted(result.rows, 'row')}, {counted(result.shards_written, 'shard')} new, "
                f"{result.shards_reused} reused{dropped}, {_images(len(result.skipped))} skipped")
     for tap, width in result.taps.items():
         click.echo(f"  {tap:<8} width {width:<6} {config.dtype}")

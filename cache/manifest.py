@@ -234,8 +234,9 @@ def load_manifest(root: Path, records: bool = True) -> Manifest:
     by index (`records=False`: the header alone); CacheError when it is missing or damaged, RecordDamage
     when only the records are."""
     path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise CacheError(f"{root} is not a tl cache (no {MANIFEST}); create one with tl extract")
+    if not path.is_file():  # a head, a model or a shard file given where a cache folder goes is said so
+        raise CacheError(f"{root} is a file, not a tl cache (the folder tl extract writes); pass the cache folder"
+                         if Path(root).is_file() else f"{root} is not a tl cache (no {MANIFEST}); create one with tl extract")
     try:
         raw = path.read_bytes()
     except OSError as exc:

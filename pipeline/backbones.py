@@ -68,7 +68,8 @@ def get_backbone(name: str) -> Backbone:
         return _REGISTRY[name]
     except KeyError:
         raise BackboneError(f"unknown backbone '{name}'; valid backbones: {', '.join(list_backbones())}, "
-                            f"or timm:MODEL for any model of timm ({install_extra('timm')})") from None
+                            f"or timm:MODEL for any model of timm (timm:{name} if it is one of timm's; "
+                            f"{install_extra('timm')})") from None
 
 
 # ---------------------------------------------------------------- weights

@@ -188,8 +188,9 @@ def run_export(config: ExportConfig) -> ExportResult:
     if format not in EXPORT_FORMATS:
         raise FinetuneError(f"unknown export format {format}; valid: {', '.join(EXPORT_FORMATS)}")
     if config.opset is not None and (format != "onnx" or config.opset not in OPSETS):
-        raise FinetuneError(f"--opset {config.opset}: an onnx export writes opsets {OPSETS[0]} to {OPSETS[-1]}"
-                            + ("" if format == "onnx" else "; a torchscript file has none: leave --opset out"))
+        raise FinetuneError(f"--opset {config.opset}: an onnx export writes opsets {OPSETS[0]} to {OPSETS[-1]}; "
+                            + ("pass one of them (an older runtime runs the lower ones), or leave --opset out"
+                               if format == "onnx" else "a torchscript file has none: leave --opset out"))
     out = Path(out)
     if out.is_dir() or not out.name:  # `--out .` names no file
         raise FinetuneError(f"--out {out} is a folder; name a file such as {out / SUFFIXES[format]}")

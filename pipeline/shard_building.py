@@ -12,7 +12,7 @@ import numpy as np
 
 from cache.manifest import PlannedShard
 from cache.writer import CacheWriter
-from pipeline.errors import TLError
+from pipeline.errors import TLError, counted
 
 
 def shard_batches(pending: list[int], plan: list[PlannedShard], batch_size: int) -> list[list[int]]:
@@ -45,7 +45,7 @@ def check_codes(codes: dict[str, np.ndarray], dtype: str, ids: list[str]) -> Non
         if bad.any():
             raise TLError(
                 f"the backbone produced NaN or Inf in {tap} for {ids[int(np.argmax(bad))]} "
-                f"({int(bad.sum())} rows); check the weights file"
+                f"({counted(int(bad.sum()), 'row')}); check the weights file"
             )
         if dtype == "float16" and np.abs(array).max(initial=0) > np.finfo(np.float16).max:
             raise TLError(f"codes of {tap} exceed the float16 range; pass --dtype float32")

@@ -38,7 +38,8 @@ def test_registry_lists_the_four_backbones():
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(BackboneError, match="unknown backbone 'vgg19'.*alexnet, efficientnet_lite0, resnet50, vgg16"):
+    with pytest.raises(BackboneError, match="unknown backbone 'vgg19'.*alexnet, efficientnet_lite0, resnet50, vgg16, "
+                                            r"or timm:MODEL for any model of timm \(timm:vgg19 if it is one of timm's; "):
         get_backbone("vgg19")
 
 

@@ -747,3 +747,18 @@ def test_info_says_a_cache_whose_shard_files_went_is_not_whole(tmp_path, run_tl)
     assert result.code == 2 and result.err.count("\n") == 1 and "Traceback" not in result.err, result
     assert (f"error: 2 shard files of {cache} missing or changed in size (shard-00001.h5, shard-00002.h5); re-run "
             "the tl extract that made the cache: it writes them again") in result.err, result
+
+
+def test_a_file_given_where_a_cache_folder_goes_is_said_to_be_a_file(tmp_path, run_tl):
+    """'tl info h.pt' (or --cache h.pt) said 'h.pt is not a tl cache (no manifest.json); create one with tl
+    extract', as for a folder without a cache: a file is named as one, and the folder asked for."""
+    from tests.conftest import write_code_cache
+
+    cache = write_code_cache(tmp_path / "cache", np.ones((4, 3), np.float32), np.arange(4) % 2, ["a", "b"])
+    (tmp_path / "h.pt").write_bytes(b"a head")
+    for args in (("info", tmp_path / "h.pt"), ("info", cache / "shard-00000.h5"),
+                 ("fit-head", "--cache", tmp_path / "h.pt", "--out", tmp_path / "g.pt")):
+        result = run_tl(*args)
+        assert result.code == 2 and result.err == (
+            f"error: {args[-1] if args[0] == 'info' else args[2]} is a file, not a tl cache (the folder tl extract "
+            "writes); pass the cache folder\n"), result

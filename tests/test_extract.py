@@ -209,6 +209,11 @@ def test_cli_prints_the_summary_and_only_warnings_on_stderr(run_tl, image_folder
     result = run_tl("extract", "--data", image_folder, "--out", out, "--shard-rows", "5", *flags)
     assert result.code == 0, result
     assert f"wrote {out}: 11 rows, 3 shards new, 0 reused, 1 image skipped" in result.out
+    one = tmp_path / "one"  # a count of one in the singular
+    (one / "cat").mkdir(parents=True)
+    (one / "cat" / "a.png").write_bytes((image_folder / "cat" / sorted(os.listdir(image_folder / "cat"))[0]).read_bytes())
+    single = run_tl("extract", "--data", one, "--out", tmp_path / "single", *flags)
+    assert single.code == 0 and f"wrote {tmp_path / 'single'}: 1 row, 1 shard new, 0 reused" in single.out, single
     assert "fc6      width 4096   float16" in result.out and "fc7      width 4096   float16" in result.out
     assert "size on disk" in result.out and "img/s" in result.out
     warnings = result.err.splitlines()  # --quiet: no progress bar, only the warning
