@@ -463,21 +463,26 @@ def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_
     assert edited.code == 0 and "== finetune: models/m.pt is not as this recipe wrote it: starting over" in edited.out
 
 
+def _finetune_stopped_before_its_model_file(run_tl, tmp_path, monkeypatch, epochs: int):
+    """(recipe, the finetune's record) of a run whose finetune stopped after its last checkpoint, before its model
+    file was written (its record says "started"), with the user's notes at the model file's path since."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 4, f"""\
+        fit-head: {{cache: caches/train, out: heads/h.pt}}
+        finetune: {{head: heads/h.pt, epochs: {epochs}, batch_size: 4, out: models/m.pt}}
+        """)
+    assert run_tl("run", recipe).code == 0
+    record_path = tmp_path / "models/m.pt.tl-run.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "status": "started"}))
+    (tmp_path / "models/m.pt").write_text("my notes\n")
+    return recipe, record_path
+
+
 def test_a_stopped_finetune_whose_model_file_is_not_tls_says_what_tl_run_can_do(run_tl, tmp_path, monkeypatch):
     """A finetune to resume whose model file holds what tl did not write was refused with finetune's remedy,
     'pass --overwrite to replace it', a flag tl run has not. The line says what a tl run user can do: move
     the file away, then run again, which resumes from the checkpoint; the file and the checkpoint are kept."""
-    monkeypatch.chdir(tmp_path)
-    recipe = _alexnet_recipe(tmp_path, 4, """\
-        fit-head: {cache: caches/train, out: heads/h.pt}
-        finetune: {head: heads/h.pt, epochs: 2, batch_size: 4, out: models/m.pt}
-        """)
-    assert run_tl("run", recipe).code == 0
-    record_path = tmp_path / "models/m.pt.tl-run.json"
-    record = json.loads(record_path.read_text())
-    record["status"] = "started"  # stopped after its last checkpoint, before the model file was written
-    record_path.write_text(json.dumps(record))
-    (tmp_path / "models/m.pt").write_text("my notes\n")
+    recipe, record_path = _finetune_stopped_before_its_model_file(run_tl, tmp_path, monkeypatch, epochs=2)
     checkpoint = (tmp_path / "models/m.last.ckpt").read_bytes()
     refused = run_tl("run", recipe)
     assert refused.code == 2 and refused.err == (
@@ -504,15 +509,7 @@ def test_a_stopped_finetune_that_starts_over_after_its_head_is_made_again_is_not
     """A stopped finetune whose model file is not tl's is refused ahead only where it would resume: after a
     fit-head that runs (--rerun), the head it reads is new, its digest changes and it starts over, replacing the
     file its record says it made. tl run --rerun refused that run before any step, and --dry-run said it stops."""
-    monkeypatch.chdir(tmp_path)
-    recipe = _alexnet_recipe(tmp_path, 4, """\
-        fit-head: {cache: caches/train, out: heads/h.pt}
-        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
-        """)
-    assert run_tl("run", recipe).code == 0
-    record_path = tmp_path / "models/m.pt.tl-run.json"
-    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "status": "started"}))
-    (tmp_path / "models/m.pt").write_text("my notes\n")
+    recipe, _ = _finetune_stopped_before_its_model_file(run_tl, tmp_path, monkeypatch, epochs=1)
     said = run_tl("run", recipe, "--dry-run", "--from", "fit-head", "--rerun")
     assert said.code == 0 and "\n== finetune -> models/m.pt: would run (--rerun)\n" in said.out, said
     again = run_tl("run", recipe, "--from", "fit-head", "--rerun")
