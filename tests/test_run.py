@@ -697,7 +697,8 @@ def test_a_cache_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(
                                "recipe: a cache of the step's settings is taken up, any other stops the run)\n"), said
 
 
-def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(run_tl, tmp_path, monkeypatch):
+def _finetune_beside_another_runs_checkpoint(tmp_path, monkeypatch):
+    """A recipe of extract, fit-head and finetune whose finetune out has a checkpoint this recipe did not make."""
     monkeypatch.chdir(tmp_path)
     recipe = _alexnet_recipe(tmp_path, 2, """\
         fit-head: {cache: caches/train, out: heads/h.pt}
@@ -705,6 +706,11 @@ def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_rec
         """)
     (tmp_path / "models").mkdir()
     (tmp_path / "models/m.last.ckpt").write_bytes(b"another run's checkpoint")
+    return recipe
+
+
+def test_a_checkpoint_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(run_tl, tmp_path, monkeypatch):
+    recipe = _finetune_beside_another_runs_checkpoint(tmp_path, monkeypatch)
     refused = run_tl("run", recipe)
     assert refused.code == 2 and refused.err == (
         "error: finetune: models/m.last.ckpt holds an earlier run, and this recipe did not make it; give the step "
@@ -721,13 +727,7 @@ def test_a_model_file_and_a_checkpoint_this_recipe_did_not_make_stop_at_the_mode
                                                                                        monkeypatch):
     """Both the model file and a checkpoint beside it not this recipe's: the finetune stage refuses the model
     file first (tl finetune's order), and tl run's early stop names the file the stage names, not the checkpoint."""
-    monkeypatch.chdir(tmp_path)
-    recipe = _alexnet_recipe(tmp_path, 2, """\
-        fit-head: {cache: caches/train, out: heads/h.pt}
-        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, out: models/m.pt}
-        """)
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models/m.last.ckpt").write_bytes(b"another run's checkpoint")
+    recipe = _finetune_beside_another_runs_checkpoint(tmp_path, monkeypatch)
     (tmp_path / "models/m.pt").write_text("my notes\n")
     refused = run_tl("run", recipe)
     assert refused.code == 2 and refused.err == (
