@@ -490,10 +490,11 @@ def info(cache, verify):
         if line.startswith("skipped "):  # each with its reason: the warning at the end of extract sends users here
             _first_of([f"{item['sample_id']}: {item['reason']}" for item in manifest.skipped], " " * 11, "shards.jsonl")
     _first_of(manifest.warnings, "warning    ", "manifest.json's warnings")  # a damaged tar, an empty class
-    # a stat per shard: a cache whose shard files went or were cut short was shown as complete, exit 0
-    gone = [shard.file for shard in manifest.shards if not (Path(cache) / shard.file).is_file()
-            or (Path(cache) / shard.file).stat().st_size != shard.bytes]
-    if gone and not verify:
+    # a stat per shard (--verify reads them whole): a cache whose shard files went or were cut short was shown
+    # as complete, exit 0
+    gone = [] if verify else [shard.file for shard in manifest.shards
+                              if not (path := Path(cache) / shard.file).is_file() or path.stat().st_size != shard.bytes]
+    if gone:
         raise TLError(f"{counted(len(gone), 'shard file')} of {cache} missing or changed in size "
                       f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); re-run the tl extract that made "
                       "the cache: it writes them again")

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.class_folders import linked_classes
 from pipeline.errors import TLError
 
 # errno values that mean "no room for this write": a full disk or quota, or a file past its size limit (EFBIG)
@@ -414,7 +415,5 @@ def in_input(path: Path, folder: Path) -> str | None:
     split folder of it: train/a); None: it does not. Links further down are not looked for: a walk of the input."""
     if inside(path, folder, as_named=True):
         return ""
-    from pipeline.class_folders import linked_classes
-
     return next((f" (its folder {name} links there)" for name, linked in linked_classes(folder)
                  if inside(path, linked)), None)
