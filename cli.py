@@ -928,6 +928,9 @@ def finetune(**options):
                + (", stopped early" if result.stopped_early else "")
                + (f", kept epoch {result.best_epoch}" if config.early_stop and result.best_epoch else "")
                + f"; checkpoints {last.name}" + (f", {best.name}" if best.exists() else ""))
+    if not result.val and not config.epochs:  # --epochs 0 evaluates the validation images: none were given
+        click.echo(f"  nothing evaluated (no --val-data or --val-fraction); score it with tl evaluate --model "
+                   f"{result.out} --data DIR")
     if result.val:
         click.echo("  validation " + ", ".join(f"{k.removeprefix('val_')} {v:.4f}" if isinstance(v, float)
                                                else f"{k.removeprefix('val_').replace('_', ' ')} {v}"  # skipped images

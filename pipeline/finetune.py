@@ -222,8 +222,8 @@ def _run_finetune(config: FinetuneConfig, say, warn) -> FinetuneResult:
     model, backbone, convs = build_model(head_metadata, head, config.weights)
     trainable = freeze(model, convs, config.unfreeze, config.bn_stats)
     config = replace(config, unfreeze=len(trainable["conv_layers"]))  # all: checkpointed and written as its count
-    say(f"training {trainable['parameters']:,} parameters (head"
-        + (f" + {', '.join(trainable['backbone_layers'])}" if trainable["backbone_layers"] else " only")
+    say(("--epochs 0: not training " if not config.epochs else "training ") + f"{trainable['parameters']:,} "
+        + "parameters (head" + (f" + {', '.join(trainable['backbone_layers'])}" if trainable["backbone_layers"] else " only")
         + f"); {trainable['frozen_parameters']:,} frozen")
     dataset, targets = image_set(source, backbone, head_metadata, Augmentation(config.crop_scale, config.flip),
                                     config.seed, config.background_fraction,

@@ -303,6 +303,20 @@ def test_cli_finetune_and_export_print_their_summaries(run_tl, alexnet_head, tmp
     assert "top-1 agrees on 12/12" in exported.out
 
 
+def test_epochs_zero_says_what_it_evaluated_and_when_nothing(run_tl, alexnet_head, tmp_path):
+    """--epochs 0 (neon's -e 0) evaluates the validation images; given none, it says nothing was evaluated
+    and how to score the model, where it used to end at the 'wrote' line as if the run had been checked."""
+    bare = run_tl(*[arg for arg in finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "0") if arg != "--quiet"])
+    assert bare.code == 0, bare
+    assert bare.out.splitlines()[0].startswith("--epochs 0: not training "), bare.out
+    assert bare.out.splitlines()[-1] == (f"  nothing evaluated (no --val-data or --val-fraction); score it with "
+                                         f"tl evaluate --model {tmp_path / 'm.pt'} --data DIR"), bare.out
+    checked = run_tl(*finetune_args(alexnet_head, tmp_path / "v.pt", "--epochs", "0", "--val-data",
+                                    alexnet_head / "val"))
+    assert checked.code == 0 and checked.out.splitlines()[-1].startswith("  validation loss "), checked
+    assert "nothing evaluated" not in checked.out
+
+
 def test_starting_over_leaves_no_earlier_checkpoint_to_resume_or_name(run_tl, alexnet_head, tmp_path, monkeypatch):
     """--overwrite kept an earlier run's checkpoints until its own first epoch ended: a stop before that,
     then --resume (what tl run does after a stop), took up the earlier run (another --lr) as this one;
