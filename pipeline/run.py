@@ -24,8 +24,8 @@ from pipeline.errors import CacheError, ConfigError, Occupied, TLError
 from pipeline.files import in_input, same_file
 from pipeline.recipe import (INPUTS, OUTPUT, STAGES, StageOptions, Step, check, check_values, input_from, plan,
                              read_recipe, section_items, select)
-from pipeline.run_records import (foreign_output, output_state, read_record, record_path, rewrite_record, step_digest,
-                                  stop_ahead, up_to_date, why_stale, write_record)
+from pipeline.run_records import (epochs_grown, foreign_output, output_state, read_record, record_path, rewrite_record,
+                                  step_digest, stop_ahead, up_to_date, why_stale, write_record)
 
 
 def _refuse_outputs_in_image_folders(path: Path, steps: list[Step]) -> None:
@@ -218,8 +218,10 @@ def _restart(step: Step, record: dict | None, digest: str, out: Path, say, rerun
         from pipeline.model_files import checkpoint_paths
 
         if checkpoint_paths(out)[0].exists():
-            if same and record.get("status") == "started":
-                say(f"== {step.label}: resuming the run that stopped (checkpoint {checkpoint_paths(out)[0].name})")
+            grown = not rerun and epochs_grown(step, record, out)  # only epochs went up: it goes on
+            if same and record.get("status") == "started" or grown:
+                say(f"== {step.label}: " + (f"epochs {grown} -> {step.params['epochs']}: going on from its run"
+                    if grown else "resuming the run that stopped") + f" (checkpoint {checkpoint_paths(out)[0].name})")
                 return {"resume": True}
             why = (f"settings or inputs changed since {out} was made" if not same
                    else "--rerun" if rerun else f"{out} is not as this recipe wrote it")

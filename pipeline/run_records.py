@@ -144,6 +144,25 @@ def stop_ahead(step: Step, record: dict | None, out: Path | None, digest: str | 
     return None
 
 
+def epochs_grown(step: Step, record: dict | None, out: Path | None) -> int | None:
+    """The epochs a finetune step's last run was given, where only its epochs went up since (its other
+    settings and its inputs as they were) and its checkpoint and model file are tl's: its last checkpoint goes
+    on to the new epochs and trains as a run of them from the start would (the lr steps count epochs from
+    the start, each epoch is seeded by its number). None: it starts over."""
+    from dataclasses import replace
+
+    from pipeline.model_files import checkpoint_paths
+
+    before, now = ((record or {}).get("settings") or {}).get("epochs"), step.params.get("epochs")
+    if (step.stage != "finetune" or out is None or (record or {}).get("status") not in ("done", "started")
+            or not (isinstance(before, int) and isinstance(now, int) and 0 < before < now)):
+        return None
+    if not checkpoint_paths(out)[0].is_file() or foreign_output(step.stage, out) is not None:
+        return None
+    then = replace(step, params={**step.params, "epochs": before})
+    return before if step_digest(then) == record.get("digest") else None
+
+
 def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) -> str:
     """Why a step is not up to date (tl run --dry-run), in a few words: not run, the settings that changed
     (old -> new), its inputs, a stopped run (of the same settings: a finetune resumes it), or its output
@@ -161,6 +180,8 @@ def why_stale(step: Step, record: dict | None, digest: str, out: Path | None) ->
     before, now = record.get("settings") or {}, json.loads(json.dumps(settings(step), default=str))
     changed = [f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(before) | set(now))
                if key not in ignored and before.get(key) != now.get(key)]
+    if changed and epochs_grown(step, record, out):
+        return f"changed: {changed[0]}: goes on from its checkpoint"
     if changed:
         return "changed: " + ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
     if record.get("digest") != digest:

@@ -463,6 +463,46 @@ def test_a_crashed_finetune_resumes_and_changed_settings_start_over(run_tl, tmp_
     assert edited.code == 0 and "== finetune: models/m.pt is not as this recipe wrote it: starting over" in edited.out
 
 
+def test_a_finetune_whose_epochs_went_up_goes_on_from_its_run_to_the_weights_of_a_run_from_the_start(
+        run_tl, tmp_path, monkeypatch):
+    """Only finetune's epochs went up since it ran (a recipe's --set finetune.epochs=N): the next tl run goes on
+    from its last checkpoint, where it started over and trained every epoch again, and ends at the weights a
+    run of N epochs from the start gives (the step schedule counts epochs from the start). --dry-run says so;
+    fewer epochs, or another setting changed with them, start over."""
+    import torch
+
+    from pipeline.model_files import load_model_file
+
+    recipes = []
+    for root in (tmp_path / "grown", tmp_path / "fresh"):
+        root.mkdir()
+        recipes.append(_alexnet_recipe(root, 4, """\
+            fit-head: {cache: caches/train, out: heads/h.pt}
+            finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, lr: 0.01, lr_steps: [1], val_fraction: 0.25,
+                       out: models/m.pt}
+            """))
+    grown, fresh = recipes
+    monkeypatch.chdir(tmp_path / "grown")
+    assert run_tl("run", grown).code == 0
+    planned = run_tl("run", grown, "--dry-run", "--set", "finetune.epochs=3")
+    assert "== finetune -> models/m.pt: would run (changed: epochs 1 -> 3: goes on from its checkpoint)" \
+        in planned.out, planned
+    went_on = run_tl("run", grown, "--set", "finetune.epochs=3")
+    assert went_on.code == 0 and "== finetune: epochs 1 -> 3: going on from its run (checkpoint m.last.ckpt)" \
+        in went_on.out and "resumed after epoch 1" in went_on.out, went_on
+    monkeypatch.chdir(tmp_path / "fresh")
+    assert run_tl("run", fresh, "--set", "finetune.epochs=3").code == 0
+    weights = [load_model_file(root / "models/m.pt")[0].state_dict() for root in (tmp_path / "grown", tmp_path / "fresh")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[1]), "not the weights from the start"
+    monkeypatch.chdir(tmp_path / "grown")
+    for more, said in ((["--set", "finetune.epochs=2"], "changed: epochs 3 -> 2"),
+                       (["--set", "finetune.epochs=4", "--set", "finetune.lr=0.001"], "changed: epochs 3 -> 4, lr")):
+        again = run_tl("run", grown, "--dry-run", *more)
+        assert said in again.out and "goes on" not in again.out, again
+    fewer = run_tl("run", grown, "--set", "finetune.epochs=2")
+    assert fewer.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in fewer.out
+
+
 def _finetune_stopped_before_its_model_file(run_tl, tmp_path, monkeypatch, epochs: int):
     """(recipe, the finetune's record) of a run whose finetune stopped after its last checkpoint, before its model
     file was written (its record says "started"), with the user's notes at the model file's path since."""
