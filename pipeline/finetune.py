@@ -127,7 +127,8 @@ def check_config(config: FinetuneConfig, inputs: bool = True) -> None:
     if config.val_data is not None and config.val_fraction is not None:
         raise FinetuneError("--val-data and --val-fraction both name validation images; pass one of them "
                             "(--val-fraction 0 holds out none)")
-    if inputs and config.val_data is not None:  # --val-data photos took split train: the training images again
+    # --val-data photos took split train: the training images again (tl run: once both are there, before any step)
+    if config.val_data is not None and (inputs or Path(config.data).exists() and Path(config.val_data).exists()):
         refuse_training_images(config.val_data, config.val_split or config.split, config.data, config.split, config.format)
     if config.early_stop and config.val_data is None and config.val_fraction is None:
         raise FinetuneError("--early-stop needs validation images; pass --val-fraction (held out of the "

@@ -503,6 +503,19 @@ def test_a_finetune_whose_epochs_went_up_goes_on_from_its_run_to_the_weights_of_
     assert fewer.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in fewer.out
 
 
+def test_a_finetune_validating_on_its_training_images_is_refused_before_any_step(run_tl, tmp_path, monkeypatch):
+    """finetune val_data naming its own training images was refused only when that step ran, after the
+    extract and fit-head steps before it; the images are there from the start, so it is refused before any."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 2, """\
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 1, val_data: images, out: models/m.pt}
+        """)
+    refused = run_tl("run", recipe)
+    assert refused.code == 2 and "holds the training images" in refused.err and refused.out == "", refused
+    assert not (tmp_path / "caches").exists() and not (tmp_path / "heads").exists()
+
+
 def _finetune_stopped_before_its_model_file(run_tl, tmp_path, monkeypatch, epochs: int):
     """(recipe, the finetune's record) of a run whose finetune stopped after its last checkpoint, before its model
     file was written (its record says "started"), with the user's notes at the model file's path since."""
