@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from pipeline import DEVICES, PRECISIONS, stops
+from pipeline.config import csv_list
 from pipeline.errors import TLError, counted, install_extra, listed
 
 UNSET = getattr(click.core, "UNSET", None)  # click >= 8.2 marks "no default given" with its own sentinel
@@ -235,7 +236,8 @@ def workers_help() -> str:
 
 
 def shard_rows_help() -> str:
-    rows, patches = _attribute("pipeline.extract:SHARD_ROWS"), _attribute("pipeline.extract:PATCH_SHARD_ROWS")
+    rows = _attribute("pipeline.extract_settings:SHARD_ROWS")
+    patches = _attribute("pipeline.extract_settings:PATCH_SHARD_ROWS")
     return f"[default: {rows}; {patches} with --multiscale]"
 
 
@@ -305,12 +307,6 @@ config_option = click.option(
 
 def _images(count: int) -> str:
     return f"{count} image{'s' * (count != 1)}"
-
-
-def _csv_list(text: str | None) -> tuple[str, ...]:
-    """A comma-separated option's values (none for no text); an empty one (`,`, `fc7,,fc6`, ' ') is kept for the
-    stage to refuse: dropped, `--layers ,` silently meant the default layer."""
-    return tuple(part.strip() for part in text.split(",")) if text else ()
 
 
 class SaidWarnings:
@@ -420,7 +416,7 @@ def tl(ctx):
 @option("--device-decode", type=click.Choice(["auto", "on", "off"]),
         help="JPEGs decoded on the device (nvjpeg) or in workers; auto: on CUDA with --decode fast. Not part of the "
              "cache key: a cache goes on either way.")
-@option("--on-error", type=RegistryChoice("pipeline.extract:ON_ERROR"),
+@option("--on-error", type=RegistryChoice("pipeline.extract_settings:ON_ERROR"),
         help="Unreadable image: skip it (recorded with its shard in shards.jsonl; tl info lists them) or stop.")
 @option("--overwrite", is_flag=True, help="Replace a cache made with other settings.")
 @option("--download", is_flag=True, describe="cli:download_help", help="Download")
@@ -434,7 +430,7 @@ def tl(ctx):
 @option("--background-fraction", type=float,
         help="--multiscale, train/trainval splits: share of background patches kept (seeded).")
 @option("--quiet", is_flag=True, help="No progress bar.")
-def extract(format_, layers, scales, patch_overlap, box_overlap, background_fraction, **options):
+def extract(**options):
     """Run a frozen backbone over every image and cache the codes of chosen layers.
 
     Re-running the same command resumes: finished shards are kept, the rest are written.
@@ -442,11 +438,8 @@ def extract(format_, layers, scales, patch_overlap, box_overlap, background_frac
     from cache.manifest import human_bytes
     from pipeline.distributed import world
     from pipeline.extract import ExtractConfig, run_extract
-    from pipeline.multiscale import PatchSettings
 
-    patches = PatchSettings.of_options(scales, patch_overlap, box_overlap, background_fraction)
-
-    config = ExtractConfig(format=format_, layers=_csv_list(layers), patches=patches, **options)
+    config = ExtractConfig.of_options(**options)
     result = run_extract(config)
     if not world().is_main:  # under torchrun, rank 0 reports for all
         return
@@ -641,7 +634,7 @@ def _chosen_parts(chosen: dict, epochs: int | None) -> list[str]:
 
 def _numbers(text: str | None, kind, flag: str) -> tuple:
     try:
-        return tuple(kind(value) for value in _csv_list(text))
+        return tuple(kind(value) for value in csv_list(text))
     except ValueError:
         raise TLError(f"{flag} takes {kind.__name__} numbers separated by commas, got '{text}'") from None
 
@@ -688,11 +681,11 @@ def sweep(layers, heads, C, lr, hidden, optimizer, momentum, weight_decay, batch
     from pipeline.sweep import SweepConfig, run_sweep
     from pipeline.training import TrainingOptions
 
-    _warn_unread(_csv_list(heads), options["solver"], early_stop, "--heads")
+    _warn_unread(csv_list(heads), options["solver"], early_stop, "--heads")
     training = TrainingOptions(optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
                                max_epochs=max_epochs, early_stop=early_stop, patience=patience, device=device,
                                quiet=quiet)
-    result = run_sweep(SweepConfig(layers=_csv_list(layers), heads=_csv_list(heads), C=_numbers(C, float, "--C"),
+    result = run_sweep(SweepConfig(layers=csv_list(layers), heads=csv_list(heads), C=_numbers(C, float, "--C"),
                                    lr=_numbers(lr, float, "--lr"), hidden=_layouts(hidden), training=training,
                                    **options), say=(lambda text: None) if quiet else click.echo)
     click.echo(f"wrote {result.out}: {counted(len(result.rows), 'head')} ranked by {result.rows[0]['on']} "
@@ -710,7 +703,7 @@ def _layouts(text: str | None) -> tuple[tuple[int, ...], ...]:
     """--hidden 0,256,512x256 -> ((), (256,), (512, 256)): 0 alone is an mlp without a hidden layer."""
     try:
         return tuple(() if part.strip() == "0" else tuple(int(width) for width in part.split("x"))
-                     for part in _csv_list(text))
+                     for part in csv_list(text))
     except ValueError:
         raise TLError(f"--hidden takes widths such as 256,1024 or 512x256, got '{text}'") from None
 

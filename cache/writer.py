@@ -168,11 +168,10 @@ class CacheWriter:
             lines = key_differences(existing.key, self._fresh.key)
             shown = [f"classes: {_few(existing.classes)} -> {_few(self._fresh.classes)}"  # the key holds a digest
                      if line.startswith("dataset.classes:") else line for line in lines]
-            differences = "; ".join(shown) or "format"
             hint = ""
             if lines and all(line.startswith("preprocessing.decode:") for line in lines):
                 hint = f", or pass --decode {decode_of(existing.key['preprocessing'])} to add to it"
-            raise CacheOccupied(self.root, f"holds a cache made with other settings ({differences})",
+            raise CacheOccupied(self.root, other_settings(shown),
                                 f"choose another --out, or pass --overwrite to replace it{hint}")
         if existing is None or existing.key_digest != self._fresh.key_digest or existing.format != FORMAT:
             self._clear()
@@ -383,6 +382,12 @@ class CacheWriter:
         self.manifest.content = content_digest(self.manifest.shards) if done else ""
         save_manifest(self.root, self.manifest)
         return self.manifest
+
+
+def other_settings(differences: list[str]) -> str:
+    """How a cache whose key differs is said, from its key_differences lines: the writer's refusal, and tl run's
+    before any step (pipeline.extract.settings_stop)."""
+    return f"holds a cache made with other settings ({'; '.join(differences) or 'format'})"
 
 
 def _few(names: list[str], most: int = 6) -> str:

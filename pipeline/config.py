@@ -18,6 +18,12 @@ SCALARS = (str, int, float, bool)
 REFERENCE = re.compile(r"(?<!\$)\$\{([^{}]*)\}")  # `$${` is a literal `${`
 
 
+def csv_list(text: str | None) -> tuple[str, ...]:
+    """A comma-separated option's values (none for no text); an empty one (`,`, `fc7,,fc6`, ' ') is kept for the
+    stage to refuse: dropped, `--layers ,` silently meant the default layer."""
+    return tuple(part.strip() for part in text.split(",")) if text else ()
+
+
 def read_config(path: Path) -> dict:
     """The YAML mapping in `path`, with one-line errors for a missing, unreadable or malformed file."""
     import yaml

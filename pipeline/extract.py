@@ -20,56 +20,18 @@ from cache.writer import LISTINGS, CacheWriter
 from pipeline.allocator import reused_memory
 from pipeline.backbones import Backbone, forward_codes, get_backbone, prepare_model, resolve_weights
 from pipeline.datasets import Source
-from pipeline.decoding import (DEFAULT_DECODE, EncodedImages, collate_encoded, crop_decoder, decodes_on_device,
+from pipeline.decoding import (EncodedImages, collate_encoded, crop_decoder, decodes_on_device,
                                device_crops)
 from pipeline import distributed
 from pipeline.errors import TLError
+from pipeline.extract_settings import ON_ERROR, ExtractConfig, settings_key, shard_size
 from pipeline.files import refuse_overwriting_inputs
-from pipeline.formats import DEFAULT_CLASSES, DEFAULT_FORMAT, open_source
+from pipeline.formats import DEFAULT_FORMAT, open_source
 from pipeline.hardware import WorkerLoader, default_workers, pinned, resolve_device, resolve_precision
 from pipeline.image_sets import image_loader
-from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, PatchSettings, check_patches, collate_patches
+from pipeline.multiscale import BACKGROUND, TRAINING_SPLITS, PatchImages, check_patches, collate_patches
 from pipeline.progress import progress
 from pipeline.shard_building import ShardOf, ShardRows, Stopwatch, shard_batches, take_patches
-
-ON_ERROR = ("skip", "fail")
-SHARD_ROWS, PATCH_SHARD_ROWS = 4096, 32  # images per shard by default; a multiscale image gives hundreds of rows
-
-
-@dataclass
-class ExtractConfig:
-    """What `run_extract` reads and writes: the images of `data` (read as `format`, split `split`) through
-    `backbone` with `weights`, codes of `layers` (empty: the backbone's default tap) stored as `dtype` in
-    shards of `shard_rows` images under `out`. Each field is the `tl extract` option of the same name;
-    `patches` gathers the --multiscale settings.
-    """
-
-    data: Path
-    out: Path
-    format: str = DEFAULT_FORMAT
-    split: str = "train"
-    backbone: str = "efficientnet_lite0"
-    weights: str = "imagenet"
-    layers: tuple[str, ...] = ()  # empty: the backbone's default tap
-    dtype: str = "float16"
-    shard_rows: int | None = None  # images per shard; None: SHARD_ROWS, or PATCH_SHARD_ROWS with --multiscale
-    compression: str = "none"
-    batch_size: int = 64
-    workers: int | None = None  # None: pipeline.hardware.default_workers
-    device: str = "auto"
-    precision: str = "auto"
-    samples_per_class: int | None = None
-    seed: int = 0
-    on_error: str = "skip"
-    decode: str = DEFAULT_DECODE  # how images become centre crops: fast (reduced-scale JPEG decoding) or exact
-    device_decode: str = "auto"  # JPEGs decoded on the device: auto (on CUDA), on, off
-    overwrite: bool = False
-    download: bool = False
-    quiet: bool = False
-    classes: str = DEFAULT_CLASSES  # voc sources: voc (the 20), auto (from the annotations) or comma-separated names
-    label_key: str | None = None  # webdataset: the label file of a sample, cls, txt, json or json:FIELD (None: cls)
-    multiscale: bool = False  # Oquab patches of every image instead of one centre crop
-    patches: PatchSettings = field(default_factory=PatchSettings)
 
 
 @dataclass
@@ -121,11 +83,6 @@ def _opened(writer: CacheWriter, current: distributed.World):
     writer.__exit__(None, None, None)
 
 
-def shard_size(config: ExtractConfig) -> int:
-    """Images per shard: a multiscale image yields hundreds of rows, so its shards hold fewer images."""
-    return config.shard_rows if config.shard_rows is not None else (PATCH_SHARD_ROWS if config.multiscale else SHARD_ROWS)
-
-
 def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weights_digest: str,
               precision: str, source: Source) -> dict:
     """Everything that decides the rows of a cache; a cache answers only for the same key.
@@ -133,28 +90,15 @@ def cache_key(config: ExtractConfig, backbone: Backbone, taps: list[str], weight
     `patches` holds the patch geometry (it changes what a code means, so heads check it); how
     background patches were sampled only changes which rows exist, so it sits with the data set.
     """
-    training = config.split in TRAINING_SPLITS
-    return {
-        "backbone": backbone.name,
-        "weights": weights_digest,
-        "taps": sorted(taps),
-        "preprocessing": backbone.preprocessing(config.decode),
-        "precision": precision,
-        "dataset": {
-            "format": source.format,
-            "split": config.split,
-            # the class list, not every file: a shard records the digest of its own inputs, so changed
-            # files redo their shards only (cache.writer); a changed class list refuses the cache
-            "classes": class_digest(source.classes),
-            "label_key": getattr(source, "label_key", None),
-            "samples_per_class": config.samples_per_class or None,  # 0 and None: every image
-            "subset_seed": config.seed if config.samples_per_class else None,
-            "background_fraction": config.patches.background_fraction if config.multiscale and training else None,
-            "background_seed": config.seed if config.multiscale and training else None,
-        },
-        "layout": {"dtype": config.dtype, "shard_rows": shard_size(config)},
-        "patches": config.patches.geometry() if config.multiscale else None,
-    }
+    key = settings_key(config, backbone, taps)
+    key["dataset"].update({
+        "format": source.format,
+        # the class list, not every file: a shard records the digest of its own inputs, so changed
+        # files redo their shards only (cache.writer); a changed class list refuses the cache
+        "classes": class_digest(source.classes),
+        "label_key": getattr(source, "label_key", None),
+    })
+    return {**key, "weights": weights_digest, "precision": precision}
 
 
 def run_extract(config: ExtractConfig) -> ExtractResult:

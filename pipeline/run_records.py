@@ -126,6 +126,12 @@ def stop_ahead(step: Step, record: dict | None, out: Path | None, digest: str | 
             state = foreign_state(refused[1])
             return (Occupied(refused[0], state, STOPS_THERE),
                     f"and stop: {refused[0]} {state}, and this recipe did not make it")
+        if step.stage == "extract" and out.is_dir():  # a cache of other settings, as far as they tell ahead
+            from pipeline.extract_settings import ExtractConfig, settings_stop
+
+            state = settings_stop(ExtractConfig.of_options(**step.params))
+            if state is not None:
+                return Occupied(out, state, STOPS_THERE), f"and stop: {out} {state}, and this recipe did not make it"
         if step.stage == "finetune":
             from pipeline.model_files import checkpoint_paths
 

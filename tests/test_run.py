@@ -746,8 +746,35 @@ def test_a_cache_this_recipe_did_not_make_is_kept_and_the_remedy_is_the_recipes(
     assert not (tmp_path / "caches/train.tl-run.json").exists()  # and not claimed: a second run refuses alike
     assert run_tl("run", recipe).err == refused.err
     said = run_tl("run", recipe, "--dry-run")
-    assert said.out.startswith("== extract (train) -> caches/train: would run (caches/train has no record of this "
-                               "recipe: a cache of the step's settings is taken up, any other stops the run)\n"), said
+    assert said.out.startswith("== extract (train) -> caches/train: would run (and stop: caches/train holds a cache "
+                               "made with other settings (layout.dtype: float16 -> float32; taps: fc7 -> pool5), and "
+                               "this recipe did not make it)\n"), said
+
+
+def test_a_cache_of_other_settings_at_a_later_extract_steps_out_stops_the_run_before_any_step(run_tl, tmp_path,
+                                                                                                monkeypatch):
+    """A cache the recipe did not make at the test extract's out, of other layers: the run stopped there after
+    the train extract had run (hours on real data). What the settings alone tell (backbone, layers, dtype,
+    split, decode, patches) is now compared before any step; a cache of the step's settings is taken up."""
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "test"):
+        make_image_folder(tmp_path / "images" / split, classes=("a", "b"), per_class=2, size=(32, 32))
+    recipe = _recipe(tmp_path, RANDOM_ALEXNET + "extract: [{split: train, out: caches/train}, "
+                                                "{split: test, out: caches/test}]\n")
+    by_hand = ["extract", "--data", "images", "--split", "test", "--backbone", "alexnet", "--weights", "none",
+               "--out", "caches/test", "--quiet"]
+    assert run_tl(*by_hand, "--layers", "fc7").code == 0
+    said = run_tl("run", recipe, "--dry-run")
+    assert "== extract 2/2 (test) -> caches/test: would run (and stop: caches/test holds a cache made with other " \
+           "settings (taps: fc7 -> pool5), and this recipe did not make it)" in said.out, said
+    refused = run_tl("run", recipe)
+    assert refused.code == 2 and refused.out == "" and refused.err.startswith(
+        "error: extract 2/2 (test): caches/test holds a cache made with other settings (taps: fc7 -> pool5), and this "
+        "recipe did not make it; give the step another out in "), refused
+    assert not (tmp_path / "caches/train").exists() and list(CacheReader(tmp_path / "caches/test").taps) == ["fc7"]
+    assert run_tl(*by_hand, "--layers", "pool5", "--overwrite").code == 0  # the step's own settings: taken up
+    taken = run_tl("run", recipe)
+    assert taken.code == 0 and "wrote caches/test: 4 rows, 0 shards new, 1 reused" in taken.out, taken
 
 
 def _finetune_beside_another_runs_checkpoint(tmp_path, monkeypatch):
