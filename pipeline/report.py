@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.errors import TLError
 from pipeline.files import write_together
-from pipeline.heads import layout_text
+from pipeline.heads import HEAD_KINDS, layout_text
 from pipeline.metrics import precision_recall
 
 CONFUSION_LABELS_UP_TO = 30  # beyond this many classes, tick labels would overlap
@@ -386,11 +386,13 @@ def sweep_report(out: Path, board: list[dict], metric: str, config) -> list[Path
              f"| rank | head | layer | kind | C | hidden | lr | {on} {metric} | epochs | train s |",
              "|---:|---|---|---|---:|---|---:|---:|---:|---:|"]
     for rank, row in enumerate(board, 1):
-        setting = row["setting"]
+        setting = row["setting"]  # lr None: the head trained at its optimizer's default, shown as such
+        trains_at_a_rate = "lr" in HEAD_KINDS[setting["kind"]].sweep_axes(config.solver)
+        lr = setting["lr"] or (config.training.rate if trains_at_a_rate else None)
         cells = [str(rank), f"`{row['name']}`", setting["layer"], setting["kind"],
                  "–" if setting["C"] is None else f"{setting['C']:g}",
                  "–" if setting["hidden"] is None else layout_text(setting["hidden"]),
-                 "–" if setting["lr"] is None else f"{setting['lr']:g}",
+                 "–" if lr is None else f"{lr:g}",
                  f"diverged (epoch {row['diverged']})" if row.get("diverged") else _number(row["val_score"]),
                  "–" if row["epochs"] is None else str(row["epochs"]), f"{row['train_seconds']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")

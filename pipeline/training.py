@@ -199,6 +199,10 @@ class TrainingOptions:
         return cls(**{**saved, "lr_steps": tuple(saved.get("lr_steps", ())),
                       "lr_factors": tuple(saved.get("lr_factors", (0.1,)))})
 
+    @property
+    def rate(self) -> float:  # the learning rate a network starts at: --lr, else the optimizer's default
+        return self.lr or DEFAULT_LR[self.optimizer]
+
     def check(self) -> None:
         check_optimizer(self.optimizer, HeadError)
         check_rates(self.lr, self.momentum, self.weight_decay, HeadError)
@@ -268,9 +272,8 @@ def _train(trainees: list[Trainee], rows: CodeRows, val: CodeRows | None, seed: 
     for trainee in trainees:
         options = trainee.options
         trainee.network.to(device)
-        lr = options.lr or DEFAULT_LR[options.optimizer]
-        optimizer = make_optimizer([{"params": list(trainee.network.parameters()), "lr": lr}], options.optimizer, lr,
-                                   options.momentum, options.weight_decay, HeadError)
+        optimizer = make_optimizer([{"params": list(trainee.network.parameters()), "lr": options.rate}],
+                                   options.optimizer, options.rate, options.momentum, options.weight_decay, HeadError)
         if options.lr_steps:  # the neon recipe's step drops
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, step_multiplier(options.lr_steps, options.lr_factors))
         else:

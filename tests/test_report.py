@@ -316,10 +316,9 @@ def test_predictions_are_written_with_their_report_as_one(tmp_path, monkeypatch)
 
 
 def test_a_sweep_leaderboard_replaces_the_earlier_one_whole(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
     from pipeline.errors import TLError
     from pipeline.report import sweep_report
+    from pipeline.sweep import SweepConfig
     from tests.conftest import disk_full_at
 
     def board(score):
@@ -327,7 +326,7 @@ def test_a_sweep_leaderboard_replaces_the_earlier_one_whole(tmp_path, monkeypatc
                  "train_seconds": 0.1, "setting": {"layer": "feat", "kind": "logreg", "C": 1.0, "hidden": None,
                                                    "lr": None}}]
 
-    config = SimpleNamespace(cache="c")
+    config = SweepConfig(cache="c", out=tmp_path)  # the report reads its solver and training: the rate of lr None
     sweep_report(tmp_path, board(0.5), "accuracy", config)
     earlier = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
     disk_full_at(monkeypatch, 2)  # while the leaderboard's second file is written

@@ -182,6 +182,24 @@ def test_hidden_0_is_an_mlp_without_a_hidden_layer_as_fit_head_makes_it(run_tl, 
     assert "| `clear-mlp-h0-lr0.05` | clear | mlp | – | 0 | 0.05 |" in (tmp_path / "s" / "sweep.md").read_text()
 
 
+
+@pytest.mark.parametrize("optimizer, rate", [("sgd", "0.05"), ("adam", "0.001")])
+def test_the_leaderboard_shows_the_default_lr_a_head_trained_at(caches, tmp_path, optimizer, rate):
+    """Without --lr an mlp (and logreg --solver sgd) trains at its optimizer's default rate, which sweep.md
+    showed as '–', as if the head had no rate; heads without one (lbfgs logreg, svm) still show '–'."""
+    train, _ = caches
+    options = TrainingOptions(optimizer=optimizer, max_epochs=1, batch_size=64)
+    run_sweep(SweepConfig(cache=train, out=tmp_path / "sgd", layers=("clear",), heads=("mlp", "logreg"), C=(1.0,),
+                          hidden=((4,),), solver="sgd", training=options))
+    run_sweep(SweepConfig(cache=train, out=tmp_path / "exact", layers=("clear",), heads=("logreg", "svm"), C=(1.0,),
+                          training=options))
+    trained = (tmp_path / "sgd/sweep.md").read_text()
+    assert f"| `clear-mlp-h4` | clear | mlp | – | 4 | {rate} |" in trained
+    assert f"| `clear-logreg-C1` | clear | logreg | 1 | – | {rate} |" in trained
+    exact = (tmp_path / "exact/sweep.md").read_text()
+    assert "| `clear-logreg-C1` | clear | logreg | 1 | – | – |" in exact
+    assert "| `clear-svm-C1` | clear | svm | 1 | – | – |" in exact
+
 def test_a_diverging_head_leaves_the_pass_and_ranks_last(run_tl, caches, tmp_path):
     train, _ = caches
     result = run_tl("sweep", "--cache", train, "--out", tmp_path / "s", "--layers", "clear", "--heads", "mlp",
