@@ -16,18 +16,21 @@ def codes_key(manifest: Manifest) -> dict:
     return {name: manifest.key[name] for name in ("backbone", "weights", "preprocessing", "patches")}
 
 
-def check_codes_match(expected: dict, manifest: Manifest, what: str, reference: str) -> None:
-    """Refuse a cache whose codes mean something else than `expected`, naming every difference."""
+def check_codes_match(expected: dict, manifest: Manifest, what: str, reference: str,
+                      remedy: str = "extract both with the same {}") -> None:
+    """Refuse a cache whose codes mean something else than `expected`, naming every difference and what made
+    it (a cache of another backbone lacks the layers too: this names the cause). `remedy` takes the parts."""
     found = codes_key(manifest)
     if found != expected:
         differences = "; ".join(key_differences(expected, found))
         decode = decode_of(expected.get("preprocessing") or {}) != decode_of(found.get("preprocessing") or {})
-        same = [part for name, part in (("backbone", "backbone"), ("weights", "weights"),
-                                        ("preprocessing", "preprocessing" + (" (--decode)" if decode else "")),
-                                        ("patches", "patches (--multiscale, --scales, --patch-overlap, --box-overlap)"))
-                if expected.get(name) != found.get(name)]
-        raise HeadError(f"{what} holds other codes than {reference} ({differences}); extract both with the same "
-                        + (" and ".join(same) if same else "backbone, weights and preprocessing"))
+        parts = [(made, part) for name, made, part in (
+            ("backbone", "by another backbone", "backbone"), ("weights", "with other weights", "weights"),
+            ("preprocessing", "with other preprocessing", "preprocessing" + (" (--decode)" if decode else "")),
+            ("patches", "with other patches", "patches (--multiscale, --scales, --patch-overlap, --box-overlap)"))
+            if expected.get(name) != found.get(name)] or [("with other codes", "backbone, weights and preprocessing")]
+        raise HeadError(f"{what} was made {' and '.join(made for made, _ in parts)} than {reference} ({differences}); "
+                        + remedy.format(" and ".join(part for _, part in parts)))
 
 
 def check_head_fits_cache(metadata: dict, multilabel: bool, manifest: Manifest, head_path, cache_path) -> None:

@@ -159,11 +159,12 @@ def check_validation(cache: Path, val_cache: Path | None, val_fraction: float | 
     if same_file(val_cache, cache) or validation.content == training.content != "":
         raise HeadError(f"--val-cache {val_cache} holds the codes of the training cache {cache}: validation would "
                         "score the rows the heads train on; pass a cache of other images, or --val-fraction")
+    # before any layer is looked for: a cache of another backbone lacks the layers too; only this names the cause
+    check_codes_match(codes_key(training), validation, f"--val-cache {val_cache}", f"--cache {cache}",
+                      "extract the validation images with the same {} as --cache")
     # codes of the same image files extracted again (another dtype, device, --shard-rows or --samples-per-class,
-    # or --split train by mistake) differ, but their rows carry the training rows' sample ids. Codes of another
-    # backbone or weights are refused as such when the rows are read
-    shared, rows, first = _training_samples_in(cache, val_cache) if codes_key(training) == codes_key(validation) \
-        else (0, 0, "")
+    # or --split train by mistake) differ, but their rows carry the training rows' sample ids
+    shared, rows, first = _training_samples_in(cache, val_cache)
     if shared:
         raise HeadError(f"--val-cache {val_cache} holds codes of the images of the training cache {cache} ({shared:,} "
                         f"of its {rows:,} rows are training samples, e.g. {first}): validation would score training "
@@ -218,8 +219,8 @@ def _image_split(reader: CacheReader, fraction: float, seed: int, targets: np.nd
 
 def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_fraction: float | None, seed: int,
                   block_rows: int) -> tuple[CodeRows, CodeRows | None]:
-    """(training rows, validation rows or None) of one layer: the validation cache's, or a seeded
-    stratified fraction held out of the cache."""
+    """(training rows, validation rows or None) of one layer: the validation cache's (of the same codes:
+    check_validation), or a seeded stratified fraction held out of the cache."""
     rows = CodeRows.from_cache(reader, layer, block_rows=block_rows)
     if val_cache is not None:
         val_reader = CacheReader(val_cache)
@@ -228,7 +229,6 @@ def training_rows(reader: CacheReader, layer: str, val_cache: Path | None, val_f
         if val_reader.manifest.target != reader.manifest.target:
             raise HeadError(f"{val_cache} has {val_reader.manifest.target} targets and {reader.root} "
                             f"{reader.manifest.target} targets; use caches of one data set")
-        check_codes_match(codes_key(reader.manifest), val_reader.manifest, f"{val_cache}", f"{reader.root}")
         return rows, CodeRows.from_cache(val_reader, layer, block_rows=block_rows)
     if val_fraction is None:
         return rows, None

@@ -133,7 +133,7 @@ def test_validation_cache_of_other_codes_is_refused(run_tl, tmp_path):
     assert run_tl("extract", "--weights", "none", "--seed", "0", "--out", tmp_path / "c0", *fast).code == 0
     assert run_tl("extract", "--weights", "none", "--seed", "1", "--out", tmp_path / "c1", *fast).code == 0
     result = run_tl("fit-head", "--cache", tmp_path / "c0", "--val-cache", tmp_path / "c1", "--out", tmp_path / "h.pt")
-    assert result.code == 2 and "holds other codes" in result.err and "weights: random-init:seed=0" in result.err
+    assert result.code == 2 and "was made with other weights" in result.err and "weights: random-init:seed=0" in result.err
     assert not (tmp_path / "h.pt").exists()
 
 

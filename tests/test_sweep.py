@@ -320,6 +320,21 @@ def test_a_validation_cache_without_a_swept_layer_is_refused_before_any_head_tra
                   "--out", tmp_path / "s", "--quiet").code == 0
 
 
+
+def test_a_validation_cache_of_another_backbone_is_refused_as_such(run_tl, caches, tmp_path):
+    """A cache of another backbone lacks the swept layers too: a sweep said only that, as if --layers were
+    the fix; it, and fit-head, name the backbone of each cache and re-extracting the validation images."""
+    train, _ = caches
+    codes, targets = blobs(1, n=60, classes=3, width=16, draw=2)
+    val = write_code_cache(tmp_path / "val", codes.astype(np.float32), targets, ["a", "b", "c"], layer="fc7",
+                           backbone="vgg16")
+    expected = (f"error: --val-cache {val} was made by another backbone than --cache {train} (backbone: synthetic -> "
+                "vgg16); extract the validation images with the same backbone as --cache\n")
+    swept = run_tl("sweep", "--cache", train, "--val-cache", val, "--C", "1", "--out", tmp_path / "s", "--quiet")
+    assert swept.code == 2 and swept.err == expected and not (tmp_path / "s").exists(), swept
+    fitted = run_tl("fit-head", "--cache", train, "--layer", "clear", "--val-cache", val, "--out", tmp_path / "h.pt")
+    assert fitted.code == 2 and fitted.err == expected and not (tmp_path / "h.pt").exists(), fitted
+
 def test_records_answer_only_for_the_same_codes_and_keep(run_tl, caches, tmp_path):
     train, test = caches
     common = ["--out", tmp_path / "s", "--layers", "clear", "--C", "0.1,1", "--quiet"]

@@ -163,7 +163,7 @@ def test_image_level_voc_cache_uses_the_ignore_marks(tmp_path):
     assert list(csv.reader((tmp_path / "p4.csv").open()))[1][2] == "disc"
     extract(base, tmp_path / "tp", "test", multiscale=True, patches=PatchSettings(scales=(1.0,)))
     # the remedy names what differs: the scales, not the backbone, weights and preprocessing
-    with pytest.raises(HeadError, match=r"holds other codes.*patches.*; extract both with the same patches "
+    with pytest.raises(HeadError, match=r"was made with other patches.*patches.*; extract both with the same patches "
                                         r"\(--multiscale, --scales, --patch-overlap, --box-overlap\)$"):
         run_evaluate(EvaluateConfig(head=tmp_path / "h.pt", cache=tmp_path / "tp", out=tmp_path / "r3"))
 
