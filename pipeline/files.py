@@ -400,9 +400,10 @@ def refuse_overwriting_inputs(outputs: dict[str, Path | None], inputs: dict[str,
         for in_flag, in_path in inputs.items():
             if out_path is None or in_path is None:
                 continue
-            if same_file(out_path, in_path):
-                raise TLError(f"{out_flag} {out_path} is the same file as {in_flag}; writing it would destroy "
-                              f"the input: choose another {flag}")
+            if same_file(out_path, in_path):  # a folder is named as one: evaluate --out C is the cache, no file
+                what = (f"the {in_flag} folder; writing there would change" if Path(in_path).is_dir()
+                        else f"the same file as {in_flag}; writing it would destroy")
+                raise TLError(f"{out_flag} {out_path} is {what} the input: choose another {flag}")
             how = in_input(out_path, in_path) if in_flag in protected else None
             if how is not None:
                 raise TLError(f"{out_flag} {out_path} lies inside {in_flag} {in_path}{how}; writing there would "

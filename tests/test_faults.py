@@ -619,18 +619,28 @@ def test_no_command_writes_over_its_own_input(run_tl, tmp_path, small_head):
     assert run_tl("finetune", "--data", small_head / "train", "--head", head, "--out", model, "--epochs", "0",
                   "--workers", "0", "--quiet").code == 0
     before = {path: file_digest(path) for path in (head, model)}
+    cache, images = small_head / "cache", small_head / "train"
+    manifest = (cache / "manifest.json").read_bytes()
     cases = [
-        (["export", "--model", model, "--format", "torchscript", "--out", model], "--out"),
-        (["finetune", "--data", small_head / "train", "--head", head, "--out", head, "--epochs", "0",
-          "--workers", "0"], "--out"),
-        (["evaluate", "--head", head, "--cache", small_head / "cache", "--out", tmp_path / "r",
-          "--save-predictions", head], "--save-predictions"),
-        (["evaluate", "--head", head, "--cache", small_head / "cache", "--out", small_head / "cache"], "--out"),
-        (["extract", "--data", small_head / "train", "--out", small_head / "train", *FAST], "--out"),
+        (["export", "--model", model, "--format", "torchscript", "--out", model], "--out", "the same file as --model"),
+        (["finetune", "--data", images, "--head", head, "--out", head, "--epochs", "0", "--workers", "0"], "--out",
+         "the same file as --head"),
+        (["evaluate", "--head", head, "--cache", cache, "--out", tmp_path / "r", "--save-predictions", head],
+         "--save-predictions", "the same file as --head"),
     ]
-    for args, flag in cases:
-        assert_one_line_error(run_tl(*args), flag, "same file as", "choose another")
+    # an input folder is named as a folder: '--out C is the same file as --cache' said of a cache folder
+    folders = [(["evaluate", "--head", head, "--cache", cache, "--out", cache], "--out", "--cache"),
+               (["evaluate", "--head", head, "--cache", cache, "--out", tmp_path / "r", "--save-predictions", cache],
+                "--save-predictions", "--cache"),
+               (["sweep", "--cache", cache, "--out", cache], "--out", "--cache"),
+               (["fit-head", "--cache", cache, "--out", cache], "--out", "--cache"),
+               (["extract", "--data", images, "--out", images, *FAST], "--out", "--data")]
+    cases += [(args, flag, f"is the {source} folder; writing there would change the input")
+              for args, flag, source in folders]
+    for args, flag, what in cases:
+        assert_one_line_error(run_tl(*args), f"{flag} ", what, f"choose another {flag}")
     assert {path: file_digest(path) for path in (head, model)} == before
+    assert (cache / "manifest.json").read_bytes() == manifest and not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------ edited manifests, flipped bits
