@@ -152,9 +152,9 @@ def stop_ahead(step: Step, record: dict | None, out: Path | None, digest: str | 
 
 def epochs_grown(step: Step, record: dict | None, out: Path | None) -> int | None:
     """The epochs a finetune step's last run was given, where only its epochs went up since (its other
-    settings and its inputs as they were) and its checkpoint and model file are tl's: its last checkpoint goes
-    on to the new epochs and trains as a run of them from the start would (the lr steps count epochs from
-    the start, each epoch is seeded by its number). None: it starts over."""
+    settings and its inputs as they were) and its checkpoint and model file are tl's (after a done run: as it
+    left them): its last checkpoint goes on to the new epochs and trains as a run of them from the start would
+    (the lr steps count epochs from the start, each epoch is seeded by its number). None: it starts over."""
     from dataclasses import replace
 
     from pipeline.model_files import checkpoint_paths
@@ -164,6 +164,12 @@ def epochs_grown(step: Step, record: dict | None, out: Path | None) -> int | Non
             or not (isinstance(before, int) and isinstance(now, int) and 0 < before < now)):
         return None
     if not checkpoint_paths(out)[0].is_file() or foreign_output(step.stage, out) is not None:
+        return None
+    # a done run wrote its last checkpoint, then the model file: a run by hand since (another lr: no part of the
+    # checkpoint's identity) left another model file, or a checkpoint newer than the model file
+    last, model = _stat(checkpoint_paths(out)[0]), _stat(out)
+    if record.get("status") == "done" and (record.get("output") != stamp(out) or None in (last, model)
+                                           or last.st_mtime_ns > model.st_mtime_ns):
         return None
     then = replace(step, params={**step.params, "epochs": before})
     return before if step_digest(then) == record.get("digest") else None

@@ -503,6 +503,34 @@ def test_a_finetune_whose_epochs_went_up_goes_on_from_its_run_to_the_weights_of_
     assert fewer.code == 0 and "settings or inputs changed since models/m.pt was made: starting over" in fewer.out
 
 
+def test_a_finetune_whose_epochs_went_up_starts_over_where_its_model_was_made_again_by_hand(run_tl, tmp_path,
+                                                                                             monkeypatch):
+    """Epochs went up, and the model was made again by hand since the recipe made it (tl's files, another lr): the
+    run went on from that run's checkpoint (its lr not in the checkpoint's identity), ending at weights no run of
+    the recipe gives. It starts over, as it does with the epochs as they were; likewise where the hand run was
+    stopped after its checkpoint, the recipe's model file left as it was."""
+    monkeypatch.chdir(tmp_path)
+    recipe = _alexnet_recipe(tmp_path, 4, """\
+        fit-head: {cache: caches/train, out: heads/h.pt}
+        finetune: {head: heads/h.pt, epochs: 1, batch_size: 4, lr: 0.01, out: models/m.pt}
+        """)
+    assert run_tl("run", recipe).code == 0
+    model = tmp_path / "models/m.pt"
+    shutil.copy2(model, tmp_path / "kept.pt")
+    by_hand = ["finetune", "--data", "images", "--head", "heads/h.pt", "--weights", "none", "--epochs", "1",
+               "--batch-size", "4", "--lr", "0.5", "--out", model, "--overwrite", "--quiet"]
+    for stopped in (False, True):
+        assert run_tl(*by_hand).code == 0
+        if stopped:  # the recipe's model file as it wrote it; the checkpoint the hand run's
+            shutil.copy2(tmp_path / "kept.pt", model)
+        planned = run_tl("run", recipe, "--dry-run", "--set", "finetune.epochs=2")
+        assert "goes on" not in planned.out, planned
+        again = run_tl("run", recipe, "--set", "finetune.epochs=2")
+        assert again.code == 0 and "going on" not in again.out and "starting over" in again.out, again
+        assert run_tl("run", recipe).code == 0  # back to the recipe's epochs, for the next round
+        shutil.copy2(model, tmp_path / "kept.pt")
+
+
 def test_a_finetune_validating_on_its_training_images_is_refused_before_any_step(run_tl, tmp_path, monkeypatch):
     """finetune val_data naming its own training images was refused only when that step ran, after the
     extract and fit-head steps before it; the images are there from the start, so it is refused before any."""
