@@ -162,9 +162,10 @@ class CacheWriter:
             raise CacheOccupied(self.root, f"was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no "
                                 "input digests",
                                 "it can still be read as it is, or pass --overwrite to extract it again")
-        # A cache without a finished shard holds nothing to lose: a corrected command may take it over.
-        if existing is not None and existing.key_digest != self._fresh.key_digest and existing.shards \
-                and not self.overwrite:
+        # A cache without a finished shard holds nothing to lose: a corrected command may take it over. A shard file
+        # is a finished shard, though its record be damaged or cut short (the header alone read: no shard in it)
+        if existing is not None and existing.key_digest != self._fresh.key_digest and not self.overwrite \
+                and (existing.shards or any(self.root.glob("shard-*.h5"))):
             lines = key_differences(existing.key, self._fresh.key)
             shown = [f"classes: {_few(existing.classes)} -> {_few(self._fresh.classes)}"  # the key holds a digest
                      if line.startswith("dataset.classes:") else line for line in lines]

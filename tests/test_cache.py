@@ -704,6 +704,29 @@ def test_a_damaged_header_over_shards_of_another_key_is_kept_unless_overwrite(tm
         assert not writer.finished and not list(root.glob("shard-*"))
 
 
+@pytest.mark.parametrize("kept", [1, 0])
+def test_damaged_records_over_shards_of_another_key_are_kept_unless_overwrite(tmp_path, kept):
+    """A sound header of another key over a shards.jsonl with a damaged line (or, `kept` 0, only a line cut short,
+    as by a kill): the header alone was read, or no record, so the cache counted as one without a finished shard
+    and was cleared without --overwrite (every shard file of it deleted). It is refused as a cache of other
+    settings, as with its records whole."""
+    from pipeline.errors import CacheOccupied
+
+    root = tmp_path / "c"
+    write_cache(root)
+    lines = (root / "shards.jsonl").read_text().splitlines(keepends=True)
+    (root / "shards.jsonl").write_text("garbage\n" + "".join(lines[1:]) if kept else lines[0][:20])
+    if not kept:  # a run killed while it wrote its first record
+        header = json.loads((root / "manifest.json").read_text())
+        (root / "manifest.json").write_text(json.dumps({**header, "complete": False}))
+    before = {path.name: path.read_bytes() for path in root.iterdir()}
+    with pytest.raises(CacheOccupied, match=r"holds a cache made with other settings \(backbone: .*pass --overwrite"):
+        write_cache(root, key=dict(KEY, backbone="vgg16"))
+    assert {path.name: path.read_bytes() for path in root.iterdir()} == before
+    write_cache(root)  # its own key: the shards adopted again from their files
+    assert load_manifest(root).complete and len(load_manifest(root).shards) == 3
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_kill_while_a_damaged_header_is_rebuilt_loses_no_shard(tmp_path, monkeypatch, overwrite):
     """Killed after the first shard file was adopted again: the header is sound, the records name what
