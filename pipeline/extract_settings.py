@@ -90,10 +90,14 @@ def settings_stop(config: ExtractConfig) -> str | None:
     """What the cache at --out holds that the extract refuses without --overwrite, as far as the settings
     alone tell (another backbone, layers, dtype, ...): tl run stops before any step there. None: nothing
     known ahead (weights, precision and the data's classes are compared when the step runs)."""
-    from cache.manifest import key_differences, load_manifest
+    from cache.manifest import RecordDamage, key_differences, load_manifest
 
+    out = Path(config.out)
     try:
-        existing = load_manifest(Path(config.out))
+        try:
+            existing = load_manifest(out)
+        except RecordDamage:  # its header read alone, as the writer does: its shard files are its finished shards
+            existing = load_manifest(out, records=False)
         backbone = get_backbone(config.backbone)
         known = settings_key(config, backbone, backbone.resolve_taps(list(config.layers) or [backbone.default_tap]))
     except TLError:  # no cache there, or one the step itself says is damaged; a bad setting the step refuses
@@ -101,4 +105,4 @@ def settings_stop(config: ExtractConfig) -> str | None:
     held = {**{name: existing.key.get(name) for name in known},  # the dataset's settings, not its classes
             "dataset": {part: (existing.key.get("dataset") or {}).get(part) for part in known["dataset"]}}
     lines = key_differences(held, known)
-    return other_settings(lines) if existing.shards and lines else None
+    return other_settings(lines) if lines and (existing.shards or any(out.glob("shard-*.h5"))) else None

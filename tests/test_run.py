@@ -805,6 +805,27 @@ def test_a_cache_of_other_settings_at_a_later_extract_steps_out_stops_the_run_be
     assert taken.code == 0 and "wrote caches/test: 4 rows, 0 shards new, 1 reused" in taken.out, taken
 
 
+def test_a_cache_of_other_settings_with_damaged_records_stops_the_run_before_any_step(run_tl, tmp_path, monkeypatch):
+    """A cache of other layers at the test extract's out whose shards.jsonl has a damaged line (its header sound):
+    the look ahead read no shard of it and let the run start; the step refuses it (its shard files are finished
+    shards), after the train extract had run. Now it stops before any step, as with its records whole."""
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "test"):
+        make_image_folder(tmp_path / "images" / split, classes=("a", "b"), per_class=2, size=(32, 32))
+    recipe = _recipe(tmp_path, RANDOM_ALEXNET + "extract: [{split: train, out: caches/train}, "
+                                                "{split: test, out: caches/test}]\n")
+    assert run_tl("extract", "--data", "images", "--split", "test", "--backbone", "alexnet", "--weights", "none",
+                  "--layers", "fc7", "--out", "caches/test", "--quiet").code == 0
+    (tmp_path / "caches/test/shards.jsonl").write_text("garbage\n")
+    said = run_tl("run", recipe, "--dry-run")
+    assert "== extract 2/2 (test) -> caches/test: would run (and stop: caches/test holds a cache made with other " \
+           "settings (taps: fc7 -> pool5), and this recipe did not make it)" in said.out, said
+    refused = run_tl("run", recipe)
+    assert refused.code == 2 and refused.out == "" and "caches/test holds a cache made with other settings" \
+        in refused.err, refused
+    assert not (tmp_path / "caches/train").exists() and (tmp_path / "caches/test/shard-00000.h5").is_file()
+
+
 def _finetune_beside_another_runs_checkpoint(tmp_path, monkeypatch):
     """A recipe of extract, fit-head and finetune whose finetune out has a checkpoint this recipe did not make."""
     monkeypatch.chdir(tmp_path)
