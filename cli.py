@@ -915,12 +915,12 @@ def finetune(**options):
                           warn=_warn)  # a damaged tar: said even with --quiet
     if not world().is_main:  # under torchrun, rank 0 reports for all
         return
-    last, best = checkpoint_paths(config.out)
+    written = [path.name for path in checkpoint_paths(config.out) if path.exists()]  # --epochs 0 writes none
     click.echo(f"wrote {result.out}: {counted(result.epochs_run, 'epoch')} run"
                + (f" (resumed after epoch {result.resumed_from})" if result.resumed_from else "")
                + (", stopped early" if result.stopped_early else "")
                + (f", kept epoch {result.best_epoch}" if config.early_stop and result.best_epoch else "")
-               + f"; checkpoints {last.name}" + (f", {best.name}" if best.exists() else ""))
+               + (f"; checkpoints {', '.join(written)}" if written else ""))
     if not result.val and not config.epochs:  # --epochs 0 evaluates the validation images: none were given
         click.echo(f"  nothing evaluated (no --val-data or --val-fraction); score it with tl evaluate --model "
                    f"{result.out} --data DIR")

@@ -309,6 +309,8 @@ def test_epochs_zero_says_what_it_evaluated_and_when_nothing(run_tl, alexnet_hea
     bare = run_tl(*[arg for arg in finetune_args(alexnet_head, tmp_path / "m.pt", "--epochs", "0") if arg != "--quiet"])
     assert bare.code == 0, bare
     assert bare.out.splitlines()[0].startswith("--epochs 0: not training "), bare.out
+    # it wrote no checkpoint: the 'wrote' line named m.last.ckpt all the same
+    assert f"wrote {tmp_path / 'm.pt'}: 0 epochs run\n" in bare.out and not (tmp_path / "m.last.ckpt").exists()
     assert bare.out.splitlines()[-1] == (f"  nothing evaluated (no --val-data or --val-fraction); score it with "
                                          f"tl evaluate --model {tmp_path / 'm.pt'} --data DIR"), bare.out
     checked = run_tl(*finetune_args(alexnet_head, tmp_path / "v.pt", "--epochs", "0", "--val-data",
