@@ -56,13 +56,14 @@ def head_targets(targets: np.ndarray, data_classes: list[str], head_classes: lis
     """Targets renumbered from the data's classes into the head's (matched by name). `data` and `head`
     name the two in the error, e.g. "cache caches/test" and "head heads/h.pt"."""
     position = {name: index for index, name in enumerate(head_classes)}
-    used = np.flatnonzero(targets.sum(axis=0)) if targets.ndim == 2 else np.unique(targets)
+    # -1: a sample listed without a usable label (a tar's), skipped when read; as an index it named the last class
+    used = np.flatnonzero(targets.sum(axis=0)) if targets.ndim == 2 else np.unique(targets[targets >= 0])
     unknown = [data_classes[c] for c in used if data_classes[c] not in position]
     if unknown:
         raise HeadError(f"{data} has labels {head} does not know: {', '.join(unknown[:8])}"
                         f"{' ...' if len(unknown) > 8 else ''}; use data of the head's classes")
     if targets.ndim == 1:
-        return np.array([position.get(name, -1) for name in data_classes])[targets]
+        return np.array([position.get(name, -1) for name in data_classes] + [-1])[targets]
     return _in_head_columns(targets, data_classes, head_classes)
 
 

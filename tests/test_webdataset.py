@@ -238,6 +238,24 @@ def test_finetune_evaluate_and_export_read_tars_with_their_label_key(run_tl, tmp
     assert exported.checked == 8 and exported.checked_on.endswith("tars")  # the tars' images, by label key
 
 
+def test_a_sample_without_a_label_is_not_taken_for_the_last_class_by_a_head(tmp_path):
+    """A tar sample without a label has target -1 (skipped when read); renumbering the targets into a head's classes
+    took -1 for the data's last class: finetune and evaluate --model refused data whose last class the head lacks
+    ('has labels ... does not know: 2', though no image is labelled 2), or gave the sample that class."""
+    from pipeline.compatibility import head_targets
+
+    picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
+    tar = write_tar(tmp_path / "t" / "00000.tar", [("a.png", picture), ("a.cls", b"0"), ("b.png", picture),
+                                                   ("b.cls", b"1"), ("c.png", picture)])  # c: no label
+    source = open_source("webdataset", tar, classes="0,1,2")
+    assert list(source.targets()) == [0, 1, -1]
+    assert list(head_targets(source.targets(), source.classes, ["0", "1"], "data", "head")) == [0, 1, -1]
+    source = open_source("webdataset", tar)
+    assert list(head_targets(source.targets(), source.classes, ["1", "0"], "data", "head")) == [1, 0, -1]
+    with pytest.raises(TLError, match="data has labels head does not know: 1;"):
+        head_targets(source.targets(), source.classes, ["0"], "data", "head")
+
+
 def test_labels_and_patterns_that_would_exhaust_memory_are_refused(tmp_path):
     picture = write_image(tmp_path / "p.png", seed=1).read_bytes()
     tar = write_tar(tmp_path / "d" / "00000.tar", [
