@@ -322,6 +322,17 @@ def test_csv_with_a_byte_order_mark(tmp_path):
     assert [s.sample_id for s in open_source("csv", tmp_path / "bare.csv").samples] == ["a.jpg"]
 
 
+def test_csv_with_a_nul_byte_is_one_line(tmp_path):
+    """Python's csv reads NUL bytes since 3.11 (before, csv.Error): one in a path stopped tl extract with a
+    traceback (ValueError: embedded null byte), one in a label made a class of it. Either is one line now, as
+    Python 3.10's csv.Error is."""
+    write_image(tmp_path / "a.jpg", 1, size=(8, 8))
+    for text in (b"a.jpg,cat\na\0.jpg,dog\n", b"a.jpg,cat\0\n"):
+        (tmp_path / "labels.csv").write_bytes(text)
+        with pytest.raises(DataError, match=r"labels.csv.* NUL"):
+            open_source("csv", tmp_path / "labels.csv")
+
+
 # --- 4. VOC boxes and annotation files ----------------------------------------------------------------------
 
 def test_voc_unusable_boxes_are_skipped_and_counted(tmp_path):

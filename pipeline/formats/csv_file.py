@@ -35,6 +35,9 @@ class CsvSource(Source):
                 for number, row in enumerate(csv.reader(handle), start=1):
                     if not row or not "".join(row).strip():
                         continue
+                    if "\0" in "".join(row):  # Python's csv reads NUL since 3.11: a binary file, or no path at all
+                        raise DataError(f"{csv_path} line {number} holds a NUL byte; save it as UTF-8 text of "
+                                        "path,label rows")
                     if number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
                         continue
                     if len(row) < 2:
