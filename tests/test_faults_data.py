@@ -333,6 +333,16 @@ def test_csv_with_a_nul_byte_is_one_line(tmp_path):
             open_source("csv", tmp_path / "labels.csv")
 
 
+
+def test_csv_naming_a_symlink_loop_is_one_line(tmp_path):
+    """A row naming a link to itself stopped tl extract with a traceback (RuntimeError: Symlink loop, from
+    Path.resolve); it is an image that does not exist, as a dangling link is."""
+    write_image(tmp_path / "a.jpg", 1, size=(8, 8))
+    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
+    (tmp_path / "labels.csv").write_text("a.jpg,cat\nloop.jpg,dog\n")
+    with pytest.raises(DataError, match="labels.csv line 2: image loop.jpg does not exist"):
+        open_source("csv", tmp_path / "labels.csv")
+
 # --- 4. VOC boxes and annotation files ----------------------------------------------------------------------
 
 def test_voc_unusable_boxes_are_skipped_and_counted(tmp_path):

@@ -5,6 +5,7 @@ tolerated), image paths relative to the CSV file.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from pipeline.datasets import Sample, Source, file_stamp, register_format
@@ -79,7 +80,8 @@ def _one_row_per_image(csv_path: Path, rows: list[tuple[str, str, int]]) -> tupl
     conflicts: dict[Path, tuple[int, int]] = {}
     repeats = 0
     for relative, label, number in rows:
-        path = (csv_path.parent / relative).resolve()  # ./a.png and a.png are one image
+        # ./a.png and a.png are one image; realpath, as Path.resolve raises on a symlink loop (before Python 3.13)
+        path = Path(os.path.realpath(csv_path.parent / relative))
         if path not in first:
             first[path] = (relative, path, label, number)
         elif first[path][2] == label:
