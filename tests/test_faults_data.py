@@ -343,6 +343,19 @@ def test_csv_naming_a_symlink_loop_is_one_line(tmp_path):
     with pytest.raises(DataError, match="labels.csv line 2: image loop.jpg does not exist"):
         open_source("csv", tmp_path / "labels.csv")
 
+
+def test_csv_header_after_blank_lines_is_a_header(tmp_path):
+    """The path,label header was looked for on line 1 only: after a blank line it was read as a row, and tl
+    extract stopped with 'line 2: image path does not exist'."""
+    write_image(tmp_path / "a.jpg", 1, size=(8, 8))
+    for text in ("\npath,label\na.jpg,cat\n", "\ufeff \r\n\r\nPath,Label\r\na.jpg,cat\r\n"):
+        (tmp_path / "labels.csv").write_text(text, encoding="utf-8")
+        source = open_source("csv", tmp_path / "labels.csv")
+        assert source.classes == ["cat"] and [s.sample_id for s in source.samples] == ["a.jpg"]
+    (tmp_path / "labels.csv").write_text("a.jpg,cat\npath,label\n")  # a row first: a later path,label is a row
+    with pytest.raises(DataError, match="line 2: image path does not exist"):
+        open_source("csv", tmp_path / "labels.csv")
+
 # --- 4. VOC boxes and annotation files ----------------------------------------------------------------------
 
 def test_voc_unusable_boxes_are_skipped_and_counted(tmp_path):

@@ -29,7 +29,7 @@ class CsvSource(Source):
                             "--format imagefolder for a folder of class folders")
         if not csv_path.is_file():
             raise DataError(f"CSV file {csv_path} does not exist; pass --data with a file of path,label rows")
-        rows, unlabelled = [], 0
+        rows, unlabelled, first = [], 0, 0
         try:
             # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first path
             with open(csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -39,7 +39,8 @@ class CsvSource(Source):
                     if "\0" in "".join(row):  # Python's csv reads NUL since 3.11: a binary file, or no path at all
                         raise DataError(f"{csv_path} line {number} holds a NUL byte; save it as UTF-8 text of "
                                         "path,label rows")
-                    if number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+                    first = first or number  # the first row that is not blank: a header may follow blank lines
+                    if number == first and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
                         continue
                     if len(row) < 2:
                         raise DataError(f"{csv_path} line {number}: expected path,label, got {','.join(row)!r}")
