@@ -356,6 +356,14 @@ def test_csv_header_after_blank_lines_is_a_header(tmp_path):
     with pytest.raises(DataError, match="line 2: image path does not exist"):
         open_source("csv", tmp_path / "labels.csv")
 
+
+def test_csv_row_without_a_path_says_so(tmp_path):
+    """A row with a label and no path (',dog') named the CSV's folder: 'line 2:  is a folder, not an image file'."""
+    write_image(tmp_path / "a.jpg", 1, size=(8, 8))
+    (tmp_path / "labels.csv").write_text("a.jpg,cat\n  ,dog\n")
+    with pytest.raises(DataError, match="labels.csv line 2: no image path before the label; write path,label$"):
+        open_source("csv", tmp_path / "labels.csv")
+
 # --- 4. VOC boxes and annotation files ----------------------------------------------------------------------
 
 def test_voc_unusable_boxes_are_skipped_and_counted(tmp_path):

@@ -44,6 +44,8 @@ class CsvSource(Source):
                         continue
                     if len(row) < 2:
                         raise DataError(f"{csv_path} line {number}: expected path,label, got {','.join(row)!r}")
+                    if not row[0].strip():  # it named the CSV's own folder: ' is a folder, not an image file'
+                        raise DataError(f"{csv_path} line {number}: no image path before the label; write path,label")
                     if not row[1].strip():
                         unlabelled += 1
                         continue
