@@ -364,6 +364,23 @@ def test_csv_row_without_a_path_says_so(tmp_path):
     with pytest.raises(DataError, match="labels.csv line 2: no image path before the label; write path,label$"):
         open_source("csv", tmp_path / "labels.csv")
 
+
+def test_a_fifo_in_csv_data_is_not_said_to_be_missing(tmp_path):
+    """A FIFO given as the CSV, or named by a row, was said not to exist. The CSV is refused as not a regular file;
+    a row's FIFO is an unreadable image, skipped and recorded when read, as in an image folder."""
+    from pipeline.image_sets import DecodedImages
+
+    write_image(tmp_path / "a.jpg", 1, size=(8, 8))
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(DataError, match="pipe.csv is not a regular file .*; pass --data with a file of path,label"):
+        open_source("csv", tmp_path / "pipe.csv")
+    (tmp_path / "labels.csv").write_text("a.jpg,cat\npipe.jpg,dog\n")
+    source = open_source("csv", tmp_path / "labels.csv")
+    assert [s.sample_id for s in source.samples] == ["a.jpg", "pipe.jpg"]
+    decoded = DecodedImages(source, lambda image: image)
+    assert decoded[0][2] == "" and decoded[1][2] == "OSError: not a regular file (a FIFO, socket or device)"
+
 # --- 4. VOC boxes and annotation files ----------------------------------------------------------------------
 
 def test_voc_unusable_boxes_are_skipped_and_counted(tmp_path):

@@ -27,8 +27,9 @@ class CsvSource(Source):
         if csv_path.is_dir():  # it said the folder did not exist
             raise DataError(f"CSV file {csv_path} is a folder; pass --data with a file of path,label rows, or "
                             "--format imagefolder for a folder of class folders")
-        if not csv_path.is_file():
-            raise DataError(f"CSV file {csv_path} does not exist; pass --data with a file of path,label rows")
+        if not csv_path.is_file():  # a FIFO was said not to exist too (and reading it would wait for a writer)
+            what = "is not a regular file (a FIFO or a device)" if csv_path.exists() else "does not exist"
+            raise DataError(f"CSV file {csv_path} {what}; pass --data with a file of path,label rows")
         rows, unlabelled, first = [], 0, 0
         try:
             # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first path
@@ -66,7 +67,7 @@ class CsvSource(Source):
             if path.is_dir():  # "does not exist" sent the user looking for a file that is there, as a folder
                 raise DataError(f"{csv_path} line {number}: {relative} is a folder, not an image file; name one image "
                                 "per row (paths are relative to the CSV)")
-            if not path.is_file():
+            if not path.exists():  # a FIFO or a device is listed, then skipped and recorded when read, as in a folder
                 raise DataError(f"{csv_path} line {number}: image {relative} does not exist (paths are relative to the CSV)")
             samples.append(Sample(relative, index[label], str(path), file_stamp(path)))
         super().__init__(classes, samples)
