@@ -381,6 +381,18 @@ def test_a_fifo_in_csv_data_is_not_said_to_be_missing(tmp_path):
     decoded = DecodedImages(source, lambda image: image)
     assert decoded[0][2] == "" and decoded[1][2] == "OSError: not a regular file (a FIFO, socket or device)"
 
+
+def test_csv_quote_left_open_is_one_line_naming_its_row(tmp_path):
+    """A quote left open made one field of the rows after it: the error printed them all, one per line ('line 2:
+    image b.jpg,dog<newline>a.jpg,cat ... does not exist'), or said 'expected path,label' of the rest of the file."""
+    write_image(tmp_path / "a.jpg", 1, size=(8, 8))
+    for tail in ('x",cat\na.jpg,cat\n', ""):
+        (tmp_path / "labels.csv").write_text('a.jpg,cat\n"b.jpg,dog\n' + "a.jpg,cat\n" * 20 + tail)
+        with pytest.raises(DataError) as refused:
+            open_source("csv", tmp_path / "labels.csv")
+        assert str(refused.value) == (f"{tmp_path / 'labels.csv'} line 2: a quoted field runs on over several lines; "
+                                      'close its quote (") and write each row on one line')
+
 # --- 4. VOC boxes and annotation files ----------------------------------------------------------------------
 
 def test_voc_unusable_boxes_are_skipped_and_counted(tmp_path):

@@ -40,6 +40,9 @@ class CsvSource(Source):
                     if "\0" in "".join(row):  # Python's csv reads NUL since 3.11: a binary file, or no path at all
                         raise DataError(f"{csv_path} line {number} holds a NUL byte; save it as UTF-8 text of "
                                         "path,label rows")
+                    if "\n" in "".join(row) or "\r" in "".join(row):  # a quote left open: the rows after, one field
+                        raise DataError(f"{csv_path} line {number}: a quoted field runs on over several lines; close "
+                                        "its quote (\") and write each row on one line")
                     first = first or number  # the first row that is not blank: a header may follow blank lines
                     if number == first and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
                         continue
