@@ -55,6 +55,9 @@ class Source:
     downloads = False  # whether `open(..., download=True)` fetches missing data (--download)
     takes_classes = False  # whether `open` reads `classes` (--classes: voc, webdataset); others refuse one given
     boxes = False  # whether its samples carry object boxes (`annotations`), which --multiscale labels patches by
+    # whether --split picks images only as the folder DATA/SPLIT, when there is one (imagefolder, webdataset; a CSV
+    # has none): otherwise DATA is read, the same images whatever the split (validation must not take them)
+    split_by_folder = False
     listings = None  # what listing found, kept for the next run: `listings.save(share)` (webdataset's tars)
 
     def __init__(self, classes: list[str], samples: list[Sample]):

@@ -22,7 +22,7 @@ from pipeline.compatibility import head_ignore, head_targets
 from pipeline.datasets import DECODE_ERRORS, Source
 from pipeline.decoding import NormalizedCrop
 from pipeline.errors import FinetuneError, unreadable
-from pipeline.formats import DEFAULT_FORMAT
+from pipeline.formats import registered_formats
 from pipeline.hardware import WorkerLoader, autocast, stack_channels_last, to_device
 from pipeline.metrics import mean_ap, per_class_ap
 from pipeline.multiscale import BACKGROUND, PatchSamples, PatchSettings, pool_image_scores
@@ -31,10 +31,11 @@ from pipeline.training import probabilities
 
 
 def data_images(data, format: str, split) -> tuple[str, str | None]:
-    """Which images `data` names for `split`, so that two spellings of one folder compare equal: an image
-    folder's split sub-folder when it has one, else the folder; other formats their path and the split."""
+    """Which images `data` names for `split`, so that two spellings of one folder compare equal: the split
+    sub-folder of formats that pick splits so (Source.split_by_folder) when it has one, else the path (a CSV, one
+    tar or a brace pattern: the same images whatever the split); other formats their path and the split."""
     folder = Path(data) / str(split)
-    if format == DEFAULT_FORMAT:
+    if getattr(registered_formats().get(format), "split_by_folder", False):
         return os.path.realpath(folder if folder.is_dir() else data), None
     return os.path.realpath(data), str(split)
 

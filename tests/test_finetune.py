@@ -395,6 +395,23 @@ def test_an_epoch_is_said_once_its_checkpoint_is_written(alexnet_head, tmp_path)
     assert written == {"epoch 1": (True, True), "epoch 2": (True, True)}, written
 
 
+def test_val_data_of_a_csv_or_a_tar_is_the_training_images_whatever_its_split(tmp_path):
+    """A CSV, one tar or a brace pattern is read whatever --split says: --val-data naming --data's file with another
+    --val-split validated on the training images, unrefused. A folder's split sub-folders are other images."""
+    from pipeline.image_sets import refuse_training_images
+
+    (tmp_path / "tars" / "train").mkdir(parents=True)
+    (tmp_path / "tars" / "test").mkdir()
+    for data, format in ((tmp_path / "list.csv", "csv"), (tmp_path / "tars" / "00000.tar", "webdataset"),
+                         (f"{tmp_path}/tars/{{00000..00001}}.tar", "webdataset")):
+        with pytest.raises(FinetuneError, match=r"\(split test\) holds the training images"):
+            refuse_training_images(data, "test", data, "train", format)
+    refuse_training_images(tmp_path / "tars", "test", tmp_path / "tars", "train", "webdataset")
+    refuse_training_images(tmp_path / "voc", "test", tmp_path / "voc", "trainval", "voc")  # its split files
+    with pytest.raises(FinetuneError, match="holds the training images"):
+        refuse_training_images(tmp_path / "tars" / "train", "test", tmp_path / "tars", "train", "webdataset")
+
+
 def test_finetune_bad_inputs(run_tl, alexnet_head, tmp_path):
     def refused(*more, out=tmp_path / "m.pt"):
         result = run_tl(*finetune_args(alexnet_head, out, *more))

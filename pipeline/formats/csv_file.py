@@ -17,6 +17,7 @@ class CsvSource(Source):
     """Rows of `path,label`; paths relative to the CSV file; an optional `path,label` header."""
 
     format = "csv"
+    split_by_folder = True  # a CSV has no split folder: any --split reads its rows
     help = 'a CSV file of path,label rows, paths relative to it'
 
     @classmethod

@@ -18,6 +18,7 @@ class ImageFolderSource(Source):
     `root` holds other split folders: a misspelt --split would make them the classes)."""
 
     format = "imagefolder"
+    split_by_folder = True
     help = 'one folder of images per class (DATA/SPLIT when that folder exists)'
 
     @classmethod

@@ -100,6 +100,7 @@ class WebDatasetSource(Source):
 
     format = "webdataset"
     takes_classes = True
+    split_by_folder = True  # a folder's DATA/SPLIT; one tar or a brace pattern is read whatever the split
     help = 'tar shards of KEY.jpg/png + KEY.cls/txt/json (a tar, a folder of tars or {00000..00099}.tar; --label-key)'
     options = ("label_key", "listings", "world", "own_share")
 
