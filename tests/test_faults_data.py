@@ -393,6 +393,17 @@ def test_csv_quote_left_open_is_one_line_naming_its_row(tmp_path):
         assert str(refused.value) == (f"{tmp_path / 'labels.csv'} line 2: a quoted field runs on over several lines; "
                                       'close its quote (") and write each row on one line')
 
+
+def test_csv_quotes_after_a_space_quote(tmp_path):
+    """Rows written `path, label` with a quoted label (`b.jpg, "dog, big"`) kept the quotes and cut the label at its
+    comma: a class '"dog' (the rest of the label dropped unsaid), and '"cat"' beside the 'cat' of other rows."""
+    write_image(tmp_path / "a b.jpg", 1, size=(8, 8))
+    write_image(tmp_path / "b.jpg", 2, size=(8, 8))
+    write_image(tmp_path / "c.jpg", 3, size=(8, 8))
+    (tmp_path / "labels.csv").write_text('path, label\n"a b.jpg", "cat"\nb.jpg, "dog, big"\nc.jpg,cat\n')
+    source = open_source("csv", tmp_path / "labels.csv")
+    assert source.classes == ["cat", "dog, big"] and [s.target for s in source.samples] == [0, 1, 0]
+
 # --- 4. VOC boxes and annotation files ----------------------------------------------------------------------
 
 def test_voc_unusable_boxes_are_skipped_and_counted(tmp_path):

@@ -35,7 +35,8 @@ class CsvSource(Source):
         try:
             # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first path
             with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-                for number, row in enumerate(csv.reader(handle), start=1):
+                # skipinitialspace: `a.jpg, "dog, big"` quotes its label as `a.jpg,"dog, big"` does (else: '"dog')
+                for number, row in enumerate(csv.reader(handle, skipinitialspace=True), start=1):
                     if not row or not "".join(row).strip():
                         continue
                     if "\0" in "".join(row):  # Python's csv reads NUL since 3.11: a binary file, or no path at all
