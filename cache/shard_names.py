@@ -5,6 +5,7 @@ index in the cache is in its record, the name only says the index it was first w
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 NAME_DIGITS = 5
 _SHARD_FILE = re.compile(r"shard-(\d+)\.h5")
@@ -21,6 +22,11 @@ def shard_index(name: str) -> int | None:
     """The index a shard file's name gives, whatever its width; None for other names."""
     match = _SHARD_FILE.fullmatch(name)
     return int(match[1]) if match else None
+
+
+def holds_shards(root: Path) -> bool:
+    """Whether the folder holds a shard file: a finished shard, whatever its record says (or none does)."""
+    return any(Path(root).glob("shard-*.h5"))
 
 
 def free_shard_name(index: int, num_shards: int, held: dict[str, int]) -> str:

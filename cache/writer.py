@@ -21,7 +21,7 @@ from cache.manifest import (FORMAT, LEGACY_FORMAT, MANIFEST, RANK_RECORDS, RECOR
                             Manifest, PlannedShard, RecordDamage, ShardEntry, decode_of, iter_records, key_differences,
                             load_manifest, record_files, save_manifest, shard_index, uniform_plan)
 from cache.rebuild import rebuilt_header, shard_entry
-from cache.shard_names import free_shard_name
+from cache.shard_names import free_shard_name, holds_shards
 from cache.records import append_record, content_digest, write_records
 from pipeline.files import DiskFullError, OutputLock, file_digest, missing_folders, write_bytes
 from pipeline.errors import CacheError, CacheOccupied, counted, listed
@@ -127,7 +127,7 @@ class CacheWriter:
         """A run that stopped before its first shard, on a cache it started: its manifest names nothing
         worth resuming, and `tl info` would call it an incomplete cache. Removed (and the folder with it,
         when the run made it), unless a shard file of another rank is there."""
-        if any(self.root.glob("shard-*.h5")) or any(self.root.glob(".shard-*")):
+        if holds_shards(self.root) or any(self.root.glob(".shard-*")):
             return
         for name in (MANIFEST, RECORDS):
             with contextlib.suppress(OSError):
@@ -156,7 +156,7 @@ class CacheWriter:
             except CacheError:
                 if not self.overwrite:
                     raise
-        elif any(self.root.glob("shard-*.h5")) and not self.overwrite:
+        elif holds_shards(self.root) and not self.overwrite:
             raise CacheOccupied(self.root, "holds shard files but no manifest", "pass --overwrite to replace them")
         if existing is not None and existing.format == LEGACY_FORMAT and existing.shards and not self.overwrite:
             raise CacheOccupied(self.root, f"was written by an earlier tl ({LEGACY_FORMAT}) whose shards carry no "
@@ -165,7 +165,7 @@ class CacheWriter:
         # A cache without a finished shard holds nothing to lose: a corrected command may take it over. A shard file
         # is a finished shard, though its record be damaged or cut short (the header alone read: no shard in it)
         if existing is not None and existing.key_digest != self._fresh.key_digest and not self.overwrite \
-                and (existing.shards or any(self.root.glob("shard-*.h5"))):
+                and (existing.shards or holds_shards(self.root)):
             lines = key_differences(existing.key, self._fresh.key)
             shown = [f"classes: {_few(existing.classes)} -> {_few(self._fresh.classes)}"  # the key holds a digest
                      if line.startswith("dataset.classes:") else line for line in lines]
@@ -387,7 +387,7 @@ class CacheWriter:
 
 def other_settings(differences: list[str]) -> str:
     """How a cache whose key differs is said, from its key_differences lines: the writer's refusal, and tl run's
-    before any step (pipeline.extract.settings_stop)."""
+    before any step (pipeline.extract_settings.settings_stop)."""
     return f"holds a cache made with other settings ({'; '.join(differences) or 'format'})"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cache.shard_names import holds_shards
 from cache.writer import other_settings
 from pipeline.backbones import Backbone, get_backbone
 from pipeline.config import csv_list
@@ -105,4 +106,4 @@ def settings_stop(config: ExtractConfig) -> str | None:
     held = {**{name: existing.key.get(name) for name in known},  # the dataset's settings, not its classes
             "dataset": {part: (existing.key.get("dataset") or {}).get(part) for part in known["dataset"]}}
     lines = key_differences(held, known)
-    return other_settings(lines) if lines and (existing.shards or any(out.glob("shard-*.h5"))) else None
+    return other_settings(lines) if lines and (existing.shards or holds_shards(out)) else None

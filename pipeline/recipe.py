@@ -307,13 +307,11 @@ def check_values(step: Step, steps: list[Step], chosen: list[Step]) -> None:
     the runner too: see StageRunner.check.)"""
     params = step.params
     if step.stage == "extract":
-        from pipeline.formats import DEFAULT_FORMAT
-        from pipeline.multiscale import PatchSettings, check_patches
+        from pipeline.extract_settings import ExtractConfig
+        from pipeline.multiscale import check_patches
 
-        backbone, _ = _written(step)
-        check_patches(bool(params.get("multiscale")), PatchSettings.of_options(
-            params["scales"], params["patch_overlap"], params["box_overlap"], params["background_fraction"]),
-            backbone, params.get("format_") or DEFAULT_FORMAT)
+        config = ExtractConfig.of_options(**params)  # as tl extract builds it
+        check_patches(config.multiscale, config.patches, _written(step)[0], config.format)
     elif step.stage == "fit-head" and params.get("layer"):
         maker = _cache_maker(step.path("cache"), steps)
         if maker is not None and maker in chosen:  # else the cache on disk is read (--only fit-head): the stage checks it
